@@ -1,0 +1,54 @@
+# The README's commands. Everything installs into .venv from requirements.txt
+# pinned by constraints.txt; nothing is written outside the repository.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export AIRFLOW_HOME ?= $(CURDIR)/.airflow
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+USERS ?= 2000
+HISTORY_DAYS ?= 30
+HOURS ?= 48
+
+.PHONY: install demo test lint fmt ui clean constraints
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m profile_engine demo --users $(USERS) --history-days $(HISTORY_DAYS) --hours $(HOURS)
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+ui: install
+	$(BIN)/python -m profile_engine ui
+
+# Re-pin the full dependency set from a fresh resolution of requirements.txt.
+constraints:
+	rm -rf /tmp/profile-engine-constraints && $(PYTHON) -m venv /tmp/profile-engine-constraints
+	/tmp/profile-engine-constraints/bin/pip install --quiet -r requirements.txt
+	/tmp/profile-engine-constraints/bin/pip freeze --exclude-editable | grep -v '^profile-engine' > constraints.txt
+
+clean:
+	rm -rf $(VENV) .airflow lake

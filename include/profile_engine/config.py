@@ -1,0 +1,78 @@
+"""Settings: constants in code, overridden by ``PROFILE_ENGINE_*`` environment variables.
+
+Configuration tiers (DESIGN.md §6): constants here -> environment variables ->
+DAG Params for one run -> Airflow Variables/Connections for secrets. This module
+only covers the first two; it never touches Airflow, so it is safe at parse time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+from profile_engine.hours import parse_hour
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = PROJECT_ROOT / "include" / "config"
+DEFAULT_LAKE = PROJECT_ROOT / "lake"
+
+ENV_PREFIX = "PROFILE_ENGINE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a stage needs to know besides the hour it processes."""
+
+    lake: Path = DEFAULT_LAKE
+    environment: str = "development"
+    business_tz: str = "Europe/Berlin"
+    buckets: int = 4
+    start: datetime | None = None
+    lateness_hours: int = 6
+    label_horizon_hours: int = 24
+    retrain_every_hours: int = 24
+    quarantine_threshold: float = 0.2
+    seed: int = 7
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Read ``PROFILE_ENGINE_*`` variables over the defaults above."""
+        env = dict(os.environ if environ is None else environ)
+
+        def get(name: str) -> str | None:
+            value = env.get(ENV_PREFIX + name)
+            return value if value not in (None, "") else None
+
+        base = cls()
+        lake = get("LAKE")
+        start = get("START")
+        settings = replace(
+            base,
+            lake=Path(lake).expanduser().resolve() if lake else base.lake,
+            environment=get("ENV") or base.environment,
+            business_tz=get("TZ") or base.business_tz,
+            buckets=int(get("BUCKETS") or base.buckets),
+            start=parse_hour(start) if start else None,
+            lateness_hours=int(get("LATENESS_HOURS") or base.lateness_hours),
+            label_horizon_hours=int(get("LABEL_HORIZON_HOURS") or base.label_horizon_hours),
+            retrain_every_hours=int(get("RETRAIN_EVERY_HOURS") or base.retrain_every_hours),
+            quarantine_threshold=float(get("QUARANTINE_THRESHOLD") or base.quarantine_threshold),
+            seed=int(get("SEED") or base.seed),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Reject settings that cannot work, naming the variable."""
+        if self.environment not in ("development", "production"):
+            raise ValueError(f"{ENV_PREFIX}ENV must be development or production, got {self.environment!r}")
+        if self.buckets < 1:
+            raise ValueError(f"{ENV_PREFIX}BUCKETS must be >= 1, got {self.buckets}")
+        if self.label_horizon_hours < 1:
+            raise ValueError(f"{ENV_PREFIX}LABEL_HORIZON_HOURS must be >= 1, got {self.label_horizon_hours}")
+        if self.retrain_every_hours < 1:
+            raise ValueError(f"{ENV_PREFIX}RETRAIN_EVERY_HOURS must be >= 1, got {self.retrain_every_hours}")
+        if not 0.0 <= self.quarantine_threshold <= 1.0:
+            raise ValueError(f"{ENV_PREFIX}QUARANTINE_THRESHOLD must be in [0, 1], got {self.quarantine_threshold}")

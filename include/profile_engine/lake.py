@@ -1,0 +1,217 @@
+"""The lake: layer paths, Hive partitions, atomic writes and manifests.
+
+DESIGN.md §2-3. Every committed partition is a directory holding Parquet data and
+a ``_manifest.json`` (rows, checksums, schema version, run id). It is written
+whole under ``<lake>/_tmp/`` and renamed into place, so a reader sees the old
+partition, the new one or none, never a half-written one. Readers only read
+partitions whose manifest exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from profile_engine.hours import format_hour, partition_values
+from profile_engine.schema import SCHEMA_VERSION
+
+# Layers (DESIGN.md §3), named once.
+LANDING = "landing/events"
+STAGING = "staging/events"
+QUARANTINE = "quarantine/events"
+QUALITY_RESULTS = "quality/results"
+QUALITY_DOCS = "quality/docs"
+STATE = "state"
+PROFILES = "profiles"
+SCORES = "scores"
+INTERESTS = "interests"
+PROFILE_CHANGES = "profile_changes"
+SEGMENTS = "segments"
+EXPORTS = "exports"
+REPORTS = "reports"
+TRAINING = "training"
+MODELS = "models"
+CONTACTS = "contacts"
+META = "_meta"
+LEDGER = "_meta/ledger"
+PROMOTIONS = "_meta/promotions"
+LOCK = "_meta/lock"
+TMP = "_tmp"
+TRUTH = "simulator/truth"
+
+MANIFEST = "_manifest.json"
+DATA_FILE = "part-0.parquet"
+
+
+@dataclass(frozen=True)
+class Lake:
+    """A lake rooted at a local directory."""
+
+    root: Path
+
+    # ---- paths -------------------------------------------------------------
+    def path(self, *parts: str) -> Path:
+        """A path under the lake root."""
+        return self.root.joinpath(*parts)
+
+    def partition(self, layer: str, hour: datetime, bucket: int | None = None) -> Path:
+        """``<layer>/dt=YYYY-MM-DD/hour=HH[/bucket=N]``."""
+        dt, hh = partition_values(hour)
+        path = self.root / layer / f"dt={dt}" / f"hour={hh}"
+        return path / f"bucket={bucket}" if bucket is not None else path
+
+    def committed(self, layer: str, hour: datetime, bucket: int | None = None) -> bool:
+        """Whether the partition exists with its manifest."""
+        return (self.partition(layer, hour, bucket) / MANIFEST).is_file()
+
+    def manifest(self, layer: str, hour: datetime, bucket: int | None = None) -> dict[str, Any]:
+        """The manifest of a committed partition (``FileNotFoundError`` otherwise)."""
+        return read_json(self.partition(layer, hour, bucket) / MANIFEST)
+
+    def data_files(self, layer: str, hour: datetime, bucket: int | None = None) -> list[Path]:
+        """Parquet files of a committed partition.
+
+        With ``bucket=None`` on a bucketed layer, the files of every committed
+        ``bucket=N`` partition under the hour. Raises ``FileNotFoundError`` naming the
+        partition when nothing is committed there.
+        """
+        base = self.partition(layer, hour, bucket)
+        if bucket is None and base.is_dir():
+            buckets = sorted(base.glob("bucket=*/" + MANIFEST), key=lambda p: int(p.parent.name.split("=")[1]))
+            if buckets:
+                return [f for m in buckets for f in sorted(m.parent.glob("*.parquet"))]
+        if not (base / MANIFEST).is_file():
+            raise FileNotFoundError(f"partition not committed: {base}")
+        return sorted(base.glob("*.parquet"))
+
+    def read(
+        self, layer: str, hour: datetime, bucket: int | None = None, columns: list[str] | None = None
+    ) -> pa.Table:
+        """Read a committed partition (all its buckets when ``bucket`` is None)."""
+        files = self.data_files(layer, hour, bucket)
+        tables = [pq.read_table(f, columns=columns) for f in files]
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    # ---- writes ------------------------------------------------------------
+    def tmp_dir(self) -> Path:
+        """A fresh directory under ``_tmp/`` (outside every partition tree)."""
+        path = self.root / TMP / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        return path
+
+    def write_partition(
+        self,
+        layer: str,
+        hour: datetime,
+        table: pa.Table | dict[str, pa.Table],
+        *,
+        bucket: int | None = None,
+        run_id: str = "manual",
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write the whole partition atomically and return its manifest.
+
+        ``table`` is one table (written as ``part-0.parquet``) or a mapping of names
+        to tables (written as ``<name>.parquet``, read back with ``read_named``).
+        """
+        tables = {DATA_FILE: table} if isinstance(table, pa.Table) else {f"{k}.parquet": v for k, v in table.items()}
+        tmp = self.tmp_dir()
+        files = []
+        for name, data in tables.items():
+            pq.write_table(data, tmp / name, compression="zstd")
+            files.append({"name": name, "rows": data.num_rows, "sha256": sha256_file(tmp / name)})
+        dt, hh = partition_values(hour)
+        first = next(iter(tables.values()))
+        manifest: dict[str, Any] = {
+            "layer": layer,
+            "dt": dt,
+            "hour": hh,
+            "bucket": bucket,
+            "data_hour": format_hour(hour),
+            "rows": first.num_rows if len(tables) == 1 else {n.removesuffix(".parquet"): f["rows"] for n, f in zip(tables, files, strict=True)},
+            "columns": first.schema.names,
+            "schema_version": SCHEMA_VERSION,
+            "run_id": run_id,
+            "written_at": datetime.now(UTC).isoformat(),
+            "files": files,
+        }
+        if extra:
+            manifest.update(extra)
+        write_json(tmp / MANIFEST, manifest)
+        replace_dir(tmp, self.partition(layer, hour, bucket), self)
+        return manifest
+
+    def read_named(
+        self, layer: str, hour: datetime, name: str, bucket: int | None = None, columns: list[str] | None = None
+    ) -> pa.Table:
+        """Read table ``name`` of a committed multi-table partition."""
+        base = self.partition(layer, hour, bucket)
+        if not (base / MANIFEST).is_file():
+            raise FileNotFoundError(f"partition not committed: {base}")
+        return pq.read_table(base / f"{name}.parquet", columns=columns)
+
+    def write_dir(self, target: Path, build: Iterable[tuple[str, bytes]], manifest: dict[str, Any]) -> None:
+        """Write a directory of named files plus ``_manifest.json`` atomically to ``target``."""
+        tmp = self.tmp_dir()
+        files = []
+        for name, payload in build:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(payload)
+            files.append({"name": name, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
+        write_json(tmp / MANIFEST, {**manifest, "files": files, "schema_version": SCHEMA_VERSION})
+        replace_dir(tmp, target, self)
+
+    def clean_tmp(self) -> int:
+        """Remove leftovers of crashed runs from ``_tmp/``; returns how many entries went."""
+        tmp = self.root / TMP
+        if not tmp.is_dir():
+            return 0
+        entries = list(tmp.iterdir())
+        for entry in entries:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        return len(entries)
+
+
+def replace_dir(new: Path, target: Path, lake: Lake) -> None:
+    """Move ``new`` to ``target``, replacing an existing directory there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if target.exists():
+        old = lake.root / TMP / f"{uuid.uuid4().hex}-old"
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically (temporary sibling file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(path.read_text())

@@ -1,0 +1,57 @@
+"""The canonical event (schema v1) and the names every stage shares.
+
+DESIGN.md §3. Event types, column names and the schema version are defined here
+once and imported everywhere else.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+VIEW = "view"
+CART = "cart"
+REMOVE_CART = "remove_cart"
+FAV = "fav"
+PURCHASE = "purchase"
+EVENT_TYPES: tuple[str, ...] = (VIEW, CART, REMOVE_CART, FAV, PURCHASE)
+
+EVENT_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("event_type", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("category_id", pa.string()),
+        pa.field("price", pa.float64()),
+        pa.field("quantity", pa.int32(), nullable=False),
+        pa.field("order_id", pa.string()),
+        pa.field("ts", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("session_id", pa.string()),
+    ]
+)
+EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_SCHEMA.names)
+
+# Staged events carry their user bucket (computed once, at validation).
+BUCKET = "bucket"
+STAGED_SCHEMA = EVENT_SCHEMA.append(pa.field(BUCKET, pa.int32(), nullable=False))
+
+# Quarantined rows keep the original values as text plus the reasons.
+QUARANTINE_SCHEMA = pa.schema(
+    [pa.field(name, pa.string()) for name in EVENT_COLUMNS]
+    + [
+        pa.field("reasons", pa.string(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("source_row", pa.int64(), nullable=False),
+    ]
+)
+
+
+def bucket_sql(column: str, buckets: int) -> str:
+    """DuckDB expression for a user's bucket: stable across processes and versions.
+
+    ``md5_number`` is a documented, stable 128-bit hash; DuckDB's ``hash()`` is not
+    promised stable and Python's ``hash`` is salted per process.
+    """
+    return f"CAST(md5_number(CAST({column} AS VARCHAR)) % {int(buckets)} AS INTEGER)"
