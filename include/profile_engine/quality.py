@@ -1,0 +1,338 @@
+"""Data quality of each processed hour: a Great Expectations suite over the staged batch.
+
+``ingest`` already rejects bad rows one by one (quarantine). This stage checks the
+batch that survived as a whole against the data contract (DESIGN.md §3), so a bug in
+the row rules, a schema drift or a broken source shows up as a failed expectation
+instead of silently wrong profiles. The suite is code, versioned with the package
+(STYLE.md 7). Each hour gets its validation result (``quality/results``) and its own
+self-contained Data Docs site (``quality/docs``), both committed with a manifest.
+
+Great Expectations is imported inside the functions (it costs seconds), and every
+file it writes goes to a context under the lake's ``_tmp/``, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import pyarrow as pa
+
+from profile_engine import __version__
+from profile_engine.config import Settings
+from profile_engine.hours import HOUR, floor_hour, format_hour, partition_values
+from profile_engine.ingest import FUTURE_SKEW
+from profile_engine.lake import MANIFEST, QUALITY_DOCS, QUALITY_RESULTS, Lake
+from profile_engine.schema import BUCKET, EVENT_TYPES, SCHEMA_VERSION, STAGED_SCHEMA
+
+if TYPE_CHECKING:
+    import great_expectations as gx
+    from great_expectations.data_context.store.store import DataDocsSiteConfigTypedDict
+
+SUITE_NAME = "staged_events"
+RESULTS_FILE = "results.json"
+DOCS_INDEX = "index.html"
+DOCS_SITE = "local_site"
+
+
+# Expectation names (in each expectation's meta): what failed-expectation lists report.
+EVENT_ID_UNIQUE = "event_id_unique"
+EVENT_TYPE_KNOWN = "event_type_known"
+USER_ID_NOT_EMPTY = "user_id_not_empty"
+ITEM_ID_NOT_EMPTY = "item_id_not_empty"
+PRICE_NON_NEGATIVE = "price_non_negative"
+QUANTITY_POSITIVE = "quantity_positive"
+TS_IN_WINDOW = "ts_in_window"
+BUCKET_IN_RANGE = "bucket_in_range"
+ROW_COUNT_POSITIVE = "row_count_positive"
+NOT_NULL_COLUMNS: tuple[str, ...] = ("event_id", "user_id", "item_id", "event_type", "ts")
+
+# Counts and percentages only: no sample of unexpected values (raw event, user and item
+# ids) reaches the results JSON or the Data Docs.
+RESULT_FORMAT: dict[str, Any] = {
+    "result_format": "SUMMARY",
+    "partial_unexpected_count": 0,
+    "exclude_unexpected_values": True,
+}
+
+_CRITICAL = "critical"  # FailureSeverity.CRITICAL as it appears in result JSON
+
+
+def column_exists_name(column: str) -> str:
+    """Name of the expectation that ``column`` exists."""
+    return f"{column}_exists"
+
+
+def not_null_name(column: str) -> str:
+    """Name of the expectation that ``column`` has no nulls."""
+    return f"{column}_not_null"
+
+
+def build_suite(*, ts_min: datetime, ts_max: datetime, buckets: int) -> gx.ExpectationSuite:
+    """The expectation suite for one hour's staged events (canonical schema + bucket).
+
+    Event time must lie in ``[ts_min, ts_max)``: the window ingest stages, from the
+    hour start minus the lateness window (earlier is too_late) to the hour end plus
+    ``ingest.FUTURE_SKEW`` (later is future_ts). ``buckets`` is the
+    number of user buckets. Every expectation is critical except the row count, a
+    warning: an empty hour is legitimate at night, but worth a look in the report.
+    """
+    import great_expectations as gx
+
+    # Imported from their defining modules: the package re-exports them implicitly,
+    # which mypy --strict does not accept.
+    from great_expectations.expectations.core.expect_column_to_exist import ExpectColumnToExist
+    from great_expectations.expectations.core.expect_column_value_lengths_to_be_between import (
+        ExpectColumnValueLengthsToBeBetween,
+    )
+    from great_expectations.expectations.core.expect_column_values_to_be_between import ExpectColumnValuesToBeBetween
+    from great_expectations.expectations.core.expect_column_values_to_be_in_set import ExpectColumnValuesToBeInSet
+    from great_expectations.expectations.core.expect_column_values_to_be_unique import ExpectColumnValuesToBeUnique
+    from great_expectations.expectations.core.expect_column_values_to_not_be_null import ExpectColumnValuesToNotBeNull
+    from great_expectations.expectations.core.expect_table_row_count_to_be_between import (
+        ExpectTableRowCountToBeBetween,
+    )
+    from great_expectations.expectations.expectation import Expectation
+    from great_expectations.expectations.metadata_types import FailureSeverity
+
+    if ts_min.tzinfo is None or ts_max.tzinfo is None:
+        raise ValueError("ts bounds must be timezone-aware (UTC)")
+    if ts_min >= ts_max:
+        raise ValueError(f"ts_min {ts_min.isoformat()} is not before ts_max {ts_max.isoformat()}")
+    if buckets < 1:
+        raise ValueError(f"buckets must be >= 1, got {buckets}")
+
+    def meta(name: str) -> dict[str, Any]:
+        return {"name": name}
+
+    expectations: list[Expectation] = [
+        ExpectColumnToExist(column=column, meta=meta(column_exists_name(column))) for column in STAGED_SCHEMA.names
+    ]
+    expectations += [
+        ExpectColumnValuesToNotBeNull(column=column, meta=meta(not_null_name(column))) for column in NOT_NULL_COLUMNS
+    ]
+    expectations += [
+        ExpectColumnValuesToBeUnique(column="event_id", meta=meta(EVENT_ID_UNIQUE)),
+        ExpectColumnValueLengthsToBeBetween(column="user_id", min_value=1, meta=meta(USER_ID_NOT_EMPTY)),
+        ExpectColumnValueLengthsToBeBetween(column="item_id", min_value=1, meta=meta(ITEM_ID_NOT_EMPTY)),
+        ExpectColumnValuesToBeInSet(column="event_type", value_set=list(EVENT_TYPES), meta=meta(EVENT_TYPE_KNOWN)),
+        # Null prices are allowed (sources without prices): GX skips nulls here.
+        ExpectColumnValuesToBeBetween(column="price", min_value=0, meta=meta(PRICE_NON_NEGATIVE)),
+        ExpectColumnValuesToBeBetween(column="quantity", min_value=1, meta=meta(QUANTITY_POSITIVE)),
+        ExpectColumnValuesToBeBetween(
+            column="ts", min_value=ts_min, max_value=ts_max, strict_max=True, meta=meta(TS_IN_WINDOW)
+        ),
+        ExpectColumnValuesToBeBetween(column=BUCKET, min_value=0, max_value=buckets - 1, meta=meta(BUCKET_IN_RANGE)),
+        ExpectTableRowCountToBeBetween(min_value=1, severity=FailureSeverity.WARNING, meta=meta(ROW_COUNT_POSITIVE)),
+    ]
+    return gx.ExpectationSuite(
+        name=SUITE_NAME,
+        expectations=expectations,
+        meta={"schema_version": SCHEMA_VERSION, "profile_engine_version": __version__},
+    )
+
+
+def check_threshold(quarantined_rows: int, read_rows: int, threshold: float) -> tuple[float, bool]:
+    """Quarantine share of the rows read and whether it exceeds ``threshold``.
+
+    An hour that read nothing has share 0: nothing was rejected.
+    """
+    if quarantined_rows < 0 or read_rows < 0:
+        raise ValueError(f"row counts must be >= 0, got quarantined={quarantined_rows} read={read_rows}")
+    if quarantined_rows > read_rows:
+        raise ValueError(f"quarantined rows ({quarantined_rows}) exceed rows read ({read_rows})")
+    share = quarantined_rows / read_rows if read_rows else 0.0
+    return share, share > threshold
+
+
+def run_quality(
+    settings: Settings,
+    hour: datetime,
+    staged: pa.Table,
+    *,
+    quarantined_rows: int,
+    read_rows: int,
+    run_id: str = "manual",
+    build_docs: bool = True,
+    defective_rows: int | None = None,
+) -> dict[str, Any]:
+    """Validate the staged batch of ``hour``, publish results (and Data Docs), return a summary.
+
+    The validation result is committed to ``quality/results/dt=/hour=/results.json``
+    and, with ``build_docs``, a Data Docs site of this hour alone to
+    ``quality/docs/dt=/hour=/`` (``index.html``), each with a ``_manifest.json``.
+    ``success`` is False when a critical expectation failed; failed warnings (an
+    empty hour) are listed under ``warnings``. ``threshold_exceeded`` says whether the
+    share of defective rows is above ``settings.quarantine_threshold``; the caller
+    decides to fail the run (this module does not import Airflow). Defective rows are
+    the quarantined ones unless ``defective_rows`` says fewer count (ingest does not
+    count producer re-sends, quarantined as duplicates, against the threshold).
+    """
+    import great_expectations as gx
+    from great_expectations.checkpoint.actions import UpdateDataDocsAction
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    start = _check_hour(hour)
+    staged_rows = staged.num_rows
+    if read_rows < staged_rows + quarantined_rows:
+        raise ValueError(
+            f"rows read ({read_rows}) < staged ({staged_rows}) + quarantined ({quarantined_rows}): "
+            "read = staged + quarantined + erased"
+        )
+    defective = quarantined_rows if defective_rows is None else defective_rows
+    if not 0 <= defective <= quarantined_rows:
+        raise ValueError(f"defective rows ({defective}) must be within [0, quarantined rows ({quarantined_rows})]")
+    share, _ = check_threshold(quarantined_rows, read_rows, settings.quarantine_threshold)
+    defective_share, exceeded = check_threshold(defective, read_rows, settings.quarantine_threshold)
+    lake = Lake(settings.lake)
+    suite = build_suite(
+        ts_min=start - timedelta(hours=settings.lateness_hours),
+        ts_max=start + HOUR + FUTURE_SKEW,
+        buckets=settings.buckets,
+    )
+    frame = staged.to_pandas()  # the pandas edge: GX validates a DataFrame
+    dt, hh = partition_values(start)
+
+    work = lake.tmp_dir()
+    try:
+        # A file context inside _tmp/: everything GX writes (config, stores, docs) stays
+        # there and goes with it. The ephemeral context would build docs in the system tmp.
+        context = gx.get_context(mode="file", project_root_dir=str(work))
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        context.enable_analytics(False)
+        # Data Docs append the context id to a logo fetched from GX's servers when a
+        # page is viewed; without an id the page carries no identifier of ours.
+        context.variables.data_context_id = None  # type: ignore[assignment]  # typed UUID, None is valid
+        site_dir = work / "site"
+        context.update_data_docs_site(
+            DOCS_SITE,
+            cast(
+                "DataDocsSiteConfigTypedDict",  # GX's TypedDict lacks show_how_to_buttons
+                {
+                    "class_name": "SiteBuilder",
+                    "show_how_to_buttons": False,
+                    "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(site_dir)},
+                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                },
+            ),
+        )
+        suite = context.suites.add(suite)
+        batch = (
+            context.data_sources.add_pandas("staging")
+            .add_dataframe_asset("events")
+            .add_batch_definition_whole_dataframe(f"hour_{format_hour(start)}")
+        )
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=SUITE_NAME, data=batch, suite=suite)
+        )
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"{SUITE_NAME}_hourly",
+                validation_definitions=[definition],
+                actions=[UpdateDataDocsAction(name="update_data_docs", site_names=[DOCS_SITE])] if build_docs else [],
+                result_format=RESULT_FORMAT,
+            )
+        )
+        outcome = checkpoint.run(
+            batch_parameters={"dataframe": frame},
+            run_id=gx.RunIdentifier(run_name=run_id, run_time=datetime.now(UTC)),
+        )
+        result: dict[str, Any] = next(iter(outcome.run_results.values())).to_json_dict()  # type: ignore[no-untyped-call]
+
+        docs_index: str | None = None
+        if build_docs:
+            docs_target = lake.partition(QUALITY_DOCS, start)
+            lake.write_dir(
+                docs_target,
+                _site_files(site_dir),
+                {"layer": QUALITY_DOCS, "dt": dt, "hour": hh, "data_hour": format_hour(start), "run_id": run_id},
+            )
+            docs_index = str(docs_target / DOCS_INDEX)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    failed = [r for r in result["results"] if not r["success"]]
+    summary: dict[str, Any] = {
+        "hour": format_hour(start),
+        "run_id": run_id,
+        "suite": SUITE_NAME,
+        "success": not any(_severity(r) == _CRITICAL for r in failed),
+        "gx_success": bool(result["success"]),
+        "evaluated_expectations": result["statistics"]["evaluated_expectations"],
+        "successful_expectations": result["statistics"]["successful_expectations"],
+        "failed_expectations": [_name(r) for r in failed if _severity(r) == _CRITICAL],
+        "warnings": [_name(r) for r in failed if _severity(r) != _CRITICAL],
+        "staged_rows": staged_rows,
+        "quarantined_rows": quarantined_rows,
+        "read_rows": read_rows,
+        "quarantine_share": share,
+        "defective_rows": defective,
+        "defective_share": defective_share,
+        "quarantine_threshold": settings.quarantine_threshold,
+        "threshold_exceeded": exceeded,
+        "results_path": str(lake.partition(QUALITY_RESULTS, start) / RESULTS_FILE),
+        "docs_index": docs_index,
+    }
+    payload = json.dumps(result, indent=2, sort_keys=True, default=str).encode()
+    # Results last: their manifest is the hour's commit point and names the docs site.
+    lake.write_dir(
+        lake.partition(QUALITY_RESULTS, start),
+        [(RESULTS_FILE, payload)],
+        {
+            "layer": QUALITY_RESULTS,
+            "dt": dt,
+            "hour": hh,
+            "data_hour": format_hour(start),
+            "run_id": run_id,
+            "summary": summary,
+        },
+    )
+    return summary
+
+
+def read_results(settings: Settings, hour: datetime) -> dict[str, Any]:
+    """The committed validation result of ``hour`` (``FileNotFoundError`` if none is committed)."""
+    base = Lake(settings.lake).partition(QUALITY_RESULTS, _check_hour(hour))
+    if not (base / MANIFEST).is_file():
+        raise FileNotFoundError(f"partition not committed: {base}")
+    result: dict[str, Any] = json.loads((base / RESULTS_FILE).read_text())
+    return result
+
+
+def _check_hour(hour: datetime) -> datetime:
+    start = floor_hour(hour)
+    if start != (hour if hour.tzinfo else hour.replace(tzinfo=UTC)):
+        raise ValueError(f"not an hour start: {hour.isoformat()}")
+    return start
+
+
+def _severity(result: dict[str, Any]) -> str:
+    return str(result["expectation_config"].get("severity", _CRITICAL))
+
+
+def _name(result: dict[str, Any]) -> str:
+    config = result["expectation_config"]
+    return str((config.get("meta") or {}).get("name") or config["type"])
+
+
+# Site assets GX copies into every site whether a page uses them or not (an animated
+# glossary GIF alone is 2.5 MB): kept only when a page or stylesheet refers to them.
+_OPTIONAL_ASSET_DIR = "static/images/"
+
+
+def _site_files(site_dir: Path) -> list[tuple[str, bytes]]:
+    """The files of a built Data Docs site, relative names, minus unreferenced images."""
+    files = {p.relative_to(site_dir).as_posix(): p for p in sorted(site_dir.rglob("*")) if p.is_file()}
+    if DOCS_INDEX not in files:
+        raise RuntimeError(f"Great Expectations built no {DOCS_INDEX} under {site_dir}")
+    text = "\n".join(p.read_text(errors="ignore") for n, p in files.items() if n.endswith((".html", ".css")))
+    referenced = set(re.findall(r"[\w.-]+\.(?:png|gif|svg|ico|jpg)", text))
+    return [
+        (name, path.read_bytes())
+        for name, path in files.items()
+        if not name.startswith(_OPTIONAL_ASSET_DIR) or path.name in referenced
+    ]

@@ -1,0 +1,33 @@
+"""Shared fixtures, and a project-local Airflow home for the test session.
+
+Airflow reads its configuration once per process, so the environment is set here,
+before any test imports it: a SQLite metadata database under ``.airflow/pytest``
+(git-ignored), the project's DAGs, no examples.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["AIRFLOW_HOME"] = str(ROOT / ".airflow" / "pytest")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
+# Tests never talk to Great Expectations' analytics.
+os.environ["GX_ANALYTICS_ENABLED"] = "false"
+
+from profile_engine.config import Settings  # noqa: E402
+
+HOUR0 = datetime(2026, 11, 2, 10, tzinfo=UTC)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings over an empty lake in ``tmp_path`` with two buckets."""
+    return Settings(lake=tmp_path / "lake", buckets=2, lateness_hours=6, start=HOUR0)

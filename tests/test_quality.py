@@ -1,0 +1,367 @@
+"""Tests for profile_engine.quality: the hourly Great Expectations suite, results and Data Docs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
+
+from profile_engine.config import Settings
+from profile_engine.ingest import FUTURE_SKEW
+from profile_engine.lake import MANIFEST, QUALITY_DOCS, QUALITY_RESULTS, TMP, Lake, read_json
+from profile_engine.quality import (
+    BUCKET_IN_RANGE,
+    DOCS_INDEX,
+    EVENT_ID_UNIQUE,
+    EVENT_TYPE_KNOWN,
+    ITEM_ID_NOT_EMPTY,
+    PRICE_NON_NEGATIVE,
+    QUANTITY_POSITIVE,
+    RESULTS_FILE,
+    ROW_COUNT_POSITIVE,
+    TS_IN_WINDOW,
+    build_suite,
+    check_threshold,
+    column_exists_name,
+    not_null_name,
+    read_results,
+    run_quality,
+)
+from profile_engine.schema import EVENT_TYPES, STAGED_SCHEMA
+
+HOUR = datetime(2026, 11, 1, 5, tzinfo=UTC)
+# Lets tests build rows the staging schema would refuse (nulls in required columns).
+RELAXED_SCHEMA = pa.schema([field.with_nullable(True) for field in STAGED_SCHEMA])
+
+
+def make_rows(n: int) -> list[dict[str, Any]]:
+    """``n`` valid staged events inside HOUR."""
+    return [
+        {
+            "event_id": f"e{i}",
+            "user_id": f"u{i % 3}",
+            "event_type": EVENT_TYPES[i % len(EVENT_TYPES)],
+            "item_id": f"i{i}",
+            "category_id": "c1",
+            "price": None if i % 2 else 10.0,
+            "quantity": 1,
+            "order_id": None,
+            "ts": HOUR + timedelta(minutes=i),
+            "session_id": "s1",
+            "bucket": i % 4,
+        }
+        for i in range(n)
+    ]
+
+
+def to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=RELAXED_SCHEMA)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(lake=tmp_path / "lake", buckets=4, lateness_hours=6, quarantine_threshold=0.2)
+
+
+def tmp_entries(settings: Settings) -> list[Path]:
+    tmp = settings.lake / TMP
+    return list(tmp.iterdir()) if tmp.exists() else []
+
+
+def test_clean_batch_passes_and_publishes_one_docs_site(settings: Settings) -> None:
+    # Arrange
+    staged = to_table(make_rows(5))
+    lake = Lake(settings.lake)
+
+    # Act
+    summary = run_quality(settings, HOUR, staged, quarantined_rows=1, read_rows=6, run_id="run-1")
+
+    # Assert
+    assert summary["success"] is True
+    assert summary["failed_expectations"] == []
+    assert summary["warnings"] == []
+    assert summary["evaluated_expectations"] == summary["successful_expectations"] > 0
+    assert (summary["staged_rows"], summary["quarantined_rows"], summary["read_rows"]) == (5, 1, 6)
+    docs = lake.partition(QUALITY_DOCS, HOUR)
+    assert docs.as_posix().endswith("quality/docs/dt=2026-11-01/hour=05")
+    assert summary["docs_index"] == str(docs / DOCS_INDEX)
+    assert (docs / DOCS_INDEX).is_file()
+    manifest = lake.manifest(QUALITY_DOCS, HOUR)
+    assert manifest["run_id"] == "run-1"
+    for entry in manifest["files"]:
+        assert hashlib.sha256((docs / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
+    # One validation page: the site shows this hour only.
+    assert len(list((docs / "validations").rglob("*.html"))) == 1
+    assert tmp_entries(settings) == []
+
+
+def test_bad_rows_fail_the_named_expectations_without_leaking_ids(settings: Settings) -> None:
+    # Arrange
+    rows = make_rows(4)
+    rows[1]["price"] = -5.0
+    rows[2]["event_id"] = "secret-dup-id"
+    rows[3]["event_id"] = "secret-dup-id"
+    rows[3]["event_type"] = "teleport"
+    staged = to_table(rows)
+
+    # Act
+    summary = run_quality(settings, HOUR, staged, quarantined_rows=0, read_rows=4)
+
+    # Assert
+    assert summary["success"] is False
+    assert sorted(summary["failed_expectations"]) == sorted([PRICE_NON_NEGATIVE, EVENT_ID_UNIQUE, EVENT_TYPE_KNOWN])
+    published = [*Path(summary["docs_index"]).parent.rglob("*.html"), Path(summary["results_path"])]
+    for path in published:
+        text = path.read_text()
+        assert "secret-dup-id" not in text, path
+        assert "teleport" not in text, path
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "expected"),
+    [
+        ("user_id", None, not_null_name("user_id")),
+        ("ts", None, not_null_name("ts")),
+        ("item_id", "", ITEM_ID_NOT_EMPTY),
+        ("quantity", 0, QUANTITY_POSITIVE),
+        ("bucket", 4, BUCKET_IN_RANGE),
+        ("ts", HOUR - timedelta(hours=6, seconds=1), TS_IN_WINDOW),
+        ("ts", HOUR + timedelta(hours=1) + FUTURE_SKEW, TS_IN_WINDOW),
+    ],
+)
+def test_single_defect_fails_exactly_its_expectation(
+    settings: Settings, column: str, value: object, expected: str
+) -> None:
+    # Arrange
+    rows = make_rows(3)
+    rows[1][column] = value
+
+    # Act
+    summary = run_quality(settings, HOUR, to_table(rows), quarantined_rows=0, read_rows=3, build_docs=False)
+
+    # Assert
+    assert summary["failed_expectations"] == [expected]
+    assert summary["success"] is False
+
+
+def test_missing_column_fails_its_existence_expectation(settings: Settings) -> None:
+    staged = to_table(make_rows(3)).drop_columns(["session_id"])
+
+    summary = run_quality(settings, HOUR, staged, quarantined_rows=0, read_rows=3, build_docs=False)
+
+    assert summary["failed_expectations"] == [column_exists_name("session_id")]
+
+
+def test_empty_hour_only_warns(settings: Settings) -> None:
+    staged = STAGED_SCHEMA.empty_table()
+
+    summary = run_quality(settings, HOUR, staged, quarantined_rows=0, read_rows=0)
+
+    assert summary["success"] is True
+    assert summary["gx_success"] is False
+    assert summary["warnings"] == [ROW_COUNT_POSITIVE]
+    assert summary["failed_expectations"] == []
+    assert Path(summary["docs_index"]).is_file()
+
+
+@pytest.mark.parametrize(("quarantined", "read", "exceeded"), [(3, 10, True), (2, 10, False), (0, 0, False)])
+def test_run_quality_reports_quarantine_threshold(
+    settings: Settings, quarantined: int, read: int, exceeded: bool
+) -> None:
+    staged = to_table(make_rows(read - quarantined))
+
+    summary = run_quality(settings, HOUR, staged, quarantined_rows=quarantined, read_rows=read, build_docs=False)
+
+    assert summary["threshold_exceeded"] is exceeded
+    assert summary["quarantine_share"] == pytest.approx(quarantined / read if read else 0.0)
+    assert summary["quarantine_threshold"] == 0.2
+    # A threshold breach is the caller's decision to fail; the data itself is fine.
+    assert summary["success"] is True
+
+
+def test_threshold_counts_defective_rows_when_given(settings: Settings) -> None:
+    # Arrange: 3 of 10 rows quarantined, 2 of them producer re-sends (not defective).
+    staged = to_table(make_rows(7))
+
+    # Act
+    summary = run_quality(settings, HOUR, staged, quarantined_rows=3, read_rows=10, defective_rows=1, build_docs=False)
+
+    # Assert
+    assert summary["quarantine_share"] == pytest.approx(0.3)
+    assert (summary["defective_rows"], summary["defective_share"]) == (1, pytest.approx(0.1))
+    assert summary["threshold_exceeded"] is False
+    with pytest.raises(ValueError, match="defective rows"):
+        run_quality(settings, HOUR, staged, quarantined_rows=3, read_rows=10, defective_rows=4, build_docs=False)
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [HOUR - timedelta(hours=6), HOUR + timedelta(hours=1) + FUTURE_SKEW - timedelta(milliseconds=1)],
+    ids=["oldest-staged", "newest-staged"],
+)
+def test_ts_window_accepts_both_ends_of_what_ingest_stages(settings: Settings, ts: datetime) -> None:
+    rows = make_rows(2)
+    rows[0]["ts"] = ts
+
+    summary = run_quality(settings, HOUR, to_table(rows), quarantined_rows=0, read_rows=2, build_docs=False)
+
+    assert summary["failed_expectations"] == []
+
+
+@given(
+    read=st.integers(min_value=0, max_value=10**7),
+    fraction=st.floats(min_value=0, max_value=1),
+    threshold=st.floats(min_value=0, max_value=1),
+)
+def test_threshold_share_is_bounded_and_monotone(read: int, fraction: float, threshold: float) -> None:
+    quarantined = int(read * fraction)
+
+    share, exceeded = check_threshold(quarantined, read, threshold)
+
+    assert 0.0 <= share <= 1.0
+    assert exceeded == (share > threshold)
+    if quarantined < read:
+        # One more rejected row never brings an hour back under the threshold.
+        more_share, more_exceeded = check_threshold(quarantined + 1, read, threshold)
+        assert more_share >= share
+        assert more_exceeded or not exceeded
+
+
+@pytest.mark.parametrize(("quarantined", "read"), [(-1, 5), (6, 5), (0, -1)])
+def test_check_threshold_rejects_impossible_counts(quarantined: int, read: int) -> None:
+    with pytest.raises(ValueError, match="row counts|exceed"):
+        check_threshold(quarantined, read, 0.2)
+
+
+def test_results_json_is_committed_with_manifest(settings: Settings) -> None:
+    # Arrange
+    lake = Lake(settings.lake)
+    rows = make_rows(4)
+    rows[0]["quantity"] = 0
+
+    # Act
+    summary = run_quality(
+        settings, HOUR, to_table(rows), quarantined_rows=2, read_rows=7, run_id="r9", build_docs=False
+    )
+
+    # Assert
+    base = lake.partition(QUALITY_RESULTS, HOUR)
+    assert base.as_posix().endswith("quality/results/dt=2026-11-01/hour=05")
+    manifest = read_json(base / MANIFEST)
+    payload = (base / RESULTS_FILE).read_bytes()
+    assert manifest["files"] == [
+        {"name": RESULTS_FILE, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    ]
+    assert manifest["run_id"] == "r9"
+    assert manifest["summary"] == summary
+    result = json.loads(payload)
+    assert result == read_results(settings, HOUR)
+    assert result["success"] is False
+    assert len(result["results"]) == summary["evaluated_expectations"]
+    assert summary["docs_index"] is None
+    assert not lake.partition(QUALITY_DOCS, HOUR).exists()
+
+
+def test_rerun_replaces_partitions_and_leaves_no_stray_files(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: GX looks for and may write a gx/ project in the working directory.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    lake = Lake(settings.lake)
+    run_quality(settings, HOUR, to_table(make_rows(2)), quarantined_rows=0, read_rows=2, run_id="first")
+
+    # Act
+    run_quality(settings, HOUR, to_table(make_rows(3)), quarantined_rows=0, read_rows=3, run_id="second")
+
+    # Assert
+    assert lake.manifest(QUALITY_RESULTS, HOUR)["summary"]["staged_rows"] == 3
+    assert lake.manifest(QUALITY_DOCS, HOUR)["run_id"] == "second"
+    assert len(list((lake.partition(QUALITY_DOCS, HOUR) / "validations").rglob("*.html"))) == 1
+    assert list(cwd.iterdir()) == []
+    assert sorted(p.name for p in settings.lake.iterdir()) == sorted(["quality", TMP])
+    assert tmp_entries(settings) == []
+
+
+def test_run_quality_rejects_inconsistent_counts_and_hours(settings: Settings) -> None:
+    staged = to_table(make_rows(3))
+
+    with pytest.raises(ValueError, match="rows read"):
+        run_quality(settings, HOUR, staged, quarantined_rows=1, read_rows=3)
+    with pytest.raises(ValueError, match="not an hour start"):
+        run_quality(settings, HOUR + timedelta(minutes=30), staged, quarantined_rows=0, read_rows=3)
+    assert not settings.lake.exists() or tmp_entries(settings) == []
+
+
+def test_build_suite_names_every_expectation_once_and_checks_bounds() -> None:
+    suite = build_suite(ts_min=HOUR - timedelta(hours=6), ts_max=HOUR + timedelta(hours=1), buckets=4)
+
+    names = [e.meta["name"] for e in suite.expectations if e.meta]
+    assert len(names) == len(suite.expectations) == len(set(names))
+    assert {column_exists_name(c) for c in STAGED_SCHEMA.names} <= set(names)
+    severities = {e.meta["name"]: e.severity for e in suite.expectations if e.meta}
+    assert severities.pop(ROW_COUNT_POSITIVE) == "warning"
+    assert set(severities.values()) == {"critical"}
+    with pytest.raises(ValueError, match="timezone"):
+        build_suite(ts_min=datetime(2026, 11, 1), ts_max=HOUR, buckets=4)
+    with pytest.raises(ValueError, match="not before"):
+        build_suite(ts_min=HOUR, ts_max=HOUR, buckets=4)
+
+
+valid_rows = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=5),  # user
+        st.sampled_from(EVENT_TYPES),
+        st.one_of(st.none(), st.floats(min_value=0, max_value=1e6)),  # price
+        st.integers(min_value=1, max_value=50),  # quantity
+        # seconds from the hour start, up to both ends of the window [start - 6h, end + skew)
+        st.integers(min_value=-6 * 3600, max_value=3600 + int(FUTURE_SKEW.total_seconds()) - 1),
+        st.integers(min_value=0, max_value=3),  # bucket
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@hyp_settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=valid_rows, data=st.data())
+def test_contract_valid_batches_pass_and_one_negative_price_fails_only_that(
+    settings: Settings, rows: list[tuple[int, str, float | None, int, int, int]], data: st.DataObject
+) -> None:
+    # Arrange
+    records = [
+        {
+            "event_id": f"e{i}",
+            "user_id": f"u{user}",
+            "event_type": event_type,
+            "item_id": "i1",
+            "category_id": None,
+            "price": price,
+            "quantity": quantity,
+            "order_id": None,
+            "ts": HOUR + timedelta(seconds=offset),
+            "session_id": None,
+            "bucket": bucket,
+        }
+        for i, (user, event_type, price, quantity, offset, bucket) in enumerate(rows)
+    ]
+    bad = [dict(r) for r in records]
+    bad[data.draw(st.integers(min_value=0, max_value=len(bad) - 1))]["price"] = -0.01
+    n = len(records)
+
+    # Act
+    clean = run_quality(settings, HOUR, to_table(records), quarantined_rows=0, read_rows=n, build_docs=False)
+    dirty = run_quality(settings, HOUR, to_table(bad), quarantined_rows=0, read_rows=n, build_docs=False)
+
+    # Assert
+    assert clean["success"] is True and clean["failed_expectations"] == []
+    assert dirty["failed_expectations"] == [PRICE_NON_NEGATIVE]
