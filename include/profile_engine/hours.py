@@ -54,3 +54,15 @@ def hour_range(first: datetime, last: datetime) -> Iterator[datetime]:
     while current <= end:
         yield current
         current += HOUR
+
+
+def hour_for_run(param: str | None, data_interval_start: datetime | None) -> datetime:
+    """The hour a DAG run processes: the ``hour`` Param when given, else its data interval start.
+
+    DESIGN.md §2: never "latest", never the current, incomplete hour.
+    """
+    if param:
+        return parse_hour(param)
+    if data_interval_start is None:
+        raise ValueError("a run without a data interval needs the 'hour' param")
+    return floor_hour(data_interval_start)

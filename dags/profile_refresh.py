@@ -1,0 +1,180 @@
+"""
+### profile_refresh
+
+Every hour, turn the raw behaviour events that landed into up-to-date user
+profiles, a purchase-propensity score and marketing segment exports, with a
+data-quality report and a run report.
+
+`extract_events -> validate_events -> build_profiles[bucket] -> publish_profiles
+-> train_challenger? -> evaluate_and_promote? -> score_profiles[bucket] -> publish_segments -> write_run_report`
+
+* The run processes its data interval `[data_interval_start, data_interval_end)`, or
+  the hour given in the `hour` param (a manual run for hour H uses logical date H and `hour`=H).
+* Every hour is processed in order (`catchup`, `max_active_runs=1`, `depends_on_past` on
+  stateful tasks); a run whose previous hour is missing fails and names it.
+* Retraining runs on its own cadence (`PROFILE_ENGINE_RETRAIN_EVERY_HOURS`) or when forced.
+* `write_run_report` always runs, so every failed hour has a report.
+
+All logic lives in `include/profile_engine/`; the tasks only wire it.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+# Cheap, local settings only: no Variable, Connection, network or heavy import at parse time.
+START = os.environ.get("PROFILE_ENGINE_START") or "2026-11-01T00:00:00+00:00"
+BUCKETS = int(os.environ.get("PROFILE_ENGINE_BUCKETS") or 4)
+
+
+def _context() -> tuple[Any, datetime, str]:
+    """Settings (with per-run overrides from params), the hour and the run id of the running task."""
+    from dataclasses import replace
+
+    from profile_engine.config import Settings
+    from profile_engine.hours import hour_for_run
+
+    context = get_current_context()
+    params = context["params"]
+    settings = Settings.from_env()
+    if params.get("quarantine_threshold") is not None:
+        settings = replace(settings, quarantine_threshold=float(params["quarantine_threshold"]))
+    hour = hour_for_run(params.get("hour"), context.get("data_interval_start"))
+    return settings, hour, str(context["run_id"])
+
+
+@dag(
+    schedule=CronDataIntervalTimetable("0 * * * *", timezone="UTC"),
+    start_date=datetime.fromisoformat(START).astimezone(UTC),
+    catchup=True,
+    max_active_runs=1,
+    tags=["profile-engine", "profiles", "hourly"],
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+    params={
+        "hour": Param(
+            None,
+            type=["null", "string"],
+            description="UTC hour to process (ISO, e.g. 2026-11-01T05:00:00+00:00); empty = the data interval start.",
+        ),
+        "force_retrain": Param(False, type="boolean", description="Train a challenger this hour even if not due."),
+        "force_promote": Param(False, type="boolean", description="Promote this hour's challenger whatever the gate says."),
+        "quarantine_threshold": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            maximum=1,
+            description="Fail the run when more than this share of rows is quarantined (empty = the configured default).",
+        ),
+        "dry_run": Param(False, type="boolean", description="Compute everything but write no segment exports."),
+    },
+)
+def profile_refresh() -> None:
+    """The hourly profile refresh (see the module docstring)."""
+
+    @task(depends_on_past=True)
+    def extract_events() -> dict[str, Any]:
+        """Record in the ingestion ledger which landing files this hour takes."""
+        from profile_engine import ingest
+
+        settings, hour, run_id = _context()
+        return ingest.extract_events(settings, hour, run_id=run_id)
+
+    @task(depends_on_past=True)
+    def validate_events(extracted: dict[str, Any]) -> dict[str, Any]:
+        """Stage valid events per bucket, quarantine the rest, run the Great Expectations suite."""
+        from profile_engine import ingest
+
+        settings, hour, run_id = _context()
+        try:
+            return ingest.validate_events(settings, hour, run_id=run_id)
+        except ingest.QuarantineThresholdExceeded as error:
+            raise AirflowFailException(str(error)) from error
+
+    @task(depends_on_past=True)
+    def build_profiles(bucket: int, validated: dict[str, Any]) -> dict[str, Any]:
+        """Merge this hour's staged events of one bucket into the previous hour's state."""
+        from profile_engine import features
+
+        settings, hour, run_id = _context()
+        first = datetime.fromisoformat(START).astimezone(UTC)
+        return features.build_profiles(settings, hour, bucket, run_id=run_id, first_hour=first)
+
+    @task(depends_on_past=True)
+    def publish_profiles(built: list[dict[str, Any]]) -> dict[str, Any]:
+        """Add population features (RFM), write the change log and commit the snapshot."""
+        from profile_engine import features
+
+        settings, hour, run_id = _context()
+        return features.publish_profiles(settings, hour, run_id=run_id)
+
+    @task
+    def train_challenger(published: dict[str, Any]) -> dict[str, Any]:
+        """Train a challenger when retraining is due for this hour (or forced); skipped otherwise."""
+        from profile_engine import model
+
+        settings, hour, run_id = _context()
+        result = model.train_challenger(
+            settings, hour, run_id=run_id, force=bool(get_current_context()["params"]["force_retrain"])
+        )
+        if result.get("status") == "skipped":
+            raise AirflowSkipException(result.get("reason", "retraining not due"))
+        return result
+
+    @task(retries=0)  # a gate decision is deterministic: retrying cannot change it
+    def evaluate_and_promote(trained: dict[str, Any]) -> dict[str, Any]:
+        """Evaluate the challenger against the champion and promote it when it clears the gate."""
+        from profile_engine import evaluate
+
+        settings, hour, run_id = _context()
+        force = bool(get_current_context()["params"]["force_promote"])
+        return evaluate.evaluate_and_promote(settings, hour, run_id=run_id, force_promote=force)
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def score_profiles(bucket: int) -> dict[str, Any]:
+        """Score one bucket's profiles with the champion as of this hour."""
+        from profile_engine import model
+
+        settings, hour, run_id = _context()
+        return model.score_profiles(settings, hour, bucket, run_id=run_id)
+
+    @task
+    def publish_segments(scored: list[dict[str, Any]]) -> dict[str, Any]:
+        """Evaluate the segment rules, assign one action per user and write the exports."""
+        from profile_engine import segments
+
+        settings, hour, run_id = _context()
+        dry_run = bool(get_current_context()["params"]["dry_run"])
+        return segments.publish_segments(settings, hour, run_id=run_id, dry_run=dry_run)
+
+    @task(trigger_rule="all_done")
+    def write_run_report(**upstream: Any) -> dict[str, Any]:
+        """Write the run report, whatever happened upstream."""
+        from profile_engine import report
+
+        settings, hour, run_id = _context()
+        ti = get_current_context()["ti"]
+        summaries: dict[str, Any] = {}
+        for name in report.STAGES:
+            value = ti.xcom_pull(task_ids=name)
+            summaries[name] = list(value) if name in ("build_profiles", "score_profiles") and value else value
+        return report.write_run_report(settings, hour, summaries, run_id=run_id)
+
+    buckets = list(range(BUCKETS))
+    validated = validate_events(extract_events())
+    built = build_profiles.partial(validated=validated).expand(bucket=buckets)
+    published = publish_profiles(built)
+    promoted = evaluate_and_promote(train_challenger(published))
+    scored = score_profiles.expand(bucket=buckets)
+    published >> scored
+    promoted >> scored
+    segments_done = publish_segments(scored)
+    segments_done >> write_run_report()
+
+
+profile_refresh()
