@@ -63,7 +63,9 @@ def _context() -> tuple[Any, datetime, str]:
             description="UTC hour to process (ISO, e.g. 2026-11-01T05:00:00+00:00); empty = the data interval start.",
         ),
         "force_retrain": Param(False, type="boolean", description="Train a challenger this hour even if not due."),
-        "force_promote": Param(False, type="boolean", description="Promote this hour's challenger whatever the gate says."),
+        "force_promote": Param(
+            False, type="boolean", description="Promote this hour's challenger whatever the gate says."
+        ),
         "quarantine_threshold": Param(
             None,
             type=["null", "number"],
@@ -77,7 +79,7 @@ def _context() -> tuple[Any, datetime, str]:
 def profile_refresh() -> None:
     """The hourly profile refresh (see the module docstring)."""
 
-    @task(depends_on_past=True)
+    @task(depends_on_past=True, multiple_outputs=False)
     def extract_events() -> dict[str, Any]:
         """Record in the ingestion ledger which landing files this hour takes."""
         from profile_engine import ingest
@@ -85,7 +87,7 @@ def profile_refresh() -> None:
         settings, hour, run_id = _context()
         return ingest.extract_events(settings, hour, run_id=run_id)
 
-    @task(depends_on_past=True)
+    @task(depends_on_past=True, multiple_outputs=False)
     def validate_events(extracted: dict[str, Any]) -> dict[str, Any]:
         """Stage valid events per bucket, quarantine the rest, run the Great Expectations suite."""
         from profile_engine import ingest
@@ -96,7 +98,7 @@ def profile_refresh() -> None:
         except ingest.QuarantineThresholdExceeded as error:
             raise AirflowFailException(str(error)) from error
 
-    @task(depends_on_past=True)
+    @task(depends_on_past=True, multiple_outputs=False)
     def build_profiles(bucket: int, validated: dict[str, Any]) -> dict[str, Any]:
         """Merge this hour's staged events of one bucket into the previous hour's state."""
         from profile_engine import features
@@ -105,7 +107,7 @@ def profile_refresh() -> None:
         first = datetime.fromisoformat(START).astimezone(UTC)
         return features.build_profiles(settings, hour, bucket, run_id=run_id, first_hour=first)
 
-    @task(depends_on_past=True)
+    @task(depends_on_past=True, multiple_outputs=False)
     def publish_profiles(built: list[dict[str, Any]]) -> dict[str, Any]:
         """Add population features (RFM), write the change log and commit the snapshot."""
         from profile_engine import features
@@ -113,7 +115,7 @@ def profile_refresh() -> None:
         settings, hour, run_id = _context()
         return features.publish_profiles(settings, hour, run_id=run_id)
 
-    @task
+    @task(multiple_outputs=False)
     def train_challenger(published: dict[str, Any]) -> dict[str, Any]:
         """Train a challenger when retraining is due for this hour (or forced); skipped otherwise."""
         from profile_engine import model
@@ -126,7 +128,7 @@ def profile_refresh() -> None:
             raise AirflowSkipException(result.get("reason", "retraining not due"))
         return result
 
-    @task(retries=0)  # a gate decision is deterministic: retrying cannot change it
+    @task(retries=0, multiple_outputs=False)  # a gate decision is deterministic: retrying cannot change it
     def evaluate_and_promote(trained: dict[str, Any]) -> dict[str, Any]:
         """Evaluate the challenger against the champion and promote it when it clears the gate."""
         from profile_engine import evaluate
@@ -135,7 +137,7 @@ def profile_refresh() -> None:
         force = bool(get_current_context()["params"]["force_promote"])
         return evaluate.evaluate_and_promote(settings, hour, run_id=run_id, force_promote=force)
 
-    @task(trigger_rule="none_failed_min_one_success")
+    @task(trigger_rule="none_failed_min_one_success", multiple_outputs=False)
     def score_profiles(bucket: int) -> dict[str, Any]:
         """Score one bucket's profiles with the champion as of this hour."""
         from profile_engine import model
@@ -143,7 +145,7 @@ def profile_refresh() -> None:
         settings, hour, run_id = _context()
         return model.score_profiles(settings, hour, bucket, run_id=run_id)
 
-    @task
+    @task(multiple_outputs=False)
     def publish_segments(scored: list[dict[str, Any]]) -> dict[str, Any]:
         """Evaluate the segment rules, assign one action per user and write the exports."""
         from profile_engine import segments
@@ -152,7 +154,7 @@ def profile_refresh() -> None:
         dry_run = bool(get_current_context()["params"]["dry_run"])
         return segments.publish_segments(settings, hour, run_id=run_id, dry_run=dry_run)
 
-    @task(trigger_rule="all_done")
+    @task(trigger_rule="all_done", multiple_outputs=False)
     def write_run_report(**upstream: Any) -> dict[str, Any]:
         """Write the run report, whatever happened upstream."""
         from profile_engine import report

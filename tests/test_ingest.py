@@ -21,7 +21,9 @@ from profile_engine.schema import EVENT_SCHEMA, STAGED_SCHEMA
 from tests.conftest import HOUR0
 
 
-def event(event_id: str, user: str = "u1", kind: str = "view", ts: datetime = HOUR0, **extra: object) -> dict[str, object]:
+def event(
+    event_id: str, user: str = "u1", kind: str = "view", ts: datetime = HOUR0, **extra: object
+) -> dict[str, object]:
     row: dict[str, object] = {
         "event_id": event_id,
         "user_id": user,
@@ -60,9 +62,7 @@ def test_extract_takes_each_file_once_and_rerun_reads_the_ledger(settings: Setti
     assert (first["files"], first["rows"]) == (1, 1)
     assert (second["files"], second["late_files"]) == (2, 1)
     assert rerun["rerun"] and rerun["files"] == 1
-    assert [e.path for e in ingest.read_ledger(lake, HOUR0) or []] == [
-        "landing/events/dt=2026-11-02/hour=10/a.parquet"
-    ]
+    assert [e.path for e in ingest.read_ledger(lake, HOUR0) or []] == ["landing/events/dt=2026-11-02/hour=10/a.parquet"]
 
 
 def test_extract_ignores_files_arriving_after_the_hour(settings: Settings) -> None:
@@ -155,7 +155,9 @@ def test_text_sources_with_gzip_are_read(settings: Settings) -> None:
     header = "event_id,user_id,event_type,item_id,category_id,price,quantity,order_id,ts,session_id\n"
     with gzip.open(directory / "a.csv.gz", "wt") as handle:
         handle.write(header + "e1,1234567890123456789,view,i1,c1,1.5,,,2026-11-02 10:05:00+00,s1\n")
-    (directory / "b.jsonl").write_text('{"event_id":"e2","user_id":"u2","event_type":"cart","item_id":"i2","ts":"2026-11-02T10:06:00Z"}\n')
+    (directory / "b.jsonl").write_text(
+        '{"event_id":"e2","user_id":"u2","event_type":"cart","item_id":"i2","ts":"2026-11-02T10:06:00Z"}\n'
+    )
     ingest.extract_events(settings, HOUR0)
 
     summary = ingest.validate_events(settings, HOUR0, quality_suite=False)

@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run-hours", help="process hours FIRST..LAST in-process (no Airflow)")
     p.add_argument("first", type=_hour)
     p.add_argument("last", type=_hour)
-    p.add_argument("--start", type=_hour, default=None, help="the lake's first hour (default PROFILE_ENGINE_START or FIRST)")
+    p.add_argument(
+        "--start", type=_hour, default=None, help="the lake's first hour (default PROFILE_ENGINE_START or FIRST)"
+    )
     p.add_argument("--force-retrain", action="store_true")
     p.add_argument("--force-promote", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="compute everything, export nothing")

@@ -66,9 +66,7 @@ def _load_dag() -> Any:
     return bag.dags["profile_refresh"]
 
 
-def run_demo(
-    *, users: int, history_days: int, hours: int, seed: int, last: datetime | None = None
-) -> dict[str, Any]:
+def run_demo(*, users: int, history_days: int, hours: int, seed: int, last: datetime | None = None) -> dict[str, Any]:
     """Run the whole demo and print its summary; returns the summary.
 
     The window ends at ``last`` (default: the last complete hour, so that ``make ui``
@@ -85,15 +83,25 @@ def run_demo(
     lake = _prepare_lake(settings)
     write_json(
         lake.path(DEMO_MARKER),
-        {"users": users, "seed": seed, "start": format_hour(warm_first), "window": [format_hour(first_window), format_hour(last)]},
+        {
+            "users": users,
+            "seed": seed,
+            "start": format_hour(warm_first),
+            "window": [format_hour(first_window), format_hour(last)],
+        },
     )
 
     from profile_engine import runner
     from profile_engine.simulate import simulate
 
-    print(f"[demo] simulating {users} users, {format_hour(warm_first)} .. {format_hour(last)} -> {lake.root}", flush=True)
+    print(
+        f"[demo] simulating {users} users, {format_hour(warm_first)} .. {format_hour(last)} -> {lake.root}", flush=True
+    )
     simulated = simulate(lake, warm_first, last, users=users, seed=seed, business_tz=settings.business_tz)
-    print(f"[demo] {simulated.events} events in {simulated.files} landing files ({time.monotonic() - started:.0f}s)", flush=True)
+    print(
+        f"[demo] {simulated.events} events in {simulated.files} landing files ({time.monotonic() - started:.0f}s)",
+        flush=True,
+    )
     warm = runner.warm_up(settings, warm_first, first_window - HOUR)
     print(
         f"[demo] warm-up: {warm['hours']} hours, {warm['staged']} staged, {warm['quarantined']} quarantined, "

@@ -165,7 +165,9 @@ def extract_events(settings: Settings, hour: datetime, *, run_id: str = "manual"
                 changed.append(relative)
             continue
         entries.append(
-            LedgerEntry(relative, size, sha256_file(path), _file_rows(path), format_hour(_arrival_hour(path) or arrival))
+            LedgerEntry(
+                relative, size, sha256_file(path), _file_rows(path), format_hour(_arrival_hour(path) or arrival)
+            )
         )
     write_json(
         ledger_path(lake, hour),
@@ -199,9 +201,7 @@ def _read_sql(path: Path, index: int) -> str:
     else:
         source = f"read_json_objects('{quoted}', format='newline_delimited')"
         cols = ", ".join(f"json_extract_string(json, '$.{c}') AS {c}" for c in EVENT_COLUMNS)
-        return (
-            f"SELECT {cols}, {index} AS source_index, row_number() OVER () AS source_row FROM {source}"  # noqa: S608
-        )
+        return f"SELECT {cols}, {index} AS source_index, row_number() OVER () AS source_row FROM {source}"  # noqa: S608
     return f"SELECT *, {index} AS source_index, {row} AS source_row FROM {source}"  # noqa: S608
 
 
@@ -217,7 +217,9 @@ def _load_raw(con: Any, files: list[Path]) -> None:
             else f"CAST(NULL AS VARCHAR) AS {c}"
             for c in EVENT_COLUMNS
         )
-        selects.append(f"SELECT {cols}, source_index, CAST(source_row AS BIGINT) AS source_row FROM ({_read_sql(path, index)})")
+        selects.append(
+            f"SELECT {cols}, source_index, CAST(source_row AS BIGINT) AS source_row FROM ({_read_sql(path, index)})"
+        )
     if not selects:
         cols = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in EVENT_COLUMNS)
         selects.append(f"SELECT {cols}, 0 AS source_index, CAST(0 AS BIGINT) AS source_row WHERE false")
@@ -301,7 +303,9 @@ def validate_events(
     ).to_arrow_table()
     quarantined = quarantined.cast(QUARANTINE_SCHEMA)
     reason_counts = dict(
-        con.execute("SELECT r, count(*) FROM (SELECT unnest(reasons) AS r FROM checked) GROUP BY r ORDER BY r").fetchall()
+        con.execute(
+            "SELECT r, count(*) FROM (SELECT unnest(reasons) AS r FROM checked) GROUP BY r ORDER BY r"
+        ).fetchall()
     )
     read_rows = con.execute("SELECT count(*) FROM raw").fetchall()[0][0]
     benign = ", ".join(f"'{r}'" for r in sorted(BENIGN_REASONS))
@@ -341,7 +345,9 @@ def validate_events(
         "reasons": reason_counts,
         "staged_per_bucket": per_bucket,
         "defective": defective,
-        "held_back": int(pc.sum(pc.greater_equal(staged.column("ts"), pa.scalar(end, pa.timestamp("ms", "UTC")))).as_py() or 0),
+        "held_back": int(
+            pc.sum(pc.greater_equal(staged.column("ts"), pa.scalar(end, pa.timestamp("ms", "UTC")))).as_py() or 0
+        ),
         "quality": quality_summary,
     }
     if summary["read"] != summary["staged"] + summary["quarantined"] + summary["erased"]:

@@ -77,7 +77,8 @@ class Lake:
 
     def manifest(self, layer: str, hour: datetime, bucket: int | None = None) -> dict[str, Any]:
         """The manifest of a committed partition (``FileNotFoundError`` otherwise)."""
-        return read_json(self.partition(layer, hour, bucket) / MANIFEST)
+        manifest: dict[str, Any] = read_json(self.partition(layer, hour, bucket) / MANIFEST)
+        return manifest
 
     def data_files(self, layer: str, hour: datetime, bucket: int | None = None) -> list[Path]:
         """Parquet files of a committed partition.
@@ -95,9 +96,7 @@ class Lake:
             raise FileNotFoundError(f"partition not committed: {base}")
         return sorted(base.glob("*.parquet"))
 
-    def read(
-        self, layer: str, hour: datetime, bucket: int | None = None, columns: list[str] | None = None
-    ) -> pa.Table:
+    def read(self, layer: str, hour: datetime, bucket: int | None = None, columns: list[str] | None = None) -> pa.Table:
         """Read a committed partition (all its buckets when ``bucket`` is None)."""
         files = self.data_files(layer, hour, bucket)
         tables = [pq.read_table(f, columns=columns) for f in files]
@@ -139,7 +138,9 @@ class Lake:
             "hour": hh,
             "bucket": bucket,
             "data_hour": format_hour(hour),
-            "rows": first.num_rows if len(tables) == 1 else {n.removesuffix(".parquet"): f["rows"] for n, f in zip(tables, files, strict=True)},
+            "rows": first.num_rows
+            if len(tables) == 1
+            else {n.removesuffix(".parquet"): f["rows"] for n, f in zip(tables, files, strict=True)},
             "columns": first.schema.names,
             "schema_version": SCHEMA_VERSION,
             "run_id": run_id,

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from profile_engine import features, ingest, model, report, segments
 from profile_engine import evaluate as evaluation
+from profile_engine import features, ingest, model, report, segments
 from profile_engine import lake as lk
 from profile_engine.config import Settings
 from profile_engine.hours import format_hour, hour_range
