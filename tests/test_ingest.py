@@ -170,9 +170,22 @@ def test_text_sources_with_gzip_are_read(settings: Settings) -> None:
 
 def test_quarantine_threshold_fails_after_writing(settings: Settings) -> None:
     lake = Lake(settings.lake)
-    land(lake, HOUR0, "a.parquet", [event("e1", user=""), event("e2")])
+    rows = [event(f"bad{i}", user="") for i in range(30)] + [event(f"ok{i}") for i in range(70)]
+    land(lake, HOUR0, "a.parquet", rows)
     ingest.extract_events(settings, HOUR0)
 
-    with pytest.raises(ingest.QuarantineThresholdExceeded, match="1 of 2 rows"):
+    with pytest.raises(ingest.QuarantineThresholdExceeded, match="30 of 100 rows"):
         ingest.validate_events(settings, HOUR0, quality_suite=False)
     assert lake.committed(lk.QUARANTINE, HOUR0)
+
+
+def test_quiet_hours_and_routine_reasons_do_not_trip_the_threshold(settings: Settings) -> None:
+    lake = Lake(settings.lake)
+    late = HOUR0 - timedelta(hours=settings.lateness_hours + 2)
+    rows = [event("bad", user="")] + [event(f"late{i}", ts=late) for i in range(60)] + [event("ok")]
+    land(lake, HOUR0, "a.parquet", rows)
+    ingest.extract_events(settings, HOUR0)
+
+    summary = ingest.validate_events(settings, HOUR0, quality_suite=False)
+
+    assert (summary["read"], summary["quarantined"], summary["defective"]) == (62, 61, 1)

@@ -45,9 +45,12 @@ BAD_TS = "bad_ts"
 FUTURE_TS = "future_ts"
 TOO_LATE = "too_late"
 DUPLICATE_EVENT_ID = "duplicate_event_id"
-# Producer retries are routine: duplicates are quarantined but do not count towards
-# the quarantine threshold, which exists to catch broken sources.
-BENIGN_REASONS = frozenset({DUPLICATE_EVENT_ID})
+# Producer retries and late deliveries are routine: such rows are quarantined but do
+# not count towards the quarantine threshold, which exists to catch broken sources.
+BENIGN_REASONS = frozenset({DUPLICATE_EVENT_ID, TOO_LATE})
+# Below this many rows an hour's defect share is noise (one bad row in a quiet night
+# hour), so the threshold is only enforced from here on.
+THRESHOLD_MIN_ROWS = 50
 
 
 class LedgerError(RuntimeError):
@@ -352,7 +355,7 @@ def validate_events(
     }
     if summary["read"] != summary["staged"] + summary["quarantined"] + summary["erased"]:
         raise AssertionError(f"hour {format_hour(hour)}: counts do not add up: {summary}")
-    if read_rows and defective / read_rows > settings.quarantine_threshold:
+    if read_rows >= THRESHOLD_MIN_ROWS and defective / read_rows > settings.quarantine_threshold:
         raise QuarantineThresholdExceeded(
             f"hour {format_hour(hour)}: {defective} of {read_rows} rows quarantined as defective "
             f"({defective / read_rows:.1%} > threshold {settings.quarantine_threshold:.1%}); "

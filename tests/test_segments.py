@@ -1,0 +1,622 @@
+"""Tests for profile_engine.segments: rule validation, assignment, hysteresis, cooldowns, control, exports."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import random
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from profile_engine import lake as lk
+from profile_engine.config import Settings
+from profile_engine.features import PROFILE_SCHEMA
+from profile_engine.hours import HOUR, format_hour
+from profile_engine.segments import (
+    CONTROL,
+    DEFAULT_RULES_PATH,
+    NO_ACTION,
+    SCORE_SCHEMA,
+    SEGMENT_SCHEMA,
+    SegmentConfigError,
+    SegmentRule,
+    assign_segments,
+    load_rules,
+    publish_segments,
+)
+
+H0 = datetime(2026, 11, 1, 5, tzinfo=UTC)
+
+
+# ---- fixtures: a contract-shaped profile snapshot ------------------------------------------
+
+
+def plain_user(hour: datetime) -> dict[str, Any]:
+    """An active visitor who qualifies for no default rule."""
+    row: dict[str, Any] = {}
+    for field in PROFILE_SCHEMA:
+        if pa.types.is_integer(field.type):
+            row[field.name] = 0
+        elif pa.types.is_floating(field.type):
+            row[field.name] = 0.0
+        else:
+            row[field.name] = None
+    row.update(
+        snapshot_hour=hour,
+        first_seen_at=hour - timedelta(days=30),
+        last_seen_at=hour,
+        hours_since_last_event=1.0,
+        hours_since_last_cart=None,
+        hours_since_last_purchase=None,
+        recency_hours=None,
+        rfm_segment="no_orders",
+        lifecycle_stage="active",
+        session_count=3,
+    )
+    return row
+
+
+def profiles_table(hour: datetime, users: dict[str, dict[str, Any]]) -> pa.Table:
+    """A snapshot with one row per user: ``plain_user`` overridden by the given values."""
+    rows = [{**plain_user(hour), **values, "user_id": user} for user, values in users.items()]
+    return pa.Table.from_pylist(rows, schema=PROFILE_SCHEMA)
+
+
+def scores_table(propensity: dict[str, float]) -> pa.Table:
+    """A scores table for the given users."""
+    users = sorted(propensity)
+    return pa.table(
+        {
+            "user_id": users,
+            "purchase_propensity": pa.array([propensity[u] for u in users], pa.float64()),
+            "propensity_decile": pa.array([min(10, int(propensity[u] * 10) + 1) for u in users], pa.int8()),
+            "model_version": ["v1"] * len(users),
+        }
+    )
+
+
+def commit_hour(
+    root: Path, hour: datetime, users: dict[str, dict[str, Any]], propensity: dict[str, float] | None
+) -> None:
+    """Commit a profile snapshot (bucket + hour marker) and, if given, scores for ``hour``."""
+    lake = lk.Lake(root)
+    table = profiles_table(hour, users)
+    lake.write_partition(lk.PROFILES, hour, table, bucket=0)
+    lk.write_json(
+        lake.partition(lk.PROFILES, hour) / lk.MANIFEST, {"data_hour": format_hour(hour), "rows": table.num_rows}
+    )
+    if propensity is not None:
+        lake.write_partition(lk.SCORES, hour, scores_table(propensity), bucket=0)
+
+
+def rules_file(tmp_path: Path, rules: list[dict[str, Any]], name: str = "rules.yaml") -> Path:
+    """Write a rules YAML file."""
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"version": 1, "segments": rules}, sort_keys=False))
+    return path
+
+
+def default_rules_without_control(tmp_path: Path) -> Path:
+    """The shipped default rules with control groups switched off (so outcomes are exact)."""
+    document = yaml.safe_load(DEFAULT_RULES_PATH.read_text())
+    for rule in document["segments"]:
+        rule.pop("control_share", None)
+    path = tmp_path / "defaults.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def by_user(table: pa.Table) -> dict[str, dict[str, Any]]:
+    """Segments rows keyed by user id."""
+    return {row["user_id"]: row for row in table.to_pylist()}
+
+
+EVAL_SCHEMA = pa.schema([*PROFILE_SCHEMA, *SCORE_SCHEMA])
+
+COUPON = {"channel": "email", "offer": "coupon 10%"}
+REMINDER = {"channel": "push", "offer": "cart reminder"}
+SUPPRESS = {"channel": "all", "offer": "suppress"}
+
+DEFAULT_USERS: dict[str, dict[str, Any]] = {
+    "u1_intent": {},
+    "u2_cart": {"open_cart_items": 2, "hours_since_last_cart": 3.0},
+    "u3_top_spender": {"frequency_orders": 4, "monetary_total": 900.0, "rfm_segment": "loyal"},
+    "u4_winback": {
+        "frequency_orders": 2,
+        "monetary_total": 100.0,
+        "hours_since_last_event": 400.0,
+        "rfm_segment": "at_risk",
+    },
+    "u5_welcome": {"first_seen_at": H0 - timedelta(hours=2)},
+    "u6_dormant": {"lifecycle_stage": "dormant", "hours_since_last_event": 900.0},
+    "u7_plain": {},
+    "u8_champion": {"frequency_orders": 3, "monetary_total": 50.0, "rfm_segment": "champions"},
+    "u9_cart_and_intent": {"open_cart_items": 1, "hours_since_last_cart": 2.0},
+}
+DEFAULT_PROPENSITY = {u: 0.3 for u in DEFAULT_USERS} | {"u1_intent": 0.7, "u6_dormant": 0.01, "u9_cart_and_intent": 0.8}
+
+
+# ---- rules: loading and validation -----------------------------------------------------------
+
+
+def test_default_rules_load_sorted_by_priority_against_the_contract() -> None:
+    rules = load_rules(DEFAULT_RULES_PATH, columns=EVAL_SCHEMA)
+
+    assert [r.name for r in rules] == [
+        "suppress_dormant",
+        "vip_service",
+        "cart_abandon",
+        "high_intent",
+        "win_back",
+        "welcome",
+    ]
+    assert all(isinstance(r, SegmentRule) for r in rules)
+    high_intent = next(r for r in rules if r.name == "high_intent")
+    assert high_intent.stay == "purchase_propensity >= 0.5"
+    assert high_intent.action == "coupon_10pct"
+    assert high_intent.enter_columns == ("purchase_propensity",)
+
+
+def test_default_rules_validate_against_the_production_column_list() -> None:
+    rules = load_rules()
+
+    assert {r.name for r in rules} >= {"suppress_dormant", "high_intent", "welcome"}
+
+
+def test_rules_validate_against_bare_column_names(tmp_path: Path) -> None:
+    path = rules_file(tmp_path, [{"name": "a", "enter": "score_x > 1 AND seg = 'x'", "action": COUPON, "priority": 1}])
+
+    rules = load_rules(path, columns=["score_x", "seg"])
+
+    assert rules[0].enter_columns == ("score_x", "seg")
+
+
+GOOD = {"name": "good", "enter": "purchase_propensity > 0.5", "action": COUPON, "priority": 1}
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        ({"name": "bad", "enter": "no_such_column > 1", "action": COUPON, "priority": 2}, "no_such_column"),
+        ({"name": "bad", "enter": "purchase_propensity >", "action": COUPON, "priority": 2}, "not valid SQL"),
+        ({"name": "bad", "enter": "purchase_propensity + 1", "action": COUPON, "priority": 2}, "boolean"),
+        ({"name": "bad", "enter": "true; DROP TABLE profiles", "action": COUPON, "priority": 2}, "';'"),
+        ({"name": "bad", "enter": "true) AS v, (1", "action": COUPON, "priority": 2}, "not valid SQL"),
+        ({"name": "bad", "enter": "true FROM profiles", "action": COUPON, "priority": 2}, "single expression"),
+        ({"name": "bad", "enter": "now() > snapshot_end", "action": COUPON, "priority": 2}, "now"),
+        (
+            {
+                "name": "bad",
+                "enter": "(SELECT count(*) FROM read_csv('/etc/passwd')) > 0",
+                "action": COUPON,
+                "priority": 2,
+            },
+            "does not bind",
+        ),
+        (
+            {
+                "name": "bad",
+                "enter": "EXISTS (SELECT 1 FROM read_parquet('/tmp/*.parquet'))",
+                "action": COUPON,
+                "priority": 2,
+            },
+            "does not bind",
+        ),
+        ({"name": "good", "enter": "true", "action": COUPON, "priority": 2}, "duplicate name"),
+        ({"name": "bad", "enter": "true", "action": COUPON, "priority": 1}, "duplicate priority"),
+        ({"name": "bad", "enter": "true", "action": COUPON}, "missing field(s) priority"),
+        ({"name": "bad", "action": COUPON, "priority": 2}, "missing field(s) enter"),
+        ({"name": "bad", "enter": "true", "action": {"channel": "email"}, "priority": 2}, "action.offer"),
+        (
+            {"name": "bad", "enter": "true", "action": {"channel": "email", "offer": "free pony"}, "priority": 2},
+            "unknown offer",
+        ),
+        (
+            {"name": "bad", "enter": "true", "action": {"channel": "fax", "offer": "welcome"}, "priority": 2},
+            "unknown channel",
+        ),
+        ({"name": "bad", "enter": "true", "action": COUPON, "priority": 2, "control_share": 0.7}, "control_share"),
+        ({"name": "bad", "enter": "true", "action": COUPON, "priority": 2, "cooldown": 5}, "unknown field(s) cooldown"),
+        ({"name": "bad", "enter": "true", "stay": "oops(", "action": COUPON, "priority": 2}, "stay is not valid SQL"),
+    ],
+)
+def test_invalid_rule_names_file_rule_and_problem(tmp_path: Path, bad: dict[str, Any], problem: str) -> None:
+    path = rules_file(tmp_path, [GOOD, bad])
+
+    with pytest.raises(SegmentConfigError) as caught:
+        load_rules(path, columns=EVAL_SCHEMA)
+
+    message = str(caught.value)
+    assert str(path) in message
+    assert f"'{bad['name']}' (#2)" in message
+    assert problem in message
+
+
+def test_file_reading_functions_are_refused_by_the_engine(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\n1\n")
+    path = rules_file(
+        tmp_path,
+        [
+            {
+                "name": "sneaky",
+                "enter": f"(SELECT count(*) FROM read_csv('{secret}')) > 0",
+                "action": COUPON,
+                "priority": 1,
+            }
+        ],
+    )
+
+    with pytest.raises(SegmentConfigError, match="disabled by configuration"):
+        load_rules(path, columns=EVAL_SCHEMA)
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(SegmentConfigError, match="missing.yaml"):
+        load_rules(tmp_path / "missing.yaml", columns=EVAL_SCHEMA)
+
+
+# ---- publish: each rule, priority, suppression ---------------------------------------------
+
+
+def test_each_default_rule_fires_for_the_user_built_for_it(tmp_path: Path) -> None:
+    commit_hour(tmp_path, H0, DEFAULT_USERS, DEFAULT_PROPENSITY)
+
+    summary = publish_segments(Settings(lake=tmp_path), H0, rules_path=default_rules_without_control(tmp_path))
+
+    rows = by_user(lk.Lake(tmp_path).read(lk.SEGMENTS, H0))
+    expected = {
+        "u1_intent": ("high_intent", "coupon_10pct"),
+        "u2_cart": ("cart_abandon", "cart_reminder"),
+        "u3_top_spender": ("vip_service", "vip_service"),
+        "u4_winback": ("win_back", "win_back_15pct"),
+        "u5_welcome": ("welcome", "welcome"),
+        "u6_dormant": ("suppress_dormant", "suppress"),
+        "u8_champion": ("vip_service", "vip_service"),
+        "u9_cart_and_intent": ("cart_abandon", "cart_reminder"),
+    }
+    assert {u: (r["rule"], r["action"]) for u, r in rows.items()} == expected
+    assert "u7_plain" not in rows
+    assert rows["u9_cart_and_intent"]["segments"] == ["cart_abandon", "high_intent"]
+    assert rows["u1_intent"]["reason"] == "high_intent: purchase_propensity=0.7"
+    assert "monetary_percentile=1.0" in rows["u3_top_spender"]["reason"]
+    assert rows["u2_cart"]["reason"] == "cart_abandon: open_cart_items=2, hours_since_last_cart=3.0"
+    assert summary["segments"] == {
+        "suppress_dormant": 1,
+        "vip_service": 2,
+        "cart_abandon": 2,
+        "high_intent": 2,
+        "win_back": 1,
+        "welcome": 1,
+    }
+    assert summary["actions"] == {
+        "cart_reminder": 2,
+        "coupon_10pct": 1,
+        "suppress": 1,
+        "vip_service": 2,
+        "welcome": 1,
+        "win_back_15pct": 1,
+    }
+    assert summary["segment_change"] == dict.fromkeys(summary["segments"])
+    assert summary["scores_available"] is True
+    assert json.loads(json.dumps(summary)) == summary  # small and JSON-able, for XCom
+
+
+def test_suppression_beats_paid_actions_whatever_its_priority(tmp_path: Path) -> None:
+    path = rules_file(
+        tmp_path,
+        [
+            {"name": "coupon", "enter": "purchase_propensity >= 0.6", "action": COUPON, "priority": 1},
+            {"name": "quiet", "enter": "lifecycle_stage = 'dormant'", "action": SUPPRESS, "priority": 99},
+        ],
+    )
+    commit_hour(tmp_path, H0, {"a": {"lifecycle_stage": "dormant"}, "b": {}}, {"a": 0.9, "b": 0.9})
+
+    summary = publish_segments(Settings(lake=tmp_path), H0, rules_path=path)
+
+    rows = by_user(lk.Lake(tmp_path).read(lk.SEGMENTS, H0))
+    assert (rows["a"]["action"], rows["a"]["rule"], rows["a"]["segments"]) == ("suppress", "quiet", ["coupon", "quiet"])
+    assert rows["b"]["action"] == "coupon_10pct"
+    assert summary["contacts"] == 1  # suppression is not a contact
+
+
+def test_missing_scores_leave_propensity_null_and_say_so(tmp_path: Path) -> None:
+    commit_hour(tmp_path, H0, DEFAULT_USERS, propensity=None)
+
+    summary = publish_segments(Settings(lake=tmp_path), H0, rules_path=default_rules_without_control(tmp_path))
+
+    assert summary["scores_available"] is False
+    assert any("no scores committed" in note for note in summary["notes"])
+    assert summary["segments"]["high_intent"] == 0
+    assert summary["segments"]["suppress_dormant"] == 0
+
+
+def test_uncommitted_snapshot_fails_naming_the_hour(tmp_path: Path) -> None:
+    lake = lk.Lake(tmp_path)
+    lake.write_partition(lk.PROFILES, H0, profiles_table(H0, {"a": {}}), bucket=0)  # no hour-level marker
+
+    with pytest.raises(FileNotFoundError, match=re.escape(format_hour(H0))):
+        publish_segments(Settings(lake=tmp_path), H0)
+
+
+def test_bad_rules_fail_before_anything_is_written(tmp_path: Path) -> None:
+    commit_hour(tmp_path, H0, DEFAULT_USERS, DEFAULT_PROPENSITY)
+    path = rules_file(tmp_path, [{"name": "oops", "enter": "propensity > 0.5", "action": COUPON, "priority": 1}])
+
+    with pytest.raises(SegmentConfigError, match="oops"):
+        publish_segments(Settings(lake=tmp_path), H0, rules_path=path)
+
+    assert not (tmp_path / lk.SEGMENTS).exists()
+    assert not (tmp_path / lk.EXPORTS).exists()
+    assert not (tmp_path / lk.CONTACTS).exists()
+
+
+# ---- hysteresis and cooldown across hours ------------------------------------------------------
+
+
+def test_hysteresis_keeps_members_while_stay_holds(tmp_path: Path) -> None:
+    path = rules_file(
+        tmp_path,
+        [
+            {
+                "name": "intent",
+                "enter": "purchase_propensity >= 0.6",
+                "stay": "purchase_propensity >= 0.5",
+                "action": COUPON,
+                "priority": 1,
+            }
+        ],
+    )
+    hours = [H0, H0 + HOUR, H0 + 2 * HOUR]
+    member_scores = [0.65, 0.55, 0.45]
+    newcomer_scores = [0.3, 0.55, 0.55]
+    users = {"member": {}, "newcomer": {}}
+
+    results = []
+    for hour, m, n in zip(hours, member_scores, newcomer_scores, strict=True):
+        commit_hour(tmp_path, hour, users, {"member": m, "newcomer": n})
+        results.append(publish_segments(Settings(lake=tmp_path), hour, rules_path=path))
+
+    segments = [by_user(lk.Lake(tmp_path).read(lk.SEGMENTS, h)) for h in hours]
+    assert set(segments[0]) == {"member"}
+    assert set(segments[1]) == {"member"}  # stays at 0.55; the newcomer needs 0.6 to enter
+    assert segments[1]["member"]["reason"] == "intent (stay): purchase_propensity=0.55"
+    assert set(segments[2]) == set()
+    assert [r["segment_change"]["intent"] for r in results] == [None, 0, -1]
+
+
+def test_cooldown_blocks_repeat_and_falls_back_to_next_rule(tmp_path: Path) -> None:
+    path = rules_file(
+        tmp_path,
+        [
+            {
+                "name": "coupon",
+                "enter": "purchase_propensity >= 0.6",
+                "action": COUPON,
+                "priority": 1,
+                "cooldown_hours": 3,
+            },
+            {"name": "nudge", "enter": "open_cart_items > 0", "action": REMINDER, "priority": 2},
+        ],
+    )
+    users = {"both": {"open_cart_items": 1}, "coupon_only": {}}
+    hours = [H0 + i * HOUR for i in range(4)]
+
+    actions = []
+    for hour in hours:
+        commit_hour(tmp_path, hour, users, {"both": 0.9, "coupon_only": 0.9})
+        publish_segments(Settings(lake=tmp_path), hour, rules_path=path)
+        rows = by_user(lk.Lake(tmp_path).read(lk.SEGMENTS, hour))
+        actions.append((rows["both"]["action"], rows["coupon_only"]["action"]))
+
+    assert actions == [
+        ("coupon_10pct", "coupon_10pct"),
+        ("cart_reminder", NO_ACTION),
+        ("cart_reminder", NO_ACTION),
+        ("coupon_10pct", "coupon_10pct"),
+    ]
+    second = by_user(lk.Lake(tmp_path).read(lk.SEGMENTS, hours[1]))
+    assert second["coupon_only"]["reason"] == "cooldown: coupon"
+    assert second["both"]["reason"].endswith("| cooldown: coupon")
+
+
+def test_cooldown_boundary_is_exclusive() -> None:
+    population = synthetic_population(3)
+    rule = SegmentRule(
+        name="coupon",
+        enter="purchase_propensity >= 0.6",
+        offer="coupon 10%",
+        channel="email",
+        priority=1,
+        cooldown_hours=3,
+    )
+    contacts = pa.table(
+        {
+            "user_id": ["user-00000", "user-00001", "user-00002"],
+            "action": ["coupon_10pct", "coupon_10pct", "cart_reminder"],
+            "hours_ago": pa.array([2, 3, 1], pa.int64()),
+        }
+    )
+
+    assigned, _ = assign_segments(population, [rule], contacts=contacts)
+
+    assert assigned.column("action").to_pylist() == [NO_ACTION, "coupon_10pct", "coupon_10pct"]
+
+
+# ---- control group -----------------------------------------------------------------------
+
+
+def synthetic_population(n: int) -> pa.Table:
+    """``n`` users who all qualify for a propensity rule."""
+    users = [f"user-{i:05d}" for i in range(n)]
+    table = profiles_table(H0, dict.fromkeys(users, {}))
+    return table.append_column("purchase_propensity", pa.array([0.9] * n, pa.float64()))
+
+
+def control_rule(name: str, share: float) -> SegmentRule:
+    return SegmentRule(
+        name=name,
+        enter="purchase_propensity >= 0.6",
+        offer="coupon 10%",
+        channel="email",
+        priority=1,
+        control_share=share,
+        enter_columns=("purchase_propensity",),
+    )
+
+
+def test_control_group_is_deterministic_and_about_the_configured_share() -> None:
+    population = synthetic_population(1000)
+    shuffled = population.take(random.Random(3).sample(range(1000), 1000))
+
+    first, _ = assign_segments(population, [control_rule("intent", 0.2)])
+    again, _ = assign_segments(shuffled, [control_rule("intent", 0.2)])
+    other, _ = assign_segments(population, [control_rule("intent_b", 0.2)])
+
+    held = {r["user_id"] for r in first.to_pylist() if r["control"]}
+    assert held == {r["user_id"] for r in again.to_pylist() if r["control"]}
+    assert 170 <= len(held) <= 230
+    assert all(r["action"] == CONTROL for r in first.to_pylist() if r["control"])
+    assert held != {r["user_id"] for r in other.to_pylist() if r["control"]}  # hashed with the rule name
+
+
+def test_zero_control_share_holds_nobody_out() -> None:
+    assigned, _ = assign_segments(synthetic_population(200), [control_rule("intent", 0.0)])
+
+    assert not any(assigned.column("control").to_pylist())
+
+
+# ---- rerun, dry run, exports ------------------------------------------------------------
+
+
+def test_rerun_gives_same_output_and_does_not_double_count_contacts(tmp_path: Path) -> None:
+    commit_hour(tmp_path, H0, DEFAULT_USERS, DEFAULT_PROPENSITY)
+    settings_ = Settings(lake=tmp_path)
+    lake = lk.Lake(tmp_path)
+
+    first = publish_segments(settings_, H0, run_id="r1")
+    segments_first = lake.read(lk.SEGMENTS, H0)
+    exports_first = {p.name: p.read_bytes() for p in lake.partition(lk.EXPORTS, H0).glob("*.csv")}
+    second = publish_segments(settings_, H0, run_id="r2")
+
+    assert lake.read(lk.SEGMENTS, H0).equals(segments_first)
+    assert {p.name: p.read_bytes() for p in lake.partition(lk.EXPORTS, H0).glob("*.csv")} == exports_first
+    contact_files = list((tmp_path / lk.CONTACTS).rglob("*.parquet"))
+    assert len(contact_files) == 1
+    assert pq.read_table(contact_files[0]).num_rows == first["contacts"] == second["contacts"] > 0
+    assert {k: v for k, v in first.items() if k != "run_id"} == {k: v for k, v in second.items() if k != "run_id"}
+
+
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    commit_hour(tmp_path, H0, DEFAULT_USERS, DEFAULT_PROPENSITY)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    summary = publish_segments(Settings(lake=tmp_path), H0, dry_run=True)
+
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert summary["dry_run"] is True
+    assert summary["members"] == 8
+    assert summary["segments_path"] is None
+
+
+def test_export_manifest_checksums_and_rows_match_files(tmp_path: Path) -> None:
+    commit_hour(tmp_path, H0, DEFAULT_USERS, DEFAULT_PROPENSITY)
+
+    summary = publish_segments(Settings(lake=tmp_path), H0, run_id="r1")
+
+    export_dir = Path(summary["exports_path"])
+    manifest = lk.read_json(export_dir / lk.MANIFEST)
+    assert manifest["run_id"] == "r1"
+    assert manifest["data_hour"] == format_hour(H0)
+    assert {f["name"] for f in manifest["files"]} == {p.name for p in export_dir.glob("*.csv")}
+    segments = lk.Lake(tmp_path).read(lk.SEGMENTS, H0).to_pylist()
+    for entry in manifest["files"]:
+        payload = (export_dir / entry["name"]).read_bytes()
+        assert hashlib.sha256(payload).hexdigest() == entry["sha256"]
+        rows = list(csv.DictReader(io.StringIO(payload.decode())))
+        action = entry["name"].removesuffix(".csv")
+        assert len(rows) == manifest["rows"][action]
+        assert {r["user_id"] for r in rows} == {s["user_id"] for s in segments if s["action"] == action}
+    assert "control.csv" not in {f["name"] for f in manifest["files"]}
+
+
+# ---- property: one coherent action per user ---------------------------------------------------
+
+PROPERTY_RULES = [
+    SegmentRule(name="hush", enter="lifecycle_stage = 'dormant'", offer="suppress", channel="all", priority=5),
+    SegmentRule(
+        name="cart", enter="open_cart_items > 0", offer="cart reminder", channel="push", priority=1, control_share=0.3
+    ),
+    SegmentRule(
+        name="intent",
+        enter="purchase_propensity >= 0.6",
+        stay="purchase_propensity >= 0.4",
+        offer="coupon 10%",
+        channel="email",
+        priority=2,
+    ),
+    SegmentRule(name="loyal", enter="frequency_orders >= 2", offer="win-back 15%", channel="sms", priority=3),
+]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 1), st.integers(0, 3), st.integers(0, 4), st.sampled_from(["active", "dormant"]), st.booleans()
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_every_member_gets_one_coherent_action(users: list[tuple[float, int, int, str, bool]]) -> None:
+    ids = [f"u{i:03d}" for i in range(len(users))]
+    table = profiles_table(
+        H0,
+        {
+            u: {"open_cart_items": c, "frequency_orders": f, "lifecycle_stage": s}
+            for u, (_, c, f, s, _) in zip(ids, users, strict=True)
+        },
+    ).append_column("purchase_propensity", pa.array([p for p, *_ in users], pa.float64()))
+    previous = pa.table(
+        {
+            "user_id": [u for u, (*_, was) in zip(ids, users, strict=True) if was],
+            "segments": pa.array([["intent"] for *_, was in users if was], pa.list_(pa.string())),
+        }
+    )
+
+    assigned, sizes = assign_segments(table, PROPERTY_RULES, previous)
+
+    rows = assigned.to_pylist()
+    assert assigned.schema.equals(SEGMENT_SCHEMA)
+    assert [r["user_id"] for r in rows] == sorted({r["user_id"] for r in rows})
+    priority = {r.name: r.priority for r in PROPERTY_RULES}
+    for row in rows:
+        (p, c, f, s, was) = users[ids.index(row["user_id"])]
+        expected = [
+            name
+            for name, member in (
+                ("cart", c > 0),
+                ("intent", p >= 0.6 or (was and p >= 0.4)),
+                ("loyal", f >= 2),
+                ("hush", s == "dormant"),
+            )
+            if member
+        ]
+        assert row["segments"] == sorted(expected, key=priority.__getitem__)
+        wanted = "hush" if "hush" in expected else min(expected, key=priority.__getitem__)
+        assert row["rule"] == wanted
+        assert row["control"] == (row["action"] == CONTROL)
+        assert not (row["control"] and wanted == "hush")
+    assert sum(sizes.values()) == sum(len(r["segments"]) for r in rows)
