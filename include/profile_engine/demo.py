@@ -97,7 +97,9 @@ def run_demo(*, users: int, history_days: int, hours: int, seed: int, last: date
     print(
         f"[demo] simulating {users} users, {format_hour(warm_first)} .. {format_hour(last)} -> {lake.root}", flush=True
     )
-    simulated = simulate(lake, warm_first, last, users=users, seed=seed, business_tz=settings.business_tz)
+    simulated = simulate(
+        lake, warm_first, last, users=users, seed=seed, business_tz=settings.business_tz, origin=warm_first
+    )
     print(
         f"[demo] {simulated.events} events in {simulated.files} landing files ({time.monotonic() - started:.0f}s)",
         flush=True,
