@@ -1,0 +1,325 @@
+"""Labels and the out-of-time training set of the propensity model (DESIGN.md §5).
+
+The label of a profile snapshot at hour S (end E = S + 1h) says whether the user
+purchased in ``[E, E + horizon)``. It comes from staged events only, and it is
+final once every event of the window can have arrived: ``E + horizon + lateness``
+is at or before the end of the processing hour. Features come from the snapshot
+only, and ``check_no_leakage`` proves it on every example before a set is written.
+
+``build_training_set`` picks the evaluation snapshot (the newest one whose labels
+are final) and older training snapshots whose label windows end before the
+evaluation window starts (an out-of-time split), subsamples users
+deterministically and writes ``training/<version>/{train,eval}.parquet`` with the
+whole profile row of each example, so any model can be re-evaluated later.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from profile_engine.config import Settings
+from profile_engine.features import SNAPSHOT_HOUR, USER_ID
+from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
+from profile_engine.lake import MANIFEST, PROFILES, STAGING, TRAINING, Lake, read_json
+from profile_engine.schema import PURCHASE
+
+LABEL = "label"
+
+TRAIN_FILE = "train.parquet"
+EVAL_FILE = "eval.parquet"
+
+
+class LeakageError(AssertionError):
+    """A training example carries information from after its snapshot."""
+
+
+class InsufficientData(Exception):
+    """There are not enough final, labelled examples to train and evaluate a model."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How a training set is drawn; the defaults keep a demo retraining well under 30 s."""
+
+    max_snapshots: int = 8
+    max_rows: int = 200_000
+    min_train_rows: int = 200
+    min_positives: int = 5
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """A written training set: the tables plus where and from which snapshots they came."""
+
+    version: str
+    directory: str
+    train: pa.Table
+    eval: pa.Table
+    train_snapshots: tuple[datetime, ...]
+    eval_snapshot: datetime
+
+    def summary(self) -> dict[str, Any]:
+        """Small JSON-able description (rows, positives, snapshots) for manifests and XCom."""
+        return {
+            "version": self.version,
+            "directory": self.directory,
+            "train_rows": self.train.num_rows,
+            "train_positives": positives(self.train),
+            "eval_rows": self.eval.num_rows,
+            "eval_positives": positives(self.eval),
+            "train_snapshots": [format_hour(s) for s in self.train_snapshots],
+            "eval_snapshot": format_hour(self.eval_snapshot),
+        }
+
+
+def positives(table: pa.Table) -> int:
+    """Number of positive labels in a labelled table."""
+    return int(pc.sum(table.column(LABEL)).as_py() or 0)
+
+
+def label_window(snapshot: datetime, horizon_hours: int) -> tuple[datetime, datetime]:
+    """``[E, E + horizon)`` for the snapshot of hour ``snapshot`` (E = snapshot end)."""
+    end = floor_hour(snapshot) + HOUR
+    return end, end + timedelta(hours=horizon_hours)
+
+
+def labels_final(settings: Settings, snapshot: datetime, hour: datetime) -> bool:
+    """Whether labels of ``snapshot`` are final when processing ``hour``: window end + lateness <= end of ``hour``."""
+    _, window_end = label_window(snapshot, settings.label_horizon_hours)
+    return window_end + timedelta(hours=settings.lateness_hours) <= floor_hour(hour) + HOUR
+
+
+def newest_final_snapshot_hour(settings: Settings, hour: datetime) -> datetime:
+    """The newest snapshot hour whose labels are final at ``hour`` (it need not be committed)."""
+    return floor_hour(hour) - timedelta(hours=settings.label_horizon_hours + settings.lateness_hours)
+
+
+def staged_hours_for_window(settings: Settings, start: datetime, end: datetime) -> list[datetime]:
+    """Processing hours whose staged events can have ``ts`` in ``[start, end)``.
+
+    An event is staged by the hour it arrived in, at most ``lateness`` after its
+    ``ts`` (later ones are quarantined), so the window's hours plus the lateness.
+    """
+    last = floor_hour(end) + timedelta(hours=settings.lateness_hours) - HOUR
+    return list(hour_range(floor_hour(start), last))
+
+
+def profile_committed(lake: Lake, hour: datetime) -> bool:
+    """Whether the profile snapshot of ``hour`` is committed (its hour-level manifest exists)."""
+    return (lake.partition(PROFILES, hour) / MANIFEST).is_file()
+
+
+def committed_profile_hours(lake: Lake) -> list[datetime]:
+    """Every hour with a committed profile snapshot, oldest first (read from the partition paths)."""
+    hours = []
+    for marker in lake.path(PROFILES).glob(f"dt=*/hour=*/{MANIFEST}"):
+        day = marker.parent.parent.name.removeprefix("dt=")
+        hours.append(parse_hour(f"{day}T{marker.parent.name.removeprefix('hour=')}"))
+    return sorted(hours)
+
+
+def read_snapshot(lake: Lake, hour: datetime) -> pa.Table:
+    """The committed profile snapshot of ``hour`` (every bucket); ``FileNotFoundError`` when not committed."""
+    if not profile_committed(lake, hour):
+        raise FileNotFoundError(f"profile snapshot not committed: {lake.partition(PROFILES, hour)}")
+    return lake.read(PROFILES, hour)
+
+
+def sample_users(table: pa.Table, limit: int, seed: int, salt: str = "") -> pa.Table:
+    """Up to ``limit`` rows chosen by a stable hash of (seed, salt, user_id), in user order.
+
+    The choice depends on the users only, never on row order or the process, so a
+    rerun draws the same sample.
+    """
+    import duckdb
+
+    if table.num_rows <= limit:
+        return table.take(pc.sort_indices(table, [(USER_ID, "ascending")]))
+    con = duckdb.connect()
+    con.register("keys", pa.table({"idx": pa.array(np.arange(table.num_rows)), "uid": table.column(USER_ID)}))
+    prefix = f"{seed}:{salt}:"
+    chosen = con.execute(
+        "SELECT idx FROM keys ORDER BY md5_number(? || uid), uid LIMIT ?", [prefix, int(limit)]
+    ).fetchnumpy()["idx"]
+    con.close()
+    picked = table.take(pa.array(np.asarray(chosen)))
+    return picked.take(pc.sort_indices(picked, [(USER_ID, "ascending")]))
+
+
+def _epoch_ms(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Timestamps as int64 epoch milliseconds (nulls as the minimum int64)."""
+    as_ms = pc.cast(column, pa.timestamp("ms", tz="UTC"), safe=False)
+    return np.asarray(pc.fill_null(pc.cast(as_ms, pa.int64()), np.iinfo(np.int64).min))
+
+
+def label_examples(settings: Settings, examples: pa.Table) -> pa.Table:
+    """Append ``LABEL`` (int8): did the user purchase in the label window of the row's snapshot?
+
+    ``examples`` needs ``USER_ID`` and ``SNAPSHOT_HOUR``. Only staged events are read,
+    every staged hour that can hold ``ts`` in a window, filtered on ``ts``.
+    """
+    import duckdb
+
+    snapshots = sorted({floor_hour(s) for s in examples.column(SNAPSHOT_HOUR).to_pylist()})
+    hours: set[datetime] = set()
+    for snapshot in snapshots:
+        hours.update(staged_hours_for_window(settings, *label_window(snapshot, settings.label_horizon_hours)))
+    files: list[str] = []
+    for hour in sorted(hours):
+        try:
+            files.extend(str(f) for f in Lake(settings.lake).data_files(STAGING, hour))
+        except FileNotFoundError:
+            continue  # nothing was staged in that hour
+    start_ms = _epoch_ms(examples.column(SNAPSHOT_HOUR)) + HOUR // timedelta(milliseconds=1)
+    keys = pa.table(
+        {
+            "idx": pa.array(np.arange(examples.num_rows)),
+            "uid": examples.column(USER_ID),
+            "start_ms": pa.array(start_ms),
+            "end_ms": pa.array(start_ms + timedelta(hours=settings.label_horizon_hours) // timedelta(milliseconds=1)),
+        }
+    )
+    label = np.zeros(examples.num_rows, dtype=np.int8)
+    if files:
+        con = duckdb.connect()
+        con.register("keys", keys)
+        positive = (
+            con.execute(
+                """
+                SELECT DISTINCT k.idx
+                FROM keys k
+                JOIN (SELECT user_id, epoch_ms(ts) AS ts_ms FROM read_parquet(?) WHERE event_type = ?) p
+                  ON p.user_id = k.uid AND p.ts_ms >= k.start_ms AND p.ts_ms < k.end_ms
+                """,
+                [files, PURCHASE],
+            )
+            .fetchnumpy()["idx"]
+            .astype(np.int64)
+        )
+        con.close()
+        label[positive] = 1
+    return examples.append_column(LABEL, pa.array(label, pa.int8()))
+
+
+def check_no_leakage(examples: pa.Table, expected_snapshots: pa.Array | pa.ChunkedArray) -> None:
+    """Raise ``LeakageError`` when an example's features are not from its own snapshot.
+
+    Every row must carry the snapshot it is an example of (no row joined from a
+    newer snapshot), and no timestamp feature may be at or after the snapshot end
+    E = snapshot + 1h: a feature computed from later events shows up as a time
+    past E (a last purchase, a last visit).
+    """
+    snapshot_ms = _epoch_ms(examples.column(SNAPSHOT_HOUR))
+    expected_ms = _epoch_ms(expected_snapshots)
+    wrong = np.flatnonzero(snapshot_ms != expected_ms)
+    if wrong.size:
+        raise LeakageError(f"{wrong.size} feature rows come from another snapshot than their example's")
+    end_ms = snapshot_ms + HOUR // timedelta(milliseconds=1)
+    for field in examples.schema:
+        if field.name == SNAPSHOT_HOUR or not pa.types.is_timestamp(field.type):
+            continue
+        late = int(np.count_nonzero(_epoch_ms(examples.column(field.name)) >= end_ms))
+        if late:
+            raise LeakageError(f"{field.name}: {late} rows carry a time at or after their snapshot end")
+
+
+def choose_snapshots(
+    settings: Settings, hour: datetime, available: Sequence[datetime], max_snapshots: int
+) -> tuple[list[datetime], datetime]:
+    """``(training snapshots oldest first, evaluation snapshot)`` for a training run at ``hour``.
+
+    The evaluation snapshot is the newest available one whose labels are final;
+    training snapshots end their label windows at or before the evaluation window
+    starts, and up to ``max_snapshots`` are spread evenly over them, the newest
+    always included (it is the time-based validation slice).
+    """
+    newest = newest_final_snapshot_hour(settings, hour)
+    final = [s for s in sorted(available) if s <= newest]
+    if not final:
+        raise InsufficientData(f"no committed profile snapshot at or before {format_hour(newest)} has final labels")
+    eval_snapshot = final[-1]
+    eval_start, _ = label_window(eval_snapshot, settings.label_horizon_hours)
+    candidates = [s for s in final if label_window(s, settings.label_horizon_hours)[1] <= eval_start]
+    if len(candidates) < 2:
+        raise InsufficientData(
+            f"{len(candidates)} snapshots have label windows ending before the evaluation window "
+            f"({format_hour(eval_snapshot)}); need 2 (training + validation slice)"
+        )
+    picks = np.unique(np.round(np.linspace(0, len(candidates) - 1, min(max_snapshots, len(candidates)))).astype(int))
+    return [candidates[i] for i in picks], eval_snapshot
+
+
+def _examples(settings: Settings, snapshot: datetime, limit: int) -> pa.Table:
+    """Sampled, leakage-checked, labelled rows of one snapshot."""
+    rows = sample_users(read_snapshot(Lake(settings.lake), snapshot), limit, settings.seed, format_hour(snapshot))
+    check_no_leakage(rows, pa.array([snapshot] * rows.num_rows, pa.timestamp("ms", tz="UTC")))
+    return label_examples(settings, rows)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def build_training_set(
+    settings: Settings,
+    hour: datetime,
+    version: str,
+    *,
+    config: TrainingConfig | None = None,
+    run_id: str = "manual",
+) -> TrainingSet:
+    """Draw, label, check and write the training and evaluation sets for a training run at ``hour``.
+
+    Raises ``InsufficientData`` (saying why) when there are too few snapshots,
+    rows or positives. Writes ``training/<version>/`` atomically, overwriting a
+    previous run of the same version, which gives the same rows.
+    """
+    config = config or TrainingConfig()
+    lake = Lake(settings.lake)
+    train_snapshots, eval_snapshot = choose_snapshots(
+        settings, hour, committed_profile_hours(lake), config.max_snapshots
+    )
+    per_snapshot = max(1, config.max_rows // (len(train_snapshots) + 1))
+    train = pa.concat_tables(
+        [_examples(settings, s, per_snapshot) for s in train_snapshots], promote_options="permissive"
+    )
+    evaluation = _examples(settings, eval_snapshot, per_snapshot)
+    if train.num_rows < config.min_train_rows:
+        raise InsufficientData(f"{train.num_rows} training rows, need {config.min_train_rows}")
+    for name, table in (("training", train), ("evaluation", evaluation)):
+        if positives(table) < config.min_positives:
+            raise InsufficientData(
+                f"{positives(table)} positive labels in the {name} rows, need {config.min_positives}"
+            )
+    directory = lake.path(TRAINING, version)
+    result = TrainingSet(version, str(directory), train, evaluation, tuple(train_snapshots), eval_snapshot)
+    manifest = {
+        **result.summary(),
+        "training_hour": format_hour(hour),
+        "label": LABEL,
+        "label_horizon_hours": settings.label_horizon_hours,
+        "lateness_hours": settings.lateness_hours,
+        "seed": settings.seed,
+        "max_rows": config.max_rows,
+        "run_id": run_id,
+    }
+    lake.write_dir(directory, [(TRAIN_FILE, _parquet_bytes(train)), (EVAL_FILE, _parquet_bytes(evaluation))], manifest)
+    return result
+
+
+def read_training_set(settings: Settings, version: str) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """``(train, eval, manifest)`` of a written training set."""
+    directory = Lake(settings.lake).path(TRAINING, version)
+    manifest = read_json(directory / MANIFEST)
+    return pq.read_table(directory / TRAIN_FILE), pq.read_table(directory / EVAL_FILE), manifest

@@ -1,0 +1,643 @@
+"""The purchase-propensity model: training, the saved model directory and hourly scoring (DESIGN.md §5).
+
+A Keras 3 network on TensorFlow carries its own preprocessing, so a saved
+``model.keras`` scores raw profile columns: numeric features are log-compressed
+(sign * log1p |x|, so counts and money have comparable scales), missing values
+become 0 plus an is-missing indicator, and a ``Normalization`` layer holds the
+training statistics; categorical features go through ``StringLookup`` and an
+``Embedding``. Dense layers with dropout, class weights for the rare positive
+class and early stopping on the newest training snapshot (a time-based
+validation slice) follow. Platt scaling fitted on that slice turns the score
+into a probability. The baseline is logistic regression on the same
+preprocessing (one-hot categories), trained without class weights, so its
+output is a probability too.
+
+``models/<version>/`` holds ``model.keras``, ``baseline.keras``,
+``calibration.json``, ``deciles.json`` (cut points of the training scores, so
+deciles are stable across hours), ``features.json``, ``metrics.json`` and
+``model_card.md``; ``evaluate`` adds ``evaluation.json``. TensorFlow is only
+imported inside functions: importing this module stays cheap for DAG parsing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from profile_engine import evaluate, labels, registry
+from profile_engine.config import Settings
+from profile_engine.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, SNAPSHOT_HOUR, USER_ID
+from profile_engine.hours import floor_hour, format_hour
+from profile_engine.lake import MANIFEST, MODELS, PROFILES, SCORES, Lake, read_json
+from profile_engine.registry import BASELINE_FILE, MODEL_FILE, model_version
+
+CALIBRATION_FILE = "calibration.json"
+DECILES_FILE = "deciles.json"
+FEATURES_FILE = "features.json"
+METRICS_FILE = "metrics.json"
+CARD_FILE = "model_card.md"
+EVALUATION_FILE = "evaluation.json"
+
+NUMERIC_INPUT = "numeric"
+CATEGORICAL_PREFIX = "cat__"
+
+# Scores table (DESIGN.md §3: scores/ layer).
+PROPENSITY = "purchase_propensity"
+DECILE = "propensity_decile"
+MODEL_VERSION = "model_version"
+NO_MODEL = "none"
+BASELINE_SUFFIX = "-baseline"
+SCORES_SCHEMA = pa.schema(
+    [
+        pa.field(USER_ID, pa.string()),
+        pa.field(PROPENSITY, pa.float64()),
+        pa.field(DECILE, pa.int8()),
+        pa.field(MODEL_VERSION, pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network and training knobs; the defaults train a demo set (~20k rows) in a few seconds on 2 cores."""
+
+    hidden_units: tuple[int, ...] = (64, 32)
+    dropout: float = 0.2
+    learning_rate: float = 3e-3
+    baseline_learning_rate: float = 0.05  # a convex model with one layer: large steps converge in a few epochs
+    batch_size: int = 512
+    max_epochs: int = 30
+    patience: int = 3
+    max_vocabulary: int = 500
+    embedding_dim: int = 8
+
+
+def retrain_due(settings: Settings, hour: datetime) -> bool:
+    """Whether retraining is due at ``hour``: hours since the epoch divisible by ``retrain_every_hours``.
+
+    A pure function of the hour, so a rerun makes the same decision.
+    """
+    return (int(floor_hour(hour).timestamp()) // 3600) % settings.retrain_every_hours == 0
+
+
+# ---- inputs and network --------------------------------------------------------------------------------------------
+def numeric_matrix(table: pa.Table, numeric: Sequence[str]) -> np.ndarray:
+    """Numeric features as a float32 matrix, nulls as NaN (the model handles missing values itself)."""
+    if not numeric:
+        return np.zeros((table.num_rows, 0), dtype=np.float32)
+    columns = [np.asarray(pc.fill_null(pc.cast(table.column(c), pa.float64()), np.nan)) for c in numeric]
+    return np.column_stack(columns).astype(np.float32)
+
+
+def categorical_values(table: pa.Table, column: str) -> np.ndarray:
+    """A categorical feature as an (n, 1) array of strings, null as the empty string."""
+    values = pc.fill_null(pc.cast(table.column(column), pa.string()), "")
+    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=object).reshape(-1, 1)
+
+
+def model_inputs(table: pa.Table, numeric: Sequence[str], categorical: Sequence[str]) -> dict[str, Any]:
+    """The Keras input dict of a profile table (string inputs as TensorFlow tensors, which Keras requires)."""
+    import tensorflow as tf
+
+    inputs: dict[str, Any] = {NUMERIC_INPUT: numeric_matrix(table, numeric)}
+    for column in categorical:
+        inputs[CATEGORICAL_PREFIX + column] = tf.constant(categorical_values(table, column), dtype=tf.string)
+    return inputs
+
+
+@functools.cache
+def custom_layers() -> dict[str, Any]:
+    """Layers of this package that saved models reference; registered once per process."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="profile_engine")
+    class FillMissing(keras.layers.Layer):  # type: ignore[misc]
+        """Compress magnitudes (sign * log1p |x|), replace NaN by 0 and append one is-missing indicator per column."""
+
+        def call(self, x: Any) -> Any:
+            ops = keras.ops
+            missing = ops.isnan(x)
+            filled = ops.where(missing, ops.zeros_like(x), x)
+            compressed = ops.sign(filled) * ops.log1p(ops.abs(filled))
+            return ops.concatenate([compressed, ops.cast(missing, x.dtype)], axis=-1)
+
+        def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+            width = input_shape[-1]
+            return (*input_shape[:-1], None if width is None else 2 * width)
+
+    return {"FillMissing": FillMissing}
+
+
+def vocabulary(values: np.ndarray, limit: int) -> list[str]:
+    """The ``limit`` most frequent values (ties by value), so the lookup is deterministic."""
+    levels, counts = np.unique(values.ravel().astype(str), return_counts=True)
+    order = np.lexsort((levels, -counts))[:limit]
+    return sorted(levels[order].tolist())
+
+
+def build_network(
+    train: pa.Table, numeric: Sequence[str], categorical: Sequence[str], config: ModelConfig, *, logistic: bool
+) -> Any:
+    """An uncompiled Keras model whose preprocessing is fitted on ``train``.
+
+    ``logistic=True`` gives the baseline: one-hot categories and a single sigmoid
+    unit on the normalised inputs; otherwise embeddings and dense layers with dropout.
+    """
+    import keras
+
+    fill = custom_layers()["FillMissing"]()
+    numeric_in = keras.Input(shape=(len(numeric),), dtype="float32", name=NUMERIC_INPUT)
+    filled_train = np.asarray(fill(numeric_matrix(train, numeric)))
+    norm = keras.layers.Normalization(mean=filled_train.mean(axis=0), variance=filled_train.var(axis=0))
+    parts = [norm(fill(numeric_in))]
+    inputs = [numeric_in]
+    for column in categorical:
+        cat_in = keras.Input(shape=(1,), dtype="string", name=CATEGORICAL_PREFIX + column)
+        vocab = vocabulary(categorical_values(train, column), config.max_vocabulary)
+        if logistic:
+            parts.append(keras.layers.StringLookup(vocabulary=vocab, output_mode="one_hot")(cat_in))
+        else:
+            index = keras.layers.StringLookup(vocabulary=vocab)(cat_in)
+            embedded = keras.layers.Embedding(len(vocab) + 1, config.embedding_dim)(index)
+            parts.append(keras.layers.Flatten()(embedded))
+        inputs.append(cat_in)
+    x = keras.layers.Concatenate()(parts) if len(parts) > 1 else parts[0]
+    if not logistic:
+        for units in config.hidden_units:
+            x = keras.layers.Dense(units, activation="relu")(x)
+            x = keras.layers.Dropout(config.dropout)(x)
+    # Starting at the base rate (the baseline sees unweighted classes) saves the first epochs.
+    rate = float(np.clip(np.mean(np.asarray(train.column(labels.LABEL))), 1e-4, 1 - 1e-4)) if logistic else 0.5
+    bias = keras.initializers.Constant(float(np.log(rate / (1 - rate))))
+    output = keras.layers.Dense(1, activation="sigmoid", bias_initializer=bias, name="propensity")(x)
+    return keras.Model(inputs, output, name="baseline" if logistic else "propensity")
+
+
+# ---- calibration and deciles ---------------------------------------------------------------------------------------
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.log(q / (1 - q))
+
+
+def fit_platt(raw: np.ndarray, y: np.ndarray, iterations: int = 100) -> dict[str, Any]:
+    """Platt scaling ``p = sigmoid(a * logit(raw) + b)`` by Newton's method on Platt's smoothed targets.
+
+    The smoothed targets ((N+ + 1)/(N+ + 2), 1/(N- + 2)) keep a small slice from
+    producing overconfident extremes.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    n_pos = y.sum()
+    n_neg = y.size - n_pos
+    target = np.where(y > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    x = np.column_stack([_logit(raw), np.ones(y.size)])
+    w = np.array([1.0, 0.0])
+    for _ in range(iterations):
+        p = 1 / (1 + np.exp(-(x @ w)))
+        gradient = x.T @ (p - target)
+        hessian = x.T @ (x * (p * (1 - p))[:, None]) + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        w -= step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return {"method": "platt", "a": float(w[0]), "b": float(w[1])}
+
+
+def apply_calibration(raw: np.ndarray, calibration: Mapping[str, Any] | None) -> np.ndarray:
+    """Calibrated probabilities (identity without a calibration)."""
+    if calibration is None:
+        return np.asarray(raw, dtype=np.float64)
+    return np.asarray(1 / (1 + np.exp(-(calibration["a"] * _logit(raw) + calibration["b"]))), dtype=np.float64)
+
+
+def decile_cut_points(scores: np.ndarray) -> list[float]:
+    """The nine cut points (10th..90th percentiles) of the training scores."""
+    return [float(v) for v in np.quantile(np.asarray(scores, dtype=np.float64), np.linspace(0.1, 0.9, 9))]
+
+
+def assign_deciles(scores: np.ndarray, cut_points: Sequence[float]) -> np.ndarray:
+    """Decile 1-10 (10 = highest) of each score against stored cut points; a score on a cut goes up."""
+    return (1 + np.searchsorted(np.asarray(cut_points), np.asarray(scores), side="right")).astype(np.int8)
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+@dataclass
+class FittedModels:
+    """The fitted network, its calibration and cut points, and the baseline."""
+
+    model: Any
+    baseline: Any
+    calibration: dict[str, Any]
+    cut_points: list[float]
+    baseline_cut_points: list[float]
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    report: dict[str, Any]
+
+
+def _predict(network: Any, inputs: Mapping[str, Any]) -> np.ndarray:
+    return np.asarray(network.predict(dict(inputs), batch_size=4096, verbose=0), dtype=np.float64).ravel()
+
+
+def _take(inputs: Mapping[str, Any], mask: np.ndarray) -> dict[str, Any]:
+    import tensorflow as tf
+
+    return {k: (v[mask] if isinstance(v, np.ndarray) else tf.boolean_mask(v, mask)) for k, v in inputs.items()}
+
+
+def fit_models(
+    train: pa.Table,
+    numeric: Sequence[str],
+    categorical: Sequence[str],
+    *,
+    config: ModelConfig | None = None,
+    seed: int = 7,
+) -> FittedModels:
+    """Fit network, calibration and baseline on a training table with ``LABEL`` and ``SNAPSHOT_HOUR``.
+
+    Rows of the newest snapshot are the validation slice: early stopping watches
+    its AUC and Platt scaling is fitted on it; the older rows fit the weights.
+    """
+    import keras
+    import tensorflow as tf
+
+    config = config or ModelConfig()
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    snapshot_ms = np.asarray(pc.cast(pc.cast(train.column(SNAPSHOT_HOUR), pa.timestamp("ms")), pa.int64()))
+    is_validation = snapshot_ms == snapshot_ms.max()
+    if is_validation.all():
+        raise labels.InsufficientData("the training rows hold a single snapshot: no time-based validation slice")
+    y = np.asarray(train.column(labels.LABEL), dtype=np.float32)
+    inputs = model_inputs(train, numeric, categorical)
+    fit_in, val_in = _take(inputs, ~is_validation), _take(inputs, is_validation)
+    fit_y, val_y = y[~is_validation], y[is_validation]
+    fit_rows = train.filter(pa.array(~is_validation))
+    n_pos = max(float(fit_y.sum()), 1.0)
+    class_weight = {0: fit_y.size / (2 * max(fit_y.size - n_pos, 1.0)), 1: fit_y.size / (2 * n_pos)}
+
+    def fit(network: Any, weights: dict[int, float] | None, learning_rate: float) -> int:
+        network.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss="binary_crossentropy",
+            metrics=[keras.metrics.AUC(name="auc")],
+        )
+        stop = keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=config.patience, restore_best_weights=True
+        )
+        history = network.fit(
+            fit_in,
+            fit_y,
+            validation_data=(val_in, val_y),
+            epochs=config.max_epochs,
+            batch_size=config.batch_size,
+            class_weight=weights,
+            callbacks=[stop],
+            shuffle=True,
+            verbose=0,
+        )
+        return len(history.history["loss"])
+
+    model = build_network(fit_rows, numeric, categorical, config, logistic=False)
+    model_epochs = fit(model, class_weight, config.learning_rate)
+    baseline = build_network(fit_rows, numeric, categorical, config, logistic=True)
+    baseline_epochs = fit(baseline, None, config.baseline_learning_rate)
+
+    calibration = fit_platt(_predict(model, val_in), val_y)
+    train_scores = apply_calibration(_predict(model, inputs), calibration)
+    return FittedModels(
+        model=model,
+        baseline=baseline,
+        calibration=calibration,
+        cut_points=decile_cut_points(train_scores),
+        baseline_cut_points=decile_cut_points(_predict(baseline, inputs)),
+        numeric=tuple(numeric),
+        categorical=tuple(categorical),
+        report={
+            "fit_rows": int(fit_y.size),
+            "validation_rows": int(val_y.size),
+            "class_weight": {str(k): v for k, v in class_weight.items()},
+            "epochs": {"model": model_epochs, "baseline": baseline_epochs},
+        },
+    )
+
+
+# ---- the model directory -------------------------------------------------------------------------------------------
+def _json_bytes(payload: Any) -> bytes:
+    return json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
+
+
+def _keras_bytes(network: Any, scratch: Path, name: str) -> bytes:
+    path = scratch / name
+    network.save(path)
+    return path.read_bytes()
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def model_card(
+    version: str,
+    training: Mapping[str, Any],
+    features: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    evaluation: Mapping[str, Any] | None = None,
+) -> str:
+    """The short human-readable card of a version: data window, features, metrics (with intervals) and gate."""
+    lines = [
+        f"# Model card: {version}",
+        "",
+        "Purchase propensity: the probability that a user purchases within "
+        f"{training['label_horizon_hours']} h after the end of a profile snapshot.",
+        "",
+        "## Data",
+        f"- training hour: {training['training_hour']}",
+        f"- training snapshots: {training['train_snapshots'][0]} .. {training['train_snapshots'][-1]} "
+        f"({len(training['train_snapshots'])} snapshots, {training['train_rows']} rows, "
+        f"{training['train_positives']} positives; the newest is the validation and calibration slice)",
+        f"- evaluation snapshot (out of time): {training['eval_snapshot']} "
+        f"({training['eval_rows']} rows, {training['eval_positives']} positives)",
+        f"- labels final after horizon {training['label_horizon_hours']} h + lateness {training['lateness_hours']} h",
+        "",
+        "## Features",
+        f"- numeric ({len(features['numeric'])}): {', '.join(features['numeric'])}",
+        f"- categorical ({len(features['categorical'])}): {', '.join(features['categorical']) or 'none'}",
+        "",
+        "## Metrics on the evaluation snapshot",
+    ]
+    if evaluation is None:
+        lines += ["", "| model | " + " | ".join(evaluate.HIGHER_IS_BETTER) + " |"]
+        lines += ["|---" * (len(evaluate.HIGHER_IS_BETTER) + 1) + "|"]
+        for name, values in metrics["eval"].items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(values[k]) for k in evaluate.HIGHER_IS_BETTER) + " |")
+        lines += ["", "## Gate", "", "Not evaluated yet."]
+    else:
+        lines += ["", "| model | metric | value | 95% interval |", "|---|---|---|---|"]
+        for name, values in evaluation["metrics"].items():
+            for key in evaluate.HIGHER_IS_BETTER:
+                low, high = evaluation["intervals"][name][key]
+                lines.append(f"| {name} | {key} | {_fmt(values[key])} | [{_fmt(low)}, {_fmt(high)}] |")
+        decision = evaluation["decision"]
+        verdict = "promoted" if evaluation["promoted"] else "not promoted"
+        lines += [
+            "",
+            "## Gate",
+            "",
+            f"- reference: {evaluation['reference']}",
+            f"- decision: {verdict}{' (forced)' if evaluation['forced'] else ''}; " + "; ".join(decision["reasons"]),
+        ]
+        if evaluation["drift"].get("score") is not None:
+            lines.append(f"- score PSI against the previous snapshot: {_fmt(evaluation['drift']['score'])}")
+    return "\n".join(lines) + "\n"
+
+
+def write_model_dir(
+    settings: Settings, version: str, fitted: FittedModels, training: labels.TrainingSet, hour: datetime, run_id: str
+) -> dict[str, Any]:
+    """Write ``models/<version>/`` atomically and return its metrics."""
+    lake = Lake(settings.lake)
+    eval_inputs = model_inputs(training.eval, fitted.numeric, fitted.categorical)
+    y = np.asarray(training.eval.column(labels.LABEL), dtype=np.float64)
+    raw = _predict(fitted.model, eval_inputs)
+    metrics = {
+        "eval": {
+            "model": evaluate.metrics(y, apply_calibration(raw, fitted.calibration)),
+            "model_uncalibrated": evaluate.metrics(y, raw),
+            "baseline": evaluate.metrics(y, _predict(fitted.baseline, eval_inputs)),
+        },
+        "training": fitted.report,
+    }
+    features = {"numeric": list(fitted.numeric), "categorical": list(fitted.categorical), "label": labels.LABEL}
+    training_info = {
+        **training.summary(),
+        "training_hour": format_hour(hour),
+        "label_horizon_hours": settings.label_horizon_hours,
+        "lateness_hours": settings.lateness_hours,
+    }
+    scratch = lake.tmp_dir()
+    try:
+        files = [
+            (MODEL_FILE, _keras_bytes(fitted.model, scratch, MODEL_FILE)),
+            (BASELINE_FILE, _keras_bytes(fitted.baseline, scratch, BASELINE_FILE)),
+            (CALIBRATION_FILE, _json_bytes({**fitted.calibration, "fitted_on": training_info["train_snapshots"][-1]})),
+            (DECILES_FILE, _json_bytes({"model": fitted.cut_points, "baseline": fitted.baseline_cut_points})),
+            (FEATURES_FILE, _json_bytes(features)),
+            (METRICS_FILE, _json_bytes(metrics)),
+            (CARD_FILE, model_card(version, training_info, features, metrics).encode()),
+        ]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    lake.write_dir(
+        lake.path(MODELS, version),
+        files,
+        {"version": version, "training": training_info, "seed": settings.seed, "run_id": run_id},
+    )
+    return metrics
+
+
+def update_model_dir(settings: Settings, version: str, updates: Mapping[str, bytes]) -> None:
+    """Rewrite ``models/<version>/`` atomically with files added or replaced."""
+    lake = Lake(settings.lake)
+    directory = lake.path(MODELS, version)
+    manifest = read_json(directory / MANIFEST)
+    names = [f["name"] for f in manifest.pop("files")]
+    files = [(n, (directory / n).read_bytes()) for n in names if n not in updates] + list(updates.items())
+    lake.write_dir(directory, files, manifest)
+
+
+# ---- loading and scoring -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to score: network, calibration and decile cut points of one version and kind."""
+
+    version: str
+    kind: str  # "model" or "baseline"
+    network: Any
+    calibration: dict[str, Any] | None
+    cut_points: tuple[float, ...]
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        """What scores record as ``model_version``."""
+        return self.version if self.kind == "model" else self.version + BASELINE_SUFFIX
+
+    def predict(self, table: pa.Table) -> np.ndarray:
+        """Purchase probabilities (float64) for profile rows."""
+        if table.num_rows == 0:
+            return np.zeros(0, dtype=np.float64)
+        raw = _predict(self.network, model_inputs(table, self.numeric, self.categorical))
+        return apply_calibration(raw, self.calibration)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(directory: str, kind: str, stamp: str) -> LoadedModel:
+    import keras
+
+    path = Path(directory)
+    features = read_json(path / FEATURES_FILE)
+    network = keras.saving.load_model(
+        path / (MODEL_FILE if kind == "model" else BASELINE_FILE), custom_objects=custom_layers()
+    )
+    return LoadedModel(
+        version=path.name,
+        kind=kind,
+        network=network,
+        calibration=read_json(path / CALIBRATION_FILE) if kind == "model" else None,
+        cut_points=tuple(read_json(path / DECILES_FILE)[kind]),
+        numeric=tuple(features["numeric"]),
+        categorical=tuple(features["categorical"]),
+    )
+
+
+def load_model(settings: Settings, version: str, kind: str = "model") -> LoadedModel:
+    """Load a version's network (``kind`` "model" or "baseline") once per process.
+
+    The cache key includes the manifest's checksum, so a retrained (rewritten)
+    version is loaded afresh.
+    """
+    if kind not in ("model", "baseline"):
+        raise ValueError(f"kind must be 'model' or 'baseline', got {kind!r}")
+    directory = Lake(settings.lake).path(MODELS, version)
+    stamp = str((directory / MANIFEST).stat().st_mtime_ns)
+    return _load(str(directory), kind, stamp)
+
+
+def score_table(profiles: pa.Table, model: LoadedModel | None) -> pa.Table:
+    """The scores table of profile rows, sorted by user: nulls and ``NO_MODEL`` without a model."""
+    profiles = profiles.take(pc.sort_indices(profiles, [(USER_ID, "ascending")]))
+    n = profiles.num_rows
+    if model is None:
+        propensity = pa.nulls(n, pa.float64())
+        decile = pa.nulls(n, pa.int8())
+        version = NO_MODEL
+    else:
+        scores = model.predict(profiles)
+        propensity = pa.array(scores, pa.float64())
+        decile = pa.array(assign_deciles(scores, model.cut_points), pa.int8())
+        version = model.label
+    return pa.table(
+        [profiles.column(USER_ID), propensity, decile, pa.array([version] * n, pa.string())],
+        schema=SCORES_SCHEMA,
+    )
+
+
+def scoring_model(settings: Settings, hour: datetime) -> LoadedModel | None:
+    """The model that scores ``hour``: the champion as of the hour from the promotion log,
+    else the baseline of the newest version trained at or before it, else None."""
+    entry = registry.champion_as_of(settings, hour)
+    if entry is not None:
+        return load_model(settings, entry["version"], "model")
+    version = registry.newest_model_at_or_before(settings, hour)
+    return load_model(settings, version, "baseline") if version is not None else None
+
+
+# ---- stages --------------------------------------------------------------------------------------------------------
+def train_version(
+    settings: Settings,
+    hour: datetime,
+    numeric: Sequence[str],
+    categorical: Sequence[str],
+    *,
+    training_config: labels.TrainingConfig | None = None,
+    model_config: ModelConfig | None = None,
+    run_id: str = "manual",
+) -> dict[str, Any]:
+    """Build the training set of ``hour``, fit, and write ``models/<version>/``; a summary dict.
+
+    Returns ``{"status": "skipped", "reason": ...}`` when the data cannot support a model.
+    """
+    hour = floor_hour(hour)
+    version = model_version(hour)
+    try:
+        training = labels.build_training_set(settings, hour, version, config=training_config, run_id=run_id)
+        fitted = fit_models(training.train, numeric, categorical, config=model_config, seed=settings.seed)
+    except labels.InsufficientData as reason:
+        return {"status": "skipped", "reason": f"not enough final labelled examples: {reason}"}
+    metrics = write_model_dir(settings, version, fitted, training, hour, run_id)
+    return {
+        "status": "trained",
+        "version": version,
+        "model_dir": str(Lake(settings.lake).path(MODELS, version)),
+        "training": training.summary(),
+        "metrics": {name: {k: round(v, 4) for k, v in m.items()} for name, m in metrics["eval"].items()},
+        "epochs": fitted.report["epochs"],
+    }
+
+
+def train_challenger(
+    settings: Settings,
+    hour: datetime,
+    *,
+    run_id: str = "manual",
+    force: bool = False,
+    numeric: Sequence[str] = NUMERIC_FEATURES,
+    categorical: Sequence[str] = CATEGORICAL_FEATURES,
+    training_config: labels.TrainingConfig | None = None,
+    model_config: ModelConfig | None = None,
+) -> dict[str, Any]:
+    """Stage: train the challenger of ``hour`` when retraining is due (or forced); a small summary.
+
+    A rerun of the hour retrains the same version deterministically and overwrites it.
+    The feature lists default to the profile contract's (``profile_engine.features``).
+    """
+    if not force and not retrain_due(settings, hour):
+        return {
+            "status": "skipped",
+            "reason": f"retraining not due at {format_hour(hour)} (every {settings.retrain_every_hours} h)",
+        }
+    return train_version(
+        settings,
+        hour,
+        numeric,
+        categorical,
+        training_config=training_config,
+        model_config=model_config,
+        run_id=run_id,
+    )
+
+
+def score_profiles(settings: Settings, hour: datetime, bucket: int, *, run_id: str = "manual") -> dict[str, Any]:
+    """Stage: score one bucket of the hour's committed snapshot and write ``scores/`` for it.
+
+    Uses the champion as of the hour, else the newest baseline (and says so), else
+    writes null scores with model version ``none``.
+    """
+    hour = floor_hour(hour)
+    lake = Lake(settings.lake)
+    if not labels.profile_committed(lake, hour):
+        raise FileNotFoundError(f"profile snapshot of {format_hour(hour)} is not committed; publish_profiles first")
+    model = scoring_model(settings, hour)
+    scores = score_table(lake.read(PROFILES, hour, bucket), model)
+    kind = "none" if model is None else ("champion" if model.kind == "model" else "baseline")
+    lake.write_partition(
+        SCORES, hour, scores, bucket=bucket, run_id=run_id, extra={MODEL_VERSION: scores_version(model), "model": kind}
+    )
+    summary: dict[str, Any] = {
+        "status": "scored" if model is not None else "no_model",
+        "bucket": bucket,
+        "rows": scores.num_rows,
+        "model": kind,
+        MODEL_VERSION: scores_version(model),
+    }
+    if model is None:
+        summary["reason"] = "no model trained yet: scores written with null propensity"
+    elif model.kind == "baseline":
+        summary["reason"] = "no champion promoted yet: scored with the baseline"
+    return summary
+
+
+def scores_version(model: LoadedModel | None) -> str:
+    """The ``model_version`` value scores record for ``model``."""
+    return NO_MODEL if model is None else model.label

@@ -1,0 +1,308 @@
+"""Tests for profile_engine.labels: label windows, finality, the out-of-time split, sampling and leakage.
+
+The synthetic-lake helpers at the top are also used by test_model.py and test_evaluate.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from profile_engine import labels
+from profile_engine.config import Settings
+from profile_engine.features import SNAPSHOT_HOUR, USER_ID
+from profile_engine.hours import HOUR, format_hour
+from profile_engine.lake import MANIFEST, PROFILES, STAGING, TRAINING, Lake, read_json, write_json
+from profile_engine.schema import PURCHASE, STAGED_SCHEMA, VIEW
+
+T0 = datetime(2026, 11, 1, 0, tzinfo=UTC)
+NUMERIC = ("signal", "visits")
+CATEGORICAL = ("segment",)
+TS = pa.timestamp("ms", tz="UTC")
+
+
+def make_settings(tmp_path: Path, **overrides: int) -> Settings:
+    """Test settings: 1 h label horizon and 2 h lateness keep lakes tiny."""
+    values = {"label_horizon_hours": 1, "lateness_hours": 2, "retrain_every_hours": 6, "seed": 7, **overrides}
+    return Settings(lake=tmp_path / "lake", **values)  # type: ignore[arg-type]
+
+
+def profile_table(hour: datetime, users: Sequence[str], rng: np.random.Generator) -> pa.Table:
+    """A synthetic snapshot: one row per user with the test's own feature columns."""
+    n = len(users)
+    visits = rng.poisson(3.0, n).astype(np.int64)
+    return pa.table(
+        {
+            USER_ID: pa.array(users, pa.string()),
+            SNAPSHOT_HOUR: pa.array([hour] * n, TS),
+            "signal": pa.array(rng.normal(0.0, 1.0, n)),
+            "visits": pa.array(visits, pa.int64(), mask=rng.random(n) < 0.1),
+            "segment": pa.array(rng.choice(["a", "b", "c"], n).tolist(), pa.string(), mask=rng.random(n) < 0.05),
+            "last_seen_at": pa.array([hour + timedelta(minutes=30)] * n, TS),
+        }
+    )
+
+
+def write_snapshot(lake: Lake, hour: datetime, table: pa.Table, buckets: int = 2) -> None:
+    """Commit a snapshot like publish_profiles: bucket partitions, then the hour-level marker."""
+    index = np.arange(table.num_rows)
+    for bucket in range(buckets):
+        lake.write_partition(PROFILES, hour, table.filter(pa.array(index % buckets == bucket)), bucket=bucket)
+    write_json(lake.partition(PROFILES, hour) / MANIFEST, {"data_hour": format_hour(hour), "buckets": buckets})
+
+
+def write_events(lake: Lake, events: Sequence[tuple[str, str, datetime, datetime]]) -> None:
+    """Stage ``(user, event_type, ts, processing hour)`` events, one bucket-0 partition per processing hour."""
+    by_hour: dict[datetime, list[tuple[str, str, datetime]]] = {}
+    for user, kind, ts, staged in events:
+        by_hour.setdefault(staged, []).append((user, kind, ts))
+    for staged, rows in by_hour.items():
+        n = len(rows)
+        table = pa.table(
+            {
+                "event_id": [f"{staged:%Y%m%d%H}-{i}" for i in range(n)],
+                "user_id": [r[0] for r in rows],
+                "event_type": [r[1] for r in rows],
+                "item_id": ["item"] * n,
+                "category_id": ["cat"] * n,
+                "price": [10.0] * n,
+                "quantity": pa.array([1] * n, pa.int32()),
+                "order_id": [None] * n,
+                "ts": pa.array([r[2] for r in rows], TS),
+                "session_id": [None] * n,
+                "bucket": pa.array([0] * n, pa.int32()),
+            },
+            schema=STAGED_SCHEMA,
+        )
+        lake.write_partition(STAGING, staged, table, bucket=0)
+
+
+def purchase_probability(table: pa.Table) -> np.ndarray:
+    """The synthetic truth: a non-linear signal (|signal| > 1) plus segment "a"."""
+    signal = np.asarray(table.column("signal"))
+    segment = np.asarray(table.column("segment").fill_null("").to_pylist(), dtype=object)
+    logit = -3.0 + 2.5 * (np.abs(signal) > 1.0) + 1.5 * (segment == "a")
+    return np.asarray(1.0 / (1.0 + np.exp(-logit)))
+
+
+def synthetic_lake(
+    settings: Settings, first: datetime, hours: int, users: int, seed: int = 11, shift: float = 0.0
+) -> list[datetime]:
+    """Snapshots for ``hours`` hours and purchases drawn from ``purchase_probability``.
+
+    A user buys in the label window of a snapshot with that snapshot's probability;
+    a fifth of the purchases are staged an hour late. ``shift`` moves the signal
+    of every snapshot (for drift tests). Returns the snapshot hours.
+    """
+    lake = Lake(settings.lake)
+    rng = np.random.default_rng(seed)
+    names = [f"u{i:04d}" for i in range(users)]
+    events: list[tuple[str, str, datetime, datetime]] = []
+    snapshots = [first + i * HOUR for i in range(hours)]
+    for hour in snapshots:
+        table = profile_table(hour, names, rng)
+        if shift:
+            table = table.set_column(2, "signal", pa.array(np.asarray(table.column("signal")) + shift))
+        write_snapshot(lake, hour, table)
+        buyers = np.flatnonzero(rng.random(users) < purchase_probability(table))
+        for i in buyers:
+            ts = hour + HOUR + timedelta(minutes=int(rng.integers(0, 60)))
+            staged = ts.replace(minute=0) + (HOUR if rng.random() < 0.2 else timedelta(0))
+            events.append((names[i], PURCHASE, ts, staged))
+    write_events(lake, events)
+    return snapshots
+
+
+# ---- label windows -------------------------------------------------------------------------------------------------
+def test_label_counts_purchases_in_window_only_from_staged_hours_that_can_hold_them(tmp_path: Path) -> None:
+    # Arrange: snapshot S = 10:00, E = 11:00, window [11:00, 12:00), lateness 2 h
+    settings = make_settings(tmp_path)
+    lake = Lake(settings.lake)
+    s = T0 + 10 * HOUR
+    e = s + HOUR
+    ms = timedelta(milliseconds=1)
+    write_events(
+        lake,
+        [
+            ("before", PURCHASE, e - ms, s),  # just before E: not a label
+            ("at_start", PURCHASE, e, e),
+            ("at_end", PURCHASE, e + HOUR - ms, e),
+            ("after", PURCHASE, e + HOUR, e + HOUR),  # window end is exclusive
+            ("late", PURCHASE, e + timedelta(minutes=5), e + 2 * HOUR),  # staged 2 h late, still read
+            ("viewer", VIEW, e + timedelta(minutes=5), e),  # not a purchase
+        ],
+    )
+    users = ["before", "at_start", "at_end", "after", "late", "viewer", "nobody"]
+    examples = pa.table({USER_ID: users, SNAPSHOT_HOUR: pa.array([s] * len(users), TS)})
+
+    # Act
+    labelled = labels.label_examples(settings, examples)
+
+    # Assert
+    got = dict(zip(users, labelled.column(labels.LABEL).to_pylist(), strict=True))
+    assert got == {"before": 0, "at_start": 1, "at_end": 1, "after": 0, "late": 1, "viewer": 0, "nobody": 0}
+    assert labelled.column(labels.LABEL).type == pa.int8()
+
+
+def test_staged_hours_cover_window_plus_lateness() -> None:
+    # Arrange
+    settings = Settings(label_horizon_hours=2, lateness_hours=3)
+    start, end = labels.label_window(T0, settings.label_horizon_hours)
+
+    # Act
+    hours = labels.staged_hours_for_window(settings, start, end)
+
+    # Assert: [01:00, 03:00) can arrive until 06:00, i.e. in processing hours 01..05
+    assert hours == [T0 + i * HOUR for i in range(1, 6)]
+
+
+@hypothesis_settings(max_examples=50, deadline=None)
+@given(
+    horizon=st.integers(min_value=1, max_value=72),
+    lateness=st.integers(min_value=0, max_value=48),
+    offset=st.integers(min_value=0, max_value=10_000),
+)
+def test_newest_final_snapshot_is_the_last_with_final_labels(horizon: int, lateness: int, offset: int) -> None:
+    # Arrange
+    config = Settings(label_horizon_hours=horizon, lateness_hours=lateness)
+    hour = T0 + offset * HOUR
+
+    # Act
+    newest = labels.newest_final_snapshot_hour(config, hour)
+
+    # Assert
+    assert labels.labels_final(config, newest, hour)
+    assert not labels.labels_final(config, newest + HOUR, hour)
+
+
+# ---- the out-of-time split -----------------------------------------------------------------------------------------
+def test_choose_snapshots_is_out_of_time_and_spread() -> None:
+    # Arrange: horizon 3 h, lateness 2 h, snapshots every hour for 40 hours
+    config = Settings(label_horizon_hours=3, lateness_hours=2)
+    available = [T0 + i * HOUR for i in range(40)]
+    hour = T0 + 39 * HOUR
+
+    # Act
+    train, evaluation = labels.choose_snapshots(config, hour, available, max_snapshots=5)
+
+    # Assert
+    assert evaluation == hour - 5 * HOUR
+    eval_start, _ = labels.label_window(evaluation, 3)
+    assert all(labels.label_window(s, 3)[1] <= eval_start for s in train)
+    assert len(train) == 5
+    assert train == sorted(train)
+    assert train[0] == T0  # spread back to the oldest snapshot
+    assert train[-1] == evaluation - 3 * HOUR  # the newest allowed one is the validation slice
+
+
+def test_choose_snapshots_says_why_when_history_is_too_short() -> None:
+    config = Settings(label_horizon_hours=3, lateness_hours=2)
+    available = [T0 + i * HOUR for i in range(6)]
+
+    with pytest.raises(labels.InsufficientData, match="need 2"):
+        labels.choose_snapshots(config, T0 + 8 * HOUR, available, max_snapshots=8)
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------------
+@hypothesis_settings(max_examples=25, deadline=None)
+@given(n=st.integers(min_value=1, max_value=60), limit=st.integers(min_value=1, max_value=80), seed=st.integers(0, 9))
+def test_sample_depends_on_users_not_row_order(n: int, limit: int, seed: int) -> None:
+    # Arrange
+    users = [f"u{i}" for i in range(n)]
+    table = pa.table({USER_ID: users, "x": list(range(n))})
+    shuffled = table.take(pa.array(np.random.default_rng(seed).permutation(n)))
+
+    # Act
+    first = labels.sample_users(table, limit, seed=3, salt="s")
+    second = labels.sample_users(shuffled, limit, seed=3, salt="s")
+
+    # Assert
+    assert first.equals(second)
+    assert first.num_rows == min(n, limit)
+    assert first.column(USER_ID).to_pylist() == sorted(first.column(USER_ID).to_pylist())
+
+
+# ---- the training set ----------------------------------------------------------------------------------------------
+def test_build_training_set_writes_labelled_out_of_time_sets_deterministically(tmp_path: Path) -> None:
+    # Arrange: 12 hourly snapshots of 60 users
+    settings = make_settings(tmp_path)
+    snapshots = synthetic_lake(settings, T0, hours=12, users=60)
+    hour = snapshots[-1]
+    config = labels.TrainingConfig(max_snapshots=4, max_rows=150, min_train_rows=20, min_positives=1)
+
+    # Act
+    first = labels.build_training_set(settings, hour, "v1", config=config)
+    second = labels.build_training_set(settings, hour, "v1", config=config)
+
+    # Assert
+    assert first.eval_snapshot == hour - 3 * HOUR  # horizon 1 + lateness 2
+    assert max(first.train_snapshots) <= first.eval_snapshot - HOUR
+    per_snapshot = 150 // (len(first.train_snapshots) + 1)
+    assert first.eval.num_rows == per_snapshot
+    assert first.train.num_rows == per_snapshot * len(first.train_snapshots)
+    assert first.train.equals(second.train) and first.eval.equals(second.eval)
+    directory = Lake(settings.lake).path(TRAINING, "v1")
+    assert pq.read_table(directory / labels.EVAL_FILE).equals(first.eval)
+    manifest = read_json(directory / MANIFEST)
+    assert manifest["eval_snapshot"] == format_hour(first.eval_snapshot)
+    assert manifest["train_positives"] == labels.positives(first.train) > 0
+    # the whole profile row is kept, so any model can be re-evaluated later
+    assert set(first.eval.column_names) >= {*NUMERIC, *CATEGORICAL, "last_seen_at", labels.LABEL}
+
+
+def test_build_training_set_skips_without_positives(tmp_path: Path) -> None:
+    # Arrange: snapshots but no staged purchases at all
+    settings = make_settings(tmp_path)
+    lake = Lake(settings.lake)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        write_snapshot(lake, T0 + i * HOUR, profile_table(T0 + i * HOUR, ["a", "b", "c"], rng))
+    config = labels.TrainingConfig(min_train_rows=1, min_positives=1)
+
+    # Act / Assert
+    with pytest.raises(labels.InsufficientData, match="0 positive labels in the training rows"):
+        labels.build_training_set(settings, T0 + 7 * HOUR, "v1", config=config)
+
+
+# ---- leakage -------------------------------------------------------------------------------------------------------
+def test_a_feature_from_after_the_snapshot_is_caught(tmp_path: Path) -> None:
+    # Arrange: one training snapshot where a feature was computed from a later event
+    settings = make_settings(tmp_path)
+    snapshots = synthetic_lake(settings, T0, hours=10, users=30)
+    lake = Lake(settings.lake)
+    leaky_hour = snapshots[2]
+    leaky = lake.read(PROFILES, leaky_hour).sort_by(USER_ID)
+    seen = leaky.column("last_seen_at").to_pylist()
+    seen[0] = leaky_hour + HOUR + timedelta(minutes=10)  # an event after the snapshot end E leaked in
+    write_snapshot(lake, leaky_hour, leaky.set_column(5, "last_seen_at", pa.array(seen, TS)))
+    config = labels.TrainingConfig(max_snapshots=8, min_train_rows=1, min_positives=1)
+
+    # Act / Assert
+    with pytest.raises(labels.LeakageError, match="last_seen_at: 1 rows"):
+        labels.build_training_set(settings, snapshots[-1], "v1", config=config)
+
+
+def test_rows_joined_from_another_snapshot_are_caught() -> None:
+    # Arrange: the example is for 05:00 but its features come from the 06:00 snapshot
+    rng = np.random.default_rng(1)
+    rows = profile_table(T0 + 6 * HOUR, ["a", "b"], rng)
+    expected = pa.array([T0 + 5 * HOUR] * 2, TS)
+
+    # Act / Assert
+    with pytest.raises(labels.LeakageError, match="another snapshot"):
+        labels.check_no_leakage(rows, expected)
+
+
+def test_clean_rows_pass_the_leakage_check() -> None:
+    rows = profile_table(T0, ["a", "b"], np.random.default_rng(2))
+
+    labels.check_no_leakage(rows, pa.array([T0, T0], TS))
