@@ -381,7 +381,7 @@ def test_hysteresis_keeps_members_while_stay_holds(tmp_path: Path) -> None:
     hours = [H0, H0 + HOUR, H0 + 2 * HOUR]
     member_scores = [0.65, 0.55, 0.45]
     newcomer_scores = [0.3, 0.55, 0.55]
-    users = {"member": {}, "newcomer": {}}
+    users: dict[str, dict[str, object]] = {"member": {}, "newcomer": {}}
 
     results = []
     for hour, m, n in zip(hours, member_scores, newcomer_scores, strict=True):
