@@ -1,0 +1,1119 @@
+"""User profiles as incremental, mergeable state (DESIGN.md §4).
+
+The snapshot of hour H (end E = H+1h) is ``merge(state of H-1, aggregate(staged
+events of H))``. The state is a set of small Arrow tables that every feature can be
+merged from:
+
+* ``users``: lifetime sums, min/max timestamps, decayed counters (decayed exactly to
+  the state's end), and the folded totals of *final* sessions, orders and latencies;
+* ``hourly``: sparse per-user hourly buckets (user, hour, event type, category) for
+  exact 24h/7d/30d windows and category affinity, pruned after 30 days;
+* ``hours_of_day``: per-user event counts by local hour of day (peak hour);
+* ``sessions``, ``orders``, ``anchors``, ``targets``: raw buffers of the groups and
+  latencies that a late event (at most ``lateness_hours`` old) could still change;
+* ``carts``: last cart and last close (remove or purchase) per user and item;
+* ``pending``: staged events with ``ts >= end``, held back until their hour;
+* ``meta``: the state's end.
+
+The state after ``advance`` is a function of the set of merged events and the end
+only (never of how events were batched), provided every event arrives while it is at
+most ``lateness_hours`` older than the end of the state it is merged into (ingestion
+quarantines older ones). That is why one big batch, hourly batches and ``rebuild``
+give the same snapshot, which the tests check. Timestamps inside the state are epoch
+milliseconds (int64) so the SQL stays plain integer arithmetic.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from profile_engine.config import Settings
+from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
+from profile_engine.lake import (
+    INTERESTS,
+    MANIFEST,
+    PROFILE_CHANGES,
+    PROFILES,
+    STAGING,
+    STATE,
+    Lake,
+    read_json,
+    write_json,
+)
+from profile_engine.schema import CART, EVENT_TYPES, FAV, PURCHASE, REMOVE_CART, STAGED_SCHEMA, VIEW
+
+if TYPE_CHECKING:
+    import duckdb
+
+# ---- names of the profile contract (defined once, imported elsewhere) ---------------
+USER_ID = "user_id"
+SNAPSHOT_HOUR = "snapshot_hour"
+CATEGORY_ID = "category_id"
+AFFINITY = "affinity"
+
+WINDOWS: tuple[tuple[str, int], ...] = (("24h", 24), ("7d", 7 * 24), ("30d", 30 * 24))  # (suffix, hours)
+HALF_LIVES: tuple[tuple[str, int], ...] = (("1d", 24), ("7d", 7 * 24))  # (suffix, half-life hours)
+
+
+def count_column(event_type: str, window: str) -> str:
+    """Name of an event count column: ``count_view_24h``, ``count_cart_lifetime``, ..."""
+    return f"count_{event_type}_{window}"
+
+
+def decayed_column(event_type: str, half_life: str) -> str:
+    """Name of a decayed counter: ``decayed_view_1d``."""
+    return f"decayed_{event_type}_{half_life}"
+
+
+def first_at_column(event_type: str) -> str:
+    """Name of the first-event timestamp of a type: ``first_view_at``."""
+    return f"first_{event_type}_at"
+
+
+def last_at_column(event_type: str) -> str:
+    """Name of the last-event timestamp of a type: ``last_view_at``."""
+    return f"last_{event_type}_at"
+
+
+FIRST_SEEN_AT = "first_seen_at"
+LAST_SEEN_AT = "last_seen_at"
+HOURS_SINCE_LAST_EVENT = "hours_since_last_event"
+HOURS_SINCE_LAST_CART = "hours_since_last_cart"
+HOURS_SINCE_LAST_PURCHASE = "hours_since_last_purchase"
+FREQUENCY_ORDERS = "frequency_orders"
+MONETARY_TOTAL = "monetary_total"
+AVG_ORDER_VALUE = "avg_order_value"
+MAX_ORDER_VALUE = "max_order_value"
+RECENCY_HOURS = "recency_hours"
+RFM_R = "rfm_r"
+RFM_F = "rfm_f"
+RFM_M = "rfm_m"
+RFM_SEGMENT = "rfm_segment"
+MEAN_HOURS_BETWEEN_ORDERS = "mean_hours_between_orders"
+MEAN_VIEW_TO_CART_HOURS = "mean_view_to_cart_hours"
+MEAN_CART_TO_PURCHASE_HOURS = "mean_cart_to_purchase_hours"
+SESSION_COUNT = "session_count"
+MEAN_SESSION_MINUTES = "mean_session_minutes"
+EVENTS_PER_SESSION = "events_per_session"
+CART_VIEW_RATE = "cart_view_rate"
+PURCHASE_VIEW_RATE = "purchase_view_rate"
+OPEN_CART_ITEMS = "open_cart_items"
+OPEN_CART_VALUE = "open_cart_value"
+TOP_CATEGORIES: tuple[str, ...] = ("top_category_1", "top_category_2", "top_category_3")
+TOP_CATEGORY_SCORES: tuple[str, ...] = tuple(f"{c}_score" for c in TOP_CATEGORIES)
+DISTINCT_CATEGORIES = "distinct_categories"
+MEAN_PRICE_VIEWED = "mean_price_viewed"
+MEAN_PRICE_PURCHASED = "mean_price_purchased"
+PEAK_HOUR_LOCAL = "peak_hour_local"
+LIFECYCLE_STAGE = "lifecycle_stage"
+
+LIFECYCLE_NEW, LIFECYCLE_ACTIVE, LIFECYCLE_DORMANT, LIFECYCLE_CHURNED = "new", "active", "dormant", "churned"
+LIFECYCLE_STAGES: tuple[str, ...] = (LIFECYCLE_NEW, LIFECYCLE_ACTIVE, LIFECYCLE_DORMANT, LIFECYCLE_CHURNED)
+RFM_SEGMENTS: tuple[str, ...] = (
+    "champions",
+    "loyal",
+    "potential_loyalist",
+    "new_customer",
+    "at_risk",
+    "hibernating",
+    "lost",
+    "no_orders",
+)
+POPULATION_COLUMNS: tuple[str, ...] = (RFM_R, RFM_F, RFM_M, RFM_SEGMENT)
+
+_TS = pa.timestamp("ms", tz="UTC")
+_PROFILE_FIELDS: list[tuple[str, pa.DataType]] = [(USER_ID, pa.string()), (SNAPSHOT_HOUR, _TS)]
+for _t in EVENT_TYPES:
+    _PROFILE_FIELDS += [(count_column(_t, "lifetime"), pa.int64())]
+    _PROFILE_FIELDS += [(count_column(_t, w), pa.int64()) for w, _ in WINDOWS]
+    _PROFILE_FIELDS += [(decayed_column(_t, h), pa.float64()) for h, _ in HALF_LIVES]
+    _PROFILE_FIELDS += [(first_at_column(_t), _TS), (last_at_column(_t), _TS)]
+_PROFILE_FIELDS += [
+    (FIRST_SEEN_AT, _TS),
+    (LAST_SEEN_AT, _TS),
+    (HOURS_SINCE_LAST_EVENT, pa.float64()),
+    (HOURS_SINCE_LAST_CART, pa.float64()),
+    (HOURS_SINCE_LAST_PURCHASE, pa.float64()),
+    (FREQUENCY_ORDERS, pa.int64()),
+    (MONETARY_TOTAL, pa.float64()),
+    (AVG_ORDER_VALUE, pa.float64()),
+    (MAX_ORDER_VALUE, pa.float64()),
+    (RECENCY_HOURS, pa.float64()),
+    (RFM_R, pa.int8()),
+    (RFM_F, pa.int8()),
+    (RFM_M, pa.int8()),
+    (RFM_SEGMENT, pa.string()),
+    (MEAN_HOURS_BETWEEN_ORDERS, pa.float64()),
+    (MEAN_VIEW_TO_CART_HOURS, pa.float64()),
+    (MEAN_CART_TO_PURCHASE_HOURS, pa.float64()),
+    (SESSION_COUNT, pa.int64()),
+    (MEAN_SESSION_MINUTES, pa.float64()),
+    (EVENTS_PER_SESSION, pa.float64()),
+    (CART_VIEW_RATE, pa.float64()),
+    (PURCHASE_VIEW_RATE, pa.float64()),
+    (OPEN_CART_ITEMS, pa.int64()),
+    (OPEN_CART_VALUE, pa.float64()),
+    *[(c, pa.string()) for c in TOP_CATEGORIES],
+    *[(c, pa.float64()) for c in TOP_CATEGORY_SCORES],
+    (DISTINCT_CATEGORIES, pa.int64()),
+    (MEAN_PRICE_VIEWED, pa.float64()),
+    (MEAN_PRICE_PURCHASED, pa.float64()),
+    (PEAK_HOUR_LOCAL, pa.int8()),
+    (LIFECYCLE_STAGE, pa.string()),
+]
+_NON_NULL = {USER_ID, SNAPSHOT_HOUR, FIRST_SEEN_AT, LAST_SEEN_AT, LIFECYCLE_STAGE, RFM_SEGMENT}
+PROFILE_SCHEMA = pa.schema([pa.field(n, t, nullable=n not in _NON_NULL) for n, t in _PROFILE_FIELDS])
+PROFILE_COLUMNS: tuple[str, ...] = tuple(PROFILE_SCHEMA.names)
+# What ``snapshot`` (per bucket) produces; ``add_population_features`` adds the rest.
+SNAPSHOT_SCHEMA = pa.schema([f for f in PROFILE_SCHEMA if f.name not in POPULATION_COLUMNS])
+
+CATEGORICAL_FEATURES: tuple[str, ...] = (TOP_CATEGORIES[0], RFM_SEGMENT, LIFECYCLE_STAGE)
+NUMERIC_FEATURES: tuple[str, ...] = tuple(
+    f.name
+    for f in PROFILE_SCHEMA
+    if f.name not in (USER_ID, SNAPSHOT_HOUR) and not pa.types.is_timestamp(f.type) and not pa.types.is_string(f.type)
+)
+
+INTERESTS_SCHEMA = pa.schema(
+    [
+        pa.field(USER_ID, pa.string(), nullable=False),
+        pa.field(CATEGORY_ID, pa.string(), nullable=False),
+        pa.field(AFFINITY, pa.float64(), nullable=False),
+    ]
+)
+INTEREST_COLUMNS: tuple[str, ...] = tuple(INTERESTS_SCHEMA.names)
+
+CHANGE_NEW, CHANGE_UPDATED, CHANGE_REMOVED = "new", "updated", "removed"
+CHANGES_SCHEMA = pa.schema(
+    [
+        pa.field(USER_ID, pa.string(), nullable=False),
+        pa.field("change", pa.string(), nullable=False),
+        pa.field("changed_columns", pa.list_(pa.string())),
+        pa.field("lifecycle_transition", pa.string()),
+        pa.field("rfm_segment_transition", pa.string()),
+    ]
+)
+# Columns that move with the clock alone; listing them would mark every user as updated every hour.
+CLOCK_DRIVEN_COLUMNS: tuple[str, ...] = (
+    SNAPSHOT_HOUR,
+    HOURS_SINCE_LAST_EVENT,
+    HOURS_SINCE_LAST_CART,
+    HOURS_SINCE_LAST_PURCHASE,
+    RECENCY_HOURS,
+    *(decayed_column(t, h) for t in EVENT_TYPES for h, _ in HALF_LIVES),
+    *TOP_CATEGORY_SCORES,
+)
+
+# ---- feature definitions ----------------------------------------------------------
+SESSION_GAP = timedelta(minutes=30)  # inactivity that splits sessions
+ORDER_GAP = timedelta(hours=1)  # lines of one order_id further apart than this are separate orders
+LATENCY_LOOKBACK = timedelta(days=30)  # a view (cart) counts for a cart (purchase) this long
+OPEN_CART_TTL = timedelta(days=30)  # a cart line older than this is abandoned, no longer open
+HOURLY_RETENTION = timedelta(days=30)  # longest window; hourly buckets older than this are pruned
+AFFINITY_HALF_LIFE = timedelta(days=7)
+AFFINITY_WEIGHTS: dict[str, float] = {VIEW: 1.0, FAV: 2.0, CART: 3.0, REMOVE_CART: 0.0, PURCHASE: 5.0}
+MIN_AFFINITY = 0.01  # interest rows below this are dropped (same rule for every path)
+AFFINITY_DECIMALS = 6  # rounding keeps equal-looking scores equal, so top-k ties break on category_id
+NEW_USER_AGE = timedelta(days=7)
+DORMANT_AFTER = timedelta(days=7)
+CHURNED_AFTER = timedelta(days=30)
+
+_MS_HOUR = 3_600_000
+
+# ---- state tables -------------------------------------------------------------------
+META, USER_EVENTS, USERS, HOURLY, HOURS_OF_DAY, SESSIONS, ORDERS, CARTS, ANCHORS, TARGETS, PENDING = (
+    "meta",
+    "user_events",
+    "users",
+    "hourly",
+    "hours_of_day",
+    "sessions",
+    "orders",
+    "carts",
+    "anchors",
+    "targets",
+    "pending",
+)
+
+# user_events, one row per user and event type, and users: (column, Arrow type, how two rows merge).
+# Long rather than wide: DuckDB plans a query over few columns much faster, and advance runs hourly.
+_USER_EVENT_FIELDS: list[tuple[str, pa.DataType, str]] = [
+    ("n", pa.int64(), "sum"),
+    ("first_ms", pa.int64(), "min"),
+    ("last_ms", pa.int64(), "max"),
+    *[(f"decayed_{h}", pa.float64(), "sum") for h, _ in HALF_LIVES],
+    ("price_n", pa.int64(), "sum"),
+    ("price_cents", pa.int64(), "sum"),
+]
+_USER_FIELDS: list[tuple[str, pa.DataType, str]] = [
+    ("orders_n", pa.int64(), "sum"),
+    ("orders_cents", pa.int64(), "sum"),
+    ("orders_max_cents", pa.int64(), "max"),
+    ("first_order_ms", pa.int64(), "min"),
+    ("last_order_ms", pa.int64(), "max"),
+    ("sessions_n", pa.int64(), "sum"),
+    ("sessions_ms", pa.int64(), "sum"),
+    ("sessions_events", pa.int64(), "sum"),
+    ("v2c_n", pa.int64(), "sum"),
+    ("v2c_ms", pa.int64(), "sum"),
+    ("c2p_n", pa.int64(), "sum"),
+    ("c2p_ms", pa.int64(), "sum"),
+]
+
+
+def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
+    return pa.schema([pa.field(n, t) for n, t in fields])
+
+
+_S, _I64 = pa.string(), pa.int64()
+STATE_SCHEMAS: dict[str, pa.Schema] = {
+    META: _schema(("end_ms", _I64)),
+    USER_EVENTS: _schema((USER_ID, _S), ("event_type", _S), *[(n, t) for n, t, _ in _USER_EVENT_FIELDS]),
+    USERS: _schema((USER_ID, _S), *[(n, t) for n, t, _ in _USER_FIELDS]),
+    HOURLY: _schema(
+        (USER_ID, _S),
+        ("hour_ms", _I64),
+        ("event_type", _S),
+        (CATEGORY_ID, _S),
+        ("n", _I64),
+        ("decay_sum", pa.float64()),
+    ),
+    HOURS_OF_DAY: _schema((USER_ID, _S), ("hour_of_day", pa.int8()), ("n", _I64)),
+    SESSIONS: _schema((USER_ID, _S), ("ts_ms", _I64)),
+    ORDERS: _schema((USER_ID, _S), ("order_key", _S), ("ts_ms", _I64), ("cents", _I64)),
+    CARTS: _schema((USER_ID, _S), ("item_id", _S), ("cart_ms", _I64), ("cart_cents", _I64), ("closed_ms", _I64)),
+    ANCHORS: _schema((USER_ID, _S), ("item_id", _S), ("event_type", _S), ("ts_ms", _I64)),
+    TARGETS: _schema((USER_ID, _S), ("item_id", _S), ("event_type", _S), ("ts_ms", _I64)),
+    PENDING: STAGED_SCHEMA,
+}
+STATE_TABLES: tuple[str, ...] = tuple(STATE_SCHEMAS)
+
+
+class MissingStateError(FileNotFoundError):
+    """The state of the hour before is not in the lake: the hour cannot be built on it."""
+
+
+@dataclass
+class ProfileState:
+    """Mergeable per-user state of one bucket as of ``end`` (named Arrow tables, see module doc)."""
+
+    tables: dict[str, pa.Table]
+
+    @property
+    def end(self) -> datetime | None:
+        """The exclusive end of the events merged so far (None for an empty state)."""
+        meta = self.tables[META]
+        if meta.num_rows == 0:
+            return None
+        return datetime.fromtimestamp(meta.column("end_ms")[0].as_py() / 1000, tz=UTC)
+
+
+def empty_state() -> ProfileState:
+    """A state with no users and no end: the start of the first hour."""
+    return ProfileState({name: schema.empty_table() for name, schema in STATE_SCHEMAS.items()})
+
+
+# ---- SQL helpers --------------------------------------------------------------------
+_DATABASE: tuple[int, duckdb.DuckDBPyConnection] | None = None
+_DATABASE_LOCK = threading.Lock()
+
+
+def _connect() -> duckdb.DuckDBPyConnection:
+    """An isolated DuckDB connection (own temp tables and registrations) on a per-process database.
+
+    Opening an in-memory database costs ~20 ms, a cursor on an open one microseconds: that
+    matters for the hourly chains of the tests and the runner.
+    """
+    import duckdb
+
+    global _DATABASE
+    with _DATABASE_LOCK:
+        if _DATABASE is None or _DATABASE[0] != os.getpid():  # a forked worker opens its own
+            _DATABASE = (os.getpid(), duckdb.connect())
+        return _DATABASE[1].cursor()
+
+
+def _hour_ms(moment: datetime) -> int:
+    if moment.tzinfo is None or moment != floor_hour(moment):
+        raise ValueError(f"end must be a UTC hour boundary with tzinfo, got {moment!r}")
+    return int(moment.timestamp()) * 1000
+
+
+def _decay(age_ms_sql: str, half_life_hours: float) -> str:
+    """SQL factor 2^(-age / half-life): exact exponential decay of a count."""
+    return f"pow(2.0, -CAST({age_ms_sql} AS DOUBLE) / {half_life_hours * _MS_HOUR})"
+
+
+def _cents(amount_sql: str) -> str:
+    return f"CAST(round(({amount_sql}) * 100) AS BIGINT)"
+
+
+def _duck_type(arrow_type: pa.DataType) -> str:
+    return "DOUBLE" if pa.types.is_floating(arrow_type) else "BIGINT"
+
+
+def _gap_groups(rows_sql: str, keys: str, gap_ms: int) -> str:
+    """SQL numbering gap-separated groups of ``rows_sql`` (a new group after a gap >= ``gap_ms``).
+
+    Adds ``grp``, ``grp_first`` and ``grp_last`` to each row. Rows with equal ``ts_ms``
+    always share a group, so the numbering does not depend on their order.
+    """
+    return f"""
+        SELECT *, min(ts_ms) OVER w2 AS grp_first, max(ts_ms) OVER w2 AS grp_last
+        FROM (
+            SELECT *, sum(CASE WHEN prev IS NULL OR ts_ms - prev >= {gap_ms} THEN 1 ELSE 0 END)
+                      OVER (PARTITION BY {keys} ORDER BY ts_ms ROWS UNBOUNDED PRECEDING) AS grp
+            FROM (SELECT *, lag(ts_ms) OVER (PARTITION BY {keys} ORDER BY ts_ms) AS prev FROM ({rows_sql}))
+        )
+        WINDOW w2 AS (PARTITION BY {keys}, grp)
+    """
+
+
+def _session_totals(grouped: str) -> str:
+    """Per-user session count, summed duration and events of the sessions in ``grouped``."""
+    return f"""
+        SELECT user_id, count(*) AS sessions_n, sum(grp_last - grp_first) AS sessions_ms, sum(n) AS sessions_events
+        FROM (SELECT user_id, grp, any_value(grp_first) AS grp_first, any_value(grp_last) AS grp_last, count(*) AS n
+              FROM {grouped} GROUP BY user_id, grp)
+        GROUP BY user_id
+    """
+
+
+def _order_totals(grouped: str) -> str:
+    """Per-user order count, value, largest value and first/last order time of the orders in ``grouped``."""
+    return f"""
+        SELECT user_id, count(*) AS orders_n, sum(cents) AS orders_cents, max(cents) AS orders_max_cents,
+               min(grp_first) AS first_order_ms, max(grp_first) AS last_order_ms
+        FROM (SELECT user_id, order_key, grp, any_value(grp_first) AS grp_first, sum(cents) AS cents
+              FROM {grouped} GROUP BY user_id, order_key, grp)
+        GROUP BY user_id
+    """
+
+
+def _latencies(targets: str, anchors: str) -> str:
+    """Each target (cart, purchase) with the time since the latest earlier anchor (view, cart) of its item."""
+    lookback = int(LATENCY_LOOKBACK.total_seconds() * 1000)
+    return f"""
+        SELECT t.user_id, t.event_type, t.ts_ms,
+               CASE WHEN t.ts_ms - a.ts_ms <= {lookback} THEN t.ts_ms - a.ts_ms END AS lag_ms
+        FROM (SELECT *, CASE event_type WHEN '{CART}' THEN '{VIEW}' ELSE '{CART}' END AS anchor_type FROM {targets}) t
+        ASOF LEFT JOIN {anchors} a
+          ON t.user_id = a.user_id AND t.item_id = a.item_id AND t.anchor_type = a.event_type AND t.ts_ms >= a.ts_ms
+    """
+
+
+def _latency_totals(latencies: str) -> str:
+    return f"""
+        SELECT user_id,
+               count(lag_ms) FILTER (WHERE event_type = '{CART}') AS v2c_n,
+               sum(lag_ms) FILTER (WHERE event_type = '{CART}') AS v2c_ms,
+               count(lag_ms) FILTER (WHERE event_type = '{PURCHASE}') AS c2p_n,
+               sum(lag_ms) FILTER (WHERE event_type = '{PURCHASE}') AS c2p_ms
+        FROM {latencies} GROUP BY user_id
+    """
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, sql: str, schema: pa.Schema) -> pa.Table:
+    return con.sql(sql).to_arrow_table().select(schema.names).cast(schema)
+
+
+def _staged(events: pa.Table) -> pa.Table:
+    """The events as ``STAGED_SCHEMA`` (column order and types), or a clear error."""
+    missing = [n for n in STAGED_SCHEMA.names if n not in events.column_names]
+    if missing:
+        raise ValueError(f"events lack staged columns {missing}")
+    return events.select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+
+
+def _check_tz(name: str) -> str:
+    ZoneInfo(name)  # raises for unknown zones before the name reaches SQL
+    return name.replace("'", "''")
+
+
+# ---- advance / snapshot / rebuild ---------------------------------------------------
+def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Settings) -> ProfileState:
+    """Merge staged events into ``state`` and move its end to ``end``.
+
+    ``events`` (``STAGED_SCHEMA``) may have any ``ts``: those at or after ``end`` are held
+    back in the state and merged by a later call. ``end`` may be many hours after the
+    state's end; the result equals advancing hour by hour, which is what lets the
+    warm-up process a day at once.
+    """
+    e = _hour_ms(end)
+    previous = state.end
+    e0 = _hour_ms(previous) if previous is not None else e  # an empty state has nothing to decay
+    if e < e0:
+        raise ValueError(f"cannot move the state back from {format_hour(previous or end)} to {format_hour(end)}")
+    horizon = e - settings.lateness_hours * _MS_HOUR  # no future event is older than this
+    session_gap = int(SESSION_GAP.total_seconds() * 1000)
+    order_gap = int(ORDER_GAP.total_seconds() * 1000)
+    tz = _check_tz(settings.business_tz)
+
+    con = _connect()
+    try:
+        for name, table in state.tables.items():
+            con.register(f"s_{name}", table)
+        con.register("new_events", _staged(events))
+        con.execute(
+            "CREATE TEMP TABLE incoming AS SELECT *, epoch_ms(ts) AS t FROM "
+            "(SELECT * FROM s_pending UNION ALL SELECT * FROM new_events)"
+        )
+        con.execute(f"CREATE TEMP TABLE due AS SELECT * FROM incoming WHERE t < {e}")
+        pending = _fetch(con, f"SELECT * FROM incoming WHERE t >= {e} ORDER BY user_id, ts, event_id", STAGED_SCHEMA)
+
+        # sessions: regroup the buffer with the new events, fold sessions no future event can touch
+        con.execute(
+            "CREATE TEMP TABLE sess AS "
+            + _gap_groups(
+                "SELECT user_id, ts_ms FROM s_sessions UNION ALL SELECT user_id, t FROM due", "user_id", session_gap
+            )
+        )
+        sessions = _fetch(
+            con,
+            f"SELECT user_id, ts_ms FROM sess WHERE grp_last + {session_gap} > {horizon} ORDER BY user_id, ts_ms",
+            STATE_SCHEMAS[SESSIONS],
+        )
+        # orders: lines of one (user, order key) grouped the same way; no order_id = one order per event
+        order_lines = (
+            "SELECT user_id, order_key, ts_ms, cents FROM s_orders UNION ALL "
+            f"SELECT user_id, coalesce(order_id, 'event:' || event_id), t, {_cents('coalesce(price, 0) * quantity')} "
+            f"FROM due WHERE event_type = '{PURCHASE}'"
+        )
+        con.execute("CREATE TEMP TABLE ord AS " + _gap_groups(order_lines, "user_id, order_key", order_gap))
+        orders = _fetch(
+            con,
+            f"SELECT user_id, order_key, ts_ms, cents FROM ord WHERE grp_last + {order_gap} > {horizon} "
+            "ORDER BY user_id, order_key, ts_ms, cents",
+            STATE_SCHEMAS[ORDERS],
+        )
+        # latencies: targets become final once no earlier anchor can still arrive
+        con.execute(
+            "CREATE TEMP TABLE anc AS SELECT user_id, item_id, event_type, ts_ms FROM s_anchors UNION ALL "
+            f"SELECT user_id, item_id, event_type, t FROM due WHERE event_type IN ('{VIEW}', '{CART}')"
+        )
+        con.execute(
+            "CREATE TEMP TABLE tgt AS SELECT user_id, item_id, event_type, ts_ms FROM s_targets UNION ALL "
+            f"SELECT user_id, item_id, event_type, t FROM due WHERE event_type IN ('{CART}', '{PURCHASE}')"
+        )
+        con.execute(f"CREATE TEMP TABLE tgt_final AS SELECT * FROM tgt WHERE ts_ms < {horizon}")
+        targets = _fetch(
+            con,
+            f"SELECT * FROM tgt WHERE ts_ms >= {horizon} ORDER BY user_id, item_id, event_type, ts_ms",
+            STATE_SCHEMAS[TARGETS],
+        )
+        lookback = int(LATENCY_LOOKBACK.total_seconds() * 1000)
+        # Keep every anchor a future target may see: the recent ones and the latest older one per item.
+        anchors = _fetch(
+            con,
+            f"""
+            SELECT DISTINCT * FROM (
+                SELECT user_id, item_id, event_type, ts_ms FROM anc WHERE ts_ms >= {horizon}
+                UNION ALL
+                SELECT user_id, item_id, event_type, max(ts_ms) FROM anc WHERE ts_ms < {horizon}
+                GROUP BY user_id, item_id, event_type HAVING max(ts_ms) >= {horizon - lookback}
+            ) ORDER BY user_id, item_id, event_type, ts_ms
+            """,
+            STATE_SCHEMAS[ANCHORS],
+        )
+
+        user_events = _fetch(con, _merge_user_events_sql(e, e0), STATE_SCHEMAS[USER_EVENTS])
+        users = _fetch(con, _merge_users_sql(horizon, session_gap, order_gap), STATE_SCHEMAS[USERS])
+        hourly = _fetch(con, _merge_hourly_sql(e), STATE_SCHEMAS[HOURLY])
+        hours_of_day = _fetch(
+            con,
+            f"""
+            SELECT user_id, hour_of_day, sum(n) AS n FROM (
+                SELECT user_id, hour_of_day, n FROM s_hours_of_day
+                UNION ALL
+                SELECT user_id, hour(timezone('{tz}', ts)) AS hour_of_day, count(*) AS n FROM due GROUP BY ALL
+            ) GROUP BY ALL ORDER BY user_id, hour_of_day
+            """,
+            STATE_SCHEMAS[HOURS_OF_DAY],
+        )
+        carts = _fetch(con, _merge_carts_sql(e, horizon), STATE_SCHEMAS[CARTS])
+    finally:
+        con.close()
+
+    return ProfileState(
+        {
+            META: pa.table({"end_ms": pa.array([e], pa.int64())}),
+            USER_EVENTS: user_events,
+            USERS: users,
+            HOURLY: hourly,
+            HOURS_OF_DAY: hours_of_day,
+            SESSIONS: sessions,
+            ORDERS: orders,
+            CARTS: carts,
+            ANCHORS: anchors,
+            TARGETS: targets,
+            PENDING: pending,
+        }
+    )
+
+
+def _merged(fields: list[tuple[str, pa.DataType, str]]) -> str:
+    """Select list merging rows of one key: sums (0 when absent), minima and maxima."""
+    merged = []
+    for name, arrow_type, how in fields:
+        agg = f"coalesce(sum({name}), 0)" if how == "sum" else f"{how}({name})"
+        merged.append(f"CAST({agg} AS {_duck_type(arrow_type)}) AS {name}")
+    return ", ".join(merged)
+
+
+def _merge_user_events_sql(e: int, e0: int) -> str:
+    """SQL merging old per-type rows (decayed from ``e0`` to ``e``) with the new events."""
+    half_life = {f"decayed_{h}": hours for h, hours in HALF_LIVES}
+    old = ", ".join(
+        f"{n} * {_decay(str(e - e0), half_life[n])} AS {n}" if n in half_life else n for n, _, _ in _USER_EVENT_FIELDS
+    )
+    decayed = ", ".join(f"sum({_decay(f'{e} - t', hours)}) AS decayed_{h}" for h, hours in HALF_LIVES)
+    return f"""
+        SELECT user_id, event_type, {_merged(_USER_EVENT_FIELDS)} FROM (
+            SELECT user_id, event_type, {old} FROM s_user_events
+            UNION ALL BY NAME
+            SELECT user_id, event_type, count(*) AS n, min(t) AS first_ms, max(t) AS last_ms, {decayed},
+                   count(price) AS price_n, sum({_cents("price")}) AS price_cents
+            FROM due GROUP BY user_id, event_type
+        ) GROUP BY user_id, event_type ORDER BY user_id, event_type
+    """
+
+
+def _merge_users_sql(horizon: int, session_gap: int, order_gap: int) -> str:
+    """SQL adding the sessions, orders and latencies that became final to the users' totals."""
+    final_sessions = f"(SELECT * FROM sess WHERE grp_last + {session_gap} <= {horizon})"
+    final_orders = f"(SELECT * FROM ord WHERE grp_last + {order_gap} <= {horizon})"
+    return f"""
+        SELECT user_id, {_merged(_USER_FIELDS)} FROM (
+            SELECT * FROM s_users
+            UNION ALL BY NAME {_session_totals(final_sessions)}
+            UNION ALL BY NAME {_order_totals(final_orders)}
+            UNION ALL BY NAME {_latency_totals(f"({_latencies('tgt_final', 'anc')})")}
+        ) GROUP BY user_id ORDER BY user_id
+    """
+
+
+def _affinity_decay_sql(age_ms_sql: str) -> str:
+    return _decay(age_ms_sql, AFFINITY_HALF_LIFE.total_seconds() / 3600)
+
+
+def _merge_hourly_sql(e: int) -> str:
+    """SQL adding the new events to the hourly buckets and dropping buckets older than 30 days.
+
+    ``decay_sum`` is the bucket's events decayed to the bucket's end, so the affinity as of
+    any later end is ``decay_sum`` times one more exact factor.
+    """
+    bucket = f"(t - t % {_MS_HOUR})"
+    retention = int(HOURLY_RETENTION.total_seconds() * 1000)
+    return f"""
+        SELECT user_id, hour_ms, event_type, category_id, sum(n) AS n, sum(decay_sum) AS decay_sum FROM (
+            SELECT user_id, hour_ms, event_type, category_id, n, decay_sum FROM s_hourly
+            UNION ALL
+            SELECT user_id, {bucket} AS hour_ms, event_type, category_id, count(*) AS n,
+                   sum({_affinity_decay_sql(f"{bucket} + {_MS_HOUR} - t")}) AS decay_sum
+            FROM due GROUP BY ALL
+        ) WHERE hour_ms >= {e - retention}
+        GROUP BY ALL ORDER BY user_id, hour_ms, event_type, category_id NULLS FIRST
+    """
+
+
+def _merge_carts_sql(e: int, horizon: int) -> str:
+    """SQL keeping, per user and item, the latest cart line and the latest close (remove or purchase).
+
+    A row is dropped once no future event can make it matter: closed before the lateness
+    horizon, or untouched for longer than the open-cart time to live.
+    """
+    ttl = int(OPEN_CART_TTL.total_seconds() * 1000)
+    return f"""
+        SELECT * FROM (
+            SELECT user_id, item_id, max(cart_ms) AS cart_ms,
+                   arg_max(cart_cents, [cart_ms, cart_cents]) FILTER (WHERE cart_ms IS NOT NULL) AS cart_cents,
+                   max(closed_ms) AS closed_ms
+            FROM (
+                SELECT user_id, item_id, cart_ms, cart_cents, closed_ms FROM s_carts
+                UNION ALL
+                SELECT user_id, item_id,
+                       CASE WHEN event_type = '{CART}' THEN t END,
+                       CASE WHEN event_type = '{CART}' THEN {_cents("coalesce(price, 0) * quantity")} END,
+                       CASE WHEN event_type <> '{CART}' THEN t END
+                FROM due WHERE event_type IN ('{CART}', '{REMOVE_CART}', '{PURCHASE}')
+            ) GROUP BY user_id, item_id
+        )
+        WHERE NOT (closed_ms IS NOT NULL AND closed_ms >= coalesce(cart_ms, closed_ms) AND closed_ms < {horizon})
+          AND greatest(cart_ms, closed_ms) >= {e - ttl}
+        ORDER BY user_id, item_id
+    """
+
+
+def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa.Table, pa.Table]:
+    """The profile snapshot as of ``end`` (the state's end) and the interests long table.
+
+    Profiles carry every contract column except the population ones (RFM), which need
+    all buckets and are added by ``add_population_features``. Rows are sorted by
+    ``user_id`` (interests by ``user_id, category_id``). Contains no event at or after ``end``.
+    """
+    e = _hour_ms(end)
+    if state.end is not None and state.end != end:
+        raise ValueError(f"state ends at {format_hour(state.end)}, not {format_hour(end)}: advance it first")
+    con = _connect()
+    try:
+        for name, table in state.tables.items():
+            con.register(f"s_{name}", table)
+        con.execute(f"CREATE TEMP TABLE interests AS {_interests_sql(e)}")
+        interests = _fetch(con, "SELECT * FROM interests ORDER BY user_id, category_id", INTERESTS_SCHEMA)
+        profiles = _fetch(con, _profiles_sql(e), SNAPSHOT_SCHEMA)
+    finally:
+        con.close()
+    return profiles, interests
+
+
+def _interests_sql(e: int) -> str:
+    weight = "CASE event_type " + " ".join(f"WHEN '{t}' THEN {w}" for t, w in AFFINITY_WEIGHTS.items()) + " END"
+    retention = int(HOURLY_RETENTION.total_seconds() * 1000)
+    return f"""
+        SELECT user_id, category_id, affinity FROM (
+            SELECT user_id, category_id,
+                   round(sum({weight} * decay_sum * {_affinity_decay_sql(f"{e} - hour_ms - {_MS_HOUR}")}),
+                         {AFFINITY_DECIMALS}) AS affinity
+            FROM s_hourly WHERE category_id IS NOT NULL AND hour_ms >= {e - retention}
+            GROUP BY user_id, category_id
+        ) WHERE affinity >= {MIN_AFFINITY}
+    """
+
+
+def _profiles_sql(e: int) -> str:
+    """SQL of the per-bucket snapshot: the users rows plus what the buffers hold as of ``e``."""
+    hours = f"/ {float(_MS_HOUR)}"
+    session_gap = int(SESSION_GAP.total_seconds() * 1000)
+    order_gap = int(ORDER_GAP.total_seconds() * 1000)
+    ttl = int(OPEN_CART_TTL.total_seconds() * 1000)
+    windows = [
+        f"coalesce(sum(n) FILTER (WHERE event_type = '{t}' AND hour_ms >= {e - h * _MS_HOUR}), 0) AS c_{t}_{w}"
+        for t in EVENT_TYPES
+        for w, h in WINDOWS
+    ]
+    per_type = []
+    for t in EVENT_TYPES:
+        where = f"FILTER (WHERE event_type = '{t}')"
+        per_type += [f"coalesce(sum({n}) {where}, 0) AS {n}_{t}" for n in ("n", "price_n", "price_cents")]
+        per_type += [f"min(first_ms) {where} AS first_{t}_ms", f"max(last_ms) {where} AS last_{t}_ms"]
+        per_type += [f"coalesce(sum(decayed_{h}) {where}, 0) AS decayed_{h}_{t}" for h, _ in HALF_LIVES]
+    cols: dict[str, str] = {USER_ID: "ue.user_id", SNAPSHOT_HOUR: str(e - _MS_HOUR)}
+    for t in EVENT_TYPES:
+        cols[count_column(t, "lifetime")] = f"n_{t}"
+        cols |= {count_column(t, w): f"coalesce(c_{t}_{w}, 0)" for w, _ in WINDOWS}
+        cols |= {decayed_column(t, h): f"decayed_{h}_{t}" for h, _ in HALF_LIVES}
+        cols |= {first_at_column(t): f"first_{t}_ms", last_at_column(t): f"last_{t}_ms"}
+    first_seen = "least(" + ", ".join(f"first_{t}_ms" for t in EVENT_TYPES) + ")"
+    last_seen = "greatest(" + ", ".join(f"last_{t}_ms" for t in EVENT_TYPES) + ")"
+    n_orders = "(coalesce(orders_n, 0) + coalesce(b_orders_n, 0))"
+    cents = "(coalesce(orders_cents, 0) + coalesce(b_orders_cents, 0))"
+    first_order = "least(first_order_ms, b_first_order_ms)"
+    last_order = "greatest(last_order_ms, b_last_order_ms)"
+    n_sessions = "(coalesce(sessions_n, 0) + coalesce(b_sessions_n, 0))"
+    v2c_n, c2p_n = "(coalesce(v2c_n, 0) + coalesce(b_v2c_n, 0))", "(coalesce(c2p_n, 0) + coalesce(b_c2p_n, 0))"
+    cols |= {
+        FIRST_SEEN_AT: first_seen,
+        LAST_SEEN_AT: last_seen,
+        HOURS_SINCE_LAST_EVENT: f"({e} - {last_seen}) {hours}",
+        HOURS_SINCE_LAST_CART: f"({e} - last_{CART}_ms) {hours}",
+        HOURS_SINCE_LAST_PURCHASE: f"({e} - last_{PURCHASE}_ms) {hours}",
+        FREQUENCY_ORDERS: n_orders,
+        MONETARY_TOTAL: f"{cents} / 100.0",
+        AVG_ORDER_VALUE: f"CASE WHEN {n_orders} > 0 THEN round({cents} / {n_orders}) / 100.0 END",
+        MAX_ORDER_VALUE: "greatest(orders_max_cents, b_orders_max_cents) / 100.0",
+        RECENCY_HOURS: f"({e} - last_{PURCHASE}_ms) {hours}",
+        MEAN_HOURS_BETWEEN_ORDERS: f"CASE WHEN {n_orders} > 1 THEN ({last_order} - {first_order}) {hours} / ({n_orders} - 1) END",
+        MEAN_VIEW_TO_CART_HOURS: f"CASE WHEN {v2c_n} > 0 THEN (coalesce(v2c_ms, 0) + coalesce(b_v2c_ms, 0)) {hours} / {v2c_n} END",
+        MEAN_CART_TO_PURCHASE_HOURS: f"CASE WHEN {c2p_n} > 0 THEN (coalesce(c2p_ms, 0) + coalesce(b_c2p_ms, 0)) {hours} / {c2p_n} END",
+        SESSION_COUNT: n_sessions,
+        MEAN_SESSION_MINUTES: f"CASE WHEN {n_sessions} > 0 THEN (coalesce(sessions_ms, 0) + coalesce(b_sessions_ms, 0)) / 60000.0 / {n_sessions} END",
+        EVENTS_PER_SESSION: f"CASE WHEN {n_sessions} > 0 THEN (coalesce(sessions_events, 0) + coalesce(b_sessions_events, 0)) / {n_sessions} END",
+        CART_VIEW_RATE: f"CASE WHEN n_{VIEW} > 0 THEN n_{CART} / n_{VIEW} END",
+        PURCHASE_VIEW_RATE: f"CASE WHEN n_{VIEW} > 0 THEN n_{PURCHASE} / n_{VIEW} END",
+        OPEN_CART_ITEMS: "coalesce(open_items, 0)",
+        OPEN_CART_VALUE: "coalesce(open_cents, 0) / 100.0",
+        **{c: f"top_{i}" for i, c in enumerate(TOP_CATEGORIES, 1)},
+        **{c: f"top_{i}_score" for i, c in enumerate(TOP_CATEGORY_SCORES, 1)},
+        DISTINCT_CATEGORIES: "coalesce(n_categories, 0)",
+        MEAN_PRICE_VIEWED: f"CASE WHEN price_n_{VIEW} > 0 THEN round(price_cents_{VIEW} / price_n_{VIEW}) / 100.0 END",
+        MEAN_PRICE_PURCHASED: f"CASE WHEN price_n_{PURCHASE} > 0 THEN round(price_cents_{PURCHASE} / price_n_{PURCHASE}) / 100.0 END",
+        PEAK_HOUR_LOCAL: "peak_hour",
+        LIFECYCLE_STAGE: f"""CASE
+            WHEN {last_seen} < {e - int(CHURNED_AFTER.total_seconds() * 1000)} THEN '{LIFECYCLE_CHURNED}'
+            WHEN {last_seen} < {e - int(DORMANT_AFTER.total_seconds() * 1000)} THEN '{LIFECYCLE_DORMANT}'
+            WHEN {first_seen} >= {e - int(NEW_USER_AGE.total_seconds() * 1000)} THEN '{LIFECYCLE_NEW}'
+            ELSE '{LIFECYCLE_ACTIVE}' END""",
+    }
+    select = ",\n".join(f"{expr} AS {name}" for name, expr in cols.items())
+    buffered_sessions = f"({_gap_groups('SELECT user_id, ts_ms FROM s_sessions', 'user_id', session_gap)})"
+    buffered_orders = f"({_gap_groups('SELECT * FROM s_orders', 'user_id, order_key', order_gap)})"
+    top = ", ".join(
+        f"max(category_id) FILTER (WHERE rank = {i}) AS top_{i}, max(affinity) FILTER (WHERE rank = {i}) AS top_{i}_score"
+        for i in range(1, len(TOP_CATEGORIES) + 1)
+    )
+
+    def prefixed(sql: str, names: tuple[str, ...]) -> str:
+        return f"SELECT user_id, {', '.join(f'{n} AS b_{n}' for n in names)} FROM ({sql})"
+
+    return f"""
+        WITH ue AS (SELECT user_id, {", ".join(per_type)} FROM s_user_events GROUP BY user_id),
+        win AS (SELECT user_id, {", ".join(windows)} FROM s_hourly GROUP BY user_id),
+        bs AS ({prefixed(_session_totals(buffered_sessions), ("sessions_n", "sessions_ms", "sessions_events"))}),
+        bo AS ({prefixed(_order_totals(buffered_orders), ("orders_n", "orders_cents", "orders_max_cents", "first_order_ms", "last_order_ms"))}),
+        bl AS ({prefixed(_latency_totals(f"({_latencies('s_targets', 's_anchors')})"), ("v2c_n", "v2c_ms", "c2p_n", "c2p_ms"))}),
+        oc AS (SELECT user_id, count(*) AS open_items, sum(cart_cents) AS open_cents FROM s_carts
+               WHERE cart_ms >= {e - ttl} AND (closed_ms IS NULL OR closed_ms < cart_ms) GROUP BY user_id),
+        tc AS (SELECT user_id, {top} FROM (
+                 SELECT *, row_number() OVER (PARTITION BY user_id ORDER BY affinity DESC, category_id) AS rank
+                 FROM interests) WHERE rank <= {len(TOP_CATEGORIES)} GROUP BY user_id),
+        dc AS (SELECT user_id, count(DISTINCT category_id) AS n_categories FROM s_hourly
+               WHERE category_id IS NOT NULL AND hour_ms >= {e - int(HOURLY_RETENTION.total_seconds() * 1000)} GROUP BY user_id),
+        pk AS (SELECT user_id, arg_max(hour_of_day, n * 24 + (23 - hour_of_day)) AS peak_hour
+               FROM s_hours_of_day GROUP BY user_id)
+        SELECT {select}
+        FROM ue LEFT JOIN s_users USING (user_id)
+        LEFT JOIN win USING (user_id) LEFT JOIN bs USING (user_id) LEFT JOIN bo USING (user_id)
+        LEFT JOIN bl USING (user_id) LEFT JOIN oc USING (user_id) LEFT JOIN tc USING (user_id)
+        LEFT JOIN dc USING (user_id) LEFT JOIN pk USING (user_id)
+        ORDER BY ue.user_id
+    """
+
+
+def rebuild(events: pa.Table, end: datetime, settings: Settings) -> ProfileState:
+    """The state as of ``end`` from all staged events at once (replay, verification, retention restarts).
+
+    Uses exactly the merge and pruning rules of the incremental path, in one pass over
+    all events: the result equals any chain of ``advance`` calls over the same events.
+    """
+    return advance(empty_state(), events, end, settings)
+
+
+# ---- population features and change log -----------------------------------------------
+def add_population_features(profiles: pa.Table) -> pa.Table:
+    """Add RFM scores and segment over the whole population; return ``PROFILE_COLUMNS`` in order.
+
+    Scores are 1-5 quantiles among the n users with at least one order, from the
+    mid-rank percentile ``p = (users worse + half the users tied) / n``: score
+    ``1 + floor(5 p)``. Equal values always get equal scores (a lone buyer or a fully
+    tied population scores 3), and nothing depends on row order or float noise (money
+    is in cents, recency in exact hours). Users without orders get null scores and
+    the segment ``no_orders``.
+    """
+    base = profiles.select([c for c in SNAPSHOT_SCHEMA.names])
+    champions, loyal, potential, new_customer, at_risk, hibernating, lost, no_orders = RFM_SEGMENTS
+
+    def score(value: str, order: str = "") -> str:
+        # mid-rank percentile: users below plus half of the tied users, over all buyers
+        mid_rank = f"rank() OVER (ORDER BY {value} {order}) - 1 + count(*) OVER (PARTITION BY {value}) / 2.0"
+        return f"CAST(least(5, 1 + floor(5 * ({mid_rank}) / count(*) OVER ())) AS TINYINT)"
+
+    con = _connect()
+    try:
+        con.register("p", base)
+        table = con.sql(
+            f"""
+            WITH s AS (
+                SELECT user_id, {score(RECENCY_HOURS, "DESC")} AS r, {score(FREQUENCY_ORDERS)} AS f,
+                       {score(MONETARY_TOTAL)} AS m
+                FROM p WHERE {FREQUENCY_ORDERS} >= 1
+            )
+            SELECT p.*, r AS {RFM_R}, f AS {RFM_F}, m AS {RFM_M},
+                   CASE WHEN r IS NULL THEN '{no_orders}'
+                        WHEN r >= 4 AND f >= 4 THEN '{champions}'
+                        WHEN r >= 3 AND f >= 3 THEN '{loyal}'
+                        WHEN r >= 4 AND f <= 1 THEN '{new_customer}'
+                        WHEN r >= 3 THEN '{potential}'
+                        WHEN f >= 3 THEN '{at_risk}'
+                        WHEN r = 2 THEN '{hibernating}'
+                        ELSE '{lost}' END AS {RFM_SEGMENT}
+            FROM p LEFT JOIN s USING (user_id) ORDER BY user_id
+            """
+        ).to_arrow_table()
+    finally:
+        con.close()
+    return table.select(PROFILE_SCHEMA.names).cast(PROFILE_SCHEMA)
+
+
+def profile_changes(previous: pa.Table | None, current: pa.Table) -> pa.Table:
+    """What changed since the previous snapshot: one row per new, updated or removed user.
+
+    ``changed_columns`` lists the contract columns whose value changed, leaving out the
+    ones that move with the clock alone (``CLOCK_DRIVEN_COLUMNS``); lifecycle and RFM
+    segment moves are spelled ``old->new``. Unchanged users are not listed.
+    """
+    prev = current.schema.empty_table() if previous is None else previous
+    compared = [c for c in current.column_names if c in prev.column_names and c not in (USER_ID, *CLOCK_DRIVEN_COLUMNS)]
+    diffs = ", ".join(f"CASE WHEN p.{c} IS DISTINCT FROM c.{c} THEN '{c}' END" for c in compared)
+
+    def transition(column: str) -> str:
+        if column not in compared:
+            return "NULL"
+        return f"CASE WHEN p.{column} IS DISTINCT FROM c.{column} THEN p.{column} || '->' || c.{column} END"
+
+    con = _connect()
+    try:
+        con.register("p", prev)
+        con.register("c", current)
+        table = con.sql(
+            f"""
+            SELECT * FROM (
+                SELECT coalesce(c.user_id, p.user_id) AS user_id,
+                       CASE WHEN p.user_id IS NULL THEN '{CHANGE_NEW}' WHEN c.user_id IS NULL THEN '{CHANGE_REMOVED}'
+                            ELSE '{CHANGE_UPDATED}' END AS change,
+                       CASE WHEN p.user_id IS NOT NULL AND c.user_id IS NOT NULL
+                            THEN list_filter([{diffs}], lambda x: x IS NOT NULL) END AS changed_columns,
+                       CASE WHEN p.user_id IS NOT NULL AND c.user_id IS NOT NULL THEN {transition(LIFECYCLE_STAGE)} END
+                           AS lifecycle_transition,
+                       CASE WHEN p.user_id IS NOT NULL AND c.user_id IS NOT NULL THEN {transition(RFM_SEGMENT)} END
+                           AS rfm_segment_transition
+                FROM p FULL OUTER JOIN c ON p.user_id = c.user_id
+            ) WHERE change <> '{CHANGE_UPDATED}' OR len(changed_columns) > 0
+            ORDER BY user_id
+            """
+        ).to_arrow_table()
+    finally:
+        con.close()
+    return table.select(CHANGES_SCHEMA.names).cast(CHANGES_SCHEMA)
+
+
+# ---- lake stages ----------------------------------------------------------------------------
+def _load_state(lake: Lake, hour: datetime, bucket: int, first_hour: datetime | None) -> ProfileState:
+    """The state of the hour before ``hour``, or an empty one when ``hour`` is the first hour."""
+    previous = hour - HOUR
+    if lake.committed(STATE, previous, bucket):
+        return ProfileState({name: lake.read_named(STATE, previous, name, bucket) for name in STATE_TABLES})
+    if first_hour is not None and floor_hour(first_hour) == hour:
+        return empty_state()
+    raise MissingStateError(
+        f"state of hour {format_hour(previous)} bucket {bucket} is missing in {lake.partition(STATE, previous, bucket)}; "
+        f"process {format_hour(previous)} first (or start at the first hour {format_hour(first_hour) if first_hour else 'unset'})"
+    )
+
+
+def _write_hour(
+    lake: Lake, state: ProfileState, hour: datetime, bucket: int, settings: Settings, run_id: str
+) -> dict[str, int]:
+    """Write profiles, interests and (last, since the next hour builds on it) the state of ``hour``."""
+    profiles, interests = snapshot(state, hour + HOUR, settings)
+    # A rebuilt bucket invalidates a published snapshot of this hour until publish_profiles runs again.
+    (lake.partition(PROFILES, hour) / MANIFEST).unlink(missing_ok=True)
+    lake.write_partition(PROFILES, hour, profiles, bucket=bucket, run_id=run_id)
+    lake.write_partition(INTERESTS, hour, interests, bucket=bucket, run_id=run_id)
+    lake.write_partition(STATE, hour, state.tables, bucket=bucket, run_id=run_id)
+    return {"users": profiles.num_rows, "interests": interests.num_rows}
+
+
+def _merge_counts(
+    events: pa.Table, before: ProfileState, after: ProfileState, horizon: datetime | None
+) -> dict[str, int]:
+    """How many events were merged, are held back, and arrived later than the lateness window allows."""
+    late = 0
+    if horizon is not None and events.num_rows:
+        late = int(pc.sum(pc.less(events.column("ts"), pa.scalar(horizon, _TS))).as_py() or 0)
+    held_back = after.tables[PENDING].num_rows
+    return {
+        "events_read": events.num_rows,
+        "events_merged": events.num_rows + before.tables[PENDING].num_rows - held_back,
+        "held_back": held_back,
+        "late_beyond_window": late,
+    }
+
+
+def _horizon(state: ProfileState, settings: Settings) -> datetime | None:
+    return None if state.end is None else state.end - timedelta(hours=settings.lateness_hours)
+
+
+def build_profiles(
+    settings: Settings, hour: datetime, bucket: int, *, run_id: str = "manual", first_hour: datetime | None = None
+) -> dict[str, Any]:
+    """Build hour H of one bucket: merge its staged events into the state of H-1 and write state/profiles/interests.
+
+    The state of H-1 must exist unless H is the first hour (``first_hour``, default
+    ``settings.start``); otherwise this raises ``MissingStateError`` naming the hour
+    and bucket, so no hour is ever built on an older state.
+    """
+    hour = floor_hour(hour)
+    lake = Lake(settings.lake)
+    state = _load_state(lake, hour, bucket, first_hour or settings.start)
+    events = lake.read(STAGING, hour, bucket)
+    new_state = advance(state, events, hour + HOUR, settings)
+    written = _write_hour(lake, new_state, hour, bucket, settings, run_id)
+    counts = _merge_counts(events, state, new_state, _horizon(state, settings))
+    return {"hour": format_hour(hour), "bucket": bucket, "run_id": run_id, **written, **counts}
+
+
+def build_profiles_range(
+    settings: Settings,
+    first: datetime,
+    last: datetime,
+    bucket: int,
+    *,
+    run_id: str = "manual",
+    first_hour: datetime | None = None,
+    snapshot_every: int = 24,
+) -> dict[str, Any]:
+    """Build hours ``first..last`` of one bucket in a few big merges (the warm-up path).
+
+    Reads every staged hour in one DuckDB pass, advances the state from checkpoint to
+    checkpoint and writes state/profiles/interests only at checkpoints: hours whose end
+    is a multiple of ``snapshot_every`` hours (UTC epoch) and ``last``. Each checkpoint
+    equals what hourly ``build_profiles`` would have written.
+    """
+    if snapshot_every < 1:
+        raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
+    first, last = floor_hour(first), floor_hour(last)
+    if last < first:
+        raise ValueError(f"last hour {format_hour(last)} is before first hour {format_hour(first)}")
+    lake = Lake(settings.lake)
+    state = _load_state(lake, first, bucket, first_hour or settings.start)
+    hours = list(hour_range(first, last))
+    files = [(str(f), _epoch_hour(h)) for h in hours for f in lake.data_files(STAGING, h, bucket)]
+    con = _connect()
+    try:
+        con.register(
+            "staged_files", pa.table({"filename": [f for f, _ in files], "staged_hour": [h for _, h in files]})
+        )
+        file_list = ", ".join("'" + f.replace("'", "''") + "'" for f, _ in files)
+        staged = con.sql(
+            f"SELECT s.*, f.staged_hour FROM read_parquet([{file_list}], filename = true) s "
+            "JOIN staged_files f USING (filename)"
+        ).to_arrow_table()
+    finally:
+        con.close()
+    staged_hour = staged.column("staged_hour")
+
+    checkpoints = [h for h in hours if (_epoch_hour(h) + 1) % snapshot_every == 0 or h == last]
+    totals = {"events_read": 0, "events_merged": 0, "held_back": 0, "late_beyond_window": 0}
+    written: dict[str, int] = {}
+    batch_start = _epoch_hour(first)
+    for checkpoint in checkpoints:
+        mask = pc.and_(pc.greater_equal(staged_hour, batch_start), pc.less_equal(staged_hour, _epoch_hour(checkpoint)))
+        batch = staged.filter(mask).select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+        batch_start = _epoch_hour(checkpoint) + 1
+        new_state = advance(state, batch, checkpoint + HOUR, settings)
+        counts = _merge_counts(batch, state, new_state, _horizon(state, settings))
+        for key in ("events_read", "events_merged", "late_beyond_window"):
+            totals[key] += counts[key]
+        totals["held_back"] = counts["held_back"]
+        written = _write_hour(lake, new_state, checkpoint, bucket, settings, run_id)
+        state = new_state
+    return {
+        "first": format_hour(first),
+        "last": format_hour(last),
+        "bucket": bucket,
+        "run_id": run_id,
+        "hours": len(hours),
+        "checkpoints": [format_hour(c) for c in checkpoints],
+        **written,
+        **totals,
+    }
+
+
+def _epoch_hour(hour: datetime) -> int:
+    return int(hour.timestamp()) // 3600
+
+
+def snapshot_committed(settings: Settings, hour: datetime) -> bool:
+    """Whether the published snapshot of ``hour`` exists (its hour-level manifest is written)."""
+    return (Lake(settings.lake).partition(PROFILES, hour) / MANIFEST).is_file()
+
+
+def _previous_snapshot(lake: Lake, settings: Settings, hour: datetime) -> datetime | None:
+    """The snapshot the change log compares against: H-1, else the one H was first compared with, else ``current``."""
+    if snapshot_committed(settings, hour - HOUR):
+        return hour - HOUR
+    candidates = []
+    marker = lake.partition(PROFILES, hour) / MANIFEST
+    if marker.is_file():
+        candidates.append(read_json(marker).get("previous_hour"))
+    pointer = lake.path(PROFILES, "current")
+    if pointer.is_file():
+        candidates.append(read_json(pointer).get("hour"))
+    for text in candidates:
+        if text and parse_hour(text) < hour and snapshot_committed(settings, parse_hour(text)):
+            return parse_hour(text)
+    return None
+
+
+def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manual") -> dict[str, Any]:
+    """Commit the snapshot of ``hour``: population features, uniqueness check, change log, markers.
+
+    Reads every bucket's profiles, adds RFM, rewrites each bucket partition, then writes
+    the hour-level ``_manifest.json`` (the snapshot's commit point), the change log and
+    the ``profiles/current`` pointer (moved forward only).
+    """
+    hour = floor_hour(hour)
+    lake = Lake(settings.lake)
+    marker = lake.partition(PROFILES, hour) / MANIFEST
+    previous_hour = _previous_snapshot(lake, settings, hour)
+    parts = []
+    for bucket in range(settings.buckets):
+        if not lake.committed(PROFILES, hour, bucket):
+            raise FileNotFoundError(f"profiles of hour {format_hour(hour)} bucket {bucket} are not built")
+        table = lake.read(PROFILES, hour, bucket)
+        parts.append(
+            table.select(SNAPSHOT_SCHEMA.names)
+            .cast(SNAPSHOT_SCHEMA)
+            .append_column("_bucket", pa.array([bucket] * table.num_rows, pa.int32()))
+        )
+    combined = pa.concat_tables(parts)
+    if pc.count_distinct(combined.column(USER_ID)).as_py() != combined.num_rows:
+        counts = combined.group_by(USER_ID).aggregate([(USER_ID, "count")])
+        dupes = counts.filter(pc.greater(counts.column(f"{USER_ID}_count"), 1)).column(USER_ID).to_pylist()
+        raise ValueError(
+            f"user_id not unique in snapshot {format_hour(hour)}: {len(dupes)} duplicated, e.g. {dupes[:5]}"
+        )
+    full = add_population_features(combined)
+
+    marker.unlink(missing_ok=True)  # uncommitted while buckets are rewritten
+    buckets_of_rows = pc.take(
+        combined.column("_bucket"), pc.index_in(full.column(USER_ID), value_set=combined.column(USER_ID))
+    )
+    for bucket in range(settings.buckets):
+        lake.write_partition(
+            PROFILES, hour, full.filter(pc.equal(buckets_of_rows, bucket)), bucket=bucket, run_id=run_id
+        )
+
+    previous = lake.read(PROFILES, previous_hour) if previous_hour is not None else None
+    changes = profile_changes(previous, full)
+    lake.write_partition(
+        PROFILE_CHANGES,
+        hour,
+        changes,
+        run_id=run_id,
+        extra={"previous_hour": format_hour(previous_hour) if previous_hour else None},
+    )
+    by_kind = _value_counts(changes.column("change"))
+    summary: dict[str, Any] = {
+        "hour": format_hour(hour),
+        "run_id": run_id,
+        "buckets": settings.buckets,
+        "profiles": full.num_rows,
+        "new_users": by_kind.get(CHANGE_NEW, 0),
+        "changes": by_kind,
+        "previous_hour": format_hour(previous_hour) if previous_hour else None,
+        "lifecycle": _value_counts(full.column(LIFECYCLE_STAGE)),
+        "rfm_segments": _value_counts(full.column(RFM_SEGMENT)),
+    }
+    write_json(
+        marker,
+        {**summary, "layer": PROFILES, "data_hour": format_hour(hour), "written_at": datetime.now(UTC).isoformat()},
+    )
+    pointer = lake.path(PROFILES, "current")
+    current = read_json(pointer).get("hour") if pointer.is_file() else None
+    if current is None or parse_hour(current) <= hour:
+        write_json(pointer, {"hour": format_hour(hour), "run_id": run_id, "profiles": full.num_rows})
+    return summary
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    counts = pc.value_counts(column)
+    return {str(v.as_py()): int(n.as_py()) for v, n in zip(counts.field("values"), counts.field("counts"), strict=True)}

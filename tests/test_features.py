@@ -1,0 +1,510 @@
+"""Tests of profile_engine.features: every feature family on hand-made events, the
+incremental == batch == rebuild property, and the lake stages on a temporary lake."""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from profile_engine import features as F
+from profile_engine.config import Settings
+from profile_engine.hours import HOUR, floor_hour, format_hour
+from profile_engine.lake import MANIFEST, PROFILE_CHANGES, PROFILES, STAGING, STATE, Lake, read_json
+from profile_engine.schema import EVENT_TYPES, STAGED_SCHEMA
+
+T0 = datetime(2026, 11, 2, tzinfo=UTC)  # November: Europe/Berlin is UTC+1
+SETTINGS = Settings(lateness_hours=6)
+DEFAULTS: dict[str, Any] = {
+    "user_id": "u1",
+    "event_type": "view",
+    "item_id": "i1",
+    "category_id": "c1",
+    "price": 10.0,
+    "quantity": 1,
+    "order_id": None,
+    "session_id": None,
+    "bucket": 0,
+}
+
+
+def events(*rows: dict[str, Any]) -> pa.Table:
+    """Staged events from partial rows (``ts`` required), with unique event ids."""
+    full = [{**DEFAULTS, "event_id": f"e{i}", **row} for i, row in enumerate(rows)]
+    return pa.Table.from_pylist(full, schema=STAGED_SCHEMA)
+
+
+def at(days: float = 0, hours: float = 0, minutes: float = 0, ms: int = 0) -> datetime:
+    return T0 + timedelta(days=days, hours=hours, minutes=minutes, milliseconds=ms)
+
+
+def profiles_at(table: pa.Table, end: datetime, cfg: Settings = SETTINGS) -> tuple[pa.Table, pa.Table]:
+    return F.snapshot(F.rebuild(table, end, cfg), end, cfg)
+
+
+def row(profiles: pa.Table, user: str = "u1") -> dict[str, Any]:
+    rows = profiles.filter(pc.equal(profiles.column(F.USER_ID), user)).to_pylist()
+    assert len(rows) == 1, f"{user} not exactly once in {profiles.column(F.USER_ID).to_pylist()}"
+    return rows[0]
+
+
+def hourly_chain(table: pa.Table, staged_hours: list[datetime], first: datetime, end: datetime) -> F.ProfileState:
+    """Advance hour by hour from ``first``; event i is staged in ``staged_hours[i]``."""
+    staged = pa.array(staged_hours, pa.timestamp("ms", tz="UTC"))
+    state = F.empty_state()
+    hour = first
+    while hour < end:
+        state = F.advance(state, table.filter(pc.equal(staged, pa.scalar(hour, staged.type))), hour + HOUR, SETTINGS)
+        hour += HOUR
+    return state
+
+
+def assert_same(a: pa.Table, b: pa.Table) -> None:
+    """Equal tables, floats to tolerance."""
+    assert a.schema == b.schema
+    assert a.column(F.USER_ID).to_pylist() == b.column(F.USER_ID).to_pylist()
+    for name in a.column_names:
+        x, y = a.column(name).to_pylist(), b.column(name).to_pylist()
+        if pa.types.is_floating(a.schema.field(name).type):
+            assert [v is None for v in x] == [v is None for v in y], name
+            assert [v for v in x if v is not None] == pytest.approx(
+                [v for v in y if v is not None], rel=1e-9, abs=1e-9
+            ), name
+        else:
+            assert x == y, name
+
+
+# ---- contract ------------------------------------------------------------------------
+def test_contract_columns_are_fixed() -> None:
+    per_type = [
+        c
+        for t in EVENT_TYPES
+        for c in (
+            f"count_{t}_lifetime",
+            f"count_{t}_24h",
+            f"count_{t}_7d",
+            f"count_{t}_30d",
+            f"decayed_{t}_1d",
+            f"decayed_{t}_7d",
+            f"first_{t}_at",
+            f"last_{t}_at",
+        )
+    ]
+
+    assert F.PROFILE_COLUMNS[:2] == ("user_id", "snapshot_hour")
+    assert F.PROFILE_COLUMNS[2 : 2 + len(per_type)] == tuple(per_type)
+    assert F.PROFILE_COLUMNS[-1] == "lifecycle_stage"
+    assert F.CATEGORICAL_FEATURES == ("top_category_1", "rfm_segment", "lifecycle_stage")
+    assert set(F.NUMERIC_FEATURES).isdisjoint(F.CATEGORICAL_FEATURES)
+    assert not any(c.endswith("_at") for c in F.NUMERIC_FEATURES)
+    assert F.PROFILE_SCHEMA.field("rfm_r").type == pa.int8()
+    assert F.SNAPSHOT_SCHEMA.names == [c for c in F.PROFILE_COLUMNS if c not in F.POPULATION_COLUMNS]
+
+
+# ---- feature families ------------------------------------------------------------------
+def test_count_windows_are_exact_at_their_boundaries() -> None:
+    end = at(days=40)
+    table = events(
+        {"ts": end - timedelta(milliseconds=1)},
+        {"ts": end - timedelta(hours=24)},
+        {"ts": end - timedelta(hours=24, milliseconds=1)},
+        {"ts": end - timedelta(days=7)},
+        {"ts": end - timedelta(days=30)},
+        {"ts": end - timedelta(days=30, milliseconds=1)},
+    )
+
+    state = F.rebuild(table, end, SETTINGS)
+    first = row(F.snapshot(state, end, SETTINGS)[0])
+    later = row(F.snapshot(F.advance(state, events(), end + HOUR, SETTINGS), end + HOUR, SETTINGS)[0])
+
+    assert [first[f"count_view_{w}"] for w in ("24h", "7d", "30d", "lifetime")] == [2, 4, 5, 6]
+    assert [later[f"count_view_{w}"] for w in ("24h", "7d", "30d", "lifetime")] == [1, 3, 4, 6]
+
+
+def test_decayed_counters_halve_every_half_life_and_merge_exactly() -> None:
+    end = at(days=2)
+    state = F.rebuild(events({"ts": end - timedelta(hours=24)}), end, SETTINGS)
+
+    first = row(F.snapshot(state, end, SETTINGS)[0])
+    state = F.advance(state, events({"ts": end + timedelta(hours=12)}), end + timedelta(hours=24), SETTINGS)
+    later = row(F.snapshot(state, end + timedelta(hours=24), SETTINGS)[0])
+
+    assert first["decayed_view_1d"] == pytest.approx(0.5, rel=1e-12)
+    assert first["decayed_view_7d"] == pytest.approx(2 ** (-1 / 7), rel=1e-12)
+    assert later["decayed_view_1d"] == pytest.approx(0.25 + 2**-0.5, rel=1e-12)
+    assert first["decayed_cart_1d"] == 0.0
+
+
+def test_first_last_and_hours_since() -> None:
+    table = events(
+        {"ts": at(hours=1)},
+        {"ts": at(hours=3, minutes=30)},
+        {"ts": at(hours=2), "event_type": "cart"},
+    )
+
+    p = row(profiles_at(table, at(hours=4))[0])
+
+    assert p["first_view_at"] == at(hours=1) and p["last_view_at"] == at(hours=3, minutes=30)
+    assert p["first_seen_at"] == at(hours=1) and p["last_seen_at"] == at(hours=3, minutes=30)
+    assert p["hours_since_last_event"] == 0.5 and p["hours_since_last_cart"] == 2.0
+    assert p["hours_since_last_purchase"] is None and p["recency_hours"] is None
+    assert p["first_purchase_at"] is None and p["frequency_orders"] == 0 and p["avg_order_value"] is None
+    assert p["snapshot_hour"] == at(hours=3)
+    assert p["cart_view_rate"] == 0.5 and p["purchase_view_rate"] == 0.0
+
+
+def test_orders_values_in_cents_and_mean_interval() -> None:
+    buy = {"event_type": "purchase"}
+    table = events(
+        {**buy, "ts": at(hours=1), "order_id": "o1", "price": 10.0, "quantity": 2},
+        {**buy, "ts": at(hours=1, minutes=0.5), "order_id": "o1", "price": 2.5},
+        {**buy, "ts": at(hours=20), "order_id": "o1", "price": 1.0},  # same id after a long gap: a new order
+        {**buy, "ts": at(hours=10), "price": 3.333, "quantity": 3},  # no order_id: one order
+    )
+
+    p = row(profiles_at(table, at(hours=24))[0])
+
+    assert p["frequency_orders"] == 3
+    assert p["monetary_total"] == 33.5 and p["max_order_value"] == 22.5
+    assert p["avg_order_value"] == 11.17
+    assert p["mean_hours_between_orders"] == pytest.approx(9.5)
+    assert p["mean_price_purchased"] == 4.21  # (1000 + 250 + 100 + 333) cents / 4 lines
+    assert p["recency_hours"] == p["hours_since_last_purchase"] == 4.0
+
+
+def test_rfm_scores_give_ties_equal_scores_whatever_the_row_order() -> None:
+    end = at(days=1)
+    buy = {"event_type": "purchase", "price": 10.0}
+    table = events(
+        {**buy, "user_id": "a", "ts": end - timedelta(hours=1)},
+        {**buy, "user_id": "b", "ts": end - timedelta(hours=1)},
+        {**buy, "user_id": "c", "ts": end - timedelta(hours=8), "price": 20.0},
+        {**buy, "user_id": "c", "ts": end - timedelta(hours=5), "price": 30.0},
+        *[{**buy, "user_id": "d", "ts": end - timedelta(hours=h), "price": 5.0} for h in (20, 15, 10)],
+        {"user_id": "e", "ts": end - timedelta(hours=1)},
+    )
+    profiles, _ = profiles_at(table, end)
+    shuffled = profiles.take(pa.array([3, 0, 4, 2, 1]))
+
+    scored = F.add_population_features(profiles)
+    again = F.add_population_features(shuffled)
+
+    got = {r["user_id"]: (r["rfm_r"], r["rfm_f"], r["rfm_m"], r["rfm_segment"]) for r in scored.to_pylist()}
+    assert got == {
+        "a": (4, 2, 2, "potential_loyalist"),
+        "b": (4, 2, 2, "potential_loyalist"),
+        "c": (2, 4, 5, "at_risk"),
+        "d": (1, 5, 4, "at_risk"),
+        "e": (None, None, None, "no_orders"),
+    }
+    assert scored.equals(again)
+    assert scored.schema == F.PROFILE_SCHEMA
+
+
+def test_view_to_cart_to_purchase_latencies_with_a_late_view() -> None:
+    table = events(
+        {"ts": at(hours=0)},
+        {"ts": at(hours=1)},
+        {"ts": at(hours=2, minutes=30), "event_type": "cart"},
+        {"ts": at(hours=3), "event_type": "cart", "item_id": "i2"},  # never viewed
+        {"ts": at(hours=4), "event_type": "purchase"},
+        {"ts": at(hours=2, minutes=15)},  # a late view, staged at 04:00
+    )
+    staged = [floor_hour(t) for t in table.column("ts").to_pylist()[:-1]] + [at(hours=4)]
+
+    before = row(F.snapshot(hourly_chain(table, staged, T0, at(hours=4)), at(hours=4), SETTINGS)[0])
+    after_state = hourly_chain(table, staged, T0, at(hours=5))
+    after = row(F.snapshot(after_state, at(hours=5), SETTINGS)[0])
+
+    assert before["mean_view_to_cart_hours"] == pytest.approx(1.5)
+    assert after["mean_view_to_cart_hours"] == pytest.approx(0.25)
+    assert after["mean_cart_to_purchase_hours"] == pytest.approx(1.5)
+    assert_same(F.snapshot(after_state, at(hours=5), SETTINGS)[0], profiles_at(table, at(hours=5))[0])
+
+
+def test_sessions_span_hour_boundaries_and_merge_on_a_late_event() -> None:
+    table = events(
+        {"ts": at(minutes=50)},
+        {"ts": at(hours=1, minutes=10)},
+        {"ts": at(hours=1, minutes=40)},  # exactly 30 minutes of inactivity: a new session
+        {"ts": at(hours=1, minutes=45)},
+        {"ts": at(hours=1, minutes=25)},  # late, staged at 02:00: bridges the two sessions
+    )
+    staged = [T0, at(hours=1), at(hours=1), at(hours=1), at(hours=2)]
+
+    two = row(F.snapshot(hourly_chain(table, staged, T0, at(hours=2)), at(hours=2), SETTINGS)[0])
+    one = row(F.snapshot(hourly_chain(table, staged, T0, at(hours=3)), at(hours=3), SETTINGS)[0])
+
+    assert (two["session_count"], two["mean_session_minutes"], two["events_per_session"]) == (2, 12.5, 2.0)
+    assert (one["session_count"], one["mean_session_minutes"], one["events_per_session"]) == (1, 55.0, 5.0)
+
+
+def test_open_cart_counts_items_not_removed_or_bought() -> None:
+    end = at(days=40)
+    cart = {"event_type": "cart"}
+    table = events(
+        {**cart, "ts": end - timedelta(hours=5), "item_id": "i1"},
+        {**cart, "ts": end - timedelta(hours=5), "item_id": "i2", "price": 4.25, "quantity": 2},
+        {"event_type": "remove_cart", "ts": end - timedelta(hours=4), "item_id": "i1"},
+        {**cart, "ts": end - timedelta(hours=3), "item_id": "i3"},
+        {"event_type": "purchase", "ts": end - timedelta(hours=2), "item_id": "i3"},
+        {**cart, "ts": end - timedelta(hours=1), "item_id": "i1", "price": 9.99},  # back in the cart
+        {**cart, "ts": end - timedelta(days=31), "item_id": "i4"},  # abandoned long ago
+    )
+
+    p = row(profiles_at(table, end)[0])
+
+    assert p["open_cart_items"] == 2
+    assert p["open_cart_value"] == 18.49
+
+
+def test_interests_top_three_with_tie_break_and_pruning() -> None:
+    end = at(days=40)
+    ts = end - timedelta(hours=1)
+    table = events(
+        {"ts": ts, "category_id": "c1", "event_type": "purchase"},
+        {"ts": ts, "category_id": "c2", "event_type": "cart"},
+        {"ts": ts, "category_id": "c4", "event_type": "fav"},
+        {"ts": ts, "category_id": "c3", "event_type": "fav"},  # ties with c4: c3 ranks first
+        {"ts": ts, "category_id": "c5", "event_type": "remove_cart"},  # zero weight: pruned
+        {"ts": end - timedelta(days=31), "category_id": "c6"},  # outside the 30-day window
+        {"ts": ts, "category_id": "c7"},
+        {"ts": ts, "category_id": None},
+    )
+
+    profiles, interests = profiles_at(table, end)
+
+    k = 2 ** (-1 / (7 * 24))
+    p = row(profiles)
+    assert [p[c] for c in F.TOP_CATEGORIES] == ["c1", "c2", "c3"]
+    assert [p[c] for c in F.TOP_CATEGORY_SCORES] == pytest.approx([5 * k, 3 * k, 2 * k], abs=1e-6)
+    assert p["distinct_categories"] == 6
+    assert interests.column(F.CATEGORY_ID).to_pylist() == ["c1", "c2", "c3", "c4", "c7"]
+    assert interests.column(F.AFFINITY).to_pylist()[-1] == round(k, 6)
+
+
+def test_lifecycle_stages() -> None:
+    end = at(days=60)
+    table = events(
+        {"user_id": "new", "ts": end - timedelta(days=2)},
+        {"user_id": "active", "ts": end - timedelta(days=20)},
+        {"user_id": "active", "ts": end - timedelta(days=1)},
+        {"user_id": "edge", "ts": end - timedelta(days=8)},
+        {"user_id": "edge", "ts": end - timedelta(days=7)},  # seen exactly 7 days ago: not yet dormant
+        {"user_id": "dormant", "ts": end - timedelta(days=10)},
+        {"user_id": "churned", "ts": end - timedelta(days=40)},
+    )
+
+    profiles, _ = profiles_at(table, end)
+
+    got = dict(zip(profiles.column("user_id").to_pylist(), profiles.column("lifecycle_stage").to_pylist(), strict=True))
+    assert got == {"active": "active", "churned": "churned", "dormant": "dormant", "edge": "active", "new": "new"}
+
+
+def test_peak_hour_is_local_with_ties_to_the_earlier_hour() -> None:
+    table = events(
+        {"ts": at(hours=22, minutes=30)},
+        {"ts": at(hours=22, minutes=40)},
+        {"ts": at(hours=5)},
+        {"ts": at(hours=5, minutes=1)},
+    )
+
+    p = row(profiles_at(table, at(days=1))[0])
+
+    assert p["peak_hour_local"] == 6  # 05:00 UTC is 06:00 in Berlin, before 23:00
+
+
+def test_future_events_are_held_back_until_their_hour() -> None:
+    table = events({"ts": at(hours=1)}, {"ts": at(hours=1, minutes=10), "user_id": "u2"})
+
+    state = F.advance(F.empty_state(), table, at(hours=1), SETTINGS)
+    held, _ = F.snapshot(state, at(hours=1), SETTINGS)
+    state = F.advance(state, events(), at(hours=2), SETTINGS)
+    merged, _ = F.snapshot(state, at(hours=2), SETTINGS)
+
+    assert held.num_rows == 0
+    assert merged.column("user_id").to_pylist() == ["u1", "u2"]
+    assert state.tables[F.PENDING].num_rows == 0
+
+
+def test_advance_refuses_to_go_back_and_snapshot_needs_the_state_end() -> None:
+    state = F.advance(F.empty_state(), events({"ts": at(hours=1)}), at(hours=3), SETTINGS)
+
+    with pytest.raises(ValueError, match="back"):
+        F.advance(state, events(), at(hours=2), SETTINGS)
+    with pytest.raises(ValueError, match="advance it first"):
+        F.snapshot(state, at(hours=4), SETTINGS)
+
+
+def test_profile_changes_lists_changed_columns_and_transitions() -> None:
+    end = at(days=20)
+    table = events(
+        {"user_id": "u1", "ts": end - timedelta(days=10)},
+        {"user_id": "u2", "ts": end - timedelta(hours=2)},
+        {"user_id": "u4", "ts": end - timedelta(hours=2)},
+        {"user_id": "u1", "ts": end + timedelta(minutes=10)},
+        {"user_id": "u3", "ts": end + timedelta(minutes=20)},
+    )
+    state = F.rebuild(table, end, SETTINGS)
+    previous = F.add_population_features(F.snapshot(state, end, SETTINGS)[0])
+    current = F.add_population_features(
+        F.snapshot(F.advance(state, events(), end + HOUR, SETTINGS), end + HOUR, SETTINGS)[0]
+    )
+    current = current.filter(pc.not_equal(current.column("user_id"), "u2"))  # e.g. erased
+
+    changes = F.profile_changes(previous, current).to_pylist()
+
+    assert [(c["user_id"], c["change"]) for c in changes] == [("u1", "updated"), ("u2", "removed"), ("u3", "new")]
+    u1 = changes[0]
+    assert {"count_view_lifetime", "last_view_at", "lifecycle_stage"} <= set(u1["changed_columns"])
+    assert not set(u1["changed_columns"]) & set(F.CLOCK_DRIVEN_COLUMNS)
+    assert u1["lifecycle_transition"] == "dormant->active"
+    assert [c["change"] for c in F.profile_changes(None, current).to_pylist()] == ["new"] * current.num_rows
+
+
+# ---- the main property: incremental == batches == rebuild --------------------------------
+PROPERTY_HOURS = 48
+PROPERTY_SETTINGS = Settings(lateness_hours=3)
+
+
+@st.composite
+def staged_event_sets(draw: st.DrawFn) -> tuple[pa.Table, list[int]]:
+    """Small event sets over PROPERTY_HOURS staged hours; each event at most ``lateness`` older than its hour."""
+    lateness_minutes = PROPERTY_SETTINGS.lateness_hours * 60
+    rows, staged = [], []
+    for _ in range(draw(st.integers(1, 30))):
+        hour = draw(st.integers(0, PROPERTY_HOURS - 1))
+        minutes = draw(st.integers(-lateness_minutes, 119))  # late arrivals and clock skew into the future
+        rows.append(
+            {
+                "user_id": draw(st.sampled_from(["u1", "u2", "u3"])),
+                "event_type": draw(st.sampled_from(EVENT_TYPES)),
+                "item_id": draw(st.sampled_from(["i1", "i2"])),
+                "category_id": draw(st.sampled_from(["c1", "c2", "c3", None])),
+                "price": draw(st.sampled_from([None, 0.99, 10.0, 123.45])),
+                "quantity": draw(st.integers(1, 3)),
+                "order_id": draw(st.sampled_from([None, "o1", "o2"])),
+                "ts": at(hours=hour, minutes=minutes),
+            }
+        )
+        staged.append(hour)
+    return events(*rows), staged
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=staged_event_sets(), batch_hours=st.integers(2, 30))
+def test_hourly_chain_equals_bigger_batches_equals_rebuild(data: tuple[pa.Table, list[int]], batch_hours: int) -> None:
+    table, staged_hour = data
+    staged = pa.array(staged_hour, pa.int64())
+    end = at(hours=PROPERTY_HOURS)
+
+    def staged_between(lo: int, hi: int) -> pa.Table:
+        return table.filter(pc.and_(pc.greater_equal(staged, lo), pc.less(staged, hi)))
+
+    hourly = F.empty_state()
+    for h in range(PROPERTY_HOURS):
+        hourly = F.advance(hourly, staged_between(h, h + 1), at(hours=h + 1), PROPERTY_SETTINGS)
+    batched = F.empty_state()
+    for lo in range(0, PROPERTY_HOURS, batch_hours):
+        hi = min(lo + batch_hours, PROPERTY_HOURS)
+        batched = F.advance(batched, staged_between(lo, hi), at(hours=hi), PROPERTY_SETTINGS)
+    rebuilt = F.rebuild(table, end, PROPERTY_SETTINGS)
+
+    expected_profiles, expected_interests = F.snapshot(rebuilt, end, PROPERTY_SETTINGS)
+    for state in (hourly, batched):
+        profiles, interests = F.snapshot(state, end, PROPERTY_SETTINGS)
+        assert_same(profiles, expected_profiles)
+        assert interests.select(["user_id", "category_id"]).equals(
+            expected_interests.select(["user_id", "category_id"])
+        )
+        assert interests.column("affinity").to_pylist() == pytest.approx(
+            expected_interests.column("affinity").to_pylist()
+        )
+    in_snapshot = pc.less(table.column("ts"), pa.scalar(end, table.schema.field("ts").type))
+    views = pc.sum(pc.and_(in_snapshot, pc.equal(table.column("event_type"), "view"))).as_py()
+    assert (pc.sum(expected_profiles.column("count_view_lifetime")).as_py() or 0) == views
+    assert hourly.tables[F.PENDING].num_rows == table.num_rows - pc.sum(in_snapshot).as_py()
+
+
+# ---- lake stages --------------------------------------------------------------------------
+def stage_hours(lake: Lake, hours: int) -> None:
+    """Write staged partitions for two buckets over ``hours`` hours (bucket 1 has one user)."""
+    rng = random.Random(3)
+    for h in range(hours):
+        for bucket, users in ((0, ["a", "b"]), (1, ["c"])):
+            rows = [
+                {
+                    "user_id": rng.choice(users),
+                    "event_type": rng.choice(EVENT_TYPES),
+                    "ts": at(hours=h, minutes=rng.randrange(-30, 70)),  # some late, some held back
+                    "bucket": bucket,
+                    "order_id": rng.choice([None, "o1"]),
+                }
+                for _ in range(6)
+            ] + [{"user_id": users[0], "ts": at(hours=h + 1, minutes=5), "bucket": bucket}]  # clock skew: held back
+            table = events(*rows)
+            ids = pa.array([f"h{h}b{bucket}e{i}" for i in range(table.num_rows)])
+            lake.write_partition(STAGING, at(hours=h), table.set_column(0, "event_id", ids), bucket=bucket)
+
+
+def test_lake_round_trip_build_publish_and_range(tmp_path: Path) -> None:
+    cfg = replace(SETTINGS, lake=tmp_path / "hourly", buckets=2, start=T0)
+    bulk = replace(cfg, lake=tmp_path / "bulk")
+    for c in (cfg, bulk):
+        stage_hours(Lake(c.lake), 3)
+    lake = Lake(cfg.lake)
+
+    builds = [F.build_profiles(cfg, at(hours=h), b, run_id="t") for h in range(3) for b in range(2)]
+    published = [F.publish_profiles(cfg, at(hours=h), run_id="t") for h in range(3)]
+    ranges = [F.build_profiles_range(bulk, T0, at(hours=2), b, snapshot_every=2) for b in range(2)]
+
+    assert all(F.snapshot_committed(cfg, at(hours=h)) for h in range(3))
+    assert read_json(lake.path(PROFILES, "current"))["hour"] == format_hour(at(hours=2))
+    final = lake.read(PROFILES, at(hours=2))
+    assert final.schema == F.PROFILE_SCHEMA
+    assert sorted(final.column("user_id").to_pylist()) == ["a", "b", "c"]
+    assert published[2]["profiles"] == 3 and published[2]["previous_hour"] == format_hour(at(hours=1))
+    assert sum(published[2]["rfm_segments"].values()) == 3
+    assert published[0]["new_users"] == published[0]["profiles"]
+    assert lake.manifest(PROFILE_CHANGES, at(hours=2))["previous_hour"] == format_hour(at(hours=1))
+    hour0 = lake.read(STAGING, T0, 0)
+    future = pc.sum(pc.greater_equal(hour0.column("ts"), pa.scalar(at(hours=1), hour0.schema.field("ts").type))).as_py()
+    assert builds[0]["held_back"] == future > 0
+    assert builds[0]["events_merged"] == hour0.num_rows - future
+    assert ranges[0]["checkpoints"] == [format_hour(at(hours=1)), format_hour(at(hours=2))]
+    assert not Lake(bulk.lake).committed(STATE, T0) and Lake(bulk.lake).committed(STATE, at(hours=1), 0)
+    for h in (1, 2):
+        for b in range(2):
+            hourly = lake.read(PROFILES, at(hours=h), b).select(F.SNAPSHOT_SCHEMA.names)
+            assert_same(Lake(bulk.lake).read(PROFILES, at(hours=h), b), hourly)
+    assert (lake.partition(PROFILES, at(hours=2)) / MANIFEST).is_file()
+
+
+def test_rebuilding_a_bucket_uncommits_the_published_hour(tmp_path: Path) -> None:
+    cfg = replace(SETTINGS, lake=tmp_path, buckets=2, start=T0)
+    stage_hours(Lake(cfg.lake), 1)
+    for b in range(2):
+        F.build_profiles(cfg, T0, b)
+    F.publish_profiles(cfg, T0)
+
+    F.build_profiles(cfg, T0, 1)
+
+    assert not F.snapshot_committed(cfg, T0)
+
+
+def test_missing_previous_hour_is_an_error_naming_it(tmp_path: Path) -> None:
+    cfg = replace(SETTINGS, lake=tmp_path, buckets=1, start=T0)
+    stage_hours(Lake(cfg.lake), 2)
+
+    with pytest.raises(F.MissingStateError, match=re.escape(f"{format_hour(T0)} bucket 0")):
+        F.build_profiles(cfg, at(hours=1), 0)
+    assert F.build_profiles(cfg, T0, 0)["users"] >= 1  # the first hour starts from an empty state
