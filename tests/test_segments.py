@@ -144,7 +144,7 @@ DEFAULT_USERS: dict[str, dict[str, Any]] = {
     "u8_champion": {"frequency_orders": 3, "monetary_total": 50.0, "rfm_segment": "champions"},
     "u9_cart_and_intent": {"open_cart_items": 1, "hours_since_last_cart": 2.0},
 }
-DEFAULT_PROPENSITY = {u: 0.3 for u in DEFAULT_USERS} | {"u1_intent": 0.7, "u6_dormant": 0.01, "u9_cart_and_intent": 0.8}
+DEFAULT_PROPENSITY = {u: 0.3 for u in DEFAULT_USERS} | {"u1_intent": 0.95, "u6_dormant": 0.01, "u9_cart_and_intent": 0.97}
 
 
 # ---- rules: loading and validation -----------------------------------------------------------
@@ -163,9 +163,9 @@ def test_default_rules_load_sorted_by_priority_against_the_contract() -> None:
     ]
     assert all(isinstance(r, SegmentRule) for r in rules)
     high_intent = next(r for r in rules if r.name == "high_intent")
-    assert high_intent.stay == "purchase_propensity >= 0.5"
+    assert high_intent.stay == "propensity_decile >= 9"
     assert high_intent.action == "coupon_10pct"
-    assert high_intent.enter_columns == ("purchase_propensity",)
+    assert high_intent.enter_columns == ("propensity_decile",)
 
 
 def test_default_rules_validate_against_the_production_column_list() -> None:
@@ -289,7 +289,7 @@ def test_each_default_rule_fires_for_the_user_built_for_it(tmp_path: Path) -> No
     assert {u: (r["rule"], r["action"]) for u, r in rows.items()} == expected
     assert "u7_plain" not in rows
     assert rows["u9_cart_and_intent"]["segments"] == ["cart_abandon", "high_intent"]
-    assert rows["u1_intent"]["reason"] == "high_intent: purchase_propensity=0.7"
+    assert rows["u1_intent"]["reason"] == "high_intent: propensity_decile=10"
     assert "monetary_percentile=1.0" in rows["u3_top_spender"]["reason"]
     assert rows["u2_cart"]["reason"] == "cart_abandon: open_cart_items=2, hours_since_last_cart=3.0"
     assert summary["segments"] == {
