@@ -50,7 +50,7 @@ class InsufficientData(Exception):
 class TrainingConfig:
     """How a training set is drawn; the defaults keep a demo retraining well under 30 s."""
 
-    max_snapshots: int = 8
+    max_snapshots: int = 32
     max_rows: int = 200_000
     min_train_rows: int = 200
     min_positives: int = 5
