@@ -144,7 +144,11 @@ DEFAULT_USERS: dict[str, dict[str, Any]] = {
     "u8_champion": {"frequency_orders": 3, "monetary_total": 50.0, "rfm_segment": "champions"},
     "u9_cart_and_intent": {"open_cart_items": 1, "hours_since_last_cart": 2.0},
 }
-DEFAULT_PROPENSITY = {u: 0.3 for u in DEFAULT_USERS} | {"u1_intent": 0.95, "u6_dormant": 0.01, "u9_cart_and_intent": 0.97}
+DEFAULT_PROPENSITY = {u: 0.3 for u in DEFAULT_USERS} | {
+    "u1_intent": 0.95,
+    "u6_dormant": 0.01,
+    "u9_cart_and_intent": 0.97,
+}
 
 
 # ---- rules: loading and validation -----------------------------------------------------------

@@ -105,7 +105,13 @@ def run_demo(*, users: int, history_days: int, hours: int, seed: int, last: date
         f"[demo] simulating {users} users, {format_hour(warm_first)} .. {format_hour(last)} -> {lake.root}", flush=True
     )
     simulated = simulate(
-        lake, warm_first, last, users=users, seed=seed, business_tz=settings.business_tz, origin=warm_first,
+        lake,
+        warm_first,
+        last,
+        users=users,
+        seed=seed,
+        business_tz=settings.business_tz,
+        origin=warm_first,
         intensity=DEMO_INTENSITY,
     )
     print(
