@@ -15,7 +15,7 @@ USERS ?= 2000
 HISTORY_DAYS ?= 30
 HOURS ?= 48
 
-.PHONY: install demo test lint fmt ui clean constraints
+.PHONY: install demo test lint fmt ui clean constraints replay
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ fmt: install
 
 ui: install
 	$(BIN)/python -m profile_engine ui
+
+# make replay FILE=path/to/events.csv MAPPING=rees46   (or MAPPING=path/to/mapping.yaml)
+replay: install
+	@test -n "$(FILE)" -a -n "$(MAPPING)" || { echo "usage: make replay FILE=... MAPPING=..."; exit 2; }
+	$(BIN)/python -m profile_engine replay --file "$(FILE)" --mapping "$(MAPPING)"
 
 # Re-pin the full dependency set from a fresh resolution of requirements.txt.
 constraints:

@@ -24,12 +24,16 @@ import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from profile_engine import delivery  # light: the Asset's name only; stages import inside tasks
 
 # Cheap, local settings only: no Variable, Connection, network or heavy import at parse time.
 START = os.environ.get("PROFILE_ENGINE_START") or "2026-11-01T00:00:00+00:00"
 BUCKETS = int(os.environ.get("PROFILE_ENGINE_BUCKETS") or 4)
+# Updated by publish_segments; deliver_campaigns is scheduled on it.
+SEGMENT_EXPORTS = Asset(name=delivery.EXPORTS_ASSET_NAME, uri=delivery.EXPORTS_ASSET_URI)
 
 
 def _context() -> tuple[Any, datetime, str]:
@@ -145,14 +149,28 @@ def profile_refresh() -> None:
         settings, hour, run_id = _context()
         return model.score_profiles(settings, hour, bucket, run_id=run_id)
 
-    @task(multiple_outputs=False)
+    @task(multiple_outputs=False, outlets=[SEGMENT_EXPORTS])
     def publish_segments(scored: list[dict[str, Any]]) -> dict[str, Any]:
-        """Evaluate the segment rules, assign one action per user and write the exports."""
+        """Evaluate the segment rules, assign one action per user, write the exports and announce them."""
         from profile_engine import segments
 
         settings, hour, run_id = _context()
-        dry_run = bool(get_current_context()["params"]["dry_run"])
-        return segments.publish_segments(settings, hour, run_id=run_id, dry_run=dry_run)
+        context = get_current_context()
+        optouts = delivery.connection_engine(settings.optout_conn_id) if settings.optout_conn_id else None
+        try:
+            summary = segments.publish_segments(
+                settings,
+                hour,
+                run_id=run_id,
+                dry_run=bool(context["params"]["dry_run"]),
+                export_key_secret=delivery.connection_secret(segments.EXPORT_KEY_CONN_ID),
+                optout_engine=optouts,
+            )
+        except (segments.SegmentConfigError, segments.ExportKeyError) as error:
+            raise AirflowFailException(str(error)) from error  # a broken rules file or a missing key: no retry
+        # The Asset event tells deliver_campaigns which hour and manifest to deliver.
+        context["outlet_events"][SEGMENT_EXPORTS].extra = delivery.asset_extra(summary)
+        return summary
 
     @task(trigger_rule="all_done", multiple_outputs=False)
     def write_run_report(**upstream: Any) -> dict[str, Any]:
@@ -165,7 +183,8 @@ def profile_refresh() -> None:
         for name in report.STAGES:
             value = ti.xcom_pull(task_ids=name)
             summaries[name] = list(value) if name in ("build_profiles", "score_profiles") and value else value
-        return report.write_run_report(settings, hour, summaries, run_id=run_id)
+        states = report.stage_states(ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id]).get(run_id, {}))
+        return report.write_run_report(settings, hour, summaries, run_id=run_id, states=states)
 
     buckets = list(range(BUCKETS))
     validated = validate_events(extract_events())

@@ -15,7 +15,6 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 from profile_engine.config import Settings
-from profile_engine.ingest import FUTURE_SKEW
 from profile_engine.lake import MANIFEST, QUALITY_DOCS, QUALITY_RESULTS, TMP, Lake, read_json
 from profile_engine.quality import (
     BUCKET_IN_RANGE,
@@ -38,6 +37,7 @@ from profile_engine.quality import (
 from profile_engine.schema import EVENT_TYPES, STAGED_SCHEMA
 
 HOUR = datetime(2026, 11, 1, 5, tzinfo=UTC)
+FUTURE_SKEW = timedelta(minutes=Settings().clock_skew_minutes)
 # Lets tests build rows the staging schema would refuse (nulls in required columns).
 RELAXED_SCHEMA = pa.schema([field.with_nullable(True) for field in STAGED_SCHEMA])
 
@@ -68,7 +68,9 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(lake=tmp_path / "lake", buckets=4, lateness_hours=6, quarantine_threshold=0.2)
+    return Settings(
+        lake=tmp_path / "lake", buckets=4, lateness_hours=6, quarantine_threshold=0.2, quarantine_min_rows=0
+    )
 
 
 def tmp_entries(settings: Settings) -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io
 import json
 import random
@@ -29,11 +30,18 @@ from profile_engine.segments import (
     NO_ACTION,
     SCORE_SCHEMA,
     SEGMENT_SCHEMA,
+    ExportKeyError,
     SegmentConfigError,
     SegmentRule,
     assign_segments,
+    export_key,
     load_rules,
+    pseudonymize,
     publish_segments,
+    rate_difference,
+    render_section_html,
+    report_section,
+    uplift,
 )
 
 H0 = datetime(2026, 11, 1, 5, tzinfo=UTC)
@@ -293,9 +301,12 @@ def test_each_default_rule_fires_for_the_user_built_for_it(tmp_path: Path) -> No
     assert {u: (r["rule"], r["action"]) for u, r in rows.items()} == expected
     assert "u7_plain" not in rows
     assert rows["u9_cart_and_intent"]["segments"] == ["cart_abandon", "high_intent"]
-    assert rows["u1_intent"]["reason"] == "high_intent: propensity_decile=10"
-    assert "monetary_percentile=1.0" in rows["u3_top_spender"]["reason"]
-    assert rows["u2_cart"]["reason"] == "cart_abandon: open_cart_items=2, hours_since_last_cart=3.0"
+    assert rows["u1_intent"]["reason"] == "high_intent: propensity decile 10"
+    assert rows["u3_top_spender"]["reason"] == "vip_service: spend percentile 1 \u2265 0.95"  # the branch that held
+    assert rows["u8_champion"]["reason"] == "vip_service: RFM segment champions"
+    assert rows["u2_cart"]["reason"] == "cart_abandon: open cart items 2 > 0; last cart 3h ago in 1h..24h"
+    assert rows["u4_winback"]["reason"] == "win_back: orders 2 \u2265 2; last event 400h ago \u2265 336h"
+    assert rows["u1_intent"]["purchase_propensity"] == 0.95
     assert summary["segments"] == {
         "suppress_dormant": 1,
         "vip_service": 2,
@@ -395,9 +406,14 @@ def test_hysteresis_keeps_members_while_stay_holds(tmp_path: Path) -> None:
     segments = [by_user(lk.Lake(tmp_path).read(lk.SEGMENTS, h)) for h in hours]
     assert set(segments[0]) == {"member"}
     assert set(segments[1]) == {"member"}  # stays at 0.55; the newcomer needs 0.6 to enter
-    assert segments[1]["member"]["reason"] == "intent (stay): purchase_propensity=0.55"
+    assert segments[1]["member"]["reason"] == "intent (stay): propensity 0.55 \u2265 0.5"
+    assert segments[1]["member"]["held_by_stay"] == ["intent"]
     assert set(segments[2]) == set()
     assert [r["segment_change"]["intent"] for r in results] == [None, 0, -1]
+    stability = [r["stability"]["intent"] for r in results]
+    assert [s["held_by_stay"] for s in stability] == [0, 1, 0]  # one flip prevented, in the second hour
+    assert [(s["entered"], s["exited"], s["stayed"]) for s in stability] == [(None, None, None), (0, 0, 1), (0, 1, 0)]
+    assert [s["overlap"] for s in stability] == [None, 1.0, 0.0]
 
 
 def test_cooldown_blocks_repeat_and_falls_back_to_next_rule(tmp_path: Path) -> None:
@@ -519,7 +535,11 @@ def test_rerun_gives_same_output_and_does_not_double_count_contacts(tmp_path: Pa
     contact_files = list((tmp_path / lk.CONTACTS).rglob("*.parquet"))
     assert len(contact_files) == 1
     assert pq.read_table(contact_files[0]).num_rows == first["contacts"] == second["contacts"] > 0
-    assert {k: v for k, v in first.items() if k != "run_id"} == {k: v for k, v in second.items() if k != "run_id"}
+    volatile = ("run_id", "export_key", "notes")  # the first run generated the development key and said so
+    assert {k: v for k, v in first.items() if k not in volatile} == {
+        k: v for k, v in second.items() if k not in volatile
+    }
+    assert first["export_key"]["key_id"] == second["export_key"]["key_id"]
 
 
 def test_dry_run_writes_nothing(tmp_path: Path) -> None:
@@ -543,15 +563,25 @@ def test_export_manifest_checksums_and_rows_match_files(tmp_path: Path) -> None:
     manifest = lk.read_json(export_dir / lk.MANIFEST)
     assert manifest["run_id"] == "r1"
     assert manifest["data_hour"] == format_hour(H0)
-    assert {f["name"] for f in manifest["files"]} == {p.name for p in export_dir.glob("*.csv")}
+    assert manifest["rules_sha256"] == hashlib.sha256(DEFAULT_RULES_PATH.read_bytes()).hexdigest()
+    assert manifest["model_version"] == "v1"
+    assert manifest["segments"] == summary["segments"]
+    assert set(manifest["changes"]) == set(summary["segments"])
+    assert {f["name"] for f in manifest["files"]} == {p.name for p in export_dir.iterdir()} - {lk.MANIFEST}
     segments = lk.Lake(tmp_path).read(lk.SEGMENTS, H0).to_pylist()
+    key = export_key(Settings(lake=tmp_path))
     for entry in manifest["files"]:
         payload = (export_dir / entry["name"]).read_bytes()
         assert hashlib.sha256(payload).hexdigest() == entry["sha256"]
-        rows = list(csv.DictReader(io.StringIO(payload.decode())))
-        action = entry["name"].removesuffix(".csv")
+        action, suffix = entry["name"].rsplit(".", 1)
+        if suffix == "csv":
+            rows = list(csv.DictReader(io.StringIO(payload.decode())))
+        else:
+            rows = pq.read_table(export_dir / entry["name"]).to_pylist()
         assert len(rows) == manifest["rows"][action]
-        assert {r["user_id"] for r in rows} == {s["user_id"] for s in segments if s["action"] == action}
+        members = [s for s in segments if s["action"] == action]
+        assert {r["user_key"] for r in rows} == set(pseudonymize([s["user_id"] for s in members], key))
+        assert {r["reason"] for r in rows} == {s["reason"] for s in members}
     assert "control.csv" not in {f["name"] for f in manifest["files"]}
 
 
@@ -624,3 +654,160 @@ def test_every_member_gets_one_coherent_action(users: list[tuple[float, int, int
         assert row["control"] == (row["action"] == CONTROL)
         assert not (row["control"] and wanted == "hush")
     assert sum(sizes.values()) == sum(len(r["segments"]) for r in rows)
+
+
+# ---- opt-outs, pseudonyms ------------------------------------------------------------------
+
+
+def test_opted_out_users_are_recorded_but_never_exported_or_contacted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlalchemy as sa
+
+    monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", "x" * 32)
+    commit_hour(tmp_path, H0, DEFAULT_USERS, DEFAULT_PROPENSITY)
+    optout_dir = tmp_path / lk.OPTOUT
+    optout_dir.mkdir(parents=True)
+    (optout_dir / "crm.csv").write_text("user_id\nu2_cart\n")
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'consent.db'}")
+    with engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE marketing_optouts (user_id TEXT)"))
+        connection.execute(sa.text("INSERT INTO marketing_optouts VALUES ('u6_dormant')"))
+
+    summary = publish_segments(Settings(lake=tmp_path), H0, optout_engine=engine)
+
+    rows = by_user(lk.Lake(tmp_path).read(lk.SEGMENTS, H0))
+    assert rows["u2_cart"]["action"] == rows["u6_dormant"]["action"] == "opted_out"
+    assert rows["u2_cart"]["reason"] == "opted out of marketing" and not rows["u2_cart"]["control"]
+    assert summary["opted_out"] == 2
+    key = export_key(Settings(lake=tmp_path))
+    withdrawn = set(pseudonymize(["u2_cart", "u6_dormant"], key))
+    exported = set()
+    for path in Path(summary["exports_path"]).glob("*.parquet"):
+        exported |= set(pq.read_table(path).column("user_key").to_pylist())
+    assert exported and not exported & withdrawn
+    contacts = pq.read_table(next((tmp_path / lk.CONTACTS).rglob("*.parquet"))).column("user_id").to_pylist()
+    assert "u2_cart" not in contacts
+
+
+def test_exports_carry_keyed_pseudonyms_never_raw_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", "a" * 32)
+    commit_hour(tmp_path, H0, DEFAULT_USERS, DEFAULT_PROPENSITY)
+
+    summary = publish_segments(Settings(lake=tmp_path), H0)
+    monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", "b" * 32)
+    other = publish_segments(Settings(lake=tmp_path), H0)
+
+    export_dir = Path(summary["exports_path"])
+    text = b"".join(p.read_bytes() for p in export_dir.iterdir())
+    assert not any(user.encode() in text for user in DEFAULT_USERS)
+    expected = hmac.new(b"b" * 32, b"u1_intent", hashlib.sha256).hexdigest()
+    coupon = list(csv.DictReader(io.StringIO((export_dir / "coupon_10pct.csv").read_text())))
+    assert coupon[0]["user_key"] == expected  # the files now hold the second key's pseudonyms
+    assert summary["export_key"]["key_id"] != other["export_key"]["key_id"]
+    assert lk.read_json(export_dir / lk.MANIFEST)["key_id"] == other["export_key"]["key_id"]
+
+
+def test_production_without_a_key_fails_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROFILE_ENGINE_EXPORT_KEY", raising=False)
+    commit_hour(tmp_path, H0, DEFAULT_USERS, DEFAULT_PROPENSITY)
+
+    with pytest.raises(ExportKeyError, match="PROFILE_ENGINE_EXPORT_KEY"):
+        publish_segments(Settings(lake=tmp_path, environment="production"), H0)
+
+    assert not (tmp_path / lk.SEGMENTS).exists() and not (tmp_path / lk.EXPORTS).exists()
+    production = Settings(lake=tmp_path, environment="production")
+    assert export_key(production, connection_key="c" * 32).source.startswith("Airflow Connection")
+    with pytest.raises(ExportKeyError, match="shorter"):
+        export_key(production, environ={"PROFILE_ENGINE_EXPORT_KEY": "short"})
+
+
+def test_development_generates_one_local_key_and_says_so(tmp_path: Path) -> None:
+    settings_ = Settings(lake=tmp_path)
+
+    first = export_key(settings_, environ={})
+    second = export_key(settings_, environ={})
+
+    path = tmp_path / lk.META / "export_key"
+    assert first.generated and not second.generated
+    assert first.secret == second.secret == path.read_text().encode()
+    assert str(path) in first.source and "generated now" in first.source
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert "secret" not in repr(first) or first.secret.decode() not in repr(first)
+
+
+# ---- uplift, stability over time, report ---------------------------------------------------
+
+
+def test_uplift_compares_buyers_after_treated_and_control_contacts(tmp_path: Path) -> None:
+    settings_ = Settings(lake=tmp_path, label_horizon_hours=2, lateness_hours=1)
+    lake = lk.Lake(tmp_path)
+    treated = [f"t{i}" for i in range(10)]
+    control = [f"c{i}" for i in range(10)]
+    contacts = pa.table(
+        {
+            "user_id": treated + control,
+            "action": ["coupon_10pct"] * 10 + ["control"] * 10,
+            "rule": ["intent"] * 20,
+            "hour": pa.array([H0] * 20, pa.timestamp("ms", tz="UTC")),
+        }
+    )
+    lake.write_partition(lk.CONTACTS, H0, contacts)
+    buyers = [*treated[:6], control[0], "c9"]  # 6/10 treated, 2/10 control
+    times = [H0 + HOUR + timedelta(minutes=30)] * 7 + [H0 + 3 * HOUR]  # c9 buys after the window
+    lake.write_partition(
+        lk.STAGING,
+        H0 + HOUR,
+        pa.table(
+            {
+                "user_id": buyers,
+                "event_type": ["purchase"] * 8,
+                "ts": pa.array(times, pa.timestamp("ms", tz="UTC")),
+            }
+        ),
+        bucket=0,
+    )
+
+    early = uplift(settings_, H0 + 2 * HOUR)
+    result = uplift(settings_, H0 + 3 * HOUR)
+
+    assert early["rules"] == []  # window + lateness not over yet
+    (row,) = result["rules"]
+    assert (row["treated"], row["treated_buyers"], row["control"], row["control_buyers"]) == (10, 6, 10, 1)
+    assert row["uplift"] == pytest.approx(0.5)
+    assert row["low"] < 0.5 < row["high"] and row["low"] >= -1 and row["high"] <= 1
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 40), st.integers(1, 40), st.integers(0, 40), st.integers(1, 40))
+def test_uplift_interval_contains_the_estimate(b1: int, n1: int, b2: int, n2: int) -> None:
+    b1, b2 = min(b1, n1), min(b2, n2)
+
+    interval = rate_difference((b1, n1), (b2, n2))
+
+    assert interval["low"] is not None and interval["high"] is not None and interval["uplift"] is not None
+    assert -1 <= interval["low"] <= interval["uplift"] + 1e-9 <= interval["high"] + 2e-9 <= 1 + 2e-9
+
+
+def test_report_section_has_stability_and_a_png_chart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", "z" * 32)
+    settings_ = Settings(lake=tmp_path)
+    for hour in (H0, H0 + HOUR):
+        commit_hour(tmp_path, hour, DEFAULT_USERS, DEFAULT_PROPENSITY)
+        publish_segments(settings_, hour)
+
+    section, chart = report_section(settings_, H0 + HOUR)
+
+    assert section["stability"]["cart_abandon"] == {
+        "size": 2,
+        "held_by_stay": 0,
+        "control": section["stability"]["cart_abandon"]["control"],
+        "previous_size": 2,
+        "entered": 0,
+        "exited": 0,
+        "stayed": 2,
+        "overlap": 1.0,
+    }
+    assert chart is not None and chart.startswith(b"\x89PNG")
+    html_page = render_section_html(section)
+    assert "cart_abandon" in html_page and section["chart"] in html_page

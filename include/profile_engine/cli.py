@@ -64,6 +64,17 @@ def cmd_run_hours(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Land an event log by event hour through a mapping and process all its hours in-process."""
+    from pathlib import Path
+
+    from profile_engine import runner
+
+    settings = Settings.from_env()
+    _print(runner.replay(settings, Path(args.file), args.mapping, quality_suite=not args.no_quality))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Simulate a shop, warm up its history in bulk and run the hourly DAG through Airflow."""
     from profile_engine import demo
@@ -77,6 +88,35 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from profile_engine import demo
 
     return demo.run_ui(port=args.port)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List, show, promote or roll back model versions (manual changes apply from the next unprocessed hour)."""
+    from profile_engine import registry
+
+    settings = Settings.from_env()
+    try:
+        if args.action == "list":
+            _print(registry.list_models(settings))
+        elif args.action == "show":
+            _print(registry.show_model(settings, args.version))
+        elif args.action == "promote":
+            _print(registry.promote_manually(settings, args.version, reason=args.reason))
+        else:
+            _print(registry.rollback_manually(settings, to_version=args.to, reason=args.reason))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}")
+        return 1
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Rebuild an hour's snapshot from staged events and compare it with the committed one (1 if they differ)."""
+    from profile_engine.verify import verify_hour
+
+    result = verify_hour(Settings.from_env(), args.hour, keep_scratch=args.keep)
+    print(result.render())
+    return 0 if result.equal else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="compute everything, export nothing")
     p.set_defaults(func=cmd_run_hours)
 
+    p = sub.add_parser("replay", help="land an event log by event hour through a mapping and process its hours")
+    p.add_argument("--file", required=True, help="the event log (CSV, Parquet or JSON Lines, optionally .gz)")
+    p.add_argument("--mapping", required=True, help="a mapping in include/config/sources/ by name, or a YAML path")
+    p.add_argument("--no-quality", action="store_true", help="row rules only: no Great Expectations suite or Data Docs")
+    p.set_defaults(func=cmd_replay)
+
     p = sub.add_parser("demo", help="simulate, warm up and run profile_refresh through Airflow")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--history-days", type=int, default=30)
@@ -113,6 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="start the Airflow UI (airflow standalone) on 127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("models", help="model registry: list | show VERSION | promote VERSION | rollback")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="every committed version with metrics, decision and champion status")
+    a = actions.add_parser("show", help="everything recorded about one version")
+    a.add_argument("version", help="e.g. v20261101T05")
+    a = actions.add_parser("promote", help="make VERSION the champion from the next unprocessed hour (forced)")
+    a.add_argument("version")
+    a.add_argument("--reason", default="manual promotion")
+    a = actions.add_parser("rollback", help="bring back the previous champion from the next unprocessed hour")
+    a.add_argument("--to", default=None, help="a specific earlier version (default: the previous champion)")
+    a.add_argument("--reason", default="manual rollback")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("verify", help="rebuild hour H from staged events and compare with its committed snapshot")
+    p.add_argument("--hour", type=_hour, required=True, help="the snapshot's hour (UTC, ISO, e.g. 2026-11-28T05:00)")
+    p.add_argument("--keep", action="store_true", help="keep the rebuilt snapshot in the lake's _tmp/ to inspect it")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 

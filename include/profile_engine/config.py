@@ -30,11 +30,18 @@ class Settings:
     business_tz: str = "Europe/Berlin"
     buckets: int = 4
     start: datetime | None = None
-    lateness_hours: int = 6
+    lateness_hours: int = 24
+    clock_skew_minutes: int = 5
     label_horizon_hours: int = 24
     retrain_every_hours: int = 24
-    quarantine_threshold: float = 0.2
+    quarantine_threshold: float = 0.05
+    quarantine_min_rows: int = 1000
     seed: int = 7
+    # Marketing: Airflow Connection ids of the SQL opt-out list and of the delivery database
+    # (None = not used), and the local outbox of campaign deliveries (None = <lake>/outbox).
+    optout_conn_id: str | None = None
+    delivery_conn_id: str | None = None
+    outbox: Path | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -56,10 +63,15 @@ class Settings:
             buckets=int(get("BUCKETS") or base.buckets),
             start=parse_hour(start) if start else None,
             lateness_hours=int(get("LATENESS_HOURS") or base.lateness_hours),
+            clock_skew_minutes=int(get("CLOCK_SKEW_MINUTES") or base.clock_skew_minutes),
             label_horizon_hours=int(get("LABEL_HORIZON_HOURS") or base.label_horizon_hours),
             retrain_every_hours=int(get("RETRAIN_EVERY_HOURS") or base.retrain_every_hours),
             quarantine_threshold=float(get("QUARANTINE_THRESHOLD") or base.quarantine_threshold),
+            quarantine_min_rows=int(get("QUARANTINE_MIN_ROWS") or base.quarantine_min_rows),
             seed=int(get("SEED") or base.seed),
+            optout_conn_id=get("OPTOUT_CONN_ID"),
+            delivery_conn_id=get("DELIVERY_CONN_ID"),
+            outbox=Path(outbox).expanduser().resolve() if (outbox := get("OUTBOX")) else None,
         )
         settings.check()
         return settings
@@ -74,5 +86,10 @@ class Settings:
             raise ValueError(f"{ENV_PREFIX}LABEL_HORIZON_HOURS must be >= 1, got {self.label_horizon_hours}")
         if self.retrain_every_hours < 1:
             raise ValueError(f"{ENV_PREFIX}RETRAIN_EVERY_HOURS must be >= 1, got {self.retrain_every_hours}")
+        if self.lateness_hours < 0 or self.clock_skew_minutes < 0 or self.quarantine_min_rows < 0:
+            raise ValueError(
+                f"{ENV_PREFIX}LATENESS_HOURS, CLOCK_SKEW_MINUTES and QUARANTINE_MIN_ROWS must be >= 0, got "
+                f"{self.lateness_hours}, {self.clock_skew_minutes}, {self.quarantine_min_rows}"
+            )
         if not 0.0 <= self.quarantine_threshold <= 1.0:
             raise ValueError(f"{ENV_PREFIX}QUARANTINE_THRESHOLD must be in [0, 1], got {self.quarantine_threshold}")

@@ -3,15 +3,21 @@
 Challenger and reference (the champion as of the hour, or the challenger's own
 baseline before any promotion) are scored on the same out-of-time evaluation
 rows. Metrics: AUC, PR-AUC, log loss, Brier score, expected calibration error,
-precision and lift in the top decile, each with a seeded bootstrap interval.
+precision and lift in the top 10% and 20%, each with a seeded paired bootstrap
+95% interval (and an interval of the challenger-minus-reference difference).
 Drift: PSI of every feature and of the score between the hour's snapshot and the
-previous one. The gate promotes a challenger that clears absolute floors and is
-not worse than the reference beyond a margin on any compared metric.
+previous one, at training time and in every run report.
+
+The gate (``GateConfig``, configurable from ``PROFILE_ENGINE_GATE_*``) promotes a
+challenger that clears absolute floors (AUC >= 0.6, ECE <= 0.05) and is not worse
+than the reference by more than a margin on the primary metric (lift in the top
+10% by default) nor on the guard metrics (AUC by default).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,9 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from profile_engine import labels, registry
-from profile_engine.config import Settings
+from profile_engine.config import ENV_PREFIX, Settings
 from profile_engine.hours import HOUR, floor_hour, format_hour
-from profile_engine.lake import MODELS, Lake, read_json
+from profile_engine.lake import MODELS, SCORES, Lake, read_json
 
 if TYPE_CHECKING:
     from profile_engine.model import LoadedModel
@@ -35,12 +41,18 @@ EPS = 1e-7
 HIGHER_IS_BETTER: dict[str, bool] = {
     "auc": True,
     "pr_auc": True,
-    "top_decile_precision": True,
-    "top_decile_lift": True,
     "log_loss": False,
     "brier": False,
     "ece": False,
+    "precision_at_10": True,
+    "lift_at_10": True,
+    "precision_at_20": True,
+    "lift_at_20": True,
 }
+# Shares of the population behind ``precision_at_<n>`` and ``lift_at_<n>`` (a campaign targets the top n%).
+TOP_SHARES: dict[str, float] = {"10": 0.1, "20": 0.2}
+# PSI rule of thumb: below 0.1 stable, 0.1-0.25 moderate, above 0.25 a major shift worth a look.
+PSI_MAJOR = 0.25
 
 
 # ---- metrics -------------------------------------------------------------------------------------------------------
@@ -101,10 +113,14 @@ def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
     return float(gap.sum() / max(count.sum(), 1))
 
 
-def top_decile(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
-    """``(precision, lift)`` among the 10% highest scores (ties broken by position, deterministically)."""
+def top_share(y: np.ndarray, p: np.ndarray, share: float) -> tuple[float, float]:
+    """``(precision, lift)`` among the ``share`` highest scores (at least one row).
+
+    Ties are broken by position (a stable sort), so the result is deterministic;
+    lift is precision over the base rate (NaN without positives).
+    """
     y = np.asarray(y, dtype=np.float64)
-    k = max(1, int(np.ceil(0.1 * y.size)))
+    k = max(1, int(np.ceil(share * y.size)))
     top = np.argsort(-np.asarray(p, dtype=np.float64), kind="stable")[:k]
     precision = float(y[top].mean())
     base = float(y.mean())
@@ -113,35 +129,49 @@ def top_decile(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
 
 def metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     """Every reported metric (keys of ``HIGHER_IS_BETTER``) for labels ``y`` and probabilities ``p``."""
-    precision, lift = top_decile(y, p)
-    return {
+    values = {
         "auc": auc(y, p),
         "pr_auc": pr_auc(y, p),
         "log_loss": log_loss(y, p),
         "brier": brier(y, p),
         "ece": ece(y, p),
-        "top_decile_precision": precision,
-        "top_decile_lift": lift,
     }
+    for name, share in TOP_SHARES.items():
+        values[f"precision_at_{name}"], values[f"lift_at_{name}"] = top_share(y, p, share)
+    return values
 
 
 def bootstrap_intervals(
-    y: np.ndarray, scores: Mapping[str, np.ndarray], *, n_boot: int = 200, seed: int = 7, level: float = 0.95
+    y: np.ndarray,
+    scores: Mapping[str, np.ndarray],
+    *,
+    n_boot: int = 200,
+    seed: int = 7,
+    level: float = 0.95,
+    differences: Sequence[tuple[str, str]] = (),
 ) -> dict[str, dict[str, list[float]]]:
     """Percentile intervals ``{model: {metric: [low, high]}}`` from paired bootstrap resamples.
 
-    Every model is scored on the same resampled rows, so intervals are comparable.
+    Every model is scored on the same resampled rows, so intervals are comparable;
+    for each ``(a, b)`` in ``differences`` the interval of ``metric(a) - metric(b)``
+    over the same resamples is added under ``"a - b"`` (an interval that excludes 0
+    says the two models really differ on these rows).
     """
     y = np.asarray(y)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, y.size, size=(n_boot, y.size))
-    out: dict[str, dict[str, list[float]]] = {}
     tail = (1 - level) / 2 * 100
-    for name, p in scores.items():
-        p = np.asarray(p)
-        samples = [metrics(y[rows], p[rows]) for rows in draws]
-        out[name] = {
-            key: [float(v) for v in np.nanpercentile([s[key] for s in samples], [tail, 100 - tail])]
+    samples = {name: [metrics(y[rows], np.asarray(p)[rows]) for rows in draws] for name, p in scores.items()}
+
+    def interval(values: Sequence[float]) -> list[float]:
+        return [float(v) for v in np.nanpercentile(np.asarray(values, dtype=np.float64), [tail, 100 - tail])]
+
+    out = {
+        name: {key: interval([s[key] for s in drawn]) for key in HIGHER_IS_BETTER} for name, drawn in samples.items()
+    }
+    for a, b in differences:
+        out[f"{a} - {b}"] = {
+            key: interval([sa[key] - sb[key] for sa, sb in zip(samples[a], samples[b], strict=True)])
             for key in HIGHER_IS_BETTER
         }
     return out
@@ -200,12 +230,71 @@ def feature_drift(
 
 
 # ---- gate ----------------------------------------------------------------------------------------------------------
+GATE_ENV = {
+    "min_auc": ENV_PREFIX + "GATE_MIN_AUC",
+    "max_ece": ENV_PREFIX + "GATE_MAX_ECE",
+    "primary_metric": ENV_PREFIX + "GATE_PRIMARY_METRIC",
+    "margin": ENV_PREFIX + "GATE_MARGIN",
+    "auc_margin": ENV_PREFIX + "GATE_AUC_MARGIN",
+}
+
+
 @dataclass(frozen=True)
 class GateConfig:
-    """Absolute floors and the allowed shortfall against the reference, per metric."""
+    """The promotion rule: absolute floors, the primary metric with its margin, and guard margins.
 
-    floors: Mapping[str, float] = field(default_factory=lambda: {"auc": 0.6, "top_decile_lift": 1.2})
-    margins: Mapping[str, float] = field(default_factory=lambda: {"auc": 0.01, "log_loss": 0.02})
+    ``floors`` maps a metric to its bound (a floor for higher-is-better metrics, a
+    ceiling for lower-is-better ones such as ECE). The challenger may be worse than
+    the reference by at most ``margin`` on ``primary_metric`` and by at most
+    ``margins[m]`` on each guard metric ``m``; margins are in the metric's own units.
+    """
+
+    floors: Mapping[str, float] = field(default_factory=lambda: {"auc": 0.6, "ece": 0.05})
+    primary_metric: str = "lift_at_10"
+    margin: float = 0.1
+    margins: Mapping[str, float] = field(default_factory=lambda: {"auc": 0.01})
+
+    def __post_init__(self) -> None:
+        unknown = sorted({self.primary_metric, *self.floors, *self.margins} - set(HIGHER_IS_BETTER))
+        if unknown:
+            raise ValueError(f"gate: unknown metric(s) {unknown}; known: {sorted(HIGHER_IS_BETTER)}")
+        if self.margin < 0 or any(v < 0 for v in self.margins.values()):
+            raise ValueError("gate: margins must be >= 0")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GateConfig:
+        """The default rule with ``PROFILE_ENGINE_GATE_*`` overrides (MIN_AUC, MAX_ECE, PRIMARY_METRIC,
+        MARGIN, AUC_MARGIN); a bad value raises ``ValueError`` naming the variable."""
+        env = os.environ if environ is None else environ
+        base = cls()
+        values = {key: env.get(name) or None for key, name in GATE_ENV.items()}
+        try:
+            floors = {
+                "auc": float(values["min_auc"] or base.floors["auc"]),
+                "ece": float(values["max_ece"] or base.floors["ece"]),
+            }
+            margin = float(values["margin"] or base.margin)
+            auc_margin = float(values["auc_margin"] or base.margins["auc"])
+        except ValueError as error:
+            raise ValueError(f"{', '.join(n for k, n in GATE_ENV.items() if values[k])}: {error}") from error
+        try:
+            return cls(
+                floors=floors,
+                primary_metric=values["primary_metric"] or base.primary_metric,
+                margin=margin,
+                margins={"auc": auc_margin},
+            )
+        except ValueError as error:
+            raise ValueError(f"{ENV_PREFIX}GATE_*: {error}") from error
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form (recorded with every decision)."""
+        return {
+            "floors": dict(self.floors),
+            "primary_metric": self.primary_metric,
+            "margin": self.margin,
+            "margins": dict(self.margins),
+        }
 
 
 @dataclass(frozen=True)
@@ -215,10 +304,16 @@ class GateDecision:
     promote: bool
     reasons: list[str]
     checks: list[dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able form."""
-        return {"promote": self.promote, "reasons": self.reasons, "checks": self.checks}
+        return {"promote": self.promote, "reasons": self.reasons, "checks": self.checks, "config": self.config}
+
+
+def _passes(value: float, bound: float, higher_is_better: bool) -> bool:
+    """``value`` on the good side of ``bound``; NaN never passes."""
+    return bool(value >= bound) if higher_is_better else bool(value <= bound)
 
 
 def gate(
@@ -226,33 +321,144 @@ def gate(
 ) -> GateDecision:
     """Promote when every floor is cleared and no margin is exceeded against ``reference``.
 
-    A floor on a lower-is-better metric is a ceiling. A NaN metric fails its check.
+    Every reason names its metric. A NaN metric fails its check. Without a
+    reference only the floors apply.
     """
     config = config or GateConfig()
     checks: list[dict[str, Any]] = []
-    for name, floor in config.floors.items():
-        value = challenger[name]
-        ok = bool(value >= floor) if HIGHER_IS_BETTER[name] else bool(value <= floor)
-        checks.append({"check": "floor", "metric": name, "value": value, "threshold": floor, "passed": ok})
+    for name, bound in config.floors.items():
+        higher = HIGHER_IS_BETTER[name]
+        value = float(challenger[name])
+        checks.append(
+            {
+                "check": "floor" if higher else "ceiling",
+                "metric": name,
+                "value": value,
+                "threshold": bound,
+                "passed": _passes(value, bound, higher),
+            }
+        )
     if reference is not None:
-        for name, margin in config.margins.items():
-            value, ref = challenger[name], reference[name]
-            shortfall = (ref - value) if HIGHER_IS_BETTER[name] else (value - ref)
-            ok = bool(shortfall <= margin)
+        compared = {config.primary_metric: config.margin, **{k: v for k, v in config.margins.items()}}
+        for name, margin in compared.items():
+            higher = HIGHER_IS_BETTER[name]
+            value, ref = float(challenger[name]), float(reference[name])
+            shortfall = (ref - value) if higher else (value - ref)
             checks.append(
-                {"check": "margin", "metric": name, "value": value, "reference": ref, "threshold": margin, "passed": ok}
+                {
+                    "check": "primary margin" if name == config.primary_metric else "margin",
+                    "metric": name,
+                    "value": value,
+                    "reference": ref,
+                    "threshold": margin,
+                    "passed": bool(shortfall <= margin),
+                }
             )
     failed = [c for c in checks if not c["passed"]]
-    reasons = [
-        f"{c['metric']} {c['value']:.4f} fails floor {c['threshold']}"
-        if c["check"] == "floor"
-        else f"{c['metric']} {c['value']:.4f} worse than reference {c['reference']:.4f} beyond margin {c['threshold']}"
-        for c in failed
+    reasons = [_reason(c) for c in failed]
+    return GateDecision(
+        promote=not failed, reasons=reasons or ["all checks passed"], checks=checks, config=config.as_dict()
+    )
+
+
+def _reason(check: Mapping[str, Any]) -> str:
+    metric, value, threshold = check["metric"], check["value"], check["threshold"]
+    if check["check"] == "floor":
+        return f"{metric} {value:.4f} fails floor {threshold}"
+    if check["check"] == "ceiling":
+        return f"{metric} {value:.4f} exceeds ceiling {threshold}"
+    return f"{metric} {value:.4f} worse than reference {check['reference']:.4f} beyond margin {threshold}"
+
+
+# ---- curves for the model card ----------------------------------------------------------------------------------
+def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(false positive rate, true positive rate)`` at every distinct score, from (0, 0) to (1, 1)."""
+    y = np.asarray(y, dtype=np.float64)
+    order = np.argsort(-np.asarray(p, dtype=np.float64), kind="stable")
+    scores = np.asarray(p, dtype=np.float64)[order]
+    last = np.r_[np.flatnonzero(np.diff(scores) != 0), scores.size - 1]
+    tp = np.cumsum(y[order])[last]
+    fp = (last + 1.0) - tp
+    return np.r_[0.0, fp / max(fp[-1], 1.0)], np.r_[0.0, tp / max(tp[-1], 1.0)]
+
+
+def auc_from_curve(fpr: Sequence[float], tpr: Sequence[float]) -> float:
+    """Area under a ROC curve by the trapezoid rule (equals ``auc`` on ``roc_curve`` output)."""
+    x = np.asarray(fpr, dtype=np.float64)
+    h = np.asarray(tpr, dtype=np.float64)
+    return float(np.sum(np.diff(x) * (h[1:] + h[:-1]) / 2.0))
+
+
+def pr_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(recall, precision)`` at every distinct score (the steps ``pr_auc`` sums)."""
+    y = np.asarray(y, dtype=np.float64)
+    order = np.argsort(-np.asarray(p, dtype=np.float64), kind="stable")
+    scores = np.asarray(p, dtype=np.float64)[order]
+    last = np.r_[np.flatnonzero(np.diff(scores) != 0), scores.size - 1]
+    tp = np.cumsum(y[order])[last]
+    return tp / max(float(y.sum()), 1.0), tp / (last + 1.0)
+
+
+def calibration_curve(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
+    """Mean predicted probability, observed rate and row count of each non-empty equal-width bin (as ``ece``)."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(p, dtype=np.float64)
+    index = np.minimum((p * bins).astype(np.int64), bins - 1)
+    count = np.bincount(index, minlength=bins)
+    keep = count > 0
+    mean_p = np.bincount(index, weights=p, minlength=bins)[keep] / count[keep]
+    rate = np.bincount(index, weights=y, minlength=bins)[keep] / count[keep]
+    return {"predicted": mean_p.tolist(), "observed": rate.tolist(), "rows": count[keep].tolist()}
+
+
+def lift_by_decile(y: np.ndarray, p: np.ndarray) -> list[float]:
+    """Purchase rate of each score decile (by rank, 1 = lowest, 10 = highest) over the base rate."""
+    y = np.asarray(y, dtype=np.float64)
+    order = np.argsort(np.asarray(p, dtype=np.float64), kind="stable")
+    base = float(y.mean())
+    return [
+        float(y[part].mean() / base) if base > 0 and part.size else float("nan") for part in np.array_split(order, 10)
     ]
-    return GateDecision(promote=not failed, reasons=reasons or ["all checks passed"], checks=checks)
 
 
-# ---- stage ---------------------------------------------------------------------------------------------------------
+def permutation_importance(
+    predict: Any, table: pa.Table, columns: Sequence[str], y: np.ndarray, *, seed: int = 7, repeats: int = 2
+) -> dict[str, float]:
+    """Mean drop of AUC when one column's values are shuffled across rows (``predict``: table -> scores).
+
+    A large drop means the model leans on the column; about 0 means it ignores it.
+    Sorted by importance, largest first.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    reference = auc(y, predict(table))
+    rng = np.random.default_rng(seed)
+    drops: dict[str, float] = {}
+    for column in columns:
+        index = table.schema.get_field_index(column)
+        losses = []
+        for _ in range(repeats):
+            shuffled = table.set_column(index, column, table.column(column).take(pa.array(rng.permutation(len(y)))))
+            losses.append(reference - auc(y, predict(shuffled)))
+        drops[column] = float(np.mean(losses))
+    return dict(sorted(drops.items(), key=lambda item: (-item[1], item[0])))
+
+
+def card_curves(y: np.ndarray, scores: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Every curve of the model card for each scored model (JSON-able lists)."""
+    out: dict[str, Any] = {"base_rate": float(np.mean(y)) if len(y) else float("nan"), "models": {}}
+    for name, p in scores.items():
+        fpr, tpr = roc_curve(y, p)
+        recall, precision = pr_curve(y, p)
+        out["models"][name] = {
+            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+            "pr": {"recall": recall.tolist(), "precision": precision.tolist()},
+            "calibration": calibration_curve(y, p),
+            "lift_by_decile": lift_by_decile(y, p),
+        }
+    return out
+
+
+# ---- drift ---------------------------------------------------------------------------------------------------------
 def snapshot_drift(settings: Settings, hour: datetime, model: LoadedModel, *, max_rows: int = 50_000) -> dict[str, Any]:
     """PSI of the model's features and of its score from the previous committed snapshot to the hour's.
 
@@ -275,6 +481,88 @@ def snapshot_drift(settings: Settings, hour: datetime, model: LoadedModel, *, ma
     }
 
 
+def _scores_of(lake: Lake, hour: datetime) -> tuple[np.ndarray, list[str]] | None:
+    """Non-null propensities and the model versions of an hour's committed scores, or None."""
+    from profile_engine.model import MODEL_VERSION, PROPENSITY
+
+    try:
+        table = lake.read(SCORES, hour, columns=[PROPENSITY, MODEL_VERSION])
+    except FileNotFoundError:
+        return None
+    values = np.asarray(pc.fill_null(table.column(PROPENSITY), np.nan), dtype=np.float64)
+    return values[~np.isnan(values)], sorted(set(table.column(MODEL_VERSION).to_pylist()))
+
+
+def hourly_drift(settings: Settings, hour: datetime, *, max_rows: int = 50_000, top: int = 5) -> dict[str, Any]:
+    """Drift of the hour's snapshot and scores against the previous committed snapshot, for the run report.
+
+    Feature PSI over the profile contract's features (same users sampled in both
+    snapshots), score PSI from the ``scores/`` layer when both hours were scored
+    (no model is loaded). Lists the ``top`` drifting features and every feature
+    above ``PSI_MAJOR``.
+    """
+    from profile_engine.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+
+    hour = floor_hour(hour)
+    lake = Lake(settings.lake)
+    earlier = [h for h in labels.committed_profile_hours(lake) if h < hour]
+    if not earlier or not labels.profile_committed(lake, hour):
+        return {"previous_hour": None, "reason": "no two committed snapshots to compare"}
+    previous_hour = earlier[-1]
+    previous = labels.sample_users(labels.read_snapshot(lake, previous_hour), max_rows, settings.seed, "drift")
+    current = labels.sample_users(labels.read_snapshot(lake, hour), max_rows, settings.seed, "drift")
+    shared = set(previous.column_names) & set(current.column_names)
+    features = feature_drift(
+        previous,
+        current,
+        [c for c in NUMERIC_FEATURES if c in shared],
+        [c for c in CATEGORICAL_FEATURES if c in shared],
+    )
+    ranked = sorted(features.items(), key=lambda item: (-item[1], item[0]))
+    before, now = _scores_of(lake, previous_hour), _scores_of(lake, hour)
+    score: dict[str, Any] | None = None
+    if before is not None and now is not None and before[0].size and now[0].size:
+        score = {"psi": psi(before[0], now[0]), "versions": {"previous": before[1], "current": now[1]}}
+    return {
+        "previous_hour": format_hour(previous_hour),
+        "score": score,
+        "top_features": {k: round(v, 4) for k, v in ranked[:top]},
+        "major_shifts": [k for k, v in ranked if v > PSI_MAJOR],
+        "features": {k: round(v, 6) for k, v in ranked},
+    }
+
+
+def model_report(settings: Settings, hour: datetime, summaries: Mapping[str, Any]) -> dict[str, Any]:
+    """The run report's model section: which model scored, the training and gate decision, metrics and drift.
+
+    Built from the stage summaries plus the promotion log and the lake; it never
+    raises (a report must always be written), an error is reported in the section.
+    """
+    section: dict[str, Any] = {}
+    scored = summaries.get("score_profiles")
+    first = scored[0] if isinstance(scored, list) and scored and isinstance(scored[0], dict) else {}
+    section["scoring"] = {k: first.get(k) for k in ("model", "model_version", "reason") if first.get(k) is not None}
+    trained = summaries.get("train_challenger") or {}
+    section["training"] = {k: trained.get(k) for k in ("status", "version", "reason") if trained.get(k) is not None}
+    evaluated = summaries.get("evaluate_and_promote") or {}
+    if evaluated.get("status") in ("promoted", "rejected"):
+        section["decision"] = {
+            k: evaluated.get(k) for k in ("status", "version", "reference", "forced", "reasons", "from_hour", "gate")
+        }
+        section["metrics"] = evaluated.get("metrics")
+        section["intervals"] = evaluated.get("intervals")
+    try:
+        entry = registry.champion_as_of(settings, hour)
+        section["champion"] = (
+            None if entry is None else {k: entry.get(k) for k in ("version", "from_hour", "forced", "reason")}
+        )
+        section["drift"] = hourly_drift(settings, hour)
+    except Exception as error:  # noqa: BLE001 - the report must be written whatever failed upstream
+        section["error"] = f"{type(error).__name__}: {error}"
+    return section
+
+
+# ---- stage ---------------------------------------------------------------------------------------------------------
 def _reference(settings: Settings, hour: datetime, version: str) -> tuple[str, LoadedModel]:
     """The champion in force before this hour's promotion, else the challenger's own baseline."""
     from profile_engine.model import load_model
@@ -287,6 +575,10 @@ def _reference(settings: Settings, hour: datetime, version: str) -> tuple[str, L
     return f"baseline {version}", load_model(settings, version, "baseline")
 
 
+def _rounded(values: Mapping[str, Any], digits: int = 4) -> dict[str, Any]:
+    return {k: (round(v, digits) if isinstance(v, float) else v) for k, v in values.items()}
+
+
 def evaluate_and_promote(
     settings: Settings,
     hour: datetime,
@@ -295,13 +587,16 @@ def evaluate_and_promote(
     force_promote: bool = False,
     gate_config: GateConfig | None = None,
     n_boot: int = 200,
+    importance_rows: int = 5_000,
 ) -> dict[str, Any]:
     """Stage: evaluate the challenger trained at ``hour``, apply the gate and promote from ``hour`` on.
 
     Challenger and reference are scored on the same evaluation rows (the training
     set's ``eval.parquet``). A promotion applies to the scoring of ``hour`` itself;
     ``force_promote`` promotes whatever the gate says and is recorded as forced.
-    The decision is written into the model directory (``evaluation.json``, card).
+    The decision and its reasons go to the model directory (``evaluation.json``,
+    the model card with its plots), the promotion log (when promoted) and the
+    decision log (always). ``gate_config`` defaults to ``GateConfig.from_env()``.
     """
     from profile_engine import model as models
 
@@ -309,54 +604,81 @@ def evaluate_and_promote(
     version = registry.model_version(hour)
     if not registry.model_dir_committed(settings, version):
         return {"status": "skipped", "reason": f"no challenger trained at {format_hour(hour)}"}
+    config = gate_config or GateConfig.from_env()
     _, rows, training = labels.read_training_set(settings, version)
     y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
     challenger = models.load_model(settings, version, "model")
     reference_name, reference = _reference(settings, hour, version)
     scores = {"challenger": challenger.predict(rows), "reference": reference.predict(rows)}
     point = {name: metrics(y, p) for name, p in scores.items()}
-    decision = gate(point["challenger"], point["reference"], gate_config)
+    decision = gate(point["challenger"], point["reference"], config)
     promoted = decision.promote or force_promote
+    verdict = "gate passed" if decision.promote else "gate failed: " + "; ".join(decision.reasons)
+    reason = f"{'forced, ' if force_promote else ''}{verdict} (against {reference_name})"
     entry = None
     if promoted:
-        verdict = "gate passed" if decision.promote else "gate failed: " + "; ".join(decision.reasons)
         entry = registry.promote(
             settings,
             version,
             hour,
             forced=force_promote,
-            reason=f"{'forced, ' if force_promote else ''}{verdict} (against {reference_name})",
+            reason=reason,
             metrics={k: round(v, 6) for k, v in point["challenger"].items()},
+            decision=decision.as_dict(),
             run_id=run_id,
         )
+    registry.record_decision(
+        settings,
+        version,
+        hour,
+        promoted=promoted,
+        forced=force_promote,
+        reason=reason,
+        reference=reference_name,
+        decision=decision.as_dict(),
+        run_id=run_id,
+    )
     drift = snapshot_drift(settings, hour, challenger)
+    sample = labels.sample_users(rows, importance_rows, settings.seed, "importance")
+    importance = permutation_importance(
+        challenger.predict,
+        sample,
+        [*challenger.numeric, *challenger.categorical],
+        np.asarray(sample.column(labels.LABEL), dtype=np.float64),
+        seed=settings.seed,
+    )
     evaluation: dict[str, Any] = {
         "version": version,
         "hour": format_hour(hour),
         "reference": reference_name,
         "rows": int(y.size),
         "positives": int(y.sum()),
+        "base_rate": float(y.mean()),
         "metrics": point,
-        "intervals": bootstrap_intervals(y, scores, n_boot=n_boot, seed=settings.seed),
+        "intervals": bootstrap_intervals(
+            y, scores, n_boot=n_boot, seed=settings.seed, differences=[("challenger", "reference")]
+        ),
         "decision": decision.as_dict(),
         "promoted": promoted,
         "forced": force_promote,
+        "from_hour": entry["from_hour"] if entry else None,
         "drift": drift,
+        "importance": {"method": "permutation, mean AUC drop", "rows": sample.num_rows, "features": importance},
         "run_id": run_id,
     }
-    features = {"numeric": list(challenger.numeric), "categorical": list(challenger.categorical)}
     models.update_model_dir(
         settings,
         version,
         {
             models.EVALUATION_FILE: json.dumps(evaluation, indent=2, sort_keys=True, default=str).encode(),
-            models.CARD_FILE: models.model_card(
+            **models.card_files(
                 version,
                 training,
-                features,
+                {"numeric": list(challenger.numeric), "categorical": list(challenger.categorical)},
                 read_json(Lake(settings.lake).path(MODELS, version, models.METRICS_FILE)),
                 evaluation,
-            ).encode(),
+                card_curves(y, scores),
+            ),
         },
     )
     return {
@@ -365,7 +687,12 @@ def evaluate_and_promote(
         "reference": reference_name,
         "forced": force_promote,
         "reasons": decision.reasons,
-        "metrics": {name: {k: round(v, 4) for k, v in m.items()} for name, m in point.items()},
+        "gate": {"primary_metric": config.primary_metric, "margin": config.margin},
+        "metrics": {name: _rounded(m) for name, m in point.items()},
+        "intervals": {
+            name: {k: [round(v, 4) for v in pair] for k, pair in values.items()}
+            for name, values in evaluation["intervals"].items()
+        },
         "score_psi": drift["score"],
         "from_hour": entry["from_hour"] if entry else None,
     }

@@ -192,24 +192,28 @@ INTERESTS_SCHEMA = pa.schema(
 INTEREST_COLUMNS: tuple[str, ...] = tuple(INTERESTS_SCHEMA.names)
 
 CHANGE_NEW, CHANGE_UPDATED, CHANGE_REMOVED = "new", "updated", "removed"
+# What the change log tracks (the issue's "lifecycle stage, RFM segment or top interest").
+CHANGE_TRACKED: tuple[str, ...] = (LIFECYCLE_STAGE, RFM_SEGMENT, TOP_CATEGORIES[0])
+CHANGED = "changed"
+
+
+def before_column(column: str) -> str:
+    """Change-log column with a tracked value in the previous snapshot: ``lifecycle_stage_before``."""
+    return f"{column}_before"
+
+
+def after_column(column: str) -> str:
+    """Change-log column with a tracked value in the current snapshot: ``lifecycle_stage_after``."""
+    return f"{column}_after"
+
+
 CHANGES_SCHEMA = pa.schema(
     [
         pa.field(USER_ID, pa.string(), nullable=False),
         pa.field("change", pa.string(), nullable=False),
-        pa.field("changed_columns", pa.list_(pa.string())),
-        pa.field("lifecycle_transition", pa.string()),
-        pa.field("rfm_segment_transition", pa.string()),
+        pa.field(CHANGED, pa.list_(pa.string()), nullable=False),
+        *[pa.field(f(c), pa.string()) for c in CHANGE_TRACKED for f in (before_column, after_column)],
     ]
-)
-# Columns that move with the clock alone; listing them would mark every user as updated every hour.
-CLOCK_DRIVEN_COLUMNS: tuple[str, ...] = (
-    SNAPSHOT_HOUR,
-    HOURS_SINCE_LAST_EVENT,
-    HOURS_SINCE_LAST_CART,
-    HOURS_SINCE_LAST_PURCHASE,
-    RECENCY_HOURS,
-    *(decayed_column(t, h) for t in EVENT_TYPES for h, _ in HALF_LIVES),
-    *TOP_CATEGORY_SCORES,
 )
 
 # ---- feature definitions ----------------------------------------------------------
@@ -843,45 +847,45 @@ def add_population_features(profiles: pa.Table) -> pa.Table:
 
 
 def profile_changes(previous: pa.Table | None, current: pa.Table) -> pa.Table:
-    """What changed since the previous snapshot: one row per new, updated or removed user.
+    """Every user whose lifecycle stage, RFM segment or top interest changed since ``previous``.
 
-    ``changed_columns`` lists the contract columns whose value changed, leaving out the
-    ones that move with the clock alone (``CLOCK_DRIVEN_COLUMNS``); lifecycle and RFM
-    segment moves are spelled ``old->new``. Unchanged users are not listed.
+    One row per such user with the value before and after of each tracked column
+    (``CHANGE_TRACKED``) and ``changed``, the tracked columns that differ. ``change`` is
+    ``new`` (not in ``previous``: before is null), ``removed`` (not in ``current``, e.g.
+    erased: after is null) or ``updated``. Nulls compare as values (a first top interest
+    is a change). With no previous snapshot every user is new. Sorted by ``user_id``.
     """
-    prev = current.schema.empty_table() if previous is None else previous
-    compared = [c for c in current.column_names if c in prev.column_names and c not in (USER_ID, *CLOCK_DRIVEN_COLUMNS)]
-    diffs = ", ".join(f"CASE WHEN p.{c} IS DISTINCT FROM c.{c} THEN '{c}' END" for c in compared)
-
-    def transition(column: str) -> str:
-        if column not in compared:
-            return "NULL"
-        return f"CASE WHEN p.{column} IS DISTINCT FROM c.{column} THEN p.{column} || '->' || c.{column} END"
-
+    prev = current.select([USER_ID, *CHANGE_TRACKED]).schema.empty_table() if previous is None else previous
     con = _connect()
     try:
-        con.register("p", prev)
-        con.register("c", current)
+        con.register("p", prev.select([USER_ID, *CHANGE_TRACKED]))
+        con.register("c", current.select([USER_ID, *CHANGE_TRACKED]))
+        diffs = ", ".join(f"CASE WHEN p.{c} IS DISTINCT FROM c.{c} THEN '{c}' END" for c in CHANGE_TRACKED)
+        values = ", ".join(f"p.{c} AS {before_column(c)}, c.{c} AS {after_column(c)}" for c in CHANGE_TRACKED)
         table = con.sql(
             f"""
             SELECT * FROM (
                 SELECT coalesce(c.user_id, p.user_id) AS user_id,
                        CASE WHEN p.user_id IS NULL THEN '{CHANGE_NEW}' WHEN c.user_id IS NULL THEN '{CHANGE_REMOVED}'
                             ELSE '{CHANGE_UPDATED}' END AS change,
-                       CASE WHEN p.user_id IS NOT NULL AND c.user_id IS NOT NULL
-                            THEN list_filter([{diffs}], lambda x: x IS NOT NULL) END AS changed_columns,
-                       CASE WHEN p.user_id IS NOT NULL AND c.user_id IS NOT NULL THEN {transition(LIFECYCLE_STAGE)} END
-                           AS lifecycle_transition,
-                       CASE WHEN p.user_id IS NOT NULL AND c.user_id IS NOT NULL THEN {transition(RFM_SEGMENT)} END
-                           AS rfm_segment_transition
+                       list_filter([{diffs}], lambda x: x IS NOT NULL) AS {CHANGED},
+                       {values}
                 FROM p FULL OUTER JOIN c ON p.user_id = c.user_id
-            ) WHERE change <> '{CHANGE_UPDATED}' OR len(changed_columns) > 0
+            ) WHERE change <> '{CHANGE_UPDATED}' OR len({CHANGED}) > 0
             ORDER BY user_id
             """
         ).to_arrow_table()
     finally:
         con.close()
     return table.select(CHANGES_SCHEMA.names).cast(CHANGES_SCHEMA)
+
+
+def change_counts(changes: pa.Table) -> dict[str, int]:
+    """What the run report counts: users in the change log, by kind and by tracked column."""
+    counts = {"users": changes.num_rows, CHANGE_NEW: 0, CHANGE_REMOVED: 0} | dict.fromkeys(CHANGE_TRACKED, 0)
+    counts |= _value_counts(changes.column("change"))
+    counts.pop(CHANGE_UPDATED, None)
+    return counts | _value_counts(pc.list_flatten(changes.column(CHANGED)))
 
 
 # ---- lake stages ----------------------------------------------------------------------------
@@ -975,19 +979,7 @@ def build_profiles_range(
     lake = Lake(settings.lake)
     state = _load_state(lake, first, bucket, first_hour or settings.start)
     hours = list(hour_range(first, last))
-    files = [(str(f), _epoch_hour(h)) for h in hours for f in lake.data_files(STAGING, h, bucket)]
-    con = _connect()
-    try:
-        con.register(
-            "staged_files", pa.table({"filename": [f for f, _ in files], "staged_hour": [h for _, h in files]})
-        )
-        file_list = ", ".join("'" + f.replace("'", "''") + "'" for f, _ in files)
-        staged = con.sql(
-            f"SELECT s.*, f.staged_hour FROM read_parquet([{file_list}], filename = true) s "
-            "JOIN staged_files f USING (filename)"
-        ).to_arrow_table()
-    finally:
-        con.close()
+    staged = _read_staged(lake, hours, bucket)
     staged_hour = staged.column("staged_hour")
 
     checkpoints = [h for h in hours if (_epoch_hour(h) + 1) % snapshot_every == 0 or h == last]
@@ -1021,6 +1013,66 @@ def _epoch_hour(hour: datetime) -> int:
     return int(hour.timestamp()) // 3600
 
 
+def _read_staged(lake: Lake, hours: list[datetime], bucket: int) -> pa.Table:
+    """The staged events of ``hours`` of one bucket in one DuckDB pass, with ``staged_hour`` (epoch hours)."""
+    files = [(str(f), _epoch_hour(h)) for h in hours for f in lake.data_files(STAGING, h, bucket)]
+    if not files:
+        return STAGED_SCHEMA.append(pa.field("staged_hour", pa.int64())).empty_table()
+    con = _connect()
+    try:
+        con.register(
+            "staged_files", pa.table({"filename": [f for f, _ in files], "staged_hour": [h for _, h in files]})
+        )
+        file_list = ", ".join("'" + f.replace("'", "''") + "'" for f, _ in files)
+        return con.sql(
+            f"SELECT s.*, f.staged_hour FROM read_parquet([{file_list}], filename = true) s "
+            "JOIN staged_files f USING (filename)"
+        ).to_arrow_table()
+    finally:
+        con.close()
+
+
+def _staged_hours(lake: Lake, bucket: int) -> list[datetime]:
+    """Every hour with a committed staging partition of ``bucket``, in order."""
+    found = []
+    for manifest in lake.path(STAGING).glob(f"dt=*/hour=*/bucket={bucket}/{MANIFEST}"):
+        hour_dir = manifest.parent.parent
+        found.append(parse_hour(f"{hour_dir.parent.name.removeprefix('dt=')}T{hour_dir.name.removeprefix('hour=')}"))
+    return sorted(found)
+
+
+def rebuild_bucket(settings: Settings, hour: datetime, bucket: int) -> tuple[datetime, ProfileState]:
+    """The state of one bucket as of the end of ``hour`` rebuilt from staged events (the rebuild path).
+
+    Starts from the oldest staged hour S the lake still holds: from the state checkpoint
+    of S-1 when retention kept one (older hours were deleted), else from an empty state
+    (S is the lake's first hour); then merges every staged hour S..``hour`` in one
+    ``advance``. Returns S and the state. Nothing is read from the states after S-1, so
+    the result is independent of how the committed hours were built. Raises
+    ``FileNotFoundError`` naming the first missing staged hour when staging has a gap.
+    """
+    hour = floor_hour(hour)
+    lake = Lake(settings.lake)
+    staged = [h for h in _staged_hours(lake, bucket) if h <= hour]
+    if not staged:
+        raise FileNotFoundError(f"no staged hour at or before {format_hour(hour)} in bucket {bucket}")
+    first = staged[0]
+    hours = list(hour_range(first, hour))
+    missing = sorted(set(hours) - set(staged))
+    if missing:
+        raise FileNotFoundError(
+            f"staged hour {format_hour(missing[0])} bucket {bucket} is missing: cannot rebuild "
+            f"{format_hour(hour)} from {format_hour(first)}"
+        )
+    start = (
+        ProfileState({name: lake.read_named(STATE, first - HOUR, name, bucket) for name in STATE_TABLES})
+        if lake.committed(STATE, first - HOUR, bucket)
+        else empty_state()
+    )
+    events = _read_staged(lake, hours, bucket).select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+    return first, advance(start, events, hour + HOUR, settings)
+
+
 def snapshot_committed(settings: Settings, hour: datetime) -> bool:
     """Whether the published snapshot of ``hour`` exists (its hour-level manifest is written)."""
     return (Lake(settings.lake).partition(PROFILES, hour) / MANIFEST).is_file()
@@ -1043,6 +1095,21 @@ def _previous_snapshot(lake: Lake, settings: Settings, hour: datetime) -> dateti
     return None
 
 
+def population_snapshot(bucket_profiles: list[pa.Table], hour: datetime) -> pa.Table:
+    """The whole snapshot of ``hour`` from its per-bucket profiles: uniqueness check, then RFM.
+
+    Raises ``ValueError`` naming duplicated users (a user in two buckets).
+    """
+    combined = pa.concat_tables([t.select(SNAPSHOT_SCHEMA.names).cast(SNAPSHOT_SCHEMA) for t in bucket_profiles])
+    if pc.count_distinct(combined.column(USER_ID)).as_py() != combined.num_rows:
+        counts = combined.group_by(USER_ID).aggregate([(USER_ID, "count")])
+        dupes = counts.filter(pc.greater(counts.column(f"{USER_ID}_count"), 1)).column(USER_ID).to_pylist()
+        raise ValueError(
+            f"user_id not unique in snapshot {format_hour(hour)}: {len(dupes)} duplicated, e.g. {dupes[:5]}"
+        )
+    return add_population_features(combined)
+
+
 def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manual") -> dict[str, Any]:
     """Commit the snapshot of ``hour``: population features, uniqueness check, change log, markers.
 
@@ -1058,25 +1125,13 @@ def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manua
     for bucket in range(settings.buckets):
         if not lake.committed(PROFILES, hour, bucket):
             raise FileNotFoundError(f"profiles of hour {format_hour(hour)} bucket {bucket} are not built")
-        table = lake.read(PROFILES, hour, bucket)
-        parts.append(
-            table.select(SNAPSHOT_SCHEMA.names)
-            .cast(SNAPSHOT_SCHEMA)
-            .append_column("_bucket", pa.array([bucket] * table.num_rows, pa.int32()))
-        )
-    combined = pa.concat_tables(parts)
-    if pc.count_distinct(combined.column(USER_ID)).as_py() != combined.num_rows:
-        counts = combined.group_by(USER_ID).aggregate([(USER_ID, "count")])
-        dupes = counts.filter(pc.greater(counts.column(f"{USER_ID}_count"), 1)).column(USER_ID).to_pylist()
-        raise ValueError(
-            f"user_id not unique in snapshot {format_hour(hour)}: {len(dupes)} duplicated, e.g. {dupes[:5]}"
-        )
-    full = add_population_features(combined)
+        parts.append(lake.read(PROFILES, hour, bucket))
+    full = population_snapshot(parts, hour)
 
     marker.unlink(missing_ok=True)  # uncommitted while buckets are rewritten
-    buckets_of_rows = pc.take(
-        combined.column("_bucket"), pc.index_in(full.column(USER_ID), value_set=combined.column(USER_ID))
-    )
+    bucket_of_part = pa.array([b for b, part in enumerate(parts) for _ in range(part.num_rows)], pa.int32())
+    users_of_part = pa.chunked_array([part.column(USER_ID) for part in parts], pa.string())
+    buckets_of_rows = pc.take(bucket_of_part, pc.index_in(full.column(USER_ID), value_set=users_of_part))
     for bucket in range(settings.buckets):
         lake.write_partition(
             PROFILES, hour, full.filter(pc.equal(buckets_of_rows, bucket)), bucket=bucket, run_id=run_id
@@ -1091,14 +1146,14 @@ def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manua
         run_id=run_id,
         extra={"previous_hour": format_hour(previous_hour) if previous_hour else None},
     )
-    by_kind = _value_counts(changes.column("change"))
+    counted = change_counts(changes)
     summary: dict[str, Any] = {
         "hour": format_hour(hour),
         "run_id": run_id,
         "buckets": settings.buckets,
         "profiles": full.num_rows,
-        "new_users": by_kind.get(CHANGE_NEW, 0),
-        "changes": by_kind,
+        "new_users": counted[CHANGE_NEW],
+        "profile_changes": counted,
         "previous_hour": format_hour(previous_hour) if previous_hour else None,
         "lifecycle": _value_counts(full.column(LIFECYCLE_STAGE)),
         "rfm_segments": _value_counts(full.column(RFM_SEGMENT)),

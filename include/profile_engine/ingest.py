@@ -2,10 +2,15 @@
 
 DESIGN.md §3. ``extract_events`` decides which landing files hour H takes (every
 file that arrived by the end of H and is not in the ledger yet) and records them
-in the ledger; a rerun of H re-reads exactly the ledger's files. ``validate_events``
-reads those files, applies the row rules in DuckDB, stages valid events per user
-bucket and quarantines the rest with their reasons, so that
-``rows read = staged + quarantined + erased`` for every hour.
+in the ledger with the source whose mapping reads them; a rerun of H re-reads
+exactly the ledger's files. ``validate_events`` reads those files through their
+mappings (``sources``), applies the row rules in DuckDB, stages valid events per
+user bucket and quarantines the rest with their original values and every reason,
+so that ``rows read = staged + quarantined + erased`` for every hour and source.
+
+Landing layout: ``landing/events/dt=/hour=/<file>`` holds canonical files;
+``landing/events/dt=/hour=/source=<name>/<file>`` files of a mapped source. Files
+directly under ``landing/events`` are canonical and placed by modification time.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from profile_engine import lake as lk
+from profile_engine import sources
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, format_hour, hour_range, parse_hour
 from profile_engine.lake import Lake, read_json, sha256_file, write_json
@@ -27,30 +33,35 @@ from profile_engine.schema import BUCKET, EVENT_COLUMNS, EVENT_TYPES, QUARANTINE
 
 LEDGER_FILE = "ledger.json"
 LANDING_SUFFIXES = (".parquet", ".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".json", ".json.gz")
-# Events up to this far past the hour's end are staged and held back by the profile
-# state (producer clock skew); later ones are quarantined as future_ts.
-FUTURE_SKEW = timedelta(hours=1)
 # Arrival partitions older than the lateness window plus this margin are not listed.
 LISTING_MARGIN_HOURS = 24
+# Longer ids are not ids (a broken producer, an injection attempt): quarantined.
+MAX_ID_LENGTH = 256
 
-# Quarantine reasons, named once.
+# Quarantine reasons, named once (the reading ones live in ``sources``).
+MALFORMED_ROW = sources.MALFORMED_ROW
+BAD_TS = sources.BAD_TS
+TS_WITHOUT_ZONE = sources.TS_WITHOUT_ZONE
 MISSING_EVENT_ID = "missing_event_id"
 MISSING_USER_ID = "missing_user_id"
 MISSING_ITEM_ID = "missing_item_id"
+ID_TOO_LONG = "id_too_long"
 UNKNOWN_EVENT_TYPE = "unknown_event_type"
 NEGATIVE_PRICE = "negative_price"
 BAD_PRICE = "bad_price"
 BAD_QUANTITY = "bad_quantity"
-BAD_TS = "bad_ts"
+NEGATIVE_QUANTITY = "negative_quantity"
 FUTURE_TS = "future_ts"
 TOO_LATE = "too_late"
-DUPLICATE_EVENT_ID = "duplicate_event_id"
-# Producer retries and late deliveries are routine: such rows are quarantined but do
+DUPLICATE = "duplicate"
+# Producer re-sends and late deliveries are routine: such rows are quarantined but do
 # not count towards the quarantine threshold, which exists to catch broken sources.
-BENIGN_REASONS = frozenset({DUPLICATE_EVENT_ID, TOO_LATE})
-# Below this many rows an hour's defect share is noise (one bad row in a quiet night
-# hour), so the threshold is only enforced from here on.
-THRESHOLD_MIN_ROWS = 50
+BENIGN_REASONS = frozenset({DUPLICATE, TOO_LATE})
+
+# Quarantined rows: the canonical columns as the source wrote them, the reasons, where
+# the row came from, and the raw text of a line that could not be parsed at all.
+SOURCE_LINE = "source_line"
+QUARANTINE_ROW_SCHEMA = QUARANTINE_SCHEMA.append(pa.field(SOURCE_LINE, pa.string()))
 
 
 class LedgerError(RuntimeError):
@@ -58,7 +69,15 @@ class LedgerError(RuntimeError):
 
 
 class QuarantineThresholdExceeded(RuntimeError):
-    """More than the allowed share of an hour's rows went to quarantine (a policy failure)."""
+    """More than the allowed share of an hour's rows went to quarantine (a policy failure).
+
+    Raised after staging, quarantine and quality results are written; ``summary`` is
+    the hour's summary, so the run report still has it.
+    """
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,7 @@ class LedgerEntry:
     sha256: str
     rows: int
     arrival_hour: str
+    source: str = sources.CANONICAL
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -79,6 +99,7 @@ class LedgerEntry:
             "sha256": self.sha256,
             "rows": self.rows,
             "arrival_hour": self.arrival_hour,
+            "source": self.source,
         }
 
 
@@ -95,24 +116,40 @@ def read_ledger(lake: Lake, hour: datetime) -> list[LedgerEntry] | None:
     return [LedgerEntry(**entry) for entry in read_json(path)["files"]]
 
 
+def _path_keys(path: Path) -> dict[str, str]:
+    return {p.split("=", 1)[0]: p.split("=", 1)[1] for p in path.parts if "=" in p}
+
+
 def _arrival_hour(path: Path) -> datetime | None:
     """Arrival hour from a ``dt=YYYY-MM-DD/hour=HH`` path, None when the path says nothing."""
-    parts = {p.split("=", 1)[0]: p.split("=", 1)[1] for p in path.parts if "=" in p}
+    parts = _path_keys(path)
     if "dt" in parts and "hour" in parts:
         return parse_hour(f"{parts['dt']}T{int(parts['hour']):02d}")
     return None
 
 
-def _file_rows(path: Path) -> int:
-    """Row count of a landing file (Parquet from metadata; text files counted by lines)."""
+def _source_of(path: Path) -> str:
+    """The source whose mapping reads a landing file (``source=<name>`` in its path)."""
+    return _path_keys(path).get(sources.SOURCE_KEY, sources.CANONICAL)
+
+
+def _file_rows(path: Path, mapping: sources.Mapping) -> int:
+    """Row count of a landing file (Parquet from metadata; text files counted by non-blank lines)."""
     if path.name.endswith(".parquet"):
-        return int(pq.ParquetFile(path).metadata.num_rows)
+        try:
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        except (OSError, pa.ArrowException):
+            return 0  # unreadable: validate_events fails the hour naming the file
     import gzip
 
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        lines = sum(1 for line in handle if line.strip())
-    return lines - 1 if ".csv" in path.name else lines
+    try:
+        with opener(path, "rb") as handle:
+            lines = sum(1 for line in handle if line.strip())
+    except (OSError, EOFError):
+        return 0
+    header = ".csv" in path.name and mapping.header
+    return max(lines - 1, 0) if header else lines
 
 
 def _list_landing(lake: Lake, hour: datetime, lookback_hours: int) -> list[tuple[Path, datetime]]:
@@ -121,7 +158,11 @@ def _list_landing(lake: Lake, hour: datetime, lookback_hours: int) -> list[tuple
     for arrival in hour_range(hour - timedelta(hours=lookback_hours), hour):
         directory = lake.partition(lk.LANDING, arrival)
         if directory.is_dir():
-            found += [(p, arrival) for p in sorted(directory.iterdir()) if p.name.endswith(LANDING_SUFFIXES)]
+            for p in sorted(directory.iterdir()):
+                if p.is_dir() and p.name.startswith(f"{sources.SOURCE_KEY}="):
+                    found += [(f, arrival) for f in sorted(p.iterdir()) if f.name.endswith(LANDING_SUFFIXES)]
+                elif p.name.endswith(LANDING_SUFFIXES):
+                    found.append((p, arrival))
     # Files dropped directly under landing/events: their modification time decides.
     root = lake.path(lk.LANDING)
     if root.is_dir():
@@ -159,17 +200,26 @@ def extract_events(settings: Settings, hour: datetime, *, run_id: str = "manual"
             taken[entry.path] = entry
     entries: list[LedgerEntry] = []
     changed: list[str] = []
+    mappings: dict[str, sources.Mapping] = {}
     for path, arrival in _list_landing(lake, hour, lookback):
         relative = str(path.relative_to(lake.root))
         size = path.stat().st_size
         if relative in taken:
             old = taken[relative]
-            if size != old.size or (size == old.size and sha256_file(path) != old.sha256):
+            if size != old.size or sha256_file(path) != old.sha256:
                 changed.append(relative)
             continue
+        source = _source_of(path)
+        if source not in mappings:
+            mappings[source] = sources.load_mapping(source, lake.root)
         entries.append(
             LedgerEntry(
-                relative, size, sha256_file(path), _file_rows(path), format_hour(_arrival_hour(path) or arrival)
+                relative,
+                size,
+                sha256_file(path),
+                _file_rows(path, mappings[source]),
+                format_hour(_arrival_hour(path) or arrival),
+                source,
             )
         )
     write_json(
@@ -187,46 +237,32 @@ def _extract_summary(hour: datetime, entries: list[LedgerEntry], *, rerun: bool,
         "rows": sum(e.rows for e in entries),
         "bytes": sum(e.size for e in entries),
         "late_files": late,
+        "sources": sorted({e.source for e in entries}),
         "rerun": rerun,
         "changed_after_ingestion": changed,
     }
 
 
-def _read_sql(path: Path, index: int) -> str:
-    """DuckDB SELECT giving a landing file's canonical columns as text, with file and row number."""
-    quoted = str(path).replace("'", "''")
-    if path.name.endswith(".parquet"):
-        source = f"read_parquet('{quoted}', file_row_number=true)"
-        row = "file_row_number + 1"
-    elif ".csv" in path.name:
-        source = f"read_csv('{quoted}', all_varchar=true, header=true)"
-        row = "row_number() OVER ()"
-    else:
-        source = f"read_json_objects('{quoted}', format='newline_delimited')"
-        cols = ", ".join(f"json_extract_string(json, '$.{c}') AS {c}" for c in EVENT_COLUMNS)
-        return f"SELECT {cols}, {index} AS source_index, row_number() OVER () AS source_row FROM {source}"  # noqa: S608
-    return f"SELECT *, {index} AS source_index, {row} AS source_row FROM {source}"  # noqa: S608
-
-
-def _load_raw(con: Any, files: list[Path]) -> None:
-    """Create table ``raw``: every row of every file, canonical columns as VARCHAR."""
+def _load_raw(con: Any, lake: Lake, entries: list[LedgerEntry]) -> dict[str, sources.Mapping]:
+    """Create table ``raw``: every row of every file through its mapping (see ``sources.source_select``)."""
+    mappings: dict[str, sources.Mapping] = {}
     selects = []
-    for index, path in enumerate(files):
-        rel = con.sql(_read_sql(path, index))
-        present = set(rel.columns)
-        cols = ", ".join(
-            (f"CAST({c} AS VARCHAR) AS {c}" if c != "ts" else "CAST(ts AS VARCHAR) AS ts")
-            if c in present
-            else f"CAST(NULL AS VARCHAR) AS {c}"
-            for c in EVENT_COLUMNS
-        )
-        selects.append(
-            f"SELECT {cols}, source_index, CAST(source_row AS BIGINT) AS source_row FROM ({_read_sql(path, index)})"
-        )
+    for index, entry in enumerate(entries):
+        if entry.source not in mappings:
+            mappings[entry.source] = sources.load_mapping(entry.source, lake.root)
+        selects.append(sources.source_select(con, mappings[entry.source], lake.path(entry.path), index))
     if not selects:
         cols = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in EVENT_COLUMNS)
-        selects.append(f"SELECT {cols}, 0 AS source_index, CAST(0 AS BIGINT) AS source_row WHERE false")
-    con.execute("CREATE TABLE raw AS " + " UNION ALL ".join(selects))
+        selects.append(
+            f"SELECT {cols}, CAST(NULL AS VARCHAR) AS event_type_v, CAST(NULL AS TIMESTAMPTZ) AS ts_v, "
+            "CAST(NULL AS VARCHAR) AS ts_problem, 0 AS source_index, CAST(0 AS BIGINT) AS source_row, "
+            "CAST(NULL AS VARCHAR) AS source_line, false AS malformed WHERE false"
+        )
+    # Parquet of canonical sources is scanned where it is used; rows whose event id is a
+    # hash over a window are computed once.
+    kind = "TABLE" if any(m.event_id_from_hash() for m in mappings.values()) else "VIEW"
+    con.execute(f"CREATE TEMP {kind} raw AS " + " UNION ALL ".join(f"({s})" for s in selects))
+    return mappings
 
 
 def validate_events(
@@ -236,12 +272,18 @@ def validate_events(
     run_id: str = "manual",
     build_docs: bool = True,
     quality_suite: bool = True,
+    enforce_threshold: bool = True,
 ) -> dict[str, Any]:
     """Stage the valid events of hour ``hour`` per bucket, quarantine the rest, run the quality suite.
 
     ``quality_suite=False`` (bulk warm-ups) applies the row rules only and skips the
-    Great Expectations suite and its Data Docs. Raises ``QuarantineThresholdExceeded`` after writing everything when the hour's
-    quarantine share exceeds ``settings.quarantine_threshold``.
+    Great Expectations suite and its Data Docs. When a source's share of defective rows
+    (reasons other than benign ones and those its mapping expects) exceeds its threshold
+    in an hour with at least ``settings.quarantine_min_rows`` of its rows, the summary
+    says so under ``threshold_breaches``; with ``enforce_threshold`` (the hourly run)
+    ``QuarantineThresholdExceeded`` is raised after everything is written. A file that
+    cannot be read, lacks a required column or has an unmappable column type raises
+    ``sources.SourceError`` before anything of the hour is written.
     """
     import duckdb
 
@@ -249,73 +291,91 @@ def validate_events(
     entries = read_ledger(lake, hour)
     if entries is None:
         raise FileNotFoundError(f"no ledger for hour {format_hour(hour)}: run extract_events first")
-    files = [lake.path(e.path) for e in entries]
     end = hour + HOUR
+    too_late = hour - timedelta(hours=settings.lateness_hours)
+    future = end + timedelta(minutes=settings.clock_skew_minutes)
     con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    _load_raw(con, files)
-    staged_ids = _recent_staged_ids(lake, hour, settings)
-    con.register("recent_ids", staged_ids)
-    types = ", ".join(f"'{t}'" for t in EVENT_TYPES)
-    con.execute(
-        f"""
-        CREATE TABLE checked AS
-        WITH typed AS (
-            SELECT *,
-                TRY_CAST(price AS DOUBLE) AS price_v,
-                COALESCE(TRY_CAST(quantity AS INTEGER), CASE WHEN quantity IS NULL OR quantity = '' THEN 1 END) AS quantity_v,
-                TRY_CAST(ts AS TIMESTAMPTZ) AS ts_v,
-                row_number() OVER (PARTITION BY event_id ORDER BY source_index, source_row) AS copy_no
-            FROM raw
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        mappings = _load_raw(con, lake, entries)
+        recent = _recent_staged_files(lake, hour, settings)
+        recent_ids = (
+            f"SELECT event_id FROM read_parquet({[str(f) for f in recent]!r}) WHERE ts >= $too_late"
+            if recent
+            else "SELECT NULL::VARCHAR AS event_id WHERE false"
         )
-        SELECT *, list_filter([
-            CASE WHEN event_id IS NULL OR trim(event_id) = '' THEN '{MISSING_EVENT_ID}' END,
-            CASE WHEN user_id IS NULL OR trim(user_id) = '' THEN '{MISSING_USER_ID}' END,
-            CASE WHEN item_id IS NULL OR trim(item_id) = '' THEN '{MISSING_ITEM_ID}' END,
-            CASE WHEN event_type IS NULL OR event_type NOT IN ({types}) THEN '{UNKNOWN_EVENT_TYPE}' END,
-            CASE WHEN price IS NOT NULL AND price <> '' AND price_v IS NULL THEN '{BAD_PRICE}' END,
-            CASE WHEN price_v < 0 THEN '{NEGATIVE_PRICE}' END,
-            CASE WHEN quantity_v IS NULL OR quantity_v < 1 THEN '{BAD_QUANTITY}' END,
-            CASE WHEN ts_v IS NULL THEN '{BAD_TS}' END,
-            CASE WHEN ts_v >= $future THEN '{FUTURE_TS}' END,
-            CASE WHEN ts_v < $too_late THEN '{TOO_LATE}' END,
-            CASE WHEN copy_no > 1 OR event_id IN (SELECT event_id FROM recent_ids) THEN '{DUPLICATE_EVENT_ID}' END
-        ], lambda r: r IS NOT NULL) AS reasons
-        FROM typed
-        """,
-        {"future": end + FUTURE_SKEW, "too_late": hour - timedelta(hours=settings.lateness_hours)},
-    )
-    staged = con.sql(
-        f"""
-        SELECT event_id, user_id, event_type, item_id, NULLIF(category_id, '') AS category_id,
-               price_v AS price, quantity_v AS quantity, NULLIF(order_id, '') AS order_id,
-               ts_v AS ts, NULLIF(session_id, '') AS session_id, {bucket_sql("user_id", settings.buckets)} AS {BUCKET}
-        FROM checked WHERE len(reasons) = 0
-        ORDER BY {BUCKET}, user_id, ts, event_id
-        """
-    ).to_arrow_table()
-    staged = staged.cast(STAGED_SCHEMA)
-    quarantined = con.sql(
-        f"""
-        SELECT {", ".join(EVENT_COLUMNS)}, array_to_string(reasons, ',') AS reasons,
-               $files[source_index + 1] AS source_file, source_row
-        FROM checked WHERE len(reasons) > 0
-        ORDER BY source_file, source_row
-        """,
-        params={"files": [e.path for e in entries] or [""]},
-    ).to_arrow_table()
-    quarantined = quarantined.cast(QUARANTINE_SCHEMA)
-    reason_counts = dict(
         con.execute(
-            "SELECT r, count(*) FROM (SELECT unnest(reasons) AS r FROM checked) GROUP BY r ORDER BY r"
-        ).fetchall()
-    )
-    read_rows = con.execute("SELECT count(*) FROM raw").fetchall()[0][0]
-    benign = ", ".join(f"'{r}'" for r in sorted(BENIGN_REASONS))
-    defective = con.execute(
-        f"SELECT count(*) FROM checked WHERE len(list_filter(reasons, lambda r: r NOT IN ({benign}))) > 0"
-    ).fetchall()[0][0]
-    con.close()
+            "CREATE TEMP TABLE dup_ids AS SELECT event_id FROM raw WHERE event_id IS NOT NULL "
+            "GROUP BY event_id HAVING count(*) > 1"
+        )
+        types = ", ".join(f"'{t}'" for t in EVENT_TYPES)
+        ids = ("event_id", "user_id", "item_id", "order_id", "session_id", "category_id")
+        con.execute(
+            f"""
+            CREATE TABLE checked AS
+            WITH typed AS (
+                SELECT *,
+                    TRY_CAST(price AS DOUBLE) AS price_v,
+                    CASE WHEN quantity IS NULL OR trim(quantity) = '' THEN 1 ELSE TRY_CAST(trim(quantity) AS INTEGER) END AS quantity_v,
+                    CASE WHEN malformed OR event_id IS NULL OR trim(event_id) = '' THEN 1 ELSE
+                        row_number() OVER (PARTITION BY event_id ORDER BY source_index, source_row) END AS copy_no
+                FROM raw WHERE event_id IN (SELECT event_id FROM dup_ids)
+                UNION ALL
+                -- Ids seen once (nearly all rows) need no window: a hash aggregate finds the others.
+                SELECT *, TRY_CAST(price AS DOUBLE),
+                    CASE WHEN quantity IS NULL OR trim(quantity) = '' THEN 1 ELSE TRY_CAST(trim(quantity) AS INTEGER) END,
+                    1
+                FROM raw WHERE event_id IS NULL OR event_id NOT IN (SELECT event_id FROM dup_ids)
+            )
+            SELECT *, CASE WHEN malformed THEN ['{MALFORMED_ROW}'] ELSE list_filter([
+                CASE WHEN event_id IS NULL OR trim(event_id) = '' THEN '{MISSING_EVENT_ID}' END,
+                CASE WHEN user_id IS NULL OR trim(user_id) = '' THEN '{MISSING_USER_ID}' END,
+                CASE WHEN item_id IS NULL OR trim(item_id) = '' THEN '{MISSING_ITEM_ID}' END,
+                CASE WHEN greatest({", ".join(f"coalesce(length({c}), 0)" for c in ids)}) > {MAX_ID_LENGTH} THEN '{ID_TOO_LONG}' END,
+                CASE WHEN event_type_v IS NULL OR event_type_v NOT IN ({types}) THEN '{UNKNOWN_EVENT_TYPE}' END,
+                CASE WHEN price IS NOT NULL AND trim(price) <> ''
+                          AND (price_v IS NULL OR isnan(price_v) OR isinf(price_v)) THEN '{BAD_PRICE}' END,
+                CASE WHEN price_v < 0 AND NOT isinf(price_v) THEN '{NEGATIVE_PRICE}' END,
+                CASE WHEN quantity_v IS NULL OR quantity_v = 0 THEN '{BAD_QUANTITY}' END,
+                CASE WHEN quantity_v < 0 THEN '{NEGATIVE_QUANTITY}' END,
+                ts_problem,
+                CASE WHEN ts_v >= $future THEN '{FUTURE_TS}' END,
+                CASE WHEN ts_v < $too_late THEN '{TOO_LATE}' END,
+                CASE WHEN copy_no > 1 OR event_id IN ({recent_ids}) THEN '{DUPLICATE}' END
+            ], lambda r: r IS NOT NULL) END AS reasons
+            FROM typed
+            """,
+            {"future": future, "too_late": too_late},
+        )
+        staged = con.sql(
+            f"""
+            SELECT event_id, user_id, event_type_v AS event_type, item_id, NULLIF(category_id, '') AS category_id,
+                   price_v AS price, quantity_v AS quantity, NULLIF(order_id, '') AS order_id,
+                   ts_v AS ts, NULLIF(session_id, '') AS session_id, {bucket_sql("user_id", settings.buckets)} AS {BUCKET}
+            FROM checked WHERE len(reasons) = 0
+            ORDER BY {BUCKET}, user_id, ts, event_id
+            """
+        ).to_arrow_table()
+        staged = staged.cast(STAGED_SCHEMA)
+        quarantined = con.sql(
+            f"""
+            SELECT {", ".join(EVENT_COLUMNS)}, array_to_string(reasons, ',') AS reasons,
+                   $files[source_index + 1] AS source_file, source_row, source_line
+            FROM checked WHERE len(reasons) > 0
+            ORDER BY source_file, source_row
+            """,
+            params={"files": [e.path for e in entries] or [""]},
+        ).to_arrow_table()
+        quarantined = quarantined.cast(QUARANTINE_ROW_SCHEMA)
+        reason_counts = {
+            str(r): int(n)
+            for r, n in con.execute(
+                "SELECT r, count(*) FROM (SELECT unnest(reasons) AS r FROM checked) GROUP BY r ORDER BY r"
+            ).fetchall()
+        }
+        per_source = _per_source(con, entries, mappings, settings)
+    finally:
+        con.close()
 
     per_bucket = []
     bucket_column = staged.column(BUCKET)
@@ -323,7 +383,12 @@ def validate_events(
         part = staged.filter(pc.equal(bucket_column, b))
         lake.write_partition(lk.STAGING, hour, part, bucket=b, run_id=run_id)
         per_bucket.append(part.num_rows)
-    lake.write_partition(lk.QUARANTINE, hour, quarantined, run_id=run_id, extra={"reasons": reason_counts})
+    lake.write_partition(
+        lk.QUARANTINE, hour, quarantined, run_id=run_id, extra={"reasons": reason_counts, "sources": per_source}
+    )
+    read_rows = sum(s["read"] for s in per_source.values())
+    defective = sum(s["defective"] for s in per_source.values())
+    breaches = [name for name, s in per_source.items() if s["threshold_exceeded"]]
 
     quality_summary: dict[str, Any] = {"status": "skipped", "reason": "bulk run: row rules only"}
     if quality_suite:
@@ -346,8 +411,10 @@ def validate_events(
         "quarantined": quarantined.num_rows,
         "erased": 0,
         "reasons": reason_counts,
+        "sources": per_source,
         "staged_per_bucket": per_bucket,
         "defective": defective,
+        "threshold_breaches": breaches,
         "held_back": int(
             pc.sum(pc.greater_equal(staged.column("ts"), pa.scalar(end, pa.timestamp("ms", "UTC")))).as_py() or 0
         ),
@@ -355,23 +422,69 @@ def validate_events(
     }
     if summary["read"] != summary["staged"] + summary["quarantined"] + summary["erased"]:
         raise AssertionError(f"hour {format_hour(hour)}: counts do not add up: {summary}")
-    if read_rows >= THRESHOLD_MIN_ROWS and defective / read_rows > settings.quarantine_threshold:
+    if breaches and enforce_threshold:
+        details = "; ".join(
+            f"{name}: {per_source[name]['defective']} of {per_source[name]['read']} rows quarantined as defective "
+            f"({per_source[name]['defective_share']:.1%} > threshold {per_source[name]['threshold']:.1%})"
+            for name in breaches
+        )
         raise QuarantineThresholdExceeded(
-            f"hour {format_hour(hour)}: {defective} of {read_rows} rows quarantined as defective "
-            f"({defective / read_rows:.1%} > threshold {settings.quarantine_threshold:.1%}); "
-            f"reasons: {reason_counts}"
+            f"hour {format_hour(hour)}: {details}; reasons: {reason_counts}; see quarantine/events and the run report",
+            summary,
         )
     return summary
 
 
-def _recent_staged_ids(lake: Lake, hour: datetime, settings: Settings) -> pa.Table:
-    """Event ids staged in the lateness window before ``hour`` (producer re-sends are duplicates)."""
+def _per_source(
+    con: Any, entries: list[LedgerEntry], mappings: dict[str, sources.Mapping], settings: Settings
+) -> dict[str, dict[str, Any]]:
+    """Rows read, staged, quarantined and defective per source, and its threshold decision."""
+    by_index = [e.source for e in entries]
+    result: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(by_index)):
+        mapping = mappings[name]
+        indexes = [i for i, s in enumerate(by_index) if s == name]
+        not_counted = sorted(BENIGN_REASONS | mapping.policy.expected_reasons)
+        read, quarantined, defective = con.execute(
+            """SELECT count(*), count(*) FILTER (WHERE len(reasons) > 0),
+                       count(*) FILTER (WHERE len(list_filter(reasons, lambda r: NOT list_contains($benign, r))) > 0)
+                FROM checked WHERE list_contains($indexes, source_index)""",
+            {"benign": not_counted, "indexes": indexes},
+        ).fetchall()[0]
+        threshold = (
+            mapping.policy.quarantine_threshold
+            if mapping.policy.quarantine_threshold is not None
+            else settings.quarantine_threshold
+        )
+        share = defective / read if read else 0.0
+        result[name] = {
+            "files": len(indexes),
+            "read": int(read),
+            "staged": int(read - quarantined),
+            "quarantined": int(quarantined),
+            "erased": 0,
+            "defective": int(defective),
+            "defective_share": share,
+            "threshold": threshold,
+            "expected_reasons": sorted(mapping.policy.expected_reasons),
+            "threshold_applies": read >= settings.quarantine_min_rows,
+            "threshold_exceeded": read >= settings.quarantine_min_rows and share > threshold,
+        }
+    return result
+
+
+def _recent_staged_files(lake: Lake, hour: datetime, settings: Settings) -> list[Path]:
+    """Staged files of the hours whose events a re-sent row of ``hour`` could duplicate.
+
+    An event staged earlier has ``ts`` >= its processing hour minus the lateness window;
+    a row of this hour that is not too late has ``ts`` >= this hour minus the window.
+    So the staged hours of the window (plus one for clock skew) are enough, and the
+    cost does not grow with history.
+    """
     files: list[Path] = []
-    for previous in hour_range(hour - timedelta(hours=settings.lateness_hours), hour - HOUR):
+    for previous in hour_range(hour - timedelta(hours=settings.lateness_hours + 1), hour - HOUR):
         try:
             files += lake.data_files(lk.STAGING, previous)
         except FileNotFoundError:
             continue
-    if not files:
-        return pa.table({"event_id": pa.array([], pa.string())})
-    return pa.concat_tables(pq.read_table(f, columns=["event_id"]) for f in files)
+    return files

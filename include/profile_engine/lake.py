@@ -47,6 +47,7 @@ META = "_meta"
 LEDGER = "_meta/ledger"
 PROMOTIONS = "_meta/promotions"
 LOCK = "_meta/lock"
+OPTOUT = "_meta/optout"  # users who withdrew marketing consent (CSV/Parquet with user_id); never exported
 TMP = "_tmp"
 TRUTH = "simulator/truth"
 

@@ -25,7 +25,6 @@ import pyarrow as pa
 from profile_engine import __version__
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, floor_hour, format_hour, partition_values
-from profile_engine.ingest import FUTURE_SKEW
 from profile_engine.lake import MANIFEST, QUALITY_DOCS, QUALITY_RESULTS, Lake
 from profile_engine.schema import BUCKET, EVENT_TYPES, SCHEMA_VERSION, STAGED_SCHEMA
 
@@ -77,7 +76,7 @@ def build_suite(*, ts_min: datetime, ts_max: datetime, buckets: int) -> gx.Expec
 
     Event time must lie in ``[ts_min, ts_max)``: the window ingest stages, from the
     hour start minus the lateness window (earlier is too_late) to the hour end plus
-    ``ingest.FUTURE_SKEW`` (later is future_ts). ``buckets`` is the
+    the allowed clock skew (later is future_ts). ``buckets`` is the
     number of user buckets. Every expectation is critical except the row count, a
     warning: an empty hour is legitimate at night, but worth a look in the report.
     """
@@ -188,10 +187,12 @@ def run_quality(
         raise ValueError(f"defective rows ({defective}) must be within [0, quarantined rows ({quarantined_rows})]")
     share, _ = check_threshold(quarantined_rows, read_rows, settings.quarantine_threshold)
     defective_share, exceeded = check_threshold(defective, read_rows, settings.quarantine_threshold)
+    # One bad row must not fail a quiet hour: the policy applies from a minimum row count.
+    exceeded = exceeded and read_rows >= settings.quarantine_min_rows
     lake = Lake(settings.lake)
     suite = build_suite(
         ts_min=start - timedelta(hours=settings.lateness_hours),
-        ts_max=start + HOUR + FUTURE_SKEW,
+        ts_max=start + HOUR + timedelta(minutes=settings.clock_skew_minutes),
         buckets=settings.buckets,
     )
     frame = staged.to_pandas()  # the pandas edge: GX validates a DataFrame

@@ -6,6 +6,12 @@ H is the newest entry whose hour is at or before H, so a rerun of an old hour
 scores with the model it used then, whatever was promoted later.
 ``models/champion.json`` mirrors the newest entry for people and dashboards; the
 pipeline never reads it.
+
+Every gate decision, promoted or not, is also kept in the decision log
+``_meta/promotions/decisions/`` (one entry per training hour), so a rejection and
+its reasons are on record. ``python -m profile_engine models list|show|promote|rollback``
+drives the registry by hand: manual promotions and rollbacks apply from the next
+unprocessed hour (the hour after ``profiles/current``), recorded as forced.
 """
 
 from __future__ import annotations
@@ -15,12 +21,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from profile_engine.config import Settings
-from profile_engine.hours import floor_hour, format_hour
-from profile_engine.lake import MANIFEST, MODELS, PROMOTIONS, Lake, read_json, write_json
+from profile_engine.hours import HOUR, floor_hour, format_hour, parse_hour
+from profile_engine.lake import MANIFEST, MODELS, PROFILES, PROMOTIONS, Lake, read_json, write_json
 
 CHAMPION_FILE = "champion.json"
 MODEL_FILE = "model.keras"
 BASELINE_FILE = "baseline.keras"
+METRICS_FILE = "metrics.json"
+EVALUATION_FILE = "evaluation.json"
+CARD_FILE = "model_card.md"
+DECISIONS = PROMOTIONS + "/decisions"
+CLI_RUN_ID = "cli"
 VERSION_FORMAT = "v%Y%m%dT%H"
 _ENTRY_FORMAT = "%Y-%m-%dT%H"
 _VERSION_PATTERN = re.compile(r"^v\d{8}T\d{2}$")
@@ -86,6 +97,7 @@ def _entry(
     reason: str,
     metrics: dict[str, Any] | None,
     run_id: str,
+    decision: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     if not model_dir_committed(settings, version):
         raise FileNotFoundError(f"model {version} is not committed under {Lake(settings.lake).path(MODELS, version)}")
@@ -95,6 +107,7 @@ def _entry(
         "forced": forced,
         "reason": reason,
         "metrics": metrics or {},
+        "decision": decision,
         "promoted_at": datetime.now(UTC).isoformat(),
         "run_id": run_id,
     }
@@ -108,14 +121,18 @@ def promote(
     forced: bool = False,
     reason: str = "",
     metrics: dict[str, Any] | None = None,
+    decision: dict[str, Any] | None = None,
     run_id: str = "manual",
 ) -> dict[str, Any]:
     """Make ``version`` the champion from ``from_hour`` on; returns the log entry.
 
-    ``forced`` records that the gate was overridden. Re-promoting at the same hour
-    (a rerun) replaces that hour's entry and keeps the old one under ``replaces``.
+    ``forced`` records that the gate was overridden; ``decision`` is the gate's
+    verdict with its checks. Re-promoting at the same hour (a rerun) replaces that
+    hour's entry and keeps the old one under ``replaces``.
     """
-    entry = _entry(settings, version, from_hour, forced=forced, reason=reason, metrics=metrics, run_id=run_id)
+    entry = _entry(
+        settings, version, from_hour, forced=forced, reason=reason, metrics=metrics, run_id=run_id, decision=decision
+    )
     return _record(settings, entry)
 
 
@@ -166,3 +183,152 @@ def newest_model_at_or_before(settings: Settings, hour: datetime) -> str | None:
     hour = floor_hour(hour)
     versions = [v for v in model_versions(settings) if version_hour(v) <= hour]
     return versions[-1] if versions else None
+
+
+# ---- the decision log ----------------------------------------------------------------------------------------------
+def record_decision(
+    settings: Settings,
+    version: str,
+    hour: datetime,
+    *,
+    promoted: bool,
+    forced: bool,
+    reason: str,
+    reference: str,
+    decision: dict[str, Any],
+    run_id: str = "manual",
+) -> dict[str, Any]:
+    """Keep the gate's verdict on ``version`` (promoted or not) in ``_meta/promotions/decisions/``.
+
+    One entry per training hour: a rerun replaces it. ``champion_as_of`` never reads
+    this log; it is the record of why a challenger was or was not promoted.
+    """
+    entry = {
+        "version": version,
+        "hour": format_hour(hour),
+        "promoted": promoted,
+        "forced": forced,
+        "reason": reason,
+        "reference": reference,
+        "decision": decision,
+        "decided_at": datetime.now(UTC).isoformat(),
+        "run_id": run_id,
+    }
+    write_json(Lake(settings.lake).path(DECISIONS, floor_hour(hour).strftime(_ENTRY_FORMAT) + ".json"), entry)
+    return entry
+
+
+def decision_log(settings: Settings) -> list[dict[str, Any]]:
+    """Every gate decision, oldest training hour first."""
+    root = Lake(settings.lake).path(DECISIONS)
+    if not root.is_dir():
+        return []
+    return sorted((read_json(p) for p in root.glob("*.json")), key=lambda e: datetime.fromisoformat(e["hour"]))
+
+
+# ---- operating the registry by hand (python -m profile_engine models ...) ----------------------------------------
+def next_unprocessed_hour(settings: Settings) -> datetime:
+    """The hour after the newest committed profile snapshot (``profiles/current``): where manual changes apply.
+
+    Before any snapshot, ``PROFILE_ENGINE_START``; raises ``ValueError`` when neither exists.
+    """
+    pointer = Lake(settings.lake).path(PROFILES, "current")
+    if pointer.is_file():
+        return parse_hour(read_json(pointer)["hour"]) + HOUR
+    if settings.start is not None:
+        return floor_hour(settings.start)
+    raise ValueError(f"no committed profile snapshot under {pointer.parent} and no PROFILE_ENGINE_START")
+
+
+def _model_file(settings: Settings, version: str, name: str) -> dict[str, Any] | None:
+    path = Lake(settings.lake).path(MODELS, version, name)
+    return read_json(path) if path.is_file() else None
+
+
+def list_models(settings: Settings) -> list[dict[str, Any]]:
+    """One row per committed version: training hour, evaluation metrics, gate decision and champion status.
+
+    ``champion`` says whether the version scores the next unprocessed hour.
+    """
+    try:
+        upcoming: datetime | None = next_unprocessed_hour(settings)
+    except ValueError:
+        upcoming = None
+    current = champion_as_of(settings, upcoming) if upcoming is not None else None
+    promoted_from: dict[str, list[str]] = {}
+    for entry in promotion_log(settings):
+        promoted_from.setdefault(entry["version"], []).append(entry["from_hour"])
+    rows = []
+    for version in model_versions(settings):
+        evaluation = _model_file(settings, version, EVALUATION_FILE)
+        metrics = _model_file(settings, version, METRICS_FILE) or {}
+        challenger = evaluation["metrics"]["challenger"] if evaluation else metrics.get("eval", {}).get("model", {})
+        rows.append(
+            {
+                "version": version,
+                "trained_hour": format_hour(version_hour(version)),
+                "auc": challenger.get("auc"),
+                "lift_at_10": challenger.get("lift_at_10"),
+                "ece": challenger.get("ece"),
+                "decision": None
+                if evaluation is None
+                else ("promoted" if evaluation["promoted"] else "rejected")
+                + (" (forced)" if evaluation["forced"] else ""),
+                "promoted_from": promoted_from.get(version, []),
+                "champion": current is not None and current["version"] == version,
+            }
+        )
+    return rows
+
+
+def show_model(settings: Settings, version: str) -> dict[str, Any]:
+    """Everything the registry knows about ``version``: manifest, metrics, evaluation, promotions, card path."""
+    if not model_dir_committed(settings, version):
+        raise FileNotFoundError(f"model {version} is not committed under {Lake(settings.lake).path(MODELS, version)}")
+    directory = Lake(settings.lake).path(MODELS, version)
+    manifest = read_json(directory / MANIFEST)
+    evaluation = _model_file(settings, version, EVALUATION_FILE)
+    return {
+        "version": version,
+        "directory": str(directory),
+        "training": manifest.get("training"),
+        "files": [f["name"] for f in manifest.get("files", [])],
+        "metrics": _model_file(settings, version, METRICS_FILE),
+        "evaluation": None
+        if evaluation is None
+        else {k: evaluation.get(k) for k in ("reference", "metrics", "intervals", "decision", "promoted", "forced")},
+        "promotions": [e for e in promotion_log(settings) if e["version"] == version],
+        "decisions": [e for e in decision_log(settings) if e["version"] == version],
+        "card": str(directory / CARD_FILE),
+    }
+
+
+def promote_manually(settings: Settings, version: str, *, reason: str = "manual promotion") -> dict[str, Any]:
+    """Promote ``version`` from the next unprocessed hour on, recorded as forced (no gate ran at that hour).
+
+    The entry keeps the gate decision the version got when it was evaluated, if any.
+    """
+    from_hour = next_unprocessed_hour(settings)
+    current = champion_as_of(settings, from_hour)
+    if current is not None and current["version"] == version:
+        raise ValueError(f"{version} is already the champion at {format_hour(from_hour)}")
+    evaluation = _model_file(settings, version, EVALUATION_FILE) if model_dir_committed(settings, version) else None
+    return promote(
+        settings,
+        version,
+        from_hour,
+        forced=True,
+        reason=f"manual promotion (CLI): {reason}",
+        metrics=evaluation["metrics"]["challenger"] if evaluation else None,
+        decision=evaluation["decision"] if evaluation else None,
+        run_id=CLI_RUN_ID,
+    )
+
+
+def rollback_manually(
+    settings: Settings, *, to_version: str | None = None, reason: str = "manual rollback"
+) -> dict[str, Any]:
+    """Roll back from the next unprocessed hour on (``rollback`` with the CLI's run id)."""
+    return rollback(
+        settings, next_unprocessed_hour(settings), to_version=to_version, reason=f"(CLI) {reason}", run_id=CLI_RUN_ID
+    )

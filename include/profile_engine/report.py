@@ -29,21 +29,53 @@ STAGES: tuple[str, ...] = (
 )
 
 
-def _status(summary: Any) -> str:
+INCOMPLETE = ("not completed", "failed", "upstream_failed")
+
+
+def stage_states(task_states: dict[str, Any]) -> dict[str, str]:
+    """Per stage, the Airflow state of its task; a mapped task takes the worst of its instances.
+
+    ``task_states`` is what Airflow reports for one run: ``{task_id or task_id_<map index>: state}``.
+    """
+    order = ("failed", "upstream_failed", "skipped", "success")
+    states: dict[str, str] = {}
+    for key, state in task_states.items():
+        name = next((s for s in STAGES if key == s or key.startswith(s + "_") and key[len(s) + 1 :].isdigit()), None)
+        if name is None or state is None:
+            continue
+        current = states.get(name)
+        ranked = order.index(state) if state in order else 0
+        if current is None or ranked < (order.index(current) if current in order else 0):
+            states[name] = str(state)
+    return states
+
+
+def _status(summary: Any, state: str | None = None) -> str:
     if summary is None:
-        return "not completed"
+        # No summary: the task state says whether it was skipped or failed.
+        return state if state in ("skipped", "failed", "upstream_failed") else "not completed"
     if isinstance(summary, dict):
         return str(summary.get("status", "ok"))
     return "ok"
 
 
-def build_report(hour: datetime, summaries: dict[str, Any], *, run_id: str) -> dict[str, Any]:
-    """The report document: per-stage status and summary plus the headline numbers."""
+def build_report(
+    hour: datetime, summaries: dict[str, Any], *, run_id: str, states: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The report document: per-stage status and summary plus the headline numbers.
+
+    ``states`` (from ``stage_states``) tells a skipped stage from a failed one when a
+    stage left no summary, as in a DAG run where training was not due.
+    """
     validate = summaries.get("validate_events") or {}
     publish = summaries.get("publish_profiles") or {}
     segments = summaries.get("publish_segments") or {}
-    stages = {name: {"status": _status(summaries.get(name)), "summary": summaries.get(name)} for name in STAGES}
-    failed = [n for n, s in stages.items() if s["status"] in ("not completed", "failed")]
+    states = states or {}
+    stages = {
+        name: {"status": _status(summaries.get(name), states.get(name)), "summary": summaries.get(name)}
+        for name in STAGES
+    }
+    failed = [n for n, s in stages.items() if s["status"] in INCOMPLETE]
     return {
         "hour": format_hour(hour),
         "run_id": run_id,
@@ -72,6 +104,45 @@ def _model_line(summaries: dict[str, Any]) -> str | None:
     return None
 
 
+def _model_html(model: dict[str, Any] | None) -> str:
+    """The model section: scoring model, gate decision with metrics, drift against the previous snapshot."""
+    if not model:
+        return ""
+    parts = ["<h2>Model</h2><ul>"]
+    for key in ("scoring", "champion", "training", "decision", "error"):
+        if model.get(key):
+            parts.append(f"<li><b>{key}</b>: {html.escape(json.dumps(model[key], default=str))}</li>")
+    parts.append("</ul>")
+    if model.get("metrics"):
+        names = list(model["metrics"])
+        keys = list(next(iter(model["metrics"].values())))
+        intervals = model.get("intervals") or {}
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+        body = ""
+        for k in keys:
+            cells = "".join(
+                f"<td>{model['metrics'][n][k]} {html.escape(str(intervals.get(n, {}).get(k, '')))}</td>" for n in names
+            )
+            body += f"<tr><td>{html.escape(k)}</td>{cells}</tr>"
+        parts.append(f"<table><tr><th>metric (95% interval)</th>{head}</tr>{body}</table>")
+    drift = model.get("drift") or {}
+    if drift.get("previous_hour"):
+        score = drift.get("score") or {}
+        parts.append(
+            f"<p>Drift against {html.escape(drift['previous_hour'])}: score PSI {score.get('psi', 'n/a')}; "
+            f"top features {html.escape(json.dumps(drift.get('top_features')))}; "
+            f"major shifts (PSI &gt; 0.25): {html.escape(', '.join(drift.get('major_shifts') or []) or 'none')}</p>"
+        )
+    return "".join(parts)
+
+
+def _segments_html(section: dict[str, Any] | None) -> str:
+    """The segments section (stability, uplift, chart), rendered by ``segments``."""
+    from profile_engine.segments import render_section_html
+
+    return render_section_html(section) if section else ""
+
+
 def render_html(report: dict[str, Any]) -> str:
     """A self-contained HTML page of the report."""
     rows = "".join(
@@ -91,20 +162,35 @@ pre{{margin:0;font-size:12px;max-height:20em;overflow:auto}} .ok,.success,.train
 .not-completed,.failed{{color:#b00}} .skipped{{color:#777}}</style></head>
 <body><h1>profile_refresh - hour {html.escape(report["hour"])}</h1>
 <p>Status: <b>{html.escape(report["status"])}</b> - run {html.escape(report["run_id"])}</p>
-<ul>{head}</ul><table><tr><th>stage</th><th>status</th><th>summary</th></tr>{rows}</table></body></html>
+<ul>{head}</ul>{_model_html(report.get("model"))}{_segments_html(report.get("segments"))}
+<table><tr><th>stage</th><th>status</th><th>summary</th></tr>{rows}</table></body></html>
 """
 
 
 def write_run_report(
-    settings: Settings, hour: datetime, summaries: dict[str, Any], *, run_id: str = "manual"
+    settings: Settings,
+    hour: datetime,
+    summaries: dict[str, Any],
+    *,
+    run_id: str = "manual",
+    states: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write ``reports/dt=/hour=/`` (report.json, report.html) and return the headline."""
     lake = Lake(settings.lake)
-    report = build_report(hour, summaries, run_id=run_id)
+    report = build_report(hour, summaries, run_id=run_id, states=states)
+    # Model decision, metrics and drift against the previous snapshot (never raises).
+    from profile_engine.evaluate import model_report
+
+    report["model"] = model_report(settings, hour, summaries)
+    # Segment stability, uplift of actions old enough, chart of segment sizes (never raises).
+    from profile_engine.segments import report_section
+
+    report["segments"], chart = report_section(settings, hour)
     payload = json.dumps(report, indent=2, sort_keys=True, default=str).encode()
     lake.write_dir(
         lake.partition(lk.REPORTS, hour),
-        [("report.json", payload), ("report.html", render_html(report).encode())],
+        [("report.json", payload), ("report.html", render_html(report).encode())]
+        + ([(report["segments"]["chart"], chart)] if chart else []),
         {"hour": format_hour(hour), "run_id": run_id, "status": report["status"]},
     )
     return {"status": report["status"], "incomplete_stages": report["incomplete_stages"], **report["headline"]}

@@ -8,7 +8,8 @@ reliability tests and benchmarks use it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from profile_engine import evaluate as evaluation
@@ -76,24 +77,44 @@ def run_hours(settings: Settings, first: datetime, last: datetime, **options: An
 
 
 def warm_up(
-    settings: Settings, first: datetime, last: datetime, *, run_id: str = "warm-up", snapshot_every: int = 24
+    settings: Settings,
+    first: datetime,
+    last: datetime,
+    *,
+    run_id: str = "warm-up",
+    snapshot_every: int = 24,
+    quality_suite: bool = False,
+    enforce_threshold: bool = True,
 ) -> dict[str, Any]:
     """Bulk path for history: extract and validate every hour, then build the state in large batches.
 
     Each hour is extracted and validated on its own (the ledger and staging are per
-    processing hour) with the row rules only; profiles are then built per bucket over
+    processing hour) with the row rules only (``quality_suite`` adds the Great
+    Expectations suite and Data Docs per hour); profiles are then built per bucket over
     the whole range at once and committed every ``snapshot_every`` hours and at
-    ``last``, which gives the model past snapshots to learn from.
+    ``last``, which gives the model past snapshots to learn from. With
+    ``enforce_threshold=False`` (replays) quarantine-threshold breaches are listed
+    under ``breaches`` instead of stopping the run.
     """
     lake = Lake(settings.lake)
     totals = {"hours": 0, "files": 0, "read": 0, "staged": 0, "quarantined": 0, "erased": 0}
+    reasons: dict[str, int] = {}
+    breaches: list[dict[str, Any]] = []
     for hour in hour_range(first, last):
         extracted = ingest.extract_events(settings, hour, run_id=run_id)
-        validated = ingest.validate_events(settings, hour, run_id=run_id, quality_suite=False)
+        validated = ingest.validate_events(
+            settings, hour, run_id=run_id, quality_suite=quality_suite, enforce_threshold=enforce_threshold
+        )
         totals["hours"] += 1
         totals["files"] += extracted["files"]
         for key in ("read", "staged", "quarantined", "erased"):
             totals[key] += validated[key]
+        for reason, count in validated["reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + count
+        breaches += [
+            {"hour": format_hour(hour), "source": name, **validated["sources"][name]}
+            for name in validated["threshold_breaches"]
+        ]
     for bucket in range(settings.buckets):
         features.build_profiles_range(
             settings, first, last, bucket, run_id=run_id, first_hour=first, snapshot_every=snapshot_every
@@ -101,4 +122,29 @@ def warm_up(
     snapshots = [h for h in hour_range(first, last) if lake.committed(lk.PROFILES, h, 0)]
     for hour in snapshots:
         features.publish_profiles(settings, hour, run_id=run_id)
-    return {**totals, "snapshots": [format_hour(h) for h in snapshots]}
+    return {**totals, "reasons": reasons, "breaches": breaches, "snapshots": [format_hour(h) for h in snapshots]}
+
+
+def replay(settings: Settings, file: Path, mapping: str, *, quality_suite: bool = True) -> dict[str, Any]:
+    """Replay one event log: land it by event hour through its mapping, then process all its hours.
+
+    ``mapping`` is a shipped mapping's name or a YAML path. The hours run through the
+    same stage functions as the hourly DAG (``warm_up``: validation per hour, with the
+    quality suite and Data Docs unless ``quality_suite`` is False, then profiles),
+    and threshold breaches are reported, not raised. The lake is left so that the
+    hourly DAG continues at ``next_hour`` (with ``PROFILE_ENGINE_START`` = ``first_hour``).
+    """
+    from profile_engine import sources
+
+    plan = sources.land_for_replay(settings, file, sources.load_mapping(mapping, settings.lake))
+    run_id = f"replay__{plan.source}__{format_hour(plan.first)}"
+    processed = warm_up(
+        settings,
+        plan.first,
+        plan.last,
+        run_id=run_id,
+        snapshot_every=24,
+        quality_suite=quality_suite,
+        enforce_threshold=False,
+    )
+    return {**plan.as_dict(), **processed, "next_hour": format_hour(plan.last + timedelta(hours=1))}

@@ -16,24 +16,30 @@ DuckDB connection with external access disabled, so a rule cannot read files.
 from __future__ import annotations
 
 import hashlib
+import hmac
+import html
 import io
 import json
+import math
+import os
 import re
+import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import yaml
 
 from profile_engine import features as ft
 from profile_engine import lake as lk
 from profile_engine.config import CONFIG_DIR, Settings
-from profile_engine.hours import HOUR, floor_hour, format_hour
-from profile_engine.model import PROPENSITY, SCORES_SCHEMA
+from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range
+from profile_engine.model import MODEL_VERSION, PROPENSITY, SCORES_SCHEMA
 
 if TYPE_CHECKING:
     import duckdb
@@ -75,6 +81,8 @@ SUPPRESS_CHANNEL = "all"
 CHANNELS: tuple[str, ...] = ("email", "push", "sms", "onsite", "account_manager", SUPPRESS_CHANNEL)
 CONTROL = "control"
 NO_ACTION = "none"
+# Users on the opt-out list: recorded in segments/ with this action, never exported, never contacted.
+OPTED_OUT = "opted_out"
 MAX_CONTROL_SHARE = 0.5
 # Control-group hash resolution: shares are applied in basis points.
 CONTROL_BASIS = 10_000
@@ -87,6 +95,7 @@ CHANNEL = "channel"
 RULE = "rule"
 REASON = "reason"
 CONTROL_FLAG = "control"
+HELD_BY_STAY = "held_by_stay"
 SEGMENT_SCHEMA = pa.schema(
     [
         pa.field(USER_ID, pa.string(), nullable=False),
@@ -97,9 +106,26 @@ SEGMENT_SCHEMA = pa.schema(
         pa.field(RULE, pa.string()),
         pa.field(REASON, pa.string(), nullable=False),
         pa.field(CONTROL_FLAG, pa.bool_(), nullable=False),
+        pa.field(PROPENSITY, pa.float64()),
+        # Segments the user is in only because ``stay`` held (``enter`` did not): flips hysteresis prevented.
+        pa.field(HELD_BY_STAY, pa.list_(pa.string()), nullable=False),
     ]
 )
-EXPORT_COLUMNS: tuple[str, ...] = (USER_ID, OFFER, CHANNEL, REASON)
+# Exports identify users by a keyed pseudonym (HMAC-SHA256), never by the raw id.
+USER_KEY = "user_key"
+SEGMENT = "segment"
+EXPORT_SCHEMA = pa.schema(
+    [
+        pa.field(USER_KEY, pa.string(), nullable=False),
+        pa.field(SEGMENT, pa.string(), nullable=False),
+        pa.field(OFFER, pa.string(), nullable=False),
+        pa.field(CHANNEL, pa.string(), nullable=False),
+        pa.field(REASON, pa.string(), nullable=False),
+        pa.field(PROPENSITY, pa.float64()),
+    ]
+)
+EXPORT_COLUMNS: tuple[str, ...] = tuple(EXPORT_SCHEMA.names)
+OPTOUT_REASON = "opted out of marketing"
 
 CONTACT_HOUR = "hour"
 CONTACT_SCHEMA = pa.schema(
@@ -434,15 +460,169 @@ def _rules_table(rules: Sequence[SegmentRule]) -> pa.Table:
     )
 
 
-def _reason_sql(label: str, columns: Sequence[str], types: Mapping[str, str]) -> str:
-    """SQL for a compact reason text: ``label: col=value, col=value``."""
-    parts = []
-    for column in columns:
-        value = f"round({_quote(column)}, 4)" if types[column].startswith(_FLOAT_TYPES) else _quote(column)
-        parts.append(f"{_literal(column + '=')} || coalesce(CAST({value} AS VARCHAR), 'NULL')")
+# Comparison operators of a condition as marketers read them (SQL text, shown text).
+_COMPARISONS: dict[str, tuple[str, str]] = {
+    "COMPARE_GREATERTHANOREQUALTO": (">=", "\u2265"),
+    "COMPARE_GREATERTHAN": (">", ">"),
+    "COMPARE_LESSTHANOREQUALTO": ("<=", "\u2264"),
+    "COMPARE_LESSTHAN": ("<", "<"),
+    "COMPARE_EQUAL": ("=", "="),
+    "COMPARE_NOTEQUAL": ("<>", "\u2260"),
+}
+# The same comparison with its sides swapped (``3 < x`` is ``x > 3``).
+_MIRRORED = {
+    "COMPARE_GREATERTHANOREQUALTO": "COMPARE_LESSTHANOREQUALTO",
+    "COMPARE_LESSTHANOREQUALTO": "COMPARE_GREATERTHANOREQUALTO",
+    "COMPARE_GREATERTHAN": "COMPARE_LESSTHAN",
+    "COMPARE_LESSTHAN": "COMPARE_GREATERTHAN",
+    "COMPARE_EQUAL": "COMPARE_EQUAL",
+    "COMPARE_NOTEQUAL": "COMPARE_NOTEQUAL",
+}
+# Readable names of columns in reasons; ``hours_since_<x>`` reads "<x> 52h ago", others the name with spaces.
+COLUMN_LABELS: dict[str, str] = {
+    PROPENSITY: "propensity",
+    "propensity_decile": "propensity decile",
+    "monetary_percentile": "spend percentile",
+    ft.MONETARY_TOTAL: "spent",
+    ft.FREQUENCY_ORDERS: "orders",
+    ft.RFM_SEGMENT: "RFM segment",
+    ft.LIFECYCLE_STAGE: "lifecycle stage",
+    ft.OPEN_CART_ITEMS: "open cart items",
+    ft.OPEN_CART_VALUE: "open cart value",
+}
+_HOURS_PREFIX = "hours_since_"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One comparison of a rule expression: ``column <op> literal(s)`` (a leaf of its AND/OR tree)."""
+
+    column: str
+    kind: str  # a key of _COMPARISONS, "between" or "in"
+    literals: tuple[tuple[str, str], ...]  # (kind, text) as the parser gives them
+
+    def sql(self) -> str:
+        """The condition as SQL, evaluated per user to know whether it holds."""
+        column = _quote(self.column)
+        values = [_literal_sql(kind, text) for kind, text in self.literals]
+        if self.kind == "between":
+            return f"({column} BETWEEN {values[0]} AND {values[1]})"
+        if self.kind == "in":
+            return f"({column} IN ({', '.join(values)}))"
+        return f"({column} {_COMPARISONS[self.kind][0]} {values[0]})"
+
+
+def _literal_sql(kind: str, text: str) -> str:
+    """SQL text of a parsed literal."""
+    return _literal(text) if kind == "STRING" else text
+
+
+def _conditions(con: duckdb.DuckDBPyConnection, expr: str) -> tuple[list[Condition], list[str]]:
+    """The comparisons at the top of ``expr``'s AND/OR tree, and the columns of every other leaf.
+
+    Only leaves reached through AND/OR are taken: a comparison under NOT or inside a
+    function says nothing about the user on its own. Those leaves' columns are reported
+    as plain values instead.
+    """
+    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", ["SELECT " + expr]).fetchall()[0][0])
+    if tree.get("error"):
+        return [], []
+    root = tree["statements"][0]["node"]["select_list"][0]
+    conditions: list[Condition] = []
+    others: list[str] = []
+
+    def column_of(node: Any) -> str | None:
+        if isinstance(node, dict) and node.get("class") == "COLUMN_REF" and node.get("column_names"):
+            return str(node["column_names"][-1])
+        return None
+
+    def literal_of(node: Any) -> tuple[str, str] | None:
+        if isinstance(node, dict) and node.get("class") == "CONSTANT" and isinstance(node.get("literal"), dict):
+            literal = node["literal"]
+            return str(literal.get("kind")), str(literal.get("text"))
+        return None
+
+    def visit(node: dict[str, Any]) -> None:
+        kind = node.get("type", "")
+        if node.get("class") == "CONJUNCTION":
+            for child in node.get("children", []):
+                visit(child)
+            return
+        if node.get("class") == "COMPARISON" and kind in _COMPARISONS:
+            left, right = node.get("left"), node.get("right")
+            if column_of(left) and literal_of(right):
+                conditions.append(Condition(str(column_of(left)), kind, (literal_of(right),)))  # type: ignore[arg-type]
+                return
+            if column_of(right) and literal_of(left):
+                conditions.append(Condition(str(column_of(right)), _MIRRORED[kind], (literal_of(left),)))  # type: ignore[arg-type]
+                return
+        if node.get("class") == "BETWEEN":
+            bounds = [literal_of(node.get("lower")), literal_of(node.get("upper"))]
+            column = column_of(node.get("input"))
+            if column and all(bounds):
+                conditions.append(Condition(column, "between", tuple(b for b in bounds if b)))
+                return
+        if kind == "COMPARE_IN":
+            children = node.get("children", [])
+            literals = [literal_of(child) for child in children[1:]]
+            column = column_of(children[0]) if children else None
+            if column and literals and all(literals):
+                conditions.append(Condition(column, "in", tuple(v for v in literals if v)))
+                return
+        for names in _tree_values(node, "column_names"):
+            column = str(names[-1]) if isinstance(names, list) and names else ""
+            if column and column not in others:
+                others.append(column)
+
+    visit(root)
+    return conditions, others
+
+
+def _value_sql(column: str, types: Mapping[str, str]) -> str:
+    """SQL text of a user's value: numbers with at most two decimals and no trailing zeros."""
+    sql_type = types.get(column, "VARCHAR")
+    if sql_type.startswith(_FLOAT_TYPES):
+        return f"printf('%.10g', round({_quote(column)}, 2))"
+    return f"CAST({_quote(column)} AS VARCHAR)"
+
+
+def _condition_text_sql(condition: Condition, types: Mapping[str, str]) -> str:
+    """SQL building the readable text of one condition for a user, e.g. ``last purchase 52h ago > 24h``."""
+    value = f"coalesce({_value_sql(condition.column, types)}, 'unknown')"
+    hours = condition.column.startswith(_HOURS_PREFIX)
+    label = condition.column.removeprefix(_HOURS_PREFIX) if hours else condition.column
+    label = COLUMN_LABELS.get(condition.column, label.replace("_", " "))
+    unit = "h" if hours else ""
+    shown = f"{_literal(label + ' ')} || {value} || {_literal(unit + (' ago' if hours else ''))}"
+    texts = [text + unit for _, text in condition.literals]
+    if condition.kind == "between":
+        return f"{shown} || {_literal(f' in {texts[0]}..{texts[1]}')}"
+    if condition.kind in ("in", "COMPARE_EQUAL"):
+        return shown  # the value is the one asked for
+    return f"{shown} || {_literal(f' {_COMPARISONS[condition.kind][1]} {texts[0]}')}"
+
+
+def _reason_sql(
+    con: duckdb.DuckDBPyConnection, label: str, expr: str | None, columns: Sequence[str], types: Mapping[str, str]
+) -> str:
+    """SQL for the readable reason of a membership: ``label: propensity 0.83 \u2265 0.6; orders 3 \u2265 2``.
+
+    Every comparison of the expression that holds for the user is shown with the user's
+    value; columns the comparisons do not cover are shown as ``column=value``.
+    """
+    conditions, others = _conditions(con, expr) if expr else ([], [])
+    parts = [
+        f"CASE WHEN coalesce({c.sql()}, false) THEN {_condition_text_sql(c, types)} END"
+        for c in conditions
+        if c.column in types
+    ]
+    covered = {c.column for c in conditions}
+    plain = [c for c in (*others, *columns) if c in types and c not in covered]
+    for column in dict.fromkeys(plain):
+        parts.append(f"{_literal(column + '=')} || coalesce({_value_sql(column, types)}, 'NULL')")
     if not parts:
         return _literal(label)
-    return f"{_literal(label + ': ')} || concat_ws(', ', {', '.join(parts)})"
+    return f"{_literal(label + ': ')} || concat_ws('; ', {', '.join(parts)})"
 
 
 def assign_segments(
@@ -450,14 +630,17 @@ def assign_segments(
     rules: Sequence[SegmentRule],
     previous: pa.Table | None = None,
     contacts: pa.Table | None = None,
+    optouts: pa.Table | None = None,
 ) -> tuple[pa.Table, dict[str, int]]:
     """Evaluate ``rules`` on one hour's profiles + scores; return memberships and segment sizes.
 
     ``evaluated`` holds one row per user with the profile and score columns;
     ``previous`` the previous hour's segments (``user_id``, ``segments``) for hysteresis;
     ``contacts`` the recent contact history (``user_id``, ``action``, ``hours_ago``) for
-    cooldowns. The result follows :data:`SEGMENT_SCHEMA`, one row per user in at least
-    one segment, sorted by ``user_id``.
+    cooldowns; ``optouts`` the users (``user_id``) who withdrew marketing consent: they
+    keep their memberships but get action ``opted_out`` and are never exported. The
+    result follows :data:`SEGMENT_SCHEMA`, one row per user in at least one segment,
+    sorted by ``user_id``.
     """
     if not rules:
         raise ValueError("no segment rules")
@@ -477,15 +660,18 @@ def assign_segments(
             }
         )
     )
+    withdrawn = optouts.select([USER_ID]) if optouts is not None else pa.table({USER_ID: pa.array([], pa.string())})
     con = _rule_connection()
     try:
         con.register("snapshot_input", evaluated)
+        con.register("optouts_input", withdrawn)
         con.register("prev_input", prev.select([USER_ID, SEGMENTS_COL]))
         con.register("contacts_input", recent.select([USER_ID, ACTION, "hours_ago"]))
         con.register("rules_meta", _rules_table(rules))
         derived = ", ".join(f"{sql} AS {name}" for name, (_, sql) in DERIVED_COLUMNS.items())
         con.execute(f"CREATE VIEW {RULE_VIEW} AS SELECT *, {derived} FROM snapshot_input")
         types = {str(row[0]): str(row[1]) for row in con.execute(f"DESCRIBE {RULE_VIEW}").fetchall()}
+        score = f"p.{PROPENSITY}" if PROPENSITY in types else "CAST(NULL AS DOUBLE)"
 
         flags = []
         members = []
@@ -493,16 +679,17 @@ def assign_segments(
             stay = f"coalesce(({rule.stay}), false)" if rule.stay else "false"
             flags.append(f"coalesce(({rule.enter}), false) AS __enter_{i}, {stay} AS __stay_{i}")
             flags.append(f"coalesce(list_contains(prev.__prev_segments, {_literal(rule.name)}), false) AS __prev_{i}")
-            enter_reason = _reason_sql(rule.name, rule.enter_columns, types)
-            stay_reason = _reason_sql(f"{rule.name} (stay)", rule.stay_columns, types)
+            enter_reason = _reason_sql(con, rule.name, rule.enter, rule.enter_columns, types)
+            stay_reason = _reason_sql(con, f"{rule.name} (stay)", rule.stay, rule.stay_columns, types)
             members.append(
                 f"SELECT {USER_ID}, {_literal(rule.name)} AS {RULE}, "
-                f"CASE WHEN __enter_{i} THEN {enter_reason} ELSE {stay_reason} END AS {REASON} "
+                f"CASE WHEN __enter_{i} THEN {enter_reason} ELSE {stay_reason} END AS {REASON}, "
+                f"NOT __enter_{i} AS by_stay "
                 f"FROM flagged WHERE __enter_{i} OR (__prev_{i} AND __stay_{i})"
             )
         # Rule expressions (window functions included) see the whole population of the hour.
         con.execute(
-            f"CREATE TEMP TABLE flagged AS SELECT p.*, {', '.join(flags)} FROM {RULE_VIEW} p "
+            f"CREATE TEMP TABLE flagged AS SELECT p.*, {score} AS __score, {', '.join(flags)} FROM {RULE_VIEW} p "
             f"LEFT JOIN (SELECT {USER_ID}, {SEGMENTS_COL} AS __prev_segments FROM prev_input) prev USING ({USER_ID})"
         )
         con.execute(f"CREATE TEMP TABLE members AS {' UNION ALL '.join(members)}")
@@ -526,7 +713,8 @@ def assign_segments(
                 QUALIFY row_number() OVER (PARTITION BY m.{USER_ID} ORDER BY r.suppress DESC, r.priority) = 1
             ),
             memberships AS (
-                SELECT m.{USER_ID}, list(m.{RULE} ORDER BY r.priority) AS {SEGMENTS_COL}
+                SELECT m.{USER_ID}, list(m.{RULE} ORDER BY r.priority) AS {SEGMENTS_COL},
+                       coalesce(list(m.{RULE} ORDER BY r.priority) FILTER (WHERE m.by_stay), []) AS {HELD_BY_STAY}
                 FROM members m JOIN rules_meta r USING ({RULE})
                 GROUP BY m.{USER_ID}
             ),
@@ -536,24 +724,30 @@ def assign_segments(
                 GROUP BY b.{USER_ID}
             ),
             decided AS (
-                SELECT u.{USER_ID}, u.{SEGMENTS_COL}, c.{RULE}, c.{OFFER}, c.{CHANNEL}, c.{ACTION} AS rule_action,
-                       c.{REASON} AS rule_reason, k.rules AS cooled_rules,
-                       coalesce(NOT c.suppress
+                SELECT u.{USER_ID}, u.{SEGMENTS_COL}, u.{HELD_BY_STAY}, c.{RULE}, c.{OFFER}, c.{CHANNEL},
+                       c.{ACTION} AS rule_action, c.{REASON} AS rule_reason, k.rules AS cooled_rules,
+                       o.{USER_ID} IS NOT NULL AS opted_out,
+                       coalesce(o.{USER_ID} IS NULL AND NOT c.suppress
                                 AND md5_number(u.{USER_ID} || '|' || c.{RULE}) % {CONTROL_BASIS} < c.control_bp,
                                 false) AS held_out
                 FROM memberships u
                 LEFT JOIN chosen c USING ({USER_ID})
                 LEFT JOIN cooled k USING ({USER_ID})
+                LEFT JOIN (SELECT DISTINCT {USER_ID} FROM optouts_input) o USING ({USER_ID})
             )
-            SELECT {USER_ID}, {SEGMENTS_COL},
-                   CASE WHEN {RULE} IS NULL THEN '{NO_ACTION}' WHEN held_out THEN '{CONTROL}' ELSE rule_action END
-                       AS {ACTION},
+            SELECT d.{USER_ID}, {SEGMENTS_COL},
+                   CASE WHEN opted_out THEN '{OPTED_OUT}' WHEN {RULE} IS NULL THEN '{NO_ACTION}'
+                        WHEN held_out THEN '{CONTROL}' ELSE rule_action END AS {ACTION},
                    {OFFER}, {CHANNEL}, {RULE},
-                   CASE WHEN {RULE} IS NULL THEN 'cooldown: ' || cooled_rules
+                   CASE WHEN opted_out THEN '{OPTOUT_REASON}'
+                        WHEN {RULE} IS NULL THEN 'cooldown: ' || cooled_rules
                         ELSE rule_reason || coalesce(' | cooldown: ' || cooled_rules, '') END AS {REASON},
-                   held_out AS {CONTROL_FLAG}
-            FROM decided
-            ORDER BY {USER_ID}
+                   held_out AS {CONTROL_FLAG},
+                   f.__score AS {PROPENSITY},
+                   {HELD_BY_STAY}
+            FROM decided d
+            JOIN flagged f USING ({USER_ID})
+            ORDER BY d.{USER_ID}
             """
         ).to_arrow_table()
         sizes = {
@@ -644,7 +838,7 @@ def _contacts_of(assigned: pa.Table, hour: datetime) -> pa.Table:
         con.register("assigned_input", assigned)
         table = con.sql(
             f"SELECT {USER_ID}, {ACTION}, {RULE} FROM assigned_input "
-            f"WHERE {ACTION} NOT IN ('{NO_ACTION}', '{SUPPRESS}') ORDER BY {USER_ID}"
+            f"WHERE {ACTION} NOT IN ('{NO_ACTION}', '{SUPPRESS}', '{OPTED_OUT}') ORDER BY {USER_ID}"
         ).to_arrow_table()
     finally:
         con.close()
@@ -652,25 +846,213 @@ def _contacts_of(assigned: pa.Table, hour: datetime) -> pa.Table:
     return table.append_column(CONTACT_HOUR, hours).cast(CONTACT_SCHEMA)
 
 
-def _export_files(assigned: pa.Table, actions: Sequence[str]) -> list[tuple[str, bytes, int]]:
-    """One CSV per exported action (header only when empty): ``(name, bytes, rows)``."""
+# ---- opt-outs ----------------------------------------------------------------------------
+
+OPTOUT_TABLE = "marketing_optouts"
+_IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+
+
+def read_optouts(lake: lk.Lake, engine: Any | None = None, table: str = OPTOUT_TABLE) -> pa.Table:
+    """Users who withdrew marketing consent (one ``user_id`` column, distinct, sorted).
+
+    Every ``*.csv`` (with a ``user_id`` header) and ``*.parquet`` file under
+    ``<lake>/_meta/optout/``, plus, when a SQLAlchemy ``engine`` is given (from an Airflow
+    Connection), the ``user_id`` column of SQL table ``table``. The list is read when the
+    hour is published, so a rerun honours opt-outs recorded since.
+    """
+    ids: set[str] = set()
+    folder = lake.path(lk.OPTOUT)
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if path.suffix == ".csv":
+            options = pacsv.ConvertOptions(column_types={USER_ID: pa.string()})
+            found = pacsv.read_csv(path, convert_options=options)
+        elif path.suffix == ".parquet":
+            found = pq.read_table(path)
+        else:
+            continue
+        if USER_ID not in found.column_names:
+            raise ValueError(f"{path}: an opt-out file needs a {USER_ID!r} column, found {found.column_names}")
+        ids.update(str(v) for v in found.column(USER_ID).to_pylist() if v not in (None, ""))
+    if engine is not None:
+        import sqlalchemy as sa
+
+        if not _IDENTIFIER_RE.match(table):
+            raise ValueError(f"opt-out table name {table!r} is not a plain SQL identifier")
+        with engine.connect() as connection:
+            rows = connection.execute(sa.text(f"SELECT {USER_ID} FROM {table}")).fetchall()
+        ids.update(str(row[0]) for row in rows if row[0] not in (None, ""))
+    return pa.table({USER_ID: pa.array(sorted(ids), pa.string())})
+
+
+# ---- pseudonyms --------------------------------------------------------------------------
+
+EXPORT_KEY_ENV = "PROFILE_ENGINE_EXPORT_KEY"
+EXPORT_KEY_CONN_ID = "profile_engine_export_key"
+EXPORT_KEY_FILE = "export_key"
+MIN_KEY_CHARS = 16
+
+
+class ExportKeyError(RuntimeError):
+    """No usable pseudonymisation key (e.g. none configured in production)."""
+
+
+@dataclass(frozen=True)
+class ExportKey:
+    """The HMAC key for export pseudonyms and where it came from (the secret is never printed)."""
+
+    secret: bytes = field(repr=False)
+    source: str
+    generated: bool = False
+
+    @property
+    def key_id(self) -> str:
+        """A fingerprint naming the key in manifests (reveals nothing about it): consumers see a rotation."""
+        return hmac.new(self.secret, b"profile-engine export key id", hashlib.sha256).hexdigest()[:16]
+
+
+def export_key(
+    settings: Settings, *, connection_key: str | None = None, environ: Mapping[str, str] | None = None
+) -> ExportKey:
+    """The pseudonymisation key: ``PROFILE_ENGINE_EXPORT_KEY``, else the Airflow Connection's password.
+
+    ``connection_key`` is the password of Connection ``profile_engine_export_key`` (read by
+    the DAG task at run time, never at parse time). Without either, production
+    (``settings.environment == "production"``) raises :class:`ExportKeyError`; development
+    uses ``<lake>/_meta/export_key``, generated on first use (mode 600), and says so.
+    """
+    env = os.environ if environ is None else environ
+    for value, source in (
+        (env.get(EXPORT_KEY_ENV), f"environment variable {EXPORT_KEY_ENV}"),
+        (connection_key, f"Airflow Connection {EXPORT_KEY_CONN_ID}"),
+    ):
+        if value:
+            if len(value) < MIN_KEY_CHARS:
+                raise ExportKeyError(f"the export key from the {source} is shorter than {MIN_KEY_CHARS} characters")
+            return ExportKey(value.encode(), source)
+    if settings.environment == "production":
+        raise ExportKeyError(
+            f"production needs a pseudonymisation key: set {EXPORT_KEY_ENV} or the password of the Airflow "
+            f"Connection {EXPORT_KEY_CONN_ID!r}; exports are not written without it"
+        )
+    path = lk.Lake(settings.lake).path(lk.META, EXPORT_KEY_FILE)
+    generated = not path.is_file()
+    if generated:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        tmp.write_text(secrets.token_hex(32))
+        tmp.chmod(0o600)
+        os.replace(tmp, path)
+    return ExportKey(
+        path.read_text().strip().encode(),
+        f"development key {path} ({'generated now' if generated else 'generated earlier'}; "
+        f"set {EXPORT_KEY_ENV} to share a key with the campaign tools)",
+        generated=generated,
+    )
+
+
+def pseudonymize(user_ids: Sequence[str], key: ExportKey) -> list[str]:
+    """HMAC-SHA256 of each user id under ``key`` (hex): stable per key, not reversible without it."""
+    return [hmac.new(key.secret, uid.encode(), hashlib.sha256).hexdigest() for uid in user_ids]
+
+
+# ---- exports and stability ---------------------------------------------------------------
+
+
+def _export_tables(assigned: pa.Table, actions: Sequence[str]) -> dict[str, pa.Table]:
+    """The rows each exported action's file holds (raw ids still; pseudonymised when written)."""
     import duckdb
 
-    files = []
     con = duckdb.connect()
+    tables: dict[str, pa.Table] = {}
     try:
         con.register("assigned_input", assigned)
         for action in actions:
-            table = con.sql(
-                f"SELECT {', '.join(EXPORT_COLUMNS)} FROM assigned_input WHERE {ACTION} = {_literal(action)} "
-                f"ORDER BY {USER_ID}"
+            tables[action] = con.sql(
+                f"SELECT {USER_ID}, {RULE} AS {SEGMENT}, {OFFER}, {CHANNEL}, {REASON}, {PROPENSITY} "
+                f"FROM assigned_input WHERE {ACTION} = {_literal(action)} ORDER BY {USER_ID}"
             ).to_arrow_table()
-            buffer = io.BytesIO()
-            pacsv.write_csv(table, buffer)
-            files.append((f"{action}.csv", buffer.getvalue(), table.num_rows))
     finally:
         con.close()
+    return tables
+
+
+def _export_files(tables: Mapping[str, pa.Table], key: ExportKey) -> list[tuple[str, bytes]]:
+    """``<action>.csv`` and ``<action>.parquet`` per action, users as pseudonyms, sorted by pseudonym."""
+    files: list[tuple[str, bytes]] = []
+    for action, table in tables.items():
+        keyed = table.drop_columns([USER_ID]).add_column(
+            0, USER_KEY, pa.array(pseudonymize(table.column(USER_ID).to_pylist(), key), pa.string())
+        )
+        keyed = keyed.sort_by([(USER_KEY, "ascending")]).select(list(EXPORT_COLUMNS)).cast(EXPORT_SCHEMA)
+        text = io.BytesIO()
+        pacsv.write_csv(keyed, text)
+        parquet = io.BytesIO()
+        pq.write_table(keyed, parquet, compression="zstd")
+        files += [(f"{action}.csv", text.getvalue()), (f"{action}.parquet", parquet.getvalue())]
     return files
+
+
+def segment_stability(
+    assigned: pa.Table, previous: pa.Table | None, rule_names: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Per segment: size, entered, exited, stayed, overlap with the previous hour, flips prevented, control size.
+
+    ``overlap`` is the Jaccard index of this hour's and the previous hour's members;
+    ``held_by_stay`` counts members kept only by the ``stay`` condition (flips that
+    hysteresis prevented); ``control`` the members held out as control group of that
+    segment. Without a previous hour, entered/exited/stayed/overlap are None.
+    """
+    current: dict[str, set[str]] = {name: set() for name in rule_names}
+    held: dict[str, int] = dict.fromkeys(rule_names, 0)
+    control: dict[str, int] = dict.fromkeys(rule_names, 0)
+    columns = assigned.select([USER_ID, SEGMENTS_COL, HELD_BY_STAY, RULE, CONTROL_FLAG]).to_pydict()
+    for uid, names, stayed, rule, is_control in zip(*columns.values(), strict=True):
+        for name in names:
+            current.setdefault(name, set()).add(uid)
+        for name in stayed:
+            held[name] = held.get(name, 0) + 1
+        if is_control and rule is not None:
+            control[rule] = control.get(rule, 0) + 1
+    before: dict[str, set[str]] | None = None
+    if previous is not None:
+        before = {name: set() for name in current}
+        prev = previous.select([USER_ID, SEGMENTS_COL]).to_pydict()
+        for uid, names in zip(prev[USER_ID], prev[SEGMENTS_COL], strict=True):
+            for name in names:
+                if name in before:
+                    before[name].add(uid)
+    result: dict[str, dict[str, Any]] = {}
+    for name, members in current.items():
+        row: dict[str, Any] = {
+            "size": len(members),
+            "held_by_stay": held.get(name, 0),
+            "control": control.get(name, 0),
+            "previous_size": None,
+            "entered": None,
+            "exited": None,
+            "stayed": None,
+            "overlap": None,
+        }
+        if before is not None:
+            old = before[name]
+            union = len(members | old)
+            row.update(
+                previous_size=len(old),
+                entered=len(members - old),
+                exited=len(old - members),
+                stayed=len(members & old),
+                overlap=round(len(members & old) / union, 4) if union else None,
+            )
+        result[name] = row
+    return result
+
+
+def _model_version(evaluated: pa.Table) -> str | list[str] | None:
+    """The model version(s) behind this hour's scores (one string when one model scored everyone)."""
+    if MODEL_VERSION not in evaluated.column_names:
+        return None
+    versions = sorted({v for v in evaluated.column(MODEL_VERSION).to_pylist() if v})
+    return versions[0] if len(versions) == 1 else (versions or None)
 
 
 def publish_segments(
@@ -680,16 +1062,22 @@ def publish_segments(
     run_id: str = "manual",
     rules_path: Path | None = None,
     dry_run: bool = False,
+    export_key_secret: str | None = None,
+    optout_engine: Any | None = None,
 ) -> dict[str, Any]:
     """Assign segments and actions for ``hour``, write the segments partition and the exports.
 
     Reads the committed profile snapshot of the hour and its scores (NULL propensity,
     said in the summary, when none are committed), validates the rules against those
-    columns before writing anything, then writes ``segments/`` (one row per member),
-    the hour's contact history (rewritten whole, so reruns do not double count) and
-    ``exports/`` (one CSV per action plus a manifest with row counts and checksums).
-    ``dry_run`` computes and returns the summary but writes nothing. Returns a small
-    JSON-able summary: sizes per segment and action and the change against the previous hour.
+    columns and resolves the export key before writing anything, then writes
+    ``segments/`` (one row per member with score and control flag), the hour's contact
+    history (rewritten whole, so reruns do not double count) and ``exports/`` (per action
+    a CSV and a Parquet file of pseudonymised users, then ``_manifest.json`` with run id,
+    hour, rules-file hash, model version, segment sizes, entered/exited/stayed and
+    checksums). Opted-out users (:func:`read_optouts`; ``optout_engine`` adds the SQL
+    table) are never exported. ``export_key_secret`` is the Airflow Connection's key (see
+    :func:`export_key`). ``dry_run`` computes and returns the summary but writes nothing.
+    Returns a small JSON-able summary, including ``manifest_path`` for the Asset event.
     """
     hour = floor_hour(hour)
     lake = lk.Lake(settings.lake)
@@ -698,22 +1086,22 @@ def publish_segments(
     evaluated = _join_scores(profiles, scores)
     path = DEFAULT_RULES_PATH if rules_path is None else rules_path
     rules = load_rules(path, columns=evaluated.schema)
+    key = None if dry_run else export_key(settings, connection_key=export_key_secret)
 
     previous_hour = hour - HOUR
     previous = lake.read(lk.SEGMENTS, previous_hour) if lake.committed(lk.SEGMENTS, previous_hour) else None
     contacts = _read_recent_contacts(lake, hour, max(r.cooldown_hours for r in rules))
-    assigned, sizes = assign_segments(evaluated, rules, previous, contacts)
+    optouts = read_optouts(lake, optout_engine)
+    assigned, sizes = assign_segments(evaluated, rules, previous, contacts, optouts)
+    stability = segment_stability(assigned, previous, [r.name for r in rules])
 
     action_counts: dict[str, int] = {}
     for action in assigned.column(ACTION).to_pylist():
         action_counts[action] = action_counts.get(action, 0) + 1
-    previous_sizes: dict[str, int] = {}
-    if previous is not None:
-        for names in previous.column(SEGMENTS_COL).to_pylist():
-            for name in names:
-                previous_sizes[name] = previous_sizes.get(name, 0) + 1
     changes = {
-        name: (size - previous_sizes.get(name, 0) if previous is not None else None) for name, size in sizes.items()
+        name: (row["size"] - row["previous_size"] if previous is not None else None)
+        for name, row in stability.items()
+        if name in sizes
     }
 
     notes = []
@@ -724,11 +1112,15 @@ def publish_segments(
         notes.append(f"{evaluated.num_rows - scored} of {evaluated.num_rows} profiles have no score")
     if previous is None:
         notes.append(f"no segments committed for {format_hour(previous_hour)}: no hysteresis, no size change")
+    if key is not None and key.generated:
+        notes.append(f"pseudonyms use a new {key.source}")
 
     exported_actions = sorted({r.action for r in rules})
-    files = _export_files(assigned, exported_actions)
+    tables = _export_tables(assigned, exported_actions)
     contact_rows = _contacts_of(assigned, hour)
     rules_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    model_version = _model_version(evaluated)
+    exports_dir = lake.partition(lk.EXPORTS, hour)
     summary: dict[str, Any] = {
         "hour": format_hour(hour),
         "run_id": run_id,
@@ -739,35 +1131,246 @@ def publish_segments(
         "members": assigned.num_rows,
         "scores_available": scores is not None,
         "scored_profiles": scored,
+        "model_version": model_version,
         "previous_hour_committed": previous is not None,
         "segments": sizes,
         "segment_change": changes,
+        "stability": stability,
         "actions": dict(sorted(action_counts.items())),
-        "exports": {name.removesuffix(".csv"): rows for name, _, rows in files},
+        "exports": {action: table.num_rows for action, table in tables.items()},
+        "opted_out": action_counts.get(OPTED_OUT, 0),
         "contacts": contact_rows.num_rows,
+        "export_key": None if key is None else {"source": key.source, "key_id": key.key_id},
         "notes": notes,
         "segments_path": None,
         "exports_path": None,
+        "manifest_path": None,
     }
-    if dry_run:
+    if dry_run or key is None:
         return summary
 
-    extra = {"rules_sha256": rules_sha256, "scores_available": scores is not None}
+    extra = {
+        "rules_sha256": rules_sha256,
+        "scores_available": scores is not None,
+        "model_version": model_version,
+        "segments": sizes,
+        "stability": stability,
+    }
     lake.write_partition(lk.SEGMENTS, hour, assigned, run_id=run_id, extra=extra)
     lake.write_partition(lk.CONTACTS, hour, contact_rows, run_id=run_id)
-    exports_dir = lake.partition(lk.EXPORTS, hour)
     lake.write_dir(
         exports_dir,
-        [(name, payload) for name, payload, _ in files],
+        _export_files(tables, key),
         {
             "layer": lk.EXPORTS,
             "data_hour": format_hour(hour),
             "run_id": run_id,
+            "rules_file": path.name,
             "rules_sha256": rules_sha256,
+            "model_version": model_version,
+            "key_id": key.key_id,
             "columns": list(EXPORT_COLUMNS),
-            "rows": {name.removesuffix(".csv"): rows for name, _, rows in files},
+            "rows": summary["exports"],
+            "segments": sizes,
+            "changes": {name: {k: row[k] for k in ("entered", "exited", "stayed")} for name, row in stability.items()},
+            "previous_hour_committed": previous is not None,
         },
     )
     summary["segments_path"] = str(lake.partition(lk.SEGMENTS, hour))
     summary["exports_path"] = str(exports_dir)
+    summary["manifest_path"] = str(exports_dir / lk.MANIFEST)
     return summary
+
+
+# ---- uplift, stability over time, run report section ------------------------------------
+
+UPLIFT_LOOKBACK_HOURS = 168
+CHART_FILE = "segment_sizes.png"
+CHART_HOURS = 168
+_Z95 = 1.959963984540054
+
+
+def _wilson(successes: int, n: int, z: float = _Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_difference(treated: tuple[int, int], control: tuple[int, int]) -> dict[str, float | None]:
+    """Difference of two purchase rates with Newcombe's 95% hybrid score interval.
+
+    ``treated`` and ``control`` are ``(buyers, users)``. The interval stays inside
+    [-1, 1] and behaves for small groups and rates near 0, where a Wald interval does not.
+    """
+    (b1, n1), (b2, n2) = treated, control
+    if n1 == 0 or n2 == 0:
+        return {"uplift": None, "low": None, "high": None}
+    p1, p2 = b1 / n1, b2 / n2
+    (l1, u1), (l2, u2) = _wilson(b1, n1), _wilson(b2, n2)
+    d = p1 - p2
+    return {
+        "uplift": round(d, 6),
+        "low": round(d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), 6),
+        "high": round(d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2), 6),
+    }
+
+
+def uplift(settings: Settings, hour: datetime, *, lookback_hours: int = UPLIFT_LOOKBACK_HOURS) -> dict[str, Any]:
+    """Purchase rate after an action, treated against control, per rule, for contacts old enough.
+
+    A contact of hour C counts when the purchase window that follows it (the label window
+    ``[C+1h, C+1h+horizon)`` of ``labels``) is final at ``hour`` (window end + lateness),
+    within the last ``lookback_hours``. Each (user, rule, contact hour) is one exposure;
+    buyers are read from staged purchase events, like the model's labels.
+    """
+    from profile_engine import labels
+
+    hour = floor_hour(hour)
+    lake = lk.Lake(settings.lake)
+    first = hour - (lookback_hours - 1) * HOUR
+    hours = [
+        h for h in hour_range(first, hour) if labels.labels_final(settings, h, hour) and lake.committed(lk.CONTACTS, h)
+    ]
+    result: dict[str, Any] = {
+        "window_hours": settings.label_horizon_hours,
+        "contact_hours": len(hours),
+        "first_contact_hour": format_hour(hours[0]) if hours else None,
+        "last_contact_hour": format_hour(hours[-1]) if hours else None,
+        "rules": [],
+    }
+    tables = [lake.read(lk.CONTACTS, h) for h in hours]
+    contacts = pa.concat_tables(tables) if tables else CONTACT_SCHEMA.empty_table()
+    if contacts.num_rows == 0:
+        return result
+    examples = contacts.append_column(ft.SNAPSHOT_HOUR, contacts.column(CONTACT_HOUR))
+    labelled = labels.label_examples(settings, examples).to_pydict()
+    counts: dict[str, dict[str, list[int]]] = {}
+    actions: dict[str, set[str]] = {}
+    for rule, action, bought in zip(labelled[RULE], labelled[ACTION], labelled[labels.LABEL], strict=True):
+        group = counts.setdefault(rule, {"treated": [0, 0], "control": [0, 0]})
+        side = group["control" if action == CONTROL else "treated"]
+        side[0] += int(bought)
+        side[1] += 1
+        if action != CONTROL:
+            actions.setdefault(rule, set()).add(action)
+    for rule in sorted(counts):
+        group = counts[rule]
+        (bt, nt), (bc, nc) = group["treated"], group["control"]
+        result["rules"].append(
+            {
+                "rule": rule,
+                "action": ", ".join(sorted(actions.get(rule, ()))) or None,
+                "treated": nt,
+                "treated_buyers": bt,
+                "treated_rate": round(bt / nt, 6) if nt else None,
+                "control": nc,
+                "control_buyers": bc,
+                "control_rate": round(bc / nc, 6) if nc else None,
+                **rate_difference((bt, nt), (bc, nc)),
+            }
+        )
+    return result
+
+
+def segment_size_history(lake: lk.Lake, hour: datetime, hours: int = CHART_HOURS) -> dict[str, dict[str, int]]:
+    """Segment sizes per committed hour of the last ``hours`` hours: ``{hour: {segment: size}}``."""
+    history: dict[str, dict[str, int]] = {}
+    for past in hour_range(floor_hour(hour) - (hours - 1) * HOUR, floor_hour(hour)):
+        if not lake.committed(lk.SEGMENTS, past):
+            continue
+        sizes = lake.manifest(lk.SEGMENTS, past).get("segments")
+        if sizes is None:  # written before sizes were kept in the manifest
+            sizes = {}
+            for names in lake.read(lk.SEGMENTS, past, columns=[SEGMENTS_COL]).column(SEGMENTS_COL).to_pylist():
+                for name in names:
+                    sizes[name] = sizes.get(name, 0) + 1
+        history[format_hour(past)] = {str(k): int(v) for k, v in sizes.items()}
+    return history
+
+
+def segment_sizes_chart(history: Mapping[str, Mapping[str, int]]) -> bytes | None:
+    """A PNG line chart of segment sizes over time (None without any hour)."""
+    if not history:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.dates import date2num
+    from matplotlib.figure import Figure
+
+    hours = sorted(history)
+    times = [date2num(datetime.fromisoformat(h)) for h in hours]  # type: ignore[no-untyped-call]
+    names = sorted({name for sizes in history.values() for name in sizes})
+    figure = Figure(figsize=(9, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    for name in names:
+        axes.plot(times, [history[h].get(name, 0) for h in hours], marker="." if len(hours) < 50 else None, label=name)
+    axes.set_title(f"Segment sizes, {hours[0][:13]} .. {hours[-1][:13]} UTC")
+    axes.set_ylabel("members")
+    axes.xaxis_date()
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", fontsize="small", ncols=2)
+    figure.autofmt_xdate()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def report_section(settings: Settings, hour: datetime) -> tuple[dict[str, Any], bytes | None]:
+    """The run report's marketing section for ``hour`` and the PNG chart of segment sizes.
+
+    Stability per segment (from the hour's committed segments), the uplift of actions old
+    enough, and the chart's file name (None when no segments were ever committed). Never
+    raises: the run report must be written, so an error is returned as the section.
+    """
+    lake = lk.Lake(settings.lake)
+    hour = floor_hour(hour)
+    try:
+        stability = lake.manifest(lk.SEGMENTS, hour).get("stability") if lake.committed(lk.SEGMENTS, hour) else None
+        chart = segment_sizes_chart(segment_size_history(lake, hour))
+        section = {"stability": stability, "uplift": uplift(settings, hour), "chart": CHART_FILE if chart else None}
+    except Exception as error:  # the run report is written whatever failed; it shows the error instead
+        return {"error": f"{type(error).__name__}: {error}"}, None
+    return section, chart
+
+
+def render_section_html(section: Mapping[str, Any]) -> str:
+    """HTML tables of the marketing section (stability, uplift, chart) for the run report page."""
+    if section.get("error"):
+        return f"<h2>Segments</h2><p class='failed'>{html.escape(str(section['error']))}</p>"
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"<td>{value:.4f}</td>"
+        return f"<td>{html.escape('' if value is None else str(value))}</td>"
+
+    parts = ["<h2>Segments: stability this hour</h2>"]
+    stability = section.get("stability") or {}
+    if stability:
+        keys = ["size", "entered", "exited", "stayed", "overlap", "held_by_stay", "control"]
+        head = "".join(f"<th>{k.replace('_', ' ')}</th>" for k in ["segment", *keys])
+        body = "".join(
+            f"<tr>{cell(name)}{''.join(cell(row.get(k)) for k in keys)}</tr>" for name, row in stability.items()
+        )
+        parts.append(f"<table><tr>{head}</tr>{body}</table>")
+    else:
+        parts.append("<p>No segments committed for this hour.</p>")
+    lift = section.get("uplift") or {}
+    parts.append(
+        f"<h2>Uplift: purchase rate in the {lift.get('window_hours')} h after an action, treated vs control</h2>"
+    )
+    if lift.get("rules"):
+        keys = ["rule", "action", "treated", "treated_rate", "control", "control_rate", "uplift", "low", "high"]
+        head = "".join(f"<th>{k.replace('_', ' ')}</th>" for k in keys)
+        body = "".join(f"<tr>{''.join(cell(row.get(k)) for k in keys)}</tr>" for row in lift["rules"])
+        parts.append(
+            f"<p>Contacts of {lift['contact_hours']} hours ({html.escape(str(lift['first_contact_hour']))} .. "
+            f"{html.escape(str(lift['last_contact_hour']))}); low/high: 95% interval of the uplift.</p>"
+            f"<table><tr>{head}</tr>{body}</table>"
+        )
+    else:
+        parts.append("<p>No action is old enough yet (its purchase window and the lateness must have passed).</p>")
+    if section.get("chart"):
+        parts.append(f"<h2>Segment sizes over time</h2><img src='{html.escape(str(section['chart']))}' alt='chart'>")
+    return "".join(parts)

@@ -1,0 +1,355 @@
+"""Benchmark of the profile stage (issue 5): full build, hourly refresh, memory per bucket.
+
+Reproducible: the data comes from the simulator (``simulate_hour``, deterministic per
+hour, no defects), staged directly per user bucket as ``validate_events`` would stage
+it, into lakes under ``--work`` (reused across invocations when the sizes match).
+Every measured step runs in its own Python process, ``--runs`` times; the parent
+reports the median, min and max of the wall time of the step (imports excluded) and
+the child's peak RSS, and appends them to ``BENCHMARKS.md`` with the date, machine,
+versions and the exact command.
+
+Figures:
+
+1. ``full_build``: all staged events of the build set into profiles (the rebuild path:
+   ``rebuild_bucket`` + ``snapshot`` + population features) with one bucket, next to
+   ``duckdb_floor``: one plain DuckDB group-by over the same Parquet files (per user
+   and type: count, first/last time, spend), the scan floor of the machine.
+2. ``refresh_31d`` / ``refresh_60d``: ``build_profiles`` of every bucket plus
+   ``publish_profiles`` for one busy hour on top of 31 and 60 days of history (built
+   once in bulk with ``build_profiles_range``), and ``rebuild_60d``: a full rebuild of
+   those 60 days plus the hour.
+3. ``bucket_of_N``: peak memory of building one bucket (bucket 0) of the build set
+   staged over N buckets, N in 1, 4, 16.
+
+    .venv/bin/python benchmarks/profiles.py            # the sizes in BENCHMARKS.md
+    .venv/bin/python benchmarks/profiles.py --quick    # a small smoke run, nothing appended
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+ORIGIN = datetime(2026, 9, 1, tzinfo=UTC)  # users sign up around here, well before the data
+END = datetime(2026, 11, 20, tzinfo=UTC)  # the hour refreshed (and the end of the build set)
+TZ = "Europe/Berlin"
+SEED = 7
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that decides the data; the work folder is reused only when these match."""
+
+    build_users: int = 1_000_000
+    build_hours: int = 32
+    build_intensity: float = 2.5
+    history_users: int = 200_000
+    history_days: int = 60
+    history_intensity: float = 0.6
+    refresh_intensity: float = 9.0
+    refresh_buckets: int = 4
+
+
+QUICK = Sizes(
+    build_users=20_000,
+    build_hours=12,
+    build_intensity=2.0,
+    history_users=5_000,
+    history_days=33,
+    history_intensity=1.0,
+    refresh_intensity=6.0,
+)
+
+
+# ---- data ----------------------------------------------------------------------------
+def _stage(lakes: dict[int, Path], hours: list[datetime], users: int, intensity: float, log: str) -> int:
+    """Simulate ``hours`` and stage their events into one lake per bucket count; returns the events."""
+    import duckdb
+    import pyarrow.compute as pc
+
+    from profile_engine.lake import STAGING, Lake
+    from profile_engine.schema import BUCKET, STAGED_SCHEMA, bucket_sql
+    from profile_engine.simulate import simulate_hour
+
+    total, started = 0, time.monotonic()
+    for i, hour in enumerate(hours):
+        events = simulate_hour(
+            hour, users=users, seed=SEED, business_tz=TZ, defects=False, origin=ORIGIN, intensity=intensity
+        )
+        total += events.num_rows
+        con = duckdb.connect()
+        con.register("e", events)
+        for buckets, root in lakes.items():
+            staged = con.sql(f"SELECT *, {bucket_sql('user_id', buckets)} AS {BUCKET} FROM e").to_arrow_table()
+            staged = staged.select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+            for b in range(buckets):
+                part = staged.filter(pc.equal(staged.column(BUCKET), b))
+                Lake(root).write_partition(STAGING, hour, part, bucket=b, run_id="bench")
+        con.close()
+        if (i + 1) % 24 == 0 or i + 1 == len(hours):
+            print(
+                f"[bench] {log}: {i + 1}/{len(hours)} hours, {total} events, {time.monotonic() - started:.0f}s",
+                flush=True,
+            )
+    return total
+
+
+def prepare(work: Path, sizes: Sizes) -> dict[str, Any]:
+    """Simulate and stage the build set and the history (once per ``sizes``), build the history in bulk."""
+    stamp = work / "sizes.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("sizes") == asdict(sizes):
+        return dict(json.loads(stamp.read_text()))
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    from profile_engine import features
+    from profile_engine.config import Settings
+    from profile_engine.hours import HOUR, hour_range
+
+    build_hours = [END - HOUR * (sizes.build_hours - i) for i in range(sizes.build_hours)] + [END]
+    build_events = _stage(
+        {n: work / f"build_b{n}" for n in (1, 4, 16)},
+        build_hours,
+        sizes.build_users,
+        sizes.build_intensity,
+        "build set",
+    )
+
+    first = END - timedelta(days=sizes.history_days)
+    history = list(hour_range(first, END - HOUR))
+    lakes = {31: work / "refresh_31d", sizes.history_days: work / "refresh_60d"}
+    history_events = _stage(
+        {sizes.refresh_buckets: lakes[sizes.history_days]},
+        history,
+        sizes.history_users,
+        sizes.history_intensity,
+        "history",
+    )
+    refresh_events = _stage(
+        {sizes.refresh_buckets: lakes[sizes.history_days]},
+        [END],
+        sizes.history_users,
+        sizes.refresh_intensity,
+        "refresh hour",
+    )
+    short = lakes[31] / "staging" / "events"
+    short.mkdir(parents=True)
+    for hour in hour_range(END - timedelta(days=31), END):
+        source = lakes[sizes.history_days] / "staging" / "events" / f"dt={hour:%Y-%m-%d}" / f"hour={hour:%H}"
+        shutil.copytree(source, short / f"dt={hour:%Y-%m-%d}" / f"hour={hour:%H}")
+    bulk: dict[str, float] = {}
+    for days, root in lakes.items():
+        settings = replace(Settings(), lake=root, buckets=sizes.refresh_buckets, business_tz=TZ)
+        started = time.monotonic()
+        start = END - timedelta(days=days)
+        for b in range(settings.buckets):
+            features.build_profiles_range(settings, start, END - HOUR, b, first_hour=start, snapshot_every=24)
+        features.publish_profiles(settings, END - HOUR)
+        bulk[f"{days}d"] = round(time.monotonic() - started, 1)
+        print(f"[bench] history of {days} days built in bulk in {bulk[f'{days}d']}s", flush=True)
+    info = {
+        "sizes": asdict(sizes),
+        "build_events": build_events,
+        "build_hours": len(build_hours),
+        "history_events": history_events,
+        "refresh_events": refresh_events,
+        "bulk_build_seconds": bulk,
+    }
+    stamp.write_text(json.dumps(info, indent=2))
+    return info
+
+
+# ---- measured steps (each in its own process) --------------------------------------------
+def _settings(root: Path, buckets: int) -> Any:
+    from profile_engine.config import Settings
+
+    return replace(Settings(), lake=root, buckets=buckets, business_tz=TZ)
+
+
+def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
+    """Run one measured step in this process; returns seconds, peak RSS and what it produced."""
+    import duckdb  # noqa: F401  imported before the clock starts, as a worker would have it
+    import pyarrow  # noqa: F401
+
+    from profile_engine import features
+    from profile_engine.hours import HOUR
+
+    hour = END
+    started = time.monotonic()
+    out: dict[str, Any] = {}
+    if name == "duckdb_floor":
+        import duckdb as db
+
+        glob = str(work / "build_b1" / "staging" / "events" / "**" / "*.parquet")
+        table = db.sql(
+            f"""SELECT user_id, event_type, count(*) AS n, min(ts) AS first_ts, max(ts) AS last_ts,
+                       sum(price * quantity) FILTER (WHERE event_type = 'purchase') AS spend
+                FROM read_parquet('{glob}') GROUP BY ALL"""
+        ).to_arrow_table()
+        out["rows"] = table.num_rows
+    elif name in ("full_build", "rebuild_60d") or name.startswith("bucket_of_"):
+        if name == "full_build":
+            root, buckets, built = work / "build_b1", 1, [0]
+        elif name == "rebuild_60d":
+            root, buckets, built = work / "refresh_60d", sizes.refresh_buckets, list(range(sizes.refresh_buckets))
+        else:
+            n = int(name.removeprefix("bucket_of_"))
+            root, buckets, built = work / f"build_b{n}", n, [0]
+        settings = _settings(root, buckets)
+        parts = []
+        for b in built:
+            _, state = features.rebuild_bucket(settings, hour, b)
+            parts.append(features.snapshot(state, hour + HOUR, settings)[0])
+            del state
+        profiles = features.population_snapshot(parts, hour) if len(built) == buckets else parts[0]
+        out["profiles"] = profiles.num_rows
+    elif name.startswith("refresh_"):
+        settings = _settings(work / name, sizes.refresh_buckets)
+        built_rows = [features.build_profiles(settings, hour, b, run_id="bench") for b in range(settings.buckets)]
+        published = features.publish_profiles(settings, hour, run_id="bench")
+        out["events_merged"] = sum(r["events_merged"] for r in built_rows)
+        out["profiles"] = published["profiles"]
+    else:
+        raise SystemExit(f"unknown step {name}")
+    out["seconds"] = time.monotonic() - started
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def measure(name: str, work: Path, sizes: Sizes, runs: int, quick: bool) -> dict[str, Any]:
+    """Run ``step`` ``runs`` times, each in a fresh process; median/min/max of time and peak RSS."""
+    results = []
+    for _ in range(runs):
+        command = [sys.executable, __file__, "--step", name, "--work", str(work)] + (["--quick"] if quick else [])
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"step {name} failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    secs = [r["seconds"] for r in results]
+    rss = [r["peak_rss_mb"] for r in results]
+    summary = {
+        "step": name,
+        "runs": runs,
+        "median_s": statistics.median(secs),
+        "min_s": min(secs),
+        "max_s": max(secs),
+        "peak_rss_mb": statistics.median(rss),
+        "peak_rss_max_mb": max(rss),
+        **{k: v for k, v in results[0].items() if k not in ("seconds", "peak_rss_mb")},
+    }
+    print(f"[bench] {json.dumps(summary)}", flush=True)
+    return summary
+
+
+# ---- report ----------------------------------------------------------------------------------
+def _machine() -> str:
+    cpu = "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+def _versions() -> str:
+    import duckdb
+    import pyarrow
+
+    return f"Python {platform.python_version()}, duckdb {duckdb.__version__}, pyarrow {pyarrow.__version__}"
+
+
+def render(info: dict[str, Any], rows: dict[str, dict[str, Any]], command: str) -> str:
+    """The markdown section appended to BENCHMARKS.md."""
+
+    def line(label: str, r: dict[str, Any]) -> str:
+        return f"| {label} | {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['runs']} |"
+
+    s = info["sizes"]
+    full, floor = rows["full_build"], rows["duckdb_floor"]
+    r31, r60, rb = rows["refresh_31d"], rows["refresh_60d"], rows["rebuild_60d"]
+    ratio_floor = full["median_s"] / floor["median_s"]
+    ratio_60_31 = r60["median_s"] / r31["median_s"]
+    ratio_rebuild = rb["median_s"] / r60["median_s"]
+    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    head = "| step | median s | min s | max s | peak RSS MB (median) | runs |\n|---|---|---|---|---|---|"
+    return f"""
+## Run of {datetime.now(UTC):%Y-%m-%d %H:%M} UTC
+
+- Machine: {_machine()}
+- Versions: {_versions()}
+- Command: `{command}`
+- Build set: {info["build_events"]:,} events of {s["build_users"]:,} simulated users over {info["build_hours"]} hours
+  (intensity {s["build_intensity"]}); {full.get("profiles", 0):,} profiles.
+- History: {s["history_days"]} days of {s["history_users"]:,} users, {info["history_events"]:,} events
+  (about {info["history_events"] / (s["history_days"] * 24):,.0f} per hour); the refreshed hour has
+  {info["refresh_events"]:,} events; {s["refresh_buckets"]} buckets. Built once in bulk in
+  {info["bulk_build_seconds"]} seconds (`build_profiles_range`, daily checkpoints).
+
+### 1. Full build vs the DuckDB scan floor
+
+{head}
+{line("duckdb_floor (group-by per user and type)", floor)}
+{line("full_build (every feature, 1 bucket)", full)}
+
+Full build / floor: **{ratio_floor:.1f}x** (target at most 3x: {verdict(ratio_floor <= 3)}).
+
+### 2. Hourly refresh on top of 31 and 60 days
+
+{head}
+{line("refresh_31d (build_profiles x buckets + publish_profiles)", r31)}
+{line("refresh_60d", r60)}
+{line("rebuild_60d (full rebuild of 60 days + the hour)", rb)}
+
+60-day / 31-day refresh: **{ratio_60_31:.2f}x** (target at most 1.2x: {verdict(ratio_60_31 <= 1.2)});
+full rebuild / 60-day refresh: **{ratio_rebuild:.1f}x** (target at least 20x: {verdict(ratio_rebuild >= 20)}).
+
+### 3. Peak memory of one bucket
+
+{head}
+{chr(10).join(line(f"bucket 0 of {n} (rebuild + snapshot of the build set)", rows[f"bucket_of_{n}"]) for n in (1, 4, 16))}
+"""
+
+
+def main() -> None:
+    """Prepare the data, run every step in its own processes, append the results to BENCHMARKS.md."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "profile-engine-bench")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small sizes, nothing appended to BENCHMARKS.md")
+    parser.add_argument("--step", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else Sizes()
+    if args.step:
+        print(json.dumps(step(args.step, args.work, sizes)))
+        return
+    info = prepare(args.work, sizes)
+    steps = ["duckdb_floor", "full_build", "refresh_31d", "refresh_60d", "rebuild_60d", "bucket_of_4", "bucket_of_16"]
+    rows = {name: measure(name, args.work, sizes, args.runs, args.quick) for name in steps}
+    rows["bucket_of_1"] = rows["full_build"]  # one bucket of one is the full build
+    command = " ".join([".venv/bin/python", "benchmarks/profiles.py", *sys.argv[1:]])
+    text = render(info, rows, command)
+    print(text)
+    if not args.quick:
+        target = ROOT / "BENCHMARKS.md"
+        with target.open("a") as handle:
+            handle.write(text)
+        (args.work / "results.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

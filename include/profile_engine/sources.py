@@ -1,0 +1,640 @@
+"""Sources: column-mapping files that put any event log onto the canonical event.
+
+DESIGN.md §3. A mapping (YAML under ``include/config/sources/``) says how to read a
+source's files (CSV with or without header, delimiter, encoding; Parquet; JSON Lines)
+and how its columns become the canonical columns: column names, event-type names,
+the timestamp format and zone, constants (an order-lines table has only purchases),
+defaults, the ``event_id`` rule when the source has none, and the source's own
+quarantine policy. ``load_mapping`` validates a file on load and names the file, the
+key and the problem. ``source_select`` turns one landing file into a DuckDB query
+that ``ingest`` validates; ``land_for_replay`` splits one large file into landing
+files by event hour, so ``runner.replay`` can process its hours in order.
+
+Values are read as text and never through float, so 19-digit ids survive; the
+original text of every canonical column is kept for the quarantine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from profile_engine import lake as lk
+from profile_engine.config import CONFIG_DIR, Settings
+from profile_engine.hours import format_hour
+from profile_engine.lake import Lake
+from profile_engine.schema import EVENT_COLUMNS, EVENT_TYPES
+
+SOURCES_DIR = CONFIG_DIR / "sources"
+# Mappings given by path are copied here by a replay, so reruns find them by name.
+LAKE_SOURCES_DIR = "_meta/sources"
+CANONICAL = "canonical"
+# Landing files of a mapped source sit in a ``source=<name>`` folder of their arrival partition.
+SOURCE_KEY = "source"
+FORMATS = ("csv", "parquet", "jsonl")
+TS_FORMATS = ("iso", "epoch_s", "epoch_ms")
+REQUIRED = ("event_id", "user_id", "event_type", "item_id", "ts")
+# Columns a replay slice carries besides the source's own: where the row was in the
+# original file and, for lines that could not be parsed, the raw line.
+ROW_COLUMN = "_source_row"
+LINE_COLUMN = "_source_line"
+MAX_LINE_BYTES = 8 << 20
+
+# Reasons decided while reading (ingest names the others).
+MALFORMED_ROW = "malformed_row"
+BAD_TS = "bad_ts"
+TS_WITHOUT_ZONE = "ts_without_zone"
+KNOWN_REASONS = frozenset(
+    {
+        MALFORMED_ROW,
+        BAD_TS,
+        TS_WITHOUT_ZONE,
+        "missing_event_id",
+        "missing_user_id",
+        "missing_item_id",
+        "id_too_long",
+        "unknown_event_type",
+        "bad_price",
+        "negative_price",
+        "bad_quantity",
+        "negative_quantity",
+        "future_ts",
+        "too_late",
+        "duplicate",
+    }
+)
+
+
+class MappingError(ValueError):
+    """A mapping file is invalid; the message names the file, the key and the problem."""
+
+
+class SourceError(RuntimeError):
+    """A landing file cannot be read as its source at all (the batch fails, naming the file)."""
+
+
+@dataclass(frozen=True)
+class Timestamp:
+    """How a source writes event time: ``iso``, ``epoch_s``, ``epoch_ms`` or a strptime pattern."""
+
+    format: str = "iso"
+    timezone: str | None = None  # zone of naive timestamps; None: naive ones are quarantined
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A source's quarantine policy: its own threshold and the reasons expected from it."""
+
+    quarantine_threshold: float | None = None
+    expected_reasons: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """A validated column mapping."""
+
+    name: str
+    fields: dict[str, str]  # canonical column -> source column
+    constants: dict[str, str] = field(default_factory=dict)  # canonical column -> constant text
+    event_types: dict[str, str] = field(default_factory=dict)  # lower-case source name -> canonical
+    timestamp: Timestamp = Timestamp()
+    format: str | None = None  # None: by file extension
+    header: bool = True
+    columns: tuple[str, ...] = ()  # source columns in file order (headerless CSV)
+    delimiter: str = ","
+    encoding: str = "utf-8"
+    policy: Policy = Policy()
+    description: str = ""
+    origin: Path | None = None
+
+    def event_id_from_hash(self) -> bool:
+        """Whether ``event_id`` is derived from the row (the source has none)."""
+        return "event_id" not in self.fields and "event_id" not in self.constants
+
+    def source_columns(self) -> list[str]:
+        """The source columns the mapping reads, in a fixed order (first use wins)."""
+        return list(dict.fromkeys(self.fields.values()))
+
+
+def canonical_mapping() -> Mapping:
+    """The identity mapping of landing files written with canonical column names."""
+    return Mapping(
+        name=CANONICAL,
+        fields={c: c for c in EVENT_COLUMNS},
+        event_types={t: t for t in EVENT_TYPES},
+        description="canonical columns (schema v1); naive timestamps are rejected",
+    )
+
+
+def mapping_names() -> list[str]:
+    """Names of the shipped mappings."""
+    return sorted(p.stem for p in SOURCES_DIR.glob("*.yaml"))
+
+
+def resolve_mapping_path(name_or_path: str, lake_root: Path | None = None) -> Path:
+    """The YAML file of a mapping given by name (lake copy first, then shipped) or by path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
+        if not candidate.is_file():
+            raise MappingError(f"{candidate}: no such mapping file")
+        return candidate
+    for directory in ([lake_root / LAKE_SOURCES_DIR] if lake_root else []) + [SOURCES_DIR]:
+        path = directory / f"{name_or_path}.yaml"
+        if path.is_file():
+            return path
+    raise MappingError(f"no mapping named {name_or_path!r} (shipped: {', '.join(mapping_names())})")
+
+
+def load_mapping(name_or_path: str, lake_root: Path | None = None) -> Mapping:
+    """Load and validate a mapping by name or path; ``canonical`` is the identity mapping."""
+    if name_or_path == CANONICAL:
+        return canonical_mapping()
+    path = resolve_mapping_path(name_or_path, lake_root)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise MappingError(f"{path}: not readable YAML: {error}") from error
+    return parse_mapping(document, origin=path)
+
+
+def parse_mapping(document: Any, *, origin: Path | None = None) -> Mapping:
+    """Validate a mapping document (the parsed YAML); errors name the file, key and problem."""
+    where = str(origin or "<mapping>")
+
+    def fail(key: str, problem: str) -> MappingError:
+        return MappingError(f"{where}: {key}: {problem}")
+
+    if not isinstance(document, dict):
+        raise fail("(top level)", "must be a mapping of keys")
+    allowed = {
+        "name",
+        "description",
+        "format",
+        "header",
+        "columns",
+        "delimiter",
+        "encoding",
+        "fields",
+        "constants",
+        "event_types",
+        "timestamp",
+        "policy",
+    }
+    unknown = sorted(set(document) - allowed)
+    if unknown:
+        raise fail(", ".join(unknown), f"unknown key(s); allowed: {', '.join(sorted(allowed))}")
+    name = document.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name == CANONICAL:
+        raise fail("name", f"must be a lower-case identifier other than {CANONICAL!r}, got {name!r}")
+    fmt = document.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        raise fail("format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    header = document.get("header", True)
+    if not isinstance(header, bool):
+        raise fail("header", f"must be true or false, got {header!r}")
+    columns = document.get("columns") or []
+    if not isinstance(columns, list) or not all(isinstance(c, str) and c for c in columns):
+        raise fail("columns", "must be a list of column names")
+    if not header and not columns:
+        raise fail("columns", "a file without header needs its column names in file order")
+    if len(set(columns)) != len(columns):
+        raise fail("columns", "names must be unique")
+    delimiter = document.get("delimiter", ",")
+    if not isinstance(delimiter, str) or len(delimiter) != 1:
+        raise fail("delimiter", f"must be one character, got {delimiter!r}")
+    encoding = str(document.get("encoding", "utf-8")).lower().replace("_", "-")
+    if encoding not in ("utf-8", "latin-1", "utf-16"):
+        raise fail("encoding", f"must be utf-8, latin-1 or utf-16, got {encoding!r}")
+
+    fields = document.get("fields") or {}
+    constants = {k: str(v) for k, v in (document.get("constants") or {}).items()}
+    if not isinstance(fields, dict):
+        raise fail("fields", "must map canonical columns to source columns")
+    for key in list(fields) + list(constants):
+        if key not in EVENT_COLUMNS:
+            raise fail(f"fields.{key}", f"not a canonical column ({', '.join(EVENT_COLUMNS)})")
+    for key, value in fields.items():
+        if not isinstance(value, str) or not value:
+            raise fail(f"fields.{key}", f"must name a source column, got {value!r}")
+        if columns and value not in columns:
+            raise fail(f"fields.{key}", f"{value!r} is not in columns {columns}")
+    for key in set(fields) & set(constants):
+        raise fail(f"constants.{key}", "is also mapped in fields")
+    for key in REQUIRED:
+        if key not in fields and key not in constants and key != "event_id":
+            raise fail("fields", f"required canonical column {key!r} is not mapped")
+    if "ts" in constants:
+        raise fail("constants.ts", "event time cannot be a constant")
+
+    types = document.get("event_types") or {}
+    if not isinstance(types, dict) or (not types and "event_type" in fields):
+        raise fail("event_types", "must map the source's event names to canonical types")
+    event_types: dict[str, str] = {}
+    for source_name, target in types.items():
+        if target not in EVENT_TYPES:
+            raise fail(f"event_types.{source_name}", f"{target!r} is not one of {', '.join(EVENT_TYPES)}")
+        event_types[str(source_name).strip().lower()] = str(target)
+    if "event_type" in constants:
+        if constants["event_type"] not in EVENT_TYPES:
+            raise fail("constants.event_type", f"{constants['event_type']!r} is not one of {', '.join(EVENT_TYPES)}")
+        event_types.setdefault(constants["event_type"], constants["event_type"])
+
+    ts_doc = document.get("timestamp") or {}
+    if not isinstance(ts_doc, dict):
+        raise fail("timestamp", "must have format and timezone")
+    ts_format = str(ts_doc.get("format", "iso"))
+    if ts_format not in TS_FORMATS and "%" not in ts_format:
+        raise fail("timestamp.format", f"must be {', '.join(TS_FORMATS)} or a strptime pattern, got {ts_format!r}")
+    tz = ts_doc.get("timezone")
+    if tz is not None:
+        try:
+            ZoneInfo(str(tz))
+        except (ZoneInfoNotFoundError, ValueError) as error:
+            raise fail("timestamp.timezone", f"unknown time zone {tz!r}") from error
+
+    policy_doc = document.get("policy") or {}
+    threshold = policy_doc.get("quarantine_threshold")
+    if threshold is not None and not (isinstance(threshold, int | float) and 0 <= threshold <= 1):
+        raise fail("policy.quarantine_threshold", f"must be a share in [0, 1], got {threshold!r}")
+    expected = policy_doc.get("expected_reasons") or []
+    bad = sorted(set(expected) - KNOWN_REASONS)
+    if bad:
+        raise fail("policy.expected_reasons", f"unknown reason(s) {bad}; known: {', '.join(sorted(KNOWN_REASONS))}")
+
+    return Mapping(
+        name=name,
+        fields={str(k): str(v) for k, v in fields.items()},
+        constants=constants,
+        event_types=event_types,
+        timestamp=Timestamp(ts_format, None if tz is None else str(tz)),
+        format=fmt,
+        header=header,
+        columns=tuple(columns),
+        delimiter=delimiter,
+        encoding=encoding,
+        policy=Policy(None if threshold is None else float(threshold), frozenset(expected)),
+        description=str(document.get("description", "")),
+        origin=origin,
+    )
+
+
+def file_format(mapping: Mapping, path: Path) -> str:
+    """``csv``, ``parquet`` or ``jsonl`` of a landing file (replay slices are always Parquet)."""
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if name.endswith((".csv", ".tsv", ".txt")):
+        return "csv"
+    if mapping.format:
+        return mapping.format
+    raise SourceError(f"{path}: unknown file type (expected .parquet, .csv or .jsonl, optionally .gz)")
+
+
+def _q(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _lit(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def source_select(con: Any, mapping: Mapping, path: Path, index: int) -> str:
+    """Load one landing file into DuckDB and return a SELECT of its rows, canonical and typed.
+
+    Columns: the canonical columns as the source's original text, ``event_type_v`` (the
+    canonical type or NULL), ``ts_v`` (TIMESTAMPTZ or NULL), ``ts_problem``
+    (``bad_ts``/``ts_without_zone``), ``source_index``, ``source_row``, ``source_line``
+    (raw text of a line that could not be parsed) and ``malformed``. Raises
+    ``SourceError`` naming the file when it cannot be read at all, lacks a required
+    column or has a column that cannot be read as text.
+    """
+    import duckdb
+
+    table = f"src_{index}"
+    fmt = file_format(mapping, path)
+    quoted = _lit(str(path))
+    rejects: str | None = None
+    if path.stat().st_size == 0:
+        names = list(mapping.columns) or mapping.source_columns()
+        cols = ", ".join(f"CAST(NULL AS VARCHAR) AS {_q(c)}" for c in names)
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT {cols}, CAST(NULL AS BIGINT) AS {ROW_COLUMN}, CAST(NULL AS VARCHAR) AS {LINE_COLUMN} WHERE false"
+        )
+    else:
+        try:
+            if fmt == "parquet":
+                # A view: the file is scanned once, by the validation query, not copied first.
+                scan = f"read_parquet({quoted}, file_row_number=true)"
+                names = [str(r[0]) for r in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()]
+                row = "" if ROW_COLUMN in names else f", file_row_number + 1 AS {ROW_COLUMN}"
+                con.execute(
+                    f"CREATE OR REPLACE TEMP VIEW {table} AS SELECT * EXCLUDE (file_row_number){row} FROM {scan}"
+                )
+            elif fmt == "csv":
+                rejects = f"rej_{index}"
+                options = [
+                    "all_varchar=true",
+                    f"header={'true' if mapping.header else 'false'}",
+                    f"delim={_lit(mapping.delimiter)}",
+                    "quote='\"'",
+                    "escape='\"'",
+                    f"encoding={_lit(mapping.encoding)}",
+                    "store_rejects=true",
+                    f"rejects_table={_lit(rejects)}",
+                    f"rejects_scan={_lit('scan_' + str(index))}",
+                    f"max_line_size={MAX_LINE_BYTES}",
+                ]
+                names = list(mapping.columns) if not mapping.header else _csv_header(path, mapping)
+                options.append("auto_detect=false")
+                options.append("columns={" + ", ".join(f"{_lit(c)}: 'VARCHAR'" for c in names) + "}")
+                con.execute(
+                    f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT *, row_number() OVER () AS {ROW_COLUMN} "
+                    f"FROM read_csv({quoted}, {', '.join(options)})"
+                )
+            else:
+                names = mapping.source_columns()
+                extracted = ", ".join(
+                    f"CASE WHEN ok THEN json_extract_string(line, {_lit('$.' + _q(c))}) END AS {_q(c)}" for c in names
+                )
+                con.execute(
+                    f"""CREATE OR REPLACE TEMP TABLE {table} AS
+                    SELECT {extracted}, n AS {ROW_COLUMN},
+                           CASE WHEN NOT ok THEN line END AS {LINE_COLUMN}
+                    FROM (SELECT line, row_number() OVER () AS n,
+                                 coalesce(CASE WHEN json_valid(line) THEN json_type(line) = 'OBJECT' END, false) AS ok
+                          FROM read_csv({quoted}, columns={{'line': 'VARCHAR'}}, header=false, delim=chr(0),
+                                        quote='', escape='', auto_detect=false, max_line_size={MAX_LINE_BYTES})
+                          WHERE trim(line) <> '')"""
+                )
+        except duckdb.Error as error:
+            raise SourceError(f"{path}: cannot be read as {fmt} of source {mapping.name!r}: {error}") from error
+
+    described = con.execute(f"DESCRIBE {table}").fetchall()
+    types = {str(row[0]): str(row[1]).upper() for row in described}
+    missing = [
+        f"{c} ({canon})"
+        for canon, c in mapping.fields.items()
+        if c not in types and (canon in REQUIRED or mapping.name != CANONICAL)
+    ]
+    if missing:
+        raise SourceError(f"{path}: missing required column(s) {', '.join(missing)} for source {mapping.name!r}")
+    for column in mapping.source_columns():
+        kind = types.get(column)
+        if kind is not None and (kind.endswith("[]") or kind.startswith(("STRUCT", "MAP", "UNION", "BLOB"))):
+            raise SourceError(f"{path}: column {column!r} has type {kind}, which cannot be mapped to text")
+
+    def raw(canonical: str) -> str:
+        if canonical in mapping.constants:
+            return _lit(mapping.constants[canonical])
+        column = mapping.fields.get(canonical)
+        if column is None or column not in types:
+            return "CAST(NULL AS VARCHAR)"
+        return f"CAST({_q(column)} AS VARCHAR)"
+
+    ts_col = mapping.fields.get("ts")
+    ts_v, ts_problem = _ts_sql(mapping, raw("ts"), types.get(ts_col or "", "VARCHAR"), _q(ts_col or ""))
+    event_type_v = (
+        "CASE lower(trim("
+        + raw("event_type")
+        + ")) "
+        + " ".join(f"WHEN {_lit(k)} THEN {_lit(v)}" for k, v in sorted(mapping.event_types.items()))
+        + " END"
+    )
+    present = [c for c in mapping.source_columns() if c in types]
+    if mapping.event_id_from_hash():
+        values = ", ".join(f"coalesce(CAST({_q(c)} AS VARCHAR), chr(0))" for c in present)
+        occurrence = f"row_number() OVER (PARTITION BY {', '.join(_q(c) for c in present)} ORDER BY {ROW_COLUMN})"
+        event_id = f"md5(concat_ws(chr(31), {_lit(mapping.name)}, {values}, CAST({occurrence} AS VARCHAR)))"
+    else:
+        event_id = raw("event_id")
+    line = _q(LINE_COLUMN) if LINE_COLUMN in types else "CAST(NULL AS VARCHAR)"
+    canon = ", ".join(f"{event_id if c == 'event_id' else raw(c)} AS {c}" for c in EVENT_COLUMNS)
+    parsed = (
+        f"SELECT {canon}, {event_type_v} AS event_type_v, {ts_v} AS ts_v, {ts_problem} AS ts_problem, "
+        f"{index} AS source_index, CAST({ROW_COLUMN} AS BIGINT) AS source_row, {line} AS source_line, "
+        f"{line} IS NOT NULL AS malformed FROM {table}"
+    )
+    if rejects is None:
+        return parsed
+    nulls = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in EVENT_COLUMNS)
+    return (
+        f"{parsed} UNION ALL SELECT {nulls}, CAST(NULL AS VARCHAR), CAST(NULL AS TIMESTAMPTZ), CAST(NULL AS VARCHAR), "
+        f"{index}, CAST(line AS BIGINT), CAST(any_value(csv_line) AS VARCHAR), true FROM {rejects} GROUP BY line"
+    )
+
+
+def _csv_header(path: Path, mapping: Mapping) -> list[str]:
+    """Column names from a CSV file's header line (BOM removed), read without DuckDB's sniffer.
+
+    The sniffer gives up on files with one broken quote; with the names given, DuckDB
+    reads every other line and hands the broken ones to the rejects table.
+    """
+    import csv
+    import gzip
+    import io
+
+    try:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rb") as handle:
+            first = handle.readline(MAX_LINE_BYTES)
+    except (OSError, EOFError) as error:
+        raise SourceError(f"{path}: cannot be read: {error}") from error
+    text = first.decode("latin-1" if mapping.encoding == "latin-1" else "utf-8", errors="replace").lstrip("\ufeff")
+    names = next(csv.reader(io.StringIO(text), delimiter=mapping.delimiter), [])
+    names = [n.strip() for n in names]
+    if not names or len(set(names)) != len(names) or not all(names):
+        raise SourceError(f"{path}: header line {text.strip()!r} does not name unique columns")
+    return names
+
+
+_ZONED = r"\d:\d\d(:\d\d(\.\d+)?)?\s*([Zz]|[+-]\d\d(:?\d\d)?|[A-Za-z][A-Za-z_/+0-9-]*)$"
+
+
+def _ts_sql(mapping: Mapping, text: str, kind: str, column: str) -> tuple[str, str]:
+    """(TIMESTAMPTZ expression, problem expression) for the source's event time."""
+    tz = mapping.timestamp.timezone
+    fmt = mapping.timestamp.format
+    if kind.startswith("TIMESTAMP WITH TIME ZONE"):
+        return column, f"CASE WHEN {column} IS NULL THEN '{BAD_TS}' END"
+    if kind.startswith("TIMESTAMP") and fmt == "iso":
+        if tz is None:
+            return (
+                "CAST(NULL AS TIMESTAMPTZ)",
+                f"CASE WHEN {column} IS NULL THEN '{BAD_TS}' ELSE '{TS_WITHOUT_ZONE}' END",
+            )
+        return f"timezone({_lit(tz)}, {column})", f"CASE WHEN {column} IS NULL THEN '{BAD_TS}' END"
+    if fmt == "epoch_s":
+        value = f"TRY_CAST({text} AS DOUBLE)"
+        ts = f"CASE WHEN abs({value}) < 1e11 THEN to_timestamp({value}) END"
+    elif fmt == "epoch_ms":
+        value = f"TRY_CAST({text} AS BIGINT)"
+        ts = f"CASE WHEN abs({value}) < 1e14 THEN timezone('UTC', epoch_ms({value})) END"
+    else:
+        naive = f"TRY_CAST({text} AS TIMESTAMP)" if fmt == "iso" else f"try_strptime({text}, {_lit(fmt)})"
+        zoned = f"regexp_matches(trim({text}), {_lit(_ZONED)})"
+        if "%z" in fmt or "%Z" in fmt:
+            ts = f"CAST({naive} AS TIMESTAMPTZ)"
+        elif tz is not None:
+            ts = f"CASE WHEN {zoned} THEN TRY_CAST(trim({text}) AS TIMESTAMPTZ) ELSE timezone({_lit(tz)}, {naive}) END"
+        else:
+            ts = f"CASE WHEN {zoned} THEN TRY_CAST(trim({text}) AS TIMESTAMPTZ) END"
+            problem = (
+                f"CASE WHEN ({ts}) IS NOT NULL THEN NULL WHEN {naive} IS NOT NULL AND NOT {zoned} "
+                f"THEN '{TS_WITHOUT_ZONE}' ELSE '{BAD_TS}' END"
+            )
+            return ts, problem
+    return ts, f"CASE WHEN ({ts}) IS NULL THEN '{BAD_TS}' END"
+
+
+# ---- replay: one large file -> landing files by event hour -------------------------
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What ``land_for_replay`` wrote: the hours to process and where the rows went."""
+
+    source: str
+    file: str
+    first: datetime
+    last: datetime
+    rows: int
+    files: int
+    rows_per_hour: dict[str, int]
+    outliers_before: int  # ts far before the main range: landed in the first hour
+    outliers_after: int  # ts far after it: landed in the last hour
+    without_ts: int  # unreadable ts or malformed line: landed in the first hour
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "source": self.source,
+            "file": self.file,
+            "first_hour": format_hour(self.first),
+            "last_hour": format_hour(self.last),
+            "hours": len(self.rows_per_hour),
+            "rows": self.rows,
+            "files": self.files,
+            "outliers_before": self.outliers_before,
+            "outliers_after": self.outliers_after,
+            "without_ts": self.without_ts,
+        }
+
+
+def main_range(hour_counts: dict[datetime, int], max_gap_hours: int) -> tuple[datetime, datetime]:
+    """The contiguous hours around the median event: hours separated by more than ``max_gap_hours`` empty hours are outliers.
+
+    A stray timestamp years away neither stretches the replay over thousands of
+    empty hours nor disappears: its rows go to the nearest end of the range.
+    """
+    if not hour_counts:
+        raise ValueError("no event has a readable timestamp")
+    hours = sorted(hour_counts)
+    total = sum(hour_counts.values())
+    seen = 0
+    median = hours[-1]
+    for hour in hours:
+        seen += hour_counts[hour]
+        if 2 * seen >= total:
+            median = hour
+            break
+    position = hours.index(median)
+    gap = timedelta(hours=max_gap_hours + 1)
+    low = position
+    while low > 0 and hours[low] - hours[low - 1] <= gap:
+        low -= 1
+    high = position
+    while high < len(hours) - 1 and hours[high + 1] - hours[high] <= gap:
+        high += 1
+    return hours[low], hours[high]
+
+
+def land_for_replay(settings: Settings, file: Path, mapping: Mapping) -> ReplayPlan:
+    """Split ``file`` of source ``mapping`` into landing files, one per event hour.
+
+    Each hour H of the main range gets ``landing/events/dt=/hour=H/source=<name>/<file>-<digest>.parquet``
+    holding the source's own columns as text (plus the original row number and, for
+    unparseable lines, the raw line), so validation applies the same mapping and
+    quarantines the original values. Rows outside the main range or without a
+    readable time land in the first or last hour and are validated there (quarantined
+    as too_late / future_ts / bad_ts, and counted). The same file replayed again
+    lands the same files under the same names.
+    """
+    import duckdb
+
+    lake = Lake(settings.lake)
+    if mapping.origin is not None and mapping.origin.parent != SOURCES_DIR:
+        target = lake.path(LAKE_SOURCES_DIR, f"{mapping.name}.yaml")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(mapping.origin, target)
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", file.name.split(".")[0])
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        select = source_select(con, mapping, file, 0)
+        con.execute(
+            f"CREATE TEMP TABLE mapped AS SELECT source_row, source_line, date_trunc('hour', ts_v) AS h FROM ({select})"
+        )
+        counts = {
+            row[0].astimezone(UTC): int(row[1])
+            for row in con.execute("SELECT h, count(*) FROM mapped WHERE h IS NOT NULL GROUP BY h").fetchall()
+        }
+        first, last = main_range(counts, settings.lateness_hours)
+        con.execute(
+            "CREATE TEMP TABLE placed AS SELECT source_row, source_line, "
+            "CASE WHEN h IS NULL OR h < $first THEN $first WHEN h > $last THEN $last ELSE h END AS landing_hour, "
+            "h IS NULL AS no_ts, h < $first AS before, h > $last AS after FROM mapped",
+            {"first": first, "last": last},
+        )
+        stats = con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE before), count(*) FILTER (WHERE after), count(*) FILTER (WHERE no_ts) FROM placed"
+        ).fetchall()[0]
+        columns = [c for c in (list(mapping.columns) or mapping.source_columns())]
+        described = {str(r[0]) for r in con.execute("DESCRIBE src_0").fetchall()}
+        keep = ", ".join(f"CAST(s.{_q(c)} AS VARCHAR) AS {_q(c)}" for c in columns if c in described)
+        per_hour: dict[str, int] = {}
+        hours = [
+            r[0].astimezone(UTC) for r in con.execute("SELECT DISTINCT landing_hour FROM placed ORDER BY 1").fetchall()
+        ]
+        for hour in hours:
+            directory = lake.partition(lk.LANDING, hour) / f"{SOURCE_KEY}={mapping.name}"
+            directory.mkdir(parents=True, exist_ok=True)
+            target = directory / f"{stem}-{digest}.parquet"
+            tmp = lake.tmp_dir() / target.name
+            con.execute(
+                f"""COPY (
+                    SELECT {keep + ", " if keep else ""}p.source_row AS {ROW_COLUMN}, p.source_line AS {LINE_COLUMN}
+                    FROM placed p LEFT JOIN src_0 s ON s.{ROW_COLUMN} = p.source_row AND p.source_line IS NULL
+                    WHERE p.landing_hour = $hour ORDER BY p.source_row
+                ) TO {_lit(str(tmp))} (FORMAT parquet, COMPRESSION zstd)""",
+                {"hour": hour},
+            )
+            tmp.replace(target)
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+            per_hour[format_hour(hour)] = int(
+                con.execute("SELECT count(*) FROM placed WHERE landing_hour = $hour", {"hour": hour}).fetchall()[0][0]
+            )
+    finally:
+        con.close()
+    return ReplayPlan(
+        source=mapping.name,
+        file=str(file),
+        first=first,
+        last=last,
+        rows=int(stats[0]),
+        files=len(per_hour),
+        rows_per_hour=per_hour,
+        outliers_before=int(stats[1]),
+        outliers_after=int(stats[2]),
+        without_ts=int(stats[3]),
+    )

@@ -1,0 +1,57 @@
+"""The run report: stage statuses from summaries and Airflow task states."""
+
+from __future__ import annotations
+
+from profile_engine import report
+from tests.conftest import HOUR0
+
+DONE = {name: {"status": "ok"} for name in report.STAGES}
+
+
+def test_mapped_task_states_reduce_to_the_worst_instance() -> None:
+    states = report.stage_states(
+        {
+            "build_profiles_0": "success",
+            "build_profiles_1": "failed",
+            "score_profiles_0": "upstream_failed",
+            "train_challenger": "skipped",
+            "extract_events": "success",
+            "write_run_report": "running",
+        }
+    )
+
+    assert states == {
+        "build_profiles": "failed",
+        "score_profiles": "upstream_failed",
+        "train_challenger": "skipped",
+        "extract_events": "success",
+    }
+
+
+def test_skipped_training_is_not_a_failure() -> None:
+    summaries = {**DONE, "train_challenger": None, "evaluate_and_promote": None}
+
+    doc = report.build_report(
+        HOUR0, summaries, run_id="r", states={"train_challenger": "skipped", "evaluate_and_promote": "skipped"}
+    )
+
+    assert doc["status"] == "success"
+    assert doc["stages"]["train_challenger"]["status"] == "skipped"
+
+
+def test_a_stage_without_summary_or_state_is_incomplete() -> None:
+    summaries = {**DONE, "publish_segments": None}
+
+    doc = report.build_report(HOUR0, summaries, run_id="r", states={"publish_segments": "failed"})
+    unknown = report.build_report(HOUR0, summaries, run_id="r")
+
+    assert (doc["status"], doc["incomplete_stages"]) == ("failed", ["publish_segments"])
+    assert unknown["stages"]["publish_segments"]["status"] == "not completed"
+
+
+def test_html_escapes_values() -> None:
+    doc = report.build_report(HOUR0, {**DONE, "publish_segments": {"status": "<b>x</b>"}}, run_id="<r>")
+
+    page = report.render_html(doc)
+
+    assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page and "&lt;r&gt;" in page

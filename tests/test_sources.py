@@ -1,0 +1,335 @@
+"""Mappings, the bad-input corpus, and replays of each shipped mapping's public layout."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
+
+from profile_engine import ingest, runner, sources
+from profile_engine import lake as lk
+from profile_engine.config import Settings
+from profile_engine.hours import HOUR
+from profile_engine.lake import Lake
+from tests.conftest import HOUR0
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CORPUS = FIXTURES / "corpus"
+CASES: dict[str, dict[str, Any]] = yaml.safe_load((CORPUS / "cases.yaml").read_text())
+
+
+def land_copy(settings: Settings, file: Path, relative: str, arrival: datetime = HOUR0) -> Path:
+    """Copy ``file`` into the arrival partition under ``relative`` (which may start with source=NAME/)."""
+    target = Lake(settings.lake).partition(lk.LANDING, arrival) / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(file, target)
+    return target
+
+
+def ingest_hour(settings: Settings, hour: datetime = HOUR0) -> dict[str, Any]:
+    ingest.extract_events(settings, hour)
+    return ingest.validate_events(settings, hour, quality_suite=False)
+
+
+@pytest.fixture
+def lenient(settings: Settings) -> Settings:
+    """The policy never fails the hour: the corpus checks reasons, not the threshold."""
+    return replace(settings, quarantine_threshold=1.0, lateness_hours=24)
+
+
+# ---- the corpus -----------------------------------------------------------------------
+
+
+def test_corpus_has_at_least_25_kinds() -> None:
+    assert len(CASES) >= 25
+    on_disk = {p.relative_to(CORPUS / "files").as_posix() for p in (CORPUS / "files").rglob("*") if p.is_file()}
+    assert set(CASES) == on_disk
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_corpus_file_ends_as_listed(lenient: Settings, name: str) -> None:
+    # Arrange
+    expected = CASES[name]
+    land_copy(lenient, CORPUS / "files" / name, name)
+    ingest.extract_events(lenient, HOUR0)
+    lake = Lake(lenient.lake)
+
+    # Act / Assert
+    if "error" in expected:
+        with pytest.raises(sources.SourceError, match=expected["error"]) as raised:
+            ingest.validate_events(lenient, HOUR0, quality_suite=False)
+        assert Path(name).name in str(raised.value)
+        assert not lake.committed(lk.QUARANTINE, HOUR0)  # nothing of the hour is written half
+        assert not lake.committed(lk.STAGING, HOUR0, 0)
+        return
+    summary = ingest.validate_events(lenient, HOUR0, quality_suite=False)
+    assert summary["staged"] == expected["staged"]
+    assert summary["reasons"] == expected["reasons"]
+    assert summary["read"] == summary["staged"] + summary["quarantined"] + summary["erased"]
+    quarantined = lake.read(lk.QUARANTINE, HOUR0)
+    assert quarantined.num_rows == summary["quarantined"]
+    assert lake.read(lk.STAGING, HOUR0).num_rows == summary["staged"]
+
+
+def test_quarantine_keeps_original_values_and_raw_lines(lenient: Settings) -> None:
+    land_copy(lenient, CORPUS / "files" / "nan_price.csv", "a.csv")
+    land_copy(lenient, CORPUS / "files" / "malformed_line.csv", "b.csv")
+
+    ingest_hour(lenient)
+
+    rows = Lake(lenient.lake).read(lk.QUARANTINE, HOUR0).to_pylist()
+    by_file = {r["source_file"].rsplit("/", 1)[1]: r for r in rows}
+    assert by_file["a.csv"]["price"] == "NaN" and by_file["a.csv"]["reasons"] == "bad_price"
+    assert by_file["b.csv"]["source_line"] == "bad1,u1,view"
+    assert by_file["b.csv"]["reasons"] == "malformed_row"
+
+
+def test_nineteen_digit_ids_survive_exactly(lenient: Settings) -> None:
+    land_copy(lenient, CORPUS / "files" / "id_19_digits.csv", "a.csv")
+    land_copy(lenient, CORPUS / "files" / "json_19_digit_number.jsonl", "b.jsonl")
+
+    ingest_hour(lenient)
+
+    lake = Lake(lenient.lake)
+    staged = lake.read(lk.STAGING, HOUR0).column("user_id").to_pylist()
+    quarantined = lake.read(lk.QUARANTINE, HOUR0).column("user_id").to_pylist()  # same event id "ok1": a duplicate
+    assert staged == quarantined == ["1234567890123456789"]
+
+
+def test_declared_latin1_encoding_reads_the_bytes(lenient: Settings) -> None:
+    mapping_dir = Lake(lenient.lake).path(sources.LAKE_SOURCES_DIR)
+    mapping_dir.mkdir(parents=True)
+    shutil.copyfile(CORPUS / "latin1_source.yaml", mapping_dir / "corpus_latin1.yaml")
+    land_copy(lenient, CORPUS / "files" / "latin1_bytes.csv", "source=corpus_latin1/a.csv")
+
+    summary = ingest_hour(lenient)
+
+    assert (summary["staged"], summary["quarantined"]) == (2, 0)
+    assert "Jos\u00e9" in Lake(lenient.lake).read(lk.STAGING, HOUR0).column("user_id").to_pylist()
+
+
+def test_duplicate_across_hours_is_quarantined_and_a_rerun_keeps_its_rows(lenient: Settings) -> None:
+    land_copy(lenient, CORPUS / "files" / "gzip.csv.gz", "a.csv.gz")
+    land_copy(lenient, CORPUS / "files" / "gzip.csv.gz", "a-again.csv.gz", arrival=HOUR0 + HOUR)
+    first = ingest_hour(lenient)
+
+    second = ingest_hour(lenient, HOUR0 + HOUR)
+    rerun = ingest_hour(lenient)
+
+    assert first["staged"] == rerun["staged"] == 2
+    assert (second["staged"], second["reasons"]) == (0, {"duplicate": 2})
+
+
+def test_resent_file_without_event_ids_yields_the_same_ids(lenient: Settings) -> None:
+    file = CORPUS / "files" / "source=taobao" / "exact_duplicate_rows.csv"
+    land_copy(lenient, file, "source=taobao/a.csv")
+    land_copy(lenient, file, "source=taobao/a-resent.csv")
+
+    summary = ingest_hour(lenient)
+
+    # Identical rows inside one file are two events; the re-sent copy repeats both ids.
+    assert (summary["staged"], summary["reasons"]) == (2, {"duplicate": 2})
+
+
+def test_file_changed_after_ingestion_is_reported_and_a_rerun_fails(lenient: Settings) -> None:
+    path = land_copy(lenient, CORPUS / "files" / "utf8_bom.csv", "a.csv")
+    ingest_hour(lenient)
+    path.write_text(path.read_text(encoding="utf-8-sig") + "extra,u9,view,i1,c1,1,1,,2026-11-02 10:06:00+00,s\n")
+
+    later = ingest.extract_events(lenient, HOUR0 + HOUR)
+
+    assert later["changed_after_ingestion"] == [str(path.relative_to(lenient.lake))]
+    assert later["files"] == 0
+    with pytest.raises(ingest.LedgerError, match="changed since"):
+        ingest.extract_events(lenient, HOUR0)
+
+
+# ---- policy ---------------------------------------------------------------------------
+
+
+def _canonical_rows(n_ok: int, n_bad: int) -> str:
+    header = "event_id,user_id,event_type,item_id,ts"
+    ok = [f"ok{i},u{i},view,i1,2026-11-02 10:05:00+00" for i in range(n_ok)]
+    bad = [f"bad{i},,view,i1,2026-11-02 10:05:00+00" for i in range(n_bad)]
+    return "\n".join([header, *ok, *bad]) + "\n"
+
+
+def test_threshold_fails_after_writing_only_above_the_minimum_rows(settings: Settings, tmp_path: Path) -> None:
+    settings = replace(settings, quarantine_threshold=0.05, quarantine_min_rows=100)
+    file = tmp_path / "f.csv"
+    file.write_text(_canonical_rows(90, 10))
+    land_copy(settings, file, "a.csv")
+    ingest.extract_events(settings, HOUR0)
+
+    with pytest.raises(ingest.QuarantineThresholdExceeded, match="10 of 100 rows") as raised:
+        ingest.validate_events(settings, HOUR0, quality_suite=False)
+
+    assert raised.value.summary["threshold_breaches"] == ["canonical"]
+    assert Lake(settings.lake).committed(lk.QUARANTINE, HOUR0)
+
+
+def test_quiet_hour_below_minimum_rows_does_not_fail(settings: Settings, tmp_path: Path) -> None:
+    settings = replace(settings, quarantine_threshold=0.05, quarantine_min_rows=1000)
+    file = tmp_path / "f.csv"
+    file.write_text(_canonical_rows(5, 5))
+    land_copy(settings, file, "a.csv")
+
+    summary = ingest_hour(settings)
+
+    assert summary["threshold_breaches"] == []
+    assert summary["sources"]["canonical"]["threshold_applies"] is False
+
+
+def test_reasons_a_mapping_expects_do_not_count(settings: Settings, tmp_path: Path) -> None:
+    settings = replace(settings, quarantine_threshold=0.05, quarantine_min_rows=1, lateness_hours=24)
+    lines = ["Invoice,StockCode,Description,Quantity,InvoiceDate,Price,Customer ID,Country"]
+    lines += [f"C{i},85048,X,-1,2026-11-02 10:05:00,1.0,13085,UK" for i in range(5)]
+    lines += [f"{i},85048,X,2,2026-11-02 10:05:00,1.0,13085,UK" for i in range(5)]
+    file = tmp_path / "orders.csv"
+    file.write_text("\n".join(lines) + "\n")
+    land_copy(settings, file, "source=order_lines/orders.csv")
+
+    summary = ingest_hour(settings)
+
+    assert summary["sources"]["order_lines"]["quarantined"] == 5
+    assert summary["sources"]["order_lines"]["defective"] == 0
+    assert summary["threshold_breaches"] == []
+
+
+def test_empty_hour_is_valid(settings: Settings) -> None:
+    summary = ingest_hour(settings)
+
+    assert (summary["read"], summary["staged"], summary["quarantined"]) == (0, 0, 0)
+
+
+# ---- mappings -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["taobao", "retailrocket", "rees46", "order_lines"])
+def test_shipped_mappings_load(name: str) -> None:
+    mapping = sources.load_mapping(name)
+
+    assert mapping.name == name
+    assert set(sources.REQUIRED) - {"event_id"} <= set(mapping.fields) | set(mapping.constants)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"name": "Bad Name"}, "name: must be a lower-case identifier"),
+        ({"fields": {"user_id": "u", "item_id": "i", "event_type": "e"}}, "required canonical column 'ts'"),
+        ({"fields": {"colour": "c"}}, "fields.colour: not a canonical column"),
+        ({"event_types": {"pv": "pageview"}}, "event_types.pv: 'pageview' is not one of"),
+        ({"timestamp": {"format": "julian"}}, "timestamp.format"),
+        ({"timestamp": {"format": "iso", "timezone": "Mars/Olympus"}}, "unknown time zone"),
+        ({"header": False}, "columns: a file without header"),
+        ({"policy": {"expected_reasons": ["sunspots"]}}, "policy.expected_reasons: unknown reason"),
+        ({"policy": {"quarantine_threshold": 5}}, r"policy.quarantine_threshold: must be a share"),
+        ({"colour": "red"}, "colour: unknown key"),
+    ],
+)
+def test_invalid_mapping_names_file_key_and_problem(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    document = yaml.safe_load((sources.SOURCES_DIR / "retailrocket.yaml").read_text())
+    document.update(change)
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(document))
+
+    with pytest.raises(sources.MappingError, match=message) as raised:
+        sources.load_mapping(str(path))
+
+    assert str(path) in str(raised.value)
+
+
+def test_unknown_mapping_name_lists_the_shipped_ones() -> None:
+    with pytest.raises(sources.MappingError, match="retailrocket"):
+        sources.load_mapping("nosuchsource")
+
+
+@given(
+    core=st.lists(st.integers(min_value=0, max_value=200), min_size=1, max_size=40),
+    outliers=st.lists(st.integers(min_value=10_000, max_value=500_000), max_size=3),
+    gap=st.integers(min_value=0, max_value=24),
+)
+@hyp_settings(max_examples=60, deadline=None)
+def test_main_range_never_spans_far_outliers(core: list[int], outliers: list[int], gap: int) -> None:
+    base = datetime(2020, 1, 1, tzinfo=UTC)
+    counts: dict[datetime, int] = {}
+    for offset in core * 5:  # the core holds most rows, so the median is in it
+        counts[base + timedelta(hours=offset)] = counts.get(base + timedelta(hours=offset), 0) + 1
+    for offset in outliers:
+        counts[base + timedelta(hours=offset)] = counts.get(base + timedelta(hours=offset), 0) + 1
+
+    first, last = sources.main_range(counts, gap)
+
+    assert base <= first <= last <= base + timedelta(hours=200)
+    inside = [h for h in counts if first <= h <= last]
+    assert sorted(inside) == [h for h in sorted(counts) if first <= h <= last]
+    assert all(b - a <= timedelta(hours=gap + 1) for a, b in zip(sorted(inside), sorted(inside)[1:], strict=False))
+
+
+# ---- replay of each public layout -----------------------------------------------------
+
+REPLAYS = {
+    # mapping: (fixture, first hour, last hour, read, staged, reasons)
+    "taobao": ("taobao_UserBehavior.csv", "2017-11-25T10", "2017-11-25T11", 8, 7, {"too_late": 1}),
+    "retailrocket": ("retailrocket_events.csv", "2015-06-02T05", "2015-06-02T06", 4, 4, {}),
+    "rees46": ("rees46_2019-Oct.csv", "2019-10-01T00", "2019-10-01T01", 6, 6, {}),
+    "order_lines": (
+        "order_lines_online_retail_II.csv",
+        "2009-12-01T07",
+        "2009-12-01T08",
+        5,
+        3,
+        {"missing_user_id": 1, "negative_quantity": 2},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPLAYS))
+def test_each_mapping_replays_its_fixture(settings: Settings, name: str) -> None:
+    fixture, first, last, read, staged, reasons = REPLAYS[name]
+    settings = replace(settings, start=None, lateness_hours=24)
+
+    summary = runner.replay(settings, FIXTURES / "sources" / fixture, name, quality_suite=False)
+
+    assert (summary["first_hour"][:13], summary["last_hour"][:13]) == (first, last)
+    assert (summary["read"], summary["staged"], summary["reasons"]) == (read, staged, reasons)
+    assert summary["read"] == summary["rows"] == summary["staged"] + summary["quarantined"] + summary["erased"]
+    assert summary["snapshots"] == [summary["last_hour"]]
+    assert Lake(settings.lake).committed(lk.PROFILES, datetime.fromisoformat(summary["last_hour"]))
+
+
+def test_replay_puts_outliers_at_the_ends_and_counts_them(settings: Settings) -> None:
+    settings = replace(settings, start=None, lateness_hours=24)
+
+    summary = runner.replay(settings, FIXTURES / "sources" / "taobao_UserBehavior.csv", "taobao", quality_suite=False)
+
+    assert (summary["hours"], summary["outliers_before"], summary["outliers_after"]) == (2, 1, 0)
+
+
+def test_replay_maps_types_ids_and_zones(settings: Settings) -> None:
+    settings = replace(settings, start=None, lateness_hours=24)
+
+    runner.replay(settings, FIXTURES / "sources" / "order_lines_online_retail_II.csv", "order_lines")
+    runner.replay(settings, FIXTURES / "sources" / "rees46_2019-Oct.csv", "rees46", quality_suite=False)
+
+    lake = Lake(settings.lake)
+    orders = lake.read(lk.STAGING, datetime(2009, 12, 1, 7, tzinfo=UTC)).sort_by("item_id").to_pylist()
+    assert [(r["order_id"], r["quantity"], r["price"], r["event_type"]) for r in orders] == [
+        ("489434", 12, 6.75, "purchase"),
+        ("489434", 12, 6.95, "purchase"),
+    ]
+    assert orders[0]["ts"] == datetime(2009, 12, 1, 7, 45, tzinfo=UTC)  # London is UTC in December
+    assert lake.path("quality/docs/dt=2009-12-01/hour=07/index.html").is_file()
+    rees = lake.read(lk.STAGING, datetime(2019, 10, 1, 0, tzinfo=UTC))
+    assert set(rees.column("event_type").to_pylist()) == {"view", "cart", "remove_cart"}
+    assert "2103807459595387724" in rees.column("category_id").to_pylist()
+    assert len(set(rees.column("event_id").to_pylist())) == rees.num_rows == 5
