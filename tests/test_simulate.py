@@ -117,7 +117,7 @@ def test_same_seed_gives_identical_rows_and_another_seed_does_not() -> None:
 
 def test_hour_by_hour_writes_the_same_files_and_truth_as_one_range(tmp_path: Path) -> None:
     whole, single = Lake(tmp_path / "whole"), Lake(tmp_path / "single")
-    last = FIRST + timedelta(hours=23)
+    last = FIRST + timedelta(hours=47)
 
     summary = simulate(whole, FIRST, last, users=300, seed=SEED, origin=ORIGIN)
     parts = [simulate(single, h, h, users=300, seed=SEED, origin=ORIGIN) for h in hour_range(FIRST, last)]
@@ -314,7 +314,7 @@ def test_late_too_late_and_resent_files_land_where_the_truth_says(
         elif planned["kind"] == LATE_FILE:
             assert 1 <= lag <= 3
         elif planned["kind"] == TOO_LATE_FILE:
-            assert lag > 12
+            assert lag > 24
         else:
             assert planned["kind"] == RESENT_FILE and planned["original"]
     assert kinds[ON_TIME] > 5 * sum(kinds[k] for k in FILE_DEFECT_KINDS)  # a small share

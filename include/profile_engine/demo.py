@@ -24,7 +24,7 @@ from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range
 from profile_engine.lake import Lake, read_json, write_json
 
 DEMO_MARKER = "_meta/demo.json"
-# Labels of a snapshot are final after horizon + lateness (24 h + 6 h). The warm-up
+# Labels of a snapshot are final after horizon + lateness (24 h + the 24 h lateness window). The warm-up
 # commits a snapshot every day, so the first retraining in the window already has a
 # final evaluation snapshot and 30 older training snapshots; retraining every 12 h
 # gives four trainings in the default 48 h window. A 6 h horizon was tried first: with

@@ -27,7 +27,7 @@ sessions started in ``h-2``, ``h-1`` and ``h``. Caches inside one call only avoi
 recomputing; they never change a result.
 
 Landing is keyed by arrival. With ``defects=True`` (the default) a small share of files
-arrives 1-3 hours late, very rarely 13-20 hours late (beyond the lateness window),
+arrives 1-3 hours late, very rarely 30-40 hours late (beyond the default 24 h lateness window),
 producers re-send identical copies under another name, and 0.1-0.5 % of the rows of an
 hour are malformed (empty user_id or item_id, event type ``click``, negative price,
 quantity 0, ts a day ahead), all still of the canonical Arrow types.
@@ -162,7 +162,7 @@ _TOO_LATE_RATE = 0.004
 _RESEND_RATE = 0.02
 _MALFORMED_RATE = (0.001, 0.005)
 _LATE_HOURS = (1, 3)
-_TOO_LATE_HOURS = (13, 20)
+_TOO_LATE_HOURS = (30, 40)  # beyond the default 24 h lateness window
 _RESEND_HOURS = (0, 2)
 _MAX_ARRIVAL_LAG = _TOO_LATE_HOURS[1] + _RESEND_HOURS[1]
 
