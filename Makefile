@@ -15,7 +15,7 @@ USERS ?= 2000
 HISTORY_DAYS ?= 30
 HOURS ?= 48
 
-.PHONY: install demo test lint fmt ui clean constraints replay
+.PHONY: install demo test lint fmt ui clean constraints replay bench
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ ui: install
 replay: install
 	@test -n "$(FILE)" -a -n "$(MAPPING)" || { echo "usage: make replay FILE=... MAPPING=..."; exit 2; }
 	$(BIN)/python -m profile_engine replay --file "$(FILE)" --mapping "$(MAPPING)"
+
+# Benchmarks append their results to BENCHMARKS.md (one script per line; more are added here).
+bench: install
+	$(BIN)/python benchmarks/profiles.py
 
 # Re-pin the full dependency set from a fresh resolution of requirements.txt.
 constraints:

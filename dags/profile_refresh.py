@@ -14,6 +14,8 @@ data-quality report and a run report.
   stateful tasks); a run whose previous hour is missing fails and names it.
 * Retraining runs on its own cadence (`PROFILE_ENGINE_RETRAIN_EVERY_HOURS`) or when forced.
 * `write_run_report` always runs, so every failed hour has a report.
+* A task that fails after its retries sends an alert to `PROFILE_ENGINE_ALERT_WEBHOOK` and/or
+  by e-mail (`PROFILE_ENGINE_ALERT_SMTP`); see docs/operations.md.
 
 All logic lives in `include/profile_engine/`; the tasks only wire it.
 """
@@ -28,6 +30,7 @@ from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_curren
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from profile_engine import delivery  # light: the Asset's name only; stages import inside tasks
+from profile_engine.alerts import ProfileEngineNotifier  # light: reads its settings when it fires
 
 # Cheap, local settings only: no Variable, Connection, network or heavy import at parse time.
 START = os.environ.get("PROFILE_ENGINE_START") or "2026-11-01T00:00:00+00:00"
@@ -49,6 +52,10 @@ def _context() -> tuple[Any, datetime, str]:
     if params.get("quarantine_threshold") is not None:
         settings = replace(settings, quarantine_threshold=float(params["quarantine_threshold"]))
     hour = hour_for_run(params.get("hour"), context.get("data_interval_start"))
+    from profile_engine import lock
+
+    # Every task holds the lake lock for its run (taken by the first, released by write_run_report).
+    lock.join_run(settings, str(context["run_id"]))
     return settings, hour, str(context["run_id"])
 
 
@@ -59,7 +66,12 @@ def _context() -> tuple[Any, datetime, str]:
     max_active_runs=1,
     tags=["profile-engine", "profiles", "hourly"],
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+    # A task that fails for good (retries spent) sends an alert (PROFILE_ENGINE_ALERT_*).
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(minutes=1),
+        "on_failure_callback": [ProfileEngineNotifier()],
+    },
     params={
         "hour": Param(
             None,
@@ -104,7 +116,8 @@ def profile_refresh() -> None:
             get_current_context()["ti"].xcom_push(key="return_value", value={**error.summary, "status": "failed"})
             raise AirflowFailException(str(error)) from error
 
-    @task(depends_on_past=True, multiple_outputs=False)
+    # Mapped tasks (.expand) do not take doc_md from the docstring (Airflow 3.3): set it here.
+    @task(depends_on_past=True, multiple_outputs=False, doc_md="Merge one bucket's staged events into its state.")
     def build_profiles(bucket: int, validated: dict[str, Any]) -> dict[str, Any]:
         """Merge this hour's staged events of one bucket into the previous hour's state."""
         from profile_engine import features
@@ -143,7 +156,11 @@ def profile_refresh() -> None:
         force = bool(get_current_context()["params"]["force_promote"])
         return evaluate.evaluate_and_promote(settings, hour, run_id=run_id, force_promote=force)
 
-    @task(trigger_rule="none_failed_min_one_success", multiple_outputs=False)
+    @task(
+        trigger_rule="none_failed_min_one_success",
+        multiple_outputs=False,
+        doc_md="Score one bucket's profiles with the champion as of this hour (mapped: doc_md set here).",
+    )
     def score_profiles(bucket: int) -> dict[str, Any]:
         """Score one bucket's profiles with the champion as of this hour."""
         from profile_engine import model
@@ -186,7 +203,12 @@ def profile_refresh() -> None:
             value = ti.xcom_pull(task_ids=name)
             summaries[name] = list(value) if name in ("build_profiles", "score_profiles") and value else value
         states = report.stage_states(ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id]).get(run_id, {}))
-        return report.write_run_report(settings, hour, summaries, run_id=run_id, states=states)
+        try:
+            return report.write_run_report(settings, hour, summaries, run_id=run_id, states=states)
+        finally:
+            from profile_engine import lock
+
+            lock.release_run(settings, run_id)  # the run's last task (all_done) frees the lake
 
     buckets = list(range(BUCKETS))
     validated = validate_events(extract_events())

@@ -17,10 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from profile_engine import features as F
+from profile_engine import report
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, floor_hour, format_hour
 from profile_engine.lake import MANIFEST, PROFILE_CHANGES, PROFILES, STAGING, STATE, Lake, read_json
 from profile_engine.schema import EVENT_TYPES, STAGED_SCHEMA
+from profile_engine.verify import compare_tables
 
 T0 = datetime(2026, 11, 2, tzinfo=UTC)  # November: Europe/Berlin is UTC+1
 SETTINGS = Settings(lateness_hours=6)
@@ -345,14 +347,17 @@ def test_advance_refuses_to_go_back_and_snapshot_needs_the_state_end() -> None:
         F.snapshot(state, at(hours=4), SETTINGS)
 
 
-def test_profile_changes_lists_changed_columns_and_transitions() -> None:
+def test_change_log_lists_lifecycle_rfm_and_top_interest_changes_with_before_and_after() -> None:
     end = at(days=20)
     table = events(
         {"user_id": "u1", "ts": end - timedelta(days=10)},
+        {"user_id": "u1", "ts": end + timedelta(minutes=10)},  # back after 10 days: dormant -> active
         {"user_id": "u2", "ts": end - timedelta(hours=2)},
+        {"user_id": "u3", "ts": end + timedelta(minutes=20)},  # first seen: new
         {"user_id": "u4", "ts": end - timedelta(hours=2)},
-        {"user_id": "u1", "ts": end + timedelta(minutes=10)},
-        {"user_id": "u3", "ts": end + timedelta(minutes=20)},
+        {"user_id": "u4", "ts": end + timedelta(minutes=5)},  # more activity, nothing tracked changes
+        {"user_id": "u5", "ts": end - timedelta(hours=2), "category_id": "c1"},
+        {"user_id": "u5", "ts": end + timedelta(minutes=5), "category_id": "c2", "event_type": "purchase"},
     )
     state = F.rebuild(table, end, SETTINGS)
     previous = F.add_population_features(F.snapshot(state, end, SETTINGS)[0])
@@ -361,78 +366,111 @@ def test_profile_changes_lists_changed_columns_and_transitions() -> None:
     )
     current = current.filter(pc.not_equal(current.column("user_id"), "u2"))  # e.g. erased
 
-    changes = F.profile_changes(previous, current).to_pylist()
+    changes = {c["user_id"]: c for c in F.profile_changes(previous, current).to_pylist()}
+    counts = F.change_counts(F.profile_changes(previous, current))
 
-    assert [(c["user_id"], c["change"]) for c in changes] == [("u1", "updated"), ("u2", "removed"), ("u3", "new")]
-    u1 = changes[0]
-    assert {"count_view_lifetime", "last_view_at", "lifecycle_stage"} <= set(u1["changed_columns"])
-    assert not set(u1["changed_columns"]) & set(F.CLOCK_DRIVEN_COLUMNS)
-    assert u1["lifecycle_transition"] == "dormant->active"
-    assert [c["change"] for c in F.profile_changes(None, current).to_pylist()] == ["new"] * current.num_rows
+    assert sorted(changes) == ["u1", "u2", "u3", "u5"]
+    assert changes["u1"]["change"] == "updated" and changes["u1"]["changed"] == ["lifecycle_stage"]
+    assert (changes["u1"]["lifecycle_stage_before"], changes["u1"]["lifecycle_stage_after"]) == ("dormant", "active")
+    assert changes["u1"]["top_category_1_before"] == changes["u1"]["top_category_1_after"] == "c1"
+    assert changes["u2"]["change"] == "removed" and changes["u2"]["lifecycle_stage_after"] is None
+    assert changes["u3"]["change"] == "new" and changes["u3"]["lifecycle_stage_before"] is None
+    assert changes["u3"]["changed"] == ["lifecycle_stage", "rfm_segment", "top_category_1"]
+    assert changes["u5"]["changed"] == ["rfm_segment", "top_category_1"]
+    assert (changes["u5"]["top_category_1_before"], changes["u5"]["top_category_1_after"]) == ("c1", "c2")
+    assert changes["u5"]["rfm_segment_before"] == "no_orders" != changes["u5"]["rfm_segment_after"]
+    assert counts == {
+        "users": 4,
+        "new": 1,
+        "removed": 1,
+        "lifecycle_stage": 3,
+        "rfm_segment": 3,
+        "top_category_1": 3,
+    }
+    first = F.profile_changes(None, current)
+    assert first.column("change").to_pylist() == ["new"] * current.num_rows
+    assert first.schema == F.CHANGES_SCHEMA
 
 
-# ---- the main property: incremental == batches == rebuild --------------------------------
-PROPERTY_HOURS = 48
+# ---- the main property: incremental == rebuild -------------------------------------------
 PROPERTY_SETTINGS = Settings(lateness_hours=3)
+PROPERTY_DAYS = 40  # past the 30-day windows, the churn threshold, pruning and the cart TTL
 
 
 @st.composite
-def staged_event_sets(draw: st.DrawFn) -> tuple[pa.Table, list[int]]:
-    """Small event sets over PROPERTY_HOURS staged hours; each event at most ``lateness`` older than its hour."""
-    lateness_minutes = PROPERTY_SETTINGS.lateness_hours * 60
+def event_streams(draw: st.DrawFn) -> tuple[pa.Table, list[int], int]:
+    """A random stream: users appear, vanish for days and return; late and clock-skewed arrivals.
+
+    Returns the events, the hour each one is staged in (at most ``lateness`` hours after
+    its own, or the hour before it: held back) and the number of hours covered.
+    """
+    horizon = draw(st.integers(48, PROPERTY_DAYS * 24))
+    lateness = PROPERTY_SETTINGS.lateness_hours
     rows, staged = [], []
-    for _ in range(draw(st.integers(1, 30))):
-        hour = draw(st.integers(0, PROPERTY_HOURS - 1))
-        minutes = draw(st.integers(-lateness_minutes, 119))  # late arrivals and clock skew into the future
-        rows.append(
-            {
-                "user_id": draw(st.sampled_from(["u1", "u2", "u3"])),
-                "event_type": draw(st.sampled_from(EVENT_TYPES)),
-                "item_id": draw(st.sampled_from(["i1", "i2"])),
-                "category_id": draw(st.sampled_from(["c1", "c2", "c3", None])),
-                "price": draw(st.sampled_from([None, 0.99, 10.0, 123.45])),
-                "quantity": draw(st.integers(1, 3)),
-                "order_id": draw(st.sampled_from([None, "o1", "o2"])),
-                "ts": at(hours=hour, minutes=minutes),
-            }
-        )
-        staged.append(hour)
-    return events(*rows), staged
+    for user in draw(st.lists(st.sampled_from(["u1", "u2", "u3"]), min_size=1, max_size=3, unique=True)):
+        for visit in draw(st.lists(st.integers(0, horizon - 3), min_size=1, max_size=2, unique=True)):
+            for _ in range(draw(st.integers(1, 3))):
+                ts = at(hours=visit, minutes=draw(st.integers(0, 150)), ms=draw(st.integers(0, 999)))
+                delay = draw(st.sampled_from([0, 0, 1, lateness, -1]))  # on time, late within the window, skewed
+                rows.append(
+                    {
+                        "user_id": user,
+                        "event_type": draw(st.sampled_from(EVENT_TYPES)),
+                        "item_id": draw(st.sampled_from(["i1", "i2"])),
+                        "category_id": draw(st.sampled_from(["c1", "c2", "c3", None])),
+                        "price": draw(st.sampled_from([None, 0.99, 10.0, 123.45])),
+                        "quantity": draw(st.integers(1, 3)),
+                        "order_id": draw(st.sampled_from([None, "o1", "o2"])),
+                        "ts": ts,
+                    }
+                )
+                staged.append(max(0, int((floor_hour(ts) - T0) / HOUR) + delay))
+    return events(*rows), staged, horizon + 3
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=staged_event_sets(), batch_hours=st.integers(2, 30))
-def test_hourly_chain_equals_bigger_batches_equals_rebuild(data: tuple[pa.Table, list[int]], batch_hours: int) -> None:
-    table, staged_hour = data
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(stream=event_streams(), data=st.data())
+def test_incremental_snapshots_equal_a_full_rebuild(
+    stream: tuple[pa.Table, list[int], int], data: st.DataObject
+) -> None:
+    table, staged_hour, hours = stream
     staged = pa.array(staged_hour, pa.int64())
-    end = at(hours=PROPERTY_HOURS)
+    # Hourly steps around every staged hour (the production path; hours with nothing staged
+    # included), multi-hour jumps across the quiet days between visits (the warm-up path).
+    boundaries = {hours} | {h + d for h in staged_hour for d in (0, 1)}
+    boundaries |= set(data.draw(st.lists(st.integers(1, hours), max_size=4), label="extra ends"))
+    ends = sorted(e for e in boundaries if 0 < e <= hours)
+    checks = {hours, *data.draw(st.lists(st.sampled_from(ends), max_size=1), label="checked ends")}
 
     def staged_between(lo: int, hi: int) -> pa.Table:
         return table.filter(pc.and_(pc.greater_equal(staged, lo), pc.less(staged, hi)))
 
-    hourly = F.empty_state()
-    for h in range(PROPERTY_HOURS):
-        hourly = F.advance(hourly, staged_between(h, h + 1), at(hours=h + 1), PROPERTY_SETTINGS)
-    batched = F.empty_state()
-    for lo in range(0, PROPERTY_HOURS, batch_hours):
-        hi = min(lo + batch_hours, PROPERTY_HOURS)
-        batched = F.advance(batched, staged_between(lo, hi), at(hours=hi), PROPERTY_SETTINGS)
-    rebuilt = F.rebuild(table, end, PROPERTY_SETTINGS)
-
-    expected_profiles, expected_interests = F.snapshot(rebuilt, end, PROPERTY_SETTINGS)
-    for state in (hourly, batched):
+    def profiles_and_interests(state: F.ProfileState, end: datetime) -> tuple[pa.Table, pa.Table]:
         profiles, interests = F.snapshot(state, end, PROPERTY_SETTINGS)
-        assert_same(profiles, expected_profiles)
-        assert interests.select(["user_id", "category_id"]).equals(
-            expected_interests.select(["user_id", "category_id"])
-        )
-        assert interests.column("affinity").to_pylist() == pytest.approx(
-            expected_interests.column("affinity").to_pylist()
-        )
-    in_snapshot = pc.less(table.column("ts"), pa.scalar(end, table.schema.field("ts").type))
-    views = pc.sum(pc.and_(in_snapshot, pc.equal(table.column("event_type"), "view"))).as_py()
-    assert (pc.sum(expected_profiles.column("count_view_lifetime")).as_py() or 0) == views
-    assert hourly.tables[F.PENDING].num_rows == table.num_rows - pc.sum(in_snapshot).as_py()
+        return F.add_population_features(profiles), interests
+
+    state, previous = F.empty_state(), 0
+    for end in ends:
+        state = F.advance(state, staged_between(previous, end), at(hours=end), PROPERTY_SETTINGS)
+        previous = end
+        if end in checks:
+            rebuilt = F.rebuild(staged_between(0, end), at(hours=end), PROPERTY_SETTINGS)
+            expected, expected_interests = profiles_and_interests(rebuilt, at(hours=end))
+            got, got_interests = profiles_and_interests(state, at(hours=end))
+            for name, comparison in (
+                ("profiles", compare_tables("profiles", expected, got, [F.USER_ID])),
+                (
+                    "interests",
+                    compare_tables("interests", expected_interests, got_interests, [F.USER_ID, F.CATEGORY_ID]),
+                ),
+            ):
+                assert comparison.equal, f"{name} at hour {end}: " + "; ".join(comparison.lines())
+            assert got.schema == F.PROFILE_SCHEMA
+
+    in_snapshot = pc.less(table.column("ts"), pa.scalar(at(hours=hours), table.schema.field("ts").type))
+    views = pc.sum(pc.and_(in_snapshot, pc.equal(table.column("event_type"), "view"))).as_py() or 0
+    assert (pc.sum(expected.column("count_view_lifetime")).as_py() or 0) == views
+    assert state.tables[F.PENDING].num_rows == table.num_rows - (pc.sum(in_snapshot).as_py() or 0)
 
 
 # ---- lake stages --------------------------------------------------------------------------
@@ -475,6 +513,11 @@ def test_lake_round_trip_build_publish_and_range(tmp_path: Path) -> None:
     assert published[2]["profiles"] == 3 and published[2]["previous_hour"] == format_hour(at(hours=1))
     assert sum(published[2]["rfm_segments"].values()) == 3
     assert published[0]["new_users"] == published[0]["profiles"]
+    assert published[0]["profile_changes"]["users"] == published[0]["profiles"]
+    changes = lake.read(PROFILE_CHANGES, at(hours=2))
+    assert published[2]["profile_changes"] == F.change_counts(changes)
+    headline = report.build_report(at(hours=2), {"publish_profiles": published[2]}, run_id="t")["headline"]
+    assert headline["profile_changes"] == published[2]["profile_changes"]
     assert lake.manifest(PROFILE_CHANGES, at(hours=2))["previous_hour"] == format_hour(at(hours=1))
     hour0 = lake.read(STAGING, T0, 0)
     future = pc.sum(pc.greater_equal(hour0.column("ts"), pa.scalar(at(hours=1), hour0.schema.field("ts").type))).as_py()

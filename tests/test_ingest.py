@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import sqlite3
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -11,12 +13,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from profile_engine import ingest
+from profile_engine import ingest, sources
 from profile_engine import lake as lk
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR
-from profile_engine.lake import Lake
+from profile_engine.lake import Lake, read_json
 from profile_engine.schema import EVENT_SCHEMA, STAGED_SCHEMA
 from tests.conftest import HOUR0
 
@@ -191,3 +194,215 @@ def test_quiet_hours_and_routine_reasons_do_not_trip_the_threshold(settings: Set
     summary = ingest.validate_events(settings, HOUR0, quality_suite=False)
 
     assert (summary["read"], summary["quarantined"], summary["defective"]) == (62, 61, 1)
+
+
+# ---- table sources: a real SQLite database file through a Connection -------------------
+
+SHOP_MAPPING = """
+name: shop
+description: a shop's event table, read by its auto-increment id
+sql:
+  table: shop_events
+  cursor: {cursor}
+  cursor_type: {cursor_type}
+  conn_id: shop_db
+fields:
+  event_id: event_uuid
+  user_id: customer
+  event_type: action
+  item_id: sku
+  price: amount
+  ts: happened_at
+event_types:
+  page_view: view
+  basket_add: cart
+  order: purchase
+timestamp:
+  format: iso
+  timezone: UTC
+"""
+BIG_ID = 1234567890123456789  # 19 digits: must survive as text, never through float
+
+
+def shop_db(path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(path)
+    con.execute(
+        "CREATE TABLE shop_events (id INTEGER PRIMARY KEY, ingested_at TIMESTAMP, event_uuid TEXT, "
+        "customer BIGINT, action TEXT, sku TEXT, amount REAL, happened_at TEXT)"
+    )
+    return con
+
+
+def insert(con: sqlite3.Connection, *rows: tuple[str, str, int, str, str, float | None, str]) -> None:
+    con.executemany(
+        "INSERT INTO shop_events (ingested_at, event_uuid, customer, action, sku, amount, happened_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    con.commit()
+
+
+@pytest.fixture
+def shop(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Settings, sqlite3.Connection]:
+    """Settings reading table source ``shop`` (cursor ``id``) from a SQLite file via AIRFLOW_CONN_SHOP_DB."""
+    database = tmp_path / "shop.db"
+    con = shop_db(database)
+    monkeypatch.setenv("AIRFLOW_CONN_SHOP_DB", f"sqlite:///{database}")
+    mapping = Lake(settings.lake).path(sources.LAKE_SOURCES_DIR, "shop.yaml")
+    mapping.parent.mkdir(parents=True, exist_ok=True)
+    mapping.write_text(SHOP_MAPPING.format(cursor="id", cursor_type="id"))
+    return replace(settings, sql_sources=("shop",)), con
+
+
+def at(hour: datetime, minutes: int) -> str:
+    return (hour + timedelta(minutes=minutes)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def test_table_source_takes_rows_after_the_high_water_mark(shop: tuple[Settings, sqlite3.Connection]) -> None:
+    # Arrange
+    settings, con = shop
+    insert(
+        con,
+        (at(HOUR0, 1), "e1", BIG_ID, "page_view", "i1", 9.5, at(HOUR0, 1)),
+        (at(HOUR0, 2), "e2", 7, "Basket_Add", "i2", None, at(HOUR0, 2)),
+        (at(HOUR0, 3), "e3", 7, "wishlist", "i3", 1.0, at(HOUR0, 3)),  # unknown event type
+    )
+
+    # Act
+    first = ingest.extract_events(settings, HOUR0)
+    summary = ingest.validate_events(settings, HOUR0, quality_suite=False)
+    insert(con, (at(HOUR0, 70), "e4", 8, "order", "i1", 20.0, at(HOUR0, 65)))
+    second = ingest.extract_events(settings, HOUR0 + HOUR)
+    summary2 = ingest.validate_events(settings, HOUR0 + HOUR, quality_suite=False)
+
+    # Assert
+    lake = Lake(settings.lake)
+    (entry,) = ingest.read_ledger(lake, HOUR0) or []
+    assert (entry.path, entry.lower, entry.upper, entry.rows) == ("sql://shop/shop_events", None, 3, 3)
+    (entry2,) = ingest.read_ledger(lake, HOUR0 + HOUR) or []
+    assert (entry2.lower, entry2.upper, entry2.rows) == (3, 4, 1)
+    assert first["sources"] == ["shop"] and second["rows"] == 1
+    assert (summary["read"], summary["staged"], summary["quarantined"]) == (3, 2, 1)
+    assert summary["reasons"] == {"unknown_event_type": 1}
+    assert summary["sources"]["shop"]["read"] == 3
+    staged = lake.read(lk.STAGING, HOUR0)
+    assert sorted(staged.column("user_id").to_pylist()) == [str(BIG_ID), "7"]
+    assert sorted(staged.column("event_type").to_pylist()) == ["cart", "view"]
+    quarantined = lake.read(lk.QUARANTINE, HOUR0).to_pylist()
+    assert [(q["event_id"], q["source_file"], q["event_type"]) for q in quarantined] == [
+        ("e3", "sql://shop/shop_events", "wishlist")
+    ]
+    assert (summary2["read"], summary2["staged"]) == (1, 1)
+    assert read_json(ingest.watermark_path(lake, "shop"))["upper"] == 4
+
+
+def test_rerun_of_a_table_hour_reads_exactly_its_range(shop: tuple[Settings, sqlite3.Connection]) -> None:
+    # Arrange
+    settings, con = shop
+    insert(con, (at(HOUR0, 1), "e1", 1, "page_view", "i1", 1.0, at(HOUR0, 1)))
+    ingest.extract_events(settings, HOUR0)
+    first = ingest.validate_events(settings, HOUR0, quality_suite=False)
+    insert(con, (at(HOUR0, 2), "e2", 2, "page_view", "i1", 1.0, at(HOUR0, 2)))
+
+    # Act
+    rerun = ingest.extract_events(settings, HOUR0)
+    again = ingest.validate_events(settings, HOUR0, quality_suite=False)
+
+    # Assert: the new row waits for the next hour instead of joining the rerun
+    assert rerun["rerun"] and rerun["rows"] == 1
+    assert (again["read"], again["staged"]) == (first["read"], first["staged"]) == (1, 1)
+    assert Lake(settings.lake).read(lk.STAGING, HOUR0).column("event_id").to_pylist() == ["e1"]
+    assert ingest.extract_events(settings, HOUR0 + HOUR)["rows"] == 1
+
+
+def test_rerun_fails_when_rows_of_a_taken_range_changed(shop: tuple[Settings, sqlite3.Connection]) -> None:
+    # Arrange
+    settings, con = shop
+    insert(con, (at(HOUR0, 1), "e1", 1, "page_view", "i1", 1.0, at(HOUR0, 1)))
+    ingest.extract_events(settings, HOUR0)
+    con.execute("UPDATE shop_events SET amount = 2.0 WHERE id = 1")
+    con.commit()
+
+    # Act / Assert
+    with pytest.raises(ingest.LedgerError, match=r"sql://shop/shop_events.*changed since hour"):
+        ingest.validate_events(settings, HOUR0, quality_suite=False)
+
+
+def test_time_cursor_takes_only_rows_ingested_before_the_hour_end(
+    shop: tuple[Settings, sqlite3.Connection],
+) -> None:
+    # Arrange
+    settings, con = shop
+    mapping = Lake(settings.lake).path(sources.LAKE_SOURCES_DIR, "shop.yaml")
+    mapping.write_text(SHOP_MAPPING.format(cursor="ingested_at", cursor_type="time"))
+    insert(
+        con,
+        (at(HOUR0, 10), "e1", 1, "page_view", "i1", 1.0, at(HOUR0, 9)),
+        (at(HOUR0, 59), "e2", 1, "page_view", "i1", 1.0, at(HOUR0, 58)),
+        (at(HOUR0, 61), "e3", 1, "page_view", "i1", 1.0, at(HOUR0, 60)),
+    )
+
+    # Act
+    first = ingest.extract_events(settings, HOUR0)
+    second = ingest.extract_events(settings, HOUR0 + HOUR)
+
+    # Assert
+    lake = Lake(settings.lake)
+    (entry,) = ingest.read_ledger(lake, HOUR0) or []
+    mark = {"datetime": "2026-11-02T10:59:00"}  # a DATETIME column: the bound keeps its type
+    assert first["rows"] == 2 and entry.upper == mark
+    (entry2,) = ingest.read_ledger(lake, HOUR0 + HOUR) or []
+    assert second["rows"] == 1 and (entry2.lower, entry2.upper) == (mark, {"datetime": "2026-11-02T11:01:00"})
+
+
+def test_table_source_missing_column_fails_naming_table(shop: tuple[Settings, sqlite3.Connection]) -> None:
+    # Arrange
+    settings, con = shop
+    con.execute("ALTER TABLE shop_events RENAME COLUMN sku TO product")
+    con.commit()
+
+    # Act / Assert
+    with pytest.raises(sources.SourceError, match=r"sql://shop/shop_events: missing required column\(s\) sku"):
+        ingest.extract_events(settings, HOUR0)
+
+
+def test_out_of_order_table_hour_is_refused(shop: tuple[Settings, sqlite3.Connection]) -> None:
+    # Arrange
+    settings, _ = shop
+    ingest.extract_events(settings, HOUR0 + HOUR)
+
+    # Act / Assert
+    with pytest.raises(ingest.LedgerError, match="hours run in order"):
+        ingest.extract_events(settings, HOUR0)
+
+
+def test_connection_url_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange
+    database = tmp_path / "x.db"
+    monkeypatch.setenv("AIRFLOW_CONN_AS_URL", f"sqlite:///{database}")
+    monkeypatch.setenv("AIRFLOW_CONN_AS_JSON", json.dumps({"conn_type": "sqlite", "host": str(database)}))
+    monkeypatch.delenv("AIRFLOW_CONN_NOT_THERE", raising=False)
+
+    # Act / Assert
+    assert sources.connection_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert sources.connection_url("as_url") == f"sqlite:///{database}"
+    assert sources.connection_url("as_json") == f"sqlite:///{database}"
+    with pytest.raises(sources.SourceError, match="'not_there' is not defined"):
+        sources.connection_url("not_there")
+
+
+def test_sql_mapping_block_is_validated() -> None:
+    # Arrange
+    document = yaml.safe_load(SHOP_MAPPING.format(cursor="id", cursor_type="sometimes"))
+
+    # Act / Assert
+    with pytest.raises(sources.MappingError, match="sql.cursor_type: must be id or time"):
+        sources.parse_mapping(document)
+    document["sql"] = {"table": "t"}
+    with pytest.raises(sources.MappingError, match="sql.cursor: must name a column"):
+        sources.parse_mapping(document)
+
+
+def test_sql_sources_setting_from_env() -> None:
+    settings = Settings.from_env({"PROFILE_ENGINE_SQL_SOURCES": "shop, crm", "PROFILE_ENGINE_SQL_CONN_ID": "db"})
+    assert (settings.sql_sources, settings.sql_conn_id) == (("shop", "crm"), "db")

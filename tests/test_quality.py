@@ -23,16 +23,26 @@ from profile_engine.quality import (
     EVENT_TYPE_KNOWN,
     ITEM_ID_NOT_EMPTY,
     PRICE_NON_NEGATIVE,
+    PROFILE_LIFECYCLE_KNOWN,
+    PROFILE_PEAK_HOUR_IN_DAY,
+    PROFILE_RFM_SEGMENT_KNOWN,
+    PROFILE_SUITE_NAME,
+    PROFILE_USER_ID_UNIQUE,
     QUANTITY_POSITIVE,
     RESULTS_FILE,
     ROW_COUNT_POSITIVE,
     TS_IN_WINDOW,
+    ProfileValidationError,
+    build_profile_suite,
     build_suite,
     check_threshold,
     column_exists_name,
     not_null_name,
+    profile_range_name,
+    profile_ranges,
     read_results,
     run_quality,
+    validate_profiles,
 )
 from profile_engine.schema import EVENT_TYPES, STAGED_SCHEMA
 
@@ -367,3 +377,114 @@ def test_contract_valid_batches_pass_and_one_negative_price_fails_only_that(
     # Assert
     assert clean["success"] is True and clean["failed_expectations"] == []
     assert dirty["failed_expectations"] == [PRICE_NON_NEGATIVE]
+
+
+# ---- the published profile snapshot ---------------------------------------------------
+
+
+def profile_rows(n: int = 3) -> list[dict[str, Any]]:
+    """``n`` valid profiles: buyers without carts (purchase/cart > 1), users without orders (null RFM)."""
+    from profile_engine import features as ft
+
+    rows = []
+    for i in range(n):
+        row: dict[str, Any] = dict.fromkeys(ft.PROFILE_COLUMNS)
+        row.update({c: i for c in ft.PROFILE_COLUMNS if c.startswith("count_")})
+        row.update(
+            {
+                ft.USER_ID: f"user-{i}",
+                ft.SNAPSHOT_HOUR: HOUR,
+                ft.FIRST_SEEN_AT: HOUR,
+                ft.LAST_SEEN_AT: HOUR,
+                ft.LIFECYCLE_STAGE: ft.LIFECYCLE_STAGES[i % len(ft.LIFECYCLE_STAGES)],
+                ft.RFM_SEGMENT: ft.RFM_SEGMENTS[i % len(ft.RFM_SEGMENTS)],
+                ft.PURCHASE_VIEW_RATE: 2.5,  # bought twice per view: real, not capped at 1
+                ft.CART_VIEW_RATE: 0.0,
+                ft.MONETARY_TOTAL: 12.5 * i,
+                ft.RFM_R: None if i == 0 else 1 + i % 5,
+                ft.PEAK_HOUR_LOCAL: 23,
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def profile_table(rows: list[dict[str, Any]]) -> pa.Table:
+    from profile_engine import features as ft
+
+    return pa.Table.from_pylist(rows, schema=ft.PROFILE_SCHEMA)
+
+
+def test_valid_profile_snapshot_passes() -> None:
+    # Arrange
+    table = profile_table(profile_rows(5))
+
+    # Act
+    summary = validate_profiles(table, HOUR)
+
+    # Assert
+    assert summary["suite"] == PROFILE_SUITE_NAME and summary["rows"] == 5
+    assert summary["evaluated_expectations"] > len(build_profile_suite(frozenset(profile_ranges())).expectations)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "expectation"),
+    [
+        ("user_id", "user-0", PROFILE_USER_ID_UNIQUE),
+        ("lifecycle_stage", "zombie", PROFILE_LIFECYCLE_KNOWN),
+        ("rfm_segment", "whales", PROFILE_RFM_SEGMENT_KNOWN),
+        ("rfm_r", 6, profile_range_name("rfm_r")),
+        ("rfm_m", 0, profile_range_name("rfm_m")),
+        ("monetary_total", -0.01, profile_range_name("monetary_total")),
+        ("count_purchase_24h", -1, profile_range_name("count_purchase_24h")),
+        ("cart_view_rate", -0.5, profile_range_name("cart_view_rate")),
+        ("peak_hour_local", 24, PROFILE_PEAK_HOUR_IN_DAY),
+    ],
+)
+def test_profile_snapshot_violation_names_the_expectation(column: str, value: Any, expectation: str) -> None:
+    # Arrange
+    rows = profile_rows(3)
+    rows[2][column] = value
+    table = profile_table(rows)
+
+    # Act
+    with pytest.raises(ProfileValidationError) as raised:
+        validate_profiles(table, HOUR)
+
+    # Assert
+    message = str(raised.value)
+    assert expectation in message and f"column {column}" in message
+    assert "failed 1 expectation(s)" in message
+    assert "user-1" not in message and "user-2" not in message  # no raw ids in the message
+
+
+def test_profile_snapshot_missing_column_is_named() -> None:
+    # Arrange
+    table = profile_table(profile_rows(2)).drop_columns(["rfm_segment"])
+
+    # Act / Assert
+    with pytest.raises(ProfileValidationError, match="missing column.*rfm_segment"):
+        validate_profiles(table, HOUR)
+
+
+@hyp_settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    counts=st.lists(st.integers(min_value=0, max_value=10**9), min_size=1, max_size=20),
+    rfm=st.lists(st.one_of(st.none(), st.integers(min_value=1, max_value=5)), min_size=20, max_size=20),
+    money=st.lists(st.floats(min_value=0, max_value=1e9, allow_nan=False), min_size=20, max_size=20),
+)
+def test_any_snapshot_within_the_ranges_passes(counts: list[int], rfm: list[int | None], money: list[float]) -> None:
+    # Arrange: ratios follow from arbitrary counts, so purchase/cart may be anything >= 0
+    rows = profile_rows(len(counts))
+    for i, row in enumerate(rows):
+        row["count_purchase_lifetime"] = counts[i]
+        row["count_cart_lifetime"] = counts[-1 - i]
+        row["purchase_view_rate"] = counts[i] / (counts[-1 - i] or 1)
+        row["rfm_f"] = rfm[i]
+        row["avg_order_value"] = money[i]
+
+    # Act
+    summary = validate_profiles(profile_table(rows), HOUR)
+
+    # Assert
+    assert summary["rows"] == len(counts)

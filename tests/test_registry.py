@@ -128,3 +128,48 @@ def test_newest_model_at_or_before_ignores_later_and_uncommitted_versions(tmp_pa
     assert registry.newest_model_at_or_before(settings, T0 - HOUR) is None
     assert registry.newest_model_at_or_before(settings, T0 + 23 * HOUR) == first
     assert registry.model_versions(settings) == [first, registry.model_version(T0 + 24 * HOUR)]
+
+
+def test_manual_promotion_and_rollback_apply_from_the_next_unprocessed_hour(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: two versions, the first is champion, the newest committed snapshot is T0 + 30 h
+    from profile_engine.cli import main
+    from profile_engine.lake import PROFILES, write_json
+
+    settings = Settings(lake=tmp_path)
+    first, second = committed_versions(settings, T0, T0 + 24 * HOUR)
+    registry.promote(settings, first, T0, reason="gate passed")
+    write_json(Lake(settings.lake).path(PROFILES, "current"), {"hour": format_hour(T0 + 30 * HOUR)})
+    monkeypatch.setenv("PROFILE_ENGINE_LAKE", str(tmp_path))
+
+    # Act
+    promoted = registry.promote_manually(settings, second, reason="campaign test")
+    listed = registry.list_models(settings)
+    code = main(["models", "rollback", "--reason", "scores look off"])
+
+    # Assert
+    assert registry.next_unprocessed_hour(settings) == T0 + 31 * HOUR
+    assert promoted["from_hour"] == format_hour(T0 + 31 * HOUR) and promoted["forced"] is True
+    assert "campaign test" in promoted["reason"] and promoted["run_id"] == registry.CLI_RUN_ID
+    assert [row["champion"] for row in listed] == [False, True]
+    assert code == 0 and '"rollback_of"' in capsys.readouterr().out
+    assert registry.champion_as_of(settings, T0 + 30 * HOUR)["version"] == first  # type: ignore[index]
+    assert registry.champion_as_of(settings, T0 + 31 * HOUR)["version"] == first  # type: ignore[index]
+    rollback = registry.promotion_log(settings)[-1]
+    assert rollback["rollback_of"] == second and rollback["replaces"]["version"] == second
+    assert main(["models", "show", "v20990101T00"]) == 1
+    shown = registry.show_model(settings, first)
+    assert [e["run_id"] for e in shown["promotions"]] == ["manual", registry.CLI_RUN_ID]
+
+
+def test_decisions_are_logged_whether_promoted_or_not(tmp_path: Path) -> None:
+    settings = Settings(lake=tmp_path)
+    (version,) = committed_versions(settings, T0)
+
+    registry.record_decision(
+        settings, version, T0, promoted=False, forced=False, reason="gate failed", reference="baseline", decision={}
+    )
+
+    assert [d["promoted"] for d in registry.decision_log(settings)] == [False]
+    assert registry.promotion_log(settings) == []

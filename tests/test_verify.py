@@ -10,6 +10,7 @@ import shutil
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,7 +34,7 @@ def at(hours: float = 0, minutes: float = 0) -> datetime:
     return T0 + timedelta(hours=hours, minutes=minutes)
 
 
-def table(**columns: list[object]) -> pa.Table:
+def table(**columns: Any) -> pa.Table:
     return pa.table(columns)
 
 

@@ -119,6 +119,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.equal else 1
 
 
+def cmd_freshness(args: argparse.Namespace) -> int:
+    """Check that a profile snapshot was committed recently; alert (webhook/SMTP) and return 1 if not."""
+    from profile_engine.alerts import run_freshness_check
+
+    result = run_freshness_check(Settings.from_env())
+    _print(result)
+    return 0 if result["fresh"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="python -m profile_engine", description=__doc__)
@@ -177,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hour", type=_hour, required=True, help="the snapshot's hour (UTC, ISO, e.g. 2026-11-28T05:00)")
     p.add_argument("--keep", action="store_true", help="keep the rebuilt snapshot in the lake's _tmp/ to inspect it")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("freshness", help="alert when the current profile snapshot is older than the limit")
+    p.set_defaults(func=cmd_freshness)
     return parser
 
 

@@ -37,11 +37,22 @@ class Settings:
     quarantine_threshold: float = 0.05
     quarantine_min_rows: int = 1000
     seed: int = 7
+    # Table sources (docs/sources.md): mapping names read from SQL every hour, and the
+    # Airflow Connection id (or SQLAlchemy URL) of those whose mapping names none.
+    sql_sources: tuple[str, ...] = ()
+    sql_conn_id: str | None = None
     # Marketing: Airflow Connection ids of the SQL opt-out list and of the delivery database
     # (None = not used), and the local outbox of campaign deliveries (None = <lake>/outbox).
     optout_conn_id: str | None = None
     delivery_conn_id: str | None = None
     outbox: Path | None = None
+    # Operations (docs/operations.md): alert when no snapshot was committed for this long, and
+    # where alerts go: a webhook URL and/or an SMTP server "host[:port]" with recipients.
+    freshness_hours: float = 3.0
+    alert_webhook: str | None = None
+    alert_smtp: str | None = None
+    alert_email_to: str | None = None
+    alert_email_from: str = "profile-engine@localhost"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -69,9 +80,16 @@ class Settings:
             quarantine_threshold=float(get("QUARANTINE_THRESHOLD") or base.quarantine_threshold),
             quarantine_min_rows=int(get("QUARANTINE_MIN_ROWS") or base.quarantine_min_rows),
             seed=int(get("SEED") or base.seed),
+            sql_sources=tuple(n.strip() for n in (get("SQL_SOURCES") or "").split(",") if n.strip()),
+            sql_conn_id=get("SQL_CONN_ID"),
             optout_conn_id=get("OPTOUT_CONN_ID"),
             delivery_conn_id=get("DELIVERY_CONN_ID"),
             outbox=Path(outbox).expanduser().resolve() if (outbox := get("OUTBOX")) else None,
+            freshness_hours=float(get("FRESHNESS_HOURS") or base.freshness_hours),
+            alert_webhook=get("ALERT_WEBHOOK"),
+            alert_smtp=get("ALERT_SMTP"),
+            alert_email_to=get("ALERT_EMAIL_TO"),
+            alert_email_from=get("ALERT_EMAIL_FROM") or base.alert_email_from,
         )
         settings.check()
         return settings
@@ -91,5 +109,9 @@ class Settings:
                 f"{ENV_PREFIX}LATENESS_HOURS, CLOCK_SKEW_MINUTES and QUARANTINE_MIN_ROWS must be >= 0, got "
                 f"{self.lateness_hours}, {self.clock_skew_minutes}, {self.quarantine_min_rows}"
             )
+        if self.freshness_hours <= 0:
+            raise ValueError(f"{ENV_PREFIX}FRESHNESS_HOURS must be > 0, got {self.freshness_hours}")
+        if self.alert_smtp and not self.alert_email_to:
+            raise ValueError(f"{ENV_PREFIX}ALERT_SMTP is set but {ENV_PREFIX}ALERT_EMAIL_TO (the recipients) is not")
         if not 0.0 <= self.quarantine_threshold <= 1.0:
             raise ValueError(f"{ENV_PREFIX}QUARANTINE_THRESHOLD must be in [0, 1], got {self.quarantine_threshold}")

@@ -382,7 +382,7 @@ def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.r_[0.0, fp / max(fp[-1], 1.0)], np.r_[0.0, tp / max(tp[-1], 1.0)]
 
 
-def auc_from_curve(fpr: Sequence[float], tpr: Sequence[float]) -> float:
+def auc_from_curve(fpr: Sequence[float] | np.ndarray, tpr: Sequence[float] | np.ndarray) -> float:
     """Area under a ROC curve by the trapezoid rule (equals ``auc`` on ``roc_curve`` output)."""
     x = np.asarray(fpr, dtype=np.float64)
     h = np.asarray(tpr, dtype=np.float64)

@@ -35,6 +35,7 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from profile_engine import faults
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
 from profile_engine.lake import (
@@ -950,6 +951,7 @@ def build_profiles(
     events = lake.read(STAGING, hour, bucket)
     new_state = advance(state, events, hour + HOUR, settings)
     written = _write_hour(lake, new_state, hour, bucket, settings, run_id)
+    faults.maybe_fail(faults.BETWEEN_BUILD_BUCKETS)
     counts = _merge_counts(events, state, new_state, _horizon(state, settings))
     return {"hour": format_hour(hour), "bucket": bucket, "run_id": run_id, **written, **counts}
 
@@ -1127,6 +1129,9 @@ def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manua
             raise FileNotFoundError(f"profiles of hour {format_hour(hour)} bucket {bucket} are not built")
         parts.append(lake.read(PROFILES, hour, bucket))
     full = population_snapshot(parts, hour)
+    from profile_engine.quality import validate_profiles  # imports Great Expectations when called
+
+    validate_profiles(full, hour)  # raises ProfileValidationError naming the failed expectation
 
     marker.unlink(missing_ok=True)  # uncommitted while buckets are rewritten
     bucket_of_part = pa.array([b for b, part in enumerate(parts) for _ in range(part.num_rows)], pa.int32())

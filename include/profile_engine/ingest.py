@@ -24,14 +24,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from profile_engine import faults, sources
 from profile_engine import lake as lk
-from profile_engine import sources
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, format_hour, hour_range, parse_hour
 from profile_engine.lake import Lake, read_json, sha256_file, write_json
 from profile_engine.schema import BUCKET, EVENT_COLUMNS, EVENT_TYPES, QUARANTINE_SCHEMA, STAGED_SCHEMA, bucket_sql
 
 LEDGER_FILE = "ledger.json"
+# High-water marks of table sources: the newest ledger range per source, so the next
+# hour starts where the last one stopped without reading the whole ledger history.
+WATERMARKS = "watermarks"
+SQL_PREFIX = "sql://"
 LANDING_SUFFIXES = (".parquet", ".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".json", ".json.gz")
 # Arrival partitions older than the lateness window plus this margin are not listed.
 LISTING_MARGIN_HOURS = 24
@@ -90,10 +94,18 @@ class LedgerEntry:
     rows: int
     arrival_hour: str
     source: str = sources.CANONICAL
+    # A table source (path ``sql://<source>/<table>``): the cursor range the hour took,
+    # ``lower < cursor <= upper`` (JSON values; ``sha256`` is over the rows' text).
+    lower: Any = None
+    upper: Any = None
+
+    def is_sql(self) -> bool:
+        """Whether the entry is a range of a table source rather than a landing file."""
+        return self.path.startswith(SQL_PREFIX)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return {
+        entry = {
             "path": self.path,
             "size": self.size,
             "sha256": self.sha256,
@@ -101,6 +113,7 @@ class LedgerEntry:
             "arrival_hour": self.arrival_hour,
             "source": self.source,
         }
+        return {**entry, "lower": self.lower, "upper": self.upper} if self.is_sql() else entry
 
 
 def ledger_path(lake: Lake, hour: datetime) -> Path:
@@ -186,11 +199,14 @@ def extract_events(settings: Settings, hour: datetime, *, run_id: str = "manual"
     existing = read_ledger(lake, hour)
     if existing is not None:
         for entry in existing:
+            if entry.is_sql():
+                continue  # validate_events re-reads the range and compares its digest
             path = lake.path(entry.path)
             if not path.is_file():
                 raise LedgerError(f"{path}: taken by hour {format_hour(hour)} but no longer in landing")
             if path.stat().st_size != entry.size or sha256_file(path) != entry.sha256:
                 raise LedgerError(f"{path}: changed since hour {format_hour(hour)} ingested it")
+        _write_watermarks(lake, hour, existing)  # in case a crash came between ledger and marks
         return _extract_summary(hour, existing, rerun=True, changed=[])
 
     lookback = settings.lateness_hours + LISTING_MARGIN_HOURS
@@ -222,11 +238,71 @@ def extract_events(settings: Settings, hour: datetime, *, run_id: str = "manual"
                 source,
             )
         )
+    entries += _extract_tables(settings, lake, hour)
+    faults.maybe_fail(faults.LEDGER_UPDATE)
     write_json(
         ledger_path(lake, hour),
         {"hour": format_hour(hour), "run_id": run_id, "files": [e.as_dict() for e in entries], "changed": changed},
     )
+    _write_watermarks(lake, hour, entries)
     return _extract_summary(hour, entries, rerun=False, changed=changed)
+
+
+def watermark_path(lake: Lake, source: str) -> Path:
+    """Where the high-water mark of table source ``source`` is kept (a copy of its newest ledger range)."""
+    return lake.path(lk.LEDGER, WATERMARKS, f"{source}.json")
+
+
+def _write_watermarks(lake: Lake, hour: datetime, entries: list[LedgerEntry]) -> None:
+    for entry in entries:
+        if not entry.is_sql():
+            continue
+        path = watermark_path(lake, entry.source)
+        current = read_json(path) if path.is_file() else None
+        if current is None or parse_hour(current["hour"]) <= hour:
+            write_json(path, {"hour": format_hour(hour), "lower": entry.lower, "upper": entry.upper})
+
+
+def _extract_tables(settings: Settings, lake: Lake, hour: datetime) -> list[LedgerEntry]:
+    """Ledger entries of the table sources (``settings.sql_sources``) for a first run of ``hour``.
+
+    Each takes the rows after its high-water mark up to the largest cursor now in the
+    table (for a time cursor: before the hour's end). Hours run in order, so a mark
+    at or after ``hour`` means an out-of-order run: ``LedgerError``.
+    """
+    entries: list[LedgerEntry] = []
+    for name in settings.sql_sources:
+        mapping = sources.load_mapping(name, lake.root)
+        if mapping.sql is None:
+            raise sources.MappingError(
+                f"{mapping.origin or name}: sql: missing, but PROFILE_ENGINE_SQL_SOURCES lists {name!r} as a table source"
+            )
+        path = watermark_path(lake, name)
+        mark = read_json(path) if path.is_file() else None
+        if mark is not None and parse_hour(mark["hour"]) >= hour:
+            raise LedgerError(
+                f"table source {name!r}: its high-water mark was set by hour {mark['hour']}, "
+                f"not before hour {format_hour(hour)}, which has no ledger: hours run in order"
+            )
+        batch = sources.read_sql_batch(
+            mapping,
+            lower=mark["upper"] if mark else None,
+            before=hour + HOUR,
+            default_conn_id=settings.sql_conn_id,
+        )
+        entries.append(
+            LedgerEntry(
+                sources.sql_label(mapping),
+                0,
+                batch.digest,
+                batch.rows.num_rows,
+                format_hour(hour),
+                name,
+                batch.lower,
+                batch.upper,
+            )
+        )
+    return entries
 
 
 def _extract_summary(hour: datetime, entries: list[LedgerEntry], *, rerun: bool, changed: list[str]) -> dict[str, Any]:
@@ -243,14 +319,36 @@ def _extract_summary(hour: datetime, entries: list[LedgerEntry], *, rerun: bool,
     }
 
 
-def _load_raw(con: Any, lake: Lake, entries: list[LedgerEntry]) -> dict[str, sources.Mapping]:
+def _read_range(entry: LedgerEntry, mappings: dict[str, sources.Mapping], settings: Settings) -> pa.Table:
+    """The rows of a table source's ledger range, exactly as the first run read them (else ``LedgerError``)."""
+    batch = sources.read_sql_batch(
+        mappings[entry.source],
+        lower=entry.lower,
+        upper=entry.upper,
+        bounded=True,
+        default_conn_id=settings.sql_conn_id,
+    )
+    if batch.rows.num_rows != entry.rows or batch.digest != entry.sha256:
+        raise LedgerError(
+            f"{entry.path}: rows in cursor range ({entry.lower}, {entry.upper}] changed since hour "
+            f"{entry.arrival_hour} ingested them ({entry.rows} rows then, {batch.rows.num_rows} now)"
+        )
+    return batch.rows
+
+
+def _load_raw(con: Any, lake: Lake, entries: list[LedgerEntry], settings: Settings) -> dict[str, sources.Mapping]:
     """Create table ``raw``: every row of every file through its mapping (see ``sources.source_select``)."""
     mappings: dict[str, sources.Mapping] = {}
     selects = []
     for index, entry in enumerate(entries):
         if entry.source not in mappings:
             mappings[entry.source] = sources.load_mapping(entry.source, lake.root)
-        selects.append(sources.source_select(con, mappings[entry.source], lake.path(entry.path), index))
+        if entry.is_sql():
+            selects.append(
+                sources.sql_select(con, mappings[entry.source], _read_range(entry, mappings, settings), index)
+            )
+        else:
+            selects.append(sources.source_select(con, mappings[entry.source], lake.path(entry.path), index))
     if not selects:
         cols = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in EVENT_COLUMNS)
         selects.append(
@@ -297,7 +395,7 @@ def validate_events(
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
-        mappings = _load_raw(con, lake, entries)
+        mappings = _load_raw(con, lake, entries, settings)
         recent = _recent_staged_files(lake, hour, settings)
         recent_ids = (
             f"SELECT event_id FROM read_parquet({[str(f) for f in recent]!r}) WHERE ts >= $too_late"

@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from profile_engine import faults
 from profile_engine.hours import format_hour, partition_values
 from profile_engine.schema import SCHEMA_VERSION
 
@@ -53,6 +57,10 @@ TRUTH = "simulator/truth"
 
 MANIFEST = "_manifest.json"
 DATA_FILE = "part-0.parquet"
+# _tmp/ entries are named <uuid>.<pid>.<host> (``tmp_name``) so a cleanup can tell a crashed
+# writer's leftovers from live work; untagged or foreign ones go only after TMP_MAX_AGE_SECONDS.
+TMP_MAX_AGE_SECONDS = 6 * 3600
+_TMP_NAME = re.compile(r"^(?:old-)?[0-9a-f]{32}\.(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,7 @@ class Lake:
     # ---- writes ------------------------------------------------------------
     def tmp_dir(self) -> Path:
         """A fresh directory under ``_tmp/`` (outside every partition tree)."""
-        path = self.root / TMP / uuid.uuid4().hex
+        path = self.root / TMP / tmp_name()
         path.mkdir(parents=True)
         return path
 
@@ -187,10 +195,11 @@ class Lake:
 
 def replace_dir(new: Path, target: Path, lake: Lake) -> None:
     """Move ``new`` to ``target``, replacing an existing directory there."""
+    faults.maybe_fail(faults.TMP_BEFORE_RENAME)
     target.parent.mkdir(parents=True, exist_ok=True)
     old = None
     if target.exists():
-        old = lake.root / TMP / f"{uuid.uuid4().hex}-old"
+        old = lake.root / TMP / tmp_name("old-")
         os.replace(target, old)
     os.replace(new, target)
     if old is not None:
@@ -211,9 +220,51 @@ def write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    faults.maybe_fail(faults.JSON_BEFORE_RENAME)
     os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Any:
     """Read a JSON file."""
     return json.loads(path.read_text())
+
+
+def tmp_name(prefix: str = "") -> str:
+    """A fresh ``_tmp/`` entry name tagged with this process: ``<prefix><uuid>.<pid>.<host>``."""
+    return f"{prefix}{uuid.uuid4().hex}.{os.getpid()}.{socket.gethostname()}"
+
+
+def clean_tmp_leftovers(lake: Lake, max_age_seconds: float = TMP_MAX_AGE_SECONDS) -> list[str]:
+    """Remove ``_tmp/`` leftovers of crashed writers; returns the names removed.
+
+    An entry goes when its name tags a process of this host that is no longer alive,
+    or when it is older than ``max_age_seconds`` (untagged entries, other hosts).
+    Fresh work of a live writer (this process included) is never touched. Called by
+    whoever takes the lake lock (``profile_engine.lock``) at the start of a run.
+    """
+    tmp = lake.root / TMP
+    if not tmp.is_dir():
+        return []
+    host, now, removed = socket.gethostname(), time.time(), []
+    for entry in sorted(tmp.iterdir()):
+        tag = _TMP_NAME.match(entry.name)
+        try:
+            age = now - entry.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        dead = tag is not None and tag.group(2) == host and not pid_alive(int(tag.group(1)))
+        if dead or age > max_age_seconds:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from profile_engine import evaluate, labels, registry
+from profile_engine import evaluate, faults, labels, registry
 from profile_engine.config import Settings
 from profile_engine.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, SNAPSHOT_HOUR, USER_ID
 from profile_engine.hours import floor_hour, format_hour
@@ -778,6 +778,7 @@ def score_profiles(settings: Settings, hour: datetime, bucket: int, *, run_id: s
     lake.write_partition(
         SCORES, hour, scores, bucket=bucket, run_id=run_id, extra={MODEL_VERSION: scores_version(model), "model": kind}
     )
+    faults.maybe_fail(faults.BETWEEN_SCORE_BUCKETS)
     summary: dict[str, Any] = {
         "status": "scored" if model is not None else "no_model",
         "bucket": bucket,

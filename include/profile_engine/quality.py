@@ -337,3 +337,172 @@ def _site_files(site_dir: Path) -> list[tuple[str, bytes]]:
         for name, path in files.items()
         if not name.startswith(_OPTIONAL_ASSET_DIR) or path.name in referenced
     ]
+
+
+# ---- the published profile snapshot ---------------------------------------------------
+
+PROFILE_SUITE_NAME = "profile_snapshot"
+PROFILE_USER_ID_UNIQUE = "profile_user_id_unique"
+PROFILE_USER_ID_NOT_NULL = "profile_user_id_not_null"
+PROFILE_LIFECYCLE_KNOWN = "profile_lifecycle_stage_known"
+PROFILE_RFM_SEGMENT_KNOWN = "profile_rfm_segment_known"
+PROFILE_PEAK_HOUR_IN_DAY = "profile_peak_hour_local_in_day"
+
+
+class ProfileValidationError(ValueError):
+    """The profile snapshot of an hour failed a critical expectation: it is not published."""
+
+
+def profile_range_name(column: str) -> str:
+    """Name of the range expectation of profile column ``column``: ``profile_count_view_24h_range``."""
+    return f"profile_{column}_range"
+
+
+def profile_ranges() -> dict[str, tuple[float, float | None]]:
+    """Profile column -> (min, max or None): ranges that real data satisfies.
+
+    Counts, decayed counters, rates and money are >= 0 with no upper bound: users buy
+    without a cart event (a purchase/cart ratio above 1 is real), so rates are not
+    capped at 1. RFM scores are quintiles 1-5 (null for users without orders).
+    """
+    from profile_engine import features as ft
+
+    counts = (ft.FREQUENCY_ORDERS, ft.SESSION_COUNT, ft.OPEN_CART_ITEMS, ft.DISTINCT_CATEGORIES)
+    money = (
+        ft.MONETARY_TOTAL,
+        ft.AVG_ORDER_VALUE,
+        ft.MAX_ORDER_VALUE,
+        ft.OPEN_CART_VALUE,
+        ft.MEAN_PRICE_VIEWED,
+        ft.MEAN_PRICE_PURCHASED,
+    )
+    non_negative = [n for n in ft.PROFILE_COLUMNS if n.startswith(("count_", "decayed_"))]
+    non_negative += [*counts, ft.CART_VIEW_RATE, ft.PURCHASE_VIEW_RATE, *money]
+    ranges: dict[str, tuple[float, float | None]] = dict.fromkeys(non_negative, (0, None))
+    for name in (ft.RFM_R, ft.RFM_F, ft.RFM_M):
+        ranges[name] = (1, 5)
+    return ranges
+
+
+def build_profile_suite(all_null: frozenset[str] = frozenset()) -> gx.ExpectationSuite:
+    """The expectation suite of a published profile snapshot (features only, one row per user).
+
+    Every expectation is critical: a snapshot that fails one is not committed. Columns
+    in ``all_null`` (no user has a value yet, e.g. order values before the first
+    purchase) get no range expectation: a column without values has no minimum.
+    """
+    import great_expectations as gx
+    from great_expectations.expectations.core.expect_column_max_to_be_between import ExpectColumnMaxToBeBetween
+    from great_expectations.expectations.core.expect_column_min_to_be_between import ExpectColumnMinToBeBetween
+    from great_expectations.expectations.core.expect_column_values_to_be_between import ExpectColumnValuesToBeBetween
+    from great_expectations.expectations.core.expect_column_values_to_be_in_set import ExpectColumnValuesToBeInSet
+    from great_expectations.expectations.core.expect_column_values_to_be_unique import ExpectColumnValuesToBeUnique
+    from great_expectations.expectations.core.expect_column_values_to_not_be_null import ExpectColumnValuesToNotBeNull
+    from great_expectations.expectations.expectation import Expectation
+
+    from profile_engine import features as ft
+
+    expectations: list[Expectation] = [
+        ExpectColumnValuesToNotBeNull(column=ft.USER_ID, meta={"name": PROFILE_USER_ID_NOT_NULL}),
+        ExpectColumnValuesToBeUnique(column=ft.USER_ID, meta={"name": PROFILE_USER_ID_UNIQUE}),
+        ExpectColumnValuesToBeInSet(
+            column=ft.LIFECYCLE_STAGE,
+            value_set=list(ft.LIFECYCLE_STAGES),
+            meta={"name": PROFILE_LIFECYCLE_KNOWN},
+        ),
+        ExpectColumnValuesToNotBeNull(column=ft.LIFECYCLE_STAGE, meta={"name": not_null_name(ft.LIFECYCLE_STAGE)}),
+        ExpectColumnValuesToBeInSet(
+            column=ft.RFM_SEGMENT, value_set=list(ft.RFM_SEGMENTS), meta={"name": PROFILE_RFM_SEGMENT_KNOWN}
+        ),
+        ExpectColumnValuesToBeBetween(
+            column=ft.PEAK_HOUR_LOCAL, min_value=0, max_value=23, meta={"name": PROFILE_PEAK_HOUR_IN_DAY}
+        ),
+    ]
+    # Range checks on the column minimum and maximum: the same verdict as a per-value
+    # check (nulls are skipped: a user without orders has no RFM score), at a fraction of
+    # the metrics on a million-row snapshot.
+    for column, (low, high) in sorted(profile_ranges().items()):
+        if column in all_null:
+            continue
+        expectations.append(
+            ExpectColumnMinToBeBetween(column=column, min_value=low, meta={"name": profile_range_name(column)})
+        )
+        if high is not None:
+            expectations.append(
+                ExpectColumnMaxToBeBetween(column=column, max_value=high, meta={"name": profile_range_name(column)})
+            )
+    return gx.ExpectationSuite(
+        name=PROFILE_SUITE_NAME,
+        expectations=expectations,
+        meta={"schema_version": SCHEMA_VERSION, "profile_engine_version": __version__},
+    )
+
+
+def validate_profiles(profiles: pa.Table, hour: datetime) -> dict[str, Any]:
+    """Validate the profile snapshot of ``hour`` before it is committed; raise on failure.
+
+    Runs ``build_profile_suite`` on the columns it checks (converted to pandas once) in
+    an ephemeral Great Expectations context: nothing is written. Raises
+    ``ProfileValidationError`` naming every failed expectation, its column and its
+    unexpected count (no values: they would be raw user ids); otherwise returns a
+    summary (``evaluated_expectations``, ``rows``, ``seconds``).
+    """
+    import time
+
+    import great_expectations as gx
+
+    began = time.perf_counter()
+    start = _check_hour(hour)
+    from profile_engine import features as ft
+
+    expected = [ft.USER_ID, ft.LIFECYCLE_STAGE, ft.RFM_SEGMENT, ft.PEAK_HOUR_LOCAL, *profile_ranges()]
+    missing = [c for c in expected if c not in profiles.column_names]
+    if missing:
+        raise ProfileValidationError(f"profile snapshot {format_hour(start)}: missing column(s) {', '.join(missing)}")
+    all_null = frozenset(c for c in expected if profiles.column(c).null_count == profiles.num_rows)
+    suite = build_profile_suite(all_null)
+    columns = sorted({str(e.column) for e in suite.expectations if hasattr(e, "column")})
+    frame = profiles.select(columns).to_pandas()  # the pandas edge: GX validates a DataFrame
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    context.enable_analytics(False)
+    batch = (
+        context.data_sources.add_pandas("profiles")
+        .add_dataframe_asset("snapshot")
+        .add_batch_definition_whole_dataframe(f"snapshot_{format_hour(start)}")
+        .get_batch(batch_parameters={"dataframe": frame})
+    )
+    result: dict[str, Any] = batch.validate(suite, result_format=RESULT_FORMAT).to_json_dict()  # type: ignore[no-untyped-call]
+    failed = [r for r in result["results"] if not r["success"]]
+    if failed:
+        details = "; ".join(
+            f"{_name(r)} (column {r['expectation_config']['kwargs'].get('column')}: {_violation(r, profiles.num_rows)})"
+            + (f" error: {r['exception_info'].get('exception_message')}" if _raised(r) else "")
+            for r in failed
+        )
+        raise ProfileValidationError(
+            f"profile snapshot {format_hour(start)} failed {len(failed)} expectation(s): {details}"
+        )
+    return {
+        "suite": PROFILE_SUITE_NAME,
+        "rows": profiles.num_rows,
+        "evaluated_expectations": result["statistics"]["evaluated_expectations"],
+        "seconds": round(time.perf_counter() - began, 3),
+    }
+
+
+def _raised(result: dict[str, Any]) -> bool:
+    info = result.get("exception_info") or {}
+    return bool(info.get("raised_exception"))
+
+
+def _violation(result: dict[str, Any], rows: int) -> str:
+    """What a failed profile expectation saw: an unexpected count, or the offending min/max."""
+    outcome = result.get("result") or {}
+    if "unexpected_count" in outcome:
+        return f"{outcome['unexpected_count']} unexpected of {rows}"
+    kwargs = result["expectation_config"]["kwargs"]
+    bounds = f"[{kwargs.get('min_value', '-inf')}, {kwargs.get('max_value', 'inf')}]"
+    return f"{result['expectation_config']['type'].removeprefix('expect_column_')} is {outcome.get('observed_value')}, allowed {bounds}"

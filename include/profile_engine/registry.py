@@ -20,6 +20,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+from profile_engine import faults
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, floor_hour, format_hour, parse_hour
 from profile_engine.lake import MANIFEST, MODELS, PROFILES, PROMOTIONS, Lake, read_json, write_json
@@ -133,6 +134,7 @@ def promote(
     entry = _entry(
         settings, version, from_hour, forced=forced, reason=reason, metrics=metrics, run_id=run_id, decision=decision
     )
+    faults.maybe_fail(faults.MODEL_BEFORE_PROMOTION)
     return _record(settings, entry)
 
 

@@ -89,6 +89,8 @@ def build_report(
             "erased": validate.get("erased"),
             "quality_success": (validate.get("quality") or {}).get("success"),
             "profiles": publish.get("profiles"),
+            # users whose lifecycle stage, RFM segment or top interest changed (profile_changes/)
+            "profile_changes": publish.get("profile_changes"),
             "model": _model_line(summaries),
             "actions": segments.get("actions") or segments.get("per_action"),
         },

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from profile_engine import evaluate as evaluation
-from profile_engine import features, ingest, model, report, segments
+from profile_engine import features, ingest, lock, model, report, segments
 from profile_engine import lake as lk
 from profile_engine.config import Settings
 from profile_engine.hours import format_hour, hour_range
@@ -40,34 +40,37 @@ def run_hour(
         summaries[name] = call()
         return summaries[name]
 
-    try:
-        stage("extract_events", lambda: ingest.extract_events(settings, hour, run_id=run_id))
-        stage("validate_events", lambda: ingest.validate_events(settings, hour, run_id=run_id, build_docs=build_docs))
-        stage(
-            "build_profiles",
-            lambda: [
-                features.build_profiles(settings, hour, b, run_id=run_id, first_hour=first_hour)
-                for b in range(settings.buckets)
-            ],
-        )
-        stage("publish_profiles", lambda: features.publish_profiles(settings, hour, run_id=run_id))
-        trained = stage(
-            "train_challenger", lambda: model.train_challenger(settings, hour, run_id=run_id, force=force_retrain)
-        )
-        if trained.get("status") == "skipped":
-            summaries["evaluate_and_promote"] = {"status": "skipped", "reason": "no challenger trained this hour"}
-        else:
+    with lock.hold_lake(Lake(settings.lake), run_id):  # one writer at a time; stale _tmp/ cleaned on entry
+        try:
+            stage("extract_events", lambda: ingest.extract_events(settings, hour, run_id=run_id))
             stage(
-                "evaluate_and_promote",
-                lambda: evaluation.evaluate_and_promote(settings, hour, run_id=run_id, force_promote=force_promote),
+                "validate_events", lambda: ingest.validate_events(settings, hour, run_id=run_id, build_docs=build_docs)
             )
-        stage(
-            "score_profiles",
-            lambda: [model.score_profiles(settings, hour, b, run_id=run_id) for b in range(settings.buckets)],
-        )
-        stage("publish_segments", lambda: segments.publish_segments(settings, hour, run_id=run_id, dry_run=dry_run))
-    finally:
-        summaries["write_run_report"] = report.write_run_report(settings, hour, summaries, run_id=run_id)
+            stage(
+                "build_profiles",
+                lambda: [
+                    features.build_profiles(settings, hour, b, run_id=run_id, first_hour=first_hour)
+                    for b in range(settings.buckets)
+                ],
+            )
+            stage("publish_profiles", lambda: features.publish_profiles(settings, hour, run_id=run_id))
+            trained = stage(
+                "train_challenger", lambda: model.train_challenger(settings, hour, run_id=run_id, force=force_retrain)
+            )
+            if trained.get("status") == "skipped":
+                summaries["evaluate_and_promote"] = {"status": "skipped", "reason": "no challenger trained this hour"}
+            else:
+                stage(
+                    "evaluate_and_promote",
+                    lambda: evaluation.evaluate_and_promote(settings, hour, run_id=run_id, force_promote=force_promote),
+                )
+            stage(
+                "score_profiles",
+                lambda: [model.score_profiles(settings, hour, b, run_id=run_id) for b in range(settings.buckets)],
+            )
+            stage("publish_segments", lambda: segments.publish_segments(settings, hour, run_id=run_id, dry_run=dry_run))
+        finally:
+            summaries["write_run_report"] = report.write_run_report(settings, hour, summaries, run_id=run_id)
     return summaries
 
 
@@ -100,28 +103,29 @@ def warm_up(
     totals = {"hours": 0, "files": 0, "read": 0, "staged": 0, "quarantined": 0, "erased": 0}
     reasons: dict[str, int] = {}
     breaches: list[dict[str, Any]] = []
-    for hour in hour_range(first, last):
-        extracted = ingest.extract_events(settings, hour, run_id=run_id)
-        validated = ingest.validate_events(
-            settings, hour, run_id=run_id, quality_suite=quality_suite, enforce_threshold=enforce_threshold
-        )
-        totals["hours"] += 1
-        totals["files"] += extracted["files"]
-        for key in ("read", "staged", "quarantined", "erased"):
-            totals[key] += validated[key]
-        for reason, count in validated["reasons"].items():
-            reasons[reason] = reasons.get(reason, 0) + count
-        breaches += [
-            {"hour": format_hour(hour), "source": name, **validated["sources"][name]}
-            for name in validated["threshold_breaches"]
-        ]
-    for bucket in range(settings.buckets):
-        features.build_profiles_range(
-            settings, first, last, bucket, run_id=run_id, first_hour=first, snapshot_every=snapshot_every
-        )
-    snapshots = [h for h in hour_range(first, last) if lake.committed(lk.PROFILES, h, 0)]
-    for hour in snapshots:
-        features.publish_profiles(settings, hour, run_id=run_id)
+    with lock.hold_lake(lake, run_id):
+        for hour in hour_range(first, last):
+            extracted = ingest.extract_events(settings, hour, run_id=run_id)
+            validated = ingest.validate_events(
+                settings, hour, run_id=run_id, quality_suite=quality_suite, enforce_threshold=enforce_threshold
+            )
+            totals["hours"] += 1
+            totals["files"] += extracted["files"]
+            for key in ("read", "staged", "quarantined", "erased"):
+                totals[key] += validated[key]
+            for reason, count in validated["reasons"].items():
+                reasons[reason] = reasons.get(reason, 0) + count
+            breaches += [
+                {"hour": format_hour(hour), "source": name, **validated["sources"][name]}
+                for name in validated["threshold_breaches"]
+            ]
+        for bucket in range(settings.buckets):
+            features.build_profiles_range(
+                settings, first, last, bucket, run_id=run_id, first_hour=first, snapshot_every=snapshot_every
+            )
+        snapshots = [h for h in hour_range(first, last) if lake.committed(lk.PROFILES, h, 0)]
+        for hour in snapshots:
+            features.publish_profiles(settings, hour, run_id=run_id)
     return {**totals, "reasons": reasons, "breaches": breaches, "snapshots": [format_hour(h) for h in snapshots]}
 
 

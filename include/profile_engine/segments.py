@@ -35,6 +35,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
 
+from profile_engine import faults
 from profile_engine import features as ft
 from profile_engine import lake as lk
 from profile_engine.config import CONFIG_DIR, Settings
@@ -1179,6 +1180,7 @@ def publish_segments(
     summary["segments_path"] = str(lake.partition(lk.SEGMENTS, hour))
     summary["exports_path"] = str(exports_dir)
     summary["manifest_path"] = str(exports_dir / lk.MANIFEST)
+    faults.maybe_fail(faults.EXPORTS_BEFORE_ASSET)
     return summary
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import pyarrow as pa
 import yaml
 
 from profile_engine import lake as lk
@@ -98,6 +99,23 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class SqlTable:
+    """A table source: rows read through a SQLAlchemy connection by an increasing column.
+
+    ``conn_id`` is an Airflow Connection id (or a plain SQLAlchemy URL); None falls back
+    to ``Settings.sql_conn_id``. ``cursor`` is the increasing column (an id or an
+    ingestion time); with ``cursor_type: time`` an hour takes only rows whose cursor is
+    before the hour's end (UTC), so a backfill does not pull later rows into its first hour.
+    """
+
+    table: str
+    cursor: str
+    cursor_type: str = "id"  # id | time
+    conn_id: str | None = None
+    schema: str | None = None
+
+
+@dataclass(frozen=True)
 class Mapping:
     """A validated column mapping."""
 
@@ -114,6 +132,7 @@ class Mapping:
     policy: Policy = Policy()
     description: str = ""
     origin: Path | None = None
+    sql: SqlTable | None = None  # a table source instead of landing files
 
     def event_id_from_hash(self) -> bool:
         """Whether ``event_id`` is derived from the row (the source has none)."""
@@ -187,6 +206,7 @@ def parse_mapping(document: Any, *, origin: Path | None = None) -> Mapping:
         "event_types",
         "timestamp",
         "policy",
+        "sql",
     }
     unknown = sorted(set(document) - allowed)
     if unknown:
@@ -269,6 +289,25 @@ def parse_mapping(document: Any, *, origin: Path | None = None) -> Mapping:
     if bad:
         raise fail("policy.expected_reasons", f"unknown reason(s) {bad}; known: {', '.join(sorted(KNOWN_REASONS))}")
 
+    sql_doc = document.get("sql")
+    sql: SqlTable | None = None
+    if sql_doc is not None:
+        if not isinstance(sql_doc, dict):
+            raise fail("sql", "must give table and cursor (and optionally conn_id, schema, cursor_type)")
+        unknown_sql = sorted(set(sql_doc) - {"table", "cursor", "cursor_type", "conn_id", "schema"})
+        if unknown_sql:
+            raise fail(f"sql.{unknown_sql[0]}", "unknown key; allowed: table, cursor, cursor_type, conn_id, schema")
+        for key in ("table", "cursor"):
+            if not isinstance(sql_doc.get(key), str) or not sql_doc[key]:
+                raise fail(f"sql.{key}", f"must name a {'table' if key == 'table' else 'column'}")
+        cursor_type = sql_doc.get("cursor_type", "id")
+        if cursor_type not in ("id", "time"):
+            raise fail("sql.cursor_type", f"must be id or time, got {cursor_type!r}")
+        for key in ("conn_id", "schema"):
+            if sql_doc.get(key) is not None and not isinstance(sql_doc[key], str):
+                raise fail(f"sql.{key}", f"must be text, got {sql_doc[key]!r}")
+        sql = SqlTable(sql_doc["table"], sql_doc["cursor"], cursor_type, sql_doc.get("conn_id"), sql_doc.get("schema"))
+
     return Mapping(
         name=name,
         fields={str(k): str(v) for k, v in fields.items()},
@@ -283,6 +322,7 @@ def parse_mapping(document: Any, *, origin: Path | None = None) -> Mapping:
         policy=Policy(None if threshold is None else float(threshold), frozenset(expected)),
         description=str(document.get("description", "")),
         origin=origin,
+        sql=sql,
     )
 
 
@@ -378,7 +418,17 @@ def source_select(con: Any, mapping: Mapping, path: Path, index: int) -> str:
                 )
         except duckdb.Error as error:
             raise SourceError(f"{path}: cannot be read as {fmt} of source {mapping.name!r}: {error}") from error
+    return mapped_select(con, mapping, table, index, str(path), rejects)
 
+
+def mapped_select(con: Any, mapping: Mapping, table: str, index: int, label: str, rejects: str | None = None) -> str:
+    """The canonical SELECT (see ``source_select``) over DuckDB relation ``table`` of source rows.
+
+    ``table`` holds the source's columns and ``_source_row`` (and optionally
+    ``_source_line``); ``label`` names the file or table in errors; ``rejects`` is the
+    DuckDB rejects table of a CSV scan.
+    """
+    path = label
     described = con.execute(f"DESCRIBE {table}").fetchall()
     types = {str(row[0]): str(row[1]).upper() for row in described}
     missing = [
@@ -494,6 +544,186 @@ def _ts_sql(mapping: Mapping, text: str, kind: str, column: str) -> tuple[str, s
             )
             return ts, problem
     return ts, f"CASE WHEN ({ts}) IS NULL THEN '{BAD_TS}' END"
+
+
+# ---- SQL table sources: rows by an increasing column ----------------------------------
+
+
+def connection_url(conn_id: str) -> str:
+    """The SQLAlchemy URL of ``conn_id``, resolved at run time (never at DAG parse time).
+
+    ``conn_id`` may itself be a SQLAlchemy URL (``sqlite:////data/shop.db``). Else an
+    ``AIRFLOW_CONN_<ID>`` environment variable holding a URL is used as written (Airflow
+    mangles SQLite paths when it re-renders them); else the Airflow Connection (metadata
+    database, secrets backend or a JSON ``AIRFLOW_CONN_<ID>``) through
+    ``airflow.sdk.BaseHook``: its extra ``sqlalchemy_url`` if set, a ``sqlite`` host (or
+    schema) as the database file, otherwise ``get_uri()`` (``postgres`` as ``postgresql``).
+    """
+    import os
+
+    if "://" in conn_id:
+        return conn_id
+    raw = os.environ.get(f"AIRFLOW_CONN_{conn_id.upper()}", "").strip()
+    if "://" in raw and not raw.startswith("{"):
+        return raw
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException as error:
+        raise SourceError(
+            f"Airflow Connection {conn_id!r} is not defined (nor AIRFLOW_CONN_{conn_id.upper()})"
+        ) from error
+    extra = conn.extra_dejson
+    if extra.get("sqlalchemy_url"):
+        return str(extra["sqlalchemy_url"])
+    if conn.conn_type == "sqlite":
+        return f"sqlite:///{conn.host or conn.schema or ':memory:'}"
+    uri = str(conn.get_uri())
+    return "postgresql" + uri.removeprefix("postgres") if uri.startswith("postgres://") else uri
+
+
+def sql_label(mapping: Mapping) -> str:
+    """How a table source appears in the ledger and in quarantine's ``source_file``."""
+    if mapping.sql is None:
+        raise ValueError(f"source {mapping.name!r} is not a table source")
+    table = f"{mapping.sql.schema}.{mapping.sql.table}" if mapping.sql.schema else mapping.sql.table
+    return f"sql://{mapping.name}/{table}"
+
+
+def _sql_conn_id(mapping: Mapping, default: str | None) -> str:
+    assert mapping.sql is not None
+    conn_id = mapping.sql.conn_id or default
+    if not conn_id:
+        raise MappingError(
+            f"{mapping.origin or mapping.name}: sql.conn_id: not set, and no PROFILE_ENGINE_SQL_CONN_ID default"
+        )
+    return conn_id
+
+
+@dataclass(frozen=True)
+class SqlBatch:
+    """Rows of a table source in ``(lower, upper]`` of its cursor, as text."""
+
+    rows: pa.Table  # the mapping's source columns as strings + ``_source_row``
+    lower: Any  # exclusive; None: from the first row
+    upper: Any  # inclusive; None: the table had no rows
+    digest: str  # sha256 of the rows' text, to detect a range changed after ingestion
+
+
+def _jsonable(value: Any) -> Any:
+    """A cursor value as JSON (bound values are compared in the database's own type)."""
+    if isinstance(value, datetime):
+        return {"datetime": value.isoformat()}
+    if value is None or isinstance(value, int | str):
+        return value
+    if isinstance(value, float):
+        return {"float": repr(value)}
+    return {"text": str(value)}
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "datetime" in value:
+            return datetime.fromisoformat(value["datetime"])
+        if "float" in value:
+            return float(value["float"])
+        return value["text"]
+    return value
+
+
+def read_sql_batch(
+    mapping: Mapping,
+    *,
+    lower: Any,
+    upper: Any = None,
+    before: datetime | None = None,
+    default_conn_id: str | None = None,
+    bounded: bool = False,
+) -> SqlBatch:
+    """Read a table source's rows with ``lower < cursor <= upper``.
+
+    ``lower``/``upper`` are JSON cursor values from the ledger (None: unbounded). With
+    ``bounded`` (a rerun) the range is exactly the ledger's, an empty one included.
+    Otherwise (a first extraction) the upper bound becomes the largest cursor now
+    in the table, of rows before ``before`` for a time cursor (naive UTC, as
+    SQLAlchemy binds it). Rows come ordered by the cursor and numbered from 1; every
+    value is text (integers are never read through float, so 19-digit ids survive).
+    """
+    import sqlalchemy as sa
+
+    assert mapping.sql is not None
+    spec = mapping.sql
+    label = sql_label(mapping)
+    try:
+        engine = sa.create_engine(connection_url(_sql_conn_id(mapping, default_conn_id)))
+    except sa.exc.ArgumentError as error:
+        raise SourceError(f"{label}: not a SQLAlchemy URL: {error}") from error
+    try:
+        with engine.connect() as conn:
+            try:
+                table = sa.Table(spec.table, sa.MetaData(), schema=spec.schema, autoload_with=conn)
+            except sa.exc.NoSuchTableError as error:
+                raise SourceError(f"{label}: no table {spec.table!r} in the database") from error
+            names = list(dict.fromkeys([*mapping.source_columns(), spec.cursor]))
+            missing = [n for n in names if n not in table.c]
+            if missing:
+                raise SourceError(
+                    f"{label}: missing required column(s) {', '.join(missing)} for source {mapping.name!r}"
+                )
+            cursor = table.c[spec.cursor]
+            low = _from_json(lower)
+            high = _from_json(upper)
+            if high is None and not bounded:
+                query = sa.select(sa.func.max(cursor))
+                if low is not None:
+                    query = query.where(cursor > low)
+                if before is not None and spec.cursor_type == "time":
+                    query = query.where(cursor < before.astimezone(UTC).replace(tzinfo=None))
+                high = conn.execute(query).scalar()
+                if high is None:  # nothing new: the range is empty, the mark stays
+                    high = low
+            selected: list[Any] = []
+            if high is not None:
+                query = sa.select(*[table.c[n] for n in names]).where(cursor <= high).order_by(cursor)
+                if low is not None:
+                    query = query.where(cursor > low)
+                selected = list(conn.execute(query).fetchall())
+    except sa.exc.SQLAlchemyError as error:
+        raise SourceError(f"{label}: cannot be read: {error}") from error
+    finally:
+        engine.dispose()
+
+    def text(value: Any) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, datetime):
+            return value.isoformat(sep=" ")
+        if isinstance(value, bytes):
+            return value.decode("utf-8", errors="replace")
+        return str(value)
+
+    columns = {n: [text(r[i]) for r in selected] for i, n in enumerate(names) if n in mapping.source_columns()}
+    digest = hashlib.sha256()
+    for r in selected:
+        digest.update("\x1f".join("\x00" if v is None else str(text(v)) for v in r).encode() + b"\x1e")
+    rows = pa.table(
+        {
+            **{n: pa.array(v, pa.string()) for n, v in columns.items()},
+            ROW_COLUMN: pa.array(range(1, len(selected) + 1), pa.int64()),
+        }
+    )
+    return SqlBatch(rows, lower, _jsonable(high), digest.hexdigest())
+
+
+def sql_select(con: Any, mapping: Mapping, rows: pa.Table, index: int) -> str:
+    """Register a table source's rows in DuckDB and return their canonical SELECT."""
+    table = f"src_{index}"
+    con.register(f"{table}_arrow", rows)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM {table}_arrow")
+    con.unregister(f"{table}_arrow")
+    return mapped_select(con, mapping, table, index, sql_label(mapping))
 
 
 # ---- replay: one large file -> landing files by event hour -------------------------
