@@ -215,11 +215,13 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
         import duckdb as db
 
         glob = str(work / "build_b1" / "staging" / "events" / "**" / "*.parquet")
-        table = db.sql(
+        relation = db.sql(
             f"""SELECT user_id, event_type, count(*) AS n, min(ts) AS first_ts, max(ts) AS last_ts,
                        sum(price * quantity) FILTER (WHERE event_type = 'purchase') AS spend
                 FROM read_parquet('{glob}') GROUP BY ALL"""
-        ).to_arrow_table()
+        )
+        assert relation is not None  # a SELECT always gives a relation
+        table = relation.to_arrow_table()
         out["rows"] = table.num_rows
     elif name in ("full_build", "rebuild_60d") or name.startswith("bucket_of_"):
         if name == "full_build":
@@ -307,7 +309,10 @@ def render(info: dict[str, Any], rows: dict[str, dict[str, Any]], command: str) 
     ratio_floor = full["median_s"] / floor["median_s"]
     ratio_60_31 = r60["median_s"] / r31["median_s"]
     ratio_rebuild = rb["median_s"] / r60["median_s"]
-    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
     head = "| step | median s | min s | max s | peak RSS MB (median) | runs |\n|---|---|---|---|---|---|"
     return f"""
 ## Run of {datetime.now(UTC):%Y-%m-%d %H:%M} UTC

@@ -129,10 +129,13 @@ def profile_refresh() -> None:
     @task(depends_on_past=True, multiple_outputs=False)
     def publish_profiles(built: list[dict[str, Any]]) -> dict[str, Any]:
         """Add population features (RFM), write the change log and commit the snapshot."""
-        from profile_engine import features
+        from profile_engine import features, quality
 
         settings, hour, run_id = _context()
-        return features.publish_profiles(settings, hour, run_id=run_id)
+        try:
+            return features.publish_profiles(settings, hour, run_id=run_id)
+        except quality.ProfileValidationError as error:
+            raise AirflowFailException(str(error)) from error  # the data is wrong: a retry gives the same
 
     @task(multiple_outputs=False)
     def train_challenger(published: dict[str, Any]) -> dict[str, Any]:

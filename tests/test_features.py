@@ -438,7 +438,7 @@ def test_incremental_snapshots_equal_a_full_rebuild(
     # Hourly steps around every staged hour (the production path; hours with nothing staged
     # included), multi-hour jumps across the quiet days between visits (the warm-up path).
     boundaries = {hours} | {h + d for h in staged_hour for d in (0, 1)}
-    boundaries |= set(data.draw(st.lists(st.integers(1, hours), max_size=4), label="extra ends"))
+    boundaries |= set(data.draw(st.lists(st.integers(1, hours), max_size=2), label="extra ends"))
     ends = sorted(e for e in boundaries if 0 < e <= hours)
     checks = {hours, *data.draw(st.lists(st.sampled_from(ends), max_size=1), label="checked ends")}
 

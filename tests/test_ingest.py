@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import sqlite3
+import tempfile
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,6 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from profile_engine import ingest, sources
 from profile_engine import lake as lk
@@ -406,3 +410,62 @@ def test_sql_mapping_block_is_validated() -> None:
 def test_sql_sources_setting_from_env() -> None:
     settings = Settings.from_env({"PROFILE_ENGINE_SQL_SOURCES": "shop, crm", "PROFILE_ENGINE_SQL_CONN_ID": "db"})
     assert (settings.sql_sources, settings.sql_conn_id) == (("shop", "crm"), "db")
+
+
+def test_table_source_feeds_the_hour_runner_to_a_published_snapshot(
+    shop: tuple[Settings, sqlite3.Connection],
+) -> None:
+    # Arrange: a time cursor, so each hour takes what was ingested during it
+    from profile_engine import runner
+
+    settings, con = shop
+    Lake(settings.lake).path(sources.LAKE_SOURCES_DIR, "shop.yaml").write_text(
+        SHOP_MAPPING.format(cursor="ingested_at", cursor_type="time")
+    )
+    insert(
+        con,
+        (at(HOUR0, 5), "e1", BIG_ID, "page_view", "i1", 5.0, at(HOUR0, 4)),
+        (at(HOUR0, 6), "e2", BIG_ID, "order", "i1", 5.0, at(HOUR0, 5)),
+        (at(HOUR0, 65), "e3", 42, "basket_add", "i2", 3.0, at(HOUR0, 64)),
+        (at(HOUR0, 66), "e4", 42, "teleport", "i2", 3.0, at(HOUR0, 65)),
+    )
+
+    # Act
+    summary = runner.warm_up(settings, HOUR0, HOUR0 + HOUR, snapshot_every=1)
+
+    # Assert
+    assert (summary["read"], summary["staged"], summary["quarantined"]) == (4, 3, 1)
+    profiles = Lake(settings.lake).read(lk.PROFILES, HOUR0 + HOUR)
+    assert sorted(profiles.column("user_id").to_pylist()) == [str(BIG_ID), "42"]
+    assert Lake(settings.lake).committed(lk.PROFILES, HOUR0 + HOUR)
+
+
+@hyp_settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.integers(min_value=0, max_value=4), min_size=1, max_size=4))
+def test_table_ranges_take_every_row_exactly_once(
+    shop: tuple[Settings, sqlite3.Connection], batches: list[int]
+) -> None:
+    # Arrange: a fresh lake and table per example; ``batches[h]`` rows arrive before hour h is extracted
+    base, con = shop
+    con.execute("DELETE FROM shop_events")
+    con.commit()
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = replace(base, lake=Path(tmp) / "lake")
+        mapping = Lake(settings.lake).path(sources.LAKE_SOURCES_DIR, "shop.yaml")
+        mapping.parent.mkdir(parents=True)
+        mapping.write_text(SHOP_MAPPING.format(cursor="id", cursor_type="id"))
+        taken: list[int] = []
+
+        # Act
+        for h, n in enumerate(batches):
+            hour = HOUR0 + h * HOUR
+            insert(con, *[(at(hour, 1), f"e{h}-{i}", i, "page_view", "i", 1.0, at(hour, 1)) for i in range(n)])
+            ingest.extract_events(settings, hour)
+            (entry,) = ingest.read_ledger(Lake(settings.lake), hour) or []
+            low, high = entry.lower or 0, entry.upper or 0
+            taken += range(low + 1, high + 1)
+            assert entry.rows == high - low
+
+    # Assert
+    all_ids = [row[0] for row in con.execute("SELECT id FROM shop_events ORDER BY id")]
+    assert taken == all_ids

@@ -488,3 +488,26 @@ def test_any_snapshot_within_the_ranges_passes(counts: list[int], rfm: list[int 
 
     # Assert
     assert summary["rows"] == len(counts)
+
+
+def test_publish_profiles_refuses_an_invalid_snapshot_and_commits_nothing(settings: Settings) -> None:
+    # Arrange: built bucket profiles, one with a negative order value (a broken aggregation)
+    from profile_engine import features as ft
+
+    lake = Lake(settings.lake)
+    rows = profile_rows(4)
+    for row in rows:
+        row[ft.RFM_SEGMENT] = None  # population features are added by publish
+    rows[3][ft.MONETARY_TOTAL] = -5.0
+    snapshot = pa.Table.from_pylist(rows, schema=ft.PROFILE_SCHEMA).select(ft.SNAPSHOT_SCHEMA.names)
+    for bucket in range(settings.buckets):
+        part = snapshot.slice(bucket * 2, 2).cast(ft.SNAPSHOT_SCHEMA)
+        lake.write_partition(ft.PROFILES, HOUR, part, bucket=bucket, run_id="t")
+
+    # Act
+    with pytest.raises(ProfileValidationError, match=profile_range_name(ft.MONETARY_TOTAL)):
+        ft.publish_profiles(settings, HOUR, run_id="t")
+
+    # Assert
+    assert not (lake.partition(ft.PROFILES, HOUR) / MANIFEST).is_file()
+    assert not lake.path(ft.PROFILES, "current").exists()

@@ -77,7 +77,14 @@ def lake_settings(settings: Settings) -> Settings:
     docs = lake.partition(lk.QUALITY_DOCS, HOURS[0])
     docs.mkdir(parents=True)
     (docs / "index.html").write_text("<html>expectation suite events_hourly</html>")
-    lake.write_dir(lake.path(lk.MODELS, VERSION), [("model_card.md", b"# Model card: v20261102T10\n\nAUC 0.71")], {})
+    lake.write_dir(
+        lake.path(lk.MODELS, VERSION),
+        [
+            ("model_card.md", b"# Model card: v20261102T10\n\nAUC 0.71\n\n![ROC curve](roc.png)"),
+            ("roc.png", b"\x89PNG"),
+        ],
+        {},
+    )
     (settings.lake / lk.STAGING).mkdir(parents=True)
     (settings.lake / lk.STAGING / "secret.csv").write_text("user_id\nu1\n")
     (settings.lake.parent / "outside.txt").write_text("not for the UI")
@@ -172,6 +179,7 @@ def test_links_of_the_hour_page_resolve(lake_settings: Settings, token: str) -> 
     # Assert
     assert docs.status_code == 200 and "events_hourly" in docs.text
     assert card.status_code == 200 and "<h1>Model card: v20261102T10</h1>" in card.text
+    assert 'src="roc.png"' in card.text and client.get(f"/models/{VERSION}/roc.png").content == b"\x89PNG"
     assert raw.json()["headline"]["staged"] == 97
 
 
@@ -300,3 +308,18 @@ def test_airflow_api_server_mounts_the_pages_behind_its_login(
     [ours] = [p for p in plugins if p["name"] == "profile_engine"]
     assert ours["external_views"][0]["href"] == ui.URL_PREFIX + "/"
     assert ours["fastapi_apps"][0]["url_prefix"] == ui.URL_PREFIX
+
+
+def test_unreadable_report_does_not_hide_the_others(lake_settings: Settings, token: str) -> None:
+    # Arrange
+    broken = Lake(lake_settings.lake).partition(lk.REPORTS, HOURS[1]) / "report.json"
+    broken.write_text("{not json")
+    client = _client(lake_settings, token)
+
+    # Act
+    page = client.get("/")
+    listed = client.get("/api/hours").json()
+
+    # Assert
+    assert page.status_code == 200 and "unreadable" in page.text
+    assert [h["status"] for h in listed] == ["unreadable", "success"]

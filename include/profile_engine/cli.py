@@ -119,6 +119,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.equal else 1
 
 
+def cmd_lock(args: argparse.Namespace) -> int:
+    """Show the lake lock's owner (``--force-release`` removes it: for a DAG run that died before its report)."""
+    from profile_engine import lock
+
+    _print(lock.status(Settings.from_env(), force_release=args.force_release))
+    return 0
+
+
 def cmd_freshness(args: argparse.Namespace) -> int:
     """Check that a profile snapshot was committed recently; alert (webhook/SMTP) and return 1 if not."""
     from profile_engine.alerts import run_freshness_check
@@ -186,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hour", type=_hour, required=True, help="the snapshot's hour (UTC, ISO, e.g. 2026-11-28T05:00)")
     p.add_argument("--keep", action="store_true", help="keep the rebuilt snapshot in the lake's _tmp/ to inspect it")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("lock", help="show who holds the lake lock (_meta/lock) and whether it is stale")
+    p.add_argument("--force-release", action="store_true", help="remove the lock whoever holds it (logged)")
+    p.set_defaults(func=cmd_lock)
 
     p = sub.add_parser("freshness", help="alert when the current profile snapshot is older than the limit")
     p.set_defaults(func=cmd_freshness)

@@ -233,3 +233,26 @@ def _take_over(path: Path, stale: LockOwner | None, why: str) -> None:
         return
     log.warning("lake lock: took over stale lock of %s (%s)", stale.run_id if stale else "unknown run", why)
     aside.unlink(missing_ok=True)
+
+
+def status(settings: Settings, *, force_release: bool = False) -> dict[str, Any]:
+    """The lock's owner and whether it is stale (for ``python -m profile_engine lock``).
+
+    ``force_release`` removes it whoever holds it (an operator's decision, logged):
+    for a DAG run that died without its ``write_run_report``, before the expiry.
+    """
+    lake = Lake(settings.lake)
+    owner = read_owner(lake)
+    now = datetime.now(UTC)
+    result: dict[str, Any] = {
+        "lock": str(lock_path(lake)),
+        "held": lock_path(lake).exists(),
+        "owner": None if owner is None else asdict(owner),
+        "stale": owner is not None and (owner.expired(now) or owner.process_dead()),
+        "released": False,
+    }
+    if force_release and result["held"]:
+        log.warning("lake lock: released by hand (owner %s)", owner.run_id if owner else "unreadable")
+        lock_path(lake).unlink(missing_ok=True)
+        result["released"] = True
+    return result

@@ -20,7 +20,7 @@ import html
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,12 +47,13 @@ _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True)
 class HourEntry:
-    """One processed hour: where its report is and its headline."""
+    """One processed hour: where its report is, its headline and the whole report."""
 
     dt: str
     hh: str
     status: str
     headline: dict[str, Any]
+    report: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
     def hour(self) -> str:
@@ -86,10 +87,13 @@ def list_hours(settings: Settings, limit: int = MAX_HOURS) -> list[HourEntry]:
         reverse=True,
     )
     for match in found[:limit]:
-        report = read_report(settings, match.group(1), match.group(2))
-        entries.append(
-            HourEntry(match.group(1), match.group(2), str(report.get("status")), dict(report.get("headline") or {}))
-        )
+        dt, hh = match.group(1), match.group(2)
+        try:
+            report = read_report(settings, dt, hh)
+        except (OSError, ValueError) as error:  # one unreadable report must not hide the others
+            entries.append(HourEntry(dt, hh, "unreadable", {"error": f"{type(error).__name__}: {error}"}))
+            continue
+        entries.append(HourEntry(dt, hh, str(report.get("status")), dict(report.get("headline") or {}), report))
     return entries
 
 
@@ -227,7 +231,7 @@ def render_index(settings: Settings) -> str:
             "Profile engine",
             f"<h1>Profile engine</h1><p>No run report in the lake {html.escape(str(settings.lake))} yet.</p>",
         )
-    reports = [read_report(settings, e.dt, e.hh) for e in entries]
+    reports = [e.report for e in entries if e.report]
     keys = ("rows_read", "staged", "quarantined", "erased", "quality_success", "profiles", "model")
     rows = "".join(
         f"<tr><td><a href='hours/{e.dt}/{e.hh}/'>{html.escape(e.hour)}</a></td>"

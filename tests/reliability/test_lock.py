@@ -221,3 +221,26 @@ def test_runner_names_the_missing_previous_hour_and_frees_the_lock(settings: Set
         runner.run_hour(settings, hour, build_docs=False)
     assert lock.read_owner(Lake(settings.lake)) is None
     assert not leftover.exists(), "the run cleaned the crashed writer's _tmp/ leftover first"
+
+
+def test_cli_shows_a_stale_lock_and_releases_it_by_hand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Arrange: a DAG run died before its report; its lock has expired.
+    from profile_engine.cli import main
+
+    lake = Lake(tmp_path)
+    past = datetime.now(UTC) - timedelta(hours=3)
+    _plant(lake, LockOwner.mine("scheduled__dead", "run", timedelta(hours=1), now=past))
+    monkeypatch.setenv("PROFILE_ENGINE_LAKE", str(tmp_path))
+
+    # Act
+    shown = main(["lock"])
+    first = json.loads(capsys.readouterr().out)
+    released = main(["lock", "--force-release"])
+    second = json.loads(capsys.readouterr().out)
+
+    # Assert
+    assert shown == released == 0
+    assert first["held"] and first["stale"] and first["owner"]["run_id"] == "scheduled__dead" and not first["released"]
+    assert second["released"] and lock.read_owner(lake) is None and not lock.lock_path(lake).exists()
