@@ -100,13 +100,15 @@ def test_only_committed_and_intact_exports_are_delivered(published: tuple[Settin
     assert skipped["hours"] == [] and skipped["skipped"][0]["reason"] == "no export written (dry run)"
 
 
-def test_sqlalchemy_url_from_connection_fields() -> None:
-    assert delivery.sqlalchemy_url("sqlite", "/tmp/x.db", None, None, None, None) == "sqlite:////tmp/x.db"
-    assert (
-        delivery.sqlalchemy_url("postgres", "db", "crm", "s3cret", 5432, "marketing")
-        == "postgresql://crm:s3cret@db:5432/marketing"
-    )
-    assert delivery.sqlalchemy_url("mysql", "h", None, None, None, None, {"sqlalchemy_url": "sqlite://"}) == "sqlite://"
+def test_connection_engine_reads_a_uri_form_sqlite_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    database = tmp_path / "crm.db"
+    monkeypatch.setenv("AIRFLOW_CONN_CRM_DB", f"sqlite:///{database}")
+
+    engine = delivery.connection_engine("crm_db")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+
+    assert engine.url.database == str(database) and database.is_file()
 
 
 def test_deliver_campaigns_dag_delivers_every_triggering_event(

@@ -252,43 +252,13 @@ def deliver_events(
     return {"hours": delivered, "skipped": skipped}
 
 
-def sqlalchemy_url(
-    conn_type: str,
-    host: str | None,
-    login: str | None,
-    password: str | None,
-    port: int | None,
-    schema: str | None,
-    extra: Mapping[str, Any] | None = None,
-) -> str:
-    """A SQLAlchemy URL for an Airflow Connection's fields.
-
-    ``extra["sqlalchemy_url"]`` wins when set; a ``sqlite`` connection's host is the
-    database file; other types become ``<type>://login:password@host:port/schema``
-    (``postgres`` as ``postgresql``).
-    """
-    from sqlalchemy.engine import URL
-
-    if extra and extra.get("sqlalchemy_url"):
-        return str(extra["sqlalchemy_url"])
-    if conn_type == "sqlite":
-        return f"sqlite:///{host or ':memory:'}"
-    driver = {"postgres": "postgresql"}.get(conn_type, conn_type)
-    return URL.create(
-        driver, username=login, password=password, host=host, port=port, database=schema
-    ).render_as_string(hide_password=False)
-
-
 def connection_engine(conn_id: str) -> sqlalchemy.Engine:
     """A SQLAlchemy engine for Airflow Connection ``conn_id`` (call inside a task, never at parse time)."""
     import sqlalchemy as sa
-    from airflow.sdk import BaseHook
 
-    conn = BaseHook.get_connection(conn_id)
-    url = sqlalchemy_url(
-        conn.conn_type or "", conn.host, conn.login, conn.password, conn.port, conn.schema, conn.extra_dejson
-    )
-    return sa.create_engine(url)
+    from profile_engine.sources import connection_url
+
+    return sa.create_engine(connection_url(conn_id))
 
 
 def connection_secret(conn_id: str) -> str | None:
