@@ -15,7 +15,7 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 from profile_engine.config import Settings
-from profile_engine.lake import MANIFEST, QUALITY_DOCS, QUALITY_RESULTS, TMP, Lake, read_json
+from profile_engine.lake import MANIFEST, PROFILES, QUALITY_DOCS, QUALITY_RESULTS, TMP, Lake, read_json
 from profile_engine.quality import (
     BUCKET_IN_RANGE,
     DOCS_INDEX,
@@ -502,12 +502,12 @@ def test_publish_profiles_refuses_an_invalid_snapshot_and_commits_nothing(settin
     snapshot = pa.Table.from_pylist(rows, schema=ft.PROFILE_SCHEMA).select(ft.SNAPSHOT_SCHEMA.names)
     for bucket in range(settings.buckets):
         part = snapshot.slice(bucket * 2, 2).cast(ft.SNAPSHOT_SCHEMA)
-        lake.write_partition(ft.PROFILES, HOUR, part, bucket=bucket, run_id="t")
+        lake.write_partition(PROFILES, HOUR, part, bucket=bucket, run_id="t")
 
     # Act
     with pytest.raises(ProfileValidationError, match=profile_range_name(ft.MONETARY_TOTAL)):
         ft.publish_profiles(settings, HOUR, run_id="t")
 
     # Assert
-    assert not (lake.partition(ft.PROFILES, HOUR) / MANIFEST).is_file()
-    assert not lake.path(ft.PROFILES, "current").exists()
+    assert not (lake.partition(PROFILES, HOUR) / MANIFEST).is_file()
+    assert not lake.path(PROFILES, "current").exists()
