@@ -182,16 +182,6 @@ class Lake:
         write_json(tmp / MANIFEST, {**manifest, "files": files, "schema_version": SCHEMA_VERSION})
         replace_dir(tmp, target, self)
 
-    def clean_tmp(self) -> int:
-        """Remove leftovers of crashed runs from ``_tmp/``; returns how many entries went."""
-        tmp = self.root / TMP
-        if not tmp.is_dir():
-            return 0
-        entries = list(tmp.iterdir())
-        for entry in entries:
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-        return len(entries)
-
 
 def replace_dir(new: Path, target: Path, lake: Lake) -> None:
     """Move ``new`` to ``target``, replacing an existing directory there."""
