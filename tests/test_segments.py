@@ -140,7 +140,8 @@ DEFAULT_USERS: dict[str, dict[str, Any]] = {
     "u1_intent": {},
     "u2_cart": {"open_cart_items": 2, "hours_since_last_cart": 3.0},
     "u3_top_spender": {"frequency_orders": 4, "monetary_total": 900.0, "rfm_segment": "loyal"},
-    "u4_winback": {
+    "u4_winback": {  # dormant and unlikely to buy, but loyal before: win-back, not suppression
+        "lifecycle_stage": "dormant",
         "frequency_orders": 2,
         "monetary_total": 100.0,
         "hours_since_last_event": 400.0,
@@ -154,6 +155,7 @@ DEFAULT_USERS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PROPENSITY = {u: 0.3 for u in DEFAULT_USERS} | {
     "u1_intent": 0.95,
+    "u4_winback": 0.01,
     "u6_dormant": 0.01,
     "u9_cart_and_intent": 0.97,
 }
