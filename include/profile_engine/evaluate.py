@@ -371,14 +371,18 @@ def _reason(check: Mapping[str, Any]) -> str:
 
 
 # ---- curves for the model card ----------------------------------------------------------------------------------
-def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(false positive rate, true positive rate)`` at every distinct score, from (0, 0) to (1, 1)."""
-    y = np.asarray(y, dtype=np.float64)
+def _positives_above_thresholds(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """At every distinct score (highest first): positives and rows scored at or above it."""
     order = np.argsort(-np.asarray(p, dtype=np.float64), kind="stable")
     scores = np.asarray(p, dtype=np.float64)[order]
     last = np.r_[np.flatnonzero(np.diff(scores) != 0), scores.size - 1]
-    tp = np.cumsum(y[order])[last]
-    fp = (last + 1.0) - tp
+    return np.cumsum(np.asarray(y, dtype=np.float64)[order])[last], last + 1.0
+
+
+def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(false positive rate, true positive rate)`` at every distinct score, from (0, 0) to (1, 1)."""
+    tp, ranked = _positives_above_thresholds(y, p)
+    fp = ranked - tp
     return np.r_[0.0, fp / max(fp[-1], 1.0)], np.r_[0.0, tp / max(tp[-1], 1.0)]
 
 
@@ -391,12 +395,8 @@ def auc_from_curve(fpr: Sequence[float] | np.ndarray, tpr: Sequence[float] | np.
 
 def pr_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(recall, precision)`` at every distinct score (the steps ``pr_auc`` sums)."""
-    y = np.asarray(y, dtype=np.float64)
-    order = np.argsort(-np.asarray(p, dtype=np.float64), kind="stable")
-    scores = np.asarray(p, dtype=np.float64)[order]
-    last = np.r_[np.flatnonzero(np.diff(scores) != 0), scores.size - 1]
-    tp = np.cumsum(y[order])[last]
-    return tp / max(float(y.sum()), 1.0), tp / (last + 1.0)
+    tp, ranked = _positives_above_thresholds(y, p)
+    return tp / max(float(np.sum(y)), 1.0), tp / ranked
 
 
 def calibration_curve(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict[str, list[float]]:

@@ -106,6 +106,28 @@ def _model_line(summaries: dict[str, Any]) -> str | None:
     return None
 
 
+def metrics_table_html(metrics: dict[str, dict[str, Any]], intervals: dict[str, dict[str, Any]]) -> str:
+    """Metrics per model (columns) with their 95% intervals, as an HTML table; empty without metrics.
+
+    Shared by the run report page and the UI plugin's hour page.
+    """
+    if not metrics:
+        return ""
+    names = list(metrics)
+    keys = list(next(iter(metrics.values())))
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    body = "".join(
+        f"<tr><td>{html.escape(k)}</td>"
+        + "".join(
+            f"<td>{html.escape(str(metrics[n].get(k)))} {html.escape(str(intervals.get(n, {}).get(k, '')))}</td>"
+            for n in names
+        )
+        + "</tr>"
+        for k in keys
+    )
+    return f"<table><tr><th>metric (95% interval)</th>{head}</tr>{body}</table>"
+
+
 def _model_html(model: dict[str, Any] | None) -> str:
     """The model section: scoring model, gate decision with metrics, drift against the previous snapshot."""
     if not model:
@@ -115,18 +137,7 @@ def _model_html(model: dict[str, Any] | None) -> str:
         if model.get(key):
             parts.append(f"<li><b>{key}</b>: {html.escape(json.dumps(model[key], default=str))}</li>")
     parts.append("</ul>")
-    if model.get("metrics"):
-        names = list(model["metrics"])
-        keys = list(next(iter(model["metrics"].values())))
-        intervals = model.get("intervals") or {}
-        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
-        body = ""
-        for k in keys:
-            cells = "".join(
-                f"<td>{model['metrics'][n][k]} {html.escape(str(intervals.get(n, {}).get(k, '')))}</td>" for n in names
-            )
-            body += f"<tr><td>{html.escape(k)}</td>{cells}</tr>"
-        parts.append(f"<table><tr><th>metric (95% interval)</th>{head}</tr>{body}</table>")
+    parts.append(metrics_table_html(model.get("metrics") or {}, model.get("intervals") or {}))
     drift = model.get("drift") or {}
     if drift.get("previous_hour"):
         score = drift.get("score") or {}

@@ -262,18 +262,9 @@ def _model_section(model: dict[str, Any]) -> str:
     parts.append("</table>")
     metrics = model.get("metrics") or {}
     if metrics:
-        names = list(metrics)
-        keys = list(next(iter(metrics.values())))
-        intervals = model.get("intervals") or {}
-        parts.append("<h3>Metrics (95% interval)</h3><table><tr><th>metric</th>")
-        parts.append("".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>")
-        for k in keys:
-            cells = "".join(
-                f"<td>{html.escape(str(metrics[n].get(k)))} {html.escape(str(intervals.get(n, {}).get(k, '')))}</td>"
-                for n in names
-            )
-            parts.append(f"<tr><td>{html.escape(k)}</td>{cells}</tr>")
-        parts.append("</table>")
+        from profile_engine.report import metrics_table_html
+
+        parts.append("<h3>Metrics</h3>" + metrics_table_html(metrics, model.get("intervals") or {}))
     drift = model.get("drift") or {}
     if drift.get("previous_hour"):
         score = drift.get("score") or {}
