@@ -29,8 +29,9 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 demo: install
 	$(BIN)/python -m profile_engine demo --users $(USERS) --history-days $(HISTORY_DAYS) --hours $(HOURS)
 
+# tests/cluster and tests/ui need servers and a browser: they run in their own targets below.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ignore=tests/cluster --ignore=tests/ui
 
 lint: install
 	$(BIN)/ruff check .
