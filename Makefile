@@ -15,7 +15,7 @@ USERS ?= 2000
 HISTORY_DAYS ?= 30
 HOURS ?= 48
 
-.PHONY: install demo test lint fmt ui clean constraints replay bench
+.PHONY: install demo test lint fmt ui clean constraints replay bench bench-quick
 
 install: $(STAMP)
 
@@ -32,6 +32,20 @@ demo: install
 # tests/cluster and tests/ui need servers and a browser: they run in their own targets below.
 test: install
 	$(BIN)/python -m pytest --ignore=tests/cluster --ignore=tests/ui
+
+# Airflow with CeleryExecutor, two workers, its own PostgreSQL and Redis (Debian packages, installed
+# when missing; needs root then), all started and stopped by the test: docs/operations.md, "Cluster test".
+.PHONY: test-cluster
+test-cluster: install
+	bash scripts/ensure-cluster-packages.sh
+	$(BIN)/python -m pytest tests/cluster -s
+
+# The standalone UI in headless Debian Chromium driven by Playwright (installed from requirements.txt;
+# `playwright install` downloads browsers and cannot work offline). Screenshots: test-artifacts/.
+.PHONY: test-browser
+test-browser: install
+	test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	$(BIN)/python -m pytest tests/ui
 
 lint: install
 	$(BIN)/ruff check .
@@ -53,6 +67,15 @@ replay: install
 # Benchmarks append their results to BENCHMARKS.md (one script per line; more are added here).
 bench: install
 	$(BIN)/python benchmarks/profiles.py
+	$(BIN)/python benchmarks/pipeline.py $(PIPELINE_BENCH)
+
+# The whole hourly pipeline at 1M events / 1M users (benchmarks/pipeline.py; the first run
+# also builds a cached base lake under $TMPDIR). PIPELINE_BENCH="--sections tasks" etc. narrows it.
+PIPELINE_BENCH ?= --runs 3 --dag-runs 2 --train-runs 1
+
+# Smoke run of the pipeline benchmark at tiny sizes (about a minute, nothing appended).
+bench-quick: install
+	$(BIN)/python benchmarks/pipeline.py --quick
 
 # Re-pin the full dependency set from a fresh resolution of requirements.txt.
 constraints:

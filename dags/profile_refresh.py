@@ -9,7 +9,9 @@ data-quality report and a run report.
 -> train_challenger? -> evaluate_and_promote? -> score_profiles[bucket] -> publish_segments -> write_run_report`
 
 * The run processes its data interval `[data_interval_start, data_interval_end)`, or
-  the hour given in the `hour` param (a manual run for hour H uses logical date H and `hour`=H).
+  the hour given in the `hour` param. A manual run for hour H sets `hour`=H, logical date H and
+  the data interval [H, H+1) (the UI's *Specify Manually*): with the interval Airflow infers for a
+  manual run ([H-1h, H)) the scheduler keeps finding that run for H and stops scheduling later hours.
 * Every hour is processed in order (`catchup`, `max_active_runs=1`, `depends_on_past` on
   stateful tasks); a run whose previous hour is missing fails and names it.
 * Retraining runs on its own cadence (`PROFILE_ENGINE_RETRAIN_EVERY_HOURS`) or when forced.

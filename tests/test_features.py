@@ -250,6 +250,47 @@ def test_sessions_span_hour_boundaries_and_merge_on_a_late_event() -> None:
     assert (one["session_count"], one["mean_session_minutes"], one["events_per_session"]) == (1, 55.0, 5.0)
 
 
+_GAP_ROWS = [  # (user, minute): ties at both ends of the gap between 10 and 40, and a lone row
+    ("a", 0),
+    ("a", 10),
+    ("a", 10),
+    ("a", 10),
+    ("a", 40),
+    ("a", 40),
+    ("a", 45),
+    ("b", 10),
+]
+_GAP_EXPECTED = {  # minute -> (group's first minute, group's last minute), gap 30 minutes
+    ("a", 0): (0, 10),
+    ("a", 10): (0, 10),
+    ("a", 40): (40, 45),
+    ("a", 45): (40, 45),
+    ("b", 10): (10, 10),
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(order=st.permutations(range(len(_GAP_ROWS))))
+def test_gap_groups_keep_tied_timestamps_together_whatever_the_row_order(order: list[int]) -> None:
+    rows = [_GAP_ROWS[i] for i in order]
+    table = pa.table({"user_id": [u for u, _ in rows], "ts_ms": [m * 60_000 for _, m in rows]})
+    con = F._connect()
+    try:
+        con.register("rows", table)
+        result = con.sql(F._gap_groups("SELECT * FROM rows", "user_id", 30 * 60_000)).to_arrow_table()
+    finally:
+        con.close()
+
+    got = {
+        (u, t // 60_000): (f // 60_000, last // 60_000)
+        for u, t, f, last in zip(
+            *(result.column(c).to_pylist() for c in ("user_id", "ts_ms", "grp_first", "grp_last")), strict=True
+        )
+    }
+    assert result.num_rows == len(_GAP_ROWS)
+    assert got == _GAP_EXPECTED
+
+
 def test_open_cart_counts_items_not_removed_or_bought() -> None:
     end = at(days=40)
     cart = {"event_type": "cart"}

@@ -10,6 +10,7 @@ import argparse
 import json
 from dataclasses import asdict
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from profile_engine.config import Settings
@@ -84,7 +85,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """Start ``airflow standalone`` on 127.0.0.1:8080 continuing after the lake's last hour."""
+    """Land the demo shop's missing hours, start ``airflow standalone`` on 127.0.0.1, print address and login."""
     from profile_engine import demo
 
     return demo.run_ui(port=args.port)
@@ -134,6 +135,33 @@ def cmd_freshness(args: argparse.Namespace) -> int:
     result = run_freshness_check(Settings.from_env())
     _print(result)
     return 0 if result["fresh"] else 1
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    """Erase users from every retained dataset and tombstone them (issue 9); prints counts, never ids."""
+    import getpass
+
+    from profile_engine.erasure import erase_request
+
+    _print(
+        erase_request(
+            Settings.from_env(),
+            user_ids=args.user_id or [],
+            ids_file=args.file,
+            requested_by=f"cli:{getpass.getuser()}",
+            reason=args.reason,
+            tombstone_unknown=args.tombstone_unknown,
+        )
+    )
+    return 0
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    """Delete hour partitions older than PROFILE_ENGINE_RETENTION_DAYS (``--dry-run``: only list them)."""
+    from profile_engine.retention import run_retention
+
+    _print(run_retention(Settings.from_env(), dry_run=args.dry_run))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("freshness", help="alert when the current profile snapshot is older than the limit")
     p.set_defaults(func=cmd_freshness)
+
+    p = sub.add_parser("erase", help="erase users from every retained dataset and tombstone them (GDPR)")
+    ids = p.add_mutually_exclusive_group(required=True)
+    ids.add_argument("--user-id", action="append", help="a user id (repeatable)")
+    ids.add_argument("--file", type=Path, help="a text file of user ids, one per line (# comments)")
+    p.add_argument("--reason", default="erasure request", help="recorded in the audit log")
+    p.add_argument(
+        "--tombstone-unknown", action="store_true", help="tombstone ids found nowhere too (their data may arrive later)"
+    )
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("retention", help="delete hour partitions older than PROFILE_ENGINE_RETENTION_DAYS")
+    p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
+    p.set_defaults(func=cmd_retention)
     return parser
 
 

@@ -53,6 +53,8 @@ class Settings:
     alert_smtp: str | None = None
     alert_email_to: str | None = None
     alert_email_from: str = "profile-engine@localhost"
+    # Retention (docs/reliability.md): hour partitions older than this many days are deleted daily.
+    retention_days: int = 90
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -90,6 +92,7 @@ class Settings:
             alert_smtp=get("ALERT_SMTP"),
             alert_email_to=get("ALERT_EMAIL_TO"),
             alert_email_from=get("ALERT_EMAIL_FROM") or base.alert_email_from,
+            retention_days=int(get("RETENTION_DAYS") or base.retention_days),
         )
         settings.check()
         return settings
@@ -109,6 +112,8 @@ class Settings:
                 f"{ENV_PREFIX}LATENESS_HOURS, CLOCK_SKEW_MINUTES and QUARANTINE_MIN_ROWS must be >= 0, got "
                 f"{self.lateness_hours}, {self.clock_skew_minutes}, {self.quarantine_min_rows}"
             )
+        if self.retention_days < 1:
+            raise ValueError(f"{ENV_PREFIX}RETENTION_DAYS must be >= 1, got {self.retention_days}")
         if self.freshness_hours <= 0:
             raise ValueError(f"{ENV_PREFIX}FRESHNESS_HOURS must be > 0, got {self.freshness_hours}")
         if self.alert_smtp and not self.alert_email_to:

@@ -4,6 +4,10 @@ The demo simulates ``history_days`` of warm-up history plus a window of ``hours`
 hours ending at the last complete hour, builds the warm-up in bulk with the
 in-process runner, then runs ``profile_refresh`` through Airflow (``dag.test`` with
 logical date H and ``hour``=H) for every hour of the window and prints a summary.
+
+After it, ``make ui`` keeps the shop going: ``land_demo_hours`` (the ``demo_producer``
+DAG's task, and ``run_ui`` on start) lands the same simulator's files of each new
+arrival hour, so the scheduler's hourly ``profile_refresh`` runs find fresh data.
 """
 
 from __future__ import annotations
@@ -11,17 +15,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from profile_engine import lake as lk
 from profile_engine.config import PROJECT_ROOT, Settings
-from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range
+from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
 from profile_engine.lake import Lake, read_json, write_json
+
+if TYPE_CHECKING:
+    from profile_engine.simulate import SimulationSummary
 
 DEMO_MARKER = "_meta/demo.json"
 # Labels of a snapshot are final after horizon + lateness (24 h + the 24 h lateness window). The warm-up
@@ -62,6 +70,53 @@ def _prepare_lake(settings: Settings) -> Lake:
     return lake
 
 
+def _simulate_demo(lake: Lake, marker: dict[str, Any], first: datetime, last: datetime) -> SimulationSummary:
+    """Land arrival hours ``first..last`` of the shop that ``marker`` (the demo's ``_meta/demo.json``) describes."""
+    from profile_engine.simulate import simulate
+
+    return simulate(
+        lake,
+        first,
+        last,
+        users=int(marker["users"]),
+        seed=int(marker["seed"]),
+        business_tz=str(marker.get("business_tz") or Settings().business_tz),
+        origin=parse_hour(marker["start"]),
+        intensity=float(marker.get("intensity") or DEMO_INTENSITY),
+    )
+
+
+def land_demo_hours(settings: Settings, until: datetime) -> dict[str, Any]:
+    """The demo producer: land the simulated shop's files of every arrival hour not yet landed, through ``until``.
+
+    Continues the shop of the demo lake (the users, seed, origin and intensity in its
+    ``_meta/demo.json``) exactly as ``make demo`` simulated it, so the hours that
+    ``profile_refresh`` processes after the demo are the same as if the demo had gone on.
+    Hours already landed are not rewritten (their files may be in the ingestion ledger).
+    A lake that no demo made (a production lake) is left alone: ``status`` is ``skipped``.
+    """
+    lake = Lake(settings.lake)
+    marker_path = lake.path(DEMO_MARKER)
+    if settings.environment == "production" or not marker_path.is_file():
+        reason = "production environment" if settings.environment == "production" else f"{marker_path} missing"
+        return {"status": "skipped", "reason": f"not a demo lake ({reason}): the producer only feeds make demo's shop"}
+    marker = read_json(marker_path)
+    landed = parse_hour(marker.get("landed_through") or marker["window"][1])
+    until = floor_hour(until)
+    if until <= landed:
+        return {"status": "up to date", "landed_through": format_hour(landed), "hours": 0, "files": 0, "events": 0}
+    summary = _simulate_demo(lake, marker, landed + HOUR, until)
+    write_json(marker_path, {**marker, "landed_through": format_hour(until)})
+    return {
+        "status": "landed",
+        "first_hour": format_hour(summary.first_hour),
+        "landed_through": format_hour(until),
+        "hours": summary.hours,
+        "files": summary.files,
+        "events": summary.events,
+    }
+
+
 def _load_dag() -> Any:
     from airflow.dag_processing.dagbag import DagBag
 
@@ -95,25 +150,18 @@ def run_demo(*, users: int, history_days: int, hours: int, seed: int, last: date
             "seed": seed,
             "start": format_hour(warm_first),
             "window": [format_hour(first_window), format_hour(last)],
+            # What the demo producer needs to continue the same shop hour by hour (land_demo_hours).
+            "business_tz": settings.business_tz,
+            "intensity": DEMO_INTENSITY,
         },
     )
 
     from profile_engine import runner
-    from profile_engine.simulate import simulate
 
     print(
         f"[demo] simulating {users} users, {format_hour(warm_first)} .. {format_hour(last)} -> {lake.root}", flush=True
     )
-    simulated = simulate(
-        lake,
-        warm_first,
-        last,
-        users=users,
-        seed=seed,
-        business_tz=settings.business_tz,
-        origin=warm_first,
-        intensity=DEMO_INTENSITY,
-    )
+    simulated = _simulate_demo(lake, read_json(lake.path(DEMO_MARKER)), warm_first, last)
     print(
         f"[demo] {simulated.events} events in {simulated.files} landing files ({time.monotonic() - started:.0f}s)",
         flush=True,
@@ -213,17 +261,113 @@ def ui_start_hour(settings: Settings) -> datetime:
     return floor_hour(datetime.now(UTC)) - HOUR
 
 
-def run_ui(*, port: int = 8080) -> int:
-    """Run ``airflow standalone`` on 127.0.0.1 with the project's DAGs; returns its exit code."""
-    settings = Settings.from_env()
+PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
+
+
+def ui_environment(settings: Settings, *, port: int, airflow_home: Path | None = None) -> dict[str, str]:
+    """The environment of ``make ui``'s ``airflow standalone``: project-local Airflow on 127.0.0.1:``port``.
+
+    ``PROFILE_ENGINE_START`` continues after the lake's last snapshot (unless set), a demo
+    lake keeps the demo's label horizon and retraining cadence, and the API base URL names
+    the port, so tasks reach this server's execution API and not whatever runs on 8080.
+    """
     env = {**os.environ, **airflow_env()}
+    if airflow_home is not None:
+        env["AIRFLOW_HOME"] = str(airflow_home)
+    env["PROFILE_ENGINE_LAKE"] = str(settings.lake)
     env.setdefault("PROFILE_ENGINE_START", format_hour(ui_start_hour(settings)))
+    if Lake(settings.lake).path(DEMO_MARKER).is_file():
+        for key, value in DEMO_ENV.items():
+            env.setdefault(key, value)
     env["AIRFLOW__API__HOST"] = "127.0.0.1"
     env["AIRFLOW__API__PORT"] = str(port)
-    passwords = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
-    print(
-        f"Airflow UI: http://127.0.0.1:{port}  (user admin; password printed below by airflow standalone and kept in "
-        f"{passwords})\nprofile_refresh starts at {env['PROFILE_ENGINE_START']}; lake {settings.lake}",
-        flush=True,
-    )
-    return subprocess.call(["airflow", "standalone"], env=env)
+    env["AIRFLOW__API__BASE_URL"] = f"http://127.0.0.1:{port}"
+    return env
+
+
+def ui_login(airflow_home: Path) -> tuple[str, str]:
+    """The admin user and password that ``airflow standalone`` generated (simple auth manager)."""
+    passwords: dict[str, str] = json.loads((airflow_home / PASSWORDS_FILE).read_text())
+    user = "admin" if "admin" in passwords else sorted(passwords)[0]
+    return user, passwords[user]
+
+
+def wait_for_ui(base_url: str, process: subprocess.Popen[Any], airflow_home: Path, timeout: float = 300.0) -> None:
+    """Wait until the API server answers its health check and the login exists (``RuntimeError`` otherwise)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"airflow standalone exited with code {process.returncode} before the UI came up")
+        try:
+            with urllib.request.urlopen(f"{base_url}/api/v2/monitor/health", timeout=5) as response:
+                if response.status == 200 and (airflow_home / PASSWORDS_FILE).is_file():
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"the Airflow UI at {base_url} did not answer within {timeout:.0f}s")
+
+
+def run_ui(*, port: int = 8080) -> int:
+    """Land the demo shop's missing hours, run ``airflow standalone`` on 127.0.0.1, print address and login.
+
+    Returns the exit code of ``airflow standalone`` (Ctrl-C stops it).
+    """
+    settings = Settings.from_env()
+    landed = land_demo_hours(settings, floor_hour(datetime.now(UTC)) - HOUR)
+    if landed["status"] == "landed":
+        print(f"[ui] demo producer caught up: {landed['events']} events landed through {landed['landed_through']}")
+    env = ui_environment(settings, port=port)
+    home, url = Path(env["AIRFLOW_HOME"]), env["AIRFLOW__API__BASE_URL"]
+    # Its own session: Ctrl-C reaches only this process, which then stops the whole group (a SIGINT to
+    # every component at once left the scheduler and LocalExecutor workers hanging in Airflow 3.3.2).
+    process = subprocess.Popen(["airflow", "standalone"], env=env, start_new_session=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops Airflow too, like Ctrl-C
+    try:
+        try:
+            wait_for_ui(url, process, home)
+            user, password = ui_login(home)
+            print(
+                f"\n=== Airflow UI: {url}  login: {user} / {password}  (kept in {home / PASSWORDS_FILE})\n"
+                f"=== run reports: {url}/profile-engine/ (Browse -> Run reports); lake {settings.lake}\n"
+                f"=== profile_refresh continues at {env['PROFILE_ENGINE_START']} once you switch it on; "
+                "demo_producer lands each new hour at :55\n",
+                flush=True,
+            )
+        except RuntimeError as error:
+            print(f"[ui] {error}; see the output of airflow standalone above", flush=True)
+        return process.wait()
+    except KeyboardInterrupt:
+        print("[ui] stopping Airflow ...", flush=True)
+        return 0
+    finally:
+        stop_process_group(process)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_process_group(process: subprocess.Popen[Any], grace: float = 60.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything in its group.
+
+    SIGTERM first; whatever is left after ``grace`` seconds (Airflow's LocalExecutor
+    workers can outlive their scheduler) gets SIGKILL.
+    """
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            process.poll()  # reap the leader, or the group never empties
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
+    process.wait(timeout=30)

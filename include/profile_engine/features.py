@@ -366,19 +366,26 @@ def _duck_type(arrow_type: pa.DataType) -> str:
 
 
 def _gap_groups(rows_sql: str, keys: str, gap_ms: int) -> str:
-    """SQL numbering gap-separated groups of ``rows_sql`` (a new group after a gap >= ``gap_ms``).
+    """SQL marking gap-separated groups of ``rows_sql`` (a new group after a gap >= ``gap_ms``).
 
-    Adds ``grp``, ``grp_first`` and ``grp_last`` to each row. Rows with equal ``ts_ms``
-    always share a group, so the numbering does not depend on their order.
+    Adds ``grp_first`` and ``grp_last`` (the group's first and last ``ts_ms``, which also
+    identify the group within its keys) to each row. Rows with equal ``ts_ms`` always
+    share a group, so the result does not depend on their order: only one of several
+    tied rows sees the gap before (after) them, and RANGE frames include every tied row.
+    Two sorted window passes: neighbours (lag, lead), then the running start and the
+    trailing end.
     """
+    order = f"PARTITION BY {keys} ORDER BY ts_ms"
     return f"""
-        SELECT *, min(ts_ms) OVER w2 AS grp_first, max(ts_ms) OVER w2 AS grp_last
+        SELECT * EXCLUDE (starts, ends),
+               max(CASE WHEN starts THEN ts_ms END) OVER ({order} RANGE UNBOUNDED PRECEDING) AS grp_first,
+               min(CASE WHEN ends THEN ts_ms END)
+                   OVER ({order} RANGE BETWEEN CURRENT ROW AND UNBOUNDED FOLLOWING) AS grp_last
         FROM (
-            SELECT *, sum(CASE WHEN prev IS NULL OR ts_ms - prev >= {gap_ms} THEN 1 ELSE 0 END)
-                      OVER (PARTITION BY {keys} ORDER BY ts_ms ROWS UNBOUNDED PRECEDING) AS grp
-            FROM (SELECT *, lag(ts_ms) OVER (PARTITION BY {keys} ORDER BY ts_ms) AS prev FROM ({rows_sql}))
+            SELECT *, coalesce(ts_ms - lag(ts_ms) OVER ({order}) >= {gap_ms}, true) AS starts,
+                      coalesce(lead(ts_ms) OVER ({order}) - ts_ms >= {gap_ms}, true) AS ends
+            FROM ({rows_sql})
         )
-        WINDOW w2 AS (PARTITION BY {keys}, grp)
     """
 
 
@@ -386,8 +393,8 @@ def _session_totals(grouped: str) -> str:
     """Per-user session count, summed duration and events of the sessions in ``grouped``."""
     return f"""
         SELECT user_id, count(*) AS sessions_n, sum(grp_last - grp_first) AS sessions_ms, sum(n) AS sessions_events
-        FROM (SELECT user_id, grp, any_value(grp_first) AS grp_first, any_value(grp_last) AS grp_last, count(*) AS n
-              FROM {grouped} GROUP BY user_id, grp)
+        FROM (SELECT user_id, grp_first, any_value(grp_last) AS grp_last, count(*) AS n
+              FROM {grouped} GROUP BY user_id, grp_first)
         GROUP BY user_id
     """
 
@@ -397,8 +404,8 @@ def _order_totals(grouped: str) -> str:
     return f"""
         SELECT user_id, count(*) AS orders_n, sum(cents) AS orders_cents, max(cents) AS orders_max_cents,
                min(grp_first) AS first_order_ms, max(grp_first) AS last_order_ms
-        FROM (SELECT user_id, order_key, grp, any_value(grp_first) AS grp_first, sum(cents) AS cents
-              FROM {grouped} GROUP BY user_id, order_key, grp)
+        FROM (SELECT user_id, order_key, grp_first, sum(cents) AS cents
+              FROM {grouped} GROUP BY user_id, order_key, grp_first)
         GROUP BY user_id
     """
 
@@ -410,7 +417,11 @@ def _latencies(targets: str, anchors: str) -> str:
         SELECT t.user_id, t.event_type, t.ts_ms,
                CASE WHEN t.ts_ms - a.ts_ms <= {lookback} THEN t.ts_ms - a.ts_ms END AS lag_ms
         FROM (SELECT *, CASE event_type WHEN '{CART}' THEN '{VIEW}' ELSE '{CART}' END AS anchor_type FROM {targets}) t
-        ASOF LEFT JOIN {anchors} a
+        ASOF LEFT JOIN (
+            -- only anchors of items with a target: a hash probe, so the ASOF join sorts far fewer rows
+            SELECT * FROM {anchors} a0 WHERE EXISTS (
+                SELECT 1 FROM {targets} t0 WHERE t0.user_id = a0.user_id AND t0.item_id = a0.item_id)
+        ) a
           ON t.user_id = a.user_id AND t.item_id = a.item_id AND t.anchor_type = a.event_type AND t.ts_ms >= a.ts_ms
     """
 
@@ -467,8 +478,8 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         for name, table in state.tables.items():
             con.register(f"s_{name}", table)
         con.register("new_events", _staged(events))
-        con.execute(
-            "CREATE TEMP TABLE incoming AS SELECT *, epoch_ms(ts) AS t FROM "
+        con.execute(  # a view: scanned twice (due, pending), never worth a copy
+            "CREATE TEMP VIEW incoming AS SELECT *, epoch_ms(ts) AS t FROM "
             "(SELECT * FROM s_pending UNION ALL SELECT * FROM new_events)"
         )
         con.execute(f"CREATE TEMP TABLE due AS SELECT * FROM incoming WHERE t < {e}")
@@ -516,11 +527,12 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         )
         lookback = int(LATENCY_LOOKBACK.total_seconds() * 1000)
         # Keep every anchor a future target may see: the recent ones and the latest older one per item.
+        # The two parts are disjoint in ts_ms and the second is unique per key: DISTINCT only the first.
         anchors = _fetch(
             con,
             f"""
-            SELECT DISTINCT * FROM (
-                SELECT user_id, item_id, event_type, ts_ms FROM anc WHERE ts_ms >= {horizon}
+            SELECT * FROM (
+                SELECT DISTINCT user_id, item_id, event_type, ts_ms FROM anc WHERE ts_ms >= {horizon}
                 UNION ALL
                 SELECT user_id, item_id, event_type, max(ts_ms) FROM anc WHERE ts_ms < {horizon}
                 GROUP BY user_id, item_id, event_type HAVING max(ts_ms) >= {horizon - lookback}
@@ -531,7 +543,7 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
 
         user_events = _fetch(con, _merge_user_events_sql(e, e0), STATE_SCHEMAS[USER_EVENTS])
         users = _fetch(con, _merge_users_sql(horizon, session_gap, order_gap), STATE_SCHEMAS[USERS])
-        hourly = _fetch(con, _merge_hourly_sql(e), STATE_SCHEMAS[HOURLY])
+        hourly = _merge_hourly(con, state.tables[HOURLY], e)
         hours_of_day = _fetch(
             con,
             f"""
@@ -609,24 +621,35 @@ def _affinity_decay_sql(age_ms_sql: str) -> str:
     return _decay(age_ms_sql, AFFINITY_HALF_LIFE.total_seconds() / 3600)
 
 
-def _merge_hourly_sql(e: int) -> str:
-    """SQL adding the new events to the hourly buckets and dropping buckets older than 30 days.
+def _merge_hourly(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int) -> pa.Table:
+    """The hourly buckets with the due events added and buckets older than 30 days dropped.
 
     ``decay_sum`` is the bucket's events decayed to the bucket's end, so the affinity as of
-    any later end is ``decay_sum`` times one more exact factor.
+    any later end is ``decay_sum`` times one more exact factor. Only the hours the due
+    events fall in can change: older buckets pass through untouched (in Arrow, no regrouping),
+    the rest is merged in SQL. Rows are sorted by hour first, so the untouched head stays in order.
     """
     bucket = f"(t - t % {_MS_HOUR})"
-    retention = int(HOURLY_RETENTION.total_seconds() * 1000)
-    return f"""
+    retention = e - int(HOURLY_RETENTION.total_seconds() * 1000)
+    first_due = con.sql(f"SELECT min({bucket}) FROM due").fetchall()[0][0]
+    cut = e if first_due is None else int(first_due)
+    hour_ms = old.column("hour_ms")
+    untouched = old.filter(pc.and_(pc.greater_equal(hour_ms, retention), pc.less(hour_ms, cut)))
+    merged = _fetch(
+        con,
+        f"""
         SELECT user_id, hour_ms, event_type, category_id, sum(n) AS n, sum(decay_sum) AS decay_sum FROM (
-            SELECT user_id, hour_ms, event_type, category_id, n, decay_sum FROM s_hourly
+            SELECT user_id, hour_ms, event_type, category_id, n, decay_sum FROM s_hourly WHERE hour_ms >= {cut}
             UNION ALL
             SELECT user_id, {bucket} AS hour_ms, event_type, category_id, count(*) AS n,
                    sum({_affinity_decay_sql(f"{bucket} + {_MS_HOUR} - t")}) AS decay_sum
             FROM due GROUP BY ALL
-        ) WHERE hour_ms >= {e - retention}
-        GROUP BY ALL ORDER BY user_id, hour_ms, event_type, category_id NULLS FIRST
-    """
+        ) WHERE hour_ms >= {retention}
+        GROUP BY ALL ORDER BY hour_ms, user_id, event_type, category_id NULLS FIRST
+        """,
+        STATE_SCHEMAS[HOURLY],
+    )
+    return pa.concat_tables([untouched.select(merged.schema.names).cast(merged.schema), merged]).combine_chunks()
 
 
 def _merge_carts_sql(e: int, horizon: int) -> str:
@@ -671,7 +694,8 @@ def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa
     try:
         for name, table in state.tables.items():
             con.register(f"s_{name}", table)
-        con.execute(f"CREATE TEMP TABLE interests AS {_interests_sql(e)}")
+        con.execute(f"CREATE TEMP TABLE affinities AS {_affinities_sql(e)}")
+        con.execute(f"CREATE TEMP VIEW interests AS SELECT * FROM affinities WHERE affinity >= {MIN_AFFINITY}")
         interests = _fetch(con, "SELECT * FROM interests ORDER BY user_id, category_id", INTERESTS_SCHEMA)
         profiles = _fetch(con, _profiles_sql(e), SNAPSHOT_SCHEMA)
     finally:
@@ -679,17 +703,20 @@ def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa
     return profiles, interests
 
 
-def _interests_sql(e: int) -> str:
+def _affinities_sql(e: int) -> str:
+    """Affinity of every (user, category) seen within the retention, before the pruning rule.
+
+    The interests are the rows at or above ``MIN_AFFINITY``; the number of distinct
+    categories counts every row, so both come from this one grouping of the hourly buckets.
+    """
     weight = "CASE event_type " + " ".join(f"WHEN '{t}' THEN {w}" for t, w in AFFINITY_WEIGHTS.items()) + " END"
     retention = int(HOURLY_RETENTION.total_seconds() * 1000)
     return f"""
-        SELECT user_id, category_id, affinity FROM (
-            SELECT user_id, category_id,
-                   round(sum({weight} * decay_sum * {_affinity_decay_sql(f"{e} - hour_ms - {_MS_HOUR}")}),
-                         {AFFINITY_DECIMALS}) AS affinity
-            FROM s_hourly WHERE category_id IS NOT NULL AND hour_ms >= {e - retention}
-            GROUP BY user_id, category_id
-        ) WHERE affinity >= {MIN_AFFINITY}
+        SELECT user_id, category_id,
+               round(sum({weight} * decay_sum * {_affinity_decay_sql(f"{e} - hour_ms - {_MS_HOUR}")}),
+                     {AFFINITY_DECIMALS}) AS affinity
+        FROM s_hourly WHERE category_id IS NOT NULL AND hour_ms >= {e - retention}
+        GROUP BY user_id, category_id
     """
 
 
@@ -779,8 +806,7 @@ def _profiles_sql(e: int) -> str:
         tc AS (SELECT user_id, {top} FROM (
                  SELECT *, row_number() OVER (PARTITION BY user_id ORDER BY affinity DESC, category_id) AS rank
                  FROM interests) WHERE rank <= {len(TOP_CATEGORIES)} GROUP BY user_id),
-        dc AS (SELECT user_id, count(DISTINCT category_id) AS n_categories FROM s_hourly
-               WHERE category_id IS NOT NULL AND hour_ms >= {e - int(HOURLY_RETENTION.total_seconds() * 1000)} GROUP BY user_id),
+        dc AS (SELECT user_id, count(*) AS n_categories FROM affinities GROUP BY user_id),
         pk AS (SELECT user_id, arg_max(hour_of_day, n * 24 + (23 - hour_of_day)) AS peak_hour
                FROM s_hours_of_day GROUP BY user_id)
         SELECT {select}
@@ -903,6 +929,10 @@ def _load_state(lake: Lake, hour: datetime, bucket: int, first_hour: datetime | 
     )
 
 
+# Parquet dictionary encoding only where values repeat (user and item ids do not).
+_PROFILE_DICTIONARY = [*TOP_CATEGORIES, RFM_SEGMENT, LIFECYCLE_STAGE]
+
+
 def _write_hour(
     lake: Lake, state: ProfileState, hour: datetime, bucket: int, settings: Settings, run_id: str
 ) -> dict[str, int]:
@@ -910,9 +940,9 @@ def _write_hour(
     profiles, interests = snapshot(state, hour + HOUR, settings)
     # A rebuilt bucket invalidates a published snapshot of this hour until publish_profiles runs again.
     (lake.partition(PROFILES, hour) / MANIFEST).unlink(missing_ok=True)
-    lake.write_partition(PROFILES, hour, profiles, bucket=bucket, run_id=run_id)
-    lake.write_partition(INTERESTS, hour, interests, bucket=bucket, run_id=run_id)
-    lake.write_partition(STATE, hour, state.tables, bucket=bucket, run_id=run_id)
+    lake.write_partition(PROFILES, hour, profiles, bucket=bucket, run_id=run_id, dictionary=_PROFILE_DICTIONARY)
+    lake.write_partition(INTERESTS, hour, interests, bucket=bucket, run_id=run_id, dictionary=[CATEGORY_ID])
+    lake.write_partition(STATE, hour, state.tables, bucket=bucket, run_id=run_id, dictionary=["event_type"])
     return {"users": profiles.num_rows, "interests": interests.num_rows}
 
 
@@ -1017,18 +1047,19 @@ def _epoch_hour(hour: datetime) -> int:
 
 def _read_staged(lake: Lake, hours: list[datetime], bucket: int) -> pa.Table:
     """The staged events of ``hours`` of one bucket in one DuckDB pass, with ``staged_hour`` (epoch hours)."""
-    files = [(str(f), _epoch_hour(h)) for h in hours for f in lake.data_files(STAGING, h, bucket)]
+    files = [str(f) for h in hours for f in lake.data_files(STAGING, h, bucket)]
     if not files:
         return STAGED_SCHEMA.append(pa.field("staged_hour", pa.int64())).empty_table()
     con = _connect()
     try:
-        con.register(
-            "staged_files", pa.table({"filename": [f for f, _ in files], "staged_hour": [h for _, h in files]})
-        )
-        file_list = ", ".join("'" + f.replace("'", "''") + "'" for f, _ in files)
+        file_list = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+        # The staged hour comes from the Hive keys of each file's path (dt=/hour=): a per-file
+        # constant, several times cheaper than joining a filename column on every row.
+        columns = ", ".join(f"s.{n}" for n in STAGED_SCHEMA.names)
         return con.sql(
-            f"SELECT s.*, f.staged_hour FROM read_parquet([{file_list}], filename = true) s "
-            "JOIN staged_files f USING (filename)"
+            f"SELECT {columns}, CAST(epoch(s.dt) // 3600 + s.hour AS BIGINT) AS staged_hour "
+            f"FROM read_parquet([{file_list}], hive_partitioning = true, "
+            "hive_types = {'dt': DATE, 'hour': INTEGER}) s"
         ).to_arrow_table()
     finally:
         con.close()
@@ -1139,7 +1170,12 @@ def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manua
     buckets_of_rows = pc.take(bucket_of_part, pc.index_in(full.column(USER_ID), value_set=users_of_part))
     for bucket in range(settings.buckets):
         lake.write_partition(
-            PROFILES, hour, full.filter(pc.equal(buckets_of_rows, bucket)), bucket=bucket, run_id=run_id
+            PROFILES,
+            hour,
+            full.filter(pc.equal(buckets_of_rows, bucket)),
+            bucket=bucket,
+            run_id=run_id,
+            dictionary=_PROFILE_DICTIONARY,
         )
 
     previous = lake.read(PROFILES, previous_hour) if previous_hour is not None else None

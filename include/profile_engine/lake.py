@@ -61,6 +61,23 @@ DATA_FILE = "part-0.parquet"
 # writer's leftovers from live work; untagged or foreign ones go only after TMP_MAX_AGE_SECONDS.
 TMP_MAX_AGE_SECONDS = 6 * 3600
 _TMP_NAME = re.compile(r"^(?:old-)?[0-9a-f]{32}\.(\d+)\.(.+)$")
+# Layers whose files hold raw user ids (or samples of them): readable by the service user only.
+PRIVATE_LAYERS = (
+    STAGING,
+    QUARANTINE,
+    STATE,
+    PROFILES,
+    INTERESTS,
+    PROFILE_CHANGES,
+    SCORES,
+    SEGMENTS,
+    CONTACTS,
+    TRAINING,
+    TRUTH,
+    QUALITY_RESULTS,
+    QUALITY_DOCS,
+)
+PRIVATE_FILE_MODE, PRIVATE_DIR_MODE = 0o600, 0o700
 
 
 @dataclass(frozen=True)
@@ -127,17 +144,20 @@ class Lake:
         bucket: int | None = None,
         run_id: str = "manual",
         extra: dict[str, Any] | None = None,
+        dictionary: bool | list[str] = True,
     ) -> dict[str, Any]:
         """Write the whole partition atomically and return its manifest.
 
         ``table`` is one table (written as ``part-0.parquet``) or a mapping of names
         to tables (written as ``<name>.parquet``, read back with ``read_named``).
+        ``dictionary``: Parquet dictionary encoding for all columns, none, or the named
+        ones (encoding high-cardinality ids costs more time than it saves space).
         """
         tables = {DATA_FILE: table} if isinstance(table, pa.Table) else {f"{k}.parquet": v for k, v in table.items()}
         tmp = self.tmp_dir()
         files = []
         for name, data in tables.items():
-            pq.write_table(data, tmp / name, compression="zstd")
+            pq.write_table(data, tmp / name, compression="zstd", use_dictionary=dictionary)
             files.append({"name": name, "rows": data.num_rows, "sha256": sha256_file(tmp / name)})
         dt, hh = partition_values(hour)
         first = next(iter(tables.values()))
@@ -187,6 +207,7 @@ def replace_dir(new: Path, target: Path, lake: Lake) -> None:
     """Move ``new`` to ``target``, replacing an existing directory there."""
     faults.maybe_fail(faults.TMP_BEFORE_RENAME)
     target.parent.mkdir(parents=True, exist_ok=True)
+    restrict_private(new, target, lake)
     old = None
     if target.exists():
         old = lake.root / TMP / tmp_name("old-")
@@ -194,6 +215,16 @@ def replace_dir(new: Path, target: Path, lake: Lake) -> None:
     os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def restrict_private(new: Path, target: Path, lake: Lake) -> None:
+    """Before ``new`` becomes ``target``: in a ``PRIVATE_LAYERS`` layer, files 0o600, directories 0o700."""
+    relative = target.relative_to(lake.root).as_posix() if target.is_relative_to(lake.root) else ""
+    if not any(relative.startswith(layer + "/") for layer in PRIVATE_LAYERS):
+        return
+    for path in [new, *new.rglob("*")]:
+        path.chmod(PRIVATE_DIR_MODE if path.is_dir() else PRIVATE_FILE_MODE)
+    (lake.root / relative.split("/")[0]).chmod(PRIVATE_DIR_MODE)  # nobody else can list the layer
 
 
 def sha256_file(path: Path) -> str:

@@ -259,8 +259,13 @@ class FittedModels:
     report: dict[str, Any]
 
 
+# Rows per predict step: Keras' per-step overhead dominated at 4,096 (measured on 164k profiles:
+# 1.4 s at 4,096 against 0.4 s at 65,536); 65,536 rows of float32 features are a few MB.
+PREDICT_BATCH = 65_536
+
+
 def _predict(network: Any, inputs: Mapping[str, Any]) -> np.ndarray:
-    return np.asarray(network.predict(dict(inputs), batch_size=4096, verbose=0), dtype=np.float64).ravel()
+    return np.asarray(network.predict(dict(inputs), batch_size=PREDICT_BATCH, verbose=0), dtype=np.float64).ravel()
 
 
 def _take(inputs: Mapping[str, Any], mask: np.ndarray) -> dict[str, Any]:

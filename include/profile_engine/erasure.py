@@ -1,0 +1,671 @@
+"""Erasure: remove users from every retained dataset, and keep them out for ever (issue 9, DESIGN.md §3).
+
+``erase_users`` (the ``erase_user`` DAG, ``python -m profile_engine erase``) runs under the
+lake lock, so it never interleaves with an hourly run, and
+
+1. adds the users' keyed hashes to the **tombstone list** ``_meta/erasure/tombstones.json``
+   first (so a crash half way still keeps them out of every later run);
+2. rewrites every committed partition of the lake that holds their rows (staging,
+   quarantine, state, profiles, interests, profile changes, scores, segments, contact
+   history, exports, training sets, the simulator's truth, the outbox of deliveries) without
+   them, each partition whole through a ``_tmp/`` directory and a rename, its
+   ``_manifest.json`` updated (rows, SHA-256, bytes); profile snapshots get their
+   population features (RFM) recomputed over the remaining users, exactly as
+   ``publish_profiles`` computes them, so ``verify`` still equals a rebuild;
+3. replaces the raw id in every text file outside ``landing/`` (Data Docs pages, which
+   show samples of unexpected values, validation results, run reports, pointers) by
+   ``[erased]``;
+4. appends one audit line per user to ``_meta/erasure/audit.jsonl``: time, keyed hash,
+   rows removed per dataset, who asked and why; never the raw id.
+
+The keyed hash is HMAC-SHA256 of the id under ``PROFILE_ENGINE_ERASURE_KEY``, else the
+export key (:func:`profile_engine.segments.export_key`), with its own domain prefix so it
+differs from the export pseudonym. The tombstone list records the key's fingerprint;
+validation refuses to run with another key rather than let erased users back.
+
+``ingest.validate_events`` calls :func:`drop_erased` on its raw rows: rows of tombstoned
+users are dropped before any rule and counted as ``erased`` (rows read = staged +
+quarantined + erased), so late files, replays and rebuilds never bring a user back.
+Tombstones are permanent: an erased id that signs up again stays erased.
+
+``landing/`` is the producers' raw input and stays outside the rewrite: the ingestion
+ledger's checksums prove what each hour read, and every read of landing is filtered by
+the tombstones. Landing partitions are deleted by retention (``retention.py``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+import json
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from profile_engine import lake as lk
+from profile_engine.config import Settings
+from profile_engine.lake import MANIFEST, Lake, read_json, replace_dir, write_json
+
+if TYPE_CHECKING:
+    from profile_engine.segments import ExportKey
+
+ERASURE_KEY_ENV = "PROFILE_ENGINE_ERASURE_KEY"
+ERASURE_DIR = "_meta/erasure"
+TOMBSTONES_FILE = "tombstones.json"
+AUDIT_FILE = "audit.jsonl"
+REDACTED = "[erased]"
+USER_ID = "user_id"
+USER_KEY = "user_key"  # export pseudonyms (segments.USER_KEY)
+SOURCE_LINE = "source_line"  # raw text of quarantined lines (ingest.SOURCE_LINE)
+RECEIPT = "_delivered.json"  # delivery.RECEIPT
+_DOMAIN = b"profile-engine erasure\x00"
+# Files rewritten as text; Parquet is filtered by rows; everything else (fonts, images) is copied.
+TEXT_SUFFIXES = (".html", ".htm", ".json", ".jsonl", ".txt", ".md", ".svg", ".xml", ".csv", ".js")
+MAX_SUFFIXLESS_TEXT = 1 << 20
+# Never rewritten: producers' input, work in progress, the lock, the erasure records themselves.
+SKIPPED = (lk.LANDING.split("/")[0], lk.TMP, lk.LOCK, ERASURE_DIR)
+_ID_CHARS = r"\w\-@"  # an id is matched only as a whole token
+
+
+class ErasureKeyError(RuntimeError):
+    """The key differs from the one the tombstones were hashed with: erased users would come back."""
+
+
+# ---- keys and tombstones -------------------------------------------------------------
+
+
+def erasure_key(settings: Settings, environ: Mapping[str, str] | None = None) -> ExportKey:
+    """The HMAC key of tombstones: ``PROFILE_ENGINE_ERASURE_KEY``, else the export key.
+
+    Reuses :func:`profile_engine.segments.export_key` (environment variable, then the
+    development key file; production without a key raises ``ExportKeyError``).
+    """
+    from profile_engine.segments import MIN_KEY_CHARS, ExportKey, ExportKeyError, export_key
+
+    env = os.environ if environ is None else environ
+    value = env.get(ERASURE_KEY_ENV)
+    if value:
+        if len(value) < MIN_KEY_CHARS:
+            raise ExportKeyError(f"{ERASURE_KEY_ENV} is shorter than {MIN_KEY_CHARS} characters")
+        return ExportKey(value.encode(), f"environment variable {ERASURE_KEY_ENV}")
+    return export_key(settings, environ=env)
+
+
+def user_hash(user_id: str, key: ExportKey) -> str:
+    """HMAC-SHA256 (hex) of ``user_id`` under ``key``, domain-separated from export pseudonyms."""
+    return hmac.new(key.secret, _DOMAIN + user_id.encode(), hashlib.sha256).hexdigest()
+
+
+def tombstones_path(lake: Lake) -> Path:
+    """``<lake>/_meta/erasure/tombstones.json``."""
+    return lake.path(ERASURE_DIR, TOMBSTONES_FILE)
+
+
+def audit_path(lake: Lake) -> Path:
+    """``<lake>/_meta/erasure/audit.jsonl``."""
+    return lake.path(ERASURE_DIR, AUDIT_FILE)
+
+
+@dataclass(frozen=True)
+class Tombstones:
+    """The keyed hashes of erased users and the fingerprint of the key that made them."""
+
+    key_id: str | None
+    hashes: frozenset[str]
+
+
+def read_tombstones(lake: Lake) -> Tombstones:
+    """The tombstone list (empty when nobody was erased)."""
+    path = tombstones_path(lake)
+    if not path.is_file():
+        return Tombstones(None, frozenset())
+    data = read_json(path)
+    return Tombstones(data.get("key_id"), frozenset(data.get("hashes", [])))
+
+
+def _write_tombstones(lake: Lake, key: ExportKey, hashes: Iterable[str]) -> None:
+    write_json(tombstones_path(lake), {"key_id": key.key_id, "hashes": sorted(set(hashes))})
+
+
+def _matching_key(settings: Settings, tombstones: Tombstones) -> ExportKey:
+    key = erasure_key(settings)
+    if tombstones.key_id is not None and tombstones.key_id != key.key_id:
+        raise ErasureKeyError(
+            f"the erasure key ({key.source}, fingerprint {key.key_id}) is not the key the tombstones in "
+            f"{tombstones_path(Lake(settings.lake))} were made with (fingerprint {tombstones.key_id}): erased users "
+            f"would come back; restore that key ({ERASURE_KEY_ENV} or the export key)"
+        )
+    return key
+
+
+def erased_ids(settings: Settings, user_ids: Iterable[str]) -> set[str]:
+    """Which of ``user_ids`` are tombstoned (one HMAC per id)."""
+    tombstones = read_tombstones(Lake(settings.lake))
+    if not tombstones.hashes:
+        return set()
+    key = _matching_key(settings, tombstones)
+    return {u for u in user_ids if user_hash(u, key) in tombstones.hashes}
+
+
+# ---- the validation hook ---------------------------------------------------------------
+
+
+def drop_erased(con: Any, settings: Settings, relation: str, source_names: Sequence[str]) -> dict[str, int]:
+    """Remove rows of tombstoned users from DuckDB relation ``relation``; erased rows per source name.
+
+    ``relation`` must have ``user_id`` and ``source_index`` (the index into
+    ``source_names``). It is replaced by a view over the remaining rows, so later
+    statements read the same name. Without tombstones nothing is touched.
+    """
+    if not read_tombstones(Lake(settings.lake)).hashes:
+        return {}
+    users = [
+        r[0] for r in con.execute(f"SELECT DISTINCT {USER_ID} FROM {relation} WHERE {USER_ID} IS NOT NULL").fetchall()
+    ]
+    erased = sorted(erased_ids(settings, users))
+    if not erased:
+        return {}
+    con.register("erased_user_ids", pa.table({USER_ID: pa.array(erased, pa.string())}))
+    counts = con.execute(
+        f"SELECT source_index, count(*) FROM {relation} WHERE {USER_ID} IN (SELECT {USER_ID} FROM erased_user_ids) "
+        "GROUP BY source_index ORDER BY source_index"
+    ).fetchall()
+    kind = con.execute(
+        "SELECT table_type FROM information_schema.tables WHERE table_name = $name", {"name": relation}
+    ).fetchall()[0][0]
+    con.execute(f"ALTER {'VIEW' if kind == 'VIEW' else 'TABLE'} {relation} RENAME TO {relation}_with_erased")
+    con.execute(
+        f"CREATE TEMP VIEW {relation} AS SELECT * FROM {relation}_with_erased "
+        f"WHERE {USER_ID} IS NULL OR {USER_ID} NOT IN (SELECT {USER_ID} FROM erased_user_ids)"
+    )
+    per_source: Counter[str] = Counter()
+    for index, n in counts:
+        per_source[source_names[int(index)]] += int(n)
+    return dict(per_source)
+
+
+def count_erased(per_source: dict[str, dict[str, Any]], erased: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+    """Add the erased rows to each source's summary: ``read`` includes them, ``erased`` counts them."""
+    for name, n in erased.items():
+        summary = per_source.setdefault(name, {"read": 0, "staged": 0, "quarantined": 0})
+        summary["read"] = summary.get("read", 0) + n
+        summary["erased"] = n
+    return per_source
+
+
+# ---- erase -----------------------------------------------------------------------------
+
+
+def read_ids_file(path: Path) -> list[str]:
+    """User ids from a text file: one per line; blank lines and ``#`` comments ignored."""
+    ids = []
+    for line in path.read_text().splitlines():
+        text = line.strip()
+        if text and not text.startswith("#"):
+            ids.append(text)
+    return ids
+
+
+def id_pattern(ids: Iterable[str]) -> re.Pattern[str]:
+    """A pattern matching any of ``ids`` as a whole token (not inside a longer id such as ``u420`` for ``u42``)."""
+    alternatives = "|".join(re.escape(i) for i in sorted(set(ids), key=len, reverse=True))
+    return re.compile(f"(?<![{_ID_CHARS}])({alternatives})(?![{_ID_CHARS}])")
+
+
+@dataclass
+class _Eraser:
+    """Rewrites one lake (or outbox) root without a set of users, counting what it removed."""
+
+    lake: Lake
+    ids: frozenset[str]
+    pseudonyms: dict[str, dict[str, str]]  # export key fingerprint -> pseudonym -> user id
+    removed: dict[str, Counter[str]] = field(default_factory=dict)  # user -> dataset -> rows
+    files: int = 0
+    partitions: int = 0
+    notes: list[str] = field(default_factory=list)
+    profile_hours: set[Path] = field(default_factory=set)
+    label: str = ""  # dataset prefix of a root other than the lake (the outbox)
+    text_pattern: re.Pattern[str] = field(init=False)
+    row_pattern: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        alternatives = "|".join(re.escape(i) for i in sorted(self.ids, key=len, reverse=True))
+        self.text_pattern = id_pattern(self.ids)
+        # RE2 (Arrow) has no look-around: match the id with its delimiters.
+        self.row_pattern = f"(^|[^{_ID_CHARS}])({alternatives})([^{_ID_CHARS}]|$)"
+
+    def count(self, users: Iterable[str], dataset: str) -> None:
+        for user in users:
+            self.removed.setdefault(user, Counter())[dataset] += 1
+
+    def dataset(self, path: Path) -> str:
+        """The dataset a file belongs to: its path up to the first ``key=value`` part (``training``: the first part)."""
+        parts = path.relative_to(self.lake.root).parts[:-1]
+        cut = next((i for i, p in enumerate(parts) if "=" in p), len(parts))
+        layer = "/".join(parts[:cut] if cut < len(parts) else parts[:1])
+        return "/".join(p for p in (self.label, layer) if p) or path.name
+
+    # -- one file -------------------------------------------------------------------------
+    def parquet(self, path: Path, key_id: str | None) -> pa.Table | None:
+        """The table without the users' rows, or None when it has none of them."""
+        schema = pq.read_schema(path)
+        names = schema.names
+        if USER_ID in names:
+            column, lookup = USER_ID, {i: i for i in self.ids}
+        elif USER_KEY in names:
+            if key_id not in self.pseudonyms:
+                self.notes.append(f"{path}: pseudonyms under key {key_id}, not the current export key: not matched")
+                return None
+            column, lookup = USER_KEY, self.pseudonyms[key_id]
+        else:
+            return None
+        probe = pq.read_table(path, columns=[column] + ([SOURCE_LINE] if SOURCE_LINE in names else []))
+        hit = pc.is_in(probe.column(column), value_set=pa.array(sorted(lookup), pa.string()))
+        if SOURCE_LINE in names:
+            hit = pc.or_(hit, pc.match_substring_regex(probe.column(SOURCE_LINE), self.row_pattern))
+        hit = pc.fill_null(hit, False)
+        if not pc.any(hit).as_py():
+            return None
+        table = pq.read_table(path)
+        gone = table.filter(hit)
+        lines = gone.column(SOURCE_LINE).to_pylist() if SOURCE_LINE in names else [None] * gone.num_rows
+        owners = []
+        for value, line in zip(gone.column(column).to_pylist(), lines, strict=True):
+            found = self.text_pattern.search(line or "")
+            owners.append(lookup.get(value) or (found.group(1) if found else REDACTED))
+        self.count(owners, self.dataset(path))
+        return table.filter(pc.invert(hit))
+
+    def text(self, path: Path) -> bytes | None:
+        """The text with every raw id replaced, or None when none occurs (or it is not text)."""
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if path.suffix.lower() == ".csv":
+            filtered = self.csv_rows(text, self.dataset(path))
+            if filtered is not None:
+                return filtered.encode()
+        if path.suffix.lower() in (".json", ".jsonl") or path.suffix == "":
+            scrubbed = self.json_text(text, path)
+            if scrubbed is not None:
+                return scrubbed.encode() if scrubbed else None
+        found = self.text_pattern.findall(text)
+        if not found:
+            return None
+        self.count(found, self.dataset(path) + " (text)")
+        return self.text_pattern.sub(REDACTED, text).encode()
+
+    def json_text(self, text: str, path: Path) -> str | None:
+        """JSON (or JSON lines) with ids replaced in string values and keys only, numbers untouched.
+
+        None when the text is not JSON; ``""`` when it is JSON without any of the ids.
+        """
+        try:
+            lines = [json.loads(text)] if path.suffix != ".jsonl" else [json.loads(x) for x in text.splitlines() if x]
+        except ValueError:
+            return None
+        found: list[str] = []
+
+        def scrub(value: Any) -> Any:
+            if isinstance(value, str):
+                hits = self.text_pattern.findall(value)
+                found.extend(hits)
+                return self.text_pattern.sub(REDACTED, value) if hits else value
+            if isinstance(value, list):
+                return [scrub(v) for v in value]
+            if isinstance(value, dict):
+                return {scrub(k): scrub(v) for k, v in value.items()}
+            return value
+
+        cleaned = [scrub(line) for line in lines]
+        if not found:
+            return ""
+        self.count(found, self.dataset(path) + " (text)")
+        if path.suffix == ".jsonl":
+            return "".join(json.dumps(line, sort_keys=True) + "\n" for line in cleaned)
+        return json.dumps(cleaned[0], indent=2, sort_keys=True, default=str)
+
+    def csv_rows(self, text: str, dataset: str) -> str | None:
+        """A CSV with a ``user_id`` column, without the users' lines (None: no such column or no hit)."""
+        lines = text.splitlines(keepends=True)
+        if not lines:
+            return None
+        header = next(csv.reader([lines[0]]))
+        if USER_ID not in header:
+            return None
+        index = header.index(USER_ID)
+        kept, gone = [lines[0]], []
+        for line in lines[1:]:
+            row = next(csv.reader([line]), [])
+            if len(row) > index and row[index] in self.ids:
+                gone.append(row[index])
+            else:
+                kept.append(line)
+        if not gone:
+            return None
+        self.count(gone, dataset)
+        return "".join(kept)
+
+    # -- one committed partition ----------------------------------------------------------
+    def partition(self, directory: Path, manifest: dict[str, Any]) -> None:
+        """Rewrite a committed partition without the users, whole, its manifest updated."""
+        key_id = manifest.get("key_id")
+        new: dict[str, bytes] = {}
+        tables: dict[str, pa.Table] = {}
+        for entry in manifest["files"]:
+            path = directory / entry["name"]
+            if not path.is_file():
+                continue
+            if path.suffix == ".parquet":
+                table = self.parquet(path, key_id)
+                if table is not None:
+                    tables[entry["name"]] = table
+                    new[entry["name"]] = _parquet_bytes(table, path)
+            elif _is_text(path):
+                sibling = entry["name"].removesuffix(".csv") + ".parquet"
+                if path.suffix == ".csv" and any(f["name"] == sibling for f in manifest["files"]):
+                    continue  # regenerated from its Parquet twin below
+                payload = self.text(path)
+                if payload is not None:
+                    new[entry["name"]] = payload
+        for name, table in tables.items():
+            twin = name.removesuffix(".parquet") + ".csv"
+            if (directory / twin).is_file():
+                import pyarrow.csv as pacsv
+
+                sink = io.BytesIO()
+                pacsv.write_csv(table, sink)
+                new[twin] = sink.getvalue()
+        if not new:
+            return
+        rows = manifest.get("rows")
+        for entry in manifest["files"]:
+            if entry["name"] not in new:
+                continue
+            payload = new[entry["name"]]
+            entry["sha256"] = hashlib.sha256(payload).hexdigest()
+            if "bytes" in entry:
+                entry["bytes"] = len(payload)
+            if entry["name"] in tables:
+                n = tables[entry["name"]].num_rows
+                if "rows" in entry:
+                    entry["rows"] = n
+                stem = entry["name"].removesuffix(".parquet")
+                if isinstance(rows, dict) and stem in rows:
+                    rows[stem] = n
+                elif isinstance(rows, int) and len(manifest["files"]) == 1:
+                    manifest["rows"] = n
+        manifest["erased_at"] = datetime.now(UTC).isoformat()
+        tmp = self.lake.tmp_dir()
+        shutil.copytree(directory, tmp, dirs_exist_ok=True)
+        for name, payload in new.items():
+            (tmp / name).write_bytes(payload)
+        write_json(tmp / MANIFEST, manifest)
+        receipt = tmp / RECEIPT
+        if receipt.is_file():  # an outbox delivery: its receipt names the content it holds
+            from profile_engine.delivery import export_digest
+
+            write_json(receipt, {**read_json(receipt), "digest": export_digest(manifest), "rows": manifest.get("rows")})
+        replace_dir(tmp, directory, self.lake)
+        self.partitions += 1
+        self.files += len(new)
+        relative = directory.relative_to(self.lake.root).parts
+        if relative[:1] == (lk.PROFILES,) and directory.name.startswith("bucket="):
+            self.profile_hours.add(directory.parent)
+
+    # -- a loose file (no manifest) -------------------------------------------------------
+    def loose(self, path: Path) -> None:
+        if path.suffix == ".parquet":
+            table = self.parquet(path, None)
+            payload = None if table is None else _parquet_bytes(table, path)
+        elif _is_text(path):
+            payload = self.text(path)
+        else:
+            return
+        if payload is None:
+            return
+        tmp = self.lake.tmp_dir()
+        (tmp / path.name).write_bytes(payload)
+        (tmp / path.name).chmod(path.stat().st_mode & 0o777)
+        os.replace(tmp / path.name, path)
+        tmp.rmdir()
+        self.files += 1
+
+    # -- the whole root -------------------------------------------------------------------
+    def run(self) -> None:
+        root = self.lake.root
+        if not root.is_dir():
+            return
+        covered: set[Path] = set()
+        for path in sorted(root.rglob(MANIFEST)):
+            if self.skipped(path):
+                continue
+            manifest = read_json(path)
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+                continue
+            covered.add(path.parent)
+            self.partition(path.parent, manifest)
+        for path in sorted(root.rglob("*")):
+            inside = any(p in covered for p in path.parents)
+            if path.is_file() and path.name != MANIFEST and not self.skipped(path) and not inside:
+                self.loose(path)
+        for hour_dir in sorted(self.profile_hours):
+            self.republish(hour_dir)
+
+    def skipped(self, path: Path) -> bool:
+        relative = path.relative_to(self.lake.root).as_posix()
+        return any(relative == s or relative.startswith(s + "/") for s in SKIPPED)
+
+    def republish(self, hour_dir: Path) -> None:
+        """Recompute a snapshot's population features (RFM) over the remaining users, as ``publish_profiles`` does."""
+        from profile_engine import features as F
+
+        buckets = sorted(hour_dir.glob("bucket=*/" + MANIFEST), key=lambda p: int(p.parent.name.split("=")[1]))
+        marker = hour_dir / MANIFEST
+        if not buckets or not marker.is_file():
+            return
+        old = [read_json(m) for m in buckets]
+        hour = datetime.fromisoformat(old[0]["data_hour"])
+        parts = [pq.read_table(m.parent / lk.DATA_FILE) for m in buckets]
+        full = F.population_snapshot(parts, hour)
+        for manifest, part in zip(old, parts, strict=True):
+            bucket_rows = full.filter(pc.is_in(full.column(F.USER_ID), value_set=part.column(F.USER_ID)))
+            extra = {k: v for k, v in manifest.items() if k not in _PARTITION_KEYS}
+            self.lake.write_partition(
+                lk.PROFILES,
+                hour,
+                bucket_rows,
+                bucket=manifest["bucket"],
+                run_id=manifest["run_id"],
+                extra={**extra, "erased_at": datetime.now(UTC).isoformat()},
+            )
+        summary = read_json(marker)
+        summary["profiles"] = full.num_rows
+        for key, column in (("lifecycle", F.LIFECYCLE_STAGE), ("rfm_segments", F.RFM_SEGMENT)):
+            if key in summary:
+                counts = pc.value_counts(full.column(column))
+                summary[key] = {
+                    str(v.as_py()): int(n.as_py())
+                    for v, n in sorted(
+                        zip(counts.field("values"), counts.field("counts"), strict=True), key=lambda x: str(x[0])
+                    )
+                }
+        write_json(marker, summary)
+
+
+_PARTITION_KEYS = frozenset(
+    {"layer", "dt", "hour", "bucket", "data_hour", "rows", "columns", "schema_version", "run_id", "written_at", "files"}
+)
+
+
+def _is_text(path: Path) -> bool:
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return True
+    return path.suffix == "" and path.stat().st_size <= MAX_SUFFIXLESS_TEXT
+
+
+def _parquet_bytes(table: pa.Table, original: Path) -> bytes:
+    """The table as Parquet, compressed like the file it replaces."""
+    meta = pq.ParquetFile(original).metadata
+    codec = meta.row_group(0).column(0).compression.lower() if meta.num_row_groups and meta.num_columns else "zstd"
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression=codec if codec != "uncompressed" else "none")
+    return sink.getvalue()
+
+
+def _append_audit(lake: Lake, lines: Sequence[dict[str, Any]]) -> None:
+    """Append audit lines (one ``write`` each, ``O_APPEND``: an entry is whole or absent)."""
+    path = audit_path(lake)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        for line in lines:
+            os.write(fd, (json.dumps(line, sort_keys=True) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_audit(settings: Settings) -> list[dict[str, Any]]:
+    """Every audit entry, oldest first."""
+    path = audit_path(Lake(settings.lake))
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def erase_users(
+    settings: Settings,
+    user_ids: Iterable[str],
+    *,
+    requested_by: str,
+    reason: str,
+    tombstone_unknown: bool = False,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Remove ``user_ids`` from every retained dataset, tombstone them and audit it (see the module docstring).
+
+    Returns counts only (no raw id): the users erased, rows removed per dataset, files
+    and partitions rewritten, and ``unknown``, the number of ids found nowhere (a no-op for
+    them, unless ``tombstone_unknown`` keeps them out of future data anyway). Raises
+    ``lock.LakeLocked`` while an hourly run holds the lake.
+    """
+    from profile_engine import lock
+    from profile_engine.delivery import outbox_root
+    from profile_engine.segments import ExportKeyError, export_key, pseudonymize
+
+    ids = sorted({u.strip() for u in user_ids if u and u.strip()})
+    if not ids:
+        raise ValueError("no user id given")
+    lake = Lake(settings.lake)
+    now = now or datetime.now(UTC)
+    started = datetime.now(UTC)
+    with lock.hold_lake(lake, f"erasure__{now.strftime('%Y%m%dT%H%M%S')}"):
+        tombstones = read_tombstones(lake)
+        key = _matching_key(settings, tombstones)
+        hashes = {u: user_hash(u, key) for u in ids}
+        already = {u for u in ids if hashes[u] in tombstones.hashes}
+        # Tombstone first: a crash half way still keeps every requested user out of later runs.
+        _write_tombstones(lake, key, tombstones.hashes | set(hashes.values()))
+        try:
+            export = export_key(settings)
+            pseudonyms = {export.key_id: dict(zip(pseudonymize(ids, export), ids, strict=True))}
+        except ExportKeyError:  # no export key: no export can exist either
+            pseudonyms = {}
+        erasers = [_Eraser(lake, frozenset(ids), pseudonyms)]
+        outbox = outbox_root(settings)
+        if not outbox.resolve().is_relative_to(lake.root.resolve()):
+            erasers.append(_Eraser(Lake(outbox), frozenset(ids), pseudonyms, label="outbox"))
+        for eraser in erasers:
+            eraser.run()
+        removed: dict[str, Counter[str]] = {u: Counter() for u in ids}
+        for eraser in erasers:
+            for user, counts in eraser.removed.items():
+                if user in removed:
+                    removed[user].update(counts)
+        found = {u for u in ids if removed[u]}
+        unknown = [u for u in ids if u not in found and u not in already]
+        if unknown and not tombstone_unknown:
+            kept = (tombstones.hashes | set(hashes.values())) - {hashes[u] for u in unknown}
+            if kept:
+                _write_tombstones(lake, key, kept)
+            else:  # nobody was ever erased: leave no trace of a no-op
+                tombstones_path(lake).unlink()
+        audited = [u for u in ids if u in found or u in already or tombstone_unknown]
+        _append_audit(
+            lake,
+            [
+                {
+                    "time": now.isoformat(),
+                    "user_hash": hashes[u],
+                    "key_id": key.key_id,
+                    "rows_removed": dict(sorted(removed[u].items())),
+                    "status": "erased"
+                    if u in found
+                    else ("already erased" if u in already else "tombstoned, not found"),
+                    "requested_by": requested_by,
+                    "reason": reason,
+                }
+                for u in audited
+            ],
+        )
+    totals: Counter[str] = Counter()
+    for counts in removed.values():
+        totals.update(counts)
+    messages = []
+    if unknown:
+        messages.append(
+            f"{len(unknown)} of {len(ids)} user ids were found nowhere in the lake: "
+            + ("tombstoned anyway" if tombstone_unknown else "nothing to erase for them (no tombstone, no audit entry)")
+        )
+    if already - found:
+        messages.append(f"{len(already - found)} user ids were already erased")
+    return {
+        "requested": len(ids),
+        "erased": len(found),
+        "already_erased": len(already - found),
+        "unknown": len(unknown),
+        "tombstones": len(read_tombstones(lake).hashes),
+        "rows_removed": dict(sorted(totals.items())),
+        "partitions_rewritten": sum(e.partitions for e in erasers),
+        "files_rewritten": sum(e.files for e in erasers),
+        "notes": [n for e in erasers for n in e.notes],
+        "messages": messages,
+        "key": key.source,
+        "seconds": round((datetime.now(UTC) - started).total_seconds(), 3),
+    }
+
+
+def erase_request(
+    settings: Settings,
+    *,
+    user_ids: Sequence[str] = (),
+    ids_file: Path | str | None = None,
+    requested_by: str,
+    reason: str,
+    tombstone_unknown: bool = False,
+) -> dict[str, Any]:
+    """One erasure request from the command line or the ``erase_user`` DAG: ids given, or a file of ids.
+
+    Raises ``ValueError`` when neither names a user (an empty file, a blank id).
+    """
+    ids = list(user_ids)
+    if ids_file:
+        ids += read_ids_file(Path(ids_file))
+    if not any(i.strip() for i in ids):
+        raise ValueError("no user id given: pass user ids or a file of ids (one per line)")
+    return erase_users(settings, ids, requested_by=requested_by, reason=reason, tombstone_unknown=tombstone_unknown)

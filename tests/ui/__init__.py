@@ -1,0 +1,1 @@
+"""Browser tests of the standalone UI (``make test-browser``; not part of ``make test``)."""
