@@ -9,9 +9,9 @@ data-quality report and a run report.
 -> train_challenger? -> evaluate_and_promote? -> score_profiles[bucket] -> publish_segments -> write_run_report`
 
 * The run processes its data interval `[data_interval_start, data_interval_end)`, or
-  the hour given in the `hour` param. A manual run for hour H sets `hour`=H, logical date H and
-  the data interval [H, H+1) (the UI's *Specify Manually*): with the interval Airflow infers for a
-  manual run ([H-1h, H)) the scheduler keeps finding that run for H and stops scheduling later hours.
+  the hour given in the `hour` param. A manual run with logical date H on the hour processes
+  [H, H+1) (`profile_engine.timetable.HourlyTimetable`), the run the scheduler would create for H,
+  so the schedule goes on with H+1; a manual run at any other moment takes the last complete hour.
 * Every hour is processed in order (`catchup`, `max_active_runs=1`, `depends_on_past` on
   stateful tasks); a run whose previous hour is missing fails and names it.
 * Retraining runs on its own cadence (`PROFILE_ENGINE_RETRAIN_EVERY_HOURS`) or when forced.
@@ -28,11 +28,12 @@ import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from profile_engine import delivery  # light: the Asset's name only; stages import inside tasks
 from profile_engine.alerts import ProfileEngineNotifier  # light: reads its settings when it fires
+from profile_engine.timetable import hourly_timetable  # light: Airflow's own timetable classes
 
 # Cheap, local settings only: no Variable, Connection, network or heavy import at parse time.
 START = os.environ.get("PROFILE_ENGINE_START") or "2026-11-01T00:00:00+00:00"
@@ -62,7 +63,7 @@ def _context() -> tuple[Any, datetime, str]:
 
 
 @dag(
-    schedule=CronDataIntervalTimetable("0 * * * *", timezone="UTC"),
+    schedule=hourly_timetable("UTC"),
     start_date=datetime.fromisoformat(START).astimezone(UTC),
     catchup=True,
     max_active_runs=1,

@@ -43,7 +43,7 @@ def test_dags_have_tags_docs_retries_and_explicit_catchup(dagbag) -> None:  # ty
 def test_profile_refresh_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
     dag = dagbag.dags["profile_refresh"]
     assert dag.max_active_runs == 1 and dag.catchup is True
-    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
+    assert type(dag.timetable).__name__ == "HourlyTimetable"  # cron "0 * * * *", see profile_engine.timetable
     # The run report covers exactly the DAG's stages.
     assert set(dag.task_ids) == {*report.STAGES, "write_run_report"}
     assert dag.get_task("build_profiles").depends_on_past
