@@ -813,3 +813,87 @@ def test_report_section_has_stability_and_a_png_chart(tmp_path: Path, monkeypatc
     assert chart is not None and chart.startswith(b"\x89PNG")
     html_page = render_section_html(section)
     assert "cart_abandon" in html_page and section["chart"] in html_page
+
+
+def _stability_by_sets(
+    assigned: dict[str, list[Any]], previous: dict[str, list[Any]] | None, rule_names: list[str]
+) -> dict[str, dict[str, Any]]:
+    """The definition of segment_stability with Python sets (the reference for the DuckDB version)."""
+    current: dict[str, set[str]] = {name: set() for name in rule_names}
+    held = dict.fromkeys(rule_names, 0)
+    control = dict.fromkeys(rule_names, 0)
+    for uid, names, stayed, rule, is_control in zip(
+        assigned["user_id"],
+        assigned["segments"],
+        assigned["held_by_stay"],
+        assigned["rule"],
+        assigned["control"],
+        strict=True,
+    ):
+        for name in names:
+            current.setdefault(name, set()).add(uid)
+        for name in stayed:
+            held[name] = held.get(name, 0) + 1
+        if is_control and rule is not None:
+            control[rule] = control.get(rule, 0) + 1
+    result: dict[str, dict[str, Any]] = {}
+    for name, members in current.items():
+        row: dict[str, Any] = {"size": len(members), "held_by_stay": held.get(name, 0), "control": control.get(name, 0)}
+        if previous is None:
+            row.update(previous_size=None, entered=None, exited=None, stayed=None, overlap=None)
+        else:
+            old = {u for u, ns in zip(previous["user_id"], previous["segments"], strict=True) if name in ns}
+            union = len(members | old)
+            row.update(
+                previous_size=len(old),
+                entered=len(members - old),
+                exited=len(old - members),
+                stayed=len(members & old),
+                overlap=round(len(members & old) / union, 4) if union else None,
+            )
+        result[name] = row
+    return result
+
+
+_NAMES = ["intent", "cart", "vip", "winback"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(_NAMES), max_size=3, unique=True),
+            st.booleans(),
+            st.booleans(),
+        ),
+        max_size=25,
+    ),
+    before=st.none() | st.lists(st.lists(st.sampled_from(_NAMES), max_size=3, unique=True), max_size=25),
+)
+def test_segment_stability_equals_the_set_definition(
+    rows: list[tuple[list[str], bool, bool]], before: list[list[str]] | None
+) -> None:
+    # Arrange: users u0..; a member's rule is its first segment, held_by_stay a prefix of its segments
+    from profile_engine.segments import segment_stability
+
+    assigned = {
+        "user_id": [f"u{i}" for i in range(len(rows))],
+        "segments": [names for names, _, _ in rows],
+        "held_by_stay": [names[:1] if by_stay else [] for names, by_stay, _ in rows],
+        "rule": [names[0] if names else None for names, _, _ in rows],
+        "control": [is_control for _, _, is_control in rows],
+    }
+    previous = None if before is None else {"user_id": [f"u{i}" for i in range(len(before))], "segments": before}
+    rule_names = _NAMES[:3]  # "winback" only appears as a segment name outside the rules
+
+    # Act
+    got = segment_stability(
+        pa.table(assigned),
+        None
+        if previous is None
+        else pa.table(previous, schema=pa.schema([("user_id", pa.string()), ("segments", pa.list_(pa.string()))])),
+        rule_names,
+    )
+
+    # Assert
+    assert got == _stability_by_sets(assigned, previous, rule_names)

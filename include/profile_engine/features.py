@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -300,6 +300,12 @@ STATE_SCHEMAS: dict[str, pa.Schema] = {
     PENDING: STAGED_SCHEMA,
 }
 STATE_TABLES: tuple[str, ...] = tuple(STATE_SCHEMAS)
+_BUFFERED_SESSIONS = ("sessions_n", "sessions_ms", "sessions_events")
+_BUFFERED_ORDERS = ("orders_n", "orders_cents", "orders_max_cents", "first_order_ms", "last_order_ms")
+_BUFFERED_LATENCIES = ("v2c_n", "v2c_ms", "c2p_n", "c2p_ms")
+BUFFERED_SCHEMA = _schema(
+    (USER_ID, _S), *((f"b_{n}", _I64) for n in (*_BUFFERED_SESSIONS, *_BUFFERED_ORDERS, *_BUFFERED_LATENCIES))
+)
 
 
 class MissingStateError(FileNotFoundError):
@@ -311,6 +317,11 @@ class ProfileState:
     """Mergeable per-user state of one bucket as of ``end`` (named Arrow tables, see module doc)."""
 
     tables: dict[str, pa.Table]
+    # Per-user totals of the sessions, orders and latencies the buffers hold (``BUFFERED_SCHEMA``):
+    # derived from the buffers, never written. ``advance`` keeps them from its own grouping of
+    # the buffers (regrouping about 4M buffered session rows took 1 s of a 10 s bucket at 1M
+    # users); a state read from the lake has None and ``snapshot`` computes them.
+    buffered: pa.Table | None = field(default=None, compare=False, repr=False)
 
     @property
     def end(self) -> datetime | None:
@@ -437,6 +448,23 @@ def _latency_totals(latencies: str) -> str:
     """
 
 
+def _buffered_sql(sessions: str, orders: str, targets: str, anchors: str) -> str:
+    """Per-user totals (``BUFFERED_SCHEMA``) of gap-grouped buffered sessions and orders and the
+    latencies of buffered targets: what the snapshot adds to the users' final totals."""
+
+    def prefixed(sql: str, names: tuple[str, ...]) -> str:
+        return f"SELECT user_id, {', '.join(f'CAST({n} AS BIGINT) AS b_{n}' for n in names)} FROM ({sql})"
+
+    columns = ", ".join(f"max(b_{n}) AS b_{n}" for n in (*_BUFFERED_SESSIONS, *_BUFFERED_ORDERS, *_BUFFERED_LATENCIES))
+    return f"""
+        SELECT user_id, {columns} FROM (
+            {prefixed(_session_totals(sessions), _BUFFERED_SESSIONS)}
+            UNION ALL BY NAME {prefixed(_order_totals(orders), _BUFFERED_ORDERS)}
+            UNION ALL BY NAME {prefixed(_latency_totals(f"({_latencies(targets, anchors)})"), _BUFFERED_LATENCIES)}
+        ) GROUP BY user_id
+    """
+
+
 def _fetch(con: duckdb.DuckDBPyConnection, sql: str, schema: pa.Schema) -> pa.Table:
     return con.sql(sql).to_arrow_table().select(schema.names).cast(schema)
 
@@ -540,6 +568,20 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             """,
             STATE_SCHEMAS[ANCHORS],
         )
+        con.register("kept_targets", targets)
+        con.register("kept_anchors", anchors)
+        # The kept sessions and orders are whole groups, separated from the folded ones by a
+        # gap: regrouping the new buffers would give these same groups.
+        buffered = _fetch(
+            con,
+            _buffered_sql(
+                f"(SELECT * FROM sess WHERE grp_last + {session_gap} > {horizon})",
+                f"(SELECT * FROM ord WHERE grp_last + {order_gap} > {horizon})",
+                "kept_targets",
+                "kept_anchors",
+            ),
+            BUFFERED_SCHEMA,
+        )
 
         user_events = _fetch(con, _merge_user_events_sql(e, e0), STATE_SCHEMAS[USER_EVENTS])
         users = _fetch(con, _merge_users_sql(horizon, session_gap, order_gap), STATE_SCHEMAS[USERS])
@@ -572,7 +614,8 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             ANCHORS: anchors,
             TARGETS: targets,
             PENDING: pending,
-        }
+        },
+        buffered=buffered,
     )
 
 
@@ -694,6 +737,14 @@ def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa
     try:
         for name, table in state.tables.items():
             con.register(f"s_{name}", table)
+        if state.buffered is not None:
+            con.register("s_buffered", state.buffered)
+        else:  # a state read from the lake: group its buffers as advance did
+            session_gap = int(SESSION_GAP.total_seconds() * 1000)
+            order_gap = int(ORDER_GAP.total_seconds() * 1000)
+            sessions = f"({_gap_groups('SELECT user_id, ts_ms FROM s_sessions', 'user_id', session_gap)})"
+            orders = f"({_gap_groups('SELECT * FROM s_orders', 'user_id, order_key', order_gap)})"
+            con.execute(f"CREATE TEMP TABLE s_buffered AS {_buffered_sql(sessions, orders, 's_targets', 's_anchors')}")
         con.execute(f"CREATE TEMP TABLE affinities AS {_affinities_sql(e)}")
         con.execute(f"CREATE TEMP VIEW interests AS SELECT * FROM affinities WHERE affinity >= {MIN_AFFINITY}")
         interests = _fetch(con, "SELECT * FROM interests ORDER BY user_id, category_id", INTERESTS_SCHEMA)
@@ -721,10 +772,8 @@ def _affinities_sql(e: int) -> str:
 
 
 def _profiles_sql(e: int) -> str:
-    """SQL of the per-bucket snapshot: the users rows plus what the buffers hold as of ``e``."""
+    """SQL of the per-bucket snapshot: the users rows plus what the buffers hold (``s_buffered``) as of ``e``."""
     hours = f"/ {float(_MS_HOUR)}"
-    session_gap = int(SESSION_GAP.total_seconds() * 1000)
-    order_gap = int(ORDER_GAP.total_seconds() * 1000)
     ttl = int(OPEN_CART_TTL.total_seconds() * 1000)
     windows = [
         f"coalesce(sum(n) FILTER (WHERE event_type = '{t}' AND hour_ms >= {e - h * _MS_HOUR}), 0) AS c_{t}_{w}"
@@ -785,22 +834,13 @@ def _profiles_sql(e: int) -> str:
             ELSE '{LIFECYCLE_ACTIVE}' END""",
     }
     select = ",\n".join(f"{expr} AS {name}" for name, expr in cols.items())
-    buffered_sessions = f"({_gap_groups('SELECT user_id, ts_ms FROM s_sessions', 'user_id', session_gap)})"
-    buffered_orders = f"({_gap_groups('SELECT * FROM s_orders', 'user_id, order_key', order_gap)})"
     top = ", ".join(
         f"max(category_id) FILTER (WHERE rank = {i}) AS top_{i}, max(affinity) FILTER (WHERE rank = {i}) AS top_{i}_score"
         for i in range(1, len(TOP_CATEGORIES) + 1)
     )
-
-    def prefixed(sql: str, names: tuple[str, ...]) -> str:
-        return f"SELECT user_id, {', '.join(f'{n} AS b_{n}' for n in names)} FROM ({sql})"
-
     return f"""
         WITH ue AS (SELECT user_id, {", ".join(per_type)} FROM s_user_events GROUP BY user_id),
         win AS (SELECT user_id, {", ".join(windows)} FROM s_hourly GROUP BY user_id),
-        bs AS ({prefixed(_session_totals(buffered_sessions), ("sessions_n", "sessions_ms", "sessions_events"))}),
-        bo AS ({prefixed(_order_totals(buffered_orders), ("orders_n", "orders_cents", "orders_max_cents", "first_order_ms", "last_order_ms"))}),
-        bl AS ({prefixed(_latency_totals(f"({_latencies('s_targets', 's_anchors')})"), ("v2c_n", "v2c_ms", "c2p_n", "c2p_ms"))}),
         oc AS (SELECT user_id, count(*) AS open_items, sum(cart_cents) AS open_cents FROM s_carts
                WHERE cart_ms >= {e - ttl} AND (closed_ms IS NULL OR closed_ms < cart_ms) GROUP BY user_id),
         tc AS (SELECT user_id, {top} FROM (
@@ -811,8 +851,8 @@ def _profiles_sql(e: int) -> str:
                FROM s_hours_of_day GROUP BY user_id)
         SELECT {select}
         FROM ue LEFT JOIN s_users USING (user_id)
-        LEFT JOIN win USING (user_id) LEFT JOIN bs USING (user_id) LEFT JOIN bo USING (user_id)
-        LEFT JOIN bl USING (user_id) LEFT JOIN oc USING (user_id) LEFT JOIN tc USING (user_id)
+        LEFT JOIN win USING (user_id) LEFT JOIN s_buffered USING (user_id)
+        LEFT JOIN oc USING (user_id) LEFT JOIN tc USING (user_id)
         LEFT JOIN dc USING (user_id) LEFT JOIN pk USING (user_id)
         ORDER BY ue.user_id
     """

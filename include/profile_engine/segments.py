@@ -1026,48 +1026,69 @@ def segment_stability(
     hysteresis prevented); ``control`` the members held out as control group of that
     segment. Without a previous hour, entered/exited/stayed/overlap are None.
     """
-    current: dict[str, set[str]] = {name: set() for name in rule_names}
-    held: dict[str, int] = dict.fromkeys(rule_names, 0)
-    control: dict[str, int] = dict.fromkeys(rule_names, 0)
-    columns = assigned.select([USER_ID, SEGMENTS_COL, HELD_BY_STAY, RULE, CONTROL_FLAG]).to_pydict()
-    for uid, names, stayed, rule, is_control in zip(*columns.values(), strict=True):
-        for name in names:
-            current.setdefault(name, set()).add(uid)
-        for name in stayed:
-            held[name] = held.get(name, 0) + 1
-        if is_control and rule is not None:
-            control[rule] = control.get(rule, 0) + 1
-    before: dict[str, set[str]] | None = None
-    if previous is not None:
-        before = {name: set() for name in current}
-        prev = previous.select([USER_ID, SEGMENTS_COL]).to_pydict()
-        for uid, names in zip(prev[USER_ID], prev[SEGMENTS_COL], strict=True):
-            for name in names:
-                if name in before:
-                    before[name].add(uid)
-    result: dict[str, dict[str, Any]] = {}
-    for name, members in current.items():
-        row: dict[str, Any] = {
-            "size": len(members),
-            "held_by_stay": held.get(name, 0),
-            "control": control.get(name, 0),
-            "previous_size": None,
-            "entered": None,
-            "exited": None,
-            "stayed": None,
-            "overlap": None,
-        }
-        if before is not None:
-            old = before[name]
-            union = len(members | old)
-            row.update(
-                previous_size=len(old),
-                entered=len(members - old),
-                exited=len(old - members),
-                stayed=len(members & old),
-                overlap=round(len(members & old) / union, 4) if union else None,
+    con = _rule_connection()
+    try:
+        con.register("current_input", assigned.select([USER_ID, SEGMENTS_COL, HELD_BY_STAY, RULE, CONTROL_FLAG]))
+        has_previous = previous is not None
+        prev = (
+            previous.select([USER_ID, SEGMENTS_COL])
+            if previous is not None
+            else pa.table({USER_ID: pa.array([], pa.string()), SEGMENTS_COL: pa.array([], pa.list_(pa.string()))})
+        )
+        con.register("previous_input", prev)
+        con.register("rule_names", pa.table({"name": pa.array(list(rule_names), pa.string())}))
+        # Set operations per segment in DuckDB (a Python set per segment took 2.2 s at 654k users).
+        rows = con.execute(
+            f"""
+            WITH cur AS (SELECT DISTINCT {USER_ID}, unnest({SEGMENTS_COL}) AS name FROM current_input),
+            names AS (SELECT name FROM rule_names UNION SELECT name FROM cur),
+            old AS (
+                SELECT DISTINCT {USER_ID}, name FROM (
+                    SELECT {USER_ID}, unnest({SEGMENTS_COL}) AS name FROM previous_input
+                ) WHERE name IN (SELECT name FROM names)
+            ),
+            pairs AS (
+                SELECT coalesce(c.name, o.name) AS name, c.{USER_ID} IS NOT NULL AS now, o.{USER_ID} IS NOT NULL AS was
+                FROM cur c FULL OUTER JOIN old o ON c.{USER_ID} = o.{USER_ID} AND c.name = o.name
+            ),
+            counts AS (
+                SELECT name, count(*) FILTER (WHERE now) AS size, count(*) FILTER (WHERE was) AS previous_size,
+                       count(*) FILTER (WHERE now AND NOT was) AS entered,
+                       count(*) FILTER (WHERE was AND NOT now) AS exited,
+                       count(*) FILTER (WHERE now AND was) AS stayed
+                FROM pairs GROUP BY name
+            ),
+            held AS (
+                SELECT name, count(*) AS held_by_stay
+                FROM (SELECT unnest({HELD_BY_STAY}) AS name FROM current_input) GROUP BY name
+            ),
+            control AS (
+                SELECT {RULE} AS name, count(*) AS control FROM current_input
+                WHERE {CONTROL_FLAG} AND {RULE} IS NOT NULL GROUP BY {RULE}
             )
-        result[name] = row
+            SELECT n.name, coalesce(k.size, 0), coalesce(h.held_by_stay, 0), coalesce(c.control, 0),
+                   coalesce(k.previous_size, 0), coalesce(k.entered, 0), coalesce(k.exited, 0), coalesce(k.stayed, 0)
+            FROM names n LEFT JOIN counts k USING (name) LEFT JOIN held h USING (name) LEFT JOIN control c USING (name)
+            """
+        ).fetchall()
+    finally:
+        con.close()
+    order = {name: i for i, name in enumerate(rule_names)}
+    result: dict[str, dict[str, Any]] = {}
+    for name, size, held, control, previous_size, entered, exited, stayed in sorted(
+        rows, key=lambda r: (order.get(r[0], len(order)), r[0])
+    ):
+        union = size + exited
+        result[str(name)] = {
+            "size": int(size),
+            "held_by_stay": int(held),
+            "control": int(control),
+            "previous_size": int(previous_size) if has_previous else None,
+            "entered": int(entered) if has_previous else None,
+            "exited": int(exited) if has_previous else None,
+            "stayed": int(stayed) if has_previous else None,
+            "overlap": (round(stayed / union, 4) if union else None) if has_previous else None,
+        }
     return result
 
 
