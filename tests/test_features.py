@@ -291,6 +291,90 @@ def test_gap_groups_keep_tied_timestamps_together_whatever_the_row_order(order: 
     assert got == _GAP_EXPECTED
 
 
+def _groups_of(con: Any, sql: str) -> set[tuple[str, int, int, int]]:
+    return {(str(u), int(f), int(last), int(n)) for u, f, last, n in con.sql(sql).fetchall()}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    points=st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 300)), max_size=40),
+    split=st.integers(0, 40),
+)
+def test_interval_groups_of_grouped_points_and_new_points_equal_the_gap_groups_of_all_points(
+    points: list[tuple[str, int]], split: int
+) -> None:
+    # Arrange: minutes; the first `split` points are grouped first (the buffer), the rest arrive later
+    gap = 30 * 60_000
+    table = pa.table(
+        {
+            "user_id": pa.array([u for u, _ in points], pa.string()),
+            "ts_ms": pa.array([m * 60_000 for _, m in points], pa.int64()),
+        }
+    )
+    con = F._connect()
+    try:
+        con.register("pts", table)
+        con.execute("CREATE TEMP TABLE numbered AS SELECT *, row_number() OVER () AS i FROM pts")
+        as_points = "SELECT user_id, ts_ms AS first_ms, ts_ms AS last_ms, 1 AS n FROM numbered"
+        expected = _groups_of(
+            con,
+            "SELECT user_id, grp_first, any_value(grp_last), count(*) "
+            f"FROM ({F._gap_groups('SELECT user_id, ts_ms FROM numbered', 'user_id', gap)}) GROUP BY user_id, grp_first",
+        )
+
+        # Act
+        all_at_once = _groups_of(con, F._interval_groups(as_points, gap))
+        buffer = F._interval_groups(f"{as_points} WHERE i <= {split}", gap)
+        in_two_steps = _groups_of(
+            con,
+            F._interval_groups(
+                f"SELECT user_id, grp_first AS first_ms, grp_last AS last_ms, n FROM ({buffer}) "
+                f"UNION ALL {as_points} WHERE i > {split}",
+                gap,
+            ),
+        )
+    finally:
+        con.close()
+
+    # Assert
+    assert all_at_once == expected
+    assert in_two_steps == expected
+
+
+def test_a_state_written_with_one_session_row_per_event_reads_as_sessions(tmp_path: Path) -> None:
+    # Arrange: a state as the current code writes it, and the same state in the older layout
+    # (the session buffer as the timestamps of the events of the open sessions)
+    rows = [
+        {"user_id": u, "ts": at(hours=h, minutes=m)}
+        for u, h, m in (("a", 0, 5), ("a", 0, 20), ("a", 2, 0), ("b", 1, 10), ("b", 1, 10), ("b", 5, 59))
+    ]
+    table = events(*rows)
+    end = at(hours=6)
+    state = F.advance(F.empty_state(), table, end, SETTINGS)
+    horizon = F._hour_ms(end) - SETTINGS.lateness_hours * 3_600_000
+    gap = int(F.SESSION_GAP.total_seconds() * 1000)
+    con = F._connect()
+    try:
+        con.register("ev", table)
+        old_layout = con.sql(
+            f"SELECT user_id, ts_ms FROM ({F._gap_groups('SELECT user_id, epoch_ms(ts) AS ts_ms FROM ev', 'user_id', gap)}) "
+            f"WHERE grp_last + {gap} > {horizon} ORDER BY user_id, ts_ms"
+        ).to_arrow_table()
+    finally:
+        con.close()
+    lake = Lake(tmp_path)
+    lake.write_partition(STATE, end - HOUR, {**state.tables, F.SESSIONS: old_layout}, bucket=0)
+
+    # Act
+    read = F._read_state(lake, end - HOUR, 0)
+
+    # Assert
+    assert old_layout.num_rows == 6  # every event is within the 6 h lateness window
+    assert read.tables[F.SESSIONS].equals(state.tables[F.SESSIONS])
+    assert state.tables[F.SESSIONS].num_rows == 4  # a: 00:05-00:20 and 02:00; b: 01:10 (2 events) and 05:59
+    assert_same(F.snapshot(read, end, SETTINGS)[0], F.snapshot(state, end, SETTINGS)[0])
+
+
 def test_open_cart_counts_items_not_removed_or_bought() -> None:
     end = at(days=40)
     cart = {"event_type": "cart"}

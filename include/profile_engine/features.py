@@ -292,7 +292,7 @@ STATE_SCHEMAS: dict[str, pa.Schema] = {
         ("decay_sum", pa.float64()),
     ),
     HOURS_OF_DAY: _schema((USER_ID, _S), ("hour_of_day", pa.int8()), ("n", _I64)),
-    SESSIONS: _schema((USER_ID, _S), ("ts_ms", _I64)),
+    SESSIONS: _schema((USER_ID, _S), ("first_ms", _I64), ("last_ms", _I64), ("n", _I64)),
     ORDERS: _schema((USER_ID, _S), ("order_key", _S), ("ts_ms", _I64), ("cents", _I64)),
     CARTS: _schema((USER_ID, _S), ("item_id", _S), ("cart_ms", _I64), ("cart_cents", _I64), ("closed_ms", _I64)),
     ANCHORS: _schema((USER_ID, _S), ("item_id", _S), ("event_type", _S), ("ts_ms", _I64)),
@@ -400,13 +400,35 @@ def _gap_groups(rows_sql: str, keys: str, gap_ms: int) -> str:
     """
 
 
-def _session_totals(grouped: str) -> str:
-    """Per-user session count, summed duration and events of the sessions in ``grouped``."""
+def _interval_groups(intervals_sql: str, gap_ms: int) -> str:
+    """SQL merging per-user intervals (``first_ms``, ``last_ms``, ``n`` events) into gap-separated groups.
+
+    Sorted by start, an interval opens a new group when it starts ``gap_ms`` or more after
+    the latest end of every earlier interval of its user. For points (first = last) this is
+    ``_gap_groups``; for intervals that are such groups it gives the groups of all their
+    points, because within a group consecutive points are less than the gap apart, so only
+    a group's ends can be near another point. Tied points always share a group. Returns one
+    row per group: ``user_id, grp_first, grp_last, n``.
+    """
+    order = "PARTITION BY user_id ORDER BY first_ms, last_ms"
+    return f"""
+        SELECT user_id, min(first_ms) AS grp_first, max(last_ms) AS grp_last, sum(n) AS n FROM (
+            SELECT *, sum(starts::INTEGER) OVER ({order} ROWS UNBOUNDED PRECEDING) AS grp FROM (
+                SELECT *, coalesce(
+                    first_ms - max(last_ms) OVER ({order} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) >= {gap_ms},
+                    true) AS starts
+                FROM ({intervals_sql})
+            )
+        ) GROUP BY user_id, grp
+    """
+
+
+def _session_totals(groups: str) -> str:
+    """Per-user session count, summed duration and events of the session groups in ``groups``
+    (one row per session: ``user_id, grp_first, grp_last, n``)."""
     return f"""
         SELECT user_id, count(*) AS sessions_n, sum(grp_last - grp_first) AS sessions_ms, sum(n) AS sessions_events
-        FROM (SELECT user_id, grp_first, any_value(grp_last) AS grp_last, count(*) AS n
-              FROM {grouped} GROUP BY user_id, grp_first)
-        GROUP BY user_id
+        FROM {groups} GROUP BY user_id
     """
 
 
@@ -513,16 +535,20 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         con.execute(f"CREATE TEMP TABLE due AS SELECT * FROM incoming WHERE t < {e}")
         pending = _fetch(con, f"SELECT * FROM incoming WHERE t >= {e} ORDER BY user_id, ts, event_id", STAGED_SCHEMA)
 
-        # sessions: regroup the buffer with the new events, fold sessions no future event can touch
+        # sessions: merge the buffered sessions with the new events (points), fold sessions no
+        # future event can touch; the buffer keeps one row per open session, not per event
         con.execute(
             "CREATE TEMP TABLE sess AS "
-            + _gap_groups(
-                "SELECT user_id, ts_ms FROM s_sessions UNION ALL SELECT user_id, t FROM due", "user_id", session_gap
+            + _interval_groups(
+                "SELECT user_id, first_ms, last_ms, n FROM s_sessions UNION ALL "
+                "SELECT user_id, t, t, count(*) FROM due GROUP BY user_id, t",
+                session_gap,
             )
         )
         sessions = _fetch(
             con,
-            f"SELECT user_id, ts_ms FROM sess WHERE grp_last + {session_gap} > {horizon} ORDER BY user_id, ts_ms",
+            f"SELECT user_id, grp_first AS first_ms, grp_last AS last_ms, n FROM sess "
+            f"WHERE grp_last + {session_gap} > {horizon} ORDER BY user_id, first_ms",
             STATE_SCHEMAS[SESSIONS],
         )
         # orders: lines of one (user, order key) grouped the same way; no order_id = one order per event
@@ -540,7 +566,7 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         )
         # latencies: targets become final once no earlier anchor can still arrive
         con.execute(
-            "CREATE TEMP TABLE anc AS SELECT user_id, item_id, event_type, ts_ms FROM s_anchors UNION ALL "
+            "CREATE TEMP VIEW anc AS SELECT user_id, item_id, event_type, ts_ms FROM s_anchors UNION ALL "
             f"SELECT user_id, item_id, event_type, t FROM due WHERE event_type IN ('{VIEW}', '{CART}')"
         )
         con.execute(
@@ -555,12 +581,20 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         )
         lookback = int(LATENCY_LOOKBACK.total_seconds() * 1000)
         # Keep every anchor a future target may see: the recent ones and the latest older one per item.
-        # The two parts are disjoint in ts_ms and the second is unique per key: DISTINCT only the first.
-        anchors = _fetch(
+        # The buffer holds each anchor once, so its recent rows pass through in their order (sorting
+        # millions of them again cost more than the rest of the buffer work); the new recent anchors
+        # not in it yet and the latest older ones per item are sorted and appended. The parts are
+        # disjoint: in ts_ms (recent or older) and, among the recent ones, by the anti join.
+        old_anchors = state.tables[ANCHORS]
+        kept = old_anchors.filter(pc.greater_equal(old_anchors.column("ts_ms"), pa.scalar(horizon, _I64)))
+        added = _fetch(
             con,
             f"""
             SELECT * FROM (
-                SELECT DISTINCT user_id, item_id, event_type, ts_ms FROM anc WHERE ts_ms >= {horizon}
+                SELECT * FROM (
+                    SELECT DISTINCT user_id, item_id, event_type, t AS ts_ms FROM due
+                    WHERE event_type IN ('{VIEW}', '{CART}') AND t >= {horizon}
+                ) d ANTI JOIN s_anchors s USING (user_id, item_id, event_type, ts_ms)
                 UNION ALL
                 SELECT user_id, item_id, event_type, max(ts_ms) FROM anc WHERE ts_ms < {horizon}
                 GROUP BY user_id, item_id, event_type HAVING max(ts_ms) >= {horizon - lookback}
@@ -568,10 +602,11 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             """,
             STATE_SCHEMAS[ANCHORS],
         )
+        anchors = pa.concat_tables([kept.select(added.schema.names).cast(added.schema), added]).combine_chunks()
         con.register("kept_targets", targets)
         con.register("kept_anchors", anchors)
         # The kept sessions and orders are whole groups, separated from the folded ones by a
-        # gap: regrouping the new buffers would give these same groups.
+        # gap: grouping the new buffers again would give these same groups.
         buffered = _fetch(
             con,
             _buffered_sql(
@@ -739,10 +774,9 @@ def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa
             con.register(f"s_{name}", table)
         if state.buffered is not None:
             con.register("s_buffered", state.buffered)
-        else:  # a state read from the lake: group its buffers as advance did
-            session_gap = int(SESSION_GAP.total_seconds() * 1000)
+        else:  # a state read from the lake: its sessions are groups already, its orders lines
             order_gap = int(ORDER_GAP.total_seconds() * 1000)
-            sessions = f"({_gap_groups('SELECT user_id, ts_ms FROM s_sessions', 'user_id', session_gap)})"
+            sessions = "(SELECT user_id, first_ms AS grp_first, last_ms AS grp_last, n FROM s_sessions)"
             orders = f"({_gap_groups('SELECT * FROM s_orders', 'user_id, order_key', order_gap)})"
             con.execute(f"CREATE TEMP TABLE s_buffered AS {_buffered_sql(sessions, orders, 's_targets', 's_anchors')}")
         con.execute(f"CREATE TEMP TABLE affinities AS {_affinities_sql(e)}")
@@ -956,11 +990,50 @@ def change_counts(changes: pa.Table) -> dict[str, int]:
 
 
 # ---- lake stages ----------------------------------------------------------------------------
+def _read_state(lake: Lake, hour: datetime, bucket: int) -> ProfileState:
+    """The committed state checkpoint of ``hour`` and ``bucket``, in the current layout.
+
+    States written before the session buffer held one row per session (it held one
+    ``ts_ms`` row per event) are converted on reading: grouping the points gives the
+    sessions the current layout stores.
+    """
+    tables = {name: lake.read_named(STATE, hour, name, bucket) for name in STATE_TABLES}
+    points = tables[SESSIONS]
+    if "ts_ms" in points.column_names:
+        con = _connect()
+        try:
+            con.register("points", points)
+            gap = int(SESSION_GAP.total_seconds() * 1000)
+            as_points = "SELECT user_id, ts_ms AS first_ms, ts_ms AS last_ms, 1 AS n FROM points"
+            tables[SESSIONS] = _fetch(
+                con,
+                f"SELECT user_id, grp_first AS first_ms, grp_last AS last_ms, n "
+                f"FROM ({_interval_groups(as_points, gap)}) ORDER BY user_id, first_ms",
+                STATE_SCHEMAS[SESSIONS],
+            )
+        finally:
+            con.close()
+    return ProfileState(tables)
+
+
+def upgrade_state(lake: Lake, hour: datetime, bucket: int) -> bool:
+    """Rewrite the committed state of ``hour`` and ``bucket`` in the current layout; whether it was older.
+
+    Reading converts older layouts anyway (``_read_state``); rewriting once saves that
+    conversion on every later read of the same checkpoint (benchmarks reuse one).
+    """
+    if "ts_ms" not in lake.read_named(STATE, hour, SESSIONS, bucket).column_names:
+        return False
+    state = _read_state(lake, hour, bucket)
+    lake.write_partition(STATE, hour, state.tables, bucket=bucket, run_id="upgrade", dictionary=_STATE_DICTIONARY)
+    return True
+
+
 def _load_state(lake: Lake, hour: datetime, bucket: int, first_hour: datetime | None) -> ProfileState:
     """The state of the hour before ``hour``, or an empty one when ``hour`` is the first hour."""
     previous = hour - HOUR
     if lake.committed(STATE, previous, bucket):
-        return ProfileState({name: lake.read_named(STATE, previous, name, bucket) for name in STATE_TABLES})
+        return _read_state(lake, previous, bucket)
     if first_hour is not None and floor_hour(first_hour) == hour:
         return empty_state()
     raise MissingStateError(
@@ -970,6 +1043,7 @@ def _load_state(lake: Lake, hour: datetime, bucket: int, first_hour: datetime | 
 
 
 # Parquet dictionary encoding only where values repeat (user and item ids do not).
+_STATE_DICTIONARY = ["event_type"]
 _PROFILE_DICTIONARY = [*TOP_CATEGORIES, RFM_SEGMENT, LIFECYCLE_STAGE]
 
 
@@ -982,7 +1056,7 @@ def _write_hour(
     (lake.partition(PROFILES, hour) / MANIFEST).unlink(missing_ok=True)
     lake.write_partition(PROFILES, hour, profiles, bucket=bucket, run_id=run_id, dictionary=_PROFILE_DICTIONARY)
     lake.write_partition(INTERESTS, hour, interests, bucket=bucket, run_id=run_id, dictionary=[CATEGORY_ID])
-    lake.write_partition(STATE, hour, state.tables, bucket=bucket, run_id=run_id, dictionary=["event_type"])
+    lake.write_partition(STATE, hour, state.tables, bucket=bucket, run_id=run_id, dictionary=_STATE_DICTIONARY)
     return {"users": profiles.num_rows, "interests": interests.num_rows}
 
 
@@ -1137,11 +1211,7 @@ def rebuild_bucket(settings: Settings, hour: datetime, bucket: int) -> tuple[dat
             f"staged hour {format_hour(missing[0])} bucket {bucket} is missing: cannot rebuild "
             f"{format_hour(hour)} from {format_hour(first)}"
         )
-    start = (
-        ProfileState({name: lake.read_named(STATE, first - HOUR, name, bucket) for name in STATE_TABLES})
-        if lake.committed(STATE, first - HOUR, bucket)
-        else empty_state()
-    )
+    start = _read_state(lake, first - HOUR, bucket) if lake.committed(STATE, first - HOUR, bucket) else empty_state()
     events = _read_staged(lake, hours, bucket).select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
     return first, advance(start, events, hour + HOUR, settings)
 
