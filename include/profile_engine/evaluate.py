@@ -501,7 +501,7 @@ def hourly_drift(settings: Settings, hour: datetime, *, max_rows: int = 50_000, 
     (no model is loaded). Lists the ``top`` drifting features and every feature
     above ``PSI_MAJOR``.
     """
-    from profile_engine.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+    from profile_engine.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, USER_ID
 
     hour = floor_hour(hour)
     lake = Lake(settings.lake)
@@ -509,8 +509,10 @@ def hourly_drift(settings: Settings, hour: datetime, *, max_rows: int = 50_000, 
     if not earlier or not labels.profile_committed(lake, hour):
         return {"previous_hour": None, "reason": "no two committed snapshots to compare"}
     previous_hour = earlier[-1]
-    previous = labels.sample_users(labels.read_snapshot(lake, previous_hour), max_rows, settings.seed, "drift")
-    current = labels.sample_users(labels.read_snapshot(lake, hour), max_rows, settings.seed, "drift")
+    # Only the compared columns: two whole snapshots of 654k users took 2-5 s to read.
+    wanted = [USER_ID, *NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
+    previous = labels.sample_users(labels.read_snapshot(lake, previous_hour, wanted), max_rows, settings.seed, "drift")
+    current = labels.sample_users(labels.read_snapshot(lake, hour, wanted), max_rows, settings.seed, "drift")
     shared = set(previous.column_names) & set(current.column_names)
     features = feature_drift(
         previous,

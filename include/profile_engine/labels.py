@@ -127,11 +127,19 @@ def committed_profile_hours(lake: Lake) -> list[datetime]:
     return sorted(hours)
 
 
-def read_snapshot(lake: Lake, hour: datetime) -> pa.Table:
-    """The committed profile snapshot of ``hour`` (every bucket); ``FileNotFoundError`` when not committed."""
+def read_snapshot(lake: Lake, hour: datetime, columns: Sequence[str] | None = None) -> pa.Table:
+    """The committed profile snapshot of ``hour`` (every bucket); ``FileNotFoundError`` when not committed.
+
+    ``columns``: only those of them the snapshot has (an older snapshot may lack newer ones).
+    """
     if not profile_committed(lake, hour):
         raise FileNotFoundError(f"profile snapshot not committed: {lake.partition(PROFILES, hour)}")
-    return lake.read(PROFILES, hour)
+    if columns is None:
+        return lake.read(PROFILES, hour)
+    import pyarrow.parquet as pq
+
+    present = set(pq.read_schema(lake.data_files(PROFILES, hour)[0]).names)
+    return lake.read(PROFILES, hour, columns=[c for c in columns if c in present])
 
 
 def sample_users(table: pa.Table, limit: int, seed: int, salt: str = "") -> pa.Table:
