@@ -1288,7 +1288,9 @@ def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manua
             dictionary=_PROFILE_DICTIONARY,
         )
 
-    previous = lake.read(PROFILES, previous_hour) if previous_hour is not None else None
+    # The change log compares the tracked columns only: reading the whole previous snapshot cost seconds.
+    tracked = [USER_ID, *CHANGE_TRACKED]
+    previous = lake.read(PROFILES, previous_hour, columns=tracked) if previous_hour is not None else None
     changes = profile_changes(previous, full)
     lake.write_partition(
         PROFILE_CHANGES,
