@@ -6,8 +6,15 @@ profiles, a purchase-propensity score and marketing segment exports, with a
 data-quality report and a run report.
 
 `extract_events -> validate_events -> build_profiles[bucket] -> publish_profiles
--> train_challenger? -> evaluate_and_promote? -> score_profiles[bucket] -> publish_segments -> write_run_report`
+-> train_challenger? -> evaluate_and_promote? -> score_profiles[bucket] -> publish_segments -> write_run_report`,
+and `validate_events -> check_quality -> write_run_report` beside the profile branch.
 
+* `validate_events` applies the row rules: valid events are staged per user bucket, the rest
+  quarantined with reasons. `check_quality` then runs the Great Expectations suite over the
+  hour's staged events and publishes its results and Data Docs, in parallel with
+  `build_profiles`; its verdict goes to the run report and gates nothing. It also runs when
+  `validate_events` failed the hour on the quarantine threshold (after staging it), so that
+  hour has its Data Docs too.
 * The run processes its data interval `[data_interval_start, data_interval_end)`, or
   the hour given in the `hour` param. A manual run with logical date H on the hour processes
   [H, H+1) (`profile_engine.timetable.HourlyTimetable`), the run the scheduler would create for H,
@@ -108,7 +115,7 @@ def profile_refresh() -> None:
 
     @task(depends_on_past=True, multiple_outputs=False)
     def validate_events(extracted: dict[str, Any]) -> dict[str, Any]:
-        """Stage valid events per bucket, quarantine the rest, run the Great Expectations suite."""
+        """Stage valid events per bucket and quarantine the rest (the row rules)."""
         from profile_engine import ingest
 
         settings, hour, run_id = _context()
@@ -118,6 +125,18 @@ def profile_refresh() -> None:
             # The hour's counts still reach the run report, then the policy fails the run.
             get_current_context()["ti"].xcom_push(key="return_value", value={**error.summary, "status": "failed"})
             raise AirflowFailException(str(error)) from error
+
+    # all_done: an hour failed on the quarantine threshold has staged events (and a summary) to check.
+    @task(trigger_rule="all_done", multiple_outputs=False)
+    def check_quality() -> dict[str, Any]:
+        """Run the Great Expectations suite on the hour's staged events and publish results and Data Docs."""
+        from profile_engine import quality
+
+        settings, hour, run_id = _context()
+        validated = get_current_context()["ti"].xcom_pull(task_ids="validate_events")
+        if not validated:
+            raise AirflowSkipException("validate_events left no summary: nothing was staged to check")
+        return quality.check_staged_hour(settings, hour, validated, run_id=run_id)
 
     # Mapped tasks (.expand) do not take doc_md from the docstring (Airflow 3.3): set it here.
     @task(depends_on_past=True, multiple_outputs=False, doc_md="Merge one bucket's staged events into its state.")
@@ -218,6 +237,8 @@ def profile_refresh() -> None:
 
     buckets = list(range(BUCKETS))
     validated = validate_events(extract_events())
+    checked = check_quality()
+    validated >> checked
     built = build_profiles.partial(validated=validated).expand(bucket=buckets)
     published = publish_profiles(built)
     promoted = evaluate_and_promote(train_challenger(published))
@@ -225,7 +246,7 @@ def profile_refresh() -> None:
     published >> scored
     promoted >> scored
     segments_done = publish_segments(scored)
-    segments_done >> write_run_report()
+    [segments_done, checked] >> write_run_report()
 
 
 profile_refresh()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import sqlite3
@@ -24,7 +25,7 @@ from profile_engine import lake as lk
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR
 from profile_engine.lake import Lake, read_json
-from profile_engine.schema import EVENT_SCHEMA, STAGED_SCHEMA
+from profile_engine.schema import EVENT_SCHEMA, STAGED_SCHEMA, bucket_sql
 from tests.conftest import HOUR0
 
 
@@ -154,6 +155,95 @@ def test_producer_resend_in_a_later_hour_is_a_duplicate(settings: Settings) -> N
     second = ingest.validate_events(settings, HOUR0 + HOUR, quality_suite=False)
 
     assert (first["staged"], second["staged"], second["reasons"]) == (1, 0, {"duplicate": 1})
+
+
+def python_bucket(user_id: str, buckets: int) -> int:
+    """DuckDB's ``md5_number(user_id) % buckets``: the MD5 digest read as a little-endian 128-bit number."""
+    return int.from_bytes(hashlib.md5(user_id.encode()).digest(), "little") % buckets
+
+
+ID_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
+
+
+@pytest.mark.timeout(120)
+@hyp_settings(max_examples=40, deadline=None)
+@given(texts=st.lists(ID_TEXT, min_size=1, max_size=30), buckets=st.one_of(st.integers(1, 64), st.integers(1, 1 << 32)))
+def test_bucket_sql_is_md5_number_modulo_buckets(texts: list[str], buckets: int) -> None:
+    import duckdb
+
+    con = duckdb.connect()
+
+    rows = con.execute(
+        f"SELECT {bucket_sql('x', buckets)}, CAST(md5_number(x) % {buckets} AS INTEGER) FROM unnest($xs) AS t(x)",
+        {"xs": texts},
+    ).fetchall()
+
+    expected = [python_bucket(t, buckets) for t in texts]
+    assert [fast for fast, _ in rows] == [plain for _, plain in rows] == expected
+
+
+def test_bucket_sql_refuses_bucket_counts_out_of_range() -> None:
+    with pytest.raises(ValueError, match="modulus must be in"):
+        bucket_sql("user_id", 0)
+
+
+# One landed row: (event id from a small pool, so ids repeat; user; minute; negative price?).
+ROW = st.tuples(
+    st.sampled_from(["a", "b", "c", "d", "e"]), st.sampled_from(["u1", "u2", "u3"]), st.integers(0, 59), st.booleans()
+)
+
+
+@pytest.mark.timeout(300)
+@hyp_settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    earlier=st.sets(st.sampled_from(["a", "b", "c", "d", "e", "f"]), max_size=3),
+    files=st.lists(st.lists(ROW, max_size=6), min_size=1, max_size=3),
+)
+def test_staged_rows_are_first_copies_in_bucket_user_time_order(
+    tmp_path_factory: pytest.TempPathFactory, earlier: set[str], files: list[list[tuple[str, str, int, bool]]]
+) -> None:
+    # Arrange: ids staged an hour before, then this hour's files (read in name order, rows in file order).
+    root = tmp_path_factory.mktemp("order") / "lake"
+    settings = Settings(lake=root, buckets=3, lateness_hours=6, start=HOUR0 - HOUR, quarantine_threshold=1.0)
+    lake = Lake(root)
+    land(lake, HOUR0 - HOUR, "prev.parquet", [event(i, ts=HOUR0 - HOUR) for i in sorted(earlier)])
+    for n, rows in enumerate(files):
+        land(
+            lake,
+            HOUR0,
+            f"f{n}.parquet",
+            [
+                event(i, user=u, ts=HOUR0 + timedelta(minutes=m - 5), price=-1.0 if neg else 5.0)
+                for i, u, m, neg in rows
+            ],
+        )
+    for hour in (HOUR0 - HOUR, HOUR0):
+        ingest.extract_events(settings, hour)
+    ingest.validate_events(settings, HOUR0 - HOUR)
+
+    # Act
+    summary = ingest.validate_events(settings, HOUR0)
+
+    # Assert: a row is a duplicate when its id was staged before or an earlier row of the hour has it.
+    seen: set[str] = set(earlier)
+    expected_staged, expected_reasons = [], []
+    for n, rows in enumerate(files):
+        for r, (i, u, m, neg) in enumerate(rows, start=1):
+            reasons = (["negative_price"] if neg else []) + (["duplicate"] if i in seen else [])
+            seen.add(i)
+            if reasons:
+                expected_reasons.append((f"f{n}.parquet", r, ",".join(reasons)))
+            else:
+                expected_staged.append((python_bucket(u, 3), u, m, i))
+    staged = lake.read(lk.STAGING, HOUR0)
+    got = [
+        (row["bucket"], row["user_id"], int((row["ts"] - HOUR0).total_seconds() // 60), row["event_id"])
+        for row in staged.to_pylist()
+    ]
+    assert got == sorted(expected_staged)  # bucket, user, time, id: the staged order
+    assert summary["staged_per_bucket"] == [sum(1 for row in got if row[0] == b) for b in range(3)]
+    quarantined = lake.read(lk.QUARANTINE, HOUR0).to_pylist()
+    assert [(Path(q["source_file"]).name, q["source_row"], q["reasons"]) for q in quarantined] == expected_reasons
 
 
 def test_text_sources_with_gzip_are_read(settings: Settings) -> None:

@@ -15,7 +15,18 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 from profile_engine.config import Settings
-from profile_engine.lake import MANIFEST, PROFILES, QUALITY_DOCS, QUALITY_RESULTS, TMP, Lake, read_json
+from profile_engine.hours import format_hour
+from profile_engine.lake import (
+    MANIFEST,
+    PROFILES,
+    QUALITY_DOCS,
+    QUALITY_RESULTS,
+    REPORTS,
+    STAGING,
+    TMP,
+    Lake,
+    read_json,
+)
 from profile_engine.quality import (
     BUCKET_IN_RANGE,
     DOCS_INDEX,
@@ -35,6 +46,7 @@ from profile_engine.quality import (
     ProfileValidationError,
     build_profile_suite,
     build_suite,
+    check_staged_hour,
     check_threshold,
     column_exists_name,
     not_null_name,
@@ -511,3 +523,127 @@ def test_publish_profiles_refuses_an_invalid_snapshot_and_commits_nothing(settin
     # Assert
     assert not (lake.partition(PROFILES, HOUR) / MANIFEST).is_file()
     assert not lake.path(PROFILES, "current").exists()
+
+
+# ---- the check_quality step: the suite over what validate_events staged ------------------
+
+
+def stage_buckets(settings: Settings, rows: list[dict[str, Any]]) -> None:
+    """Commit ``rows`` to staging of HOUR, one partition per bucket, as validate_events does."""
+    lake = Lake(settings.lake)
+    for b in range(settings.buckets):
+        part = [r for r in rows if r["bucket"] == b]
+        lake.write_partition(STAGING, HOUR, pa.Table.from_pylist(part, schema=STAGED_SCHEMA), bucket=b)
+
+
+def validated_summary(staged: int, quarantined: int = 1, defective: int = 1) -> dict[str, Any]:
+    return {
+        "hour": format_hour(HOUR),
+        "read": staged + quarantined,
+        "staged": staged,
+        "quarantined": quarantined,
+        "defective": defective,
+    }
+
+
+def test_check_staged_hour_validates_every_bucket_read_back_from_staging(settings: Settings) -> None:
+    # Arrange: the only bad row sits in the last bucket.
+    rows = make_rows(8)
+    rows[7]["price"] = -1.0
+    assert rows[7]["bucket"] == settings.buckets - 1
+    stage_buckets(settings, rows)
+
+    # Act
+    summary = check_staged_hour(settings, HOUR, validated_summary(8), run_id="check-1")
+
+    # Assert
+    assert summary["failed_expectations"] == [PRICE_NON_NEGATIVE]
+    assert (summary["staged_rows"], summary["quarantined_rows"], summary["read_rows"]) == (8, 1, 9)
+    assert summary["defective_rows"] == 1
+    lake = Lake(settings.lake)
+    assert lake.manifest(QUALITY_RESULTS, HOUR)["run_id"] == "check-1"
+    assert Path(summary["docs_index"]).is_file()
+    results = read_results(settings, HOUR)
+    assert results["statistics"]["evaluated_expectations"] == summary["evaluated_expectations"]
+    assert "pandas_data_fingerprint" not in json.dumps(results)  # GX's per-value batch hash is skipped
+
+
+def test_check_staged_hour_gives_the_verdict_of_the_table_validation_wrote(settings: Settings) -> None:
+    # Arrange
+    rows = make_rows(6)
+    stage_buckets(settings, rows)
+    in_memory = pa.Table.from_pylist(sorted(rows, key=lambda r: r["bucket"]), schema=STAGED_SCHEMA)
+
+    # Act
+    read_back = check_staged_hour(settings, HOUR, validated_summary(6), build_docs=False)
+    given_table = check_staged_hour(settings, HOUR, validated_summary(6), build_docs=False, staged=in_memory)
+
+    # Assert
+    volatile = ("results_path", "docs_index")
+    assert {k: v for k, v in read_back.items() if k not in volatile} == {
+        k: v for k, v in given_table.items() if k not in volatile
+    }
+    assert read_back["success"] is True and read_back["docs_index"] is None
+
+
+def test_check_staged_hour_refuses_another_hour_or_changed_staging(settings: Settings) -> None:
+    stage_buckets(settings, make_rows(4))
+
+    with pytest.raises(ValueError, match="summary of hour"):
+        check_staged_hour(settings, HOUR, {**validated_summary(4), "hour": format_hour(HOUR + timedelta(hours=1))})
+    with pytest.raises(RuntimeError, match="holds 4 rows, validate_events staged 5"):
+        check_staged_hour(settings, HOUR, validated_summary(5))
+    with pytest.raises(FileNotFoundError, match="partition not committed"):
+        check_staged_hour(
+            settings,
+            HOUR + timedelta(hours=1),
+            {**validated_summary(4), "hour": format_hour(HOUR + timedelta(hours=1))},
+        )
+    assert not Lake(settings.lake).committed(QUALITY_RESULTS, HOUR)
+
+
+def test_run_report_takes_the_quality_verdict_from_check_quality() -> None:
+    from profile_engine import report
+
+    validated = {"read": 3, "staged": 3, "quarantined": 0, "erased": 0}
+
+    split = report.build_report(HOUR, {"validate_events": validated, "check_quality": {"success": False}}, run_id="r")
+    together = report.build_report(HOUR, {"validate_events": {**validated, "quality": {"success": True}}}, run_id="r")
+    missing = report.build_report(HOUR, {"validate_events": validated}, run_id="r")
+
+    assert split["headline"]["quality_success"] is False
+    assert split["stages"]["check_quality"]["status"] == "ok"
+    assert together["headline"]["quality_success"] is True
+    assert missing["headline"]["quality_success"] is None
+    assert missing["stages"]["check_quality"]["status"] == "not completed"
+
+
+@pytest.mark.timeout(300)
+def test_runner_checks_quality_of_an_hour_that_failed_the_quarantine_threshold(tmp_path: Path) -> None:
+    # Arrange: half of the hour's rows are defective, above the 10% threshold.
+    from profile_engine import ingest, runner
+    from profile_engine.lake import LANDING
+    from profile_engine.schema import EVENT_SCHEMA
+
+    settings = Settings(lake=tmp_path / "lake", buckets=2, quarantine_threshold=0.1, quarantine_min_rows=0, start=HOUR)
+    lake = Lake(settings.lake)
+    rows = [{k: v for k, v in r.items() if k != "bucket"} for r in make_rows(6)]
+    for r in rows[:3]:
+        r["quantity"] = 0
+    landing = lake.partition(LANDING, HOUR)
+    landing.mkdir(parents=True)
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows, schema=EVENT_SCHEMA), landing / "a.parquet")
+
+    # Act
+    with pytest.raises(ingest.QuarantineThresholdExceeded):
+        runner.run_hour(settings, HOUR)
+
+    # Assert: the staged half was checked, and the report carries both summaries.
+    report = read_json(lake.partition(REPORTS, HOUR) / "report.json")
+    assert report["stages"]["validate_events"]["status"] == "failed"
+    assert report["stages"]["check_quality"]["summary"]["staged_rows"] == 3
+    assert report["headline"]["quality_success"] is True
+    assert lake.committed(QUALITY_RESULTS, HOUR) and lake.committed(QUALITY_DOCS, HOUR)
+    assert report["stages"]["build_profiles"]["status"] == "not completed"

@@ -75,8 +75,8 @@ class LedgerError(RuntimeError):
 class QuarantineThresholdExceeded(RuntimeError):
     """More than the allowed share of an hour's rows went to quarantine (a policy failure).
 
-    Raised after staging, quarantine and quality results are written; ``summary`` is
-    the hour's summary, so the run report still has it.
+    Raised after staging and quarantine (and, with ``quality_suite``, the quality
+    results) are written; ``summary`` is the hour's summary, so the run report still has it.
     """
 
     def __init__(self, message: str, summary: dict[str, Any]) -> None:
@@ -368,20 +368,26 @@ def validate_events(
     hour: datetime,
     *,
     run_id: str = "manual",
+    quality_suite: bool = False,
     build_docs: bool = True,
-    quality_suite: bool = True,
     enforce_threshold: bool = True,
 ) -> dict[str, Any]:
-    """Stage the valid events of hour ``hour`` per bucket, quarantine the rest, run the quality suite.
+    """Stage the valid events of hour ``hour`` per bucket and quarantine the rest, with reasons.
 
-    ``quality_suite=False`` (bulk warm-ups) applies the row rules only and skips the
-    Great Expectations suite and its Data Docs. When a source's share of defective rows
-    (reasons other than benign ones and those its mapping expects) exceeds its threshold
-    in an hour with at least ``settings.quarantine_min_rows`` of its rows, the summary
-    says so under ``threshold_breaches``; with ``enforce_threshold`` (the hourly run)
+    The row rules only: the hourly DAG runs the Great Expectations suite over the
+    staged batch in its own task, ``check_quality`` (``quality.check_staged_hour``),
+    beside ``build_profiles``. ``quality_suite=True`` runs that step here as well, on
+    the table just staged (with ``build_docs``: its Data Docs), and adds its summary
+    under ``quality``. When a source's share of defective rows (reasons other than
+    benign ones and those its mapping expects) exceeds its threshold in an hour with at
+    least ``settings.quarantine_min_rows`` of its rows, the summary says so under
+    ``threshold_breaches``; with ``enforce_threshold`` (the hourly run)
     ``QuarantineThresholdExceeded`` is raised after everything is written. A file that
     cannot be read, lacks a required column or has an unmappable column type raises
     ``sources.SourceError`` before anything of the hour is written.
+
+    Staged rows are ordered by bucket, user, event time and event id (DESIGN.md §3:
+    output rows are sorted before writing); quarantined rows by source file and row.
     """
     import duckdb
 
@@ -410,45 +416,57 @@ def validate_events(
                 "WHERE ts >= $too_late AND event_id IN (SELECT event_id FROM raw WHERE event_id IS NOT NULL)",
                 {"too_late": too_late},
             )
+        # Ids that occur more than once in this hour, with their first occurrence (by file,
+        # then row): every later copy is a duplicate. One scan of raw joined to this small
+        # table instead of a window over all rows (a sort of 1M strings) or two scans.
+        # ``position`` orders rows as (source_index, source_row) does, in one number.
+        position = f"CAST(source_index AS HUGEINT) * {1 << 64} + source_row"
         con.execute(
-            "CREATE TEMP TABLE dup_ids AS SELECT event_id FROM raw WHERE event_id IS NOT NULL "
-            "GROUP BY event_id HAVING count(*) > 1"
+            f"CREATE TEMP TABLE dup_ids AS SELECT event_id, min({position}) AS first_copy "
+            "FROM raw WHERE event_id IS NOT NULL GROUP BY event_id HAVING count(*) > 1"
         )
         types = ", ".join(f"'{t}'" for t in EVENT_TYPES)
         ids = ("event_id", "user_id", "item_id", "order_id", "session_id", "category_id")
+        # (condition, reason) in the order reasons are listed; a NULL condition is false.
+        # Conditions are SQL; reasons are names, except ts_problem, which reads its reason from its column.
+        rules = [
+            ("event_id IS NULL OR trim(event_id) = ''", f"'{MISSING_EVENT_ID}'"),
+            ("user_id IS NULL OR trim(user_id) = ''", f"'{MISSING_USER_ID}'"),
+            ("item_id IS NULL OR trim(item_id) = ''", f"'{MISSING_ITEM_ID}'"),
+            (f"greatest({', '.join(f'coalesce(length({c}), 0)' for c in ids)}) > {MAX_ID_LENGTH}", f"'{ID_TOO_LONG}'"),
+            (f"event_type_v IS NULL OR event_type_v NOT IN ({types})", f"'{UNKNOWN_EVENT_TYPE}'"),
+            (
+                "price IS NOT NULL AND trim(price) <> '' AND (price_v IS NULL OR isnan(price_v) OR isinf(price_v))",
+                f"'{BAD_PRICE}'",
+            ),
+            ("price_v < 0 AND NOT isinf(price_v)", f"'{NEGATIVE_PRICE}'"),
+            ("quantity_v IS NULL OR quantity_v = 0", f"'{BAD_QUANTITY}'"),
+            ("quantity_v < 0", f"'{NEGATIVE_QUANTITY}'"),
+            ("ts_problem IS NOT NULL", "ts_problem"),
+            ("ts_v >= $future", f"'{FUTURE_TS}'"),
+            ("ts_v < $too_late", f"'{TOO_LATE}'"),
+            ("later_copy OR seen", f"'{DUPLICATE}'"),
+        ]
+        listed = ", ".join(f"CASE WHEN {condition} THEN {reason} END" for condition, reason in rules)
+        # The list is built only for rows that break a rule (a few per thousand); the others get [].
         con.execute(
             f"""
             CREATE TABLE checked AS
             WITH typed AS (
-                SELECT *,
+                SELECT raw.*,
                     TRY_CAST(price AS DOUBLE) AS price_v,
                     CASE WHEN quantity IS NULL OR trim(quantity) = '' THEN 1 ELSE TRY_CAST(trim(quantity) AS INTEGER) END AS quantity_v,
-                    CASE WHEN malformed OR event_id IS NULL OR trim(event_id) = '' THEN 1 ELSE
-                        row_number() OVER (PARTITION BY event_id ORDER BY source_index, source_row) END AS copy_no
-                FROM raw WHERE event_id IN (SELECT event_id FROM dup_ids)
-                UNION ALL
-                -- Ids seen once (nearly all rows) need no window: a hash aggregate finds the others.
-                SELECT *, TRY_CAST(price AS DOUBLE),
-                    CASE WHEN quantity IS NULL OR trim(quantity) = '' THEN 1 ELSE TRY_CAST(trim(quantity) AS INTEGER) END,
-                    1
-                FROM raw WHERE event_id IS NULL OR event_id NOT IN (SELECT event_id FROM dup_ids)
+                    NOT (malformed OR event_id IS NULL OR trim(event_id) = '') AND dup_ids.first_copy IS NOT NULL
+                        AND {position} IS DISTINCT FROM dup_ids.first_copy AS later_copy,
+                    event_id IN (SELECT event_id FROM seen_ids) AS seen
+                FROM raw LEFT JOIN dup_ids USING (event_id)
             )
-            SELECT *, CASE WHEN malformed THEN ['{MALFORMED_ROW}'] ELSE list_filter([
-                CASE WHEN event_id IS NULL OR trim(event_id) = '' THEN '{MISSING_EVENT_ID}' END,
-                CASE WHEN user_id IS NULL OR trim(user_id) = '' THEN '{MISSING_USER_ID}' END,
-                CASE WHEN item_id IS NULL OR trim(item_id) = '' THEN '{MISSING_ITEM_ID}' END,
-                CASE WHEN greatest({", ".join(f"coalesce(length({c}), 0)" for c in ids)}) > {MAX_ID_LENGTH} THEN '{ID_TOO_LONG}' END,
-                CASE WHEN event_type_v IS NULL OR event_type_v NOT IN ({types}) THEN '{UNKNOWN_EVENT_TYPE}' END,
-                CASE WHEN price IS NOT NULL AND trim(price) <> ''
-                          AND (price_v IS NULL OR isnan(price_v) OR isinf(price_v)) THEN '{BAD_PRICE}' END,
-                CASE WHEN price_v < 0 AND NOT isinf(price_v) THEN '{NEGATIVE_PRICE}' END,
-                CASE WHEN quantity_v IS NULL OR quantity_v = 0 THEN '{BAD_QUANTITY}' END,
-                CASE WHEN quantity_v < 0 THEN '{NEGATIVE_QUANTITY}' END,
-                ts_problem,
-                CASE WHEN ts_v >= $future THEN '{FUTURE_TS}' END,
-                CASE WHEN ts_v < $too_late THEN '{TOO_LATE}' END,
-                CASE WHEN copy_no > 1 OR event_id IN (SELECT event_id FROM seen_ids) THEN '{DUPLICATE}' END
-            ], lambda r: r IS NOT NULL) END AS reasons
+            SELECT * EXCLUDE (later_copy, seen), CASE
+                WHEN malformed THEN ['{MALFORMED_ROW}']
+                WHEN {" OR ".join(f"({condition})" for condition, _ in rules)}
+                    THEN list_filter([{listed}], lambda r: r IS NOT NULL)
+                ELSE []::VARCHAR[]
+            END AS reasons
             FROM typed
             """,
             {"future": future, "too_late": too_late},
@@ -483,10 +501,11 @@ def validate_events(
     finally:
         con.close()
 
+    # Rows are ordered by bucket first: each bucket is a slice (no copy).
+    bounds = _bucket_bounds(staged, settings.buckets)
     per_bucket = []
-    bucket_column = staged.column(BUCKET)
     for b in range(settings.buckets):
-        part = staged.filter(pc.equal(bucket_column, b))
+        part = staged.slice(bounds[b], bounds[b + 1] - bounds[b])
         lake.write_partition(lk.STAGING, hour, part, bucket=b, run_id=run_id)
         per_bucket.append(part.num_rows)
     lake.write_partition(
@@ -496,21 +515,7 @@ def validate_events(
     defective = sum(s["defective"] for s in per_source.values())
     breaches = [name for name, s in per_source.items() if s["threshold_exceeded"]]
 
-    quality_summary: dict[str, Any] = {"status": "skipped", "reason": "bulk run: row rules only"}
-    if quality_suite:
-        from profile_engine import quality
-
-        quality_summary = quality.run_quality(
-            settings,
-            hour,
-            staged,
-            quarantined_rows=quarantined.num_rows,
-            read_rows=read_rows,
-            run_id=run_id,
-            build_docs=build_docs,
-            defective_rows=defective,
-        )
-    summary = {
+    summary: dict[str, Any] = {
         "hour": format_hour(hour),
         "read": read_rows,
         "staged": staged.num_rows,
@@ -524,10 +529,15 @@ def validate_events(
         "held_back": int(
             pc.sum(pc.greater_equal(staged.column("ts"), pa.scalar(end, pa.timestamp("ms", "UTC")))).as_py() or 0
         ),
-        "quality": quality_summary,
     }
     if summary["read"] != summary["staged"] + summary["quarantined"] + summary["erased"]:
         raise AssertionError(f"hour {format_hour(hour)}: counts do not add up: {summary}")
+    if quality_suite:
+        from profile_engine import quality
+
+        summary["quality"] = quality.check_staged_hour(
+            settings, hour, summary, run_id=run_id, build_docs=build_docs, staged=staged
+        )
     if breaches and enforce_threshold:
         details = "; ".join(
             f"{name}: {per_source[name]['defective']} of {per_source[name]['read']} rows quarantined as defective "
@@ -539,6 +549,14 @@ def validate_events(
             summary,
         )
     return summary
+
+
+def _bucket_bounds(staged: pa.Table, buckets: int) -> list[int]:
+    """Offsets of the first row of each bucket (and the end) in ``staged``, which is ordered by bucket."""
+    import numpy as np
+
+    column = staged.column(BUCKET).to_numpy()
+    return [int(i) for i in np.searchsorted(column, np.arange(buckets + 1), side="left")[:buckets]] + [len(column)]
 
 
 def _per_source(

@@ -5,7 +5,9 @@ batch that survived as a whole against the data contract (DESIGN.md §3), so a b
 the row rules, a schema drift or a broken source shows up as a failed expectation
 instead of silently wrong profiles. The suite is code, versioned with the package
 (STYLE.md 7). Each hour gets its validation result (``quality/results``) and its own
-self-contained Data Docs site (``quality/docs``), both committed with a manifest.
+self-contained Data Docs site (``quality/docs``), both committed with a manifest. In the
+hourly DAG this is the task ``check_quality`` (``check_staged_hour``), which reads the
+hour's staged events back and runs beside ``build_profiles``.
 
 Great Expectations is imported inside the functions (it costs seconds), and every
 file it writes goes to a context under the lake's ``_tmp/``, removed afterwards.
@@ -16,6 +18,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Generator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -25,7 +29,7 @@ import pyarrow as pa
 from profile_engine import __version__
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, floor_hour, format_hour, partition_values
-from profile_engine.lake import MANIFEST, QUALITY_DOCS, QUALITY_RESULTS, Lake
+from profile_engine.lake import MANIFEST, QUALITY_DOCS, QUALITY_RESULTS, STAGING, Lake
 from profile_engine.schema import BUCKET, EVENT_TYPES, SCHEMA_VERSION, STAGED_SCHEMA
 
 if TYPE_CHECKING:
@@ -87,6 +91,26 @@ def gx_frame(table: pa.Table) -> Any:
             kind = pa.float64()
         fields.append(field.with_type(kind))
     return table.cast(pa.schema(fields, metadata=table.schema.metadata)).to_pandas()
+
+
+@contextmanager
+def _no_batch_fingerprint() -> Generator[None]:
+    """Let Great Expectations skip its fingerprint of an in-memory batch while inside.
+
+    GX 1.24 hashes every value of a DataFrame batch under 1 GB (``hash_pandas_object``:
+    1.2 s of a 1M-row hour) for ``batch_markers.pandas_data_fingerprint``, a marker of
+    the result that nothing here reads and no expectation uses. Its size threshold is a
+    module constant with no setting, so it is lowered for the call (tasks run one
+    validation per process; the previous value is restored).
+    """
+    from great_expectations.execution_engine import pandas_execution_engine
+
+    saved = pandas_execution_engine.HASH_THRESHOLD
+    pandas_execution_engine.HASH_THRESHOLD = 0
+    try:
+        yield
+    finally:
+        pandas_execution_engine.HASH_THRESHOLD = saved
 
 
 def build_suite(*, ts_min: datetime, ts_max: datetime, buckets: int) -> gx.ExpectationSuite:
@@ -256,10 +280,11 @@ def run_quality(
                 result_format=RESULT_FORMAT,
             )
         )
-        outcome = checkpoint.run(
-            batch_parameters={"dataframe": frame},
-            run_id=gx.RunIdentifier(run_name=run_id, run_time=datetime.now(UTC)),
-        )
+        with _no_batch_fingerprint():
+            outcome = checkpoint.run(
+                batch_parameters={"dataframe": frame},
+                run_id=gx.RunIdentifier(run_name=run_id, run_time=datetime.now(UTC)),
+            )
         result: dict[str, Any] = next(iter(outcome.run_results.values())).to_json_dict()  # type: ignore[no-untyped-call]
 
         docs_index: str | None = None
@@ -311,6 +336,49 @@ def run_quality(
         },
     )
     return summary
+
+
+def check_staged_hour(
+    settings: Settings,
+    hour: datetime,
+    validated: dict[str, Any],
+    *,
+    run_id: str = "manual",
+    build_docs: bool = True,
+    staged: pa.Table | None = None,
+) -> dict[str, Any]:
+    """Run the quality suite (``run_quality``) on the events ``validate_events`` staged for ``hour``.
+
+    The ``check_quality`` task of the hourly DAG (beside ``build_profiles``) and the
+    in-process runner call this after ``ingest.validate_events``; ``validated`` is that
+    call's summary (its row counts feed the quarantine share). The batch is read back
+    from ``staging/events`` of the hour, every bucket in order, unless ``staged`` (the
+    table validation just wrote) is given. ``RuntimeError`` when staging does not hold
+    the rows the summary counted (a later run rewrote the hour): the result would
+    describe other data.
+    """
+    start = _check_hour(hour)
+    if validated.get("hour") != format_hour(start):
+        raise ValueError(f"summary of hour {validated.get('hour')} given to check hour {format_hour(start)}")
+    if staged is None:
+        lake = Lake(settings.lake)
+        tables = [lake.read(STAGING, start, bucket) for bucket in range(settings.buckets)]
+        staged = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if staged.num_rows != validated["staged"]:
+        raise RuntimeError(
+            f"staging of hour {format_hour(start)} holds {staged.num_rows} rows, validate_events staged "
+            f"{validated['staged']}: rerun validate_events for the hour"
+        )
+    return run_quality(
+        settings,
+        start,
+        staged,
+        quarantined_rows=int(validated["quarantined"]),
+        read_rows=int(validated["read"]),
+        run_id=run_id,
+        build_docs=build_docs,
+        defective_rows=int(validated["defective"]),
+    )
 
 
 def read_results(settings: Settings, hour: datetime) -> dict[str, Any]:
@@ -486,13 +554,14 @@ def validate_profiles(profiles: pa.Table, hour: datetime) -> dict[str, Any]:
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     context.enable_analytics(False)
-    batch = (
-        context.data_sources.add_pandas("profiles")
-        .add_dataframe_asset("snapshot")
-        .add_batch_definition_whole_dataframe(f"snapshot_{format_hour(start)}")
-        .get_batch(batch_parameters={"dataframe": frame})
-    )
-    result: dict[str, Any] = batch.validate(suite, result_format=RESULT_FORMAT).to_json_dict()  # type: ignore[no-untyped-call]
+    with _no_batch_fingerprint():
+        batch = (
+            context.data_sources.add_pandas("profiles")
+            .add_dataframe_asset("snapshot")
+            .add_batch_definition_whole_dataframe(f"snapshot_{format_hour(start)}")
+            .get_batch(batch_parameters={"dataframe": frame})
+        )
+        result: dict[str, Any] = batch.validate(suite, result_format=RESULT_FORMAT).to_json_dict()  # type: ignore[no-untyped-call]
     failed = [r for r in result["results"] if not r["success"]]
     if failed:
         details = "; ".join(

@@ -20,6 +20,7 @@ from profile_engine.lake import Lake
 STAGES: tuple[str, ...] = (
     "extract_events",
     "validate_events",
+    "check_quality",
     "build_profiles",
     "publish_profiles",
     "train_challenger",
@@ -87,7 +88,8 @@ def build_report(
             "staged": validate.get("staged"),
             "quarantined": validate.get("quarantined"),
             "erased": validate.get("erased"),
-            "quality_success": (validate.get("quality") or {}).get("success"),
+            # check_quality's summary (or validate_events' own, when it ran the suite itself)
+            "quality_success": (summaries.get("check_quality") or validate.get("quality") or {}).get("success"),
             "profiles": publish.get("profiles"),
             # users whose lifecycle stage, RFM segment or top interest changed (profile_changes/)
             "profile_changes": publish.get("profile_changes"),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from profile_engine import evaluate as evaluation
-from profile_engine import features, ingest, lock, model, report, segments
+from profile_engine import features, ingest, lock, model, quality, report, segments
 from profile_engine import lake as lk
 from profile_engine.config import Settings
 from profile_engine.hours import format_hour, hour_range
@@ -43,8 +43,18 @@ def run_hour(
     with lock.hold_lake(Lake(settings.lake), run_id):  # one writer at a time; stale _tmp/ cleaned on entry
         try:
             stage("extract_events", lambda: ingest.extract_events(settings, hour, run_id=run_id))
+            try:
+                validated = stage("validate_events", lambda: ingest.validate_events(settings, hour, run_id=run_id))
+            except ingest.QuarantineThresholdExceeded as error:
+                # As in the DAG: the hour's counts reach the report, and its staged batch is still checked.
+                summaries["validate_events"] = {**error.summary, "status": "failed"}
+                summaries["check_quality"] = quality.check_staged_hour(
+                    settings, hour, error.summary, run_id=run_id, build_docs=build_docs
+                )
+                raise
             stage(
-                "validate_events", lambda: ingest.validate_events(settings, hour, run_id=run_id, build_docs=build_docs)
+                "check_quality",
+                lambda: quality.check_staged_hour(settings, hour, validated, run_id=run_id, build_docs=build_docs),
             )
             stage(
                 "build_profiles",

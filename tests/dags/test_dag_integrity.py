@@ -49,6 +49,12 @@ def test_profile_refresh_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
     assert dag.get_task("build_profiles").depends_on_past
     assert dag.get_task("score_profiles").trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("write_run_report").trigger_rule == "all_done"
+    # The quality suite runs beside the profiles (it gates nothing) and reaches the report.
+    check = dag.get_task("check_quality")
+    assert check.upstream_task_ids == {"validate_events"}
+    assert check.downstream_task_ids == {"write_run_report"}
+    assert check.trigger_rule == "all_done"  # also after a quarantine-threshold failure, which staged the hour
+    assert "check_quality" not in dag.get_task("build_profiles").upstream_task_ids
     assert set(dag.params.keys()) >= {"hour", "force_retrain", "force_promote", "quarantine_threshold", "dry_run"}
 
 
