@@ -23,6 +23,7 @@ SCRIPT = ROOT / "benchmarks" / "pipeline.py"
 TASK_STEPS = {
     "extract_events",
     "validate_events",
+    "check_quality",
     "build_profiles[0]",
     "build_profiles[1]",
     "publish_profiles",

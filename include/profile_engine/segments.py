@@ -41,6 +41,7 @@ from profile_engine import lake as lk
 from profile_engine.config import CONFIG_DIR, Settings
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range
 from profile_engine.model import MODEL_VERSION, PROPENSITY, SCORES_SCHEMA
+from profile_engine.schema import md5_modulo_sql
 
 if TYPE_CHECKING:
     import duckdb
@@ -729,7 +730,7 @@ def assign_segments(
                        c.{ACTION} AS rule_action, c.{REASON} AS rule_reason, k.rules AS cooled_rules,
                        o.{USER_ID} IS NOT NULL AS opted_out,
                        coalesce(o.{USER_ID} IS NULL AND NOT c.suppress
-                                AND md5_number(u.{USER_ID} || '|' || c.{RULE}) % {CONTROL_BASIS} < c.control_bp,
+                                AND {md5_modulo_sql(f"u.{USER_ID} || '|' || c.{RULE}", CONTROL_BASIS)} < c.control_bp,
                                 false) AS held_out
                 FROM memberships u
                 LEFT JOIN chosen c USING ({USER_ID})
