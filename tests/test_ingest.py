@@ -162,7 +162,7 @@ def python_bucket(user_id: str, buckets: int) -> int:
     return int.from_bytes(hashlib.md5(user_id.encode()).digest(), "little") % buckets
 
 
-ID_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
+ID_TEXT = st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=12)
 
 
 @pytest.mark.timeout(120)

@@ -5,8 +5,14 @@ One small Keras fit (module fixture) serves every TensorFlow test.
 
 from __future__ import annotations
 
+import json
+import logging
+import pickle
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,11 +24,11 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from profile_engine import evaluate, labels, model, registry
+from profile_engine import cli, evaluate, labels, model, registry
 from profile_engine.config import Settings
 from profile_engine.features import USER_ID
 from profile_engine.hours import HOUR
-from profile_engine.lake import MODELS, PROFILES, SCORES, Lake, read_json
+from profile_engine.lake import MANIFEST, MODELS, PROFILES, SCORES, Lake, read_json
 from tests.test_labels import CATEGORICAL, NUMERIC, T0, make_settings, synthetic_lake
 
 FAST = model.ModelConfig(hidden_units=(32, 16), max_epochs=15, patience=3)
@@ -189,6 +195,15 @@ def test_saved_model_scores_raw_profile_rows_like_the_fitted_one(trained: Traine
     assert list(loaded.cut_points) == stored["model"]
     files = {p.name for p in Lake(trained.settings.lake).path(MODELS, version).iterdir()}
     assert {"model.keras", "baseline.keras", "calibration.json", "deciles.json", "model_card.md"} <= files
+    exported = {name for pair in model.INFERENCE_FILES.values() for name in pair}
+    assert exported == {
+        "model.inference.json",
+        "model.inference.npz",
+        "baseline.inference.json",
+        "baseline.inference.npz",
+    }
+    listed = {f["name"] for f in read_json(Lake(trained.settings.lake).path(MODELS, version, MANIFEST))["files"]}
+    assert exported <= files and exported <= listed
 
 
 def test_score_profiles_uses_baseline_before_promotion_then_the_champion(trained: Trained) -> None:
@@ -218,3 +233,259 @@ def test_score_profiles_uses_baseline_before_promotion_then_the_champion(trained
     cuts = read_json(lake.path(MODELS, version, model.DECILES_FILE))["model"]
     assert np.asarray(scores.column(model.DECILE)).tolist() == model.assign_deciles(propensity, cuts).tolist()
     assert earlier["model"] == "none"
+
+
+# ---- TensorFlow-free scoring (profile_engine.inference) -------------------------------------------------------------
+KINDS = ("model", "baseline")
+
+
+@pytest.fixture(scope="module")
+def keras_networks(trained: Trained) -> dict[str, Any]:
+    """The version's Keras networks, loaded from their .keras files (the reference the numpy scorer must match)."""
+    import keras
+
+    directory = Lake(trained.settings.lake).path(MODELS, str(trained.summary["version"]))
+    return {
+        kind: keras.saving.load_model(directory / name, custom_objects=model.custom_layers())
+        for kind, name in model.NETWORK_FILES.items()
+    }
+
+
+def keras_probabilities(trained: Trained, network: Any, kind: str, table: pa.Table) -> np.ndarray:
+    """Keras ``predict`` plus the version's calibration: what scoring returned before the numpy export."""
+    raw = network.predict(model.model_inputs(table, NUMERIC, CATEGORICAL), verbose=0)
+    directory = Lake(trained.settings.lake).path(MODELS, str(trained.summary["version"]))
+    calibration = read_json(directory / model.CALIBRATION_FILE) if kind == "model" else None
+    return model.apply_calibration(np.asarray(raw, dtype=np.float64).ravel(), calibration)
+
+
+def odd_rows(trained: Trained) -> pa.Table:
+    """Evaluation rows, then copies with one column made odd each, so no odd value masks another.
+
+    Unseen, empty and null categories; null numbers; NaN, null, negative and huge floats.
+    """
+    rows = trained.training.eval.slice(0, 40)
+
+    def with_column(name: str, values: list[Any], kind: pa.DataType) -> pa.Table:
+        return rows.set_column(rows.schema.get_field_index(name), name, pa.array(values * 10, kind))
+
+    return pa.concat_tables(
+        [
+            trained.training.eval,
+            with_column("segment", ["zzz", "", None, "[UNK]"], pa.string()),
+            with_column("visits", [None, 3, None, 0], pa.int64()),
+            with_column("signal", [float("nan"), None, -2.5, 1e6], pa.float64()),
+        ]
+    )
+
+
+def copy_lake(trained: Trained, tmp_path: Path) -> Settings:
+    """Settings over a copy of the trained lake, so a test may rewrite the version."""
+    shutil.copytree(trained.settings.lake, tmp_path / "lake")
+    return replace(trained.settings, lake=tmp_path / "lake")
+
+
+def strip_inference_files(settings: Settings, version: str) -> None:
+    """Rewrite the version as older code wrote it: without the inference export."""
+    lake = Lake(settings.lake)
+    directory = lake.path(MODELS, version)
+    manifest = read_json(directory / MANIFEST)
+    exported = {name for pair in model.INFERENCE_FILES.values() for name in pair}
+    names = [f["name"] for f in manifest.pop("files") if f["name"] not in exported]
+    lake.write_dir(directory, [(n, (directory / n).read_bytes()) for n in names], manifest)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_numpy_scores_equal_keras_predict_and_calibration(
+    trained: Trained, keras_networks: dict[str, Any], kind: str
+) -> None:
+    # Arrange
+    version = str(trained.summary["version"])
+    rows = odd_rows(trained)
+    expected = keras_probabilities(trained, keras_networks[kind], kind, rows)
+
+    # Act
+    loaded = model.load_model(trained.settings, version, kind)
+    actual = loaded.predict(rows)
+
+    # Assert
+    assert loaded.engine == "numpy"
+    assert actual.dtype == np.float64 and actual.shape == (rows.num_rows,)
+    assert np.max(np.abs(actual - expected)) <= 1e-6
+    assert np.all(np.isfinite(actual))
+    cuts = loaded.cut_points
+    assert model.assign_deciles(actual, cuts).tolist() == model.assign_deciles(expected, cuts).tolist()
+
+
+def test_numpy_scorer_scores_an_empty_table(trained: Trained) -> None:
+    # Arrange
+    loaded = model.load_model(trained.settings, str(trained.summary["version"]))
+    empty = trained.training.eval.slice(0, 0)
+
+    # Act
+    scores = model.score_table(empty, loaded)
+    raw = loaded.network.predict(model.numpy_inputs(empty, loaded.numeric, loaded.categorical))
+
+    # Assert
+    assert scores.num_rows == 0 and scores.schema == model.SCORES_SCHEMA
+    assert raw.shape == (0,) and raw.dtype == np.float32
+
+
+def test_numpy_forward_pass_is_the_same_in_batches(trained: Trained) -> None:
+    # Arrange
+    loaded = model.load_model(trained.settings, str(trained.summary["version"]))
+    inputs = model.numpy_inputs(odd_rows(trained), loaded.numeric, loaded.categorical)
+
+    # Act
+    whole = loaded.network.predict(inputs)
+    batched = loaded.network.predict(inputs, batch_rows=7)
+
+    # Assert: equal up to float32 rounding (BLAS blocks a matrix product differently by size)
+    assert np.max(np.abs(whole - batched)) <= 1e-6
+
+
+@hypothesis_settings(max_examples=30, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.one_of(st.none(), st.just(float("nan")), st.floats(-1e6, 1e6, allow_nan=False)),
+            st.one_of(st.none(), st.integers(0, 10**6)),
+            st.one_of(st.none(), st.sampled_from(["a", "b", "c", "", "zzz", "ü", "[UNK]"])),
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+    kind=st.sampled_from(KINDS),
+)
+def test_numpy_scorer_matches_keras_on_any_feature_rows(
+    trained: Trained, keras_networks: dict[str, Any], rows: list[tuple[float | None, int | None, str | None]], kind: str
+) -> None:
+    # Arrange
+    signal, visits, segment = (list(column) for column in zip(*rows, strict=True))
+    table = pa.table(
+        {
+            USER_ID: pa.array([f"u{i}" for i in range(len(rows))], pa.string()),
+            "signal": pa.array(signal, pa.float64()),
+            "visits": pa.array(visits, pa.int64()),
+            "segment": pa.array(segment, pa.string()),
+        }
+    )
+    expected = keras_probabilities(trained, keras_networks[kind], kind, table)
+
+    # Act
+    actual = model.load_model(trained.settings, str(trained.summary["version"]), kind).predict(table)
+
+    # Assert
+    assert np.max(np.abs(actual - expected)) <= 1e-6
+
+
+def test_score_profiles_with_the_export_never_imports_tensorflow(trained: Trained, tmp_path: Path) -> None:
+    # Arrange: a child process, so this process's TensorFlow does not count
+    settings = copy_lake(trained, tmp_path)
+    (tmp_path / "settings.pickle").write_bytes(pickle.dumps(settings))
+    child = (
+        "import json, pickle, sys\n"
+        "from datetime import datetime\n"
+        "from profile_engine import model\n"
+        "settings = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+        "summary = model.score_profiles(settings, datetime.fromisoformat(sys.argv[2]), 0, run_id='child')\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
+        "print(json.dumps({'summary': summary, 'heavy': heavy}))\n"
+    )
+
+    # Act
+    done = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path / "settings.pickle"), trained.hour.isoformat()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+    # Assert
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == []
+    assert result["summary"]["engine"] == "numpy" and result["summary"]["rows"] == 200
+    scores = Lake(settings.lake).read(SCORES, trained.hour, 0)
+    profiles = Lake(settings.lake).read(PROFILES, trained.hour, 0).sort_by(USER_ID)
+    loaded = model.scoring_model(settings, trained.hour)  # baseline or champion, depending on the tests before
+    assert loaded is not None and result["summary"][model.MODEL_VERSION] == loaded.label
+    assert np.asarray(scores.column(model.PROPENSITY)) == pytest.approx(loaded.predict(profiles), abs=1e-12)
+
+
+def test_version_without_the_export_falls_back_to_keras_then_export_inference_adds_it(
+    trained: Trained, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Arrange: a version as older code wrote it
+    settings = copy_lake(trained, tmp_path)
+    version = str(trained.summary["version"])
+    strip_inference_files(settings, version)
+    rows = odd_rows(trained)
+    directory = Lake(settings.lake).path(MODELS, version)
+
+    # Act
+    with caplog.at_level(logging.WARNING, logger="profile_engine.model"):
+        old = model.load_model(settings, version)
+        model._load.cache_clear()  # a second load in the same process logs nothing new
+        model.load_model(settings, version)
+        old_scores = old.predict(rows)
+    files = model.export_inference(settings, version)
+    stamp = (directory / MANIFEST).stat().st_mtime_ns
+    again = model.export_inference(settings, version)
+    new = model.load_model(settings, version)
+
+    # Assert
+    assert old.engine == "keras"
+    warnings = [r.getMessage() for r in caplog.records if "export-inference" in r.getMessage()]
+    assert len(warnings) == 1 and version in warnings[0] and "no inference export" in warnings[0]
+    assert files == again == sorted(name for pair in model.INFERENCE_FILES.values() for name in pair)
+    assert (directory / MANIFEST).stat().st_mtime_ns == stamp  # idempotent: identical files are not rewritten
+    assert set(files) <= {f["name"] for f in read_json(directory / MANIFEST)["files"]}
+    assert new.engine == "numpy"
+    assert np.max(np.abs(new.predict(rows) - old_scores)) <= 1e-6
+
+
+def test_an_export_of_another_keras_file_is_stale_and_not_used(trained: Trained, tmp_path: Path) -> None:
+    # Arrange: model.keras replaced (here by the baseline network) without a new export
+    settings = copy_lake(trained, tmp_path)
+    version = str(trained.summary["version"])
+    directory = Lake(settings.lake).path(MODELS, version)
+    model.update_model_dir(settings, version, {registry.MODEL_FILE: (directory / registry.BASELINE_FILE).read_bytes()})
+
+    # Act
+    loaded = model.load_model(settings, version)
+
+    # Assert
+    assert loaded.engine == "keras"
+
+
+def test_an_export_in_an_unknown_format_is_not_used(trained: Trained, tmp_path: Path) -> None:
+    # Arrange: a spec written by some future format
+    settings = copy_lake(trained, tmp_path)
+    version = str(trained.summary["version"])
+    directory = Lake(settings.lake).path(MODELS, version)
+    spec_name = model.INFERENCE_FILES["model"][0]
+    spec = {**read_json(directory / spec_name), "format": "profile_engine.inference/99"}
+    model.update_model_dir(settings, version, {spec_name: json.dumps(spec).encode()})
+
+    # Act
+    loaded = model.load_model(settings, version)
+
+    # Assert
+    assert loaded.engine == "keras"
+
+
+def test_cli_exports_a_version(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange
+    settings = copy_lake(trained, tmp_path)
+    version = str(trained.summary["version"])
+    strip_inference_files(settings, version)
+    monkeypatch.setenv("PROFILE_ENGINE_LAKE", str(settings.lake))
+
+    # Act
+    status = cli.main(["models", "export-inference", version])
+    missing = cli.main(["models", "export-inference", "v20000101T00"])
+
+    # Assert
+    assert status == 0 and missing == 1
+    assert model.load_model(settings, version).engine == "numpy"

@@ -876,14 +876,16 @@ def test_segment_stability_equals_the_set_definition(
     # Arrange: users u0..; a member's rule is its first segment, held_by_stay a prefix of its segments
     from profile_engine.segments import segment_stability
 
-    assigned = {
+    assigned: dict[str, list[Any]] = {
         "user_id": [f"u{i}" for i in range(len(rows))],
         "segments": [names for names, _, _ in rows],
         "held_by_stay": [names[:1] if by_stay else [] for names, by_stay, _ in rows],
         "rule": [names[0] if names else None for names, _, _ in rows],
         "control": [is_control for _, _, is_control in rows],
     }
-    previous = None if before is None else {"user_id": [f"u{i}" for i in range(len(before))], "segments": before}
+    previous: dict[str, list[Any]] | None = (
+        None if before is None else {"user_id": [f"u{i}" for i in range(len(before))], "segments": before}
+    )
     rule_names = _NAMES[:3]  # "winback" only appears as a segment name outside the rules
 
     # Act

@@ -92,7 +92,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """List, show, promote or roll back model versions (manual changes apply from the next unprocessed hour)."""
+    """List, show, promote, roll back or export model versions (manual changes apply from the next unprocessed hour)."""
     from profile_engine import registry
 
     settings = Settings.from_env()
@@ -103,6 +103,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             _print(registry.show_model(settings, args.version))
         elif args.action == "promote":
             _print(registry.promote_manually(settings, args.version, reason=args.reason))
+        elif args.action == "export-inference":
+            from profile_engine.model import export_inference
+
+            _print({"version": args.version, "files": export_inference(settings, args.version)})
         else:
             _print(registry.rollback_manually(settings, to_version=args.to, reason=args.reason))
     except (ValueError, FileNotFoundError) as error:
@@ -205,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("models", help="model registry: list | show VERSION | promote VERSION | rollback")
+    p = sub.add_parser(
+        "models", help="model registry: list | show VERSION | promote VERSION | rollback | export-inference VERSION"
+    )
     actions = p.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="every committed version with metrics, decision and champion status")
     a = actions.add_parser("show", help="everything recorded about one version")
@@ -216,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("rollback", help="bring back the previous champion from the next unprocessed hour")
     a.add_argument("--to", default=None, help="a specific earlier version (default: the previous champion)")
     a.add_argument("--reason", default="manual rollback")
+    a = actions.add_parser(
+        "export-inference", help="add the TensorFlow-free scoring files to VERSION (for versions trained before them)"
+    )
+    a.add_argument("version")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("verify", help="rebuild hour H from staged events and compare with its committed snapshot")

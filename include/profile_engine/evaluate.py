@@ -543,7 +543,9 @@ def model_report(settings: Settings, hour: datetime, summaries: Mapping[str, Any
     section: dict[str, Any] = {}
     scored = summaries.get("score_profiles")
     first = scored[0] if isinstance(scored, list) and scored and isinstance(scored[0], dict) else {}
-    section["scoring"] = {k: first.get(k) for k in ("model", "model_version", "reason") if first.get(k) is not None}
+    section["scoring"] = {
+        k: first.get(k) for k in ("model", "model_version", "engine", "reason") if first.get(k) is not None
+    }
     trained = summaries.get("train_challenger") or {}
     section["training"] = {k: trained.get(k) for k in ("status", "version", "reason") if trained.get(k) is not None}
     evaluated = summaries.get("evaluate_and_promote") or {}

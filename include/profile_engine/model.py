@@ -17,15 +17,22 @@ output is a probability too.
 deciles are stable across hours), ``features.json``, ``metrics.json`` and
 ``model_card.md``; ``evaluate`` adds ``evaluation.json`` and rewrites the card with
 its plots (ROC, PR, calibration, lift by decile, permutation importance; PNGs
-drawn with matplotlib's Agg backend). TensorFlow is only
-imported inside functions: importing this module stays cheap for DAG parsing.
+drawn with matplotlib's Agg backend). Each network is also exported for
+TensorFlow-free scoring (``model.inference.json/.npz``,
+``baseline.inference.json/.npz``; ``profile_engine.inference``): loading a
+version for scoring then never imports TensorFlow, whose import costs more than
+the prediction itself. Versions written before that fall back to Keras
+(``export_inference`` adds the files). TensorFlow is only imported inside
+functions: importing this module stays cheap for DAG parsing.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
+import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,17 +44,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from profile_engine import evaluate, faults, labels, registry
+from profile_engine import evaluate, faults, inference, labels, registry
 from profile_engine.config import Settings
 from profile_engine.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, SNAPSHOT_HOUR, USER_ID
 from profile_engine.hours import floor_hour, format_hour
-from profile_engine.lake import MANIFEST, MODELS, PROFILES, SCORES, Lake, read_json
+from profile_engine.lake import MANIFEST, MODELS, PROFILES, SCORES, TRAINING, Lake, read_json
 from profile_engine.registry import BASELINE_FILE, MODEL_FILE, model_version
 
 # The model directory's file names live in the registry; re-exported here for writers and tests.
 from profile_engine.registry import CARD_FILE as CARD_FILE
 from profile_engine.registry import EVALUATION_FILE as EVALUATION_FILE
 from profile_engine.registry import METRICS_FILE as METRICS_FILE
+
+log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
 DECILES_FILE = "deciles.json"
@@ -59,6 +68,12 @@ PLOT_FILES: dict[str, str] = {
     "calibration": "calibration.png",
     "lift": "lift_by_decile.png",
     "importance": "importance.png",
+}
+
+# The TensorFlow-free export of each network (spec, weights), next to its .keras file.
+NETWORK_FILES: dict[str, str] = {"model": MODEL_FILE, "baseline": BASELINE_FILE}
+INFERENCE_FILES: dict[str, tuple[str, str]] = {
+    kind: inference.inference_file_names(name) for kind, name in NETWORK_FILES.items()
 }
 
 NUMERIC_INPUT = "numeric"
@@ -108,15 +123,21 @@ def retrain_due(settings: Settings, hour: datetime) -> bool:
 # ---- inputs and network --------------------------------------------------------------------------------------------
 def numeric_matrix(table: pa.Table, numeric: Sequence[str]) -> np.ndarray:
     """Numeric features as a float32 matrix, nulls as NaN (the model handles missing values itself)."""
-    if not numeric:
-        return np.zeros((table.num_rows, 0), dtype=np.float32)
-    columns = [np.asarray(pc.fill_null(pc.cast(table.column(c), pa.float64()), np.nan)) for c in numeric]
-    return np.column_stack(columns).astype(np.float32)
+    out = np.empty((table.num_rows, len(numeric)), dtype=np.float32)
+    for i, column in enumerate(numeric):
+        # float64 in Arrow, float32 on assignment: one rounding to float32 whatever the column's type
+        out[:, i] = pc.cast(table.column(column), pa.float64()).to_numpy(zero_copy_only=False)  # nulls are NaN
+    return out
+
+
+def category_strings(table: pa.Table, column: str) -> pa.ChunkedArray:
+    """A categorical feature as Arrow strings, null as the empty string (what the networks' lookups see)."""
+    return pc.fill_null(pc.cast(table.column(column), pa.string()), "")
 
 
 def categorical_values(table: pa.Table, column: str) -> np.ndarray:
     """A categorical feature as an (n, 1) array of strings, null as the empty string."""
-    values = pc.fill_null(pc.cast(table.column(column), pa.string()), "")
+    values = category_strings(table, column)
     return np.asarray(values.to_numpy(zero_copy_only=False), dtype=object).reshape(-1, 1)
 
 
@@ -127,6 +148,14 @@ def model_inputs(table: pa.Table, numeric: Sequence[str], categorical: Sequence[
     inputs: dict[str, Any] = {NUMERIC_INPUT: numeric_matrix(table, numeric)}
     for column in categorical:
         inputs[CATEGORICAL_PREFIX + column] = tf.constant(categorical_values(table, column), dtype=tf.string)
+    return inputs
+
+
+def numpy_inputs(table: pa.Table, numeric: Sequence[str], categorical: Sequence[str]) -> dict[str, Any]:
+    """The input dict of ``model_inputs`` for ``inference.InferenceNetwork``: strings stay Arrow arrays."""
+    inputs: dict[str, Any] = {NUMERIC_INPUT: numeric_matrix(table, numeric)}
+    for column in categorical:
+        inputs[CATEGORICAL_PREFIX + column] = category_strings(table, column)
     return inputs
 
 
@@ -585,9 +614,23 @@ def write_model_dir(
     }
     scratch = lake.tmp_dir()
     try:
+        networks = {"model": fitted.model, "baseline": fitted.baseline}
+        saved = {kind: _keras_bytes(networks[kind], scratch, name) for kind, name in NETWORK_FILES.items()}
         files = [
-            (MODEL_FILE, _keras_bytes(fitted.model, scratch, MODEL_FILE)),
-            (BASELINE_FILE, _keras_bytes(fitted.baseline, scratch, BASELINE_FILE)),
+            (MODEL_FILE, saved["model"]),
+            (BASELINE_FILE, saved["baseline"]),
+            *[
+                item
+                for kind, network in networks.items()
+                for item in inference_files(
+                    network,
+                    kind,
+                    saved[kind],
+                    numeric=fitted.numeric,
+                    categorical=fitted.categorical,
+                    check_rows=training.eval,
+                ).items()
+            ],
             (CALIBRATION_FILE, _json_bytes({**fitted.calibration, "fitted_on": training_info["train_snapshots"][-1]})),
             (DECILES_FILE, _json_bytes({"model": fitted.cut_points, "baseline": fitted.baseline_cut_points})),
             (FEATURES_FILE, _json_bytes(features)),
@@ -604,6 +647,52 @@ def write_model_dir(
     return metrics
 
 
+class ExportMismatch(ValueError):
+    """The numpy export of a network does not reproduce its Keras predictions."""
+
+
+# Rows of the evaluation set on which an export is checked against Keras, and the largest difference allowed
+# (float32 forward passes in different orders differ by a few ulp; 1e-5 leaves two orders of magnitude of room).
+EXPORT_CHECK_ROWS = 1_000
+EXPORT_TOLERANCE = 1e-5
+
+
+def inference_files(
+    network: Any,
+    kind: str,
+    keras_bytes: bytes,
+    *,
+    numeric: Sequence[str],
+    categorical: Sequence[str],
+    check_rows: pa.Table | None = None,
+) -> dict[str, bytes]:
+    """The inference spec and weights of one network (``kind`` "model" or "baseline") as files.
+
+    ``keras_bytes`` is the network's saved ``.keras`` file: its checksum goes into
+    the spec, so a later rewrite of the network makes the export stale. With
+    ``check_rows``, the numpy forward pass is compared with Keras on up to
+    ``EXPORT_CHECK_ROWS`` of them (``ExportMismatch`` beyond ``EXPORT_TOLERANCE``).
+    Raises ``inference.UnsupportedLayer`` for a layer the export does not know.
+    """
+    spec, weights = inference.export_network(
+        network, custom_layers()["FillMissing"], source_sha256=hashlib.sha256(keras_bytes).hexdigest()
+    )
+    spec_name, weights_name = INFERENCE_FILES[kind]
+    files = {spec_name: inference.spec_bytes(spec), weights_name: weights}
+    if check_rows is not None and check_rows.num_rows:
+        rows = check_rows.slice(0, EXPORT_CHECK_ROWS)
+        exported = inference.InferenceNetwork.from_bytes(files[spec_name], files[weights_name])
+        expected = _predict(network, model_inputs(rows, numeric, categorical))
+        actual = exported.predict(numpy_inputs(rows, numeric, categorical)).astype(np.float64)
+        worst = float(np.max(np.abs(expected - actual)))
+        if not worst <= EXPORT_TOLERANCE:
+            raise ExportMismatch(
+                f"{kind} network {network.name!r}: numpy export differs from Keras by {worst:.3g} "
+                f"(> {EXPORT_TOLERANCE}) on {rows.num_rows} rows"
+            )
+    return files
+
+
 def update_model_dir(settings: Settings, version: str, updates: Mapping[str, bytes]) -> None:
     """Rewrite ``models/<version>/`` atomically with files added or replaced."""
     lake = Lake(settings.lake)
@@ -614,10 +703,56 @@ def update_model_dir(settings: Settings, version: str, updates: Mapping[str, byt
     lake.write_dir(directory, files, manifest)
 
 
+def export_inference(settings: Settings, version: str) -> list[str]:
+    """Add the TensorFlow-free inference files of both networks to an existing version; their names.
+
+    For versions written before the export existed (they score through Keras
+    until then). The export is checked against Keras on the version's evaluation
+    rows when its training set is still in the lake, and added atomically through
+    ``update_model_dir``; when the version already holds identical files nothing
+    is rewritten (idempotent). Imports TensorFlow.
+    """
+    import keras
+    import pyarrow.parquet as pq
+
+    lake = Lake(settings.lake)
+    directory = lake.path(MODELS, version)
+    if not registry.model_dir_committed(settings, version):
+        raise FileNotFoundError(f"model version {version} is not committed ({directory})")
+    features = read_json(directory / FEATURES_FILE)
+    eval_file = lake.path(TRAINING, version, labels.EVAL_FILE)
+    check_rows = None
+    if eval_file.is_file():
+        first = next(pq.ParquetFile(eval_file).iter_batches(batch_size=EXPORT_CHECK_ROWS), None)
+        check_rows = None if first is None else pa.Table.from_batches([first])
+    updates: dict[str, bytes] = {}
+    for kind, name in NETWORK_FILES.items():
+        payload = (directory / name).read_bytes()
+        network = keras.saving.load_model(directory / name, custom_objects=custom_layers())
+        updates.update(
+            inference_files(
+                network,
+                kind,
+                payload,
+                numeric=features["numeric"],
+                categorical=features["categorical"],
+                check_rows=check_rows,
+            )
+        )
+    listed = {f["name"] for f in read_json(directory / MANIFEST)["files"]}
+    if any(n not in listed or (directory / n).read_bytes() != b for n, b in updates.items()):
+        update_model_dir(settings, version, updates)
+    return sorted(updates)
+
+
 # ---- loading and scoring -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready to score: network, calibration and decile cut points of one version and kind."""
+    """A model ready to score: network, calibration and decile cut points of one version and kind.
+
+    ``network`` is an ``inference.InferenceNetwork`` (numpy, no TensorFlow) when
+    the version holds the export, else the Keras model.
+    """
 
     version: str
     kind: str  # "model" or "baseline"
@@ -632,23 +767,63 @@ class LoadedModel:
         """What scores record as ``model_version``."""
         return self.version if self.kind == "model" else self.version + BASELINE_SUFFIX
 
+    @property
+    def engine(self) -> str:
+        """``numpy`` (the inference export) or ``keras`` (the fallback)."""
+        return "numpy" if isinstance(self.network, inference.InferenceNetwork) else "keras"
+
     def predict(self, table: pa.Table) -> np.ndarray:
         """Purchase probabilities (float64) for profile rows."""
         if table.num_rows == 0:
             return np.zeros(0, dtype=np.float64)
-        raw = _predict(self.network, model_inputs(table, self.numeric, self.categorical))
+        if isinstance(self.network, inference.InferenceNetwork):
+            inputs = numpy_inputs(table, self.numeric, self.categorical)
+            raw = self.network.predict(inputs).astype(np.float64)
+        else:
+            raw = _predict(self.network, model_inputs(table, self.numeric, self.categorical))
         return apply_calibration(raw, self.calibration)
+
+
+def _inference_network(path: Path, kind: str) -> tuple[inference.InferenceNetwork | None, str]:
+    """The version's numpy network of ``kind``, or None and why not (missing or stale export)."""
+    listed = {f["name"]: f["sha256"] for f in read_json(path / MANIFEST)["files"]}
+    spec_name, weights_name = INFERENCE_FILES[kind]
+    if spec_name not in listed or weights_name not in listed:
+        return None, "has no inference export"
+    try:
+        network = inference.InferenceNetwork.from_bytes(
+            (path / spec_name).read_bytes(), (path / weights_name).read_bytes()
+        )
+    except (ValueError, KeyError) as error:  # e.g. a format written by newer code
+        return None, f"has an unreadable inference export ({error})"
+    if network.source_sha256 != listed.get(NETWORK_FILES[kind]):
+        return None, f"has an inference export of another {NETWORK_FILES[kind]} (stale)"
+    return network, ""
+
+
+_FELL_BACK: set[tuple[str, str]] = set()
 
 
 @functools.lru_cache(maxsize=4)
 def _load(directory: str, kind: str, stamp: str) -> LoadedModel:
-    import keras
-
     path = Path(directory)
     features = read_json(path / FEATURES_FILE)
-    network = keras.saving.load_model(
-        path / (MODEL_FILE if kind == "model" else BASELINE_FILE), custom_objects=custom_layers()
-    )
+    network: Any
+    network, why = _inference_network(path, kind)
+    if network is None:
+        import keras
+
+        if (directory, kind) not in _FELL_BACK:
+            _FELL_BACK.add((directory, kind))
+            log.warning(
+                "model version %s (%s) %s: scoring with Keras, which imports TensorFlow (seconds per process); "
+                "add the export with `python -m profile_engine models export-inference %s`",
+                path.name,
+                kind,
+                why,
+                path.name,
+            )
+        network = keras.saving.load_model(path / NETWORK_FILES[kind], custom_objects=custom_layers())
     return LoadedModel(
         version=path.name,
         kind=kind,
@@ -675,7 +850,6 @@ def load_model(settings: Settings, version: str, kind: str = "model") -> LoadedM
 
 def score_table(profiles: pa.Table, model: LoadedModel | None) -> pa.Table:
     """The scores table of profile rows, sorted by user: nulls and ``NO_MODEL`` without a model."""
-    profiles = profiles.take(pc.sort_indices(profiles, [(USER_ID, "ascending")]))
     n = profiles.num_rows
     if model is None:
         propensity = pa.nulls(n, pa.float64())
@@ -686,10 +860,11 @@ def score_table(profiles: pa.Table, model: LoadedModel | None) -> pa.Table:
         propensity = pa.array(scores, pa.float64())
         decile = pa.array(assign_deciles(scores, model.cut_points), pa.int8())
         version = model.label
-    return pa.table(
-        [profiles.column(USER_ID), propensity, decile, pa.array([version] * n, pa.string())],
+    scores = pa.table(
+        [profiles.column(USER_ID), propensity, decile, pa.repeat(pa.scalar(version, pa.string()), n)],
         schema=SCORES_SCHEMA,
     )
+    return scores.take(pc.sort_indices(scores, [(USER_ID, "ascending")]))  # sort 4 columns, not the profile
 
 
 def scoring_model(settings: Settings, hour: datetime) -> LoadedModel | None:
@@ -778,7 +953,8 @@ def score_profiles(settings: Settings, hour: datetime, bucket: int, *, run_id: s
     if not labels.profile_committed(lake, hour):
         raise FileNotFoundError(f"profile snapshot of {format_hour(hour)} is not committed; publish_profiles first")
     model = scoring_model(settings, hour)
-    scores = score_table(lake.read(PROFILES, hour, bucket), model)
+    columns = [USER_ID] if model is None else [USER_ID, *model.numeric, *model.categorical]
+    scores = score_table(lake.read(PROFILES, hour, bucket, columns=list(dict.fromkeys(columns))), model)
     kind = "none" if model is None else ("champion" if model.kind == "model" else "baseline")
     lake.write_partition(
         SCORES, hour, scores, bucket=bucket, run_id=run_id, extra={MODEL_VERSION: scores_version(model), "model": kind}
@@ -791,6 +967,8 @@ def score_profiles(settings: Settings, hour: datetime, bucket: int, *, run_id: s
         "model": kind,
         MODEL_VERSION: scores_version(model),
     }
+    if model is not None:
+        summary["engine"] = model.engine  # "keras" means the version lacks the export: see export_inference
     if model is None:
         summary["reason"] = "no model trained yet: scores written with null propensity"
     elif model.kind == "baseline":

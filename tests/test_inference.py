@@ -1,0 +1,121 @@
+"""Tests for profile_engine.inference: the export's refusals, StringLookup semantics and stable files.
+
+Scores of trained versions against Keras are tested in test_model.py (one shared fit).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from profile_engine import inference, model
+
+
+def _fill_missing() -> type:
+    return model.custom_layers()["FillMissing"]  # type: ignore[no-any-return]
+
+
+def _numeric_model(hidden: Callable[[Any], Any]) -> Any:
+    import keras
+
+    numeric = keras.Input(shape=(3,), dtype="float32", name="numeric")
+    x = _fill_missing()()(numeric)
+    x = hidden(x)
+    return keras.Model(numeric, keras.layers.Dense(1, activation="sigmoid", name="propensity")(x))
+
+
+def _unknown_layer(x: Any) -> Any:
+    import keras
+
+    return keras.layers.BatchNormalization(name="batch_norm")(x)
+
+
+def _tanh_dense(x: Any) -> Any:
+    import keras
+
+    return keras.layers.Dense(4, activation="tanh", name="hidden_tanh")(x)
+
+
+def _normalization_inverted(x: Any) -> Any:
+    import keras
+
+    return keras.layers.Normalization(mean=np.zeros(6), variance=np.ones(6), invert=True, name="denorm")(x)
+
+
+@pytest.mark.parametrize(
+    ("hidden", "layer", "cls", "why"),
+    [
+        (_unknown_layer, "batch_norm", "BatchNormalization", "no numpy equivalent"),
+        (_tanh_dense, "hidden_tanh", "Dense", "activation 'tanh'"),
+        (_normalization_inverted, "denorm", "Normalization", "invert=True"),
+    ],
+)
+def test_export_refuses_a_layer_it_cannot_reproduce_and_names_it(
+    hidden: Callable[[Any], Any], layer: str, cls: str, why: str
+) -> None:
+    # Arrange
+    network = _numeric_model(hidden)
+
+    # Act
+    with pytest.raises(inference.UnsupportedLayer) as refused:
+        inference.export_network(network, _fill_missing(), source_sha256="0" * 64)
+
+    # Assert
+    message = str(refused.value)
+    assert f"layer {layer!r} ({cls})" in message and why in message
+
+
+@pytest.mark.parametrize("output_mode", ["int", "one_hot"])
+def test_string_lookup_follows_keras_oov_semantics(output_mode: str) -> None:
+    # Arrange: "" is a real token (nulls become ""), "[UNK]" is the OOV token's text but not in the vocabulary
+    import keras
+
+    text = keras.Input(shape=(1,), dtype="string", name="cat__segment")
+    lookup = keras.layers.StringLookup(vocabulary=["", "a", "b"], output_mode=output_mode, name="lookup")
+    network = keras.Model(text, lookup(text))
+    values = np.array(["a", "", "zzz", "[UNK]", "b", "A", " a"], dtype=object).reshape(-1, 1)
+    expected = np.asarray(network.predict(keras.ops.convert_to_tensor(values), verbose=0))
+
+    # Act
+    spec, weights = inference.export_network(network, _fill_missing(), source_sha256="0" * 64)
+    exported = inference.InferenceNetwork.from_bytes(inference.spec_bytes(spec), weights)
+    actual = exported.predict({"cat__segment": pa.array(values.ravel(), pa.string())})
+
+    # Assert
+    assert spec["nodes"][-1]["tokens"] == ["", "a", "b"] and spec["nodes"][-1]["oov_index"] == 0
+    assert actual.tolist() == expected.astype(np.float32).reshape(actual.shape).tolist()
+
+
+def test_exported_files_are_byte_stable_and_round_trip() -> None:
+    # Arrange
+    arrays = {"dense/kernel": np.arange(6, dtype=np.float32).reshape(2, 3), "dense/bias": np.ones(3, np.float32)}
+
+    # Act
+    first, second = inference.npz_bytes(arrays), inference.npz_bytes(dict(reversed(list(arrays.items()))))
+    with np.load(io.BytesIO(first), allow_pickle=False) as loaded:
+        back = {key: loaded[key] for key in loaded.files}
+
+    # Assert
+    assert first == second
+    assert set(back) == set(arrays) and all(np.array_equal(back[k], v) for k, v in arrays.items())
+    assert inference.inference_file_names("model.keras") == ("model.inference.json", "model.inference.npz")
+
+
+def test_predict_checks_its_inputs() -> None:
+    # Arrange
+    network = _numeric_model(lambda x: x)
+    spec, weights = inference.export_network(network, _fill_missing(), source_sha256="0" * 64)
+    exported = inference.InferenceNetwork.from_bytes(inference.spec_bytes(spec), weights)
+
+    # Act / Assert
+    with pytest.raises(KeyError, match="numeric"):
+        exported.predict({})
+    with pytest.raises(ValueError, match="shape"):
+        exported.predict({"numeric": np.zeros((2, 4), np.float32)})
+    with pytest.raises(ValueError, match="format"):
+        inference.InferenceNetwork({**spec, "format": "other/9"}, {})
