@@ -211,8 +211,9 @@ def base_lake(work: Path, sizes: Sizes, log: Any) -> tuple[Path, dict[str, Any]]
 
 def upgrade_base(base: Path, sizes: Sizes, info: dict[str, Any], log: Any) -> None:
     """Bring a cached base lake to the current layouts once, so that no measured run pays a conversion:
-    the state checkpoint the hour builds on (``features.upgrade_state``)."""
-    from profile_engine import features
+    the state checkpoint the hour builds on (``features.upgrade_state``) and the champion's numpy
+    export (``model.export_inference``; a version without it is scored with Keras)."""
+    from profile_engine import features, model
     from profile_engine.lake import STATE, Lake
 
     lake = Lake(base)
@@ -222,6 +223,13 @@ def upgrade_base(base: Path, sizes: Sizes, info: dict[str, Any], log: Any) -> No
     ]
     if upgraded:
         log(f"upgraded the state of {base.name} (buckets {upgraded}) to the current layout")
+    champion = info.get("champion")
+    if champion:
+        added = model.export_inference(
+            settings_for(base, sizes.buckets, datetime.fromisoformat(info["first"])), champion
+        )
+        if added:
+            log(f"added the numpy export of {champion}: {added}")
 
 
 def fresh_copy(base: Path, target: Path) -> Path:
