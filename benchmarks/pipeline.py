@@ -224,12 +224,9 @@ def upgrade_base(base: Path, sizes: Sizes, info: dict[str, Any], log: Any) -> No
     if upgraded:
         log(f"upgraded the state of {base.name} (buckets {upgraded}) to the current layout")
     champion = info.get("champion")
-    if champion:
-        added = model.export_inference(
-            settings_for(base, sizes.buckets, datetime.fromisoformat(info["first"])), champion
-        )
-        if added:
-            log(f"added the numpy export of {champion}: {added}")
+    settings = settings_for(base, sizes.buckets, datetime.fromisoformat(info["first"]))
+    if champion and model.load_model(settings, champion).engine != "numpy":
+        log(f"added the numpy export of {champion}: {model.export_inference(settings, champion)}")
 
 
 def fresh_copy(base: Path, target: Path) -> Path:
