@@ -147,6 +147,41 @@ class Trained:
     training: labels.TrainingSet
 
 
+def test_a_column_constant_in_training_is_normalised_with_unit_variance() -> None:
+    # Arrange: column 0 varies, column 1 is constant (e.g. an is-missing indicator never set in training)
+    filled = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0]])
+
+    # Act
+    variance = model.normalisation_variance(filled)
+
+    # Assert
+    assert variance.tolist() == pytest.approx([8 / 3, 1.0])
+
+
+def test_a_value_never_seen_in_a_constant_training_column_does_not_pin_the_score() -> None:
+    # Arrange: "spend" is never missing in training; at scoring it is missing (NaN), so its
+    # is-missing indicator is 1 where training only saw 0 (Keras would divide by 1e-7)
+    import keras
+
+    keras.utils.set_random_seed(1)
+    rng = np.random.default_rng(0)
+    train = pa.table(
+        {
+            "views": rng.poisson(3.0, 200).astype(float),
+            "spend": rng.uniform(0, 50, 200),
+            "label": rng.integers(0, 2, 200),
+        }
+    )
+    network = model.build_network(train, ["views", "spend"], [], FAST, logistic=True)
+    rows = pa.table({"views": [3.0, 3.0], "spend": [20.0, None]})
+
+    # Act
+    scores = np.asarray(network.predict(model.model_inputs(rows, ["views", "spend"], []), verbose=0)).ravel()
+
+    # Assert
+    assert np.all((scores > 1e-3) & (scores < 1 - 1e-3)), scores
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     """A lake of 16 hourly snapshots x 400 users and the version trained at its last hour."""

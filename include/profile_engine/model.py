@@ -189,6 +189,19 @@ def vocabulary(values: np.ndarray, limit: int) -> list[str]:
     return sorted(levels[order].tolist())
 
 
+def normalisation_variance(filled: np.ndarray) -> np.ndarray:
+    """Per-column variance for the Normalization layer, 1 where the training column is constant.
+
+    Keras divides by ``max(sqrt(variance), 1e-7)``: a column constant in training (a
+    missing-indicator of a feature that was never missing, a count that was always 0)
+    would turn any other value at scoring into about 1e7 and pin the score at 0 or 1.
+    Unit variance leaves such a column at its offset from the training value, as
+    scikit-learn's StandardScaler does.
+    """
+    variance = filled.var(axis=0)
+    return np.where(variance > 0, variance, 1.0)
+
+
 def build_network(
     train: pa.Table, numeric: Sequence[str], categorical: Sequence[str], config: ModelConfig, *, logistic: bool
 ) -> Any:
@@ -202,7 +215,7 @@ def build_network(
     fill = custom_layers()["FillMissing"]()
     numeric_in = keras.Input(shape=(len(numeric),), dtype="float32", name=NUMERIC_INPUT)
     filled_train = np.asarray(fill(numeric_matrix(train, numeric)))
-    norm = keras.layers.Normalization(mean=filled_train.mean(axis=0), variance=filled_train.var(axis=0))
+    norm = keras.layers.Normalization(mean=filled_train.mean(axis=0), variance=normalisation_variance(filled_train))
     parts = [norm(fill(numeric_in))]
     inputs = [numeric_in]
     for column in categorical:
