@@ -56,7 +56,8 @@ def test_hand_computed_metrics() -> None:
     assert values["precision_at_20"] == 0.5 and values["lift_at_20"] == pytest.approx(5.0)
     assert values["brier"] == pytest.approx((9 * 0.01 + 0.01) / 10)
     assert values["log_loss"] == pytest.approx(-np.log(0.9))
-    assert values["ece"] == pytest.approx(0.1)  # every bin is off by 0.1
+    assert evaluate.ece(y, p) == pytest.approx(0.1)  # every bin is off by 0.1 (plug-in)
+    assert values["ece"] == evaluate.ece_debiased(y, p)  # less the binning noise
 
 
 def test_pr_auc_of_a_hand_ranked_list() -> None:
@@ -282,3 +283,82 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
     assert "(forced)" in (Lake(settings.lake).path(MODELS, second["version"]) / model.CARD_FILE).read_text()
     assert entry["decision"]["reasons"] == rejected["reasons"]  # the overridden verdict is kept
     assert [d["promoted"] for d in registry.decision_log(settings)] == [True, True]  # the rerun replaced the rejection
+
+
+# ---- ECE: debiased estimate and an interval that holds for a biased statistic ----------------------------------------
+def _calibration_sets(count: int, rows: int, seed: int, scale: float) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """``count`` synthetic evaluation sets ``(y, p, true ECE)``: p = 0.7 * Beta(0.6, 7) (base rate ~5%, like the
+    project's buyers), y ~ Bernoulli(scale * p). The true binned ECE is ``(scale - 1) * E[p]`` exactly (every bin is
+    off in the same direction and ``scale * p < 1``), 0 for ``scale == 1``."""
+    rng = np.random.default_rng(seed)
+    true = (scale - 1) * 0.7 * 0.6 / 7.6
+    out = []
+    for _ in range(count):
+        p = 0.7 * rng.beta(0.6, 7.0, rows)
+        y = (rng.random(rows) < scale * p).astype(np.float64)
+        out.append((y, p, true))
+    return out
+
+
+@pytest.mark.parametrize(("scale", "seed"), [(1.0, 11), (1.3, 12)])
+def test_ece_interval_covers_the_true_calibration_error_at_the_nominal_rate(scale: float, seed: int) -> None:
+    # Arrange: 200 calibrated (scale 1, true ECE 0) or miscalibrated (scale 1.3, true ECE 0.0166) sets of 2,000 rows
+    sets = _calibration_sets(200, 2_000, seed, scale)
+    rng = np.random.default_rng(seed)
+
+    # Act
+    results = [evaluate.ece_interval(y, p, rng.integers(0, y.size, (200, y.size))) for y, p, _ in sets]
+
+    # Assert: the interval always holds its estimate; it covers the truth in ~95% of sets (binomial sd over 200 sets
+    # is 1.5 points: 0.90 is three sd below 0.95) and is not trivially wide (a miscalibration is told from 0)
+    true = sets[0][2]
+    assert all(low <= estimate <= high for estimate, low, high in results)
+    coverage = np.mean([low <= true <= high for _, low, high in results])
+    assert coverage >= 0.90, coverage
+    if scale == 1.0:
+        assert coverage <= 0.99, coverage
+        assert np.mean([estimate for estimate, _, _ in results]) < np.mean([evaluate.ece(y, p) for y, p, _ in sets])
+    else:
+        assert np.mean([low > 0 for _, low, _ in results]) >= 0.5
+        assert np.mean([estimate for estimate, _, _ in results]) == pytest.approx(true, rel=0.1)
+
+
+def test_bootstrap_ece_interval_contains_the_reported_ece_on_calibrated_sets() -> None:
+    # Arrange: calibrated sets; the plain percentile interval of the plug-in ECE excluded its own estimate on some
+    sets = _calibration_sets(20, 1_000, 3, 1.0)
+
+    # Act
+    reported = [
+        (
+            evaluate.metrics(y, p)["ece"],
+            evaluate.bootstrap_intervals(y, {"model": p}, n_boot=100, seed=1)["model"]["ece"],
+        )
+        for y, p, _ in sets
+    ]
+
+    # Assert
+    assert all(low <= estimate <= high for estimate, (low, high) in reported), reported
+    assert sum(low == 0.0 for _, (low, _) in reported) >= 15  # a calibrated model's interval reaches 0
+
+
+def test_debiased_ece_removes_the_binning_noise_of_the_plug_in_ece() -> None:
+    # Arrange: the example of test_hand_computed_metrics (plug-in ECE 0.1). Bin 1: nine rows at p = 0.1, no buyer:
+    # gap 0.1, noise sd sqrt(9 * 0.09) / 9 = 0.1. Bin 9: one row at p = 0.9 that bought: gap -0.1, sd 0.3.
+    y = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+    p = np.array([0.1] * 9 + [0.9])
+
+    def folded_normal_mean(mu: float, sd: float, cdf_at_minus_ratio: float) -> float:
+        return sd * np.sqrt(2 / np.pi) * np.exp(-(mu**2) / (2 * sd**2)) + abs(mu) * (1 - 2 * cdf_at_minus_ratio)
+
+    # Phi(-1) and Phi(-1/3)
+    bin_one = 0.9 * (2 * 0.1 - folded_normal_mean(0.1, 0.1, 0.15865525393145707))
+    bin_nine = 0.1 * (2 * 0.1 - folded_normal_mean(-0.1, 0.3, 0.36944134018176367))
+
+    # Act
+    value = evaluate.ece_debiased(y, p)
+
+    # Assert: per bin 2 |gap| - E|N(gap, sd^2)| (Kumar et al. 2019), weighted by rows, clipped at 0 only in total
+    assert value == pytest.approx(bin_one + bin_nine, rel=1e-9)
+    assert 0 < value < evaluate.ece(y, p) == pytest.approx(0.1)
+    assert evaluate.metrics(y, p)["ece"] == value
+    assert evaluate.ece_debiased(np.array([0.0, 1.0]), np.array([0.5, 0.5])) == 0.0  # a negative total reads 0

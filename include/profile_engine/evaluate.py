@@ -17,6 +17,7 @@ than the reference by more than a margin on the primary metric (lift in the top
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -103,14 +104,90 @@ def brier(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean((np.asarray(p, dtype=np.float64) - np.asarray(y, dtype=np.float64)) ** 2))
 
 
+def _bins(p: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-width bin of every probability (1.0 in the last bin)."""
+    return np.minimum((p * bins).astype(np.int64), bins - 1)
+
+
 def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error over equal-width probability bins (weighted |mean p - rate|)."""
+    """Plug-in expected calibration error over equal-width bins (weighted |mean p - rate|).
+
+    Biased upward: a calibrated model scores about ``sqrt(2 / pi)`` noise sds per bin;
+    ``metrics`` reports :func:`ece_debiased`. Kept for the calibration curve it summarises.
+    """
     y = np.asarray(y, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)
-    index = np.minimum((p * bins).astype(np.int64), bins - 1)
+    index = _bins(p, bins)
     count = np.bincount(index, minlength=bins)
     gap = np.abs(np.bincount(index, weights=p, minlength=bins) - np.bincount(index, weights=y, minlength=bins))
     return float(gap.sum() / max(count.sum(), 1))
+
+
+_SQRT_2_PI = math.sqrt(2.0 / math.pi)
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _ece_debiased_rows(y: np.ndarray, p: np.ndarray, bins: int = 10) -> np.ndarray:
+    """Unclipped debiased ECE of each row of ``y``/``p`` (shape ``(sets, rows)``), vectorised for the bootstrap.
+
+    Per bin b with gap ``d = mean p - rate`` and noise sd ``s = sqrt(sum p(1 - p)) / n_b``
+    (the sd of the gap of a calibrated bin), the plug-in ``|d|`` overestimates the true
+    ``|gap|`` by about ``E|N(d, s^2)| - |d|``; subtracting that estimate of the bias gives
+    ``2 |d| - E|N(d, s^2)|`` (Kumar et al. 2019, "Verified uncertainty calibration", their
+    L1 debiasing, with the folded-normal mean in closed form instead of sampling it).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(p, dtype=np.float64)
+    sets, rows = p.shape
+    index = (_bins(p, bins) + bins * np.arange(sets)[:, None]).ravel()
+
+    def per_bin(weights: np.ndarray | None) -> np.ndarray:
+        return np.bincount(index, weights=weights, minlength=sets * bins).reshape(sets, bins)
+
+    count = per_bin(None)
+    n = np.maximum(count, 1)
+    gap = np.abs(per_bin(p.ravel()) - per_bin(y.ravel())) / n
+    sd = np.sqrt(per_bin((p * (1 - p)).ravel())) / n
+    ratio = np.divide(gap, sd, out=np.zeros_like(gap), where=sd > 0)
+    # E|N(d, s^2)| = s sqrt(2/pi) exp(-d^2 / 2s^2) + |d| erf(|d| / (s sqrt 2)); equals |d| when s = 0
+    folded = sd * _SQRT_2_PI * np.exp(-(ratio**2) / 2) + gap * np.where(sd > 0, _erf(ratio / math.sqrt(2.0)), 1.0)
+    return np.asarray(((2 * gap - folded) * count).sum(axis=1) / max(rows, 1))
+
+
+def ece_debiased(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error with the binning noise removed (see ``_ece_debiased_rows``), at least 0.
+
+    Nearly unbiased when the model is miscalibrated; on calibrated data it is about half
+    the plug-in ``ece`` (no estimator of an absolute value is unbiased at 0). The gate's
+    ECE ceiling applies to this value.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    return max(0.0, float(_ece_debiased_rows(np.asarray(y)[None, :], p[None, :], bins)[0]))
+
+
+def ece_interval(
+    y: np.ndarray, p: np.ndarray, draws: np.ndarray, *, level: float = 0.95, bins: int = 10
+) -> tuple[float, float, float]:
+    """``(estimate, low, high)``: the debiased ECE and its bootstrap interval over the resampled row indices ``draws``.
+
+    The interval is the hull of the percentile interval ``[q_lo, q_hi]`` and the basic
+    (reverse percentile) interval ``[2 e - q_hi, 2 e - q_lo]`` of the unclipped debiased
+    ECE ``e``, clipped at 0. The percentile interval is right when the statistic's bias is
+    small against its spread (a clearly miscalibrated model); near calibration the
+    resampled values sit above ``e`` (resampling adds binning noise) and only the basic
+    interval reaches the true value 0. The hull always contains ``e``. On 200 synthetic
+    sets of 2,000 rows (tests/test_evaluate.py) it covered the true ECE in 92% of
+    calibrated and 98.5% of miscalibrated sets; the plain percentile interval of the
+    plug-in ECE used before covered 0 in none of the calibrated ones.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(p, dtype=np.float64)
+    estimate = float(_ece_debiased_rows(y[None, :], p[None, :], bins)[0])
+    replicates = _ece_debiased_rows(y[draws], p[draws], bins)
+    tail = (1 - level) / 2 * 100
+    q_lo, q_hi = (float(v) for v in np.percentile(replicates, [tail, 100 - tail]))
+    low, high = min(q_lo, 2 * estimate - q_hi), max(q_hi, 2 * estimate - q_lo)
+    return max(0.0, estimate), max(0.0, low), max(0.0, high)
 
 
 def top_share(y: np.ndarray, p: np.ndarray, share: float) -> tuple[float, float]:
@@ -134,7 +211,7 @@ def metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         "pr_auc": pr_auc(y, p),
         "log_loss": log_loss(y, p),
         "brier": brier(y, p),
-        "ece": ece(y, p),
+        "ece": ece_debiased(y, p),
     }
     for name, share in TOP_SHARES.items():
         values[f"precision_at_{name}"], values[f"lift_at_{name}"] = top_share(y, p, share)
@@ -150,12 +227,15 @@ def bootstrap_intervals(
     level: float = 0.95,
     differences: Sequence[tuple[str, str]] = (),
 ) -> dict[str, dict[str, list[float]]]:
-    """Percentile intervals ``{model: {metric: [low, high]}}`` from paired bootstrap resamples.
+    """Intervals ``{model: {metric: [low, high]}}`` from paired bootstrap resamples.
 
     Every model is scored on the same resampled rows, so intervals are comparable;
     for each ``(a, b)`` in ``differences`` the interval of ``metric(a) - metric(b)``
     over the same resamples is added under ``"a - b"`` (an interval that excludes 0
-    says the two models really differ on these rows).
+    says the two models really differ on these rows). Percentile intervals, except for
+    the ECE, which is biased (binning noise): its interval is :func:`ece_interval`, and
+    that of an ECE difference the hull of its percentile and basic intervals, so every
+    ECE interval contains its estimate.
     """
     y = np.asarray(y)
     rng = np.random.default_rng(seed)
@@ -163,15 +243,22 @@ def bootstrap_intervals(
     tail = (1 - level) / 2 * 100
     samples = {name: [metrics(y[rows], np.asarray(p)[rows]) for rows in draws] for name, p in scores.items()}
 
-    def interval(values: Sequence[float]) -> list[float]:
-        return [float(v) for v in np.nanpercentile(np.asarray(values, dtype=np.float64), [tail, 100 - tail])]
+    def interval(values: Sequence[float], point: float | None = None) -> list[float]:
+        low, high = (float(v) for v in np.nanpercentile(np.asarray(values, dtype=np.float64), [tail, 100 - tail]))
+        if point is None:
+            return [low, high]
+        return [min(low, 2 * point - high), max(high, 2 * point - low)]
 
-    out = {
-        name: {key: interval([s[key] for s in drawn]) for key in HIGHER_IS_BETTER} for name, drawn in samples.items()
-    }
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, drawn in samples.items():
+        out[name] = {key: interval([s[key] for s in drawn]) for key in HIGHER_IS_BETTER}
+        out[name]["ece"] = list(ece_interval(y, np.asarray(scores[name]), draws, level=level)[1:])
     for a, b in differences:
         out[f"{a} - {b}"] = {
-            key: interval([sa[key] - sb[key] for sa, sb in zip(samples[a], samples[b], strict=True)])
+            key: interval(
+                [sa[key] - sb[key] for sa, sb in zip(samples[a], samples[b], strict=True)],
+                ece_debiased(y, scores[a]) - ece_debiased(y, scores[b]) if key == "ece" else None,
+            )
             for key in HIGHER_IS_BETTER
         }
     return out
@@ -403,7 +490,7 @@ def calibration_curve(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict[str,
     """Mean predicted probability, observed rate and row count of each non-empty equal-width bin (as ``ece``)."""
     y = np.asarray(y, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)
-    index = np.minimum((p * bins).astype(np.int64), bins - 1)
+    index = _bins(p, bins)
     count = np.bincount(index, minlength=bins)
     keep = count > 0
     mean_p = np.bincount(index, weights=p, minlength=bins)[keep] / count[keep]
