@@ -26,11 +26,12 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
@@ -1237,25 +1238,30 @@ CHART_HOURS = 168
 _Z95 = 1.959963984540054
 
 
-def _wilson(successes: int, n: int, z: float = _Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion."""
+def _wilson(successes: float, n: float, z: float = _Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (``successes`` and ``n`` may be effective, non-integer counts)."""
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def rate_difference(treated: tuple[int, int], control: tuple[int, int]) -> dict[str, float | None]:
+def rate_difference(
+    treated: tuple[int, int], control: tuple[int, int], *, design_effects: tuple[float, float] = (1.0, 1.0)
+) -> dict[str, float | None]:
     """Difference of two purchase rates with Newcombe's 95% hybrid score interval.
 
-    ``treated`` and ``control`` are ``(buyers, users)``. The interval stays inside
-    [-1, 1] and behaves for small groups and rates near 0, where a Wald interval does not.
+    ``treated`` and ``control`` are ``(buyers, exposures)``. ``design_effects`` (>= 1 each)
+    divide each side's count into an effective sample size (Wilson's interval of a
+    clustered proportion): exposures of one user are not independent. The interval stays
+    inside [-1, 1] and behaves for small groups and rates near 0, where a Wald interval does not.
     """
     (b1, n1), (b2, n2) = treated, control
     if n1 == 0 or n2 == 0:
         return {"uplift": None, "low": None, "high": None}
     p1, p2 = b1 / n1, b2 / n2
-    (l1, u1), (l2, u2) = _wilson(b1, n1), _wilson(b2, n2)
+    e1, e2 = n1 / max(1.0, design_effects[0]), n2 / max(1.0, design_effects[1])
+    (l1, u1), (l2, u2) = _wilson(p1 * e1, e1), _wilson(p2 * e2, e2)
     d = p1 - p2
     return {
         "uplift": round(d, 6),
@@ -1264,18 +1270,121 @@ def rate_difference(treated: tuple[int, int], control: tuple[int, int]) -> dict[
     }
 
 
-def uplift(settings: Settings, hour: datetime, *, lookback_hours: int = UPLIFT_LOOKBACK_HOURS) -> dict[str, Any]:
-    """Purchase rate after an action, treated against control, per rule, for contacts old enough.
+def design_effect(buyers: Sequence[int], exposures: Sequence[int]) -> float:
+    """Variance of a rate over users with several exposures each, relative to independent exposures (>= 1).
 
-    A contact of hour C counts when the purchase window that follows it (the label window
+    ``buyers[i]`` of ``exposures[i]`` exposures of user i bought. The rate ``B / N`` is a
+    ratio estimator; its cluster-robust variance ``m / (m - 1) * sum (b_i - p n_i)^2 / N^2``
+    over the binomial ``p (1 - p) / N``. 1 when every user has one exposure (or no spread).
+    """
+    m = len(exposures)
+    total = float(sum(exposures))
+    if m < 2 or total == 0:
+        return 1.0
+    p = sum(buyers) / total
+    if p in (0.0, 1.0):
+        return 1.0
+    robust = m / (m - 1) * sum((b - p * n) ** 2 for b, n in zip(buyers, exposures, strict=True)) / total**2
+    return max(1.0, robust / (p * (1 - p) / total))
+
+
+def exposure_starts(contacts: pa.Table, periods: Mapping[str, int]) -> pa.Table:
+    """The contacts that start an exposure: per (user, rule) the first contact, then the first at least a period later.
+
+    A treated user is contacted at most once per cooldown, while a control user is
+    recorded every hour they are held out, so counting every contact row compares one
+    treated exposure with up to ``cooldown`` control rows of the same user (users who
+    linger in a segment without buying weigh more in control). Counting each user once per
+    exposure period (``periods[rule]`` hours, the rule's cooldown; 1 for a rule not in
+    ``periods``) on both sides makes the two comparable. ``contacts`` follows
+    :data:`CONTACT_SCHEMA`; the result keeps its columns, sorted by rule, user and hour.
+    """
+    if contacts.num_rows == 0:
+        return contacts
+    ordered = contacts.sort_by([(RULE, "ascending"), (USER_ID, "ascending"), (CONTACT_HOUR, "ascending")])
+    rules = ordered.column(RULE).to_pylist()
+    users = ordered.column(USER_ID).to_pylist()
+    hours = ordered.column(CONTACT_HOUR).cast(pa.int64()).to_pylist()  # ms since the epoch
+    hour_ms = HOUR // timedelta(milliseconds=1)
+    keep: list[int] = []
+    current: tuple[str, str] | None = None
+    next_start = 0
+    for i, (rule, user, ms) in enumerate(zip(rules, users, hours, strict=True)):
+        if (rule, user) != current or ms >= next_start:
+            current = (rule, user)
+            next_start = ms + max(1, periods.get(rule, 1)) * hour_ms
+            keep.append(i)
+    return ordered.take(pa.array(keep, pa.int64()))
+
+
+def uplift_rows(labelled: pa.Table, periods: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
+    """Per rule: exposures, users and buyers, treated against control, with the clustered 95% interval.
+
+    ``labelled`` holds exposure starts (:func:`exposure_starts`) with ``labels.LABEL``
+    (bought in the window after the contact). A user's exposures are one cluster: the
+    interval's effective sizes use :func:`design_effect` of each side.
+    """
+    from profile_engine import labels
+
+    data = labelled.select([USER_ID, RULE, ACTION, labels.LABEL]).to_pydict()
+    per_user: dict[tuple[str, str, str], list[int]] = {}
+    actions: dict[str, set[str]] = {}
+    for user, rule, action, bought in zip(data[USER_ID], data[RULE], data[ACTION], data[labels.LABEL], strict=True):
+        side = "control" if action == CONTROL else "treated"
+        counts = per_user.setdefault((rule, side, user), [0, 0])
+        counts[0] += int(bought)
+        counts[1] += 1
+        if action != CONTROL:
+            actions.setdefault(rule, set()).add(action)
+    rows = []
+    for rule in sorted({key[0] for key in per_user}):
+        sides = {
+            side: [counts for (r, s, _), counts in per_user.items() if r == rule and s == side]
+            for side in ("treated", "control")
+        }
+        (bt, nt), (bc, nc) = ((sum(c[0] for c in v), sum(c[1] for c in v)) for v in sides.values())
+        effects = tuple(design_effect([c[0] for c in v], [c[1] for c in v]) for v in sides.values())
+        rows.append(
+            {
+                "rule": rule,
+                "action": ", ".join(sorted(actions.get(rule, ()))) or None,
+                "exposure_hours": max(1, (periods or {}).get(rule, 1)),
+                "treated": nt,
+                "treated_users": len(sides["treated"]),
+                "treated_buyers": bt,
+                "treated_rate": round(bt / nt, 6) if nt else None,
+                "control": nc,
+                "control_users": len(sides["control"]),
+                "control_buyers": bc,
+                "control_rate": round(bc / nc, 6) if nc else None,
+                **rate_difference((bt, nt), (bc, nc), design_effects=(effects[0], effects[1])),
+            }
+        )
+    return rows
+
+
+def uplift(
+    settings: Settings,
+    hour: datetime,
+    *,
+    lookback_hours: int = UPLIFT_LOOKBACK_HOURS,
+    rules_path: Path | None = None,
+) -> dict[str, Any]:
+    """Purchase rate after an action, treated against control, per rule, for exposures old enough.
+
+    A user's contacts of a rule are grouped into exposure periods of the rule's cooldown
+    (from the rules file; :func:`exposure_starts`), on both sides; an exposure starting at
+    contact hour C counts when the purchase window that follows it (the label window
     ``[C+1h, C+1h+horizon)`` of ``labels``) is final at ``hour`` (window end + lateness),
-    within the last ``lookback_hours``. Each (user, rule, contact hour) is one exposure;
-    buyers are read from staged purchase events, like the model's labels.
+    within the last ``lookback_hours``. Contacts up to a cooldown before that are read so
+    an exposure running into the lookback is not counted twice. Buyers are read from
+    staged purchase events, like the model's labels; the interval clusters by user.
     """
     from profile_engine import labels
 
     hour = floor_hour(hour)
     lake = lk.Lake(settings.lake)
+    periods = {r.name: max(1, r.cooldown_hours) for r in load_rules(rules_path) if not r.suppress}
     first = hour - (lookback_hours - 1) * HOUR
     hours = [
         h for h in hour_range(first, hour) if labels.labels_final(settings, h, hour) and lake.committed(lk.CONTACTS, h)
@@ -1287,37 +1396,23 @@ def uplift(settings: Settings, hour: datetime, *, lookback_hours: int = UPLIFT_L
         "last_contact_hour": format_hour(hours[-1]) if hours else None,
         "rules": [],
     }
-    tables = [lake.read(lk.CONTACTS, h) for h in hours]
-    contacts = pa.concat_tables(tables) if tables else CONTACT_SCHEMA.empty_table()
-    if contacts.num_rows == 0:
+    if not hours:
         return result
-    examples = contacts.append_column(ft.SNAPSHOT_HOUR, contacts.column(CONTACT_HOUR))
-    labelled = labels.label_examples(settings, examples).to_pydict()
-    counts: dict[str, dict[str, list[int]]] = {}
-    actions: dict[str, set[str]] = {}
-    for rule, action, bought in zip(labelled[RULE], labelled[ACTION], labelled[labels.LABEL], strict=True):
-        group = counts.setdefault(rule, {"treated": [0, 0], "control": [0, 0]})
-        side = group["control" if action == CONTROL else "treated"]
-        side[0] += int(bought)
-        side[1] += 1
-        if action != CONTROL:
-            actions.setdefault(rule, set()).add(action)
-    for rule in sorted(counts):
-        group = counts[rule]
-        (bt, nt), (bc, nc) = group["treated"], group["control"]
-        result["rules"].append(
-            {
-                "rule": rule,
-                "action": ", ".join(sorted(actions.get(rule, ()))) or None,
-                "treated": nt,
-                "treated_buyers": bt,
-                "treated_rate": round(bt / nt, 6) if nt else None,
-                "control": nc,
-                "control_buyers": bc,
-                "control_rate": round(bc / nc, 6) if nc else None,
-                **rate_difference((bt, nt), (bc, nc)),
-            }
-        )
+    earlier = [
+        h
+        for h in hour_range(first - (max(periods.values(), default=1) - 1) * HOUR, first - HOUR)
+        if lake.committed(lk.CONTACTS, h)
+    ]
+    tables = [lake.read(lk.CONTACTS, h).cast(CONTACT_SCHEMA) for h in [*earlier, *hours]]
+    starts = exposure_starts(pa.concat_tables(tables), periods)
+    in_window = pc.greater_equal(
+        starts.column(CONTACT_HOUR), pa.scalar(hours[0], CONTACT_SCHEMA.field(CONTACT_HOUR).type)
+    )
+    starts = starts.filter(in_window)
+    if starts.num_rows == 0:
+        return result
+    examples = starts.append_column(ft.SNAPSHOT_HOUR, starts.column(CONTACT_HOUR))
+    result["rules"] = uplift_rows(labels.label_examples(settings, examples), periods)
     return result
 
 
