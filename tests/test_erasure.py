@@ -476,3 +476,26 @@ def test_erasing_any_ids_changes_only_their_entries_and_every_hour_reruns(numeri
         if present:
             assert verify_hour(settings_, NUMERIC_HOURS[-1]).equal
         assert_every_hour_reruns(settings_, erased)
+
+
+def test_no_file_but_parquet_holds_a_raw_user_id(numeric_shop: Path) -> None:
+    """Ledgers, manifests, run reports, quality results and Data Docs are written without raw ids, so erasure
+    never has to edit free text: no ordinary id of a staged user occurs in any file outside Parquet and landing/."""
+    users = {u for u in staged_users(numeric_shop) if u.startswith("u")}
+    assert len(users) >= 3
+    texts = {
+        p.relative_to(numeric_shop).as_posix(): p.read_bytes()
+        for p in numeric_shop.rglob("*")
+        if p.is_file() and p.suffix != ".parquet" and not p.relative_to(numeric_shop).as_posix().startswith("landing/")
+    }
+    assert any(p.startswith("quality/docs/") for p in texts) and any(p.startswith("reports/") for p in texts)
+    assert [(p, u) for p, payload in texts.items() for u in sorted(users) if u.encode() in payload] == []
+
+
+def staged_users(root: Path) -> set[str]:
+    """Every user id staged in the lake."""
+    return {
+        u
+        for path in root.glob("staging/**/*.parquet")
+        for u in pq.read_table(path, columns=["user_id"]).column("user_id").to_pylist()
+    }
