@@ -9,7 +9,8 @@ lake lock, so it never interleaves with an hourly run, and
    quarantine, state, profiles, interests, profile changes, scores, segments, contact
    history, exports, training sets, the simulator's truth, the outbox of deliveries) without
    them, matched by value in user-id fields only (``user_id``, export pseudonyms in
-   ``user_key``, JSON records with a ``user_id``), never by searching text; each partition whole through a ``_tmp/`` directory and a rename, its
+   ``user_key``, JSON records with a ``user_id``), never by searching text; each
+   partition whole through a ``_tmp/`` directory and a rename, its
    ``_manifest.json`` updated (rows, SHA-256, bytes); profile snapshots get their
    population features (RFM) recomputed over the remaining users, exactly as
    ``publish_profiles`` computes them, so ``verify`` still equals a rebuild; outside
