@@ -680,3 +680,14 @@ def test_missing_previous_hour_is_an_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(F.MissingStateError, match=re.escape(f"{format_hour(T0)} bucket 0")):
         F.build_profiles(cfg, at(hours=1), 0)
     assert F.build_profiles(cfg, T0, 0)["users"] >= 1  # the first hour starts from an empty state
+
+
+def test_a_user_in_two_buckets_is_refused_without_naming_the_user() -> None:
+    """The error reaches task logs: it counts the duplicated users and never names them (raw ids)."""
+    profiles, _ = profiles_at(events({"user_id": "u-secret-7", "ts": at(minutes=5)}), at(hours=1))
+    part = profiles.select(F.SNAPSHOT_SCHEMA.names)
+
+    with pytest.raises(ValueError, match="1 user") as raised:
+        F.population_snapshot([part, part], at(hours=1))
+
+    assert "u-secret-7" not in str(raised.value)

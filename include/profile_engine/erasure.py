@@ -8,14 +8,14 @@ lake lock, so it never interleaves with an hourly run, and
 2. rewrites every committed partition of the lake that holds their rows (staging,
    quarantine, state, profiles, interests, profile changes, scores, segments, contact
    history, exports, training sets, the simulator's truth, the outbox of deliveries) without
-   them, each partition whole through a ``_tmp/`` directory and a rename, its
+   them, matched by value in user-id fields only (``user_id``, export pseudonyms in
+   ``user_key``, JSON records with a ``user_id``), never by searching text; each
+   partition whole through a ``_tmp/`` directory and a rename, its
    ``_manifest.json`` updated (rows, SHA-256, bytes); profile snapshots get their
    population features (RFM) recomputed over the remaining users, exactly as
-   ``publish_profiles`` computes them, so ``verify`` still equals a rebuild;
-3. replaces the raw id in every text file outside ``landing/`` (Data Docs pages, which
-   show samples of unexpected values, validation results, run reports, pointers) by
-   ``[erased]``;
-4. appends one audit line per user to ``_meta/erasure/audit.jsonl``: time, keyed hash,
+   ``publish_profiles`` computes them, so ``verify`` still equals a rebuild; outside
+   partitions, loose Parquet, CSV and JSON files get the same treatment;
+3. appends one audit line per user to ``_meta/erasure/audit.jsonl``: time, keyed hash,
    rows removed per dataset, who asked and why; never the raw id.
 
 The keyed hash is HMAC-SHA256 of the id under ``PROFILE_ENGINE_ERASURE_KEY``, else the
@@ -27,6 +27,12 @@ validation refuses to run with another key rather than let erased users back.
 users are dropped before any rule and counted as ``erased`` (rows read = staged +
 quarantined + erased), so late files, replays and rebuilds never bring a user back.
 Tombstones are permanent: an erased id that signs up again stays erased.
+
+Free text is never edited: ledgers, manifests, run reports, quality results and Data Docs
+hold no raw user id in the first place (the quality suite's result format keeps samples
+of unexpected values out, ``quality.RESULT_FORMAT``), so an id such as ``12`` cannot
+rewrite an hour ``hour=12`` or a count of 12. Quarantined lines that could not be parsed
+(``source_line``) have no user-id field: like ``landing/``, they stay until retention.
 
 ``landing/`` is the producers' raw input and stays outside the rewrite: the ingestion
 ledger's checksums prove what each hour read, and every read of landing is filtered by
@@ -41,7 +47,6 @@ import hmac
 import io
 import json
 import os
-import re
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -65,18 +70,12 @@ ERASURE_KEY_ENV = "PROFILE_ENGINE_ERASURE_KEY"
 ERASURE_DIR = "_meta/erasure"
 TOMBSTONES_FILE = "tombstones.json"
 AUDIT_FILE = "audit.jsonl"
-REDACTED = "[erased]"
 USER_ID = "user_id"
 USER_KEY = "user_key"  # export pseudonyms (segments.USER_KEY)
-SOURCE_LINE = "source_line"  # raw text of quarantined lines (ingest.SOURCE_LINE)
 RECEIPT = "_delivered.json"  # delivery.RECEIPT
 _DOMAIN = b"profile-engine erasure\x00"
-# Files rewritten as text; Parquet is filtered by rows; everything else (fonts, images) is copied.
-TEXT_SUFFIXES = (".html", ".htm", ".json", ".jsonl", ".txt", ".md", ".svg", ".xml", ".csv", ".js")
-MAX_SUFFIXLESS_TEXT = 1 << 20
 # Never rewritten: producers' input, work in progress, the lock, the erasure records themselves.
 SKIPPED = (lk.LANDING.split("/")[0], lk.TMP, lk.LOCK, ERASURE_DIR)
-_ID_CHARS = r"\w\-@"  # an id is matched only as a whole token
 
 
 class ErasureKeyError(RuntimeError):
@@ -218,15 +217,16 @@ def read_ids_file(path: Path) -> list[str]:
     return ids
 
 
-def id_pattern(ids: Iterable[str]) -> re.Pattern[str]:
-    """A pattern matching any of ``ids`` as a whole token (not inside a longer id such as ``u420`` for ``u42``)."""
-    alternatives = "|".join(re.escape(i) for i in sorted(set(ids), key=len, reverse=True))
-    return re.compile(f"(?<![{_ID_CHARS}])({alternatives})(?![{_ID_CHARS}])")
-
-
 @dataclass
 class _Eraser:
-    """Rewrites one lake (or outbox) root without a set of users, counting what it removed."""
+    """Rewrites one lake (or outbox) root without a set of users, counting what it removed.
+
+    Only structured data is matched, and only in user-id fields: Parquet and CSV columns
+    ``user_id`` (and ``user_key``, the export pseudonyms under the manifest's key), and
+    records of JSON files with a ``user_id`` field. A value equal to an id is the only
+    match; free text (Data Docs pages, run reports, ledgers, paths) is never searched,
+    so an id such as ``12`` cannot touch an hour ``12`` or a count of 12.
+    """
 
     lake: Lake
     ids: frozenset[str]
@@ -237,14 +237,6 @@ class _Eraser:
     notes: list[str] = field(default_factory=list)
     profile_hours: set[Path] = field(default_factory=set)
     label: str = ""  # dataset prefix of a root other than the lake (the outbox)
-    text_pattern: re.Pattern[str] = field(init=False)
-    row_pattern: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        alternatives = "|".join(re.escape(i) for i in sorted(self.ids, key=len, reverse=True))
-        self.text_pattern = id_pattern(self.ids)
-        # RE2 (Arrow) has no look-around: match the id with its delimiters.
-        self.row_pattern = f"(^|[^{_ID_CHARS}])({alternatives})([^{_ID_CHARS}]|$)"
 
     def count(self, users: Iterable[str], dataset: str) -> None:
         for user in users:
@@ -257,108 +249,118 @@ class _Eraser:
         layer = "/".join(parts[:cut] if cut < len(parts) else parts[:1])
         return "/".join(p for p in (self.label, layer) if p) or path.name
 
-    # -- one file -------------------------------------------------------------------------
-    def parquet(self, path: Path, key_id: str | None) -> pa.Table | None:
-        """The table without the users' rows, or None when it has none of them."""
-        schema = pq.read_schema(path)
-        names = schema.names
+    def id_column(self, names: Sequence[str], key_id: str | None, path: Path) -> tuple[str, dict[str, str]] | None:
+        """The user-id column among ``names`` and its erased values (value -> user id), or None.
+
+        ``user_id`` holds raw ids; ``user_key`` holds export pseudonyms, matched under the
+        key ``key_id`` that made them (a note when that is not the current export key).
+        """
         if USER_ID in names:
-            column, lookup = USER_ID, {i: i for i in self.ids}
-        elif USER_KEY in names:
+            return USER_ID, {i: i for i in self.ids}
+        if USER_KEY in names:
             if key_id not in self.pseudonyms:
                 self.notes.append(f"{path}: pseudonyms under key {key_id}, not the current export key: not matched")
                 return None
-            column, lookup = USER_KEY, self.pseudonyms[key_id]
-        else:
+            return USER_KEY, self.pseudonyms[key_id]
+        return None
+
+    # -- one file -------------------------------------------------------------------------
+    def parquet(self, path: Path, key_id: str | None) -> pa.Table | None:
+        """The table without the users' rows, or None when it has none of them."""
+        found = self.id_column(pq.read_schema(path).names, key_id, path)
+        if found is None:
             return None
-        probe = pq.read_table(path, columns=[column] + ([SOURCE_LINE] if SOURCE_LINE in names else []))
-        hit = pc.is_in(probe.column(column), value_set=pa.array(sorted(lookup), pa.string()))
-        if SOURCE_LINE in names:
-            hit = pc.or_(hit, pc.match_substring_regex(probe.column(SOURCE_LINE), self.row_pattern))
-        hit = pc.fill_null(hit, False)
+        column, lookup = found
+        probe = pq.read_table(path, columns=[column]).column(column)
+        hit = pc.fill_null(pc.is_in(probe, value_set=pa.array(sorted(lookup), pa.string())), False)
         if not pc.any(hit).as_py():
             return None
         table = pq.read_table(path)
-        gone = table.filter(hit)
-        lines = gone.column(SOURCE_LINE).to_pylist() if SOURCE_LINE in names else [None] * gone.num_rows
-        owners = []
-        for value, line in zip(gone.column(column).to_pylist(), lines, strict=True):
-            found = self.text_pattern.search(line or "")
-            owners.append(lookup.get(value) or (found.group(1) if found else REDACTED))
-        self.count(owners, self.dataset(path))
+        self.count((lookup[v] for v in table.filter(hit).column(column).to_pylist()), self.dataset(path))
         return table.filter(pc.invert(hit))
 
-    def text(self, path: Path) -> bytes | None:
-        """The text with every raw id replaced, or None when none occurs (or it is not text)."""
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        if path.suffix.lower() == ".csv":
-            filtered = self.csv_rows(text, self.dataset(path))
-            if filtered is not None:
-                return filtered.encode()
-        if path.suffix.lower() in (".json", ".jsonl") or path.suffix == "":
-            scrubbed = self.json_text(text, path)
-            if scrubbed is not None:
-                return scrubbed.encode() if scrubbed else None
-        found = self.text_pattern.findall(text)
-        if not found:
-            return None
-        self.count(found, self.dataset(path) + " (text)")
-        return self.text_pattern.sub(REDACTED, text).encode()
-
-    def json_text(self, text: str, path: Path) -> str | None:
-        """JSON (or JSON lines) with ids replaced in string values and keys only, numbers untouched.
-
-        None when the text is not JSON; ``""`` when it is JSON without any of the ids.
-        """
-        try:
-            lines = [json.loads(text)] if path.suffix != ".jsonl" else [json.loads(x) for x in text.splitlines() if x]
-        except ValueError:
-            return None
-        found: list[str] = []
-
-        def scrub(value: Any) -> Any:
-            if isinstance(value, str):
-                hits = self.text_pattern.findall(value)
-                found.extend(hits)
-                return self.text_pattern.sub(REDACTED, value) if hits else value
-            if isinstance(value, list):
-                return [scrub(v) for v in value]
-            if isinstance(value, dict):
-                return {scrub(k): scrub(v) for k, v in value.items()}
-            return value
-
-        cleaned = [scrub(line) for line in lines]
-        if not found:
-            return ""
-        self.count(found, self.dataset(path) + " (text)")
-        if path.suffix == ".jsonl":
-            return "".join(json.dumps(line, sort_keys=True) + "\n" for line in cleaned)
-        return json.dumps(cleaned[0], indent=2, sort_keys=True, default=str)
-
-    def csv_rows(self, text: str, dataset: str) -> str | None:
-        """A CSV with a ``user_id`` column, without the users' lines (None: no such column or no hit)."""
-        lines = text.splitlines(keepends=True)
+    def csv_rows(self, path: Path, key_id: str | None) -> bytes | None:
+        """A CSV with a user-id column (by its header), without the users' lines; None: no such column or no hit."""
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
         if not lines:
             return None
-        header = next(csv.reader([lines[0]]))
-        if USER_ID not in header:
+        found = self.id_column(next(csv.reader([lines[0]])), key_id, path)
+        if found is None:
             return None
-        index = header.index(USER_ID)
+        column, lookup = found
+        index = next(csv.reader([lines[0]])).index(column)
         kept, gone = [lines[0]], []
         for line in lines[1:]:
             row = next(csv.reader([line]), [])
-            if len(row) > index and row[index] in self.ids:
-                gone.append(row[index])
+            if len(row) > index and row[index] in lookup:
+                gone.append(lookup[row[index]])
             else:
                 kept.append(line)
         if not gone:
             return None
-        self.count(gone, dataset)
-        return "".join(kept)
+        self.count(gone, self.dataset(path))
+        return "".join(kept).encode()
+
+    def json_records(self, path: Path) -> bytes | None:
+        """JSON (or JSON lines) without the users' records; None when no record names them.
+
+        A record is an object with a ``user_id`` field equal to an erased id (a number
+        counts as its decimal string); it goes whole, from whatever list holds it, or as its
+        whole line in JSON lines. Nothing else is changed. A document that is itself such
+        a record is left with a note (it is a file of the user's, not a list of records).
+        """
+        try:
+            text = path.read_text()
+            lines = path.suffix == ".jsonl"
+            docs = [json.loads(x) for x in text.splitlines() if x.strip()] if lines else [json.loads(text)]
+        except (UnicodeDecodeError, ValueError):
+            return None
+        gone: list[str] = []
+
+        def owner(value: Any) -> str | None:
+            if not isinstance(value, dict):
+                return None
+            user = value.get(USER_ID)
+            if isinstance(user, int) and not isinstance(user, bool):
+                user = str(user)
+            return user if isinstance(user, str) and user in self.ids else None
+
+        def keep(value: Any) -> Any:
+            if isinstance(value, list):
+                kept = []
+                for item in value:
+                    user = owner(item)
+                    if user is None:
+                        kept.append(keep(item))
+                    else:
+                        gone.append(user)
+                return kept
+            if isinstance(value, dict):
+                return {k: keep(v) for k, v in value.items()}
+            return value
+
+        if lines:
+            cleaned = keep(docs)
+        else:
+            if owner(docs[0]) is not None:
+                self.notes.append(f"{path}: the whole document is a record of an erased user: not rewritten")
+                return None
+            cleaned = [keep(docs[0])]
+        if not gone:
+            return None
+        self.count(gone, self.dataset(path))
+        if lines:
+            return "".join(json.dumps(line, sort_keys=True) + "\n" for line in cleaned).encode()
+        return json.dumps(cleaned[0], indent=2, sort_keys=True, default=str).encode()
+
+    def structured(self, path: Path, key_id: str | None) -> bytes | None:
+        """The new content of a CSV or JSON file without the users, or None (no user-id field, no hit, other format)."""
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            return self.csv_rows(path, key_id)
+        if suffix in (".json", ".jsonl"):
+            return self.json_records(path)
+        return None
 
     # -- one committed partition ----------------------------------------------------------
     def partition(self, directory: Path, manifest: dict[str, Any]) -> None:
@@ -375,11 +377,11 @@ class _Eraser:
                 if table is not None:
                     tables[entry["name"]] = table
                     new[entry["name"]] = _parquet_bytes(table, path)
-            elif _is_text(path):
+            else:
                 sibling = entry["name"].removesuffix(".csv") + ".parquet"
                 if path.suffix == ".csv" and any(f["name"] == sibling for f in manifest["files"]):
                     continue  # regenerated from its Parquet twin below
-                payload = self.text(path)
+                payload = self.structured(path, key_id)
                 if payload is not None:
                     new[entry["name"]] = payload
         for name, table in tables.items():
@@ -432,10 +434,8 @@ class _Eraser:
         if path.suffix == ".parquet":
             table = self.parquet(path, None)
             payload = None if table is None else _parquet_bytes(table, path)
-        elif _is_text(path):
-            payload = self.text(path)
         else:
-            return
+            payload = self.structured(path, None)
         if payload is None:
             return
         tmp = self.lake.tmp_dir()
@@ -512,12 +512,6 @@ _PARTITION_KEYS = frozenset(
 )
 
 
-def _is_text(path: Path) -> bool:
-    if path.suffix.lower() in TEXT_SUFFIXES:
-        return True
-    return path.suffix == "" and path.stat().st_size <= MAX_SUFFIXLESS_TEXT
-
-
 def _parquet_bytes(table: pa.Table, original: Path) -> bytes:
     """The table as Parquet, compressed like the file it replaces."""
     meta = pq.ParquetFile(original).metadata
@@ -528,7 +522,9 @@ def _parquet_bytes(table: pa.Table, original: Path) -> bytes:
 
 
 def _append_audit(lake: Lake, lines: Sequence[dict[str, Any]]) -> None:
-    """Append audit lines (one ``write`` each, ``O_APPEND``: an entry is whole or absent)."""
+    """Append audit lines (one ``write`` each, ``O_APPEND``: an entry is whole or absent); none: no file."""
+    if not lines:
+        return
     path = audit_path(lake)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

@@ -1241,14 +1241,16 @@ def _previous_snapshot(lake: Lake, settings: Settings, hour: datetime) -> dateti
 def population_snapshot(bucket_profiles: list[pa.Table], hour: datetime) -> pa.Table:
     """The whole snapshot of ``hour`` from its per-bucket profiles: uniqueness check, then RFM.
 
-    Raises ``ValueError`` naming duplicated users (a user in two buckets).
+    Raises ``ValueError`` counting duplicated users (a user in two buckets); it does not
+    name them, since the message reaches task logs, which must hold no raw user id.
     """
     combined = pa.concat_tables([t.select(SNAPSHOT_SCHEMA.names).cast(SNAPSHOT_SCHEMA) for t in bucket_profiles])
     if pc.count_distinct(combined.column(USER_ID)).as_py() != combined.num_rows:
         counts = combined.group_by(USER_ID).aggregate([(USER_ID, "count")])
-        dupes = counts.filter(pc.greater(counts.column(f"{USER_ID}_count"), 1)).column(USER_ID).to_pylist()
+        dupes = counts.filter(pc.greater(counts.column(f"{USER_ID}_count"), 1)).num_rows
         raise ValueError(
-            f"user_id not unique in snapshot {format_hour(hour)}: {len(dupes)} duplicated, e.g. {dupes[:5]}"
+            f"user_id not unique in snapshot {format_hour(hour)}: {dupes} user(s) in more than one bucket "
+            "(ids not logged; find them in the hour's profiles/ partitions)"
         )
     return add_population_features(combined)
 
