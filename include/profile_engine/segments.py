@@ -449,9 +449,10 @@ def _grammar_problem(node: Any, hashed: bool = False) -> str | None:
     """What in a parsed rule expression is outside the rule grammar (None when nothing is).
 
     Only the node classes of :data:`_RULE_NODES` are allowed, functions only from
-    :data:`RULE_FUNCTIONS` and the operators, and ``user_id`` only inside a hash
-    (:data:`HASH_FUNCTIONS`), so that no rule can compare, print or fail on a raw id.
-    ``hashed`` says whether ``node`` is inside a hash's arguments.
+    :data:`RULE_FUNCTIONS` and the operators, and ``user_id`` only as an argument of a
+    hash (:data:`HASH_FUNCTIONS`), alone or concatenated (``||``), so that no rule can
+    compare, print or fail on a raw id (a CAST inside the hash could fail naming it).
+    ``hashed`` says whether ``node`` is such an argument.
     """
     if isinstance(node, list):
         return next((p for p in (_grammar_problem(item, hashed) for item in node) if p), None)
@@ -477,7 +478,9 @@ def _grammar_problem(node: Any, hashed: bool = False) -> str | None:
                 return f"a qualified, filtered or DISTINCT call of {name}()"
             if (node.get("order_bys") or {}).get("orders") or node.get("export_state"):
                 return f"an aggregate form of {name}()"
-            hashed = hashed or name in HASH_FUNCTIONS
+        # What a hash hashes, and the parts of a concatenation inside it, may be user_id.
+        name = str(node.get("function_name", "")).lower()
+        hashed = kind == "FUNCTION" and (name in HASH_FUNCTIONS or (hashed and name == "||"))
     return next((p for p in (_grammar_problem(value, hashed) for value in node.values()) if p), None)
 
 
