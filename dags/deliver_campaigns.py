@@ -27,6 +27,7 @@ from typing import Any
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
 from profile_engine import delivery  # light: the Asset's name only
+from profile_engine.config import task_timeout  # light: reads one environment variable
 
 SEGMENT_EXPORTS = Asset(name=delivery.EXPORTS_ASSET_NAME, uri=delivery.EXPORTS_ASSET_URI)
 
@@ -38,7 +39,7 @@ SEGMENT_EXPORTS = Asset(name=delivery.EXPORTS_ASSET_NAME, uri=delivery.EXPORTS_A
     max_active_runs=1,  # deliveries of consecutive hours in order
     tags=["profile-engine", "marketing", "delivery"],
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout": task_timeout()},
     params={
         "hour": Param(
             None,

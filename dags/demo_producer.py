@@ -27,6 +27,8 @@ from typing import Any
 from airflow.sdk import CronTriggerTimetable, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
+from profile_engine.config import task_timeout  # light: reads one environment variable
+
 # Cheap, local setting only (no Variable or Connection at parse time): a production deployment
 # never starts feeding simulated events into its lake by itself.
 PRODUCTION = os.environ.get("PROFILE_ENGINE_ENV") == "production"
@@ -40,7 +42,7 @@ PRODUCTION = os.environ.get("PROFILE_ENGINE_ENV") == "production"
     is_paused_upon_creation=PRODUCTION,
     tags=["profile-engine", "demo", "producer"],
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout": task_timeout()},
     params={
         "hour": Param(
             None,

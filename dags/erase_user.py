@@ -38,6 +38,8 @@ from typing import Any
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from profile_engine.config import task_timeout  # light: reads one environment variable
+
 
 @dag(
     schedule=None,
@@ -48,7 +50,7 @@ from airflow.sdk import Param, dag, get_current_context, task
     doc_md=__doc__,
     # Retries wait for a running hour to free the lake lock (LakeLocked); a rerun of an
     # erasure is harmless (it finds the users already erased).
-    default_args={"retries": 3, "retry_delay": timedelta(minutes=10)},
+    default_args={"retries": 3, "retry_delay": timedelta(minutes=10), "execution_timeout": task_timeout()},
     params={
         "user_id": Param(None, type=["null", "string"], description="The user id to erase."),
         "ids_file": Param(

@@ -22,6 +22,8 @@ from typing import Any
 from airflow.sdk import dag, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from profile_engine.config import task_timeout  # light: reads one environment variable
+
 
 @dag(
     schedule="@hourly",
@@ -30,7 +32,7 @@ from airflow.sdk.exceptions import AirflowFailException
     max_active_runs=1,
     tags=["profile-engine", "operations", "alerts"],
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout": task_timeout()},
 )
 def freshness_check() -> None:
     """Alert when no profile snapshot was committed recently (see the module docstring)."""

@@ -27,6 +27,8 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
+from profile_engine.config import task_timeout  # light: reads one environment variable
+
 
 @dag(
     schedule="@daily",
@@ -36,7 +38,7 @@ from airflow.sdk import dag, task
     tags=["profile-engine", "operations", "retention"],
     doc_md=__doc__,
     # Retries wait for the running hour to free the lake lock (LakeLocked); deleting is idempotent.
-    default_args={"retries": 3, "retry_delay": timedelta(minutes=15)},
+    default_args={"retries": 3, "retry_delay": timedelta(minutes=15), "execution_timeout": task_timeout()},
 )
 def lake_retention() -> None:
     """Delete hour partitions older than the retention (see the module docstring)."""

@@ -40,6 +40,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from profile_engine import delivery  # light: the Asset's name only; stages import inside tasks
 from profile_engine.alerts import ProfileEngineNotifier  # light: reads its settings when it fires
+from profile_engine.config import task_timeout  # light: reads one environment variable
 from profile_engine.timetable import hourly_timetable  # light: Airflow's own timetable classes
 
 # Cheap, local settings only: no Variable, Connection, network or heavy import at parse time.
@@ -80,6 +81,7 @@ def _context() -> tuple[Any, datetime, str]:
     default_args={
         "retries": 2,
         "retry_delay": timedelta(minutes=1),
+        "execution_timeout": task_timeout(),  # PROFILE_ENGINE_TASK_TIMEOUT_MINUTES
         "on_failure_callback": [ProfileEngineNotifier()],
     },
     params={

@@ -219,7 +219,7 @@ GOOD = {"name": "good", "enter": "purchase_propensity > 0.5", "action": COUPON, 
                 "action": COUPON,
                 "priority": 2,
             },
-            "does not bind",
+            "a subquery",
         ),
         (
             {
@@ -228,7 +228,7 @@ GOOD = {"name": "good", "enter": "purchase_propensity > 0.5", "action": COUPON, 
                 "action": COUPON,
                 "priority": 2,
             },
-            "does not bind",
+            "a subquery",
         ),
         ({"name": "good", "enter": "true", "action": COUPON, "priority": 2}, "duplicate name"),
         ({"name": "bad", "enter": "true", "action": COUPON, "priority": 1}, "duplicate priority"),
@@ -261,22 +261,103 @@ def test_invalid_rule_names_file_rule_and_problem(tmp_path: Path, bad: dict[str,
 
 
 def test_file_reading_functions_are_refused_by_the_engine(tmp_path: Path) -> None:
+    """Behind the grammar, the connection rules run on cannot read files either."""
+    from profile_engine.segments import _rule_connection
+
     secret = tmp_path / "secret.csv"
     secret.write_text("a\n1\n")
-    path = rules_file(
-        tmp_path,
-        [
-            {
-                "name": "sneaky",
-                "enter": f"(SELECT count(*) FROM read_csv('{secret}')) > 0",
-                "action": COUPON,
-                "priority": 1,
-            }
-        ],
+    con = _rule_connection()
+    try:
+        with pytest.raises(Exception, match="disabled by configuration"):
+            con.execute(f"SELECT count(*) FROM read_csv('{secret}')").fetchall()
+    finally:
+        con.close()
+
+
+RUNAWAY = "(SELECT count(*) FROM range(1000000000000000)) > 0"
+
+
+@pytest.mark.parametrize(
+    ("expression", "problem"),
+    [
+        (RUNAWAY, "a subquery"),
+        ("EXISTS (SELECT 1)", "a subquery"),
+        ("purchase_propensity > (SELECT avg(purchase_propensity) FROM profiles)", "a subquery"),
+        ("cume_dist() OVER (ORDER BY monetary_total) > 0.5", "a window function"),
+        ("list_contains(range(1000000000000000), 3)", "the function range()"),
+        ("length(repeat('x', 1000000000)) > 1", "the function repeat()"),
+        ("getenv('HOME') IS NOT NULL", "the function getenv()"),
+        ("current_setting('threads') = 1", "the function current_setting()"),
+        ("len(list_filter([1, 2], x -> x > 1)) > 0", "the function list_filter()"),
+        ("sum(frequency_orders) > 0", "the function sum()"),
+        ("frequency_orders[1] > 0", "the operator array_extract"),
+        ("main.abs(frequency_orders) > 0", "qualified"),
+        ("user_id = 'u0000001'", "user_id outside md5_number() or md5()"),
+        ("length(user_id) > 3", "user_id outside"),
+        ("CAST(user_id AS INTEGER) % 2 = 0", "user_id outside"),
+        ("md5_number(CAST(user_id AS INTEGER)) % 2 = 0", "user_id outside"),  # the cast could fail naming the id
+        ("md5_number(user_id) % 2 = 0 OR user_id LIKE 'cust%'", "user_id outside"),
+    ],
+)
+def test_rules_outside_the_grammar_are_refused_at_load(tmp_path: Path, expression: str, problem: str) -> None:
+    """A rule is an expression over one profile's columns: no queries, no table functions, no raw ids."""
+    path = rules_file(tmp_path, [GOOD, {"name": "runaway", "enter": expression, "action": COUPON, "priority": 2}])
+
+    with pytest.raises(SegmentConfigError) as caught:
+        load_rules(path, columns=EVAL_SCHEMA)
+
+    message = str(caught.value)
+    assert str(path) in message and "'runaway' (#2)" in message and "enter uses" in message
+    assert problem in message
+
+
+def test_stay_is_held_to_the_same_grammar(tmp_path: Path) -> None:
+    path = rules_file(tmp_path, [{**GOOD, "stay": RUNAWAY}])
+
+    with pytest.raises(SegmentConfigError, match=r"'good' \(#1\): stay uses a subquery"):
+        load_rules(path)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "md5_number(user_id) % 100 < 50",
+        "md5_number(user_id || 'exp7') % 100 >= 50 AND purchase_propensity > 0.1",
+        "CASE WHEN rfm_segment = 'champions' THEN monetary_total > 10 ELSE false END",
+        "coalesce(purchase_propensity, 0) >= 0.5 OR open_cart_items IS NOT NULL",
+        "NOT (lifecycle_stage IN ('dormant', 'churned'))",
+        "rfm_segment LIKE 'champ%' AND abs(monetary_total - 10) < least(5, greatest(1, frequency_orders))",
+        "CAST(propensity_decile AS DOUBLE) / 10 BETWEEN 0.2 AND 0.9",
+        "round(hours_since_first_seen) <= 24 AND lower(lifecycle_stage) <> 'x'",
+        "snapshot_end - first_seen_at < INTERVAL 2 DAY",
+    ],
+)
+def test_rules_inside_the_grammar_load(tmp_path: Path, expression: str) -> None:
+    path = rules_file(tmp_path, [{**GOOD, "enter": expression}])
+
+    assert load_rules(path, columns=EVAL_SCHEMA)[0].enter == expression
+
+
+def test_reasons_name_conditions_on_user_id_without_the_id() -> None:
+    users = {f"cust{i:04d}z": {"frequency_orders": i % 3} for i in range(40)}
+    table = profiles_table(H0, users).append_column("purchase_propensity", pa.array([0.5] * 40, pa.float64()))
+    rule = SegmentRule(
+        name="ab",
+        enter="md5_number(user_id) % 100 < 50 AND frequency_orders >= 1 AND md5(user_id) <> 'cust0001z'",
+        offer="coupon 10%",
+        channel="email",
+        priority=1,
+        enter_columns=("user_id", "frequency_orders"),
     )
 
-    with pytest.raises(SegmentConfigError, match="disabled by configuration"):
-        load_rules(path, columns=EVAL_SCHEMA)
+    assigned, sizes = assign_segments(table, [rule])
+
+    reasons = assigned.column("reason").to_pylist()
+    assert 0 < sizes["ab"] < 40
+    assert not [r for r in reasons if any(user in r for user in users)]
+    # Comparisons with the user's values first, then the conditions on user_id (string literals masked).
+    shown = "md5_number(user_id) % 100 < 50; md5(user_id) <> '\u2026'"
+    assert set(reasons) == {f"ab: orders 1 \u2265 1; {shown}", f"ab: orders 2 \u2265 1; {shown}"}
 
 
 def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:

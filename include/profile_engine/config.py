@@ -8,8 +8,10 @@ only covers the first two; it never touches Airflow, so it is safe at parse time
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from profile_engine.hours import parse_hour
@@ -19,6 +21,26 @@ CONFIG_DIR = PROJECT_ROOT / "include" / "config"
 DEFAULT_LAKE = PROJECT_ROOT / "lake"
 
 ENV_PREFIX = "PROFILE_ENGINE_"
+DEFAULT_TASK_TIMEOUT_MINUTES = 120
+# A DuckDB memory_limit: a number and a unit (bytes, KB..TB, KiB..TiB) or a percentage of RAM.
+_MEMORY_LIMIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|[KMGT]i?B|B|bytes)?\s*$", re.IGNORECASE)
+
+
+def task_timeout_minutes(environ: Mapping[str, str] | None = None) -> int:
+    """``PROFILE_ENGINE_TASK_TIMEOUT_MINUTES`` (default 120): every DAG task's execution_timeout.
+
+    A function of its own so that DAG files read it at parse time without building Settings.
+    """
+    env = os.environ if environ is None else environ
+    return int(env.get(ENV_PREFIX + "TASK_TIMEOUT_MINUTES") or DEFAULT_TASK_TIMEOUT_MINUTES)
+
+
+def task_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
+    """The execution_timeout of every task of every DAG (cheap: reads one environment variable)."""
+    minutes = task_timeout_minutes(environ)
+    if minutes < 1:
+        raise ValueError(f"{ENV_PREFIX}TASK_TIMEOUT_MINUTES must be >= 1, got {minutes}")
+    return timedelta(minutes=minutes)
 
 
 @dataclass(frozen=True)
@@ -55,6 +77,13 @@ class Settings:
     alert_email_from: str = "profile-engine@localhost"
     # Retention (docs/reliability.md): hour partitions older than this many days are deleted daily.
     retention_days: int = 90
+    # Limits of every DuckDB connection (profile_engine.db): threads (None = every core), memory
+    # ("50%" of the machine's RAM, or e.g. "4GB"), spill directory (None = <lake>/_tmp).
+    duckdb_threads: int | None = None
+    duckdb_memory_limit: str = "50%"
+    duckdb_temp_dir: Path | None = None
+    # Airflow execution_timeout of every task of every DAG, in minutes.
+    task_timeout_minutes: int = DEFAULT_TASK_TIMEOUT_MINUTES
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -93,6 +122,10 @@ class Settings:
             alert_email_to=get("ALERT_EMAIL_TO"),
             alert_email_from=get("ALERT_EMAIL_FROM") or base.alert_email_from,
             retention_days=int(get("RETENTION_DAYS") or base.retention_days),
+            duckdb_threads=int(threads) if (threads := get("DUCKDB_THREADS")) else None,
+            duckdb_memory_limit=get("DUCKDB_MEMORY_LIMIT") or base.duckdb_memory_limit,
+            duckdb_temp_dir=Path(temp).expanduser().resolve() if (temp := get("DUCKDB_TEMP_DIR")) else None,
+            task_timeout_minutes=task_timeout_minutes(env),
         )
         settings.check()
         return settings
@@ -112,6 +145,16 @@ class Settings:
                 f"{ENV_PREFIX}LATENESS_HOURS, CLOCK_SKEW_MINUTES and QUARANTINE_MIN_ROWS must be >= 0, got "
                 f"{self.lateness_hours}, {self.clock_skew_minutes}, {self.quarantine_min_rows}"
             )
+        if self.duckdb_threads is not None and self.duckdb_threads < 1:
+            raise ValueError(f"{ENV_PREFIX}DUCKDB_THREADS must be >= 1, got {self.duckdb_threads}")
+        memory = _MEMORY_LIMIT.match(self.duckdb_memory_limit)
+        if not memory or (memory.group(2) == "%" and not 0 < float(memory.group(1)) <= 100):
+            raise ValueError(
+                f"{ENV_PREFIX}DUCKDB_MEMORY_LIMIT must be a size such as 4GB, 512MiB or a share of RAM such as 50%, "
+                f"got {self.duckdb_memory_limit!r}"
+            )
+        if self.task_timeout_minutes < 1:
+            raise ValueError(f"{ENV_PREFIX}TASK_TIMEOUT_MINUTES must be >= 1, got {self.task_timeout_minutes}")
         if self.retention_days < 1:
             raise ValueError(f"{ENV_PREFIX}RETENTION_DAYS must be >= 1, got {self.retention_days}")
         if self.freshness_hours <= 0:

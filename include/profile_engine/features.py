@@ -35,7 +35,7 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from profile_engine import faults
+from profile_engine import db, faults
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
 from profile_engine.lake import (
@@ -348,12 +348,10 @@ def _connect() -> duckdb.DuckDBPyConnection:
     Opening an in-memory database costs ~20 ms, a cursor on an open one microseconds: that
     matters for the hourly chains of the tests and the runner.
     """
-    import duckdb
-
     global _DATABASE
     with _DATABASE_LOCK:
         if _DATABASE is None or _DATABASE[0] != os.getpid():  # a forked worker opens its own
-            _DATABASE = (os.getpid(), duckdb.connect())
+            _DATABASE = (os.getpid(), db.connect())
         return _DATABASE[1].cursor()
 
 

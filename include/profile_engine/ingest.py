@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from profile_engine import erasure, faults, sources
+from profile_engine import db, erasure, faults, sources
 from profile_engine import lake as lk
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, format_hour, hour_range, parse_hour
@@ -389,8 +389,6 @@ def validate_events(
     Staged rows are ordered by bucket, user, event time and event id (DESIGN.md §3:
     output rows are sorted before writing); quarantined rows by source file and row.
     """
-    import duckdb
-
     lake = Lake(settings.lake)
     entries = read_ledger(lake, hour)
     if entries is None:
@@ -398,7 +396,7 @@ def validate_events(
     end = hour + HOUR
     too_late = hour - timedelta(hours=settings.lateness_hours)
     future = end + timedelta(minutes=settings.clock_skew_minutes)
-    con = duckdb.connect()
+    con = db.connect(settings)
     try:
         con.execute("SET TimeZone = 'UTC'")
         mappings = _load_raw(con, lake, entries, settings)

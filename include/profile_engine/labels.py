@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from profile_engine import db
 from profile_engine.config import Settings
 from profile_engine.features import SNAPSHOT_HOUR, USER_ID
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
@@ -148,11 +149,9 @@ def sample_users(table: pa.Table, limit: int, seed: int, salt: str = "") -> pa.T
     The choice depends on the users only, never on row order or the process, so a
     rerun draws the same sample.
     """
-    import duckdb
-
     if table.num_rows <= limit:
         return table.take(pc.sort_indices(table, [(USER_ID, "ascending")]))
-    con = duckdb.connect()
+    con = db.connect()
     con.register("keys", pa.table({"idx": pa.array(np.arange(table.num_rows)), "uid": table.column(USER_ID)}))
     prefix = f"{seed}:{salt}:"
     chosen = con.execute(
@@ -175,8 +174,6 @@ def label_examples(settings: Settings, examples: pa.Table) -> pa.Table:
     ``examples`` needs ``USER_ID`` and ``SNAPSHOT_HOUR``. Only staged events are read,
     every staged hour that can hold ``ts`` in a window, filtered on ``ts``.
     """
-    import duckdb
-
     snapshots = sorted({floor_hour(s) for s in examples.column(SNAPSHOT_HOUR).to_pylist()})
     hours: set[datetime] = set()
     for snapshot in snapshots:
@@ -198,7 +195,7 @@ def label_examples(settings: Settings, examples: pa.Table) -> pa.Table:
     )
     label = np.zeros(examples.num_rows, dtype=np.int8)
     if files:
-        con = duckdb.connect()
+        con = db.connect(settings)
         con.register("keys", keys)
         positive = (
             con.execute(

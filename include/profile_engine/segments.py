@@ -36,7 +36,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
 
-from profile_engine import faults
+from profile_engine import db, faults
 from profile_engine import features as ft
 from profile_engine import lake as lk
 from profile_engine.config import CONFIG_DIR, Settings
@@ -161,6 +161,68 @@ _VOLATILE_FUNCTIONS = frozenset(
     }
 )
 _FLOAT_TYPES = ("DOUBLE", "FLOAT", "REAL", "DECIMAL")
+
+# The rule grammar (docs/segments.md): a rule is an expression over one profile's columns, so it
+# costs a bounded amount of work per row and reads nothing else. Parse-tree node classes allowed:
+_RULE_NODES = frozenset(
+    {"COLUMN_REF", "CONSTANT", "COMPARISON", "CONJUNCTION", "BETWEEN", "CASE", "CAST", "TYPE", "OPERATOR", "FUNCTION"}
+)
+# OPERATOR nodes allowed: NOT, IS [NOT] NULL, [NOT] IN (list), coalesce(...).
+_RULE_OPERATORS = frozenset(
+    {"OPERATOR_NOT", "OPERATOR_IS_NULL", "OPERATOR_IS_NOT_NULL", "COMPARE_IN", "COMPARE_NOT_IN", "OPERATOR_COALESCE"}
+)
+# Arithmetic, string concatenation and [NOT] [I]LIKE, as the parser names them.
+_RULE_OPERATOR_FUNCTIONS = frozenset({"+", "-", "*", "/", "//", "%", "^", "**", "||", "~~", "!~~", "~~*", "!~~*"})
+# Hashes: the only functions ``user_id`` may appear in (an A/B split such as md5_number(user_id) % 100 < 50).
+HASH_FUNCTIONS: tuple[str, ...] = ("md5_number", "md5")
+# Scalar functions a rule may call (besides the operators above); each is cheap, per row and reads nothing.
+RULE_FUNCTIONS: tuple[str, ...] = (
+    *HASH_FUNCTIONS,
+    "abs",
+    "round",
+    "floor",
+    "ceil",
+    "ceiling",
+    "trunc",
+    "sign",
+    "sqrt",
+    "ln",
+    "log",
+    "log10",
+    "log2",
+    "power",
+    "pow",
+    "least",
+    "greatest",
+    "nullif",
+    "if",
+    "lower",
+    "upper",
+    "length",
+    "starts_with",
+    "ends_with",
+    "contains",
+    "list_contains",
+    "len",
+    "epoch",
+    "date_part",
+    "date_diff",
+    "hour",
+    "dayofweek",
+    "isodow",
+    "to_minutes",
+    "to_hours",
+    "to_days",
+    "to_weeks",
+)
+_NODE_NAMES = {
+    "SUBQUERY": "a subquery",
+    "WINDOW": "a window function",
+    "STAR": "a * or COLUMNS(...)",
+    "LAMBDA": "a lambda",
+    "PARAMETER": "a parameter",
+    "COLLATE": "COLLATE",
+}
 
 
 class SegmentConfigError(ValueError):
@@ -362,6 +424,12 @@ def _check_expression(
         raise SegmentConfigError(
             f"{where}: {field} uses {', '.join(volatile)}: reruns must reproduce, use snapshot_end instead"
         )
+    problem = _grammar_problem(node["select_list"][0])
+    if problem:
+        raise SegmentConfigError(
+            f"{where}: {field} uses {problem}; a rule is an expression over the profile's columns: column names, "
+            "literals, operators, CASE, CAST and the functions listed in docs/segments.md"
+        )
     try:
         described = con.execute(f"DESCRIBE SELECT ({expr}) AS v FROM {RULE_VIEW}").fetchall()
     except duckdb.Error as exc:
@@ -376,6 +444,45 @@ def _check_expression(
         if column in known and column not in referenced:
             referenced.append(column)
     return expr, tuple(referenced)
+
+
+def _grammar_problem(node: Any, hashed: bool = False) -> str | None:
+    """What in a parsed rule expression is outside the rule grammar (None when nothing is).
+
+    Only the node classes of :data:`_RULE_NODES` are allowed, functions only from
+    :data:`RULE_FUNCTIONS` and the operators, and ``user_id`` only as an argument of a
+    hash (:data:`HASH_FUNCTIONS`), alone or concatenated (``||``), so that no rule can
+    compare, print or fail on a raw id (a CAST inside the hash could fail naming it).
+    ``hashed`` says whether ``node`` is such an argument.
+    """
+    if isinstance(node, list):
+        return next((p for p in (_grammar_problem(item, hashed) for item in node) if p), None)
+    if not isinstance(node, dict):
+        return None
+    kind = node.get("class")
+    if kind is not None:
+        if kind not in _RULE_NODES:
+            name = node.get("function_name")
+            return _NODE_NAMES.get(str(kind), str(kind).lower()) + (f" ({name})" if name else "")
+        if kind == "OPERATOR" and node.get("type") not in _RULE_OPERATORS:
+            return f"the operator {str(node.get('type')).removeprefix('OPERATOR_').lower()}"
+        if kind == "COLUMN_REF" and (node.get("column_names") or [""])[-1] == USER_ID and not hashed:
+            return (
+                f"{USER_ID} outside {'() or '.join(HASH_FUNCTIONS)}(): a rule may split users by a hash of their id "
+                f"(md5_number({USER_ID}) % 100 < 50) but never use the raw id"
+            )
+        if kind == "FUNCTION":
+            name = str(node.get("function_name", "")).lower()
+            if name not in RULE_FUNCTIONS and name not in _RULE_OPERATOR_FUNCTIONS:
+                return f"the function {name}(), which is not allowed in rules"
+            if node.get("schema") or node.get("catalog") or node.get("filter") or node.get("distinct"):
+                return f"a qualified, filtered or DISTINCT call of {name}()"
+            if (node.get("order_bys") or {}).get("orders") or node.get("export_state"):
+                return f"an aggregate form of {name}()"
+        # What a hash hashes, and the parts of a concatenation inside it, may be user_id.
+        name = str(node.get("function_name", "")).lower()
+        hashed = kind == "FUNCTION" and (name in HASH_FUNCTIONS or (hashed and name == "||"))
+    return next((p for p in (_grammar_problem(value, hashed) for value in node.values()) if p), None)
 
 
 def _tree_values(node: Any, key: str) -> list[Any]:
@@ -395,9 +502,7 @@ def _tree_values(node: Any, key: str) -> list[Any]:
 
 def _rule_connection() -> duckdb.DuckDBPyConnection:
     """A DuckDB connection that cannot touch files: rule expressions run here."""
-    import duckdb
-
-    con = duckdb.connect(config={"enable_external_access": False})
+    con = db.connect(enable_external_access=False)
     con.execute("SET TimeZone = 'UTC'")
     return con
 
@@ -520,19 +625,73 @@ def _literal_sql(kind: str, text: str) -> str:
     return _literal(text) if kind == "STRING" else text
 
 
-def _conditions(con: duckdb.DuckDBPyConnection, expr: str) -> tuple[list[Condition], list[str]]:
-    """The comparisons at the top of ``expr``'s AND/OR tree, and the columns of every other leaf.
+@dataclass(frozen=True)
+class IdCondition:
+    """A leaf of a rule's AND/OR tree that reads ``user_id`` (an A/B split): shown by its text, never by the id."""
+
+    sql: str  # the leaf as written, evaluated per user
+    text: str  # the leaf as shown in reasons, string literals masked
+
+
+_MASK = "'\u2026'"
+
+
+def _leaf_text(expr: str, node: dict[str, Any], offset: int) -> IdCondition:
+    """The source text of a parsed leaf of ``expr`` (from the parser's locations) and its masked form."""
+    spans = [
+        (int(n["query_location"]), int(n["query_location"]) + int(n.get("query_location_length") or 0))
+        for n in _tree_nodes(node)
+        if isinstance(n.get("query_location"), int) and n.get("query_location_length") is not None
+    ]
+    start, end = min(a for a, _ in spans), max(b for _, b in spans)
+    strings = sorted(
+        (int(n["query_location"]), int(n["query_location"]) + int(n["query_location_length"]))
+        for n in _tree_nodes(node)
+        if n.get("class") == "CONSTANT" and (n.get("literal") or {}).get("kind") == "STRING"
+    )
+    text, cursor = [], start
+    for a, b in strings:
+        text += [expr[cursor - offset : a - offset], _MASK]
+        cursor = b
+    text.append(expr[cursor - offset : end - offset])
+    return IdCondition(expr[start - offset : end - offset], "".join(text))
+
+
+def _tree_nodes(node: Any) -> list[dict[str, Any]]:
+    """Every expression node (a dict with a ``class``) of a serialized parse tree."""
+    return [n for n in _all_dicts(node) if "class" in n]
+
+
+def _all_dicts(node: Any) -> list[dict[str, Any]]:
+    """Every dict of a serialized parse tree, ``node`` included."""
+    found: list[dict[str, Any]] = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            found.append(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
+def _conditions(con: duckdb.DuckDBPyConnection, expr: str) -> tuple[list[Condition], list[str], list[IdCondition]]:
+    """The comparisons at the top of ``expr``'s AND/OR tree, the columns of every other leaf, the leaves on user_id.
 
     Only leaves reached through AND/OR are taken: a comparison under NOT or inside a
     function says nothing about the user on its own. Those leaves' columns are reported
-    as plain values instead.
+    as plain values instead, except leaves that read ``user_id``: they are reported by
+    their text (string literals masked), so a reason never holds a raw id.
     """
-    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", ["SELECT " + expr]).fetchall()[0][0])
+    prefix = "SELECT "
+    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [prefix + expr]).fetchall()[0][0])
     if tree.get("error"):
-        return [], []
+        return [], [], []
     root = tree["statements"][0]["node"]["select_list"][0]
     conditions: list[Condition] = []
     others: list[str] = []
+    hidden: list[IdCondition] = []
 
     def column_of(node: Any) -> str | None:
         if isinstance(node, dict) and node.get("class") == "COLUMN_REF" and node.get("column_names"):
@@ -550,6 +709,9 @@ def _conditions(con: duckdb.DuckDBPyConnection, expr: str) -> tuple[list[Conditi
         if node.get("class") == "CONJUNCTION":
             for child in node.get("children", []):
                 visit(child)
+            return
+        if any(str(names[-1]) == USER_ID for names in _tree_values(node, "column_names") if names):
+            hidden.append(_leaf_text(expr, node, len(prefix)))
             return
         if node.get("class") == "COMPARISON" and kind in _COMPARISONS:
             left, right = node.get("left"), node.get("right")
@@ -578,7 +740,7 @@ def _conditions(con: duckdb.DuckDBPyConnection, expr: str) -> tuple[list[Conditi
                 others.append(column)
 
     visit(root)
-    return conditions, others
+    return conditions, others, hidden
 
 
 def _value_sql(column: str, types: Mapping[str, str]) -> str:
@@ -611,15 +773,17 @@ def _reason_sql(
     """SQL for the readable reason of a membership: ``label: propensity 0.83 \u2265 0.6; orders 3 \u2265 2``.
 
     Every comparison of the expression that holds for the user is shown with the user's
-    value; columns the comparisons do not cover are shown as ``column=value``.
+    value; columns the comparisons do not cover are shown as ``column=value``. Conditions
+    on ``user_id`` that hold are shown by their text, never with the id.
     """
-    conditions, others = _conditions(con, expr) if expr else ([], [])
+    conditions, others, hidden = _conditions(con, expr) if expr else ([], [], [])
     parts = [
         f"CASE WHEN coalesce({c.sql()}, false) THEN {_condition_text_sql(c, types)} END"
         for c in conditions
-        if c.column in types
+        if c.column in types and c.column != USER_ID
     ]
-    covered = {c.column for c in conditions}
+    parts += [f"CASE WHEN coalesce(({h.sql}), false) THEN {_literal(h.text)} END" for h in hidden]
+    covered = {c.column for c in conditions} | {USER_ID}
     plain = [c for c in (*others, *columns) if c in types and c not in covered]
     for column in dict.fromkeys(plain):
         parts.append(f"{_literal(column + '=')} || coalesce({_value_sql(column, types)}, 'NULL')")
@@ -791,9 +955,8 @@ def _join_scores(profiles: pa.Table, scores: pa.Table | None) -> pa.Table:
         for field in SCORE_SCHEMA:
             base = base.append_column(field, pa.nulls(base.num_rows, field.type))
         return base
-    import duckdb
 
-    con = duckdb.connect()
+    con = db.connect()
     try:
         con.register("base_input", base)
         con.register(
@@ -834,9 +997,7 @@ def _read_recent_contacts(lake: lk.Lake, hour: datetime, window_hours: int) -> p
 
 def _contacts_of(assigned: pa.Table, hour: datetime) -> pa.Table:
     """This hour's contact rows: every delivered action and every control hold-out."""
-    import duckdb
-
-    con = duckdb.connect()
+    con = db.connect()
     try:
         con.register("assigned_input", assigned)
         table = con.sql(
@@ -965,13 +1126,11 @@ def pseudonymize_array(user_ids: pa.Array | pa.ChunkedArray, key: ExportKey) -> 
     padded to the 64-byte block (hashed first when longer), per RFC 2104. A Python loop
     took 2.6 s for the exports of 1M profiles.
     """
-    import duckdb
-
     block = key.secret if len(key.secret) <= 64 else hashlib.sha256(key.secret).digest()
     block = block.ljust(64, b"\x00")
     inner = bytes(b ^ 0x36 for b in block)
     outer = bytes(b ^ 0x5C for b in block)
-    con = duckdb.connect()
+    con = db.connect()
     try:
         con.register("ids", pa.table({"uid": user_ids}))
         result = con.sql(
@@ -988,9 +1147,7 @@ def pseudonymize_array(user_ids: pa.Array | pa.ChunkedArray, key: ExportKey) -> 
 
 def _export_tables(assigned: pa.Table, actions: Sequence[str]) -> dict[str, pa.Table]:
     """The rows each exported action's file holds (raw ids still; pseudonymised when written)."""
-    import duckdb
-
-    con = duckdb.connect()
+    con = db.connect()
     tables: dict[str, pa.Table] = {}
     try:
         con.register("assigned_input", assigned)

@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import pyarrow as pa
 import yaml
 
+from profile_engine import db
 from profile_engine import lake as lk
 from profile_engine.config import CONFIG_DIR, Settings
 from profile_engine.hours import format_hour
@@ -799,8 +800,6 @@ def land_for_replay(settings: Settings, file: Path, mapping: Mapping) -> ReplayP
     as too_late / future_ts / bad_ts, and counted). The same file replayed again
     lands the same files under the same names.
     """
-    import duckdb
-
     lake = Lake(settings.lake)
     if mapping.origin is not None and mapping.origin.parent != SOURCES_DIR:
         target = lake.path(LAKE_SOURCES_DIR, f"{mapping.name}.yaml")
@@ -808,7 +807,7 @@ def land_for_replay(settings: Settings, file: Path, mapping: Mapping) -> ReplayP
         shutil.copyfile(mapping.origin, target)
     digest = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", file.name.split(".")[0])
-    con = duckdb.connect()
+    con = db.connect(settings)
     try:
         con.execute("SET TimeZone = 'UTC'")
         select = source_select(con, mapping, file, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from profile_engine import report
+from profile_engine.config import task_timeout
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 DAG_FILES = sorted(p for p in DAGS.glob("*.py") if not p.name.startswith("_"))
@@ -38,6 +40,28 @@ def test_dags_have_tags_docs_retries_and_explicit_catchup(dagbag) -> None:  # ty
                 line = next(i for i, text in enumerate(source.splitlines()) if f"def {task.task_id}(" in text)
                 decorator = source.splitlines()[line - 1]
                 assert "#" in decorator, f"{dag_id}.{task.task_id} has retries={task.retries} without a reason"
+
+
+def test_every_task_has_the_configured_execution_timeout(dagbag) -> None:  # type: ignore[no-untyped-def]
+    """A hung task (a runaway query, a stuck mount) fails after PROFILE_ENGINE_TASK_TIMEOUT_MINUTES."""
+    expected = task_timeout()
+    tasks = [(dag_id, task) for dag_id, dag in dagbag.dags.items() for task in dag.tasks]
+
+    assert len(tasks) >= 15
+    assert {f"{d}.{t.task_id}": t.execution_timeout for d, t in tasks} == {
+        f"{d}.{t.task_id}": expected for d, t in tasks
+    }
+
+
+def test_the_timeout_follows_the_environment() -> None:
+    source = "import runpy, sys; dag = runpy.run_path(sys.argv[1])['freshness_check']()\n"
+    source += "print(dag.default_args['execution_timeout'].total_seconds())"
+    env = {**os.environ, "PROFILE_ENGINE_TASK_TIMEOUT_MINUTES": "7"}
+    result = subprocess.run(
+        [sys.executable, "-c", source, str(DAGS / "freshness_check.py")], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "420.0"
 
 
 def test_profile_refresh_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
