@@ -67,6 +67,8 @@ def _land_every_kind(lake: Lake) -> dict[str, str]:
         _text(here / "notes.txt", [",".join(COLUMNS), ",".join(_row("txt1"))], H): ingest.UNSUPPORTED_FORMAT,
         _parquet(here / "backup" / "stray.parquet", "stray1", H): ingest.UNKNOWN_FOLDER,
         _parquet(lake.partition(lk.LANDING, old) / "old.parquet", "old1", old): ingest.ARRIVED_TOO_LATE,
+        _parquet(lake.path(lk.LANDING, "dt=2026-11-04", "hour=xx", "a.parquet"), "bad1", H): ingest.UNKNOWN_FOLDER,
+        _text(lake.path(lk.LANDING, "misc", "README.md"), ["hello"], H): ingest.UNKNOWN_FOLDER,
     }
     return {str(p.relative_to(lake.root)): reason for p, reason in files.items()}
 
@@ -114,6 +116,7 @@ def test_every_landing_file_is_read_or_named_with_its_reason(
     assert {s["path"]: s["reason"] for s in extracted["skipped"]} == named
     assert {s["path"]: s["reason"] for s in document["headline"]["skipped_files"]} == named
     for path, reason in named.items():
+        assert reason is not None
         assert path in page and reason in page
         assert any(path in r.getMessage() and reason in r.getMessage() for r in caplog.records), path
         assert all(r.levelno == logging.WARNING for r in caplog.records if path in r.getMessage())

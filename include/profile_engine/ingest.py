@@ -246,14 +246,24 @@ def _list_landing(lake: Lake, hour: datetime, lookback_hours: int) -> Listing:
             listing.outside += [(f, None, UNKNOWN_FOLDER) for f in _files_under(top)]
         for day in days:
             for folder in sorted(day.iterdir()):
-                arrival = _arrival_hour(folder) if folder.is_dir() else None
-                if arrival is None:
+                folder_hour = _folder_hour(folder)
+                if folder_hour is None:
                     listing.outside += [(f, None, UNKNOWN_FOLDER) for f in _files_under(folder)]
-                elif arrival > hour:
+                elif folder_hour > hour:
                     continue  # not arrived yet
                 else:
-                    _list_arrival(folder, arrival, in_window=arrival >= first, listing=listing)
+                    _list_arrival(folder, folder_hour, in_window=folder_hour >= first, listing=listing)
     return listing
+
+
+def _folder_hour(folder: Path) -> datetime | None:
+    """The arrival hour of a ``dt=YYYY-MM-DD/hour=HH`` folder; None for anything else."""
+    if not folder.is_dir() or not folder.name.startswith("hour="):
+        return None
+    try:
+        return _arrival_hour(folder)
+    except ValueError:
+        return None
 
 
 def _list_arrival(folder: Path, arrival: datetime, *, in_window: bool, listing: Listing) -> None:
@@ -311,9 +321,9 @@ def _named_before(lake: Lake, hour: datetime) -> set[str]:
         return named
     named = set()
     for ledger in lake.path(lk.LEDGER).glob(f"dt=*/hour=*/{LEDGER_FILE}"):
-        previous = _arrival_hour(ledger.parent)
-        if previous is not None and previous < hour:
-            named |= _ledger_paths(lake, previous)
+        written = _arrival_hour(ledger.parent)
+        if written is not None and written < hour:
+            named |= _ledger_paths(lake, written)
     return named
 
 
@@ -369,9 +379,9 @@ def extract_events(settings: Settings, hour: datetime, *, run_id: str = "manual"
             if path.stat().st_size != entry.size or sha256_file(path) != entry.sha256:
                 raise LedgerError(f"{path}: changed since hour {format_hour(hour)} ingested it")
         _write_watermarks(lake, hour, existing)  # in case a crash came between ledger and marks
-        skipped = read_skipped(lake, hour)
-        _warn_skipped(hour, skipped)
-        return _extract_summary(hour, existing, rerun=True, changed=[], skipped=skipped)
+        named_then = read_skipped(lake, hour)
+        _warn_skipped(hour, named_then)
+        return _extract_summary(hour, existing, rerun=True, changed=[], skipped=named_then)
 
     lookback = settings.lateness_hours + LISTING_MARGIN_HOURS
     taken: dict[str, LedgerEntry] = {}
