@@ -25,6 +25,10 @@ BETWEEN_BUILD_BUCKETS = "between_build_buckets"
 BETWEEN_SCORE_BUCKETS = "between_score_buckets"
 MODEL_BEFORE_PROMOTION = "model_before_promotion"
 EXPORTS_BEFORE_ASSET = "exports_before_asset"
+COMMIT_JOURNALED = "commit_journaled"
+COMMIT_MOVED_ASIDE = "commit_moved_aside"
+COMMIT_RENAMED = "commit_renamed"
+COMMIT_OLD_DELETED = "commit_old_deleted"
 
 POINTS: dict[str, str] = {
     TMP_BEFORE_RENAME: "lake.replace_dir: a partition is written whole under _tmp/, before its rename into place",
@@ -34,6 +38,10 @@ POINTS: dict[str, str] = {
     BETWEEN_SCORE_BUCKETS: "model.score_profiles: a bucket's scores are committed, before the next",
     MODEL_BEFORE_PROMOTION: "registry.promote: the model version is saved, before the promotion log moves",
     EXPORTS_BEFORE_ASSET: "segments.publish_segments: exports are committed, before the Asset event",
+    COMMIT_JOURNALED: "lake.replace_dir: the commit journal is written, before the old partition is moved aside",
+    COMMIT_MOVED_ASIDE: "lake.replace_dir: the old partition is moved aside, before the new one is renamed in",
+    COMMIT_RENAMED: "lake.replace_dir: the new partition is in place, before the old copy is deleted",
+    COMMIT_OLD_DELETED: "lake.replace_dir: the old copy is deleted, before the commit journal is removed",
 }
 
 _hits: dict[str, int] = {}

@@ -11,11 +11,15 @@ so that ``rows read = staged + quarantined + erased`` for every hour and source.
 Landing layout: ``landing/events/dt=/hour=/<file>`` holds canonical files;
 ``landing/events/dt=/hour=/source=<name>/<file>`` files of a mapped source. Files
 directly under ``landing/events`` are canonical and placed by modification time.
+Every other file under ``landing/events`` is named once in the ledger's ``skipped``
+list with its reason (``UNSUPPORTED_FORMAT``, ``UNKNOWN_FOLDER``, ``ARRIVED_TOO_LATE``)
+and a warning in the task log, so no file is passed over silently.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,12 +35,25 @@ from profile_engine.hours import HOUR, format_hour, hour_range, parse_hour
 from profile_engine.lake import Lake, read_json, sha256_file, write_json
 from profile_engine.schema import BUCKET, EVENT_COLUMNS, EVENT_TYPES, QUARANTINE_SCHEMA, STAGED_SCHEMA, bucket_sql
 
+log = logging.getLogger(__name__)
+
 LEDGER_FILE = "ledger.json"
+# Every landing path any ledger has named (taken or skipped), kept up to date by the
+# first run of each hour, so files outside the listing window are named once.
+LANDING_INDEX = "landing_index.json"
 # High-water marks of table sources: the newest ledger range per source, so the next
 # hour starts where the last one stopped without reading the whole ledger history.
 WATERMARKS = "watermarks"
 SQL_PREFIX = "sql://"
-LANDING_SUFFIXES = (".parquet", ".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".json", ".json.gz")
+# Why a landing file is not read (the ledger's ``skipped`` entries and the run report).
+UNSUPPORTED_FORMAT = "unsupported_format"
+UNKNOWN_FOLDER = "unknown_folder"
+ARRIVED_TOO_LATE = "arrived_too_late"
+SKIP_REASONS: dict[str, str] = {
+    UNSUPPORTED_FORMAT: "its ending is no format its source reads (see docs/sources.md)",
+    UNKNOWN_FOLDER: "it is not in an arrival folder dt=YYYY-MM-DD/hour=HH, directly or in a source=<name> folder",
+    ARRIVED_TOO_LATE: "its arrival folder is older than the listing window (lateness + listing margin)",
+}
 # Arrival partitions older than the lateness window plus this margin are not listed.
 LISTING_MARGIN_HOURS = 24
 # Longer ids are not ids (a broken producer, an injection attempt): quarantined.
@@ -98,6 +115,8 @@ class LedgerEntry:
     # ``lower < cursor <= upper`` (JSON values; ``sha256`` is over the rows' text).
     lower: Any = None
     upper: Any = None
+    # Set for a file the hour names but does not read (one of ``SKIP_REASONS``).
+    reason: str | None = None
 
     def is_sql(self) -> bool:
         """Whether the entry is a range of a table source rather than a landing file."""
@@ -113,7 +132,20 @@ class LedgerEntry:
             "arrival_hour": self.arrival_hour,
             "source": self.source,
         }
+        if self.reason is not None:
+            entry["reason"] = self.reason
         return {**entry, "lower": self.lower, "upper": self.upper} if self.is_sql() else entry
+
+    def skipped_dict(self) -> dict[str, Any]:
+        """How the extract summary and the run report name a skipped file."""
+        return {
+            "path": self.path,
+            "reason": self.reason,
+            "why": SKIP_REASONS.get(self.reason or "", ""),
+            "source": self.source,
+            "arrival_hour": self.arrival_hour,
+            "size": self.size,
+        }
 
 
 def ledger_path(lake: Lake, hour: datetime) -> Path:
@@ -127,6 +159,14 @@ def read_ledger(lake: Lake, hour: datetime) -> list[LedgerEntry] | None:
     if not path.is_file():
         return None
     return [LedgerEntry(**entry) for entry in read_json(path)["files"]]
+
+
+def read_skipped(lake: Lake, hour: datetime) -> list[LedgerEntry]:
+    """The landing files hour ``hour`` named but did not read, with their reasons ([] for older ledgers)."""
+    path = ledger_path(lake, hour)
+    if not path.is_file():
+        return []
+    return [LedgerEntry(**entry) for entry in read_json(path).get("skipped", [])]
 
 
 def _path_keys(path: Path) -> dict[str, str]:
@@ -148,43 +188,175 @@ def _source_of(path: Path) -> str:
 
 def _file_rows(path: Path, mapping: sources.Mapping) -> int:
     """Row count of a landing file (Parquet from metadata; text files counted by non-blank lines)."""
-    if path.name.endswith(".parquet"):
+    fmt = sources.file_format(mapping, path)
+    if fmt == "parquet":
         try:
             return int(pq.ParquetFile(path).metadata.num_rows)
         except (OSError, pa.ArrowException):
             return 0  # unreadable: validate_events fails the hour naming the file
     import gzip
 
-    opener = gzip.open if path.name.endswith(".gz") else open
+    opener = gzip.open if sources.is_gzip(path) else open
     try:
         with opener(path, "rb") as handle:
             lines = sum(1 for line in handle if line.strip())
     except (OSError, EOFError):
         return 0
-    header = ".csv" in path.name and mapping.header
+    header = fmt == "csv" and mapping.header
     return max(lines - 1, 0) if header else lines
 
 
-def _list_landing(lake: Lake, hour: datetime, lookback_hours: int) -> list[tuple[Path, datetime]]:
-    """Landing files that arrived by the end of ``hour``, in recent arrival partitions only."""
-    found: list[tuple[Path, datetime]] = []
-    for arrival in hour_range(hour - timedelta(hours=lookback_hours), hour):
-        directory = lake.partition(lk.LANDING, arrival)
-        if directory.is_dir():
-            for p in sorted(directory.iterdir()):
-                if p.is_dir() and p.name.startswith(f"{sources.SOURCE_KEY}="):
-                    found += [(f, arrival) for f in sorted(p.iterdir()) if f.name.endswith(LANDING_SUFFIXES)]
-                elif p.name.endswith(LANDING_SUFFIXES):
-                    found.append((p, arrival))
-    # Files dropped directly under landing/events: their modification time decides.
+@dataclass
+class Listing:
+    """What the landing listing of an hour found."""
+
+    # Files of arrival partitions in the window (and root files by modification time).
+    window: list[tuple[Path, datetime]] = field(default_factory=list)
+    # Files that will never be read: (path, arrival hour if the path has one, reason).
+    outside: list[tuple[Path, datetime | None, str]] = field(default_factory=list)
+
+
+def _list_landing(lake: Lake, hour: datetime, lookback_hours: int) -> Listing:
+    """Every file under ``landing/events`` as of the end of ``hour``.
+
+    Files of the arrival partitions of the last ``lookback_hours`` (directly or in a
+    ``source=<name>`` folder) and files directly under ``landing/events`` whose
+    modification time lies in that window are candidates (``window``). Everything
+    else that has arrived is ``outside``: in another sub-folder (``UNKNOWN_FOLDER``)
+    or in an arrival partition, or with a modification time, before the window
+    (``ARRIVED_TOO_LATE``). Files of later arrival partitions, or modified after the
+    hour, have not arrived yet and wait.
+    """
+    listing = Listing()
     root = lake.path(lk.LANDING)
-    if root.is_dir():
-        end = (hour + HOUR).timestamp()
-        start = (hour - timedelta(hours=lookback_hours)).timestamp()
-        for p in sorted(root.iterdir()):
-            if p.is_file() and p.name.endswith(LANDING_SUFFIXES) and start <= p.stat().st_mtime < end:
-                found.append((p, datetime.fromtimestamp(p.stat().st_mtime, hour.tzinfo).replace(minute=0, second=0)))
-    return found
+    if not root.is_dir():
+        return listing
+    first = hour - timedelta(hours=lookback_hours)
+    for top in sorted(root.iterdir()):
+        if top.is_file():
+            mtime = top.stat().st_mtime
+            if first.timestamp() <= mtime < (hour + HOUR).timestamp():
+                arrival = datetime.fromtimestamp(mtime, hour.tzinfo).replace(minute=0, second=0, microsecond=0)
+                listing.window.append((top, arrival))
+            elif mtime < first.timestamp():
+                listing.outside.append((top, None, ARRIVED_TOO_LATE))
+            continue
+        days = [top] if top.name.startswith("dt=") else []
+        if not days:
+            listing.outside += [(f, None, UNKNOWN_FOLDER) for f in _files_under(top)]
+        for day in days:
+            for folder in sorted(day.iterdir()):
+                folder_hour = _folder_hour(folder)
+                if folder_hour is None:
+                    listing.outside += [(f, None, UNKNOWN_FOLDER) for f in _files_under(folder)]
+                elif folder_hour > hour:
+                    continue  # not arrived yet
+                else:
+                    _list_arrival(folder, folder_hour, in_window=folder_hour >= first, listing=listing)
+    return listing
+
+
+def _folder_hour(folder: Path) -> datetime | None:
+    """The arrival hour of a ``dt=YYYY-MM-DD/hour=HH`` folder; None for anything else."""
+    if not folder.is_dir() or not folder.name.startswith("hour="):
+        return None
+    try:
+        return _arrival_hour(folder)
+    except ValueError:
+        return None
+
+
+def _list_arrival(folder: Path, arrival: datetime, *, in_window: bool, listing: Listing) -> None:
+    """Sort the files of one arrival partition into ``listing``."""
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and p.name.startswith(f"{sources.SOURCE_KEY}="):
+            for f in sorted(p.iterdir()):
+                if f.is_dir():
+                    listing.outside += [(g, arrival, UNKNOWN_FOLDER) for g in _files_under(f)]
+                elif in_window:
+                    listing.window.append((f, arrival))
+                else:
+                    listing.outside.append((f, arrival, ARRIVED_TOO_LATE))
+        elif p.is_dir():
+            listing.outside += [(f, arrival, UNKNOWN_FOLDER) for f in _files_under(p)]
+        elif in_window:
+            listing.window.append((p, arrival))
+        else:
+            listing.outside.append((p, arrival, ARRIVED_TOO_LATE))
+
+
+def _files_under(path: Path) -> list[Path]:
+    """``path`` itself when it is a file, else every file below it, sorted."""
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def _index_path(lake: Lake) -> Path:
+    return lake.path(lk.LEDGER, LANDING_INDEX)
+
+
+def _ledger_paths(lake: Lake, hour: datetime) -> set[str]:
+    """Landing paths hour ``hour``'s ledger named, taken or skipped."""
+    path = ledger_path(lake, hour)
+    if not path.is_file():
+        return set()
+    document = read_json(path)
+    return {e["path"] for e in document["files"] + document.get("skipped", []) if not e["path"].startswith(SQL_PREFIX)}
+
+
+def _named_before(lake: Lake, hour: datetime) -> set[str]:
+    """Every landing path a ledger of an hour before ``hour`` named (``LANDING_INDEX``, brought up to date).
+
+    The index holds the paths through its ``hour``; ledgers written after it (a crash
+    between a ledger and the index, or a lake from before the index) are merged in.
+    """
+    index = _index_path(lake)
+    document = read_json(index) if index.is_file() else None
+    if document is not None:
+        named = set(document["paths"])
+        through = parse_hour(document["hour"])
+        for previous in hour_range(through + HOUR, hour - HOUR):
+            named |= _ledger_paths(lake, previous)
+        return named
+    named = set()
+    for ledger in lake.path(lk.LEDGER).glob(f"dt=*/hour=*/{LEDGER_FILE}"):
+        written = _arrival_hour(ledger.parent)
+        if written is not None and written < hour:
+            named |= _ledger_paths(lake, written)
+    return named
+
+
+def _write_index(lake: Lake, hour: datetime, named: set[str]) -> None:
+    """Record the paths named through ``hour``, keeping only files still in landing (retention deletes)."""
+    write_json(
+        _index_path(lake),
+        {"hour": format_hour(hour), "paths": sorted(p for p in named if lake.path(p).is_file())},
+    )
+
+
+def _skipped_entry(lake: Lake, path: Path, arrival: datetime, reason: str) -> LedgerEntry:
+    source = _source_of(path) if reason != UNKNOWN_FOLDER else sources.CANONICAL
+    return LedgerEntry(
+        str(path.relative_to(lake.root)),
+        path.stat().st_size,
+        sha256_file(path),
+        0,
+        format_hour(arrival),
+        source,
+        reason=reason,
+    )
+
+
+def _warn_skipped(hour: datetime, skipped: list[LedgerEntry]) -> None:
+    for entry in skipped:
+        log.warning(
+            "hour %s: landing file %s is not read: %s (%s)",
+            format_hour(hour),
+            entry.path,
+            entry.reason,
+            SKIP_REASONS.get(entry.reason or "", ""),
+        )
 
 
 def extract_events(settings: Settings, hour: datetime, *, run_id: str = "manual") -> dict[str, Any]:
@@ -207,27 +379,39 @@ def extract_events(settings: Settings, hour: datetime, *, run_id: str = "manual"
             if path.stat().st_size != entry.size or sha256_file(path) != entry.sha256:
                 raise LedgerError(f"{path}: changed since hour {format_hour(hour)} ingested it")
         _write_watermarks(lake, hour, existing)  # in case a crash came between ledger and marks
-        return _extract_summary(hour, existing, rerun=True, changed=[])
+        named_then = read_skipped(lake, hour)
+        _warn_skipped(hour, named_then)
+        return _extract_summary(hour, existing, rerun=True, changed=[], skipped=named_then)
 
     lookback = settings.lateness_hours + LISTING_MARGIN_HOURS
     taken: dict[str, LedgerEntry] = {}
     for previous in hour_range(hour - timedelta(hours=lookback + 1), hour - HOUR):
-        for entry in read_ledger(lake, previous) or []:
+        for entry in (read_ledger(lake, previous) or []) + read_skipped(lake, previous):
             taken[entry.path] = entry
+    named = _named_before(lake, hour)
+    listing = _list_landing(lake, hour, lookback)
     entries: list[LedgerEntry] = []
+    skipped: list[LedgerEntry] = []
     changed: list[str] = []
     mappings: dict[str, sources.Mapping] = {}
-    for path, arrival in _list_landing(lake, hour, lookback):
+    for path, arrival in listing.window:
         relative = str(path.relative_to(lake.root))
         size = path.stat().st_size
         if relative in taken:
             old = taken[relative]
-            if size != old.size or sha256_file(path) != old.sha256:
+            if old.reason is None and (size != old.size or sha256_file(path) != old.sha256):
                 changed.append(relative)
+            continue
+        if relative in named:
             continue
         source = _source_of(path)
         if source not in mappings:
             mappings[source] = sources.load_mapping(source, lake.root)
+        try:
+            sources.file_format(mappings[source], path)
+        except sources.SourceError:
+            skipped.append(_skipped_entry(lake, path, _arrival_hour(path) or arrival, UNSUPPORTED_FORMAT))
+            continue
         entries.append(
             LedgerEntry(
                 relative,
@@ -238,14 +422,26 @@ def extract_events(settings: Settings, hour: datetime, *, run_id: str = "manual"
                 source,
             )
         )
+    for path, folder_arrival, reason in listing.outside:
+        relative = str(path.relative_to(lake.root))
+        if relative not in named and relative not in taken:
+            skipped.append(_skipped_entry(lake, path, folder_arrival or hour, reason))
     entries += _extract_tables(settings, lake, hour)
     faults.maybe_fail(faults.LEDGER_UPDATE)
     write_json(
         ledger_path(lake, hour),
-        {"hour": format_hour(hour), "run_id": run_id, "files": [e.as_dict() for e in entries], "changed": changed},
+        {
+            "hour": format_hour(hour),
+            "run_id": run_id,
+            "files": [e.as_dict() for e in entries],
+            "skipped": [e.as_dict() for e in skipped],
+            "changed": changed,
+        },
     )
     _write_watermarks(lake, hour, entries)
-    return _extract_summary(hour, entries, rerun=False, changed=changed)
+    _write_index(lake, hour, named | {e.path for e in entries + skipped if not e.is_sql()})
+    _warn_skipped(hour, skipped)
+    return _extract_summary(hour, entries, rerun=False, changed=changed, skipped=skipped)
 
 
 def watermark_path(lake: Lake, source: str) -> Path:
@@ -305,7 +501,9 @@ def _extract_tables(settings: Settings, lake: Lake, hour: datetime) -> list[Ledg
     return entries
 
 
-def _extract_summary(hour: datetime, entries: list[LedgerEntry], *, rerun: bool, changed: list[str]) -> dict[str, Any]:
+def _extract_summary(
+    hour: datetime, entries: list[LedgerEntry], *, rerun: bool, changed: list[str], skipped: list[LedgerEntry]
+) -> dict[str, Any]:
     late = sum(1 for e in entries if parse_hour(e.arrival_hour) < hour)
     return {
         "hour": format_hour(hour),
@@ -316,6 +514,7 @@ def _extract_summary(hour: datetime, entries: list[LedgerEntry], *, rerun: bool,
         "sources": sorted({e.source for e in entries}),
         "rerun": rerun,
         "changed_after_ingestion": changed,
+        "skipped": [e.skipped_dict() for e in skipped],
     }
 
 

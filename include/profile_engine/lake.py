@@ -51,6 +51,7 @@ META = "_meta"
 LEDGER = "_meta/ledger"
 PROMOTIONS = "_meta/promotions"
 LOCK = "_meta/lock"
+COMMITS = "_meta/commits"  # journals of partition replacements in progress (``replace_dir``)
 OPTOUT = "_meta/optout"  # users who withdrew marketing consent (CSV/Parquet with user_id); never exported
 TMP = "_tmp"
 TRUTH = "simulator/truth"
@@ -60,7 +61,7 @@ DATA_FILE = "part-0.parquet"
 # _tmp/ entries are named <uuid>.<pid>.<host> (``tmp_name``) so a cleanup can tell a crashed
 # writer's leftovers from live work; untagged or foreign ones go only after TMP_MAX_AGE_SECONDS.
 TMP_MAX_AGE_SECONDS = 6 * 3600
-_TMP_NAME = re.compile(r"^(?:old-)?[0-9a-f]{32}\.(\d+)\.(.+)$")
+_TMP_NAME = re.compile(r"^(?:old-|del-)?[0-9a-f]{32}\.(\d+)\.(.+)$")
 # Layers whose files hold raw user ids (or samples of them): readable by the service user only.
 PRIVATE_LAYERS = (
     STAGING,
@@ -204,17 +205,129 @@ class Lake:
 
 
 def replace_dir(new: Path, target: Path, lake: Lake) -> None:
-    """Move ``new`` to ``target``, replacing an existing directory there."""
+    """Move the complete directory ``new`` (under ``_tmp/``) to ``target``, replacing an existing one.
+
+    Replacing takes two renames (the committed partition aside, the new one in) and a
+    delete (the old copy). A journal in ``_meta/commits/`` names all three paths from
+    before the first rename until after the delete, so a process killed at any step
+    leaves enough for ``recover_commits`` (run when the lake lock is taken) to put the
+    new partition in place or the old one back: never neither. An error between the
+    renames puts the old partition back at once.
+    """
     faults.maybe_fail(faults.TMP_BEFORE_RENAME)
     target.parent.mkdir(parents=True, exist_ok=True)
     restrict_private(new, target, lake)
-    old = None
-    if target.exists():
-        old = lake.root / TMP / tmp_name("old-")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if not target.exists():
+        os.replace(new, target)  # nothing to lose: a crash leaves no partition or the new one
+        return
+    old = lake.root / TMP / tmp_name("old-")
+    journal = lake.root / COMMITS / f"{tmp_name()}.json"
+    write_json(journal, {"target": _relative(target, lake), "new": _relative(new, lake), "old": _relative(old, lake)})
+    faults.maybe_fail(faults.COMMIT_JOURNALED)
+    os.replace(target, old)
+    faults.maybe_fail(faults.COMMIT_MOVED_ASIDE)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if not target.exists():
+            os.replace(old, target)
+        journal.unlink(missing_ok=True)
+        raise
+    faults.maybe_fail(faults.COMMIT_RENAMED)
+    shutil.rmtree(old, ignore_errors=True)
+    faults.maybe_fail(faults.COMMIT_OLD_DELETED)
+    journal.unlink(missing_ok=True)
+
+
+def _relative(path: Path, lake: Lake) -> str:
+    """``path`` relative to the lake root (journals stay valid when a lake is copied or moved)."""
+    return path.relative_to(lake.root).as_posix()
+
+
+def _writer_gone(name: str, now: float, mtime: float, max_age_seconds: float) -> bool:
+    """Whether the process that named a ``_tmp/`` or journal entry is gone (or the entry is too old to be live)."""
+    tag = _TMP_NAME.match(name.split(".json", 1)[0])
+    dead = tag is not None and tag.group(2) == socket.gethostname() and not pid_alive(int(tag.group(1)))
+    return dead or now - mtime > max_age_seconds
+
+
+def recover_commits(lake: Lake, max_age_seconds: float = TMP_MAX_AGE_SECONDS) -> list[str]:
+    """Finish or roll back partition replacements whose writer died; returns what was done, one line each.
+
+    For each journal of a dead writer (``replace_dir``): when the target is there, it is
+    the truth (the old partition if the writer died before moving it aside, else the new
+    one) and the leftover copies go; when it is missing (killed between the renames), the
+    new partition is renamed in if it is complete (has its manifest), else the old one is
+    put back. Then ``old-`` copies without a journal (moved aside by an older version of
+    this code) are put back when their manifest names a partition that is not committed.
+    Called by whoever takes the lake lock, before ``clean_tmp_leftovers``.
+    """
+    done: list[str] = []
+    now = time.time()
+    folder = lake.root / COMMITS
+    for journal in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            mtime = journal.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        if not _writer_gone(journal.name.lstrip("."), now, mtime, max_age_seconds):
+            continue
+        if journal.name.startswith("."):  # a journal never written: nothing was moved
+            journal.unlink(missing_ok=True)
+            continue
+        entry = read_json(journal)
+        target, new, old = (lake.root / entry[k] for k in ("target", "new", "old"))
+        if target.exists():
+            action = f"{entry['target']}: kept (the commit had {'finished' if not new.exists() else 'not started'})"
+        elif new.is_dir() and (new / MANIFEST).is_file():
+            os.replace(new, target)
+            action = f"{entry['target']}: new partition renamed in (rolled forward)"
+        elif old.is_dir():
+            os.replace(old, target)
+            action = f"{entry['target']}: old partition put back (rolled back)"
+        else:
+            action = f"{entry['target']}: missing, and neither copy is left"
+        for leftover in (new, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        journal.unlink(missing_ok=True)
+        done.append(action)
+    done += _restore_unjournaled(lake, now, max_age_seconds)
+    return done
+
+
+def _restore_unjournaled(lake: Lake, now: float, max_age_seconds: float) -> list[str]:
+    """Put back ``old-`` copies of dead writers without a journal whose partition is not committed."""
+    done: list[str] = []
+    tmp = lake.root / TMP
+    for entry in sorted(tmp.glob("old-*")) if tmp.is_dir() else []:
+        try:
+            mtime = entry.lstat().st_mtime
+            manifest = read_json(entry / MANIFEST)
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            continue
+        if not _writer_gone(entry.name, now, mtime, max_age_seconds) or not isinstance(manifest, dict):
+            continue
+        target = _manifest_target(lake, manifest)
+        if target is None:
+            continue  # cannot tell where it belongs: kept for the operator (clean_tmp_leftovers keeps it too)
+        if (target / MANIFEST).is_file():
+            shutil.rmtree(entry, ignore_errors=True)  # the partition was replaced: the copy is superseded
+            done.append(f"{_relative(target, lake)}: superseded copy {entry.name} removed")
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(entry, target)
+            done.append(f"{_relative(target, lake)}: old partition put back from {entry.name}")
+    return done
+
+
+def _manifest_target(lake: Lake, manifest: dict[str, Any]) -> Path | None:
+    """The partition a ``write_partition`` manifest belongs to (layer, dt, hour, bucket), or None."""
+    layer, dt, hh = manifest.get("layer"), manifest.get("dt"), manifest.get("hour")
+    if not (isinstance(layer, str) and isinstance(dt, str) and isinstance(hh, str)) or ".." in layer:
+        return None
+    path = lake.root / layer / f"dt={dt}" / f"hour={hh}"
+    bucket = manifest.get("bucket")
+    return path / f"bucket={bucket}" if bucket is not None else path
 
 
 def restrict_private(new: Path, target: Path, lake: Lake) -> None:
@@ -260,24 +373,39 @@ def clean_tmp_leftovers(lake: Lake, max_age_seconds: float = TMP_MAX_AGE_SECONDS
 
     An entry goes when its name tags a process of this host that is no longer alive,
     or when it is older than ``max_age_seconds`` (untagged entries, other hosts).
-    Fresh work of a live writer (this process included) is never touched. Called by
+    Fresh work of a live writer (this process included) is never touched, nor is a
+    moved-aside committed partition (``old-*``) or an entry a commit journal names:
+    only ``recover_commits`` (run first) puts those back or removes them. Called by
     whoever takes the lake lock (``profile_engine.lock``) at the start of a run.
     """
     tmp = lake.root / TMP
     if not tmp.is_dir():
         return []
-    host, now, removed = socket.gethostname(), time.time(), []
+    now, removed = time.time(), []
     for entry in sorted(tmp.iterdir()):
-        tag = _TMP_NAME.match(entry.name)
+        if entry.name.startswith("old-") or entry.name in _journaled(lake):
+            continue  # a moved-aside committed partition, or part of a commit: only recover_commits decides
         try:
-            age = now - entry.lstat().st_mtime
+            mtime = entry.lstat().st_mtime
         except FileNotFoundError:
             continue
-        dead = tag is not None and tag.group(2) == host and not pid_alive(int(tag.group(1)))
-        if dead or age > max_age_seconds:
+        if _writer_gone(entry.name, now, mtime, max_age_seconds):
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
             removed.append(entry.name)
     return removed
+
+
+def _journaled(lake: Lake) -> set[str]:
+    """Names of ``_tmp/`` entries that a commit journal refers to."""
+    folder = lake.root / COMMITS
+    names: set[str] = set()
+    for journal in folder.glob("*.json") if folder.is_dir() else []:
+        try:
+            entry = read_json(journal)
+        except (FileNotFoundError, ValueError):
+            continue
+        names |= {Path(entry[k]).name for k in ("new", "old") if entry.get(k)}
+    return names
 
 
 def pid_alive(pid: int) -> bool:

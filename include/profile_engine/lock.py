@@ -21,8 +21,10 @@ Two scopes:
   (trigger rule ``all_done``) releases it. A run-scoped lock of a crashed run is only
   taken over after expiry, since its task processes exit normally between tasks.
 
-Whoever takes the lock first (not a join) then removes stale ``_tmp/`` leftovers
-(:func:`profile_engine.lake.clean_tmp_leftovers`).
+Whoever takes or joins the lock first finishes or rolls back partition commits whose
+writer died (:func:`profile_engine.lake.recover_commits`: the lake then holds the old
+or the new partition, never neither); a new holder (not a join) then removes stale
+``_tmp/`` leftovers (:func:`profile_engine.lake.clean_tmp_leftovers`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any, Literal
 
 from profile_engine import faults
 from profile_engine.config import Settings
-from profile_engine.lake import LOCK, Lake, clean_tmp_leftovers, pid_alive
+from profile_engine.lake import LOCK, Lake, clean_tmp_leftovers, pid_alive, recover_commits
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,8 @@ def acquire(
     """Take the lock (or join it when ``run_id`` already holds it); returns the owner and whether it was new.
 
     Raises ``LakeLocked`` naming the owner when another live, unexpired run holds it.
-    A new holder (not a join) removes stale ``_tmp/`` leftovers.
+    Interrupted commits of dead writers are recovered first; a new holder (not a join)
+    then removes stale ``_tmp/`` leftovers.
     """
     faults.check_env()
     now = now or datetime.now(UTC)
@@ -121,6 +124,7 @@ def acquire(
     for _attempt in range(5):
         mine = LockOwner.mine(run_id, scope, ttl, now)
         if _create(path, mine):
+            _recover(lake)
             removed = clean_tmp_leftovers(lake)
             if removed:
                 log.info("lake lock: removed %d stale _tmp leftovers", len(removed))
@@ -137,6 +141,7 @@ def acquire(
         if owner.run_id == run_id and (scope == "run" or owner.is_me()):
             renewed = LockOwner(**{**asdict(owner), "expires_at": (now + ttl).isoformat()})
             _rewrite(path, renewed)
+            _recover(lake)  # a task of this run that died in a commit (its retry joins)
             return renewed, False
         if owner.expired(now):
             _take_over(path, owner, f"expired at {owner.expires_at}")
@@ -149,6 +154,12 @@ def acquire(
             f"until {owner.expires_at}; hours must run one at a time"
         )
     raise LakeLocked(f"could not take {path}: it kept changing hands")
+
+
+def _recover(lake: Lake) -> None:
+    """Finish or roll back partition commits of dead writers (``lake.recover_commits``), logged."""
+    for action in recover_commits(lake):
+        log.warning("lake lock: interrupted commit recovered: %s", action)
 
 
 def release(lake: Lake, owner: LockOwner) -> bool:

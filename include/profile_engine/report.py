@@ -68,6 +68,7 @@ def build_report(
     ``states`` (from ``stage_states``) tells a skipped stage from a failed one when a
     stage left no summary, as in a DAG run where training was not due.
     """
+    extract = summaries.get("extract_events") or {}
     validate = summaries.get("validate_events") or {}
     publish = summaries.get("publish_profiles") or {}
     segments = summaries.get("publish_segments") or {}
@@ -95,6 +96,8 @@ def build_report(
             "profile_changes": publish.get("profile_changes"),
             "model": _model_line(summaries),
             "actions": segments.get("actions") or segments.get("per_action"),
+            # landing files the hour named but did not read, with their reasons (ingest.SKIP_REASONS)
+            "skipped_files": [{"path": s.get("path"), "reason": s.get("reason")} for s in extract.get("skipped") or []],
         },
         "stages": stages,
     }
@@ -151,6 +154,17 @@ def _model_html(model: dict[str, Any] | None) -> str:
     return "".join(parts)
 
 
+def _skipped_html(report: dict[str, Any]) -> str:
+    """The landing files not read, with their reasons; empty when every file was read."""
+    skipped = report["headline"].get("skipped_files") or []
+    if not skipped:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(str(s['path']))}</td><td>{html.escape(str(s['reason']))}</td></tr>" for s in skipped
+    )
+    return f"<h2>Landing files not read ({len(skipped)})</h2><table><tr><th>file</th><th>reason</th></tr>{rows}</table>"
+
+
 def _segments_html(section: dict[str, Any] | None) -> str:
     """The segments section (stability, uplift, chart), rendered by ``segments``."""
     from profile_engine.segments import render_section_html
@@ -177,7 +191,7 @@ pre{{margin:0;font-size:12px;max-height:20em;overflow:auto}} .ok,.success,.train
 .not-completed,.failed{{color:#b00}} .skipped{{color:#777}}</style></head>
 <body><h1>profile_refresh - hour {html.escape(report["hour"])}</h1>
 <p>Status: <b>{html.escape(report["status"])}</b> - run {html.escape(report["run_id"])}</p>
-<ul>{head}</ul>{_model_html(report.get("model"))}{_segments_html(report.get("segments"))}
+<ul>{head}</ul>{_skipped_html(report)}{_model_html(report.get("model"))}{_segments_html(report.get("segments"))}
 <table><tr><th>stage</th><th>status</th><th>summary</th></tr>{rows}</table></body></html>
 """
 

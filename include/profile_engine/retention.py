@@ -100,7 +100,7 @@ def _check_window(settings: Settings) -> None:
 
 def _remove(lake: Lake, path: Path) -> None:
     """Remove a partition whole: rename it into ``_tmp/`` (atomic), then delete it; drop an emptied ``dt=``."""
-    aside = lake.root / lk.TMP / lk.tmp_name("old-")
+    aside = lake.root / lk.TMP / lk.tmp_name("del-")  # not "old-": this copy is meant to go
     aside.parent.mkdir(parents=True, exist_ok=True)
     os.replace(path, aside)
     shutil.rmtree(aside, ignore_errors=True)

@@ -327,18 +327,56 @@ def parse_mapping(document: Any, *, origin: Path | None = None) -> Mapping:
     )
 
 
+# File name endings (compared in lower case, after an optional ``.gz``) and how they are read.
+# ``.txt`` and other endings are read only when the mapping names a ``format``.
+EXTENSIONS: dict[str, str] = {
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",  # tab-separated whatever the mapping's delimiter
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",  # one JSON object per line
+}
+TAB_SEPARATED = ".tsv"
+# Plain-text endings (and names without one) that a mapping's ``format`` may read; any other
+# ending (.xlsx, .zip, ...) is never guessed to be text.
+TEXT_ENDINGS = (".txt", ".dat")
+
+
+def _plain_name(path: Path) -> str:
+    """The file name in lower case without a ``.gz`` ending."""
+    return path.name.lower().removesuffix(".gz")
+
+
+def is_gzip(path: Path) -> bool:
+    """Whether a landing file is gzip-compressed (by its ending, in any case)."""
+    return path.name.lower().endswith(".gz")
+
+
 def file_format(mapping: Mapping, path: Path) -> str:
-    """``csv``, ``parquet`` or ``jsonl`` of a landing file (replay slices are always Parquet)."""
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith((".jsonl", ".json", ".ndjson")):
-        return "jsonl"
-    if name.endswith((".csv", ".tsv", ".txt")):
-        return "csv"
-    if mapping.format:
+    """``csv``, ``parquet`` or ``jsonl`` of a landing file, by its ending in any case (replay slices are Parquet).
+
+    Endings: ``.parquet``; ``.csv``, ``.tsv`` (tab-separated); ``.jsonl``, ``.ndjson``,
+    ``.json`` (JSON Lines); each optionally ``.gz``. ``.txt``, ``.dat`` and names without
+    an ending are read as the mapping's ``format`` when it names one; anything else is
+    ``SourceError`` (unsupported).
+    """
+    name = _plain_name(path)
+    for ending, fmt in EXTENSIONS.items():
+        if name.endswith(ending):
+            return fmt
+    if mapping.format and (name.endswith(TEXT_ENDINGS) or "." not in name):
         return mapping.format
-    raise SourceError(f"{path}: unknown file type (expected .parquet, .csv or .jsonl, optionally .gz)")
+    raise SourceError(
+        f"{path}: unsupported file type for source {mapping.name!r} (expected "
+        f"{', '.join(EXTENSIONS)}, optionally .gz, in any case; {', '.join(TEXT_ENDINGS)} and names "
+        "without an ending only with `format:` in the mapping)"
+    )
+
+
+def file_delimiter(mapping: Mapping, path: Path) -> str:
+    """The field delimiter of a CSV landing file: a tab for ``.tsv``, else the mapping's."""
+    return "\t" if _plain_name(path).endswith(TAB_SEPARATED) else mapping.delimiter
 
 
 def _q(identifier: str) -> str:
@@ -386,7 +424,8 @@ def source_select(con: Any, mapping: Mapping, path: Path, index: int) -> str:
                 options = [
                     "all_varchar=true",
                     f"header={'true' if mapping.header else 'false'}",
-                    f"delim={_lit(mapping.delimiter)}",
+                    f"delim={_lit(file_delimiter(mapping, path))}",
+                    f"compression={_lit('gzip' if is_gzip(path) else 'none')}",
                     "quote='\"'",
                     "escape='\"'",
                     f"encoding={_lit(mapping.encoding)}",
@@ -414,6 +453,7 @@ def source_select(con: Any, mapping: Mapping, path: Path, index: int) -> str:
                     FROM (SELECT line, row_number() OVER () AS n,
                                  coalesce(CASE WHEN json_valid(line) THEN json_type(line) = 'OBJECT' END, false) AS ok
                           FROM read_csv({quoted}, columns={{'line': 'VARCHAR'}}, header=false, delim=chr(0),
+                                        compression={_lit("gzip" if is_gzip(path) else "none")},
                                         quote='', escape='', auto_detect=false, max_line_size={MAX_LINE_BYTES})
                           WHERE trim(line) <> '')"""
                 )
@@ -495,13 +535,13 @@ def _csv_header(path: Path, mapping: Mapping) -> list[str]:
     import io
 
     try:
-        opener = gzip.open if path.name.endswith(".gz") else open
+        opener = gzip.open if is_gzip(path) else open
         with opener(path, "rb") as handle:
             first = handle.readline(MAX_LINE_BYTES)
     except (OSError, EOFError) as error:
         raise SourceError(f"{path}: cannot be read: {error}") from error
     text = first.decode("latin-1" if mapping.encoding == "latin-1" else "utf-8", errors="replace").lstrip("\ufeff")
-    names = next(csv.reader(io.StringIO(text), delimiter=mapping.delimiter), [])
+    names = next(csv.reader(io.StringIO(text), delimiter=file_delimiter(mapping, path)), [])
     names = [n.strip() for n in names]
     if not names or len(set(names)) != len(names) or not all(names):
         raise SourceError(f"{path}: header line {text.strip()!r} does not name unique columns")

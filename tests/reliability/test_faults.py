@@ -48,7 +48,14 @@ def killed_lakes(base_lake: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 
 def test_every_fault_point_is_covered() -> None:
-    tested = {point for point, _ in CASES} | {faults.MODEL_BEFORE_PROMOTION}
+    from .test_commit import COMMIT_POINTS, HOUR_CASES
+
+    tested = (
+        {point for point, _ in CASES}
+        | {faults.MODEL_BEFORE_PROMOTION}
+        | set(COMMIT_POINTS)
+        | {point for point, _ in HOUR_CASES}
+    )
     assert tested == set(faults.POINTS)
 
 
