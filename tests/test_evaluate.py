@@ -303,11 +303,14 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
 
     # Assert 1
     assert promoted["status"] == "promoted", promoted["reasons"]
-    assert promoted["reference"] == f"baseline {first['version']}"
+    assert promoted["reference"] == f"baseline {first['version']}-baseline and heuristics (recency, open_cart)"
+    assert promoted["deciding"]["metric"] == "lift_at_10" and promoted["deciding"]["check"].startswith("not worse")
     assert registry.champion_as_of(settings, first_hour)["version"] == first["version"]  # type: ignore[index]
     model_dir = Lake(settings.lake).path(MODELS, first["version"])
     evaluation = read_json(model_dir / model.EVALUATION_FILE)
-    for name in ("challenger", "reference"):
+    assert set(evaluation["metrics"]) == {"challenger", "baseline", "heuristic_recency", "heuristic_open_cart"}
+    assert np.isnan(evaluation["metrics"]["heuristic_recency"]["log_loss"])  # a rank is not a probability
+    for name in ("challenger", "baseline"):
         low, high = evaluation["intervals"][name]["auc"]
         assert low <= evaluation["metrics"][name]["auc"] <= high
     assert evaluation["drift"]["previous_hour"] == format_hour(first_hour - HOUR)
@@ -318,7 +321,8 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
         assert (model_dir / png).read_bytes().startswith(b"\x89PNG"), png
         assert f"({png})" in card
     assert set(evaluation["importance"]["features"]) == {*NUMERIC, *CATEGORICAL}
-    assert "challenger - reference" in evaluation["intervals"]
+    assert {"challenger - baseline", "challenger - heuristic_open_cart"} <= set(evaluation["intervals"])
+    assert evaluation["decision"]["calibration"]["method"] in ("platt", "platt_intercept")
     decisions = registry.decision_log(settings)
     assert [d["version"] for d in decisions] == [first["version"]] and decisions[0]["promoted"] is True
 
@@ -332,6 +336,11 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
     # Assert 2
     assert rejected["status"] == "rejected"
     assert rejected["reference"] == f"champion {first['version']}"
+    assert set(read_json(Lake(settings.lake).path(MODELS, second["version"]) / model.EVALUATION_FILE)["metrics"]) == {
+        "challenger",
+        "champion",
+        "baseline",
+    }
     assert any("floor 0.99" in r for r in rejected["reasons"])
     assert still is not None and still["version"] == first["version"]
     assert forced["status"] == "promoted" and forced["forced"] is True

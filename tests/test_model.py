@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from profile_engine import cli, evaluate, labels, model, registry
+from profile_engine import cli, evaluate, inference, labels, model, registry
 from profile_engine.config import Settings
 from profile_engine.features import USER_ID
 from profile_engine.hours import HOUR
@@ -140,9 +141,9 @@ def test_population_deciles_are_tenths_of_users_under_heavy_ties(n: int, tied: f
 def _ties_only_disorder(scores: np.ndarray, deciles: np.ndarray) -> bool:
     """Higher scores never get a lower decile (users with equal scores may straddle a cut)."""
     for d in range(1, 10):
-        if scores[deciles == d].size and scores[deciles == d + 1].size:
-            if scores[deciles == d].max() > scores[deciles == d + 1].min():
-                return False
+        low, high = scores[deciles == d], scores[deciles == d + 1]
+        if low.size and high.size and low.max() > high.min():
+            return False
     return True
 
 
@@ -215,7 +216,7 @@ def test_train_challenger_says_why_without_enough_labelled_data(tmp_path: Path) 
     assert not registry.model_versions(settings)
 
 
-def test_scoring_without_any_model_writes_null_scores(tmp_path: Path) -> None:
+def test_scoring_without_any_model_writes_null_propensities(tmp_path: Path) -> None:
     # Arrange
     settings = make_settings(tmp_path)
     synthetic_lake(settings, T0, hours=1, users=10)
@@ -225,10 +226,10 @@ def test_scoring_without_any_model_writes_null_scores(tmp_path: Path) -> None:
 
     # Assert
     scores = Lake(settings.lake).read(SCORES, T0, 1)
-    assert summary["model"] == "none" and summary[model.MODEL_VERSION] == model.NO_MODEL
+    assert summary["model"] == "heuristic" and summary[model.MODEL_VERSION] == model.HEURISTIC_VERSION
     assert scores.schema == model.SCORES_SCHEMA
     assert scores.column(model.PROPENSITY).null_count == scores.num_rows == 5
-    assert set(scores.column(model.MODEL_VERSION).to_pylist()) == {model.NO_MODEL}
+    assert set(scores.column(model.MODEL_VERSION).to_pylist()) == {model.HEURISTIC_VERSION}
 
 
 # ---- one trained version -------------------------------------------------------------------------------------------
@@ -291,10 +292,10 @@ def test_a_nearly_constant_float32_column_scored_far_outside_training_does_not_p
 
     for logistic in (True, False):
         network = model.build_network(train, columns, [], FAST, logistic=logistic)
-        spec, weights = model.inference.export_network(
+        spec, weights = inference.export_network(
             network, model.custom_layers()["FillMissing"], source_sha256="-", clip_class=model.custom_layers()["Clip"]
         )
-        exported = model.inference.InferenceNetwork.from_bytes(model.inference.spec_bytes(spec), weights)
+        exported = inference.InferenceNetwork.from_bytes(inference.spec_bytes(spec), weights)
 
         # Act
         keras_scores = np.asarray(network.predict(model.model_inputs(rows, columns, []), verbose=0)).ravel()
@@ -410,8 +411,8 @@ def test_saved_model_scores_raw_profile_rows_like_the_fitted_one(trained: Traine
     assert {"model.keras", "baseline.keras", "calibration.json", "deciles.json", "model_card.md"} <= files
     exported = {name for pair in model.INFERENCE_FILES.values() for name in pair}
     assert exported == {
-        "model.inference.json",
-        "model.inference.npz",
+        "inference.json",
+        "inference.npz",
         "baseline.inference.json",
         "baseline.inference.npz",
     }
@@ -443,9 +444,11 @@ def test_score_profiles_uses_baseline_before_promotion_then_the_champion(trained
     profiles = lake.read(PROFILES, hour, 0).sort_by(USER_ID)
     propensity = np.asarray(scores.column(model.PROPENSITY))
     assert propensity == pytest.approx(model.load_model(settings, version).predict(profiles))
-    cuts = read_json(lake.path(MODELS, version, model.DECILES_FILE))["model"]
-    assert np.asarray(scores.column(model.DECILE)).tolist() == model.assign_deciles(propensity, cuts).tolist()
-    assert earlier["model"] == "none"
+    assert scores.column(model.DECILE).null_count == scores.num_rows  # deciles are a population property
+    population = model.read_scores(lake, hour).filter(pc.equal(pc.field(model.MODEL_VERSION), version))
+    expected = model.population_deciles(population.column(USER_ID), np.asarray(population.column(model.PROPENSITY)))
+    assert np.asarray(population.column(model.DECILE)).tolist() == expected.tolist()
+    assert earlier["model"] == "heuristic"
 
 
 # ---- TensorFlow-free scoring (profile_engine.inference) -------------------------------------------------------------
@@ -468,7 +471,7 @@ def keras_probabilities(trained: Trained, network: Any, kind: str, table: pa.Tab
     """Keras ``predict`` plus the version's calibration: what scoring returned before the numpy export."""
     raw = network.predict(model.model_inputs(table, NUMERIC, CATEGORICAL), verbose=0)
     directory = Lake(trained.settings.lake).path(MODELS, str(trained.summary["version"]))
-    calibration = read_json(directory / model.CALIBRATION_FILE) if kind == "model" else None
+    calibration = model.network_calibration(read_json(directory / model.CALIBRATION_FILE), kind)
     return model.apply_calibration(np.asarray(raw, dtype=np.float64).ravel(), calibration)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -329,7 +329,9 @@ def _passes(value: float, bound: float, higher_is_better: bool) -> bool:
     return bool(value >= bound) if higher_is_better else bool(value <= bound)
 
 
-def _interval(intervals: Mapping[str, Mapping[str, Sequence[float]]] | None, name: str, metric: str) -> list[float] | None:
+def _interval(
+    intervals: Mapping[str, Mapping[str, Sequence[float]]] | None, name: str, metric: str
+) -> list[float] | None:
     pair = (intervals or {}).get(name, {}).get(metric)
     return None if pair is None else [float(pair[0]), float(pair[1])]
 
@@ -658,16 +660,17 @@ def model_report(settings: Settings, hour: datetime, summaries: Mapping[str, Any
 
 
 # ---- stage ---------------------------------------------------------------------------------------------------------
-def _reference(settings: Settings, hour: datetime, version: str) -> tuple[str, LoadedModel]:
-    """The champion in force before this hour's promotion, else the challenger's own baseline."""
-    from profile_engine.model import load_model
-
+def _champion(settings: Settings, hour: datetime, version: str) -> str | None:
+    """The champion in force before this hour's promotion (for a rerun: the one it replaced), or None."""
     entry = registry.champion_as_of(settings, hour)
     if entry is not None and entry["version"] == version:  # a rerun: compare with what this promotion replaced
         entry = registry.champion_as_of(settings, hour - HOUR)
-    if entry is not None:
-        return f"champion {entry['version']}", load_model(settings, entry["version"], "model")
-    return f"baseline {version}", load_model(settings, version, "baseline")
+    return None if entry is None else str(entry["version"])
+
+
+def heuristic_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """``metrics`` of a heuristic: ranking metrics only, the probability metrics NaN (a rank is no probability)."""
+    return {k: (v if k in RANKING_METRICS else float("nan")) for k, v in metrics(y, p).items()}
 
 
 def _rounded(values: Mapping[str, Any], digits: int = 4) -> dict[str, Any]:
@@ -703,10 +706,48 @@ def evaluate_and_promote(
     _, rows, training = labels.read_training_set(settings, version)
     y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
     challenger = models.load_model(settings, version, "model")
-    reference_name, reference = _reference(settings, hour, version)
-    scores = {"challenger": challenger.predict(rows), "reference": reference.predict(rows)}
-    point = {name: metrics(y, p) for name, p in scores.items()}
-    decision = gate(point["challenger"], point["reference"], config)
+    champion = _champion(settings, hour, version)
+    # Everything is scored on the same rows: the champion (margins), the challenger's calibrated baseline
+    # and, before the first promotion, the heuristics (a model and a baseline sharing a bug cannot pass
+    # together against rules that use no preprocessing).
+    scores = {"challenger": challenger.predict(rows)}
+    if champion is not None:
+        scores["champion"] = models.load_model(settings, champion, "model").predict(rows)
+    scores["baseline"] = models.load_model(settings, version, "baseline").predict(rows)
+    if champion is None:
+        for name in models.HEURISTICS:
+            scores[HEURISTIC_PREFIX + name] = models.heuristic_scores(rows, name)
+    point = {
+        name: (heuristic_metrics(y, p) if name.startswith(HEURISTIC_PREFIX) else metrics(y, p))
+        for name, p in scores.items()
+    }
+    intervals = bootstrap_intervals(
+        y,
+        scores,
+        n_boot=n_boot,
+        seed=settings.seed,
+        differences=[("challenger", n) for n in scores if n != "challenger"],
+    )
+    compared = [n for n in scores if n != "challenger"]
+    reference_name = (
+        f"champion {champion}"
+        if champion is not None
+        else f"baseline {version}{models.BASELINE_SUFFIX} and heuristics ({', '.join(models.HEURISTICS)})"
+    )
+    decision = gate(
+        point["challenger"],
+        point.get("champion"),
+        config,
+        baselines={n: point[n] for n in compared if n != "champion"},
+        intervals=intervals,
+        reference_name="champion",
+    )
+    calibration = models.network_calibration(
+        read_json(Lake(settings.lake).path(MODELS, version, models.CALIBRATION_FILE)), "model"
+    )
+    note = models.calibration_note(calibration)
+    if note and not decision.promote:  # the cause behind the symptoms (e.g. AUC 0.50 of a flat network)
+        decision = replace(decision, reasons=[*decision.reasons, f"cause: {note}"])
     promoted = decision.promote or force_promote
     verdict = "gate passed" if decision.promote else "gate failed: " + "; ".join(decision.reasons)
     reason = f"{'forced, ' if force_promote else ''}{verdict} (against {reference_name})"
@@ -750,10 +791,9 @@ def evaluate_and_promote(
         "positives": int(y.sum()),
         "base_rate": float(y.mean()),
         "metrics": point,
-        "intervals": bootstrap_intervals(
-            y, scores, n_boot=n_boot, seed=settings.seed, differences=[("challenger", "reference")]
-        ),
-        "decision": decision.as_dict(),
+        "compared_with": "champion" if champion is not None else "baseline",
+        "intervals": intervals,
+        "decision": {**decision.as_dict(), "calibration": calibration},
         "promoted": promoted,
         "forced": force_promote,
         "from_hour": entry["from_hour"] if entry else None,
@@ -782,6 +822,7 @@ def evaluate_and_promote(
         "reference": reference_name,
         "forced": force_promote,
         "reasons": decision.reasons,
+        "deciding": decision.deciding,
         "gate": {"primary_metric": config.primary_metric, "margin": config.margin},
         "metrics": {name: _rounded(m) for name, m in point.items()},
         "intervals": {

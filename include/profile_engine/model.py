@@ -278,7 +278,7 @@ def _logit(p: np.ndarray) -> np.ndarray:
 # CALIBRATION_MIN_CLASS rows of either class falls back to the intercept only (slope 1: the raw ranking and
 # spread are kept, the mean moves to the base rate). Probabilities are kept inside CALIBRATION_BOUNDS.
 PLATT_MAX_SLOPE = 20.0
-PLATT_RIDGE = 1.0  # Gaussian prior on (slope - 1) and on the intercept, in pseudo-observations
+PLATT_RIDGE = 1.0  # Gaussian prior on (slope - 1), in pseudo-observations (the intercept is free)
 CALIBRATION_MIN_CLASS = 10
 CALIBRATION_BOUNDS = (1e-4, 1 - 1e-4)
 # A network whose output spreads less than this (std of logit over the calibration slice) has not learnt.
@@ -290,7 +290,7 @@ def fit_platt(raw: np.ndarray, y: np.ndarray, *, slope: bool = True, iterations:
 
     The smoothed targets ((N+ + 1)/(N+ + 2), 1/(N- + 2)) keep a small slice from
     producing overconfident extremes; a ridge prior (``PLATT_RIDGE``) pulls the slope
-    towards 1 and the intercept towards 0, so a separable slice or a near-constant
+    towards 1, so a separable slice or a near-constant
     score (the curvature in ``a`` vanishes) cannot run the coefficients to infinity.
     ``slope=False`` fits the intercept only (``a`` = 1).
     """
@@ -301,17 +301,18 @@ def fit_platt(raw: np.ndarray, y: np.ndarray, *, slope: bool = True, iterations:
     x = np.column_stack([_logit(raw), np.ones(y.size)])
     free = np.array([slope, True])
     prior = np.array([1.0, 0.0])
+    ridge = np.array([PLATT_RIDGE, 1e-9])  # a free intercept: a base rate of 1% needs b near -4.6
     w = prior.copy()
 
     def loss(v: np.ndarray) -> float:
         z = x @ v
-        return float(np.sum(np.logaddexp(0, z) - target * z) + PLATT_RIDGE / 2 * np.sum((v - prior) ** 2))
+        return float(np.sum(np.logaddexp(0, z) - target * z) + np.sum(ridge / 2 * (v - prior) ** 2))
 
     current = loss(w)
     for _ in range(iterations):
         p = 1 / (1 + np.exp(-(x @ w)))
-        gradient = (x.T @ (p - target) + PLATT_RIDGE * (w - prior)) * free
-        hessian = x.T @ (x * (p * (1 - p))[:, None]) + PLATT_RIDGE * np.eye(2)
+        gradient = (x.T @ (p - target) + ridge * (w - prior)) * free
+        hessian = x.T @ (x * (p * (1 - p))[:, None]) + np.diag(ridge)
         hessian = np.where(np.outer(free, free), hessian, np.eye(2))
         step = np.linalg.solve(hessian, gradient)
         scale = 1.0
@@ -401,9 +402,9 @@ def population_deciles(user_ids: pa.Array | pa.ChunkedArray, scores: np.ndarray)
     """Decile 1-10 (10 = highest) of every user by rank in the scored population; 0 where the score is NaN.
 
     Users are ordered by score, ties by ``md5(user_id)`` (stable across processes,
-    versions and row orders), and the user at 0-based rank r of n gets
-    ``1 + floor(10 r / n)``: every decile holds n/10 users within one user, however many
-    scores are tied. The cut between two deciles may fall inside a group of equal
+    versions and row orders), and the user with t users above it (of n) gets
+    ``10 - floor(10 t / n)``: every decile holds n/10 users within one user, however many
+    scores are tied, and the highest score is in decile 10 even with fewer than ten users. The cut between two deciles may fall inside a group of equal
     scores; which of those users go up is decided by the hash, the same every hour.
     """
     import duckdb
@@ -423,7 +424,8 @@ def population_deciles(user_ids: pa.Array | pa.ChunkedArray, scores: np.ndarray)
         order = con.execute("SELECT i FROM population ORDER BY s, md5(u), u").fetchnumpy()["i"]
     finally:
         con.close()
-    out[np.asarray(order, dtype=np.int64)] = (1 + (10 * np.arange(n, dtype=np.int64)) // n).astype(np.int8)
+    from_top = np.arange(n - 1, -1, -1, dtype=np.int64)  # 0 for the highest score
+    out[np.asarray(order, dtype=np.int64)] = (10 - (10 * from_top) // n).astype(np.int8)
     return out
 
 
@@ -602,16 +604,18 @@ def model_card(
         lines += ["", "## Gate", "", "Not evaluated yet."]
         return "\n".join(lines) + "\n"
     names = list(evaluation["metrics"])
+    compared = evaluation.get("compared_with", "reference")  # evaluations written before 2026-12 say "reference"
     lines += [
         "",
         f"Reference: {evaluation['reference']}. 95% paired bootstrap intervals in brackets; "
-        "the last column is the interval of challenger minus reference.",
+        f"the last column is the interval of challenger minus {compared}. Heuristics are ranks: "
+        "only their ranking metrics are shown.",
         "",
         "| metric | " + " | ".join(names) + " | difference |",
         "|---" * (len(names) + 2) + "|",
     ]
     intervals = evaluation["intervals"]
-    difference = intervals.get("challenger - reference", {})
+    difference = intervals.get(f"challenger - {compared}", {})
     for key in evaluate.HIGHER_IS_BETTER:
         cells = [
             f"{_fmt(evaluation['metrics'][n][key])} [{_fmt(intervals[n][key][0])}, {_fmt(intervals[n][key][1])}]"
@@ -634,6 +638,14 @@ def model_card(
         f"- reference: {evaluation['reference']}",
         f"- decision: {verdict}{' (forced)' if evaluation['forced'] else ''}; " + "; ".join(decision["reasons"]),
     ]
+    deciding = decision.get("deciding") or {}
+    if deciding:
+        interval = deciding.get("interval")
+        lines.append(
+            f"- deciding check: {deciding['check']} on {deciding['metric']} ({_fmt(deciding['value'])}"
+            + (f", 95% interval [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else "")
+            + ")"
+        )
     if evaluation.get("from_hour"):
         lines.append(f"- champion from hour {evaluation['from_hour']}")
     drift = evaluation.get("drift") or {}
@@ -1101,7 +1113,7 @@ def heuristic_scores(table: pa.Table, name: str) -> np.ndarray:
         carts = np.nan_to_num(_column_or_nan(table, "count_cart_24h"))
         bought = np.nan_to_num(_column_or_nan(table, "count_purchase_24h"))
         purchases = np.maximum(np.nan_to_num(_column_or_nan(table, "count_purchase_lifetime")), 0.0)
-        return 0.5 * ((carts > 0) & (bought == 0)) + 0.5 * purchases / (1.0 + purchases)
+        return np.asarray(0.5 * ((carts > 0) & (bought == 0)) + 0.5 * purchases / (1.0 + purchases), dtype=np.float64)
     raise ValueError(f"unknown heuristic {name!r}; known: {sorted(HEURISTICS)}")
 
 
@@ -1111,10 +1123,13 @@ def read_scores(lake: Lake, hour: datetime) -> pa.Table:
     Deciles are ranks over all buckets (``population_deciles``): cut points of one
     bucket, or of the training scores, do not make tenths of the population. Rows
     scored by the first-hour heuristic (null propensity) are ranked by that heuristic,
-    recomputed from the hour's committed profiles. Raises ``FileNotFoundError``
-    when no scores are committed.
+    recomputed from the hour's committed profiles. An hour whose every row already
+    carries a decile (scores written by older code) is returned as written. Raises
+    ``FileNotFoundError`` when no scores are committed.
     """
     scores = lake.read(SCORES, hour)
+    if scores.num_rows and scores.column(DECILE).null_count == 0:
+        return scores  # written with deciles (by older code, which used training cut points): kept as written
     versions = np.asarray(scores.column(MODEL_VERSION).to_pylist(), dtype=object)
     key = np.asarray(pc.fill_null(scores.column(PROPENSITY), np.nan), dtype=np.float64)
     by_heuristic = versions == HEURISTIC_VERSION
