@@ -411,8 +411,8 @@ def test_saved_model_scores_raw_profile_rows_like_the_fitted_one(trained: Traine
     assert {"model.keras", "baseline.keras", "calibration.json", "deciles.json", "model_card.md"} <= files
     exported = {name for pair in model.INFERENCE_FILES.values() for name in pair}
     assert exported == {
-        "inference.json",
-        "inference.npz",
+        "model.inference.json",
+        "model.inference.npz",
         "baseline.inference.json",
         "baseline.inference.npz",
     }
