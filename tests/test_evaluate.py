@@ -205,6 +205,65 @@ def test_gate_knows_lower_is_better_metrics_as_primary() -> None:
     assert better_loss.promote
 
 
+def test_gate_never_promotes_a_challenger_worse_than_its_baseline_even_inside_the_margin() -> None:
+    # Arrange: AUC 0.686 against the baseline's 0.696 and lift 2.00 against 2.05: both inside the margins
+    challenger, baseline = scores(0.686, lift=2.0), scores(0.696, lift=2.05)
+    intervals = {"challenger - baseline": {"lift_at_10": [-0.41, 0.33], "auc": [-0.03, 0.01]}}
+
+    # Act
+    old_style = evaluate.gate(challenger, baseline)  # the baseline as a reference with margins: promoted
+    decision = evaluate.gate(challenger, None, baselines={"baseline": baseline}, intervals=intervals)
+
+    # Assert: rejected, naming the deciding metric, the comparison and the paired interval
+    assert old_style.promote
+    assert not decision.promote
+    assert decision.reasons == [
+        "lift_at_10 2.0000 worse than baseline 2.0500 (difference -0.0500, 95% paired interval [-0.4100, 0.3300])"
+    ]
+    assert decision.deciding == {
+        "check": "not worse than baseline",
+        "metric": "lift_at_10",
+        "against": "baseline",
+        "value": 2.0,
+        "reference": 2.05,
+        "interval": [-0.41, 0.33],
+        "passed": False,
+    }
+
+
+def test_gate_compares_heuristics_only_on_ranking_metrics() -> None:
+    # Arrange: a heuristic is a rank, not a probability: its log loss means nothing
+    config = evaluate.GateConfig(floors={"auc": 0.6}, primary_metric="log_loss", margin=0.02, margins={"auc": 0.01})
+    challenger = scores(0.75, log_loss=0.40)
+    heuristic = scores(0.70, log_loss=0.10)
+
+    # Act
+    decision = evaluate.gate(challenger, None, config, baselines={"heuristic_recency": heuristic})
+
+    # Assert
+    assert decision.promote, decision.reasons
+    assert [c["metric"] for c in decision.checks if c.get("against") == "heuristic_recency"] == []
+
+
+def test_gate_tests_the_ece_ceiling_on_its_interval() -> None:
+    # Arrange: the best model of a run had ECE 0.0550 against a ceiling of 0.05
+    challenger = scores(0.733, ece=0.055)
+    plausible = {"challenger": {"ece": [0.031, 0.081]}}
+    clearly_above = {"challenger": {"ece": [0.052, 0.081]}}
+
+    # Act
+    point_only = evaluate.gate(challenger, None)
+    within = evaluate.gate(challenger, None, intervals=plausible)
+    above = evaluate.gate(challenger, None, intervals=clearly_above)
+
+    # Assert: rejected only when the whole interval is above the ceiling, and the reason says so
+    assert not point_only.promote  # without an interval the point estimate is all there is
+    assert within.promote, within.reasons
+    assert not above.promote
+    assert above.reasons == ["ece 0.0550 exceeds ceiling 0.05 (95% interval [0.0520, 0.0810] entirely above)"]
+    assert above.deciding["metric"] == "ece" and above.deciding["interval"] == [0.052, 0.081]
+
+
 def test_gate_config_from_the_environment() -> None:
     config = evaluate.GateConfig.from_env(
         {
@@ -245,11 +304,14 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
 
     # Assert 1
     assert promoted["status"] == "promoted", promoted["reasons"]
-    assert promoted["reference"] == f"baseline {first['version']}"
+    assert promoted["reference"] == f"baseline {first['version']}-baseline and heuristics (recency, open_cart)"
+    assert promoted["deciding"]["metric"] == "lift_at_10" and promoted["deciding"]["check"].startswith("not worse")
     assert registry.champion_as_of(settings, first_hour)["version"] == first["version"]  # type: ignore[index]
     model_dir = Lake(settings.lake).path(MODELS, first["version"])
     evaluation = read_json(model_dir / model.EVALUATION_FILE)
-    for name in ("challenger", "reference"):
+    assert set(evaluation["metrics"]) == {"challenger", "baseline", "heuristic_recency", "heuristic_open_cart"}
+    assert np.isnan(evaluation["metrics"]["heuristic_recency"]["log_loss"])  # a rank is not a probability
+    for name in ("challenger", "baseline"):
         low, high = evaluation["intervals"][name]["auc"]
         assert low <= evaluation["metrics"][name]["auc"] <= high
     assert evaluation["drift"]["previous_hour"] == format_hour(first_hour - HOUR)
@@ -260,7 +322,8 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
         assert (model_dir / png).read_bytes().startswith(b"\x89PNG"), png
         assert f"({png})" in card
     assert set(evaluation["importance"]["features"]) == {*NUMERIC, *CATEGORICAL}
-    assert "challenger - reference" in evaluation["intervals"]
+    assert {"challenger - baseline", "challenger - heuristic_open_cart"} <= set(evaluation["intervals"])
+    assert evaluation["decision"]["calibration"]["method"] in ("platt", "platt_intercept")
     decisions = registry.decision_log(settings)
     assert [d["version"] for d in decisions] == [first["version"]] and decisions[0]["promoted"] is True
 
@@ -274,6 +337,11 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
     # Assert 2
     assert rejected["status"] == "rejected"
     assert rejected["reference"] == f"champion {first['version']}"
+    assert set(read_json(Lake(settings.lake).path(MODELS, second["version"]) / model.EVALUATION_FILE)["metrics"]) == {
+        "challenger",
+        "champion",
+        "baseline",
+    }
     assert any("floor 0.99" in r for r in rejected["reasons"])
     assert still is not None and still["version"] == first["version"]
     assert forced["status"] == "promoted" and forced["forced"] is True

@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from profile_engine import cli, evaluate, labels, model, registry
+from profile_engine import cli, evaluate, inference, labels, model, registry
 from profile_engine.config import Settings
 from profile_engine.features import USER_ID
 from profile_engine.hours import HOUR
@@ -65,6 +66,99 @@ def test_platt_scaling_recovers_a_known_distortion() -> None:
     assert calibration["a"] == pytest.approx(2.0, abs=0.1)
     assert calibration["b"] == pytest.approx(-1.0, abs=0.1)
     assert evaluate.log_loss(y, model.apply_calibration(raw, calibration)) < evaluate.log_loss(y, raw)
+
+
+@pytest.mark.parametrize("case", ["separable", "near-constant"])
+def test_platt_calibration_cannot_diverge(case: str) -> None:
+    # Arrange: perfectly separated scores, or a network that collapsed to one score (+- float noise);
+    # unregularised Newton steps ran to coefficients around 1e10 on such slices
+    rng = np.random.default_rng(3)
+    y = (rng.random(2_000) < 0.15).astype(float)
+    if case == "separable":
+        raw = np.where(y > 0, rng.uniform(0.6, 0.9, y.size), rng.uniform(0.1, 0.4, y.size))
+    else:
+        raw = 0.5 + rng.normal(0, 1e-7, y.size) * (1 + y)
+
+    # Act
+    calibration = model.fit_calibration(raw, y)
+    calibrated = model.apply_calibration(raw, calibration)
+
+    # Assert: finite, bounded, monotone; a flat score is calibrated to the base rate, not to 0 and 1
+    assert np.isfinite([calibration["a"], calibration["b"]]).all()
+    assert 0 <= calibration["a"] <= model.PLATT_MAX_SLOPE
+    assert np.all(np.diff(calibrated[np.argsort(raw)]) >= 0)
+    assert calibrated.min() >= model.CALIBRATION_BOUNDS[0] and calibrated.max() <= model.CALIBRATION_BOUNDS[1]
+    if case == "near-constant":
+        assert calibrated.mean() == pytest.approx(y.mean(), abs=0.02)
+        assert calibrated.max() - calibrated.min() < 0.05
+    else:
+        assert evaluate.auc(y, calibrated) == 1.0
+
+
+def test_calibration_falls_back_and_says_why_with_too_few_positives() -> None:
+    # Arrange: 3 buyers in the calibration slice
+    rng = np.random.default_rng(4)
+    raw = rng.uniform(0, 1, 500)
+    y = np.zeros(raw.size)
+    y[:3] = 1
+
+    # Act
+    calibration = model.fit_calibration(raw, y)
+
+    # Assert: the slope is kept at 1 (only the intercept moves to the base rate) and the decision is recorded
+    assert calibration["method"] == "platt_intercept"
+    assert "3 positives" in calibration["fallback"]
+    assert calibration["a"] == 1.0
+    assert model.apply_calibration(raw, calibration).mean() == pytest.approx(y.mean(), abs=0.01)
+
+
+@hypothesis_settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(min_value=1_000, max_value=20_000),
+    tied=st.floats(min_value=0.0, max_value=0.95),
+    levels=st.integers(min_value=1, max_value=4),
+)
+def test_population_deciles_are_tenths_of_users_under_heavy_ties(n: int, tied: float, levels: int) -> None:
+    # Arrange: a share of users on a few tied scores (ties at 0 and at a handful of values), the rest distinct
+    rng = np.random.default_rng(n)
+    scores = rng.uniform(0, 1, n)
+    heavy = rng.random(n) < tied
+    scores[heavy] = rng.integers(0, levels, int(heavy.sum())) / 10
+    users = np.array([f"user-{i}" for i in rng.permutation(n)], dtype=object)
+
+    # Act
+    deciles = model.population_deciles(pa.array(users, pa.string()), scores)
+
+    # Assert: each decile is 10% of the users within one user per thousand, ordered by score
+    counts = np.bincount(deciles, minlength=11)[1:]
+    assert np.all(np.abs(counts - n / 10) <= max(1.0, n / 1000)), counts
+    assert _ties_only_disorder(scores, deciles)
+    shuffled = rng.permutation(n)
+    again = model.population_deciles(pa.array(users[shuffled], pa.string()), scores[shuffled])
+    assert np.array_equal(again, deciles[shuffled])  # deterministic: by score, ties by a hash of the user
+
+
+def _ties_only_disorder(scores: np.ndarray, deciles: np.ndarray) -> bool:
+    """Higher scores never get a lower decile (users with equal scores may straddle a cut)."""
+    for d in range(1, 10):
+        low, high = scores[deciles == d], scores[deciles == d + 1]
+        if low.size and high.size and low.max() > high.min():
+            return False
+    return True
+
+
+def test_stored_cut_points_put_a_quarter_of_tied_users_in_the_top_decile() -> None:
+    # Arrange: the old scheme (training cut points, "a score on a cut goes up") on scores with heavy ties
+    scores = np.r_[np.full(700, 0.1), np.full(250, 0.3), np.linspace(0.31, 0.9, 50)]
+    users = pa.array([f"u{i}" for i in range(scores.size)], pa.string())
+
+    # Act
+    stored = model.assign_deciles(scores, model.decile_cut_points(scores))
+    population = model.population_deciles(users, scores)
+
+    # Assert
+    assert np.sum(stored == 10) > 250  # what high_intent used to target
+    assert np.sum(population == 10) == 100
 
 
 def test_deciles_come_from_stored_cut_points() -> None:
@@ -122,7 +216,7 @@ def test_train_challenger_says_why_without_enough_labelled_data(tmp_path: Path) 
     assert not registry.model_versions(settings)
 
 
-def test_scoring_without_any_model_writes_null_scores(tmp_path: Path) -> None:
+def test_scoring_without_any_model_writes_null_propensities(tmp_path: Path) -> None:
     # Arrange
     settings = make_settings(tmp_path)
     synthetic_lake(settings, T0, hours=1, users=10)
@@ -132,10 +226,10 @@ def test_scoring_without_any_model_writes_null_scores(tmp_path: Path) -> None:
 
     # Assert
     scores = Lake(settings.lake).read(SCORES, T0, 1)
-    assert summary["model"] == "none" and summary[model.MODEL_VERSION] == model.NO_MODEL
+    assert summary["model"] == "heuristic" and summary[model.MODEL_VERSION] == model.HEURISTIC_VERSION
     assert scores.schema == model.SCORES_SCHEMA
     assert scores.column(model.PROPENSITY).null_count == scores.num_rows == 5
-    assert set(scores.column(model.MODEL_VERSION).to_pylist()) == {model.NO_MODEL}
+    assert set(scores.column(model.MODEL_VERSION).to_pylist()) == {model.HEURISTIC_VERSION}
 
 
 # ---- one trained version -------------------------------------------------------------------------------------------
@@ -180,6 +274,91 @@ def test_a_value_never_seen_in_a_constant_training_column_does_not_pin_the_score
 
     # Assert
     assert np.all((scores > 1e-3) & (scores < 1 - 1e-3)), scores
+
+
+def test_a_nearly_constant_float32_column_scored_far_outside_training_does_not_pin_the_score() -> None:
+    # Arrange: "peak_hour" is 1 in all but 2 of 60,000 training rows (a float32 variance of about 1e-5, not 0);
+    # at scoring it is 2 (hundreds of training standard deviations away) or absurdly large
+    import keras
+
+    keras.utils.set_random_seed(2)
+    rng = np.random.default_rng(5)
+    n = 60_000
+    peak = np.ones(n)
+    peak[:2] = 2.0
+    train = pa.table({"views": rng.poisson(3.0, n).astype(float), "peak_hour": peak, "label": rng.integers(0, 2, n)})
+    columns = ["views", "peak_hour"]
+    rows = pa.table({"views": [3.0, 3.0, 1e12], "peak_hour": [2.0, 1e9, 1.0]})
+
+    for logistic in (True, False):
+        network = model.build_network(train, columns, [], FAST, logistic=logistic)
+        spec, weights = inference.export_network(
+            network, model.custom_layers()["FillMissing"], source_sha256="-", clip_class=model.custom_layers()["Clip"]
+        )
+        exported = inference.InferenceNetwork.from_bytes(inference.spec_bytes(spec), weights)
+
+        # Act
+        keras_scores = np.asarray(network.predict(model.model_inputs(rows, columns, []), verbose=0)).ravel()
+        numpy_scores = exported.predict(model.numpy_inputs(rows, columns, []))
+        normalised = keras.Model(network.inputs, network.get_layer("clip").output).predict(
+            model.model_inputs(rows, columns, []), verbose=0
+        )
+
+        # Assert: standardised inputs are bounded, and numpy mirrors Keras
+        assert np.abs(normalised).max() <= model.NORMALISED_CLIP
+        assert np.all((keras_scores > 1e-3) & (keras_scores < 1 - 1e-3)), keras_scores
+        assert numpy_scores == pytest.approx(keras_scores, abs=1e-6)
+
+
+def test_a_nearly_constant_column_gets_unit_scale_by_a_tolerance() -> None:
+    # Arrange: float32 rounding leaves a variance of ~1e-7 on a column that is constant in fact
+    filled = np.c_[np.linspace(0, 4, 1000), np.full(1000, 0.6931472, dtype=np.float32) + np.r_[1e-3, np.zeros(999)]]
+
+    # Act
+    variance = model.normalisation_variance(filled.astype(np.float32))
+
+    # Assert
+    assert variance[1] == 1.0
+    assert variance[0] == pytest.approx(np.var(filled[:, 0]), rel=1e-4)
+
+
+def test_a_new_shop_gets_heuristic_deciles_from_its_first_hour(tmp_path: Path) -> None:
+    # Arrange: one committed snapshot, no model trained; some users have an open cart or past purchases
+    settings = make_settings(tmp_path)
+    n = 2_000
+    rng = np.random.default_rng(9)
+    users = [f"u{i:05d}" for i in range(n)]
+    carts = rng.poisson(0.3, n)
+    bought_24h = rng.poisson(0.1, n)
+    purchases = rng.poisson(0.5, n)
+    table = pa.table(
+        {
+            USER_ID: pa.array(users, pa.string()),
+            "snapshot_hour": pa.array([T0] * n, pa.timestamp("ms", tz="UTC")),
+            "hours_since_last_event": pa.array(rng.integers(0, 48, n).astype(float)),
+            "count_cart_24h": pa.array(carts, pa.int64()),
+            "count_purchase_24h": pa.array(bought_24h, pa.int64()),
+            "count_purchase_lifetime": pa.array(purchases + bought_24h, pa.int64()),
+        }
+    )
+    from tests.test_labels import write_snapshot
+
+    write_snapshot(Lake(settings.lake), T0, table)
+
+    # Act
+    summaries = [model.score_profiles(settings, T0, bucket) for bucket in (0, 1)]
+    scores = model.read_scores(Lake(settings.lake), T0)
+
+    # Assert: a score from the first hour, named as the heuristic; no probability is claimed without labels
+    assert {s["model"] for s in summaries} == {"heuristic"}
+    assert "open cart" in summaries[0]["reason"]
+    assert set(scores.column(model.MODEL_VERSION).to_pylist()) == {model.HEURISTIC_VERSION}
+    assert scores.column(model.PROPENSITY).null_count == n
+    deciles = np.asarray(scores.column(model.DECILE))
+    assert np.all(np.abs(np.bincount(deciles, minlength=11)[1:] - n / 10) <= 2)
+    by_user = dict(zip(users, (carts > 0) & (bought_24h == 0), strict=True))
+    top = [by_user[u] for u, d in zip(scores.column(USER_ID).to_pylist(), deciles, strict=True) if d == 10]
+    assert all(top)  # open carts rank first
 
 
 @pytest.fixture(scope="module")
@@ -265,9 +444,11 @@ def test_score_profiles_uses_baseline_before_promotion_then_the_champion(trained
     profiles = lake.read(PROFILES, hour, 0).sort_by(USER_ID)
     propensity = np.asarray(scores.column(model.PROPENSITY))
     assert propensity == pytest.approx(model.load_model(settings, version).predict(profiles))
-    cuts = read_json(lake.path(MODELS, version, model.DECILES_FILE))["model"]
-    assert np.asarray(scores.column(model.DECILE)).tolist() == model.assign_deciles(propensity, cuts).tolist()
-    assert earlier["model"] == "none"
+    assert scores.column(model.DECILE).null_count == scores.num_rows  # deciles are a population property
+    population = model.read_scores(lake, hour).filter(pc.equal(pc.field(model.MODEL_VERSION), version))
+    expected = model.population_deciles(population.column(USER_ID), np.asarray(population.column(model.PROPENSITY)))
+    assert np.asarray(population.column(model.DECILE)).tolist() == expected.tolist()
+    assert earlier["model"] == "heuristic"
 
 
 # ---- TensorFlow-free scoring (profile_engine.inference) -------------------------------------------------------------
@@ -290,7 +471,7 @@ def keras_probabilities(trained: Trained, network: Any, kind: str, table: pa.Tab
     """Keras ``predict`` plus the version's calibration: what scoring returned before the numpy export."""
     raw = network.predict(model.model_inputs(table, NUMERIC, CATEGORICAL), verbose=0)
     directory = Lake(trained.settings.lake).path(MODELS, str(trained.summary["version"]))
-    calibration = read_json(directory / model.CALIBRATION_FILE) if kind == "model" else None
+    calibration = model.network_calibration(read_json(directory / model.CALIBRATION_FILE), kind)
     return model.apply_calibration(np.asarray(raw, dtype=np.float64).ravel(), calibration)
 
 

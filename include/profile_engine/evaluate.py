@@ -20,7 +20,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -386,16 +386,29 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class GateDecision:
-    """The gate's verdict with every check it made."""
+    """The gate's verdict with every check it made; ``deciding`` is the check that decided it."""
 
     promote: bool
     reasons: list[str]
     checks: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
+    deciding: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able form."""
-        return {"promote": self.promote, "reasons": self.reasons, "checks": self.checks, "config": self.config}
+        return {
+            "promote": self.promote,
+            "reasons": self.reasons,
+            "checks": self.checks,
+            "config": self.config,
+            "deciding": self.deciding,
+        }
+
+
+# Metrics that only depend on the ranking: the ones a heuristic (a rank, not a probability) is compared on.
+RANKING_METRICS = frozenset({"auc", "pr_auc", "precision_at_10", "lift_at_10", "precision_at_20", "lift_at_20"})
+# Names of heuristic scorers among the gate's baselines and in evaluation.json.
+HEURISTIC_PREFIX = "heuristic_"
 
 
 def _passes(value: float, bound: float, higher_is_better: bool) -> bool:
@@ -403,58 +416,138 @@ def _passes(value: float, bound: float, higher_is_better: bool) -> bool:
     return bool(value >= bound) if higher_is_better else bool(value <= bound)
 
 
-def gate(
-    challenger: Mapping[str, float], reference: Mapping[str, float] | None, config: GateConfig | None = None
-) -> GateDecision:
-    """Promote when every floor is cleared and no margin is exceeded against ``reference``.
+def _interval(
+    intervals: Mapping[str, Mapping[str, Sequence[float]]] | None, name: str, metric: str
+) -> list[float] | None:
+    pair = (intervals or {}).get(name, {}).get(metric)
+    return None if pair is None else [float(pair[0]), float(pair[1])]
 
-    Every reason names its metric. A NaN metric fails its check. Without a
-    reference only the floors apply.
+
+def gate(
+    challenger: Mapping[str, float],
+    reference: Mapping[str, float] | None,
+    config: GateConfig | None = None,
+    *,
+    baselines: Mapping[str, Mapping[str, float]] | None = None,
+    intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    reference_name: str = "reference",
+) -> GateDecision:
+    """Promote when every floor is cleared, the challenger is not worse than any baseline on the primary
+    metric, and no margin is exceeded against ``reference`` (the champion).
+
+    - Floors (higher-is-better) are tested on the point estimate; ceilings (ECE) on
+      the challenger's interval when ``intervals`` has one: rejected only when the whole
+      interval is above the ceiling (a point estimate of 0.055 against 0.05 is noise).
+    - ``baselines`` (the challenger's own baseline; before the first promotion also the
+      heuristics, named ``heuristic_*``): the challenger must not be below any of them on
+      the primary metric, with no margin. Heuristics are ranks, so they are only
+      compared on ranking metrics.
+    - ``reference``: worse by at most ``margin`` on the primary metric and by at most
+      ``margins[m]`` on each guard metric.
+
+    ``intervals`` is ``bootstrap_intervals`` output with the challenger under
+    ``"challenger"`` and paired differences under ``"challenger - <name>"``; reasons
+    quote them. Every reason names its metric; a NaN metric fails its check.
     """
     config = config or GateConfig()
     checks: list[dict[str, Any]] = []
     for name, bound in config.floors.items():
         higher = HIGHER_IS_BETTER[name]
         value = float(challenger[name])
+        interval = _interval(intervals, "challenger", name)
+        # A ceiling fails when the interval lies entirely above it; without an interval, on the point estimate.
+        tested = interval[0] if (interval is not None and not higher) else value
         checks.append(
             {
                 "check": "floor" if higher else "ceiling",
                 "metric": name,
                 "value": value,
                 "threshold": bound,
-                "passed": _passes(value, bound, higher),
+                "interval": interval,
+                "passed": _passes(tested, bound, higher),
+            }
+        )
+    primary = config.primary_metric
+    primary_higher = HIGHER_IS_BETTER[primary]
+    for name, values in (baselines or {}).items():
+        if name.startswith(HEURISTIC_PREFIX) and primary not in RANKING_METRICS:
+            continue
+        value, ref = float(challenger[primary]), float(values[primary])
+        checks.append(
+            {
+                "check": f"not worse than {name}",
+                "metric": primary,
+                "against": name,
+                "value": value,
+                "reference": ref,
+                "interval": _interval(intervals, f"challenger - {name}", primary),
+                "passed": _passes(value, ref, primary_higher),
             }
         )
     if reference is not None:
-        compared = {config.primary_metric: config.margin, **{k: v for k, v in config.margins.items()}}
+        compared = {primary: config.margin, **{k: v for k, v in config.margins.items()}}
         for name, margin in compared.items():
             higher = HIGHER_IS_BETTER[name]
             value, ref = float(challenger[name]), float(reference[name])
             shortfall = (ref - value) if higher else (value - ref)
             checks.append(
                 {
-                    "check": "primary margin" if name == config.primary_metric else "margin",
+                    "check": "primary margin" if name == primary else "margin",
                     "metric": name,
+                    "against": reference_name,
                     "value": value,
                     "reference": ref,
                     "threshold": margin,
+                    "interval": _interval(intervals, f"challenger - {reference_name}", name),
                     "passed": bool(shortfall <= margin),
                 }
             )
     failed = [c for c in checks if not c["passed"]]
     reasons = [_reason(c) for c in failed]
+    deciding = failed[0] if failed else _deciding_pass(checks, primary)
     return GateDecision(
-        promote=not failed, reasons=reasons or ["all checks passed"], checks=checks, config=config.as_dict()
+        promote=not failed,
+        reasons=reasons or ["all checks passed"],
+        checks=checks,
+        config=config.as_dict(),
+        deciding=dict(deciding) if deciding else {},
     )
 
 
+def _deciding_pass(checks: Sequence[Mapping[str, Any]], primary: str) -> Mapping[str, Any] | None:
+    """For a promotion: the primary metric's comparison with the champion, else with a baseline, else a floor."""
+    for kind in ("primary margin", "not worse than"):
+        for check in checks:
+            if check["check"].startswith(kind) and check["metric"] == primary:
+                return check
+    return checks[0] if checks else None
+
+
+def _fmt_interval(interval: Sequence[float] | None) -> str:
+    return "" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
 def _reason(check: Mapping[str, Any]) -> str:
-    metric, value, threshold = check["metric"], check["value"], check["threshold"]
+    metric, value = check["metric"], check["value"]
+    interval = check.get("interval")
     if check["check"] == "floor":
-        return f"{metric} {value:.4f} fails floor {threshold}"
+        tail = f" (95% interval {_fmt_interval(interval)})" if interval else ""
+        return f"{metric} {value:.4f} fails floor {check['threshold']}{tail}"
     if check["check"] == "ceiling":
-        return f"{metric} {value:.4f} exceeds ceiling {threshold}"
-    return f"{metric} {value:.4f} worse than reference {check['reference']:.4f} beyond margin {threshold}"
+        tail = f" (95% interval {_fmt_interval(interval)} entirely above)" if interval else ""
+        return f"{metric} {value:.4f} exceeds ceiling {check['threshold']}{tail}"
+    difference = value - check["reference"]
+    paired = f", 95% paired interval {_fmt_interval(interval)}" if interval else ""
+    if check["check"].startswith("not worse than"):
+        return (
+            f"{metric} {value:.4f} worse than {check['against']} {check['reference']:.4f} "
+            f"(difference {difference:.4f}{paired})"
+        )
+    tail = f" (difference {difference:.4f}{paired})" if interval else ""
+    return (
+        f"{metric} {value:.4f} worse than {check['against']} {check['reference']:.4f} "
+        f"beyond margin {check['threshold']}{tail}"
+    )
 
 
 # ---- curves for the model card ----------------------------------------------------------------------------------
@@ -654,16 +747,17 @@ def model_report(settings: Settings, hour: datetime, summaries: Mapping[str, Any
 
 
 # ---- stage ---------------------------------------------------------------------------------------------------------
-def _reference(settings: Settings, hour: datetime, version: str) -> tuple[str, LoadedModel]:
-    """The champion in force before this hour's promotion, else the challenger's own baseline."""
-    from profile_engine.model import load_model
-
+def _champion(settings: Settings, hour: datetime, version: str) -> str | None:
+    """The champion in force before this hour's promotion (for a rerun: the one it replaced), or None."""
     entry = registry.champion_as_of(settings, hour)
     if entry is not None and entry["version"] == version:  # a rerun: compare with what this promotion replaced
         entry = registry.champion_as_of(settings, hour - HOUR)
-    if entry is not None:
-        return f"champion {entry['version']}", load_model(settings, entry["version"], "model")
-    return f"baseline {version}", load_model(settings, version, "baseline")
+    return None if entry is None else str(entry["version"])
+
+
+def heuristic_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """``metrics`` of a heuristic: ranking metrics only, the probability metrics NaN (a rank is no probability)."""
+    return {k: (v if k in RANKING_METRICS else float("nan")) for k, v in metrics(y, p).items()}
 
 
 def _rounded(values: Mapping[str, Any], digits: int = 4) -> dict[str, Any]:
@@ -699,10 +793,48 @@ def evaluate_and_promote(
     _, rows, training = labels.read_training_set(settings, version)
     y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
     challenger = models.load_model(settings, version, "model")
-    reference_name, reference = _reference(settings, hour, version)
-    scores = {"challenger": challenger.predict(rows), "reference": reference.predict(rows)}
-    point = {name: metrics(y, p) for name, p in scores.items()}
-    decision = gate(point["challenger"], point["reference"], config)
+    champion = _champion(settings, hour, version)
+    # Everything is scored on the same rows: the champion (margins), the challenger's calibrated baseline
+    # and, before the first promotion, the heuristics (a model and a baseline sharing a bug cannot pass
+    # together against rules that use no preprocessing).
+    scores = {"challenger": challenger.predict(rows)}
+    if champion is not None:
+        scores["champion"] = models.load_model(settings, champion, "model").predict(rows)
+    scores["baseline"] = models.load_model(settings, version, "baseline").predict(rows)
+    if champion is None:
+        for name in models.HEURISTICS:
+            scores[HEURISTIC_PREFIX + name] = models.heuristic_scores(rows, name)
+    point = {
+        name: (heuristic_metrics(y, p) if name.startswith(HEURISTIC_PREFIX) else metrics(y, p))
+        for name, p in scores.items()
+    }
+    intervals = bootstrap_intervals(
+        y,
+        scores,
+        n_boot=n_boot,
+        seed=settings.seed,
+        differences=[("challenger", n) for n in scores if n != "challenger"],
+    )
+    compared = [n for n in scores if n != "challenger"]
+    reference_name = (
+        f"champion {champion}"
+        if champion is not None
+        else f"baseline {version}{models.BASELINE_SUFFIX} and heuristics ({', '.join(models.HEURISTICS)})"
+    )
+    decision = gate(
+        point["challenger"],
+        point.get("champion"),
+        config,
+        baselines={n: point[n] for n in compared if n != "champion"},
+        intervals=intervals,
+        reference_name="champion",
+    )
+    calibration = models.network_calibration(
+        read_json(Lake(settings.lake).path(MODELS, version, models.CALIBRATION_FILE)), "model"
+    )
+    note = models.calibration_note(calibration)
+    if note and not decision.promote:  # the cause behind the symptoms (e.g. AUC 0.50 of a flat network)
+        decision = replace(decision, reasons=[*decision.reasons, f"cause: {note}"])
     promoted = decision.promote or force_promote
     verdict = "gate passed" if decision.promote else "gate failed: " + "; ".join(decision.reasons)
     reason = f"{'forced, ' if force_promote else ''}{verdict} (against {reference_name})"
@@ -746,10 +878,9 @@ def evaluate_and_promote(
         "positives": int(y.sum()),
         "base_rate": float(y.mean()),
         "metrics": point,
-        "intervals": bootstrap_intervals(
-            y, scores, n_boot=n_boot, seed=settings.seed, differences=[("challenger", "reference")]
-        ),
-        "decision": decision.as_dict(),
+        "compared_with": "champion" if champion is not None else "baseline",
+        "intervals": intervals,
+        "decision": {**decision.as_dict(), "calibration": calibration},
         "promoted": promoted,
         "forced": force_promote,
         "from_hour": entry["from_hour"] if entry else None,
@@ -778,6 +909,7 @@ def evaluate_and_promote(
         "reference": reference_name,
         "forced": force_promote,
         "reasons": decision.reasons,
+        "deciding": decision.deciding,
         "gate": {"primary_metric": config.primary_metric, "margin": config.margin},
         "metrics": {name: _rounded(m) for name, m in point.items()},
         "intervals": {

@@ -8,7 +8,7 @@ each Keras network of a version is exported into two files next to its
 
 - ``<stem>.inference.json``: the layer graph in topological order (operation,
   inputs, activation, vocabularies with StringLookup's OOV semantics, the
-  normalisation epsilon) and the SHA-256 of the ``.keras`` file it came from;
+  normalisation epsilon, the clip limit of standardised inputs) and the SHA-256 of the ``.keras`` file it came from;
 - ``<stem>.inference.npz``: the weights (float32, as Keras holds them).
 
 ``InferenceNetwork`` runs the forward pass in numpy (float32 like Keras,
@@ -54,10 +54,12 @@ def inference_file_names(network_file: str) -> tuple[str, str]:
 
 
 # ---- export (imports keras) ----------------------------------------------------------------------------------------
-def export_network(network: Any, fill_missing_class: type, *, source_sha256: str) -> tuple[dict[str, Any], bytes]:
+def export_network(
+    network: Any, fill_missing_class: type, *, source_sha256: str, clip_class: type | None = None
+) -> tuple[dict[str, Any], bytes]:
     """The JSON spec and ``.npz`` bytes of a functional Keras model.
 
-    ``fill_missing_class`` is the package's ``FillMissing`` layer class;
+    ``fill_missing_class`` and ``clip_class`` are the package's ``FillMissing`` and ``Clip`` layer classes;
     ``source_sha256`` the checksum of the ``.keras`` file the network was saved
     as, recorded so a stale export is detected at load time. Raises
     ``UnsupportedLayer`` for any layer or setting outside the known set.
@@ -80,7 +82,11 @@ def export_network(network: Any, fill_missing_class: type, *, source_sha256: str
         node = operation._inbound_nodes[node_index]
         inputs = [visit(t) for t in node.input_tensors]
         name = operation.name if node_index == 0 else f"{operation.name}#{node_index}"
-        spec = {"name": name, "inputs": inputs, **_layer_spec(keras, operation, fill_missing_class, name, arrays)}
+        spec = {
+            "name": name,
+            "inputs": inputs,
+            **_layer_spec(keras, operation, (fill_missing_class, clip_class), name, arrays),
+        }
         nodes.append(spec)
         names[key] = name
         return name
@@ -98,11 +104,12 @@ def export_network(network: Any, fill_missing_class: type, *, source_sha256: str
 
 
 def _layer_spec(
-    keras: Any, layer: Any, fill_missing_class: type, name: str, arrays: dict[str, np.ndarray]
+    keras: Any, layer: Any, custom: tuple[type, type | None], name: str, arrays: dict[str, np.ndarray]
 ) -> dict[str, Any]:
     """The spec entry of one layer, its weights added to ``arrays``; ``UnsupportedLayer`` for anything unknown."""
     layers = keras.layers
     kind = type(layer)
+    fill_missing_class, clip_class = custom
 
     def refuse(why: str) -> UnsupportedLayer:
         return UnsupportedLayer(f"cannot export layer {layer.name!r} ({kind.__name__}): {why}")
@@ -123,6 +130,8 @@ def _layer_spec(
         raise refuse(f"compute dtype {layer.compute_dtype}; only float32 is supported")
     if kind is fill_missing_class:
         return {"op": "fill_missing"}
+    if clip_class is not None and kind is clip_class:
+        return {"op": "clip", "limit": float(layer.limit)}  # keras.ops.clip(x, -limit, limit), in float32
     if kind is layers.Normalization:
         if layer.invert or tuple(layer.axis) != (-1,):
             raise refuse(f"invert={layer.invert}, axis={layer.axis}; only invert=False over the last axis")
@@ -278,6 +287,9 @@ class InferenceNetwork:
         if op == "normalize":
             y = np.subtract(args[0], self._arrays[node["mean"]])
             return np.divide(y, self._arrays[node["name"] + "/scale"], out=y)
+        if op == "clip":
+            limit = np.float32(node["limit"])
+            return np.clip(args[0], -limit, limit)
         if op == "string_lookup":
             return _lookup(self._lookups[node["name"]], args[0])
         if op == "embedding":

@@ -179,7 +179,25 @@ def custom_layers() -> dict[str, Any]:
             width = input_shape[-1]
             return (*input_shape[:-1], None if width is None else 2 * width)
 
-    return {"FillMissing": FillMissing}
+    @keras.saving.register_keras_serializable(package="profile_engine")
+    class Clip(keras.layers.Layer):  # type: ignore[misc]
+        """Clip standardised inputs to ``[-limit, limit]``: a value far outside the training range
+        (a new category of behaviour, a unit error upstream) cannot push the score to 0 or 1."""
+
+        def __init__(self, limit: float = NORMALISED_CLIP, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.limit = float(limit)
+
+        def call(self, x: Any) -> Any:
+            return keras.ops.clip(x, -self.limit, self.limit)
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "limit": self.limit}
+
+        def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+            return input_shape
+
+    return {"FillMissing": FillMissing, "Clip": Clip}
 
 
 def vocabulary(values: np.ndarray, limit: int) -> list[str]:
@@ -189,17 +207,26 @@ def vocabulary(values: np.ndarray, limit: int) -> list[str]:
     return sorted(levels[order].tolist())
 
 
+# A training column whose standard deviation (after FillMissing) is at or below this is treated as constant.
+# An equality test with 0 missed float32 rounding (a variance of 1.7e-7 on a column constant in fact, so a
+# 2 at scoring became about +970 standard units); log-compressed real features vary far more than 1e-3.
+NORMALISATION_MIN_STD = 1e-3
+# Standardised numeric inputs are clipped to +-NORMALISED_CLIP (the Clip layer after Normalization).
+NORMALISED_CLIP = 6.0
+
+
 def normalisation_variance(filled: np.ndarray) -> np.ndarray:
-    """Per-column variance for the Normalization layer, 1 where the training column is constant.
+    """Per-column variance for the Normalization layer, 1 where the training column is (nearly) constant.
 
     Keras divides by ``max(sqrt(variance), 1e-7)``: a column constant in training (a
     missing-indicator of a feature that was never missing, a count that was always 0)
     would turn any other value at scoring into about 1e7 and pin the score at 0 or 1.
     Unit variance leaves such a column at its offset from the training value, as
-    scikit-learn's StandardScaler does.
+    scikit-learn's StandardScaler does. "Constant" is a tolerance
+    (``NORMALISATION_MIN_STD``, variance computed in float64), not an equality test.
     """
-    variance = filled.var(axis=0)
-    return np.where(variance > 0, variance, 1.0)
+    variance = np.asarray(filled, dtype=np.float64).var(axis=0)
+    return np.where(variance > NORMALISATION_MIN_STD**2, variance, 1.0)
 
 
 def build_network(
@@ -212,11 +239,12 @@ def build_network(
     """
     import keras
 
-    fill = custom_layers()["FillMissing"]()
+    layers = custom_layers()
+    fill = layers["FillMissing"]()
     numeric_in = keras.Input(shape=(len(numeric),), dtype="float32", name=NUMERIC_INPUT)
     filled_train = np.asarray(fill(numeric_matrix(train, numeric)))
     norm = keras.layers.Normalization(mean=filled_train.mean(axis=0), variance=normalisation_variance(filled_train))
-    parts = [norm(fill(numeric_in))]
+    parts = [layers["Clip"](NORMALISED_CLIP, name="clip")(norm(fill(numeric_in)))]
     inputs = [numeric_in]
     for column in categorical:
         cat_in = keras.Input(shape=(1,), dtype="string", name=CATEGORICAL_PREFIX + column)
@@ -246,44 +274,159 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(q / (1 - q))
 
 
-def fit_platt(raw: np.ndarray, y: np.ndarray, iterations: int = 100) -> dict[str, Any]:
-    """Platt scaling ``p = sigmoid(a * logit(raw) + b)`` by Newton's method on Platt's smoothed targets.
+# Calibration: a Platt fit whose slope leaves (0, PLATT_MAX_SLOPE] or a slice with fewer than
+# CALIBRATION_MIN_CLASS rows of either class falls back to the intercept only (slope 1: the raw ranking and
+# spread are kept, the mean moves to the base rate). Probabilities are kept inside CALIBRATION_BOUNDS.
+PLATT_MAX_SLOPE = 20.0
+PLATT_RIDGE = 1.0  # Gaussian prior on (slope - 1), in pseudo-observations (the intercept is free)
+CALIBRATION_MIN_CLASS = 10
+CALIBRATION_BOUNDS = (1e-4, 1 - 1e-4)
+# A network whose output spreads less than this (std of logit over the calibration slice) has not learnt.
+FLAT_LOGIT_STD = 1e-3
+
+
+def fit_platt(raw: np.ndarray, y: np.ndarray, *, slope: bool = True, iterations: int = 100) -> dict[str, Any]:
+    """Platt scaling ``p = sigmoid(a * logit(raw) + b)`` by damped Newton steps on Platt's smoothed targets.
 
     The smoothed targets ((N+ + 1)/(N+ + 2), 1/(N- + 2)) keep a small slice from
-    producing overconfident extremes.
+    producing overconfident extremes; a ridge prior (``PLATT_RIDGE``) pulls the slope
+    towards 1, so a separable slice or a near-constant
+    score (the curvature in ``a`` vanishes) cannot run the coefficients to infinity.
+    ``slope=False`` fits the intercept only (``a`` = 1).
     """
     y = np.asarray(y, dtype=np.float64)
     n_pos = y.sum()
     n_neg = y.size - n_pos
     target = np.where(y > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
     x = np.column_stack([_logit(raw), np.ones(y.size)])
-    w = np.array([1.0, 0.0])
+    free = np.array([slope, True])
+    prior = np.array([1.0, 0.0])
+    ridge = np.array([PLATT_RIDGE, 1e-9])  # a free intercept: a base rate of 1% needs b near -4.6
+    w = prior.copy()
+
+    def loss(v: np.ndarray) -> float:
+        z = x @ v
+        return float(np.sum(np.logaddexp(0, z) - target * z) + np.sum(ridge / 2 * (v - prior) ** 2))
+
+    current = loss(w)
     for _ in range(iterations):
         p = 1 / (1 + np.exp(-(x @ w)))
-        gradient = x.T @ (p - target)
-        hessian = x.T @ (x * (p * (1 - p))[:, None]) + 1e-9 * np.eye(2)
+        gradient = (x.T @ (p - target) + ridge * (w - prior)) * free
+        hessian = x.T @ (x * (p * (1 - p))[:, None]) + np.diag(ridge)
+        hessian = np.where(np.outer(free, free), hessian, np.eye(2))
         step = np.linalg.solve(hessian, gradient)
-        w -= step
-        if np.max(np.abs(step)) < 1e-10:
+        scale = 1.0
+        while scale > 1e-6 and not loss(w - scale * step) <= current:  # halve until the loss does not rise
+            scale /= 2
+        w = w - scale * step
+        current = loss(w)
+        if np.max(np.abs(scale * step)) < 1e-10:
             break
-    return {"method": "platt", "a": float(w[0]), "b": float(w[1])}
+    return {"method": "platt" if slope else "platt_intercept", "a": float(w[0]), "b": float(w[1])}
+
+
+def fit_calibration(raw: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """The calibration of one network from its scores on the held-out (newest) time slice.
+
+    Regularised Platt scaling, checked: a finite slope in (0, ``PLATT_MAX_SLOPE``]
+    (monotone, no step function) and enough rows of both classes. Otherwise the
+    intercept alone is fitted and ``fallback`` says why; ``flat`` notes a network
+    whose output hardly varies (it has not learnt: any calibration of it is the base
+    rate). Outputs are clipped to ``CALIBRATION_BOUNDS`` by ``apply_calibration``.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    raw = np.asarray(raw, dtype=np.float64)
+    positives, rows = int(y.sum()), int(y.size)
+    spread = float(np.std(_logit(raw))) if rows else 0.0
+    fallback = None
+    if min(positives, rows - positives) < CALIBRATION_MIN_CLASS:
+        fallback = (
+            f"{positives} positives and {rows - positives} negatives in the calibration slice "
+            f"(fewer than {CALIBRATION_MIN_CLASS} of a class): slope kept at 1, intercept fitted"
+        )
+    else:
+        platt = fit_platt(raw, y)
+        if not (np.isfinite(platt["a"]) and np.isfinite(platt["b"]) and 0 < platt["a"] <= PLATT_MAX_SLOPE):
+            fallback = f"platt slope {platt['a']:.4g} outside (0, {PLATT_MAX_SLOPE}]: slope kept at 1, intercept fitted"
+    fitted = fit_platt(raw, y, slope=False) if fallback else platt
+    return {
+        **fitted,
+        "bounds": list(CALIBRATION_BOUNDS),
+        "rows": rows,
+        "positives": positives,
+        "logit_std": spread,
+        "flat": bool(spread < FLAT_LOGIT_STD),
+        "fallback": fallback,
+    }
+
+
+def calibration_note(calibration: Mapping[str, Any] | None) -> str | None:
+    """A short sentence on what went wrong with a calibration (fallback, flat network), or None."""
+    if not calibration:
+        return None
+    notes = []
+    if calibration.get("flat"):
+        notes.append(
+            f"network output nearly constant on the calibration slice (logit std {calibration['logit_std']:.2g}): "
+            "the network did not learn"
+        )
+    if calibration.get("fallback"):
+        notes.append(f"calibration fell back ({calibration['fallback']})")
+    return "; ".join(notes) or None
 
 
 def apply_calibration(raw: np.ndarray, calibration: Mapping[str, Any] | None) -> np.ndarray:
-    """Calibrated probabilities (identity without a calibration)."""
+    """Calibrated probabilities (identity without a calibration), inside the calibration's bounds if it has any."""
     if calibration is None:
         return np.asarray(raw, dtype=np.float64)
-    return np.asarray(1 / (1 + np.exp(-(calibration["a"] * _logit(raw) + calibration["b"]))), dtype=np.float64)
+    p = np.asarray(1 / (1 + np.exp(-(calibration["a"] * _logit(raw) + calibration["b"]))), dtype=np.float64)
+    bounds = calibration.get("bounds")
+    return np.clip(p, bounds[0], bounds[1]) if bounds else p
 
 
 def decile_cut_points(scores: np.ndarray) -> list[float]:
-    """The nine cut points (10th..90th percentiles) of the training scores."""
+    """The nine cut points (10th..90th percentiles) of the training scores (``deciles.json``, for reference).
+
+    Scoring does not use them: tied scores at a cut all went up, so the top decile held a
+    quarter of the users. Hourly deciles come from ``population_deciles``.
+    """
     return [float(v) for v in np.quantile(np.asarray(scores, dtype=np.float64), np.linspace(0.1, 0.9, 9))]
 
 
 def assign_deciles(scores: np.ndarray, cut_points: Sequence[float]) -> np.ndarray:
     """Decile 1-10 (10 = highest) of each score against stored cut points; a score on a cut goes up."""
     return (1 + np.searchsorted(np.asarray(cut_points), np.asarray(scores), side="right")).astype(np.int8)
+
+
+def population_deciles(user_ids: pa.Array | pa.ChunkedArray, scores: np.ndarray) -> np.ndarray:
+    """Decile 1-10 (10 = highest) of every user by rank in the scored population; 0 where the score is NaN.
+
+    Users are ordered by score, ties by ``md5(user_id)`` (stable across processes,
+    versions and row orders), and the user with t users above it (of n) gets
+    ``10 - floor(10 t / n)``: every decile holds n/10 users within one user, however many
+    scores are tied, and the highest score is in decile 10 even with fewer than ten users. The cut between two deciles may fall inside a group of equal
+    scores; which of those users go up is decided by the hash, the same every hour.
+    """
+    import duckdb
+
+    values = np.asarray(scores, dtype=np.float64)
+    scored = ~np.isnan(values)
+    out = np.zeros(values.size, dtype=np.int8)
+    n = int(scored.sum())
+    if n == 0:
+        return out
+    index = np.flatnonzero(scored)
+    ids = pc.cast(user_ids, pa.string()).take(pa.array(index))
+    table = pa.table({"i": pa.array(index, pa.int64()), "u": ids, "s": pa.array(values[scored])})
+    con = duckdb.connect()
+    try:
+        con.register("population", table)
+        order = con.execute("SELECT i FROM population ORDER BY s, md5(u), u").fetchnumpy()["i"]
+    finally:
+        con.close()
+    from_top = np.arange(n - 1, -1, -1, dtype=np.int64)  # 0 for the highest score
+    out[np.asarray(order, dtype=np.int64)] = (10 - (10 * from_top) // n).astype(np.int8)
+    return out
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -294,6 +437,7 @@ class FittedModels:
     model: Any
     baseline: Any
     calibration: dict[str, Any]
+    baseline_calibration: dict[str, Any]
     cut_points: list[float]
     baseline_cut_points: list[float]
     numeric: tuple[str, ...]
@@ -374,14 +518,17 @@ def fit_models(
     baseline = build_network(fit_rows, numeric, categorical, config, logistic=True)
     baseline_epochs = fit(baseline, None, config.baseline_learning_rate)
 
-    calibration = fit_platt(_predict(model, val_in), val_y)
-    train_scores = apply_calibration(_predict(model, inputs), calibration)
+    # Both networks are calibrated on the held-out newest slice: the network's class weights distort its
+    # output, and the baseline, fitted on older snapshots, misses the slice's base rate (0.33 against 0.16).
+    calibration = fit_calibration(_predict(model, val_in), val_y)
+    baseline_calibration = fit_calibration(_predict(baseline, val_in), val_y)
     return FittedModels(
         model=model,
         baseline=baseline,
         calibration=calibration,
-        cut_points=decile_cut_points(train_scores),
-        baseline_cut_points=decile_cut_points(_predict(baseline, inputs)),
+        baseline_calibration=baseline_calibration,
+        cut_points=decile_cut_points(apply_calibration(_predict(model, inputs), calibration)),
+        baseline_cut_points=decile_cut_points(apply_calibration(_predict(baseline, inputs), baseline_calibration)),
         numeric=tuple(numeric),
         categorical=tuple(categorical),
         report={
@@ -457,16 +604,18 @@ def model_card(
         lines += ["", "## Gate", "", "Not evaluated yet."]
         return "\n".join(lines) + "\n"
     names = list(evaluation["metrics"])
+    compared = evaluation.get("compared_with", "reference")  # evaluations written before 2026-12 say "reference"
     lines += [
         "",
         f"Reference: {evaluation['reference']}. 95% paired bootstrap intervals in brackets; "
-        "the last column is the interval of challenger minus reference.",
+        f"the last column is the interval of challenger minus {compared}. Heuristics are ranks: "
+        "only their ranking metrics are shown.",
         "",
         "| metric | " + " | ".join(names) + " | difference |",
         "|---" * (len(names) + 2) + "|",
     ]
     intervals = evaluation["intervals"]
-    difference = intervals.get("challenger - reference", {})
+    difference = intervals.get(f"challenger - {compared}", {})
     for key in evaluate.HIGHER_IS_BETTER:
         cells = [
             f"{_fmt(evaluation['metrics'][n][key])} [{_fmt(intervals[n][key][0])}, {_fmt(intervals[n][key][1])}]"
@@ -489,6 +638,14 @@ def model_card(
         f"- reference: {evaluation['reference']}",
         f"- decision: {verdict}{' (forced)' if evaluation['forced'] else ''}; " + "; ".join(decision["reasons"]),
     ]
+    deciding = decision.get("deciding") or {}
+    if deciding:
+        interval = deciding.get("interval")
+        lines.append(
+            f"- deciding check: {deciding['check']} on {deciding['metric']} ({_fmt(deciding['value'])}"
+            + (f", 95% interval [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else "")
+            + ")"
+        )
     if evaluation.get("from_hour"):
         lines.append(f"- champion from hour {evaluation['from_hour']}")
     drift = evaluation.get("drift") or {}
@@ -610,11 +767,13 @@ def write_model_dir(
     eval_inputs = model_inputs(training.eval, fitted.numeric, fitted.categorical)
     y = np.asarray(training.eval.column(labels.LABEL), dtype=np.float64)
     raw = _predict(fitted.model, eval_inputs)
+    baseline_raw = _predict(fitted.baseline, eval_inputs)
     metrics = {
         "eval": {
             "model": evaluate.metrics(y, apply_calibration(raw, fitted.calibration)),
             "model_uncalibrated": evaluate.metrics(y, raw),
-            "baseline": evaluate.metrics(y, _predict(fitted.baseline, eval_inputs)),
+            "baseline": evaluate.metrics(y, apply_calibration(baseline_raw, fitted.baseline_calibration)),
+            "baseline_uncalibrated": evaluate.metrics(y, baseline_raw),
         },
         "training": fitted.report,
     }
@@ -644,7 +803,16 @@ def write_model_dir(
                     check_rows=training.eval,
                 ).items()
             ],
-            (CALIBRATION_FILE, _json_bytes({**fitted.calibration, "fitted_on": training_info["train_snapshots"][-1]})),
+            (
+                CALIBRATION_FILE,
+                _json_bytes(
+                    {
+                        **fitted.calibration,
+                        "fitted_on": training_info["train_snapshots"][-1],
+                        "baseline": {**fitted.baseline_calibration, "fitted_on": training_info["train_snapshots"][-1]},
+                    }
+                ),
+            ),
             (DECILES_FILE, _json_bytes({"model": fitted.cut_points, "baseline": fitted.baseline_cut_points})),
             (FEATURES_FILE, _json_bytes(features)),
             (METRICS_FILE, _json_bytes(metrics)),
@@ -687,8 +855,12 @@ def inference_files(
     ``EXPORT_CHECK_ROWS`` of them (``ExportMismatch`` beyond ``EXPORT_TOLERANCE``).
     Raises ``inference.UnsupportedLayer`` for a layer the export does not know.
     """
+    layers = custom_layers()
     spec, weights = inference.export_network(
-        network, custom_layers()["FillMissing"], source_sha256=hashlib.sha256(keras_bytes).hexdigest()
+        network,
+        layers["FillMissing"],
+        source_sha256=hashlib.sha256(keras_bytes).hexdigest(),
+        clip_class=layers["Clip"],
     )
     spec_name, weights_name = INFERENCE_FILES[kind]
     files = {spec_name: inference.spec_bytes(spec), weights_name: weights}
@@ -817,6 +989,15 @@ def _inference_network(path: Path, kind: str) -> tuple[inference.InferenceNetwor
 _FELL_BACK: set[tuple[str, str]] = set()
 
 
+def network_calibration(stored: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
+    """The calibration of ``kind`` in a version's ``calibration.json``: the network's at the top level,
+    the baseline's under ``baseline`` (None in versions written before the baseline was calibrated)."""
+    if kind == "model":
+        return {k: v for k, v in stored.items() if k != "baseline"}
+    baseline = stored.get("baseline")
+    return dict(baseline) if baseline else None
+
+
 @functools.lru_cache(maxsize=4)
 def _load(directory: str, kind: str, stamp: str) -> LoadedModel:
     path = Path(directory)
@@ -841,7 +1022,7 @@ def _load(directory: str, kind: str, stamp: str) -> LoadedModel:
         version=path.name,
         kind=kind,
         network=network,
-        calibration=read_json(path / CALIBRATION_FILE) if kind == "model" else None,
+        calibration=network_calibration(read_json(path / CALIBRATION_FILE), kind),
         cut_points=tuple(read_json(path / DECILES_FILE)[kind]),
         numeric=tuple(features["numeric"]),
         categorical=tuple(features["categorical"]),
@@ -861,17 +1042,20 @@ def load_model(settings: Settings, version: str, kind: str = "model") -> LoadedM
     return _load(str(directory), kind, stamp)
 
 
-def score_table(profiles: pa.Table, model: LoadedModel | None) -> pa.Table:
-    """The scores table of profile rows, sorted by user: nulls and ``NO_MODEL`` without a model."""
+def score_table(profiles: pa.Table, model: LoadedModel | None, *, heuristic: bool = False) -> pa.Table:
+    """The scores table of profile rows, sorted by user; deciles are left null (see ``read_scores``).
+
+    Without a model: null propensity and ``HEURISTIC_VERSION`` when ``heuristic`` (the
+    deciles then rank the heuristic), else ``NO_MODEL``.
+    """
     n = profiles.num_rows
     if model is None:
         propensity = pa.nulls(n, pa.float64())
         decile = pa.nulls(n, pa.int8())
-        version = NO_MODEL
+        version = HEURISTIC_VERSION if heuristic else NO_MODEL
     else:
-        scores = model.predict(profiles)
-        propensity = pa.array(scores, pa.float64())
-        decile = pa.array(assign_deciles(scores, model.cut_points), pa.int8())
+        propensity = pa.array(model.predict(profiles), pa.float64())
+        decile = pa.nulls(n, pa.int8())  # a population property: filled by read_scores over every bucket
         version = model.label
     scores = pa.table(
         [profiles.column(USER_ID), propensity, decile, pa.repeat(pa.scalar(version, pa.string()), n)],
@@ -888,6 +1072,80 @@ def scoring_model(settings: Settings, hour: datetime) -> LoadedModel | None:
         return load_model(settings, entry["version"], "model")
     version = registry.newest_model_at_or_before(settings, hour)
     return load_model(settings, version, "baseline") if version is not None else None
+
+
+# ---- heuristics and population deciles -----------------------------------------------------------------------------
+# Rules a shop can use before any model exists, and that every challenger must beat before the first promotion.
+# Each maps profile rows to a score in [0, 1) (higher = more likely to buy); a rank, not a probability.
+HEURISTICS: dict[str, str] = {
+    "recency": "fewer hours since the last event first",
+    "open_cart": "open cart (carted in the last 24 h and not bought) first, then more past purchases",
+}
+HEURISTIC_COLUMNS: tuple[str, ...] = (
+    "hours_since_last_event",
+    "count_cart_24h",
+    "count_purchase_24h",
+    "count_purchase_lifetime",
+)
+# What scores record as model_version when a new shop is ranked by the open-cart heuristic (no model yet).
+FIRST_HOUR_HEURISTIC = "open_cart"
+HEURISTIC_VERSION = "heuristic-" + FIRST_HOUR_HEURISTIC
+
+
+def _column_or_nan(table: pa.Table, column: str) -> np.ndarray:
+    if column not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return np.asarray(pc.fill_null(pc.cast(table.column(column), pa.float64()), np.nan), dtype=np.float64)
+
+
+def heuristic_scores(table: pa.Table, name: str) -> np.ndarray:
+    """The ``HEURISTICS[name]`` score of profile rows in [0, 1); missing columns or values rank lowest.
+
+    ``recency``: 1 / (1 + hours since the last event). ``open_cart``: 0.5 for an open
+    cart (a cart in the last 24 h and no purchase in them) plus 0.5 * p / (1 + p) for p
+    lifetime purchases, so an open cart outranks any purchase history and purchases
+    order the rest.
+    """
+    if name == "recency":
+        hours = _column_or_nan(table, "hours_since_last_event")
+        return np.where(np.isnan(hours), 0.0, 1.0 / (1.0 + np.maximum(hours, 0.0)))
+    if name == "open_cart":
+        carts = np.nan_to_num(_column_or_nan(table, "count_cart_24h"))
+        bought = np.nan_to_num(_column_or_nan(table, "count_purchase_24h"))
+        purchases = np.maximum(np.nan_to_num(_column_or_nan(table, "count_purchase_lifetime")), 0.0)
+        return np.asarray(0.5 * ((carts > 0) & (bought == 0)) + 0.5 * purchases / (1.0 + purchases), dtype=np.float64)
+    raise ValueError(f"unknown heuristic {name!r}; known: {sorted(HEURISTICS)}")
+
+
+def read_scores(lake: Lake, hour: datetime) -> pa.Table:
+    """The hour's committed scores (every bucket) with ``propensity_decile`` filled on the scored population.
+
+    Deciles are ranks over all buckets (``population_deciles``): cut points of one
+    bucket, or of the training scores, do not make tenths of the population. Rows
+    scored by the first-hour heuristic (null propensity) are ranked by that heuristic,
+    recomputed from the hour's committed profiles. An hour whose every row already
+    carries a decile (scores written by older code) is returned as written. Raises
+    ``FileNotFoundError`` when no scores are committed.
+    """
+    scores = lake.read(SCORES, hour)
+    if scores.num_rows and scores.column(DECILE).null_count == 0:
+        return scores  # written with deciles (by older code, which used training cut points): kept as written
+    versions = np.asarray(scores.column(MODEL_VERSION).to_pylist(), dtype=object)
+    key = np.asarray(pc.fill_null(scores.column(PROPENSITY), np.nan), dtype=np.float64)
+    by_heuristic = versions == HEURISTIC_VERSION
+    if by_heuristic.any():
+        import pyarrow.parquet as pq
+
+        present = set(pq.read_schema(lake.data_files(PROFILES, hour)[0]).names)
+        wanted = [USER_ID, *[c for c in HEURISTIC_COLUMNS if c in present]]
+        profiles = lake.read(PROFILES, hour, columns=wanted)
+        ranked = heuristic_scores(profiles, FIRST_HOUR_HEURISTIC)
+        position = pc.index_in(scores.column(USER_ID), value_set=profiles.column(USER_ID))
+        found = np.asarray(pc.fill_null(position, -1), dtype=np.int64)
+        key = np.where(by_heuristic & (found >= 0), ranked[np.maximum(found, 0)], key)
+    deciles = population_deciles(scores.column(USER_ID), key)
+    column = pa.array(deciles, pa.int8(), mask=deciles == 0)
+    return scores.set_column(scores.schema.get_field_index(DECILE), DECILE, column)
 
 
 # ---- stages --------------------------------------------------------------------------------------------------------
@@ -967,14 +1225,14 @@ def score_profiles(settings: Settings, hour: datetime, bucket: int, *, run_id: s
         raise FileNotFoundError(f"profile snapshot of {format_hour(hour)} is not committed; publish_profiles first")
     model = scoring_model(settings, hour)
     columns = [USER_ID] if model is None else [USER_ID, *model.numeric, *model.categorical]
-    scores = score_table(lake.read(PROFILES, hour, bucket, columns=list(dict.fromkeys(columns))), model)
-    kind = "none" if model is None else ("champion" if model.kind == "model" else "baseline")
+    scores = score_table(lake.read(PROFILES, hour, bucket, columns=list(dict.fromkeys(columns))), model, heuristic=True)
+    kind = "heuristic" if model is None else ("champion" if model.kind == "model" else "baseline")
     lake.write_partition(
         SCORES, hour, scores, bucket=bucket, run_id=run_id, extra={MODEL_VERSION: scores_version(model), "model": kind}
     )
     faults.maybe_fail(faults.BETWEEN_SCORE_BUCKETS)
     summary: dict[str, Any] = {
-        "status": "scored" if model is not None else "no_model",
+        "status": "scored" if model is not None else "heuristic",
         "bucket": bucket,
         "rows": scores.num_rows,
         "model": kind,
@@ -983,12 +1241,15 @@ def score_profiles(settings: Settings, hour: datetime, bucket: int, *, run_id: s
     if model is not None:
         summary["engine"] = model.engine  # "keras" means the version lacks the export: see export_inference
     if model is None:
-        summary["reason"] = "no model trained yet: scores written with null propensity"
+        summary["reason"] = (
+            f"no model trained yet: deciles rank the {HEURISTICS[FIRST_HOUR_HEURISTIC]} heuristic; "
+            "propensity is null (no labels to calibrate a probability)"
+        )
     elif model.kind == "baseline":
-        summary["reason"] = "no champion promoted yet: scored with the baseline"
+        summary["reason"] = "no champion promoted yet: scored with the calibrated baseline"
     return summary
 
 
 def scores_version(model: LoadedModel | None) -> str:
-    """The ``model_version`` value scores record for ``model``."""
-    return NO_MODEL if model is None else model.label
+    """The ``model_version`` value scores record for ``model`` (None: the first-hour heuristic)."""
+    return HEURISTIC_VERSION if model is None else model.label

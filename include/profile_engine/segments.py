@@ -941,9 +941,11 @@ def _read_snapshot(lake: lk.Lake, hour: datetime) -> pa.Table:
 
 
 def _read_scores(lake: lk.Lake, hour: datetime) -> pa.Table | None:
-    """Committed scores of ``hour`` (score columns only), or None when none are committed."""
+    """Committed scores of ``hour`` (score columns only, deciles on the whole scored population), or None."""
+    from profile_engine.model import read_scores
+
     try:
-        return lake.read(lk.SCORES, hour, columns=[USER_ID, *SCORE_COLUMNS])
+        return read_scores(lake, hour).select([USER_ID, *SCORE_COLUMNS])
     except FileNotFoundError:
         return None
 
