@@ -6,6 +6,7 @@ The synthetic-lake helpers at the top are also used by test_model.py and test_ev
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -153,16 +154,62 @@ def test_label_counts_purchases_in_window_only_from_staged_hours_that_can_hold_t
     assert labelled.column(labels.LABEL).type == pa.int8()
 
 
-def test_staged_hours_cover_window_plus_lateness() -> None:
+def test_a_purchase_staged_through_the_clock_skew_in_the_hour_before_the_window_is_a_label(tmp_path: Path) -> None:
+    # Arrange: snapshot S = 10:00, window [11:00, 12:00); a purchase at 11:02 is accepted by the
+    # hour 10 ingestion (inside the 5-minute clock skew) and staged there, not in hour 11
+    settings = make_settings(tmp_path, clock_skew_minutes=5)
+    s = T0 + 10 * HOUR
+    write_events(Lake(settings.lake), [("skewed", PURCHASE, s + HOUR + timedelta(minutes=2), s)])
+    examples = pa.table({USER_ID: ["skewed"], SNAPSHOT_HOUR: pa.array([s], TS)})
+
+    # Act
+    labelled = labels.label_examples(settings, examples)
+
+    # Assert
+    assert labelled.column(labels.LABEL).to_pylist() == [1]
+
+
+def test_staged_hours_cover_window_plus_lateness_and_the_clock_skew() -> None:
     # Arrange
-    settings = Settings(label_horizon_hours=2, lateness_hours=3)
+    settings = Settings(label_horizon_hours=2, lateness_hours=3, clock_skew_minutes=5)
     start, end = labels.label_window(T0, settings.label_horizon_hours)
 
     # Act
     hours = labels.staged_hours_for_window(settings, start, end)
+    no_skew = labels.staged_hours_for_window(replace(settings, clock_skew_minutes=0), start, end)
+    long_skew = labels.staged_hours_for_window(replace(settings, clock_skew_minutes=61), start, end)
 
-    # Assert: [01:00, 03:00) can arrive until 06:00, i.e. in processing hours 01..05
-    assert hours == [T0 + i * HOUR for i in range(1, 6)]
+    # Assert: [01:00, 03:00) is staged from hour 00 (00:00 + 1 h + skew > 01:00) until it can
+    # no longer arrive, 06:00, i.e. in processing hours 00..05
+    assert hours == [T0 + i * HOUR for i in range(0, 6)]
+    assert no_skew == [T0 + i * HOUR for i in range(1, 6)]
+    assert long_skew == [T0 + i * HOUR for i in range(-1, 6)]
+
+
+@hypothesis_settings(max_examples=60, deadline=None)
+@given(
+    start_minutes=st.integers(min_value=0, max_value=48 * 60),
+    length_minutes=st.integers(min_value=1, max_value=48 * 60),
+    lateness=st.integers(min_value=0, max_value=30),
+    skew=st.integers(min_value=0, max_value=150),
+)
+def test_staged_hours_are_exactly_the_hours_whose_ingestion_accepts_a_ts_in_the_window(
+    start_minutes: int, length_minutes: int, lateness: int, skew: int
+) -> None:
+    # Arrange: ingestion of hour H accepts ts in [H - lateness, H + 1 h + skew) (ingest.validate_events)
+    settings = Settings(lateness_hours=lateness, clock_skew_minutes=skew)
+    start = T0 + timedelta(minutes=start_minutes)
+    end = start + timedelta(minutes=length_minutes)
+    candidates = [T0 + i * HOUR for i in range(-10, 200)]
+
+    def overlaps(h: datetime) -> bool:
+        return h - lateness * HOUR < end and start < h + HOUR + timedelta(minutes=skew)
+
+    # Act
+    hours = labels.staged_hours_for_window(settings, start, end)
+
+    # Assert
+    assert hours == [h for h in candidates if overlaps(h)]
 
 
 @hypothesis_settings(max_examples=50, deadline=None)

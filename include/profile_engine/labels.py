@@ -106,11 +106,15 @@ def newest_final_snapshot_hour(settings: Settings, hour: datetime) -> datetime:
 def staged_hours_for_window(settings: Settings, start: datetime, end: datetime) -> list[datetime]:
     """Processing hours whose staged events can have ``ts`` in ``[start, end)``.
 
-    An event is staged by the hour it arrived in, at most ``lateness`` after its
-    ``ts`` (later ones are quarantined), so the window's hours plus the lateness.
+    Ingestion of hour H stages events with ``ts`` in ``[H - lateness, H + 1h + clock skew)``
+    (older ones and ones further in the future are quarantined): so every hour H with
+    ``H + 1h + skew > start`` (an event a little ahead of the clock is staged in the
+    hour before its own, even the hour before the window) and ``H - lateness < end``.
     """
-    last = floor_hour(end) + timedelta(hours=settings.lateness_hours) - HOUR
-    return list(hour_range(floor_hour(start), last))
+    skew = timedelta(minutes=settings.clock_skew_minutes)
+    first = floor_hour(start - HOUR - skew) + HOUR  # the first H with H + 1h + skew > start
+    last = floor_hour(end - timedelta(milliseconds=1) + timedelta(hours=settings.lateness_hours))
+    return list(hour_range(first, last))
 
 
 def profile_committed(lake: Lake, hour: datetime) -> bool:
@@ -172,8 +176,10 @@ def _epoch_ms(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 def label_examples(settings: Settings, examples: pa.Table) -> pa.Table:
     """Append ``LABEL`` (int8): did the user purchase in the label window of the row's snapshot?
 
-    ``examples`` needs ``USER_ID`` and ``SNAPSHOT_HOUR``. Only staged events are read,
-    every staged hour that can hold ``ts`` in a window, filtered on ``ts``.
+    ``examples`` needs ``USER_ID`` and ``SNAPSHOT_HOUR``. Only staged events are read:
+    every staged hour that can hold a ``ts`` in a window (``staged_hours_for_window``:
+    the hours before it within the clock skew, its own hours and the lateness after),
+    filtered on ``ts``, so a purchase counts wherever it was staged.
     """
     import duckdb
 
