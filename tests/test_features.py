@@ -3,6 +3,7 @@ incremental == batch == rebuild property, and the lake stages on a temporary lak
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import replace
@@ -517,6 +518,65 @@ def test_change_log_lists_lifecycle_rfm_and_top_interest_changes_with_before_and
     assert first.schema == F.CHANGES_SCHEMA
 
 
+# ---- an independent reference: a few feature families in plain Python ---------------------
+REFERENCE_COLUMNS: tuple[str, ...] = (
+    *[F.count_column(t, w) for t in EVENT_TYPES for w in ("lifetime", *(w for w, _ in F.WINDOWS))],
+    *[c(t) for t in EVENT_TYPES for c in (F.first_at_column, F.last_at_column)],
+    F.FIRST_SEEN_AT,
+    F.LAST_SEEN_AT,
+    F.MONETARY_TOTAL,
+    F.SESSION_COUNT,
+)
+
+
+def reference_profiles(rows: list[dict[str, Any]], end: datetime) -> dict[str, dict[str, Any]]:
+    """``REFERENCE_COLUMNS`` per user from the events (staged so far) before ``end``, from their definitions.
+
+    No state, no merge, no SQL: counts of each type in the lifetime and the last 24 h / 7 d /
+    30 d, first and last times, spend (purchase lines, in cents) and sessions (a new one
+    after 30 minutes without an event). ``rows`` are distinct events (one per event id).
+    """
+    by_user: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["ts"] < end:
+            by_user.setdefault(r["user_id"], []).append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for user, evs in by_user.items():
+        got: dict[str, Any] = {}
+        for t in EVENT_TYPES:
+            times = [e["ts"] for e in evs if e["event_type"] == t]
+            got[F.count_column(t, "lifetime")] = len(times)
+            for w, hours in F.WINDOWS:
+                got[F.count_column(t, w)] = sum(1 for ts in times if ts >= end - timedelta(hours=hours))
+            got[F.first_at_column(t)] = min(times, default=None)
+            got[F.last_at_column(t)] = max(times, default=None)
+        got[F.FIRST_SEEN_AT] = min(e["ts"] for e in evs)
+        got[F.LAST_SEEN_AT] = max(e["ts"] for e in evs)
+        cents = [
+            math.floor((e["price"] or 0.0) * e["quantity"] * 100 + 0.5) for e in evs if e["event_type"] == "purchase"
+        ]
+        got[F.MONETARY_TOTAL] = sum(cents) / 100.0
+        times = sorted({e["ts"] for e in evs})
+        got[F.SESSION_COUNT] = 1 + sum(1 for a, b in zip(times, times[1:], strict=False) if b - a >= F.SESSION_GAP)
+        out[user] = got
+    return out
+
+
+def assert_matches_reference(profiles: pa.Table, rows: list[dict[str, Any]], end: datetime, where: str) -> None:
+    """The profiles have exactly the reference's users, and its values in ``REFERENCE_COLUMNS``."""
+    expected = reference_profiles(rows, end)
+    got = {r[F.USER_ID]: r for r in profiles.select([F.USER_ID, *REFERENCE_COLUMNS]).to_pylist()}
+    assert sorted(got) == sorted(expected), f"{where}: users differ from the reference"
+    wrong = [
+        (user, column, expected[user][column], got[user][column])
+        for user in sorted(expected)
+        for column in REFERENCE_COLUMNS
+        if expected[user][column] != got[user][column]
+        and not (column == F.MONETARY_TOTAL and got[user][column] == pytest.approx(expected[user][column], rel=1e-12))
+    ]
+    assert not wrong, f"{where}: {len(wrong)} values differ from the reference, e.g. {wrong[:5]}"
+
+
 # ---- the main property: incremental == rebuild -------------------------------------------
 PROPERTY_SETTINGS = Settings(lateness_hours=3)
 PROPERTY_DAYS = 40  # past the 30-day windows, the churn threshold, pruning and the cart TTL
@@ -595,6 +655,7 @@ def test_incremental_snapshots_equal_a_full_rebuild(
             ):
                 assert comparison.equal, f"{name} at hour {end}: " + "; ".join(comparison.lines())
             assert got.schema == F.PROFILE_SCHEMA
+            assert_matches_reference(got, staged_between(0, end).to_pylist(), at(hours=end), f"hour {end}")
 
     in_snapshot = pc.less(table.column("ts"), pa.scalar(at(hours=hours), table.schema.field("ts").type))
     views = pc.sum(pc.and_(in_snapshot, pc.equal(table.column("event_type"), "view"))).as_py() or 0

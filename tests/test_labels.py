@@ -6,23 +6,26 @@ The synthetic-lake helpers at the top are also used by test_model.py and test_ev
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from profile_engine import features as F
 from profile_engine import labels
 from profile_engine.config import Settings
 from profile_engine.features import SNAPSHOT_HOUR, USER_ID
 from profile_engine.hours import HOUR, format_hour
 from profile_engine.lake import MANIFEST, PROFILES, STAGING, TRAINING, Lake, read_json, write_json
-from profile_engine.schema import PURCHASE, STAGED_SCHEMA, VIEW
+from profile_engine.schema import EVENT_SCHEMA, PURCHASE, STAGED_SCHEMA, VIEW, bucket_sql
 
 T0 = datetime(2026, 11, 1, 0, tzinfo=UTC)
 NUMERIC = ("signal", "visits")
@@ -47,7 +50,7 @@ def profile_table(hour: datetime, users: Sequence[str], rng: np.random.Generator
             "signal": pa.array(rng.normal(0.0, 1.0, n)),
             "visits": pa.array(visits, pa.int64(), mask=rng.random(n) < 0.1),
             "segment": pa.array(rng.choice(["a", "b", "c"], n).tolist(), pa.string(), mask=rng.random(n) < 0.05),
-            "last_seen_at": pa.array([hour + timedelta(minutes=30)] * n, TS),
+            "visit_at": pa.array([hour + timedelta(minutes=30)] * n, TS),  # not an engine column
         }
     )
 
@@ -153,16 +156,62 @@ def test_label_counts_purchases_in_window_only_from_staged_hours_that_can_hold_t
     assert labelled.column(labels.LABEL).type == pa.int8()
 
 
-def test_staged_hours_cover_window_plus_lateness() -> None:
+def test_a_purchase_staged_through_the_clock_skew_in_the_hour_before_the_window_is_a_label(tmp_path: Path) -> None:
+    # Arrange: snapshot S = 10:00, window [11:00, 12:00); a purchase at 11:02 is accepted by the
+    # hour 10 ingestion (inside the 5-minute clock skew) and staged there, not in hour 11
+    settings = make_settings(tmp_path, clock_skew_minutes=5)
+    s = T0 + 10 * HOUR
+    write_events(Lake(settings.lake), [("skewed", PURCHASE, s + HOUR + timedelta(minutes=2), s)])
+    examples = pa.table({USER_ID: ["skewed"], SNAPSHOT_HOUR: pa.array([s], TS)})
+
+    # Act
+    labelled = labels.label_examples(settings, examples)
+
+    # Assert
+    assert labelled.column(labels.LABEL).to_pylist() == [1]
+
+
+def test_staged_hours_cover_window_plus_lateness_and_the_clock_skew() -> None:
     # Arrange
-    settings = Settings(label_horizon_hours=2, lateness_hours=3)
+    settings = Settings(label_horizon_hours=2, lateness_hours=3, clock_skew_minutes=5)
     start, end = labels.label_window(T0, settings.label_horizon_hours)
 
     # Act
     hours = labels.staged_hours_for_window(settings, start, end)
+    no_skew = labels.staged_hours_for_window(replace(settings, clock_skew_minutes=0), start, end)
+    long_skew = labels.staged_hours_for_window(replace(settings, clock_skew_minutes=61), start, end)
 
-    # Assert: [01:00, 03:00) can arrive until 06:00, i.e. in processing hours 01..05
-    assert hours == [T0 + i * HOUR for i in range(1, 6)]
+    # Assert: [01:00, 03:00) is staged from hour 00 (00:00 + 1 h + skew > 01:00) until it can
+    # no longer arrive, 06:00, i.e. in processing hours 00..05
+    assert hours == [T0 + i * HOUR for i in range(0, 6)]
+    assert no_skew == [T0 + i * HOUR for i in range(1, 6)]
+    assert long_skew == [T0 + i * HOUR for i in range(-1, 6)]
+
+
+@hypothesis_settings(max_examples=60, deadline=None)
+@given(
+    start_minutes=st.integers(min_value=0, max_value=48 * 60),
+    length_minutes=st.integers(min_value=1, max_value=48 * 60),
+    lateness=st.integers(min_value=0, max_value=30),
+    skew=st.integers(min_value=0, max_value=150),
+)
+def test_staged_hours_are_exactly_the_hours_whose_ingestion_accepts_a_ts_in_the_window(
+    start_minutes: int, length_minutes: int, lateness: int, skew: int
+) -> None:
+    # Arrange: ingestion of hour H accepts ts in [H - lateness, H + 1 h + skew) (ingest.validate_events)
+    settings = Settings(lateness_hours=lateness, clock_skew_minutes=skew)
+    start = T0 + timedelta(minutes=start_minutes)
+    end = start + timedelta(minutes=length_minutes)
+    candidates = [T0 + i * HOUR for i in range(-10, 200)]
+
+    def overlaps(h: datetime) -> bool:
+        return h - lateness * HOUR < end and start < h + HOUR + timedelta(minutes=skew)
+
+    # Act
+    hours = labels.staged_hours_for_window(settings, start, end)
+
+    # Assert
+    assert hours == [h for h in candidates if overlaps(h)]
 
 
 @hypothesis_settings(max_examples=50, deadline=None)
@@ -256,7 +305,7 @@ def test_build_training_set_writes_labelled_out_of_time_sets_deterministically(t
     assert manifest["eval_snapshot"] == format_hour(first.eval_snapshot)
     assert manifest["train_positives"] == labels.positives(first.train) > 0
     # the whole profile row is kept, so any model can be re-evaluated later
-    assert set(first.eval.column_names) >= {*NUMERIC, *CATEGORICAL, "last_seen_at", labels.LABEL}
+    assert set(first.eval.column_names) >= {*NUMERIC, *CATEGORICAL, "visit_at", labels.LABEL}
 
 
 def test_build_training_set_skips_without_positives(tmp_path: Path) -> None:
@@ -281,17 +330,17 @@ def test_a_feature_from_after_the_snapshot_is_caught(tmp_path: Path) -> None:
     lake = Lake(settings.lake)
     leaky_hour = snapshots[2]
     leaky = lake.read(PROFILES, leaky_hour).sort_by(USER_ID)
-    seen = leaky.column("last_seen_at").to_pylist()
+    seen = leaky.column("visit_at").to_pylist()
     seen[0] = leaky_hour + HOUR + timedelta(minutes=10)  # an event after the snapshot end E leaked in
-    write_snapshot(lake, leaky_hour, leaky.set_column(5, "last_seen_at", pa.array(seen, TS)))
+    write_snapshot(lake, leaky_hour, leaky.set_column(5, "visit_at", pa.array(seen, TS)))
     config = labels.TrainingConfig(max_snapshots=8, min_train_rows=1, min_positives=1)
 
     # Act / Assert
-    with pytest.raises(labels.LeakageError, match="last_seen_at: 1 rows"):
+    with pytest.raises(labels.LeakageError, match="visit_at: 1 rows"):
         labels.build_training_set(settings, snapshots[-1], "v1", config=config)
 
 
-def test_rows_joined_from_another_snapshot_are_caught() -> None:
+def test_rows_joined_from_another_snapshot_are_caught(tmp_path: Path) -> None:
     # Arrange: the example is for 05:00 but its features come from the 06:00 snapshot
     rng = np.random.default_rng(1)
     rows = profile_table(T0 + 6 * HOUR, ["a", "b"], rng)
@@ -299,10 +348,149 @@ def test_rows_joined_from_another_snapshot_are_caught() -> None:
 
     # Act / Assert
     with pytest.raises(labels.LeakageError, match="another snapshot"):
-        labels.check_no_leakage(rows, expected)
+        labels.check_no_leakage(make_settings(tmp_path), rows, expected)
 
 
-def test_clean_rows_pass_the_leakage_check() -> None:
+def test_rows_without_engine_columns_pass_the_first_checks_and_are_not_recomputed(tmp_path: Path) -> None:
     rows = profile_table(T0, ["a", "b"], np.random.default_rng(2))
 
-    labels.check_no_leakage(rows, pa.array([T0, T0], TS))
+    checked = labels.check_no_leakage(make_settings(tmp_path), rows, pa.array([T0, T0], TS))
+
+    assert checked == {"rows": 0, "columns": 0}
+
+
+# ---- leakage on lakes built by the engine ----------------------------------------------------------------------
+ENGINE_HOURS = 8
+
+
+def engine_lake(tmp_path: Path, users: int = 40) -> Settings:
+    """A lake the engine built hour by hour from staged events, with late arrivals and held-back events.
+
+    Each hour stages events of its own hour, events up to 2 h old (late, within the lateness)
+    and events up to 5 minutes ahead (clock skew: held back until their hour). Snapshots are
+    committed with an hour-level marker as ``publish_profiles`` writes it (no RFM: not checked).
+    """
+    settings = replace(make_settings(tmp_path), buckets=2, start=T0)
+    lake = Lake(settings.lake)
+    rng = np.random.default_rng(5)
+    names = [f"u{i:03d}" for i in range(users)]
+    for h in range(ENGINE_HOURS):
+        hour = T0 + h * HOUR
+        offsets = rng.choice([0, 0, 0, -60, -110, 58], size=30)  # minutes from the hour start
+        rows = [
+            {
+                "event_id": f"h{h}e{i}",
+                "user_id": names[int(rng.integers(0, users - 5 + h // 2))],  # newcomers appear later
+                "event_type": str(rng.choice(["view", "view", "cart", "purchase", "fav", "remove_cart"])),
+                "item_id": f"i{int(rng.integers(0, 4))}",
+                "category_id": f"c{int(rng.integers(0, 3))}",
+                "price": float(rng.choice([1.5, 10.0, 99.99])),
+                "quantity": 1,
+                "order_id": None,
+                "ts": hour
+                + timedelta(minutes=int(off) + int(rng.integers(0, 7)), milliseconds=int(rng.integers(0, 999))),
+                "session_id": None,
+            }
+            for i, off in enumerate(offsets)
+        ]
+        table = pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)
+        bucketed = _with_buckets(table, settings.buckets)
+        for b in range(settings.buckets):
+            lake.write_partition(STAGING, hour, bucketed.filter(pc.equal(bucketed.column("bucket"), b)), bucket=b)
+            F.build_profiles(settings, hour, b)
+        write_json(lake.partition(PROFILES, hour) / MANIFEST, {"data_hour": format_hour(hour)})
+    return settings
+
+
+def _with_buckets(table: pa.Table, buckets: int) -> pa.Table:
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("t", table)
+    out = con.sql(f"SELECT *, {bucket_sql('user_id', buckets)} AS bucket FROM t").to_arrow_table()
+    con.close()
+    return out.select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def engine_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """One engine lake for the tests that only read it."""
+    return engine_lake(tmp_path_factory.mktemp("engine"))
+
+
+def snapshot_rows(settings: Settings, hour: datetime) -> pa.Table:
+    return Lake(settings.lake).read(PROFILES, hour).sort_by(USER_ID)
+
+
+def test_features_built_by_the_engine_pass_the_recompute_with_later_events_deleted(engine_settings: Settings) -> None:
+    # Arrange: snapshot of hour 3; hours 4..7 staged late events of hour 3 and before, and
+    # hour 3 staged events of hour 4 (clock skew): none of them may be in its features
+    settings = engine_settings
+    hour = T0 + 3 * HOUR
+    rows = snapshot_rows(settings, hour)
+    staged_later = Lake(settings.lake).read(STAGING, hour + HOUR)
+    assert pc.any(pc.less(staged_later.column("ts"), pa.scalar(hour + HOUR, TS))).as_py()  # late arrivals exist
+
+    # Act
+    checked = labels.check_no_leakage(settings, rows, pa.array([hour] * rows.num_rows, TS), sample=1000)
+
+    # Assert: every row and every per-user engine column was recomputed
+    assert checked == {"rows": rows.num_rows, "columns": len(F.SNAPSHOT_SCHEMA) - 2}
+
+
+@pytest.mark.parametrize(
+    "leak",
+    [
+        "count_view_lifetime",  # a count taken after late events of the snapshot's own hours arrived
+        "decayed_view_1d",
+        "session_count",
+        "newcomer",  # a row of a user who only has events after the cutoff
+    ],
+)
+def test_a_feature_computed_with_events_after_the_cutoff_is_caught(engine_settings: Settings, leak: str) -> None:
+    # Arrange: rows of the snapshot of hour 3 with one feature taken from the snapshot of hour 6
+    settings = engine_settings
+    hour = T0 + 3 * HOUR
+    rows = snapshot_rows(settings, hour)
+    later = snapshot_rows(settings, hour + 3 * HOUR)
+    if leak == "newcomer":
+        new = later.filter(pc.invert(pc.is_in(later.column(USER_ID), value_set=rows.column(USER_ID))))
+        assert new.num_rows > 0
+        newcomer = new.slice(0, 1).to_pylist()[0] | {SNAPSHOT_HOUR: hour}
+        newcomer |= {c: min(v, hour) for c, v in newcomer.items() if isinstance(v, datetime)}  # hide its times
+        leaky = pa.concat_tables([rows, pa.Table.from_pylist([newcomer], schema=rows.schema)])
+    else:
+        common = later.filter(pc.is_in(later.column(USER_ID), value_set=rows.column(USER_ID)))
+        assert common.column(USER_ID).equals(rows.column(USER_ID))
+        leaky = rows.set_column(rows.column_names.index(leak), leak, common.column(leak))
+        assert not leaky.equals(rows)
+    expected = pa.array([hour] * leaky.num_rows, TS)
+
+    # Act / Assert
+    with pytest.raises(
+        labels.LeakageError,
+        match=f"features differ from a recompute.*{'not in the rebuild' if leak == 'newcomer' else leak}",
+    ):
+        labels.check_no_leakage(settings, leaky, expected, sample=1000)
+
+
+def test_build_training_set_recomputes_a_sample_and_fails_on_a_leaking_committed_snapshot(tmp_path: Path) -> None:
+    # Arrange: an engine lake; the committed snapshot of hour 2 then gets one feature from hour 6
+    settings = engine_lake(tmp_path)
+    lake = Lake(settings.lake)
+    config = labels.TrainingConfig(max_snapshots=8, min_train_rows=1, min_positives=0, leakage_users=10)
+    clean = labels.build_training_set(settings, T0 + 7 * HOUR, "v1", config=config)
+    manifest = read_json(lake.path(TRAINING, "v1") / MANIFEST)
+    leaky_hour = T0 + 2 * HOUR
+    assert leaky_hour in clean.train_snapshots
+    rows = snapshot_rows(settings, leaky_hour)
+    later = snapshot_rows(settings, T0 + 6 * HOUR)
+    later = later.filter(pc.is_in(later.column(USER_ID), value_set=rows.column(USER_ID)))
+    leaky = rows.set_column(rows.column_names.index("count_view_24h"), "count_view_24h", later.column("count_view_24h"))
+    write_snapshot(lake, leaky_hour, leaky)
+
+    # Act / Assert
+    assert manifest["leakage_check"]["columns"] == len(F.SNAPSHOT_SCHEMA) - 2
+    assert manifest["leakage_check"]["rows"] == 10 * (len(clean.train_snapshots) + 1)
+    with pytest.raises(labels.LeakageError, match="count_view_24h"):
+        labels.build_training_set(settings, T0 + 7 * HOUR, "v2", config=replace(config, leakage_users=1000))

@@ -1157,8 +1157,11 @@ def _epoch_hour(hour: datetime) -> int:
     return int(hour.timestamp()) // 3600
 
 
-def _read_staged(lake: Lake, hours: list[datetime], bucket: int) -> pa.Table:
-    """The staged events of ``hours`` of one bucket in one DuckDB pass, with ``staged_hour`` (epoch hours)."""
+def _read_staged(lake: Lake, hours: list[datetime], bucket: int, users: pa.Array | None = None) -> pa.Table:
+    """The staged events of ``hours`` of one bucket in one DuckDB pass, with ``staged_hour`` (epoch hours).
+
+    ``users``: only the events of these users (the filter runs in the scan).
+    """
     files = [str(f) for h in hours for f in lake.data_files(STAGING, h, bucket)]
     if not files:
         return STAGED_SCHEMA.append(pa.field("staged_hour", pa.int64())).empty_table()
@@ -1168,10 +1171,14 @@ def _read_staged(lake: Lake, hours: list[datetime], bucket: int) -> pa.Table:
         # The staged hour comes from the Hive keys of each file's path (dt=/hour=): a per-file
         # constant, several times cheaper than joining a filename column on every row.
         columns = ", ".join(f"s.{n}" for n in STAGED_SCHEMA.names)
+        where = ""
+        if users is not None:
+            con.register("wanted_users", pa.table({USER_ID: pa.array(users, pa.string())}))
+            where = f" WHERE s.user_id IN (SELECT {USER_ID} FROM wanted_users)"
         return con.sql(
             f"SELECT {columns}, CAST(epoch(s.dt) // 3600 + s.hour AS BIGINT) AS staged_hour "
             f"FROM read_parquet([{file_list}], hive_partitioning = true, "
-            "hive_types = {'dt': DATE, 'hour': INTEGER}) s"
+            "hive_types = {'dt': DATE, 'hour': INTEGER}) s" + where
         ).to_arrow_table()
     finally:
         con.close()
@@ -1186,18 +1193,14 @@ def _staged_hours(lake: Lake, bucket: int) -> list[datetime]:
     return sorted(found)
 
 
-def rebuild_bucket(settings: Settings, hour: datetime, bucket: int) -> tuple[datetime, ProfileState]:
-    """The state of one bucket as of the end of ``hour`` rebuilt from staged events (the rebuild path).
+def _rebuild_start(lake: Lake, hour: datetime, bucket: int) -> tuple[list[datetime], ProfileState]:
+    """The staged hours a rebuild of ``hour`` reads (oldest first) and the state it starts from.
 
-    Starts from the oldest staged hour S the lake still holds: from the state checkpoint
-    of S-1 when retention kept one (older hours were deleted), else from an empty state
-    (S is the lake's first hour); then merges every staged hour S..``hour`` in one
-    ``advance``. Returns S and the state. Nothing is read from the states after S-1, so
-    the result is independent of how the committed hours were built. Raises
-    ``FileNotFoundError`` naming the first missing staged hour when staging has a gap.
+    The oldest staged hour S the lake still holds starts it: from the state checkpoint of
+    S-1 when retention kept one, else from an empty state. ``FileNotFoundError`` when
+    nothing is staged at or before ``hour`` or staging has a gap (naming the first
+    missing hour).
     """
-    hour = floor_hour(hour)
-    lake = Lake(settings.lake)
     staged = [h for h in _staged_hours(lake, bucket) if h <= hour]
     if not staged:
         raise FileNotFoundError(f"no staged hour at or before {format_hour(hour)} in bucket {bucket}")
@@ -1210,8 +1213,80 @@ def rebuild_bucket(settings: Settings, hour: datetime, bucket: int) -> tuple[dat
             f"{format_hour(hour)} from {format_hour(first)}"
         )
     start = _read_state(lake, first - HOUR, bucket) if lake.committed(STATE, first - HOUR, bucket) else empty_state()
+    return hours, start
+
+
+def rebuild_bucket(settings: Settings, hour: datetime, bucket: int) -> tuple[datetime, ProfileState]:
+    """The state of one bucket as of the end of ``hour`` rebuilt from staged events (the rebuild path).
+
+    Starts from the oldest staged hour S the lake still holds: from the state checkpoint
+    of S-1 when retention kept one (older hours were deleted), else from an empty state
+    (S is the lake's first hour); then merges every staged hour S..``hour`` in one
+    ``advance``. Returns S and the state. Nothing is read from the states after S-1, so
+    the result is independent of how the committed hours were built. Raises
+    ``FileNotFoundError`` naming the first missing staged hour when staging has a gap.
+    """
+    hour = floor_hour(hour)
+    lake = Lake(settings.lake)
+    hours, start = _rebuild_start(lake, hour, bucket)
     events = _read_staged(lake, hours, bucket).select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
-    return first, advance(start, events, hour + HOUR, settings)
+    return hours[0], advance(start, events, hour + HOUR, settings)
+
+
+def _users_only(state: ProfileState, users: pa.Array) -> ProfileState:
+    """``state`` restricted to ``users`` (every state table but ``meta`` is per user)."""
+    return ProfileState(
+        {
+            name: table if name == META else table.filter(pc.is_in(table.column(USER_ID), value_set=users))
+            for name, table in state.tables.items()
+        }
+    )
+
+
+def rebuild_before_cutoffs(
+    settings: Settings, hours: list[datetime], bucket: int, users: pa.Array
+) -> dict[datetime, pa.Table]:
+    """Per-bucket profiles of ``users`` in the snapshots of ``hours``, rebuilt with every later event deleted.
+
+    The cutoff of the snapshot of hour S is its end E = S + 1h in event time and S itself in
+    arrival time (the hourly path has read staging up to S): the rebuild reads the staged
+    hours up to S only, deletes every event with ``ts >= E`` (the held-back ones too) and
+    merges the rest in one ``advance`` from the start ``rebuild_bucket`` uses. A snapshot
+    whose features differ from this one depends on something after its cutoff. Per-user
+    features depend on the user's own events only, so a sample of users is rebuilt alone;
+    staging is scanned once for every hour. Returns ``{hour: profiles}`` (``SNAPSHOT_SCHEMA``).
+    """
+    lake = Lake(settings.lake)
+    wanted = sorted({floor_hour(h) for h in hours})
+    if not wanted:
+        return {}
+    users = pa.array(users, pa.string())
+    staged_range, start = _rebuild_start(lake, wanted[-1], bucket)
+    first = staged_range[0]
+    if wanted[0] < first:
+        raise FileNotFoundError(
+            f"snapshot {format_hour(wanted[0])} is older than the oldest staged hour {format_hour(first)} "
+            f"of bucket {bucket}: its events are no longer staged"
+        )
+    start = _users_only(start, users)
+    staged = _read_staged(lake, staged_range, bucket, users)
+    staged = staged.select([*STAGED_SCHEMA.names, "staged_hour"]).cast(
+        STAGED_SCHEMA.append(staged.schema.field("staged_hour"))
+    )
+    out: dict[datetime, pa.Table] = {}
+    for hour in wanted:
+        end = hour + HOUR
+        before = pc.and_(
+            pc.less_equal(staged.column("staged_hour"), _epoch_hour(hour)),
+            pc.less(staged.column("ts"), pa.scalar(end, _TS)),
+        )
+        events = staged.filter(before).select(STAGED_SCHEMA.names)
+        pending = start.tables[PENDING]
+        begin = ProfileState(
+            {**start.tables, PENDING: pending.filter(pc.less(pending.column("ts"), pa.scalar(end, _TS)))}
+        )
+        out[hour] = snapshot(advance(begin, events, end, settings), end, settings)[0]
+    return out
 
 
 def snapshot_committed(settings: Settings, hour: datetime) -> bool:

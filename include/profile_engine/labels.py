@@ -4,7 +4,8 @@ The label of a profile snapshot at hour S (end E = S + 1h) says whether the user
 purchased in ``[E, E + horizon)``. It comes from staged events only, and it is
 final once every event of the window can have arrived: ``E + horizon + lateness``
 is at or before the end of the processing hour. Features come from the snapshot
-only, and ``check_no_leakage`` proves it on every example before a set is written.
+only; ``check_no_leakage`` checks every example (and recomputes a sample of them
+from the events before the snapshot's cutoff) before a set is written.
 
 ``build_training_set`` picks the evaluation snapshot (the newest one whose labels
 are final) and older training snapshots whose label windows end before the
@@ -31,7 +32,7 @@ from profile_engine.config import Settings
 from profile_engine.features import SNAPSHOT_HOUR, USER_ID
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
 from profile_engine.lake import MANIFEST, PROFILES, STAGING, TRAINING, Lake, read_json
-from profile_engine.schema import PURCHASE
+from profile_engine.schema import PURCHASE, bucket_sql
 
 LABEL = "label"
 
@@ -55,6 +56,7 @@ class TrainingConfig:
     max_rows: int = 200_000
     min_train_rows: int = 200
     min_positives: int = 5
+    leakage_users: int = 100  # per snapshot, whose features check_no_leakage recomputes from staged events
 
 
 @dataclass(frozen=True)
@@ -107,11 +109,15 @@ def newest_final_snapshot_hour(settings: Settings, hour: datetime) -> datetime:
 def staged_hours_for_window(settings: Settings, start: datetime, end: datetime) -> list[datetime]:
     """Processing hours whose staged events can have ``ts`` in ``[start, end)``.
 
-    An event is staged by the hour it arrived in, at most ``lateness`` after its
-    ``ts`` (later ones are quarantined), so the window's hours plus the lateness.
+    Ingestion of hour H stages events with ``ts`` in ``[H - lateness, H + 1h + clock skew)``
+    (older ones and ones further in the future are quarantined): so every hour H with
+    ``H + 1h + skew > start`` (an event a little ahead of the clock is staged in the
+    hour before its own, even the hour before the window) and ``H - lateness < end``.
     """
-    last = floor_hour(end) + timedelta(hours=settings.lateness_hours) - HOUR
-    return list(hour_range(floor_hour(start), last))
+    skew = timedelta(minutes=settings.clock_skew_minutes)
+    first = floor_hour(start - HOUR - skew) + HOUR  # the first H with H + 1h + skew > start
+    last = floor_hour(end - timedelta(milliseconds=1) + timedelta(hours=settings.lateness_hours))
+    return list(hour_range(first, last))
 
 
 def profile_committed(lake: Lake, hour: datetime) -> bool:
@@ -171,8 +177,10 @@ def _epoch_ms(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 def label_examples(settings: Settings, examples: pa.Table) -> pa.Table:
     """Append ``LABEL`` (int8): did the user purchase in the label window of the row's snapshot?
 
-    ``examples`` needs ``USER_ID`` and ``SNAPSHOT_HOUR``. Only staged events are read,
-    every staged hour that can hold ``ts`` in a window, filtered on ``ts``.
+    ``examples`` needs ``USER_ID`` and ``SNAPSHOT_HOUR``. Only staged events are read:
+    every staged hour that can hold a ``ts`` in a window (``staged_hours_for_window``:
+    the hours before it within the clock skew, its own hours and the lateness after),
+    filtered on ``ts``, so a purchase counts wherever it was staged.
     """
     snapshots = sorted({floor_hour(s) for s in examples.column(SNAPSHOT_HOUR).to_pylist()})
     hours: set[datetime] = set()
@@ -215,14 +223,35 @@ def label_examples(settings: Settings, examples: pa.Table) -> pa.Table:
     return examples.append_column(LABEL, pa.array(label, pa.int8()))
 
 
-def check_no_leakage(examples: pa.Table, expected_snapshots: pa.Array | pa.ChunkedArray) -> None:
-    """Raise ``LeakageError`` when an example's features are not from its own snapshot.
+def check_no_leakage(
+    settings: Settings,
+    examples: pa.Table,
+    expected_snapshots: pa.Array | pa.ChunkedArray,
+    *,
+    sample: int = 100,
+) -> dict[str, int]:
+    """Raise ``LeakageError`` when an example's features depend on anything after its snapshot's cutoff.
 
-    Every row must carry the snapshot it is an example of (no row joined from a
-    newer snapshot), and no timestamp feature may be at or after the snapshot end
-    E = snapshot + 1h: a feature computed from later events shows up as a time
-    past E (a last purchase, a last visit).
+    Three checks, cheapest first:
+
+    1. every row carries the snapshot it is an example of (no row joined from a newer one);
+    2. no timestamp feature is at or after the snapshot end E = snapshot + 1h;
+    3. the features are unchanged when every event after the cutoff is deleted: for up to
+       ``sample`` users per snapshot (a stable hash draw), the engine's per-user columns
+       that the rows carry are recomputed from staged events alone, reading staging up to
+       the snapshot's hour and deleting every event with ``ts >= E``
+       (``features.rebuild_before_cutoffs``), and compared with the rows (floats to
+       ``verify.REL_TOLERANCE``). A user row the recompute does not have (the user only
+       exists through later events) fails too. Population columns (RFM) are not
+       recomputed: they are functions of the checked recency, frequency and money over
+       the whole snapshot.
+
+    Returns what was checked: ``rows`` recomputed and engine ``columns`` compared (0 for a
+    table with no engine column, whose features cannot come from the staged events).
     """
+    from profile_engine import features as F
+    from profile_engine.verify import compare_tables
+
     snapshot_ms = _epoch_ms(examples.column(SNAPSHOT_HOUR))
     expected_ms = _epoch_ms(expected_snapshots)
     wrong = np.flatnonzero(snapshot_ms != expected_ms)
@@ -235,6 +264,63 @@ def check_no_leakage(examples: pa.Table, expected_snapshots: pa.Array | pa.Chunk
         late = int(np.count_nonzero(_epoch_ms(examples.column(field.name)) >= end_ms))
         if late:
             raise LeakageError(f"{field.name}: {late} rows carry a time at or after their snapshot end")
+
+    columns = [c for c in F.SNAPSHOT_SCHEMA.names if c in examples.column_names and c not in (USER_ID, SNAPSHOT_HOUR)]
+    if not columns or examples.num_rows == 0:
+        return {"rows": 0, "columns": 0}
+    snapshots = sorted({floor_hour(h) for h in examples.column(SNAPSHOT_HOUR).to_pylist()})
+    drawn = {
+        hour: sample_users(
+            examples.filter(
+                pc.equal(examples.column(SNAPSHOT_HOUR), pa.scalar(hour, examples.schema.field(SNAPSHOT_HOUR).type))
+            ),
+            sample,
+            settings.seed,
+            f"leakage:{format_hour(hour)}",
+        ).select([USER_ID, *columns])
+        for hour in snapshots
+    }
+    users = sorted({u for rows in drawn.values() for u in rows.column(USER_ID).to_pylist()})
+    rebuilt: dict[datetime, list[pa.Table]] = {hour: [] for hour in snapshots}
+    for bucket, bucket_users in _users_by_bucket(users, settings.buckets).items():
+        wanted = pa.array(bucket_users, pa.string())
+        hours = [h for h in snapshots if pc.any(pc.is_in(drawn[h].column(USER_ID), value_set=wanted)).as_py()]
+        for hour, profiles in F.rebuild_before_cutoffs(settings, hours, bucket, wanted).items():
+            rebuilt[hour].append(profiles)
+    rows = 0
+    for hour, stored in drawn.items():
+        if rebuilt[hour]:
+            recomputed = pa.concat_tables(rebuilt[hour])
+            recomputed = recomputed.filter(pc.is_in(recomputed.column(USER_ID), value_set=stored.column(USER_ID)))
+            expected = recomputed.select([USER_ID, *columns])
+        else:
+            expected = stored.schema.empty_table()
+        # Users only the stored rows have are "not in the rebuild": they exist through later events.
+        comparison = compare_tables("features", expected, stored, [USER_ID])
+        if not comparison.equal:
+            raise LeakageError(
+                f"snapshot {format_hour(hour)}: features differ from a recompute with every event after the "
+                f"cutoff deleted (staged after {format_hour(hour)} or ts >= {format_hour(hour + HOUR)}): "
+                + "; ".join(comparison.lines())
+            )
+        rows += stored.num_rows
+    return {"rows": rows, "columns": len(columns)}
+
+
+def _users_by_bucket(users: Sequence[str], buckets: int) -> dict[int, list[str]]:
+    """The users of each bucket, by the staging rule (``schema.bucket_sql``)."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.register("u", pa.table({USER_ID: pa.array(users, pa.string())}))
+        table = con.sql(f"SELECT {USER_ID}, {bucket_sql(USER_ID, buckets)} AS b FROM u").to_arrow_table()
+    finally:
+        con.close()
+    out: dict[int, list[str]] = {}
+    for user, bucket in zip(table.column(USER_ID).to_pylist(), table.column("b").to_pylist(), strict=True):
+        out.setdefault(int(bucket), []).append(user)
+    return out
 
 
 def choose_snapshots(
@@ -264,9 +350,8 @@ def choose_snapshots(
 
 
 def _examples(settings: Settings, snapshot: datetime, limit: int) -> pa.Table:
-    """Sampled, leakage-checked, labelled rows of one snapshot."""
+    """Sampled, labelled rows of one snapshot (not yet leakage-checked)."""
     rows = sample_users(read_snapshot(Lake(settings.lake), snapshot), limit, settings.seed, format_hour(snapshot))
-    check_no_leakage(rows, pa.array([snapshot] * rows.num_rows, pa.timestamp("ms", tz="UTC")))
     return label_examples(settings, rows)
 
 
@@ -296,10 +381,16 @@ def build_training_set(
         settings, hour, committed_profile_hours(lake), config.max_snapshots
     )
     per_snapshot = max(1, config.max_rows // (len(train_snapshots) + 1))
-    train = pa.concat_tables(
-        [_examples(settings, s, per_snapshot) for s in train_snapshots], promote_options="permissive"
+    drawn = [(s, _examples(settings, s, per_snapshot)) for s in [*train_snapshots, eval_snapshot]]
+    everything = pa.concat_tables([rows for _, rows in drawn], promote_options="permissive")
+    leakage = check_no_leakage(
+        settings,
+        everything,
+        pa.array([s for s, rows in drawn for _ in range(rows.num_rows)], pa.timestamp("ms", tz="UTC")),
+        sample=config.leakage_users,
     )
-    evaluation = _examples(settings, eval_snapshot, per_snapshot)
+    train = pa.concat_tables([rows for _, rows in drawn[:-1]], promote_options="permissive")
+    evaluation = drawn[-1][1]
     if train.num_rows < config.min_train_rows:
         raise InsufficientData(f"{train.num_rows} training rows, need {config.min_train_rows}")
     for name, table in (("training", train), ("evaluation", evaluation)):
@@ -317,6 +408,7 @@ def build_training_set(
         "lateness_hours": settings.lateness_hours,
         "seed": settings.seed,
         "max_rows": config.max_rows,
+        "leakage_check": leakage,
         "run_id": run_id,
     }
     lake.write_dir(directory, [(TRAIN_FILE, _parquet_bytes(train)), (EVAL_FILE, _parquet_bytes(evaluation))], manifest)
