@@ -831,32 +831,60 @@ class ReplayPlan:
         }
 
 
-def main_range(hour_counts: dict[datetime, int], max_gap_hours: int) -> tuple[datetime, datetime]:
-    """The contiguous hours around the median event: hours separated by more than ``max_gap_hours`` empty hours are outliers.
+# A replay's main range (``main_range``): a group of hours beyond a gap of more than a month,
+# further away than the span of the rest and with fewer rows than the rest, is a stray
+# (epoch 0, a year typo), not history; every other gap is processed hour by hour.
+OUTLIER_GAP_HOURS = 31 * 24
 
-    A stray timestamp years away neither stretches the replay over thousands of
-    empty hours nor disappears: its rows go to the nearest end of the range.
+
+def main_range(
+    hour_counts: dict[datetime, int], outlier_gap_hours: int = OUTLIER_GAP_HOURS
+) -> tuple[datetime, datetime]:
+    """The span of a file's event hours, without stray timestamps far from the rest.
+
+    Hours are grouped where they are at most ``outlier_gap_hours`` apart, so nights,
+    closing days and holidays of a few weeks never split the file. From the group
+    holding the median row, neighbouring groups are joined (the nearer first) unless a
+    group is further away than both the gap limit and the span joined so far and holds
+    fewer rows than the groups joined so far. A stray year neither stretches the replay
+    over thousands of empty hours nor disappears: its rows go to the nearest end of the
+    range and are counted as outliers.
     """
     if not hour_counts:
         raise ValueError("no event has a readable timestamp")
-    hours = sorted(hour_counts)
+    limit = timedelta(hours=outlier_gap_hours)
+    groups: list[list[Any]] = []  # [first hour, last hour, rows]
+    for hour in sorted(hour_counts):
+        if groups and hour - groups[-1][1] <= limit:
+            groups[-1][1] = hour
+            groups[-1][2] += hour_counts[hour]
+        else:
+            groups.append([hour, hour, hour_counts[hour]])
     total = sum(hour_counts.values())
     seen = 0
-    median = hours[-1]
-    for hour in hours:
-        seen += hour_counts[hour]
+    low = high = len(groups) - 1
+    for index, group in enumerate(groups):
+        seen += group[2]
         if 2 * seen >= total:
-            median = hour
+            low = high = index
             break
-    position = hours.index(median)
-    gap = timedelta(hours=max_gap_hours + 1)
-    low = position
-    while low > 0 and hours[low] - hours[low - 1] <= gap:
-        low -= 1
-    high = position
-    while high < len(hours) - 1 and hours[high + 1] - hours[high] <= gap:
-        high += 1
-    return hours[low], hours[high]
+
+    def joins(group: list[Any], gap: timedelta) -> bool:
+        joined = sum(g[2] for g in groups[low : high + 1])
+        return bool(group[2] >= joined or gap <= max(limit, groups[high][1] - groups[low][0]))
+
+    while True:
+        joinable: list[tuple[timedelta, int]] = []
+        if low > 0 and joins(groups[low - 1], gap := groups[low][0] - groups[low - 1][1]):
+            joinable.append((gap, -1))
+        if high < len(groups) - 1 and joins(groups[high + 1], gap := groups[high + 1][0] - groups[high][1]):
+            joinable.append((gap, 1))
+        if not joinable:
+            return groups[low][0], groups[high][1]
+        if min(joinable)[1] < 0:  # the nearer joinable neighbour first
+            low -= 1
+        else:
+            high += 1
 
 
 def land_for_replay(settings: Settings, file: Path, mapping: Mapping) -> ReplayPlan:
@@ -890,7 +918,7 @@ def land_for_replay(settings: Settings, file: Path, mapping: Mapping) -> ReplayP
             row[0].astimezone(UTC): int(row[1])
             for row in con.execute("SELECT h, count(*) FROM mapped WHERE h IS NOT NULL GROUP BY h").fetchall()
         }
-        first, last = main_range(counts, settings.lateness_hours)
+        first, last = main_range(counts)
         con.execute(
             "CREATE TEMP TABLE placed AS SELECT source_row, source_line, "
             "CASE WHEN h IS NULL OR h < $first THEN $first WHEN h > $last THEN $last ELSE h END AS landing_hour, "
