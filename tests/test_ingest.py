@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -559,3 +560,148 @@ def test_table_ranges_take_every_row_exactly_once(
     # Assert
     all_ids = [row[0] for row in con.execute("SELECT id FROM shop_events ORDER BY id")]
     assert taken == all_ids
+
+
+# ---- table sources over a catch-up and a late run (each row once, in its hour) ----------
+
+CURSORS = {"id": ("id", "id"), "time": ("ingested_at", "time")}
+
+
+def use_cursor(settings: Settings, kind: str) -> None:
+    cursor, cursor_type = CURSORS[kind]
+    Lake(settings.lake).path(sources.LAKE_SOURCES_DIR, "shop.yaml").write_text(
+        SHOP_MAPPING.format(cursor=cursor, cursor_type=cursor_type)
+    )
+
+
+def staged_hours(settings: Settings, first: datetime, last: datetime) -> dict[str, list[datetime]]:
+    """Event id -> the processing hours that staged it."""
+    lake = Lake(settings.lake)
+    found: dict[str, list[datetime]] = {}
+    hour = first
+    while hour <= last:
+        for event_id in lake.read(lk.STAGING, hour).column("event_id").to_pylist():
+            found.setdefault(event_id, []).append(hour)
+        hour += HOUR
+    return found
+
+
+def three_hours_of_rows(con: sqlite3.Connection) -> None:
+    """Two rows in each of hours 10, 11 and 12, committed as they happen."""
+    insert(
+        con,
+        *[
+            (at(HOUR0 + h * HOUR, m), f"h{h}-{m}", 100 + h, "page_view", "i", 1.0, at(HOUR0 + h * HOUR, m))
+            for h in range(3)
+            for m in (10, 40)
+        ],
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(CURSORS))
+def test_table_catch_up_stages_every_row_once_in_its_hour(shop: tuple[Settings, sqlite3.Connection], kind: str) -> None:
+    # Arrange: the table already holds hours 10..12 when the catch-up starts
+    settings, con = shop
+    use_cursor(settings, kind)
+    three_hours_of_rows(con)
+
+    # Act
+    summaries = [ingest_table_hour(settings, HOUR0 + h * HOUR) for h in range(3)]
+
+    # Assert
+    assert [s["staged"] for s in summaries] == [2, 2, 2]
+    assert all(s["quarantined"] == 0 and "future_ts" not in s["reasons"] for s in summaries)
+    found = staged_hours(settings, HOUR0, HOUR0 + 2 * HOUR)
+    assert found == {f"h{h}-{m}": [HOUR0 + h * HOUR] for h in range(3) for m in (10, 40)}
+
+
+@pytest.mark.parametrize("kind", sorted(CURSORS))
+def test_table_run_started_hours_late_takes_only_its_hour(shop: tuple[Settings, sqlite3.Connection], kind: str) -> None:
+    # Arrange: hour 10 runs at 12:50, hour 11 at 13:30 (rows of 13:xx exist by then)
+    settings, con = shop
+    use_cursor(settings, kind)
+    three_hours_of_rows(con)
+
+    # Act
+    first = ingest_table_hour(settings, HOUR0)
+    insert(con, (at(HOUR0, 190), "h3-10", 103, "page_view", "i", 1.0, at(HOUR0, 190)))
+    second = ingest_table_hour(settings, HOUR0 + HOUR)
+    third = ingest_table_hour(settings, HOUR0 + 2 * HOUR)
+    fourth = ingest_table_hour(settings, HOUR0 + 3 * HOUR)
+
+    # Assert
+    assert [s["staged"] for s in (first, second, third, fourth)] == [2, 2, 2, 1]
+    assert all(s["quarantined"] == 0 for s in (first, second, third, fourth))
+    found = staged_hours(settings, HOUR0, HOUR0 + 3 * HOUR)
+    assert found["h3-10"] == [HOUR0 + 3 * HOUR]
+    assert all(len(hours) == 1 and hours[0] == HOUR0 + int(key[1]) * HOUR for key, hours in found.items())
+
+
+def test_id_cursor_row_committed_late_is_taken_once_by_the_hour_its_id_comes_up(
+    shop: tuple[Settings, sqlite3.Connection],
+) -> None:
+    # Arrange: an event of 10:50 is committed after rows of 11:xx (an old ts, a new id)
+    settings, con = shop
+    insert(
+        con,
+        (at(HOUR0, 10), "a", 1, "page_view", "i", 1.0, at(HOUR0, 10)),
+        (at(HOUR0, 70), "b", 1, "page_view", "i", 1.0, at(HOUR0, 70)),
+        (at(HOUR0, 75), "late", 1, "page_view", "i", 1.0, at(HOUR0, 50)),
+        (at(HOUR0, 80), "c", 1, "page_view", "i", 1.0, at(HOUR0, 80)),
+    )
+
+    # Act: a catch-up of hours 10 and 11
+    summaries = [ingest_table_hour(settings, HOUR0 + h * HOUR) for h in range(2)]
+
+    # Assert: hour 10 stops before the first row of 11:xx; the late row joins hour 11, staged
+    assert [s["staged"] for s in summaries] == [1, 3]
+    assert all(s["quarantined"] == 0 for s in summaries)
+    assert staged_hours(settings, HOUR0, HOUR0 + HOUR) == {
+        "a": [HOUR0],
+        "b": [HOUR0 + HOUR],
+        "late": [HOUR0 + HOUR],
+        "c": [HOUR0 + HOUR],
+    }
+    entries = [(ingest.read_ledger(Lake(settings.lake), HOUR0 + h * HOUR) or [])[0] for h in range(2)]
+    assert [(e.lower, e.upper) for e in entries] == [(None, 1), (1, 4)]
+
+
+def test_id_cursor_row_with_an_impossible_future_ts_does_not_stall_the_source(
+    shop: tuple[Settings, sqlite3.Connection],
+) -> None:
+    # Arrange: a row dated 2099 (after the moment of reading) between two rows of hour 10
+    settings, con = shop
+    insert(
+        con,
+        (at(HOUR0, 10), "a", 1, "page_view", "i", 1.0, at(HOUR0, 10)),
+        (at(HOUR0, 11), "bogus", 1, "page_view", "i", 1.0, "2099-01-01 00:00:00"),
+        (at(HOUR0, 12), "b", 1, "page_view", "i", 1.0, at(HOUR0, 12)),
+        (at(HOUR0, 70), "c", 1, "page_view", "i", 1.0, at(HOUR0, 70)),
+    )
+
+    # Act
+    summary = ingest_table_hour(settings, HOUR0)
+
+    # Assert: the bogus row is quarantined as future_ts and the range goes on to row 3
+    assert (summary["staged"], summary["reasons"]) == (2, {"future_ts": 1})
+    assert ingest_table_hour(settings, HOUR0 + HOUR)["staged"] == 1
+
+
+def test_table_rerun_after_a_catch_up_reads_the_same_range(shop: tuple[Settings, sqlite3.Connection]) -> None:
+    # Arrange
+    settings, con = shop
+    three_hours_of_rows(con)
+    first = ingest_table_hour(settings, HOUR0)
+
+    # Act
+    rerun = ingest_table_hour(settings, HOUR0)
+
+    # Assert
+    assert rerun["staged"] == first["staged"] == 2
+    assert ingest_table_hour(settings, HOUR0 + HOUR)["staged"] == 2
+
+
+def ingest_table_hour(settings: Settings, hour: datetime) -> dict[str, Any]:
+    """Extract and validate ``hour``, read a day after it (the tests do not depend on the clock)."""
+    ingest.extract_events(settings, hour, now=hour + timedelta(days=1))
+    return ingest.validate_events(settings, hour, quality_suite=False)

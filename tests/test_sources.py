@@ -254,25 +254,23 @@ def test_unknown_mapping_name_lists_the_shipped_ones() -> None:
 
 
 @given(
-    core=st.lists(st.integers(min_value=0, max_value=200), min_size=1, max_size=40),
+    core=st.lists(st.integers(min_value=0, max_value=sources.OUTLIER_GAP_HOURS), min_size=1, max_size=40),
     outliers=st.lists(st.integers(min_value=10_000, max_value=500_000), max_size=3),
-    gap=st.integers(min_value=0, max_value=24),
 )
 @hyp_settings(max_examples=60, deadline=None)
-def test_main_range_never_spans_far_outliers(core: list[int], outliers: list[int], gap: int) -> None:
+def test_main_range_spans_the_core_whatever_its_gaps_and_never_far_outliers(
+    core: list[int], outliers: list[int]
+) -> None:
     base = datetime(2020, 1, 1, tzinfo=UTC)
     counts: dict[datetime, int] = {}
-    for offset in core * 5:  # the core holds most rows, so the median is in it
-        counts[base + timedelta(hours=offset)] = counts.get(base + timedelta(hours=offset), 0) + 1
+    for offset in core:  # the core holds almost every row; its gaps may be up to a month long
+        counts[base + timedelta(hours=offset)] = counts.get(base + timedelta(hours=offset), 0) + 1000
     for offset in outliers:
         counts[base + timedelta(hours=offset)] = counts.get(base + timedelta(hours=offset), 0) + 1
 
-    first, last = sources.main_range(counts, gap)
+    first, last = sources.main_range(counts)
 
-    assert base <= first <= last <= base + timedelta(hours=200)
-    inside = [h for h in counts if first <= h <= last]
-    assert sorted(inside) == [h for h in sorted(counts) if first <= h <= last]
-    assert all(b - a <= timedelta(hours=gap + 1) for a, b in zip(sorted(inside), sorted(inside)[1:], strict=False))
+    assert (first, last) == (base + timedelta(hours=min(core)), base + timedelta(hours=max(core)))
 
 
 # ---- replay of each public layout -----------------------------------------------------
@@ -333,3 +331,133 @@ def test_replay_maps_types_ids_and_zones(settings: Settings) -> None:
     assert set(rees.column("event_type").to_pylist()) == {"view", "cart", "remove_cart"}
     assert "2103807459595387724" in rees.column("category_id").to_pylist()
     assert len(set(rees.column("event_id").to_pylist())) == rees.num_rows == 5
+
+
+# ---- replay over the whole span of a file, whatever the gaps ------------------------
+
+ORDER_HEADER = "Invoice,StockCode,Description,Quantity,InvoiceDate,Price,Customer ID,Country\n"
+
+
+def order_lines_file(path: Path, days: list[datetime], hours: range, bad_price_hour: datetime | None = None) -> Path:
+    """Two order lines in each opening hour of ``days`` (January: London time is UTC).
+
+    A line of ``bad_price_hour`` has price ``n/a`` (a defect, not an expected reason).
+    """
+    lines = [ORDER_HEADER]
+    for day in days:
+        for h in hours:
+            moment = day.replace(hour=h)
+            for n in range(2):
+                price = "n/a" if moment == bad_price_hour else "2.50"
+                lines.append(f"{moment:%d%H}{n},SKU{n},Thing,{1 + n},{moment:%Y-%m-%d %H:%M:%S},{price},{100 + n},UK\n")
+    path.write_text("".join(lines))
+    return path
+
+
+# Sunday 2 .. Friday 7 January 2011 open, Saturday closed, Sunday 9 open, closed Monday to
+# Thursday (a four-day gap), Friday 14 open.
+CLOSED_DAYS = [datetime(2011, 1, d, tzinfo=UTC) for d in (2, 3, 4, 5, 6, 7, 9, 14)]
+
+
+def test_replay_lands_every_row_in_its_hour_across_closed_days_and_gaps(settings: Settings, tmp_path: Path) -> None:
+    # Arrange
+    settings = replace(settings, start=None, lateness_hours=24)
+    file = order_lines_file(tmp_path / "orders.csv", CLOSED_DAYS, range(9, 12))
+
+    # Act
+    plan = sources.land_for_replay(settings, file, sources.load_mapping("order_lines"))
+
+    # Assert: the plan spans the first row's hour to the last one's, every row in its own hour
+    assert (plan.first, plan.last) == (datetime(2011, 1, 2, 9, tzinfo=UTC), datetime(2011, 1, 14, 11, tzinfo=UTC))
+    assert (plan.rows, plan.outliers_before, plan.outliers_after, plan.without_ts) == (48, 0, 0, 0)
+    assert plan.rows_per_hour == {day.replace(hour=h).isoformat(): 2 for day in CLOSED_DAYS for h in range(9, 12)}
+
+
+def test_replay_processes_every_hour_over_a_closed_day(settings: Settings, tmp_path: Path) -> None:
+    # Arrange: Friday and Sunday open, Saturday closed: a 46-hour gap, longer than the lateness window
+    settings = replace(settings, start=None, lateness_hours=6)
+    days = [datetime(2011, 1, 7, tzinfo=UTC), datetime(2011, 1, 9, tzinfo=UTC)]
+    file = order_lines_file(tmp_path / "orders.csv", days, range(9, 11))
+
+    # Act
+    summary = runner.replay(settings, file, "order_lines", quality_suite=False)
+
+    # Assert: every hour from the first row to the last, every row staged in its own hour
+    first, last = datetime(2011, 1, 7, 9, tzinfo=UTC), datetime(2011, 1, 9, 10, tzinfo=UTC)
+    assert (summary["first_hour"], summary["last_hour"]) == (first.isoformat(), last.isoformat())
+    assert summary["hours"] == int((last - first) / HOUR) + 1
+    assert (summary["read"], summary["staged"], summary["quarantined"], summary["breaches"]) == (8, 8, 0, [])
+    lake = Lake(settings.lake)
+    for day in days:
+        for h in range(9, 11):
+            staged = lake.read(lk.STAGING, day.replace(hour=h)).column("ts").to_pylist()
+            assert len(staged) == 2 and all(ts.replace(minute=0) == day.replace(hour=h) for ts in staged)
+
+
+def test_main_range_keeps_weekly_and_multi_day_gaps_but_not_stray_years() -> None:
+    # Arrange: six trading days a week for eight weeks, a two-week holiday, and two stray rows
+    base = datetime(2011, 9, 25, tzinfo=UTC)
+    counts = {
+        base + timedelta(days=d, hours=h): 20
+        for d in list(range(0, 56)) + list(range(70, 80))
+        if d % 7 != 6
+        for h in range(8, 18)
+    }
+    core = (min(counts), max(counts))
+    counts[datetime(1970, 1, 1, tzinfo=UTC)] = 1
+    counts[datetime(2099, 1, 1, tzinfo=UTC)] = 1
+
+    # Act / Assert
+    assert sources.main_range(counts, 24) == core
+
+
+# ---- a quarantine-threshold breach fails the command, naming hours and reasons -------
+
+
+def cli_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    monkeypatch.setenv("PROFILE_ENGINE_LAKE", str(settings.lake))
+    monkeypatch.setenv("PROFILE_ENGINE_BUCKETS", str(settings.buckets))
+    monkeypatch.setenv("PROFILE_ENGINE_LATENESS_HOURS", str(settings.lateness_hours))
+    monkeypatch.setenv("PROFILE_ENGINE_QUARANTINE_MIN_ROWS", "1")
+    monkeypatch.delenv("PROFILE_ENGINE_START", raising=False)
+
+
+def test_replay_breach_exits_non_zero_naming_hours_and_reasons(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Arrange: both lines of Friday 09:00 have a price that is not a number
+    from profile_engine import cli
+
+    cli_env(monkeypatch, settings)
+    friday = datetime(2011, 1, 7, tzinfo=UTC)
+    file = order_lines_file(tmp_path / "orders.csv", [friday], range(9, 11), bad_price_hour=friday.replace(hour=9))
+
+    # Act
+    status = cli.main(["replay", "--file", str(file), "--mapping", "order_lines", "--no-quality"])
+
+    # Assert: every hour was still processed; the command fails naming the breaching hour
+    out = capsys.readouterr()
+    assert status != 0
+    assert "2011-01-07T09:00:00+00:00" in out.err and "bad_price" in out.err
+    assert "2011-01-07T10:00:00+00:00" not in out.err
+    assert Lake(settings.lake).committed(lk.STAGING, friday.replace(hour=10), 0)
+
+
+def test_run_hours_breach_exits_non_zero_naming_the_hour_and_reasons(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Arrange
+    from profile_engine import cli
+
+    cli_env(monkeypatch, settings)
+    file = tmp_path / "f.csv"
+    file.write_text(_canonical_rows(5, 5))
+    land_copy(settings, file, "a.csv")
+
+    # Act
+    status = cli.main(["run-hours", HOUR0.isoformat(), HOUR0.isoformat()])
+
+    # Assert
+    err = capsys.readouterr().err
+    assert status != 0
+    assert HOUR0.isoformat() in err and "missing_user_id" in err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -47,32 +48,51 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Exit status of run-hours and replay when an hour breached the quarantine threshold.
+EXIT_QUARANTINE_BREACH = 3
+
+
 def cmd_run_hours(args: argparse.Namespace) -> int:
-    """Process hours in-process, in order, with the hour runner."""
-    from profile_engine import runner
+    """Process hours in-process, in order, with the hour runner; a quarantine breach stops the range (exit 3)."""
+    from profile_engine import ingest, runner
+    from profile_engine.hours import hour_range
 
     settings = Settings.from_env()
-    for summary in runner.run_hours(
-        settings,
-        args.first,
-        args.last,
-        first_hour=args.start or settings.start or args.first,
-        force_retrain=args.force_retrain,
-        force_promote=args.force_promote,
-        dry_run=args.dry_run,
-    ):
+    for hour in hour_range(args.first, args.last):
+        try:
+            summary = runner.run_hour(
+                settings,
+                hour,
+                first_hour=args.start or settings.start or args.first,
+                force_retrain=args.force_retrain,
+                force_promote=args.force_promote,
+                dry_run=args.dry_run,
+            )
+        except ingest.QuarantineThresholdExceeded as error:
+            print(f"run-hours: quarantine threshold exceeded, later hours not run: {error}", file=sys.stderr)
+            return EXIT_QUARANTINE_BREACH
         _print(summary["write_run_report"])
     return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    """Land an event log by event hour through a mapping and process all its hours in-process."""
+    """Land an event log by event hour through a mapping and process all its hours; exit 3 on a quarantine breach."""
     from pathlib import Path
 
     from profile_engine import runner
 
     settings = Settings.from_env()
-    _print(runner.replay(settings, Path(args.file), args.mapping, quality_suite=not args.no_quality))
+    summary = runner.replay(settings, Path(args.file), args.mapping, quality_suite=not args.no_quality)
+    _print(summary)
+    if summary["breaches"]:
+        lines = [
+            f"  {b['hour']} {b['source']}: {b['defective']} of {b['read']} rows defective "
+            f"({b['defective_share']:.1%} > threshold {b['threshold']:.1%}); reasons {b['reasons']}"
+            for b in summary["breaches"]
+        ]
+        hours = len({b["hour"] for b in summary["breaches"]})
+        print(f"replay: quarantine threshold exceeded in {hours} hour(s):", *lines, sep="\n", file=sys.stderr)
+        return EXIT_QUARANTINE_BREACH
     return 0
 
 

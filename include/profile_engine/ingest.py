@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -359,13 +359,16 @@ def _warn_skipped(hour: datetime, skipped: list[LedgerEntry]) -> None:
         )
 
 
-def extract_events(settings: Settings, hour: datetime, *, run_id: str = "manual") -> dict[str, Any]:
+def extract_events(
+    settings: Settings, hour: datetime, *, run_id: str = "manual", now: datetime | None = None
+) -> dict[str, Any]:
     """Record in the ledger which landing files hour ``hour`` takes, and return a summary.
 
     A first run takes every file that arrived by the end of the hour and is in no
     earlier hour's ledger; a rerun keeps the ledger's list and checks that those
     files are unchanged (``LedgerError`` names the file otherwise). Files that changed
-    after an earlier hour took them are reported, not re-read.
+    after an earlier hour took them are reported, not re-read. ``now`` (default: the
+    clock) is the moment of reading, for table sources (``_extract_tables``).
     """
     lake = Lake(settings.lake)
     existing = read_ledger(lake, hour)
@@ -426,7 +429,7 @@ def extract_events(settings: Settings, hour: datetime, *, run_id: str = "manual"
         relative = str(path.relative_to(lake.root))
         if relative not in named and relative not in taken:
             skipped.append(_skipped_entry(lake, path, folder_arrival or hour, reason))
-    entries += _extract_tables(settings, lake, hour)
+    entries += _extract_tables(settings, lake, hour, now or datetime.now(UTC))
     faults.maybe_fail(faults.LEDGER_UPDATE)
     write_json(
         ledger_path(lake, hour),
@@ -459,12 +462,15 @@ def _write_watermarks(lake: Lake, hour: datetime, entries: list[LedgerEntry]) ->
             write_json(path, {"hour": format_hour(hour), "lower": entry.lower, "upper": entry.upper})
 
 
-def _extract_tables(settings: Settings, lake: Lake, hour: datetime) -> list[LedgerEntry]:
+def _extract_tables(settings: Settings, lake: Lake, hour: datetime, now: datetime) -> list[LedgerEntry]:
     """Ledger entries of the table sources (``settings.sql_sources``) for a first run of ``hour``.
 
-    Each takes the rows after its high-water mark up to the largest cursor now in the
-    table (for a time cursor: before the hour's end). Hours run in order, so a mark
-    at or after ``hour`` means an out-of-order run: ``LedgerError``.
+    Each takes the rows after its high-water mark that belong to ``hour``, however
+    late the run: a time cursor the rows with cursor before the hour's end, an id
+    cursor the rows in id order up to the first whose event time is at or after the
+    hour's end (docs/sources.md). Only an event time after ``now`` plus the clock skew
+    (no real event) does not stop an id range. Hours run in order, so a mark at or
+    after ``hour`` means an out-of-order run: ``LedgerError``.
     """
     entries: list[LedgerEntry] = []
     for name in settings.sql_sources:
@@ -484,6 +490,7 @@ def _extract_tables(settings: Settings, lake: Lake, hour: datetime) -> list[Ledg
             mapping,
             lower=mark["upper"] if mark else None,
             before=hour + HOUR,
+            impossible_from=max(now, hour + HOUR) + timedelta(minutes=settings.clock_skew_minutes),
             default_conn_id=settings.sql_conn_id,
         )
         entries.append(

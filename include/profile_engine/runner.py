@@ -107,7 +107,8 @@ def warm_up(
     the whole range at once and committed every ``snapshot_every`` hours and at
     ``last``, which gives the model past snapshots to learn from. With
     ``enforce_threshold=False`` (replays) quarantine-threshold breaches are listed
-    under ``breaches`` instead of stopping the run.
+    under ``breaches`` (hour, source, counts and the hour's reasons) instead of
+    stopping the run; the caller decides how to fail (``cli`` exits non-zero).
     """
     lake = Lake(settings.lake)
     totals = {"hours": 0, "files": 0, "read": 0, "staged": 0, "quarantined": 0, "erased": 0}
@@ -126,7 +127,12 @@ def warm_up(
             for reason, count in validated["reasons"].items():
                 reasons[reason] = reasons.get(reason, 0) + count
             breaches += [
-                {"hour": format_hour(hour), "source": name, **validated["sources"][name]}
+                {
+                    "hour": format_hour(hour),
+                    "source": name,
+                    **validated["sources"][name],
+                    "reasons": validated["reasons"],
+                }
                 for name in validated["threshold_breaches"]
             ]
         for bucket in range(settings.buckets):
@@ -145,7 +151,8 @@ def replay(settings: Settings, file: Path, mapping: str, *, quality_suite: bool 
     ``mapping`` is a shipped mapping's name or a YAML path. The hours run through the
     same stage functions as the hourly DAG (``warm_up``: validation per hour, with the
     quality suite and Data Docs unless ``quality_suite`` is False, then profiles),
-    and threshold breaches are reported, not raised. The lake is left so that the
+    and threshold breaches are listed under ``breaches``, not raised (every hour is
+    processed; ``python -m profile_engine replay`` then exits non-zero). The lake is left so that the
     hourly DAG continues at ``next_hour`` (with ``PROFILE_ENGINE_START`` = ``first_hour``).
     """
     from profile_engine import sources

@@ -674,12 +674,89 @@ def _from_json(value: Any) -> Any:
     return value
 
 
+# Rows read per query while looking for the end of an hour's id range; doubled each time,
+# so an hour reads at most about twice its own rows plus this.
+ID_SCAN_FIRST = 1000
+
+
+def _text(value: Any) -> str | None:
+    """A database value as the text the mapping reads (integers never through float)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _rows_table(mapping: Mapping, names: list[str], selected: list[Any]) -> pa.Table:
+    """The mapping's source columns of ``selected`` as text, plus ``_source_row`` (1-based)."""
+    wanted = set(mapping.source_columns())
+    return pa.table(
+        {
+            **{n: pa.array([_text(r[i]) for r in selected], pa.string()) for i, n in enumerate(names) if n in wanted},
+            ROW_COLUMN: pa.array(range(1, len(selected) + 1), pa.int64()),
+        }
+    )
+
+
+def _event_times(mapping: Mapping, names: list[str], selected: list[Any]) -> list[datetime | None]:
+    """Each row's event time as validation will read it (the mapping's format and zone); None if unreadable."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        select = sql_select(con, mapping, _rows_table(mapping, names, selected), 0)
+        return [r[0] for r in con.execute(f"SELECT ts_v FROM ({select}) ORDER BY source_row").fetchall()]
+    finally:
+        con.close()
+
+
+def _id_range_end(
+    conn: Any,
+    mapping: Mapping,
+    query: Any,
+    cursor: Any,
+    names: list[str],
+    low: Any,
+    end: datetime,
+    impossible: datetime,
+) -> list[Any]:
+    """The rows after ``low`` in id order up to, not including, the first one whose event time is at or after ``end``.
+
+    That row and everything after it wait for a later hour, so each row is taken once
+    and by the hour it belongs to when ids increase with event time; a late row (old
+    time, new id) joins the hour whose rows surround it. Rows without a readable time
+    and rows dated at or after ``impossible`` (after the moment of reading: no real
+    event) do not stop the range; they are taken and quarantined (``bad_ts``,
+    ``future_ts``), so one bad row cannot hold the source back for ever.
+    """
+    position = names.index(cursor.name)
+    taken: list[Any] = []
+    start, limit = low, ID_SCAN_FIRST
+    while True:
+        page = query.order_by(cursor).limit(limit)
+        if start is not None:
+            page = page.where(cursor > start)
+        chunk = list(conn.execute(page).fetchall())
+        for index, ts in enumerate(_event_times(mapping, names, chunk) if chunk else []):
+            if ts is not None and end <= ts < impossible:
+                return taken + chunk[:index]
+        taken += chunk
+        if len(chunk) < limit:
+            return taken
+        start, limit = chunk[-1][position], limit * 2
+
+
 def read_sql_batch(
     mapping: Mapping,
     *,
     lower: Any,
     upper: Any = None,
     before: datetime | None = None,
+    impossible_from: datetime | None = None,
     default_conn_id: str | None = None,
     bounded: bool = False,
 ) -> SqlBatch:
@@ -687,10 +764,13 @@ def read_sql_batch(
 
     ``lower``/``upper`` are JSON cursor values from the ledger (None: unbounded). With
     ``bounded`` (a rerun) the range is exactly the ledger's, an empty one included.
-    Otherwise (a first extraction) the upper bound becomes the largest cursor now
-    in the table, of rows before ``before`` for a time cursor (naive UTC, as
-    SQLAlchemy binds it). Rows come ordered by the cursor and numbered from 1; every
-    value is text (integers are never read through float, so 19-digit ids survive).
+    Otherwise (a first extraction) the upper bound is chosen here. ``before`` is the
+    end of the hour being extracted: a time cursor takes the rows with cursor before it
+    (naive UTC, as SQLAlchemy binds it); an id cursor takes rows in id order up to the
+    first whose event time is at or after it (``_id_range_end``; rows dated at or after
+    ``impossible_from`` never stop it). Without ``before`` the bound is the largest
+    cursor now in the table. Rows come ordered by the cursor and numbered from 1;
+    every value is text (integers are never read through float, so 19-digit ids survive).
     """
     import sqlalchemy as sa
 
@@ -714,48 +794,39 @@ def read_sql_batch(
                     f"{label}: missing required column(s) {', '.join(missing)} for source {mapping.name!r}"
                 )
             cursor = table.c[spec.cursor]
+            columns = sa.select(*[table.c[n] for n in names])
             low = _from_json(lower)
             high = _from_json(upper)
-            if high is None and not bounded:
-                query = sa.select(sa.func.max(cursor))
-                if low is not None:
-                    query = query.where(cursor > low)
-                if before is not None and spec.cursor_type == "time":
-                    query = query.where(cursor < before.astimezone(UTC).replace(tzinfo=None))
-                high = conn.execute(query).scalar()
-                if high is None:  # nothing new: the range is empty, the mark stays
-                    high = low
             selected: list[Any] = []
-            if high is not None:
-                query = sa.select(*[table.c[n] for n in names]).where(cursor <= high).order_by(cursor)
-                if low is not None:
-                    query = query.where(cursor > low)
-                selected = list(conn.execute(query).fetchall())
+            if high is None and not bounded and spec.cursor_type == "id" and before is not None:
+                end = before.astimezone(UTC)
+                impossible = max(end, (impossible_from or end).astimezone(UTC))
+                selected = _id_range_end(conn, mapping, columns, cursor, names, low, end, impossible)
+                high = selected[-1][names.index(spec.cursor)] if selected else low
+            else:
+                if high is None and not bounded:
+                    query = sa.select(sa.func.max(cursor))
+                    if low is not None:
+                        query = query.where(cursor > low)
+                    if before is not None and spec.cursor_type == "time":
+                        query = query.where(cursor < before.astimezone(UTC).replace(tzinfo=None))
+                    high = conn.execute(query).scalar()
+                    if high is None:  # nothing new: the range is empty, the mark stays
+                        high = low
+                if high is not None:
+                    query = columns.where(cursor <= high).order_by(cursor)
+                    if low is not None:
+                        query = query.where(cursor > low)
+                    selected = list(conn.execute(query).fetchall())
     except sa.exc.SQLAlchemyError as error:
         raise SourceError(f"{label}: cannot be read: {error}") from error
     finally:
         engine.dispose()
 
-    def text(value: Any) -> str | None:
-        if value is None:
-            return None
-        if isinstance(value, datetime):
-            return value.isoformat(sep=" ")
-        if isinstance(value, bytes):
-            return value.decode("utf-8", errors="replace")
-        return str(value)
-
-    columns = {n: [text(r[i]) for r in selected] for i, n in enumerate(names) if n in mapping.source_columns()}
     digest = hashlib.sha256()
     for r in selected:
-        digest.update("\x1f".join("\x00" if v is None else str(text(v)) for v in r).encode() + b"\x1e")
-    rows = pa.table(
-        {
-            **{n: pa.array(v, pa.string()) for n, v in columns.items()},
-            ROW_COLUMN: pa.array(range(1, len(selected) + 1), pa.int64()),
-        }
-    )
-    return SqlBatch(rows, lower, _jsonable(high), digest.hexdigest())
+        digest.update("\x1f".join("\x00" if v is None else str(_text(v)) for v in r).encode() + b"\x1e")
+    return SqlBatch(_rows_table(mapping, names, selected), lower, _jsonable(high), digest.hexdigest())
 
 
 def sql_select(con: Any, mapping: Mapping, rows: pa.Table, index: int) -> str:
@@ -801,32 +872,60 @@ class ReplayPlan:
         }
 
 
-def main_range(hour_counts: dict[datetime, int], max_gap_hours: int) -> tuple[datetime, datetime]:
-    """The contiguous hours around the median event: hours separated by more than ``max_gap_hours`` empty hours are outliers.
+# A replay's main range (``main_range``): a group of hours beyond a gap of more than a month,
+# further away than the span of the rest and with fewer rows than the rest, is a stray
+# (epoch 0, a year typo), not history; every other gap is processed hour by hour.
+OUTLIER_GAP_HOURS = 31 * 24
 
-    A stray timestamp years away neither stretches the replay over thousands of
-    empty hours nor disappears: its rows go to the nearest end of the range.
+
+def main_range(
+    hour_counts: dict[datetime, int], outlier_gap_hours: int = OUTLIER_GAP_HOURS
+) -> tuple[datetime, datetime]:
+    """The span of a file's event hours, without stray timestamps far from the rest.
+
+    Hours are grouped where they are at most ``outlier_gap_hours`` apart, so nights,
+    closing days and holidays of a few weeks never split the file. From the group
+    holding the median row, neighbouring groups are joined (the nearer first) unless a
+    group is further away than both the gap limit and the span joined so far and holds
+    fewer rows than the groups joined so far. A stray year neither stretches the replay
+    over thousands of empty hours nor disappears: its rows go to the nearest end of the
+    range and are counted as outliers.
     """
     if not hour_counts:
         raise ValueError("no event has a readable timestamp")
-    hours = sorted(hour_counts)
+    limit = timedelta(hours=outlier_gap_hours)
+    groups: list[list[Any]] = []  # [first hour, last hour, rows]
+    for hour in sorted(hour_counts):
+        if groups and hour - groups[-1][1] <= limit:
+            groups[-1][1] = hour
+            groups[-1][2] += hour_counts[hour]
+        else:
+            groups.append([hour, hour, hour_counts[hour]])
     total = sum(hour_counts.values())
     seen = 0
-    median = hours[-1]
-    for hour in hours:
-        seen += hour_counts[hour]
+    low = high = len(groups) - 1
+    for index, group in enumerate(groups):
+        seen += group[2]
         if 2 * seen >= total:
-            median = hour
+            low = high = index
             break
-    position = hours.index(median)
-    gap = timedelta(hours=max_gap_hours + 1)
-    low = position
-    while low > 0 and hours[low] - hours[low - 1] <= gap:
-        low -= 1
-    high = position
-    while high < len(hours) - 1 and hours[high + 1] - hours[high] <= gap:
-        high += 1
-    return hours[low], hours[high]
+
+    def joins(group: list[Any], gap: timedelta) -> bool:
+        joined = sum(g[2] for g in groups[low : high + 1])
+        return bool(group[2] >= joined or gap <= max(limit, groups[high][1] - groups[low][0]))
+
+    while True:
+        joinable: list[tuple[timedelta, int]] = []
+        if low > 0 and joins(groups[low - 1], gap := groups[low][0] - groups[low - 1][1]):
+            joinable.append((gap, -1))
+        if high < len(groups) - 1 and joins(groups[high + 1], gap := groups[high + 1][0] - groups[high][1]):
+            joinable.append((gap, 1))
+        if not joinable:
+            return groups[low][0], groups[high][1]
+        if min(joinable)[1] < 0:  # the nearer joinable neighbour first
+            low -= 1
+        else:
+            high += 1
 
 
 def land_for_replay(settings: Settings, file: Path, mapping: Mapping) -> ReplayPlan:
@@ -858,7 +957,7 @@ def land_for_replay(settings: Settings, file: Path, mapping: Mapping) -> ReplayP
             row[0].astimezone(UTC): int(row[1])
             for row in con.execute("SELECT h, count(*) FROM mapped WHERE h IS NOT NULL GROUP BY h").fetchall()
         }
-        first, last = main_range(counts, settings.lateness_hours)
+        first, last = main_range(counts)
         con.execute(
             "CREATE TEMP TABLE placed AS SELECT source_row, source_line, "
             "CASE WHEN h IS NULL OR h < $first THEN $first WHEN h > $last THEN $last ELSE h END AS landing_hour, "
