@@ -95,6 +95,12 @@ def build_report(
             "profile_changes": publish.get("profile_changes"),
             "model": _model_line(summaries),
             "actions": segments.get("actions") or segments.get("per_action"),
+            # segment rules that matched more than their declared max_share this hour (ties at a percentile)
+            "over_share": [
+                {k: check.get(k) for k in ("rule", "share", "max_share", "matched", "judged")}
+                for check in segments.get("share_checks") or []
+                if check.get("over")
+            ],
         },
         "stages": stages,
     }
