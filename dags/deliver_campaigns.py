@@ -10,8 +10,9 @@ catch-up), so one run reads **every** triggering event and delivers each hour on
 oldest first.
 
 * Destinations: a local outbox folder (`PROFILE_ENGINE_OUTBOX`, default `<lake>/outbox`),
-  and a SQL table (`campaign_deliveries`) through the Airflow Connection named by
-  `PROFILE_ENGINE_DELIVERY_CONN_ID` when set.
+  and SQL tables (`campaign_deliveries`, and the current suppression list folded from the
+  hours' entered/left suppress rows in `campaign_suppressions`) through the Airflow
+  Connection named by `PROFILE_ENGINE_DELIVERY_CONN_ID` when set.
 * Only committed exports (manifest present, checksums match) are delivered; the same
   hour delivered twice adds nothing; a changed rerun of an hour replaces that hour.
 * Trigger by hand with the `hour` param to deliver (again) one committed hour.

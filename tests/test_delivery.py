@@ -162,3 +162,62 @@ def test_deliver_campaigns_dag_delivers_every_triggering_event(
     for summary_ in summaries:
         hour_dir = lk.Lake(delivery.outbox_root(settings)).partition("", parse_hour(summary_["hour"]))
         assert (hour_dir / delivery.RECEIPT).is_file()
+
+
+def test_sql_delivery_keeps_the_suppression_list_from_entered_and_left_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from profile_engine.segments import export_key, pseudonymize
+
+    monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", KEY)
+    settings = Settings(lake=tmp_path / "lake")
+    dormant = {"lifecycle_stage": "dormant", "hours_since_last_event": 900.0}
+    low = {"d1": 0.01, "d2": 0.01, "d3": 0.01}
+    populations = [
+        {"d1": dormant, "d2": dormant, "d3": {}},
+        {"d1": dormant, "d2": dormant, "d3": {}},  # unchanged: no suppress row
+        {"d1": dormant, "d2": {}, "d3": dormant},  # d2 left, d3 entered
+    ]
+    manifests = []
+    for i, users in enumerate(populations):
+        commit_hour(settings.lake, H0 + i * HOUR, users, low)
+        manifests.append(Path(publish_segments(settings, H0 + i * HOUR)["manifest_path"]))
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'campaigns.db'}")
+    d1, d2, d3 = pseudonymize(["d1", "d2", "d3"], export_key(settings))
+
+    results = [delivery.deliver_to_sql(m, engine) for m in (manifests[2], manifests[0], manifests[1])]  # out of order
+    with engine.connect() as connection:
+        listed: dict[str, str] = dict(
+            connection.execute(sa.text("SELECT user_key, since_hour FROM campaign_suppressions")).all()
+        )
+        changes = connection.execute(
+            sa.text("SELECT hour, user_key, change FROM campaign_deliveries WHERE action = 'suppress'")
+        ).all()
+
+    assert listed == {d1: format_hour(H0), d3: format_hour(H0 + 2 * HOUR)}
+    assert sorted(tuple(r) for r in changes) == sorted(
+        [
+            (format_hour(H0), d1, "entered"),
+            (format_hour(H0), d2, "entered"),
+            (format_hour(H0 + 2 * HOUR), d2, "left"),
+            (format_hour(H0 + 2 * HOUR), d3, "entered"),
+        ]
+    )
+    assert results[-1]["suppression_list"] == 2 and results[-1]["suppression_gaps"] == []
+
+
+def test_fold_suppressions_restarts_at_a_full_list_and_names_gaps() -> None:
+    hours = [
+        ("h1", "full", None, [("a", "entered"), ("b", "entered")]),
+        ("h2", "changes", "h1", [("a", "left"), ("c", "entered")]),
+        ("h4", "changes", "h3", [("d", "entered")]),  # h3 was never delivered
+    ]
+
+    folded = delivery.fold_suppressions(hours)
+
+    assert folded["members"] == {"b": "h1", "c": "h2", "d": "h4"}
+    assert folded["gaps"] == ["h4"]
+    restarted = delivery.fold_suppressions([*hours, ("h5", "full", None, [("z", "entered")])])
+    assert restarted["members"] == {"z": "h5"} and restarted["from_hour"] == "h5"
+    legacy = delivery.fold_suppressions([("h0", None, None, [("x", None)])])  # an export from before: a whole list
+    assert legacy["members"] == {"x": "h0"}

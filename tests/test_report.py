@@ -55,3 +55,16 @@ def test_html_escapes_values() -> None:
     page = report.render_html(doc)
 
     assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page and "&lt;r&gt;" in page
+
+
+def test_rules_over_their_declared_share_reach_the_headline() -> None:
+    over = {"rule": "vip_service", "max_share": 0.05, "matched": 40, "judged": 40, "share": 1.0, "over": True}
+    within = {"rule": "high_intent", "max_share": 0.1, "matched": 10, "judged": 100, "share": 0.1, "over": False}
+    summaries = {**DONE, "publish_segments": {"actions": {}, "share_checks": [over, within]}}
+
+    doc = report.build_report(HOUR0, summaries, run_id="r")
+
+    assert doc["headline"]["over_share"] == [
+        {"rule": "vip_service", "share": 1.0, "max_share": 0.05, "matched": 40, "judged": 40}
+    ]
+    assert "vip_service" in report.render_html(doc)

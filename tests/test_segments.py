@@ -43,6 +43,7 @@ from profile_engine.segments import (
     rate_difference,
     render_section_html,
     report_section,
+    share_checks,
     uplift,
     uplift_rows,
 )
@@ -1078,3 +1079,158 @@ def test_exposure_starts_count_a_user_once_per_cooldown_on_both_sides() -> None:
         ("t", H0 + 3 * HOUR),
     ]
     assert exposure_starts(contacts, {}).num_rows == 7  # a rule without a known cooldown: every hour
+
+
+# ---- segments that respect the data: declared shares, null money, suppression as a change ------
+
+
+TOP_SPENDERS = {
+    "name": "top_spenders",
+    "enter": "monetary_percentile >= 0.95",
+    "action": {"channel": "account_manager", "offer": "VIP service"},
+    "priority": 10,
+    "max_share": 0.05,
+}
+
+
+def test_a_rule_over_its_declared_share_is_reported_with_actual_and_declared_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 40 buyers who all spent the same (a source whose prices are constant): all tie at percentile 1.0
+    monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", "t" * 32)
+    users = {f"b{i:02d}": {"frequency_orders": 1, "monetary_total": 10.0, "rfm_segment": "loyal"} for i in range(40)}
+    users |= {f"v{i:02d}": {} for i in range(60)}  # visitors without orders: the rule cannot judge them
+    path = rules_file(tmp_path, [TOP_SPENDERS])
+    commit_hour(tmp_path, H0, users, None)
+    settings_ = Settings(lake=tmp_path)
+
+    summary = publish_segments(settings_, H0, rules_path=path)
+    section, _ = report_section(settings_, H0)
+
+    expected = {
+        "rule": "top_spenders",
+        "max_share": 0.05,
+        "matched": 40,
+        "judged": 40,  # buyers with a spend percentile; the 60 visitors have none
+        "share": 1.0,
+        "over": True,
+    }
+    assert summary["share_checks"] == [expected]
+    assert any("top_spenders" in note and "100%" in note and "5%" in note for note in summary["notes"])
+    assert section["share_checks"] == [expected]
+    page = render_section_html(section)
+    assert "top_spenders" in page and "declared share" in page
+
+
+def test_a_rule_within_its_declared_share_is_not_over() -> None:
+    spend = {f"b{i:03d}": {"frequency_orders": 1, "monetary_total": float(i + 1)} for i in range(100)}
+    table = profiles_table(H0, spend)
+    rule = SegmentRule(
+        name="top_spenders",
+        enter="monetary_percentile >= 0.95",
+        offer="VIP service",
+        channel="account_manager",
+        priority=1,
+        max_share=0.05,
+    )
+
+    checks = share_checks(table, [rule])
+
+    # cume_dist >= 0.95 over 100 distinct amounts takes the boundary user too: 6, within the one-user allowance
+    assert checks == [
+        {"rule": "top_spenders", "max_share": 0.05, "matched": 6, "judged": 100, "share": 0.06, "over": False}
+    ]
+
+
+def test_max_share_is_validated(tmp_path: Path) -> None:
+    bad = rules_file(tmp_path, [{**TOP_SPENDERS, "max_share": 1.5}])
+    with pytest.raises(SegmentConfigError, match=r"top_spenders.*max_share"):
+        load_rules(bad, columns=EVAL_SCHEMA)
+    assert load_rules(rules_file(tmp_path, [TOP_SPENDERS], "ok.yaml"), columns=EVAL_SCHEMA)[0].max_share == 0.05
+
+
+def test_shipped_percentile_and_decile_rules_declare_their_share() -> None:
+    rules = {r.name: r for r in load_rules(DEFAULT_RULES_PATH, columns=EVAL_SCHEMA)}
+    assert rules["vip_service"].max_share == 0.05
+    assert rules["high_intent"].max_share == 0.1
+    assert rules["suppress_dormant"].max_share == 0.2
+
+
+def test_a_buyer_without_money_does_not_match_vip_service(tmp_path: Path) -> None:
+    # A source without prices: money is NULL (unknown), not 0; the spend percentile must stay NULL
+    users: dict[str, dict[str, Any]] = {
+        f"n{i:02d}": {"frequency_orders": 3, "monetary_total": None, "rfm_segment": "loyal"} for i in range(10)
+    }
+    users |= {
+        f"m{i:02d}": {"frequency_orders": 1, "monetary_total": float(i + 1), "rfm_segment": "loyal"} for i in range(20)
+    }
+    commit_hour(tmp_path, H0, users, {u: 0.3 for u in users})
+
+    publish_segments(Settings(lake=tmp_path), H0, rules_path=default_rules_without_control(tmp_path))
+
+    rows = by_user(lk.Lake(tmp_path).read(lk.SEGMENTS, H0))
+    vip = {u for u, r in rows.items() if "vip_service" in r["segments"]}
+    assert vip == {"m18", "m19"}  # spend percentile >= 0.95 among the 20 buyers with money; none without money
+
+
+def test_null_money_rows_get_no_spend_percentile() -> None:
+    table = profiles_table(
+        H0,
+        {
+            "nomoney": {"frequency_orders": 2, "monetary_total": None},
+            "low": {"frequency_orders": 1, "monetary_total": 1.0},
+            "high": {"frequency_orders": 1, "monetary_total": 2.0},
+        },
+    )
+    rule = SegmentRule(name="p", enter="monetary_percentile IS NULL", offer="welcome", channel="email", priority=1)
+
+    assigned, _ = assign_segments(table, [rule])
+
+    assert assigned.column("user_id").to_pylist() == ["nomoney"]
+
+
+def _suppress_export(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    return pq.read_table(Path(summary["exports_path"]) / "suppress.parquet").to_pylist()
+
+
+def test_suppress_is_exported_as_who_entered_and_who_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", "s" * 32)
+    settings_ = Settings(lake=tmp_path)
+    dormant = {"lifecycle_stage": "dormant", "hours_since_last_event": 900.0}
+    path = default_rules_without_control(tmp_path)
+    low = {"d1": 0.01, "d2": 0.01, "d3": 0.01, "a": 0.3}
+    hours = [H0 + i * HOUR for i in range(3)]
+    populations = [
+        {"d1": dormant, "d2": dormant, "d3": {}, "a": {}},
+        {"d1": dormant, "d2": dormant, "d3": {}, "a": {}},  # nobody changed
+        {"d1": dormant, "d2": {}, "d3": dormant, "a": {}},  # d2 left, d3 entered
+    ]
+    summaries = []
+    for hour, users in zip(hours, populations, strict=True):
+        commit_hour(tmp_path, hour, users, low)
+        summaries.append(publish_segments(settings_, hour, rules_path=path))
+    key = export_key(settings_)
+    d1, d2, d3 = pseudonymize(["d1", "d2", "d3"], key)
+
+    first, unchanged, changed = (_suppress_export(s) for s in summaries)
+    manifests = [lk.read_json(Path(s["manifest_path"])) for s in summaries]
+
+    assert {(r["user_key"], r["change"]) for r in first} == {(d1, "entered"), (d2, "entered")}
+    assert manifests[0]["suppress"] == {"mode": "full", "base_hour": None, "list_size": 2, "entered": 2, "left": 0}
+    assert unchanged == []  # no rows re-sent when the list did not change
+    assert manifests[1]["suppress"]["mode"] == "changes" and manifests[1]["rows"]["suppress"] == 0
+    assert {(r["user_key"], r["change"]) for r in changed} == {(d2, "left"), (d3, "entered")}
+    assert manifests[2]["suppress"] == {
+        "mode": "changes",
+        "base_hour": format_hour(hours[1]),
+        "list_size": 2,
+        "entered": 1,
+        "left": 1,
+    }
+    assert all(r["offer"] == "suppress" and r["channel"] == "all" for r in changed)
+    csv_rows = list(csv.DictReader(io.StringIO((Path(summaries[2]["exports_path"]) / "suppress.csv").read_text())))
+    assert {(r["user_key"], r["change"]) for r in csv_rows} == {(d2, "left"), (d3, "entered")}
+    # a rerun compares with the committed previous hour, so it reproduces the same change
+    before = (Path(summaries[2]["exports_path"]) / "suppress.csv").read_bytes()
+    publish_segments(settings_, hours[2], rules_path=path, run_id="rerun")
+    assert (Path(summaries[2]["exports_path"]) / "suppress.csv").read_bytes() == before

@@ -11,8 +11,14 @@ Destinations:
 - a local outbox folder (default ``<lake>/outbox``, ``PROFILE_ENGINE_OUTBOX``):
   ``dt=/hour=/<action>.csv|.parquet`` plus ``_delivered.json`` written last;
 - a SQL table through an Airflow Connection (``PROFILE_ENGINE_DELIVERY_CONN_ID``):
-  ``campaign_deliveries`` (one row per user and action of an hour) and
-  ``campaign_delivery_batches`` (one row per delivered hour), in one transaction.
+  ``campaign_deliveries`` (one row per user and action of an hour),
+  ``campaign_delivery_batches`` (one row per delivered hour) and
+  ``campaign_suppressions`` (the current suppression list), in one transaction.
+
+The ``suppress`` export is a change to the suppression list (column ``change``:
+``entered``/``left`` against the previous hour's list; a ``full`` list when the export
+says so in its manifest's ``suppress.mode``). :func:`fold_suppressions` turns the
+delivered hours into the current list, from the latest full list on.
 
 Only committed exports are delivered (the manifest exists and every file matches its
 checksum). Delivering the same export twice adds nothing: a delivery is keyed by the
@@ -50,6 +56,12 @@ OUTBOX_DIR = "outbox"
 RECEIPT = "_delivered.json"
 DELIVERY_TABLE = "campaign_deliveries"
 BATCH_TABLE = "campaign_delivery_batches"
+SUPPRESSION_TABLE = "campaign_suppressions"
+# Names the exports use (profile_engine.segments; repeated here so importing this module stays cheap).
+SUPPRESS = "suppress"
+CHANGE = "change"
+ENTERED, LEFT = "entered", "left"
+SUPPRESS_FULL, SUPPRESS_CHANGES = "full", "changes"
 _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -148,47 +160,112 @@ def deliver_to_outbox(manifest_path: Path, outbox: Path) -> dict[str, Any]:
     return {"hour": format_hour(hour), "status": "delivered", "path": str(target), "rows": manifest.get("rows")}
 
 
+def fold_suppressions(
+    hours: Iterable[tuple[str, str | None, str | None, Iterable[tuple[str, str | None]]]],
+) -> dict[str, Any]:
+    """The current suppression list from delivered hours of the suppress export.
+
+    ``hours`` are ``(hour, mode, base_hour, rows)`` with ``rows`` as ``(user_key, change)``.
+    Hours are applied in order from the latest ``full`` one (an export written before
+    suppression became a change, mode None and change None, is a full list too): a full
+    hour replaces the list, a ``changes`` hour adds ``entered`` and removes ``left`` users.
+    Returns ``{"members": {user_key: since_hour}, "from_hour", "gaps"}``; ``gaps`` names
+    every changes hour whose ``base_hour`` is not the hour applied before it (a missing
+    delivery: the list may be stale until the next full list).
+    """
+    ordered = sorted(hours, key=lambda h: h[0])
+    start = max((i for i, h in enumerate(ordered) if h[1] in (None, SUPPRESS_FULL)), default=0)
+    members: dict[str, str] = {}
+    gaps: list[str] = []
+    previous: str | None = None
+    for hour, mode, base, rows in ordered[start:]:
+        if mode in (None, SUPPRESS_FULL):
+            members = {}
+        elif base != previous:
+            gaps.append(hour)
+        for user_key, change in rows:
+            if change == LEFT:
+                members.pop(user_key, None)
+            else:
+                members.setdefault(user_key, hour)
+        previous = hour
+    return {"members": members, "from_hour": ordered[start][0] if ordered else None, "gaps": gaps}
+
+
 def _check_identifier(name: str) -> str:
     if not _IDENTIFIER_RE.match(name):
         raise ValueError(f"table name {name!r} is not a plain SQL identifier")
     return name
 
 
+def _add_missing_columns(connection: sqlalchemy.Connection, table: str, columns: Mapping[str, str]) -> None:
+    """Add ``columns`` (name -> SQL type) a table created by an older version lacks (older databases stay usable)."""
+    import sqlalchemy as sa
+
+    present = {c["name"] for c in sa.inspect(connection).get_columns(table)}
+    quote = connection.dialect.identifier_preparer.quote
+    for name, sql_type in columns.items():
+        if name not in present:
+            connection.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {quote(name)} {sql_type}"))
+
+
 def deliver_to_sql(
-    manifest_path: Path, engine: sqlalchemy.Engine, *, table: str = DELIVERY_TABLE, batches: str = BATCH_TABLE
+    manifest_path: Path,
+    engine: sqlalchemy.Engine,
+    *,
+    table: str = DELIVERY_TABLE,
+    batches: str = BATCH_TABLE,
+    suppressions: str = SUPPRESSION_TABLE,
 ) -> dict[str, Any]:
     """Write one hour's export into SQL table ``table`` (created if missing), idempotently.
 
     One transaction: when ``batches`` already records this hour with the same digest,
     nothing is written; otherwise the hour's rows are replaced and its batch row upserted.
     So the same hour delivered twice adds nothing, and a changed rerun replaces the hour.
+    ``suppressions`` is then rebuilt as the current suppression list (``user_key``,
+    ``since_hour``) by :func:`fold_suppressions` over the delivered suppress rows, so
+    hours delivered out of order or again give the same list.
     """
     import sqlalchemy as sa
 
     manifest, tables = read_export(manifest_path)
     hour = format_hour(parse_hour(manifest["data_hour"]))
     digest = export_digest(manifest)
+    suppress = manifest.get("suppress") or {}
     rows_table, batch_table = _check_identifier(table), _check_identifier(batches)
+    list_table = _check_identifier(suppressions)
     with engine.begin() as connection:
+        change = connection.dialect.identifier_preparer.quote(CHANGE)
         connection.execute(
             sa.text(
                 f"CREATE TABLE IF NOT EXISTS {rows_table} (hour VARCHAR(32) NOT NULL, action VARCHAR(64) NOT NULL, "
                 "user_key VARCHAR(64) NOT NULL, segment VARCHAR(64) NOT NULL, offer VARCHAR(64) NOT NULL, "
                 "channel VARCHAR(32) NOT NULL, reason TEXT NOT NULL, purchase_propensity DOUBLE PRECISION, "
-                "PRIMARY KEY (hour, action, user_key))"
+                f"{change} VARCHAR(16), PRIMARY KEY (hour, action, user_key))"
             )
         )
         connection.execute(
             sa.text(
                 f"CREATE TABLE IF NOT EXISTS {batch_table} (hour VARCHAR(32) PRIMARY KEY, digest VARCHAR(64) NOT NULL, "
-                "run_id VARCHAR(250), row_count INTEGER NOT NULL, delivered_at VARCHAR(40) NOT NULL)"
+                "run_id VARCHAR(250), row_count INTEGER NOT NULL, delivered_at VARCHAR(40) NOT NULL, "
+                "suppress_mode VARCHAR(16), suppress_base_hour VARCHAR(32))"
             )
+        )
+        connection.execute(
+            sa.text(
+                f"CREATE TABLE IF NOT EXISTS {list_table} (user_key VARCHAR(64) PRIMARY KEY, "
+                "since_hour VARCHAR(32) NOT NULL)"
+            )
+        )
+        _add_missing_columns(connection, rows_table, {CHANGE: "VARCHAR(16)"})
+        _add_missing_columns(
+            connection, batch_table, {"suppress_mode": "VARCHAR(16)", "suppress_base_hour": "VARCHAR(32)"}
         )
         known = connection.execute(sa.text(f"SELECT digest FROM {batch_table} WHERE hour = :hour"), {"hour": hour})
         if known.scalar() == digest:
             return {"hour": hour, "status": "already delivered", "table": rows_table}
         rows = [
-            {"hour": hour, "action": action, **record}
+            {"hour": hour, "action": action, **{CHANGE: None}, **record}
             for action, data in sorted(tables.items())
             for record in data.to_pylist()
         ]
@@ -198,15 +275,15 @@ def deliver_to_sql(
             connection.execute(
                 sa.text(
                     f"INSERT INTO {rows_table} (hour, action, user_key, segment, offer, channel, reason, "
-                    "purchase_propensity) VALUES (:hour, :action, :user_key, :segment, :offer, :channel, :reason, "
-                    ":purchase_propensity)"
+                    f"purchase_propensity, {change}) VALUES (:hour, :action, :user_key, :segment, :offer, :channel, "
+                    f":reason, :purchase_propensity, :{CHANGE})"
                 ),
                 rows,
             )
         connection.execute(
             sa.text(
-                f"INSERT INTO {batch_table} (hour, digest, run_id, row_count, delivered_at) "
-                "VALUES (:hour, :digest, :run_id, :row_count, :delivered_at)"
+                f"INSERT INTO {batch_table} (hour, digest, run_id, row_count, delivered_at, suppress_mode, "
+                "suppress_base_hour) VALUES (:hour, :digest, :run_id, :row_count, :delivered_at, :mode, :base)"
             ),
             {
                 "hour": hour,
@@ -214,9 +291,48 @@ def deliver_to_sql(
                 "run_id": manifest.get("run_id"),
                 "row_count": len(rows),
                 "delivered_at": datetime.now(UTC).isoformat(),
+                "mode": suppress.get("mode"),
+                "base": suppress.get("base_hour"),
             },
         )
-    return {"hour": hour, "status": "delivered", "table": rows_table, "rows": len(rows)}
+        folded = _rebuild_suppressions(connection, rows_table, batch_table, list_table)
+    return {
+        "hour": hour,
+        "status": "delivered",
+        "table": rows_table,
+        "rows": len(rows),
+        "suppression_list": len(folded["members"]),
+        "suppression_gaps": folded["gaps"],
+    }
+
+
+def _rebuild_suppressions(
+    connection: sqlalchemy.Connection, rows_table: str, batch_table: str, list_table: str
+) -> dict[str, Any]:
+    """Replace ``list_table`` with the suppression list folded from every delivered hour (latest full list on)."""
+    import sqlalchemy as sa
+
+    change = connection.dialect.identifier_preparer.quote(CHANGE)
+    delivered = connection.execute(
+        sa.text(f"SELECT hour, suppress_mode, suppress_base_hour FROM {batch_table} ORDER BY hour")
+    ).fetchall()
+    start = max((str(h) for h, mode, _ in delivered if mode in (None, SUPPRESS_FULL)), default="")
+    rows: dict[str, list[tuple[str, str | None]]] = {}
+    for hour, user_key, value in connection.execute(
+        sa.text(f"SELECT hour, user_key, {change} FROM {rows_table} WHERE action = :action AND hour >= :start"),
+        {"action": SUPPRESS, "start": start},
+    ):
+        rows.setdefault(str(hour), []).append((str(user_key), value))
+    folded = fold_suppressions(
+        (str(h), mode, base, rows.get(str(h), [])) for h, mode, base in delivered if str(h) >= start
+    )
+    connection.execute(sa.text(f"DELETE FROM {list_table}"))
+    if folded["members"]:
+        connection.execute(
+            sa.text(f"INSERT INTO {list_table} (user_key, since_hour) VALUES (:user_key, :since)"),
+            [{"user_key": k, "since": v} for k, v in sorted(folded["members"].items())],
+        )
+    return folded
 
 
 def deliver_events(

@@ -98,6 +98,12 @@ def build_report(
             "actions": segments.get("actions") or segments.get("per_action"),
             # landing files the hour named but did not read, with their reasons (ingest.SKIP_REASONS)
             "skipped_files": [{"path": s.get("path"), "reason": s.get("reason")} for s in extract.get("skipped") or []],
+            # segment rules that matched more than their declared max_share this hour (ties at a percentile)
+            "over_share": [
+                {k: check.get(k) for k in ("rule", "share", "max_share", "matched", "judged")}
+                for check in segments.get("share_checks") or []
+                if check.get("over")
+            ],
         },
         "stages": stages,
     }

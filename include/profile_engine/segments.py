@@ -20,6 +20,7 @@ import hmac
 import html
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     import duckdb
 
 DEFAULT_RULES_PATH = CONFIG_DIR / "segments.yaml"
+_LOG = logging.getLogger(__name__)
 
 USER_ID = ft.USER_ID
 # Score columns (scores/ layer, written by the model stage) joined to the profile snapshot.
@@ -56,14 +58,17 @@ SCORE_COLUMNS: tuple[str, ...] = tuple(SCORE_SCHEMA.names)
 
 # Columns derived here from the snapshot so rules stay readable (name -> DuckDB type, SQL).
 _SNAPSHOT_END_SQL = f"{ft.SNAPSHOT_HOUR} + INTERVAL 1 HOUR"
+_HAS_SPEND_SQL = f"({ft.FREQUENCY_ORDERS} > 0 AND {ft.MONETARY_TOTAL} IS NOT NULL)"
 DERIVED_COLUMNS: dict[str, tuple[str, str]] = {
     "snapshot_end": ("TIMESTAMPTZ", _SNAPSHOT_END_SQL),
     "hours_since_first_seen": ("DOUBLE", f"(epoch({_SNAPSHOT_END_SQL}) - epoch({ft.FIRST_SEEN_AT})) / 3600.0"),
-    # Share of buyers spending at most this user's amount (cume_dist among users with orders).
+    # Share of buyers spending at most this user's amount (cume_dist among users with orders and a known
+    # amount). NULL without orders and where money is unknown (a source without prices): sorted NULLs are
+    # peers, so a cume_dist over them would put every such buyer at 1.0, the "top 5%".
     "monetary_percentile": (
         "DOUBLE",
-        f"CASE WHEN {ft.FREQUENCY_ORDERS} > 0 THEN cume_dist() OVER "
-        f"(PARTITION BY {ft.FREQUENCY_ORDERS} > 0 ORDER BY {ft.MONETARY_TOTAL}) END",
+        f"CASE WHEN {_HAS_SPEND_SQL} THEN cume_dist() OVER "
+        f"(PARTITION BY {_HAS_SPEND_SQL} ORDER BY {ft.MONETARY_TOTAL}) END",
     ),
 }
 
@@ -117,6 +122,13 @@ SEGMENT_SCHEMA = pa.schema(
 # Exports identify users by a keyed pseudonym (HMAC-SHA256), never by the raw id.
 USER_KEY = "user_key"
 SEGMENT = "segment"
+# The suppress export is a change to the suppression list: who entered it and who left it since the
+# previous committed hour (every member "entered" when there is none: a full list). NULL in other exports.
+CHANGE = "change"
+ENTERED = "entered"
+LEFT = "left"
+SUPPRESS_FULL = "full"
+SUPPRESS_CHANGES = "changes"
 EXPORT_SCHEMA = pa.schema(
     [
         pa.field(USER_KEY, pa.string(), nullable=False),
@@ -125,6 +137,7 @@ EXPORT_SCHEMA = pa.schema(
         pa.field(CHANNEL, pa.string(), nullable=False),
         pa.field(REASON, pa.string(), nullable=False),
         pa.field(PROPENSITY, pa.float64()),
+        pa.field(CHANGE, pa.string()),
     ]
 )
 EXPORT_COLUMNS: tuple[str, ...] = tuple(EXPORT_SCHEMA.names)
@@ -140,7 +153,17 @@ CONTACT_SCHEMA = pa.schema(
     ]
 )
 
-_RULE_KEYS = {"name", "description", "enter", "stay", "action", "priority", "cooldown_hours", "control_share"}
+_RULE_KEYS = {
+    "name",
+    "description",
+    "enter",
+    "stay",
+    "action",
+    "priority",
+    "cooldown_hours",
+    "control_share",
+    "max_share",
+}
 _REQUIRED_KEYS = ("name", "enter", "action", "priority")
 _ACTION_KEYS = {"channel", "offer"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -242,6 +265,8 @@ class SegmentRule:
     cooldown_hours: int = 0
     control_share: float = 0.0
     description: str = ""
+    # Share of the profiles it can judge that ``enter`` is meant to match at most (a percentile or decile rule).
+    max_share: float | None = None
     enter_columns: tuple[str, ...] = ()
     stay_columns: tuple[str, ...] = ()
 
@@ -362,6 +387,11 @@ def _parse_rule(con: duckdb.DuckDBPyConnection, path: Path, index: int, raw: Any
         raise SegmentConfigError(
             f"{where}: a suppress rule contacts nobody: it takes no cooldown_hours or control_share"
         )
+    max_share = raw.get("max_share")
+    if max_share is not None and (
+        isinstance(max_share, bool) or not isinstance(max_share, int | float) or not 0.0 < max_share <= 1.0
+    ):
+        raise SegmentConfigError(f"{where}: max_share must be a number in (0, 1], got {max_share!r}")
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise SegmentConfigError(f"{where}: description must be text")
@@ -381,6 +411,7 @@ def _parse_rule(con: duckdb.DuckDBPyConnection, path: Path, index: int, raw: Any
         cooldown_hours=cooldown,
         control_share=float(share),
         description=description.strip(),
+        max_share=None if max_share is None else float(max_share),
         enter_columns=enter_columns,
         stay_columns=stay_columns,
     )
@@ -830,13 +861,11 @@ def assign_segments(
     withdrawn = optouts.select([USER_ID]) if optouts is not None else pa.table({USER_ID: pa.array([], pa.string())})
     con = _rule_connection()
     try:
-        con.register("snapshot_input", evaluated)
+        _create_profiles_view(con, evaluated)
         con.register("optouts_input", withdrawn)
         con.register("prev_input", prev.select([USER_ID, SEGMENTS_COL]))
         con.register("contacts_input", recent.select([USER_ID, ACTION, "hours_ago"]))
         con.register("rules_meta", _rules_table(rules))
-        derived = ", ".join(f"{sql} AS {name}" for name, (_, sql) in DERIVED_COLUMNS.items())
-        con.execute(f"CREATE VIEW {RULE_VIEW} AS SELECT *, {derived} FROM snapshot_input")
         types = {str(row[0]): str(row[1]) for row in con.execute(f"DESCRIBE {RULE_VIEW}").fetchall()}
         score = f"p.{PROPENSITY}" if PROPENSITY in types else "CAST(NULL AS DOUBLE)"
 
@@ -924,6 +953,61 @@ def assign_segments(
     finally:
         con.close()
     return result.cast(SEGMENT_SCHEMA), {rule.name: sizes.get(rule.name, 0) for rule in rules}
+
+
+def _create_profiles_view(con: duckdb.DuckDBPyConnection, evaluated: pa.Table) -> None:
+    """The view rules are evaluated against: one hour's profiles + scores with the derived columns."""
+    con.register("snapshot_input", evaluated)
+    derived = ", ".join(f"{sql} AS {name}" for name, (_, sql) in DERIVED_COLUMNS.items())
+    con.execute(f"CREATE VIEW {RULE_VIEW} AS SELECT *, {derived} FROM snapshot_input")
+
+
+def share_checks(evaluated: pa.Table, rules: Sequence[SegmentRule]) -> list[dict[str, Any]]:
+    """Per rule with a declared ``max_share``: how many profiles ``enter`` matched, of how many it could judge.
+
+    ``judged`` counts the profiles for which ``enter`` is not NULL (a decile rule cannot
+    judge an unscored user, a spend percentile a user without orders or prices), so ties
+    show: when every buyer spent the same, ``monetary_percentile >= 0.95`` matches all of
+    them. ``over`` when more than ``max_share`` of ``judged`` matched, allowing for the one
+    user at a percentile's boundary (``cume_dist >= 0.95`` over 100 distinct amounts
+    matches 6). Reported, not capped: among tied users no one is more "top 5%" than another.
+    """
+    declared = [r for r in rules if r.max_share is not None]
+    if not declared:
+        return []
+    con = _rule_connection()
+    try:
+        _create_profiles_view(con, evaluated)
+        counts = ", ".join(
+            f"count(*) FILTER (WHERE ({r.enter})), count(*) FILTER (WHERE ({r.enter}) IS NOT NULL)" for r in declared
+        )
+        row = con.execute(f"SELECT {counts} FROM {RULE_VIEW}").fetchall()[0]
+    finally:
+        con.close()
+    checks = []
+    for i, rule in enumerate(declared):
+        matched, judged = int(row[2 * i]), int(row[2 * i + 1])
+        limit = float(rule.max_share or 0.0)
+        checks.append(
+            {
+                "rule": rule.name,
+                "max_share": limit,
+                "matched": matched,
+                "judged": judged,
+                "share": round(matched / judged, 4) if judged else None,
+                "over": matched > limit * judged + 1,
+            }
+        )
+    return checks
+
+
+def share_warning(check: Mapping[str, Any]) -> str:
+    """The run summary's note (and the task log's warning) for a rule over its declared share."""
+    return (
+        f"rule {check['rule']} matched {check['share']:.0%} of the {check['judged']} profiles it can judge "
+        f"({check['matched']} users), more than its declared max_share {check['max_share']:.0%} "
+        "(ties at a percentile or decile?)"
+    )
 
 
 # ---- lake I/O ----------------------------------------------------------------------------
@@ -1147,20 +1231,69 @@ def pseudonymize_array(user_ids: pa.Array | pa.ChunkedArray, key: ExportKey) -> 
 # ---- exports and stability ---------------------------------------------------------------
 
 
-def _export_tables(assigned: pa.Table, actions: Sequence[str]) -> dict[str, pa.Table]:
-    """The rows each exported action's file holds (raw ids still; pseudonymised when written)."""
+def _export_tables(assigned: pa.Table, actions: Sequence[str], previous: pa.Table | None) -> dict[str, pa.Table]:
+    """The rows each exported action's file holds (raw ids still; pseudonymised when written).
+
+    Contact actions list this hour's recipients. ``suppress`` lists the change of the
+    suppression list (users with action ``suppress``) against ``previous``, the committed
+    segments of the previous hour: ``entered`` (suppressed now, not then) and ``left``
+    (suppressed then, not now), so an unchanged list exports no row; without ``previous``
+    every member is ``entered`` (a full list). A user who opted out since gets no ``left``
+    row: opted-out users are never exported, and they stay suppressed downstream.
+    """
     con = db.connect()
     tables: dict[str, pa.Table] = {}
+    prev = (
+        previous.select([USER_ID, ACTION, RULE, OFFER, CHANNEL])
+        if previous is not None
+        else pa.table({c: pa.array([], pa.string()) for c in (USER_ID, ACTION, RULE, OFFER, CHANNEL)})
+    )
     try:
         con.register("assigned_input", assigned)
+        con.register("previous_input", prev)
         for action in actions:
+            if action != SUPPRESS:
+                tables[action] = con.sql(
+                    f"SELECT {USER_ID}, {RULE} AS {SEGMENT}, {OFFER}, {CHANNEL}, {REASON}, {PROPENSITY}, "
+                    f"CAST(NULL AS VARCHAR) AS {CHANGE} "
+                    f"FROM assigned_input WHERE {ACTION} = {_literal(action)} ORDER BY {USER_ID}"
+                ).to_arrow_table()
+                continue
             tables[action] = con.sql(
-                f"SELECT {USER_ID}, {RULE} AS {SEGMENT}, {OFFER}, {CHANNEL}, {REASON}, {PROPENSITY} "
-                f"FROM assigned_input WHERE {ACTION} = {_literal(action)} ORDER BY {USER_ID}"
+                f"""
+                WITH now AS (SELECT * FROM assigned_input WHERE {ACTION} = '{SUPPRESS}'),
+                was AS (SELECT * FROM previous_input WHERE {ACTION} = '{SUPPRESS}')
+                SELECT {USER_ID}, {RULE} AS {SEGMENT}, {OFFER}, {CHANNEL}, {REASON}, {PROPENSITY},
+                       '{ENTERED}' AS {CHANGE}
+                FROM now ANTI JOIN was USING ({USER_ID})
+                UNION ALL
+                SELECT w.{USER_ID}, w.{RULE}, w.{OFFER}, w.{CHANNEL}, w.{RULE} || ': left the suppression list',
+                       CAST(NULL AS DOUBLE), '{LEFT}'
+                FROM was w
+                ANTI JOIN (SELECT {USER_ID} FROM assigned_input WHERE {ACTION} IN ('{SUPPRESS}', '{OPTED_OUT}')) a
+                    USING ({USER_ID})
+                ORDER BY {USER_ID}
+                """
             ).to_arrow_table()
     finally:
         con.close()
     return tables
+
+
+def _suppress_summary(
+    tables: Mapping[str, pa.Table], assigned: pa.Table, previous_hour: datetime, has_previous: bool
+) -> dict[str, Any] | None:
+    """What the suppress export holds: ``full`` list or ``changes`` to ``base_hour``'s, list size, entered, left."""
+    if SUPPRESS not in tables:
+        return None
+    changes = tables[SUPPRESS].column(CHANGE).to_pylist()
+    return {
+        "mode": SUPPRESS_CHANGES if has_previous else SUPPRESS_FULL,
+        "base_hour": format_hour(previous_hour) if has_previous else None,
+        "list_size": assigned.column(ACTION).to_pylist().count(SUPPRESS),
+        "entered": changes.count(ENTERED),
+        "left": changes.count(LEFT),
+    }
 
 
 def _export_files(tables: Mapping[str, pa.Table], key: ExportKey) -> list[tuple[str, bytes]]:
@@ -1300,6 +1433,7 @@ def publish_segments(
     optouts = read_optouts(lake, optout_engine)
     assigned, sizes = assign_segments(evaluated, rules, previous, contacts, optouts)
     stability = segment_stability(assigned, previous, [r.name for r in rules])
+    checks = share_checks(evaluated, rules)
 
     action_counts: dict[str, int] = {}
     for action in assigned.column(ACTION).to_pylist():
@@ -1320,9 +1454,14 @@ def publish_segments(
         notes.append(f"no segments committed for {format_hour(previous_hour)}: no hysteresis, no size change")
     if key is not None and key.generated:
         notes.append(f"pseudonyms use a new {key.source}")
+    for check in checks:
+        if check["over"]:
+            notes.append(share_warning(check))
+            _LOG.warning("%s: %s", format_hour(hour), share_warning(check))
 
     exported_actions = sorted({r.action for r in rules})
-    tables = _export_tables(assigned, exported_actions)
+    tables = _export_tables(assigned, exported_actions, previous)
+    suppress = _suppress_summary(tables, assigned, previous_hour, previous is not None)
     contact_rows = _contacts_of(assigned, hour)
     rules_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     model_version = _model_version(evaluated)
@@ -1342,8 +1481,10 @@ def publish_segments(
         "segments": sizes,
         "segment_change": changes,
         "stability": stability,
+        "share_checks": checks,
         "actions": dict(sorted(action_counts.items())),
         "exports": {action: table.num_rows for action, table in tables.items()},
+        "suppress": suppress,
         "opted_out": action_counts.get(OPTED_OUT, 0),
         "contacts": contact_rows.num_rows,
         "export_key": None if key is None else {"source": key.source, "key_id": key.key_id},
@@ -1361,6 +1502,7 @@ def publish_segments(
         "model_version": model_version,
         "segments": sizes,
         "stability": stability,
+        "share_checks": checks,
     }
     lake.write_partition(lk.SEGMENTS, hour, assigned, run_id=run_id, extra=extra)
     lake.write_partition(lk.CONTACTS, hour, contact_rows, run_id=run_id)
@@ -1377,6 +1519,7 @@ def publish_segments(
             "key_id": key.key_id,
             "columns": list(EXPORT_COLUMNS),
             "rows": summary["exports"],
+            "suppress": suppress,
             "segments": sizes,
             "changes": {name: {k: row[k] for k in ("entered", "exited", "stayed")} for name, row in stability.items()},
             "previous_hour_committed": previous is not None,
@@ -1628,9 +1771,15 @@ def report_section(settings: Settings, hour: datetime) -> tuple[dict[str, Any], 
     lake = lk.Lake(settings.lake)
     hour = floor_hour(hour)
     try:
-        stability = lake.manifest(lk.SEGMENTS, hour).get("stability") if lake.committed(lk.SEGMENTS, hour) else None
+        manifest = lake.manifest(lk.SEGMENTS, hour) if lake.committed(lk.SEGMENTS, hour) else {}
         chart = segment_sizes_chart(segment_size_history(lake, hour))
-        section = {"stability": stability, "uplift": uplift(settings, hour), "chart": CHART_FILE if chart else None}
+        section = {
+            "stability": manifest.get("stability"),
+            # rules with a declared max_share: matched vs judged profiles (absent before shares were declared)
+            "share_checks": manifest.get("share_checks") or [],
+            "uplift": uplift(settings, hour),
+            "chart": CHART_FILE if chart else None,
+        }
     except Exception as error:  # the run report is written whatever failed; it shows the error instead
         return {"error": f"{type(error).__name__}: {error}"}, None
     return section, chart
@@ -1657,6 +1806,26 @@ def render_section_html(section: Mapping[str, Any]) -> str:
         parts.append(f"<table><tr>{head}</tr>{body}</table>")
     else:
         parts.append("<p>No segments committed for this hour.</p>")
+    checks = section.get("share_checks") or []
+    if checks:
+        over = [c for c in checks if c.get("over")]
+        parts.append(
+            "<h2>Segments: declared shares</h2>"
+            + (
+                f"<p class='failed'>{len(over)} rule(s) matched more than their declared share: "
+                + html.escape("; ".join(share_warning(c) for c in over))
+                + "</p>"
+                if over
+                else "<p>Every rule stayed within its declared share.</p>"
+            )
+        )
+        keys = ["rule", "max_share", "share", "matched", "judged", "over"]
+        head = "".join(
+            f"<th>{label}</th>"
+            for label in ("rule", "declared share", "actual share", "matched", "judged (enter not NULL)", "over")
+        )
+        body = "".join(f"<tr>{''.join(cell(c.get(k)) for k in keys)}</tr>" for c in checks)
+        parts.append(f"<table><tr>{head}</tr>{body}</table>")
     lift = section.get("uplift") or {}
     parts.append(
         f"<h2>Uplift: purchase rate in the {lift.get('window_hours')} h after an action, treated vs control</h2>"
