@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from profile_engine import ingest, sources
 from profile_engine import lake as lk
-from profile_engine.config import Settings
+from profile_engine.config import MAX_BUCKETS, Settings
 from profile_engine.hours import HOUR
 from profile_engine.lake import Lake, read_json
 from profile_engine.schema import EVENT_SCHEMA, STAGED_SCHEMA, bucket_sql
@@ -168,7 +168,7 @@ ID_TEXT = st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_char
 
 @pytest.mark.timeout(120)
 @hyp_settings(max_examples=40, deadline=None)
-@given(texts=st.lists(ID_TEXT, min_size=1, max_size=30), buckets=st.one_of(st.integers(1, 64), st.integers(1, 1 << 32)))
+@given(texts=st.lists(ID_TEXT, min_size=1, max_size=30), buckets=st.one_of(st.integers(1, 64), st.integers(1, MAX_BUCKETS)))
 def test_bucket_sql_is_md5_number_modulo_buckets(texts: list[str], buckets: int) -> None:
     import duckdb
 
@@ -705,3 +705,9 @@ def ingest_table_hour(settings: Settings, hour: datetime) -> dict[str, Any]:
     """Extract and validate ``hour``, read a day after it (the tests do not depend on the clock)."""
     ingest.extract_events(settings, hour, now=hour + timedelta(days=1))
     return ingest.validate_events(settings, hour, quality_suite=False)
+
+
+def test_bucket_counts_beyond_a_duckdb_integer_are_refused_by_name(tmp_path: Path) -> None:
+    """A bucket is a DuckDB INTEGER: a count it cannot hold fails at settings, naming the variable."""
+    with pytest.raises(ValueError, match="PROFILE_ENGINE_BUCKETS must be between 1 and"):
+        Settings(lake=tmp_path, buckets=MAX_BUCKETS + 1).check()

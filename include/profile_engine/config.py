@@ -16,6 +16,9 @@ from pathlib import Path
 
 from profile_engine.hours import parse_hour
 
+# Buckets are DuckDB INTEGERs (schema.bucket_sql) and partition folders: far more than any worker pool needs.
+MAX_BUCKETS = 1 << 16
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = PROJECT_ROOT / "include" / "config"
 DEFAULT_LAKE = PROJECT_ROOT / "lake"
@@ -134,8 +137,8 @@ class Settings:
         """Reject settings that cannot work, naming the variable."""
         if self.environment not in ("development", "production"):
             raise ValueError(f"{ENV_PREFIX}ENV must be development or production, got {self.environment!r}")
-        if self.buckets < 1:
-            raise ValueError(f"{ENV_PREFIX}BUCKETS must be >= 1, got {self.buckets}")
+        if not 1 <= self.buckets <= MAX_BUCKETS:
+            raise ValueError(f"{ENV_PREFIX}BUCKETS must be between 1 and {MAX_BUCKETS}, got {self.buckets}")
         if self.label_horizon_hours < 1:
             raise ValueError(f"{ENV_PREFIX}LABEL_HORIZON_HOURS must be >= 1, got {self.label_horizon_hours}")
         if self.retrain_every_hours < 1:
