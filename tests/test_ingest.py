@@ -168,7 +168,9 @@ ID_TEXT = st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_char
 
 @pytest.mark.timeout(120)
 @hyp_settings(max_examples=40, deadline=None)
-@given(texts=st.lists(ID_TEXT, min_size=1, max_size=30), buckets=st.one_of(st.integers(1, 64), st.integers(1, MAX_BUCKETS)))
+@given(
+    texts=st.lists(ID_TEXT, min_size=1, max_size=30), buckets=st.one_of(st.integers(1, 64), st.integers(1, MAX_BUCKETS))
+)
 def test_bucket_sql_is_md5_number_modulo_buckets(texts: list[str], buckets: int) -> None:
     import duckdb
 
