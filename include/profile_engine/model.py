@@ -369,8 +369,8 @@ def calibration_note(calibration: Mapping[str, Any] | None) -> str | None:
     notes = []
     if calibration.get("flat"):
         notes.append(
-            f"network output nearly constant on the calibration slice (logit std {calibration['logit_std']:.2g}): "
-            "the network did not learn"
+            f"output nearly constant on the calibration slice (logit std {calibration['logit_std']:.2g}): "
+            "the model did not learn"
         )
     if calibration.get("fallback"):
         notes.append(f"calibration fell back ({calibration['fallback']})")
