@@ -3,9 +3,12 @@
 Replays FILE through a shipped mapping into a fresh lake (daily snapshots), then for every
 snapshot hour in order: trains a challenger (forced), runs the gate, scores every bucket, and
 reads the hour's scores as the segments see them. For each trained version it reports, on its
-out-of-time evaluation rows (the same rows for every scorer): AUC, ECE and the share of users
-in decile 10 for the calibrated model, the baseline and the two heuristics, the gate's decision,
-and for every scored hour which model scored it and the share of users in decile 10.
+out-of-time evaluation rows (the same rows for every scorer): AUC, PR AUC, log loss, ECE, lift in
+the top 10% and 20%, each with a 95% paired bootstrap interval, and the share of users in decile
+10, for every candidate of the version (network, LightGBM when the package has it, baseline) and
+the two heuristics; the gate's decision (which candidate won and why); and for every scored hour
+which model scored it and the share of users in decile 10. ``pooled`` repeats the metrics over the
+evaluation rows of every version together (different snapshots, so a summary, not a test set).
 
 Runs against whatever ``profile_engine`` is first on the path, so the same script measures
 the code before and after a change (the heuristics need the newer package).
@@ -62,13 +65,35 @@ def _deciles(scores: np.ndarray, users: Any, loaded: Any) -> np.ndarray:
     return np.asarray(model.assign_deciles(scores, loaded.cut_points))
 
 
-def _scorers(settings: Settings, version: str, rows: Any) -> dict[str, np.ndarray]:
-    out = {
-        "model": model.load_model(settings, version, "model").predict(rows),
-        "baseline": model.load_model(settings, version, "baseline").predict(rows),
-    }
+REPORTED = ("auc", "pr_auc", "log_loss", "ece", "lift_at_10", "lift_at_20")
+
+
+def _scorers(settings: Settings, version: str, rows: Any) -> dict[str, tuple[np.ndarray, Any]]:
+    """Every scorer of the version on ``rows``: ``{name: (probabilities or ranks, loaded model or None)}``."""
+    try:
+        from profile_engine import candidates
+
+        out = {c.name: (c.predict(rows), c.model) for c in candidates.version_candidates(settings, version)}
+    except ImportError:  # code before candidates: the network and the baseline
+        out = {kind: (model.load_model(settings, version, kind).predict(rows), None) for kind in ("model", "baseline")}
     for name in getattr(model, "HEURISTICS", {}):
-        out[f"heuristic_{name}"] = model.heuristic_scores(rows, name)
+        out[f"heuristic_{name}"] = (model.heuristic_scores(rows, name), None)
+    return out
+
+
+def _with_intervals(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int) -> dict[str, dict[str, Any]]:
+    """``{scorer: {metric: [value, low, high]}}`` on the same rows (paired bootstrap, seeded)."""
+    intervals = evaluate.bootstrap_intervals(y, scores, n_boot=n_boot, seed=7)
+    out: dict[str, dict[str, Any]] = {}
+    for name, p in scores.items():
+        heuristic = name.startswith("heuristic_")
+        values = evaluate.heuristic_metrics(y, p) if heuristic else evaluate.metrics(y, p)
+        out[name] = {
+            key: None
+            if np.isnan(values[key])
+            else [round(values[key], 4), *(round(v, 4) for v in intervals[name][key])]
+            for key in REPORTED
+        }
     return out
 
 
@@ -94,6 +119,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     config = labels.TrainingConfig(min_train_rows=args.min_train_rows, min_positives=args.min_positives)
     versions: list[dict[str, Any]] = []
     hours: list[dict[str, Any]] = []
+    pooled_y: list[np.ndarray] = []
+    pooled: dict[str, list[np.ndarray]] = {}
     for hour in snapshots:
         trained = model.train_version(
             settings, hour, NUMERIC_FEATURES, CATEGORICAL_FEATURES, training_config=config, run_id="model-real"
@@ -103,16 +130,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             decision = evaluate.evaluate_and_promote(settings, hour, run_id="model-real", n_boot=args.n_boot)
             _, rows, _ = labels.read_training_set(settings, version)
             y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
-            per_scorer = {}
-            for name, p in _scorers(settings, version, rows).items():
-                loaded = model.load_model(settings, version, "baseline" if name == "baseline" else "model")
+            scorers = _scorers(settings, version, rows)
+            raw = {name: p for name, (p, _) in scorers.items()}
+            pooled_y.append(y)
+            for name, p in raw.items():
+                pooled.setdefault(name, []).append(p)
+            per_scorer = _with_intervals(y, raw, args.n_boot)
+            for name, (p, loaded) in scorers.items():
                 deciles = _deciles(p, rows.column(USER_ID), loaded)
-                per_scorer[name] = {
-                    "auc": round(evaluate.auc(y, p), 4),
-                    "ece": None if name.startswith("heuristic_") else round(evaluate.ece(y, p), 4),
-                    "mean_score": None if name.startswith("heuristic_") else round(float(np.mean(p)), 4),
-                    "decile_10_share": round(float(np.mean(deciles == 10)), 4),
-                }
+                per_scorer[name]["mean_score"] = None if name.startswith("heuristic_") else round(float(np.mean(p)), 4)
+                per_scorer[name]["decile_10_share"] = round(float(np.mean(deciles == 10)), 4)
             versions.append(
                 {
                     "version": version,
@@ -120,6 +147,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "eval_positives": int(y.sum()),
                     "base_rate": round(float(y.mean()), 4),
                     "status": decision["status"],
+                    "candidate": decision.get("candidate"),
+                    "choice": (decision.get("choice") or {}).get("reason"),
+                    "deciding": decision.get("deciding"),
                     "reference": decision.get("reference"),
                     "reasons": decision.get("reasons"),
                     "scorers": per_scorer,
@@ -150,11 +180,49 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "events_staged": replayed.get("staged"),
         "snapshots": len(snapshots),
         "replay_seconds": round(replay_s, 1),
-        "promoted": [v["version"] for v in versions if v["status"] == "promoted"],
+        "promoted": [f"{v['version']} ({v.get('candidate')})" for v in versions if v["status"] == "promoted"],
+        "pooled": None
+        if not pooled_y
+        else {
+            "rows": int(sum(y.size for y in pooled_y)),
+            "positives": int(sum(y.sum() for y in pooled_y)),
+            "metrics": _with_intervals(
+                np.concatenate(pooled_y),
+                {n: np.concatenate(parts) for n, parts in pooled.items() if len(parts) == len(pooled_y)},
+                args.n_boot,
+            ),
+        },
         "versions": versions,
         "hours": hours,
         "measured_at": datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The metrics as Markdown tables (value [95% interval]), one per version and one pooled."""
+
+    def table(title: str, scorers: dict[str, dict[str, Any]]) -> list[str]:
+        lines = [f"{title}", "", "| scorer | " + " | ".join(REPORTED) + " |", "|---" * (len(REPORTED) + 1) + "|"]
+        for name, values in scorers.items():
+            cells = [
+                "n/a" if values.get(k) is None else f"{values[k][0]:.3f} [{values[k][1]:.3f}, {values[k][2]:.3f}]"
+                for k in REPORTED
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return [*lines, ""]
+
+    out: list[str] = []
+    for v in result["versions"]:
+        head = (
+            f"{v['version']}: {v['eval_rows']} rows, {v['eval_positives']} buyers; {v['status']}"
+            + (f" {v['candidate']}" if v.get("candidate") and v["status"] == "promoted" else "")
+            + f" ({v.get('choice') or '; '.join(v.get('reasons') or [])})"
+        )
+        out += table(head, v["scorers"])
+    if result.get("pooled"):
+        pooled = result["pooled"]
+        out += table(f"pooled: {pooled['rows']} rows, {pooled['positives']} buyers", pooled["metrics"])
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=1, default=str)
     if args.out:
         Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".md").write_text(markdown(result) + "\n")
     print(text)
+    print(markdown(result))
     return 0
 
 

@@ -282,6 +282,102 @@ def test_gate_config_from_the_environment() -> None:
         evaluate.GateConfig.from_env({"PROFILE_ENGINE_GATE_MARGIN": "a lot"})
 
 
+# ---- the gate over a version's candidates ----------------------------------------------------------------------------
+def candidate_intervals(*pairs: tuple[str, str, list[float]]) -> dict[str, dict[str, list[float]]]:
+    return {f"{a} - {b}": {"lift_at_10": interval} for a, b, interval in pairs}
+
+
+def test_choose_promotes_lightgbm_when_it_wins_clearly_on_the_same_rows() -> None:
+    # Arrange: the trees beat the network by 0.6 lift (beyond the 0.1 margin), both beat the baseline
+    candidates = {
+        "network": scores(0.74, lift=2.0),
+        "lightgbm": scores(0.78, lift=2.6),
+        "baseline": scores(0.70, lift=1.7),
+    }
+    intervals = candidate_intervals(("lightgbm", "network", [0.2, 1.0]), ("lightgbm", "baseline", [0.4, 1.4]))
+
+    # Act
+    decision = evaluate.choose(candidates, None, baselines={"baseline": candidates["baseline"]}, intervals=intervals)
+
+    # Assert: the trees win; the choice names the metric, both values and the paired interval
+    assert decision.promote and decision.candidate == "lightgbm"
+    assert decision.choice["winner"] == "lightgbm" and decision.choice["best"] == "lightgbm"
+    assert (
+        "better than network 2.0000 by 0.6000, beyond margin 0.1 (95% paired interval [0.2000, 1.0000])"
+        in (decision.choice["reason"])
+    )
+    assert decision.deciding["candidate"] == "lightgbm" and decision.deciding["metric"] == "lift_at_10"
+    assert decision.deciding["interval"] == [0.4, 1.4]  # lightgbm - baseline on the primary metric
+    assert set(decision.candidates) == {"network", "lightgbm", "baseline"}
+    assert all(v["promote"] for v in decision.candidates.values())
+
+
+def test_choose_keeps_the_network_when_the_candidates_tie_within_the_margin() -> None:
+    # Arrange: the trees are 0.05 lift better, inside the 0.1 margin
+    candidates = {
+        "network": scores(0.75, lift=2.0),
+        "lightgbm": scores(0.76, lift=2.05),
+        "baseline": scores(0.7, lift=1.8),
+    }
+    intervals = candidate_intervals(("lightgbm", "network", [-0.3, 0.4]))
+
+    # Act
+    decision = evaluate.choose(candidates, None, baselines={"baseline": candidates["baseline"]}, intervals=intervals)
+
+    # Assert
+    assert decision.promote and decision.candidate == "network"
+    assert decision.choice["best"] == "lightgbm"
+    assert decision.choice["reason"] == (
+        "network kept: lift_at_10 2.0000 within margin 0.1 of lightgbm 2.0500 "
+        "(difference 0.0500, 95% paired interval [-0.3000, 0.4000]); also passed: baseline"
+    )
+
+
+def test_choose_never_promotes_a_candidate_worse_than_the_baseline() -> None:
+    # Arrange: network and trees are below the baseline's lift; the baseline itself fails the AUC floor
+    candidates = {
+        "network": scores(0.7, lift=1.9),
+        "lightgbm": scores(0.72, lift=1.95),
+        "baseline": scores(0.58, lift=2.0),
+    }
+    baselines = {"baseline": candidates["baseline"]}
+
+    # Act
+    rejected = evaluate.choose(candidates, None, baselines=baselines)
+    passing_baseline = evaluate.choose(
+        {**candidates, "baseline": scores(0.65, lift=2.0)}, None, baselines={"baseline": scores(0.65, lift=2.0)}
+    )
+
+    # Assert: nothing better than the baseline exists, so at most the baseline itself is promoted
+    assert not rejected.promote and rejected.candidate is None
+    assert rejected.reasons == [
+        "network: lift_at_10 1.9000 worse than baseline 2.0000 (difference -0.1000)",
+        "lightgbm: lift_at_10 1.9500 worse than baseline 2.0000 (difference -0.0500)",
+        "baseline: auc 0.5800 fails floor 0.6",
+    ]
+    assert rejected.deciding["candidate"] == "network" and rejected.deciding["metric"] == "lift_at_10"
+    assert passing_baseline.promote and passing_baseline.candidate == "baseline"
+    assert (
+        not passing_baseline.candidates["network"]["promote"] and not passing_baseline.candidates["lightgbm"]["promote"]
+    )
+
+
+def test_choose_holds_every_candidate_to_the_champion_margin() -> None:
+    # Arrange: the trees beat the network but fall short of the champion by more than the margin
+    candidates = {
+        "network": scores(0.7, lift=1.5),
+        "lightgbm": scores(0.72, lift=1.7),
+        "baseline": scores(0.68, lift=1.4),
+    }
+
+    # Act
+    decision = evaluate.choose(candidates, scores(0.75, lift=2.0), baselines={"baseline": candidates["baseline"]})
+
+    # Assert
+    assert not decision.promote
+    assert "lightgbm: lift_at_10 1.7000 worse than champion 2.0000 beyond margin 0.1" in decision.reasons
+
+
 # ---- the stage -----------------------------------------------------------------------------------------------------
 def test_evaluate_and_promote_is_skipped_without_a_challenger(tmp_path: Path) -> None:
     result = evaluate.evaluate_and_promote(make_settings(tmp_path), T0)
@@ -309,20 +405,28 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
     assert registry.champion_as_of(settings, first_hour)["version"] == first["version"]  # type: ignore[index]
     model_dir = Lake(settings.lake).path(MODELS, first["version"])
     evaluation = read_json(model_dir / model.EVALUATION_FILE)
-    assert set(evaluation["metrics"]) == {"challenger", "baseline", "heuristic_recency", "heuristic_open_cart"}
+    assert set(evaluation["metrics"]) == {"network", "lightgbm", "baseline", "heuristic_recency", "heuristic_open_cart"}
+    assert [c["name"] for c in evaluation["candidates"]] == ["network", "lightgbm", "baseline"]
+    assert evaluation["chosen"] == promoted["candidate"] == evaluation["decision"]["candidate"]
+    assert registry.champion_as_of(settings, first_hour)["kind"] == evaluation["kind"]  # type: ignore[index]
     assert np.isnan(evaluation["metrics"]["heuristic_recency"]["log_loss"])  # a rank is not a probability
-    for name in ("challenger", "baseline"):
+    for name in ("network", "lightgbm", "baseline"):
         low, high = evaluation["intervals"][name]["auc"]
         assert low <= evaluation["metrics"][name]["auc"] <= high
     assert evaluation["drift"]["previous_hour"] == format_hour(first_hour - HOUR)
     assert set(evaluation["drift"]["features"]) == {*NUMERIC, *CATEGORICAL}
     card = (model_dir / model.CARD_FILE).read_text()
     assert "decision: promoted" in card
+    for name in ("network", "lightgbm", "baseline"):
+        assert f"  - {name}: " in card  # every candidate's verdict
+    assert f"- candidate: {promoted['candidate']} (" in card
     for png in model.PLOT_FILES.values():
         assert (model_dir / png).read_bytes().startswith(b"\x89PNG"), png
         assert f"({png})" in card
     assert set(evaluation["importance"]["features"]) == {*NUMERIC, *CATEGORICAL}
-    assert {"challenger - baseline", "challenger - heuristic_open_cart"} <= set(evaluation["intervals"])
+    assert {"network - baseline", "lightgbm - network", "lightgbm - heuristic_open_cart"} <= set(
+        evaluation["intervals"]
+    )
     assert evaluation["decision"]["calibration"]["method"] in ("platt", "platt_intercept")
     decisions = registry.decision_log(settings)
     assert [d["version"] for d in decisions] == [first["version"]] and decisions[0]["promoted"] is True
@@ -336,9 +440,11 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
 
     # Assert 2
     assert rejected["status"] == "rejected"
-    assert rejected["reference"] == f"champion {first['version']}"
+    champion_label = model.kind_label(first["version"], evaluation["kind"])
+    assert rejected["reference"] == f"champion {champion_label}"
     assert set(read_json(Lake(settings.lake).path(MODELS, second["version"]) / model.EVALUATION_FILE)["metrics"]) == {
-        "challenger",
+        "network",
+        "lightgbm",
         "champion",
         "baseline",
     }

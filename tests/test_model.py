@@ -705,3 +705,111 @@ def test_cli_exports_a_version(trained: Trained, tmp_path: Path, monkeypatch: py
     # Assert
     assert status == 0 and missing == 1
     assert model.load_model(settings, version).engine == "numpy"
+
+
+# ---- gradient-boosted trees (LightGBM) as a candidate ---------------------------------------------------------------
+def test_lightgbm_candidate_is_saved_calibrated_and_reproducible(trained: Trained) -> None:
+    # Arrange
+    from profile_engine import candidates, gbm
+
+    settings, version = trained.settings, str(trained.summary["version"])
+    directory = Lake(settings.lake).path(MODELS, version)
+    train = trained.training.train
+    snapshot = np.asarray(pc.cast(pc.cast(train.column("snapshot_hour"), pa.timestamp("ms")), pa.int64()))
+    newest = snapshot == snapshot.max()
+    y = np.asarray(train.column(labels.LABEL), dtype=np.float64)
+
+    def refit() -> str:
+        fitted = gbm.fit_gbm(
+            train.filter(pa.array(~newest)),
+            y[~newest],
+            train.filter(pa.array(newest)),
+            y[newest],
+            NUMERIC,
+            CATEGORICAL,
+            seed=settings.seed,
+            threads=settings.model_threads,
+        )
+        return fitted.files()[gbm.LIGHTGBM_FILE].decode()
+
+    # Act
+    loaded = model.load_model(settings, version, "lightgbm")
+    probabilities = loaded.predict(odd_rows(trained))
+    metrics = read_json(directory / model.METRICS_FILE)["eval"]
+    listed = {f["name"] for f in read_json(directory / MANIFEST)["files"]}
+
+    # Assert: stored with its calibration and cut points, listed in the manifest, scored like every kind
+    assert {gbm.LIGHTGBM_FILE, gbm.LIGHTGBM_SPEC} <= listed
+    assert loaded.engine == "lightgbm" and loaded.label == f"{version}-lightgbm"
+    assert loaded.calibration is not None and loaded.calibration["method"] in ("platt", "platt_intercept")
+    assert np.all((probabilities >= 1e-4) & (probabilities <= 1 - 1e-4))
+    assert metrics["lightgbm"]["auc"] > 0.6  # the synthetic signal is learnable by trees too
+    assert metrics["lightgbm"]["auc"] == pytest.approx(
+        evaluate.auc(np.asarray(trained.training.eval.column(labels.LABEL)), loaded.predict(trained.training.eval))
+    )
+    assert refit() == refit() == (directory / gbm.LIGHTGBM_FILE).read_text()  # deterministic, as saved
+    assert [c.name for c in candidates.version_candidates(settings, version)] == ["network", "lightgbm", "baseline"]
+
+
+def test_score_profiles_with_a_lightgbm_champion_never_imports_tensorflow(trained: Trained, tmp_path: Path) -> None:
+    # Arrange: the trees promoted as the champion; a child process, so this process's TensorFlow does not count
+    settings = copy_lake(trained, tmp_path)
+    version = str(trained.summary["version"])
+    registry.promote(settings, version, trained.hour, reason="test", kind="lightgbm")
+    (tmp_path / "settings.pickle").write_bytes(pickle.dumps(settings))
+    child = (
+        "import json, pickle, sys\n"
+        "from datetime import datetime\n"
+        "from profile_engine import model\n"
+        "settings = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+        "summary = model.score_profiles(settings, datetime.fromisoformat(sys.argv[2]), 0, run_id='child')\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
+        "print(json.dumps({'summary': summary, 'heavy': heavy}))\n"
+    )
+
+    # Act
+    done = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path / "settings.pickle"), trained.hour.isoformat()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+    # Assert
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == []
+    summary = result["summary"]
+    assert (summary["model"], summary["kind"], summary["engine"]) == ("champion", "lightgbm", "lightgbm")
+    assert summary[model.MODEL_VERSION] == f"{version}-lightgbm" and summary["rows"] == 200
+    scores = Lake(settings.lake).read(SCORES, trained.hour, 0)
+    profiles = Lake(settings.lake).read(PROFILES, trained.hour, 0).sort_by(USER_ID)
+    expected = model.load_model(settings, version, "lightgbm").predict(profiles)
+    assert np.asarray(scores.column(model.PROPENSITY)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_version_trained_before_lightgbm_still_loads_and_scores(trained: Trained, tmp_path: Path) -> None:
+    # Arrange: the version as the previous code wrote it (no trees), promoted by an entry without a kind
+    from profile_engine import candidates, gbm
+    from profile_engine.lake import PROMOTIONS, write_json
+
+    settings = copy_lake(trained, tmp_path)
+    version = str(trained.summary["version"])
+    lake = Lake(settings.lake)
+    directory = lake.path(MODELS, version)
+    manifest = read_json(directory / MANIFEST)
+    names = [f["name"] for f in manifest.pop("files") if f["name"] not in (gbm.LIGHTGBM_FILE, gbm.LIGHTGBM_SPEC)]
+    lake.write_dir(directory, [(n, (directory / n).read_bytes()) for n in names], manifest)
+    entry = registry.promote(settings, version, trained.hour, reason="old")
+    entry.pop("kind")
+    write_json(lake.path(PROMOTIONS, trained.hour.strftime("%Y-%m-%dT%H") + ".json"), entry)
+
+    # Act
+    found = [c.name for c in candidates.version_candidates(settings, version)]
+    summary = model.score_profiles(settings, trained.hour, 0)
+
+    # Assert
+    assert found == ["network", "baseline"]
+    assert (summary["kind"], summary[model.MODEL_VERSION]) == ("model", version)
+    with pytest.raises(FileNotFoundError, match="no LightGBM model"):
+        model.load_model(settings, version, "lightgbm")

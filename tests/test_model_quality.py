@@ -97,7 +97,9 @@ def copy_training_set(settings: Settings, source: str, target: str) -> labels.Tr
 def test_the_promoted_model_approaches_the_true_propensity_and_matches_the_baseline(shop: Shop) -> None:
     # Arrange
     rows, y, snapshot = eval_rows(shop)
-    challenger = model.load_model(shop.settings, shop.version, "model").predict(rows)
+    entry = registry.champion_as_of(shop.settings, TRAINED_AT)
+    assert entry is not None, shop.evaluated["reasons"]
+    challenger = model.load_model(shop.settings, shop.version, registry.entry_kind(entry)).predict(rows)
     baseline = model.load_model(shop.settings, shop.version, "baseline").predict(rows)
     truth = true_propensity(shop.settings, rows, snapshot)
     config = evaluate.GateConfig()
@@ -107,8 +109,8 @@ def test_the_promoted_model_approaches_the_true_propensity_and_matches_the_basel
 
     # Assert
     assert shop.evaluated["status"] == "promoted", shop.evaluated["reasons"]
-    assert shop.evaluated["reference"] == f"baseline {shop.version}"
-    assert registry.champion_as_of(shop.settings, TRAINED_AT)["version"] == shop.version  # type: ignore[index]
+    assert shop.evaluated["reference"].startswith(f"baseline {shop.version}")
+    assert entry["version"] == shop.version and entry["kind"] == shop.evaluated["kind"]
     assert auc["truth"] > 0.65, auc  # the labels do follow the latent propensity
     assert auc["model"] >= 0.9 * auc["truth"], auc
     assert auc["model"] >= auc["baseline"] - config.margins["auc"], auc
@@ -133,7 +135,7 @@ def test_a_challenger_trained_on_shuffled_labels_is_never_promoted(shop: Shop) -
 
     # Assert
     assert result["status"] == "rejected"
-    assert any(reason.startswith("auc") for reason in result["reasons"]), result["reasons"]
+    assert any(r.split(": ", 1)[-1].startswith("auc") for r in result["reasons"]), result["reasons"]
     assert registry.champion_as_of(shop.settings, hour)["version"] == shop.version  # type: ignore[index]
     decision = [d for d in registry.decision_log(shop.settings) if d["version"] == version]
     assert len(decision) == 1 and decision[0]["promoted"] is False
@@ -151,8 +153,11 @@ def test_a_degraded_challenger_is_rejected_with_a_reason_naming_the_metric(shop:
     # Assert
     assert trained["status"] == "trained"
     assert result["status"] == "rejected"
-    assert result["reference"] == f"champion {shop.version}"
-    named = [reason.split()[0] for reason in result["reasons"]]
+    champion = registry.champion_as_of(shop.settings, hour)
+    assert champion is not None
+    assert result["reference"] == f"champion {model.kind_label(shop.version, registry.entry_kind(champion))}"
+    # reasons are "<candidate>: <metric> ..." (and "cause (<candidate>): ..." notes)
+    named = [reason.split(": ", 1)[1].split()[0] for reason in result["reasons"] if not reason.startswith("cause")]
     assert set(named) <= set(evaluate.HIGHER_IS_BETTER)
     assert {config.primary_metric, "auc"} & set(named), result["reasons"]
     assert registry.champion_as_of(shop.settings, hour)["version"] == shop.version  # type: ignore[index]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from profile_engine import report
+from pathlib import Path
+
+from profile_engine import evaluate, report
+from profile_engine.config import Settings
 from tests.conftest import HOUR0
 
 DONE = {name: {"status": "ok"} for name in report.STAGES}
@@ -68,3 +71,49 @@ def test_rules_over_their_declared_share_reach_the_headline() -> None:
         {"rule": "vip_service", "share": 1.0, "max_share": 0.05, "matched": 40, "judged": 40}
     ]
     assert "vip_service" in report.render_html(doc)
+
+
+def test_the_report_lists_every_candidate_with_its_intervals_and_why_one_won(tmp_path: Path) -> None:
+    # Arrange: what evaluate_and_promote returns when the trees win clearly
+    metrics = {
+        name: {"auc": auc, "lift_at_10": lift}
+        for name, auc, lift in (
+            ("network", 0.74, 2.0),
+            ("lightgbm", 0.78, 2.6),
+            ("baseline", 0.70, 1.7),
+            ("heuristic_recency", 0.6, 1.2),
+        )
+    }
+    intervals = {name: {"auc": [round(m["auc"] - 0.05, 2), round(m["auc"] + 0.05, 2)]} for name, m in metrics.items()}
+    evaluated = {
+        "status": "promoted",
+        "version": "v20261101T05",
+        "candidate": "lightgbm",
+        "kind": "lightgbm",
+        "reasons": ["all checks passed"],
+        "deciding": {"check": "not worse than baseline", "metric": "lift_at_10", "interval": [0.4, 1.4]},
+        "choice": {"winner": "lightgbm", "reason": "lightgbm is the best passing candidate on lift_at_10 (2.6000)"},
+        "candidates": {
+            "network": {"promote": True, "reasons": ["all checks passed"]},
+            "lightgbm": {"promote": True, "reasons": ["all checks passed"]},
+            "baseline": {"promote": False, "reasons": ["auc 0.5800 fails floor 0.6"]},
+        },
+        "metrics": metrics,
+        "intervals": intervals,
+    }
+    summaries = {**DONE, "evaluate_and_promote": evaluated}
+
+    # Act
+    section = evaluate.model_report(Settings(lake=tmp_path / "lake"), HOUR0, summaries)
+    doc = report.build_report(HOUR0, summaries, run_id="r")
+    page = report.render_html({**doc, "model": section})
+
+    # Assert
+    assert set(section["candidates"]) == {"network", "lightgbm", "baseline"}
+    assert section["decision"]["candidate"] == "lightgbm" and section["decision"]["deciding"]["interval"] == [0.4, 1.4]
+    assert set(section["metrics"]) == set(metrics) and set(section["intervals"]) == set(metrics)
+    for name in ("network", "lightgbm", "baseline", "heuristic_recency"):
+        assert f"<th>{name}</th>" in page
+    assert "<b>baseline</b>: fails; auc 0.5800 fails floor 0.6" in page
+    assert "promoted: <b>lightgbm</b>; lightgbm is the best passing candidate" in page
+    assert "[0.73, 0.83]" in page  # lightgbm's AUC interval

@@ -62,6 +62,8 @@ class Settings:
     quarantine_threshold: float = 0.05
     quarantine_min_rows: int = 1000
     seed: int = 7
+    # Threads of LightGBM training (a fixed count keeps the trees reproducible; docs/model.md).
+    model_threads: int = 1
     # Table sources (docs/sources.md): mapping names read from SQL every hour, and the
     # Airflow Connection id (or SQLAlchemy URL) of those whose mapping names none.
     sql_sources: tuple[str, ...] = ()
@@ -114,6 +116,7 @@ class Settings:
             quarantine_threshold=float(get("QUARANTINE_THRESHOLD") or base.quarantine_threshold),
             quarantine_min_rows=int(get("QUARANTINE_MIN_ROWS") or base.quarantine_min_rows),
             seed=int(get("SEED") or base.seed),
+            model_threads=int(get("MODEL_THREADS") or base.model_threads),
             sql_sources=tuple(n.strip() for n in (get("SQL_SOURCES") or "").split(",") if n.strip()),
             sql_conn_id=get("SQL_CONN_ID"),
             optout_conn_id=get("OPTOUT_CONN_ID"),
@@ -148,6 +151,8 @@ class Settings:
                 f"{ENV_PREFIX}LATENESS_HOURS, CLOCK_SKEW_MINUTES and QUARANTINE_MIN_ROWS must be >= 0, got "
                 f"{self.lateness_hours}, {self.clock_skew_minutes}, {self.quarantine_min_rows}"
             )
+        if self.model_threads < 1:
+            raise ValueError(f"{ENV_PREFIX}MODEL_THREADS must be >= 1, got {self.model_threads}")
         if self.duckdb_threads is not None and self.duckdb_threads < 1:
             raise ValueError(f"{ENV_PREFIX}DUCKDB_THREADS must be >= 1, got {self.duckdb_threads}")
         memory = _MEMORY_LIMIT.match(self.duckdb_memory_limit)

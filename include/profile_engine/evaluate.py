@@ -386,23 +386,33 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class GateDecision:
-    """The gate's verdict with every check it made; ``deciding`` is the check that decided it."""
+    """The gate's verdict with every check it made; ``deciding`` is the check that decided it.
+
+    From ``choose``: ``candidate`` is the promoted candidate (None when none passed),
+    ``candidates`` every candidate's own verdict and ``choice`` how the winner was picked.
+    """
 
     promote: bool
     reasons: list[str]
     checks: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
     deciding: dict[str, Any] = field(default_factory=dict)
+    candidate: str | None = None
+    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    choice: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able form."""
-        return {
+        out = {
             "promote": self.promote,
             "reasons": self.reasons,
             "checks": self.checks,
             "config": self.config,
             "deciding": self.deciding,
         }
+        if self.candidates:
+            out.update({"candidate": self.candidate, "candidates": self.candidates, "choice": self.choice})
+        return out
 
 
 # Metrics that only depend on the ranking: the ones a heuristic (a rank, not a probability) is compared on.
@@ -431,6 +441,7 @@ def gate(
     baselines: Mapping[str, Mapping[str, float]] | None = None,
     intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
     reference_name: str = "reference",
+    challenger_name: str = "challenger",
 ) -> GateDecision:
     """Promote when every floor is cleared, the challenger is not worse than any baseline on the primary
     metric, and no margin is exceeded against ``reference`` (the champion).
@@ -446,15 +457,15 @@ def gate(
       ``margins[m]`` on each guard metric.
 
     ``intervals`` is ``bootstrap_intervals`` output with the challenger under
-    ``"challenger"`` and paired differences under ``"challenger - <name>"``; reasons
-    quote them. Every reason names its metric; a NaN metric fails its check.
+    ``challenger_name`` and paired differences under ``"<challenger_name> - <name>"``;
+    reasons quote them. Every reason names its metric; a NaN metric fails its check.
     """
     config = config or GateConfig()
     checks: list[dict[str, Any]] = []
     for name, bound in config.floors.items():
         higher = HIGHER_IS_BETTER[name]
         value = float(challenger[name])
-        interval = _interval(intervals, "challenger", name)
+        interval = _interval(intervals, challenger_name, name)
         # A ceiling fails when the interval lies entirely above it; without an interval, on the point estimate.
         tested = interval[0] if (interval is not None and not higher) else value
         checks.append(
@@ -480,7 +491,7 @@ def gate(
                 "against": name,
                 "value": value,
                 "reference": ref,
-                "interval": _interval(intervals, f"challenger - {name}", primary),
+                "interval": _interval(intervals, f"{challenger_name} - {name}", primary),
                 "passed": _passes(value, ref, primary_higher),
             }
         )
@@ -498,7 +509,7 @@ def gate(
                     "value": value,
                     "reference": ref,
                     "threshold": margin,
-                    "interval": _interval(intervals, f"challenger - {reference_name}", name),
+                    "interval": _interval(intervals, f"{challenger_name} - {reference_name}", name),
                     "passed": bool(shortfall <= margin),
                 }
             )
@@ -511,6 +522,120 @@ def gate(
         checks=checks,
         config=config.as_dict(),
         deciding=dict(deciding) if deciding else {},
+    )
+
+
+def _shortfall(value: float, best: float, metric: str) -> float:
+    """How much worse ``value`` is than ``best`` on ``metric`` (0 or negative when not worse)."""
+    return (best - value) if HIGHER_IS_BETTER[metric] else (value - best)
+
+
+def choose(
+    candidates: Mapping[str, Mapping[str, float]],
+    champion: Mapping[str, float] | None,
+    config: GateConfig | None = None,
+    *,
+    baselines: Mapping[str, Mapping[str, float]] | None = None,
+    intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    champion_name: str = "champion",
+) -> GateDecision:
+    """The gate over a version's candidates (``candidates`` in preference order, the network first).
+
+    Each candidate goes through ``gate`` on its own: floors, the ECE ceiling on its
+    interval, never worse than any baseline on the primary metric (a candidate is not
+    compared with itself), within the margins of the champion. Among those that pass,
+    the best on the primary metric is found, and the winner is the first passing
+    candidate in preference order whose primary metric is worse than the best by at
+    most ``config.margin`` (the tie rule: the network is kept unless another candidate
+    beats it by more than the margin, as a challenger replaces a champion). ``choice``
+    records the winner, the best, the primary metric's values and the paired interval
+    of best minus winner. With no candidate passing, nothing is promoted: the reasons
+    list every candidate's, prefixed by its name, and ``deciding`` is the first
+    candidate's deciding check. ``intervals`` must hold ``"<candidate> - <other>"``
+    differences (``bootstrap_intervals``).
+    """
+    config = config or GateConfig()
+    primary = config.primary_metric
+    verdicts = {
+        name: gate(
+            metrics,
+            champion,
+            config,
+            baselines={b: m for b, m in (baselines or {}).items() if b != name},
+            intervals=intervals,
+            reference_name=champion_name,
+            challenger_name=name,
+        )
+        for name, metrics in candidates.items()
+    }
+    summary = {
+        name: {
+            "promote": v.promote,
+            "reasons": v.reasons,
+            "deciding": {**v.deciding, "candidate": name},
+            primary: float(candidates[name][primary]),
+        }
+        for name, v in verdicts.items()
+    }
+    order = list(candidates)
+    passed = [n for n in order if verdicts[n].promote]
+    if not passed:
+        first = order[0]
+        return GateDecision(
+            promote=False,
+            reasons=[f"{n}: {r}" for n in order for r in verdicts[n].reasons],
+            checks=[{**c, "candidate": n} for n in order for c in verdicts[n].checks],
+            config=config.as_dict(),
+            deciding={**verdicts[first].deciding, "candidate": first},
+            candidate=None,
+            candidates=summary,
+            choice={"winner": None, "rule": "no candidate passed the gate"},
+        )
+    values = {n: float(candidates[n][primary]) for n in passed}
+    sign = 1.0 if HIGHER_IS_BETTER[primary] else -1.0
+    signed = {n: (sign * v if not math.isnan(v) else -math.inf) for n, v in values.items()}
+    best = next(n for n in passed if signed[n] == max(signed.values()))  # ties: the preferred one
+    winner = next(n for n in passed if not _shortfall(values[n], values[best], primary) > config.margin)
+    interval = _interval(intervals, f"{best} - {winner}", primary) if best != winner else None
+    if best != winner:
+        why = (
+            f"{winner} kept: {primary} {values[winner]:.4f} within margin {config.margin} of {best} "
+            f"{values[best]:.4f} (difference {values[best] - values[winner]:.4f}"
+            + (f", 95% paired interval {_fmt_interval(interval)}" if interval else "")
+            + ")"
+        )
+    else:
+        why = f"{winner} is the best passing candidate on {primary} ({values[winner]:.4f})"
+        passed_over = [n for n in order[: order.index(winner)] if n in passed]
+        for n in passed_over:  # preferred candidates that passed but lost by more than the margin
+            beaten = _interval(intervals, f"{winner} - {n}", primary)
+            interval = interval or beaten
+            why += (
+                f"; better than {n} {values[n]:.4f} by {values[winner] - values[n]:.4f}, beyond margin "
+                f"{config.margin}" + (f" (95% paired interval {_fmt_interval(beaten)})" if beaten else "")
+            )
+    others = [n for n in passed if n not in (winner, best)]
+    choice = {
+        "winner": winner,
+        "best": best,
+        "metric": primary,
+        "values": values,
+        "interval": interval,
+        "margin": config.margin,
+        "passed": passed,
+        "rule": "first passing candidate in preference order within the margin of the best on the primary metric",
+        "reason": why + (f"; also passed: {', '.join(others)}" if others else ""),
+    }
+    chosen = verdicts[winner]
+    return GateDecision(
+        promote=True,
+        reasons=chosen.reasons,
+        checks=[{**c, "candidate": n} for n in order for c in verdicts[n].checks],
+        config=config.as_dict(),
+        deciding={**chosen.deciding, "candidate": winner},
+        candidate=winner,
+        candidates=summary,
+        choice=choice,
     )
 
 
@@ -724,21 +849,41 @@ def model_report(settings: Settings, hour: datetime, summaries: Mapping[str, Any
     scored = summaries.get("score_profiles")
     first = scored[0] if isinstance(scored, list) and scored and isinstance(scored[0], dict) else {}
     section["scoring"] = {
-        k: first.get(k) for k in ("model", "model_version", "engine", "reason") if first.get(k) is not None
+        k: first.get(k) for k in ("model", "model_version", "kind", "engine", "reason") if first.get(k) is not None
     }
     trained = summaries.get("train_challenger") or {}
     section["training"] = {k: trained.get(k) for k in ("status", "version", "reason") if trained.get(k) is not None}
     evaluated = summaries.get("evaluate_and_promote") or {}
     if evaluated.get("status") in ("promoted", "rejected"):
         section["decision"] = {
-            k: evaluated.get(k) for k in ("status", "version", "reference", "forced", "reasons", "from_hour", "gate")
+            k: evaluated.get(k)
+            for k in (
+                "status",
+                "version",
+                "candidate",
+                "kind",
+                "reference",
+                "forced",
+                "reasons",
+                "deciding",
+                "choice",
+                "from_hour",
+                "gate",
+            )
+            if k in evaluated
         }
+        section["candidates"] = evaluated.get("candidates")
         section["metrics"] = evaluated.get("metrics")
         section["intervals"] = evaluated.get("intervals")
     try:
         entry = registry.champion_as_of(settings, hour)
         section["champion"] = (
-            None if entry is None else {k: entry.get(k) for k in ("version", "from_hour", "forced", "reason")}
+            None
+            if entry is None
+            else {
+                **{k: entry.get(k) for k in ("version", "from_hour", "forced", "reason")},
+                "kind": registry.entry_kind(entry),
+            }
         )
         section["drift"] = hourly_drift(settings, hour)
     except Exception as error:  # noqa: BLE001 - the report must be written whatever failed upstream
@@ -747,12 +892,13 @@ def model_report(settings: Settings, hour: datetime, summaries: Mapping[str, Any
 
 
 # ---- stage ---------------------------------------------------------------------------------------------------------
-def _champion(settings: Settings, hour: datetime, version: str) -> str | None:
-    """The champion in force before this hour's promotion (for a rerun: the one it replaced), or None."""
+def _champion(settings: Settings, hour: datetime, version: str) -> tuple[str, str] | None:
+    """The champion in force before this hour's promotion (for a rerun: the one it replaced) as
+    ``(version, kind)``, or None."""
     entry = registry.champion_as_of(settings, hour)
     if entry is not None and entry["version"] == version:  # a rerun: compare with what this promotion replaced
         entry = registry.champion_as_of(settings, hour - HOUR)
-    return None if entry is None else str(entry["version"])
+    return None if entry is None else (str(entry["version"]), registry.entry_kind(entry))
 
 
 def heuristic_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -783,6 +929,7 @@ def evaluate_and_promote(
     the model card with its plots), the promotion log (when promoted) and the
     decision log (always). ``gate_config`` defaults to ``GateConfig.from_env()``.
     """
+    from profile_engine import candidates as cands
     from profile_engine import model as models
 
     hour = floor_hour(hour)
@@ -792,16 +939,16 @@ def evaluate_and_promote(
     config = gate_config or GateConfig.from_env()
     _, rows, training = labels.read_training_set(settings, version)
     y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
-    challenger = models.load_model(settings, version, "model")
+    candidates = cands.version_candidates(settings, version)
+    by_name = {c.name: c for c in candidates}
     champion = _champion(settings, hour, version)
-    # Everything is scored on the same rows: the champion (margins), the challenger's calibrated baseline
-    # and, before the first promotion, the heuristics (a model and a baseline sharing a bug cannot pass
-    # together against rules that use no preprocessing).
-    scores = {"challenger": challenger.predict(rows)}
+    # Everything is scored on the same rows: every candidate of the version (network, trees, calibrated
+    # baseline), the champion (margins) and, before the first promotion, the heuristics (a model and a
+    # baseline sharing a bug cannot pass together against rules that use no preprocessing).
+    scores = {c.name: c.predict(rows) for c in candidates}
     if champion is not None:
-        scores["champion"] = models.load_model(settings, champion, "model").predict(rows)
-    scores["baseline"] = models.load_model(settings, version, "baseline").predict(rows)
-    if champion is None:
+        scores["champion"] = models.load_model(settings, champion[0], champion[1]).predict(rows)
+    else:
         for name in models.HEURISTICS:
             scores[HEURISTIC_PREFIX + name] = models.heuristic_scores(rows, name)
     point = {
@@ -813,30 +960,35 @@ def evaluate_and_promote(
         scores,
         n_boot=n_boot,
         seed=settings.seed,
-        differences=[("challenger", n) for n in scores if n != "challenger"],
+        differences=[(c.name, n) for c in candidates for n in scores if n != c.name],
     )
-    compared = [n for n in scores if n != "challenger"]
+    champion_label = None if champion is None else models.kind_label(*champion)
     reference_name = (
-        f"champion {champion}"
-        if champion is not None
+        f"champion {champion_label}"
+        if champion_label is not None
         else f"baseline {version}{models.BASELINE_SUFFIX} and heuristics ({', '.join(models.HEURISTICS)})"
     )
-    decision = gate(
-        point["challenger"],
+    decision = choose(
+        {c.name: point[c.name] for c in candidates},
         point.get("champion"),
         config,
-        baselines={n: point[n] for n in compared if n != "champion"},
+        baselines={n: point[n] for n in scores if n == cands.BASELINE or n.startswith(HEURISTIC_PREFIX)},
         intervals=intervals,
-        reference_name="champion",
+        champion_name="champion",
     )
-    calibration = models.network_calibration(
-        read_json(Lake(settings.lake).path(MODELS, version, models.CALIBRATION_FILE)), "model"
-    )
-    note = models.calibration_note(calibration)
-    if note and not decision.promote:  # the cause behind the symptoms (e.g. AUC 0.50 of a flat network)
-        decision = replace(decision, reasons=[*decision.reasons, f"cause: {note}"])
+    notes = {c.name: models.calibration_note(c.calibration) for c in candidates}
+    if not decision.promote:  # the cause behind the symptoms (e.g. AUC 0.50 of a flat network)
+        causes = [f"cause ({name}): {note}" for name, note in notes.items() if note]
+        decision = replace(decision, reasons=[*decision.reasons, *causes])
     promoted = decision.promote or force_promote
-    verdict = "gate passed" if decision.promote else "gate failed: " + "; ".join(decision.reasons)
+    # The candidate the record is about: the winner, else (rejected, or forced through) the network.
+    chosen = by_name[decision.candidate] if decision.candidate else candidates[0]
+    challenger = chosen.model
+    verdict = (
+        f"gate passed: {chosen.name} promoted ({decision.choice.get('reason')})"
+        if decision.promote
+        else "gate failed: " + "; ".join(decision.reasons)
+    )
     reason = f"{'forced, ' if force_promote else ''}{verdict} (against {reference_name})"
     entry = None
     if promoted:
@@ -846,9 +998,10 @@ def evaluate_and_promote(
             hour,
             forced=force_promote,
             reason=reason,
-            metrics={k: round(v, 6) for k, v in point["challenger"].items()},
+            metrics={k: round(v, 6) for k, v in point[chosen.name].items()},
             decision=decision.as_dict(),
             run_id=run_id,
+            kind=chosen.kind,
         )
     registry.record_decision(
         settings,
@@ -864,7 +1017,7 @@ def evaluate_and_promote(
     drift = snapshot_drift(settings, hour, challenger)
     sample = labels.sample_users(rows, importance_rows, settings.seed, "importance")
     importance = permutation_importance(
-        challenger.predict,
+        chosen.predict,
         sample,
         [*challenger.numeric, *challenger.categorical],
         np.asarray(sample.column(labels.LABEL), dtype=np.float64),
@@ -877,15 +1030,27 @@ def evaluate_and_promote(
         "rows": int(y.size),
         "positives": int(y.sum()),
         "base_rate": float(y.mean()),
+        "candidates": [c.describe() for c in candidates],
+        "chosen": chosen.name,
+        "kind": chosen.kind,
         "metrics": point,
-        "compared_with": "champion" if champion is not None else "baseline",
+        "compared_with": "champion" if champion is not None else cands.BASELINE,
         "intervals": intervals,
-        "decision": {**decision.as_dict(), "calibration": calibration},
+        "decision": {
+            **decision.as_dict(),
+            "calibration": chosen.calibration,
+            "calibrations": {c.name: c.calibration for c in candidates},
+        },
         "promoted": promoted,
         "forced": force_promote,
         "from_hour": entry["from_hour"] if entry else None,
         "drift": drift,
-        "importance": {"method": "permutation, mean AUC drop", "rows": sample.num_rows, "features": importance},
+        "importance": {
+            "method": "permutation, mean AUC drop",
+            "candidate": chosen.name,
+            "rows": sample.num_rows,
+            "features": importance,
+        },
         "run_id": run_id,
     }
     models.update_model_dir(
@@ -906,10 +1071,16 @@ def evaluate_and_promote(
     return {
         "status": "promoted" if promoted else "rejected",
         "version": version,
+        "candidate": chosen.name,
+        "kind": chosen.kind,
         "reference": reference_name,
         "forced": force_promote,
         "reasons": decision.reasons,
         "deciding": decision.deciding,
+        "choice": decision.choice,
+        "candidates": {
+            name: {"promote": v["promote"], "reasons": v["reasons"]} for name, v in decision.candidates.items()
+        },
         "gate": {"primary_metric": config.primary_metric, "margin": config.margin},
         "metrics": {name: _rounded(m) for name, m in point.items()},
         "intervals": {

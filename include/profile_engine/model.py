@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from profile_engine import evaluate, faults, inference, labels, registry
+from profile_engine import evaluate, faults, gbm, inference, labels, registry
 from profile_engine.config import Settings
 from profile_engine.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, SNAPSHOT_HOUR, USER_ID
 from profile_engine.hours import floor_hour, format_hour
@@ -85,6 +85,8 @@ DECILE = "propensity_decile"
 MODEL_VERSION = "model_version"
 NO_MODEL = "none"
 BASELINE_SUFFIX = "-baseline"
+# What a version can score with (``load_model``'s kinds): the network, gradient-boosted trees, the baseline.
+MODEL_KINDS: tuple[str, ...] = ("model", "lightgbm", "baseline")
 SCORES_SCHEMA = pa.schema(
     [
         pa.field(USER_ID, pa.string()),
@@ -367,8 +369,8 @@ def calibration_note(calibration: Mapping[str, Any] | None) -> str | None:
     notes = []
     if calibration.get("flat"):
         notes.append(
-            f"network output nearly constant on the calibration slice (logit std {calibration['logit_std']:.2g}): "
-            "the network did not learn"
+            f"output nearly constant on the calibration slice (logit std {calibration['logit_std']:.2g}): "
+            "the model did not learn"
         )
     if calibration.get("fallback"):
         notes.append(f"calibration fell back ({calibration['fallback']})")
@@ -432,7 +434,7 @@ def population_deciles(user_ids: pa.Array | pa.ChunkedArray, scores: np.ndarray)
 # ---- training ------------------------------------------------------------------------------------------------------
 @dataclass
 class FittedModels:
-    """The fitted network, its calibration and cut points, and the baseline."""
+    """The fitted network, its calibration and cut points, the baseline and the gradient-boosted trees."""
 
     model: Any
     baseline: Any
@@ -443,6 +445,9 @@ class FittedModels:
     numeric: tuple[str, ...]
     categorical: tuple[str, ...]
     report: dict[str, Any]
+    lightgbm: gbm.GBMModel | None = None
+    lightgbm_calibration: dict[str, Any] | None = None
+    lightgbm_cut_points: list[float] | None = None
 
 
 # Rows per predict step: Keras' per-step overhead dominated at 4,096 (measured on 164k profiles:
@@ -467,11 +472,15 @@ def fit_models(
     *,
     config: ModelConfig | None = None,
     seed: int = 7,
+    threads: int = 1,
+    gbm_config: gbm.GBMConfig | None = None,
 ) -> FittedModels:
-    """Fit network, calibration and baseline on a training table with ``LABEL`` and ``SNAPSHOT_HOUR``.
+    """Fit network, baseline and LightGBM, each with its calibration, on a training table with ``LABEL``
+    and ``SNAPSHOT_HOUR``.
 
     Rows of the newest snapshot are the validation slice: early stopping watches
     its AUC and Platt scaling is fitted on it; the older rows fit the weights.
+    ``threads`` is LightGBM's thread count (its trees are reproducible for a given count).
     """
     import keras
     import tensorflow as tf
@@ -522,6 +531,12 @@ def fit_models(
     # output, and the baseline, fitted on older snapshots, misses the slice's base rate (0.33 against 0.16).
     calibration = fit_calibration(_predict(model, val_in), val_y)
     baseline_calibration = fit_calibration(_predict(baseline, val_in), val_y)
+    # Gradient-boosted trees on the same rows, validation slice and calibration (the analyst's first try).
+    validation_rows = train.filter(pa.array(is_validation))
+    trees = gbm.fit_gbm(
+        fit_rows, fit_y, validation_rows, val_y, numeric, categorical, seed=seed, threads=threads, config=gbm_config
+    )
+    trees_calibration = fit_calibration(trees.predict(validation_rows), val_y)
     return FittedModels(
         model=model,
         baseline=baseline,
@@ -536,7 +551,11 @@ def fit_models(
             "validation_rows": int(val_y.size),
             "class_weight": {str(k): v for k, v in class_weight.items()},
             "epochs": {"model": model_epochs, "baseline": baseline_epochs},
+            "lightgbm": {k: trees.info[k] for k in ("best_iteration", "rounds")},
         },
+        lightgbm=trees,
+        lightgbm_calibration=trees_calibration,
+        lightgbm_cut_points=decile_cut_points(apply_calibration(trees.predict(train), trees_calibration)),
     )
 
 
@@ -572,8 +591,9 @@ def model_card(
         f"# Model card: {version}",
         "",
         f"Purchase propensity: the probability that a user purchases within {horizon} h after the end of a "
-        "profile snapshot. Keras network with its own preprocessing and Platt calibration; the baseline is "
-        "logistic regression on the same features.",
+        "profile snapshot. Candidates, each with Platt calibration on the newest training snapshot: the Keras "
+        "network with its own preprocessing (the main model), gradient-boosted trees (LightGBM) and the "
+        "baseline, logistic regression on the network's preprocessing; the gate promotes at most one.",
         "",
         "## Data",
         "",
@@ -605,17 +625,18 @@ def model_card(
         return "\n".join(lines) + "\n"
     names = list(evaluation["metrics"])
     compared = evaluation.get("compared_with", "reference")  # evaluations written before 2026-12 say "reference"
+    chosen = registry.evaluated_candidate(dict(evaluation))
     lines += [
         "",
         f"Reference: {evaluation['reference']}. 95% paired bootstrap intervals in brackets; "
-        f"the last column is the interval of challenger minus {compared}. Heuristics are ranks: "
+        f"the last column is the interval of {chosen} minus {compared}. Heuristics are ranks: "
         "only their ranking metrics are shown.",
         "",
         "| metric | " + " | ".join(names) + " | difference |",
         "|---" * (len(names) + 2) + "|",
     ]
     intervals = evaluation["intervals"]
-    difference = intervals.get(f"challenger - {compared}", {})
+    difference = intervals.get(f"{chosen} - {compared}", {})
     for key in evaluate.HIGHER_IS_BETTER:
         cells = [
             f"{_fmt(evaluation['metrics'][n][key])} [{_fmt(intervals[n][key][0])}, {_fmt(intervals[n][key][1])}]"
@@ -638,6 +659,16 @@ def model_card(
         f"- reference: {evaluation['reference']}",
         f"- decision: {verdict}{' (forced)' if evaluation['forced'] else ''}; " + "; ".join(decision["reasons"]),
     ]
+    choice = decision.get("choice") or {}
+    if choice:
+        lines.append(
+            f"- candidate: {decision.get('candidate') or 'none'} ({choice.get('reason') or choice.get('rule')}); "
+            f"tie rule: {choice.get('rule')}"
+        )
+    for name, verdict_of in (decision.get("candidates") or {}).items():
+        lines.append(
+            f"  - {name}: {'passes' if verdict_of['promote'] else 'fails'}; " + "; ".join(verdict_of["reasons"])
+        )
     deciding = decision.get("deciding") or {}
     if deciding:
         interval = deciding.get("interval")
@@ -777,6 +808,22 @@ def write_model_dir(
         },
         "training": fitted.report,
     }
+    if fitted.lightgbm is not None:
+        trees_raw = fitted.lightgbm.predict(training.eval)
+        metrics["eval"]["lightgbm"] = evaluate.metrics(y, apply_calibration(trees_raw, fitted.lightgbm_calibration))
+        metrics["eval"]["lightgbm_uncalibrated"] = evaluate.metrics(y, trees_raw)
+    fitted_on = training.summary()["train_snapshots"][-1]
+    calibrations: dict[str, Any] = {
+        **fitted.calibration,
+        "fitted_on": fitted_on,
+        "baseline": {**fitted.baseline_calibration, "fitted_on": fitted_on},
+    }
+    cut_points: dict[str, Any] = {"model": fitted.cut_points, "baseline": fitted.baseline_cut_points}
+    tree_files: dict[str, bytes] = {}
+    if fitted.lightgbm is not None:
+        calibrations["lightgbm"] = {**(fitted.lightgbm_calibration or {}), "fitted_on": fitted_on}
+        cut_points["lightgbm"] = fitted.lightgbm_cut_points
+        tree_files = fitted.lightgbm.files()
     features = {"numeric": list(fitted.numeric), "categorical": list(fitted.categorical), "label": labels.LABEL}
     training_info = {
         **training.summary(),
@@ -803,17 +850,9 @@ def write_model_dir(
                     check_rows=training.eval,
                 ).items()
             ],
-            (
-                CALIBRATION_FILE,
-                _json_bytes(
-                    {
-                        **fitted.calibration,
-                        "fitted_on": training_info["train_snapshots"][-1],
-                        "baseline": {**fitted.baseline_calibration, "fitted_on": training_info["train_snapshots"][-1]},
-                    }
-                ),
-            ),
-            (DECILES_FILE, _json_bytes({"model": fitted.cut_points, "baseline": fitted.baseline_cut_points})),
+            *tree_files.items(),
+            (CALIBRATION_FILE, _json_bytes(calibrations)),
+            (DECILES_FILE, _json_bytes(cut_points)),
             (FEATURES_FILE, _json_bytes(features)),
             (METRICS_FILE, _json_bytes(metrics)),
             (CARD_FILE, model_card(version, training_info, features, metrics).encode()),
@@ -936,11 +975,12 @@ class LoadedModel:
     """A model ready to score: network, calibration and decile cut points of one version and kind.
 
     ``network`` is an ``inference.InferenceNetwork`` (numpy, no TensorFlow) when
-    the version holds the export, else the Keras model.
+    the version holds the export, else the Keras model; for kind ``lightgbm`` a
+    ``gbm.GBMModel`` (LightGBM, no TensorFlow either).
     """
 
     version: str
-    kind: str  # "model" or "baseline"
+    kind: str  # one of MODEL_KINDS: "model" (the network), "lightgbm" or "baseline"
     network: Any
     calibration: dict[str, Any] | None
     cut_points: tuple[float, ...]
@@ -949,19 +989,23 @@ class LoadedModel:
 
     @property
     def label(self) -> str:
-        """What scores record as ``model_version``."""
-        return self.version if self.kind == "model" else self.version + BASELINE_SUFFIX
+        """What scores record as ``model_version``: the version for the network, else ``<version>-<kind>``."""
+        return kind_label(self.version, self.kind)
 
     @property
     def engine(self) -> str:
-        """``numpy`` (the inference export) or ``keras`` (the fallback)."""
+        """``numpy`` (the inference export), ``keras`` (the fallback) or ``lightgbm``."""
+        if isinstance(self.network, gbm.GBMModel):
+            return "lightgbm"
         return "numpy" if isinstance(self.network, inference.InferenceNetwork) else "keras"
 
     def predict(self, table: pa.Table) -> np.ndarray:
         """Purchase probabilities (float64) for profile rows."""
         if table.num_rows == 0:
             return np.zeros(0, dtype=np.float64)
-        if isinstance(self.network, inference.InferenceNetwork):
+        if isinstance(self.network, gbm.GBMModel):
+            raw = self.network.predict(table)
+        elif isinstance(self.network, inference.InferenceNetwork):
             inputs = numpy_inputs(table, self.numeric, self.categorical)
             raw = self.network.predict(inputs).astype(np.float64)
         else:
@@ -989,21 +1033,48 @@ def _inference_network(path: Path, kind: str) -> tuple[inference.InferenceNetwor
 _FELL_BACK: set[tuple[str, str]] = set()
 
 
+def kind_label(version: str, kind: str) -> str:
+    """``model_version`` of a version's ``kind``: the version for the network, else ``<version>-<kind>``."""
+    return version if kind == "model" else f"{version}-{kind}"
+
+
 def network_calibration(stored: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
     """The calibration of ``kind`` in a version's ``calibration.json``: the network's at the top level,
-    the baseline's under ``baseline`` (None in versions written before the baseline was calibrated)."""
+    the others' under their kind (``baseline``: None in versions written before the baseline was calibrated)."""
     if kind == "model":
-        return {k: v for k, v in stored.items() if k != "baseline"}
-    baseline = stored.get("baseline")
-    return dict(baseline) if baseline else None
+        return {k: v for k, v in stored.items() if k not in MODEL_KINDS}
+    other = stored.get(kind)
+    return dict(other) if other else None
 
 
-@functools.lru_cache(maxsize=4)
+def _lightgbm(path: Path) -> gbm.GBMModel:
+    """The version's LightGBM model; ``FileNotFoundError`` for a version trained before LightGBM was a candidate."""
+    listed = {f["name"] for f in read_json(path / MANIFEST)["files"]}
+    if gbm.LIGHTGBM_FILE not in listed or gbm.LIGHTGBM_SPEC not in listed:
+        raise FileNotFoundError(f"model version {path.name} has no LightGBM model ({gbm.LIGHTGBM_FILE}) in {path}")
+    return gbm.GBMModel.from_bytes((path / gbm.LIGHTGBM_SPEC).read_bytes(), (path / gbm.LIGHTGBM_FILE).read_bytes())
+
+
+def version_kinds(settings: Settings, version: str) -> list[str]:
+    """The kinds a committed version can score with, in ``MODEL_KINDS`` order (older versions: no lightgbm)."""
+    listed = {f["name"] for f in read_json(Lake(settings.lake).path(MODELS, version, MANIFEST))["files"]}
+    present = {
+        "model": MODEL_FILE in listed,
+        "lightgbm": gbm.LIGHTGBM_FILE in listed,
+        "baseline": BASELINE_FILE in listed,
+    }
+    return [kind for kind in MODEL_KINDS if present[kind]]
+
+
+@functools.lru_cache(maxsize=6)
 def _load(directory: str, kind: str, stamp: str) -> LoadedModel:
     path = Path(directory)
     features = read_json(path / FEATURES_FILE)
     network: Any
-    network, why = _inference_network(path, kind)
+    if kind == "lightgbm":
+        network, why = _lightgbm(path), ""
+    else:
+        network, why = _inference_network(path, kind)
     if network is None:
         import keras
 
@@ -1030,13 +1101,13 @@ def _load(directory: str, kind: str, stamp: str) -> LoadedModel:
 
 
 def load_model(settings: Settings, version: str, kind: str = "model") -> LoadedModel:
-    """Load a version's network (``kind`` "model" or "baseline") once per process.
+    """Load a version's scorer (``kind`` one of ``MODEL_KINDS``) once per process.
 
-    The cache key includes the manifest's checksum, so a retrained (rewritten)
+    The cache key includes the manifest's modification time, so a retrained (rewritten)
     version is loaded afresh.
     """
-    if kind not in ("model", "baseline"):
-        raise ValueError(f"kind must be 'model' or 'baseline', got {kind!r}")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
     directory = Lake(settings.lake).path(MODELS, version)
     stamp = str((directory / MANIFEST).stat().st_mtime_ns)
     return _load(str(directory), kind, stamp)
@@ -1065,11 +1136,12 @@ def score_table(profiles: pa.Table, model: LoadedModel | None, *, heuristic: boo
 
 
 def scoring_model(settings: Settings, hour: datetime) -> LoadedModel | None:
-    """The model that scores ``hour``: the champion as of the hour from the promotion log,
-    else the baseline of the newest version trained at or before it, else None."""
+    """The model that scores ``hour``: the champion as of the hour from the promotion log (the kind the
+    gate promoted; entries written before candidates existed promoted the network), else the baseline of
+    the newest version trained at or before it, else None."""
     entry = registry.champion_as_of(settings, hour)
     if entry is not None:
-        return load_model(settings, entry["version"], "model")
+        return load_model(settings, entry["version"], registry.entry_kind(entry))
     version = registry.newest_model_at_or_before(settings, hour)
     return load_model(settings, version, "baseline") if version is not None else None
 
@@ -1167,7 +1239,14 @@ def train_version(
     version = model_version(hour)
     try:
         training = labels.build_training_set(settings, hour, version, config=training_config, run_id=run_id)
-        fitted = fit_models(training.train, numeric, categorical, config=model_config, seed=settings.seed)
+        fitted = fit_models(
+            training.train,
+            numeric,
+            categorical,
+            config=model_config,
+            seed=settings.seed,
+            threads=settings.model_threads,
+        )
     except labels.InsufficientData as reason:
         return {"status": "skipped", "reason": f"not enough final labelled examples: {reason}"}
     metrics = write_model_dir(settings, version, fitted, training, hour, run_id)
@@ -1226,7 +1305,8 @@ def score_profiles(settings: Settings, hour: datetime, bucket: int, *, run_id: s
     model = scoring_model(settings, hour)
     columns = [USER_ID] if model is None else [USER_ID, *model.numeric, *model.categorical]
     scores = score_table(lake.read(PROFILES, hour, bucket, columns=list(dict.fromkeys(columns))), model, heuristic=True)
-    kind = "heuristic" if model is None else ("champion" if model.kind == "model" else "baseline")
+    champion = registry.champion_as_of(settings, hour) is not None
+    kind = "heuristic" if model is None else ("champion" if champion else "baseline")
     lake.write_partition(
         SCORES, hour, scores, bucket=bucket, run_id=run_id, extra={MODEL_VERSION: scores_version(model), "model": kind}
     )
@@ -1240,12 +1320,13 @@ def score_profiles(settings: Settings, hour: datetime, bucket: int, *, run_id: s
     }
     if model is not None:
         summary["engine"] = model.engine  # "keras" means the version lacks the export: see export_inference
+        summary["kind"] = model.kind
     if model is None:
         summary["reason"] = (
             f"no model trained yet: deciles rank the {HEURISTICS[FIRST_HOUR_HEURISTIC]} heuristic; "
             "propensity is null (no labels to calibrate a probability)"
         )
-    elif model.kind == "baseline":
+    elif not champion:
         summary["reason"] = "no champion promoted yet: scored with the calibrated baseline"
     return summary
 

@@ -71,6 +71,20 @@ def promotion_log(settings: Settings) -> list[dict[str, Any]]:
     return sorted(entries, key=lambda e: datetime.fromisoformat(e["from_hour"]))
 
 
+def entry_kind(entry: dict[str, Any]) -> str:
+    """Which of the version's scorers a promotion log entry promoted (``model.MODEL_KINDS``).
+
+    Entries written before the gate chose among candidates promoted the network (``model``).
+    """
+    return str(entry.get("kind") or "model")
+
+
+def evaluated_candidate(evaluation: dict[str, Any]) -> str:
+    """The scorer an ``evaluation.json`` is about: the promoted candidate, else the one the card compares
+    (``chosen``); evaluations written before candidates named the network ``challenger``."""
+    return str(evaluation.get("chosen") or "challenger")
+
+
 def champion_as_of(settings: Settings, hour: datetime) -> dict[str, Any] | None:
     """The log entry in force for ``hour`` (newest ``from_hour`` <= ``hour``), or None before any promotion."""
     hour = floor_hour(hour)
@@ -99,11 +113,13 @@ def _entry(
     metrics: dict[str, Any] | None,
     run_id: str,
     decision: dict[str, Any] | None = None,
+    kind: str = "model",
 ) -> dict[str, Any]:
     if not model_dir_committed(settings, version):
         raise FileNotFoundError(f"model {version} is not committed under {Lake(settings.lake).path(MODELS, version)}")
     return {
         "version": version,
+        "kind": kind,
         "from_hour": format_hour(from_hour),
         "forced": forced,
         "reason": reason,
@@ -124,15 +140,25 @@ def promote(
     metrics: dict[str, Any] | None = None,
     decision: dict[str, Any] | None = None,
     run_id: str = "manual",
+    kind: str = "model",
 ) -> dict[str, Any]:
     """Make ``version`` the champion from ``from_hour`` on; returns the log entry.
 
-    ``forced`` records that the gate was overridden; ``decision`` is the gate's
-    verdict with its checks. Re-promoting at the same hour (a rerun) replaces that
-    hour's entry and keeps the old one under ``replaces``.
+    ``kind`` is the version's scorer that becomes the champion (``model`` = the network,
+    ``lightgbm``, ``baseline``). ``forced`` records that the gate was overridden; ``decision``
+    is the gate's verdict with its checks. Re-promoting at the same hour (a rerun) replaces
+    that hour's entry and keeps the old one under ``replaces``.
     """
     entry = _entry(
-        settings, version, from_hour, forced=forced, reason=reason, metrics=metrics, run_id=run_id, decision=decision
+        settings,
+        version,
+        from_hour,
+        forced=forced,
+        reason=reason,
+        metrics=metrics,
+        run_id=run_id,
+        decision=decision,
+        kind=kind,
     )
     faults.maybe_fail(faults.MODEL_BEFORE_PROMOTION)
     return _record(settings, entry)
@@ -167,6 +193,12 @@ def rollback(
         to_version = str(earlier[-1]["version"])
     if to_version == current["version"]:
         raise ValueError(f"{to_version} is already the champion at {format_hour(from_hour)}")
+    # The kind it was promoted as (its newest entry before from_hour), the network when it never was.
+    before = [
+        e
+        for e in promotion_log(settings)
+        if e["version"] == to_version and datetime.fromisoformat(e["from_hour"]) < from_hour
+    ]
     entry = _entry(
         settings,
         to_version,
@@ -175,6 +207,7 @@ def rollback(
         reason=f"rollback from {current['version']}: {reason}",
         metrics=None,
         run_id=run_id,
+        kind=entry_kind(before[-1]) if before else "model",
     )
     entry["rollback_of"] = current["version"]
     return _record(settings, entry)
@@ -264,10 +297,15 @@ def list_models(settings: Settings) -> list[dict[str, Any]]:
     for version in model_versions(settings):
         evaluation = _model_file(settings, version, EVALUATION_FILE)
         metrics = _model_file(settings, version, METRICS_FILE) or {}
-        challenger = evaluation["metrics"]["challenger"] if evaluation else metrics.get("eval", {}).get("model", {})
+        challenger = (
+            evaluation["metrics"][evaluated_candidate(evaluation)]
+            if evaluation
+            else metrics.get("eval", {}).get("model", {})
+        )
         rows.append(
             {
                 "version": version,
+                "candidate": evaluated_candidate(evaluation) if evaluation else None,
                 "trained_hour": format_hour(version_hour(version)),
                 "auc": challenger.get("auc"),
                 "lift_at_10": challenger.get("lift_at_10"),
@@ -298,7 +336,10 @@ def show_model(settings: Settings, version: str) -> dict[str, Any]:
         "metrics": _model_file(settings, version, METRICS_FILE),
         "evaluation": None
         if evaluation is None
-        else {k: evaluation.get(k) for k in ("reference", "metrics", "intervals", "decision", "promoted", "forced")},
+        else {
+            k: evaluation.get(k)
+            for k in ("reference", "candidates", "chosen", "metrics", "intervals", "decision", "promoted", "forced")
+        },
         "promotions": [e for e in promotion_log(settings) if e["version"] == version],
         "decisions": [e for e in decision_log(settings) if e["version"] == version],
         "card": str(directory / CARD_FILE),
@@ -315,15 +356,18 @@ def promote_manually(settings: Settings, version: str, *, reason: str = "manual 
     if current is not None and current["version"] == version:
         raise ValueError(f"{version} is already the champion at {format_hour(from_hour)}")
     evaluation = _model_file(settings, version, EVALUATION_FILE) if model_dir_committed(settings, version) else None
+    # The candidate its gate chose (or would have compared), the network for versions never evaluated.
+    kinds = {c["name"]: c["kind"] for c in (evaluation or {}).get("candidates") or []}
     return promote(
         settings,
         version,
         from_hour,
         forced=True,
         reason=f"manual promotion (CLI): {reason}",
-        metrics=evaluation["metrics"]["challenger"] if evaluation else None,
+        metrics=evaluation["metrics"][evaluated_candidate(evaluation)] if evaluation else None,
         decision=evaluation["decision"] if evaluation else None,
         run_id=CLI_RUN_ID,
+        kind=kinds.get(evaluated_candidate(evaluation), "model") if evaluation else "model",
     )
 
 

@@ -139,6 +139,23 @@ def metrics_table_html(metrics: dict[str, dict[str, Any]], intervals: dict[str, 
     return f"<table><tr><th>metric (95% interval)</th>{head}</tr>{body}</table>"
 
 
+def _candidates_html(model: dict[str, Any]) -> str:
+    """Every candidate of the evaluated version with its verdict, and why the winner was chosen."""
+    candidates = model.get("candidates") or {}
+    if not candidates:
+        return ""
+    decision = model.get("decision") or {}
+    choice = decision.get("choice") or {}
+    items = "".join(
+        f"<li><b>{html.escape(name)}</b>: {'passes' if verdict.get('promote') else 'fails'}; "
+        f"{html.escape('; '.join(verdict.get('reasons') or []))}</li>"
+        for name, verdict in candidates.items()
+    )
+    chosen = html.escape(str(decision.get("candidate") or "none"))
+    why = html.escape(str(choice.get("reason") or choice.get("rule") or ""))
+    return f"<p>Candidates (promoted: <b>{chosen}</b>; {why})</p><ul>{items}</ul>"
+
+
 def _model_html(model: dict[str, Any] | None) -> str:
     """The model section: scoring model, gate decision with metrics, drift against the previous snapshot."""
     if not model:
@@ -148,6 +165,7 @@ def _model_html(model: dict[str, Any] | None) -> str:
         if model.get(key):
             parts.append(f"<li><b>{key}</b>: {html.escape(json.dumps(model[key], default=str))}</li>")
     parts.append("</ul>")
+    parts.append(_candidates_html(model))
     parts.append(metrics_table_html(model.get("metrics") or {}, model.get("intervals") or {}))
     drift = model.get("drift") or {}
     if drift.get("previous_hour"):
