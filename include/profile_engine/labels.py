@@ -309,9 +309,7 @@ def check_no_leakage(
 
 def _users_by_bucket(users: Sequence[str], buckets: int) -> dict[int, list[str]]:
     """The users of each bucket, by the staging rule (``schema.bucket_sql``)."""
-    import duckdb
-
-    con = duckdb.connect()
+    con = db.connect()
     try:
         con.register("u", pa.table({USER_ID: pa.array(users, pa.string())}))
         table = con.sql(f"SELECT {USER_ID}, {bucket_sql(USER_ID, buckets)} AS b FROM u").to_arrow_table()

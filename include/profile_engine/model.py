@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from profile_engine import evaluate, faults, gbm, inference, labels, registry
+from profile_engine import db, evaluate, faults, gbm, inference, labels, registry
 from profile_engine.config import Settings
 from profile_engine.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, SNAPSHOT_HOUR, USER_ID
 from profile_engine.hours import floor_hour, format_hour
@@ -409,7 +409,6 @@ def population_deciles(user_ids: pa.Array | pa.ChunkedArray, scores: np.ndarray)
     scores are tied, and the highest score is in decile 10 even with fewer than ten users. The cut between two deciles may fall inside a group of equal
     scores; which of those users go up is decided by the hash, the same every hour.
     """
-    import duckdb
 
     values = np.asarray(scores, dtype=np.float64)
     scored = ~np.isnan(values)
@@ -420,7 +419,7 @@ def population_deciles(user_ids: pa.Array | pa.ChunkedArray, scores: np.ndarray)
     index = np.flatnonzero(scored)
     ids = pc.cast(user_ids, pa.string()).take(pa.array(index))
     table = pa.table({"i": pa.array(index, pa.int64()), "u": ids, "s": pa.array(values[scored])})
-    con = duckdb.connect()
+    con = db.connect()
     try:
         con.register("population", table)
         order = con.execute("SELECT i FROM population ORDER BY s, md5(u), u").fetchnumpy()["i"]

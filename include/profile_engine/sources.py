@@ -703,9 +703,7 @@ def _rows_table(mapping: Mapping, names: list[str], selected: list[Any]) -> pa.T
 
 def _event_times(mapping: Mapping, names: list[str], selected: list[Any]) -> list[datetime | None]:
     """Each row's event time as validation will read it (the mapping's format and zone); None if unreadable."""
-    import duckdb
-
-    con = duckdb.connect()
+    con = db.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
         select = sql_select(con, mapping, _rows_table(mapping, names, selected), 0)
