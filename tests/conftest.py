@@ -2,7 +2,8 @@
 
 Airflow reads its configuration once per process, so the environment is set here,
 before any test imports it: a SQLite metadata database under ``.airflow/pytest``
-(git-ignored), the project's DAGs, no examples.
+(git-ignored; ``TEST_AIRFLOW_HOME`` moves it, as ``scripts/test-calendar.sh`` does so that
+a run under a fake clock starts from an empty database), the project's DAGs, no examples.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ["AIRFLOW_HOME"] = str(ROOT / ".airflow" / "pytest")
+os.environ["AIRFLOW_HOME"] = os.environ.get("TEST_AIRFLOW_HOME") or str(ROOT / ".airflow" / "pytest")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
