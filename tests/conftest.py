@@ -9,6 +9,8 @@ a run under a fake clock starts from an empty database), the project's DAGs, no 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,3 +34,11 @@ HOUR0 = datetime(2026, 11, 2, 10, tzinfo=UTC)
 def settings(tmp_path: Path) -> Settings:
     """Settings over an empty lake in ``tmp_path`` with two buckets."""
     return Settings(lake=tmp_path / "lake", buckets=2, lateness_hours=6, start=HOUR0)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """The test session's Airflow metadata database, migrated (``AIRFLOW_HOME`` above may be new and empty)."""
+    airflow = Path(sys.executable).parent / "airflow"
+    subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, timeout=300)
+    return Path(os.environ["AIRFLOW_HOME"]) / "airflow.db"
