@@ -36,6 +36,11 @@ if [[ -z $lib ]]; then
     [[ -n $lib ]] || { echo "libfaketime not found: apt-get install faketime libfaketime" >&2; exit 2; }
 fi
 
+# Tests that fail under libfaketime itself, not because of the date: libfaketime 0.9.10 does not fake the file
+# times that Python's os.stat reads (statx), so a file written "now" looks as old as the offset. These tests
+# compare a file's modification time with the clock; they run in make test.
+ARTIFACTS=(--deselect "tests/reliability/test_lock.py::test_unreadable_lock_waits_for_its_grace_then_goes")
+
 status=0
 for clock in $CLOCKS; do
     offset=$(( $(date -u -d "$clock" +%s) - $(date -u +%s) ))
@@ -46,7 +51,7 @@ for clock in $CLOCKS; do
         TEST_AIRFLOW_HOME="$home/airflow" TMPDIR="$home")
     echo "=== clock $clock: FAKETIME=$offset, files under $home"
     "${faked[@]}" "$PYTHON" -c 'from datetime import UTC, datetime; print("=== now", datetime.now(UTC).isoformat())'
-    if "${faked[@]}" "$PYTHON" -m pytest -p no:cacheprovider "$@"; then
+    if "${faked[@]}" "$PYTHON" -m pytest -p no:cacheprovider "${ARTIFACTS[@]}" "$@"; then
         echo "=== clock $clock: passed"
         rm -rf "$home"
     else
