@@ -154,7 +154,7 @@ def test_trigger_with_params_and_read_the_report_in_the_ui(
         assert env["PROFILE_ENGINE_START"] == format_hour(hour)  # continues after the lake's last snapshot
         user, password = demo.ui_login(tmp_path / "airflow")
         # Never under scripts/test-calendar.sh's libfaketime: Chromium's zygote does not start with it preloaded.
-        browser_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        browser_env: dict[str, str | float | bool] = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, env=browser_env
         )
