@@ -48,6 +48,13 @@ test-browser: install
 	test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	$(BIN)/python -m pytest tests/ui
 
+# The suite under fixed clocks at the calendar's edges (1st of a month 00:30 UTC, last day 23:30 UTC) with
+# libfaketime (Debian packages faketime libfaketime, installed when missing; needs root then). Not in
+# .ci/run: it runs the suite once per clock. CALENDAR_ARGS=tests/ui runs the browser test instead.
+.PHONY: test-calendar
+test-calendar: install
+	bash scripts/test-calendar.sh $(CALENDAR_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

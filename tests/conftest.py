@@ -2,19 +2,22 @@
 
 Airflow reads its configuration once per process, so the environment is set here,
 before any test imports it: a SQLite metadata database under ``.airflow/pytest``
-(git-ignored), the project's DAGs, no examples.
+(git-ignored; ``TEST_AIRFLOW_HOME`` moves it, as ``scripts/test-calendar.sh`` does so that
+a run under a fake clock starts from an empty database), the project's DAGs, no examples.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ["AIRFLOW_HOME"] = str(ROOT / ".airflow" / "pytest")
+os.environ["AIRFLOW_HOME"] = os.environ.get("TEST_AIRFLOW_HOME") or str(ROOT / ".airflow" / "pytest")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
@@ -31,3 +34,11 @@ HOUR0 = datetime(2026, 11, 2, 10, tzinfo=UTC)
 def settings(tmp_path: Path) -> Settings:
     """Settings over an empty lake in ``tmp_path`` with two buckets."""
     return Settings(lake=tmp_path / "lake", buckets=2, lateness_hours=6, start=HOUR0)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """The test session's Airflow metadata database, migrated (``AIRFLOW_HOME`` above may be new and empty)."""
+    airflow = Path(sys.executable).parent / "airflow"
+    subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, timeout=300)
+    return Path(os.environ["AIRFLOW_HOME"]) / "airflow.db"

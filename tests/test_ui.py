@@ -92,8 +92,8 @@ def lake_settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def token() -> str:
-    """A real JWT of the simple auth manager's admin, as the UI's login would set it."""
+def token(airflow_db: Path) -> str:
+    """A real JWT of the simple auth manager's admin, as the UI's login would set it (checked against the database)."""
     from airflow.api_fastapi.app import init_auth_manager
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 
@@ -286,7 +286,7 @@ def test_plugin_registers_app_and_navigation_link() -> None:
 
 
 def test_airflow_api_server_mounts_the_pages_behind_its_login(
-    lake_settings: Settings, monkeypatch: pytest.MonkeyPatch
+    lake_settings: Settings, monkeypatch: pytest.MonkeyPatch, airflow_db: Path
 ) -> None:
     # Arrange: Airflow's own API server app, loading plugins/ (conftest points the plugins folder there)
     from airflow.api_fastapi.app import create_app, get_auth_manager
