@@ -12,6 +12,8 @@ merged from:
 * ``sessions``, ``orders``, ``anchors``, ``targets``: raw buffers of the groups and
   latencies that a late event (at most ``lateness_hours`` old) could still change;
 * ``carts``: last cart and last close (remove or purchase) per user and item;
+* ``favs``: last favourite and last purchase per user and item (open favourites, 72 h);
+* ``item_views``: views per user, item and hour (repeat views, 7 days);
 * ``pending``: staged events with ``ts >= end``, held back until their hour;
 * ``meta``: the state's end.
 
