@@ -752,3 +752,145 @@ def test_a_user_in_two_buckets_is_refused_without_naming_the_user() -> None:
         F.population_snapshot([part, part], at(hours=1))
 
     assert "u-secret-7" not in str(raised.value)
+
+
+# ---- funnel features (open carts/favourites, short windows, windowed rates, repeat views) ----
+def chain_with_late(table: pa.Table, late: dict[int, int], end: datetime) -> F.ProfileState:
+    """Advance hour by hour through every staged hour (jumping over quiet ones); event i arrives
+    ``late[i]`` hours after its own hour, always before ``end``."""
+    staged = [floor_hour(t) + late.get(i, 0) * HOUR for i, t in enumerate(table.column("ts").to_pylist())]
+    assert all(h < end for h in staged) and max(late.values(), default=0) <= SETTINGS.lateness_hours
+    hours = pa.array(staged, pa.timestamp("ms", tz="UTC"))
+    state, previous = F.empty_state(), min(staged)
+    for stop in sorted({end} | {h + d * HOUR for h in staged for d in (1, 2)}):
+        if previous < stop <= end:
+            mask = pc.and_(
+                pc.greater_equal(hours, pa.scalar(previous, hours.type)), pc.less(hours, pa.scalar(stop, hours.type))
+            )
+            state, previous = F.advance(state, table.filter(mask), stop, SETTINGS), stop
+    return state
+
+
+def both_paths(table: pa.Table, late: dict[int, int], end: datetime) -> dict[str, Any]:
+    """The user's row from a rebuild, after checking that an hourly chain with late arrivals equals it."""
+    rebuilt = F.snapshot(F.rebuild(table, end, SETTINGS), end, SETTINGS)[0]
+    chained = F.snapshot(chain_with_late(table, late, end), end, SETTINGS)[0]
+    comparison = compare_tables("profiles", rebuilt, chained, [F.USER_ID])
+    assert comparison.equal, "; ".join(comparison.lines())
+    return row(rebuilt)
+
+
+def test_cart_and_fav_counts_in_the_last_1h_and_72h_are_exact_at_the_boundaries() -> None:
+    end = at(days=20)
+    table = events(
+        {"event_type": "cart", "ts": end - timedelta(milliseconds=1)},
+        {"event_type": "cart", "ts": end - timedelta(hours=1)},  # boundary: inside 1h
+        {"event_type": "cart", "ts": end - timedelta(hours=1, milliseconds=1)},  # outside 1h, inside 72h
+        {"event_type": "fav", "ts": end - timedelta(hours=72)},  # boundary: inside 72h; arrives 6 hours late
+        {"event_type": "fav", "ts": end - timedelta(hours=72, milliseconds=1)},  # outside 72h
+        {"event_type": "fav", "ts": end - timedelta(minutes=30)},
+    )
+
+    p = both_paths(table, {3: 6, 2: 1}, end)
+
+    assert (p["count_cart_1h"], p["count_cart_24h"], p["count_cart_72h"]) == (2, 3, 3)
+    assert (p["count_fav_1h"], p["count_fav_24h"], p["count_fav_72h"]) == (1, 1, 2)
+
+
+def test_open_carts_and_favourites_within_1h_24h_72h() -> None:
+    end = at(days=20)
+    cart, fav, buy = {"event_type": "cart"}, {"event_type": "fav"}, {"event_type": "purchase"}
+    table = events(
+        {**cart, "item_id": "i1", "ts": end - timedelta(minutes=30)},  # open: 1h, 24h, 72h
+        {**cart, "item_id": "i2", "ts": end - timedelta(hours=24)},  # boundary: open 24h, 72h
+        {**cart, "item_id": "i3", "ts": end - timedelta(hours=10)},
+        {**buy, "item_id": "i3", "ts": end - timedelta(hours=5)},  # bought later: closed (arrives 4 h late)
+        {**buy, "item_id": "i4", "ts": end - timedelta(hours=50)},  # bought before the cart: does not close it
+        {**cart, "item_id": "i4", "ts": end - timedelta(hours=48)},  # open 72h
+        {**cart, "item_id": "i5", "ts": end - timedelta(hours=72, milliseconds=1)},  # open, outside 72h
+        {**fav, "item_id": "i1", "ts": end - timedelta(hours=1)},  # boundary: open 1h, 24h, 72h
+        {**fav, "item_id": "i7", "ts": end - timedelta(hours=20)},
+        {**buy, "item_id": "i7", "ts": end - timedelta(hours=19)},  # closes the favourite of i7
+        {**fav, "item_id": "i6", "ts": end - timedelta(hours=72)},  # boundary: open 72h (arrives 6 h late)
+    )
+
+    p = both_paths(table, {3: 4, 10: 6}, end)
+
+    assert p["open_cart_items"] == 4  # i1, i2, i4, i5
+    assert [p[f"open_cart_items_{w}"] for w in ("1h", "24h", "72h")] == [1, 2, 3]
+    assert [p[f"open_fav_items_{w}"] for w in ("1h", "24h", "72h")] == [1, 1, 2]
+
+
+def test_a_late_purchase_closes_a_favourite_and_an_old_one_does_not_reopen_it() -> None:
+    end = at(days=20)
+    table = events(
+        {"event_type": "fav", "item_id": "i1", "ts": end - timedelta(hours=10)},
+        {"event_type": "purchase", "item_id": "i1", "ts": end - timedelta(hours=9)},  # 6 h late
+        {"event_type": "purchase", "item_id": "i2", "ts": end - timedelta(hours=30)},
+        {"event_type": "fav", "item_id": "i2", "ts": end - timedelta(hours=29)},  # after the purchase: open; 6 h late
+    )
+
+    p = both_paths(table, {1: 6, 3: 6}, end)
+
+    assert [p[f"open_fav_items_{w}"] for w in ("1h", "24h", "72h")] == [0, 0, 1]
+
+
+def test_view_to_cart_and_cart_to_purchase_rates_over_7d_and_30d() -> None:
+    end = at(days=40)
+    table = events(
+        {"event_type": "view", "ts": end - timedelta(days=7)},  # boundary: inside 7d
+        {"event_type": "view", "ts": end - timedelta(days=1)},
+        {"event_type": "view", "ts": end - timedelta(days=7, milliseconds=1)},  # 30d only
+        {"event_type": "view", "ts": end - timedelta(days=20)},
+        {"event_type": "cart", "ts": end - timedelta(hours=5)},  # 3 hours late
+        {"event_type": "cart", "ts": end - timedelta(days=10)},
+        {"event_type": "purchase", "ts": end - timedelta(days=10)},
+        {"event_type": "purchase", "ts": end - timedelta(days=31)},  # lifetime only
+    )
+
+    p = both_paths(table, {4: 3}, end)
+
+    assert (p["cart_view_rate_7d"], p["cart_view_rate_30d"]) == (0.5, 0.5)
+    assert p["purchase_cart_rate_7d"] == 0.0
+    assert p["purchase_cart_rate_30d"] == 0.5
+    assert p["purchase_cart_rate"] == 1.0  # lifetime: 2 purchases / 2 carts
+    only_purchases = row(profiles_at(events({"event_type": "purchase", "ts": end - HOUR}), end)[0])
+    assert only_purchases["cart_view_rate_7d"] is None and only_purchases["purchase_cart_rate_30d"] is None
+    assert only_purchases["purchase_cart_rate"] is None
+
+
+def test_hours_since_the_last_view_and_favourite() -> None:
+    end = at(days=20)
+    table = events(
+        {"event_type": "view", "ts": end - timedelta(hours=30)},
+        {"event_type": "view", "ts": end - timedelta(hours=2, minutes=30)},  # 2 hours late
+        {"event_type": "fav", "ts": end - timedelta(hours=50)},
+    )
+
+    p = both_paths(table, {1: 2}, end)
+
+    assert (p["hours_since_last_view"], p["hours_since_last_fav"]) == (2.5, 50.0)
+    assert row(profiles_at(events({"ts": end - HOUR}), end)[0])["hours_since_last_fav"] is None
+
+
+def test_repeat_views_of_one_item_and_one_category_within_24h_and_7d() -> None:
+    end = at(days=20)
+    view = {"event_type": "view"}
+    table = events(
+        {**view, "item_id": "i1", "category_id": "c1", "ts": end - timedelta(hours=24)},  # boundary: inside 24h
+        {**view, "item_id": "i1", "category_id": "c1", "ts": end - timedelta(hours=2)},
+        {**view, "item_id": "i1", "category_id": "c1", "ts": end - timedelta(minutes=10)},
+        {**view, "item_id": "i2", "category_id": "c1", "ts": end - timedelta(hours=24, milliseconds=1)},  # 7d only
+        {**view, "item_id": "i2", "category_id": "c1", "ts": end - timedelta(hours=5)},  # 4 hours late
+        {**view, "item_id": "i3", "category_id": "c2", "ts": end - timedelta(days=7)},  # boundary: inside 7d
+        {**view, "item_id": "i3", "category_id": "c2", "ts": end - timedelta(days=7, milliseconds=1)},  # outside
+        {**view, "item_id": "i4", "category_id": "c2", "ts": end - timedelta(hours=1)},
+        {"event_type": "cart", "item_id": "i4", "category_id": "c2", "ts": end - timedelta(hours=1)},  # not a view
+    )
+
+    p = both_paths(table, {4: 4}, end)
+
+    assert (p["max_item_views_24h"], p["repeat_view_items_24h"]) == (3, 1)  # i1: 3; i2: 1, i4: 1
+    assert (p["max_item_views_7d"], p["repeat_view_items_7d"]) == (3, 2)  # i1: 3, i2: 2, i3: 1, i4: 1
+    assert (p["max_category_views_24h"], p["repeat_view_categories_24h"]) == (4, 1)  # c1: 4, c2: 1
+    assert (p["max_category_views_7d"], p["repeat_view_categories_7d"]) == (5, 2)  # c1: 5, c2: 2

@@ -450,6 +450,8 @@ def test_valid_profile_snapshot_passes() -> None:
         ("monetary_total", -0.01, profile_range_name("monetary_total")),
         ("count_purchase_24h", -1, profile_range_name("count_purchase_24h")),
         ("cart_view_rate", -0.5, profile_range_name("cart_view_rate")),
+        ("open_cart_items_24h", -1, profile_range_name("open_cart_items_24h")),
+        ("purchase_cart_rate_7d", -0.5, profile_range_name("purchase_cart_rate_7d")),
         ("peak_hour_local", 24, PROFILE_PEAK_HOUR_IN_DAY),
     ],
 )

@@ -12,6 +12,8 @@ merged from:
 * ``sessions``, ``orders``, ``anchors``, ``targets``: raw buffers of the groups and
   latencies that a late event (at most ``lateness_hours`` old) could still change;
 * ``carts``: last cart and last close (remove or purchase) per user and item;
+* ``favs``: last favourite and last purchase per user and item (open favourites, 72 h);
+* ``item_views``: views per user, item and hour (repeat views, 7 days);
 * ``pending``: staged events with ``ts >= end``, held back until their hour;
 * ``meta``: the state's end.
 
@@ -108,6 +110,38 @@ CART_VIEW_RATE = "cart_view_rate"
 PURCHASE_VIEW_RATE = "purchase_view_rate"
 OPEN_CART_ITEMS = "open_cart_items"
 OPEN_CART_VALUE = "open_cart_value"
+# Funnel features (docs/features.md "Funnel"): short windows of carts and favourites, open
+# carts and favourites by age, windowed rates, repeat views, time since each event type.
+SHORT_WINDOWS: tuple[tuple[str, int], ...] = (("1h", 1), ("72h", 72))  # extra count windows of SHORT_WINDOW_TYPES
+SHORT_WINDOW_TYPES: tuple[str, ...] = (CART, FAV)
+OPEN_WINDOWS: tuple[tuple[str, int], ...] = (("1h", 1), ("24h", 24), ("72h", 72))  # age of the open cart/favourite
+RATE_WINDOWS: tuple[tuple[str, int], ...] = (("7d", 7 * 24), ("30d", 30 * 24))
+REPEAT_WINDOWS: tuple[tuple[str, int], ...] = (("24h", 24), ("7d", 7 * 24))
+HOURS_SINCE_LAST_VIEW = "hours_since_last_view"
+HOURS_SINCE_LAST_FAV = "hours_since_last_fav"
+PURCHASE_CART_RATE = "purchase_cart_rate"
+
+
+def open_items_column(kind: str, window: str) -> str:
+    """Items carted (``cart``) or favourited (``fav``) within ``window`` and not closed since: ``open_cart_items_24h``."""
+    return f"open_{kind}_items_{window}"
+
+
+def rate_column(rate: str, window: str) -> str:
+    """A funnel rate over a window: ``cart_view_rate_7d``."""
+    return f"{rate}_{window}"
+
+
+def repeat_columns(window: str) -> tuple[str, str, str, str]:
+    """Repeat-view columns of a window: max views of one item, items viewed 2+ times, same for categories."""
+    return (
+        f"max_item_views_{window}",
+        f"repeat_view_items_{window}",
+        f"max_category_views_{window}",
+        f"repeat_view_categories_{window}",
+    )
+
+
 TOP_CATEGORIES: tuple[str, ...] = ("top_category_1", "top_category_2", "top_category_3")
 TOP_CATEGORY_SCORES: tuple[str, ...] = tuple(f"{c}_score" for c in TOP_CATEGORIES)
 DISTINCT_CATEGORIES = "distinct_categories"
@@ -131,6 +165,16 @@ RFM_SEGMENTS: tuple[str, ...] = (
 POPULATION_COLUMNS: tuple[str, ...] = (RFM_R, RFM_F, RFM_M, RFM_SEGMENT)
 
 _TS = pa.timestamp("ms", tz="UTC")
+_FUNNEL_FIELDS: list[tuple[str, pa.DataType]] = [
+    *[(count_column(t, w), pa.int64()) for t in SHORT_WINDOW_TYPES for w, _ in SHORT_WINDOWS],
+    *[(open_items_column(k, w), pa.int64()) for k in (CART, FAV) for w, _ in OPEN_WINDOWS],
+    (PURCHASE_CART_RATE, pa.float64()),
+    *[(rate_column(r, w), pa.float64()) for r in (CART_VIEW_RATE, PURCHASE_CART_RATE) for w, _ in RATE_WINDOWS],
+    *[(c, pa.int64()) for w, _ in REPEAT_WINDOWS for c in repeat_columns(w)],
+    (HOURS_SINCE_LAST_VIEW, pa.float64()),
+    (HOURS_SINCE_LAST_FAV, pa.float64()),
+]
+FUNNEL_COLUMNS: tuple[str, ...] = tuple(n for n, _ in _FUNNEL_FIELDS)
 _PROFILE_FIELDS: list[tuple[str, pa.DataType]] = [(USER_ID, pa.string()), (SNAPSHOT_HOUR, _TS)]
 for _t in EVENT_TYPES:
     _PROFILE_FIELDS += [(count_column(_t, "lifetime"), pa.int64())]
@@ -162,6 +206,7 @@ _PROFILE_FIELDS += [
     (PURCHASE_VIEW_RATE, pa.float64()),
     (OPEN_CART_ITEMS, pa.int64()),
     (OPEN_CART_VALUE, pa.float64()),
+    *_FUNNEL_FIELDS,
     *[(c, pa.string()) for c in TOP_CATEGORIES],
     *[(c, pa.float64()) for c in TOP_CATEGORY_SCORES],
     (DISTINCT_CATEGORIES, pa.int64()),
@@ -299,6 +344,12 @@ STATE_SCHEMAS: dict[str, pa.Schema] = {
     TARGETS: _schema((USER_ID, _S), ("item_id", _S), ("event_type", _S), ("ts_ms", _I64)),
     PENDING: STAGED_SCHEMA,
 }
+FAVS, ITEM_VIEWS = "favs", "item_views"  # added with the funnel features: older states lack them
+STATE_SCHEMAS |= {
+    FAVS: _schema((USER_ID, _S), ("item_id", _S), ("fav_ms", _I64), ("bought_ms", _I64)),
+    ITEM_VIEWS: _schema((USER_ID, _S), ("item_id", _S), ("hour_ms", _I64), ("n", _I64)),
+}
+ADDED_STATE_TABLES: tuple[str, ...] = (FAVS, ITEM_VIEWS)  # read as empty from a state written before them
 STATE_TABLES: tuple[str, ...] = tuple(STATE_SCHEMAS)
 _BUFFERED_SESSIONS = ("sessions_n", "sessions_ms", "sessions_events")
 _BUFFERED_ORDERS = ("orders_n", "orders_cents", "orders_max_cents", "first_order_ms", "last_order_ms")
@@ -631,6 +682,8 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             STATE_SCHEMAS[HOURS_OF_DAY],
         )
         carts = _fetch(con, _merge_carts_sql(e, horizon), STATE_SCHEMAS[CARTS])
+        favs = _fetch(con, _merge_favs_sql(e, horizon), STATE_SCHEMAS[FAVS])
+        item_views = _merge_item_views(con, state.tables[ITEM_VIEWS], e)
     finally:
         con.close()
 
@@ -644,6 +697,8 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             SESSIONS: sessions,
             ORDERS: orders,
             CARTS: carts,
+            FAVS: favs,
+            ITEM_VIEWS: item_views,
             ANCHORS: anchors,
             TARGETS: targets,
             PENDING: pending,
@@ -701,29 +756,71 @@ def _merge_hourly(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int) -> pa.T
     """The hourly buckets with the due events added and buckets older than 30 days dropped.
 
     ``decay_sum`` is the bucket's events decayed to the bucket's end, so the affinity as of
-    any later end is ``decay_sum`` times one more exact factor. Only the hours the due
-    events fall in can change: older buckets pass through untouched (in Arrow, no regrouping),
-    the rest is merged in SQL. Rows are sorted by hour first, so the untouched head stays in order.
+    any later end is ``decay_sum`` times one more exact factor.
     """
     bucket = f"(t - t % {_MS_HOUR})"
-    retention = e - int(HOURLY_RETENTION.total_seconds() * 1000)
-    first_due = con.sql(f"SELECT min({bucket}) FROM due").fetchall()[0][0]
-    cut = e if first_due is None else int(first_due)
+    return _merge_by_hour(
+        con,
+        old,
+        HOURLY,
+        f"""SELECT user_id, {bucket} AS hour_ms, event_type, category_id, count(*) AS n,
+                   sum({_affinity_decay_sql(f"{bucket} + {_MS_HOUR} - t")}) AS decay_sum
+            FROM due GROUP BY ALL""",
+        (USER_ID, "hour_ms", "event_type", CATEGORY_ID),
+        ("n", "decay_sum"),
+        e - int(HOURLY_RETENTION.total_seconds() * 1000),
+    )
+
+
+def _merge_item_views(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int) -> pa.Table:
+    """Views per user, item and hour with the due views added, kept for the longest repeat-view window."""
+    return _merge_by_hour(
+        con,
+        old,
+        ITEM_VIEWS,
+        f"SELECT user_id, item_id, t - t % {_MS_HOUR} AS hour_ms, count(*) AS n FROM due "
+        f"WHERE event_type = '{VIEW}' GROUP BY ALL",
+        (USER_ID, "item_id", "hour_ms"),
+        ("n",),
+        e - max(h for _, h in REPEAT_WINDOWS) * _MS_HOUR,
+    )
+
+
+def _merge_by_hour(
+    con: duckdb.DuckDBPyConnection,
+    old: pa.Table,
+    name: str,
+    new_rows: str,
+    keys: tuple[str, ...],
+    sums: tuple[str, ...],
+    retention: int,
+) -> pa.Table:
+    """State table ``name`` (one row per ``keys``, sorted by ``hour_ms`` first) with ``new_rows`` summed in.
+
+    Rows of hours before ``retention`` are dropped. Only the hours the due events fall in
+    can change: older rows pass through untouched (in Arrow, no regrouping), the rest is
+    merged in SQL, so the untouched head stays in order.
+    """
+    first_due = con.sql(f"SELECT min(t - t % {_MS_HOUR}) FROM due").fetchall()[0][0]
     hour_ms = old.column("hour_ms")
+    if first_due is None:  # nothing due: every row within the retention passes through
+        schema = STATE_SCHEMAS[name]
+        return old.filter(pc.greater_equal(hour_ms, retention)).select(schema.names).cast(schema).combine_chunks()
+    cut = int(first_due)
     untouched = old.filter(pc.and_(pc.greater_equal(hour_ms, retention), pc.less(hour_ms, cut)))
+    columns = ", ".join((*keys, *sums))
+    order = ", ".join(["hour_ms", *(k for k in keys if k != "hour_ms")])
     merged = _fetch(
         con,
         f"""
-        SELECT user_id, hour_ms, event_type, category_id, sum(n) AS n, sum(decay_sum) AS decay_sum FROM (
-            SELECT user_id, hour_ms, event_type, category_id, n, decay_sum FROM s_hourly WHERE hour_ms >= {cut}
-            UNION ALL
-            SELECT user_id, {bucket} AS hour_ms, event_type, category_id, count(*) AS n,
-                   sum({_affinity_decay_sql(f"{bucket} + {_MS_HOUR} - t")}) AS decay_sum
-            FROM due GROUP BY ALL
+        SELECT {", ".join(keys)}, {", ".join(f"sum({v}) AS {v}" for v in sums)} FROM (
+            SELECT {columns} FROM s_{name} WHERE hour_ms >= {cut}
+            UNION ALL BY NAME
+            {new_rows}
         ) WHERE hour_ms >= {retention}
-        GROUP BY ALL ORDER BY hour_ms, user_id, event_type, category_id NULLS FIRST
+        GROUP BY ALL ORDER BY {order} NULLS FIRST
         """,
-        STATE_SCHEMAS[HOURLY],
+        STATE_SCHEMAS[name],
     )
     return pa.concat_tables([untouched.select(merged.schema.names).cast(merged.schema), merged]).combine_chunks()
 
@@ -750,8 +847,42 @@ def _merge_carts_sql(e: int, horizon: int) -> str:
                 FROM due WHERE event_type IN ('{CART}', '{REMOVE_CART}', '{PURCHASE}')
             ) GROUP BY user_id, item_id
         )
-        WHERE NOT (closed_ms IS NOT NULL AND closed_ms >= coalesce(cart_ms, closed_ms) AND closed_ms < {horizon})
-          AND greatest(cart_ms, closed_ms) >= {e - ttl}
+        WHERE {_open_items_kept("cart_ms", "closed_ms", e - ttl, horizon)}
+        ORDER BY user_id, item_id
+    """
+
+
+def _open_items_kept(opened: str, closed: str, oldest: int, horizon: int) -> str:
+    """SQL condition keeping a per-item row of last open/last close times while a future event can make it matter.
+
+    Dropped once closed (the close at or after the open) before the lateness horizon (any
+    later event is newer than the close), or untouched since before ``oldest``.
+    """
+    return (
+        f"NOT ({closed} IS NOT NULL AND {closed} >= coalesce({opened}, {closed}) AND {closed} < {horizon}) "
+        f"AND greatest({opened}, {closed}) >= {oldest}"
+    )
+
+
+def _merge_favs_sql(e: int, horizon: int) -> str:
+    """SQL keeping, per user and item, the latest favourite and the latest purchase while they can matter.
+
+    A favourite is open while no purchase of its item is at or after it; only favourites
+    within the longest ``OPEN_WINDOWS`` count, so rows untouched for longer are dropped
+    (a late favourite that old is outside every window too).
+    """
+    oldest = e - max(h for _, h in OPEN_WINDOWS) * _MS_HOUR
+    return f"""
+        SELECT * FROM (
+            SELECT user_id, item_id, max(fav_ms) AS fav_ms, max(bought_ms) AS bought_ms FROM (
+                SELECT user_id, item_id, fav_ms, bought_ms FROM s_favs
+                UNION ALL
+                SELECT user_id, item_id, CASE WHEN event_type = '{FAV}' THEN t END,
+                       CASE WHEN event_type = '{PURCHASE}' THEN t END
+                FROM due WHERE event_type IN ('{FAV}', '{PURCHASE}')
+            ) GROUP BY user_id, item_id
+        )
+        WHERE {_open_items_kept("fav_ms", "bought_ms", oldest, horizon)}
         ORDER BY user_id, item_id
     """
 
@@ -794,13 +925,79 @@ def _affinities_sql(e: int) -> str:
     """
     weight = "CASE event_type " + " ".join(f"WHEN '{t}' THEN {w}" for t, w in AFFINITY_WEIGHTS.items()) + " END"
     retention = int(HOURLY_RETENTION.total_seconds() * 1000)
+    views = ", ".join(
+        f"sum(n) FILTER (WHERE event_type = '{VIEW}' AND hour_ms >= {e - h * _MS_HOUR}) AS views_{w}"
+        for w, h in REPEAT_WINDOWS
+    )
     return f"""
-        SELECT user_id, category_id,
+        SELECT user_id, category_id, {views},
                round(sum({weight} * decay_sum * {_affinity_decay_sql(f"{e} - hour_ms - {_MS_HOUR}")}),
                      {AFFINITY_DECIMALS}) AS affinity
         FROM s_hourly WHERE category_id IS NOT NULL AND hour_ms >= {e - retention}
         GROUP BY user_id, category_id
     """
+
+
+def _funnel_sql(e: int) -> tuple[dict[str, str], dict[str, str]]:
+    """The funnel columns of the snapshot: (name -> SQL of a per-user CTE, column -> expression).
+
+    The expressions may use the columns of ``_profiles_sql`` (``n_{t}`` lifetime counts,
+    ``c_{t}_{w}`` window counts, ``last_{t}_ms``). Open carts and favourites come from the
+    ``carts`` and ``favs`` state, repeat views of an item from ``item_views`` and of a
+    category from the hourly buckets (the ``views_{w}`` of the ``affinities`` table).
+    """
+    hours = f"/ {float(_MS_HOUR)}"
+    oldest = e - max(h for _, h in OPEN_WINDOWS) * _MS_HOUR
+
+    def open_counts(table: str, kind: str, opened: str, closed: str) -> str:
+        counts = ", ".join(
+            f"count(*) FILTER (WHERE {opened} >= {e - h * _MS_HOUR}) AS {open_items_column(kind, w)}"
+            for w, h in OPEN_WINDOWS
+        )
+        return (
+            f"SELECT user_id, {counts} FROM {table} "
+            f"WHERE {opened} >= {oldest} AND ({closed} IS NULL OR {closed} < {opened}) GROUP BY user_id"
+        )
+
+    def repeats(table: str, prefix: str) -> str:
+        return (
+            ", ".join(
+                f"max(views_{w}) AS {prefix}_max_{w}, count(*) FILTER (WHERE views_{w} >= 2) AS {prefix}_repeat_{w}"
+                for w, _ in REPEAT_WINDOWS
+            )
+            + f" FROM {table} GROUP BY user_id"
+        )
+
+    item_views = ", ".join(
+        f"sum(n) FILTER (WHERE hour_ms >= {e - h * _MS_HOUR}) AS views_{w}" for w, h in REPEAT_WINDOWS
+    )
+    ctes = {
+        "fo_cart": open_counts("s_carts", CART, "cart_ms", "closed_ms"),
+        "fo_fav": open_counts("s_favs", FAV, "fav_ms", "bought_ms"),
+        "fr_item": "SELECT user_id, "
+        + repeats(f"(SELECT user_id, item_id, {item_views} FROM s_item_views GROUP BY user_id, item_id)", "item"),
+        "fr_cat": "SELECT user_id, " + repeats("affinities", "category"),
+    }
+
+    def ratio(numerator: str, denominator: str) -> str:
+        return f"CASE WHEN {denominator} > 0 THEN {numerator} / {denominator} END"
+
+    cols = {count_column(t, w): f"coalesce(c_{t}_{w}, 0)" for t in SHORT_WINDOW_TYPES for w, _ in SHORT_WINDOWS}
+    cols |= {
+        open_items_column(k, w): f"coalesce({open_items_column(k, w)}, 0)" for k in (CART, FAV) for w, _ in OPEN_WINDOWS
+    }
+    cols[PURCHASE_CART_RATE] = ratio(f"n_{PURCHASE}", f"n_{CART}")
+    for w, _ in RATE_WINDOWS:
+        cols[rate_column(CART_VIEW_RATE, w)] = ratio(f"c_{CART}_{w}", f"coalesce(c_{VIEW}_{w}, 0)")
+        cols[rate_column(PURCHASE_CART_RATE, w)] = ratio(f"c_{PURCHASE}_{w}", f"coalesce(c_{CART}_{w}, 0)")
+    for w, _ in REPEAT_WINDOWS:
+        max_item, repeat_items, max_category, repeat_categories = repeat_columns(w)
+        cols[max_item], cols[repeat_items] = f"coalesce(item_max_{w}, 0)", f"coalesce(item_repeat_{w}, 0)"
+        cols[max_category] = f"coalesce(category_max_{w}, 0)"
+        cols[repeat_categories] = f"coalesce(category_repeat_{w}, 0)"
+    cols[HOURS_SINCE_LAST_VIEW] = f"({e} - last_{VIEW}_ms) {hours}"
+    cols[HOURS_SINCE_LAST_FAV] = f"({e} - last_{FAV}_ms) {hours}"
+    return ctes, cols
 
 
 def _profiles_sql(e: int) -> str:
@@ -811,6 +1008,10 @@ def _profiles_sql(e: int) -> str:
         f"coalesce(sum(n) FILTER (WHERE event_type = '{t}' AND hour_ms >= {e - h * _MS_HOUR}), 0) AS c_{t}_{w}"
         for t in EVENT_TYPES
         for w, h in WINDOWS
+    ] + [
+        f"coalesce(sum(n) FILTER (WHERE event_type = '{t}' AND hour_ms >= {e - h * _MS_HOUR}), 0) AS c_{t}_{w}"
+        for t in SHORT_WINDOW_TYPES
+        for w, h in SHORT_WINDOWS
     ]
     per_type = []
     for t in EVENT_TYPES:
@@ -865,6 +1066,8 @@ def _profiles_sql(e: int) -> str:
             WHEN {first_seen} >= {e - int(NEW_USER_AGE.total_seconds() * 1000)} THEN '{LIFECYCLE_NEW}'
             ELSE '{LIFECYCLE_ACTIVE}' END""",
     }
+    funnel_ctes, funnel_cols = _funnel_sql(e)
+    cols |= funnel_cols
     select = ",\n".join(f"{expr} AS {name}" for name, expr in cols.items())
     top = ", ".join(
         f"max(category_id) FILTER (WHERE rank = {i}) AS top_{i}, max(affinity) FILTER (WHERE rank = {i}) AS top_{i}_score"
@@ -880,12 +1083,14 @@ def _profiles_sql(e: int) -> str:
                  FROM interests) WHERE rank <= {len(TOP_CATEGORIES)} GROUP BY user_id),
         dc AS (SELECT user_id, count(*) AS n_categories FROM affinities GROUP BY user_id),
         pk AS (SELECT user_id, arg_max(hour_of_day, n * 24 + (23 - hour_of_day)) AS peak_hour
-               FROM s_hours_of_day GROUP BY user_id)
+               FROM s_hours_of_day GROUP BY user_id),
+        {", ".join(f"{name} AS ({sql})" for name, sql in funnel_ctes.items())}
         SELECT {select}
         FROM ue LEFT JOIN s_users USING (user_id)
         LEFT JOIN win USING (user_id) LEFT JOIN s_buffered USING (user_id)
         LEFT JOIN oc USING (user_id) LEFT JOIN tc USING (user_id)
         LEFT JOIN dc USING (user_id) LEFT JOIN pk USING (user_id)
+        {" ".join(f"LEFT JOIN {name} USING (user_id)" for name in funnel_ctes)}
         ORDER BY ue.user_id
     """
 
@@ -995,7 +1200,13 @@ def _read_state(lake: Lake, hour: datetime, bucket: int) -> ProfileState:
     ``ts_ms`` row per event) are converted on reading: grouping the points gives the
     sessions the current layout stores.
     """
-    tables = {name: lake.read_named(STATE, hour, name, bucket) for name in STATE_TABLES}
+    base = lake.partition(STATE, hour, bucket)
+    tables = {
+        name: lake.read_named(STATE, hour, name, bucket)
+        if name not in ADDED_STATE_TABLES or (base / f"{name}.parquet").is_file()
+        else STATE_SCHEMAS[name].empty_table()
+        for name in STATE_TABLES
+    }
     points = tables[SESSIONS]
     if "ts_ms" in points.column_names:
         con = _connect()

@@ -463,7 +463,7 @@ def profile_ranges() -> dict[str, tuple[float, float | None]]:
         ft.MEAN_PRICE_PURCHASED,
     )
     non_negative = [n for n in ft.PROFILE_COLUMNS if n.startswith(("count_", "decayed_"))]
-    non_negative += [*counts, ft.CART_VIEW_RATE, ft.PURCHASE_VIEW_RATE, *money]
+    non_negative += [*counts, ft.CART_VIEW_RATE, ft.PURCHASE_VIEW_RATE, *money, *ft.FUNNEL_COLUMNS]
     ranges: dict[str, tuple[float, float | None]] = dict.fromkeys(non_negative, (0, None))
     for name in (ft.RFM_R, ft.RFM_F, ft.RFM_M):
         ranges[name] = (1, 5)
