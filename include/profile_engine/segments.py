@@ -59,11 +59,12 @@ _SNAPSHOT_END_SQL = f"{ft.SNAPSHOT_HOUR} + INTERVAL 1 HOUR"
 DERIVED_COLUMNS: dict[str, tuple[str, str]] = {
     "snapshot_end": ("TIMESTAMPTZ", _SNAPSHOT_END_SQL),
     "hours_since_first_seen": ("DOUBLE", f"(epoch({_SNAPSHOT_END_SQL}) - epoch({ft.FIRST_SEEN_AT})) / 3600.0"),
-    # Share of buyers spending at most this user's amount (cume_dist among users with orders).
+    # Share of buyers spending at most this user's amount (cume_dist among users with orders
+    # and a known spend); null without orders or without prices, so no rule on it matches.
     "monetary_percentile": (
         "DOUBLE",
-        f"CASE WHEN {ft.FREQUENCY_ORDERS} > 0 THEN cume_dist() OVER "
-        f"(PARTITION BY {ft.FREQUENCY_ORDERS} > 0 ORDER BY {ft.MONETARY_TOTAL}) END",
+        f"CASE WHEN {ft.FREQUENCY_ORDERS} > 0 AND {ft.MONETARY_TOTAL} IS NOT NULL THEN cume_dist() OVER "
+        f"(PARTITION BY {ft.FREQUENCY_ORDERS} > 0 AND {ft.MONETARY_TOTAL} IS NOT NULL ORDER BY {ft.MONETARY_TOTAL}) END",
     ),
 }
 
