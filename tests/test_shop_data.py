@@ -226,3 +226,29 @@ def test_order_lines_cancellations_are_refund_events(settings: Settings) -> None
         F.build_profiles(settings, HOUR0, bucket)
     profiles = pa.concat_tables([Lake(settings.lake).read(lk.PROFILES, HOUR0, b) for b in range(settings.buckets)])
     assert profiles.column("monetary_total").to_pylist() == [8.46]  # 28.86 bought, 15.30 cancelled, 5.10 returned
+
+
+def test_canonical_refunds_are_staged_with_negative_quantity(settings: Settings) -> None:
+    header = "event_id,user_id,event_type,item_id,category_id,price,quantity,order_id,ts,session_id\n"
+    rows = [
+        "e1,u1,refund,i1,c1,4.5,2,o1,2026-11-02T10:05:00Z,",  # the sign the source wrote is irrelevant
+        "e2,u1,refund,i1,c1,4.5,-1,o1,2026-11-02T10:06:00Z,",
+        "e3,u1,purchase,i1,c1,4.5,-1,o1,2026-11-02T10:07:00Z,",  # a purchase still may not be negative
+    ]
+    target = Lake(settings.lake).partition(lk.LANDING, HOUR0) / "events.csv"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(header + "\n".join(rows) + "\n")
+
+    ingest.extract_events(settings, HOUR0)
+    summary = ingest.validate_events(settings, HOUR0, quality_suite=False)
+
+    assert summary["reasons"] == {"negative_quantity": 1}
+    staged = Lake(settings.lake).read(lk.STAGING, HOUR0).sort_by("event_id")
+    assert staged.column("quantity").to_pylist() == [-2, -1]
+
+
+def test_negative_quantity_key_is_validated() -> None:
+    document = yaml.safe_load(sources.resolve_mapping_path("order_lines").read_text())
+    assert sources.parse_mapping(document).negative_quantity == "refund"
+    with pytest.raises(sources.MappingError, match="negative_quantity: must be quarantine or refund"):
+        sources.parse_mapping({**document, "negative_quantity": "return"})
