@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
 def events(*rows: dict[str, Any]) -> pa.Table:
     """Staged events from partial rows (``ts`` required), with unique event ids."""
     full = [{**DEFAULTS, "event_id": f"e{i}", **row} for i, row in enumerate(rows)]
-    return pa.Table.from_pylist(full, schema=STAGED_SCHEMA)
+    without_hour = pa.schema([f for f in STAGED_SCHEMA if f.name != "local_hour"])
+    return F.with_local_hour(pa.Table.from_pylist(full, schema=without_hour), SETTINGS.business_tz)
 
 
 def at(days: float = 0, hours: float = 0, minutes: float = 0, ms: int = 0) -> datetime:

@@ -252,3 +252,27 @@ def test_negative_quantity_key_is_validated() -> None:
     assert sources.parse_mapping(document).negative_quantity == "refund"
     with pytest.raises(sources.MappingError, match="negative_quantity: must be quarantine or refund"):
         sources.parse_mapping({**document, "negative_quantity": "return"})
+
+
+def test_events_staged_before_local_hour_existed_keep_their_business_time_zone_hours(settings: Settings) -> None:
+    lake = Lake(settings.lake)
+    table = events(
+        {"user_id": "u1", "ts": HOUR0 + timedelta(minutes=5), "bucket": 0},
+        {"user_id": "u1", "ts": HOUR0 + timedelta(hours=2), "bucket": 0},  # held back in the state's pending
+    ).drop_columns(["local_hour"])
+    lake.write_partition(lk.STAGING, HOUR0, table, bucket=0)
+    for later in (1, 2):
+        lake.write_partition(lk.STAGING, HOUR0 + timedelta(hours=later), table.slice(0, 0), bucket=0)
+
+    F.build_profiles(settings, HOUR0, 0)
+    state = F._read_state(lake, HOUR0, 0)
+    state.tables[F.PENDING] = state.tables[F.PENDING].drop_columns(["local_hour"])  # an older state's buffer
+    lake.write_partition(lk.STATE, HOUR0, state.tables, bucket=0)
+    F.build_profiles(settings, HOUR0 + timedelta(hours=1), 0)
+    F.build_profiles(settings, HOUR0 + timedelta(hours=2), 0)
+    _, rebuilt = F.rebuild_bucket(settings, HOUR0 + timedelta(hours=2), 0)
+
+    assert F._read_state(lake, HOUR0 + timedelta(hours=2), 0).tables == rebuilt.tables
+    profile = F.snapshot(rebuilt, HOUR0 + timedelta(hours=3), settings)[0].to_pylist()[0]
+    assert profile["peak_hour_local"] == 11  # 10:05 UTC in Berlin (UTC+1 in November)
+    assert set(rebuilt.tables[F.HOURS_OF_DAY].column("hour_of_day").to_pylist()) == {11, 13}
