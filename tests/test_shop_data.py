@@ -116,8 +116,12 @@ def test_rfm_scores_under_heavy_ties_reach_every_value_deterministically() -> No
         orders = 1 if n < 110 else rng.choice([2, 2, 3, 5])
         for k in range(orders):
             rows.append(
-                {"user_id": f"u{n:03}", "order_id": f"o{n}-{k}", "price": rng.choice([5.0, 10.0]),
-                 "ts": end - timedelta(days=rng.choice([1, 1, 1, 10]), hours=k)}  # fmt: skip
+                {
+                    "user_id": f"u{n:03}",
+                    "order_id": f"o{n}-{k}",
+                    "price": rng.choice([5.0, 10.0]),
+                    "ts": end - timedelta(days=rng.choice([1, 1, 1, 10]), hours=k),
+                }  # fmt: skip
             )
     snapshot = F.snapshot(F.rebuild(events(*rows), end, SETTINGS), end, SETTINGS)[0]
 
@@ -161,16 +165,23 @@ def test_shipped_mappings_declare_their_shop_time_zone() -> None:
     zones = {n: sources.load_mapping(n).timezone for n in ("taobao", "rees46", "order_lines")}
     assert zones == {"taobao": "Asia/Shanghai", "rees46": "UTC", "order_lines": "Europe/London"}
     with pytest.raises(sources.MappingError, match="timezone: unknown time zone"):
-        sources.parse_mapping({**yaml.safe_load(sources.resolve_mapping_path("taobao").read_text()), "timezone": "Mars"})
+        sources.parse_mapping(
+            {**yaml.safe_load(sources.resolve_mapping_path("taobao").read_text()), "timezone": "Mars"}
+        )
 
 
 def test_the_mapping_time_zone_drives_local_hours(settings: Settings) -> None:
     write_mapping(
         settings,
-        {"name": "shop_cn", "header": False, "columns": ["u", "i", "c", "b", "t"],
-         "fields": {"user_id": "u", "item_id": "i", "category_id": "c", "event_type": "b", "ts": "t"},
-         "event_types": {"pv": "view", "buy": "purchase"}, "timestamp": {"format": "epoch_s"},
-         "timezone": "Asia/Shanghai"},  # fmt: skip
+        {
+            "name": "shop_cn",
+            "header": False,
+            "columns": ["u", "i", "c", "b", "t"],
+            "fields": {"user_id": "u", "item_id": "i", "category_id": "c", "event_type": "b", "ts": "t"},
+            "event_types": {"pv": "view", "buy": "purchase"},
+            "timestamp": {"format": "epoch_s"},
+            "timezone": "Asia/Shanghai",
+        },  # fmt: skip
     )
     at = int((HOUR0 + timedelta(minutes=20)).timestamp())  # 10:20 UTC = 18:20 in China (11:20 in Berlin)
     land(settings, "shop_cn", f"1,7,3,pv,{at}\n1,7,3,pv,{at + 60}\n2,8,3,buy,{at}\n", HOUR0)
@@ -188,9 +199,12 @@ def test_date_only_timestamps_give_null_hour_of_day(settings: Settings) -> None:
     settings = replace(settings, start=day)
     write_mapping(
         settings,
-        {"name": "daily", "fields": {"user_id": "customer", "item_id": "sku", "ts": "day", "price": "amount"},
-         "constants": {"event_type": "purchase"},
-         "timestamp": {"format": "%Y-%m-%d", "timezone": "Europe/London", "date_only": True}},  # fmt: skip
+        {
+            "name": "daily",
+            "fields": {"user_id": "customer", "item_id": "sku", "ts": "day", "price": "amount"},
+            "constants": {"event_type": "purchase"},
+            "timestamp": {"format": "%Y-%m-%d", "timezone": "Europe/London", "date_only": True},
+        },  # fmt: skip
     )
     land(settings, "daily", "customer,sku,day,amount\nc1,s1,2026-11-02,3.5\nc1,s2,2026-11-02,1.5\n", day)
 

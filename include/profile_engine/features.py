@@ -1026,9 +1026,11 @@ def _read_state(lake: Lake, hour: datetime, bucket: int) -> ProfileState:
         for column, value in defaults.items():
             if column not in tables[name].column_names:
                 kind = STATE_SCHEMAS[name].field(column).type
-                tables[name] = tables[name].append_column(
-                    column, pa.array([value] * tables[name].num_rows, kind)
-                ).select(STATE_SCHEMAS[name].names)
+                tables[name] = (
+                    tables[name]
+                    .append_column(column, pa.array([value] * tables[name].num_rows, kind))
+                    .select(STATE_SCHEMAS[name].names)
+                )
     points = tables[SESSIONS]
     if "ts_ms" in points.column_names:
         con = _connect()

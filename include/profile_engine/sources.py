@@ -503,7 +503,9 @@ def mapped_select(con: Any, mapping: Mapping, table: str, index: int, label: str
         + " END"
     )
     if mapping.negative_quantity == REFUND:  # returns and cancellations: refund events, not quarantined
-        event_type_v = f"CASE WHEN TRY_CAST(trim({raw('quantity')}) AS INTEGER) < 0 THEN '{REFUND}' ELSE {event_type_v} END"
+        event_type_v = (
+            f"CASE WHEN TRY_CAST(trim({raw('quantity')}) AS INTEGER) < 0 THEN '{REFUND}' ELSE {event_type_v} END"
+        )
     present = [c for c in mapping.source_columns() if c in types]
     if mapping.event_id_from_hash():
         values = ", ".join(f"coalesce(CAST({_q(c)} AS VARCHAR), chr(0))" for c in present)
