@@ -43,7 +43,8 @@ DEFAULTS: dict[str, Any] = {
 def events(*rows: dict[str, Any]) -> pa.Table:
     """Staged events from partial rows (``ts`` required), with unique event ids."""
     full = [{**DEFAULTS, "event_id": f"e{i}", **row} for i, row in enumerate(rows)]
-    return pa.Table.from_pylist(full, schema=STAGED_SCHEMA)
+    without_hour = pa.schema([f for f in STAGED_SCHEMA if f.name != "local_hour"])
+    return F.with_local_hour(pa.Table.from_pylist(full, schema=without_hour), SETTINGS.business_tz)
 
 
 def at(days: float = 0, hours: float = 0, minutes: float = 0, ms: int = 0) -> datetime:
@@ -184,7 +185,7 @@ def test_orders_values_in_cents_and_mean_interval() -> None:
     assert p["recency_hours"] == p["hours_since_last_purchase"] == 4.0
 
 
-def test_rfm_scores_give_ties_equal_scores_whatever_the_row_order() -> None:
+def test_rfm_scores_break_ties_by_a_hash_of_the_user_whatever_the_row_order() -> None:
     end = at(days=1)
     buy = {"event_type": "purchase", "price": 10.0}
     table = events(
@@ -203,8 +204,9 @@ def test_rfm_scores_give_ties_equal_scores_whatever_the_row_order() -> None:
 
     got = {r["user_id"]: (r["rfm_r"], r["rfm_f"], r["rfm_m"], r["rfm_segment"]) for r in scored.to_pylist()}
     assert got == {
-        "a": (4, 2, 2, "potential_loyalist"),
-        "b": (4, 2, 2, "potential_loyalist"),
+        # a and b tie on every value: a salted hash of the user orders them, per score
+        "a": (5, 1, 2, "new_customer"),
+        "b": (4, 2, 1, "potential_loyalist"),
         "c": (2, 4, 5, "at_risk"),
         "d": (1, 5, 4, "at_risk"),
         "e": (None, None, None, "no_orders"),

@@ -74,7 +74,7 @@ def make_rows(n: int) -> list[dict[str, Any]]:
             "item_id": f"i{i}",
             "category_id": "c1",
             "price": None if i % 2 else 10.0,
-            "quantity": 1,
+            "quantity": -1 if EVENT_TYPES[i % len(EVENT_TYPES)] == "refund" else 1,  # a refund gives units back
             "order_id": None,
             "ts": HOUR + timedelta(minutes=i),
             "session_id": "s1",
@@ -370,7 +370,7 @@ def test_contract_valid_batches_pass_and_one_negative_price_fails_only_that(
             "item_id": "i1",
             "category_id": None,
             "price": price,
-            "quantity": quantity,
+            "quantity": -quantity if event_type == "refund" else quantity,  # a refund gives units back
             "order_id": None,
             "ts": HOUR + timedelta(seconds=offset),
             "session_id": None,
@@ -447,7 +447,7 @@ def test_valid_profile_snapshot_passes() -> None:
         ("rfm_segment", "whales", PROFILE_RFM_SEGMENT_KNOWN),
         ("rfm_r", 6, profile_range_name("rfm_r")),
         ("rfm_m", 0, profile_range_name("rfm_m")),
-        ("monetary_total", -0.01, profile_range_name("monetary_total")),
+        ("max_order_value", -0.01, profile_range_name("max_order_value")),  # net spend may be negative
         ("count_purchase_24h", -1, profile_range_name("count_purchase_24h")),
         ("cart_view_rate", -0.5, profile_range_name("cart_view_rate")),
         ("open_cart_items_24h", -1, profile_range_name("open_cart_items_24h")),
@@ -512,14 +512,14 @@ def test_publish_profiles_refuses_an_invalid_snapshot_and_commits_nothing(settin
     rows = profile_rows(4)
     for row in rows:
         row[ft.RFM_SEGMENT] = None  # population features are added by publish
-    rows[3][ft.MONETARY_TOTAL] = -5.0
+    rows[3][ft.MAX_ORDER_VALUE] = -5.0
     snapshot = pa.Table.from_pylist(rows, schema=ft.PROFILE_SCHEMA).select(ft.SNAPSHOT_SCHEMA.names)
     for bucket in range(settings.buckets):
         part = snapshot.slice(bucket * 2, 2).cast(ft.SNAPSHOT_SCHEMA)
         lake.write_partition(PROFILES, HOUR, part, bucket=bucket, run_id="t")
 
     # Act
-    with pytest.raises(ProfileValidationError, match=profile_range_name(ft.MONETARY_TOTAL)):
+    with pytest.raises(ProfileValidationError, match=profile_range_name(ft.MAX_ORDER_VALUE)):
         ft.publish_profiles(settings, HOUR, run_id="t")
 
     # Assert

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from profile_engine.hours import hour_range, parse_hour
 from profile_engine.lake import LANDING, TRUTH, Lake
-from profile_engine.schema import CART, EVENT_SCHEMA, EVENT_TYPES, PURCHASE, VIEW
+from profile_engine.schema import CART, EVENT_SCHEMA, EVENT_TYPES, PURCHASE, REFUND, VIEW
 from profile_engine.simulate import (
     DEFECT_KINDS,
     EMPTY_ITEM_ID,
@@ -157,7 +157,8 @@ def test_funnel_rates_are_realistic(landed: pa.Table) -> None:
 
 def test_orders_have_lines_with_shared_order_id_and_mostly_quantity_one(landed: pa.Table) -> None:
     purchases = landed.filter(pc.equal(landed["event_type"], PURCHASE))
-    others = landed.filter(pc.not_equal(landed["event_type"], PURCHASE))
+    refunds = landed.filter(pc.equal(landed["event_type"], REFUND))
+    others = landed.filter(pc.invert(pc.is_in(landed["event_type"], pa.array([PURCHASE, REFUND]))))
     lines = Counter(purchases.column("order_id").to_pylist())
     quantities = Counter(purchases.column("quantity").to_pylist())
 
@@ -165,6 +166,10 @@ def test_orders_have_lines_with_shared_order_id_and_mostly_quantity_one(landed: 
     assert others.column("order_id").null_count == others.num_rows
     assert max(lines.values()) >= 2  # some orders have several lines
     assert quantities[1] / purchases.num_rows >= 0.7
+    # cancellations: a few lines of those orders given back, with negative quantity
+    assert 0 < refunds.num_rows < 0.1 * purchases.num_rows
+    assert set(refunds.column("order_id").to_pylist()) <= set(lines)
+    assert max(refunds.column("quantity").to_pylist()) <= -1
 
 
 def test_fewer_events_at_local_night_than_in_the_afternoon(landed: pa.Table) -> None:

@@ -191,7 +191,7 @@ def test_quiet_hour_below_minimum_rows_does_not_fail(settings: Settings, tmp_pat
 def test_reasons_a_mapping_expects_do_not_count(settings: Settings, tmp_path: Path) -> None:
     settings = replace(settings, quarantine_threshold=0.05, quarantine_min_rows=1, lateness_hours=24)
     lines = ["Invoice,StockCode,Description,Quantity,InvoiceDate,Price,Customer ID,Country"]
-    lines += [f"C{i},85048,X,-1,2026-11-02 10:05:00,1.0,13085,UK" for i in range(5)]
+    lines += [f"C{i},85048,X,-1,2026-11-02 10:05:00,1.0,,UK" for i in range(5)]  # refunds without customer
     lines += [f"{i},85048,X,2,2026-11-02 10:05:00,1.0,13085,UK" for i in range(5)]
     file = tmp_path / "orders.csv"
     file.write_text("\n".join(lines) + "\n")
@@ -285,8 +285,8 @@ REPLAYS = {
         "2009-12-01T07",
         "2009-12-01T08",
         5,
-        3,
-        {"missing_user_id": 1, "negative_quantity": 2},
+        4,
+        {"missing_user_id": 1},  # the cancellation C489449 is a refund event
     ),
 }
 
@@ -322,10 +322,12 @@ def test_replay_maps_types_ids_and_zones(settings: Settings) -> None:
     lake = Lake(settings.lake)
     orders = lake.read(lk.STAGING, datetime(2009, 12, 1, 7, tzinfo=UTC)).sort_by("item_id").to_pylist()
     assert [(r["order_id"], r["quantity"], r["price"], r["event_type"]) for r in orders] == [
+        ("C489449", -12, 2.95, "refund"),
         ("489434", 12, 6.75, "purchase"),
         ("489434", 12, 6.95, "purchase"),
     ]
-    assert orders[0]["ts"] == datetime(2009, 12, 1, 7, 45, tzinfo=UTC)  # London is UTC in December
+    assert orders[1]["ts"] == datetime(2009, 12, 1, 7, 45, tzinfo=UTC)  # London is UTC in December
+    assert [r["local_hour"] for r in orders] == [7, 7, 7]
     assert lake.path("quality/docs/dt=2009-12-01/hour=07/index.html").is_file()
     rees = lake.read(lk.STAGING, datetime(2019, 10, 1, 0, tzinfo=UTC))
     assert set(rees.column("event_type").to_pylist()) == {"view", "cart", "remove_cart"}

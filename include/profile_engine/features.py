@@ -51,7 +51,7 @@ from profile_engine.lake import (
     read_json,
     write_json,
 )
-from profile_engine.schema import CART, EVENT_TYPES, FAV, PURCHASE, REMOVE_CART, STAGED_SCHEMA, VIEW
+from profile_engine.schema import CART, EVENT_TYPES, FAV, LOCAL_HOUR, PURCHASE, REFUND, REMOVE_CART, STAGED_SCHEMA, VIEW
 
 if TYPE_CHECKING:
     import duckdb
@@ -269,7 +269,7 @@ LATENCY_LOOKBACK = timedelta(days=30)  # a view (cart) counts for a cart (purcha
 OPEN_CART_TTL = timedelta(days=30)  # a cart line older than this is abandoned, no longer open
 HOURLY_RETENTION = timedelta(days=30)  # longest window; hourly buckets older than this are pruned
 AFFINITY_HALF_LIFE = timedelta(days=7)
-AFFINITY_WEIGHTS: dict[str, float] = {VIEW: 1.0, FAV: 2.0, CART: 3.0, REMOVE_CART: 0.0, PURCHASE: 5.0}
+AFFINITY_WEIGHTS: dict[str, float] = {VIEW: 1.0, FAV: 2.0, CART: 3.0, REMOVE_CART: 0.0, PURCHASE: 5.0, REFUND: 0.0}
 MIN_AFFINITY = 0.01  # interest rows below this are dropped (same rule for every path)
 AFFINITY_DECIMALS = 6  # rounding keeps equal-looking scores equal, so top-k ties break on category_id
 NEW_USER_AGE = timedelta(days=7)
@@ -316,7 +316,12 @@ _USER_FIELDS: list[tuple[str, pa.DataType, str]] = [
     ("v2c_ms", pa.int64(), "sum"),
     ("c2p_n", pa.int64(), "sum"),
     ("c2p_ms", pa.int64(), "sum"),
+    # value of the user's refunds (negative cents): final at once, nothing groups them
+    ("refund_cents", pa.int64(), "sum"),
 ]
+# Columns added to a state table after lakes were written, with the value an older state
+# means by their absence (read by ``_read_state``).
+_ADDED_STATE_COLUMNS: dict[str, dict[str, int]] = {"users": {"refund_cents": 0}}
 
 
 def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
@@ -540,17 +545,26 @@ def _fetch(con: duckdb.DuckDBPyConnection, sql: str, schema: pa.Schema) -> pa.Ta
     return con.sql(sql).to_arrow_table().select(schema.names).cast(schema)
 
 
-def _staged(events: pa.Table) -> pa.Table:
+def _staged(events: pa.Table, business_tz: str) -> pa.Table:
     """The events as ``STAGED_SCHEMA`` (column order and types), or a clear error."""
+    events = with_local_hour(events, business_tz)
     missing = [n for n in STAGED_SCHEMA.names if n not in events.column_names]
     if missing:
         raise ValueError(f"events lack staged columns {missing}")
     return events.select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
 
 
-def _check_tz(name: str) -> str:
-    ZoneInfo(name)  # raises for unknown zones before the name reaches SQL
-    return name.replace("'", "''")
+def with_local_hour(events: pa.Table, business_tz: str) -> pa.Table:
+    """Staged events with ``local_hour``; events staged before it existed get their hour in ``business_tz``.
+
+    That is what the profiles of those events used (the business time zone was the only
+    one), so an older lake keeps its peak hours.
+    """
+    if LOCAL_HOUR in events.column_names:
+        return events
+    ZoneInfo(business_tz)  # raises for an unknown zone
+    hours = pc.hour(events.column("ts").cast(pa.timestamp("ms", tz=business_tz)))  # hour of the zone's local time
+    return events.append_column(pa.field(LOCAL_HOUR, pa.int8()), hours.cast(pa.int8()))
 
 
 # ---- advance / snapshot / rebuild ---------------------------------------------------
@@ -570,13 +584,12 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
     horizon = e - settings.lateness_hours * _MS_HOUR  # no future event is older than this
     session_gap = int(SESSION_GAP.total_seconds() * 1000)
     order_gap = int(ORDER_GAP.total_seconds() * 1000)
-    tz = _check_tz(settings.business_tz)
-
     con = _connect()
     try:
         for name, table in state.tables.items():
             con.register(f"s_{name}", table)
-        con.register("new_events", _staged(events))
+        con.register("s_pending", _staged(state.tables[PENDING], settings.business_tz))
+        con.register("new_events", _staged(events, settings.business_tz))
         con.execute(  # a view: scanned twice (due, pending), never worth a copy
             "CREATE TEMP VIEW incoming AS SELECT *, epoch_ms(ts) AS t FROM "
             "(SELECT * FROM s_pending UNION ALL SELECT * FROM new_events)"
@@ -676,7 +689,8 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             SELECT user_id, hour_of_day, sum(n) AS n FROM (
                 SELECT user_id, hour_of_day, n FROM s_hours_of_day
                 UNION ALL
-                SELECT user_id, hour(timezone('{tz}', ts)) AS hour_of_day, count(*) AS n FROM due GROUP BY ALL
+                SELECT user_id, {LOCAL_HOUR} AS hour_of_day, count(*) AS n FROM due
+                WHERE {LOCAL_HOUR} IS NOT NULL GROUP BY ALL
             ) GROUP BY ALL ORDER BY user_id, hour_of_day
             """,
             STATE_SCHEMAS[HOURS_OF_DAY],
@@ -744,6 +758,8 @@ def _merge_users_sql(horizon: int, session_gap: int, order_gap: int) -> str:
             UNION ALL BY NAME {_session_totals(final_sessions)}
             UNION ALL BY NAME {_order_totals(final_orders)}
             UNION ALL BY NAME {_latency_totals(f"({_latencies('tgt_final', 'anc')})")}
+            UNION ALL BY NAME SELECT user_id, sum({_cents("coalesce(price, 0) * quantity")}) AS refund_cents
+                FROM due WHERE event_type = '{REFUND}' GROUP BY user_id
         ) GROUP BY user_id ORDER BY user_id
     """
 
@@ -1028,7 +1044,10 @@ def _profiles_sql(e: int) -> str:
     first_seen = "least(" + ", ".join(f"first_{t}_ms" for t in EVENT_TYPES) + ")"
     last_seen = "greatest(" + ", ".join(f"last_{t}_ms" for t in EVENT_TYPES) + ")"
     n_orders = "(coalesce(orders_n, 0) + coalesce(b_orders_n, 0))"
-    cents = "(coalesce(orders_cents, 0) + coalesce(b_orders_cents, 0))"
+    # net spend: purchase lines plus refunds (negative); money is null for a user none of
+    # whose events carries a price (a source without prices), never a made-up 0
+    cents = "(coalesce(orders_cents, 0) + coalesce(b_orders_cents, 0) + coalesce(refund_cents, 0))"
+    priced = "(" + " + ".join(f"price_n_{t}" for t in EVENT_TYPES) + " > 0)"
     first_order = "least(first_order_ms, b_first_order_ms)"
     last_order = "greatest(last_order_ms, b_last_order_ms)"
     n_sessions = "(coalesce(sessions_n, 0) + coalesce(b_sessions_n, 0))"
@@ -1040,9 +1059,9 @@ def _profiles_sql(e: int) -> str:
         HOURS_SINCE_LAST_CART: f"({e} - last_{CART}_ms) {hours}",
         HOURS_SINCE_LAST_PURCHASE: f"({e} - last_{PURCHASE}_ms) {hours}",
         FREQUENCY_ORDERS: n_orders,
-        MONETARY_TOTAL: f"{cents} / 100.0",
-        AVG_ORDER_VALUE: f"CASE WHEN {n_orders} > 0 THEN round({cents} / {n_orders}) / 100.0 END",
-        MAX_ORDER_VALUE: "greatest(orders_max_cents, b_orders_max_cents) / 100.0",
+        MONETARY_TOTAL: f"CASE WHEN {priced} THEN {cents} / 100.0 END",
+        AVG_ORDER_VALUE: f"CASE WHEN {priced} AND {n_orders} > 0 THEN round({cents} / {n_orders}) / 100.0 END",
+        MAX_ORDER_VALUE: f"CASE WHEN {priced} THEN greatest(orders_max_cents, b_orders_max_cents) / 100.0 END",
         RECENCY_HOURS: f"({e} - last_{PURCHASE}_ms) {hours}",
         MEAN_HOURS_BETWEEN_ORDERS: f"CASE WHEN {n_orders} > 1 THEN ({last_order} - {first_order}) {hours} / ({n_orders} - 1) END",
         MEAN_VIEW_TO_CART_HOURS: f"CASE WHEN {v2c_n} > 0 THEN (coalesce(v2c_ms, 0) + coalesce(b_v2c_ms, 0)) {hours} / {v2c_n} END",
@@ -1053,7 +1072,7 @@ def _profiles_sql(e: int) -> str:
         CART_VIEW_RATE: f"CASE WHEN n_{VIEW} > 0 THEN n_{CART} / n_{VIEW} END",
         PURCHASE_VIEW_RATE: f"CASE WHEN n_{VIEW} > 0 THEN n_{PURCHASE} / n_{VIEW} END",
         OPEN_CART_ITEMS: "coalesce(open_items, 0)",
-        OPEN_CART_VALUE: "coalesce(open_cents, 0) / 100.0",
+        OPEN_CART_VALUE: f"CASE WHEN {priced} THEN coalesce(open_cents, 0) / 100.0 END",
         **{c: f"top_{i}" for i, c in enumerate(TOP_CATEGORIES, 1)},
         **{c: f"top_{i}_score" for i, c in enumerate(TOP_CATEGORY_SCORES, 1)},
         DISTINCT_CATEGORIES: "coalesce(n_categories, 0)",
@@ -1108,20 +1127,23 @@ def rebuild(events: pa.Table, end: datetime, settings: Settings) -> ProfileState
 def add_population_features(profiles: pa.Table) -> pa.Table:
     """Add RFM scores and segment over the whole population; return ``PROFILE_COLUMNS`` in order.
 
-    Scores are 1-5 quantiles among the n users with at least one order, from the
-    mid-rank percentile ``p = (users worse + half the users tied) / n``: score
-    ``1 + floor(5 p)``. Equal values always get equal scores (a lone buyer or a fully
-    tied population scores 3), and nothing depends on row order or float noise (money
-    is in cents, recency in exact hours). Users without orders get null scores and
-    the segment ``no_orders``.
+    Scores are 1-5 quintiles among the n users with at least one order (the monetary
+    score among those whose spend is known): users are ranked by the value, ties broken
+    by a stable hash of ``user_id`` salted with the score's column (``md5_number``), and the user at rank k (1..n)
+    scores ``1 + floor(5 (k - 1/2) / n)``. Every score is reached once there are 5 buyers,
+    even when most of them tie (55% of a shop's customers with one order); a better
+    value never scores lower; a lone buyer scores 3. Nothing depends on row order or
+    float noise (money is in cents, recency in exact hours). Users without orders get
+    null scores and the segment ``no_orders``.
     """
     base = profiles.select([c for c in SNAPSHOT_SCHEMA.names])
     champions, loyal, potential, new_customer, at_risk, hibernating, lost, no_orders = RFM_SEGMENTS
 
     def score(value: str, order: str = "") -> str:
-        # mid-rank percentile: users below plus half of the tied users, over all buyers
-        mid_rank = f"rank() OVER (ORDER BY {value} {order}) - 1 + count(*) OVER (PARTITION BY {value}) / 2.0"
-        return f"CAST(least(5, 1 + floor(5 * ({mid_rank}) / count(*) OVER ())) AS TINYINT)"
+        # centred rank over the buyers, ties broken by a stable hash of the user salted per
+        # score (one hash for all three would tie low F to low R: correlated scores)
+        rank = f"row_number() OVER (ORDER BY {value} {order}, md5_number('{value}:' || user_id), user_id)"
+        return f"CAST(least(5, 1 + floor(5 * ({rank} - 0.5) / count(*) OVER ())) AS TINYINT)"
 
     con = _connect()
     try:
@@ -1129,9 +1151,11 @@ def add_population_features(profiles: pa.Table) -> pa.Table:
         table = con.sql(
             f"""
             WITH s AS (
-                SELECT user_id, {score(RECENCY_HOURS, "DESC")} AS r, {score(FREQUENCY_ORDERS)} AS f,
-                       {score(MONETARY_TOTAL)} AS m
+                SELECT user_id, {score(RECENCY_HOURS, "DESC")} AS r, {score(FREQUENCY_ORDERS)} AS f
                 FROM p WHERE {FREQUENCY_ORDERS} >= 1
+            ), sm AS (
+                SELECT user_id, {score(MONETARY_TOTAL)} AS m
+                FROM p WHERE {FREQUENCY_ORDERS} >= 1 AND {MONETARY_TOTAL} IS NOT NULL
             )
             SELECT p.*, r AS {RFM_R}, f AS {RFM_F}, m AS {RFM_M},
                    CASE WHEN r IS NULL THEN '{no_orders}'
@@ -1142,7 +1166,7 @@ def add_population_features(profiles: pa.Table) -> pa.Table:
                         WHEN f >= 3 THEN '{at_risk}'
                         WHEN r = 2 THEN '{hibernating}'
                         ELSE '{lost}' END AS {RFM_SEGMENT}
-            FROM p LEFT JOIN s USING (user_id) ORDER BY user_id
+            FROM p LEFT JOIN s USING (user_id) LEFT JOIN sm USING (user_id) ORDER BY user_id
             """
         ).to_arrow_table()
     finally:
@@ -1207,6 +1231,15 @@ def _read_state(lake: Lake, hour: datetime, bucket: int) -> ProfileState:
         else STATE_SCHEMAS[name].empty_table()
         for name in STATE_TABLES
     }
+    for name, defaults in _ADDED_STATE_COLUMNS.items():
+        for column, value in defaults.items():
+            if column not in tables[name].column_names:
+                kind = STATE_SCHEMAS[name].field(column).type
+                tables[name] = (
+                    tables[name]
+                    .append_column(column, pa.array([value] * tables[name].num_rows, kind))
+                    .select(STATE_SCHEMAS[name].names)
+                )
     points = tables[SESSIONS]
     if "ts_ms" in points.column_names:
         con = _connect()
@@ -1334,7 +1367,7 @@ def build_profiles_range(
     lake = Lake(settings.lake)
     state = _load_state(lake, first, bucket, first_hour or settings.start)
     hours = list(hour_range(first, last))
-    staged = _read_staged(lake, hours, bucket)
+    staged = _read_staged(lake, hours, bucket, settings.business_tz)
     staged_hour = staged.column("staged_hour")
 
     checkpoints = [h for h in hours if (_epoch_hour(h) + 1) % snapshot_every == 0 or h == last]
@@ -1368,29 +1401,43 @@ def _epoch_hour(hour: datetime) -> int:
     return int(hour.timestamp()) // 3600
 
 
-def _read_staged(lake: Lake, hours: list[datetime], bucket: int, users: pa.Array | None = None) -> pa.Table:
+def _read_staged(
+    lake: Lake, hours: list[datetime], bucket: int, business_tz: str, users: pa.Array | None = None
+) -> pa.Table:
     """The staged events of ``hours`` of one bucket in one DuckDB pass, with ``staged_hour`` (epoch hours).
 
+    Files staged before ``local_hour`` existed get it in ``business_tz`` (``with_local_hour``).
     ``users``: only the events of these users (the filter runs in the scan).
     """
+    import pyarrow.parquet as pq
+
     files = [str(f) for h in hours for f in lake.data_files(STAGING, h, bucket)]
     if not files:
         return STAGED_SCHEMA.append(pa.field("staged_hour", pa.int64())).empty_table()
+    current = [f for f in files if LOCAL_HOUR in pq.read_schema(f).names]
+    older = [f for f in files if f not in set(current)]
+    ZoneInfo(business_tz)  # an unknown zone fails before it reaches SQL
     con = _connect()
     try:
-        file_list = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        # The staged hour comes from the Hive keys of each file's path (dt=/hour=): a per-file
-        # constant, several times cheaper than joining a filename column on every row.
-        columns = ", ".join(f"s.{n}" for n in STAGED_SCHEMA.names)
         where = ""
         if users is not None:
             con.register("wanted_users", pa.table({USER_ID: pa.array(users, pa.string())}))
             where = f" WHERE s.user_id IN (SELECT {USER_ID} FROM wanted_users)"
-        return con.sql(
-            f"SELECT {columns}, CAST(epoch(s.dt) // 3600 + s.hour AS BIGINT) AS staged_hour "
-            f"FROM read_parquet([{file_list}], hive_partitioning = true, "
-            "hive_types = {'dt': DATE, 'hour': INTEGER}) s" + where
-        ).to_arrow_table()
+        selects = []
+        for group, local_hour in ((current, f"s.{LOCAL_HOUR}"), (older, f"hour(timezone('{business_tz}', s.ts))")):
+            if not group:
+                continue
+            file_list = ", ".join("'" + f.replace("'", "''") + "'" for f in group)
+            # The staged hour comes from the Hive keys of each file's path (dt=/hour=): a per-file
+            # constant, several times cheaper than joining a filename column on every row.
+            columns = ", ".join(f"s.{n}" for n in STAGED_SCHEMA.names if n != LOCAL_HOUR)
+            selects.append(
+                f"SELECT {columns}, CAST({local_hour} AS TINYINT) AS {LOCAL_HOUR}, "
+                "CAST(epoch(s.dt) // 3600 + s.hour AS BIGINT) AS staged_hour "
+                f"FROM read_parquet([{file_list}], hive_partitioning = true, "
+                "hive_types = {'dt': DATE, 'hour': INTEGER}) s" + where
+            )
+        return con.sql(" UNION ALL ".join(selects)).to_arrow_table()
     finally:
         con.close()
 
@@ -1440,7 +1487,7 @@ def rebuild_bucket(settings: Settings, hour: datetime, bucket: int) -> tuple[dat
     hour = floor_hour(hour)
     lake = Lake(settings.lake)
     hours, start = _rebuild_start(lake, hour, bucket)
-    events = _read_staged(lake, hours, bucket).select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+    events = _read_staged(lake, hours, bucket, settings.business_tz).select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
     return hours[0], advance(start, events, hour + HOUR, settings)
 
 
@@ -1480,7 +1527,7 @@ def rebuild_before_cutoffs(
             f"of bucket {bucket}: its events are no longer staged"
         )
     start = _users_only(start, users)
-    staged = _read_staged(lake, staged_range, bucket, users)
+    staged = _read_staged(lake, staged_range, bucket, settings.business_tz, users)
     staged = staged.select([*STAGED_SCHEMA.names, "staged_hour"]).cast(
         STAGED_SCHEMA.append(staged.schema.field("staged_hour"))
     )

@@ -33,7 +33,16 @@ from profile_engine import lake as lk
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, format_hour, hour_range, parse_hour
 from profile_engine.lake import Lake, read_json, sha256_file, write_json
-from profile_engine.schema import BUCKET, EVENT_COLUMNS, EVENT_TYPES, QUARANTINE_SCHEMA, STAGED_SCHEMA, bucket_sql
+from profile_engine.schema import (
+    BUCKET,
+    EVENT_COLUMNS,
+    EVENT_TYPES,
+    LOCAL_HOUR,
+    QUARANTINE_SCHEMA,
+    REFUND,
+    STAGED_SCHEMA,
+    bucket_sql,
+)
 
 log = logging.getLogger(__name__)
 
@@ -645,7 +654,7 @@ def validate_events(
             ),
             ("price_v < 0 AND NOT isinf(price_v)", f"'{NEGATIVE_PRICE}'"),
             ("quantity_v IS NULL OR quantity_v = 0", f"'{BAD_QUANTITY}'"),
-            ("quantity_v < 0", f"'{NEGATIVE_QUANTITY}'"),
+            (f"quantity_v < 0 AND event_type_v IS DISTINCT FROM '{REFUND}'", f"'{NEGATIVE_QUANTITY}'"),
             ("ts_problem IS NOT NULL", "ts_problem"),
             ("ts_v >= $future", f"'{FUTURE_TS}'"),
             ("ts_v < $too_late", f"'{TOO_LATE}'"),
@@ -675,11 +684,14 @@ def validate_events(
             """,
             {"future": future, "too_late": too_late},
         )
+        # A refund's quantity is staged negative whatever sign its source wrote (schema.REFUND).
+        quantity = f"CASE WHEN event_type_v = '{REFUND}' THEN -abs(quantity_v) ELSE quantity_v END"
         staged = con.sql(
             f"""
             SELECT event_id, user_id, event_type_v AS event_type, item_id, NULLIF(category_id, '') AS category_id,
-                   price_v AS price, quantity_v AS quantity, NULLIF(order_id, '') AS order_id,
-                   ts_v AS ts, NULLIF(session_id, '') AS session_id, {bucket_sql("user_id", settings.buckets)} AS {BUCKET}
+                   price_v AS price, {quantity} AS quantity, NULLIF(order_id, '') AS order_id,
+                   ts_v AS ts, NULLIF(session_id, '') AS session_id, {bucket_sql("user_id", settings.buckets)} AS {BUCKET},
+                   {_local_hour_sql(entries, mappings, settings.business_tz)} AS {LOCAL_HOUR}
             FROM checked WHERE len(reasons) = 0
             ORDER BY {BUCKET}, user_id, ts, event_id
             """
@@ -753,6 +765,21 @@ def validate_events(
             summary,
         )
     return summary
+
+
+def _local_hour_sql(entries: list[LedgerEntry], mappings: dict[str, sources.Mapping], default_tz: str) -> str:
+    """Each row's hour of day in the time zone of its source's shop (``sources.local_hour_sql``)."""
+    by_expression: dict[str, list[int]] = {}
+    for index, entry in enumerate(entries):
+        expression = sources.local_hour_sql(mappings[entry.source], "ts_v", default_tz)
+        by_expression.setdefault(expression, []).append(index)
+    if not by_expression:
+        return "CAST(NULL AS TINYINT)"
+    cases = " ".join(
+        f"WHEN source_index IN ({', '.join(map(str, indices))}) THEN {expression}"
+        for expression, indices in by_expression.items()
+    )
+    return f"CASE {cases} END"
 
 
 def _bucket_bounds(staged: pa.Table, buckets: int) -> list[int]:

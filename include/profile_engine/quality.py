@@ -30,7 +30,7 @@ from profile_engine import __version__
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, floor_hour, format_hour, partition_values
 from profile_engine.lake import MANIFEST, QUALITY_DOCS, QUALITY_RESULTS, STAGING, Lake
-from profile_engine.schema import BUCKET, EVENT_TYPES, SCHEMA_VERSION, STAGED_SCHEMA
+from profile_engine.schema import BUCKET, EVENT_TYPES, REFUND, SCHEMA_VERSION, STAGED_SCHEMA
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -49,6 +49,7 @@ USER_ID_NOT_EMPTY = "user_id_not_empty"
 ITEM_ID_NOT_EMPTY = "item_id_not_empty"
 PRICE_NON_NEGATIVE = "price_non_negative"
 QUANTITY_POSITIVE = "quantity_positive"
+REFUND_QUANTITY_NEGATIVE = "refund_quantity_negative"
 TS_IN_WINDOW = "ts_in_window"
 BUCKET_IN_RANGE = "bucket_in_range"
 ROW_COUNT_POSITIVE = "row_count_positive"
@@ -163,7 +164,21 @@ def build_suite(*, ts_min: datetime, ts_max: datetime, buckets: int) -> gx.Expec
         ExpectColumnValuesToBeInSet(column="event_type", value_set=list(EVENT_TYPES), meta=meta(EVENT_TYPE_KNOWN)),
         # Null prices are allowed (sources without prices): GX skips nulls here.
         ExpectColumnValuesToBeBetween(column="price", min_value=0, meta=meta(PRICE_NON_NEGATIVE)),
-        ExpectColumnValuesToBeBetween(column="quantity", min_value=1, meta=meta(QUANTITY_POSITIVE)),
+        # A refund gives units back: its quantity is negative (schema.REFUND), every other one positive.
+        ExpectColumnValuesToBeBetween(
+            column="quantity",
+            min_value=1,
+            row_condition=f'event_type!="{REFUND}"',
+            condition_parser="pandas",
+            meta=meta(QUANTITY_POSITIVE),
+        ),
+        ExpectColumnValuesToBeBetween(
+            column="quantity",
+            max_value=-1,
+            row_condition=f'event_type=="{REFUND}"',
+            condition_parser="pandas",
+            meta=meta(REFUND_QUANTITY_NEGATIVE),
+        ),
         ExpectColumnValuesToBeBetween(
             column="ts", min_value=ts_min, max_value=ts_max, strict_max=True, meta=meta(TS_IN_WINDOW)
         ),
@@ -447,16 +462,14 @@ def profile_range_name(column: str) -> str:
 def profile_ranges() -> dict[str, tuple[float, float | None]]:
     """Profile column -> (min, max or None): ranges that real data satisfies.
 
-    Counts, decayed counters, rates and money are >= 0 with no upper bound: users buy
+    Counts, decayed counters, rates and money other than net spend are >= 0 with no upper bound: users buy
     without a cart event (a purchase/cart ratio above 1 is real), so rates are not
     capped at 1. RFM scores are quintiles 1-5 (null for users without orders).
     """
     from profile_engine import features as ft
 
     counts = (ft.FREQUENCY_ORDERS, ft.SESSION_COUNT, ft.OPEN_CART_ITEMS, ft.DISTINCT_CATEGORIES)
-    money = (
-        ft.MONETARY_TOTAL,
-        ft.AVG_ORDER_VALUE,
+    money = (  # net spend and its mean per order may be negative (refunds of earlier orders)
         ft.MAX_ORDER_VALUE,
         ft.OPEN_CART_VALUE,
         ft.MEAN_PRICE_VIEWED,

@@ -15,7 +15,11 @@ CART = "cart"
 REMOVE_CART = "remove_cart"
 FAV = "fav"
 PURCHASE = "purchase"
-EVENT_TYPES: tuple[str, ...] = (VIEW, CART, REMOVE_CART, FAV, PURCHASE)
+# A refund (a cancellation or a return) gives money back: its quantity is negative (staged
+# as ``-abs(quantity)`` whatever sign the source wrote), its price the unit price, so its
+# value ``price * quantity`` is negative and reduces the user's net spend.
+REFUND = "refund"
+EVENT_TYPES: tuple[str, ...] = (VIEW, CART, REMOVE_CART, FAV, PURCHASE, REFUND)
 
 EVENT_SCHEMA = pa.schema(
     [
@@ -33,9 +37,15 @@ EVENT_SCHEMA = pa.schema(
 )
 EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_SCHEMA.names)
 
-# Staged events carry their user bucket (computed once, at validation).
+# Staged events carry their user bucket (computed once, at validation) and their hour of
+# day in the time zone of the shop they come from (the mapping's ``timezone``; null when
+# the source's timestamps carry only a date). Staged files written before ``local_hour``
+# existed are read with it computed in ``Settings.business_tz`` (features.with_local_hour).
 BUCKET = "bucket"
-STAGED_SCHEMA = EVENT_SCHEMA.append(pa.field(BUCKET, pa.int32(), nullable=False))
+LOCAL_HOUR = "local_hour"
+STAGED_SCHEMA = EVENT_SCHEMA.append(pa.field(BUCKET, pa.int32(), nullable=False)).append(
+    pa.field(LOCAL_HOUR, pa.int8())
+)
 
 # Quarantined rows keep the original values as text plus the reasons.
 QUARANTINE_SCHEMA = pa.schema(

@@ -15,7 +15,9 @@ in the 30 days after, a trickle later). Sessions start by a Poisson rate shaped 
 diurnal curve in the business time zone; each session browses items (Zipf popularity
 within a category, lognormal category-dependent prices) and runs the funnel view ->
 fav / cart -> remove_cart -> purchase, a converting session buying its kept cart lines as
-one order (one purchase event per line, shared ``order_id``).
+one order (one purchase event per line, shared ``order_id``); a few bought lines are
+cancelled within the session's time (a ``refund`` event of the line's negative quantity
+and price, same ``order_id``).
 
 Purity is the contract: the output for an hour is a function of
 (seed, users, origin, intensity, business_tz, defects, hour) only. Randomness comes from
@@ -52,7 +54,7 @@ import pyarrow.parquet as pq
 
 from profile_engine.hours import floor_hour, hour_range
 from profile_engine.lake import LANDING, TRUTH, Lake
-from profile_engine.schema import CART, EVENT_SCHEMA, FAV, PURCHASE, REMOVE_CART, VIEW
+from profile_engine.schema import CART, EVENT_SCHEMA, FAV, PURCHASE, REFUND, REMOVE_CART, VIEW
 
 # ---- names (imported by tests and by whoever reads the truth) ----------------
 CATEGORIES: tuple[str, ...] = tuple(f"c{i:02d}" for i in range(1, 21))
@@ -121,8 +123,8 @@ TRUTH_FILES_SCHEMA = pa.schema(
 )
 
 # Event type codes of the generator; the last one only appears as a malformed row.
-_TYPE_NAMES: tuple[str, ...] = (VIEW, CART, REMOVE_CART, FAV, PURCHASE, UNKNOWN_EVENT_TYPE)
-_VIEW, _CART, _REMOVE, _FAV, _PURCHASE, _CLICK = range(6)
+_TYPE_NAMES: tuple[str, ...] = (VIEW, CART, REMOVE_CART, FAV, PURCHASE, UNKNOWN_EVENT_TYPE, REFUND)
+_VIEW, _CART, _REMOVE, _FAV, _PURCHASE, _CLICK, _REFUND = range(7)
 
 # ---- behaviour parameters ------------------------------------------------------
 _HOUR_MS = 3_600_000
@@ -139,6 +141,7 @@ _FAV_RATE = 0.035
 _CART_BASE = 0.03
 _CART_SLOPE = 0.12
 _REMOVE_RATE = 0.3
+_CANCEL_RATE = 0.04  # share of bought lines cancelled (refunded) 5-60 minutes later
 _REMOVE_GAP_MS = 240_000.0
 _CONVERSION_SCALE = 0.75
 _PROPENSITY_DAYS = 12  # daily shocks in the propensity walk
@@ -590,8 +593,11 @@ def _make_block(world: _World, start: int) -> _Block:
     buy_ts = sess_end[buy_sess] + checkout_delay[buy_sess] + line * 1_000
     qty_u = rng.random(buy.size)
     quantity = 1 + (qty_u > 0.88).astype(np.int32) + (qty_u > 0.97).astype(np.int32)
+    # Drawn after everything else, so the other events stay what they were before refunds existed.
+    cancelled = np.flatnonzero(rng.random(buy.size) < _CANCEL_RATE)
+    refund_ts = buy_ts[cancelled] + rng.integers(300_000, 3_600_000, cancelled.size)
 
-    source = np.concatenate([np.arange(v_sess.size), fav, cart, cart[removed], buy])
+    source = np.concatenate([np.arange(v_sess.size), fav, cart, cart[removed], buy, buy[cancelled]])
     etype = np.concatenate(
         [
             np.full(v_sess.size, _VIEW, np.int8),
@@ -599,13 +605,20 @@ def _make_block(world: _World, start: int) -> _Block:
             np.full(cart.size, _CART, np.int8),
             np.full(remove_ts.size, _REMOVE, np.int8),
             np.full(buy.size, _PURCHASE, np.int8),
+            np.full(cancelled.size, _REFUND, np.int8),
         ]
     )
     session = v_sess[source]
     ts = np.minimum(
-        np.concatenate([view_ts, fav_ts, cart_ts, remove_ts, buy_ts]), sess_start[session] + _SESSION_CAP_MS
+        np.concatenate([view_ts, fav_ts, cart_ts, remove_ts, buy_ts, refund_ts]), sess_start[session] + _SESSION_CAP_MS
     )
-    qty = np.concatenate([np.ones(source.size - buy.size, np.int32), quantity.astype(np.int32)])
+    qty = np.concatenate(
+        [
+            np.ones(source.size - buy.size - cancelled.size, np.int32),
+            quantity.astype(np.int32),
+            -quantity[cancelled].astype(np.int32),
+        ]
+    )
     return _Block(
         start=start,
         ts=ts.astype(np.int64),
@@ -670,7 +683,7 @@ def _events_of_hour(world: _World, index: int) -> _HourEvents:
     user_id = _blank(pop.user_ids.take(pa.array(cols["user"])), malformed == MALFORMED_KINDS.index(EMPTY_USER_ID))
     item_id = _blank(catalog.item_ids.take(pa.array(cols["item"])), malformed == MALFORMED_KINDS.index(EMPTY_ITEM_ID))
     category_names = pa.array(CATEGORIES, pa.string())
-    purchase = cols["etype"] == _PURCHASE
+    purchase = (cols["etype"] == _PURCHASE) | (cols["etype"] == _REFUND)  # lines of an order
     order_ids = _strings(b"o", _hex(cols["order_h"][purchase]))
     order_index = np.full(n, -1, np.int64)
     order_index[purchase] = np.arange(int(purchase.sum()))

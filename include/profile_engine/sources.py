@@ -33,7 +33,7 @@ from profile_engine import lake as lk
 from profile_engine.config import CONFIG_DIR, Settings
 from profile_engine.hours import format_hour
 from profile_engine.lake import Lake
-from profile_engine.schema import EVENT_COLUMNS, EVENT_TYPES
+from profile_engine.schema import EVENT_COLUMNS, EVENT_TYPES, REFUND
 
 SOURCES_DIR = CONFIG_DIR / "sources"
 # Mappings given by path are copied here by a replay, so reruns find them by name.
@@ -89,6 +89,7 @@ class Timestamp:
 
     format: str = "iso"
     timezone: str | None = None  # zone of naive timestamps; None: naive ones are quarantined
+    date_only: bool = False  # the source writes days, not times: no hour-of-day features
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,12 @@ class Mapping:
     description: str = ""
     origin: Path | None = None
     sql: SqlTable | None = None  # a table source instead of landing files
+    # The shop's own time zone: local hours of its events (``local_hour``, peak hour) are
+    # read in it. None: ``Settings.business_tz`` (canonical landing files).
+    timezone: str | None = None
+    # What a row with a negative quantity is: quarantined (``negative_quantity``) or a
+    # ``refund`` event (returns and cancellations of an order-lines table).
+    negative_quantity: str = "quarantine"
 
     def event_id_from_hash(self) -> bool:
         """Whether ``event_id`` is derived from the row (the source has none)."""
@@ -208,6 +215,8 @@ def parse_mapping(document: Any, *, origin: Path | None = None) -> Mapping:
         "timestamp",
         "policy",
         "sql",
+        "timezone",
+        "negative_quantity",
     }
     unknown = sorted(set(document) - allowed)
     if unknown:
@@ -280,6 +289,19 @@ def parse_mapping(document: Any, *, origin: Path | None = None) -> Mapping:
             ZoneInfo(str(tz))
         except (ZoneInfoNotFoundError, ValueError) as error:
             raise fail("timestamp.timezone", f"unknown time zone {tz!r}") from error
+    # A strptime pattern without a time of day gives days; iso files must say so.
+    date_only = ts_doc.get("date_only", "%" in ts_format and not any(d in ts_format for d in _TIME_DIRECTIVES))
+    if not isinstance(date_only, bool):
+        raise fail("timestamp.date_only", f"must be true or false, got {date_only!r}")
+    shop_tz = document.get("timezone", tz)
+    if shop_tz is not None:
+        try:
+            ZoneInfo(str(shop_tz))
+        except (ZoneInfoNotFoundError, ValueError) as error:
+            raise fail("timezone", f"unknown time zone {shop_tz!r}") from error
+    negative = document.get("negative_quantity", "quarantine")
+    if negative not in ("quarantine", REFUND):
+        raise fail("negative_quantity", f"must be quarantine or {REFUND}, got {negative!r}")
 
     policy_doc = document.get("policy") or {}
     threshold = policy_doc.get("quarantine_threshold")
@@ -314,7 +336,7 @@ def parse_mapping(document: Any, *, origin: Path | None = None) -> Mapping:
         fields={str(k): str(v) for k, v in fields.items()},
         constants=constants,
         event_types=event_types,
-        timestamp=Timestamp(ts_format, None if tz is None else str(tz)),
+        timestamp=Timestamp(ts_format, None if tz is None else str(tz), date_only),
         format=fmt,
         header=header,
         columns=tuple(columns),
@@ -324,6 +346,8 @@ def parse_mapping(document: Any, *, origin: Path | None = None) -> Mapping:
         description=str(document.get("description", "")),
         origin=origin,
         sql=sql,
+        timezone=None if shop_tz is None else str(shop_tz),
+        negative_quantity=str(negative),
     )
 
 
@@ -351,6 +375,24 @@ def _plain_name(path: Path) -> str:
 def is_gzip(path: Path) -> bool:
     """Whether a landing file is gzip-compressed (by its ending, in any case)."""
     return path.name.lower().endswith(".gz")
+
+
+# strptime directives that carry a time of day
+_TIME_DIRECTIVES = ("%H", "%I", "%M", "%X", "%c", "%T", "%R", "%s")
+
+
+def local_hour_sql(mapping: Mapping, ts_sql: str, default_tz: str) -> str:
+    """DuckDB expression of an event's hour of day in its shop's time zone (TINYINT).
+
+    The zone is the mapping's ``timezone``, else ``default_tz`` (``Settings.business_tz``);
+    NULL for a source whose timestamps are days only (their hour would be midnight, a
+    constant that says nothing about the user).
+    """
+    if mapping.timestamp.date_only:
+        return "CAST(NULL AS TINYINT)"
+    zone = mapping.timezone or default_tz
+    ZoneInfo(zone)  # an unknown zone fails before it reaches SQL
+    return f"CAST(hour(timezone({_lit(zone)}, {ts_sql})) AS TINYINT)"
 
 
 def file_format(mapping: Mapping, path: Path) -> str:
@@ -501,6 +543,10 @@ def mapped_select(con: Any, mapping: Mapping, table: str, index: int, label: str
         + " ".join(f"WHEN {_lit(k)} THEN {_lit(v)}" for k, v in sorted(mapping.event_types.items()))
         + " END"
     )
+    if mapping.negative_quantity == REFUND:  # returns and cancellations: refund events, not quarantined
+        event_type_v = (
+            f"CASE WHEN TRY_CAST(trim({raw('quantity')}) AS INTEGER) < 0 THEN '{REFUND}' ELSE {event_type_v} END"
+        )
     present = [c for c in mapping.source_columns() if c in types]
     if mapping.event_id_from_hash():
         values = ", ".join(f"coalesce(CAST({_q(c)} AS VARCHAR), chr(0))" for c in present)
