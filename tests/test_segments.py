@@ -382,7 +382,6 @@ def test_each_default_rule_fires_for_the_user_built_for_it(tmp_path: Path) -> No
         "u4_winback": ("win_back", "win_back_15pct"),
         "u5_welcome": ("welcome", "welcome"),
         "u6_dormant": ("suppress_dormant", "suppress"),
-        "u8_champion": ("vip_service", "vip_service"),
         "u9_cart_and_intent": ("cart_abandon", "cart_reminder"),
     }
     assert {u: (r["rule"], r["action"]) for u, r in rows.items()} == expected
@@ -390,13 +389,13 @@ def test_each_default_rule_fires_for_the_user_built_for_it(tmp_path: Path) -> No
     assert rows["u9_cart_and_intent"]["segments"] == ["cart_abandon", "high_intent"]
     assert rows["u1_intent"]["reason"] == "high_intent: propensity decile 10"
     assert rows["u3_top_spender"]["reason"] == "vip_service: spend percentile 1 \u2265 0.95"  # the branch that held
-    assert rows["u8_champion"]["reason"] == "vip_service: RFM segment champions"
+    assert "u8_champion" not in rows  # champions are not VIPs unless they are the top 5% by spend
     assert rows["u2_cart"]["reason"] == "cart_abandon: open cart items 2 > 0; last cart 3h ago in 1h..24h"
     assert rows["u4_winback"]["reason"] == "win_back: orders 2 \u2265 2; last event 400h ago \u2265 336h"
     assert rows["u1_intent"]["purchase_propensity"] == 0.95
     assert summary["segments"] == {
         "suppress_dormant": 1,
-        "vip_service": 2,
+        "vip_service": 1,
         "cart_abandon": 2,
         "high_intent": 2,
         "win_back": 1,
@@ -406,7 +405,7 @@ def test_each_default_rule_fires_for_the_user_built_for_it(tmp_path: Path) -> No
         "cart_reminder": 2,
         "coupon_10pct": 1,
         "suppress": 1,
-        "vip_service": 2,
+        "vip_service": 1,
         "welcome": 1,
         "win_back_15pct": 1,
     }
@@ -637,7 +636,7 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
 
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert summary["dry_run"] is True
-    assert summary["members"] == 8
+    assert summary["members"] == 7  # the 9 built users but u7_plain and u8_champion (not top 5% by spend)
     assert summary["segments_path"] is None
 
 
