@@ -311,7 +311,7 @@ def test_scoring_with_a_sequence_champion_reads_the_users_events_at_the_hour(ord
     scores = model.read_scores(lake, hour)
 
     assert [s["kind"] for s in summaries] == [kind, kind] and {s["engine"] for s in summaries} == {"keras"}
-    assert set(scores.column(model.MODEL_VERSION).to_pylist()) == {model.kind_label(model.model_version(hour), kind)}
+    assert set(scores.column(model.MODEL_VERSION).to_pylist()) == {model.kind_label(registry.model_version(hour), kind)}
     assert scores.num_rows == ORDER_USERS and scores.column(model.PROPENSITY).null_count == 0
     # the users whose newest event at the hour is the cart are the ones scored high
     staged = pa.concat_tables(
@@ -322,7 +322,7 @@ def test_scoring_with_a_sequence_champion_reads_the_users_events_at_the_hour(ord
     y = np.array([last_type[u] == CART for u in scores.column(USER_ID).to_pylist()], dtype=float)
     assert evaluate.auc(y, np.asarray(scores.column(model.PROPENSITY))) > 0.9
     profiles = lake.read(PROFILES, hour, 0).sort_by(USER_ID)
-    loaded = model.load_model(settings, model.model_version(hour), kind)
+    loaded = model.load_model(settings, registry.model_version(hour), kind)
     np.testing.assert_allclose(
         np.asarray(lake.read(SCORES, hour, 0).column(model.PROPENSITY)), loaded.predict(profiles), rtol=1e-6
     )
