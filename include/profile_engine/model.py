@@ -652,8 +652,14 @@ def model_card(
         "",
         f"Purchase propensity: the probability that a user purchases within {horizon} h after the end of a "
         "profile snapshot. Candidates, each with Platt calibration on the newest training snapshot: the Keras "
-        "network with its own preprocessing (the main model), gradient-boosted trees (LightGBM) and the "
-        "baseline, logistic regression on the network's preprocessing; the gate promotes at most one.",
+        "network with its own preprocessing (the main model), gradient-boosted trees (LightGBM)"
+        + (
+            ", the behaviour-sequence encoder over each user's last events alone (sequence) and with the "
+            "network's inputs (combined)"
+            if any(kind in metrics.get("eval", {}) for kind in SEQUENCE_KINDS)
+            else ""
+        )
+        + " and the baseline, logistic regression on the network's preprocessing; the gate promotes at most one.",
         "",
         "## Data",
         "",
