@@ -74,8 +74,10 @@ def _fit_and_score(settings: Settings, training: labels.TrainingSet, config: seq
     seconds["network+baseline"] = time.perf_counter() - started
     eval_in = model.model_inputs(rows, fitted.numeric, fitted.categorical)
     scores = {
-        "network": model.apply_calibration(model._predict(fitted.model, eval_in), fitted.calibration),
-        "baseline": model.apply_calibration(model._predict(fitted.baseline, eval_in), fitted.baseline_calibration),
+        "network": model.apply_calibration(model.predict_network(fitted.model, eval_in), fitted.calibration),
+        "baseline": model.apply_calibration(
+            model.predict_network(fitted.baseline, eval_in), fitted.baseline_calibration
+        ),
     }
     started = time.perf_counter()
     train_seq = sequence.sequence_inputs(settings, train, config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,51 @@ def test_bootstrap_intervals_contain_the_point_estimate_and_are_seeded() -> None
     assert intervals["good - noisy"]["log_loss"][1] < 0
 
 
+def test_top_share_of_an_all_tied_scorer_is_the_base_rate() -> None:
+    # Arrange: a flat scorer (every row tied); positives first, so row order would put them all in the top 10%
+    y = np.array([1.0] * 3 + [0.0] * 17)
+    p = np.full(y.size, 0.25)
+
+    # Act
+    precision, lift = evaluate.top_share(y, p, 0.1)
+    values = evaluate.metrics(y, p)
+
+    # Assert: whatever the row order, a scorer that ranks nobody above anybody has lift exactly 1
+    assert precision == pytest.approx(0.15) and lift == 1.0
+    assert values["lift_at_10"] == 1.0 and values["lift_at_20"] == 1.0
+
+
+def test_top_share_counts_rows_tied_at_the_cut_with_their_expected_share() -> None:
+    # Arrange: k = 2 of 10 rows; one row above the cut (a positive), three tied at it (one positive) for one place
+    y = np.array([1, 0, 1, 0, 0, 1, 0, 0, 0, 0], dtype=float)
+    p = np.array([0.9, 0.8, 0.8, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+
+    # Act
+    precision, lift = evaluate.top_share(y, p, 0.2)
+    reordered = evaluate.top_share(y[::-1], p[::-1], 0.2)
+
+    # Assert: (1 + 1/3 of a positive) / 2 rows = 2/3; base rate 3/10, so lift 20/9; row order does not matter
+    assert precision == pytest.approx(2 / 3) and lift == pytest.approx(20 / 9)
+    assert reordered == pytest.approx((precision, lift))
+
+
+@hypothesis_settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 2)), min_size=1, max_size=6))
+def test_top_share_is_the_mean_over_every_order_of_the_tied_rows(rows: list[tuple[bool, int]]) -> None:
+    # Arrange
+    y = np.array([r[0] for r in rows], dtype=float)
+    p = np.array([r[1] for r in rows], dtype=float)
+    k = max(1, int(np.ceil(0.4 * y.size)))
+
+    # Act
+    precision, _ = evaluate.top_share(y, p, 0.4)
+
+    # Assert: the average, over every permutation of the rows, of the top-k precision with ties by position
+    orders = [list(order) for order in itertools.permutations(range(y.size))]
+    expected = np.mean([y[o][np.argsort(-p[o], kind="stable")[:k]].mean() for o in orders])
+    assert precision == pytest.approx(expected)
+
+
 @hypothesis_settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.floats(0, 1)), min_size=5, max_size=60))
 def test_top_share_precision_is_the_positive_rate_of_the_highest_scores(rows: list[tuple[bool, float]]) -> None:
@@ -102,7 +148,8 @@ def test_top_share_precision_is_the_positive_rate_of_the_highest_scores(rows: li
 
     # Assert
     k = int(np.ceil(0.2 * y.size))
-    assert p20 == pytest.approx(y[np.argsort(-p, kind="stable")[:k]].mean())
+    if np.unique(p).size == p.size:  # no ties: exactly the positive rate of the k highest scores
+        assert p20 == pytest.approx(y[np.argsort(-p)[:k]].mean())
     assert p_all == pytest.approx(y.mean())
     if y.sum() > 0:
         assert lift_all == pytest.approx(1.0) and lift10 == pytest.approx(p10 / y.mean())

@@ -418,6 +418,10 @@ def test_saved_model_scores_raw_profile_rows_like_the_fitted_one(trained: Traine
     }
     listed = {f["name"] for f in read_json(Lake(trained.settings.lake).path(MODELS, version, MANIFEST))["files"]}
     assert exported <= files and exported <= listed
+    # the sequence candidates are off by default: the version holds the other three kinds only
+    assert not trained.settings.sequence_candidates
+    assert model.version_kinds(trained.settings, version) == ["model", "lightgbm", "baseline"]
+    assert not {"sequence.keras", "combined.keras"} & listed
 
 
 def test_score_profiles_uses_baseline_before_promotion_then_the_champion(trained: Trained) -> None:

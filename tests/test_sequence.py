@@ -3,19 +3,24 @@ the encoder on a synthetic set whose signal is only in the order of events, dete
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from profile_engine import evaluate, labels, model, sequence
+from profile_engine import evaluate, labels, model, registry, sequence
 from profile_engine.config import Settings
 from profile_engine.features import SNAPSHOT_HOUR, USER_ID
 from profile_engine.hours import HOUR
-from profile_engine.lake import MODELS, STAGING, Lake
+from profile_engine.lake import MANIFEST, MODELS, PROFILES, SCORES, STAGING, Lake, read_json
 from profile_engine.schema import CART, EVENT_TYPES, PURCHASE, STAGED_SCHEMA, VIEW
+from tests.test_labels import CATEGORICAL, NUMERIC, T0, make_settings, profile_table, write_snapshot
+from tests.test_model import FAST as FAST_NETWORK
+from tests.test_model import SMALL
 
 TS = pa.timestamp("ms", tz="UTC")
 S = datetime(2026, 11, 3, 10, tzinfo=UTC)  # the snapshot hour; its end E = 11:00
@@ -207,3 +212,125 @@ def test_two_trainings_give_the_same_predictions_and_a_saved_model_predicts_the_
     loaded = sequence.load_sequence(settings, "v20261103T10", "combined")
     assert loaded.kind == "combined" and loaded.numeric == ("visits",) and loaded.config == config
     np.testing.assert_array_equal(loaded.predict(test, test_in), p)
+
+
+# ---- a sequence candidate trained, gated and scored through the pipeline's stages ---------------------------------
+ORDER_USERS = 240
+ORDER_HOURS = 14
+
+
+def _order_lake(settings: Settings) -> list[datetime]:
+    """Snapshots whose aggregate features are noise while the order of each user's events decides purchases.
+
+    Every hour every user has one view and one cart (staged in that hour, in its user's bucket, at
+    minutes 20 and 40 in random order) and a snapshot row of noise features. A user whose newest event
+    at the snapshot is the cart buys in the label window with probability 0.7, else 0.05 (purchases at
+    minute 5 of the next hour, before that hour's view and cart, so they are never the newest events).
+    """
+    lake = Lake(settings.lake)
+    rng = np.random.default_rng(5)
+    users = [f"u{i:04d}" for i in range(ORDER_USERS)]
+    snapshots = [T0 + i * HOUR for i in range(ORDER_HOURS)]
+    events: list[tuple[str, str, str | None, datetime, datetime]] = []
+    for hour in snapshots:
+        write_snapshot(lake, hour, profile_table(hour, users, rng))
+        cart_last = rng.random(ORDER_USERS) < 0.5
+        buys = rng.random(ORDER_USERS) < np.where(cart_last, 0.7, 0.05)
+        for i, user in enumerate(users):
+            first, second = (VIEW, CART) if cart_last[i] else (CART, VIEW)
+            events.append((user, first, "c1", hour + timedelta(minutes=20), hour))
+            events.append((user, second, "c1", hour + timedelta(minutes=40), hour))
+            if buys[i]:
+                events.append((user, PURCHASE, "c1", hour + HOUR + timedelta(minutes=5), hour + HOUR))
+    _stage(settings, events)
+    return snapshots
+
+
+ORDER_SEQUENCE = sequence.SequenceConfig(length=6, gru_units=8, dense_units=8, max_epochs=15, learning_rate=0.01)
+
+
+@pytest.fixture(scope="module")
+def order_lake(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The lake above and the version trained (with the sequence candidates on) and gated at its last hour."""
+    settings = replace(make_settings(tmp_path_factory.mktemp("order")), sequence_candidates=True)
+    hour = _order_lake(settings)[-1]
+    trained = model.train_challenger(
+        settings,
+        hour,
+        force=True,
+        numeric=NUMERIC,
+        categorical=CATEGORICAL,
+        training_config=SMALL,
+        model_config=FAST_NETWORK,
+        sequence_config=ORDER_SEQUENCE,
+        run_id="test",
+    )
+    gated = evaluate.evaluate_and_promote(settings, hour, run_id="test", n_boot=50, importance_rows=200)
+    return {"settings": settings, "hour": hour, "trained": trained, "gated": gated}
+
+
+def test_a_forced_training_with_the_setting_on_trains_and_saves_every_kind(order_lake: dict[str, Any]) -> None:
+    settings, trained = order_lake["settings"], order_lake["trained"]
+    version = trained["version"]
+    directory = Lake(settings.lake).path(MODELS, version)
+
+    assert trained["status"] == "trained"
+    assert model.version_kinds(settings, version) == ["model", "lightgbm", "sequence", "combined", "baseline"]
+    assert {"sequence.keras", "sequence.json", "combined.keras", "combined.json"} <= {
+        f["name"] for f in read_json(directory / MANIFEST)["files"]
+    }
+    metrics = read_json(directory / model.METRICS_FILE)
+    assert {"sequence", "combined", "sequence_uncalibrated", "combined_uncalibrated"} <= set(metrics["eval"])
+    assert set(metrics["training"]["sequences"]) == {"sequence", "combined"}
+    assert set(read_json(directory / model.DECILES_FILE)) == set(model.MODEL_KINDS)
+    # the order of events is the only signal: the encoder finds it, the aggregate network cannot
+    assert metrics["eval"]["sequence"]["auc"] > 0.75 > metrics["eval"]["model"]["auc"] + 0.1
+    card = (directory / model.CARD_FILE).read_text()
+    assert "| sequence |" in card and "| combined |" in card
+
+
+def test_the_gate_promotes_a_sequence_kind_that_wins_on_the_same_rows(order_lake: dict[str, Any]) -> None:
+    settings, gated = order_lake["settings"], order_lake["gated"]
+
+    assert gated["status"] == "promoted", gated["reasons"]
+    assert gated["kind"] in model.SEQUENCE_KINDS and gated["candidate"] == gated["kind"]
+    assert set(gated["candidates"]) == {"network", "lightgbm", "sequence", "combined", "baseline"}
+    assert not gated["candidates"]["network"]["promote"]  # noise features: AUC below the floor
+    evaluation = read_json(Lake(settings.lake).path(MODELS, gated["version"], model.EVALUATION_FILE))
+    assert [c["kind"] for c in evaluation["candidates"]] == list(model.MODEL_KINDS)
+    assert evaluation["rows"] == ORDER_USERS  # every candidate was scored on the same evaluation rows
+    entry = registry.champion_as_of(settings, order_lake["hour"])
+    assert entry is not None and registry.entry_kind(entry) == gated["kind"]
+
+
+def test_scoring_with_a_sequence_champion_reads_the_users_events_at_the_hour(order_lake: dict[str, Any]) -> None:
+    settings, hour, kind = order_lake["settings"], order_lake["hour"], order_lake["gated"]["kind"]
+    lake = Lake(settings.lake)
+
+    summaries = [model.score_profiles(settings, hour, bucket) for bucket in range(2)]
+    scores = model.read_scores(lake, hour)
+
+    assert [s["kind"] for s in summaries] == [kind, kind] and {s["engine"] for s in summaries} == {"keras"}
+    assert set(scores.column(model.MODEL_VERSION).to_pylist()) == {model.kind_label(registry.model_version(hour), kind)}
+    assert scores.num_rows == ORDER_USERS and scores.column(model.PROPENSITY).null_count == 0
+    # the users whose newest event at the hour is the cart are the ones scored high
+    staged = pa.concat_tables(
+        lake.read(STAGING, hour, b) for b in range(settings.buckets) if lake.committed(STAGING, hour, b)
+    )
+    newest = staged.sort_by([("ts", "ascending")]).to_pylist()
+    last_type = {row["user_id"]: row["event_type"] for row in newest}
+    y = np.array([last_type[u] == CART for u in scores.column(USER_ID).to_pylist()], dtype=float)
+    assert evaluate.auc(y, np.asarray(scores.column(model.PROPENSITY))) > 0.9
+    profiles = lake.read(PROFILES, hour, 0).sort_by(USER_ID)
+    loaded = model.load_model(settings, registry.model_version(hour), kind)
+    np.testing.assert_allclose(
+        np.asarray(lake.read(SCORES, hour, 0).column(model.PROPENSITY)), loaded.predict(profiles), rtol=1e-6
+    )
+
+
+def test_the_sequence_setting_is_off_by_default_and_read_from_the_environment() -> None:
+    assert Settings().sequence_candidates is False
+    assert Settings.from_env({"PROFILE_ENGINE_SEQUENCE_CANDIDATES": "true"}).sequence_candidates is True
+    assert Settings.from_env({"PROFILE_ENGINE_SEQUENCE_CANDIDATES": "False"}).sequence_candidates is False
+    with pytest.raises(ValueError, match="PROFILE_ENGINE_SEQUENCE_CANDIDATES"):
+        Settings.from_env({"PROFILE_ENGINE_SEQUENCE_CANDIDATES": "maybe"})

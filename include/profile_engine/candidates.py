@@ -2,9 +2,10 @@
 
 A version holds several scorers trained on the same rows and features: the Keras
 network (the main model), gradient-boosted trees (LightGBM) and the calibrated
-logistic baseline. The gate (``evaluate.choose``) compares each of them with the
+logistic baseline, and when enabled (``Settings.sequence_candidates``) the
+behaviour-sequence encoder alone and combined with the aggregate inputs. The gate (``evaluate.choose``) compares each of them with the
 champion, the baseline and the heuristics on the same evaluation rows and promotes
-at most one. A new scorer (a sequence encoder, say) joins by adding its kind to
+at most one. A new scorer joins by adding its kind to
 ``model.MODEL_KINDS`` (with its loading) and a name here: the gate and the reports
 iterate over candidates and never name them.
 """
@@ -24,9 +25,16 @@ from profile_engine.lake import MODELS, Lake, read_json
 if TYPE_CHECKING:
     from profile_engine.model import LoadedModel
 
-# Candidate name (in evaluation.json, reports and the card) of each model kind, in the order of preference
-# the gate's tie rule uses: the network first (the main model), then the trees, then the baseline.
-CANDIDATE_NAMES: dict[str, str] = {"model": "network", "lightgbm": "lightgbm", "baseline": "baseline"}
+# Candidate name (in evaluation.json, reports and the card) of each model kind. The order of preference the
+# gate's tie rule uses is ``model.MODEL_KINDS``: the network first (the main model), then the trees, the
+# sequence encoder alone and combined with the aggregate inputs (when trained), then the baseline.
+CANDIDATE_NAMES: dict[str, str] = {
+    "model": "network",
+    "lightgbm": "lightgbm",
+    "sequence": "sequence",
+    "combined": "combined",
+    "baseline": "baseline",
+}
 # The candidate every other one is checked against on the primary metric (never worse, no margin).
 BASELINE = "baseline"
 
@@ -35,8 +43,8 @@ BASELINE = "baseline"
 class Candidate:
     """One scorer of a version: its name and kind, calibrated ``predict`` and training-time metrics."""
 
-    name: str  # "network", "lightgbm", "baseline"
-    kind: str  # the ``model.load_model`` kind that scores it: "model", "lightgbm", "baseline"
+    name: str  # "network", "lightgbm", "sequence", "combined", "baseline"
+    kind: str  # the ``model.load_model`` kind that scores it (``model.MODEL_KINDS``)
     model: LoadedModel
     metrics: Mapping[str, float] = field(default_factory=dict)  # metrics.json's eval metrics (calibrated)
 

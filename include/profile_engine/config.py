@@ -46,6 +46,18 @@ def task_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
     return timedelta(minutes=minutes)
 
 
+def _flag(name: str, value: str | None, default: bool) -> bool:
+    """A boolean variable: ``true``/``false`` (also 1/0, yes/no, on/off; any case), else the default when unset."""
+    if value is None:
+        return default
+    text = value.strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{ENV_PREFIX}{name} must be true or false, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a stage needs to know besides the hour it processes."""
@@ -64,6 +76,11 @@ class Settings:
     seed: int = 7
     # Threads of LightGBM training (a fixed count keeps the trees reproducible; docs/model.md).
     model_threads: int = 1
+    # Train the behaviour-sequence candidates (encoder alone and combined) with every challenger. Off by
+    # default: they add about 20-50 s to a training on 2 cores (2-4x the other candidates), a promoted one
+    # imports TensorFlow and reads the users' staged history at every scoring, and on the only real log
+    # measured they beat nothing (docs/model.md, "Sequence encoder").
+    sequence_candidates: bool = False
     # Table sources (docs/sources.md): mapping names read from SQL every hour, and the
     # Airflow Connection id (or SQLAlchemy URL) of those whose mapping names none.
     sql_sources: tuple[str, ...] = ()
@@ -117,6 +134,7 @@ class Settings:
             quarantine_min_rows=int(get("QUARANTINE_MIN_ROWS") or base.quarantine_min_rows),
             seed=int(get("SEED") or base.seed),
             model_threads=int(get("MODEL_THREADS") or base.model_threads),
+            sequence_candidates=_flag("SEQUENCE_CANDIDATES", get("SEQUENCE_CANDIDATES"), base.sequence_candidates),
             sql_sources=tuple(n.strip() for n in (get("SQL_SOURCES") or "").split(",") if n.strip()),
             sql_conn_id=get("SQL_CONN_ID"),
             optout_conn_id=get("OPTOUT_CONN_ID"),

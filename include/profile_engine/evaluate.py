@@ -191,15 +191,26 @@ def ece_interval(
 
 
 def top_share(y: np.ndarray, p: np.ndarray, share: float) -> tuple[float, float]:
-    """``(precision, lift)`` among the ``share`` highest scores (at least one row).
+    """``(precision, lift)`` among the ``share`` highest scores (k = ceil(share * n) rows, at least one).
 
-    Ties are broken by position (a stable sort), so the result is deterministic;
-    lift is precision over the base rate (NaN without positives).
+    Tie-aware: rows scored above the k-th highest score count fully, and the rows tied
+    with it share the remaining places, each counting with the fraction of a place it
+    gets on average (the expected value over every order of the tied rows). So row order
+    never matters, and a scorer that ties every row has precision = base rate and lift
+    exactly 1 (breaking ties by position gave a flat scorer an arbitrary lift, which could
+    fall outside its own bootstrap interval). Lift is precision over the base rate (NaN
+    without positives).
     """
     y = np.asarray(y, dtype=np.float64)
+    scores = np.nan_to_num(np.asarray(p, dtype=np.float64), nan=-np.inf)  # a missing score ranks last
     k = max(1, int(np.ceil(share * y.size)))
-    top = np.argsort(-np.asarray(p, dtype=np.float64), kind="stable")[:k]
-    precision = float(y[top].mean())
+    if k >= y.size:
+        precision = float(y.mean())
+    else:
+        cut = np.partition(scores, y.size - k)[y.size - k]  # the k-th highest score
+        above, tied = scores > cut, scores == cut
+        places = k - int(above.sum())  # places left for the tied rows, 1 .. tied.sum()
+        precision = float((y[above].sum() + y[tied].sum() * places / int(tied.sum())) / k)
     base = float(y.mean())
     return precision, (precision / base if base > 0 else float("nan"))
 

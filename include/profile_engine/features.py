@@ -1442,7 +1442,7 @@ def _read_staged(
         con.close()
 
 
-def _staged_hours(lake: Lake, bucket: int) -> list[datetime]:
+def staged_hours(lake: Lake, bucket: int) -> list[datetime]:
     """Every hour with a committed staging partition of ``bucket``, in order."""
     found = []
     for manifest in lake.path(STAGING).glob(f"dt=*/hour=*/bucket={bucket}/{MANIFEST}"):
@@ -1459,7 +1459,7 @@ def _rebuild_start(lake: Lake, hour: datetime, bucket: int) -> tuple[list[dateti
     nothing is staged at or before ``hour`` or staging has a gap (naming the first
     missing hour).
     """
-    staged = [h for h in _staged_hours(lake, bucket) if h <= hour]
+    staged = [h for h in staged_hours(lake, bucket) if h <= hour]
     if not staged:
         raise FileNotFoundError(f"no staged hour at or before {format_hour(hour)} in bucket {bucket}")
     first = staged[0]

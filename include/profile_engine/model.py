@@ -35,10 +35,10 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +55,9 @@ from profile_engine.registry import BASELINE_FILE, MODEL_FILE, model_version
 from profile_engine.registry import CARD_FILE as CARD_FILE
 from profile_engine.registry import EVALUATION_FILE as EVALUATION_FILE
 from profile_engine.registry import METRICS_FILE as METRICS_FILE
+
+if TYPE_CHECKING:
+    from profile_engine.sequence import SequenceConfig, SequenceModel
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +88,13 @@ DECILE = "propensity_decile"
 MODEL_VERSION = "model_version"
 NO_MODEL = "none"
 BASELINE_SUFFIX = "-baseline"
-# What a version can score with (``load_model``'s kinds): the network, gradient-boosted trees, the baseline.
-MODEL_KINDS: tuple[str, ...] = ("model", "lightgbm", "baseline")
+# The behaviour-sequence encoder over the users' last events, alone and with the aggregate inputs
+# (``profile_engine.sequence``; trained when ``Settings.sequence_candidates`` is on).
+SEQUENCE_KINDS: tuple[str, ...] = ("sequence", "combined")
+# What a version can score with (``load_model``'s kinds), in the gate's order of preference: the network,
+# gradient-boosted trees, the sequence kinds (they cost a TensorFlow import and a staging read at scoring),
+# the baseline.
+MODEL_KINDS: tuple[str, ...] = ("model", "lightgbm", *SEQUENCE_KINDS, "baseline")
 SCORES_SCHEMA = pa.schema(
     [
         pa.field(USER_ID, pa.string()),
@@ -447,6 +455,9 @@ class FittedModels:
     lightgbm: gbm.GBMModel | None = None
     lightgbm_calibration: dict[str, Any] | None = None
     lightgbm_cut_points: list[float] | None = None
+    # The sequence kinds (``SEQUENCE_KINDS``) when trained, each with its calibration; their cut points.
+    sequences: dict[str, SequenceModel] = field(default_factory=dict)
+    sequence_cut_points: dict[str, list[float]] = field(default_factory=dict)
 
 
 # Rows per predict step: Keras' per-step overhead dominated at 4,096 (measured on 164k profiles:
@@ -454,8 +465,28 @@ class FittedModels:
 PREDICT_BATCH = 65_536
 
 
-def _predict(network: Any, inputs: Mapping[str, Any]) -> np.ndarray:
+def predict_network(network: Any, inputs: Mapping[str, Any]) -> np.ndarray:
+    """A Keras network's raw output for an input dict, as a flat float64 array (``PREDICT_BATCH`` rows a step)."""
     return np.asarray(network.predict(dict(inputs), batch_size=PREDICT_BATCH, verbose=0), dtype=np.float64).ravel()
+
+
+def validation_split(train: pa.Table) -> np.ndarray:
+    """True for the rows of the newest training snapshot: the time-based validation (and calibration) slice.
+
+    Every candidate that trains on a version's rows uses it (``fit_models``, ``sequence.train_sequence``).
+    Raises ``labels.InsufficientData`` when the rows hold a single snapshot.
+    """
+    snapshots = train.column(SNAPSHOT_HOUR)
+    is_validation = np.asarray(pc.fill_null(pc.equal(snapshots, pc.max(snapshots)), False), dtype=bool)
+    if is_validation.all():
+        raise labels.InsufficientData("the training rows hold a single snapshot: no time-based validation slice")
+    return is_validation
+
+
+def class_weights(y: np.ndarray) -> dict[int, float]:
+    """Keras class weights that balance the classes of labels ``y`` (each class weighs half of the rows)."""
+    n_pos = max(float(np.sum(y)), 1.0)
+    return {0: y.size / (2 * max(y.size - n_pos, 1.0)), 1: y.size / (2 * n_pos)}
 
 
 def _take(inputs: Mapping[str, Any], mask: np.ndarray) -> dict[str, Any]:
@@ -487,17 +518,13 @@ def fit_models(
     config = config or ModelConfig()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    snapshot_ms = np.asarray(pc.cast(pc.cast(train.column(SNAPSHOT_HOUR), pa.timestamp("ms")), pa.int64()))
-    is_validation = snapshot_ms == snapshot_ms.max()
-    if is_validation.all():
-        raise labels.InsufficientData("the training rows hold a single snapshot: no time-based validation slice")
+    is_validation = validation_split(train)
     y = np.asarray(train.column(labels.LABEL), dtype=np.float32)
     inputs = model_inputs(train, numeric, categorical)
     fit_in, val_in = _take(inputs, ~is_validation), _take(inputs, is_validation)
     fit_y, val_y = y[~is_validation], y[is_validation]
     fit_rows = train.filter(pa.array(~is_validation))
-    n_pos = max(float(fit_y.sum()), 1.0)
-    class_weight = {0: fit_y.size / (2 * max(fit_y.size - n_pos, 1.0)), 1: fit_y.size / (2 * n_pos)}
+    class_weight = class_weights(fit_y)
 
     def fit(network: Any, weights: dict[int, float] | None, learning_rate: float) -> int:
         network.compile(
@@ -528,8 +555,8 @@ def fit_models(
 
     # Both networks are calibrated on the held-out newest slice: the network's class weights distort its
     # output, and the baseline, fitted on older snapshots, misses the slice's base rate (0.33 against 0.16).
-    calibration = fit_calibration(_predict(model, val_in), val_y)
-    baseline_calibration = fit_calibration(_predict(baseline, val_in), val_y)
+    calibration = fit_calibration(predict_network(model, val_in), val_y)
+    baseline_calibration = fit_calibration(predict_network(baseline, val_in), val_y)
     # Gradient-boosted trees on the same rows, validation slice and calibration (the analyst's first try).
     validation_rows = train.filter(pa.array(is_validation))
     trees = gbm.fit_gbm(
@@ -541,8 +568,10 @@ def fit_models(
         baseline=baseline,
         calibration=calibration,
         baseline_calibration=baseline_calibration,
-        cut_points=decile_cut_points(apply_calibration(_predict(model, inputs), calibration)),
-        baseline_cut_points=decile_cut_points(apply_calibration(_predict(baseline, inputs), baseline_calibration)),
+        cut_points=decile_cut_points(apply_calibration(predict_network(model, inputs), calibration)),
+        baseline_cut_points=decile_cut_points(
+            apply_calibration(predict_network(baseline, inputs), baseline_calibration)
+        ),
         numeric=tuple(numeric),
         categorical=tuple(categorical),
         report={
@@ -556,6 +585,38 @@ def fit_models(
         lightgbm_calibration=trees_calibration,
         lightgbm_cut_points=decile_cut_points(apply_calibration(trees.predict(train), trees_calibration)),
     )
+
+
+def fit_sequences(
+    settings: Settings,
+    fitted: FittedModels,
+    train: pa.Table,
+    *,
+    config: SequenceConfig | None = None,
+    model_config: ModelConfig | None = None,
+) -> None:
+    """Fit the sequence kinds on the rows ``fitted`` was fitted on and add them (with cut points) to it.
+
+    The users' sequences are read from staging once for both kinds; the combined kind uses
+    the aggregate features of ``fitted``. Imports TensorFlow (as training does anyway).
+    """
+    from profile_engine import sequence
+
+    sequences = sequence.sequence_inputs(settings, train, config)
+    for kind in SEQUENCE_KINDS:
+        trained = sequence.train_sequence(
+            settings,
+            train,
+            kind=kind,
+            numeric=fitted.numeric,
+            categorical=fitted.categorical,
+            config=config,
+            model_config=model_config,
+            sequences=sequences,
+        )
+        fitted.sequences[kind] = trained
+        fitted.sequence_cut_points[kind] = decile_cut_points(trained.predict(train, sequences))
+        fitted.report.setdefault("sequences", {})[kind] = trained.report
 
 
 # ---- the model directory -------------------------------------------------------------------------------------------
@@ -591,8 +652,14 @@ def model_card(
         "",
         f"Purchase propensity: the probability that a user purchases within {horizon} h after the end of a "
         "profile snapshot. Candidates, each with Platt calibration on the newest training snapshot: the Keras "
-        "network with its own preprocessing (the main model), gradient-boosted trees (LightGBM) and the "
-        "baseline, logistic regression on the network's preprocessing; the gate promotes at most one.",
+        "network with its own preprocessing (the main model), gradient-boosted trees (LightGBM)"
+        + (
+            ", the behaviour-sequence encoder over each user's last events alone (sequence) and with the "
+            "network's inputs (combined)"
+            if any(kind in metrics.get("eval", {}) for kind in SEQUENCE_KINDS)
+            else ""
+        )
+        + " and the baseline, logistic regression on the network's preprocessing; the gate promotes at most one.",
         "",
         "## Data",
         "",
@@ -796,8 +863,8 @@ def write_model_dir(
     lake = Lake(settings.lake)
     eval_inputs = model_inputs(training.eval, fitted.numeric, fitted.categorical)
     y = np.asarray(training.eval.column(labels.LABEL), dtype=np.float64)
-    raw = _predict(fitted.model, eval_inputs)
-    baseline_raw = _predict(fitted.baseline, eval_inputs)
+    raw = predict_network(fitted.model, eval_inputs)
+    baseline_raw = predict_network(fitted.baseline, eval_inputs)
     metrics = {
         "eval": {
             "model": evaluate.metrics(y, apply_calibration(raw, fitted.calibration)),
@@ -811,6 +878,15 @@ def write_model_dir(
         trees_raw = fitted.lightgbm.predict(training.eval)
         metrics["eval"]["lightgbm"] = evaluate.metrics(y, apply_calibration(trees_raw, fitted.lightgbm_calibration))
         metrics["eval"]["lightgbm_uncalibrated"] = evaluate.metrics(y, trees_raw)
+    encoder_files: dict[str, bytes] = {}
+    if fitted.sequences:
+        from profile_engine import sequence
+
+        eval_sequences = sequence.sequence_inputs(settings, training.eval, next(iter(fitted.sequences.values())).config)
+        for kind, trained in fitted.sequences.items():
+            sequence_raw = trained.predict_raw(training.eval, eval_sequences)
+            metrics["eval"][kind] = evaluate.metrics(y, apply_calibration(sequence_raw, trained.calibration))
+            metrics["eval"][f"{kind}_uncalibrated"] = evaluate.metrics(y, sequence_raw)
     fitted_on = training.summary()["train_snapshots"][-1]
     calibrations: dict[str, Any] = {
         **fitted.calibration,
@@ -823,6 +899,7 @@ def write_model_dir(
         calibrations["lightgbm"] = {**(fitted.lightgbm_calibration or {}), "fitted_on": fitted_on}
         cut_points["lightgbm"] = fitted.lightgbm_cut_points
         tree_files = fitted.lightgbm.files()
+    cut_points.update(fitted.sequence_cut_points)
     features = {"numeric": list(fitted.numeric), "categorical": list(fitted.categorical), "label": labels.LABEL}
     training_info = {
         **training.summary(),
@@ -834,6 +911,8 @@ def write_model_dir(
     try:
         networks = {"model": fitted.model, "baseline": fitted.baseline}
         saved = {kind: _keras_bytes(networks[kind], scratch, name) for kind, name in NETWORK_FILES.items()}
+        for trained in fitted.sequences.values():
+            encoder_files.update(sequence.sequence_files(trained, scratch))
         files = [
             (MODEL_FILE, saved["model"]),
             (BASELINE_FILE, saved["baseline"]),
@@ -850,6 +929,7 @@ def write_model_dir(
                 ).items()
             ],
             *tree_files.items(),
+            *encoder_files.items(),
             (CALIBRATION_FILE, _json_bytes(calibrations)),
             (DECILES_FILE, _json_bytes(cut_points)),
             (FEATURES_FILE, _json_bytes(features)),
@@ -905,7 +985,7 @@ def inference_files(
     if check_rows is not None and check_rows.num_rows:
         rows = check_rows.slice(0, EXPORT_CHECK_ROWS)
         exported = inference.InferenceNetwork.from_bytes(files[spec_name], files[weights_name])
-        expected = _predict(network, model_inputs(rows, numeric, categorical))
+        expected = predict_network(network, model_inputs(rows, numeric, categorical))
         actual = exported.predict(numpy_inputs(rows, numeric, categorical)).astype(np.float64)
         worst = float(np.max(np.abs(expected - actual)))
         if not worst <= EXPORT_TOLERANCE:
@@ -975,11 +1055,12 @@ class LoadedModel:
 
     ``network`` is an ``inference.InferenceNetwork`` (numpy, no TensorFlow) when
     the version holds the export, else the Keras model; for kind ``lightgbm`` a
-    ``gbm.GBMModel`` (LightGBM, no TensorFlow either).
+    ``gbm.GBMModel`` (LightGBM, no TensorFlow either); for the ``SEQUENCE_KINDS`` a
+    ``sequence.SequenceScorer`` (Keras, reading each row's events from staging).
     """
 
     version: str
-    kind: str  # one of MODEL_KINDS: "model" (the network), "lightgbm" or "baseline"
+    kind: str  # one of MODEL_KINDS: "model" (the network), "lightgbm", "sequence", "combined" or "baseline"
     network: Any
     calibration: dict[str, Any] | None
     cut_points: tuple[float, ...]
@@ -993,22 +1074,31 @@ class LoadedModel:
 
     @property
     def engine(self) -> str:
-        """``numpy`` (the inference export), ``keras`` (the fallback) or ``lightgbm``."""
+        """``numpy`` (the inference export), ``keras`` (the fallback and the sequence kinds) or ``lightgbm``."""
         if isinstance(self.network, gbm.GBMModel):
             return "lightgbm"
         return "numpy" if isinstance(self.network, inference.InferenceNetwork) else "keras"
 
+    @property
+    def columns(self) -> list[str]:
+        """The profile columns ``predict`` reads: the user and the features (and the snapshot hour, whose
+        cutoff the sequence kinds read the user's events up to)."""
+        keys = [USER_ID, SNAPSHOT_HOUR] if self.kind in SEQUENCE_KINDS else [USER_ID]
+        return list(dict.fromkeys([*keys, *self.numeric, *self.categorical]))
+
     def predict(self, table: pa.Table) -> np.ndarray:
-        """Purchase probabilities (float64) for profile rows."""
+        """Purchase probabilities (float64) for profile rows (with ``SNAPSHOT_HOUR`` for the sequence kinds)."""
         if table.num_rows == 0:
             return np.zeros(0, dtype=np.float64)
-        if isinstance(self.network, gbm.GBMModel):
+        if self.kind in SEQUENCE_KINDS:
+            raw = self.network.predict_raw(table)
+        elif isinstance(self.network, gbm.GBMModel):
             raw = self.network.predict(table)
         elif isinstance(self.network, inference.InferenceNetwork):
             inputs = numpy_inputs(table, self.numeric, self.categorical)
             raw = self.network.predict(inputs).astype(np.float64)
         else:
-            raw = _predict(self.network, model_inputs(table, self.numeric, self.categorical))
+            raw = predict_network(self.network, model_inputs(table, self.numeric, self.categorical))
         return apply_calibration(raw, self.calibration)
 
 
@@ -1055,12 +1145,14 @@ def _lightgbm(path: Path) -> gbm.GBMModel:
 
 
 def version_kinds(settings: Settings, version: str) -> list[str]:
-    """The kinds a committed version can score with, in ``MODEL_KINDS`` order (older versions: no lightgbm)."""
+    """The kinds a committed version can score with, in ``MODEL_KINDS`` order (older versions: no lightgbm;
+    the sequence kinds only when they were trained)."""
     listed = {f["name"] for f in read_json(Lake(settings.lake).path(MODELS, version, MANIFEST))["files"]}
     present = {
         "model": MODEL_FILE in listed,
         "lightgbm": gbm.LIGHTGBM_FILE in listed,
         "baseline": BASELINE_FILE in listed,
+        **{kind: sequence_file_names(kind)[0] in listed for kind in SEQUENCE_KINDS},
     }
     return [kind for kind in MODEL_KINDS if present[kind]]
 
@@ -1099,16 +1191,41 @@ def _load(directory: str, kind: str, stamp: str) -> LoadedModel:
     )
 
 
+def sequence_file_names(kind: str) -> tuple[str, str]:
+    """``(network, metadata)`` file names of a sequence kind in a model version directory."""
+    return f"{kind}.keras", f"{kind}.json"
+
+
+@functools.lru_cache(maxsize=2)
+def _load_sequence(settings: Settings, directory: str, kind: str, stamp: str) -> LoadedModel:
+    from profile_engine import sequence
+
+    path = Path(directory)
+    fitted = sequence.load_sequence(settings, path.name, kind)  # imports TensorFlow: no numpy export of the GRU
+    return LoadedModel(
+        version=path.name,
+        kind=kind,
+        network=sequence.SequenceScorer(settings, fitted),
+        calibration=fitted.calibration,
+        cut_points=tuple(read_json(path / DECILES_FILE)[kind]),
+        numeric=fitted.numeric,
+        categorical=fitted.categorical,
+    )
+
+
 def load_model(settings: Settings, version: str, kind: str = "model") -> LoadedModel:
     """Load a version's scorer (``kind`` one of ``MODEL_KINDS``) once per process.
 
     The cache key includes the manifest's modification time, so a retrained (rewritten)
-    version is loaded afresh.
+    version is loaded afresh. Only the ``SEQUENCE_KINDS`` import TensorFlow (and read
+    staging when they predict); the others never do when the version holds its exports.
     """
     if kind not in MODEL_KINDS:
         raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
     directory = Lake(settings.lake).path(MODELS, version)
     stamp = str((directory / MANIFEST).stat().st_mtime_ns)
+    if kind in SEQUENCE_KINDS:
+        return _load_sequence(settings, str(directory), kind, stamp)
     return _load(str(directory), kind, stamp)
 
 
@@ -1228,10 +1345,12 @@ def train_version(
     *,
     training_config: labels.TrainingConfig | None = None,
     model_config: ModelConfig | None = None,
+    sequence_config: SequenceConfig | None = None,
     run_id: str = "manual",
 ) -> dict[str, Any]:
     """Build the training set of ``hour``, fit, and write ``models/<version>/``; a summary dict.
 
+    The sequence kinds are fitted on the same rows when ``settings.sequence_candidates`` is on.
     Returns ``{"status": "skipped", "reason": ...}`` when the data cannot support a model.
     """
     hour = floor_hour(hour)
@@ -1246,6 +1365,8 @@ def train_version(
             seed=settings.seed,
             threads=settings.model_threads,
         )
+        if settings.sequence_candidates:
+            fit_sequences(settings, fitted, training.train, config=sequence_config, model_config=model_config)
     except labels.InsufficientData as reason:
         return {"status": "skipped", "reason": f"not enough final labelled examples: {reason}"}
     metrics = write_model_dir(settings, version, fitted, training, hour, run_id)
@@ -1269,6 +1390,7 @@ def train_challenger(
     categorical: Sequence[str] = CATEGORICAL_FEATURES,
     training_config: labels.TrainingConfig | None = None,
     model_config: ModelConfig | None = None,
+    sequence_config: SequenceConfig | None = None,
 ) -> dict[str, Any]:
     """Stage: train the challenger of ``hour`` when retraining is due (or forced); a small summary.
 
@@ -1287,6 +1409,7 @@ def train_challenger(
         categorical,
         training_config=training_config,
         model_config=model_config,
+        sequence_config=sequence_config,
         run_id=run_id,
     )
 
@@ -1302,8 +1425,8 @@ def score_profiles(settings: Settings, hour: datetime, bucket: int, *, run_id: s
     if not labels.profile_committed(lake, hour):
         raise FileNotFoundError(f"profile snapshot of {format_hour(hour)} is not committed; publish_profiles first")
     model = scoring_model(settings, hour)
-    columns = [USER_ID] if model is None else [USER_ID, *model.numeric, *model.categorical]
-    scores = score_table(lake.read(PROFILES, hour, bucket, columns=list(dict.fromkeys(columns))), model, heuristic=True)
+    columns = [USER_ID] if model is None else model.columns
+    scores = score_table(lake.read(PROFILES, hour, bucket, columns=columns), model, heuristic=True)
     champion = registry.champion_as_of(settings, hour) is not None
     kind = "heuristic" if model is None else ("champion" if champion else "baseline")
     lake.write_partition(

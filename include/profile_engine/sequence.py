@@ -28,11 +28,12 @@ functions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,13 @@ import pyarrow.compute as pc
 
 from profile_engine import db, labels, model
 from profile_engine.config import Settings
-from profile_engine.features import SNAPSHOT_HOUR, USER_ID
+from profile_engine.features import SNAPSHOT_HOUR, USER_ID, staged_hours
 from profile_engine.hours import HOUR, floor_hour
 from profile_engine.lake import MODELS, STAGING, Lake, read_json
 from profile_engine.schema import EVENT_TYPES, bucket_sql, md5_modulo_sql
 
 # The two kinds: the encoder alone, and the encoder concatenated with the aggregate network's inputs.
-KINDS = ("sequence", "combined")
+KINDS = model.SEQUENCE_KINDS
 
 # Input names of the sequence branch (the aggregate ones are model.NUMERIC_INPUT and model.CATEGORICAL_PREFIX...).
 TYPE_INPUT = "seq_event_type"
@@ -104,12 +105,6 @@ class SequenceInputs:
         return SequenceInputs(self.event_type[rows], self.category[rows], self.time[rows], self.mask[rows])
 
 
-def _staged_hours(lake: Lake, bucket: int) -> list[datetime]:
-    from profile_engine.features import _staged_hours as staged_hours
-
-    return staged_hours(lake, bucket)
-
-
 def sequence_inputs(settings: Settings, examples: pa.Table, config: SequenceConfig | None = None) -> SequenceInputs:
     """Each example's last ``config.length`` staged events before its snapshot's cutoff, as arrays.
 
@@ -129,14 +124,12 @@ def sequence_inputs(settings: Settings, examples: pa.Table, config: SequenceConf
     if n == 0:
         return SequenceInputs(event_type, category, time, mask)
     lake = Lake(settings.lake)
-    snapshot_ms = labels._epoch_ms(examples.column(SNAPSHOT_HOUR))
     hour_ms = HOUR // timedelta(milliseconds=1)
     keys = pa.table(
         {
             "idx": pa.array(np.arange(n, dtype=np.int64)),
             "uid": pc.cast(examples.column(USER_ID), pa.string()),
-            "end_ms": pa.array(snapshot_ms + hour_ms),
-            "staged_limit": pa.array(snapshot_ms // hour_ms),  # epoch hour of S: staged at or before it
+            "snapshot": pc.cast(examples.column(SNAPSHOT_HOUR), pa.timestamp("ms", tz="UTC")),
         }
     )
     newest = floor_hour(max(examples.column(SNAPSHOT_HOUR).to_pylist()))
@@ -145,11 +138,18 @@ def sequence_inputs(settings: Settings, examples: pa.Table, config: SequenceConf
     con = db.connect(settings)
     try:
         con.register("keys_all", keys)
-        con.execute(f"CREATE TEMP TABLE keys AS SELECT *, {bucket_sql('uid', settings.buckets)} AS b FROM keys_all")
+        # end E = S + 1h in epoch ms, and the epoch hour of S (events staged at or before it were known at S)
+        con.execute(
+            f"""CREATE TEMP TABLE keys AS
+            SELECT idx, uid, epoch_ms(snapshot) + {hour_ms} AS end_ms, epoch_ms(snapshot) // {hour_ms} AS staged_limit,
+                   {bucket_sql("uid", settings.buckets)} AS b
+            FROM keys_all"""
+        )
+        buckets = sorted(int(b) for (b,) in con.execute("SELECT DISTINCT b FROM keys").fetchall())
         parts = []
-        for bucket in range(settings.buckets):
+        for bucket in buckets:  # only the buckets of the examples (scoring reads one bucket's users)
             files = [
-                str(f) for h in _staged_hours(lake, bucket) if h <= newest for f in lake.data_files(STAGING, h, bucket)
+                str(f) for h in staged_hours(lake, bucket) if h <= newest for f in lake.data_files(STAGING, h, bucket)
             ]
             if not files:
                 continue
@@ -270,7 +270,7 @@ class SequenceModel:
         """The network's uncalibrated output."""
         if rows.num_rows == 0:
             return np.zeros(0, dtype=np.float64)
-        return model._predict(self.network, self.inputs(rows, sequences))
+        return model.predict_network(self.network, self.inputs(rows, sequences))
 
     def predict(self, rows: pa.Table, sequences: SequenceInputs) -> np.ndarray:
         """Calibrated purchase probabilities (float64) of profile rows whose sequences are ``sequences``."""
@@ -282,13 +282,39 @@ def predict(settings: Settings, fitted: SequenceModel, rows: pa.Table) -> np.nda
     return fitted.predict(rows, sequence_inputs(settings, rows, fitted.config))
 
 
-def _validation_split(train: pa.Table) -> np.ndarray:
-    """True for rows of the newest training snapshot (the time-based validation slice of ``model.fit_models``)."""
-    snapshot_ms = labels._epoch_ms(train.column(SNAPSHOT_HOUR))
-    is_validation = snapshot_ms == snapshot_ms.max()
-    if is_validation.all():
-        raise labels.InsufficientData("the training rows hold a single snapshot: no time-based validation slice")
-    return np.asarray(is_validation)
+def _examples_key(rows: pa.Table) -> str:
+    """A digest of the rows' users and snapshot hours: which sequences ``sequence_inputs`` would read."""
+    digest = hashlib.sha256()
+    digest.update("\x00".join(pc.cast(rows.column(USER_ID), pa.string()).to_pylist()).encode())
+    hours = pc.cast(pc.cast(rows.column(SNAPSHOT_HOUR), pa.timestamp("ms", tz="UTC")), pa.int64())
+    digest.update(np.asarray(pc.fill_null(hours, 0), dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(eq=False)
+class SequenceScorer:
+    """A saved encoder as a version's scorer (``model.LoadedModel.network`` of the sequence kinds).
+
+    Profile rows in, raw scores out: the rows' sequences are read from staging at each row's
+    snapshot cutoff (``sequence_inputs``). The last rows' sequences are kept, so scoring the
+    same users and hours again (permutation importance shuffles feature columns only) reads
+    staging once.
+    """
+
+    settings: Settings
+    fitted: SequenceModel
+    _cached: tuple[str, SequenceInputs] | None = field(default=None, repr=False)
+
+    def sequences(self, rows: pa.Table) -> SequenceInputs:
+        """The sequences of ``rows`` (``USER_ID``, ``SNAPSHOT_HOUR``), from the cache when the rows are the same."""
+        key = _examples_key(rows)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, sequence_inputs(self.settings, rows, self.fitted.config))
+        return self._cached[1]
+
+    def predict_raw(self, rows: pa.Table) -> np.ndarray:
+        """The encoder's uncalibrated output for profile rows (calibration is ``model.LoadedModel``'s)."""
+        return self.fitted.predict_raw(rows, self.sequences(rows))
 
 
 def train_sequence(
@@ -319,7 +345,7 @@ def train_sequence(
     model_config = model_config or model.ModelConfig()
     keras.utils.set_random_seed(settings.seed)
     tf.config.experimental.enable_op_determinism()
-    is_validation = _validation_split(train)
+    is_validation = model.validation_split(train)
     sequences = sequences if sequences is not None else sequence_inputs(settings, train, config)
     y = np.asarray(train.column(labels.LABEL), dtype=np.float32)
     fit_rows, val_rows = train.filter(pa.array(~is_validation)), train.filter(pa.array(is_validation))
@@ -333,8 +359,7 @@ def train_sequence(
     )
     fit_in = fitted.inputs(fit_rows, sequences.take(~is_validation))
     val_in = fitted.inputs(val_rows, sequences.take(is_validation))
-    n_pos = max(float(fit_y.sum()), 1.0)
-    class_weight = {0: fit_y.size / (2 * max(fit_y.size - n_pos, 1.0)), 1: fit_y.size / (2 * n_pos)}
+    class_weight = model.class_weights(fit_y)
     network.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
         loss="binary_crossentropy",
@@ -354,7 +379,7 @@ def train_sequence(
         shuffle=True,
         verbose=0,
     )
-    fitted.calibration = model.fit_calibration(model._predict(network, val_in), val_y)
+    fitted.calibration = model.fit_calibration(model.predict_network(network, val_in), val_y)
     fitted.report = {
         "fit_rows": int(fit_y.size),
         "validation_rows": int(val_y.size),
@@ -366,14 +391,9 @@ def train_sequence(
 
 
 # ---- saving and loading ------------------------------------------------------------------------------------------------
-def file_names(kind: str) -> tuple[str, str]:
-    """``(network, metadata)`` file names of a kind in a model version directory."""
-    return f"{kind}.keras", f"{kind}.json"
-
-
 def sequence_files(fitted: SequenceModel, scratch: Path) -> dict[str, bytes]:
     """The saved network and its metadata (kind, config, features, calibration, report) as files."""
-    network_name, meta_name = file_names(fitted.kind)
+    network_name, meta_name = model.sequence_file_names(fitted.kind)
     path = scratch / network_name
     fitted.network.save(path)
     meta = {
@@ -405,7 +425,7 @@ def load_sequence(settings: Settings, version: str, kind: str = "sequence") -> S
     import keras
 
     directory = Lake(settings.lake).path(MODELS, version)
-    network_name, meta_name = file_names(kind)
+    network_name, meta_name = model.sequence_file_names(kind)
     meta: Mapping[str, Any] = read_json(directory / meta_name)
     network = keras.saving.load_model(directory / network_name, custom_objects=model.custom_layers())
     return SequenceModel(
