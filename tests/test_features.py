@@ -554,10 +554,12 @@ def reference_profiles(rows: list[dict[str, Any]], end: datetime) -> dict[str, d
             got[F.last_at_column(t)] = max(times, default=None)
         got[F.FIRST_SEEN_AT] = min(e["ts"] for e in evs)
         got[F.LAST_SEEN_AT] = max(e["ts"] for e in evs)
-        # Net spend: purchase lines plus refund lines (staged with negative quantities), each rounded
-        # to cents half away from zero; unknown (None) when none of the user's events carries a price.
+        # Net spend: purchase lines minus refund lines (staging makes refund quantities negative,
+        # whatever sign a landing file gave), each rounded to cents half away from zero; unknown
+        # (None) when none of the user's events carries a price.
         cents = [
-            math.copysign(math.floor(abs((e["price"] or 0.0) * e["quantity"]) * 100 + 0.5), e["quantity"])
+            (-1 if e["event_type"] == "refund" else 1)
+            * math.floor(abs((e["price"] or 0.0) * e["quantity"]) * 100 + 0.5)
             for e in evs
             if e["event_type"] in ("purchase", "refund")
         ]

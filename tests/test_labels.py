@@ -82,6 +82,7 @@ def write_events(lake: Lake, events: Sequence[tuple[str, str, datetime, datetime
                 "order_id": [None] * n,
                 "ts": pa.array([r[2] for r in rows], TS),
                 "session_id": [None] * n,
+                "local_hour": pa.array([r[2].hour for r in rows], pa.int8()),  # a shop in UTC
                 "bucket": pa.array([0] * n, pa.int32()),
             },
             schema=STAGED_SCHEMA,
@@ -409,7 +410,7 @@ def _with_buckets(table: pa.Table, buckets: int) -> pa.Table:
     con.register("t", table)
     out = con.sql(f"SELECT *, {bucket_sql('user_id', buckets)} AS bucket FROM t").to_arrow_table()
     con.close()
-    return out.select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+    return F.with_local_hour(out, "UTC").select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,7 @@ def _stage(settings: Settings, events: list[tuple[str, str, str | None, datetime
                 "order_id": [None] * n,
                 "ts": pa.array([r[3] for r in rows], TS),
                 "session_id": [None] * n,
+                "local_hour": pa.array([r[3].hour for r in rows], pa.int8()),  # a shop in UTC
                 "bucket": pa.array([bucket] * n, pa.int32()),
             },
             schema=STAGED_SCHEMA,
