@@ -495,6 +495,43 @@ def _take(inputs: Mapping[str, Any], mask: np.ndarray) -> dict[str, Any]:
     return {k: (v[mask] if isinstance(v, np.ndarray) else tf.boolean_mask(v, mask)) for k, v in inputs.items()}
 
 
+def fit_network(
+    network: Any,
+    fit: tuple[Any, np.ndarray],
+    validation: tuple[Any, np.ndarray],
+    class_weight: dict[int, float] | None,
+    learning_rate: float,
+    config: Any,
+) -> int:
+    """Train a Keras binary classifier with early stopping on the validation slice's AUC; returns the epochs run.
+
+    ``config`` carries ``patience``, ``max_epochs`` and ``batch_size`` (``ModelConfig`` or a sequence config);
+    the best weights are restored. Shared by the aggregate network, its baseline and the sequence encoders.
+    """
+    import keras
+
+    network.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.AUC(name="auc")],
+    )
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_auc", mode="max", patience=config.patience, restore_best_weights=True
+    )
+    history = network.fit(
+        fit[0],
+        fit[1],
+        validation_data=validation,
+        epochs=config.max_epochs,
+        batch_size=config.batch_size,
+        class_weight=class_weight,
+        callbacks=[stop],
+        shuffle=True,
+        verbose=0,
+    )
+    return len(history.history["loss"])
+
+
 def fit_models(
     train: pa.Table,
     numeric: Sequence[str],
@@ -526,32 +563,12 @@ def fit_models(
     fit_rows = train.filter(pa.array(~is_validation))
     class_weight = class_weights(fit_y)
 
-    def fit(network: Any, weights: dict[int, float] | None, learning_rate: float) -> int:
-        network.compile(
-            optimizer=keras.optimizers.Adam(learning_rate),
-            loss="binary_crossentropy",
-            metrics=[keras.metrics.AUC(name="auc")],
-        )
-        stop = keras.callbacks.EarlyStopping(
-            monitor="val_auc", mode="max", patience=config.patience, restore_best_weights=True
-        )
-        history = network.fit(
-            fit_in,
-            fit_y,
-            validation_data=(val_in, val_y),
-            epochs=config.max_epochs,
-            batch_size=config.batch_size,
-            class_weight=weights,
-            callbacks=[stop],
-            shuffle=True,
-            verbose=0,
-        )
-        return len(history.history["loss"])
-
     model = build_network(fit_rows, numeric, categorical, config, logistic=False)
-    model_epochs = fit(model, class_weight, config.learning_rate)
+    model_epochs = fit_network(model, (fit_in, fit_y), (val_in, val_y), class_weight, config.learning_rate, config)
     baseline = build_network(fit_rows, numeric, categorical, config, logistic=True)
-    baseline_epochs = fit(baseline, None, config.baseline_learning_rate)
+    baseline_epochs = fit_network(
+        baseline, (fit_in, fit_y), (val_in, val_y), None, config.baseline_learning_rate, config
+    )
 
     # Both networks are calibrated on the held-out newest slice: the network's class weights distort its
     # output, and the baseline, fitted on older snapshots, misses the slice's base rate (0.33 against 0.16).

@@ -360,32 +360,14 @@ def train_sequence(
     fit_in = fitted.inputs(fit_rows, sequences.take(~is_validation))
     val_in = fitted.inputs(val_rows, sequences.take(is_validation))
     class_weight = model.class_weights(fit_y)
-    network.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss="binary_crossentropy",
-        metrics=[keras.metrics.AUC(name="auc")],
-    )
-    stop = keras.callbacks.EarlyStopping(
-        monitor="val_auc", mode="max", patience=config.patience, restore_best_weights=True
-    )
-    history = network.fit(
-        fit_in,
-        fit_y,
-        validation_data=(val_in, val_y),
-        epochs=config.max_epochs,
-        batch_size=config.batch_size,
-        class_weight=class_weight,
-        callbacks=[stop],
-        shuffle=True,
-        verbose=0,
-    )
+    epochs = model.fit_network(network, (fit_in, fit_y), (val_in, val_y), class_weight, config.learning_rate, config)
     fitted.calibration = model.fit_calibration(model.predict_network(network, val_in), val_y)
     fitted.report = {
         "fit_rows": int(fit_y.size),
         "validation_rows": int(val_y.size),
         "eval_rows": None if eval is None else eval.num_rows,
         "class_weight": {str(k): v for k, v in class_weight.items()},
-        "epochs": len(history.history["loss"]),
+        "epochs": epochs,
     }
     return fitted
 
