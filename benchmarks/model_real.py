@@ -101,7 +101,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if trained["status"] == "trained":
             version = trained["version"]
             decision = evaluate.evaluate_and_promote(settings, hour, run_id="model-real", n_boot=args.n_boot)
-            _, rows, _ = labels.read_training_set(settings, version)
+            _, rows, training = labels.read_training_set(settings, version)
             y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
             per_scorer = {}
             for name, p in _scorers(settings, version, rows).items():
@@ -116,6 +116,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             versions.append(
                 {
                     "version": version,
+                    "train_snapshots": len(training["train_snapshots"]),
+                    "reconstructed_snapshots": len(training.get("snapshots_reconstructed", [])),
+                    "train_rows": training["train_rows"],
+                    "train_positives": training["train_positives"],
                     "eval_rows": int(y.size),
                     "eval_positives": int(y.sum()),
                     "base_rate": round(float(y.mean()), 4),
