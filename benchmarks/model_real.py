@@ -128,7 +128,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if trained["status"] == "trained":
             version = trained["version"]
             decision = evaluate.evaluate_and_promote(settings, hour, run_id="model-real", n_boot=args.n_boot)
-            _, rows, _ = labels.read_training_set(settings, version)
+            _, rows, training = labels.read_training_set(settings, version)
             y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
             scorers = _scorers(settings, version, rows)
             raw = {name: p for name, (p, _) in scorers.items()}
@@ -143,6 +143,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             versions.append(
                 {
                     "version": version,
+                    "train_snapshots": len(training["train_snapshots"]),
+                    "reconstructed_snapshots": len(training.get("snapshots_reconstructed", [])),
+                    "train_rows": training["train_rows"],
+                    "train_positives": training["train_positives"],
                     "eval_rows": int(y.size),
                     "eval_positives": int(y.sum()),
                     "base_rate": round(float(y.mean()), 4),

@@ -23,7 +23,7 @@ from profile_engine import features as F
 from profile_engine import labels
 from profile_engine.config import Settings
 from profile_engine.features import SNAPSHOT_HOUR, USER_ID
-from profile_engine.hours import HOUR, format_hour
+from profile_engine.hours import HOUR, format_hour, hour_range
 from profile_engine.lake import MANIFEST, PROFILES, STAGING, TRAINING, Lake, read_json, write_json
 from profile_engine.schema import EVENT_SCHEMA, PURCHASE, STAGED_SCHEMA, VIEW, bucket_sql
 
@@ -364,24 +364,22 @@ def test_rows_without_engine_columns_pass_the_first_checks_and_are_not_recompute
 ENGINE_HOURS = 8
 
 
-def engine_lake(tmp_path: Path, users: int = 40) -> Settings:
-    """A lake the engine built hour by hour from staged events, with late arrivals and held-back events.
+def engine_events(settings: Settings, hours: int, users: int = 40, seed: int = 5) -> list[pa.Table]:
+    """Staged events (with their bucket) of ``hours`` processing hours from T0, the same for a seed.
 
     Each hour stages events of its own hour, events up to 2 h old (late, within the lateness)
-    and events up to 5 minutes ahead (clock skew: held back until their hour). Snapshots are
-    committed with an hour-level marker as ``publish_profiles`` writes it (no RFM: not checked).
+    and events up to 5 minutes ahead (clock skew: held back until their hour).
     """
-    settings = replace(make_settings(tmp_path), buckets=2, start=T0)
-    lake = Lake(settings.lake)
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed)
     names = [f"u{i:03d}" for i in range(users)]
-    for h in range(ENGINE_HOURS):
+    out = []
+    for h in range(hours):
         hour = T0 + h * HOUR
         offsets = rng.choice([0, 0, 0, -60, -110, 58], size=30)  # minutes from the hour start
         rows = [
             {
                 "event_id": f"h{h}e{i}",
-                "user_id": names[int(rng.integers(0, users - 5 + h // 2))],  # newcomers appear later
+                "user_id": names[int(rng.integers(0, min(users, users - 5 + h // 2)))],  # newcomers appear later
                 "event_type": str(rng.choice(["view", "view", "cart", "purchase", "fav", "remove_cart"])),
                 "item_id": f"i{int(rng.integers(0, 4))}",
                 "category_id": f"c{int(rng.integers(0, 3))}",
@@ -394,10 +392,28 @@ def engine_lake(tmp_path: Path, users: int = 40) -> Settings:
             }
             for i, off in enumerate(offsets)
         ]
-        table = pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)
-        bucketed = _with_buckets(table, settings.buckets)
+        out.append(_with_buckets(pa.Table.from_pylist(rows, schema=EVENT_SCHEMA), settings.buckets))
+    return out
+
+
+def stage(settings: Settings, hour: datetime, events: pa.Table) -> None:
+    """Write one processing hour's staged events, one partition per bucket (empty ones too)."""
+    lake = Lake(settings.lake)
+    for b in range(settings.buckets):
+        lake.write_partition(STAGING, hour, events.filter(pc.equal(events.column("bucket"), b)), bucket=b)
+
+
+def engine_lake(tmp_path: Path, users: int = 40) -> Settings:
+    """A lake the engine built hour by hour from staged events (``engine_events``), with late arrivals and held-back events.
+
+    Snapshots are committed with an hour-level marker as ``publish_profiles`` writes it (no RFM: not checked).
+    """
+    settings = replace(make_settings(tmp_path), buckets=2, start=T0)
+    lake = Lake(settings.lake)
+    for h, events in enumerate(engine_events(settings, ENGINE_HOURS, users)):
+        hour = T0 + h * HOUR
+        stage(settings, hour, events)
         for b in range(settings.buckets):
-            lake.write_partition(STAGING, hour, bucketed.filter(pc.equal(bucketed.column("bucket"), b)), bucket=b)
             F.build_profiles(settings, hour, b)
         write_json(lake.partition(PROFILES, hour) / MANIFEST, {"data_hour": format_hour(hour)})
     return settings
@@ -495,3 +511,127 @@ def test_build_training_set_recomputes_a_sample_and_fails_on_a_leaking_committed
     assert manifest["leakage_check"]["rows"] == 10 * (len(clean.train_snapshots) + 1)
     with pytest.raises(labels.LeakageError, match="count_view_24h"):
         labels.build_training_set(settings, T0 + 7 * HOUR, "v2", config=replace(config, leakage_users=1000))
+
+
+# ---- examples at hours without a committed snapshot ---------------------------------------------------------------
+POINT_HOURS = 16
+CHECKPOINT_EVERY = 4  # the "daily" lake commits hours 3, 7, 11 and 15
+
+
+def hourly_and_checkpoint_lakes(tmp_path: Path) -> tuple[Settings, Settings]:
+    """Two lakes over the same staged events: one built and published every hour (the reference), one
+    built in bulk with a checkpoint every ``CHECKPOINT_EVERY`` hours (what warm-up and replay do)."""
+    hourly = replace(make_settings(tmp_path / "hourly"), buckets=2, start=T0)
+    sparse = replace(hourly, lake=tmp_path / "sparse" / "lake")
+    events = engine_events(hourly, POINT_HOURS)
+    for h, batch in enumerate(events):
+        hour = T0 + h * HOUR
+        stage(hourly, hour, batch)
+        stage(sparse, hour, batch)
+        for b in range(hourly.buckets):
+            F.build_profiles(hourly, hour, b)
+        F.publish_profiles(hourly, hour)
+    last = T0 + (POINT_HOURS - 1) * HOUR
+    for b in range(sparse.buckets):
+        F.build_profiles_range(sparse, T0, last, b, first_hour=T0, snapshot_every=CHECKPOINT_EVERY)
+    for hour in hour_range(T0, last):
+        if Lake(sparse.lake).committed(PROFILES, hour, 0):  # built as a checkpoint: publish it as warm_up does
+            F.publish_profiles(sparse, hour)
+    return hourly, sparse
+
+
+def assert_same_examples(ours: pa.Table, theirs: pa.Table) -> None:
+    """Same users, snapshots and labels in the same order; every feature equal as ``verify`` compares
+    (floats to 1e-9 relative: decayed counters merged in other batches differ in the last bit)."""
+    from profile_engine.verify import compare_tables
+
+    assert ours.column_names == theirs.column_names
+    for column in (USER_ID, SNAPSHOT_HOUR, labels.LABEL):
+        assert ours.column(column).equals(theirs.column(column))
+    for hour in pc.unique(theirs.column(SNAPSHOT_HOUR)):
+        mine, reference = (t.filter(pc.equal(t.column(SNAPSHOT_HOUR), hour)) for t in (ours, theirs))
+        comparison = compare_tables("examples", reference, mine.cast(reference.schema), [USER_ID])
+        assert comparison.equal, comparison.lines()
+
+
+@pytest.fixture(scope="module")
+def point_lakes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Settings]:
+    return hourly_and_checkpoint_lakes(tmp_path_factory.mktemp("point"))
+
+
+def test_a_lake_with_checkpoints_only_yields_examples_at_every_reproducible_hour_equal_to_the_hourly_path(
+    point_lakes: tuple[Settings, Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: the same events; the sparse lake committed snapshots at 3, 7, 11 and 15 only
+    hourly, sparse = point_lakes
+    committed = [T0 + h * HOUR for h in (3, 7, 11, 15)]
+    assert labels.committed_profile_hours(Lake(sparse.lake)) == committed
+    monkeypatch.setenv("PROFILE_ENGINE_TRAINING_STRIDE_HOURS", "1")
+    # 20 rows per snapshot of about 40 users: users are sampled before the reconstruction
+    config = labels.TrainingConfig(max_rows=20 * 13, min_train_rows=1, min_positives=0, leakage_users=10)
+    hour = T0 + 15 * HOUR  # newest final snapshot 12 (horizon 1 + lateness 2)
+
+    # Act
+    reference = labels.build_training_set(hourly, hour, "v1", config=config)
+    rebuilt = labels.build_training_set(sparse, hour, "v1", config=config)
+
+    # Assert: every hour is an example, features (RFM too) and labels equal the hourly path's
+    assert rebuilt.train_snapshots == reference.train_snapshots == tuple(T0 + h * HOUR for h in range(12))
+    assert rebuilt.eval_snapshot == reference.eval_snapshot == T0 + 12 * HOUR
+    per_hour = pc.value_counts(reference.train.column(SNAPSHOT_HOUR)).field("counts").to_pylist()
+    assert max(per_hour) == 20 and len(per_hour) == 12
+    for ours, theirs in ((rebuilt.train, reference.train), (rebuilt.eval, reference.eval)):
+        assert_same_examples(ours, theirs)
+    manifest = read_json(Lake(sparse.lake).path(TRAINING, "v1") / MANIFEST)
+    assert manifest["snapshots_read"] == [format_hour(h) for h in committed[:3]]
+    assert manifest["snapshots_reconstructed"] == [
+        format_hour(T0 + h * HOUR) for h in range(13) if T0 + h * HOUR not in committed
+    ]
+    assert manifest["stride_hours"] == 1
+    assert manifest["leakage_check"]["rows"] == 10 * 13  # the recompute ran on reconstructed hours too
+    reference_manifest = read_json(Lake(hourly.lake).path(TRAINING, "v1") / MANIFEST)
+    assert reference_manifest["snapshots_reconstructed"] == []
+
+
+def test_labels_of_reconstructed_examples_are_those_of_the_staged_purchases(
+    point_lakes: tuple[Settings, Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange
+    _, sparse = point_lakes
+    monkeypatch.setenv("PROFILE_ENGINE_TRAINING_STRIDE_HOURS", "1")
+    config = labels.TrainingConfig(max_snapshots=6, min_train_rows=1, min_positives=0, leakage_users=3)
+
+    # Act
+    built = labels.build_training_set(sparse, T0 + 15 * HOUR, "v2", config=config)
+
+    # Assert: most examples come from rebuilt hours; relabelling them from staged events gives the same labels
+    assert len(read_json(Lake(sparse.lake).path(TRAINING, "v2") / MANIFEST)["snapshots_reconstructed"]) >= 4
+    relabelled = labels.label_examples(sparse, built.train.drop_columns([labels.LABEL]))
+    assert relabelled.column(labels.LABEL).equals(built.train.column(labels.LABEL))
+    assert labels.positives(built.train) > 0
+
+
+def test_stride_and_reproducible_hours(point_lakes: tuple[Settings, Settings], tmp_path: Path) -> None:
+    # Arrange: a copy of the sparse lake whose staging of hour 5 (bucket 1) is lost
+    import shutil
+
+    _, sparse = point_lakes
+    copy = replace(sparse, lake=tmp_path / "lake")
+    shutil.copytree(sparse.lake, copy.lake)
+    every = [T0 + h * HOUR for h in range(POINT_HOURS)]
+
+    # Act / Assert: from the empty start, then from the checkpoint of hour 3
+    assert sorted(F.reproducible_hours(sparse, 1)) == every
+    assert F.reproducible_hours(sparse, 1)[T0 + 5 * HOUR] == T0 + 3 * HOUR
+    assert F.reproducible_hours(sparse, 1)[T0 + 2 * HOUR] == T0 - HOUR  # before the first staged hour: empty
+    shutil.rmtree(Lake(copy.lake).partition(STAGING, T0 + 5 * HOUR, 1))
+    gap = F.reproducible_hours(copy, 1)
+    assert sorted(gap) == [h for h in every if h not in (T0 + 5 * HOUR, T0 + 6 * HOUR, T0 + 7 * HOUR)]
+    assert gap[T0 + 9 * HOUR] == T0 + 7 * HOUR
+    # stride 4: the reproducible hours whose end is a multiple of 4 h, plus every committed hour
+    hours, reconstructed = labels.training_hours(copy, 4)
+    assert hours == [T0 + h * HOUR for h in (3, 7, 11, 15)] and reconstructed == []
+    hours, reconstructed = labels.training_hours(copy, 2)
+    assert hours == [T0 + h * HOUR for h in (1, 3, 7, 9, 11, 13, 15)]
+    assert reconstructed == [T0 + h * HOUR for h in (1, 9, 13)]
+    assert labels.training_hours(copy, 0) == ([T0 + h * HOUR for h in (3, 7, 11, 15)], [])

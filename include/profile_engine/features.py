@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -1442,10 +1443,10 @@ def _read_staged(
         con.close()
 
 
-def staged_hours(lake: Lake, bucket: int) -> list[datetime]:
-    """Every hour with a committed staging partition of ``bucket``, in order."""
+def staged_hours(lake: Lake, bucket: int, layer: str = STAGING) -> list[datetime]:
+    """Every hour with a committed partition of ``bucket`` in ``layer`` (staging by default), in order."""
     found = []
-    for manifest in lake.path(STAGING).glob(f"dt=*/hour=*/bucket={bucket}/{MANIFEST}"):
+    for manifest in lake.path(layer).glob(f"dt=*/hour=*/bucket={bucket}/{MANIFEST}"):
         hour_dir = manifest.parent.parent
         found.append(parse_hour(f"{hour_dir.parent.name.removeprefix('dt=')}T{hour_dir.name.removeprefix('hour=')}"))
     return sorted(found)
@@ -1544,6 +1545,97 @@ def rebuild_before_cutoffs(
             {**start.tables, PENDING: pending.filter(pc.less(pending.column("ts"), pa.scalar(end, _TS)))}
         )
         out[hour] = snapshot(advance(begin, events, end, settings), end, settings)[0]
+    return out
+
+
+def reproducible_hours(settings: Settings, bucket: int) -> dict[datetime, datetime]:
+    """Every hour whose snapshot of ``bucket`` the lake can rebuild, with the hour P it starts after.
+
+    The rebuild of hour H merges the staged hours P+1..H into the state of P: the newest
+    committed state checkpoint P < H after which every hour up to H is staged, or, with no
+    such checkpoint, the hour before the oldest staged one (an empty state when it has no
+    checkpoint: the lake's first hours, the rule of ``rebuild_bucket``). A gap in staging
+    (retention, a lost partition) makes the hours after it unreproducible until the next
+    checkpoint.
+    """
+    lake = Lake(settings.lake)
+    staged = staged_hours(lake, bucket)
+    if not staged:
+        return {}
+    checkpoints = set(staged_hours(lake, bucket, STATE))
+    present = set(staged)
+    out: dict[datetime, datetime] = {}
+    start: datetime | None = staged[0] - HOUR
+    for hour in hour_range(staged[0], staged[-1]):
+        if hour - HOUR in checkpoints:
+            start = hour - HOUR
+        if hour not in present:
+            start = None
+        elif start is not None:
+            out[hour] = start
+    return out
+
+
+def profiles_at(
+    settings: Settings,
+    hours: list[datetime],
+    bucket: int,
+    pick: Callable[[datetime, pa.Array], pa.Array],
+) -> dict[datetime, pa.Table]:
+    """Per-bucket profiles at ``hours`` as the hourly path builds them, whether or not they were committed.
+
+    Hour H starts from the state of P (``reproducible_hours``: a checkpoint or an empty
+    state) and merges the staged hours P+1..H in one ``advance`` to H+1, which is what
+    ``build_profiles_range`` does between checkpoints: the state depends on the merged events
+    and the end only, so the snapshot equals the hourly one. ``pick(H, users)`` gets the
+    users the snapshot of H has (those of the state of P and of the events due by H+1) and
+    returns the ones to rebuild. Every user with an order is rebuilt as well: RFM ranks all
+    buyers, so ``population_snapshot`` over every bucket's result gives the picked users the
+    RFM of the whole snapshot; per-user features depend on the user's own events only.
+    Staging is read once per starting hour. ``FileNotFoundError`` names an hour that cannot
+    be rebuilt. Returns ``{hour: profiles}`` (``SNAPSHOT_SCHEMA``; picked users and buyers).
+    """
+    lake = Lake(settings.lake)
+    starts = reproducible_hours(settings, bucket)
+    wanted = sorted({floor_hour(h) for h in hours})
+    missing = [h for h in wanted if h not in starts]
+    if missing:
+        raise FileNotFoundError(
+            f"snapshot {format_hour(missing[0])} of bucket {bucket} cannot be rebuilt: no state checkpoint "
+            "before it is followed by every staged hour up to it"
+        )
+    groups: dict[datetime, list[datetime]] = {}
+    for hour in wanted:
+        groups.setdefault(starts[hour], []).append(hour)
+    out: dict[datetime, pa.Table] = {}
+    for start_hour, group in groups.items():
+        state = _read_state(lake, start_hour, bucket) if lake.committed(STATE, start_hour, bucket) else empty_state()
+        staged = _read_staged(lake, list(hour_range(start_hour + HOUR, group[-1])), bucket, settings.business_tz)
+        staged_hour = staged.column("staged_hour")
+        staged = staged.select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+        users = state.tables[USERS]
+        buyers_before = pa.concat_arrays(
+            [
+                users.filter(pc.greater(users.column("orders_n"), 0)).column(USER_ID).combine_chunks(),
+                state.tables[ORDERS].column(USER_ID).combine_chunks(),
+            ]
+        )
+        for hour in group:
+            end = pa.scalar(hour + HOUR, _TS)
+            events = staged.filter(pc.less_equal(staged_hour, _epoch_hour(hour)))
+            due = pa.concat_tables([state.tables[PENDING], events]).filter(pc.less(pc.field("ts"), end))
+            present = pc.unique(
+                pa.concat_arrays(
+                    [state.tables[USER_EVENTS].column(USER_ID).combine_chunks(), due.column(USER_ID).combine_chunks()]
+                )
+            )
+            bought = due.filter(pc.equal(pc.field("event_type"), PURCHASE)).column(USER_ID).combine_chunks()
+            chosen = pc.unique(pa.concat_arrays([pa.array(pick(hour, present), pa.string()), buyers_before, bought]))
+            begin = _users_only(state, chosen)
+            merged = advance(
+                begin, events.filter(pc.is_in(events.column(USER_ID), value_set=chosen)), hour + HOUR, settings
+            )
+            out[hour] = snapshot(merged, hour + HOUR, settings)[0]
     return out
 
 

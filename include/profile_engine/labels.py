@@ -17,6 +17,8 @@ whole profile row of each example, so any model can be re-evaluated later.
 from __future__ import annotations
 
 import io
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -39,6 +41,9 @@ LABEL = "label"
 TRAIN_FILE = "train.parquet"
 EVAL_FILE = "eval.parquet"
 
+STRIDE_ENV = "PROFILE_ENGINE_TRAINING_STRIDE_HOURS"
+DEFAULT_STRIDE_HOURS = 1
+
 
 class LeakageError(AssertionError):
     """A training example carries information from after its snapshot."""
@@ -57,6 +62,23 @@ class TrainingConfig:
     min_train_rows: int = 200
     min_positives: int = 5
     leakage_users: int = 100  # per snapshot, whose features check_no_leakage recomputes from staged events
+    # Hours without a committed snapshot that the lake can rebuild become examples when their end is a
+    # multiple of this many hours (0: committed snapshots only); None reads PROFILE_ENGINE_TRAINING_STRIDE_HOURS.
+    stride_hours: int | None = None
+
+    def stride(self, environ: dict[str, str] | None = None) -> int:
+        """``stride_hours``, else ``PROFILE_ENGINE_TRAINING_STRIDE_HOURS``, else ``DEFAULT_STRIDE_HOURS``."""
+        if self.stride_hours is not None:
+            value = self.stride_hours
+        else:
+            text = (os.environ if environ is None else environ).get(STRIDE_ENV) or ""
+            try:
+                value = int(text) if text.strip() else DEFAULT_STRIDE_HOURS
+            except ValueError as error:
+                raise ValueError(f"{STRIDE_ENV} must be an integer >= 0, got {text!r}") from error
+        if value < 0:
+            raise ValueError(f"{STRIDE_ENV} (stride_hours) must be >= 0, got {value}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -347,10 +369,73 @@ def choose_snapshots(
     return [candidates[i] for i in picks], eval_snapshot
 
 
-def _examples(settings: Settings, snapshot: datetime, limit: int) -> pa.Table:
-    """Sampled, labelled rows of one snapshot (not yet leakage-checked)."""
-    rows = sample_users(read_snapshot(Lake(settings.lake), snapshot), limit, settings.seed, format_hour(snapshot))
-    return label_examples(settings, rows)
+def training_hours(settings: Settings, stride: int) -> tuple[list[datetime], list[datetime]]:
+    """``(candidate snapshot hours, those of them to reconstruct)``, oldest first.
+
+    Candidates are every committed snapshot plus, when ``stride`` > 0, every hour whose end is
+    a multiple of ``stride`` hours (UTC epoch, the rule of warm-up checkpoints) that every
+    bucket can rebuild (``features.reproducible_hours``) although no snapshot was committed:
+    a replay or warm-up commits one snapshot a day, while the state checkpoints and the
+    staged events reproduce every hour since the oldest retained checkpoint.
+    """
+    from profile_engine import features as F
+
+    committed = committed_profile_hours(Lake(settings.lake))
+    if stride == 0:
+        return committed, []
+    reproducible: set[datetime] | None = None
+    for bucket in range(settings.buckets):
+        hours = set(F.reproducible_hours(settings, bucket))
+        reproducible = hours if reproducible is None else reproducible & hours
+    on_grid = {h for h in reproducible or set() if (int(h.timestamp()) // 3600 + 1) % stride == 0}
+    reconstructed = sorted(on_grid - set(committed))
+    return sorted(set(committed) | on_grid), reconstructed
+
+
+def _reconstructed_rows(settings: Settings, hours: Sequence[datetime], limit: int) -> dict[datetime, pa.Table]:
+    """The rows ``_examples`` would draw at ``hours`` from snapshots that were never committed.
+
+    Users are sampled before the rebuild: per bucket the ``limit`` users first in the
+    snapshot's hash order (a superset of the snapshot-wide draw), rebuilt with every buyer
+    (``features.profiles_at``), RFM over the buckets' buyers (``population_snapshot``), then
+    the same ``sample_users`` draw as on a committed snapshot: the rows equal those the
+    hourly path's snapshot would give.
+    """
+    from profile_engine import features as F
+
+    picked: dict[datetime, list[pa.Array]] = {h: [] for h in hours}
+    parts: dict[datetime, list[pa.Table]] = {h: [] for h in hours}
+
+    def pick(hour: datetime, users: pa.Array) -> pa.Array:
+        chosen = sample_users(pa.table({USER_ID: users}), limit, settings.seed, format_hour(hour)).column(USER_ID)
+        picked[hour].append(chosen.combine_chunks())
+        return chosen.combine_chunks()
+
+    for bucket in range(settings.buckets):
+        for hour, profiles in F.profiles_at(settings, list(hours), bucket, pick).items():
+            parts[hour].append(profiles)
+    out = {}
+    for hour in hours:
+        whole = F.population_snapshot(parts[hour], hour)
+        chosen = pa.concat_arrays(picked[hour]) if picked[hour] else pa.array([], pa.string())
+        rows = whole.filter(pc.is_in(whole.column(USER_ID), value_set=chosen))
+        out[hour] = sample_users(rows, limit, settings.seed, format_hour(hour))
+    return out
+
+
+def _examples(
+    settings: Settings, snapshots: Sequence[datetime], reconstruct: Sequence[datetime], limit: int
+) -> list[tuple[datetime, pa.Table]]:
+    """Sampled, labelled rows of each snapshot (not yet leakage-checked): read, or rebuilt for ``reconstruct``."""
+    rebuilt = _reconstructed_rows(settings, [s for s in snapshots if s in set(reconstruct)], limit)
+    lake = Lake(settings.lake)
+    out = []
+    for snapshot in snapshots:
+        rows = rebuilt.get(snapshot)
+        if rows is None:
+            rows = sample_users(read_snapshot(lake, snapshot), limit, settings.seed, format_hour(snapshot))
+        out.append((snapshot, label_examples(settings, rows)))
+    return out
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -375,11 +460,15 @@ def build_training_set(
     """
     config = config or TrainingConfig()
     lake = Lake(settings.lake)
-    train_snapshots, eval_snapshot = choose_snapshots(
-        settings, hour, committed_profile_hours(lake), config.max_snapshots
-    )
+    stride = config.stride()
+    available, reproducible = training_hours(settings, stride)
+    train_snapshots, eval_snapshot = choose_snapshots(settings, hour, available, config.max_snapshots)
     per_snapshot = max(1, config.max_rows // (len(train_snapshots) + 1))
-    drawn = [(s, _examples(settings, s, per_snapshot)) for s in [*train_snapshots, eval_snapshot]]
+    chosen = [*train_snapshots, eval_snapshot]
+    reconstructed = [s for s in chosen if s in set(reproducible)]
+    started = time.perf_counter()
+    drawn = _examples(settings, chosen, reconstructed, per_snapshot)
+    drawing_seconds = time.perf_counter() - started
     everything = pa.concat_tables([rows for _, rows in drawn], promote_options="permissive")
     leakage = check_no_leakage(
         settings,
@@ -406,6 +495,10 @@ def build_training_set(
         "lateness_hours": settings.lateness_hours,
         "seed": settings.seed,
         "max_rows": config.max_rows,
+        "stride_hours": stride,
+        "snapshots_read": [format_hour(s) for s in chosen if s not in set(reconstructed)],
+        "snapshots_reconstructed": [format_hour(s) for s in reconstructed],
+        "drawing_seconds": round(drawing_seconds, 3),
         "leakage_check": leakage,
         "run_id": run_id,
     }
