@@ -45,15 +45,16 @@ from profile_engine.hours import format_hour
 from profile_engine.lake import SCORES, Lake
 
 
-def _filtered(file: Path, column: str, since: str, scratch: Path) -> Path:
-    """A copy of a CSV with a header, keeping rows whose ``column`` (ISO date text) is at or after ``since``."""
+def _filtered(file: Path, column: str, since: str, renames: dict[str, str], scratch: Path) -> Path:
+    """A copy of a CSV with a header: rows whose ``column`` (ISO date text) is at or after ``since``, header
+    columns renamed (e.g. the UCI "Online Retail" names to those of the ``order_lines`` mapping)."""
     out = scratch / f"since-{since}-{file.name}"
     with file.open(newline="", encoding="utf-8") as source, out.open("w", newline="", encoding="utf-8") as target:
         reader = csv.reader(source)
         writer = csv.writer(target, lineterminator="\n")
         header = next(reader)
-        writer.writerow(header)
         at = header.index(column)
+        writer.writerow([renames.get(name, name) for name in header])
         writer.writerows(row for row in reader if row[at] >= since)
     return out
 
@@ -63,6 +64,13 @@ def _deciles(scores: np.ndarray, users: Any, loaded: Any) -> np.ndarray:
     if hasattr(model, "population_deciles"):
         return np.asarray(model.population_deciles(users, scores))
     return np.asarray(model.assign_deciles(scores, loaded.cut_points))
+
+
+def _selected(snapshots: list[datetime], versions: int, every: int) -> list[datetime]:
+    """The snapshot hours to train at, oldest first: every ``every``-th one counted back from the newest,
+    the newest ``versions`` of those (0: all)."""
+    chosen = snapshots[::-1][::every]
+    return sorted(chosen[:versions] if versions else chosen)
 
 
 REPORTED = ("auc", "pr_auc", "log_loss", "ece", "lift_at_10", "lift_at_20")
@@ -99,9 +107,6 @@ def _with_intervals(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int) -
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     lake_dir = Path(args.lake or tempfile.mkdtemp(prefix="model-real-"))
-    file = Path(args.file)
-    if args.since:
-        file = _filtered(file, args.date_column, args.since, lake_dir.parent)
     settings = Settings(
         lake=lake_dir / "lake",
         lateness_hours=2000,
@@ -110,9 +115,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         business_tz=args.business_tz,
         seed=7,
     )
-    started = time.perf_counter()
-    replayed = runner.replay(settings, file, args.mapping, quality_suite=False)
-    replay_s = time.perf_counter() - started
+    replay_s: float | None = None
+    replayed: dict[str, Any] = {}
+    if not labels.committed_profile_hours(Lake(settings.lake)):  # else: reuse the replay already in the lake
+        file = Path(args.file)
+        if args.since:
+            renames = dict(r.split("=", 1) for r in args.rename)
+            file = _filtered(file, args.date_column, args.since, renames, lake_dir)
+        started = time.perf_counter()
+        replayed = runner.replay(settings, file, args.mapping, quality_suite=False)
+        replay_s = round(time.perf_counter() - started, 1)
+        print(f"replayed in {replay_s} s: {json.dumps(replayed, default=str)[:2000]}", file=sys.stderr, flush=True)
+    if args.replay_only:
+        return {"dataset": args.dataset, "replay_seconds": replay_s, "replayed": replayed}
     settings = replace(settings, lateness_hours=1)
     lake = Lake(settings.lake)
     snapshots = labels.committed_profile_hours(lake)
@@ -121,13 +136,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     hours: list[dict[str, Any]] = []
     pooled_y: list[np.ndarray] = []
     pooled: dict[str, list[np.ndarray]] = {}
-    for hour in snapshots:
+    selected = _selected(snapshots, args.versions, args.every)
+    print(f"{len(snapshots)} snapshots; training at {[format_hour(h) for h in selected]}", file=sys.stderr, flush=True)
+    for hour in selected:
+        started = time.perf_counter()
         trained = model.train_version(
             settings, hour, NUMERIC_FEATURES, CATEGORICAL_FEATURES, training_config=config, run_id="model-real"
         )
+        train_s = round(time.perf_counter() - started, 1)
+        print(f"{format_hour(hour)}: {trained['status']} in {train_s} s", file=sys.stderr, flush=True)
         if trained["status"] == "trained":
             version = trained["version"]
+            started = time.perf_counter()
             decision = evaluate.evaluate_and_promote(settings, hour, run_id="model-real", n_boot=args.n_boot)
+            gate_s = round(time.perf_counter() - started, 1)
             _, rows, _ = labels.read_training_set(settings, version)
             y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
             scorers = _scorers(settings, version, rows)
@@ -143,6 +165,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             versions.append(
                 {
                     "version": version,
+                    "train_seconds": train_s,
+                    "gate_seconds": gate_s,
+                    "train_rows": trained["training"].get("train_rows"),
+                    "train_positives": trained["training"].get("train_positives"),
+                    "train_snapshots": len(trained["training"].get("train_snapshots") or []),
+                    "eval_snapshot": trained["training"].get("eval_snapshot"),
                     "eval_rows": int(y.size),
                     "eval_positives": int(y.sum()),
                     "base_rate": round(float(y.mean()), 4),
@@ -179,7 +207,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "label_horizon_hours": args.horizon_hours,
         "events_staged": replayed.get("staged"),
         "snapshots": len(snapshots),
-        "replay_seconds": round(replay_s, 1),
+        "trained_at": [format_hour(h) for h in selected],
+        "replay_seconds": replay_s,
         "promoted": [f"{v['version']} ({v.get('candidate')})" for v in versions if v["status"] == "promoted"],
         "pooled": None
         if not pooled_y
@@ -237,16 +266,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-train-rows", type=int, default=50)
     parser.add_argument("--min-positives", type=int, default=5)
     parser.add_argument("--n-boot", type=int, default=200)
-    parser.add_argument("--lake", help="working directory (default: a new temporary one)")
+    parser.add_argument("--versions", type=int, default=0, help="train at the newest K chosen snapshot hours (0: all)")
+    parser.add_argument(
+        "--every", type=int, default=1, help="train at every N-th snapshot, counted back from the newest"
+    )
+    parser.add_argument("--rename", action="append", default=[], help="OLD=NEW header rename (with --since)")
+    parser.add_argument("--replay-only", action="store_true", help="replay into --lake and stop (no training)")
+    parser.add_argument("--lake", help="working directory (default: a new temporary one); an existing replay is reused")
     parser.add_argument("--out", help="write the JSON result here as well")
     args = parser.parse_args(argv)
     result = measure(args)
     text = json.dumps(result, indent=1, default=str)
+    tables = "" if args.replay_only else markdown(result)
     if args.out:
         Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".md").write_text(markdown(result) + "\n")
+        Path(args.out).with_suffix(".md").write_text(tables + "\n")
     print(text)
-    print(markdown(result))
+    print(tables)
     return 0
 
 
