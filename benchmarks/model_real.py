@@ -106,6 +106,24 @@ def _entry(entry: dict[str, Any]) -> str:
     return f"{entry['version']} {candidates.CANDIDATE_NAMES[registry.entry_kind(entry)]}"
 
 
+def _targets(scorers: dict[str, dict[str, Any]], champion: str | None) -> dict[str, Any] | None:
+    """The issue's targets for the champion on these rows (point estimates): ahead of the best heuristic
+    and of LightGBM on AUC and lift at 10%, ECE at most 0.05, lift at 10% at least 2."""
+    if champion is None or champion not in scorers:
+        return None
+    mine = scorers[champion]
+    heuristics = [v for n, v in scorers.items() if n.startswith("heuristic_")]
+    out: dict[str, Any] = {"champion": champion}
+    for key in ("auc", "lift_at_10"):
+        best = max((h[key][0] for h in heuristics if h.get(key)), default=None)
+        out[f"{key}_above_best_heuristic"] = None if best is None else bool(mine[key][0] > best)
+        if champion != "lightgbm" and scorers.get("lightgbm", {}).get(key):
+            out[f"{key}_above_lightgbm"] = bool(mine[key][0] > scorers["lightgbm"][key][0])
+    out["ece_at_most_0.05"] = None if mine.get("ece") is None else bool(mine["ece"][0] <= 0.05)
+    out["lift_at_10_at_least_2"] = bool(mine["lift_at_10"][0] >= 2)
+    return out
+
+
 def _with_intervals(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int) -> dict[str, dict[str, Any]]:
     """``{scorer: {metric: [value, low, high]}}`` on the same rows (paired bootstrap, seeded)."""
     intervals = evaluate.bootstrap_intervals(y, scores, n_boot=n_boot, seed=7)
@@ -205,6 +223,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "reference": decision.get("reference"),
                     "reasons": decision.get("reasons"),
                     "scorers": per_scorer,
+                    # the champion after the gate, on these rows: this version's winner, else the one before
+                    "targets": _targets(
+                        per_scorer,
+                        decision.get("candidate")
+                        if decision["status"] == "promoted"
+                        else ("champion" if before else None),
+                    ),
                 }
             )
         scored = [model.score_profiles(settings, hour, b, run_id="model-real") for b in range(settings.buckets)]
@@ -274,6 +299,8 @@ def markdown(result: dict[str, Any]) -> str:
             + f"; trained in {v.get('train_seconds')} s, gated in {v.get('gate_seconds')} s"
         )
         out += table(head, v["scorers"])
+        if v.get("targets"):
+            out += [f"targets: {json.dumps(v['targets'])}", ""]
     if result.get("pooled"):
         pooled = result["pooled"]
         out += table(f"pooled: {pooled['rows']} rows, {pooled['positives']} buyers", pooled["metrics"])
