@@ -101,6 +101,10 @@ def _scorers(settings: Settings, version: str, rows: Any) -> dict[str, tuple[np.
     return out
 
 
+# The pooled scorer "the champion": on each version's rows, the champion after that version's gate.
+SERVING = "champion_after_gate"
+
+
 def _entry(entry: dict[str, Any]) -> str:
     """A promotion log entry as ``<version> <candidate>``."""
     return f"{entry['version']} {candidates.CANDIDATE_NAMES[registry.entry_kind(entry)]}"
@@ -193,6 +197,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 champion = model.load_model(settings, before["version"], registry.entry_kind(before))
                 scorers["champion"] = (champion.predict(rows), champion)
             after = registry.champion_as_of(settings, hour + timedelta(hours=1))
+            if after is not None:  # pooled: each version's rows scored by the champion its gate left in place
+                serving = model.load_model(settings, after["version"], registry.entry_kind(after))
+                pooled.setdefault(SERVING, []).append(serving.predict(rows))
             raw = {name: p for name, (p, _) in scorers.items()}
             pooled_y.append(y)
             for name, p in raw.items():
@@ -248,6 +255,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 else round(pc.mean(propensity).as_py(), 4),
             }
         )
+    pooled_metrics = (
+        None
+        if not pooled_y
+        else _with_intervals(
+            np.concatenate(pooled_y),
+            {n: np.concatenate(parts) for n, parts in pooled.items() if len(parts) == len(pooled_y)},
+            args.n_boot,
+        )
+    )
     return {
         "dataset": args.dataset,
         "file": str(args.file),
@@ -264,11 +280,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         else {
             "rows": int(sum(y.size for y in pooled_y)),
             "positives": int(sum(y.sum() for y in pooled_y)),
-            "metrics": _with_intervals(
-                np.concatenate(pooled_y),
-                {n: np.concatenate(parts) for n, parts in pooled.items() if len(parts) == len(pooled_y)},
-                args.n_boot,
-            ),
+            "metrics": pooled_metrics,
+            "targets": _targets(pooled_metrics or {}, SERVING),
         },
         "versions": versions,
         "hours": hours,
@@ -304,6 +317,8 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("pooled"):
         pooled = result["pooled"]
         out += table(f"pooled: {pooled['rows']} rows, {pooled['positives']} buyers", pooled["metrics"])
+        if pooled.get("targets"):
+            out += [f"targets: {json.dumps(pooled['targets'])}", ""]
     return "\n".join(out)
 
 
