@@ -28,7 +28,6 @@ The replay uses a lateness of 2,000 hours so a long file is replayed whole; trai
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from model_real import _filtered  # the same filtered, renamed copy of the log (benchmarks/ is on the path)
 
 from profile_engine import evaluate, labels, model, runner, sequence
 from profile_engine.config import Settings
@@ -49,20 +49,6 @@ from profile_engine.lake import Lake
 REPORTED = ("auc", "pr_auc", "log_loss", "ece", "lift_at_10")
 SCORERS = ("network", "baseline", "sequence", "combined")
 DIFFERENCES = (("sequence", "network"), ("combined", "network"), ("combined", "sequence"))
-
-
-def _filtered(file: Path, column: str, since: str, renames: dict[str, str], scratch: Path) -> Path:
-    """A copy of a CSV with a header: rows whose ``column`` (ISO date text) is at or after ``since``, header
-    columns renamed (e.g. the UCI "Online Retail" names to those of the ``order_lines`` mapping)."""
-    out = scratch / f"since-{since}-{file.name}"
-    with file.open(newline="", encoding="utf-8") as source, out.open("w", newline="", encoding="utf-8") as target:
-        reader = csv.reader(source)
-        writer = csv.writer(target, lineterminator="\n")
-        header = next(reader)
-        at = header.index(column)
-        writer.writerow([renames.get(name, name) for name in header])
-        writer.writerows(row for row in reader if row[at] >= since)
-    return out
 
 
 def _fit_and_score(settings: Settings, training: labels.TrainingSet, config: sequence.SequenceConfig) -> dict[str, Any]:
