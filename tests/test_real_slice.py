@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from profile_engine import evaluate, labels, model, runner
@@ -35,8 +36,9 @@ pytestmark = pytest.mark.timeout(900)  # the fixture's replay and two trainings;
 FIXTURE = Path(__file__).parent / "fixtures" / "real" / "online_retail_slice.csv.gz"
 HORIZON_HOURS = 168
 # Daily snapshots are committed at 23:00 UTC (and at the last replayed hour). With a 7-day horizon and
-# 1 h of lateness, 2011-11-17T23 is the first hour with two snapshots old enough to train on (Nov 1
-# and 2, evaluated on Nov 10): the smallest calibration slice. The last hour trains on Nov 1-5.
+# 1 h of lateness, 2011-11-17T23 is the first snapshot hour with two snapshots old enough to train on
+# (Nov 1 and 2, evaluated on Nov 9): the smallest calibration slice. The last hour trains on Nov 1-5 and
+# is evaluated on Nov 12.
 FIRST_VERSION_HOUR = datetime(2011, 11, 17, 23, tzinfo=UTC)
 LAST_HOUR = datetime(2011, 11, 20, 15, tzinfo=UTC)
 TRAINING = labels.TrainingConfig(min_train_rows=50, min_positives=5)
@@ -68,6 +70,20 @@ class RealSlice:
     replayed: dict[str, Any]
     versions: dict[str, Version]  # "first", "last"
     scored: list[Scored]
+
+
+def _saturated(p: np.ndarray) -> float:
+    """The share of probabilities within 1e-3 of 0 or 1."""
+    return float(np.mean((p <= 1e-3) | (p >= 1 - 1e-3)))
+
+
+def _assert_spread(p: np.ndarray, what: str) -> None:
+    """Calibrated probabilities that still rank, not a step: at most a quarter of them within 1e-3 of 0 or 1
+    and more distinct values (to 4 decimals) than a quarter of the rows. A diverged Platt fit put 100% of
+    the scores at 0 or 1 (two distinct values); today's worst, the first baseline, has 7% (see below)."""
+    distinct = np.unique(np.round(p, 4)).size
+    assert _saturated(p) <= 0.25, f"{what}: {_saturated(p):.1%} of the scores within 1e-3 of 0 or 1"
+    assert distinct > p.size // 4, f"{what}: {distinct} distinct scores (to 4 decimals)"
 
 
 def _score(settings: Settings, hour: datetime) -> Scored:
@@ -151,12 +167,36 @@ def test_scores_are_not_flattened(real_slice: RealSlice, name: str, kind: str) -
     version = real_slice.versions[name]
     p, y = version.predictions[kind], version.y
 
-    # A diverged Platt fit turns the scores into a step (two values, or all at a bound): the ranking is lost.
+    # A diverged Platt fit (slope ~1e10) turns the scores into a step: 0 and 1, or values within 1e-300 of them.
     assert 0 < y.sum() < y.size
-    assert np.unique(p).size > y.size // 2, f"{np.unique(p).size} distinct scores on {y.size} evaluation rows"
+    _assert_spread(p, f"{name} {kind} on {y.size} evaluation rows")
     assert evaluate.auc(y, p) != 0.5
     if name == "last":  # 5 snapshots: a real signal (bootstrap 95% interval of the network's AUC about [0.59, 0.74])
         assert evaluate.auc(y, p) > 0.55
+
+
+OVERCONFIDENT_FIRST_BASELINE = pytest.mark.xfail(
+    strict=True,
+    reason="known defect (model.fit_models / fit_calibration): the first baseline, a logistic regression fitted "
+    "on 30 users and calibrated by the intercept alone (9 buyers), keeps a logit spread of 1.7 and scores 8 of "
+    "201 evaluation users at 0.999 or more (5 bought): ECE 0.19; remove this mark when it is fixed",
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("first", "model"),
+        pytest.param("first", "baseline", marks=OVERCONFIDENT_FIRST_BASELINE),
+        ("last", "model"),
+        ("last", "baseline"),
+    ],
+)
+def test_scores_are_not_overconfident(real_slice: RealSlice, name: str, kind: str) -> None:
+    p = real_slice.versions[name].predictions[kind]
+
+    # A probability of 0.999 for a real customer of a gift shop is not credible on 200-260 users.
+    assert _saturated(p) <= 0.01, f"{name} {kind}: {_saturated(p):.1%} of the scores within 1e-3 of 0 or 1"
 
 
 @pytest.mark.parametrize("name", ["first", "last"])
@@ -176,9 +216,11 @@ def test_mean_score_is_near_the_base_rate(real_slice: RealSlice, name: str, kind
 def test_the_gate_names_the_calibration_fallback_and_compares_with_heuristics(real_slice: RealSlice) -> None:
     decision = real_slice.versions["first"].decision
 
+    # Two snapshots of 30 and 60 users teach the network nothing (AUC 0.47): rejected, and the reasons say
+    # the calibration fell back instead of only quoting the AUC.
     assert {"heuristic_recency", "heuristic_open_cart"} <= set(decision["metrics"])
-    if decision["status"] != "promoted":
-        assert any(r.startswith("cause:") and "calibration fell back" in r for r in decision["reasons"]), decision
+    assert decision["status"] == "rejected", decision
+    assert any(r.startswith("cause:") and "calibration fell back" in r for r in decision["reasons"]), decision
 
 
 def test_every_profiled_user_has_a_score_and_a_decile_from_the_first_hour(real_slice: RealSlice) -> None:
@@ -195,7 +237,7 @@ def test_every_profiled_user_has_a_score_and_a_decile_from_the_first_hour(real_s
 
 def test_deciles_are_tenths_of_the_scored_users_and_follow_the_scores(real_slice: RealSlice) -> None:
     for scored in real_slice.scored:
-        deciles = np.asarray(scored.scores.column(model.DECILE), dtype=np.int64)
+        deciles = np.asarray(pc.fill_null(scored.scores.column(model.DECILE), 0), dtype=np.int64)  # 0: none
         n = deciles.size
         counts = np.bincount(deciles, minlength=11)[1:]
 
@@ -205,4 +247,4 @@ def test_deciles_are_tenths_of_the_scored_users_and_follow_the_scores(real_slice
             p = np.asarray(scored.scores.column(model.PROPENSITY), dtype=np.float64)
             order = np.lexsort((deciles, p))  # by score, equal scores by decile
             assert np.all(np.diff(deciles[order]) >= 0), (scored.hour, scored.scorer)  # never lower for a higher score
-            assert np.unique(p).size > n // 2, (scored.hour, scored.scorer, np.unique(p).size)
+            _assert_spread(p, f"{scored.scorer} scores of {scored.hour:%Y-%m-%dT%H}")
