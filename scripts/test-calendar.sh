@@ -39,7 +39,10 @@ fi
 # Tests that fail under libfaketime itself, not because of the date: libfaketime 0.9.10 does not fake the file
 # times that Python's os.stat reads (statx), so a file written "now" looks as old as the offset. These tests
 # compare a file's modification time with the clock; they run in make test.
-ARTIFACTS=(--deselect "tests/reliability/test_lock.py::test_unreadable_lock_waits_for_its_grace_then_goes")
+# The lock race is one of them: every lock file looks as old as the offset, so a racer may take over a
+# fresh lock (3 winners of 4 under the 2027-02-28 clock; it passes on the real clock).
+ARTIFACTS=(--deselect "tests/reliability/test_lock.py::test_unreadable_lock_waits_for_its_grace_then_goes"
+    --deselect "tests/reliability/test_lock.py::test_only_one_of_racing_processes_gets_the_lock")
 
 status=0
 for clock in $CLOCKS; do
