@@ -47,16 +47,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from profile_engine.ops import runner
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "include"))
 
-from profile_engine import features as F  # noqa: E402
-from profile_engine import runner, sources  # noqa: E402
 from profile_engine.config import Settings  # noqa: E402
-from profile_engine.evaluate import auc  # noqa: E402
+from profile_engine.contracts.events import PURCHASE  # noqa: E402
 from profile_engine.hours import HOUR, format_hour, parse_hour  # noqa: E402
-from profile_engine.lake import STAGING, Lake  # noqa: E402
-from profile_engine.schema import PURCHASE  # noqa: E402
+from profile_engine.lake.storage import STAGING, Lake  # noqa: E402
+from profile_engine.model.evaluate import auc  # noqa: E402
+from profile_engine.profiles import features as F  # noqa: E402
+from profile_engine.sources import mappings as sources  # noqa: E402
 
 HORIZON = timedelta(hours=24)
 

@@ -55,11 +55,14 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from profile_engine import candidates, evaluate, labels, model, registry, runner
 from profile_engine.config import Settings
-from profile_engine.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, USER_ID
+from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES, USER_ID
+from profile_engine.contracts.scores import DECILE, MODEL_VERSION, PROPENSITY
 from profile_engine.hours import format_hour
-from profile_engine.lake import SCORES, Lake
+from profile_engine.lake.storage import SCORES, Lake
+from profile_engine.model import candidates, evaluate, labels, registry
+from profile_engine.model import training as model
+from profile_engine.ops import runner
 
 
 def _filtered(file: Path, column: str, since: str, renames: dict[str, str], scratch: Path) -> Path:
@@ -242,13 +245,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             )
         scored = [model.score_profiles(settings, hour, b, run_id="model-real") for b in range(settings.buckets)]
         table = model.read_scores(lake, hour) if hasattr(model, "read_scores") else lake.read(SCORES, hour)
-        deciles = table.column(model.DECILE)
-        propensity = table.column(model.PROPENSITY)
+        deciles = table.column(DECILE)
+        propensity = table.column(PROPENSITY)
         hours.append(
             {
                 "hour": format_hour(hour),
                 "model": scored[0]["model"],
-                "model_version": scored[0][model.MODEL_VERSION],
+                "model_version": scored[0][MODEL_VERSION],
                 "users": table.num_rows,
                 "decile_10_share": round(float(pc.mean(pc.cast(pc.equal(deciles, 10), "float64")).as_py() or 0.0), 4),
                 "mean_propensity": None

@@ -139,10 +139,13 @@ def training_settings(settings: Any) -> Any:
 
 def build_base(base: Path, sizes: Sizes, log: Any) -> dict[str, Any]:
     """Simulate, validate and build the history of the base lake; simulate the landing of ``END``."""
-    from profile_engine import features, ingest, model, registry
     from profile_engine.hours import HOUR, format_hour, hour_range
-    from profile_engine.lake import Lake
-    from profile_engine.simulate import simulate
+    from profile_engine.ingest import events as ingest
+    from profile_engine.lake.storage import Lake
+    from profile_engine.model import registry
+    from profile_engine.model import training as model
+    from profile_engine.profiles import features
+    from profile_engine.sources.simulate import simulate
 
     first = END - sizes.history_hours * HOUR
     last = END - HOUR
@@ -213,8 +216,9 @@ def upgrade_base(base: Path, sizes: Sizes, info: dict[str, Any], log: Any) -> No
     """Bring a cached base lake to the current layouts once, so that no measured run pays a conversion:
     the state checkpoint the hour builds on (``features.upgrade_state``) and the champion's numpy
     export (``model.export_inference``; a version without it is scored with Keras)."""
-    from profile_engine import features, model
-    from profile_engine.lake import STATE, Lake
+    from profile_engine.lake.storage import STATE, Lake
+    from profile_engine.model import training as model
+    from profile_engine.profiles import features
 
     lake = Lake(base)
     before = END - timedelta(hours=1)
@@ -239,8 +243,8 @@ def fresh_copy(base: Path, target: Path) -> Path:
 def resimulate_hour(lake: Path, events: int, users: int) -> None:
     """Replace the landing files that arrive in hour ``END`` by those of another intensity."""
     from profile_engine.hours import partition_values
-    from profile_engine.lake import Lake
-    from profile_engine.simulate import simulate
+    from profile_engine.lake.storage import Lake
+    from profile_engine.sources.simulate import simulate
 
     dt, hh = partition_values(END)
     shutil.rmtree(lake / "landing" / "events" / f"dt={dt}" / f"hour={hh}", ignore_errors=True)
@@ -260,8 +264,12 @@ def peak_rss_mb() -> float:
 
 def run_task(task: str, hour: datetime, bucket: int | None, summaries_file: Path | None) -> dict[str, Any]:
     """Run one stage function as the DAG task does; returns its summary (in the child process)."""
-    from profile_engine import features, ingest, model, report, segments
     from profile_engine.config import Settings
+    from profile_engine.ingest import events as ingest
+    from profile_engine.model import training as model
+    from profile_engine.ops import report
+    from profile_engine.profiles import features
+    from profile_engine.segments import rules as segments
 
     settings = Settings.from_env()
     run_id = f"bench__{hour:%Y%m%dT%H}"
@@ -270,7 +278,7 @@ def run_task(task: str, hour: datetime, bucket: int | None, summaries_file: Path
     if task == "validate_events":
         return ingest.validate_events(settings, hour, run_id=run_id)
     if task == "check_quality":
-        from profile_engine import quality
+        from profile_engine.quality import suites as quality
 
         validated = json.loads(summaries_file.read_text())["validate_events"] if summaries_file else {}
         return quality.check_staged_hour(settings, hour, validated, run_id=run_id)
@@ -288,7 +296,7 @@ def run_task(task: str, hour: datetime, bucket: int | None, summaries_file: Path
         summaries = json.loads(summaries_file.read_text()) if summaries_file else {}
         return report.write_run_report(settings, hour, summaries, run_id=run_id)
     if task == "train":
-        from profile_engine import evaluate, labels
+        from profile_engine.model import evaluate, labels
 
         rows = int(os.environ["BENCH_TRAIN_ROWS"])
         trainer = training_settings(settings)
@@ -329,7 +337,12 @@ def run_dag(hour: datetime) -> dict[str, Any]:
 
 def run_stages(settings: Any, hour: datetime) -> dict[str, Any]:
     """The hour's stages in DAG order in this process, each timed (for the scaling figures)."""
-    from profile_engine import features, ingest, model, quality, report, segments
+    from profile_engine.ingest import events as ingest
+    from profile_engine.model import training as model
+    from profile_engine.ops import report
+    from profile_engine.profiles import features
+    from profile_engine.quality import suites as quality
+    from profile_engine.segments import rules as segments
 
     run_id = f"bench__{hour:%Y%m%dT%H}"
     times: dict[str, float] = {}
@@ -362,11 +375,11 @@ def child_main(args: argparse.Namespace) -> None:
     """Entry of a measured process: run one task, print one JSON line with times and peak RSS."""
     import resource
 
-    import profile_engine.features  # noqa: F401  (the package's own imports are start-up, not task work)
-    import profile_engine.ingest  # noqa: F401
-    import profile_engine.model  # noqa: F401
-    import profile_engine.report  # noqa: F401
-    import profile_engine.segments  # noqa: F401
+    import profile_engine.ingest.events  # noqa: F401
+    import profile_engine.model.training  # noqa: F401
+    import profile_engine.ops.report  # noqa: F401
+    import profile_engine.profiles.features  # noqa: F401  (the package's own imports are start-up, not task work)
+    import profile_engine.segments.rules  # noqa: F401
 
     def cpu() -> float:
         usage = resource.getrusage(resource.RUSAGE_SELF)

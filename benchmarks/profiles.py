@@ -95,9 +95,9 @@ def _stage(lakes: dict[int, Path], hours: list[datetime], users: int, intensity:
     import duckdb
     import pyarrow.compute as pc
 
-    from profile_engine.lake import STAGING, Lake
-    from profile_engine.schema import BUCKET, STAGED_SCHEMA, bucket_sql
-    from profile_engine.simulate import simulate_hour
+    from profile_engine.contracts.events import BUCKET, STAGED_SCHEMA, bucket_sql
+    from profile_engine.lake.storage import STAGING, Lake
+    from profile_engine.sources.simulate import simulate_hour
 
     total, started = 0, time.monotonic()
     for i, hour in enumerate(hours):
@@ -130,9 +130,9 @@ def prepare(work: Path, sizes: Sizes) -> dict[str, Any]:
         return dict(json.loads(stamp.read_text()))
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    from profile_engine import features
     from profile_engine.config import Settings
     from profile_engine.hours import HOUR, hour_range
+    from profile_engine.profiles import features
 
     build_hours = [END - HOUR * (sizes.build_hours - i) for i in range(sizes.build_hours)] + [END]
     build_events = _stage(
@@ -190,9 +190,9 @@ def prepare(work: Path, sizes: Sizes) -> dict[str, Any]:
 def _upgrade_history(work: Path, sizes: Sizes) -> None:
     """Bring the cached history lakes' state checkpoint (the hour before ``END``) to the current
     layout once, so that no refresh run pays the conversion (``features.upgrade_state``)."""
-    from profile_engine import features
     from profile_engine.hours import HOUR
-    from profile_engine.lake import STATE, Lake
+    from profile_engine.lake.storage import STATE, Lake
+    from profile_engine.profiles import features
 
     for name in ("refresh_31d", "refresh_60d"):
         lake = Lake(work / name)
@@ -221,8 +221,8 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
     import duckdb  # noqa: F401  imported before the clock starts, as a worker would have it
     import pyarrow  # noqa: F401
 
-    from profile_engine import features
     from profile_engine.hours import HOUR
+    from profile_engine.profiles import features
 
     out: dict[str, Any] = {}
     if name.startswith("refresh_"):

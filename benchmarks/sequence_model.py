@@ -40,11 +40,13 @@ from typing import Any
 import numpy as np
 from model_real import _filtered  # the same filtered, renamed copy of the log (benchmarks/ is on the path)
 
-from profile_engine import evaluate, labels, model, runner, sequence
 from profile_engine.config import Settings
-from profile_engine.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 from profile_engine.hours import format_hour
-from profile_engine.lake import Lake
+from profile_engine.lake.storage import Lake
+from profile_engine.model import evaluate, labels, sequence
+from profile_engine.model import training as model
+from profile_engine.ops import runner
 
 REPORTED = ("auc", "pr_auc", "log_loss", "ece", "lift_at_10")
 SCORERS = ("network", "baseline", "sequence", "combined")

@@ -22,12 +22,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from profile_engine import labels, runner
 from profile_engine.config import Settings
-from profile_engine.demo import DEMO_INTENSITY
 from profile_engine.hours import HOUR, format_hour
-from profile_engine.lake import MANIFEST, TRAINING, Lake, read_json
-from profile_engine.simulate import simulate
+from profile_engine.lake.storage import MANIFEST, TRAINING, Lake, read_json
+from profile_engine.model import labels
+from profile_engine.ops import runner
+from profile_engine.ops.demo import DEMO_INTENSITY
+from profile_engine.sources.simulate import simulate
 
 FIRST = datetime(2026, 10, 1, tzinfo=UTC)
 

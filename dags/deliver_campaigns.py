@@ -27,8 +27,8 @@ from typing import Any
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
-from profile_engine import delivery  # light: the Asset's name only
 from profile_engine.config import task_timeout  # light: reads one environment variable
+from profile_engine.segments import delivery  # light: the Asset's name only
 
 SEGMENT_EXPORTS = Asset(name=delivery.EXPORTS_ASSET_NAME, uri=delivery.EXPORTS_ASSET_URI)
 

@@ -58,8 +58,8 @@ def demo_producer() -> None:
     def land_events() -> dict[str, Any]:
         """Land the simulated files of every arrival hour not landed yet, through the run's hour."""
         from profile_engine.config import Settings
-        from profile_engine.demo import land_demo_hours
         from profile_engine.hours import floor_hour, parse_hour
+        from profile_engine.ops.demo import land_demo_hours
 
         context = get_current_context()
         hour = context["params"].get("hour")

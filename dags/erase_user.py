@@ -11,7 +11,7 @@ from the UI with **one** of the Params:
 and a `reason` (kept in the audit log). `tombstone_unknown` also tombstones ids found
 nowhere in the lake (their events have not arrived yet).
 
-What it does (`profile_engine.erasure.erase_users`, under the lake lock, so it waits for
+What it does (`profile_engine.ops.erasure.erase_users`, under the lake lock, so it waits for
 the running hour and never interleaves with one):
 
 * removes the users' rows from every retained dataset (staging, quarantine, state,
@@ -71,7 +71,7 @@ def erase_user() -> None:
         from airflow.sdk.exceptions import AirflowFailException
 
         from profile_engine.config import Settings
-        from profile_engine.erasure import erase_request
+        from profile_engine.ops.erasure import erase_request
 
         context = get_current_context()
         params = context["params"]

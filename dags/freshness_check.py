@@ -40,8 +40,8 @@ def freshness_check() -> None:
     @task(multiple_outputs=False)
     def check_profile_freshness() -> dict[str, Any]:
         """Compare when `profiles/current` was committed with `PROFILE_ENGINE_FRESHNESS_HOURS`; alert and fail if stale."""
-        from profile_engine.alerts import run_freshness_check
         from profile_engine.config import Settings
+        from profile_engine.ops.alerts import run_freshness_check
 
         result = run_freshness_check(Settings.from_env())
         if not result["fresh"]:

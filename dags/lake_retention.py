@@ -47,7 +47,7 @@ def lake_retention() -> None:
     def apply_retention() -> dict[str, Any]:
         """Delete old hour partitions under the lake lock; returns what was deleted per dataset."""
         from profile_engine.config import Settings
-        from profile_engine.retention import run_retention
+        from profile_engine.ops.retention import run_retention
 
         return run_retention(Settings.from_env())
 

@@ -17,7 +17,7 @@ and `validate_events -> check_quality -> write_run_report` beside the profile br
   hour has its Data Docs too.
 * The run processes its data interval `[data_interval_start, data_interval_end)`, or
   the hour given in the `hour` param. A manual run with logical date H on the hour processes
-  [H, H+1) (`profile_engine.timetable.HourlyTimetable`), the run the scheduler would create for H,
+  [H, H+1) (`profile_engine.ops.timetable.HourlyTimetable`), the run the scheduler would create for H,
   so the schedule goes on with H+1; a manual run at any other moment takes the last complete hour.
 * Every hour is processed in order (`catchup`, `max_active_runs=1`, `depends_on_past` on
   stateful tasks); a run whose previous hour is missing fails and names it.
@@ -38,10 +38,11 @@ from typing import Any
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from profile_engine import delivery  # light: the Asset's name only; stages import inside tasks
-from profile_engine.alerts import ProfileEngineNotifier  # light: reads its settings when it fires
 from profile_engine.config import task_timeout  # light: reads one environment variable
-from profile_engine.timetable import hourly_timetable  # light: Airflow's own timetable classes
+from profile_engine.ops.alerts import ProfileEngineNotifier  # light: reads its settings when it fires
+from profile_engine.ops.timetable import hourly_timetable  # light: Airflow's own timetable classes
+from profile_engine.privacy.keys import EXPORT_KEY_CONN_ID, ExportKeyError
+from profile_engine.segments import delivery  # light: the Asset's name only; stages import inside tasks
 
 # Cheap, local settings only: no Variable, Connection, network or heavy import at parse time.
 START = os.environ.get("PROFILE_ENGINE_START") or "2026-11-01T00:00:00+00:00"
@@ -63,7 +64,7 @@ def _context() -> tuple[Any, datetime, str]:
     if params.get("quarantine_threshold") is not None:
         settings = replace(settings, quarantine_threshold=float(params["quarantine_threshold"]))
     hour = hour_for_run(params.get("hour"), context.get("data_interval_start"))
-    from profile_engine import lock
+    from profile_engine.lake import lock
 
     # Every task holds the lake lock for its run (taken by the first, released by write_run_report).
     lock.join_run(settings, str(context["run_id"]))
@@ -110,7 +111,7 @@ def profile_refresh() -> None:
     @task(depends_on_past=True, multiple_outputs=False)
     def extract_events() -> dict[str, Any]:
         """Record in the ingestion ledger which landing files this hour takes."""
-        from profile_engine import ingest
+        from profile_engine.ingest import events as ingest
 
         settings, hour, run_id = _context()
         return ingest.extract_events(settings, hour, run_id=run_id)
@@ -118,7 +119,7 @@ def profile_refresh() -> None:
     @task(depends_on_past=True, multiple_outputs=False)
     def validate_events(extracted: dict[str, Any]) -> dict[str, Any]:
         """Stage valid events per bucket and quarantine the rest (the row rules)."""
-        from profile_engine import ingest
+        from profile_engine.ingest import events as ingest
 
         settings, hour, run_id = _context()
         try:
@@ -132,7 +133,7 @@ def profile_refresh() -> None:
     @task(trigger_rule="all_done", multiple_outputs=False)
     def check_quality() -> dict[str, Any]:
         """Run the Great Expectations suite on the hour's staged events and publish results and Data Docs."""
-        from profile_engine import quality
+        from profile_engine.quality import suites as quality
 
         settings, hour, run_id = _context()
         validated = get_current_context()["ti"].xcom_pull(task_ids="validate_events")
@@ -144,7 +145,7 @@ def profile_refresh() -> None:
     @task(depends_on_past=True, multiple_outputs=False, doc_md="Merge one bucket's staged events into its state.")
     def build_profiles(bucket: int, validated: dict[str, Any]) -> dict[str, Any]:
         """Merge this hour's staged events of one bucket into the previous hour's state."""
-        from profile_engine import features
+        from profile_engine.profiles import features
 
         settings, hour, run_id = _context()
         first = datetime.fromisoformat(START).astimezone(UTC)
@@ -153,7 +154,8 @@ def profile_refresh() -> None:
     @task(depends_on_past=True, multiple_outputs=False)
     def publish_profiles(built: list[dict[str, Any]]) -> dict[str, Any]:
         """Add population features (RFM), write the change log and commit the snapshot."""
-        from profile_engine import features, quality
+        from profile_engine.profiles import features
+        from profile_engine.quality import suites as quality
 
         settings, hour, run_id = _context()
         try:
@@ -164,7 +166,7 @@ def profile_refresh() -> None:
     @task(multiple_outputs=False)
     def train_challenger(published: dict[str, Any]) -> dict[str, Any]:
         """Train a challenger when retraining is due for this hour (or forced); skipped otherwise."""
-        from profile_engine import model
+        from profile_engine.model import training as model
 
         settings, hour, run_id = _context()
         result = model.train_challenger(
@@ -177,7 +179,7 @@ def profile_refresh() -> None:
     @task(retries=0, multiple_outputs=False)  # a gate decision is deterministic: retrying cannot change it
     def evaluate_and_promote(trained: dict[str, Any]) -> dict[str, Any]:
         """Evaluate the challenger against the champion and promote it when it clears the gate."""
-        from profile_engine import evaluate
+        from profile_engine.model import evaluate
 
         settings, hour, run_id = _context()
         force = bool(get_current_context()["params"]["force_promote"])
@@ -190,7 +192,7 @@ def profile_refresh() -> None:
     )
     def score_profiles(bucket: int) -> dict[str, Any]:
         """Score one bucket's profiles with the champion as of this hour."""
-        from profile_engine import model
+        from profile_engine.model import training as model
 
         settings, hour, run_id = _context()
         return model.score_profiles(settings, hour, bucket, run_id=run_id)
@@ -198,7 +200,7 @@ def profile_refresh() -> None:
     @task(multiple_outputs=False, outlets=[SEGMENT_EXPORTS])
     def publish_segments(scored: list[dict[str, Any]]) -> dict[str, Any]:
         """Evaluate the segment rules, assign one action per user, write the exports and announce them."""
-        from profile_engine import segments
+        from profile_engine.segments import rules as segments
 
         settings, hour, run_id = _context()
         context = get_current_context()
@@ -209,10 +211,10 @@ def profile_refresh() -> None:
                 hour,
                 run_id=run_id,
                 dry_run=bool(context["params"]["dry_run"]),
-                export_key_secret=delivery.connection_secret(segments.EXPORT_KEY_CONN_ID),
+                export_key_secret=delivery.connection_secret(EXPORT_KEY_CONN_ID),
                 optout_engine=optouts,
             )
-        except (segments.SegmentConfigError, segments.ExportKeyError) as error:
+        except (segments.SegmentConfigError, ExportKeyError) as error:
             raise AirflowFailException(str(error)) from error  # a broken rules file or a missing key: no retry
         # The Asset event tells deliver_campaigns which hour and manifest to deliver.
         context["outlet_events"][SEGMENT_EXPORTS].extra = delivery.asset_extra(summary)
@@ -221,7 +223,7 @@ def profile_refresh() -> None:
     @task(trigger_rule="all_done", multiple_outputs=False)
     def write_run_report(**upstream: Any) -> dict[str, Any]:
         """Write the run report, whatever happened upstream."""
-        from profile_engine import report
+        from profile_engine.ops import report
 
         settings, hour, run_id = _context()
         ti = get_current_context()["ti"]
@@ -233,7 +235,7 @@ def profile_refresh() -> None:
         try:
             return report.write_run_report(settings, hour, summaries, run_id=run_id, states=states)
         finally:
-            from profile_engine import lock
+            from profile_engine.lake import lock
 
             lock.release_run(settings, run_id)  # the run's last task (all_done) frees the lake
 

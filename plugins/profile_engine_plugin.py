@@ -1,6 +1,6 @@
 """Airflow plugin: the profile engine's run-report pages in the Airflow 3 UI.
 
-Mounts the FastAPI app of ``profile_engine.ui`` under ``/profile-engine`` (every
+Mounts the FastAPI app of ``profile_engine.ops.ui`` under ``/profile-engine`` (every
 route requires the Airflow login) and adds a "Run reports" entry to the UI's
 navigation, shown inside the UI as an external view. All logic is in the package.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from profile_engine.ui import URL_PREFIX, create_app
+from profile_engine.ops.ui import URL_PREFIX, create_app
 
 
 class ProfileEnginePlugin(AirflowPlugin):

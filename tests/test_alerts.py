@@ -1,4 +1,4 @@
-"""Alerts (``profile_engine.alerts``) against real receivers on loopback.
+"""Alerts (``profile_engine.ops.alerts``) against real receivers on loopback.
 
 A webhook receiver (``http.server`` in a thread) and a minimal SMTP sink (a socket
 server speaking just enough SMTP) listen on 127.0.0.1 on free ports; every test
@@ -24,10 +24,10 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from profile_engine import alerts
 from profile_engine.config import Settings
 from profile_engine.hours import format_hour
-from profile_engine.lake import MANIFEST, PROFILES, Lake, write_json
+from profile_engine.lake.storage import MANIFEST, PROFILES, Lake, write_json
+from profile_engine.ops import alerts
 
 NOW = datetime(2026, 11, 2, 15, 30, tzinfo=UTC)
 
@@ -295,7 +295,7 @@ def test_webhook_must_be_http() -> None:
 PROBE_DAG = """
 from datetime import UTC, datetime
 from airflow.sdk import DAG, task
-from profile_engine.alerts import ProfileEngineNotifier
+from profile_engine.ops.alerts import ProfileEngineNotifier
 with DAG("alerts_probe", schedule=None, catchup=False,
          default_args={"retries": 0, "on_failure_callback": [ProfileEngineNotifier()]}) as dag:
     @task

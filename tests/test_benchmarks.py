@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from profile_engine.quality import gx_frame
-from profile_engine.segments import ExportKey, pseudonymize, pseudonymize_array
+from profile_engine.privacy.keys import ExportKey, pseudonymize, pseudonymize_array
+from profile_engine.quality.suites import gx_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "pipeline.py"

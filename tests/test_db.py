@@ -1,4 +1,4 @@
-"""Tests for profile_engine.db: every DuckDB connection carries the configured limits (issue "trust", item 6)."""
+"""Tests for profile_engine.lake.db: every DuckDB connection carries the configured limits (issue "trust", item 6)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from profile_engine import db
-from profile_engine import lake as lk
 from profile_engine.config import Settings
+from profile_engine.lake import db
+from profile_engine.lake import storage as lk
 
 PACKAGE = Path(db.__file__).resolve().parent
 

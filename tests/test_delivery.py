@@ -1,4 +1,4 @@
-"""Tests for profile_engine.delivery and the asset-triggered DAG deliver_campaigns."""
+"""Tests for profile_engine.segments.delivery and the asset-triggered DAG deliver_campaigns."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from profile_engine import delivery
-from profile_engine import lake as lk
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, format_hour, parse_hour
-from profile_engine.segments import publish_segments
+from profile_engine.lake import storage as lk
+from profile_engine.privacy.keys import export_key, pseudonymize
+from profile_engine.segments import delivery
+from profile_engine.segments.rules import publish_segments
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_segments import DEFAULT_PROPENSITY, DEFAULT_USERS, H0, commit_hour  # noqa: E402
@@ -167,7 +168,6 @@ def test_deliver_campaigns_dag_delivers_every_triggering_event(
 def test_sql_delivery_keeps_the_suppression_list_from_entered_and_left_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from profile_engine.segments import export_key, pseudonymize
 
     monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", KEY)
     settings = Settings(lake=tmp_path / "lake")

@@ -12,12 +12,13 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from profile_engine import demo, ingest
-from profile_engine import lake as lk
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, format_hour, hour_range
-from profile_engine.lake import Lake, read_json, write_json
-from profile_engine.simulate import simulate
+from profile_engine.ingest import events as ingest
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake, read_json, write_json
+from profile_engine.ops import demo
+from profile_engine.sources.simulate import simulate
 from tests.conftest import HOUR0
 
 USERS = 120

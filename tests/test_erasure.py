@@ -24,15 +24,25 @@ from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from profile_engine import erasure, lock, runner
-from profile_engine import features as ft
 from profile_engine.cli import main
 from profile_engine.config import Settings
+from profile_engine.contracts.profiles import POPULATION_COLUMNS
 from profile_engine.hours import format_hour
-from profile_engine.lake import LANDING, MANIFEST, STAGING, Lake, write_json
-from profile_engine.segments import export_key, pseudonymize
-from profile_engine.simulate import simulate
-from profile_engine.verify import verify_hour
+from profile_engine.lake import lock
+from profile_engine.lake.storage import LANDING, MANIFEST, STAGING, Lake, write_json
+from profile_engine.ops import erasure, runner
+from profile_engine.privacy.keys import export_key, pseudonymize
+from profile_engine.privacy.tombstones import (
+    ERASURE_KEY_ENV,
+    ErasureKeyError,
+    audit_path,
+    erasure_key,
+    read_tombstones,
+    tombstones_path,
+    user_hash,
+)
+from profile_engine.profiles.verify import verify_hour
+from profile_engine.sources.simulate import simulate
 
 from .reliability.lakecheck import partial_partitions
 
@@ -140,12 +150,12 @@ def test_erased_user_leaves_every_dataset_and_never_comes_back(lake_copy: Settin
     assert partial_partitions(root) == []
     assert verify_hour(settings_, H0 + timedelta(hours=1)).equal
     # The audit names a keyed hash, never the id; the tombstone holds the same hash.
-    digest = erasure.user_hash(user, erasure.erasure_key(settings_))
+    digest = user_hash(user, erasure_key(settings_))
     audit = erasure.read_audit(settings_)
     assert [a["user_hash"] for a in audit] == [digest] and audit[0]["requested_by"] == "test"
     assert audit[0]["rows_removed"] == result["rows_removed"] and audit[0]["reason"] == "GDPR art. 17"
-    assert user not in erasure.audit_path(Lake(root)).read_text()
-    assert digest in erasure.read_tombstones(Lake(root)).hashes
+    assert user not in audit_path(Lake(root)).read_text()
+    assert digest in read_tombstones(Lake(root)).hashes
 
     # Late data: the next hour's files hold the user's events; they are counted as erased, not stored.
     summary = runner.run_hour(settings_, NEXT, build_docs=False)
@@ -172,7 +182,7 @@ def test_unknown_id_is_a_no_op_with_a_message(lake_copy: Settings) -> None:
 
     assert result["erased"] == 0 and result["unknown"] == 1 and result["rows_removed"] == {}
     assert "found nowhere" in result["messages"][0]
-    assert not erasure.read_tombstones(Lake(root)).hashes and erasure.read_audit(lake_copy) == []
+    assert not read_tombstones(Lake(root)).hashes and erasure.read_audit(lake_copy) == []
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p in files} == files
 
 
@@ -183,7 +193,7 @@ def test_erasing_twice_reports_already_erased_and_changes_nothing(lake_copy: Set
     again = erasure.erase_users(lake_copy, [user], requested_by="test", reason="second")
 
     assert again["erased"] == 0 and again["already_erased"] == 1 and again["rows_removed"] == {}
-    assert len(erasure.read_tombstones(Lake(lake_copy.lake)).hashes) == 1
+    assert len(read_tombstones(Lake(lake_copy.lake)).hashes) == 1
     assert [a["status"] for a in erasure.read_audit(lake_copy)] == ["erased", "already erased"]
 
 
@@ -196,15 +206,15 @@ def test_a_locked_lake_is_refused_and_left_untouched(lake_copy: Settings) -> Non
         erasure.erase_users(lake_copy, [user], requested_by="test", reason="x")
 
     lock.release(lake, owner)
-    assert not erasure.tombstones_path(lake).exists() and user_rows(lake.root, user)["staging/events"] > 0
+    assert not tombstones_path(lake).exists() and user_rows(lake.root, user)["staging/events"] > 0
 
 
 def test_tombstones_refuse_another_key(lake_copy: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     user = a_returning_user(lake_copy)
     erasure.erase_users(lake_copy, [user], requested_by="test", reason="x")
-    monkeypatch.setenv(erasure.ERASURE_KEY_ENV, "another-key-of-32-characters-xxxx")
+    monkeypatch.setenv(ERASURE_KEY_ENV, "another-key-of-32-characters-xxxx")
 
-    with pytest.raises(erasure.ErasureKeyError, match="would come back"):
+    with pytest.raises(ErasureKeyError, match="would come back"):
         runner.run_hour(lake_copy, NEXT, build_docs=False)
 
 
@@ -345,7 +355,6 @@ def assert_only_erased_entries_changed(before: dict[str, bytes], root: Path, ids
     Nothing is deleted, only the tombstones and the audit are added, every manifest's
     checksums and sizes hold, and no erased id is left in a user-id column.
     """
-    from profile_engine.segments import export_key, pseudonymize
 
     keyed = pseudonymize(ids, export_key(Settings(lake=root)))
     assert export_key(Settings(lake=root)).key_id == key_id
@@ -360,7 +369,7 @@ def assert_only_erased_entries_changed(before: dict[str, bytes], root: Path, ids
             if "user_id" in old.column_names:
                 expected = without(old, "user_id", ids)
                 if path.startswith("profiles/"):
-                    drop = [c for c in ft.POPULATION_COLUMNS if c in old.column_names]
+                    drop = [c for c in POPULATION_COLUMNS if c in old.column_names]
                     expected, new = expected.drop_columns(drop), new.drop_columns(drop)
             else:
                 assert "user_key" in old.column_names, f"{where}: it has no user-id column"

@@ -1,4 +1,4 @@
-"""Tests for profile_engine.evaluate: metrics, bootstrap intervals, PSI, the gate and the evaluate_and_promote stage."""
+"""Tests for profile_engine.model.evaluate: metrics, bootstrap intervals, PSI, the gate and the evaluate_and_promote stage."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from profile_engine import evaluate, model, registry
 from profile_engine.hours import HOUR, format_hour
-from profile_engine.lake import MODELS, Lake, read_json
+from profile_engine.lake.storage import MODELS, Lake, read_json
+from profile_engine.model import evaluate, registry
+from profile_engine.model import training as model
 from tests.test_labels import CATEGORICAL, NUMERIC, T0, make_settings, synthetic_lake
 from tests.test_model import FAST, SMALL
 

@@ -1,4 +1,4 @@
-"""Tests of profile_engine.features: every feature family on hand-made events, the
+"""Tests of profile_engine.profiles.features: every feature family on hand-made events, the
 incremental == batch == rebuild property, and the lake stages on a temporary lake."""
 
 from __future__ import annotations
@@ -17,13 +17,35 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from profile_engine import features as F
-from profile_engine import report
 from profile_engine.config import Settings
+from profile_engine.contracts.events import EVENT_TYPES, REFUND, STAGED_SCHEMA
+from profile_engine.contracts.profiles import (
+    AFFINITY,
+    CATEGORICAL_FEATURES,
+    CATEGORY_ID,
+    CHANGES_SCHEMA,
+    FIRST_SEEN_AT,
+    LAST_SEEN_AT,
+    MONETARY_TOTAL,
+    NUMERIC_FEATURES,
+    POPULATION_COLUMNS,
+    PROFILE_COLUMNS,
+    PROFILE_SCHEMA,
+    SESSION_COUNT,
+    SNAPSHOT_SCHEMA,
+    TOP_CATEGORIES,
+    TOP_CATEGORY_SCORES,
+    USER_ID,
+    WINDOWS,
+    count_column,
+    first_at_column,
+    last_at_column,
+)
 from profile_engine.hours import HOUR, floor_hour, format_hour
-from profile_engine.lake import MANIFEST, PROFILE_CHANGES, PROFILES, STAGING, STATE, Lake, read_json
-from profile_engine.schema import EVENT_TYPES, REFUND, STAGED_SCHEMA
-from profile_engine.verify import compare_tables
+from profile_engine.lake.storage import MANIFEST, PROFILE_CHANGES, PROFILES, STAGING, STATE, Lake, read_json
+from profile_engine.ops import report
+from profile_engine.profiles import features as F
+from profile_engine.profiles.verify import compare_tables
 
 T0 = datetime(2026, 11, 2, tzinfo=UTC)  # November: Europe/Berlin is UTC+1
 SETTINGS = Settings(lateness_hours=6)
@@ -56,8 +78,8 @@ def profiles_at(table: pa.Table, end: datetime, cfg: Settings = SETTINGS) -> tup
 
 
 def row(profiles: pa.Table, user: str = "u1") -> dict[str, Any]:
-    rows = profiles.filter(pc.equal(profiles.column(F.USER_ID), user)).to_pylist()
-    assert len(rows) == 1, f"{user} not exactly once in {profiles.column(F.USER_ID).to_pylist()}"
+    rows = profiles.filter(pc.equal(profiles.column(USER_ID), user)).to_pylist()
+    assert len(rows) == 1, f"{user} not exactly once in {profiles.column(USER_ID).to_pylist()}"
     return rows[0]
 
 
@@ -75,7 +97,7 @@ def hourly_chain(table: pa.Table, staged_hours: list[datetime], first: datetime,
 def assert_same(a: pa.Table, b: pa.Table) -> None:
     """Equal tables, floats to tolerance."""
     assert a.schema == b.schema
-    assert a.column(F.USER_ID).to_pylist() == b.column(F.USER_ID).to_pylist()
+    assert a.column(USER_ID).to_pylist() == b.column(USER_ID).to_pylist()
     for name in a.column_names:
         x, y = a.column(name).to_pylist(), b.column(name).to_pylist()
         if pa.types.is_floating(a.schema.field(name).type):
@@ -104,14 +126,14 @@ def test_contract_columns_are_fixed() -> None:
         )
     ]
 
-    assert F.PROFILE_COLUMNS[:2] == ("user_id", "snapshot_hour")
-    assert F.PROFILE_COLUMNS[2 : 2 + len(per_type)] == tuple(per_type)
-    assert F.PROFILE_COLUMNS[-1] == "lifecycle_stage"
-    assert F.CATEGORICAL_FEATURES == ("top_category_1", "rfm_segment", "lifecycle_stage")
-    assert set(F.NUMERIC_FEATURES).isdisjoint(F.CATEGORICAL_FEATURES)
-    assert not any(c.endswith("_at") for c in F.NUMERIC_FEATURES)
-    assert F.PROFILE_SCHEMA.field("rfm_r").type == pa.int8()
-    assert F.SNAPSHOT_SCHEMA.names == [c for c in F.PROFILE_COLUMNS if c not in F.POPULATION_COLUMNS]
+    assert PROFILE_COLUMNS[:2] == ("user_id", "snapshot_hour")
+    assert PROFILE_COLUMNS[2 : 2 + len(per_type)] == tuple(per_type)
+    assert PROFILE_COLUMNS[-1] == "lifecycle_stage"
+    assert CATEGORICAL_FEATURES == ("top_category_1", "rfm_segment", "lifecycle_stage")
+    assert set(NUMERIC_FEATURES).isdisjoint(CATEGORICAL_FEATURES)
+    assert not any(c.endswith("_at") for c in NUMERIC_FEATURES)
+    assert PROFILE_SCHEMA.field("rfm_r").type == pa.int8()
+    assert SNAPSHOT_SCHEMA.names == [c for c in PROFILE_COLUMNS if c not in POPULATION_COLUMNS]
 
 
 # ---- feature families ------------------------------------------------------------------
@@ -212,7 +234,7 @@ def test_rfm_scores_break_ties_by_a_hash_of_the_user_whatever_the_row_order() ->
         "e": (None, None, None, "no_orders"),
     }
     assert scored.equals(again)
-    assert scored.schema == F.PROFILE_SCHEMA
+    assert scored.schema == PROFILE_SCHEMA
 
 
 def test_view_to_cart_to_purchase_latencies_with_a_late_view() -> None:
@@ -415,11 +437,11 @@ def test_interests_top_three_with_tie_break_and_pruning() -> None:
 
     k = 2 ** (-1 / (7 * 24))
     p = row(profiles)
-    assert [p[c] for c in F.TOP_CATEGORIES] == ["c1", "c2", "c3"]
-    assert [p[c] for c in F.TOP_CATEGORY_SCORES] == pytest.approx([5 * k, 3 * k, 2 * k], abs=1e-6)
+    assert [p[c] for c in TOP_CATEGORIES] == ["c1", "c2", "c3"]
+    assert [p[c] for c in TOP_CATEGORY_SCORES] == pytest.approx([5 * k, 3 * k, 2 * k], abs=1e-6)
     assert p["distinct_categories"] == 6
-    assert interests.column(F.CATEGORY_ID).to_pylist() == ["c1", "c2", "c3", "c4", "c7"]
-    assert interests.column(F.AFFINITY).to_pylist()[-1] == round(k, 6)
+    assert interests.column(CATEGORY_ID).to_pylist() == ["c1", "c2", "c3", "c4", "c7"]
+    assert interests.column(AFFINITY).to_pylist()[-1] == round(k, 6)
 
 
 def test_lifecycle_stages() -> None:
@@ -517,17 +539,17 @@ def test_change_log_lists_lifecycle_rfm_and_top_interest_changes_with_before_and
     }
     first = F.profile_changes(None, current)
     assert first.column("change").to_pylist() == ["new"] * current.num_rows
-    assert first.schema == F.CHANGES_SCHEMA
+    assert first.schema == CHANGES_SCHEMA
 
 
 # ---- an independent reference: a few feature families in plain Python ---------------------
 REFERENCE_COLUMNS: tuple[str, ...] = (
-    *[F.count_column(t, w) for t in EVENT_TYPES for w in ("lifetime", *(w for w, _ in F.WINDOWS))],
-    *[c(t) for t in EVENT_TYPES for c in (F.first_at_column, F.last_at_column)],
-    F.FIRST_SEEN_AT,
-    F.LAST_SEEN_AT,
-    F.MONETARY_TOTAL,
-    F.SESSION_COUNT,
+    *[count_column(t, w) for t in EVENT_TYPES for w in ("lifetime", *(w for w, _ in WINDOWS))],
+    *[c(t) for t in EVENT_TYPES for c in (first_at_column, last_at_column)],
+    FIRST_SEEN_AT,
+    LAST_SEEN_AT,
+    MONETARY_TOTAL,
+    SESSION_COUNT,
 )
 
 
@@ -547,13 +569,13 @@ def reference_profiles(rows: list[dict[str, Any]], end: datetime) -> dict[str, d
         got: dict[str, Any] = {}
         for t in EVENT_TYPES:
             times = [e["ts"] for e in evs if e["event_type"] == t]
-            got[F.count_column(t, "lifetime")] = len(times)
-            for w, hours in F.WINDOWS:
-                got[F.count_column(t, w)] = sum(1 for ts in times if ts >= end - timedelta(hours=hours))
-            got[F.first_at_column(t)] = min(times, default=None)
-            got[F.last_at_column(t)] = max(times, default=None)
-        got[F.FIRST_SEEN_AT] = min(e["ts"] for e in evs)
-        got[F.LAST_SEEN_AT] = max(e["ts"] for e in evs)
+            got[count_column(t, "lifetime")] = len(times)
+            for w, hours in WINDOWS:
+                got[count_column(t, w)] = sum(1 for ts in times if ts >= end - timedelta(hours=hours))
+            got[first_at_column(t)] = min(times, default=None)
+            got[last_at_column(t)] = max(times, default=None)
+        got[FIRST_SEEN_AT] = min(e["ts"] for e in evs)
+        got[LAST_SEEN_AT] = max(e["ts"] for e in evs)
         # Net spend: purchase lines minus refund lines (staging makes refund quantities negative,
         # whatever sign a landing file gave), each rounded to cents half away from zero; unknown
         # (None) when none of the user's events carries a price.
@@ -564,9 +586,9 @@ def reference_profiles(rows: list[dict[str, Any]], end: datetime) -> dict[str, d
             if e["event_type"] in ("purchase", "refund")
         ]
         priced = any(e["price"] is not None for e in evs)
-        got[F.MONETARY_TOTAL] = sum(cents) / 100.0 if priced else None
+        got[MONETARY_TOTAL] = sum(cents) / 100.0 if priced else None
         times = sorted({e["ts"] for e in evs})
-        got[F.SESSION_COUNT] = 1 + sum(1 for a, b in zip(times, times[1:], strict=False) if b - a >= F.SESSION_GAP)
+        got[SESSION_COUNT] = 1 + sum(1 for a, b in zip(times, times[1:], strict=False) if b - a >= F.SESSION_GAP)
         out[user] = got
     return out
 
@@ -574,7 +596,7 @@ def reference_profiles(rows: list[dict[str, Any]], end: datetime) -> dict[str, d
 def assert_matches_reference(profiles: pa.Table, rows: list[dict[str, Any]], end: datetime, where: str) -> None:
     """The profiles have exactly the reference's users, and its values in ``REFERENCE_COLUMNS``."""
     expected = reference_profiles(rows, end)
-    got = {r[F.USER_ID]: r for r in profiles.select([F.USER_ID, *REFERENCE_COLUMNS]).to_pylist()}
+    got = {r[USER_ID]: r for r in profiles.select([USER_ID, *REFERENCE_COLUMNS]).to_pylist()}
     assert sorted(got) == sorted(expected), f"{where}: users differ from the reference"
     wrong = [
         (user, column, expected[user][column], got[user][column])
@@ -582,7 +604,7 @@ def assert_matches_reference(profiles: pa.Table, rows: list[dict[str, Any]], end
         for column in REFERENCE_COLUMNS
         if expected[user][column] != got[user][column]
         and not (
-            column == F.MONETARY_TOTAL
+            column == MONETARY_TOTAL
             and None not in (got[user][column], expected[user][column])
             and got[user][column] == pytest.approx(expected[user][column], rel=1e-12)
         )
@@ -662,14 +684,14 @@ def test_incremental_snapshots_equal_a_full_rebuild(
             assert state.buffered is not None
             assert loaded.equals(got), "snapshot of the loaded state differs from the advanced one"
             for name, comparison in (
-                ("profiles", compare_tables("profiles", expected, got, [F.USER_ID])),
+                ("profiles", compare_tables("profiles", expected, got, [USER_ID])),
                 (
                     "interests",
-                    compare_tables("interests", expected_interests, got_interests, [F.USER_ID, F.CATEGORY_ID]),
+                    compare_tables("interests", expected_interests, got_interests, [USER_ID, CATEGORY_ID]),
                 ),
             ):
                 assert comparison.equal, f"{name} at hour {end}: " + "; ".join(comparison.lines())
-            assert got.schema == F.PROFILE_SCHEMA
+            assert got.schema == PROFILE_SCHEMA
             assert_matches_reference(got, staged_between(0, end).to_pylist(), at(hours=end), f"hour {end}")
 
     in_snapshot = pc.less(table.column("ts"), pa.scalar(at(hours=hours), table.schema.field("ts").type))
@@ -713,7 +735,7 @@ def test_lake_round_trip_build_publish_and_range(tmp_path: Path) -> None:
     assert all(F.snapshot_committed(cfg, at(hours=h)) for h in range(3))
     assert read_json(lake.path(PROFILES, "current"))["hour"] == format_hour(at(hours=2))
     final = lake.read(PROFILES, at(hours=2))
-    assert final.schema == F.PROFILE_SCHEMA
+    assert final.schema == PROFILE_SCHEMA
     assert sorted(final.column("user_id").to_pylist()) == ["a", "b", "c"]
     assert published[2]["profiles"] == 3 and published[2]["previous_hour"] == format_hour(at(hours=1))
     assert sum(published[2]["rfm_segments"].values()) == 3
@@ -732,7 +754,7 @@ def test_lake_round_trip_build_publish_and_range(tmp_path: Path) -> None:
     assert not Lake(bulk.lake).committed(STATE, T0) and Lake(bulk.lake).committed(STATE, at(hours=1), 0)
     for h in (1, 2):
         for b in range(2):
-            hourly = lake.read(PROFILES, at(hours=h), b).select(F.SNAPSHOT_SCHEMA.names)
+            hourly = lake.read(PROFILES, at(hours=h), b).select(SNAPSHOT_SCHEMA.names)
             assert_same(Lake(bulk.lake).read(PROFILES, at(hours=h), b), hourly)
     assert (lake.partition(PROFILES, at(hours=2)) / MANIFEST).is_file()
 
@@ -761,7 +783,7 @@ def test_missing_previous_hour_is_an_error_naming_it(tmp_path: Path) -> None:
 def test_a_user_in_two_buckets_is_refused_without_naming_the_user() -> None:
     """The error reaches task logs: it counts the duplicated users and never names them (raw ids)."""
     profiles, _ = profiles_at(events({"user_id": "u-secret-7", "ts": at(minutes=5)}), at(hours=1))
-    part = profiles.select(F.SNAPSHOT_SCHEMA.names)
+    part = profiles.select(SNAPSHOT_SCHEMA.names)
 
     with pytest.raises(ValueError, match="1 user") as raised:
         F.population_snapshot([part, part], at(hours=1))
@@ -790,7 +812,7 @@ def both_paths(table: pa.Table, late: dict[int, int], end: datetime) -> dict[str
     """The user's row from a rebuild, after checking that an hourly chain with late arrivals equals it."""
     rebuilt = F.snapshot(F.rebuild(table, end, SETTINGS), end, SETTINGS)[0]
     chained = F.snapshot(chain_with_late(table, late, end), end, SETTINGS)[0]
-    comparison = compare_tables("profiles", rebuilt, chained, [F.USER_ID])
+    comparison = compare_tables("profiles", rebuilt, chained, [USER_ID])
     assert comparison.equal, "; ".join(comparison.lines())
     return row(rebuilt)
 

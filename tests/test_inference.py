@@ -1,4 +1,4 @@
-"""Tests for profile_engine.inference: the export's refusals, StringLookup semantics and stable files.
+"""Tests for profile_engine.model.inference: the export's refusals, StringLookup semantics and stable files.
 
 Scores of trained versions against Keras are tested in test_model.py (one shared fit).
 """
@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from profile_engine import inference, model
+from profile_engine.model import inference
+from profile_engine.model import training as model
 
 
 def _fill_missing() -> type:

@@ -21,12 +21,13 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from profile_engine import ingest, sources
-from profile_engine import lake as lk
 from profile_engine.config import MAX_BUCKETS, Settings
+from profile_engine.contracts.events import EVENT_SCHEMA, STAGED_SCHEMA, bucket_sql
 from profile_engine.hours import HOUR
-from profile_engine.lake import Lake, read_json
-from profile_engine.schema import EVENT_SCHEMA, STAGED_SCHEMA, bucket_sql
+from profile_engine.ingest import events as ingest
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake, read_json
+from profile_engine.sources import mappings as sources
 from tests.conftest import HOUR0
 
 
@@ -122,7 +123,7 @@ def test_validate_stages_per_bucket_and_quarantines_with_reasons(settings: Setti
     land(lake, HOUR0, "a.parquet", rows)
     ingest.extract_events(settings, HOUR0)
 
-    summary = ingest.validate_events(settings, HOUR0, quality_suite=False)
+    summary = ingest.validate_events(settings, HOUR0)
 
     assert (summary["read"], summary["staged"], summary["quarantined"]) == (10, 3, 7)
     assert summary["reasons"] == {
@@ -152,8 +153,8 @@ def test_producer_resend_in_a_later_hour_is_a_duplicate(settings: Settings) -> N
     for hour in (HOUR0, HOUR0 + HOUR):
         ingest.extract_events(settings, hour)
 
-    first = ingest.validate_events(settings, HOUR0, quality_suite=False)
-    second = ingest.validate_events(settings, HOUR0 + HOUR, quality_suite=False)
+    first = ingest.validate_events(settings, HOUR0)
+    second = ingest.validate_events(settings, HOUR0 + HOUR)
 
     assert (first["staged"], second["staged"], second["reasons"]) == (1, 0, {"duplicate": 1})
 
@@ -261,7 +262,7 @@ def test_text_sources_with_gzip_are_read(settings: Settings) -> None:
     )
     ingest.extract_events(settings, HOUR0)
 
-    summary = ingest.validate_events(settings, HOUR0, quality_suite=False)
+    summary = ingest.validate_events(settings, HOUR0)
 
     assert (summary["read"], summary["staged"]) == (2, 2)
     staged = lake.read(lk.STAGING, HOUR0).sort_by("event_id")
@@ -277,7 +278,7 @@ def test_quarantine_threshold_fails_after_writing(settings: Settings) -> None:
     ingest.extract_events(settings, HOUR0)
 
     with pytest.raises(ingest.QuarantineThresholdExceeded, match="30 of 100 rows"):
-        ingest.validate_events(settings, HOUR0, quality_suite=False)
+        ingest.validate_events(settings, HOUR0)
     assert lake.committed(lk.QUARANTINE, HOUR0)
 
 
@@ -288,7 +289,7 @@ def test_quiet_hours_and_routine_reasons_do_not_trip_the_threshold(settings: Set
     land(lake, HOUR0, "a.parquet", rows)
     ingest.extract_events(settings, HOUR0)
 
-    summary = ingest.validate_events(settings, HOUR0, quality_suite=False)
+    summary = ingest.validate_events(settings, HOUR0)
 
     assert (summary["read"], summary["quarantined"], summary["defective"]) == (62, 61, 1)
 
@@ -367,10 +368,10 @@ def test_table_source_takes_rows_after_the_high_water_mark(shop: tuple[Settings,
 
     # Act
     first = ingest.extract_events(settings, HOUR0)
-    summary = ingest.validate_events(settings, HOUR0, quality_suite=False)
+    summary = ingest.validate_events(settings, HOUR0)
     insert(con, (at(HOUR0, 70), "e4", 8, "order", "i1", 20.0, at(HOUR0, 65)))
     second = ingest.extract_events(settings, HOUR0 + HOUR)
-    summary2 = ingest.validate_events(settings, HOUR0 + HOUR, quality_suite=False)
+    summary2 = ingest.validate_events(settings, HOUR0 + HOUR)
 
     # Assert
     lake = Lake(settings.lake)
@@ -398,12 +399,12 @@ def test_rerun_of_a_table_hour_reads_exactly_its_range(shop: tuple[Settings, sql
     settings, con = shop
     insert(con, (at(HOUR0, 1), "e1", 1, "page_view", "i1", 1.0, at(HOUR0, 1)))
     ingest.extract_events(settings, HOUR0)
-    first = ingest.validate_events(settings, HOUR0, quality_suite=False)
+    first = ingest.validate_events(settings, HOUR0)
     insert(con, (at(HOUR0, 2), "e2", 2, "page_view", "i1", 1.0, at(HOUR0, 2)))
 
     # Act
     rerun = ingest.extract_events(settings, HOUR0)
-    again = ingest.validate_events(settings, HOUR0, quality_suite=False)
+    again = ingest.validate_events(settings, HOUR0)
 
     # Assert: the new row waits for the next hour instead of joining the rerun
     assert rerun["rerun"] and rerun["rows"] == 1
@@ -422,7 +423,7 @@ def test_rerun_fails_when_rows_of_a_taken_range_changed(shop: tuple[Settings, sq
 
     # Act / Assert
     with pytest.raises(ingest.LedgerError, match=r"sql://shop/shop_events.*changed since hour"):
-        ingest.validate_events(settings, HOUR0, quality_suite=False)
+        ingest.validate_events(settings, HOUR0)
 
 
 def test_time_cursor_takes_only_rows_ingested_before_the_hour_end(
@@ -509,7 +510,7 @@ def test_table_source_feeds_the_hour_runner_to_a_published_snapshot(
     shop: tuple[Settings, sqlite3.Connection],
 ) -> None:
     # Arrange: a time cursor, so each hour takes what was ingested during it
-    from profile_engine import runner
+    from profile_engine.ops import runner
 
     settings, con = shop
     Lake(settings.lake).path(sources.LAKE_SOURCES_DIR, "shop.yaml").write_text(
@@ -706,7 +707,7 @@ def test_table_rerun_after_a_catch_up_reads_the_same_range(shop: tuple[Settings,
 def ingest_table_hour(settings: Settings, hour: datetime) -> dict[str, Any]:
     """Extract and validate ``hour``, read a day after it (the tests do not depend on the clock)."""
     ingest.extract_events(settings, hour, now=hour + timedelta(days=1))
-    return ingest.validate_events(settings, hour, quality_suite=False)
+    return ingest.validate_events(settings, hour)
 
 
 def test_bucket_counts_beyond_a_duckdb_integer_are_refused_by_name(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests for profile_engine.labels: label windows, finality, the out-of-time split, sampling and leakage.
+"""Tests for profile_engine.model.labels: label windows, finality, the out-of-time split, sampling and leakage.
 
 The synthetic-lake helpers at the top are also used by test_model.py and test_evaluate.py.
 """
@@ -19,13 +19,13 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from profile_engine import features as F
-from profile_engine import labels
 from profile_engine.config import Settings
-from profile_engine.features import SNAPSHOT_HOUR, USER_ID
+from profile_engine.contracts.events import EVENT_SCHEMA, PURCHASE, STAGED_SCHEMA, VIEW, bucket_sql
+from profile_engine.contracts.profiles import SNAPSHOT_HOUR, SNAPSHOT_SCHEMA, USER_ID
 from profile_engine.hours import HOUR, format_hour, hour_range
-from profile_engine.lake import MANIFEST, PROFILES, STAGING, TRAINING, Lake, read_json, write_json
-from profile_engine.schema import EVENT_SCHEMA, PURCHASE, STAGED_SCHEMA, VIEW, bucket_sql
+from profile_engine.lake.storage import MANIFEST, PROFILES, STAGING, TRAINING, Lake, read_json, write_json
+from profile_engine.model import labels
+from profile_engine.profiles import features as F
 
 T0 = datetime(2026, 11, 1, 0, tzinfo=UTC)
 NUMERIC = ("signal", "visits")
@@ -452,7 +452,7 @@ def test_features_built_by_the_engine_pass_the_recompute_with_later_events_delet
     checked = labels.check_no_leakage(settings, rows, pa.array([hour] * rows.num_rows, TS), sample=1000)
 
     # Assert: every row and every per-user engine column was recomputed
-    assert checked == {"rows": rows.num_rows, "columns": len(F.SNAPSHOT_SCHEMA) - 2}
+    assert checked == {"rows": rows.num_rows, "columns": len(SNAPSHOT_SCHEMA) - 2}
 
 
 @pytest.mark.parametrize(
@@ -507,7 +507,7 @@ def test_build_training_set_recomputes_a_sample_and_fails_on_a_leaking_committed
     write_snapshot(lake, leaky_hour, leaky)
 
     # Act / Assert
-    assert manifest["leakage_check"]["columns"] == len(F.SNAPSHOT_SCHEMA) - 2
+    assert manifest["leakage_check"]["columns"] == len(SNAPSHOT_SCHEMA) - 2
     assert manifest["leakage_check"]["rows"] == 10 * (len(clean.train_snapshots) + 1)
     with pytest.raises(labels.LeakageError, match="count_view_24h"):
         labels.build_training_set(settings, T0 + 7 * HOUR, "v2", config=replace(config, leakage_users=1000))
@@ -543,7 +543,7 @@ def hourly_and_checkpoint_lakes(tmp_path: Path) -> tuple[Settings, Settings]:
 def assert_same_examples(ours: pa.Table, theirs: pa.Table) -> None:
     """Same users, snapshots and labels in the same order; every feature equal as ``verify`` compares
     (floats to 1e-9 relative: decayed counters merged in other batches differ in the last bit)."""
-    from profile_engine.verify import compare_tables
+    from profile_engine.profiles.verify import compare_tables
 
     assert ours.column_names == theirs.column_names
     for column in (USER_ID, SNAPSHOT_HOUR, labels.LABEL):

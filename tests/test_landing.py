@@ -12,12 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from profile_engine import ingest, report, sources
-from profile_engine import lake as lk
 from profile_engine.config import Settings
+from profile_engine.contracts.events import EVENT_COLUMNS, EVENT_SCHEMA
 from profile_engine.hours import HOUR
-from profile_engine.lake import Lake, read_json, write_json
-from profile_engine.schema import EVENT_COLUMNS, EVENT_SCHEMA
+from profile_engine.ingest import events as ingest
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake, read_json, write_json
+from profile_engine.ops import report
+from profile_engine.sources import mappings as sources
 from tests.conftest import HOUR0
 
 H = HOUR0 + timedelta(hours=40)
@@ -99,7 +101,7 @@ def test_every_landing_file_is_read_or_named_with_its_reason(
     expected = _land_every_kind(lake)
 
     # Act
-    with caplog.at_level(logging.WARNING, logger="profile_engine.ingest"):
+    with caplog.at_level(logging.WARNING, logger="profile_engine.ingest.events"):
         extracted = ingest.extract_events(settings, H)
     validated = ingest.validate_events(settings, H)
     document = report.build_report(H, {"extract_events": extracted, "validate_events": validated}, run_id="t")

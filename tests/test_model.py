@@ -1,4 +1,4 @@
-"""Tests for profile_engine.model: retraining cadence, calibration, deciles, the fitted model and scoring.
+"""Tests for profile_engine.model.training: retraining cadence, calibration, deciles, the fitted model and scoring.
 
 One small Keras fit (module fixture) serves every TensorFlow test.
 """
@@ -25,11 +25,14 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from profile_engine import cli, evaluate, inference, labels, model, registry
+from profile_engine import cli
 from profile_engine.config import Settings
-from profile_engine.features import USER_ID
+from profile_engine.contracts.profiles import USER_ID
+from profile_engine.contracts.scores import DECILE, MODEL_VERSION, PROPENSITY, SCORES_SCHEMA
 from profile_engine.hours import HOUR
-from profile_engine.lake import MANIFEST, MODELS, PROFILES, SCORES, Lake, read_json
+from profile_engine.lake.storage import MANIFEST, MODELS, PROFILES, SCORES, Lake, read_json
+from profile_engine.model import evaluate, inference, labels, registry
+from profile_engine.model import training as model
 from tests.test_labels import CATEGORICAL, NUMERIC, T0, make_settings, synthetic_lake
 
 FAST = model.ModelConfig(hidden_units=(32, 16), max_epochs=15, patience=3)
@@ -226,10 +229,10 @@ def test_scoring_without_any_model_writes_null_propensities(tmp_path: Path) -> N
 
     # Assert
     scores = Lake(settings.lake).read(SCORES, T0, 1)
-    assert summary["model"] == "heuristic" and summary[model.MODEL_VERSION] == model.HEURISTIC_VERSION
-    assert scores.schema == model.SCORES_SCHEMA
-    assert scores.column(model.PROPENSITY).null_count == scores.num_rows == 5
-    assert set(scores.column(model.MODEL_VERSION).to_pylist()) == {model.HEURISTIC_VERSION}
+    assert summary["model"] == "heuristic" and summary[MODEL_VERSION] == model.HEURISTIC_VERSION
+    assert scores.schema == SCORES_SCHEMA
+    assert scores.column(PROPENSITY).null_count == scores.num_rows == 5
+    assert set(scores.column(MODEL_VERSION).to_pylist()) == {model.HEURISTIC_VERSION}
 
 
 # ---- one trained version -------------------------------------------------------------------------------------------
@@ -352,9 +355,9 @@ def test_a_new_shop_gets_heuristic_deciles_from_its_first_hour(tmp_path: Path) -
     # Assert: a score from the first hour, named as the heuristic; no probability is claimed without labels
     assert {s["model"] for s in summaries} == {"heuristic"}
     assert "open cart" in summaries[0]["reason"]
-    assert set(scores.column(model.MODEL_VERSION).to_pylist()) == {model.HEURISTIC_VERSION}
-    assert scores.column(model.PROPENSITY).null_count == n
-    deciles = np.asarray(scores.column(model.DECILE))
+    assert set(scores.column(MODEL_VERSION).to_pylist()) == {model.HEURISTIC_VERSION}
+    assert scores.column(PROPENSITY).null_count == n
+    deciles = np.asarray(scores.column(DECILE))
     assert np.all(np.abs(np.bincount(deciles, minlength=11)[1:] - n / 10) <= 2)
     by_user = dict(zip(users, (carts > 0) & (bought_24h == 0), strict=True))
     top = [by_user[u] for u, d in zip(scores.column(USER_ID).to_pylist(), deciles, strict=True) if d == 10]
@@ -432,7 +435,7 @@ def test_score_profiles_uses_baseline_before_promotion_then_the_champion(trained
 
     # Act
     before = model.score_profiles(settings, hour, 0)
-    baseline_versions = set(lake.read(SCORES, hour, 0).column(model.MODEL_VERSION).to_pylist())
+    baseline_versions = set(lake.read(SCORES, hour, 0).column(MODEL_VERSION).to_pylist())
     registry.promote(settings, version, hour, reason="test")
     after = model.score_profiles(settings, hour, 0)
     scores = lake.read(SCORES, hour, 0)
@@ -441,21 +444,21 @@ def test_score_profiles_uses_baseline_before_promotion_then_the_champion(trained
     # Assert
     assert before["model"] == "baseline" and "baseline" in before["reason"]
     assert baseline_versions == {version + model.BASELINE_SUFFIX}
-    assert after["model"] == "champion" and after[model.MODEL_VERSION] == version
-    assert scores.schema == model.SCORES_SCHEMA
+    assert after["model"] == "champion" and after[MODEL_VERSION] == version
+    assert scores.schema == SCORES_SCHEMA
     users = scores.column(USER_ID).to_pylist()
     assert users == sorted(users) and len(users) == 200
     profiles = lake.read(PROFILES, hour, 0).sort_by(USER_ID)
-    propensity = np.asarray(scores.column(model.PROPENSITY))
+    propensity = np.asarray(scores.column(PROPENSITY))
     assert propensity == pytest.approx(model.load_model(settings, version).predict(profiles))
-    assert scores.column(model.DECILE).null_count == scores.num_rows  # deciles are a population property
-    population = model.read_scores(lake, hour).filter(pc.equal(pc.field(model.MODEL_VERSION), version))
-    expected = model.population_deciles(population.column(USER_ID), np.asarray(population.column(model.PROPENSITY)))
-    assert np.asarray(population.column(model.DECILE)).tolist() == expected.tolist()
+    assert scores.column(DECILE).null_count == scores.num_rows  # deciles are a population property
+    population = model.read_scores(lake, hour).filter(pc.equal(pc.field(MODEL_VERSION), version))
+    expected = model.population_deciles(population.column(USER_ID), np.asarray(population.column(PROPENSITY)))
+    assert np.asarray(population.column(DECILE)).tolist() == expected.tolist()
     assert earlier["model"] == "heuristic"
 
 
-# ---- TensorFlow-free scoring (profile_engine.inference) -------------------------------------------------------------
+# ---- TensorFlow-free scoring (profile_engine.model.inference) -------------------------------------------------------------
 KINDS = ("model", "baseline")
 
 
@@ -547,7 +550,7 @@ def test_numpy_scorer_scores_an_empty_table(trained: Trained) -> None:
     raw = loaded.network.predict(model.numpy_inputs(empty, loaded.numeric, loaded.categorical))
 
     # Assert
-    assert scores.num_rows == 0 and scores.schema == model.SCORES_SCHEMA
+    assert scores.num_rows == 0 and scores.schema == SCORES_SCHEMA
     assert raw.shape == (0,) and raw.dtype == np.float32
 
 
@@ -629,8 +632,8 @@ def test_score_profiles_with_the_export_never_imports_tensorflow(trained: Traine
     scores = Lake(settings.lake).read(SCORES, trained.hour, 0)
     profiles = Lake(settings.lake).read(PROFILES, trained.hour, 0).sort_by(USER_ID)
     loaded = model.scoring_model(settings, trained.hour)  # baseline or champion, depending on the tests before
-    assert loaded is not None and result["summary"][model.MODEL_VERSION] == loaded.label
-    assert np.asarray(scores.column(model.PROPENSITY)) == pytest.approx(loaded.predict(profiles), abs=1e-12)
+    assert loaded is not None and result["summary"][MODEL_VERSION] == loaded.label
+    assert np.asarray(scores.column(PROPENSITY)) == pytest.approx(loaded.predict(profiles), abs=1e-12)
 
 
 def test_version_without_the_export_falls_back_to_keras_then_export_inference_adds_it(
@@ -644,7 +647,7 @@ def test_version_without_the_export_falls_back_to_keras_then_export_inference_ad
     directory = Lake(settings.lake).path(MODELS, version)
 
     # Act
-    with caplog.at_level(logging.WARNING, logger="profile_engine.model"):
+    with caplog.at_level(logging.WARNING, logger="profile_engine.model.training"):
         old = model.load_model(settings, version)
         model._load.cache_clear()  # a second load in the same process logs nothing new
         model.load_model(settings, version)
@@ -685,7 +688,7 @@ def test_an_export_in_an_unknown_format_is_not_used(trained: Trained, tmp_path: 
     version = str(trained.summary["version"])
     directory = Lake(settings.lake).path(MODELS, version)
     spec_name = model.INFERENCE_FILES["model"][0]
-    spec = {**read_json(directory / spec_name), "format": "profile_engine.inference/99"}
+    spec = {**read_json(directory / spec_name), "format": "profile_engine.model.inference/99"}
     model.update_model_dir(settings, version, {spec_name: json.dumps(spec).encode()})
 
     # Act
@@ -714,7 +717,7 @@ def test_cli_exports_a_version(trained: Trained, tmp_path: Path, monkeypatch: py
 # ---- gradient-boosted trees (LightGBM) as a candidate ---------------------------------------------------------------
 def test_lightgbm_candidate_is_saved_calibrated_and_reproducible(trained: Trained) -> None:
     # Arrange
-    from profile_engine import candidates, gbm
+    from profile_engine.model import candidates, gbm
 
     settings, version = trained.settings, str(trained.summary["version"])
     directory = Lake(settings.lake).path(MODELS, version)
@@ -785,17 +788,17 @@ def test_score_profiles_with_a_lightgbm_champion_never_imports_tensorflow(traine
     assert result["heavy"] == []
     summary = result["summary"]
     assert (summary["model"], summary["kind"], summary["engine"]) == ("champion", "lightgbm", "lightgbm")
-    assert summary[model.MODEL_VERSION] == f"{version}-lightgbm" and summary["rows"] == 200
+    assert summary[MODEL_VERSION] == f"{version}-lightgbm" and summary["rows"] == 200
     scores = Lake(settings.lake).read(SCORES, trained.hour, 0)
     profiles = Lake(settings.lake).read(PROFILES, trained.hour, 0).sort_by(USER_ID)
     expected = model.load_model(settings, version, "lightgbm").predict(profiles)
-    assert np.asarray(scores.column(model.PROPENSITY)) == pytest.approx(expected, abs=1e-12)
+    assert np.asarray(scores.column(PROPENSITY)) == pytest.approx(expected, abs=1e-12)
 
 
 def test_a_version_trained_before_lightgbm_still_loads_and_scores(trained: Trained, tmp_path: Path) -> None:
     # Arrange: the version as the previous code wrote it (no trees), promoted by an entry without a kind
-    from profile_engine import candidates, gbm
-    from profile_engine.lake import PROMOTIONS, write_json
+    from profile_engine.lake.storage import PROMOTIONS, write_json
+    from profile_engine.model import candidates, gbm
 
     settings = copy_lake(trained, tmp_path)
     version = str(trained.summary["version"])
@@ -814,6 +817,6 @@ def test_a_version_trained_before_lightgbm_still_loads_and_scores(trained: Train
 
     # Assert
     assert found == ["network", "baseline"]
-    assert (summary["kind"], summary[model.MODEL_VERSION]) == ("model", version)
+    assert (summary["kind"], summary[MODEL_VERSION]) == ("model", version)
     with pytest.raises(FileNotFoundError, match="no LightGBM model"):
         model.load_model(settings, version, "lightgbm")

@@ -20,12 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from profile_engine import evaluate, labels, model, registry, runner
 from profile_engine.config import Settings
-from profile_engine.features import USER_ID
+from profile_engine.contracts.profiles import USER_ID
 from profile_engine.hours import HOUR, format_hour, hour_range
-from profile_engine.lake import TRAINING, TRUTH, Lake
-from profile_engine.simulate import TRUTH_PROPENSITY, simulate
+from profile_engine.lake.storage import TRAINING, TRUTH, Lake
+from profile_engine.model import evaluate, labels, registry
+from profile_engine.model import training as model
+from profile_engine.ops import runner
+from profile_engine.sources.simulate import TRUTH_PROPENSITY, simulate
 
 FIRST = datetime(2026, 10, 1, tzinfo=UTC)
 DAYS = 14

@@ -1,4 +1,4 @@
-"""Tests for profile_engine.quality: the hourly Great Expectations suite, results and Data Docs."""
+"""Tests for profile_engine.quality.suites: the hourly Great Expectations suite, results and Data Docs."""
 
 from __future__ import annotations
 
@@ -15,8 +15,28 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 from profile_engine.config import Settings
+from profile_engine.contracts.events import EVENT_TYPES, STAGED_SCHEMA
+from profile_engine.contracts.profiles import (
+    CART_VIEW_RATE,
+    FIRST_SEEN_AT,
+    LAST_SEEN_AT,
+    LIFECYCLE_STAGE,
+    LIFECYCLE_STAGES,
+    MAX_ORDER_VALUE,
+    MONETARY_TOTAL,
+    PEAK_HOUR_LOCAL,
+    PROFILE_COLUMNS,
+    PROFILE_SCHEMA,
+    PURCHASE_VIEW_RATE,
+    RFM_R,
+    RFM_SEGMENT,
+    RFM_SEGMENTS,
+    SNAPSHOT_HOUR,
+    SNAPSHOT_SCHEMA,
+    USER_ID,
+)
 from profile_engine.hours import format_hour
-from profile_engine.lake import (
+from profile_engine.lake.storage import (
     MANIFEST,
     PROFILES,
     QUALITY_DOCS,
@@ -27,7 +47,7 @@ from profile_engine.lake import (
     Lake,
     read_json,
 )
-from profile_engine.quality import (
+from profile_engine.quality.suites import (
     BUCKET_IN_RANGE,
     DOCS_INDEX,
     EVENT_ID_UNIQUE,
@@ -56,7 +76,6 @@ from profile_engine.quality import (
     run_quality,
     validate_profiles,
 )
-from profile_engine.schema import EVENT_TYPES, STAGED_SCHEMA
 
 HOUR = datetime(2026, 11, 1, 5, tzinfo=UTC)
 FUTURE_SKEW = timedelta(minutes=Settings().clock_skew_minutes)
@@ -398,25 +417,24 @@ def test_contract_valid_batches_pass_and_one_negative_price_fails_only_that(
 
 def profile_rows(n: int = 3) -> list[dict[str, Any]]:
     """``n`` valid profiles: buyers without carts (purchase/cart > 1), users without orders (null RFM)."""
-    from profile_engine import features as ft
 
     rows = []
     for i in range(n):
-        row: dict[str, Any] = dict.fromkeys(ft.PROFILE_COLUMNS)
-        row.update({c: i for c in ft.PROFILE_COLUMNS if c.startswith("count_")})
+        row: dict[str, Any] = dict.fromkeys(PROFILE_COLUMNS)
+        row.update({c: i for c in PROFILE_COLUMNS if c.startswith("count_")})
         row.update(
             {
-                ft.USER_ID: f"user-{i}",
-                ft.SNAPSHOT_HOUR: HOUR,
-                ft.FIRST_SEEN_AT: HOUR,
-                ft.LAST_SEEN_AT: HOUR,
-                ft.LIFECYCLE_STAGE: ft.LIFECYCLE_STAGES[i % len(ft.LIFECYCLE_STAGES)],
-                ft.RFM_SEGMENT: ft.RFM_SEGMENTS[i % len(ft.RFM_SEGMENTS)],
-                ft.PURCHASE_VIEW_RATE: 2.5,  # bought twice per view: real, not capped at 1
-                ft.CART_VIEW_RATE: 0.0,
-                ft.MONETARY_TOTAL: 12.5 * i,
-                ft.RFM_R: None if i == 0 else 1 + i % 5,
-                ft.PEAK_HOUR_LOCAL: 23,
+                USER_ID: f"user-{i}",
+                SNAPSHOT_HOUR: HOUR,
+                FIRST_SEEN_AT: HOUR,
+                LAST_SEEN_AT: HOUR,
+                LIFECYCLE_STAGE: LIFECYCLE_STAGES[i % len(LIFECYCLE_STAGES)],
+                RFM_SEGMENT: RFM_SEGMENTS[i % len(RFM_SEGMENTS)],
+                PURCHASE_VIEW_RATE: 2.5,  # bought twice per view: real, not capped at 1
+                CART_VIEW_RATE: 0.0,
+                MONETARY_TOTAL: 12.5 * i,
+                RFM_R: None if i == 0 else 1 + i % 5,
+                PEAK_HOUR_LOCAL: 23,
             }
         )
         rows.append(row)
@@ -424,9 +442,8 @@ def profile_rows(n: int = 3) -> list[dict[str, Any]]:
 
 
 def profile_table(rows: list[dict[str, Any]]) -> pa.Table:
-    from profile_engine import features as ft
 
-    return pa.Table.from_pylist(rows, schema=ft.PROFILE_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=PROFILE_SCHEMA)
 
 
 def test_valid_profile_snapshot_passes() -> None:
@@ -508,20 +525,20 @@ def test_any_snapshot_within_the_ranges_passes(counts: list[int], rfm: list[int 
 
 def test_publish_profiles_refuses_an_invalid_snapshot_and_commits_nothing(settings: Settings) -> None:
     # Arrange: built bucket profiles, one with a negative order value (a broken aggregation)
-    from profile_engine import features as ft
+    from profile_engine.profiles import features as ft
 
     lake = Lake(settings.lake)
     rows = profile_rows(4)
     for row in rows:
-        row[ft.RFM_SEGMENT] = None  # population features are added by publish
-    rows[3][ft.MAX_ORDER_VALUE] = -5.0
-    snapshot = pa.Table.from_pylist(rows, schema=ft.PROFILE_SCHEMA).select(ft.SNAPSHOT_SCHEMA.names)
+        row[RFM_SEGMENT] = None  # population features are added by publish
+    rows[3][MAX_ORDER_VALUE] = -5.0
+    snapshot = pa.Table.from_pylist(rows, schema=PROFILE_SCHEMA).select(SNAPSHOT_SCHEMA.names)
     for bucket in range(settings.buckets):
-        part = snapshot.slice(bucket * 2, 2).cast(ft.SNAPSHOT_SCHEMA)
+        part = snapshot.slice(bucket * 2, 2).cast(SNAPSHOT_SCHEMA)
         lake.write_partition(PROFILES, HOUR, part, bucket=bucket, run_id="t")
 
     # Act
-    with pytest.raises(ProfileValidationError, match=profile_range_name(ft.MAX_ORDER_VALUE)):
+    with pytest.raises(ProfileValidationError, match=profile_range_name(MAX_ORDER_VALUE)):
         ft.publish_profiles(settings, HOUR, run_id="t")
 
     # Assert
@@ -607,7 +624,7 @@ def test_check_staged_hour_refuses_another_hour_or_changed_staging(settings: Set
 
 
 def test_run_report_takes_the_quality_verdict_from_check_quality() -> None:
-    from profile_engine import report
+    from profile_engine.ops import report
 
     validated = {"read": 3, "staged": 3, "quarantined": 0, "erased": 0}
 
@@ -625,9 +642,10 @@ def test_run_report_takes_the_quality_verdict_from_check_quality() -> None:
 @pytest.mark.timeout(300)
 def test_runner_checks_quality_of_an_hour_that_failed_the_quarantine_threshold(tmp_path: Path) -> None:
     # Arrange: half of the hour's rows are defective, above the 10% threshold.
-    from profile_engine import ingest, runner
-    from profile_engine.lake import LANDING
-    from profile_engine.schema import EVENT_SCHEMA
+    from profile_engine.contracts.events import EVENT_SCHEMA
+    from profile_engine.ingest import events as ingest
+    from profile_engine.lake.storage import LANDING
+    from profile_engine.ops import runner
 
     settings = Settings(lake=tmp_path / "lake", buckets=2, quarantine_threshold=0.1, quarantine_min_rows=0, start=HOUR)
     lake = Lake(settings.lake)

@@ -21,11 +21,13 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from profile_engine import delivery, runner, segments
-from profile_engine import lake as lk
 from profile_engine.config import Settings
-from profile_engine.lake import Lake
-from profile_engine.simulate import simulate
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake
+from profile_engine.ops import runner
+from profile_engine.segments import delivery
+from profile_engine.segments import rules as segments
+from profile_engine.sources.simulate import simulate
 
 HOUR = datetime(2026, 11, 3, 12, tzinfo=UTC)
 AB_RULE = {

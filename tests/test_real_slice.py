@@ -26,10 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from profile_engine import evaluate, labels, model, runner
 from profile_engine.config import Settings
-from profile_engine.features import USER_ID
-from profile_engine.lake import MODELS, PROFILES, Lake, read_json
+from profile_engine.contracts.profiles import USER_ID
+from profile_engine.contracts.scores import DECILE, PROPENSITY
+from profile_engine.lake.storage import MODELS, PROFILES, Lake, read_json
+from profile_engine.model import evaluate, labels
+from profile_engine.model import training as model
+from profile_engine.ops import runner
 
 pytestmark = pytest.mark.timeout(900)  # the fixture's replay and two trainings; slow when the cores are shared
 
@@ -223,21 +226,21 @@ def test_every_profiled_user_has_a_score_and_a_decile_from_the_first_hour(real_s
     for scored in real_slice.scored:
         users = scored.scores.column(USER_ID).to_pylist()
         assert len(users) == len(set(users)) and set(users) == scored.users, scored.hour
-        assert scored.scores.column(model.DECILE).null_count == 0, (scored.hour, scored.scorer)
+        assert scored.scores.column(DECILE).null_count == 0, (scored.hour, scored.scorer)
         if scored.scorer != "heuristic":  # a probability as soon as a model exists
-            assert scored.scores.column(model.PROPENSITY).null_count == 0, (scored.hour, scored.scorer)
+            assert scored.scores.column(PROPENSITY).null_count == 0, (scored.hour, scored.scorer)
 
 
 def test_deciles_are_tenths_of_the_scored_users_and_follow_the_scores(real_slice: RealSlice) -> None:
     for scored in real_slice.scored:
-        deciles = np.asarray(pc.fill_null(scored.scores.column(model.DECILE), 0), dtype=np.int64)  # 0: none
+        deciles = np.asarray(pc.fill_null(scored.scores.column(DECILE), 0), dtype=np.int64)  # 0: none
         n = deciles.size
         counts = np.bincount(deciles, minlength=11)[1:]
 
         # Ties against stored cut points put 26-28% of a real shop's users in decile 10.
         assert np.all(np.abs(counts - n / 10) <= max(1, n / 1000)), (scored.hour, scored.scorer, counts.tolist())
         if scored.scorer != "heuristic":
-            p = np.asarray(scored.scores.column(model.PROPENSITY), dtype=np.float64)
+            p = np.asarray(scored.scores.column(PROPENSITY), dtype=np.float64)
             order = np.lexsort((deciles, p))  # by score, equal scores by decile
             assert np.all(np.diff(deciles[order]) >= 0), (scored.hour, scored.scorer)  # never lower for a higher score
             _assert_spread(p, f"{scored.scorer} scores of {scored.hour:%Y-%m-%dT%H}")

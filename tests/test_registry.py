@@ -1,4 +1,4 @@
-"""Tests for profile_engine.registry: the promotion log, champion as of an hour, promotions and rollbacks."""
+"""Tests for profile_engine.model.registry: the promotion log, champion as of an hour, promotions and rollbacks."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from profile_engine import registry
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, format_hour
-from profile_engine.lake import MODELS, PROMOTIONS, Lake, read_json
+from profile_engine.lake.storage import MODELS, PROMOTIONS, Lake, read_json
+from profile_engine.model import registry
 
 T0 = datetime(2026, 11, 1, 5, tzinfo=UTC)
 
@@ -135,7 +135,7 @@ def test_manual_promotion_and_rollback_apply_from_the_next_unprocessed_hour(
 ) -> None:
     # Arrange: two versions, the first is champion, the newest committed snapshot is T0 + 30 h
     from profile_engine.cli import main
-    from profile_engine.lake import PROFILES, write_json
+    from profile_engine.lake.storage import PROFILES, write_json
 
     settings = Settings(lake=tmp_path)
     first, second = committed_versions(settings, T0, T0 + 24 * HOUR)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from profile_engine import evaluate, report
 from profile_engine.config import Settings
+from profile_engine.model import evaluate
+from profile_engine.ops import report
 from tests.conftest import HOUR0
 
 DONE = {name: {"status": "ok"} for name in report.STAGES}

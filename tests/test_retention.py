@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from profile_engine import lock, registry, retention, runner
 from profile_engine.cli import main
 from profile_engine.config import Settings
-from profile_engine.lake import MODELS, PROFILES, STAGING, STATE, TRAINING, Lake
-from profile_engine.simulate import simulate
-from profile_engine.verify import verify_hour
+from profile_engine.lake import lock
+from profile_engine.lake.storage import MODELS, PROFILES, STAGING, STATE, TRAINING, Lake
+from profile_engine.model import registry
+from profile_engine.ops import retention, runner
+from profile_engine.profiles.verify import verify_hour
+from profile_engine.sources.simulate import simulate
 
 from .reliability.lakecheck import partial_partitions
 

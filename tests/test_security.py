@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from profile_engine import lake as lk
-from profile_engine import runner
 from profile_engine.config import Settings
-from profile_engine.lake import Lake
-from profile_engine.simulate import simulate
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake
+from profile_engine.ops import runner
+from profile_engine.sources.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_EXAMPLE = ROOT / ".env.example"

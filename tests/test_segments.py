@@ -1,4 +1,4 @@
-"""Tests for profile_engine.segments: rule validation, assignment, hysteresis, cooldowns, control, exports."""
+"""Tests for profile_engine.segments.rules: rule validation, assignment, hysteresis, cooldowns, control, exports."""
 
 from __future__ import annotations
 
@@ -21,24 +21,22 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from profile_engine import lake as lk
 from profile_engine.config import Settings
-from profile_engine.features import PROFILE_SCHEMA
+from profile_engine.contracts.profiles import PROFILE_SCHEMA
+from profile_engine.contracts.scores import SCORE_SCHEMA
+from profile_engine.contracts.segments import SEGMENT_SCHEMA
 from profile_engine.hours import HOUR, format_hour
-from profile_engine.segments import (
+from profile_engine.lake import storage as lk
+from profile_engine.privacy.keys import ExportKeyError, export_key, pseudonymize
+from profile_engine.segments.rules import (
     CONTROL,
     DEFAULT_RULES_PATH,
     NO_ACTION,
-    SCORE_SCHEMA,
-    SEGMENT_SCHEMA,
-    ExportKeyError,
     SegmentConfigError,
     SegmentRule,
     assign_segments,
-    export_key,
     exposure_starts,
     load_rules,
-    pseudonymize,
     publish_segments,
     rate_difference,
     render_section_html,
@@ -263,7 +261,7 @@ def test_invalid_rule_names_file_rule_and_problem(tmp_path: Path, bad: dict[str,
 
 def test_file_reading_functions_are_refused_by_the_engine(tmp_path: Path) -> None:
     """Behind the grammar, the connection rules run on cannot read files either."""
-    from profile_engine.segments import _rule_connection
+    from profile_engine.segments.rules import _rule_connection
 
     secret = tmp_path / "secret.csv"
     secret.write_text("a\n1\n")
@@ -958,7 +956,7 @@ def test_segment_stability_equals_the_set_definition(
     rows: list[tuple[list[str], bool, bool]], before: list[list[str]] | None
 ) -> None:
     # Arrange: users u0..; a member's rule is its first segment, held_by_stay a prefix of its segments
-    from profile_engine.segments import segment_stability
+    from profile_engine.segments.rules import segment_stability
 
     assigned: dict[str, list[Any]] = {
         "user_id": [f"u{i}" for i in range(len(rows))],
@@ -1001,7 +999,7 @@ def simulated_contacts(
     member is recorded every hour (``assign_segments``: action ``control`` never blocks).
     The label is a purchase in ``[C+1h, C+1h+horizon)``, as ``labels.label_examples``.
     """
-    from profile_engine.labels import LABEL
+    from profile_engine.model.labels import LABEL
 
     rng = np.random.default_rng(seed)
     intent = rng.normal(0, 1, users)

@@ -1,4 +1,4 @@
-"""Tests for profile_engine.sequence: the inputs read from staging (order, padding, gaps, the cutoff),
+"""Tests for profile_engine.model.sequence: the inputs read from staging (order, padding, gaps, the cutoff),
 the encoder on a synthetic set whose signal is only in the order of events, determinism, and saving."""
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from profile_engine import evaluate, labels, model, registry, sequence
 from profile_engine.config import Settings
-from profile_engine.features import SNAPSHOT_HOUR, USER_ID
+from profile_engine.contracts.events import CART, EVENT_TYPES, PURCHASE, STAGED_SCHEMA, VIEW
+from profile_engine.contracts.profiles import SNAPSHOT_HOUR, USER_ID
+from profile_engine.contracts.scores import MODEL_VERSION, PROPENSITY
 from profile_engine.hours import HOUR
-from profile_engine.lake import MANIFEST, MODELS, PROFILES, SCORES, STAGING, Lake, read_json
-from profile_engine.schema import CART, EVENT_TYPES, PURCHASE, STAGED_SCHEMA, VIEW
+from profile_engine.lake.storage import MANIFEST, MODELS, PROFILES, SCORES, STAGING, Lake, read_json
+from profile_engine.model import evaluate, labels, registry, sequence
+from profile_engine.model import training as model
 from tests.test_labels import CATEGORICAL, NUMERIC, T0, make_settings, profile_table, write_snapshot
 from tests.test_model import FAST as FAST_NETWORK
 from tests.test_model import SMALL
@@ -312,8 +314,8 @@ def test_scoring_with_a_sequence_champion_reads_the_users_events_at_the_hour(ord
     scores = model.read_scores(lake, hour)
 
     assert [s["kind"] for s in summaries] == [kind, kind] and {s["engine"] for s in summaries} == {"keras"}
-    assert set(scores.column(model.MODEL_VERSION).to_pylist()) == {model.kind_label(registry.model_version(hour), kind)}
-    assert scores.num_rows == ORDER_USERS and scores.column(model.PROPENSITY).null_count == 0
+    assert set(scores.column(MODEL_VERSION).to_pylist()) == {model.kind_label(registry.model_version(hour), kind)}
+    assert scores.num_rows == ORDER_USERS and scores.column(PROPENSITY).null_count == 0
     # the users whose newest event at the hour is the cart are the ones scored high
     staged = pa.concat_tables(
         lake.read(STAGING, hour, b) for b in range(settings.buckets) if lake.committed(STAGING, hour, b)
@@ -321,11 +323,11 @@ def test_scoring_with_a_sequence_champion_reads_the_users_events_at_the_hour(ord
     newest = staged.sort_by([("ts", "ascending")]).to_pylist()
     last_type = {row["user_id"]: row["event_type"] for row in newest}
     y = np.array([last_type[u] == CART for u in scores.column(USER_ID).to_pylist()], dtype=float)
-    assert evaluate.auc(y, np.asarray(scores.column(model.PROPENSITY))) > 0.9
+    assert evaluate.auc(y, np.asarray(scores.column(PROPENSITY))) > 0.9
     profiles = lake.read(PROFILES, hour, 0).sort_by(USER_ID)
     loaded = model.load_model(settings, registry.model_version(hour), kind)
     np.testing.assert_allclose(
-        np.asarray(lake.read(SCORES, hour, 0).column(model.PROPENSITY)), loaded.predict(profiles), rtol=1e-6
+        np.asarray(lake.read(SCORES, hour, 0).column(PROPENSITY)), loaded.predict(profiles), rtol=1e-6
     )
 
 

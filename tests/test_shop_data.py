@@ -14,12 +14,16 @@ import pyarrow.compute as pc
 import pytest
 import yaml
 
-from profile_engine import features as F
-from profile_engine import ingest, segments, sources
-from profile_engine import lake as lk
 from profile_engine.config import Settings
-from profile_engine.lake import Lake
-from profile_engine.schema import REFUND, STAGED_SCHEMA
+from profile_engine.contracts.events import REFUND, STAGED_SCHEMA
+from profile_engine.contracts.profiles import PROFILE_SCHEMA, TIMESTAMP
+from profile_engine.contracts.scores import SCORE_SCHEMA
+from profile_engine.ingest import events as ingest
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake
+from profile_engine.profiles import features as F
+from profile_engine.segments import rules as segments
+from profile_engine.sources import mappings as sources
 from tests.conftest import HOUR0
 
 T0 = datetime(2026, 11, 2, tzinfo=UTC)
@@ -58,7 +62,7 @@ def test_refunds_reduce_net_spend_exactly_and_are_no_orders() -> None:
     state = F.empty_state()
     for hour in range(72):  # hour by hour equals the rebuild
         h = T0 + timedelta(hours=hour)
-        batch = table.filter(pc.equal(pc.floor_temporal(table.column("ts"), unit="hour"), pa.scalar(h, F._TS)))
+        batch = table.filter(pc.equal(pc.floor_temporal(table.column("ts"), unit="hour"), pa.scalar(h, TIMESTAMP)))
         state = F.advance(state, batch, h + timedelta(hours=1), SETTINGS)
     hourly = by_user(F.add_population_features(F.snapshot(state, end, SETTINGS)[0]))
 
@@ -96,10 +100,10 @@ def test_without_prices_money_is_null_and_the_vip_rule_does_not_match(tmp_path: 
     # the VIP rule's spend percentile is null for them, so only the priced buyer can match it
     rules = [r for r in segments.load_rules() if r.name == "vip_service"]
     table = pa.Table.from_pylist(
-        [{**r, "rfm_segment": "loyal"} for r in p.values()], schema=F.PROFILE_SCHEMA
+        [{**r, "rfm_segment": "loyal"} for r in p.values()], schema=PROFILE_SCHEMA
     ).append_column("purchase_propensity", pa.array([0.5] * len(p), pa.float64()))
     for name in ("propensity_decile", "model_version"):
-        field = segments.SCORE_SCHEMA.field(name)
+        field = SCORE_SCHEMA.field(name)
         table = table.append_column(field, pa.nulls(table.num_rows, field.type))
     assigned, _ = segments.assign_segments(table, rules)
     assert assigned.column("user_id").to_pylist() == ["priced"]
@@ -155,7 +159,7 @@ def land(settings: Settings, source: str, text: str, arrival: datetime) -> None:
 
 def build(settings: Settings, hour: datetime) -> pa.Table:
     ingest.extract_events(settings, hour)
-    ingest.validate_events(settings, hour, quality_suite=False)
+    ingest.validate_events(settings, hour)
     for bucket in range(settings.buckets):
         F.build_profiles(settings, hour, bucket)
     return pa.concat_tables([Lake(settings.lake).read(lk.PROFILES, hour, b) for b in range(settings.buckets)])
@@ -229,7 +233,7 @@ def test_order_lines_cancellations_are_refund_events(settings: Settings) -> None
     land(settings, "order_lines", header + "\n".join(lines) + "\n", HOUR0)
 
     ingest.extract_events(settings, HOUR0)
-    summary = ingest.validate_events(settings, HOUR0, quality_suite=False)
+    summary = ingest.validate_events(settings, HOUR0)
 
     assert (summary["staged"], summary["reasons"]) == (4, {"missing_user_id": 1})
     staged = Lake(settings.lake).read(lk.STAGING, HOUR0).sort_by("ts").to_pylist()
@@ -254,7 +258,7 @@ def test_canonical_refunds_are_staged_with_negative_quantity(settings: Settings)
     target.write_text(header + "\n".join(rows) + "\n")
 
     ingest.extract_events(settings, HOUR0)
-    summary = ingest.validate_events(settings, HOUR0, quality_suite=False)
+    summary = ingest.validate_events(settings, HOUR0)
 
     assert summary["reasons"] == {"negative_quantity": 1}
     staged = Lake(settings.lake).read(lk.STAGING, HOUR0).sort_by("event_id")

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from profile_engine.contracts.events import CART, EVENT_SCHEMA, EVENT_TYPES, PURCHASE, REFUND, VIEW
 from profile_engine.hours import hour_range, parse_hour
-from profile_engine.lake import LANDING, TRUTH, Lake
-from profile_engine.schema import CART, EVENT_SCHEMA, EVENT_TYPES, PURCHASE, REFUND, VIEW
-from profile_engine.simulate import (
+from profile_engine.lake.storage import LANDING, TRUTH, Lake
+from profile_engine.sources.simulate import (
     DEFECT_KINDS,
     EMPTY_ITEM_ID,
     EMPTY_USER_ID,

@@ -14,11 +14,13 @@ from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from profile_engine import ingest, runner, sources
-from profile_engine import lake as lk
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR
-from profile_engine.lake import Lake
+from profile_engine.ingest import events as ingest
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake
+from profile_engine.ops import runner
+from profile_engine.sources import mappings as sources
 from tests.conftest import HOUR0
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -36,7 +38,7 @@ def land_copy(settings: Settings, file: Path, relative: str, arrival: datetime =
 
 def ingest_hour(settings: Settings, hour: datetime = HOUR0) -> dict[str, Any]:
     ingest.extract_events(settings, hour)
-    return ingest.validate_events(settings, hour, quality_suite=False)
+    return ingest.validate_events(settings, hour)
 
 
 @pytest.fixture
@@ -65,12 +67,12 @@ def test_corpus_file_ends_as_listed(lenient: Settings, name: str) -> None:
     # Act / Assert
     if "error" in expected:
         with pytest.raises(sources.SourceError, match=expected["error"]) as raised:
-            ingest.validate_events(lenient, HOUR0, quality_suite=False)
+            ingest.validate_events(lenient, HOUR0)
         assert Path(name).name in str(raised.value)
         assert not lake.committed(lk.QUARANTINE, HOUR0)  # nothing of the hour is written half
         assert not lake.committed(lk.STAGING, HOUR0, 0)
         return
-    summary = ingest.validate_events(lenient, HOUR0, quality_suite=False)
+    summary = ingest.validate_events(lenient, HOUR0)
     assert summary["staged"] == expected["staged"]
     assert summary["reasons"] == expected["reasons"]
     assert summary["read"] == summary["staged"] + summary["quarantined"] + summary["erased"]
@@ -170,7 +172,7 @@ def test_threshold_fails_after_writing_only_above_the_minimum_rows(settings: Set
     ingest.extract_events(settings, HOUR0)
 
     with pytest.raises(ingest.QuarantineThresholdExceeded, match="10 of 100 rows") as raised:
-        ingest.validate_events(settings, HOUR0, quality_suite=False)
+        ingest.validate_events(settings, HOUR0)
 
     assert raised.value.summary["threshold_breaches"] == ["canonical"]
     assert Lake(settings.lake).committed(lk.QUARANTINE, HOUR0)

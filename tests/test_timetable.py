@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from profile_engine.timetable import HourlyTimetable, ProfileEngineTimetablesPlugin, hourly_timetable
+from profile_engine.ops.timetable import HourlyTimetable, ProfileEngineTimetablesPlugin, hourly_timetable
 
 H = pendulum.datetime(2026, 11, 28, 5, tz="UTC")
 
@@ -74,7 +74,7 @@ def test_the_timetable_is_registered_and_the_dag_survives_serialization() -> Non
 
     restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
 
-    assert "profile_engine.timetable.HourlyTimetable" in registered
+    assert "profile_engine.ops.timetable.HourlyTimetable" in registered
     assert ProfileEngineTimetablesPlugin.timetables == [HourlyTimetable]
     assert isinstance(restored.timetable, HourlyTimetable)
     interval = restored.timetable.infer_manual_data_interval(run_after=H)

@@ -1,4 +1,4 @@
-"""The run-report pages (``profile_engine.ui``) and the Airflow plugin that mounts them.
+"""The run-report pages (``profile_engine.ops.ui``) and the Airflow plugin that mounts them.
 
 A small lake with two hourly reports, a Data Docs page and a model card is written
 in each test; the app is driven with FastAPI's TestClient, anonymously and with a
@@ -18,10 +18,10 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from profile_engine import lake as lk
-from profile_engine import ui
 from profile_engine.config import Settings
-from profile_engine.lake import Lake
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake
+from profile_engine.ops import ui
 
 HOURS = (datetime(2026, 11, 2, 10, tzinfo=UTC), datetime(2026, 11, 2, 11, tzinfo=UTC))
 VERSION = "v20261102T10"

@@ -1,4 +1,4 @@
-"""Tests of profile_engine.verify: the table comparison, and ``verify`` on a temporary lake
+"""Tests of profile_engine.profiles.verify: the table comparison, and ``verify`` on a temporary lake
 (clean hours, a deliberately corrupted committed snapshot, retention, gaps) and its CLI."""
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from profile_engine import erasure, ingest
-from profile_engine import features as F
 from profile_engine.cli import main
 from profile_engine.config import Settings
+from profile_engine.contracts.events import EVENT_TYPES, STAGED_SCHEMA
+from profile_engine.contracts.profiles import USER_ID
 from profile_engine.hours import format_hour
-from profile_engine.lake import INTERESTS, PROFILES, STAGING, STATE, TMP, Lake
-from profile_engine.schema import EVENT_TYPES, STAGED_SCHEMA
-from profile_engine.verify import compare_tables, verify_hour
+from profile_engine.ingest import events as ingest
+from profile_engine.lake.storage import INTERESTS, PROFILES, STAGING, STATE, TMP, Lake
+from profile_engine.ops import erasure
+from profile_engine.profiles import features as F
+from profile_engine.profiles.verify import compare_tables, verify_hour
 from tests.test_features import assert_matches_reference
 
 T0 = datetime(2026, 11, 2, tzinfo=UTC)
@@ -258,8 +260,8 @@ def simulated_arrivals(seed: int, users: int, lateness: int) -> tuple[dict[int, 
 
 
 def land(lake: Lake, hour: int, rows: list[dict[str, Any]]) -> None:
-    from profile_engine.lake import LANDING
-    from profile_engine.schema import EVENT_SCHEMA
+    from profile_engine.contracts.events import EVENT_SCHEMA
+    from profile_engine.lake.storage import LANDING
 
     arrival = at(hours=hour)
     directory = lake.partition(LANDING, arrival)
@@ -285,7 +287,7 @@ def test_hourly_lake_path_equals_an_independent_rebuild_with_resends_late_events
             if arrivals.get(hour):
                 land(lake, hour, arrivals[hour])
             ingest.extract_events(cfg, at(hours=hour))
-            ingest.validate_events(cfg, at(hours=hour), quality_suite=False, enforce_threshold=False)
+            ingest.validate_events(cfg, at(hours=hour), enforce_threshold=False)
             for bucket in range(cfg.buckets):
                 F.build_profiles(cfg, at(hours=hour), bucket)
             if hour == erase_after:
@@ -309,5 +311,5 @@ def test_hourly_lake_path_equals_an_independent_rebuild_with_resends_late_events
         for bucket in range(cfg.buckets):
             _, state = F.rebuild_bucket(cfg, last, bucket)
             rebuilt, _ = F.snapshot(state, last + timedelta(hours=1), cfg)
-            comparison = compare_tables("profiles", rebuilt, lake.read(PROFILES, last, bucket), [F.USER_ID])
+            comparison = compare_tables("profiles", rebuilt, lake.read(PROFILES, last, bucket), [USER_ID])
             assert comparison.equal, "; ".join(comparison.lines())

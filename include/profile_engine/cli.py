@@ -31,8 +31,8 @@ def _print(payload: Any) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Write simulated landing files (and the ground truth) for a range of arrival hours."""
-    from profile_engine.lake import Lake
-    from profile_engine.simulate import simulate
+    from profile_engine.lake.storage import Lake
+    from profile_engine.sources.simulate import simulate
 
     settings = Settings.from_env()
     summary = simulate(
@@ -54,8 +54,9 @@ EXIT_QUARANTINE_BREACH = 3
 
 def cmd_run_hours(args: argparse.Namespace) -> int:
     """Process hours in-process, in order, with the hour runner; a quarantine breach stops the range (exit 3)."""
-    from profile_engine import ingest, runner
     from profile_engine.hours import hour_range
+    from profile_engine.ingest import events as ingest
+    from profile_engine.ops import runner
 
     settings = Settings.from_env()
     for hour in hour_range(args.first, args.last):
@@ -79,7 +80,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Land an event log by event hour through a mapping and process all its hours; exit 3 on a quarantine breach."""
     from pathlib import Path
 
-    from profile_engine import runner
+    from profile_engine.ops import runner
 
     settings = Settings.from_env()
     summary = runner.replay(settings, Path(args.file), args.mapping, quality_suite=not args.no_quality)
@@ -98,7 +99,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Simulate a shop, warm up its history in bulk and run the hourly DAG through Airflow."""
-    from profile_engine import demo
+    from profile_engine.ops import demo
 
     demo.run_demo(users=args.users, history_days=args.history_days, hours=args.hours, seed=args.seed)
     return 0
@@ -106,14 +107,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Land the demo shop's missing hours, start ``airflow standalone`` on 127.0.0.1, print address and login."""
-    from profile_engine import demo
+    from profile_engine.ops import demo
 
     return demo.run_ui(port=args.port)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     """List, show, promote, roll back or export model versions (manual changes apply from the next unprocessed hour)."""
-    from profile_engine import registry
+    from profile_engine.model import registry
 
     settings = Settings.from_env()
     try:
@@ -124,7 +125,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         elif args.action == "promote":
             _print(registry.promote_manually(settings, args.version, reason=args.reason))
         elif args.action == "export-inference":
-            from profile_engine.model import export_inference
+            from profile_engine.model.training import export_inference
 
             _print({"version": args.version, "files": export_inference(settings, args.version)})
         else:
@@ -137,7 +138,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Rebuild an hour's snapshot from staged events and compare it with the committed one (1 if they differ)."""
-    from profile_engine.verify import verify_hour
+    from profile_engine.profiles.verify import verify_hour
 
     result = verify_hour(Settings.from_env(), args.hour, keep_scratch=args.keep)
     print(result.render())
@@ -146,7 +147,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_lock(args: argparse.Namespace) -> int:
     """Show the lake lock's owner (``--force-release`` removes it: for a DAG run that died before its report)."""
-    from profile_engine import lock
+    from profile_engine.lake import lock
 
     _print(lock.status(Settings.from_env(), force_release=args.force_release))
     return 0
@@ -154,7 +155,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 def cmd_freshness(args: argparse.Namespace) -> int:
     """Check that a profile snapshot was committed recently; alert (webhook/SMTP) and return 1 if not."""
-    from profile_engine.alerts import run_freshness_check
+    from profile_engine.ops.alerts import run_freshness_check
 
     result = run_freshness_check(Settings.from_env())
     _print(result)
@@ -165,7 +166,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     """Erase users from every retained dataset and tombstone them (issue 9); prints counts, never ids."""
     import getpass
 
-    from profile_engine.erasure import erase_request
+    from profile_engine.ops.erasure import erase_request
 
     _print(
         erase_request(
@@ -182,7 +183,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 def cmd_retention(args: argparse.Namespace) -> int:
     """Delete hour partitions older than PROFILE_ENGINE_RETENTION_DAYS (``--dry-run``: only list them)."""
-    from profile_engine.retention import run_retention
+    from profile_engine.ops.retention import run_retention
 
     _print(run_retention(Settings.from_env(), dry_run=args.dry_run))
     return 0

@@ -99,7 +99,7 @@ class Settings:
     alert_email_from: str = "profile-engine@localhost"
     # Retention (docs/reliability.md): hour partitions older than this many days are deleted daily.
     retention_days: int = 90
-    # Limits of every DuckDB connection (profile_engine.db): threads (None = every core), memory
+    # Limits of every DuckDB connection (profile_engine.lake.db): threads (None = every core), memory
     # ("50%" of the machine's RAM, or e.g. "4GB"), spill directory (None = <lake>/_tmp).
     duckdb_threads: int | None = None
     duckdb_memory_limit: str = "50%"

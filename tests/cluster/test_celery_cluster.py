@@ -18,7 +18,7 @@ last complete hour included, the three ways hours reach production:
 
 Then it checks that every run succeeded in hour order, that the bucket-mapped tasks
 (``build_profiles``, ``score_profiles``) ran on both workers, and that the lake equals a
-single-process run of the same hours (``profile_engine.runner``) on a copy of the starting lake.
+single-process run of the same hours (``profile_engine.ops.runner``) on a copy of the starting lake.
 Retraining is set to never fall due in the window, so the comparison does not depend on
 TensorFlow training being bit-for-bit reproducible across processes (the reliability tests
 cover training reruns); scoring (with the baseline) runs every hour. Everything started is
@@ -36,13 +36,13 @@ from typing import Any
 
 import pytest
 
-from profile_engine import lake as lk
-from profile_engine import runner
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range
-from profile_engine.lake import Lake, read_json
-from profile_engine.model import retrain_due
-from profile_engine.simulate import simulate
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake, read_json
+from profile_engine.model.training import retrain_due
+from profile_engine.ops import runner
+from profile_engine.sources.simulate import simulate
 from tests.reliability.lakecheck import differences, lake_content, partial_partitions
 
 from .services import AIRFLOW, ApiClient, Cluster, api_up, wait_for

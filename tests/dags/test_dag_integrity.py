@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from profile_engine import report
 from profile_engine.config import task_timeout
+from profile_engine.ops import report
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 DAG_FILES = sorted(p for p in DAGS.glob("*.py") if not p.name.startswith("_"))
@@ -67,7 +67,7 @@ def test_the_timeout_follows_the_environment() -> None:
 def test_profile_refresh_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
     dag = dagbag.dags["profile_refresh"]
     assert dag.max_active_runs == 1 and dag.catchup is True
-    assert type(dag.timetable).__name__ == "HourlyTimetable"  # cron "0 * * * *", see profile_engine.timetable
+    assert type(dag.timetable).__name__ == "HourlyTimetable"  # cron "0 * * * *", see profile_engine.ops.timetable
     # The run report covers exactly the DAG's stages.
     assert set(dag.task_ids) == {*report.STAGES, "write_run_report"}
     assert dag.get_task("build_profiles").depends_on_past

@@ -358,7 +358,7 @@ def test_compose_refuses_to_start_without_a_secret() -> None:
 
 def test_every_engine_setting_is_passed_to_the_airflow_containers() -> None:
     # Arrange: the PROFILE_ENGINE_* variables the package reads (literals, ENV_PREFIX + "X", config.py's get("X"))
-    sources = {path: path.read_text() for path in PACKAGE.glob("*.py")}
+    sources = {path: path.read_text() for path in PACKAGE.rglob("*.py")}
     read = set()
     for path, source in sources.items():
         read |= set(re.findall(r"[\"'](PROFILE_ENGINE_[A-Z0-9_]+)[\"']", source))

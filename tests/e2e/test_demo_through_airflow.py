@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from profile_engine import demo, ingest
-from profile_engine import lake as lk
 from profile_engine.config import Settings
 from profile_engine.hours import hour_range
-from profile_engine.lake import Lake, read_json
+from profile_engine.ingest import events as ingest
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake, read_json
+from profile_engine.ops import demo
 
 LAST = datetime(2026, 11, 20, 23, tzinfo=UTC)
 HOURS = 24

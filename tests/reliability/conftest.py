@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from profile_engine import runner
 from profile_engine.config import Settings
 from profile_engine.hours import format_hour
-from profile_engine.lake import Lake
-from profile_engine.simulate import simulate
+from profile_engine.lake.storage import Lake
+from profile_engine.ops import runner
+from profile_engine.sources.simulate import simulate
 
 from .lakecheck import lake_content
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from profile_engine import lake as lk
+from profile_engine.lake import storage as lk
 
 # Written per run with timings, paths and HTML (compared through the tables they summarise instead),
 # and the simulator's truth (written by the simulator only).

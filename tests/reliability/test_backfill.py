@@ -6,11 +6,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from profile_engine import ingest, runner
-from profile_engine import lake as lk
 from profile_engine.hours import hour_range
-from profile_engine.lake import Lake
-from profile_engine.verify import verify_hour
+from profile_engine.ingest import events as ingest
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake
+from profile_engine.ops import runner
+from profile_engine.profiles.verify import verify_hour
 
 from .conftest import H0, LAST, WARM, copy_lake, settings_for
 from .lakecheck import differences, lake_content, partial_partitions

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from profile_engine import faults, lock
-from profile_engine import lake as lk
-from profile_engine.lake import Lake
+from profile_engine.lake import faults, lock
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake
 
 from .conftest import LAST, copy_lake, start_cli
 from .lakecheck import committed_partitions, differences, lake_content, partial_partitions
@@ -39,7 +39,7 @@ WRITER = textwrap.dedent(
     from datetime import datetime, UTC
     from pathlib import Path
     import pyarrow as pa
-    from profile_engine import lake as lk
+    from profile_engine.lake import storage as lk
 
     root, value, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     lake = lk.Lake(root)

@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from profile_engine import faults, runner
-from profile_engine import lake as lk
-from profile_engine.lake import Lake
-from profile_engine.lock import read_owner
+from profile_engine.lake import faults
+from profile_engine.lake import storage as lk
+from profile_engine.lake.lock import read_owner
+from profile_engine.lake.storage import Lake
+from profile_engine.ops import runner
 
 from .conftest import LAST, copy_lake, settings_for, start_cli
 from .lakecheck import differences, lake_content, partial_partitions

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from profile_engine import ingest, simulate
-from profile_engine import lake as lk
 from profile_engine.hours import format_hour, hour_range
-from profile_engine.lake import Lake
+from profile_engine.ingest import events as ingest
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake
+from profile_engine.sources import simulate
 
 from .conftest import LAST, WARM
 

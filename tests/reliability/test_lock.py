@@ -1,4 +1,4 @@
-"""The lake lock (``profile_engine.lock``) and the ``_tmp/`` cleanup that runs when it is taken."""
+"""The lake lock (``profile_engine.lake.lock``) and the ``_tmp/`` cleanup that runs when it is taken."""
 
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from profile_engine import lake as lk
-from profile_engine import lock, runner
 from profile_engine.config import Settings
-from profile_engine.features import MissingStateError
 from profile_engine.hours import format_hour
-from profile_engine.lake import Lake, clean_tmp_leftovers, tmp_name
-from profile_engine.lock import LakeLocked, LockOwner
+from profile_engine.lake import lock
+from profile_engine.lake import storage as lk
+from profile_engine.lake.lock import LakeLocked, LockOwner
+from profile_engine.lake.storage import Lake, clean_tmp_leftovers, tmp_name
+from profile_engine.ops import runner
+from profile_engine.profiles.features import MissingStateError
 
 
 def _dead_pid() -> int:
@@ -75,7 +76,7 @@ def test_expired_lock_is_taken_over_and_logged(tmp_path: Path, caplog: pytest.Lo
     _plant(lake, LockOwner.mine("crashed-run", "run", timedelta(hours=3) - timedelta(minutes=1), now=past))
 
     # Act
-    with caplog.at_level(logging.WARNING, logger="profile_engine.lock"):
+    with caplog.at_level(logging.WARNING, logger="profile_engine.lake.lock"):
         owner, new = lock.acquire(lake, "next-run")
 
     # Assert

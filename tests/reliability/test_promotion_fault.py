@@ -13,9 +13,10 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from profile_engine import faults, registry
 from profile_engine.config import Settings
-from profile_engine.lake import MODELS, Lake, read_json
+from profile_engine.lake import faults
+from profile_engine.lake.storage import MODELS, Lake, read_json
+from profile_engine.model import registry
 
 HOUR = datetime(2026, 11, 3, 5, tzinfo=UTC)
 EARLIER = datetime(2026, 11, 2, 5, tzinfo=UTC)

@@ -34,12 +34,12 @@ from typing import Any
 
 import pytest
 
-from profile_engine import demo, runner
-from profile_engine import lake as lk
 from profile_engine.config import Settings
 from profile_engine.hours import HOUR, floor_hour, format_hour
-from profile_engine.lake import Lake, write_json
-from profile_engine.ui import URL_PREFIX
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import Lake, write_json
+from profile_engine.ops import demo, runner
+from profile_engine.ops.ui import URL_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"

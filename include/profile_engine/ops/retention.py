@@ -1,0 +1,217 @@
+"""Retention: delete hour partitions older than ``PROFILE_ENGINE_RETENTION_DAYS`` (issue 9, DESIGN.md §3).
+
+``apply_retention(settings, now_hour)`` (the daily ``lake_retention`` DAG, ``python -m
+profile_engine retention``) deletes, under the lake lock, every hour partition whose hour
+is before ``now_hour - retention_days`` in every hourly dataset: landing, the ingestion
+ledger, staging, quarantine, quality results and Data Docs, state, profiles, scores,
+interests, profile changes, segments, exports, contact history, run reports, the
+simulator's truth and the outbox. A partition disappears whole: it is renamed into
+``_tmp/`` first, then removed.
+
+Two things survive the cut:
+
+* **The rebuild checkpoint.** A full rebuild (``features.rebuild_bucket``, ``verify``)
+  starts from the oldest staged hour S on top of the state checkpoint of S-1. So the
+  newest hour C before the cut whose state is committed in every bucket is kept, and
+  staging is deleted only up to C: the oldest retained staged hour is C+1. Without any
+  checkpoint before the cut staging is not touched (a rebuild would start from an empty
+  state and must see every staged hour).
+* **Models.** Training sets (``training/<version>/``) of versions trained before the cut
+  are deleted (they hold raw ids and features); the model directory stays, so scoring,
+  the registry, the UI and the model card keep working, and gets ``retention.json``
+  (``re_evaluable: false`` and why) plus a note in its card.
+
+The cut must lie beyond what the hourly run still reads (the lateness window plus the
+landing listing margin), else deleted ledger entries would let landing files be taken
+twice: ``ValueError`` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import nullcontext
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from profile_engine.config import Settings
+from profile_engine.hours import HOUR, floor_hour, format_hour, parse_hour
+from profile_engine.lake import storage as lk
+from profile_engine.lake.storage import MANIFEST, Lake
+
+# Every dataset partitioned by hour (``<layer>/dt=/hour=``), named once in lake.py.
+HOURLY_LAYERS = (
+    lk.LANDING,
+    lk.LEDGER,
+    lk.STAGING,
+    lk.QUARANTINE,
+    lk.QUALITY_RESULTS,
+    lk.QUALITY_DOCS,
+    lk.STATE,
+    lk.PROFILES,
+    lk.SCORES,
+    lk.INTERESTS,
+    lk.PROFILE_CHANGES,
+    lk.SEGMENTS,
+    lk.EXPORTS,
+    lk.CONTACTS,
+    lk.REPORTS,
+    lk.TRUTH,
+)
+OUTBOX = "outbox"
+RETENTION_FILE = "retention.json"
+
+
+def partition_hours(root: Path) -> dict[datetime, Path]:
+    """The ``dt=/hour=`` partitions under ``root`` by hour."""
+    found: dict[datetime, Path] = {}
+    if not root.is_dir():
+        return found
+    for day in root.glob("dt=*"):
+        for hour_dir in day.glob("hour=*"):
+            try:
+                hour = parse_hour(f"{day.name[3:]}T{int(hour_dir.name[5:]):02d}")
+            except ValueError:
+                continue
+            found[hour] = hour_dir
+    return found
+
+
+def rebuild_checkpoint(settings: Settings, before: datetime) -> datetime | None:
+    """The newest hour before ``before`` whose state is committed in every bucket (None: no such hour)."""
+    lake = Lake(settings.lake)
+    hours = sorted((h for h in partition_hours(lake.path(lk.STATE)) if h < before), reverse=True)
+    return next((h for h in hours if all(lake.committed(lk.STATE, h, b) for b in range(settings.buckets))), None)
+
+
+def _check_window(settings: Settings) -> None:
+    from profile_engine.ingest.events import LISTING_MARGIN_HOURS
+
+    needed = settings.lateness_hours + LISTING_MARGIN_HOURS + 1
+    if settings.retention_days * 24 <= needed:
+        raise ValueError(
+            f"PROFILE_ENGINE_RETENTION_DAYS={settings.retention_days} keeps less than the {needed} hours the hourly "
+            f"run still reads (PROFILE_ENGINE_LATENESS_HOURS={settings.lateness_hours} + {LISTING_MARGIN_HOURS} "
+            "listing margin): landing files would be taken twice"
+        )
+
+
+def _remove(lake: Lake, path: Path) -> None:
+    """Remove a partition whole: rename it into ``_tmp/`` (atomic), then delete it; drop an emptied ``dt=``."""
+    aside = lake.root / lk.TMP / lk.tmp_name("del-")  # not "old-": this copy is meant to go
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    day = path.parent
+    if day.name.startswith("dt=") and not any(day.iterdir()):
+        day.rmdir()
+
+
+def _summary(hours: list[datetime]) -> dict[str, Any]:
+    return {"partitions": len(hours), "oldest": format_hour(min(hours)), "newest": format_hour(max(hours))}
+
+
+def apply_retention(settings: Settings, now_hour: datetime, *, dry_run: bool = False) -> dict[str, Any]:
+    """Delete hour partitions older than ``settings.retention_days`` before ``now_hour`` (see the module docstring).
+
+    Returns what was deleted (``dry_run``: what would be) per dataset, the kept rebuild
+    checkpoint and the training sets removed with the models marked not re-evaluable.
+    Runs under the lake lock (``lock.LakeLocked`` while an hourly run holds it).
+    """
+    from profile_engine.lake import lock
+    from profile_engine.model.registry import model_dir_committed, version_hour
+    from profile_engine.segments.delivery import outbox_root
+
+    _check_window(settings)
+    lake = Lake(settings.lake)
+    now_hour = floor_hour(now_hour)
+    cut = now_hour - timedelta(days=settings.retention_days)
+    # A dry run only lists: it need not wait for the running hour.
+    guard = nullcontext() if dry_run else lock.hold_lake(lake, f"retention__{format_hour(now_hour)}")
+    with guard:
+        checkpoint = rebuild_checkpoint(settings, cut)
+        plan: dict[str, list[tuple[datetime, Path]]] = {}
+        for layer in HOURLY_LAYERS:
+            hours = partition_hours(lake.path(layer))
+            if layer == lk.STAGING:
+                limit = checkpoint + HOUR if checkpoint is not None else None
+            elif layer == lk.STATE:
+                limit = checkpoint
+            else:
+                limit = cut
+            plan[layer] = sorted((h, p) for h, p in hours.items() if limit is not None and h < min(limit, cut))
+        outbox = outbox_root(settings)
+        plan[OUTBOX] = sorted((h, p) for h, p in partition_hours(outbox).items() if h < cut)
+        training: list[str] = []
+        training_root = lake.path(lk.TRAINING)
+        if training_root.is_dir():
+            for directory in sorted(training_root.iterdir()):
+                try:
+                    trained = version_hour(directory.name)
+                except ValueError:
+                    continue
+                if trained < cut:
+                    training.append(directory.name)
+        marked: list[str] = []
+        if not dry_run:
+            outbox_lake = Lake(outbox)
+            for layer, partitions in plan.items():
+                for _hour, path in partitions:
+                    _remove(outbox_lake if layer == OUTBOX else lake, path)
+            for version in training:
+                _remove(lake, training_root / version)
+                if model_dir_committed(settings, version):
+                    _mark_not_re_evaluable(settings, version, cut)
+                    marked.append(version)
+    return {
+        "now_hour": format_hour(now_hour),
+        "retention_days": settings.retention_days,
+        "cut": format_hour(cut),
+        "dry_run": dry_run,
+        "rebuild_checkpoint": format_hour(checkpoint) if checkpoint is not None else None,
+        "deleted": {layer: _summary([h for h, _ in parts]) for layer, parts in plan.items() if parts},
+        "training_sets": training,
+        "models_marked_not_re_evaluable": marked,
+        "note": None
+        if checkpoint is not None
+        else "no state checkpoint before the cut: staging and state kept so a full rebuild still works",
+    }
+
+
+def _mark_not_re_evaluable(settings: Settings, version: str, cut: datetime) -> None:
+    """Record in ``models/<version>/`` that its training set is gone (``retention.json`` and the card)."""
+    from profile_engine.model.registry import CARD_FILE
+    from profile_engine.model.training import update_model_dir
+
+    directory = Lake(settings.lake).path(lk.MODELS, version)
+    if (directory / RETENTION_FILE).is_file():
+        return
+    reason = (
+        f"training set training/{version}/ deleted by retention on {datetime.now(UTC).date().isoformat()} "
+        f"(older than {settings.retention_days} days, before {format_hour(cut)}); the model still scores, "
+        "its recorded metrics and card stay valid, but it cannot be re-evaluated or retrained on the same rows"
+    )
+    record = {"re_evaluable": False, "reason": reason, "cut": format_hour(cut)}
+    updates = {RETENTION_FILE: json.dumps(record, indent=2, sort_keys=True).encode()}
+    card = directory / CARD_FILE
+    if card.is_file():
+        updates[CARD_FILE] = card.read_bytes() + f"\n\n## Retention\n\nNot re-evaluable: {reason}.\n".encode()
+    update_model_dir(settings, version, updates)
+
+
+def re_evaluable(settings: Settings, version: str) -> dict[str, Any]:
+    """Whether ``version`` can still be re-evaluated (its training set exists), and why not."""
+    directory = Lake(settings.lake).path(lk.MODELS, version)
+    record = directory / RETENTION_FILE
+    if record.is_file():
+        data: dict[str, Any] = json.loads(record.read_text())
+        return data
+    present = (Lake(settings.lake).path(lk.TRAINING, version) / MANIFEST).is_file()
+    return {"re_evaluable": present, "reason": None if present else f"no training set training/{version}/"}
+
+
+def run_retention(settings: Settings, *, dry_run: bool = False) -> dict[str, Any]:
+    """``apply_retention`` for the current hour (the command line and the DAG)."""
+    return apply_retention(settings, floor_hour(datetime.now(UTC)), dry_run=dry_run)
