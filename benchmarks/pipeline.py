@@ -269,7 +269,7 @@ def run_task(task: str, hour: datetime, bucket: int | None, summaries_file: Path
     from profile_engine.model import training as model
     from profile_engine.ops import report
     from profile_engine.profiles import features
-    from profile_engine.segments import rules as segments
+    from profile_engine.segments import publish as segments
 
     settings = Settings.from_env()
     run_id = f"bench__{hour:%Y%m%dT%H}"
@@ -342,7 +342,7 @@ def run_stages(settings: Any, hour: datetime) -> dict[str, Any]:
     from profile_engine.ops import report
     from profile_engine.profiles import features
     from profile_engine.quality import suites as quality
-    from profile_engine.segments import rules as segments
+    from profile_engine.segments import publish as segments
 
     run_id = f"bench__{hour:%Y%m%dT%H}"
     times: dict[str, float] = {}
@@ -379,7 +379,8 @@ def child_main(args: argparse.Namespace) -> None:
     import profile_engine.model.training  # noqa: F401
     import profile_engine.ops.report  # noqa: F401
     import profile_engine.profiles.features  # noqa: F401  (the package's own imports are start-up, not task work)
-    import profile_engine.segments.rules  # noqa: F401
+    import profile_engine.segments.publish  # noqa: F401
+    import profile_engine.segments.uplift  # noqa: F401
 
     def cpu() -> float:
         usage = resource.getrusage(resource.RUSAGE_SELF)

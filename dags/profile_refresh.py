@@ -200,13 +200,13 @@ def profile_refresh() -> None:
     @task(multiple_outputs=False, outlets=[SEGMENT_EXPORTS])
     def publish_segments(scored: list[dict[str, Any]]) -> dict[str, Any]:
         """Evaluate the segment rules, assign one action per user, write the exports and announce them."""
-        from profile_engine.segments import rules as segments
+        from profile_engine.segments import publish, rules
 
         settings, hour, run_id = _context()
         context = get_current_context()
         optouts = delivery.connection_engine(settings.optout_conn_id) if settings.optout_conn_id else None
         try:
-            summary = segments.publish_segments(
+            summary = publish.publish_segments(
                 settings,
                 hour,
                 run_id=run_id,
@@ -214,7 +214,7 @@ def profile_refresh() -> None:
                 export_key_secret=delivery.connection_secret(EXPORT_KEY_CONN_ID),
                 optout_engine=optouts,
             )
-        except (segments.SegmentConfigError, ExportKeyError) as error:
+        except (rules.SegmentConfigError, ExportKeyError) as error:
             raise AirflowFailException(str(error)) from error  # a broken rules file or a missing key: no retry
         # The Asset event tells deliver_campaigns which hour and manifest to deliver.
         context["outlet_events"][SEGMENT_EXPORTS].extra = delivery.asset_extra(summary)

@@ -35,7 +35,6 @@ KNOWN_PRIVATE_REACH: frozenset[str] = frozenset(
         "benchmarks/funnel_features.py",
         "tests/test_features.py",
         "tests/test_model.py",
-        "tests/test_segments.py",
         "tests/test_sequence.py",
         "tests/test_shop_data.py",
     }

@@ -22,7 +22,8 @@ from profile_engine.ingest import events as ingest
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake
 from profile_engine.profiles import features as F
-from profile_engine.segments import rules as segments
+from profile_engine.segments.assign import assign_segments
+from profile_engine.segments.rules import load_rules
 from profile_engine.sources import mappings as sources
 from tests.conftest import HOUR0
 
@@ -98,14 +99,14 @@ def test_without_prices_money_is_null_and_the_vip_rule_does_not_match(tmp_path: 
     assert (p["priced"]["monetary_total"], p["priced"]["rfm_m"]) == (25.0, 3)  # the only priced buyer
 
     # the VIP rule's spend percentile is null for them, so only the priced buyer can match it
-    rules = [r for r in segments.load_rules() if r.name == "vip_service"]
+    rules = [r for r in load_rules() if r.name == "vip_service"]
     table = pa.Table.from_pylist(
         [{**r, "rfm_segment": "loyal"} for r in p.values()], schema=PROFILE_SCHEMA
     ).append_column("purchase_propensity", pa.array([0.5] * len(p), pa.float64()))
     for name in ("propensity_decile", "model_version"):
         field = SCORE_SCHEMA.field(name)
         table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-    assigned, _ = segments.assign_segments(table, rules)
+    assigned, _ = assign_segments(table, rules)
     assert assigned.column("user_id").to_pylist() == ["priced"]
 
 

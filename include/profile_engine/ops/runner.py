@@ -23,7 +23,7 @@ from profile_engine.model import training as model
 from profile_engine.ops import report
 from profile_engine.profiles import features
 from profile_engine.quality import suites as quality
-from profile_engine.segments import rules as segments
+from profile_engine.segments import publish as segments
 
 
 def run_hour(
