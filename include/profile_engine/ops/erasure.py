@@ -19,7 +19,7 @@ lake lock, so it never interleaves with an hourly run, and
    rows removed per dataset, who asked and why; never the raw id.
 
 The keyed hash is HMAC-SHA256 of the id under ``PROFILE_ENGINE_ERASURE_KEY``, else the
-export key (:func:`profile_engine.segments.rules.export_key`), with its own domain prefix so it
+export key (:func:`profile_engine.privacy.keys.export_key`), with its own domain prefix so it
 differs from the export pseudonym. The tombstone list records the key's fingerprint;
 validation refuses to run with another key rather than let erased users back.
 
@@ -65,19 +65,31 @@ from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import MANIFEST, Lake, read_json, replace_dir, write_json
 from profile_engine.privacy.keys import ExportKeyError, export_key, pseudonymize
 from profile_engine.privacy.tombstones import (
-    RECEIPT,
-    SKIPPED,
+    ERASURE_DIR,
     audit_path,
     matching_key,
-    read_ids_file,
     read_tombstones,
     tombstones_path,
     user_hash,
     write_tombstones,
 )
+from profile_engine.segments.delivery import RECEIPT
 
 if TYPE_CHECKING:
     pass
+
+# Never rewritten: producers' input, work in progress, the lock, the erasure records themselves.
+SKIPPED = (lk.LANDING.split("/")[0], lk.TMP, lk.LOCK, ERASURE_DIR)
+
+
+def read_ids_file(path: Path) -> list[str]:
+    """User ids from a text file: one per line; blank lines and ``#`` comments ignored."""
+    ids = []
+    for line in path.read_text().splitlines():
+        text = line.strip()
+        if text and not text.startswith("#"):
+            ids.append(text)
+    return ids
 
 
 @dataclass
