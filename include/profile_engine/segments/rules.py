@@ -257,7 +257,7 @@ class SegmentRule:
 def known_columns() -> list[str]:
     """Production column list for validating rules: profile contract + score columns.
 
-    The profile contract is ``features.PROFILE_COLUMNS``; derived columns are added by
+    The profile contract is ``contracts.profiles.PROFILE_COLUMNS``; derived columns are added by
     ``load_rules`` itself.
     """
     return [*PROFILE_COLUMNS, *SCORE_COLUMNS]
