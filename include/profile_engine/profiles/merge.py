@@ -336,12 +336,12 @@ def _merge_by_hour(
     merged in SQL, so the untouched head stays in order.
     """
     first_due = con.sql(f"SELECT min(t - t % {MS_HOUR}) FROM due").fetchall()[0][0]
-    hour_ms = old.column("hour_ms")
+    hours = old.column("hour_ms")
     if first_due is None:  # nothing due: every row within the retention passes through
         schema = STATE_SCHEMAS[name]
-        return old.filter(pc.greater_equal(hour_ms, retention)).select(schema.names).cast(schema).combine_chunks()
+        return old.filter(pc.greater_equal(hours, retention)).select(schema.names).cast(schema).combine_chunks()
     cut = int(first_due)
-    untouched = old.filter(pc.and_(pc.greater_equal(hour_ms, retention), pc.less(hour_ms, cut)))
+    untouched = old.filter(pc.and_(pc.greater_equal(hours, retention), pc.less(hours, cut)))
     columns = ", ".join((*keys, *sums))
     order = ", ".join(["hour_ms", *(k for k in keys if k != "hour_ms")])
     merged = fetch(
