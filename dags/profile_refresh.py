@@ -145,21 +145,21 @@ def profile_refresh() -> None:
     @task(depends_on_past=True, multiple_outputs=False, doc_md="Merge one bucket's staged events into its state.")
     def build_profiles(bucket: int, validated: dict[str, Any]) -> dict[str, Any]:
         """Merge this hour's staged events of one bucket into the previous hour's state."""
-        from profile_engine.profiles import features
+        from profile_engine.profiles import build
 
         settings, hour, run_id = _context()
         first = datetime.fromisoformat(START).astimezone(UTC)
-        return features.build_profiles(settings, hour, bucket, run_id=run_id, first_hour=first)
+        return build.build_profiles(settings, hour, bucket, run_id=run_id, first_hour=first)
 
     @task(depends_on_past=True, multiple_outputs=False)
     def publish_profiles(built: list[dict[str, Any]]) -> dict[str, Any]:
         """Add population features (RFM), write the change log and commit the snapshot."""
-        from profile_engine.profiles import features
+        from profile_engine.profiles import build
         from profile_engine.quality import suites as quality
 
         settings, hour, run_id = _context()
         try:
-            return features.publish_profiles(settings, hour, run_id=run_id)
+            return build.publish_profiles(settings, hour, run_id=run_id)
         except quality.ProfileValidationError as error:
             raise AirflowFailException(str(error)) from error  # the data is wrong: a retry gives the same
 

@@ -525,7 +525,7 @@ def test_any_snapshot_within_the_ranges_passes(counts: list[int], rfm: list[int 
 
 def test_publish_profiles_refuses_an_invalid_snapshot_and_commits_nothing(settings: Settings) -> None:
     # Arrange: built bucket profiles, one with a negative order value (a broken aggregation)
-    from profile_engine.profiles import features as ft
+    from profile_engine.profiles import build
 
     lake = Lake(settings.lake)
     rows = profile_rows(4)
@@ -539,7 +539,7 @@ def test_publish_profiles_refuses_an_invalid_snapshot_and_commits_nothing(settin
 
     # Act
     with pytest.raises(ProfileValidationError, match=profile_range_name(MAX_ORDER_VALUE)):
-        ft.publish_profiles(settings, HOUR, run_id="t")
+        build.publish_profiles(settings, HOUR, run_id="t")
 
     # Assert
     assert not (lake.partition(PROFILES, HOUR) / MANIFEST).is_file()

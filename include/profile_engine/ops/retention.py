@@ -10,7 +10,7 @@ simulator's truth and the outbox. A partition disappears whole: it is renamed in
 
 Two things survive the cut:
 
-* **The rebuild checkpoint.** A full rebuild (``features.rebuild_bucket``, ``verify``)
+* **The rebuild checkpoint.** A full rebuild (``replay.rebuild_bucket``, ``verify``)
   starts from the oldest staged hour S on top of the state checkpoint of S-1. So the
   newest hour C before the cut whose state is committed in every bucket is kept, and
   staging is deleted only up to C: the oldest retained staged hour is C+1. Without any

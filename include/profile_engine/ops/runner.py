@@ -21,7 +21,7 @@ from profile_engine.lake.storage import Lake
 from profile_engine.model import evaluate as evaluation
 from profile_engine.model import training as model
 from profile_engine.ops import report
-from profile_engine.profiles import features
+from profile_engine.profiles import build
 from profile_engine.quality import suites as quality
 from profile_engine.segments import publish as segments
 
@@ -65,11 +65,11 @@ def run_hour(
             stage(
                 "build_profiles",
                 lambda: [
-                    features.build_profiles(settings, hour, b, run_id=run_id, first_hour=first_hour)
+                    build.build_profiles(settings, hour, b, run_id=run_id, first_hour=first_hour)
                     for b in range(settings.buckets)
                 ],
             )
-            stage("publish_profiles", lambda: features.publish_profiles(settings, hour, run_id=run_id))
+            stage("publish_profiles", lambda: build.publish_profiles(settings, hour, run_id=run_id))
             trained = stage(
                 "train_challenger", lambda: model.train_challenger(settings, hour, run_id=run_id, force=force_retrain)
             )
@@ -155,12 +155,12 @@ def warm_up(
                 for name in validated["threshold_breaches"]
             ]
         for bucket in range(settings.buckets):
-            features.build_profiles_range(
+            build.build_profiles_range(
                 settings, first, last, bucket, run_id=run_id, first_hour=first, snapshot_every=snapshot_every
             )
         snapshots = [h for h in hour_range(first, last) if lake.committed(lk.PROFILES, h, 0)]
         for hour in snapshots:
-            features.publish_profiles(settings, hour, run_id=run_id)
+            build.publish_profiles(settings, hour, run_id=run_id)
     return {**totals, "reasons": reasons, "breaches": breaches, "snapshots": [format_hour(h) for h in snapshots]}
 
 
