@@ -21,6 +21,7 @@ from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake
 from profile_engine.ops import runner
 from profile_engine.sources import mappings as sources
+from profile_engine.sources import replay as source_replay
 from tests.conftest import HOUR0
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -256,7 +257,7 @@ def test_unknown_mapping_name_lists_the_shipped_ones() -> None:
 
 
 @given(
-    core=st.lists(st.integers(min_value=0, max_value=sources.OUTLIER_GAP_HOURS), min_size=1, max_size=40),
+    core=st.lists(st.integers(min_value=0, max_value=source_replay.OUTLIER_GAP_HOURS), min_size=1, max_size=40),
     outliers=st.lists(st.integers(min_value=10_000, max_value=500_000), max_size=3),
 )
 @hyp_settings(max_examples=60, deadline=None)
@@ -270,7 +271,7 @@ def test_main_range_spans_the_core_whatever_its_gaps_and_never_far_outliers(
     for offset in outliers:
         counts[base + timedelta(hours=offset)] = counts.get(base + timedelta(hours=offset), 0) + 1
 
-    first, last = sources.main_range(counts)
+    first, last = source_replay.main_range(counts)
 
     assert (first, last) == (base + timedelta(hours=min(core)), base + timedelta(hours=max(core)))
 
@@ -369,7 +370,7 @@ def test_replay_lands_every_row_in_its_hour_across_closed_days_and_gaps(settings
     file = order_lines_file(tmp_path / "orders.csv", CLOSED_DAYS, range(9, 12))
 
     # Act
-    plan = sources.land_for_replay(settings, file, sources.load_mapping("order_lines"))
+    plan = source_replay.land_for_replay(settings, file, sources.load_mapping("order_lines"))
 
     # Assert: the plan spans the first row's hour to the last one's, every row in its own hour
     assert (plan.first, plan.last) == (datetime(2011, 1, 2, 9, tzinfo=UTC), datetime(2011, 1, 14, 11, tzinfo=UTC))
@@ -412,7 +413,7 @@ def test_main_range_keeps_weekly_and_multi_day_gaps_but_not_stray_years() -> Non
     counts[datetime(2099, 1, 1, tzinfo=UTC)] = 1
 
     # Act / Assert
-    assert sources.main_range(counts, 24) == core
+    assert source_replay.main_range(counts, 24) == core
 
 
 # ---- a quarantine-threshold breach fails the command, naming hours and reasons -------
