@@ -6,6 +6,7 @@ Loading validates a mapping and names the file, the key and the problem; docs/so
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ SOURCE_KEY = "source"
 FORMATS = ("csv", "parquet", "jsonl")
 TS_FORMATS = ("iso", "epoch_s", "epoch_ms")
 REQUIRED = ("event_id", "user_id", "event_type", "item_id", "ts")
+# Per-column cleaning steps (``clean:``), applied in order to the text of a mapped column.
+CLEAN_STEPS = ("trim", "lower", "upper", "integer")
 
 # Reasons decided while reading (ingest names the others).
 MALFORMED_ROW = "malformed_row"
@@ -98,7 +101,7 @@ class Mapping:
     """A validated column mapping."""
 
     name: str
-    fields: dict[str, str]  # canonical column -> source column
+    fields: dict[str, str]  # canonical column -> source column (its first spelling)
     constants: dict[str, str] = field(default_factory=dict)  # canonical column -> constant text
     event_types: dict[str, str] = field(default_factory=dict)  # lower-case source name -> canonical
     timestamp: Timestamp = Timestamp()
@@ -117,6 +120,27 @@ class Mapping:
     # What a row with a negative quantity is: quarantined (``negative_quantity``) or a
     # ``refund`` event (returns and cancellations of an order-lines table).
     negative_quantity: str = "quarantine"
+    # Further spellings of a canonical column's source column (a file has one of them).
+    alternatives: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # canonical column -> cleaning steps (``CLEAN_STEPS``) applied in order to its text.
+    clean: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def spellings(self, canonical: str) -> tuple[str, ...]:
+        """The source column names that ``canonical`` may have in a file, preferred first."""
+        if canonical not in self.fields:
+            return ()
+        return (self.fields[canonical], *self.alternatives.get(canonical, ()))
+
+    def missing_columns(self, present: Collection[str]) -> list[str]:
+        """The mapped columns none of whose spellings is in ``present``, as ``A or B (canonical)``.
+
+        Canonical landing files may leave out optional columns (they are null).
+        """
+        return [
+            f"{' or '.join(self.spellings(canon))} ({canon})"
+            for canon in self.fields
+            if not any(c in present for c in self.spellings(canon)) and (canon in REQUIRED or self.name != CANONICAL)
+        ]
 
     def event_id_from_hash(self) -> bool:
         """Whether ``event_id`` is derived from the row (the source has none)."""
@@ -124,7 +148,7 @@ class Mapping:
 
     def source_columns(self) -> list[str]:
         """The source columns the mapping reads, in a fixed order (first use wins)."""
-        return list(dict.fromkeys(self.fields.values()))
+        return list(dict.fromkeys(c for canon in self.fields for c in self.spellings(canon)))
 
 
 def canonical_mapping() -> Mapping:
@@ -193,6 +217,7 @@ def parse_mapping(document: Any, *, origin: Path | None = None) -> Mapping:
         "sql",
         "timezone",
         "negative_quantity",
+        "clean",
     }
     unknown = sorted(set(document) - allowed)
     if unknown:
@@ -227,11 +252,15 @@ def parse_mapping(document: Any, *, origin: Path | None = None) -> Mapping:
     for key in list(fields) + list(constants):
         if key not in EVENT_COLUMNS:
             raise fail(f"fields.{key}", f"not a canonical column ({', '.join(EVENT_COLUMNS)})")
+    spellings: dict[str, tuple[str, ...]] = {}
     for key, value in fields.items():
-        if not isinstance(value, str) or not value:
-            raise fail(f"fields.{key}", f"must name a source column, got {value!r}")
-        if columns and value not in columns:
-            raise fail(f"fields.{key}", f"{value!r} is not in columns {columns}")
+        names = value if isinstance(value, list) else [value]
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise fail(f"fields.{key}", f"must name a source column or list its spellings, got {value!r}")
+        for spelled in names:
+            if columns and spelled not in columns:
+                raise fail(f"fields.{key}", f"{spelled!r} is not in columns {columns}")
+        spellings[str(key)] = tuple(dict.fromkeys(names))
     for key in set(fields) & set(constants):
         raise fail(f"constants.{key}", "is also mapped in fields")
     for key in REQUIRED:
@@ -252,6 +281,23 @@ def parse_mapping(document: Any, *, origin: Path | None = None) -> Mapping:
         if constants["event_type"] not in EVENT_TYPES:
             raise fail("constants.event_type", f"{constants['event_type']!r} is not one of {', '.join(EVENT_TYPES)}")
         event_types.setdefault(constants["event_type"], constants["event_type"])
+
+    clean_doc = document.get("clean") or {}
+    if not isinstance(clean_doc, dict):
+        raise fail("clean", f"must map canonical columns to steps ({', '.join(CLEAN_STEPS)})")
+    clean: dict[str, tuple[str, ...]] = {}
+    for key, steps in clean_doc.items():
+        if key not in EVENT_COLUMNS:
+            raise fail(f"clean.{key}", f"not a canonical column ({', '.join(EVENT_COLUMNS)})")
+        if key not in fields:
+            raise fail(f"clean.{key}", "not mapped in fields (only values read from the file are cleaned)")
+        listed = steps if isinstance(steps, list) else [steps]
+        for step in listed:
+            if step not in CLEAN_STEPS:
+                raise fail(f"clean.{key}", f"unknown step {step!r}; known: {', '.join(CLEAN_STEPS)}")
+        if "lower" in listed and "upper" in listed:
+            raise fail(f"clean.{key}", "lower and upper exclude each other")
+        clean[str(key)] = tuple(str(step) for step in listed)
 
     ts_doc = document.get("timestamp") or {}
     if not isinstance(ts_doc, dict):
@@ -309,7 +355,9 @@ def parse_mapping(document: Any, *, origin: Path | None = None) -> Mapping:
 
     return Mapping(
         name=name,
-        fields={str(k): str(v) for k, v in fields.items()},
+        fields={k: v[0] for k, v in spellings.items()},
+        alternatives={k: v[1:] for k, v in spellings.items() if len(v) > 1},
+        clean=clean,
         constants=constants,
         event_types=event_types,
         timestamp=Timestamp(ts_format, None if tz is None else str(tz), date_only),

@@ -12,8 +12,6 @@ from zoneinfo import ZoneInfo
 from profile_engine.contracts.events import EVENT_COLUMNS, REFUND
 from profile_engine.sources.mappings import (
     BAD_TS,
-    CANONICAL,
-    REQUIRED,
     TS_WITHOUT_ZONE,
     Mapping,
     SourceError,
@@ -99,6 +97,24 @@ def quote_ident(identifier: str) -> str:
 def quote_literal(text: str) -> str:
     """A DuckDB string literal in single quotes."""
     return "'" + text.replace("'", "''") + "'"
+
+
+def clean_sql(steps: tuple[str, ...], text: str) -> str:
+    """DuckDB expression applying a mapping's cleaning steps, in order, to the text expression ``text``.
+
+    ``integer`` drops the zero decimals of a whole number written as a float (``17850.0``,
+    ``1234567890123456789.000``), as text, never through float; any other value stays as written.
+    """
+    for step in steps:
+        if step == "trim":
+            text = f"trim({text})"
+        elif step in ("lower", "upper"):
+            text = f"{step}({text})"
+        elif step == "integer":
+            text = f"regexp_replace({text}, '^(\\s*[+-]?[0-9]+)\\.0*(\\s*)$', '\\1\\2')"
+        else:
+            raise ValueError(f"unknown cleaning step {step!r}")
+    return text
 
 
 def source_select(con: Any, mapping: Mapping, path: Path, index: int) -> str:
@@ -187,13 +203,12 @@ def mapped_select(con: Any, mapping: Mapping, table: str, index: int, label: str
     path = label
     described = con.execute(f"DESCRIBE {table}").fetchall()
     types = {str(row[0]): str(row[1]).upper() for row in described}
-    missing = [
-        f"{c} ({canon})"
-        for canon, c in mapping.fields.items()
-        if c not in types and (canon in REQUIRED or mapping.name != CANONICAL)
-    ]
+    missing = mapping.missing_columns(types)
     if missing:
-        raise SourceError(f"{path}: missing required column(s) {', '.join(missing)} for source {mapping.name!r}")
+        raise SourceError(
+            f"{path}: missing required column(s) {', '.join(missing)} for source {mapping.name!r}; "
+            f"the file has columns: {', '.join(c for c in types if c not in (ROW_COLUMN, LINE_COLUMN)) or '(none)'}"
+        )
     for column in mapping.source_columns():
         kind = types.get(column)
         if kind is not None and (kind.endswith("[]") or kind.startswith(("STRUCT", "MAP", "UNION", "BLOB"))):
@@ -202,12 +217,13 @@ def mapped_select(con: Any, mapping: Mapping, table: str, index: int, label: str
     def raw(canonical: str) -> str:
         if canonical in mapping.constants:
             return quote_literal(mapping.constants[canonical])
-        column = mapping.fields.get(canonical)
-        if column is None or column not in types:
+        present = [f"CAST({quote_ident(c)} AS VARCHAR)" for c in mapping.spellings(canonical) if c in types]
+        if not present:
             return "CAST(NULL AS VARCHAR)"
-        return f"CAST({quote_ident(column)} AS VARCHAR)"
+        text = present[0] if len(present) == 1 else f"coalesce({', '.join(present)})"
+        return clean_sql(mapping.clean.get(canonical, ()), text)
 
-    ts_col = mapping.fields.get("ts")
+    ts_col = next((c for c in mapping.spellings("ts") if c in types), None)
     ts_v, ts_problem = _ts_sql(mapping, raw("ts"), types.get(ts_col or "", "VARCHAR"), quote_ident(ts_col or ""))
     event_type_v = (
         "CASE lower(trim("

@@ -187,3 +187,27 @@ def land_for_replay(settings: Settings, file: Path, mapping: Mapping) -> ReplayP
         outliers_after=int(stats[2]),
         without_ts=int(stats[3]),
     )
+
+
+def describe_landing(plan: ReplayPlan, lake_root: Path) -> str:
+    """What ``land_for_replay`` landed, for people: hours, rows, the ends and the command that processes them."""
+    first, last = format_hour(plan.first), format_hour(plan.last)
+    span = int((plan.last - plan.first) / timedelta(hours=1)) + 1
+    lines = [
+        f"landed {plan.rows} rows of {plan.file} through mapping {plan.source} "
+        f"into {Lake(lake_root).path(lk.LANDING)}/dt=.../hour=.../{SOURCE_KEY}={plan.source}/",
+        f"  {len(plan.rows_per_hour)} hours with rows, first hour {first}, last hour {last} ({span} hours in all)",
+    ]
+    if plan.outliers_before or plan.outliers_after or plan.without_ts:
+        lines.append(
+            f"  {plan.outliers_before} rows dated long before the first hour and {plan.without_ts} without a readable "
+            f"time landed in the first hour, {plan.outliers_after} dated long after the last hour in the last "
+            "(validation quarantines them there)"
+        )
+    lines += [
+        "next: process the landed hours (nothing was processed yet), then the hours after them as they arrive:",
+        f"  python -m profile_engine run-hours {first} {last}",
+        f"  or the hourly DAG with PROFILE_ENGINE_START={first}; the next hour after these is "
+        f"{format_hour(plan.last + timedelta(hours=1))}",
+    ]
+    return "\n".join(lines)

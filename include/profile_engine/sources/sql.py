@@ -212,11 +212,12 @@ def read_sql_batch(
                 table = sa.Table(spec.table, sa.MetaData(), schema=spec.schema, autoload_with=conn)
             except sa.exc.NoSuchTableError as error:
                 raise SourceError(f"{label}: no table {spec.table!r} in the database") from error
-            names = list(dict.fromkeys([*mapping.source_columns(), spec.cursor]))
-            missing = [n for n in names if n not in table.c]
+            names = [n for n in dict.fromkeys([*mapping.source_columns(), spec.cursor]) if n in table.c]
+            missing = mapping.missing_columns(names) + ([] if spec.cursor in table.c else [f"{spec.cursor} (cursor)"])
             if missing:
                 raise SourceError(
-                    f"{label}: missing required column(s) {', '.join(missing)} for source {mapping.name!r}"
+                    f"{label}: missing required column(s) {', '.join(missing)} for source {mapping.name!r}; "
+                    f"the table has columns: {', '.join(c.name for c in table.c)}"
                 )
             cursor = table.c[spec.cursor]
             columns = sa.select(*[table.c[n] for n in names])
