@@ -28,6 +28,7 @@ from profile_engine.ingest import events as ingest
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake, read_json
 from profile_engine.sources import mappings as sources
+from profile_engine.sources import sql as source_sql
 from tests.conftest import HOUR0
 
 
@@ -482,11 +483,11 @@ def test_connection_url_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("AIRFLOW_CONN_NOT_THERE", raising=False)
 
     # Act / Assert
-    assert sources.connection_url("postgresql://u@h/db") == "postgresql://u@h/db"
-    assert sources.connection_url("as_url") == f"sqlite:///{database}"
-    assert sources.connection_url("as_json") == f"sqlite:///{database}"
+    assert source_sql.connection_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert source_sql.connection_url("as_url") == f"sqlite:///{database}"
+    assert source_sql.connection_url("as_json") == f"sqlite:///{database}"
     with pytest.raises(sources.SourceError, match="'not_there' is not defined"):
-        sources.connection_url("not_there")
+        source_sql.connection_url("not_there")
 
 
 def test_sql_mapping_block_is_validated() -> None:

@@ -50,6 +50,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 # Exit status of run-hours and replay when an hour breached the quarantine threshold.
 EXIT_QUARANTINE_BREACH = 3
+# Exit status when a file does not match its mapping or a mapping is invalid.
+EXIT_INPUT_ERROR = 2
 
 
 def cmd_run_hours(args: argparse.Namespace) -> int:
@@ -94,6 +96,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
         hours = len({b["hour"] for b in summary["breaches"]})
         print(f"replay: quarantine threshold exceeded in {hours} hour(s):", *lines, sep="\n", file=sys.stderr)
         return EXIT_QUARANTINE_BREACH
+    return 0
+
+
+def cmd_land(args: argparse.Namespace) -> int:
+    """Land an event log into ``landing/`` by event hour through a mapping, as a producer would; process nothing."""
+    from profile_engine.sources import mappings, replay
+
+    settings = Settings.from_env()
+    plan = replay.land_for_replay(settings, Path(args.file), mappings.load_mapping(args.mapping, settings.lake))
+    print(replay.describe_landing(plan, settings.lake))
     return 0
 
 
@@ -219,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-quality", action="store_true", help="row rules only: no Great Expectations suite or Data Docs")
     p.set_defaults(func=cmd_replay)
 
+    p = sub.add_parser(
+        "land",
+        help="land an event log into landing/ by event hour through a mapping, without processing it",
+        description="Land an event log into landing/events/dt=/hour=/source=MAPPING/ by event hour, as a producer "
+        "would; nothing is processed. Prints the hours and rows landed and the run-hours command that processes "
+        "them. Example: python -m profile_engine land --file orders.csv --mapping order_lines",
+    )
+    p.add_argument("--file", required=True, help="the event log (CSV, Parquet or JSON Lines, optionally .gz)")
+    p.add_argument("--mapping", required=True, help="a mapping in include/config/sources/ by name, or a YAML path")
+    p.set_defaults(func=cmd_land)
+
     p = sub.add_parser("demo", help="simulate, warm up and run profile_refresh through Airflow")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--history-days", type=int, default=30)
@@ -279,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
+    from profile_engine.sources.mappings import MappingError, SourceError
+
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except (MappingError, SourceError) as error:  # a file or mapping the user can fix: one line, no traceback
+        print(f"{args.command}: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
     return result

@@ -46,6 +46,8 @@ from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake, read_json, sha256_file, write_json
 from profile_engine.privacy.tombstones import count_erased, drop_erased
 from profile_engine.sources import mappings as sources
+from profile_engine.sources import readers as source_readers
+from profile_engine.sources import sql as source_sql
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +202,7 @@ def _source_of(path: Path) -> str:
 
 def _file_rows(path: Path, mapping: sources.Mapping) -> int:
     """Row count of a landing file (Parquet from metadata; text files counted by non-blank lines)."""
-    fmt = sources.file_format(mapping, path)
+    fmt = source_readers.file_format(mapping, path)
     if fmt == "parquet":
         try:
             return int(pq.ParquetFile(path).metadata.num_rows)
@@ -208,7 +210,7 @@ def _file_rows(path: Path, mapping: sources.Mapping) -> int:
             return 0  # unreadable: validate_events fails the hour naming the file
     import gzip
 
-    opener = gzip.open if sources.is_gzip(path) else open
+    opener = gzip.open if source_readers.is_gzip(path) else open
     try:
         with opener(path, "rb") as handle:
             lines = sum(1 for line in handle if line.strip())
@@ -423,7 +425,7 @@ def extract_events(
         if source not in mappings:
             mappings[source] = sources.load_mapping(source, lake.root)
         try:
-            sources.file_format(mappings[source], path)
+            source_readers.file_format(mappings[source], path)
         except sources.SourceError:
             skipped.append(_skipped_entry(lake, path, _arrival_hour(path) or arrival, UNSUPPORTED_FORMAT))
             continue
@@ -498,7 +500,7 @@ def _extract_tables(settings: Settings, lake: Lake, hour: datetime, now: datetim
                 f"table source {name!r}: its high-water mark was set by hour {mark['hour']}, "
                 f"not before hour {format_hour(hour)}, which has no ledger: hours run in order"
             )
-        batch = sources.read_sql_batch(
+        batch = source_sql.read_sql_batch(
             mapping,
             lower=mark["upper"] if mark else None,
             before=hour + HOUR,
@@ -507,7 +509,7 @@ def _extract_tables(settings: Settings, lake: Lake, hour: datetime, now: datetim
         )
         entries.append(
             LedgerEntry(
-                sources.sql_label(mapping),
+                source_sql.sql_label(mapping),
                 0,
                 batch.digest,
                 batch.rows.num_rows,
@@ -539,7 +541,7 @@ def _extract_summary(
 
 def _read_range(entry: LedgerEntry, mappings: dict[str, sources.Mapping], settings: Settings) -> pa.Table:
     """The rows of a table source's ledger range, exactly as the first run read them (else ``LedgerError``)."""
-    batch = sources.read_sql_batch(
+    batch = source_sql.read_sql_batch(
         mappings[entry.source],
         lower=entry.lower,
         upper=entry.upper,
@@ -555,7 +557,7 @@ def _read_range(entry: LedgerEntry, mappings: dict[str, sources.Mapping], settin
 
 
 def _load_raw(con: Any, lake: Lake, entries: list[LedgerEntry], settings: Settings) -> dict[str, sources.Mapping]:
-    """Create table ``raw``: every row of every file through its mapping (see ``sources.source_select``)."""
+    """Create table ``raw``: every row of every file through its mapping (see ``source_readers.source_select``)."""
     mappings: dict[str, sources.Mapping] = {}
     selects = []
     for index, entry in enumerate(entries):
@@ -563,10 +565,10 @@ def _load_raw(con: Any, lake: Lake, entries: list[LedgerEntry], settings: Settin
             mappings[entry.source] = sources.load_mapping(entry.source, lake.root)
         if entry.is_sql():
             selects.append(
-                sources.sql_select(con, mappings[entry.source], _read_range(entry, mappings, settings), index)
+                source_sql.sql_select(con, mappings[entry.source], _read_range(entry, mappings, settings), index)
             )
         else:
-            selects.append(sources.source_select(con, mappings[entry.source], lake.path(entry.path), index))
+            selects.append(source_readers.source_select(con, mappings[entry.source], lake.path(entry.path), index))
     if not selects:
         cols = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in EVENT_COLUMNS)
         selects.append(
@@ -766,10 +768,10 @@ def validate_events(
 
 
 def _local_hour_sql(entries: list[LedgerEntry], mappings: dict[str, sources.Mapping], default_tz: str) -> str:
-    """Each row's hour of day in the time zone of its source's shop (``sources.local_hour_sql``)."""
+    """Each row's hour of day in the time zone of its source's shop (``source_readers.local_hour_sql``)."""
     by_expression: dict[str, list[int]] = {}
     for index, entry in enumerate(entries):
-        expression = sources.local_hour_sql(mappings[entry.source], "ts_v", default_tz)
+        expression = source_readers.local_hour_sql(mappings[entry.source], "ts_v", default_tz)
         by_expression.setdefault(expression, []).append(index)
     if not by_expression:
         return "CAST(NULL AS TINYINT)"

@@ -175,8 +175,9 @@ def replay(settings: Settings, file: Path, mapping: str, *, quality_suite: bool 
     hourly DAG continues at ``next_hour`` (with ``PROFILE_ENGINE_START`` = ``first_hour``).
     """
     from profile_engine.sources import mappings as sources
+    from profile_engine.sources import replay as source_replay
 
-    plan = sources.land_for_replay(settings, file, sources.load_mapping(mapping, settings.lake))
+    plan = source_replay.land_for_replay(settings, file, sources.load_mapping(mapping, settings.lake))
     run_id = f"replay__{plan.source}__{format_hour(plan.first)}"
     processed = warm_up(
         settings,

@@ -348,7 +348,7 @@ def connection_engine(conn_id: str) -> sqlalchemy.Engine:
     """A SQLAlchemy engine for Airflow Connection ``conn_id`` (call inside a task, never at parse time)."""
     import sqlalchemy as sa
 
-    from profile_engine.sources.mappings import connection_url
+    from profile_engine.sources.sql import connection_url
 
     return sa.create_engine(connection_url(conn_id))
 
