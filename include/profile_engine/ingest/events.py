@@ -744,6 +744,7 @@ def validate_events(
         "staged_per_bucket": per_bucket,
         "defective": defective,
         "threshold_breaches": breaches,
+        "threshold_exceeded": bool(breaches),
         "held_back": int(
             pc.sum(pc.greater_equal(staged.column("ts"), pa.scalar(end, pa.timestamp("ms", "UTC")))).as_py() or 0
         ),
@@ -809,7 +810,7 @@ def _per_source(
             if mapping.policy.quarantine_threshold is not None
             else settings.quarantine_threshold
         )
-        share = defective / read if read else 0.0
+        share, exceeded = threshold_verdict(int(defective), int(read), threshold, settings.quarantine_min_rows)
         result[name] = {
             "files": len(indexes),
             "read": int(read),
@@ -821,9 +822,30 @@ def _per_source(
             "threshold": threshold,
             "expected_reasons": sorted(mapping.policy.expected_reasons),
             "threshold_applies": read >= settings.quarantine_min_rows,
-            "threshold_exceeded": read >= settings.quarantine_min_rows and share > threshold,
+            "threshold_exceeded": exceeded,
         }
     return result
+
+
+def defective_share(defective_rows: int, read_rows: int) -> float:
+    """Share of the rows read that count as defective; 0 when nothing was read (nothing was rejected)."""
+    if defective_rows < 0 or read_rows < 0:
+        raise ValueError(f"row counts must be >= 0, got defective={defective_rows} read={read_rows}")
+    if defective_rows > read_rows:
+        raise ValueError(f"defective rows ({defective_rows}) exceed rows read ({read_rows})")
+    return defective_rows / read_rows if read_rows else 0.0
+
+
+def threshold_verdict(defective_rows: int, read_rows: int, threshold: float, min_rows: int) -> tuple[float, bool]:
+    """The quarantine-threshold verdict of one source in one hour: its defective share and whether it breaches.
+
+    The one definition of a breach (docs/sources.md): the share exceeds ``threshold`` and the
+    source read at least ``min_rows`` rows (one bad row must not fail a quiet hour). The hour
+    breaches when any source does (``validate_events``' ``threshold_exceeded``); the quality
+    stage reports that verdict and never judges the whole hour's share again.
+    """
+    share = defective_share(defective_rows, read_rows)
+    return share, read_rows >= min_rows and share > threshold
 
 
 def _recent_staged_files(lake: Lake, hour: datetime, settings: Settings) -> list[Path]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,6 +53,7 @@ from profile_engine.contracts.profiles import (
     USER_ID,
 )
 from profile_engine.hours import HOUR, floor_hour, format_hour, partition_values
+from profile_engine.ingest import events as ingest
 from profile_engine.lake.storage import MANIFEST, QUALITY_DOCS, QUALITY_RESULTS, STAGING, Lake
 
 if TYPE_CHECKING:
@@ -215,19 +216,6 @@ def build_suite(*, ts_min: datetime, ts_max: datetime, buckets: int) -> gx.Expec
     )
 
 
-def check_threshold(quarantined_rows: int, read_rows: int, threshold: float) -> tuple[float, bool]:
-    """Quarantine share of the rows read and whether it exceeds ``threshold``.
-
-    An hour that read nothing has share 0: nothing was rejected.
-    """
-    if quarantined_rows < 0 or read_rows < 0:
-        raise ValueError(f"row counts must be >= 0, got quarantined={quarantined_rows} read={read_rows}")
-    if quarantined_rows > read_rows:
-        raise ValueError(f"quarantined rows ({quarantined_rows}) exceed rows read ({read_rows})")
-    share = quarantined_rows / read_rows if read_rows else 0.0
-    return share, share > threshold
-
-
 def run_quality(
     settings: Settings,
     hour: datetime,
@@ -238,6 +226,7 @@ def run_quality(
     run_id: str = "manual",
     build_docs: bool = True,
     defective_rows: int | None = None,
+    threshold_breaches: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Validate the staged batch of ``hour``, publish results (and Data Docs), return a summary.
 
@@ -245,11 +234,12 @@ def run_quality(
     and, with ``build_docs``, a Data Docs site of this hour alone to
     ``quality/docs/dt=/hour=/`` (``index.html``), each with a ``_manifest.json``.
     ``success`` is False when a critical expectation failed; failed warnings (an
-    empty hour) are listed under ``warnings``. ``threshold_exceeded`` says whether the
-    share of defective rows is above ``settings.quarantine_threshold``; the caller
-    decides to fail the run (this module does not import Airflow). Defective rows are
-    the quarantined ones unless ``defective_rows`` says fewer count (ingest does not
-    count producer re-sends, quarantined as duplicates, against the threshold).
+    empty hour) are listed under ``warnings``. ``threshold_exceeded`` is the verdict
+    ingest reached (``threshold_breaches``: the sources that breached, from the
+    ``validate_events`` summary), not judged again here; the caller decides to fail
+    the run (this module does not import Airflow). The shares are the hour's, for the
+    report: defective rows are the quarantined ones unless ``defective_rows`` says fewer
+    count (ingest does not count producer re-sends, quarantined as duplicates).
     """
     import great_expectations as gx
     from great_expectations.checkpoint.actions import UpdateDataDocsAction
@@ -265,10 +255,8 @@ def run_quality(
     defective = quarantined_rows if defective_rows is None else defective_rows
     if not 0 <= defective <= quarantined_rows:
         raise ValueError(f"defective rows ({defective}) must be within [0, quarantined rows ({quarantined_rows})]")
-    share, _ = check_threshold(quarantined_rows, read_rows, settings.quarantine_threshold)
-    defective_share, exceeded = check_threshold(defective, read_rows, settings.quarantine_threshold)
-    # One bad row must not fail a quiet hour: the policy applies from a minimum row count.
-    exceeded = exceeded and read_rows >= settings.quarantine_min_rows
+    share = ingest.defective_share(quarantined_rows, read_rows)
+    hour_defective_share = ingest.defective_share(defective, read_rows)
     lake = Lake(settings.lake)
     suite = build_suite(
         ts_min=start - timedelta(hours=settings.lateness_hours),
@@ -353,9 +341,10 @@ def run_quality(
         "read_rows": read_rows,
         "quarantine_share": share,
         "defective_rows": defective,
-        "defective_share": defective_share,
+        "defective_share": hour_defective_share,
         "quarantine_threshold": settings.quarantine_threshold,
-        "threshold_exceeded": exceeded,
+        "threshold_breaches": list(threshold_breaches),
+        "threshold_exceeded": bool(threshold_breaches),
         "results_path": str(lake.partition(QUALITY_RESULTS, start) / RESULTS_FILE),
         "docs_index": docs_index,
     }
@@ -416,6 +405,7 @@ def check_staged_hour(
         run_id=run_id,
         build_docs=build_docs,
         defective_rows=int(validated["defective"]),
+        threshold_breaches=validated.get("threshold_breaches") or (),
     )
 
 
