@@ -688,3 +688,56 @@ def test_quality_reads_the_threshold_verdict_of_ingest_where_whole_hour_shares_d
     assert summary["threshold_exceeded"] is False
     assert summary["threshold_breaches"] == []
     assert summary["defective_share"] == pytest.approx(0.25)
+
+
+def rows_at(hour: datetime, n: int) -> list[dict[str, Any]]:
+    """``make_rows(n)`` moved into ``hour``."""
+    return [{**row, "ts": row["ts"] + (hour - HOUR)} for row in make_rows(n)]
+
+
+def test_data_docs_of_old_passing_hours_are_pruned_and_failed_or_recent_ones_kept(settings: Settings) -> None:
+    # Arrange: keep 2 hours; an old passing hour, an old failed one (critical expectation),
+    # an old one that breached the quarantine threshold, a recent passing one.
+    from dataclasses import replace
+
+    from profile_engine.quality.datadocs import PRUNED_FILE
+
+    settings = replace(settings, data_docs_keep_hours=2)
+    lake = Lake(settings.lake)
+    passing, failing, breached = HOUR, HOUR + timedelta(hours=1), HOUR + timedelta(hours=2)
+    newest = HOUR + timedelta(hours=6)
+    recent = newest - timedelta(hours=2)
+    bad = rows_at(failing, 3)
+    bad[0]["bucket"] = 99
+    run_quality(settings, passing, to_table(rows_at(passing, 3)), quarantined_rows=0, read_rows=3)
+    failed = run_quality(settings, failing, to_table(bad), quarantined_rows=0, read_rows=3)
+    run_quality(
+        settings,
+        breached,
+        to_table(rows_at(breached, 3)),
+        quarantined_rows=3,
+        read_rows=6,
+        threshold_breaches=["canonical"],
+    )
+    full_size = sum(p.stat().st_size for p in lake.partition(QUALITY_DOCS, passing).rglob("*") if p.is_file())
+
+    # Act: writing a new hour's docs prunes what fell out of the window (once).
+    later = run_quality(settings, recent, to_table(rows_at(recent, 3)), quarantined_rows=0, read_rows=3)
+    summary = run_quality(settings, newest, to_table(rows_at(newest, 3)), quarantined_rows=0, read_rows=3)
+
+    # Assert: the old passing hour's site is replaced by a page saying when and why.
+    assert failed["success"] is False
+    assert later["docs_pruned"] == [format_hour(passing)]
+    assert summary["docs_pruned"] == []
+    stub = lake.partition(QUALITY_DOCS, passing)
+    assert lake.committed(QUALITY_DOCS, passing) and not (stub / "validations").exists()
+    record = read_json(stub / PRUNED_FILE)
+    assert record["hour"] == format_hour(passing) and record["keep_hours"] == 2
+    page = (stub / DOCS_INDEX).read_text()
+    assert "pruned" in page and format_hour(passing) in page and record["pruned_at"] in page
+    stub_size = sum(p.stat().st_size for p in stub.rglob("*") if p.is_file())
+    assert stub_size < 4096 < full_size
+    assert read_results(settings, passing)["success"] is True  # the results JSON stays
+    for kept in (failing, breached, recent, newest):
+        assert (lake.partition(QUALITY_DOCS, kept) / "validations").is_dir(), format_hour(kept)
+        assert not (lake.partition(QUALITY_DOCS, kept) / PRUNED_FILE).exists()

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from profile_engine.lake import faults
-from profile_engine.hours import format_hour, partition_values
+from profile_engine.hours import format_hour, parse_hour, partition_values
 from profile_engine.contracts.events import SCHEMA_VERSION
 
 # Layers (DESIGN.md §3), named once.
@@ -202,6 +202,21 @@ class Lake:
             files.append({"name": name, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
         write_json(tmp / MANIFEST, {**manifest, "files": files, "schema_version": SCHEMA_VERSION})
         replace_dir(tmp, target, self)
+
+
+def partition_hours(root: Path) -> dict[datetime, Path]:
+    """The ``dt=/hour=`` partitions under ``root`` by hour."""
+    found: dict[datetime, Path] = {}
+    if not root.is_dir():
+        return found
+    for day in root.glob("dt=*"):
+        for hour_dir in day.glob("hour=*"):
+            try:
+                hour = parse_hour(f"{day.name[3:]}T{int(hour_dir.name[5:]):02d}")
+            except ValueError:
+                continue
+            found[hour] = hour_dir
+    return found
 
 
 def replace_dir(new: Path, target: Path, lake: Lake) -> None:

@@ -55,6 +55,7 @@ from profile_engine.contracts.profiles import (
 from profile_engine.hours import HOUR, floor_hour, format_hour, partition_values
 from profile_engine.ingest import events as ingest
 from profile_engine.lake.storage import MANIFEST, QUALITY_DOCS, QUALITY_RESULTS, STAGING, Lake
+from profile_engine.quality.datadocs import DOCS_INDEX, prune_data_docs
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -62,7 +63,6 @@ if TYPE_CHECKING:
 
 SUITE_NAME = "staged_events"
 RESULTS_FILE = "results.json"
-DOCS_INDEX = "index.html"
 DOCS_SITE = "local_site"
 
 
@@ -324,6 +324,8 @@ def run_quality(
             docs_index = str(docs_target / DOCS_INDEX)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    # A new site prunes those of passing hours that fell out of the kept window (docs/quality.md).
+    docs_pruned = prune_data_docs(settings, start) if build_docs else []
 
     failed = [r for r in result["results"] if not r["success"]]
     summary: dict[str, Any] = {
@@ -347,6 +349,7 @@ def run_quality(
         "threshold_exceeded": bool(threshold_breaches),
         "results_path": str(lake.partition(QUALITY_RESULTS, start) / RESULTS_FILE),
         "docs_index": docs_index,
+        "docs_pruned": docs_pruned,
     }
     payload = json.dumps(result, indent=2, sort_keys=True, default=str).encode()
     # Results last: their manifest is the hour's commit point and names the docs site.
