@@ -47,9 +47,9 @@ from profile_engine.lake.storage import (
     Lake,
     read_json,
 )
+from profile_engine.quality.datadocs import DOCS_INDEX
 from profile_engine.quality.suites import (
     BUCKET_IN_RANGE,
-    DOCS_INDEX,
     EVENT_ID_UNIQUE,
     EVENT_TYPE_KNOWN,
     ITEM_ID_NOT_EMPTY,

@@ -57,7 +57,7 @@ def prune_data_docs(settings: Settings, newest: datetime, *, dry_run: bool = Fal
 
 def _replace_with_notice(settings: Settings, lake: Lake, hour: datetime) -> None:
     dt, hh = partition_values(hour)
-    record = {
+    record: dict[str, Any] = {
         "hour": format_hour(hour),
         "pruned_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "keep_hours": settings.data_docs_keep_hours,
@@ -67,10 +67,10 @@ def _replace_with_notice(settings: Settings, lake: Lake, hour: datetime) -> None
     }
     page = (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>Data Docs of {html.escape(record['hour'])} pruned</title></head><body>"
-        f"<h1>Data Docs of hour {html.escape(record['hour'])} were pruned</h1>"
-        f"<p>Pruned at {html.escape(record['pruned_at'])}: {html.escape(record['why'])}.</p>"
-        f"<p>The validation result is kept in the lake at <code>{html.escape(record['results'])}</code>.</p>"
+        f"<title>Data Docs of {html.escape(str(record['hour']))} pruned</title></head><body>"
+        f"<h1>Data Docs of hour {html.escape(str(record['hour']))} were pruned</h1>"
+        f"<p>Pruned at {html.escape(str(record['pruned_at']))}: {html.escape(str(record['why']))}.</p>"
+        f"<p>The validation result is kept in the lake at <code>{html.escape(str(record['results']))}</code>.</p>"
         "</body></html>"
     )
     lake.write_dir(
