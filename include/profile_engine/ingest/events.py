@@ -1,19 +1,6 @@
-"""Extract and validate: landing files -> ingestion ledger -> staging and quarantine.
+"""Extract and validate an hour: landing files to the ingestion ledger, rows to staging or quarantine.
 
-DESIGN.md §3. ``extract_events`` decides which landing files hour H takes (every
-file that arrived by the end of H and is not in the ledger yet) and records them
-in the ledger with the source whose mapping reads them; a rerun of H re-reads
-exactly the ledger's files. ``validate_events`` reads those files through their
-mappings (``sources``), applies the row rules in DuckDB, stages valid events per
-user bucket and quarantines the rest with their original values and every reason,
-so that ``rows read = staged + quarantined + erased`` for every hour and source.
-
-Landing layout: ``landing/events/dt=/hour=/<file>`` holds canonical files;
-``landing/events/dt=/hour=/source=<name>/<file>`` files of a mapped source. Files
-directly under ``landing/events`` are canonical and placed by modification time.
-Every other file under ``landing/events`` is named once in the ledger's ``skipped``
-list with its reason (``UNSUPPORTED_FORMAT``, ``UNKNOWN_FOLDER``, ``ARRIVED_TOO_LATE``)
-and a warning in the task log, so no file is passed over silently.
+Every row read is staged, quarantined with its reasons or counted as erased. docs/sources.md.
 """
 
 from __future__ import annotations
@@ -597,14 +584,14 @@ def validate_events(
     instead, on the table just staged (replays: ``runner.warm_up`` passes the quality
     suite), and adds its result under ``quality``. When a source's share of defective rows (reasons other than
     benign ones and those its mapping expects) exceeds its threshold in an hour with at
-    least ``settings.quarantine_min_rows`` of its rows, the summary says so under
-    ``threshold_breaches``; with ``enforce_threshold`` (the hourly run)
+    least ``settings.quarantine_min_rows`` of its rows (``threshold_verdict``), the summary
+    lists it under ``threshold_breaches`` and says ``threshold_exceeded``; with ``enforce_threshold`` (the hourly run)
     ``QuarantineThresholdExceeded`` is raised after everything is written. A file that
     cannot be read, lacks a required column or has an unmappable column type raises
     ``sources.SourceError`` before anything of the hour is written.
 
-    Staged rows are ordered by bucket, user, event time and event id (DESIGN.md §3:
-    output rows are sorted before writing); quarantined rows by source file and row.
+    Staged rows are ordered by bucket, user, event time and event id; quarantined rows by
+    source file and row (docs/sources.md).
     """
     lake = Lake(settings.lake)
     entries = read_ledger(lake, hour)

@@ -1,10 +1,7 @@
-"""The lake: layer paths, Hive partitions, atomic writes and manifests.
+"""The lake: layer names, Hive partition paths, atomic partition writes with manifests, commit recovery.
 
-DESIGN.md §2-3. Every committed partition is a directory holding Parquet data and
-a ``_manifest.json`` (rows, checksums, schema version, run id). It is written
-whole under ``<lake>/_tmp/`` and renamed into place, so a reader sees the old
-partition, the new one or none, never a half-written one. Readers only read
-partitions whose manifest exists.
+A partition is written whole under ``_tmp/`` and renamed into place; readers read only
+partitions with a ``_manifest.json``. docs/architecture.md ("The lake"), docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ from profile_engine.lake import faults
 from profile_engine.hours import format_hour, parse_hour, partition_values
 from profile_engine.contracts.events import SCHEMA_VERSION
 
-# Layers (DESIGN.md §3), named once.
+# Layers, named once (docs/architecture.md, "The lake").
 LANDING = "landing/events"
 STAGING = "staging/events"
 QUARANTINE = "quarantine/events"

@@ -1,16 +1,6 @@
-"""Data quality of each processed hour: a Great Expectations suite over the staged batch.
+"""Great Expectations suites over an hour's staged events and over the profile snapshot, results and Data Docs.
 
-``ingest`` already rejects bad rows one by one (quarantine). This stage checks the
-batch that survived as a whole against the data contract (DESIGN.md §3), so a bug in
-the row rules, a schema drift or a broken source shows up as a failed expectation
-instead of silently wrong profiles. The suite is code, versioned with the package
-(STYLE.md 7). Each hour gets its validation result (``quality/results``) and its own
-self-contained Data Docs site (``quality/docs``), both committed with a manifest. In the
-hourly DAG this is the task ``check_quality`` (``check_staged_hour``), which reads the
-hour's staged events back and runs beside ``build_profiles``.
-
-Great Expectations is imported inside the functions (it costs seconds), and every
-file it writes goes to a context under the lake's ``_tmp/``, removed afterwards.
+Catches what row rules cannot see (schema drift, a bug in the rules) as a failed expectation. docs/quality.md.
 """
 
 from __future__ import annotations
