@@ -201,6 +201,16 @@ def cmd_retention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the lake's size by dataset (bytes, files, newest committed hour) and its newest committed hour."""
+    from profile_engine.lake.storage import Lake
+    from profile_engine.lake.usage import lake_usage
+
+    settings = Settings.from_env()
+    _print(lake_usage(Lake(settings.lake), buckets=settings.buckets))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="python -m profile_engine", description=__doc__)
@@ -297,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retention", help="delete hour partitions older than PROFILE_ENGINE_RETENTION_DAYS")
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     p.set_defaults(func=cmd_retention)
+
+    p = sub.add_parser("status", help="the lake's size by dataset (bytes, files) and its newest committed hour")
+    p.set_defaults(func=cmd_status)
     return parser
 
 

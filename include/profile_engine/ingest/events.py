@@ -1,19 +1,6 @@
-"""Extract and validate: landing files -> ingestion ledger -> staging and quarantine.
+"""Extract and validate an hour: landing files to the ingestion ledger, rows to staging or quarantine.
 
-DESIGN.md §3. ``extract_events`` decides which landing files hour H takes (every
-file that arrived by the end of H and is not in the ledger yet) and records them
-in the ledger with the source whose mapping reads them; a rerun of H re-reads
-exactly the ledger's files. ``validate_events`` reads those files through their
-mappings (``sources``), applies the row rules in DuckDB, stages valid events per
-user bucket and quarantines the rest with their original values and every reason,
-so that ``rows read = staged + quarantined + erased`` for every hour and source.
-
-Landing layout: ``landing/events/dt=/hour=/<file>`` holds canonical files;
-``landing/events/dt=/hour=/source=<name>/<file>`` files of a mapped source. Files
-directly under ``landing/events`` are canonical and placed by modification time.
-Every other file under ``landing/events`` is named once in the ledger's ``skipped``
-list with its reason (``UNSUPPORTED_FORMAT``, ``UNKNOWN_FOLDER``, ``ARRIVED_TOO_LATE``)
-and a warning in the task log, so no file is passed over silently.
+Every row read is staged, quarantined with its reasons or counted as erased. docs/sources.md.
 """
 
 from __future__ import annotations
@@ -599,14 +586,14 @@ def validate_events(
     instead, on the table just staged (replays: ``runner.warm_up`` passes the quality
     suite), and adds its result under ``quality``. When a source's share of defective rows (reasons other than
     benign ones and those its mapping expects) exceeds its threshold in an hour with at
-    least ``settings.quarantine_min_rows`` of its rows, the summary says so under
-    ``threshold_breaches``; with ``enforce_threshold`` (the hourly run)
+    least ``settings.quarantine_min_rows`` of its rows (``threshold_verdict``), the summary
+    lists it under ``threshold_breaches`` and says ``threshold_exceeded``; with ``enforce_threshold`` (the hourly run)
     ``QuarantineThresholdExceeded`` is raised after everything is written. A file that
     cannot be read, lacks a required column or has an unmappable column type raises
     ``sources.SourceError`` before anything of the hour is written.
 
-    Staged rows are ordered by bucket, user, event time and event id (DESIGN.md §3:
-    output rows are sorted before writing); quarantined rows by source file and row.
+    Staged rows are ordered by bucket, user, event time and event id; quarantined rows by
+    source file and row (docs/sources.md).
     """
     lake = Lake(settings.lake)
     entries = read_ledger(lake, hour)
@@ -746,6 +733,7 @@ def validate_events(
         "staged_per_bucket": per_bucket,
         "defective": defective,
         "threshold_breaches": breaches,
+        "threshold_exceeded": bool(breaches),
         "held_back": int(
             pc.sum(pc.greater_equal(staged.column("ts"), pa.scalar(end, pa.timestamp("ms", "UTC")))).as_py() or 0
         ),
@@ -811,7 +799,7 @@ def _per_source(
             if mapping.policy.quarantine_threshold is not None
             else settings.quarantine_threshold
         )
-        share = defective / read if read else 0.0
+        share, exceeded = threshold_verdict(int(defective), int(read), threshold, settings.quarantine_min_rows)
         result[name] = {
             "files": len(indexes),
             "read": int(read),
@@ -823,9 +811,30 @@ def _per_source(
             "threshold": threshold,
             "expected_reasons": sorted(mapping.policy.expected_reasons),
             "threshold_applies": read >= settings.quarantine_min_rows,
-            "threshold_exceeded": read >= settings.quarantine_min_rows and share > threshold,
+            "threshold_exceeded": exceeded,
         }
     return result
+
+
+def defective_share(defective_rows: int, read_rows: int) -> float:
+    """Share of the rows read that count as defective; 0 when nothing was read (nothing was rejected)."""
+    if defective_rows < 0 or read_rows < 0:
+        raise ValueError(f"row counts must be >= 0, got defective={defective_rows} read={read_rows}")
+    if defective_rows > read_rows:
+        raise ValueError(f"defective rows ({defective_rows}) exceed rows read ({read_rows})")
+    return defective_rows / read_rows if read_rows else 0.0
+
+
+def threshold_verdict(defective_rows: int, read_rows: int, threshold: float, min_rows: int) -> tuple[float, bool]:
+    """The quarantine-threshold verdict of one source in one hour: its defective share and whether it breaches.
+
+    The one definition of a breach (docs/sources.md): the share exceeds ``threshold`` and the
+    source read at least ``min_rows`` rows (one bad row must not fail a quiet hour). The hour
+    breaches when any source does (``validate_events``' ``threshold_exceeded``); the quality
+    stage reports that verdict and never judges the whole hour's share again.
+    """
+    share = defective_share(defective_rows, read_rows)
+    return share, read_rows >= min_rows and share > threshold
 
 
 def _recent_staged_files(lake: Lake, hour: datetime, settings: Settings) -> list[Path]:

@@ -1,11 +1,6 @@
-"""Fault injection: named points where a test makes the process die without cleanup.
+"""Fault injection: named points where a test makes the process die without cleanup (``PROFILE_ENGINE_FAULT``).
 
-``PROFILE_ENGINE_FAULT=<point>`` makes :func:`maybe_fail` call ``os._exit`` (no
-``finally``, no ``atexit``, no flushing of open files: like a killed worker) the
-first time the process reaches that point; ``PROFILE_ENGINE_FAULT_SKIP=N`` lets the
-first N hits pass. The reliability tests (``tests/reliability/``) kill an hour at
-every point, rerun it and compare the lake with an uninterrupted run's
-(docs/reliability.md). Unset, a call costs one dictionary lookup.
+docs/reliability.md (3).
 """
 
 from __future__ import annotations
