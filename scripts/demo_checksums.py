@@ -264,6 +264,7 @@ def build(args: argparse.Namespace) -> int:
         "last": last.astimezone(dt.UTC).isoformat(),
     }
     python = _python(checkout)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="demo-checksums-airflow-") as airflow_home:
         env = _environment(checkout, lake, Path(airflow_home), args.seed)
