@@ -283,7 +283,7 @@ def build(args: argparse.Namespace) -> int:
     out = {
         "format": FORMAT,
         "checkout": str(checkout),
-        "commit": _git_commit(checkout),
+        "commit": args.commit or _git_commit(checkout),
         "params": params,
         "build_seconds": seconds,
         "trainings": trained,
@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history-days", type=int, default=5)
     p.add_argument("--hours", type=int, default=3)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--commit", help="the commit the checkout holds, when it is no git checkout (git archive)")
     p.add_argument("--last", default=DEFAULT_LAST, help=f"the window's last hour (default {DEFAULT_LAST})")
     p.set_defaults(func=build)
     p = sub.add_parser("compare", help="compare two checksum files: exit 1 on any difference")
