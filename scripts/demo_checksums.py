@@ -15,7 +15,8 @@ and a fresh Airflow home in a temporary directory (nothing is written inside the
 ``PYTHONDONTWRITEBYTECODE`` is set), and with everything that would otherwise vary pinned:
 
 - the window ends at ``--last`` (default 2026-11-30T13:00Z, not the wall clock's last hour),
-  passed as ``demo --last`` where the checkout's CLI has it, else through ``demo.run_demo(last=...)``;
+  passed as ``demo --last`` where the checkout's CLI has it, else to ``run_demo(last=...)`` of the
+  package's ``demo`` module, wherever it is;
 - ``--seed`` is both the simulator's seed (``demo --seed``) and the model seed (``PROFILE_ENGINE_SEED``);
 - ``PROFILE_ENGINE_EXPORT_KEY`` is a fixed key (without it every lake generates its own random
   ``_meta/export_key`` and every pseudonym in the exports differs);
@@ -235,8 +236,12 @@ def demo_command(python: str, checkout: Path, env: dict[str, str], params: dict[
     args += ["--hours", str(params["hours"]), "--seed", str(params["seed"])]
     if "--last" in helptext:
         return [python, "-m", "profile_engine", "demo", *args, "--last", params["last"]]
+    # Checkouts older than ``demo --last``: call the demo module's run_demo, wherever the package keeps it.
     code = (
-        "import datetime as d; from profile_engine.demo import run_demo; "
+        "import datetime as d, importlib, pkgutil, profile_engine; "
+        "names = [m.name for m in pkgutil.walk_packages(profile_engine.__path__, 'profile_engine.') "
+        "if m.name.rsplit('.', 1)[-1] == 'demo']; "
+        "run_demo = next(importlib.import_module(n).run_demo for n in names); "
         f"run_demo(users={params['users']}, history_days={params['history_days']}, hours={params['hours']}, "
         f"seed={params['seed']}, last=d.datetime.fromisoformat({params['last']!r}))"
     )
@@ -325,6 +330,9 @@ def compare_sums(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def compare(args: argparse.Namespace) -> int:
     """Print the differences between two checksum files; exit 1 if there is any."""
+    for path in (args.a, args.b):
+        if not Path(path).is_file():
+            raise SystemExit(f"{path}: no such checksum file (build it first)")
     a, b = (json.loads(Path(p).read_text()) for p in (args.a, args.b))
     problems = compare_sums(a, b)
     for line in problems:
