@@ -20,7 +20,9 @@ and a fresh Airflow home in a temporary directory (nothing is written inside the
 - ``--seed`` is both the simulator's seed (``demo --seed``) and the model seed (``PROFILE_ENGINE_SEED``);
 - ``PROFILE_ENGINE_EXPORT_KEY`` is a fixed key (without it every lake generates its own random
   ``_meta/export_key`` and every pseudonym in the exports differs);
-- every other ``PROFILE_ENGINE_*`` and ``AIRFLOW__*`` variable of the caller is removed.
+- every other ``PROFILE_ENGINE_*`` and ``AIRFLOW__*`` variable of the caller is removed;
+- the checkout's own entry points (``checkout_metadata``): a venv shared between checkouts
+  registers the timetable plugin of whichever checkout was installed last.
 
 Checksummed (``CHECKED_LAYERS``, by lake-relative path): every Parquet file of the profile snapshot
 (``profiles``, ``interests``, ``state``, ``profile_changes``), of ``scores``, ``segments``, ``contacts``,
@@ -211,12 +213,40 @@ def _git_commit(checkout: Path) -> str | None:
     return result.stdout.strip() or None
 
 
+def checkout_metadata(checkout: Path, directory: Path) -> Path:
+    """A ``.dist-info`` in ``directory`` with the entry points of the checkout's ``pyproject.toml``.
+
+    Airflow registers the project's timetable through the ``airflow.plugins`` entry point, which
+    names a module path; a shared venv's editable install names the path of whatever checkout was
+    installed last (``profile_engine.ops.timetable`` after the move, ``profile_engine.timetable``
+    before), and the demo then fails with ``TimetableNotRegistered``. Put first on ``PYTHONPATH``,
+    this copy makes the checkout's own entry points load (the venv's one fails to import, logged).
+    """
+    import tomllib
+
+    project = tomllib.loads((checkout / "pyproject.toml").read_text())["project"]
+    info = directory / f"{project['name'].replace('-', '_')}-{project.get('version', '0')}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project.get('version', '0')}\n"
+    )
+    groups = {**project.get("entry-points", {}), "console_scripts": project.get("scripts", {})}
+    text = "".join(
+        f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in entries.items()) + "\n"
+        for group, entries in groups.items()
+        if entries
+    )
+    (info / "entry_points.txt").write_text(text)
+    return directory
+
+
 def _environment(checkout: Path, lake: Path, airflow_home: Path, seed: int) -> dict[str, str]:
     """The caller's environment without PROFILE_ENGINE_*/AIRFLOW__* settings, plus the pinned ones."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROFILE_ENGINE_", "AIRFLOW__", "AIRFLOW_HOME"))}
+    metadata = checkout_metadata(checkout, airflow_home / "checkout-metadata")
     env.update(
         {
-            "PYTHONPATH": str(checkout / "include"),
+            "PYTHONPATH": os.pathsep.join([str(checkout / "include"), str(metadata)]),
             "PYTHONDONTWRITEBYTECODE": "1",
             "PROFILE_ENGINE_LAKE": str(lake),
             "PROFILE_ENGINE_SEED": str(seed),
