@@ -113,7 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Simulate a shop, warm up its history in bulk and run the hourly DAG through Airflow."""
     from profile_engine.ops import demo
 
-    demo.run_demo(users=args.users, history_days=args.history_days, hours=args.hours, seed=args.seed)
+    demo.run_demo(users=args.users, history_days=args.history_days, hours=args.hours, seed=args.seed, last=args.last)
     return 0
 
 
@@ -257,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history-days", type=int, default=30)
     p.add_argument("--hours", type=int, default=48)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--last",
+        type=_hour,
+        default=None,
+        help="the window's last hour (UTC, ISO, e.g. 2026-11-30T13:00; default: the last complete hour). "
+        "A fixed hour gives the same lake on every run (scripts/demo_checksums.py)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("ui", help="start the Airflow UI (airflow standalone) on 127.0.0.1")
