@@ -56,7 +56,7 @@ from profile_engine.config import Settings  # noqa: E402
 from profile_engine.contracts.events import PURCHASE  # noqa: E402
 from profile_engine.hours import HOUR, format_hour, parse_hour  # noqa: E402
 from profile_engine.lake.storage import STAGING, Lake  # noqa: E402
-from profile_engine.model.evaluate import auc  # noqa: E402
+from profile_engine.model.metrics import auc  # noqa: E402
 from profile_engine.profiles import features as F  # noqa: E402
 from profile_engine.sources import mappings as sources  # noqa: E402
 

@@ -21,9 +21,10 @@ import pyarrow as pa
 
 from profile_engine.config import Settings
 from profile_engine.lake.storage import MODELS, Lake, read_json
+from profile_engine.model import artifacts, registry
 
 if TYPE_CHECKING:
-    from profile_engine.model.training import LoadedModel
+    from profile_engine.model.artifacts import LoadedModel
 
 # Candidate name (in evaluation.json, reports and the card) of each model kind. The order of preference the
 # gate's tie rule uses is ``model.MODEL_KINDS``: the network first (the main model), then the trees, the
@@ -76,18 +77,16 @@ class Candidate:
 
 def version_candidates(settings: Settings, version: str) -> list[Candidate]:
     """Every candidate of a committed version, in preference order (versions trained before LightGBM: two)."""
-    from profile_engine.model import training as models
-
-    metrics_file = Lake(settings.lake).path(MODELS, version, models.METRICS_FILE)
+    metrics_file = Lake(settings.lake).path(MODELS, version, registry.METRICS_FILE)
     evaluated = read_json(metrics_file).get("eval", {}) if metrics_file.is_file() else {}
     out = []
-    for kind in models.version_kinds(settings, version):
+    for kind in artifacts.version_kinds(settings, version):
         name = CANDIDATE_NAMES[kind]
         out.append(
             Candidate(
                 name=name,
                 kind=kind,
-                model=models.load_model(settings, version, kind),
+                model=artifacts.load_model(settings, version, kind),
                 metrics=evaluated.get(kind, {}),
             )
         )

@@ -25,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from profile_engine.model.inputs import categorical_values, category_strings, vocabulary
+
 LIGHTGBM_FILE = "lightgbm.txt"
 LIGHTGBM_SPEC = "lightgbm.json"
 FORMAT = "profile_engine.lightgbm/1"
@@ -101,8 +103,6 @@ def feature_matrix(
     table: pa.Table, numeric: Sequence[str], categorical: Sequence[str], categories: Mapping[str, Sequence[str]]
 ) -> np.ndarray:
     """Numeric features as float64 (nulls NaN) and each categorical as its vocabulary index (unseen: NaN)."""
-    from profile_engine.model.training import category_strings
-
     out = np.empty((table.num_rows, len(numeric) + len(categorical)), dtype=np.float64)
     for i, column in enumerate(numeric):
         out[:, i] = pc.cast(table.column(column), pa.float64()).to_numpy(zero_copy_only=False)
@@ -131,8 +131,6 @@ def fit_gbm(
     stays close to a probability, and the caller's Platt fit does the rest.
     """
     import lightgbm
-
-    from profile_engine.model.training import categorical_values, vocabulary
 
     config = config or GBMConfig()
     categories = {c: vocabulary(categorical_values(fit_rows, c), config.max_categories) for c in categorical}

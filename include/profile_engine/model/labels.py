@@ -304,7 +304,7 @@ def check_no_leakage(
     }
     users = sorted({u for rows in drawn.values() for u in rows.column(USER_ID).to_pylist()})
     rebuilt: dict[datetime, list[pa.Table]] = {hour: [] for hour in snapshots}
-    for bucket, bucket_users in _users_by_bucket(users, settings.buckets).items():
+    for bucket, bucket_users in users_by_bucket(users, settings.buckets).items():
         wanted = pa.array(bucket_users, pa.string())
         hours = [h for h in snapshots if pc.any(pc.is_in(drawn[h].column(USER_ID), value_set=wanted)).as_py()]
         for hour, profiles in F.rebuild_before_cutoffs(settings, hours, bucket, wanted).items():
@@ -329,7 +329,7 @@ def check_no_leakage(
     return {"rows": rows, "columns": len(columns)}
 
 
-def _users_by_bucket(users: Sequence[str], buckets: int) -> dict[int, list[str]]:
+def users_by_bucket(users: Sequence[str], buckets: int) -> dict[int, list[str]]:
     """The users of each bucket, by the staging rule (``schema.bucket_sql``)."""
     con = db.connect()
     try:
