@@ -1,5 +1,5 @@
 """The model directory ``models/<version>/``: writing it, the TensorFlow-free inference export, and
-loading a version's scorer of any kind. docs/model.md (The model directory, Scoring without TensorFlow).
+loading a version's scorer of any kind. docs/model.md (Model; Without TensorFlow).
 """
 
 from __future__ import annotations
@@ -45,19 +45,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
 CALIBRATION_FILE = "calibration.json"
 DECILES_FILE = "deciles.json"
 FEATURES_FILE = "features.json"
-
-
 # The TensorFlow-free export of each network (spec, weights), next to its .keras file.
 NETWORK_FILES: dict[str, str] = {"model": MODEL_FILE, "baseline": BASELINE_FILE}
 INFERENCE_FILES: dict[str, tuple[str, str]] = {
     kind: inference.inference_file_names(name) for kind, name in NETWORK_FILES.items()
 }
-
-
 BASELINE_SUFFIX = "-baseline"
 
 

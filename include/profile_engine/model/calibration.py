@@ -1,5 +1,5 @@
 """Platt calibration of a scorer on the validation slice, and score deciles (training cut points and
-population ranks). docs/model.md (Calibration, Deciles).
+population ranks). docs/model.md (Model; Scores and deciles).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Drift: population stability index of features and scores between consecutive committed snapshots.
-docs/model.md (Drift).
+docs/model.md (Evaluation and the gate).
 """
 
 from __future__ import annotations

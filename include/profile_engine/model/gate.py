@@ -1,5 +1,5 @@
 """The promotion gate: floors, margins against the champion and baselines, and the choice among a
-version's candidates. docs/model.md (The gate).
+version's candidates. docs/model.md (Evaluation and the gate).
 """
 
 from __future__ import annotations

@@ -1,17 +1,5 @@
-"""Gradient-boosted trees (LightGBM): the candidate a careful analyst tries first on tabular profiles.
-
-Trained on the same training rows and features as the network: numeric features as
-they are (nulls as NaN, which LightGBM routes itself), categorical features as integer
-codes of a stored vocabulary (the ``max_categories`` most frequent training values,
-null as the empty string like the networks; a value outside the vocabulary is missing).
-Early stopping watches the AUC of the newest training snapshot (the network's
-time-based validation slice); the caller calibrates the output with the same Platt fit.
-
-Files in ``models/<version>/``: ``lightgbm.txt`` (LightGBM's text model, only the
-kept iterations) and ``lightgbm.json`` (format, features, category vocabularies,
-parameters, best iteration). Scoring imports ``lightgbm`` (about 2 s and 125 MB per
-process, pandas and scipy included) but never TensorFlow; LightGBM is imported inside
-functions, so importing this module stays cheap.
+"""Gradient-boosted trees (LightGBM), a candidate trained on the network's rows and features; LightGBM is
+imported inside functions only. docs/model.md (Model).
 """
 
 from __future__ import annotations

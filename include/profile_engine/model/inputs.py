@@ -1,5 +1,5 @@
 """Profile columns as network inputs: the numeric matrix, categorical strings, vocabularies and the
-normalisation statistics. docs/model.md (Preprocessing).
+normalisation statistics. docs/model.md (Model).
 """
 
 from __future__ import annotations

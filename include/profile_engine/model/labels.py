@@ -1,17 +1,5 @@
-"""Labels and the out-of-time training set of the propensity model (DESIGN.md §5).
-
-The label of a profile snapshot at hour S (end E = S + 1h) says whether the user
-purchased in ``[E, E + horizon)``. It comes from staged events only, and it is
-final once every event of the window can have arrived: ``E + horizon + lateness``
-is at or before the end of the processing hour. Features come from the snapshot
-only; ``check_no_leakage`` checks every example (and recomputes a sample of them
-from the events before the snapshot's cutoff) before a set is written.
-
-``build_training_set`` picks the evaluation snapshot (the newest one whose labels
-are final) and older training snapshots whose label windows end before the
-evaluation window starts (an out-of-time split), subsamples users
-deterministically and writes ``training/<version>/{train,eval}.parquet`` with the
-whole profile row of each example, so any model can be re-evaluated later.
+"""Labels and the out-of-time training and evaluation sets of the propensity model, with the leakage check.
+docs/model.md (Labels).
 """
 
 from __future__ import annotations

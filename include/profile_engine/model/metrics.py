@@ -1,5 +1,5 @@
 """Evaluation metrics with paired bootstrap intervals, and the curves of the model card.
-docs/model.md (Evaluation).
+docs/model.md (Evaluation and the gate).
 """
 
 from __future__ import annotations

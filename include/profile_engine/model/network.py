@@ -1,5 +1,5 @@
 """The Keras propensity network and its logistic baseline: building, fitting, predicting; TensorFlow is
-imported inside functions only. docs/model.md (The network).
+imported inside functions only. docs/model.md (Model).
 """
 
 from __future__ import annotations

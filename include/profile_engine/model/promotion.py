@@ -1,5 +1,5 @@
 """The evaluate-and-promote stage (score every candidate, the champion and the heuristics on the same
-rows, apply the gate, record the decision) and the run report's model section. docs/model.md (The gate).
+rows, apply the gate, record the decision) and the run report's model section. docs/model.md (Evaluation and the gate).
 """
 
 from __future__ import annotations

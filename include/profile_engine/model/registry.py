@@ -1,17 +1,5 @@
-"""The model registry: the promotion log and the champion it implies (DESIGN.md §5).
-
-The log under ``_meta/promotions/`` is the commit point: one JSON entry per data
-hour from which a version applies (``2026-11-01T05.json``). The champion for hour
-H is the newest entry whose hour is at or before H, so a rerun of an old hour
-scores with the model it used then, whatever was promoted later.
-``models/champion.json`` mirrors the newest entry for people and dashboards; the
-pipeline never reads it.
-
-Every gate decision, promoted or not, is also kept in the decision log
-``_meta/promotions/decisions/`` (one entry per training hour), so a rejection and
-its reasons are on record. ``python -m profile_engine models list|show|promote|rollback``
-drives the registry by hand: manual promotions and rollbacks apply from the next
-unprocessed hour (the hour after ``profiles/current``), recorded as forced.
+"""The model registry: the promotion log and the champion it implies, the decision log, the model directory's
+file names and kinds. docs/model.md (Registry).
 """
 
 from __future__ import annotations

@@ -1,29 +1,5 @@
-"""The behaviour-sequence model: a Keras encoder over each user's last events before a snapshot (DESIGN.md §5).
-
-The propensity network (``profile_engine.model.training``) sees the snapshot's aggregate
-features; this module reads, for every example (user, snapshot hour), the user's
-last ``SequenceConfig.length`` staged events before the snapshot's cutoff and
-encodes them with embeddings of the event type and the (hashed) category, the log
-hours between consecutive events and the log hours from each event to the
-snapshot end, then a GRU whose final state (after the newest event; sequences are
-left-padded and masked) goes through a dense layer to a sigmoid. The ``combined``
-kind concatenates that state with the normalised aggregate inputs of the main
-network (built by ``model.build_network``, so the preprocessing is the same code).
-
-Training follows ``model.fit_models``: the newest training snapshot is the
-time-based validation slice (early stopping on its AUC, restoring the best
-weights; Platt calibration fitted on it with ``model.fit_calibration``), class
-weights balance the positives, and ``keras.utils.set_random_seed`` with
-TensorFlow op determinism makes a rerun give the same predictions.
-
-The cutoff of the snapshot of hour S (end E = S + 1h) is the one of
-``labels.check_no_leakage``: staging is read up to the processing hour S only, and
-every event with ``ts >= E`` is dropped. Nothing at or after E, and nothing that
-arrived after S, reaches an input.
-
-Scoring uses Keras (there is no numpy export of the GRU): a version that keeps this
-model pays the TensorFlow import at scoring. TensorFlow is only imported inside
-functions.
+"""The behaviour-sequence model: a Keras GRU encoder over each user's last staged events before a snapshot, alone
+and combined with the aggregate inputs. docs/model.md (Sequence encoder).
 """
 
 from __future__ import annotations

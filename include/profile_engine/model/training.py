@@ -1,5 +1,5 @@
 """The training stage: fit every candidate of a version on the hour's training set and write
-``models/<version>/``. docs/model.md (Training).
+``models/<version>/``. docs/model.md (Model).
 """
 
 from __future__ import annotations
