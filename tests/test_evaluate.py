@@ -1,4 +1,4 @@
-"""Tests for profile_engine.model.evaluate: metrics, bootstrap intervals, PSI, the gate and the evaluate_and_promote stage."""
+"""Tests for profile_engine.model metrics, drift, gate and promotion (evaluate_and_promote)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for profile_engine.model.training: retraining cadence, calibration, deciles, the fitted model and scoring.
+"""Tests for profile_engine.model training, calibration, artifacts and scoring: cadence, deciles, the fitted model.
 
 One small Keras fit (module fixture) serves every TensorFlow test.
 """
@@ -616,7 +616,7 @@ def test_score_profiles_with_the_export_never_imports_tensorflow(trained: Traine
     child = (
         "import json, pickle, sys\n"
         "from datetime import datetime\n"
-        "from profile_engine import model\n"
+        "from profile_engine.model import scoring\n"
         "settings = pickle.loads(open(sys.argv[1], 'rb').read())\n"
         "summary = scoring.score_profiles(settings, datetime.fromisoformat(sys.argv[2]), 0, run_id='child')\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
@@ -779,7 +779,7 @@ def test_score_profiles_with_a_lightgbm_champion_never_imports_tensorflow(traine
     child = (
         "import json, pickle, sys\n"
         "from datetime import datetime\n"
-        "from profile_engine import model\n"
+        "from profile_engine.model import scoring\n"
         "settings = pickle.loads(open(sys.argv[1], 'rb').read())\n"
         "summary = scoring.score_profiles(settings, datetime.fromisoformat(sys.argv[2]), 0, run_id='child')\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
