@@ -60,8 +60,8 @@ from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEAT
 from profile_engine.contracts.scores import DECILE, MODEL_VERSION, PROPENSITY
 from profile_engine.hours import format_hour
 from profile_engine.lake.storage import SCORES, Lake
-from profile_engine.model import candidates, evaluate, labels, registry
-from profile_engine.model import training as model
+from profile_engine.model import artifacts, calibration, candidates, labels, metrics, promotion, registry, scoring
+from profile_engine.model import training as trainer
 from profile_engine.ops import runner
 
 
@@ -81,9 +81,9 @@ def _filtered(file: Path, column: str, since: str, renames: dict[str, str], scra
 
 def _deciles(scores: np.ndarray, users: Any, loaded: Any) -> np.ndarray:
     """Deciles as the package under test assigns them (population ranks, or stored training cut points)."""
-    if hasattr(model, "population_deciles"):
-        return np.asarray(model.population_deciles(users, scores))
-    return np.asarray(model.assign_deciles(scores, loaded.cut_points))
+    if hasattr(calibration, "population_deciles"):
+        return np.asarray(calibration.population_deciles(users, scores))
+    return np.asarray(calibration.assign_deciles(scores, loaded.cut_points))
 
 
 def _selected(snapshots: list[datetime], versions: int, every: int) -> list[datetime]:
@@ -99,8 +99,8 @@ REPORTED = ("auc", "pr_auc", "log_loss", "ece", "lift_at_10", "lift_at_20")
 def _scorers(settings: Settings, version: str, rows: Any) -> dict[str, tuple[np.ndarray, Any]]:
     """Every scorer of the version on ``rows``: ``{name: (probabilities or ranks, loaded model or None)}``."""
     out = {c.name: (c.predict(rows), c.model) for c in candidates.version_candidates(settings, version)}
-    for name in getattr(model, "HEURISTICS", {}):
-        out[f"heuristic_{name}"] = (model.heuristic_scores(rows, name), None)
+    for name in getattr(scoring, "HEURISTICS", {}):
+        out[f"heuristic_{name}"] = (scoring.heuristic_scores(rows, name), None)
     return out
 
 
@@ -133,11 +133,11 @@ def _targets(scorers: dict[str, dict[str, Any]], champion: str | None) -> dict[s
 
 def _with_intervals(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int) -> dict[str, dict[str, Any]]:
     """``{scorer: {metric: [value, low, high]}}`` on the same rows (paired bootstrap, seeded)."""
-    intervals = evaluate.bootstrap_intervals(y, scores, n_boot=n_boot, seed=7)
+    intervals = metrics.bootstrap_intervals(y, scores, n_boot=n_boot, seed=7)
     out: dict[str, dict[str, Any]] = {}
     for name, p in scores.items():
         heuristic = name.startswith("heuristic_")
-        values = evaluate.heuristic_metrics(y, p) if heuristic else evaluate.metrics(y, p)
+        values = metrics.heuristic_metrics(y, p) if heuristic else metrics.metrics(y, p)
         out[name] = {
             key: None
             if np.isnan(values[key])
@@ -182,7 +182,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{len(snapshots)} snapshots; training at {[format_hour(h) for h in selected]}", file=sys.stderr, flush=True)
     for hour in selected:
         started = time.perf_counter()
-        trained = model.train_version(
+        trained = trainer.train_version(
             settings, hour, NUMERIC_FEATURES, CATEGORICAL_FEATURES, training_config=config, run_id="model-real"
         )
         train_s = round(time.perf_counter() - started, 1)
@@ -191,17 +191,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             version = trained["version"]
             before = registry.champion_as_of(settings, hour)
             started = time.perf_counter()
-            decision = evaluate.evaluate_and_promote(settings, hour, run_id="model-real", n_boot=args.n_boot)
+            decision = promotion.evaluate_and_promote(settings, hour, run_id="model-real", n_boot=args.n_boot)
             gate_s = round(time.perf_counter() - started, 1)
             _, rows, training = labels.read_training_set(settings, version)
             y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
             scorers = _scorers(settings, version, rows)
             if before is not None:  # the champion the version was gated against, on the same rows
-                champion = model.load_model(settings, before["version"], registry.entry_kind(before))
+                champion = artifacts.load_model(settings, before["version"], registry.entry_kind(before))
                 scorers["champion"] = (champion.predict(rows), champion)
             after = registry.champion_as_of(settings, hour + timedelta(hours=1))
             if after is not None:  # pooled: each version's rows scored by the champion its gate left in place
-                serving = model.load_model(settings, after["version"], registry.entry_kind(after))
+                serving = artifacts.load_model(settings, after["version"], registry.entry_kind(after))
                 pooled.setdefault(SERVING, []).append(serving.predict(rows))
             raw = {name: p for name, (p, _) in scorers.items()}
             pooled_y.append(y)
@@ -243,8 +243,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     ),
                 }
             )
-        scored = [model.score_profiles(settings, hour, b, run_id="model-real") for b in range(settings.buckets)]
-        table = model.read_scores(lake, hour) if hasattr(model, "read_scores") else lake.read(SCORES, hour)
+        scored = [scoring.score_profiles(settings, hour, b, run_id="model-real") for b in range(settings.buckets)]
+        table = scoring.read_scores(lake, hour) if hasattr(scoring, "read_scores") else lake.read(SCORES, hour)
         deciles = table.column(DECILE)
         propensity = table.column(PROPENSITY)
         hours.append(

@@ -142,8 +142,7 @@ def build_base(base: Path, sizes: Sizes, log: Any) -> dict[str, Any]:
     from profile_engine.hours import HOUR, format_hour, hour_range
     from profile_engine.ingest import events as ingest
     from profile_engine.lake.storage import Lake
-    from profile_engine.model import registry
-    from profile_engine.model import training as model
+    from profile_engine.model import registry, training
     from profile_engine.profiles import build
     from profile_engine.sources.simulate import simulate
 
@@ -175,7 +174,7 @@ def build_base(base: Path, sizes: Sizes, log: Any) -> dict[str, Any]:
     log(f"built the state ({time.monotonic() - started:.0f} s)")
     champion = None
     if sizes.champion:
-        trained = model.train_challenger(training_settings(settings), last, run_id="bench-history", force=True)
+        trained = training.train_challenger(training_settings(settings), last, run_id="bench-history", force=True)
         if trained.get("status") != "trained":
             raise SystemExit(f"the champion could not be trained: {trained}")
         registry.promote(settings, trained["version"], last, forced=True, reason="benchmark champion")
@@ -215,9 +214,9 @@ def base_lake(work: Path, sizes: Sizes, log: Any) -> tuple[Path, dict[str, Any]]
 def upgrade_base(base: Path, sizes: Sizes, info: dict[str, Any], log: Any) -> None:
     """Bring a cached base lake to the current layouts once, so that no measured run pays a conversion:
     the state checkpoint the hour builds on (``build.upgrade_state``) and the champion's numpy
-    export (``model.export_inference``; a version without it is scored with Keras)."""
+    export (``artifacts.export_inference``; a version without it is scored with Keras)."""
     from profile_engine.lake.storage import STATE, Lake
-    from profile_engine.model import training as model
+    from profile_engine.model import artifacts
     from profile_engine.profiles import build
 
     lake = Lake(base)
@@ -229,8 +228,8 @@ def upgrade_base(base: Path, sizes: Sizes, info: dict[str, Any], log: Any) -> No
         log(f"upgraded the state of {base.name} (buckets {upgraded}) to the current layout")
     champion = info.get("champion")
     settings = settings_for(base, sizes.buckets, datetime.fromisoformat(info["first"]))
-    if champion and model.load_model(settings, champion).engine != "numpy":
-        log(f"added the numpy export of {champion}: {model.export_inference(settings, champion)}")
+    if champion and artifacts.load_model(settings, champion).engine != "numpy":
+        log(f"added the numpy export of {champion}: {artifacts.export_inference(settings, champion)}")
 
 
 def fresh_copy(base: Path, target: Path) -> Path:
@@ -266,7 +265,7 @@ def run_task(task: str, hour: datetime, bucket: int | None, summaries_file: Path
     """Run one stage function as the DAG task does; returns its summary (in the child process)."""
     from profile_engine.config import Settings
     from profile_engine.ingest import events as ingest
-    from profile_engine.model import training as model
+    from profile_engine.model import scoring, training
     from profile_engine.ops import report
     from profile_engine.profiles import build
     from profile_engine.segments import publish as segments
@@ -289,22 +288,22 @@ def run_task(task: str, hour: datetime, bucket: int | None, summaries_file: Path
         return build.publish_profiles(settings, hour, run_id=run_id)
     if task == "score_profiles":
         assert bucket is not None
-        return model.score_profiles(settings, hour, bucket, run_id=run_id)
+        return scoring.score_profiles(settings, hour, bucket, run_id=run_id)
     if task == "publish_segments":
         return segments.publish_segments(settings, hour, run_id=run_id)
     if task == "write_run_report":
         summaries = json.loads(summaries_file.read_text()) if summaries_file else {}
         return report.write_run_report(settings, hour, summaries, run_id=run_id)
     if task == "train":
-        from profile_engine.model import evaluate, labels
+        from profile_engine.model import labels, promotion
 
         rows = int(os.environ["BENCH_TRAIN_ROWS"])
         trainer = training_settings(settings)
         config = labels.TrainingConfig(max_rows=rows * 3 // 2, max_snapshots=2)  # 2 training + 1 eval snapshot
         started = time.monotonic()
-        trained = model.train_challenger(trainer, hour, run_id=run_id, force=True, training_config=config)
+        trained = training.train_challenger(trainer, hour, run_id=run_id, force=True, training_config=config)
         train_s = time.monotonic() - started
-        evaluated = evaluate.evaluate_and_promote(trainer, hour, run_id=run_id)
+        evaluated = promotion.evaluate_and_promote(trainer, hour, run_id=run_id)
         return {
             "status": trained.get("status"),
             "reason": trained.get("reason", ""),
@@ -338,7 +337,7 @@ def run_dag(hour: datetime) -> dict[str, Any]:
 def run_stages(settings: Any, hour: datetime) -> dict[str, Any]:
     """The hour's stages in DAG order in this process, each timed (for the scaling figures)."""
     from profile_engine.ingest import events as ingest
-    from profile_engine.model import training as model
+    from profile_engine.model import scoring
     from profile_engine.ops import report
     from profile_engine.profiles import build
     from profile_engine.quality import suites as quality
@@ -364,7 +363,7 @@ def run_stages(settings: Any, hour: datetime) -> dict[str, Any]:
     timed("publish_profiles", lambda: build.publish_profiles(settings, hour, run_id=run_id))
     timed(
         "score_profiles",
-        lambda: [model.score_profiles(settings, hour, b, run_id=run_id) for b in range(settings.buckets)],
+        lambda: [scoring.score_profiles(settings, hour, b, run_id=run_id) for b in range(settings.buckets)],
     )
     timed("publish_segments", lambda: segments.publish_segments(settings, hour, run_id=run_id))
     timed("write_run_report", lambda: report.write_run_report(settings, hour, summaries, run_id=run_id))
@@ -376,6 +375,7 @@ def child_main(args: argparse.Namespace) -> None:
     import resource
 
     import profile_engine.ingest.events  # noqa: F401
+    import profile_engine.model.promotion  # noqa: F401
     import profile_engine.model.training  # noqa: F401
     import profile_engine.ops.report  # noqa: F401
     import profile_engine.profiles.build  # noqa: F401  (the package's own imports are start-up, not task work)

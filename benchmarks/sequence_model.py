@@ -5,14 +5,14 @@ Replays FILE through a shipped mapping into a fresh lake (daily snapshots), then
 the training set the way the pipeline does (``labels.build_training_set``: out-of-time evaluation snapshot,
 newest training snapshot as the validation slice) and fits, on the same rows:
 
-- ``network``: the aggregate network of ``model.fit_models`` (calibrated), and its ``baseline``;
+- ``network``: the aggregate network of ``trainer.fit_models`` (calibrated), and its ``baseline``;
 - ``sequence``: the sequence encoder alone (``sequence.train_sequence``, last N staged events);
 - ``combined``: the encoder concatenated with the aggregate network's normalised inputs.
 
 Each is scored on the version's evaluation rows; the report gives, per version and pooled over every version
 (rolling-origin evaluation: each row scored by the models trained at its version's hour), AUC, PR AUC, log
-loss, ECE and lift at 10% with 95% paired bootstrap intervals (``evaluate.metrics`` and
-``evaluate.bootstrap_intervals``), plus the intervals of the differences ``sequence - network``,
+loss, ECE and lift at 10% with 95% paired bootstrap intervals (``metrics.metrics`` and
+``metrics.bootstrap_intervals``), plus the intervals of the differences ``sequence - network``,
 ``combined - network`` and ``combined - sequence``.
 
 Usage (from the repository root)::
@@ -44,8 +44,9 @@ from profile_engine.config import Settings
 from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 from profile_engine.hours import format_hour
 from profile_engine.lake.storage import Lake
-from profile_engine.model import evaluate, labels, sequence
-from profile_engine.model import training as model
+from profile_engine.model import calibration as calibrate
+from profile_engine.model import inputs, labels, metrics, network, sequence
+from profile_engine.model import training as trainer
 from profile_engine.ops import runner
 
 REPORTED = ("auc", "pr_auc", "log_loss", "ece", "lift_at_10")
@@ -58,13 +59,13 @@ def _fit_and_score(settings: Settings, training: labels.TrainingSet, config: seq
     train, rows = training.train, training.eval
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    fitted = model.fit_models(train, NUMERIC_FEATURES, CATEGORICAL_FEATURES, seed=settings.seed)
+    fitted = trainer.fit_models(train, NUMERIC_FEATURES, CATEGORICAL_FEATURES, seed=settings.seed)
     seconds["network+baseline"] = time.perf_counter() - started
-    eval_in = model.model_inputs(rows, fitted.numeric, fitted.categorical)
+    eval_in = inputs.model_inputs(rows, fitted.numeric, fitted.categorical)
     scores = {
-        "network": model.apply_calibration(model.predict_network(fitted.model, eval_in), fitted.calibration),
-        "baseline": model.apply_calibration(
-            model.predict_network(fitted.baseline, eval_in), fitted.baseline_calibration
+        "network": calibrate.apply_calibration(network.predict_network(fitted.model, eval_in), fitted.calibration),
+        "baseline": calibrate.apply_calibration(
+            network.predict_network(fitted.baseline, eval_in), fitted.baseline_calibration
         ),
     }
     started = time.perf_counter()
@@ -72,7 +73,7 @@ def _fit_and_score(settings: Settings, training: labels.TrainingSet, config: seq
     eval_seq = sequence.sequence_inputs(settings, rows, config)
     seconds["sequence_inputs"] = time.perf_counter() - started
     epochs = dict(fitted.report["epochs"])
-    calibration: dict[str, Any] = {"network": model.calibration_note(fitted.calibration)}
+    calibration: dict[str, Any] = {"network": calibrate.calibration_note(fitted.calibration)}
     for kind in sequence.KINDS:
         started = time.perf_counter()
         encoder = sequence.train_sequence(
@@ -88,7 +89,7 @@ def _fit_and_score(settings: Settings, training: labels.TrainingSet, config: seq
         seconds[kind] = time.perf_counter() - started
         scores[kind] = encoder.predict(rows, eval_seq)
         epochs[kind] = encoder.report["epochs"]
-        calibration[kind] = model.calibration_note(encoder.calibration)
+        calibration[kind] = calibrate.calibration_note(encoder.calibration)
     events = eval_seq.mask.sum(axis=1)
     return {
         "scores": scores,
@@ -101,13 +102,13 @@ def _fit_and_score(settings: Settings, training: labels.TrainingSet, config: seq
 
 def _table(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[str, Any]:
     """Metrics with 95% paired bootstrap intervals of every scorer and of the differences, on the same rows."""
-    intervals = evaluate.bootstrap_intervals(y, scores, n_boot=n_boot, seed=seed, differences=DIFFERENCES)
+    intervals = metrics.bootstrap_intervals(y, scores, n_boot=n_boot, seed=seed, differences=DIFFERENCES)
     out: dict[str, Any] = {}
     for name, p in scores.items():
-        values = evaluate.metrics(y, p)
+        values = metrics.metrics(y, p)
         out[name] = {k: [round(values[k], 4), *(round(v, 4) for v in intervals[name][k])] for k in REPORTED}
     for a, b in DIFFERENCES:
-        pa_, pb = evaluate.metrics(y, scores[a]), evaluate.metrics(y, scores[b])
+        pa_, pb = metrics.metrics(y, scores[a]), metrics.metrics(y, scores[b])
         key = f"{a} - {b}"
         out[key] = {k: [round(pa_[k] - pb[k], 4), *(round(v, 4) for v in intervals[key][k])] for k in REPORTED}
     return out

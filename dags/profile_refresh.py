@@ -166,10 +166,10 @@ def profile_refresh() -> None:
     @task(multiple_outputs=False)
     def train_challenger(published: dict[str, Any]) -> dict[str, Any]:
         """Train a challenger when retraining is due for this hour (or forced); skipped otherwise."""
-        from profile_engine.model import training as model
+        from profile_engine.model import training
 
         settings, hour, run_id = _context()
-        result = model.train_challenger(
+        result = training.train_challenger(
             settings, hour, run_id=run_id, force=bool(get_current_context()["params"]["force_retrain"])
         )
         if result.get("status") == "skipped":
@@ -179,11 +179,11 @@ def profile_refresh() -> None:
     @task(retries=0, multiple_outputs=False)  # a gate decision is deterministic: retrying cannot change it
     def evaluate_and_promote(trained: dict[str, Any]) -> dict[str, Any]:
         """Evaluate the challenger against the champion and promote it when it clears the gate."""
-        from profile_engine.model import evaluate
+        from profile_engine.model import promotion
 
         settings, hour, run_id = _context()
         force = bool(get_current_context()["params"]["force_promote"])
-        return evaluate.evaluate_and_promote(settings, hour, run_id=run_id, force_promote=force)
+        return promotion.evaluate_and_promote(settings, hour, run_id=run_id, force_promote=force)
 
     @task(
         trigger_rule="none_failed_min_one_success",
@@ -192,10 +192,10 @@ def profile_refresh() -> None:
     )
     def score_profiles(bucket: int) -> dict[str, Any]:
         """Score one bucket's profiles with the champion as of this hour."""
-        from profile_engine.model import training as model
+        from profile_engine.model import scoring
 
         settings, hour, run_id = _context()
-        return model.score_profiles(settings, hour, bucket, run_id=run_id)
+        return scoring.score_profiles(settings, hour, bucket, run_id=run_id)
 
     @task(multiple_outputs=False, outlets=[SEGMENT_EXPORTS])
     def publish_segments(scored: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Tests for profile_engine.model.evaluate: metrics, bootstrap intervals, PSI, the gate and the evaluate_and_promote stage."""
+"""Tests for profile_engine.model metrics, drift, gate and promotion (evaluate_and_promote)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from profile_engine.hours import HOUR, format_hour
 from profile_engine.lake.storage import MODELS, Lake, read_json
-from profile_engine.model import evaluate, registry
-from profile_engine.model import training as model
+from profile_engine.model import artifacts, drift, gate, metrics, promotion, registry, training
+from profile_engine.model import card as cards
 from tests.test_labels import CATEGORICAL, NUMERIC, T0, make_settings, synthetic_lake
 from tests.test_model import FAST, SMALL
 
@@ -38,11 +38,11 @@ def test_auc_equals_the_pairwise_definition_with_ties(rows: list[tuple[bool, int
     )
 
     # Act
-    value = evaluate.auc(y, p)
+    value = metrics.auc(y, p)
 
     # Assert
     assert value == pytest.approx(pairwise)
-    assert evaluate.auc(y, -p) == pytest.approx(1 - value)
+    assert metrics.auc(y, -p) == pytest.approx(1 - value)
 
 
 def test_hand_computed_metrics() -> None:
@@ -51,7 +51,7 @@ def test_hand_computed_metrics() -> None:
     p = np.array([0.1] * 9 + [0.9])
 
     # Act
-    values = evaluate.metrics(y, p)
+    values = metrics.metrics(y, p)
 
     # Assert
     assert values["auc"] == 1.0 and values["pr_auc"] == 1.0
@@ -59,13 +59,13 @@ def test_hand_computed_metrics() -> None:
     assert values["precision_at_20"] == 0.5 and values["lift_at_20"] == pytest.approx(5.0)
     assert values["brier"] == pytest.approx((9 * 0.01 + 0.01) / 10)
     assert values["log_loss"] == pytest.approx(-np.log(0.9))
-    assert evaluate.ece(y, p) == pytest.approx(0.1)  # every bin is off by 0.1 (plug-in)
-    assert values["ece"] == evaluate.ece_debiased(y, p)  # less the binning noise
+    assert metrics.ece(y, p) == pytest.approx(0.1)  # every bin is off by 0.1 (plug-in)
+    assert values["ece"] == metrics.ece_debiased(y, p)  # less the binning noise
 
 
 def test_pr_auc_of_a_hand_ranked_list() -> None:
     # ranking: +, -, +  -> precision at the two recalls: 1 and 2/3
-    assert evaluate.pr_auc(np.array([1, 0, 1]), np.array([0.9, 0.5, 0.1])) == pytest.approx((1 + 2 / 3) / 2)
+    assert metrics.pr_auc(np.array([1, 0, 1]), np.array([0.9, 0.5, 0.1])) == pytest.approx((1 + 2 / 3) / 2)
 
 
 def test_bootstrap_intervals_contain_the_point_estimate_and_are_seeded() -> None:
@@ -76,14 +76,14 @@ def test_bootstrap_intervals_contain_the_point_estimate_and_are_seeded() -> None
     scores = {"good": p, "noisy": np.clip(p + rng.normal(0, 0.3, p.size), 0, 1)}
 
     # Act
-    intervals = evaluate.bootstrap_intervals(y, scores, n_boot=100, seed=5, differences=[("good", "noisy")])
-    again = evaluate.bootstrap_intervals(y, scores, n_boot=100, seed=5, differences=[("good", "noisy")])
+    intervals = metrics.bootstrap_intervals(y, scores, n_boot=100, seed=5, differences=[("good", "noisy")])
+    again = metrics.bootstrap_intervals(y, scores, n_boot=100, seed=5, differences=[("good", "noisy")])
 
     # Assert
     assert intervals == again
     for name, score in scores.items():
-        point = evaluate.metrics(y, score)
-        assert set(intervals[name]) == set(evaluate.HIGHER_IS_BETTER)
+        point = metrics.metrics(y, score)
+        assert set(intervals[name]) == set(metrics.HIGHER_IS_BETTER)
         for metric, (low, high) in intervals[name].items():
             assert low <= point[metric] <= high, (name, metric)
     assert intervals["good"]["auc"][0] > intervals["noisy"]["auc"][0]
@@ -97,8 +97,8 @@ def test_top_share_of_an_all_tied_scorer_is_the_base_rate() -> None:
     p = np.full(y.size, 0.25)
 
     # Act
-    precision, lift = evaluate.top_share(y, p, 0.1)
-    values = evaluate.metrics(y, p)
+    precision, lift = metrics.top_share(y, p, 0.1)
+    values = metrics.metrics(y, p)
 
     # Assert: whatever the row order, a scorer that ranks nobody above anybody has lift exactly 1
     assert precision == pytest.approx(0.15) and lift == 1.0
@@ -111,8 +111,8 @@ def test_top_share_counts_rows_tied_at_the_cut_with_their_expected_share() -> No
     p = np.array([0.9, 0.8, 0.8, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
 
     # Act
-    precision, lift = evaluate.top_share(y, p, 0.2)
-    reordered = evaluate.top_share(y[::-1], p[::-1], 0.2)
+    precision, lift = metrics.top_share(y, p, 0.2)
+    reordered = metrics.top_share(y[::-1], p[::-1], 0.2)
 
     # Assert: (1 + 1/3 of a positive) / 2 rows = 2/3; base rate 3/10, so lift 20/9; row order does not matter
     assert precision == pytest.approx(2 / 3) and lift == pytest.approx(20 / 9)
@@ -128,7 +128,7 @@ def test_top_share_is_the_mean_over_every_order_of_the_tied_rows(rows: list[tupl
     k = max(1, int(np.ceil(0.4 * y.size)))
 
     # Act
-    precision, _ = evaluate.top_share(y, p, 0.4)
+    precision, _ = metrics.top_share(y, p, 0.4)
 
     # Assert: the average, over every permutation of the rows, of the top-k precision with ties by position
     orders = [list(order) for order in itertools.permutations(range(y.size))]
@@ -144,9 +144,9 @@ def test_top_share_precision_is_the_positive_rate_of_the_highest_scores(rows: li
     p = np.array([r[1] for r in rows])
 
     # Act
-    p10, lift10 = evaluate.top_share(y, p, 0.1)
-    p20, _ = evaluate.top_share(y, p, 0.2)
-    p_all, lift_all = evaluate.top_share(y, p, 1.0)
+    p10, lift10 = metrics.top_share(y, p, 0.1)
+    p20, _ = metrics.top_share(y, p, 0.2)
+    p_all, lift_all = metrics.top_share(y, p, 1.0)
 
     # Assert
     k = int(np.ceil(0.2 * y.size))
@@ -166,18 +166,18 @@ def test_curves_match_their_metrics() -> None:
     y = (rng.random(p.size) < p).astype(float)
 
     # Act
-    fpr, tpr = evaluate.roc_curve(y, p)
-    recall, precision = evaluate.pr_curve(y, p)
-    calibration = evaluate.calibration_curve(y, p)
-    lift = evaluate.lift_by_decile(y, p)
+    fpr, tpr = metrics.roc_curve(y, p)
+    recall, precision = metrics.pr_curve(y, p)
+    calibration = metrics.calibration_curve(y, p)
+    lift = metrics.lift_by_decile(y, p)
 
     # Assert
-    assert evaluate.auc_from_curve(fpr, tpr) == pytest.approx(evaluate.auc(y, p))
-    assert float(np.sum(np.diff(np.r_[0.0, recall]) * precision)) == pytest.approx(evaluate.pr_auc(y, p))
+    assert metrics.auc_from_curve(fpr, tpr) == pytest.approx(metrics.auc(y, p))
+    assert float(np.sum(np.diff(np.r_[0.0, recall]) * precision)) == pytest.approx(metrics.pr_auc(y, p))
     assert sum(calibration["rows"]) == p.size
     assert np.average(
         np.abs(np.subtract(calibration["predicted"], calibration["observed"])), weights=calibration["rows"]
-    ) == pytest.approx(evaluate.ece(y, p))
+    ) == pytest.approx(metrics.ece(y, p))
     assert lift[-1] > 1.5 > 0.5 > lift[0]
     assert np.mean(lift) == pytest.approx(1.0, abs=0.02)
 
@@ -190,7 +190,7 @@ def test_permutation_importance_finds_the_column_the_model_uses() -> None:
     y = (rng.random(1000) < 1 / (1 + np.exp(-2 * used))).astype(float)
 
     # Act
-    importance = evaluate.permutation_importance(lambda t: np.asarray(t.column("used")), table, ["used", "ignored"], y)
+    importance = metrics.permutation_importance(lambda t: np.asarray(t.column("used")), table, ["used", "ignored"], y)
 
     # Assert
     assert list(importance) == ["used", "ignored"]
@@ -206,13 +206,13 @@ def test_psi_is_zero_for_identical_and_large_for_shifted_distributions() -> None
     base[:100] = np.nan
 
     # Act / Assert
-    assert evaluate.psi(base, base.copy()) == pytest.approx(0.0, abs=1e-12)
+    assert drift.psi(base, base.copy()) == pytest.approx(0.0, abs=1e-12)
     same = np.r_[np.full(100, np.nan), rng.normal(0, 1, 4900)]
-    assert evaluate.psi(base, same) < 0.05
-    assert evaluate.psi(base, same + 1.5) > 1.0
-    assert evaluate.psi(base, np.r_[np.full(1000, np.nan), same[1000:]]) > 0.1  # missing values are drift too
-    assert evaluate.psi_categorical(["a", "b"] * 50, ["a", "b"] * 50) == pytest.approx(0.0)
-    assert evaluate.psi_categorical(["a", "b"] * 50, ["a"] * 90 + [None] * 10) > 1.0
+    assert drift.psi(base, same) < 0.05
+    assert drift.psi(base, same + 1.5) > 1.0
+    assert drift.psi(base, np.r_[np.full(1000, np.nan), same[1000:]]) > 0.1  # missing values are drift too
+    assert drift.psi_categorical(["a", "b"] * 50, ["a", "b"] * 50) == pytest.approx(0.0)
+    assert drift.psi_categorical(["a", "b"] * 50, ["a"] * 90 + [None] * 10) > 1.0
 
 
 # ---- the gate ------------------------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def scores(auc: float, log_loss: float = 0.4, lift: float = 2.0, ece: float = 0.
 
 
 def test_gate_promotes_a_challenger_within_the_margins() -> None:
-    decision = evaluate.gate(scores(0.745, lift=1.95), scores(0.75, lift=2.0))
+    decision = gate.gate(scores(0.745, lift=1.95), scores(0.75, lift=2.0))
 
     assert decision.promote
     assert decision.reasons == ["all checks passed"]
@@ -229,26 +229,26 @@ def test_gate_promotes_a_challenger_within_the_margins() -> None:
 
 
 def test_gate_rejects_a_challenger_worse_on_the_primary_metric_beyond_the_margin() -> None:
-    decision = evaluate.gate(scores(0.75, lift=1.8), scores(0.75, lift=2.0))
+    decision = gate.gate(scores(0.75, lift=1.8), scores(0.75, lift=2.0))
 
     assert not decision.promote
     assert decision.reasons == ["lift_at_10 1.8000 worse than reference 2.0000 beyond margin 0.1"]
 
 
 def test_gate_floors_and_the_calibration_ceiling() -> None:
-    low_auc = evaluate.gate(scores(0.55), None)
-    miscalibrated = evaluate.gate(scores(0.8, ece=0.08), None)
+    low_auc = gate.gate(scores(0.55), None)
+    miscalibrated = gate.gate(scores(0.8, ece=0.08), None)
 
     assert not low_auc.promote and low_auc.reasons == ["auc 0.5500 fails floor 0.6"]
     assert not miscalibrated.promote and miscalibrated.reasons == ["ece 0.0800 exceeds ceiling 0.05"]
-    assert evaluate.gate(scores(float("nan")), None).promote is False  # NaN never passes
+    assert gate.gate(scores(float("nan")), None).promote is False  # NaN never passes
 
 
 def test_gate_knows_lower_is_better_metrics_as_primary() -> None:
-    config = evaluate.GateConfig(floors={"auc": 0.6}, primary_metric="log_loss", margin=0.02, margins={})
+    config = gate.GateConfig(floors={"auc": 0.6}, primary_metric="log_loss", margin=0.02, margins={})
 
-    worse_loss = evaluate.gate(scores(0.8, log_loss=0.45), scores(0.8, log_loss=0.40), config)
-    better_loss = evaluate.gate(scores(0.8, log_loss=0.30), scores(0.8, log_loss=0.40), config)
+    worse_loss = gate.gate(scores(0.8, log_loss=0.45), scores(0.8, log_loss=0.40), config)
+    better_loss = gate.gate(scores(0.8, log_loss=0.30), scores(0.8, log_loss=0.40), config)
 
     assert not worse_loss.promote and worse_loss.reasons[0].startswith("log_loss 0.4500 worse than reference")
     assert better_loss.promote
@@ -260,8 +260,8 @@ def test_gate_never_promotes_a_challenger_worse_than_its_baseline_even_inside_th
     intervals = {"challenger - baseline": {"lift_at_10": [-0.41, 0.33], "auc": [-0.03, 0.01]}}
 
     # Act
-    old_style = evaluate.gate(challenger, baseline)  # the baseline as a reference with margins: promoted
-    decision = evaluate.gate(challenger, None, baselines={"baseline": baseline}, intervals=intervals)
+    old_style = gate.gate(challenger, baseline)  # the baseline as a reference with margins: promoted
+    decision = gate.gate(challenger, None, baselines={"baseline": baseline}, intervals=intervals)
 
     # Assert: rejected, naming the deciding metric, the comparison and the paired interval
     assert old_style.promote
@@ -282,12 +282,12 @@ def test_gate_never_promotes_a_challenger_worse_than_its_baseline_even_inside_th
 
 def test_gate_compares_heuristics_only_on_ranking_metrics() -> None:
     # Arrange: a heuristic is a rank, not a probability: its log loss means nothing
-    config = evaluate.GateConfig(floors={"auc": 0.6}, primary_metric="log_loss", margin=0.02, margins={"auc": 0.01})
+    config = gate.GateConfig(floors={"auc": 0.6}, primary_metric="log_loss", margin=0.02, margins={"auc": 0.01})
     challenger = scores(0.75, log_loss=0.40)
     heuristic = scores(0.70, log_loss=0.10)
 
     # Act
-    decision = evaluate.gate(challenger, None, config, baselines={"heuristic_recency": heuristic})
+    decision = gate.gate(challenger, None, config, baselines={"heuristic_recency": heuristic})
 
     # Assert
     assert decision.promote, decision.reasons
@@ -301,9 +301,9 @@ def test_gate_tests_the_ece_ceiling_on_its_interval() -> None:
     clearly_above = {"challenger": {"ece": [0.052, 0.081]}}
 
     # Act
-    point_only = evaluate.gate(challenger, None)
-    within = evaluate.gate(challenger, None, intervals=plausible)
-    above = evaluate.gate(challenger, None, intervals=clearly_above)
+    point_only = gate.gate(challenger, None)
+    within = gate.gate(challenger, None, intervals=plausible)
+    above = gate.gate(challenger, None, intervals=clearly_above)
 
     # Assert: rejected only when the whole interval is above the ceiling, and the reason says so
     assert not point_only.promote  # without an interval the point estimate is all there is
@@ -314,7 +314,7 @@ def test_gate_tests_the_ece_ceiling_on_its_interval() -> None:
 
 
 def test_gate_config_from_the_environment() -> None:
-    config = evaluate.GateConfig.from_env(
+    config = gate.GateConfig.from_env(
         {
             "PROFILE_ENGINE_GATE_MIN_AUC": "0.65",
             "PROFILE_ENGINE_GATE_PRIMARY_METRIC": "lift_at_20",
@@ -324,11 +324,11 @@ def test_gate_config_from_the_environment() -> None:
 
     assert config.floors == {"auc": 0.65, "ece": 0.05}
     assert (config.primary_metric, config.margin) == ("lift_at_20", 0.2)
-    assert evaluate.GateConfig.from_env({}) == evaluate.GateConfig()
+    assert gate.GateConfig.from_env({}) == gate.GateConfig()
     with pytest.raises(ValueError, match="unknown metric"):
-        evaluate.GateConfig.from_env({"PROFILE_ENGINE_GATE_PRIMARY_METRIC": "lift@10"})
+        gate.GateConfig.from_env({"PROFILE_ENGINE_GATE_PRIMARY_METRIC": "lift@10"})
     with pytest.raises(ValueError, match="PROFILE_ENGINE_GATE_MARGIN"):
-        evaluate.GateConfig.from_env({"PROFILE_ENGINE_GATE_MARGIN": "a lot"})
+        gate.GateConfig.from_env({"PROFILE_ENGINE_GATE_MARGIN": "a lot"})
 
 
 # ---- the gate over a version's candidates ----------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def test_choose_promotes_lightgbm_when_it_wins_clearly_on_the_same_rows() -> Non
     intervals = candidate_intervals(("lightgbm", "network", [0.2, 1.0]), ("lightgbm", "baseline", [0.4, 1.4]))
 
     # Act
-    decision = evaluate.choose(candidates, None, baselines={"baseline": candidates["baseline"]}, intervals=intervals)
+    decision = gate.choose(candidates, None, baselines={"baseline": candidates["baseline"]}, intervals=intervals)
 
     # Assert: the trees win; the choice names the metric, both values and the paired interval
     assert decision.promote and decision.candidate == "lightgbm"
@@ -371,7 +371,7 @@ def test_choose_keeps_the_network_when_the_candidates_tie_within_the_margin() ->
     intervals = candidate_intervals(("lightgbm", "network", [-0.3, 0.4]))
 
     # Act
-    decision = evaluate.choose(candidates, None, baselines={"baseline": candidates["baseline"]}, intervals=intervals)
+    decision = gate.choose(candidates, None, baselines={"baseline": candidates["baseline"]}, intervals=intervals)
 
     # Assert
     assert decision.promote and decision.candidate == "network"
@@ -392,8 +392,8 @@ def test_choose_never_promotes_a_candidate_worse_than_the_baseline() -> None:
     baselines = {"baseline": candidates["baseline"]}
 
     # Act
-    rejected = evaluate.choose(candidates, None, baselines=baselines)
-    passing_baseline = evaluate.choose(
+    rejected = gate.choose(candidates, None, baselines=baselines)
+    passing_baseline = gate.choose(
         {**candidates, "baseline": scores(0.65, lift=2.0)}, None, baselines={"baseline": scores(0.65, lift=2.0)}
     )
 
@@ -420,7 +420,7 @@ def test_choose_holds_every_candidate_to_the_champion_margin() -> None:
     }
 
     # Act
-    decision = evaluate.choose(candidates, scores(0.75, lift=2.0), baselines={"baseline": candidates["baseline"]})
+    decision = gate.choose(candidates, scores(0.75, lift=2.0), baselines={"baseline": candidates["baseline"]})
 
     # Assert
     assert not decision.promote
@@ -429,7 +429,7 @@ def test_choose_holds_every_candidate_to_the_champion_margin() -> None:
 
 # ---- the stage -----------------------------------------------------------------------------------------------------
 def test_evaluate_and_promote_is_skipped_without_a_challenger(tmp_path: Path) -> None:
-    result = evaluate.evaluate_and_promote(make_settings(tmp_path), T0)
+    result = promotion.evaluate_and_promote(make_settings(tmp_path), T0)
 
     assert result == {"status": "skipped", "reason": f"no challenger trained at {format_hour(T0)}"}
 
@@ -440,12 +440,12 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
     synthetic_lake(settings, T0, hours=22, users=300)
     first_hour, second_hour = T0 + 12 * HOUR, T0 + 18 * HOUR
     options = {"numeric": NUMERIC, "categorical": CATEGORICAL, "training_config": SMALL, "model_config": FAST}
-    first = model.train_challenger(settings, first_hour, **options)  # type: ignore[arg-type]
+    first = training.train_challenger(settings, first_hour, **options)  # type: ignore[arg-type]
 
     # Act 1: no champion yet, so the challenger is compared with its own baseline
     # 300 synthetic users calibrate loosely: a wider ECE ceiling keeps this test about the lifecycle
-    loose = evaluate.GateConfig(floors={"auc": 0.6, "ece": 0.2})
-    promoted = evaluate.evaluate_and_promote(settings, first_hour, gate_config=loose, n_boot=50)
+    loose = gate.GateConfig(floors={"auc": 0.6, "ece": 0.2})
+    promoted = promotion.evaluate_and_promote(settings, first_hour, gate_config=loose, n_boot=50)
 
     # Assert 1
     assert promoted["status"] == "promoted", promoted["reasons"]
@@ -456,7 +456,7 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
     assert promoted["deciding"]["metric"] == "lift_at_10" and promoted["deciding"]["check"].startswith("not worse")
     assert registry.champion_as_of(settings, first_hour)["version"] == first["version"]  # type: ignore[index]
     model_dir = Lake(settings.lake).path(MODELS, first["version"])
-    evaluation = read_json(model_dir / model.EVALUATION_FILE)
+    evaluation = read_json(model_dir / registry.EVALUATION_FILE)
     assert set(evaluation["metrics"]) == {"network", "lightgbm", "baseline", "heuristic_recency", "heuristic_open_cart"}
     assert [c["name"] for c in evaluation["candidates"]] == ["network", "lightgbm", "baseline"]
     assert evaluation["chosen"] == promoted["candidate"] == evaluation["decision"]["candidate"]
@@ -467,12 +467,12 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
         assert low <= evaluation["metrics"][name]["auc"] <= high
     assert evaluation["drift"]["previous_hour"] == format_hour(first_hour - HOUR)
     assert set(evaluation["drift"]["features"]) == {*NUMERIC, *CATEGORICAL}
-    card = (model_dir / model.CARD_FILE).read_text()
+    card = (model_dir / registry.CARD_FILE).read_text()
     assert "decision: promoted" in card
     for name in ("network", "lightgbm", "baseline"):
         assert f"  - {name}: " in card  # every candidate's verdict
     assert f"- candidate: {promoted['candidate']} (" in card
-    for png in model.PLOT_FILES.values():
+    for png in cards.PLOT_FILES.values():
         assert (model_dir / png).read_bytes().startswith(b"\x89PNG"), png
         assert f"({png})" in card
     assert set(evaluation["importance"]["features"]) == {*NUMERIC, *CATEGORICAL}
@@ -484,17 +484,19 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
     assert [d["version"] for d in decisions] == [first["version"]] and decisions[0]["promoted"] is True
 
     # Act 2: a second challenger meets an impossible floor, then is forced through
-    second = model.train_challenger(settings, second_hour, **options)  # type: ignore[arg-type]
-    strict = evaluate.GateConfig(floors={"auc": 0.99})
-    rejected = evaluate.evaluate_and_promote(settings, second_hour, gate_config=strict, n_boot=20)
+    second = training.train_challenger(settings, second_hour, **options)  # type: ignore[arg-type]
+    strict = gate.GateConfig(floors={"auc": 0.99})
+    rejected = promotion.evaluate_and_promote(settings, second_hour, gate_config=strict, n_boot=20)
     still = registry.champion_as_of(settings, second_hour)
-    forced = evaluate.evaluate_and_promote(settings, second_hour, gate_config=strict, force_promote=True, n_boot=20)
+    forced = promotion.evaluate_and_promote(settings, second_hour, gate_config=strict, force_promote=True, n_boot=20)
 
     # Assert 2
     assert rejected["status"] == "rejected"
-    champion_label = model.kind_label(first["version"], evaluation["kind"])
+    champion_label = artifacts.kind_label(first["version"], evaluation["kind"])
     assert rejected["reference"] == f"champion {champion_label}"
-    assert set(read_json(Lake(settings.lake).path(MODELS, second["version"]) / model.EVALUATION_FILE)["metrics"]) == {
+    assert set(
+        read_json(Lake(settings.lake).path(MODELS, second["version"]) / registry.EVALUATION_FILE)["metrics"]
+    ) == {
         "network",
         "lightgbm",
         "champion",
@@ -506,7 +508,7 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
     entry = registry.champion_as_of(settings, second_hour)
     assert entry is not None and entry["version"] == second["version"] and entry["forced"] is True
     assert registry.champion_as_of(settings, second_hour - HOUR)["version"] == first["version"]  # type: ignore[index]
-    assert "(forced)" in (Lake(settings.lake).path(MODELS, second["version"]) / model.CARD_FILE).read_text()
+    assert "(forced)" in (Lake(settings.lake).path(MODELS, second["version"]) / registry.CARD_FILE).read_text()
     assert entry["decision"]["reasons"] == rejected["reasons"]  # the overridden verdict is kept
     assert [d["promoted"] for d in registry.decision_log(settings)] == [True, True]  # the rerun replaced the rejection
 
@@ -533,7 +535,7 @@ def test_ece_interval_covers_the_true_calibration_error_at_the_nominal_rate(scal
     rng = np.random.default_rng(seed)
 
     # Act
-    results = [evaluate.ece_interval(y, p, rng.integers(0, y.size, (200, y.size))) for y, p, _ in sets]
+    results = [metrics.ece_interval(y, p, rng.integers(0, y.size, (200, y.size))) for y, p, _ in sets]
 
     # Assert: the interval always holds its estimate; it covers the truth in ~95% of sets (binomial sd over 200 sets
     # is 1.5 points: 0.90 is three sd below 0.95) and is not trivially wide (a miscalibration is told from 0)
@@ -543,7 +545,7 @@ def test_ece_interval_covers_the_true_calibration_error_at_the_nominal_rate(scal
     assert coverage >= 0.90, coverage
     if scale == 1.0:
         assert coverage <= 0.99, coverage
-        assert np.mean([estimate for estimate, _, _ in results]) < np.mean([evaluate.ece(y, p) for y, p, _ in sets])
+        assert np.mean([estimate for estimate, _, _ in results]) < np.mean([metrics.ece(y, p) for y, p, _ in sets])
     else:
         assert np.mean([low > 0 for _, low, _ in results]) >= 0.5
         assert np.mean([estimate for estimate, _, _ in results]) == pytest.approx(true, rel=0.1)
@@ -556,8 +558,8 @@ def test_bootstrap_ece_interval_contains_the_reported_ece_on_calibrated_sets() -
     # Act
     reported = [
         (
-            evaluate.metrics(y, p)["ece"],
-            evaluate.bootstrap_intervals(y, {"model": p}, n_boot=100, seed=1)["model"]["ece"],
+            metrics.metrics(y, p)["ece"],
+            metrics.bootstrap_intervals(y, {"model": p}, n_boot=100, seed=1)["model"]["ece"],
         )
         for y, p, _ in sets
     ]
@@ -581,10 +583,10 @@ def test_debiased_ece_removes_the_binning_noise_of_the_plug_in_ece() -> None:
     bin_nine = 0.1 * (2 * 0.1 - folded_normal_mean(-0.1, 0.3, 0.36944134018176367))
 
     # Act
-    value = evaluate.ece_debiased(y, p)
+    value = metrics.ece_debiased(y, p)
 
     # Assert: per bin 2 |gap| - E|N(gap, sd^2)| (Kumar et al. 2019), weighted by rows, clipped at 0 only in total
     assert value == pytest.approx(bin_one + bin_nine, rel=1e-9)
-    assert 0 < value < evaluate.ece(y, p) == pytest.approx(0.1)
-    assert evaluate.metrics(y, p)["ece"] == value
-    assert evaluate.ece_debiased(np.array([0.0, 1.0]), np.array([0.5, 0.5])) == 0.0  # a negative total reads 0
+    assert 0 < value < metrics.ece(y, p) == pytest.approx(0.1)
+    assert metrics.metrics(y, p)["ece"] == value
+    assert metrics.ece_debiased(np.array([0.0, 1.0]), np.array([0.5, 0.5])) == 0.0  # a negative total reads 0

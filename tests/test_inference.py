@@ -14,11 +14,11 @@ import pyarrow as pa
 import pytest
 
 from profile_engine.model import inference
-from profile_engine.model import training as model
+from profile_engine.model import network as networks
 
 
 def _fill_missing() -> type:
-    return model.custom_layers()["FillMissing"]  # type: ignore[no-any-return]
+    return networks.custom_layers()["FillMissing"]  # type: ignore[no-any-return]
 
 
 def _numeric_model(hidden: Callable[[Any], Any]) -> Any:

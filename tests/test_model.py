@@ -1,4 +1,4 @@
-"""Tests for profile_engine.model.training: retraining cadence, calibration, deciles, the fitted model and scoring.
+"""Tests for profile_engine.model training, calibration, artifacts and scoring: cadence, deciles, the fitted model.
 
 One small Keras fit (module fixture) serves every TensorFlow test.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import shutil
 import subprocess
@@ -31,11 +32,14 @@ from profile_engine.contracts.profiles import USER_ID
 from profile_engine.contracts.scores import DECILE, MODEL_VERSION, PROPENSITY, SCORES_SCHEMA
 from profile_engine.hours import HOUR
 from profile_engine.lake.storage import MANIFEST, MODELS, PROFILES, SCORES, Lake, read_json
-from profile_engine.model import evaluate, inference, labels, registry
-from profile_engine.model import training as model
+from profile_engine.model import artifacts, inference, labels, registry, scoring, training
+from profile_engine.model import calibration as calibrate
+from profile_engine.model import inputs as network_inputs
+from profile_engine.model import metrics as measures
+from profile_engine.model import network as networks
 from tests.test_labels import CATEGORICAL, NUMERIC, T0, make_settings, synthetic_lake
 
-FAST = model.ModelConfig(hidden_units=(32, 16), max_epochs=15, patience=3)
+FAST = networks.ModelConfig(hidden_units=(32, 16), max_epochs=15, patience=3)
 SMALL = labels.TrainingConfig(max_snapshots=8, min_train_rows=50, min_positives=3)
 
 
@@ -48,11 +52,11 @@ def test_retraining_is_due_once_per_period_as_a_function_of_the_hour(every: int,
     hours = [T0 + (offset + i) * HOUR for i in range(every)]
 
     # Act
-    due = [model.retrain_due(config, h) for h in hours]
+    due = [training.retrain_due(config, h) for h in hours]
 
     # Assert
     assert sum(due) == 1
-    assert model.retrain_due(config, hours[0]) == model.retrain_due(config, hours[0] + every * HOUR)
+    assert training.retrain_due(config, hours[0]) == training.retrain_due(config, hours[0] + every * HOUR)
 
 
 def test_platt_scaling_recovers_a_known_distortion() -> None:
@@ -63,12 +67,12 @@ def test_platt_scaling_recovers_a_known_distortion() -> None:
     y = (rng.random(raw.size) < truth).astype(float)
 
     # Act
-    calibration = model.fit_platt(raw, y)
+    calibration = calibrate.fit_platt(raw, y)
 
     # Assert
     assert calibration["a"] == pytest.approx(2.0, abs=0.1)
     assert calibration["b"] == pytest.approx(-1.0, abs=0.1)
-    assert evaluate.log_loss(y, model.apply_calibration(raw, calibration)) < evaluate.log_loss(y, raw)
+    assert measures.log_loss(y, calibrate.apply_calibration(raw, calibration)) < measures.log_loss(y, raw)
 
 
 @pytest.mark.parametrize("case", ["separable", "near-constant"])
@@ -83,19 +87,19 @@ def test_platt_calibration_cannot_diverge(case: str) -> None:
         raw = 0.5 + rng.normal(0, 1e-7, y.size) * (1 + y)
 
     # Act
-    calibration = model.fit_calibration(raw, y)
-    calibrated = model.apply_calibration(raw, calibration)
+    calibration = calibrate.fit_calibration(raw, y)
+    calibrated = calibrate.apply_calibration(raw, calibration)
 
     # Assert: finite, bounded, monotone; a flat score is calibrated to the base rate, not to 0 and 1
     assert np.isfinite([calibration["a"], calibration["b"]]).all()
-    assert 0 <= calibration["a"] <= model.PLATT_MAX_SLOPE
+    assert 0 <= calibration["a"] <= calibrate.PLATT_MAX_SLOPE
     assert np.all(np.diff(calibrated[np.argsort(raw)]) >= 0)
-    assert calibrated.min() >= model.CALIBRATION_BOUNDS[0] and calibrated.max() <= model.CALIBRATION_BOUNDS[1]
+    assert calibrated.min() >= calibrate.CALIBRATION_BOUNDS[0] and calibrated.max() <= calibrate.CALIBRATION_BOUNDS[1]
     if case == "near-constant":
         assert calibrated.mean() == pytest.approx(y.mean(), abs=0.02)
         assert calibrated.max() - calibrated.min() < 0.05
     else:
-        assert evaluate.auc(y, calibrated) == 1.0
+        assert measures.auc(y, calibrated) == 1.0
 
 
 def test_calibration_falls_back_and_says_why_with_too_few_positives() -> None:
@@ -106,13 +110,13 @@ def test_calibration_falls_back_and_says_why_with_too_few_positives() -> None:
     y[:3] = 1
 
     # Act
-    calibration = model.fit_calibration(raw, y)
+    calibration = calibrate.fit_calibration(raw, y)
 
     # Assert: the slope is kept at 1 (only the intercept moves to the base rate) and the decision is recorded
     assert calibration["method"] == "platt_intercept"
     assert "3 positives" in calibration["fallback"]
     assert calibration["a"] == 1.0
-    assert model.apply_calibration(raw, calibration).mean() == pytest.approx(y.mean(), abs=0.01)
+    assert calibrate.apply_calibration(raw, calibration).mean() == pytest.approx(y.mean(), abs=0.01)
 
 
 @hypothesis_settings(max_examples=25, deadline=None)
@@ -130,14 +134,14 @@ def test_population_deciles_are_tenths_of_users_under_heavy_ties(n: int, tied: f
     users = np.array([f"user-{i}" for i in rng.permutation(n)], dtype=object)
 
     # Act
-    deciles = model.population_deciles(pa.array(users, pa.string()), scores)
+    deciles = calibrate.population_deciles(pa.array(users, pa.string()), scores)
 
     # Assert: each decile is 10% of the users within one user per thousand, ordered by score
     counts = np.bincount(deciles, minlength=11)[1:]
     assert np.all(np.abs(counts - n / 10) <= max(1.0, n / 1000)), counts
     assert _ties_only_disorder(scores, deciles)
     shuffled = rng.permutation(n)
-    again = model.population_deciles(pa.array(users[shuffled], pa.string()), scores[shuffled])
+    again = calibrate.population_deciles(pa.array(users[shuffled], pa.string()), scores[shuffled])
     assert np.array_equal(again, deciles[shuffled])  # deterministic: by score, ties by a hash of the user
 
 
@@ -156,8 +160,8 @@ def test_stored_cut_points_put_a_quarter_of_tied_users_in_the_top_decile() -> No
     users = pa.array([f"u{i}" for i in range(scores.size)], pa.string())
 
     # Act
-    stored = model.assign_deciles(scores, model.decile_cut_points(scores))
-    population = model.population_deciles(users, scores)
+    stored = calibrate.assign_deciles(scores, calibrate.decile_cut_points(scores))
+    population = calibrate.population_deciles(users, scores)
 
     # Assert
     assert np.sum(stored == 10) > 250  # what high_intent used to target
@@ -170,7 +174,7 @@ def test_deciles_come_from_stored_cut_points() -> None:
     scores = np.array([0.0, 0.05, 0.1, 0.55, 0.9, 0.95, 1.0])
 
     # Act
-    deciles = model.assign_deciles(scores, cuts)
+    deciles = calibrate.assign_deciles(scores, cuts)
 
     # Assert
     assert deciles.tolist() == [1, 1, 2, 6, 10, 10, 10]
@@ -184,7 +188,7 @@ def test_training_scores_fill_the_deciles_evenly_and_monotonically(values: list[
     scores = np.array(values)
 
     # Act
-    deciles = model.assign_deciles(scores, model.decile_cut_points(scores))
+    deciles = calibrate.assign_deciles(scores, calibrate.decile_cut_points(scores))
 
     # Assert
     order = np.argsort(scores)
@@ -197,7 +201,7 @@ def test_training_scores_fill_the_deciles_evenly_and_monotonically(values: list[
 def test_train_challenger_skips_when_not_due(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
 
-    result = model.train_challenger(settings, T0 + HOUR)
+    result = training.train_challenger(settings, T0 + HOUR)
 
     assert result["status"] == "skipped"
     assert "not due" in result["reason"]
@@ -209,7 +213,7 @@ def test_train_challenger_says_why_without_enough_labelled_data(tmp_path: Path) 
     snapshots = synthetic_lake(settings, T0, hours=3, users=20)
 
     # Act
-    result = model.train_challenger(
+    result = training.train_challenger(
         settings, snapshots[-1] + 3 * HOUR, force=True, numeric=NUMERIC, categorical=CATEGORICAL
     )
 
@@ -225,14 +229,14 @@ def test_scoring_without_any_model_writes_null_propensities(tmp_path: Path) -> N
     synthetic_lake(settings, T0, hours=1, users=10)
 
     # Act
-    summary = model.score_profiles(settings, T0, 1)
+    summary = scoring.score_profiles(settings, T0, 1)
 
     # Assert
     scores = Lake(settings.lake).read(SCORES, T0, 1)
-    assert summary["model"] == "heuristic" and summary[MODEL_VERSION] == model.HEURISTIC_VERSION
+    assert summary["model"] == "heuristic" and summary[MODEL_VERSION] == scoring.HEURISTIC_VERSION
     assert scores.schema == SCORES_SCHEMA
     assert scores.column(PROPENSITY).null_count == scores.num_rows == 5
-    assert set(scores.column(MODEL_VERSION).to_pylist()) == {model.HEURISTIC_VERSION}
+    assert set(scores.column(MODEL_VERSION).to_pylist()) == {scoring.HEURISTIC_VERSION}
 
 
 # ---- one trained version -------------------------------------------------------------------------------------------
@@ -249,7 +253,7 @@ def test_a_column_constant_in_training_is_normalised_with_unit_variance() -> Non
     filled = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0]])
 
     # Act
-    variance = model.normalisation_variance(filled)
+    variance = network_inputs.normalisation_variance(filled)
 
     # Assert
     assert variance.tolist() == pytest.approx([8 / 3, 1.0])
@@ -269,11 +273,11 @@ def test_a_value_never_seen_in_a_constant_training_column_does_not_pin_the_score
             "label": rng.integers(0, 2, 200),
         }
     )
-    network = model.build_network(train, ["views", "spend"], [], FAST, logistic=True)
+    network = networks.build_network(train, ["views", "spend"], [], FAST, logistic=True)
     rows = pa.table({"views": [3.0, 3.0], "spend": [20.0, None]})
 
     # Act
-    scores = np.asarray(network.predict(model.model_inputs(rows, ["views", "spend"], []), verbose=0)).ravel()
+    scores = np.asarray(network.predict(network_inputs.model_inputs(rows, ["views", "spend"], []), verbose=0)).ravel()
 
     # Assert
     assert np.all((scores > 1e-3) & (scores < 1 - 1e-3)), scores
@@ -294,21 +298,24 @@ def test_a_nearly_constant_float32_column_scored_far_outside_training_does_not_p
     rows = pa.table({"views": [3.0, 3.0, 1e12], "peak_hour": [2.0, 1e9, 1.0]})
 
     for logistic in (True, False):
-        network = model.build_network(train, columns, [], FAST, logistic=logistic)
+        network = networks.build_network(train, columns, [], FAST, logistic=logistic)
         spec, weights = inference.export_network(
-            network, model.custom_layers()["FillMissing"], source_sha256="-", clip_class=model.custom_layers()["Clip"]
+            network,
+            networks.custom_layers()["FillMissing"],
+            source_sha256="-",
+            clip_class=networks.custom_layers()["Clip"],
         )
         exported = inference.InferenceNetwork.from_bytes(inference.spec_bytes(spec), weights)
 
         # Act
-        keras_scores = np.asarray(network.predict(model.model_inputs(rows, columns, []), verbose=0)).ravel()
-        numpy_scores = exported.predict(model.numpy_inputs(rows, columns, []))
+        keras_scores = np.asarray(network.predict(network_inputs.model_inputs(rows, columns, []), verbose=0)).ravel()
+        numpy_scores = exported.predict(network_inputs.numpy_inputs(rows, columns, []))
         normalised = keras.Model(network.inputs, network.get_layer("clip").output).predict(
-            model.model_inputs(rows, columns, []), verbose=0
+            network_inputs.model_inputs(rows, columns, []), verbose=0
         )
 
         # Assert: standardised inputs are bounded, and numpy mirrors Keras
-        assert np.abs(normalised).max() <= model.NORMALISED_CLIP
+        assert np.abs(normalised).max() <= network_inputs.NORMALISED_CLIP
         assert np.all((keras_scores > 1e-3) & (keras_scores < 1 - 1e-3)), keras_scores
         assert numpy_scores == pytest.approx(keras_scores, abs=1e-6)
 
@@ -318,7 +325,7 @@ def test_a_nearly_constant_column_gets_unit_scale_by_a_tolerance() -> None:
     filled = np.c_[np.linspace(0, 4, 1000), np.full(1000, 0.6931472, dtype=np.float32) + np.r_[1e-3, np.zeros(999)]]
 
     # Act
-    variance = model.normalisation_variance(filled.astype(np.float32))
+    variance = network_inputs.normalisation_variance(filled.astype(np.float32))
 
     # Assert
     assert variance[1] == 1.0
@@ -349,13 +356,13 @@ def test_a_new_shop_gets_heuristic_deciles_from_its_first_hour(tmp_path: Path) -
     write_snapshot(Lake(settings.lake), T0, table)
 
     # Act
-    summaries = [model.score_profiles(settings, T0, bucket) for bucket in (0, 1)]
-    scores = model.read_scores(Lake(settings.lake), T0)
+    summaries = [scoring.score_profiles(settings, T0, bucket) for bucket in (0, 1)]
+    scores = scoring.read_scores(Lake(settings.lake), T0)
 
     # Assert: a score from the first hour, named as the heuristic; no probability is claimed without labels
     assert {s["model"] for s in summaries} == {"heuristic"}
     assert "open cart" in summaries[0]["reason"]
-    assert set(scores.column(MODEL_VERSION).to_pylist()) == {model.HEURISTIC_VERSION}
+    assert set(scores.column(MODEL_VERSION).to_pylist()) == {scoring.HEURISTIC_VERSION}
     assert scores.column(PROPENSITY).null_count == n
     deciles = np.asarray(scores.column(DECILE))
     assert np.all(np.abs(np.bincount(deciles, minlength=11)[1:] - n / 10) <= 2)
@@ -370,7 +377,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     settings = make_settings(tmp_path_factory.mktemp("model"))
     snapshots = synthetic_lake(settings, T0, hours=16, users=400)
     hour = snapshots[-1]
-    summary = model.train_version(
+    summary = training.train_version(
         settings, hour, NUMERIC, CATEGORICAL, training_config=SMALL, model_config=FAST, run_id="test"
     )
     train, evaluation, _ = labels.read_training_set(settings, registry.model_version(hour))
@@ -379,7 +386,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
 
 def test_trained_model_learns_the_signal_and_calibration_helps(trained: Trained) -> None:
     # Arrange
-    metrics = read_json(Lake(trained.settings.lake).path(MODELS, trained.summary["version"], model.METRICS_FILE))
+    metrics = read_json(Lake(trained.settings.lake).path(MODELS, trained.summary["version"], registry.METRICS_FILE))
     calibrated, raw = metrics["eval"]["model"], metrics["eval"]["model_uncalibrated"]
 
     # Assert: a real, out-of-time signal; Platt scaling turns the class-weighted score into a probability
@@ -401,18 +408,18 @@ def test_saved_model_scores_raw_profile_rows_like_the_fitted_one(trained: Traine
     odd = odd.set_column(odd.schema.get_field_index("visits"), "visits", pa.nulls(20, pa.int64()))
 
     # Act
-    loaded = model.load_model(trained.settings, version)
-    again = model.load_model(trained.settings, version)
+    loaded = artifacts.load_model(trained.settings, version)
+    again = artifacts.load_model(trained.settings, version)
     probabilities = loaded.predict(odd)
 
     # Assert
     assert again is loaded  # loaded once per process
     assert np.all(np.isfinite(probabilities)) and np.all((probabilities > 0) & (probabilities < 1))
-    stored = read_json(Lake(trained.settings.lake).path(MODELS, version, model.DECILES_FILE))
+    stored = read_json(Lake(trained.settings.lake).path(MODELS, version, artifacts.DECILES_FILE))
     assert list(loaded.cut_points) == stored["model"]
     files = {p.name for p in Lake(trained.settings.lake).path(MODELS, version).iterdir()}
     assert {"model.keras", "baseline.keras", "calibration.json", "deciles.json", "model_card.md"} <= files
-    exported = {name for pair in model.INFERENCE_FILES.values() for name in pair}
+    exported = {name for pair in artifacts.INFERENCE_FILES.values() for name in pair}
     assert exported == {
         "model.inference.json",
         "model.inference.npz",
@@ -423,7 +430,7 @@ def test_saved_model_scores_raw_profile_rows_like_the_fitted_one(trained: Traine
     assert exported <= files and exported <= listed
     # the sequence candidates are off by default: the version holds the other three kinds only
     assert not trained.settings.sequence_candidates
-    assert model.version_kinds(trained.settings, version) == ["model", "lightgbm", "baseline"]
+    assert artifacts.version_kinds(trained.settings, version) == ["model", "lightgbm", "baseline"]
     assert not {"sequence.keras", "combined.keras"} & listed
 
 
@@ -434,26 +441,26 @@ def test_score_profiles_uses_baseline_before_promotion_then_the_champion(trained
     lake = Lake(settings.lake)
 
     # Act
-    before = model.score_profiles(settings, hour, 0)
+    before = scoring.score_profiles(settings, hour, 0)
     baseline_versions = set(lake.read(SCORES, hour, 0).column(MODEL_VERSION).to_pylist())
     registry.promote(settings, version, hour, reason="test")
-    after = model.score_profiles(settings, hour, 0)
+    after = scoring.score_profiles(settings, hour, 0)
     scores = lake.read(SCORES, hour, 0)
-    earlier = model.score_profiles(settings, hour - HOUR, 0)  # the version did not exist an hour before
+    earlier = scoring.score_profiles(settings, hour - HOUR, 0)  # the version did not exist an hour before
 
     # Assert
     assert before["model"] == "baseline" and "baseline" in before["reason"]
-    assert baseline_versions == {version + model.BASELINE_SUFFIX}
+    assert baseline_versions == {version + artifacts.BASELINE_SUFFIX}
     assert after["model"] == "champion" and after[MODEL_VERSION] == version
     assert scores.schema == SCORES_SCHEMA
     users = scores.column(USER_ID).to_pylist()
     assert users == sorted(users) and len(users) == 200
     profiles = lake.read(PROFILES, hour, 0).sort_by(USER_ID)
     propensity = np.asarray(scores.column(PROPENSITY))
-    assert propensity == pytest.approx(model.load_model(settings, version).predict(profiles))
+    assert propensity == pytest.approx(artifacts.load_model(settings, version).predict(profiles))
     assert scores.column(DECILE).null_count == scores.num_rows  # deciles are a population property
-    population = model.read_scores(lake, hour).filter(pc.equal(pc.field(MODEL_VERSION), version))
-    expected = model.population_deciles(population.column(USER_ID), np.asarray(population.column(PROPENSITY)))
+    population = scoring.read_scores(lake, hour).filter(pc.equal(pc.field(MODEL_VERSION), version))
+    expected = calibrate.population_deciles(population.column(USER_ID), np.asarray(population.column(PROPENSITY)))
     assert np.asarray(population.column(DECILE)).tolist() == expected.tolist()
     assert earlier["model"] == "heuristic"
 
@@ -469,17 +476,17 @@ def keras_networks(trained: Trained) -> dict[str, Any]:
 
     directory = Lake(trained.settings.lake).path(MODELS, str(trained.summary["version"]))
     return {
-        kind: keras.saving.load_model(directory / name, custom_objects=model.custom_layers())
-        for kind, name in model.NETWORK_FILES.items()
+        kind: keras.saving.load_model(directory / name, custom_objects=networks.custom_layers())
+        for kind, name in artifacts.NETWORK_FILES.items()
     }
 
 
 def keras_probabilities(trained: Trained, network: Any, kind: str, table: pa.Table) -> np.ndarray:
     """Keras ``predict`` plus the version's calibration: what scoring returned before the numpy export."""
-    raw = network.predict(model.model_inputs(table, NUMERIC, CATEGORICAL), verbose=0)
+    raw = network.predict(network_inputs.model_inputs(table, NUMERIC, CATEGORICAL), verbose=0)
     directory = Lake(trained.settings.lake).path(MODELS, str(trained.summary["version"]))
-    calibration = model.network_calibration(read_json(directory / model.CALIBRATION_FILE), kind)
-    return model.apply_calibration(np.asarray(raw, dtype=np.float64).ravel(), calibration)
+    calibration = artifacts.network_calibration(read_json(directory / artifacts.CALIBRATION_FILE), kind)
+    return calibrate.apply_calibration(np.asarray(raw, dtype=np.float64).ravel(), calibration)
 
 
 def odd_rows(trained: Trained) -> pa.Table:
@@ -513,7 +520,7 @@ def strip_inference_files(settings: Settings, version: str) -> None:
     lake = Lake(settings.lake)
     directory = lake.path(MODELS, version)
     manifest = read_json(directory / MANIFEST)
-    exported = {name for pair in model.INFERENCE_FILES.values() for name in pair}
+    exported = {name for pair in artifacts.INFERENCE_FILES.values() for name in pair}
     names = [f["name"] for f in manifest.pop("files") if f["name"] not in exported]
     lake.write_dir(directory, [(n, (directory / n).read_bytes()) for n in names], manifest)
 
@@ -528,7 +535,7 @@ def test_numpy_scores_equal_keras_predict_and_calibration(
     expected = keras_probabilities(trained, keras_networks[kind], kind, rows)
 
     # Act
-    loaded = model.load_model(trained.settings, version, kind)
+    loaded = artifacts.load_model(trained.settings, version, kind)
     actual = loaded.predict(rows)
 
     # Assert
@@ -537,17 +544,17 @@ def test_numpy_scores_equal_keras_predict_and_calibration(
     assert np.max(np.abs(actual - expected)) <= 1e-6
     assert np.all(np.isfinite(actual))
     cuts = loaded.cut_points
-    assert model.assign_deciles(actual, cuts).tolist() == model.assign_deciles(expected, cuts).tolist()
+    assert calibrate.assign_deciles(actual, cuts).tolist() == calibrate.assign_deciles(expected, cuts).tolist()
 
 
 def test_numpy_scorer_scores_an_empty_table(trained: Trained) -> None:
     # Arrange
-    loaded = model.load_model(trained.settings, str(trained.summary["version"]))
+    loaded = artifacts.load_model(trained.settings, str(trained.summary["version"]))
     empty = trained.training.eval.slice(0, 0)
 
     # Act
-    scores = model.score_table(empty, loaded)
-    raw = loaded.network.predict(model.numpy_inputs(empty, loaded.numeric, loaded.categorical))
+    scores = scoring.score_table(empty, loaded)
+    raw = loaded.network.predict(network_inputs.numpy_inputs(empty, loaded.numeric, loaded.categorical))
 
     # Assert
     assert scores.num_rows == 0 and scores.schema == SCORES_SCHEMA
@@ -556,8 +563,8 @@ def test_numpy_scorer_scores_an_empty_table(trained: Trained) -> None:
 
 def test_numpy_forward_pass_is_the_same_in_batches(trained: Trained) -> None:
     # Arrange
-    loaded = model.load_model(trained.settings, str(trained.summary["version"]))
-    inputs = model.numpy_inputs(odd_rows(trained), loaded.numeric, loaded.categorical)
+    loaded = artifacts.load_model(trained.settings, str(trained.summary["version"]))
+    inputs = network_inputs.numpy_inputs(odd_rows(trained), loaded.numeric, loaded.categorical)
 
     # Act
     whole = loaded.network.predict(inputs)
@@ -596,7 +603,7 @@ def test_numpy_scorer_matches_keras_on_any_feature_rows(
     expected = keras_probabilities(trained, keras_networks[kind], kind, table)
 
     # Act
-    actual = model.load_model(trained.settings, str(trained.summary["version"]), kind).predict(table)
+    actual = artifacts.load_model(trained.settings, str(trained.summary["version"]), kind).predict(table)
 
     # Assert
     assert np.max(np.abs(actual - expected)) <= 1e-6
@@ -609,9 +616,9 @@ def test_score_profiles_with_the_export_never_imports_tensorflow(trained: Traine
     child = (
         "import json, pickle, sys\n"
         "from datetime import datetime\n"
-        "from profile_engine import model\n"
+        "from profile_engine.model import scoring\n"
         "settings = pickle.loads(open(sys.argv[1], 'rb').read())\n"
-        "summary = model.score_profiles(settings, datetime.fromisoformat(sys.argv[2]), 0, run_id='child')\n"
+        "summary = scoring.score_profiles(settings, datetime.fromisoformat(sys.argv[2]), 0, run_id='child')\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
         "print(json.dumps({'summary': summary, 'heavy': heavy}))\n"
     )
@@ -631,7 +638,7 @@ def test_score_profiles_with_the_export_never_imports_tensorflow(trained: Traine
     assert result["summary"]["engine"] == "numpy" and result["summary"]["rows"] == 200
     scores = Lake(settings.lake).read(SCORES, trained.hour, 0)
     profiles = Lake(settings.lake).read(PROFILES, trained.hour, 0).sort_by(USER_ID)
-    loaded = model.scoring_model(settings, trained.hour)  # baseline or champion, depending on the tests before
+    loaded = scoring.scoring_model(settings, trained.hour)  # baseline or champion, depending on the tests before
     assert loaded is not None and result["summary"][MODEL_VERSION] == loaded.label
     assert np.asarray(scores.column(PROPENSITY)) == pytest.approx(loaded.predict(profiles), abs=1e-12)
 
@@ -647,21 +654,24 @@ def test_version_without_the_export_falls_back_to_keras_then_export_inference_ad
     directory = Lake(settings.lake).path(MODELS, version)
 
     # Act
-    with caplog.at_level(logging.WARNING, logger="profile_engine.model.training"):
-        old = model.load_model(settings, version)
-        model._load.cache_clear()  # a second load in the same process logs nothing new
-        model.load_model(settings, version)
+    with caplog.at_level(logging.WARNING, logger="profile_engine.model.artifacts"):
+        old = artifacts.load_model(settings, version)
+        # A rewritten version (newer manifest) is loaded afresh; the same process logs nothing new.
+        manifest = directory / MANIFEST
+        touched = manifest.stat().st_mtime_ns + 1_000_000_000
+        os.utime(manifest, ns=(touched, touched))
+        artifacts.load_model(settings, version)
         old_scores = old.predict(rows)
-    files = model.export_inference(settings, version)
+    files = artifacts.export_inference(settings, version)
     stamp = (directory / MANIFEST).stat().st_mtime_ns
-    again = model.export_inference(settings, version)
-    new = model.load_model(settings, version)
+    again = artifacts.export_inference(settings, version)
+    new = artifacts.load_model(settings, version)
 
     # Assert
     assert old.engine == "keras"
     warnings = [r.getMessage() for r in caplog.records if "export-inference" in r.getMessage()]
     assert len(warnings) == 1 and version in warnings[0] and "no inference export" in warnings[0]
-    assert files == again == sorted(name for pair in model.INFERENCE_FILES.values() for name in pair)
+    assert files == again == sorted(name for pair in artifacts.INFERENCE_FILES.values() for name in pair)
     assert (directory / MANIFEST).stat().st_mtime_ns == stamp  # idempotent: identical files are not rewritten
     assert set(files) <= {f["name"] for f in read_json(directory / MANIFEST)["files"]}
     assert new.engine == "numpy"
@@ -673,10 +683,12 @@ def test_an_export_of_another_keras_file_is_stale_and_not_used(trained: Trained,
     settings = copy_lake(trained, tmp_path)
     version = str(trained.summary["version"])
     directory = Lake(settings.lake).path(MODELS, version)
-    model.update_model_dir(settings, version, {registry.MODEL_FILE: (directory / registry.BASELINE_FILE).read_bytes()})
+    registry.update_model_dir(
+        settings, version, {registry.MODEL_FILE: (directory / registry.BASELINE_FILE).read_bytes()}
+    )
 
     # Act
-    loaded = model.load_model(settings, version)
+    loaded = artifacts.load_model(settings, version)
 
     # Assert
     assert loaded.engine == "keras"
@@ -687,12 +699,12 @@ def test_an_export_in_an_unknown_format_is_not_used(trained: Trained, tmp_path: 
     settings = copy_lake(trained, tmp_path)
     version = str(trained.summary["version"])
     directory = Lake(settings.lake).path(MODELS, version)
-    spec_name = model.INFERENCE_FILES["model"][0]
+    spec_name = artifacts.INFERENCE_FILES["model"][0]
     spec = {**read_json(directory / spec_name), "format": "profile_engine.model.inference/99"}
-    model.update_model_dir(settings, version, {spec_name: json.dumps(spec).encode()})
+    registry.update_model_dir(settings, version, {spec_name: json.dumps(spec).encode()})
 
     # Act
-    loaded = model.load_model(settings, version)
+    loaded = artifacts.load_model(settings, version)
 
     # Assert
     assert loaded.engine == "keras"
@@ -711,7 +723,7 @@ def test_cli_exports_a_version(trained: Trained, tmp_path: Path, monkeypatch: py
 
     # Assert
     assert status == 0 and missing == 1
-    assert model.load_model(settings, version).engine == "numpy"
+    assert artifacts.load_model(settings, version).engine == "numpy"
 
 
 # ---- gradient-boosted trees (LightGBM) as a candidate ---------------------------------------------------------------
@@ -740,9 +752,9 @@ def test_lightgbm_candidate_is_saved_calibrated_and_reproducible(trained: Traine
         return fitted.files()[gbm.LIGHTGBM_FILE].decode()
 
     # Act
-    loaded = model.load_model(settings, version, "lightgbm")
+    loaded = artifacts.load_model(settings, version, "lightgbm")
     probabilities = loaded.predict(odd_rows(trained))
-    metrics = read_json(directory / model.METRICS_FILE)["eval"]
+    metrics = read_json(directory / registry.METRICS_FILE)["eval"]
     listed = {f["name"] for f in read_json(directory / MANIFEST)["files"]}
 
     # Assert: stored with its calibration and cut points, listed in the manifest, scored like every kind
@@ -752,7 +764,7 @@ def test_lightgbm_candidate_is_saved_calibrated_and_reproducible(trained: Traine
     assert np.all((probabilities >= 1e-4) & (probabilities <= 1 - 1e-4))
     assert metrics["lightgbm"]["auc"] > 0.6  # the synthetic signal is learnable by trees too
     assert metrics["lightgbm"]["auc"] == pytest.approx(
-        evaluate.auc(np.asarray(trained.training.eval.column(labels.LABEL)), loaded.predict(trained.training.eval))
+        measures.auc(np.asarray(trained.training.eval.column(labels.LABEL)), loaded.predict(trained.training.eval))
     )
     assert refit() == refit() == (directory / gbm.LIGHTGBM_FILE).read_text()  # deterministic, as saved
     assert [c.name for c in candidates.version_candidates(settings, version)] == ["network", "lightgbm", "baseline"]
@@ -767,9 +779,9 @@ def test_score_profiles_with_a_lightgbm_champion_never_imports_tensorflow(traine
     child = (
         "import json, pickle, sys\n"
         "from datetime import datetime\n"
-        "from profile_engine import model\n"
+        "from profile_engine.model import scoring\n"
         "settings = pickle.loads(open(sys.argv[1], 'rb').read())\n"
-        "summary = model.score_profiles(settings, datetime.fromisoformat(sys.argv[2]), 0, run_id='child')\n"
+        "summary = scoring.score_profiles(settings, datetime.fromisoformat(sys.argv[2]), 0, run_id='child')\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
         "print(json.dumps({'summary': summary, 'heavy': heavy}))\n"
     )
@@ -791,7 +803,7 @@ def test_score_profiles_with_a_lightgbm_champion_never_imports_tensorflow(traine
     assert summary[MODEL_VERSION] == f"{version}-lightgbm" and summary["rows"] == 200
     scores = Lake(settings.lake).read(SCORES, trained.hour, 0)
     profiles = Lake(settings.lake).read(PROFILES, trained.hour, 0).sort_by(USER_ID)
-    expected = model.load_model(settings, version, "lightgbm").predict(profiles)
+    expected = artifacts.load_model(settings, version, "lightgbm").predict(profiles)
     assert np.asarray(scores.column(PROPENSITY)) == pytest.approx(expected, abs=1e-12)
 
 
@@ -813,10 +825,10 @@ def test_a_version_trained_before_lightgbm_still_loads_and_scores(trained: Train
 
     # Act
     found = [c.name for c in candidates.version_candidates(settings, version)]
-    summary = model.score_profiles(settings, trained.hour, 0)
+    summary = scoring.score_profiles(settings, trained.hour, 0)
 
     # Assert
     assert found == ["network", "baseline"]
     assert (summary["kind"], summary[MODEL_VERSION]) == ("model", version)
     with pytest.raises(FileNotFoundError, match="no LightGBM model"):
-        model.load_model(settings, version, "lightgbm")
+        artifacts.load_model(settings, version, "lightgbm")

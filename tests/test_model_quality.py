@@ -24,8 +24,8 @@ from profile_engine.config import Settings
 from profile_engine.contracts.profiles import USER_ID
 from profile_engine.hours import HOUR, format_hour, hour_range
 from profile_engine.lake.storage import TRAINING, TRUTH, Lake
-from profile_engine.model import evaluate, labels, registry
-from profile_engine.model import training as model
+from profile_engine.model import artifacts, gate, labels, metrics, promotion, registry
+from profile_engine.model import training as trainer
 from profile_engine.ops import runner
 from profile_engine.sources.simulate import TRUTH_PROPENSITY, simulate
 
@@ -66,9 +66,9 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
         Lake(root), FIRST, TRAINED_AT, users=2000, seed=7, business_tz=settings.business_tz, origin=FIRST, intensity=3.0
     )
     runner.warm_up(settings, FIRST, TRAINED_AT, snapshot_every=6)
-    trained = model.train_challenger(settings, TRAINED_AT, force=True)
+    trained = trainer.train_challenger(settings, TRAINED_AT, force=True)
     assert trained["status"] == "trained", trained
-    evaluated = evaluate.evaluate_and_promote(settings, TRAINED_AT, gate_config=evaluate.GateConfig(), n_boot=100)
+    evaluated = promotion.evaluate_and_promote(settings, TRAINED_AT, gate_config=gate.GateConfig(), n_boot=100)
     yield Shop(settings, trained["version"], trained, evaluated)
 
 
@@ -101,13 +101,13 @@ def test_the_promoted_model_approaches_the_true_propensity_and_matches_the_basel
     rows, y, snapshot = eval_rows(shop)
     entry = registry.champion_as_of(shop.settings, TRAINED_AT)
     assert entry is not None, shop.evaluated["reasons"]
-    challenger = model.load_model(shop.settings, shop.version, registry.entry_kind(entry)).predict(rows)
-    baseline = model.load_model(shop.settings, shop.version, "baseline").predict(rows)
+    challenger = artifacts.load_model(shop.settings, shop.version, registry.entry_kind(entry)).predict(rows)
+    baseline = artifacts.load_model(shop.settings, shop.version, "baseline").predict(rows)
     truth = true_propensity(shop.settings, rows, snapshot)
-    config = evaluate.GateConfig()
+    config = gate.GateConfig()
 
     # Act
-    auc = {"model": evaluate.auc(y, challenger), "baseline": evaluate.auc(y, baseline), "truth": evaluate.auc(y, truth)}
+    auc = {"model": metrics.auc(y, challenger), "baseline": metrics.auc(y, baseline), "truth": metrics.auc(y, truth)}
 
     # Assert
     assert shop.evaluated["status"] == "promoted", shop.evaluated["reasons"]
@@ -116,7 +116,7 @@ def test_the_promoted_model_approaches_the_true_propensity_and_matches_the_basel
     assert auc["truth"] > 0.65, auc  # the labels do follow the latent propensity
     assert auc["model"] >= 0.9 * auc["truth"], auc
     assert auc["model"] >= auc["baseline"] - config.margins["auc"], auc
-    assert evaluate.ece(y, challenger) <= config.floors["ece"]
+    assert metrics.ece(y, challenger) <= config.floors["ece"]
 
 
 def test_a_challenger_trained_on_shuffled_labels_is_never_promoted(shop: Shop) -> None:
@@ -128,12 +128,12 @@ def test_a_challenger_trained_on_shuffled_labels_is_never_promoted(shop: Shop) -
     train = training.train.set_column(
         training.train.schema.get_field_index(labels.LABEL), labels.LABEL, pa.array(shuffled, pa.int8())
     )
-    features = model.load_model(shop.settings, shop.version, "model")
-    fitted = model.fit_models(train, features.numeric, features.categorical, seed=shop.settings.seed)
-    model.write_model_dir(shop.settings, version, fitted, training, hour, "test")
+    features = artifacts.load_model(shop.settings, shop.version, "model")
+    fitted = trainer.fit_models(train, features.numeric, features.categorical, seed=shop.settings.seed)
+    artifacts.write_model_dir(shop.settings, version, fitted, training, hour, "test")
 
     # Act
-    result = evaluate.evaluate_and_promote(shop.settings, hour, gate_config=evaluate.GateConfig(), n_boot=20)
+    result = promotion.evaluate_and_promote(shop.settings, hour, gate_config=gate.GateConfig(), n_boot=20)
 
     # Assert
     assert result["status"] == "rejected"
@@ -146,21 +146,21 @@ def test_a_challenger_trained_on_shuffled_labels_is_never_promoted(shop: Shop) -
 def test_a_degraded_challenger_is_rejected_with_a_reason_naming_the_metric(shop: Shop) -> None:
     # Arrange: one feature only, trained two hours later on the same kind of data
     hour = TRAINED_AT + 2 * HOUR
-    config = evaluate.GateConfig()
+    config = gate.GateConfig()
 
     # Act
-    trained = model.train_challenger(shop.settings, hour, force=True, numeric=("count_view_7d",), categorical=())
-    result = evaluate.evaluate_and_promote(shop.settings, hour, gate_config=config, n_boot=20)
+    trained = trainer.train_challenger(shop.settings, hour, force=True, numeric=("count_view_7d",), categorical=())
+    result = promotion.evaluate_and_promote(shop.settings, hour, gate_config=config, n_boot=20)
 
     # Assert
     assert trained["status"] == "trained"
     assert result["status"] == "rejected"
     champion = registry.champion_as_of(shop.settings, hour)
     assert champion is not None
-    assert result["reference"] == f"champion {model.kind_label(shop.version, registry.entry_kind(champion))}"
+    assert result["reference"] == f"champion {artifacts.kind_label(shop.version, registry.entry_kind(champion))}"
     # reasons are "<candidate>: <metric> ..." (and "cause (<candidate>): ..." notes)
     named = [reason.split(": ", 1)[1].split()[0] for reason in result["reasons"] if not reason.startswith("cause")]
-    assert set(named) <= set(evaluate.HIGHER_IS_BETTER)
+    assert set(named) <= set(metrics.HIGHER_IS_BETTER)
     assert {config.primary_metric, "auc"} & set(named), result["reasons"]
     assert registry.champion_as_of(shop.settings, hour)["version"] == shop.version  # type: ignore[index]
     assert format_hour(hour) not in [e["from_hour"] for e in registry.promotion_log(shop.settings)]

@@ -30,8 +30,8 @@ from profile_engine.config import Settings
 from profile_engine.contracts.profiles import USER_ID
 from profile_engine.contracts.scores import DECILE, PROPENSITY
 from profile_engine.lake.storage import MODELS, PROFILES, Lake, read_json
-from profile_engine.model import evaluate, labels
-from profile_engine.model import training as model
+from profile_engine.model import artifacts, labels, metrics, promotion, scoring, training
+from profile_engine.model import calibration as calibrate
 from profile_engine.ops import runner
 
 pytestmark = pytest.mark.timeout(900)  # the fixture's replay and two trainings; slow when the cores are shared
@@ -93,22 +93,22 @@ def _assert_spread(p: np.ndarray, what: str) -> None:
 
 
 def _score(settings: Settings, hour: datetime) -> Scored:
-    summaries = [model.score_profiles(settings, hour, b, run_id="real-slice") for b in range(settings.buckets)]
+    summaries = [scoring.score_profiles(settings, hour, b, run_id="real-slice") for b in range(settings.buckets)]
     lake = Lake(settings.lake)
     users = set(lake.read(PROFILES, hour, columns=[USER_ID]).column(USER_ID).to_pylist())
-    return Scored(hour, summaries[0]["model"], model.read_scores(lake, hour), users)
+    return Scored(hour, summaries[0]["model"], scoring.read_scores(lake, hour), users)
 
 
 def _train(settings: Settings, hour: datetime, *, force_promote: bool) -> Version:
-    trained = model.train_challenger(settings, hour, force=True, training_config=TRAINING, run_id="real-slice")
+    trained = training.train_challenger(settings, hour, force=True, training_config=TRAINING, run_id="real-slice")
     assert trained["status"] == "trained", trained
     version = str(trained["version"])
-    decision = evaluate.evaluate_and_promote(settings, hour, run_id="real-slice", force_promote=force_promote)
+    decision = promotion.evaluate_and_promote(settings, hour, run_id="real-slice", force_promote=force_promote)
     _, rows, _ = labels.read_training_set(settings, version)
-    predictions = {kind: model.load_model(settings, version, kind).predict(rows) for kind in ("model", "baseline")}
+    predictions = {kind: artifacts.load_model(settings, version, kind).predict(rows) for kind in ("model", "baseline")}
     return Version(
         version,
-        read_json(Lake(settings.lake).path(MODELS, version, model.CALIBRATION_FILE)),
+        read_json(Lake(settings.lake).path(MODELS, version, artifacts.CALIBRATION_FILE)),
         np.asarray(rows.column(labels.LABEL), dtype=np.float64),
         predictions,
         decision,
@@ -133,7 +133,7 @@ def real_slice(tmp_path_factory: pytest.TempPathFactory) -> RealSlice:
     scored.append(_score(settings, FIRST_VERSION_HOUR))  # the champion if the gate promoted it, else the baseline
     last = _train(settings, LAST_HOUR, force_promote=False)
     scored.append(_score(settings, LAST_HOUR))
-    promoted = evaluate.evaluate_and_promote(settings, LAST_HOUR, run_id="real-slice", force_promote=True)
+    promoted = promotion.evaluate_and_promote(settings, LAST_HOUR, run_id="real-slice", force_promote=True)
     assert promoted["status"] == "promoted", promoted
     scored.append(_score(settings, LAST_HOUR))  # the network itself
     return RealSlice(replayed, {"first": first, "last": last}, scored)
@@ -158,10 +158,12 @@ def test_calibration_is_finite_and_bounded(real_slice: RealSlice, name: str, kin
 
     # Unregularised Platt reached |a|, |b| of about 1e10 on a real log; the fit must stay a monotone map.
     assert np.isfinite(calibration["a"]) and np.isfinite(calibration["b"]), calibration
-    assert 0 < calibration["a"] <= model.PLATT_MAX_SLOPE, calibration
+    assert 0 < calibration["a"] <= calibrate.PLATT_MAX_SLOPE, calibration
     assert abs(calibration["b"]) <= 10, calibration  # a base rate of 1e-4 needs about -9.2
     assert not calibration["flat"], calibration
-    few = min(calibration["positives"], calibration["rows"] - calibration["positives"]) < model.CALIBRATION_MIN_CLASS
+    few = (
+        min(calibration["positives"], calibration["rows"] - calibration["positives"]) < calibrate.CALIBRATION_MIN_CLASS
+    )
     if few:  # too few of a class to fit a slope: the intercept-only fallback, recorded with its reason
         assert calibration["method"] == "platt_intercept" and calibration["fallback"], calibration
     if calibration["method"] == "platt_intercept":  # every fallback says why (few rows, or a slope out of range)
@@ -181,9 +183,9 @@ def test_scores_are_not_flattened(real_slice: RealSlice, name: str, kind: str) -
     # A diverged Platt fit (slope ~1e10) turns the scores into a step: 0 and 1, or values within 1e-300 of them.
     assert 0 < y.sum() < y.size
     _assert_spread(p, f"{name} {kind} on {y.size} evaluation rows")
-    assert evaluate.auc(y, p) != 0.5
+    assert metrics.auc(y, p) != 0.5
     if name == "last":  # 5 snapshots: a real signal (bootstrap 95% interval of the network's AUC about [0.59, 0.74])
-        assert evaluate.auc(y, p) > 0.55
+        assert metrics.auc(y, p) > 0.55
 
 
 @pytest.mark.parametrize("name", ["first", "last"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from profile_engine.config import Settings
-from profile_engine.model import evaluate
+from profile_engine.model import promotion
 from profile_engine.ops import report
 from tests.conftest import HOUR0
 
@@ -105,7 +105,7 @@ def test_the_report_lists_every_candidate_with_its_intervals_and_why_one_won(tmp
     summaries = {**DONE, "evaluate_and_promote": evaluated}
 
     # Act
-    section = evaluate.model_report(Settings(lake=tmp_path / "lake"), HOUR0, summaries)
+    section = promotion.model_report(Settings(lake=tmp_path / "lake"), HOUR0, summaries)
     doc = report.build_report(HOUR0, summaries, run_id="r")
     page = report.render_html({**doc, "model": section})
 

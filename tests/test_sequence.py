@@ -18,8 +18,9 @@ from profile_engine.contracts.profiles import SNAPSHOT_HOUR, USER_ID
 from profile_engine.contracts.scores import MODEL_VERSION, PROPENSITY
 from profile_engine.hours import HOUR
 from profile_engine.lake.storage import MANIFEST, MODELS, PROFILES, SCORES, STAGING, Lake, read_json
-from profile_engine.model import evaluate, labels, registry, sequence
-from profile_engine.model import training as model
+from profile_engine.model import artifacts, labels, promotion, registry, scoring, sequence, training
+from profile_engine.model import inputs as network_inputs
+from profile_engine.model import metrics as measures
 from tests.test_labels import CATEGORICAL, NUMERIC, T0, make_settings, profile_table, write_snapshot
 from tests.test_model import FAST as FAST_NETWORK
 from tests.test_model import SMALL
@@ -32,7 +33,7 @@ E = S + HOUR
 def _stage(settings: Settings, events: list[tuple[str, str, str | None, datetime, datetime]]) -> None:
     """Stage ``(user, type, category, ts, processing hour)`` events in each user's bucket."""
     users = sorted({e[0] for e in events})
-    bucket_of = {u: b for b, us in labels._users_by_bucket(users, settings.buckets).items() for u in us}
+    bucket_of = {u: b for b, us in labels.users_by_bucket(users, settings.buckets).items() for u in us}
     lake = Lake(settings.lake)
     groups: dict[tuple[datetime, int], list[tuple[str, str, str | None, datetime]]] = {}
     for user, kind, category, ts, staged in events:
@@ -184,8 +185,8 @@ def test_the_encoder_learns_the_order_of_events_and_a_shuffled_order_control_doe
     rng = np.random.default_rng(11)
     control = sequence.train_sequence(settings, train, test, config=FAST, sequences=_shuffled(train_in, rng))
     p_control = control.predict(test, _shuffled(test_in, rng))
-    assert evaluate.auc(y, p) > 0.75, evaluate.auc(y, p)
-    assert evaluate.auc(y, p) > evaluate.auc(y, p_control) + 0.15
+    assert measures.auc(y, p) > 0.75, measures.auc(y, p)
+    assert measures.auc(y, p) > measures.auc(y, p_control) + 0.15
     assert p.min() > 0 and p.max() < 1 and abs(p.mean() - y.mean()) < 0.08  # calibrated on the validation slice
     assert fitted.report["validation_rows"] == 300 and fitted.report["fit_rows"] == 600
 
@@ -204,9 +205,9 @@ def test_two_trainings_give_the_same_predictions_and_a_saved_model_predicts_the_
     p = first.predict(test, test_in)
     np.testing.assert_array_equal(p, second.predict(test, test_in))
     assert first.calibration == second.calibration
-    # the aggregate branch is model.build_network's preprocessing
+    # the aggregate branch is network.build_network's preprocessing
     assert {"FillMissing", "Clip"} <= {type(layer).__name__ for layer in first.network.layers}
-    assert model.NUMERIC_INPUT in {i.name for i in first.network.inputs}
+    assert network_inputs.NUMERIC_INPUT in {i.name for i in first.network.inputs}
 
     lake = Lake(settings.lake)
     lake.write_dir(lake.path(MODELS, "v20261103T10"), [], {"version": "v20261103T10"})
@@ -257,7 +258,7 @@ def order_lake(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The lake above and the version trained (with the sequence candidates on) and gated at its last hour."""
     settings = replace(make_settings(tmp_path_factory.mktemp("order")), sequence_candidates=True)
     hour = _order_lake(settings)[-1]
-    trained = model.train_challenger(
+    trained = training.train_challenger(
         settings,
         hour,
         force=True,
@@ -268,7 +269,7 @@ def order_lake(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         sequence_config=ORDER_SEQUENCE,
         run_id="test",
     )
-    gated = evaluate.evaluate_and_promote(settings, hour, run_id="test", n_boot=50, importance_rows=200)
+    gated = promotion.evaluate_and_promote(settings, hour, run_id="test", n_boot=50, importance_rows=200)
     return {"settings": settings, "hour": hour, "trained": trained, "gated": gated}
 
 
@@ -278,17 +279,17 @@ def test_a_forced_training_with_the_setting_on_trains_and_saves_every_kind(order
     directory = Lake(settings.lake).path(MODELS, version)
 
     assert trained["status"] == "trained"
-    assert model.version_kinds(settings, version) == ["model", "lightgbm", "sequence", "combined", "baseline"]
+    assert artifacts.version_kinds(settings, version) == ["model", "lightgbm", "sequence", "combined", "baseline"]
     assert {"sequence.keras", "sequence.json", "combined.keras", "combined.json"} <= {
         f["name"] for f in read_json(directory / MANIFEST)["files"]
     }
-    metrics = read_json(directory / model.METRICS_FILE)
+    metrics = read_json(directory / registry.METRICS_FILE)
     assert {"sequence", "combined", "sequence_uncalibrated", "combined_uncalibrated"} <= set(metrics["eval"])
     assert set(metrics["training"]["sequences"]) == {"sequence", "combined"}
-    assert set(read_json(directory / model.DECILES_FILE)) == set(model.MODEL_KINDS)
+    assert set(read_json(directory / artifacts.DECILES_FILE)) == set(registry.MODEL_KINDS)
     # the order of events is the only signal: the encoder finds it, the aggregate network cannot
     assert metrics["eval"]["sequence"]["auc"] > 0.75 > metrics["eval"]["model"]["auc"] + 0.1
-    card = (directory / model.CARD_FILE).read_text()
+    card = (directory / registry.CARD_FILE).read_text()
     assert "| sequence |" in card and "| combined |" in card
 
 
@@ -296,11 +297,11 @@ def test_the_gate_promotes_a_sequence_kind_that_wins_on_the_same_rows(order_lake
     settings, gated = order_lake["settings"], order_lake["gated"]
 
     assert gated["status"] == "promoted", gated["reasons"]
-    assert gated["kind"] in model.SEQUENCE_KINDS and gated["candidate"] == gated["kind"]
+    assert gated["kind"] in registry.SEQUENCE_KINDS and gated["candidate"] == gated["kind"]
     assert set(gated["candidates"]) == {"network", "lightgbm", "sequence", "combined", "baseline"}
     assert not gated["candidates"]["network"]["promote"]  # noise features: AUC below the floor
-    evaluation = read_json(Lake(settings.lake).path(MODELS, gated["version"], model.EVALUATION_FILE))
-    assert [c["kind"] for c in evaluation["candidates"]] == list(model.MODEL_KINDS)
+    evaluation = read_json(Lake(settings.lake).path(MODELS, gated["version"], registry.EVALUATION_FILE))
+    assert [c["kind"] for c in evaluation["candidates"]] == list(registry.MODEL_KINDS)
     assert evaluation["rows"] == ORDER_USERS  # every candidate was scored on the same evaluation rows
     entry = registry.champion_as_of(settings, order_lake["hour"])
     assert entry is not None and registry.entry_kind(entry) == gated["kind"]
@@ -310,11 +311,11 @@ def test_scoring_with_a_sequence_champion_reads_the_users_events_at_the_hour(ord
     settings, hour, kind = order_lake["settings"], order_lake["hour"], order_lake["gated"]["kind"]
     lake = Lake(settings.lake)
 
-    summaries = [model.score_profiles(settings, hour, bucket) for bucket in range(2)]
-    scores = model.read_scores(lake, hour)
+    summaries = [scoring.score_profiles(settings, hour, bucket) for bucket in range(2)]
+    scores = scoring.read_scores(lake, hour)
 
     assert [s["kind"] for s in summaries] == [kind, kind] and {s["engine"] for s in summaries} == {"keras"}
-    assert set(scores.column(MODEL_VERSION).to_pylist()) == {model.kind_label(registry.model_version(hour), kind)}
+    assert set(scores.column(MODEL_VERSION).to_pylist()) == {artifacts.kind_label(registry.model_version(hour), kind)}
     assert scores.num_rows == ORDER_USERS and scores.column(PROPENSITY).null_count == 0
     # the users whose newest event at the hour is the cart are the ones scored high
     staged = pa.concat_tables(
@@ -323,9 +324,9 @@ def test_scoring_with_a_sequence_champion_reads_the_users_events_at_the_hour(ord
     newest = staged.sort_by([("ts", "ascending")]).to_pylist()
     last_type = {row["user_id"]: row["event_type"] for row in newest}
     y = np.array([last_type[u] == CART for u in scores.column(USER_ID).to_pylist()], dtype=float)
-    assert evaluate.auc(y, np.asarray(scores.column(PROPENSITY))) > 0.9
+    assert measures.auc(y, np.asarray(scores.column(PROPENSITY))) > 0.9
     profiles = lake.read(PROFILES, hour, 0).sort_by(USER_ID)
-    loaded = model.load_model(settings, registry.model_version(hour), kind)
+    loaded = artifacts.load_model(settings, registry.model_version(hour), kind)
     np.testing.assert_allclose(
         np.asarray(lake.read(SCORES, hour, 0).column(PROPENSITY)), loaded.predict(profiles), rtol=1e-6
     )

@@ -137,7 +137,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         elif args.action == "promote":
             _print(registry.promote_manually(settings, args.version, reason=args.reason))
         elif args.action == "export-inference":
-            from profile_engine.model.training import export_inference
+            from profile_engine.model.artifacts import export_inference
 
             _print({"version": args.version, "files": export_inference(settings, args.version)})
         else:

@@ -1,13 +1,5 @@
-"""The candidates a trained version offers to the gate, behind one small interface.
-
-A version holds several scorers trained on the same rows and features: the Keras
-network (the main model), gradient-boosted trees (LightGBM) and the calibrated
-logistic baseline, and when enabled (``Settings.sequence_candidates``) the
-behaviour-sequence encoder alone and combined with the aggregate inputs. The gate (``evaluate.choose``) compares each of them with the
-champion, the baseline and the heuristics on the same evaluation rows and promotes
-at most one. A new scorer joins by adding its kind to
-``model.MODEL_KINDS`` (with its loading) and a name here: the gate and the reports
-iterate over candidates and never name them.
+"""The candidates a trained version offers to the gate, behind one small interface. docs/model.md (Evaluation and
+the gate).
 """
 
 from __future__ import annotations
@@ -21,12 +13,13 @@ import pyarrow as pa
 
 from profile_engine.config import Settings
 from profile_engine.lake.storage import MODELS, Lake, read_json
+from profile_engine.model import artifacts, registry
 
 if TYPE_CHECKING:
-    from profile_engine.model.training import LoadedModel
+    from profile_engine.model.artifacts import LoadedModel
 
 # Candidate name (in evaluation.json, reports and the card) of each model kind. The order of preference the
-# gate's tie rule uses is ``model.MODEL_KINDS``: the network first (the main model), then the trees, the
+# gate's tie rule uses is ``registry.MODEL_KINDS``: the network first (the main model), then the trees, the
 # sequence encoder alone and combined with the aggregate inputs (when trained), then the baseline.
 CANDIDATE_NAMES: dict[str, str] = {
     "model": "network",
@@ -44,7 +37,7 @@ class Candidate:
     """One scorer of a version: its name and kind, calibrated ``predict`` and training-time metrics."""
 
     name: str  # "network", "lightgbm", "sequence", "combined", "baseline"
-    kind: str  # the ``model.load_model`` kind that scores it (``model.MODEL_KINDS``)
+    kind: str  # the ``artifacts.load_model`` kind that scores it (``registry.MODEL_KINDS``)
     model: LoadedModel
     metrics: Mapping[str, float] = field(default_factory=dict)  # metrics.json's eval metrics (calibrated)
 
@@ -76,18 +69,16 @@ class Candidate:
 
 def version_candidates(settings: Settings, version: str) -> list[Candidate]:
     """Every candidate of a committed version, in preference order (versions trained before LightGBM: two)."""
-    from profile_engine.model import training as models
-
-    metrics_file = Lake(settings.lake).path(MODELS, version, models.METRICS_FILE)
+    metrics_file = Lake(settings.lake).path(MODELS, version, registry.METRICS_FILE)
     evaluated = read_json(metrics_file).get("eval", {}) if metrics_file.is_file() else {}
     out = []
-    for kind in models.version_kinds(settings, version):
+    for kind in artifacts.version_kinds(settings, version):
         name = CANDIDATE_NAMES[kind]
         out.append(
             Candidate(
                 name=name,
                 kind=kind,
-                model=models.load_model(settings, version, kind),
+                model=artifacts.load_model(settings, version, kind),
                 metrics=evaluated.get(kind, {}),
             )
         )

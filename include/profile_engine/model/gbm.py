@@ -1,17 +1,5 @@
-"""Gradient-boosted trees (LightGBM): the candidate a careful analyst tries first on tabular profiles.
-
-Trained on the same training rows and features as the network: numeric features as
-they are (nulls as NaN, which LightGBM routes itself), categorical features as integer
-codes of a stored vocabulary (the ``max_categories`` most frequent training values,
-null as the empty string like the networks; a value outside the vocabulary is missing).
-Early stopping watches the AUC of the newest training snapshot (the network's
-time-based validation slice); the caller calibrates the output with the same Platt fit.
-
-Files in ``models/<version>/``: ``lightgbm.txt`` (LightGBM's text model, only the
-kept iterations) and ``lightgbm.json`` (format, features, category vocabularies,
-parameters, best iteration). Scoring imports ``lightgbm`` (about 2 s and 125 MB per
-process, pandas and scipy included) but never TensorFlow; LightGBM is imported inside
-functions, so importing this module stays cheap.
+"""Gradient-boosted trees (LightGBM), a candidate trained on the network's rows and features; LightGBM is
+imported inside functions only. docs/model.md (Model).
 """
 
 from __future__ import annotations
@@ -24,6 +12,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from profile_engine.model.inputs import categorical_values, category_strings, vocabulary
 
 LIGHTGBM_FILE = "lightgbm.txt"
 LIGHTGBM_SPEC = "lightgbm.json"
@@ -101,8 +91,6 @@ def feature_matrix(
     table: pa.Table, numeric: Sequence[str], categorical: Sequence[str], categories: Mapping[str, Sequence[str]]
 ) -> np.ndarray:
     """Numeric features as float64 (nulls NaN) and each categorical as its vocabulary index (unseen: NaN)."""
-    from profile_engine.model.training import category_strings
-
     out = np.empty((table.num_rows, len(numeric) + len(categorical)), dtype=np.float64)
     for i, column in enumerate(numeric):
         out[:, i] = pc.cast(table.column(column), pa.float64()).to_numpy(zero_copy_only=False)
@@ -131,8 +119,6 @@ def fit_gbm(
     stays close to a probability, and the caller's Platt fit does the rest.
     """
     import lightgbm
-
-    from profile_engine.model.training import categorical_values, vocabulary
 
     config = config or GBMConfig()
     categories = {c: vocabulary(categorical_values(fit_rows, c), config.max_categories) for c in categorical}

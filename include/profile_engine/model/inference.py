@@ -1,23 +1,5 @@
-"""TensorFlow-free inference for the trained propensity networks (issue 10: score 1M profiles in under 10 s).
-
-Importing TensorFlow/Keras costs about 3.6 s and 600 MB per process, against
-under 0.5 s for the prediction itself, so every mapped ``score_profiles`` task
-was import-bound. At training time (and on demand, ``model.export_inference``)
-each Keras network of a version is exported into two files next to its
-``.keras`` file:
-
-- ``<stem>.inference.json``: the layer graph in topological order (operation,
-  inputs, activation, vocabularies with StringLookup's OOV semantics, the
-  normalisation epsilon, the clip limit of standardised inputs) and the SHA-256 of the ``.keras`` file it came from;
-- ``<stem>.inference.npz``: the weights (float32, as Keras holds them).
-
-``InferenceNetwork`` runs the forward pass in numpy (float32 like Keras,
-vectorised; string lookups through Arrow's ``index_in``) without importing
-keras or tensorflow. The export walks the functional graph and refuses, naming
-the layer and its class, any layer or setting it cannot reproduce exactly, so
-an architecture change cannot silently score differently from Keras.
-
-Only ``export_network`` imports keras; this module is cheap to import.
+"""TensorFlow-free inference: export a trained Keras network to a layer spec and weights, and run its forward
+pass in numpy. docs/model.md (Without TensorFlow).
 """
 
 from __future__ import annotations

@@ -1,17 +1,5 @@
-"""Labels and the out-of-time training set of the propensity model (DESIGN.md §5).
-
-The label of a profile snapshot at hour S (end E = S + 1h) says whether the user
-purchased in ``[E, E + horizon)``. It comes from staged events only, and it is
-final once every event of the window can have arrived: ``E + horizon + lateness``
-is at or before the end of the processing hour. Features come from the snapshot
-only; ``check_no_leakage`` checks every example (and recomputes a sample of them
-from the events before the snapshot's cutoff) before a set is written.
-
-``build_training_set`` picks the evaluation snapshot (the newest one whose labels
-are final) and older training snapshots whose label windows end before the
-evaluation window starts (an out-of-time split), subsamples users
-deterministically and writes ``training/<version>/{train,eval}.parquet`` with the
-whole profile row of each example, so any model can be re-evaluated later.
+"""Labels and the out-of-time training and evaluation sets of the propensity model, with the leakage check.
+docs/model.md (Labels).
 """
 
 from __future__ import annotations
@@ -304,7 +292,7 @@ def check_no_leakage(
     }
     users = sorted({u for rows in drawn.values() for u in rows.column(USER_ID).to_pylist()})
     rebuilt: dict[datetime, list[pa.Table]] = {hour: [] for hour in snapshots}
-    for bucket, bucket_users in _users_by_bucket(users, settings.buckets).items():
+    for bucket, bucket_users in users_by_bucket(users, settings.buckets).items():
         wanted = pa.array(bucket_users, pa.string())
         hours = [h for h in snapshots if pc.any(pc.is_in(drawn[h].column(USER_ID), value_set=wanted)).as_py()]
         for hour, profiles in replay.rebuild_before_cutoffs(settings, hours, bucket, wanted).items():
@@ -329,7 +317,7 @@ def check_no_leakage(
     return {"rows": rows, "columns": len(columns)}
 
 
-def _users_by_bucket(users: Sequence[str], buckets: int) -> dict[int, list[str]]:
+def users_by_bucket(users: Sequence[str], buckets: int) -> dict[int, list[str]]:
     """The users of each bucket, by the staging rule (``schema.bucket_sql``)."""
     con = db.connect()
     try:

@@ -1,22 +1,11 @@
-"""The model registry: the promotion log and the champion it implies (DESIGN.md §5).
-
-The log under ``_meta/promotions/`` is the commit point: one JSON entry per data
-hour from which a version applies (``2026-11-01T05.json``). The champion for hour
-H is the newest entry whose hour is at or before H, so a rerun of an old hour
-scores with the model it used then, whatever was promoted later.
-``models/champion.json`` mirrors the newest entry for people and dashboards; the
-pipeline never reads it.
-
-Every gate decision, promoted or not, is also kept in the decision log
-``_meta/promotions/decisions/`` (one entry per training hour), so a rejection and
-its reasons are on record. ``python -m profile_engine models list|show|promote|rollback``
-drives the registry by hand: manual promotions and rollbacks apply from the next
-unprocessed hour (the hour after ``profiles/current``), recorded as forced.
+"""The model registry: the promotion log and the champion it implies, the decision log, the model directory's
+file names and kinds. docs/model.md (Registry).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,11 +25,33 @@ CLI_RUN_ID = "cli"
 VERSION_FORMAT = "v%Y%m%dT%H"
 _ENTRY_FORMAT = "%Y-%m-%dT%H"
 _VERSION_PATTERN = re.compile(r"^v\d{8}T\d{2}$")
+# The behaviour-sequence encoder over the users' last events, alone and with the aggregate inputs
+# (``profile_engine.model.sequence``; trained when ``Settings.sequence_candidates`` is on).
+SEQUENCE_KINDS: tuple[str, ...] = ("sequence", "combined")
+# What a version can score with (``artifacts.load_model``'s kinds), in the gate's order of preference: the
+# network, gradient-boosted trees, the sequence kinds (they cost a TensorFlow import and a staging read at
+# scoring), the baseline.
+MODEL_KINDS: tuple[str, ...] = ("model", "lightgbm", *SEQUENCE_KINDS, "baseline")
 
 
 def model_version(hour: datetime) -> str:
     """The version trained at ``hour``: ``v20261101T05``. A rerun of that hour reuses it."""
     return floor_hour(hour).strftime(VERSION_FORMAT)
+
+
+def sequence_file_names(kind: str) -> tuple[str, str]:
+    """``(network, metadata)`` file names of a sequence kind in a model version directory."""
+    return f"{kind}.keras", f"{kind}.json"
+
+
+def update_model_dir(settings: Settings, version: str, updates: Mapping[str, bytes]) -> None:
+    """Rewrite ``models/<version>/`` atomically with files added or replaced."""
+    lake = Lake(settings.lake)
+    directory = lake.path(MODELS, version)
+    manifest = read_json(directory / MANIFEST)
+    names = [f["name"] for f in manifest.pop("files")]
+    files = [(n, (directory / n).read_bytes()) for n in names if n not in updates] + list(updates.items())
+    lake.write_dir(directory, files, manifest)
 
 
 def version_hour(version: str) -> datetime:
@@ -72,7 +83,7 @@ def promotion_log(settings: Settings) -> list[dict[str, Any]]:
 
 
 def entry_kind(entry: dict[str, Any]) -> str:
-    """Which of the version's scorers a promotion log entry promoted (``model.MODEL_KINDS``).
+    """Which of the version's scorers a promotion log entry promoted (``MODEL_KINDS``).
 
     Entries written before the gate chose among candidates promoted the network (``model``).
     """

@@ -1,29 +1,5 @@
-"""The behaviour-sequence model: a Keras encoder over each user's last events before a snapshot (DESIGN.md §5).
-
-The propensity network (``profile_engine.model.training``) sees the snapshot's aggregate
-features; this module reads, for every example (user, snapshot hour), the user's
-last ``SequenceConfig.length`` staged events before the snapshot's cutoff and
-encodes them with embeddings of the event type and the (hashed) category, the log
-hours between consecutive events and the log hours from each event to the
-snapshot end, then a GRU whose final state (after the newest event; sequences are
-left-padded and masked) goes through a dense layer to a sigmoid. The ``combined``
-kind concatenates that state with the normalised aggregate inputs of the main
-network (built by ``model.build_network``, so the preprocessing is the same code).
-
-Training follows ``model.fit_models``: the newest training snapshot is the
-time-based validation slice (early stopping on its AUC, restoring the best
-weights; Platt calibration fitted on it with ``model.fit_calibration``), class
-weights balance the positives, and ``keras.utils.set_random_seed`` with
-TensorFlow op determinism makes a rerun give the same predictions.
-
-The cutoff of the snapshot of hour S (end E = S + 1h) is the one of
-``labels.check_no_leakage``: staging is read up to the processing hour S only, and
-every event with ``ts >= E`` is dropped. Nothing at or after E, and nothing that
-arrived after S, reaches an input.
-
-Scoring uses Keras (there is no numpy export of the GRU): a version that keeps this
-model pays the TensorFlow import at scoring. TensorFlow is only imported inside
-functions.
+"""The behaviour-sequence model: a Keras GRU encoder over each user's last staged events before a snapshot, alone
+and combined with the aggregate inputs. docs/model.md (Sequence encoder).
 """
 
 from __future__ import annotations
@@ -48,13 +24,24 @@ from profile_engine.hours import HOUR, floor_hour
 from profile_engine.lake import db
 from profile_engine.lake.storage import MODELS, STAGING, Lake, read_json
 from profile_engine.model import labels
-from profile_engine.model import training as model
+from profile_engine.model.calibration import apply_calibration, fit_calibration
+from profile_engine.model.inputs import model_inputs
+from profile_engine.model.network import (
+    ModelConfig,
+    build_network,
+    class_weights,
+    custom_layers,
+    fit_network,
+    predict_network,
+    validation_split,
+)
+from profile_engine.model.registry import SEQUENCE_KINDS, sequence_file_names, update_model_dir
 from profile_engine.profiles.build import staged_hours
 
 # The two kinds: the encoder alone, and the encoder concatenated with the aggregate network's inputs.
-KINDS = model.SEQUENCE_KINDS
+KINDS = SEQUENCE_KINDS
 
-# Input names of the sequence branch (the aggregate ones are model.NUMERIC_INPUT and model.CATEGORICAL_PREFIX...).
+# Input names of the sequence branch (the aggregate ones are inputs.NUMERIC_INPUT and inputs.CATEGORICAL_PREFIX...).
 TYPE_INPUT = "seq_event_type"
 CATEGORY_INPUT = "seq_category"
 TIME_INPUT = "seq_time"
@@ -204,16 +191,16 @@ def sequence_inputs(settings: Settings, examples: pa.Table, config: SequenceConf
 
 # ---- network ---------------------------------------------------------------------------------------------------------
 def _aggregate_branch(
-    train: pa.Table, numeric: Sequence[str], categorical: Sequence[str], config: model.ModelConfig
+    train: pa.Table, numeric: Sequence[str], categorical: Sequence[str], config: ModelConfig
 ) -> tuple[list[Any], Any]:
     """The aggregate network's inputs and its normalised input vector (what its first dense layer reads).
 
-    Built by ``model.build_network`` itself, so the preprocessing (FillMissing, Normalization
+    Built by ``build_network`` itself, so the preprocessing (FillMissing, Normalization
     with the training statistics, Clip, StringLookup + Embedding) is the main network's code.
     """
     import keras
 
-    network = model.build_network(train, numeric, categorical, config, logistic=False)
+    network = build_network(train, numeric, categorical, config, logistic=False)
     first_dense = next(layer for layer in network.layers if isinstance(layer, keras.layers.Dense))
     return list(network.inputs), first_dense.input
 
@@ -266,18 +253,18 @@ class SequenceModel:
         """The Keras input dict of ``rows`` (profile rows, for the combined kind) and their sequences."""
         out: dict[str, Any] = sequences.as_dict()
         if self.kind == "combined":
-            out.update(model.model_inputs(rows, self.numeric, self.categorical))
+            out.update(model_inputs(rows, self.numeric, self.categorical))
         return out
 
     def predict_raw(self, rows: pa.Table, sequences: SequenceInputs) -> np.ndarray:
         """The network's uncalibrated output."""
         if rows.num_rows == 0:
             return np.zeros(0, dtype=np.float64)
-        return model.predict_network(self.network, self.inputs(rows, sequences))
+        return predict_network(self.network, self.inputs(rows, sequences))
 
     def predict(self, rows: pa.Table, sequences: SequenceInputs) -> np.ndarray:
         """Calibrated purchase probabilities (float64) of profile rows whose sequences are ``sequences``."""
-        return model.apply_calibration(self.predict_raw(rows, sequences), self.calibration)
+        return apply_calibration(self.predict_raw(rows, sequences), self.calibration)
 
 
 def predict(settings: Settings, fitted: SequenceModel, rows: pa.Table) -> np.ndarray:
@@ -296,7 +283,7 @@ def _examples_key(rows: pa.Table) -> str:
 
 @dataclass(eq=False)
 class SequenceScorer:
-    """A saved encoder as a version's scorer (``model.LoadedModel.network`` of the sequence kinds).
+    """A saved encoder as a version's scorer (``artifacts.LoadedModel.network`` of the sequence kinds).
 
     Profile rows in, raw scores out: the rows' sequences are read from staging at each row's
     snapshot cutoff (``sequence_inputs``). The last rows' sequences are kept, so scoring the
@@ -316,7 +303,7 @@ class SequenceScorer:
         return self._cached[1]
 
     def predict_raw(self, rows: pa.Table) -> np.ndarray:
-        """The encoder's uncalibrated output for profile rows (calibration is ``model.LoadedModel``'s)."""
+        """The encoder's uncalibrated output for profile rows (calibration is ``artifacts.LoadedModel``'s)."""
         return self.fitted.predict_raw(rows, self.sequences(rows))
 
 
@@ -329,7 +316,7 @@ def train_sequence(
     numeric: Sequence[str] = (),
     categorical: Sequence[str] = (),
     config: SequenceConfig | None = None,
-    model_config: model.ModelConfig | None = None,
+    model_config: ModelConfig | None = None,
     sequences: SequenceInputs | None = None,
 ) -> SequenceModel:
     """Fit the encoder (``kind`` "sequence") or encoder + aggregate inputs ("combined") on a training table.
@@ -345,10 +332,10 @@ def train_sequence(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     config = config or SequenceConfig()
-    model_config = model_config or model.ModelConfig()
+    model_config = model_config or ModelConfig()
     keras.utils.set_random_seed(settings.seed)
     tf.config.experimental.enable_op_determinism()
-    is_validation = model.validation_split(train)
+    is_validation = validation_split(train)
     sequences = sequences if sequences is not None else sequence_inputs(settings, train, config)
     y = np.asarray(train.column(labels.LABEL), dtype=np.float32)
     fit_rows, val_rows = train.filter(pa.array(~is_validation)), train.filter(pa.array(is_validation))
@@ -362,9 +349,9 @@ def train_sequence(
     )
     fit_in = fitted.inputs(fit_rows, sequences.take(~is_validation))
     val_in = fitted.inputs(val_rows, sequences.take(is_validation))
-    class_weight = model.class_weights(fit_y)
-    epochs = model.fit_network(network, (fit_in, fit_y), (val_in, val_y), class_weight, config.learning_rate, config)
-    fitted.calibration = model.fit_calibration(model.predict_network(network, val_in), val_y)
+    class_weight = class_weights(fit_y)
+    epochs = fit_network(network, (fit_in, fit_y), (val_in, val_y), class_weight, config.learning_rate, config)
+    fitted.calibration = fit_calibration(predict_network(network, val_in), val_y)
     fitted.report = {
         "fit_rows": int(fit_y.size),
         "validation_rows": int(val_y.size),
@@ -378,7 +365,7 @@ def train_sequence(
 # ---- saving and loading ------------------------------------------------------------------------------------------------
 def sequence_files(fitted: SequenceModel, scratch: Path) -> dict[str, bytes]:
     """The saved network and its metadata (kind, config, features, calibration, report) as files."""
-    network_name, meta_name = model.sequence_file_names(fitted.kind)
+    network_name, meta_name = sequence_file_names(fitted.kind)
     path = scratch / network_name
     fitted.network.save(path)
     meta = {
@@ -394,14 +381,14 @@ def sequence_files(fitted: SequenceModel, scratch: Path) -> dict[str, bytes]:
 
 
 def save_sequence(settings: Settings, version: str, fitted: SequenceModel) -> list[str]:
-    """Add the model to the committed ``models/<version>/`` (atomically, ``model.update_model_dir``); the file names."""
+    """Add the model to the committed ``models/<version>/`` (atomically, ``update_model_dir``); the file names."""
     lake = Lake(settings.lake)
     scratch = lake.tmp_dir()
     try:
         files = sequence_files(fitted, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    model.update_model_dir(settings, version, files)
+    update_model_dir(settings, version, files)
     return sorted(files)
 
 
@@ -410,9 +397,9 @@ def load_sequence(settings: Settings, version: str, kind: str = "sequence") -> S
     import keras
 
     directory = Lake(settings.lake).path(MODELS, version)
-    network_name, meta_name = model.sequence_file_names(kind)
+    network_name, meta_name = sequence_file_names(kind)
     meta: Mapping[str, Any] = read_json(directory / meta_name)
-    network = keras.saving.load_model(directory / network_name, custom_objects=model.custom_layers())
+    network = keras.saving.load_model(directory / network_name, custom_objects=custom_layers())
     return SequenceModel(
         kind=meta["kind"],
         network=network,

@@ -232,7 +232,7 @@ def write_run_report(
     lake = Lake(settings.lake)
     report = build_report(hour, summaries, run_id=run_id, states=states)
     # Model decision, metrics and drift against the previous snapshot (never raises).
-    from profile_engine.model.evaluate import model_report
+    from profile_engine.model.promotion import model_report
 
     report["model"] = model_report(settings, hour, summaries)
     # Segment stability, uplift of actions old enough, chart of segment sizes (never raises).

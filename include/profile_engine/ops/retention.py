@@ -174,8 +174,7 @@ def apply_retention(settings: Settings, now_hour: datetime, *, dry_run: bool = F
 
 def _mark_not_re_evaluable(settings: Settings, version: str, cut: datetime) -> None:
     """Record in ``models/<version>/`` that its training set is gone (``retention.json`` and the card)."""
-    from profile_engine.model.registry import CARD_FILE
-    from profile_engine.model.training import update_model_dir
+    from profile_engine.model.registry import CARD_FILE, update_model_dir
 
     directory = Lake(settings.lake).path(lk.MODELS, version)
     if (directory / RETENTION_FILE).is_file():

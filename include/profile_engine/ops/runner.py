@@ -18,8 +18,7 @@ from profile_engine.ingest import events as ingest
 from profile_engine.lake import lock
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake
-from profile_engine.model import evaluate as evaluation
-from profile_engine.model import training as model
+from profile_engine.model import promotion, scoring, training
 from profile_engine.ops import report
 from profile_engine.profiles import build
 from profile_engine.quality import suites as quality
@@ -71,18 +70,19 @@ def run_hour(
             )
             stage("publish_profiles", lambda: build.publish_profiles(settings, hour, run_id=run_id))
             trained = stage(
-                "train_challenger", lambda: model.train_challenger(settings, hour, run_id=run_id, force=force_retrain)
+                "train_challenger",
+                lambda: training.train_challenger(settings, hour, run_id=run_id, force=force_retrain),
             )
             if trained.get("status") == "skipped":
                 summaries["evaluate_and_promote"] = {"status": "skipped", "reason": "no challenger trained this hour"}
             else:
                 stage(
                     "evaluate_and_promote",
-                    lambda: evaluation.evaluate_and_promote(settings, hour, run_id=run_id, force_promote=force_promote),
+                    lambda: promotion.evaluate_and_promote(settings, hour, run_id=run_id, force_promote=force_promote),
                 )
             stage(
                 "score_profiles",
-                lambda: [model.score_profiles(settings, hour, b, run_id=run_id) for b in range(settings.buckets)],
+                lambda: [scoring.score_profiles(settings, hour, b, run_id=run_id) for b in range(settings.buckets)],
             )
             stage("publish_segments", lambda: segments.publish_segments(settings, hour, run_id=run_id, dry_run=dry_run))
         finally:

@@ -73,7 +73,7 @@ def _read_snapshot(lake: lk.Lake, hour: datetime) -> pa.Table:
 
 def _read_scores(lake: lk.Lake, hour: datetime) -> pa.Table | None:
     """Committed scores of ``hour`` (score columns only, deciles on the whole scored population), or None."""
-    from profile_engine.model.training import read_scores
+    from profile_engine.model.scoring import read_scores
 
     try:
         return read_scores(lake, hour).select([USER_ID, *SCORE_COLUMNS])
