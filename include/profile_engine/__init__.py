@@ -1,11 +1,9 @@
-"""User-profile data engine for e-commerce: hourly profiles, propensity, segments.
+"""User-profile data engine for e-commerce: hourly profiles, propensity scores and segments (docs/architecture.md).
 
-Every pipeline stage lives in its own module (``ingest``, ``quality``,
-``features``, ``labels``, ``model``, ``evaluate``, ``registry``, ``segments``,
-``report``); ``lake`` owns paths and atomic writes, ``config`` the settings and
-``runner`` runs whole hours in-process. Importing this package is cheap: no
-module imports TensorFlow, Great Expectations or DuckDB at import time except
-where a stage function needs it.
+Subpackages by concern, each importing only those below it: ``contracts``, ``lake``, ``privacy``, ``sources``,
+``ingest``, ``quality``, ``profiles``, ``model``, ``segments``, ``ops``; ``config`` and ``hours`` at the bottom,
+``cli`` on top. Importing the package is cheap: TensorFlow, Great Expectations and LightGBM load only inside
+the functions that need them.
 """
 
 __version__ = "0.1.0"
