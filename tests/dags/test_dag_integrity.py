@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from profile_engine.config import task_timeout
-from profile_engine.ops import report
+from profile_engine.contracts.stages import REPORT_STAGE, STAGES
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 DAG_FILES = sorted(p for p in DAGS.glob("*.py") if not p.name.startswith("_"))
@@ -69,7 +69,7 @@ def test_profile_refresh_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
     assert dag.max_active_runs == 1 and dag.catchup is True
     assert type(dag.timetable).__name__ == "HourlyTimetable"  # cron "0 * * * *", see profile_engine.ops.timetable
     # The run report covers exactly the DAG's stages.
-    assert set(dag.task_ids) == {*report.STAGES, "write_run_report"}
+    assert set(dag.task_ids) == {*STAGES, REPORT_STAGE}
     assert dag.get_task("build_profiles").depends_on_past
     assert dag.get_task("score_profiles").trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("write_run_report").trigger_rule == "all_done"

@@ -13,22 +13,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from profile_engine.config import Settings
+from profile_engine.contracts.stages import STAGES
 from profile_engine.hours import format_hour
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake
-
-STAGES: tuple[str, ...] = (
-    "extract_events",
-    "validate_events",
-    "check_quality",
-    "build_profiles",
-    "publish_profiles",
-    "train_challenger",
-    "evaluate_and_promote",
-    "score_profiles",
-    "publish_segments",
-)
-
 
 INCOMPLETE = ("not completed", "failed", "upstream_failed")
 
