@@ -74,6 +74,7 @@ class Progress:
         self.done = 0
         self.events = 0
         self.hour: datetime | None = None
+        self.hour_finished = False
         self.stage_name = ""
         self._last_plain: float | None = None
         self._shown = False
@@ -81,6 +82,7 @@ class Progress:
     def start_hour(self, hour: datetime) -> None:
         """The hour now being processed."""
         self.hour = hour
+        self.hour_finished = False
         self.stage_name = ""
         self._draw()
 
@@ -96,6 +98,8 @@ class Progress:
         """One more hour done, with the events it read."""
         self.done += 1
         self.events += events
+        self.hour_finished = True
+        self.stage_name = ""
         if self.tty:
             self._draw()
         elif self.done in (1, self.total) or self._last_plain is None or self.clock() - self._last_plain >= self.every:
@@ -111,7 +115,7 @@ class Progress:
         """The progress as one line of text, without the bar."""
         parts = [f"{self.done}/{self.total} hours", f"{self.events:,} events"]
         if self.hour is not None and self.done < self.total:
-            parts.append(f"hour {format_hour(self.hour)[:13]}")
+            parts.append(f"hour {format_hour(self.hour)[:13]}" + (" done" if self.hour_finished else ""))
         if self.stage_name:
             parts.append(self.stage_name)
         left = self.time_left()
@@ -200,9 +204,10 @@ def filtered_stderr(before_line: Callable[[], None] | None = None) -> Generator[
     read, write = os.pipe()
     os.dup2(write, fd)
     os.close(write)
+    relayed = os.dup(saved)  # the relay's own copy: ``saved`` is closed on exit, maybe before the relay ends
 
     def relay() -> None:
-        with os.fdopen(read, "rb") as pipe, os.fdopen(os.dup(saved), "wb", buffering=0) as out:
+        with os.fdopen(read, "rb") as pipe, os.fdopen(relayed, "wb", buffering=0) as out:
             for line in pipe:
                 if not is_noise(line):
                     if before_line is not None:
