@@ -59,14 +59,24 @@ def test_plain_lines_are_throttled_but_the_first_and_last_hour_always_show() -> 
     assert 9 <= len(done) <= 12
 
 
-def test_a_bulk_phase_after_the_last_hour_is_a_plain_line() -> None:
-    stream = io.StringIO()
-    bar = Progress("warm-up", 1, stream=stream, tty=False)
+def test_bulk_phases_after_the_last_hour_get_a_line_per_kind_then_throttled() -> None:
+    stream, clock = io.StringIO(), Clock()
+    bar = Progress("warm-up", 1, stream=stream, tty=False, clock=clock, every=10.0)
     bar.hour_done(events=5)
 
     bar.stage("build_profiles bucket 1/2")
+    bar.stage("build_profiles bucket 2/2")
+    for i in range(1, 21):
+        clock.now += 1
+        bar.stage(f"publish_profiles snapshot {i}/20")
 
-    assert stream.getvalue().splitlines()[-1].startswith("[warm-up] 1/1 hours | 5 events | build_profiles bucket 1/2")
+    lines = stream.getvalue().splitlines()[1:]
+    assert lines[0] == "[warm-up] 1/1 hours | 5 events | build_profiles bucket 1/2 | 0s so far"
+    assert [line.split(" | ")[2] for line in lines] == [
+        "build_profiles bucket 1/2",
+        "publish_profiles snapshot 1/20",
+        "publish_profiles snapshot 11/20",
+    ]
 
 
 def test_a_terminal_gets_one_updating_line_with_a_bar() -> None:

@@ -51,7 +51,8 @@ class Progress:
 
     On a terminal one line is redrawn (``\\r``) at every change; elsewhere (a file, a pipe, a CI log)
     a plain line is written when an hour is done, at most every ``every`` seconds (always the first and
-    the last), and when a stage starts after the last hour (a bulk phase such as building profiles).
+    the last), and for the stages after the last hour (bulk phases such as building profiles): when a
+    new kind of stage starts, else at most every ``every`` seconds.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class Progress:
         self.hour_finished = False
         self.stage_name = ""
         self._last_plain: float | None = None
+        self._last_kind = ""
         self._shown = False
 
     def start_hour(self, hour: datetime) -> None:
@@ -88,11 +90,13 @@ class Progress:
 
     def stage(self, name: str) -> None:
         """The stage now running (of the current hour, or a bulk phase after the last hour)."""
+        kind = name.split()[0] if name else ""
         self.stage_name = name
         if self.tty:
             self._draw()
-        elif self.done >= self.total:
+        elif self.done >= self.total and (kind != self._last_kind or self._due()):
             self._plain()
+        self._last_kind = kind
 
     def hour_done(self, events: int = 0) -> None:
         """One more hour done, with the events it read."""
@@ -102,8 +106,11 @@ class Progress:
         self.stage_name = ""
         if self.tty:
             self._draw()
-        elif self.done in (1, self.total) or self._last_plain is None or self.clock() - self._last_plain >= self.every:
+        elif self.done in (1, self.total) or self._due():
             self._plain()
+
+    def _due(self) -> bool:
+        return self._last_plain is None or self.clock() - self._last_plain >= self.every
 
     def time_left(self) -> float | None:
         """Seconds left at the pace so far (None before the first hour is done or after the last)."""

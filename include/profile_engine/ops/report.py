@@ -1,8 +1,6 @@
-"""The run report of an hour: what every stage did, as JSON and as an HTML page.
+"""The run report of an hour (JSON and HTML): what every stage did, written even when a stage failed.
 
-Written by ``write_run_report`` even when a stage failed (the DAG task runs with
-``all_done``), so every failure has its report. Stages that did not complete are
-listed as such with the error when one is known.
+docs/operations.md, "Run reports in the Airflow UI".
 """
 
 from __future__ import annotations
