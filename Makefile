@@ -91,5 +91,14 @@ constraints:
 	/tmp/profile-engine-constraints/bin/pip install --quiet -r requirements.txt
 	/tmp/profile-engine-constraints/bin/pip freeze --exclude-editable | grep -v '^profile-engine' > constraints.txt
 
+# The refactoring check (CONTRIBUTING.md): build a demo lake with this checkout's code and compare its
+# content checksums with BEFORE, a checksum file built the same way from the code before the change.
+DEMO_CHECK_DIR ?= /tmp/demo-check
+.PHONY: demo-check
+demo-check: install
+	@test -n "$(BEFORE)" || { echo "usage: make demo-check BEFORE=path/to/before.json"; exit 2; }
+	$(BIN)/python scripts/demo_checksums.py build --checkout . --lake $(DEMO_CHECK_DIR)/after-lake --out $(DEMO_CHECK_DIR)/after.json
+	$(BIN)/python scripts/demo_checksums.py compare "$(BEFORE)" $(DEMO_CHECK_DIR)/after.json
+
 clean:
 	rm -rf $(VENV) .airflow lake

@@ -5,7 +5,7 @@ Replays an event log (for example the public Taobao/Tianchi "UserBehavior" log, 
 temporary lake through the project's own path (``runner.replay``: landing, validation,
 staging, profiles). At every local midnight of the business time zone (except the last
 day, which has no next day) it rebuilds the profile snapshot from the staged events
-(``features.rebuild_bucket`` + ``snapshot`` + population features, the path ``verify``
+(``replay.rebuild_bucket`` + ``snapshot`` + population features, the path ``verify``
 checks against the hourly one) and labels each profiled user 1 when the log holds a
 purchase of that user in the next 24 hours among the staged events (the file's rows
 through the mapping; the script prints how many file rows were staged, so a quarantined
@@ -54,10 +54,22 @@ sys.path.insert(0, str(ROOT / "include"))
 
 from profile_engine.config import Settings  # noqa: E402
 from profile_engine.contracts.events import PURCHASE  # noqa: E402
+from profile_engine.contracts.profiles import (  # noqa: E402
+    FREQUENCY_ORDERS,
+    FUNNEL_COLUMNS,
+    HOURS_SINCE_LAST_EVENT,
+    NUMERIC_FEATURES,
+    RECENCY_HOURS,
+    USER_ID,
+    open_items_column,
+)
 from profile_engine.hours import HOUR, format_hour, parse_hour  # noqa: E402
 from profile_engine.lake.storage import STAGING, Lake  # noqa: E402
 from profile_engine.model.evaluate import auc  # noqa: E402
-from profile_engine.profiles import features as F  # noqa: E402
+from profile_engine.profiles.population import population_snapshot  # noqa: E402
+from profile_engine.profiles.replay import rebuild_bucket  # noqa: E402
+from profile_engine.profiles.snapshot import snapshot  # noqa: E402
+from profile_engine.profiles.state import connect  # noqa: E402
 from profile_engine.sources import mappings as sources  # noqa: E402
 
 HORIZON = timedelta(hours=24)
@@ -68,16 +80,16 @@ def snapshot_table(settings: Settings, end: datetime) -> pa.Table:
     hour = end - HOUR
     parts = []
     for bucket in range(settings.buckets):
-        _, state = F.rebuild_bucket(settings, hour, bucket)
-        parts.append(F.snapshot(state, end, settings)[0])
-    return F.population_snapshot(parts, hour)
+        _, state = rebuild_bucket(settings, hour, bucket)
+        parts.append(snapshot(state, end, settings)[0])
+    return population_snapshot(parts, hour)
 
 
 def staged_events(settings: Settings) -> pa.Table:
     """Every staged event (user, type, ts) in the lake: the labels' source."""
     lake = Lake(settings.lake)
     files = sorted(str(p) for p in lake.path(STAGING).glob("dt=*/hour=*/bucket=*/*.parquet"))
-    con = F._connect()
+    con = connect()
     try:
         listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         return con.sql(f"SELECT user_id, event_type, ts FROM read_parquet([{listed}])").to_arrow_table()
@@ -89,7 +101,7 @@ def labels_for(users: pa.Array, bought: pa.Table, end: datetime) -> np.ndarray:
     """1 for users with a purchase in ``[end, end + 24 h)``."""
     ts = bought.column("ts")
     inside = pc.and_(pc.greater_equal(ts, pa.scalar(end, ts.type)), pc.less(ts, pa.scalar(end + HORIZON, ts.type)))
-    buyers = pc.unique(bought.filter(inside).column(F.USER_ID))
+    buyers = pc.unique(bought.filter(inside).column(USER_ID))
     return np.asarray(pc.is_in(users, value_set=buyers).to_numpy(zero_copy_only=False), dtype=bool)
 
 
@@ -101,7 +113,7 @@ def column(table: pa.Table, name: str) -> np.ndarray:
 def oriented(table: pa.Table, name: str) -> np.ndarray:
     """Score of one column alone: larger = more likely to buy; hours-since negated, nulls lowest."""
     values = column(table, name)
-    if name.startswith("hours_since") or name == F.RECENCY_HOURS:
+    if name.startswith("hours_since") or name == RECENCY_HOURS:
         values = -values
     return np.where(np.isnan(values), -np.inf, values)
 
@@ -177,10 +189,10 @@ def main() -> int:
             ends.append(midnight.astimezone(UTC))
             midnight += timedelta(days=1)
         snapshots = [snapshot_table(settings, e) for e in ends]
-        ys = [labels_for(s.column(F.USER_ID).combine_chunks(), bought, e) for s, e in zip(snapshots, ends, strict=True)]
+        ys = [labels_for(s.column(USER_ID).combine_chunks(), bought, e) for s, e in zip(snapshots, ends, strict=True)]
 
-        old = [n for n in F.NUMERIC_FEATURES if n not in F.FUNNEL_COLUMNS]
-        new = list(F.NUMERIC_FEATURES)
+        old = [n for n in NUMERIC_FEATURES if n not in FUNNEL_COLUMNS]
+        new = list(NUMERIC_FEATURES)
         results: dict[str, Any] = {
             "file_rows": replayed["rows"],
             "staged_rows": staged.num_rows,
@@ -192,8 +204,8 @@ def main() -> int:
         for k in range(max(1, len(ends) - args.test_days), len(ends)):
             table, y = snapshots[k], ys[k]
             y_train = np.concatenate(ys[:k])
-            rule = np.where(column(table, F.open_items_column("cart", "24h")) > 0, 1e6, 0.0) + np.nan_to_num(
-                column(table, F.FREQUENCY_ORDERS)
+            rule = np.where(column(table, open_items_column("cart", "24h")) > 0, 1e6, 0.0) + np.nan_to_num(
+                column(table, FREQUENCY_ORDERS)
             )
             entry = {
                 "snapshot_end": format_hour(ends[k]),
@@ -203,13 +215,13 @@ def main() -> int:
                 "train_buyers": int(y_train.sum()),
                 "auc": {
                     "rule_open_cart_24h_then_orders": auc(y, rule),
-                    "hours_since_last_event": auc(y, oriented(table, F.HOURS_SINCE_LAST_EVENT)),
+                    "hours_since_last_event": auc(y, oriented(table, HOURS_SINCE_LAST_EVENT)),
                     **{
                         f"logistic_{kind}_l2={l2:g}": logistic_auc(snapshots[:k], y_train, table, y, names, l2)
                         for l2 in args.l2
                         for kind, names in (("old", old), ("old_plus_new", new))
                     },
-                    **{f"alone:{n}": auc(y, oriented(table, n)) for n in F.FUNNEL_COLUMNS},
+                    **{f"alone:{n}": auc(y, oriented(table, n)) for n in FUNNEL_COLUMNS},
                 },
                 "columns": {"old": len(old), "old_plus_new": len(new)},
             }

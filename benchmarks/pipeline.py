@@ -139,7 +139,7 @@ def build_base(base: Path, sizes: Sizes, log: Any) -> dict[str, Any]:
     from profile_engine.lake.storage import Lake
     from profile_engine.model import registry
     from profile_engine.model import training as model
-    from profile_engine.profiles import features
+    from profile_engine.profiles import build
     from profile_engine.sources.simulate import simulate
 
     first = END - sizes.history_hours * HOUR
@@ -164,10 +164,10 @@ def build_base(base: Path, sizes: Sizes, log: Any) -> dict[str, Any]:
             last, chunk_first + (SNAPSHOT_EVERY - 1 - (int(chunk_first.timestamp()) // 3600) % SNAPSHOT_EVERY) * HOUR
         )
         for bucket in range(sizes.buckets):
-            features.build_profiles_range(
+            build.build_profiles_range(
                 settings, chunk_first, chunk_last, bucket, run_id="bench-history", snapshot_every=SNAPSHOT_EVERY
             )
-        features.publish_profiles(settings, chunk_last, run_id="bench-history")
+        build.publish_profiles(settings, chunk_last, run_id="bench-history")
         chunk_first = chunk_last + HOUR
     log(f"built the state ({time.monotonic() - started:.0f} s)")
     champion = None
@@ -211,16 +211,16 @@ def base_lake(work: Path, sizes: Sizes, log: Any) -> tuple[Path, dict[str, Any]]
 
 def upgrade_base(base: Path, sizes: Sizes, info: dict[str, Any], log: Any) -> None:
     """Bring a cached base lake to the current layouts once, so that no measured run pays a conversion:
-    the state checkpoint the hour builds on (``features.upgrade_state``) and the champion's numpy
+    the state checkpoint the hour builds on (``build.upgrade_state``) and the champion's numpy
     export (``model.export_inference``; a version without it is scored with Keras)."""
     from profile_engine.lake.storage import STATE, Lake
     from profile_engine.model import training as model
-    from profile_engine.profiles import features
+    from profile_engine.profiles import build
 
     lake = Lake(base)
     before = END - timedelta(hours=1)
     upgraded = [
-        b for b in range(sizes.buckets) if lake.committed(STATE, before, b) and features.upgrade_state(lake, before, b)
+        b for b in range(sizes.buckets) if lake.committed(STATE, before, b) and build.upgrade_state(lake, before, b)
     ]
     if upgraded:
         log(f"upgraded the state of {base.name} (buckets {upgraded}) to the current layout")
@@ -265,8 +265,8 @@ def run_task(task: str, hour: datetime, bucket: int | None, summaries_file: Path
     from profile_engine.ingest import events as ingest
     from profile_engine.model import training as model
     from profile_engine.ops import report
-    from profile_engine.profiles import features
-    from profile_engine.segments import rules as segments
+    from profile_engine.profiles import build
+    from profile_engine.segments import publish as segments
 
     settings = Settings.from_env()
     run_id = f"bench__{hour:%Y%m%dT%H}"
@@ -281,9 +281,9 @@ def run_task(task: str, hour: datetime, bucket: int | None, summaries_file: Path
         return quality.check_staged_hour(settings, hour, validated, run_id=run_id)
     if task == "build_profiles":
         assert bucket is not None
-        return features.build_profiles(settings, hour, bucket, run_id=run_id, first_hour=settings.start)
+        return build.build_profiles(settings, hour, bucket, run_id=run_id, first_hour=settings.start)
     if task == "publish_profiles":
-        return features.publish_profiles(settings, hour, run_id=run_id)
+        return build.publish_profiles(settings, hour, run_id=run_id)
     if task == "score_profiles":
         assert bucket is not None
         return model.score_profiles(settings, hour, bucket, run_id=run_id)
@@ -337,9 +337,9 @@ def run_stages(settings: Any, hour: datetime) -> dict[str, Any]:
     from profile_engine.ingest import events as ingest
     from profile_engine.model import training as model
     from profile_engine.ops import report
-    from profile_engine.profiles import features
+    from profile_engine.profiles import build
     from profile_engine.quality import suites as quality
-    from profile_engine.segments import rules as segments
+    from profile_engine.segments import publish as segments
 
     run_id = f"bench__{hour:%Y%m%dT%H}"
     times: dict[str, float] = {}
@@ -356,9 +356,9 @@ def run_stages(settings: Any, hour: datetime) -> dict[str, Any]:
     timed("check_quality", lambda: quality.check_staged_hour(settings, hour, validated, run_id=run_id))
     timed(
         "build_profiles",
-        lambda: [features.build_profiles(settings, hour, b, run_id=run_id) for b in range(settings.buckets)],
+        lambda: [build.build_profiles(settings, hour, b, run_id=run_id) for b in range(settings.buckets)],
     )
-    timed("publish_profiles", lambda: features.publish_profiles(settings, hour, run_id=run_id))
+    timed("publish_profiles", lambda: build.publish_profiles(settings, hour, run_id=run_id))
     timed(
         "score_profiles",
         lambda: [model.score_profiles(settings, hour, b, run_id=run_id) for b in range(settings.buckets)],
@@ -375,8 +375,9 @@ def child_main(args: argparse.Namespace) -> None:
     import profile_engine.ingest.events  # noqa: F401
     import profile_engine.model.training  # noqa: F401
     import profile_engine.ops.report  # noqa: F401
-    import profile_engine.profiles.features  # noqa: F401  (the package's own imports are start-up, not task work)
-    import profile_engine.segments.rules  # noqa: F401
+    import profile_engine.profiles.build  # noqa: F401  (the package's own imports are start-up, not task work)
+    import profile_engine.segments.publish  # noqa: F401
+    import profile_engine.segments.uplift  # noqa: F401
 
     def cpu() -> float:
         usage = resource.getrusage(resource.RUSAGE_SELF)

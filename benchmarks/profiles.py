@@ -132,7 +132,7 @@ def prepare(work: Path, sizes: Sizes) -> dict[str, Any]:
     work.mkdir(parents=True)
     from profile_engine.config import Settings
     from profile_engine.hours import HOUR, hour_range
-    from profile_engine.profiles import features
+    from profile_engine.profiles import build
 
     build_hours = [END - HOUR * (sizes.build_hours - i) for i in range(sizes.build_hours)] + [END]
     build_events = _stage(
@@ -171,8 +171,8 @@ def prepare(work: Path, sizes: Sizes) -> dict[str, Any]:
         started = time.monotonic()
         start = END - timedelta(days=days)
         for b in range(settings.buckets):
-            features.build_profiles_range(settings, start, END - HOUR, b, first_hour=start, snapshot_every=24)
-        features.publish_profiles(settings, END - HOUR)
+            build.build_profiles_range(settings, start, END - HOUR, b, first_hour=start, snapshot_every=24)
+        build.publish_profiles(settings, END - HOUR)
         bulk[f"{days}d"] = round(time.monotonic() - started, 1)
         print(f"[bench] history of {days} days built in bulk in {bulk[f'{days}d']}s", flush=True)
     info = {
@@ -189,15 +189,15 @@ def prepare(work: Path, sizes: Sizes) -> dict[str, Any]:
 
 def _upgrade_history(work: Path, sizes: Sizes) -> None:
     """Bring the cached history lakes' state checkpoint (the hour before ``END``) to the current
-    layout once, so that no refresh run pays the conversion (``features.upgrade_state``)."""
+    layout once, so that no refresh run pays the conversion (``build.upgrade_state``)."""
     from profile_engine.hours import HOUR
     from profile_engine.lake.storage import STATE, Lake
-    from profile_engine.profiles import features
+    from profile_engine.profiles import build
 
     for name in ("refresh_31d", "refresh_60d"):
         lake = Lake(work / name)
         for b in range(sizes.refresh_buckets):
-            if lake.committed(STATE, END - HOUR, b) and features.upgrade_state(lake, END - HOUR, b):
+            if lake.committed(STATE, END - HOUR, b) and build.upgrade_state(lake, END - HOUR, b):
                 print(f"[bench] {name} bucket {b}: state upgraded to the current layout", flush=True)
 
 
@@ -222,7 +222,8 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
     import pyarrow  # noqa: F401
 
     from profile_engine.hours import HOUR
-    from profile_engine.profiles import features
+    from profile_engine.profiles import build, population, replay
+    from profile_engine.profiles.snapshot import snapshot
 
     out: dict[str, Any] = {}
     if name.startswith("refresh_"):
@@ -257,16 +258,16 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
         settings = _settings(root, buckets)
         parts = []
         for b in built:
-            _, state = features.rebuild_bucket(settings, hour, b)
-            parts.append(features.snapshot(state, hour + HOUR, settings)[0])
+            _, state = replay.rebuild_bucket(settings, hour, b)
+            parts.append(snapshot(state, hour + HOUR, settings)[0])
             del state
-        profiles = features.population_snapshot(parts, hour) if len(built) == buckets else parts[0]
+        profiles = population.population_snapshot(parts, hour) if len(built) == buckets else parts[0]
         out["profiles"] = profiles.num_rows
     elif name.startswith("refresh_"):
         settings = _settings(work / name, sizes.refresh_buckets)
-        built_rows = [features.build_profiles(settings, hour, b, run_id="bench") for b in range(settings.buckets)]
+        built_rows = [build.build_profiles(settings, hour, b, run_id="bench") for b in range(settings.buckets)]
         out["build_s"] = time.monotonic() - started
-        published = features.publish_profiles(settings, hour, run_id="bench")
+        published = build.publish_profiles(settings, hour, run_id="bench")
         out["publish_s"] = time.monotonic() - started - out["build_s"]
         out["events_merged"] = sum(r["events_merged"] for r in built_rows)
         out["profiles"] = published["profiles"]

@@ -145,20 +145,20 @@ def profile_refresh() -> None:
     @task(depends_on_past=True, multiple_outputs=False, doc_md="Merge one bucket's staged events into its state.")
     def build_profiles(bucket: int, validated: dict[str, Any]) -> dict[str, Any]:
         """Merge this hour's staged events of one bucket into the previous hour's state."""
-        from profile_engine.profiles import features
+        from profile_engine.profiles import build
 
         settings, hour, run_id = _context()
-        return features.build_profiles(settings, hour, bucket, run_id=run_id, first_hour=settings.schedule_start)
+        return build.build_profiles(settings, hour, bucket, run_id=run_id, first_hour=settings.schedule_start)
 
     @task(depends_on_past=True, multiple_outputs=False)
     def publish_profiles(built: list[dict[str, Any]]) -> dict[str, Any]:
         """Add population features (RFM), write the change log and commit the snapshot."""
-        from profile_engine.profiles import features
+        from profile_engine.profiles import build
         from profile_engine.quality import suites as quality
 
         settings, hour, run_id = _context()
         try:
-            return features.publish_profiles(settings, hour, run_id=run_id)
+            return build.publish_profiles(settings, hour, run_id=run_id)
         except quality.ProfileValidationError as error:
             raise AirflowFailException(str(error)) from error  # the data is wrong: a retry gives the same
 
@@ -199,13 +199,13 @@ def profile_refresh() -> None:
     @task(multiple_outputs=False, outlets=[SEGMENT_EXPORTS])
     def publish_segments(scored: list[dict[str, Any]]) -> dict[str, Any]:
         """Evaluate the segment rules, assign one action per user, write the exports and announce them."""
-        from profile_engine.segments import rules as segments
+        from profile_engine.segments import publish, rules
 
         settings, hour, run_id = _context()
         context = get_current_context()
         optouts = delivery.connection_engine(settings.optout_conn_id) if settings.optout_conn_id else None
         try:
-            summary = segments.publish_segments(
+            summary = publish.publish_segments(
                 settings,
                 hour,
                 run_id=run_id,
@@ -213,7 +213,7 @@ def profile_refresh() -> None:
                 export_key_secret=delivery.connection_secret(EXPORT_KEY_CONN_ID),
                 optout_engine=optouts,
             )
-        except (segments.SegmentConfigError, ExportKeyError) as error:
+        except (rules.SegmentConfigError, ExportKeyError) as error:
             raise AirflowFailException(str(error)) from error  # a broken rules file or a missing key: no retry
         # The Asset event tells deliver_campaigns which hour and manifest to deliver.
         context["outlet_events"][SEGMENT_EXPORTS].extra = delivery.asset_extra(summary)

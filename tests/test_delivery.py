@@ -16,7 +16,7 @@ from profile_engine.hours import HOUR, format_hour, parse_hour
 from profile_engine.lake import storage as lk
 from profile_engine.privacy.keys import export_key, pseudonymize
 from profile_engine.segments import delivery
-from profile_engine.segments.rules import publish_segments
+from profile_engine.segments.publish import publish_segments
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_segments import DEFAULT_PROPENSITY, DEFAULT_USERS, H0, commit_hour  # noqa: E402

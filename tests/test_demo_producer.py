@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -153,3 +153,26 @@ def test_dag_is_paused_on_creation_only_in_production(monkeypatch: pytest.Monkey
 
     # Assert
     assert paused == {"development": False, "production": True}
+
+
+def test_demo_last_pins_the_window_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange: the demo itself is replaced; only the arguments it gets matter
+    from profile_engine import cli
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: calls.append(kwargs))
+
+    # Act
+    code = cli.main(["demo", "--users", "10", "--hours", "3", "--last", "2026-11-30T13:00"])
+    cli.main(["demo"])
+
+    # Assert: a fixed hour, else None (the clock's last complete hour)
+    assert code == 0
+    assert calls[0] == {
+        "users": 10,
+        "history_days": 30,
+        "hours": 3,
+        "seed": 7,
+        "last": datetime(2026, 11, 30, 13, tzinfo=UTC),
+    }
+    assert calls[1]["last"] is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -448,6 +449,9 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
 
     # Assert 1
     assert promoted["status"] == "promoted", promoted["reasons"]
+    # The summary goes to XCom as strict JSON: the heuristics' NaN probability metrics are nulls there
+    assert promoted["metrics"]["heuristic_recency"]["log_loss"] is None
+    json.dumps(promoted, allow_nan=False)
     assert promoted["reference"] == f"baseline {first['version']}-baseline and heuristics (recency, open_cart)"
     assert promoted["deciding"]["metric"] == "lift_at_10" and promoted["deciding"]["check"].startswith("not worse")
     assert registry.champion_as_of(settings, first_hour)["version"] == first["version"]  # type: ignore[index]

@@ -1,5 +1,5 @@
-"""Tests of profile_engine.profiles.features: every feature family on hand-made events, the
-incremental == batch == rebuild property, and the lake stages on a temporary lake."""
+"""Tests of profile_engine.profiles (state, merge, snapshot, population, build): every feature family on
+hand-made events, the incremental == batch == rebuild property, and the lake stages on a temporary lake."""
 
 from __future__ import annotations
 
@@ -44,7 +44,33 @@ from profile_engine.contracts.profiles import (
 from profile_engine.hours import HOUR, floor_hour, format_hour
 from profile_engine.lake.storage import MANIFEST, PROFILE_CHANGES, PROFILES, STAGING, STATE, Lake, read_json
 from profile_engine.ops import report
-from profile_engine.profiles import features as F
+from profile_engine.profiles.build import (
+    build_profiles,
+    build_profiles_range,
+    publish_profiles,
+    read_state,
+    snapshot_committed,
+)
+from profile_engine.profiles.merge import advance, rebuild, with_local_hour
+from profile_engine.profiles.population import (
+    add_population_features,
+    change_counts,
+    population_snapshot,
+    profile_changes,
+)
+from profile_engine.profiles.snapshot import snapshot
+from profile_engine.profiles.state import (
+    PENDING,
+    SESSION_GAP,
+    SESSIONS,
+    MissingStateError,
+    ProfileState,
+    connect,
+    empty_state,
+    gap_groups,
+    hour_ms,
+    interval_groups,
+)
 from profile_engine.profiles.verify import compare_tables
 
 T0 = datetime(2026, 11, 2, tzinfo=UTC)  # November: Europe/Berlin is UTC+1
@@ -66,7 +92,7 @@ def events(*rows: dict[str, Any]) -> pa.Table:
     """Staged events from partial rows (``ts`` required), with unique event ids."""
     full = [{**DEFAULTS, "event_id": f"e{i}", **row} for i, row in enumerate(rows)]
     without_hour = pa.schema([f for f in STAGED_SCHEMA if f.name != "local_hour"])
-    return F.with_local_hour(pa.Table.from_pylist(full, schema=without_hour), SETTINGS.business_tz)
+    return with_local_hour(pa.Table.from_pylist(full, schema=without_hour), SETTINGS.business_tz)
 
 
 def at(days: float = 0, hours: float = 0, minutes: float = 0, ms: int = 0) -> datetime:
@@ -74,7 +100,7 @@ def at(days: float = 0, hours: float = 0, minutes: float = 0, ms: int = 0) -> da
 
 
 def profiles_at(table: pa.Table, end: datetime, cfg: Settings = SETTINGS) -> tuple[pa.Table, pa.Table]:
-    return F.snapshot(F.rebuild(table, end, cfg), end, cfg)
+    return snapshot(rebuild(table, end, cfg), end, cfg)
 
 
 def row(profiles: pa.Table, user: str = "u1") -> dict[str, Any]:
@@ -83,13 +109,13 @@ def row(profiles: pa.Table, user: str = "u1") -> dict[str, Any]:
     return rows[0]
 
 
-def hourly_chain(table: pa.Table, staged_hours: list[datetime], first: datetime, end: datetime) -> F.ProfileState:
+def hourly_chain(table: pa.Table, staged_hours: list[datetime], first: datetime, end: datetime) -> ProfileState:
     """Advance hour by hour from ``first``; event i is staged in ``staged_hours[i]``."""
     staged = pa.array(staged_hours, pa.timestamp("ms", tz="UTC"))
-    state = F.empty_state()
+    state = empty_state()
     hour = first
     while hour < end:
-        state = F.advance(state, table.filter(pc.equal(staged, pa.scalar(hour, staged.type))), hour + HOUR, SETTINGS)
+        state = advance(state, table.filter(pc.equal(staged, pa.scalar(hour, staged.type))), hour + HOUR, SETTINGS)
         hour += HOUR
     return state
 
@@ -148,9 +174,9 @@ def test_count_windows_are_exact_at_their_boundaries() -> None:
         {"ts": end - timedelta(days=30, milliseconds=1)},
     )
 
-    state = F.rebuild(table, end, SETTINGS)
-    first = row(F.snapshot(state, end, SETTINGS)[0])
-    later = row(F.snapshot(F.advance(state, events(), end + HOUR, SETTINGS), end + HOUR, SETTINGS)[0])
+    state = rebuild(table, end, SETTINGS)
+    first = row(snapshot(state, end, SETTINGS)[0])
+    later = row(snapshot(advance(state, events(), end + HOUR, SETTINGS), end + HOUR, SETTINGS)[0])
 
     assert [first[f"count_view_{w}"] for w in ("24h", "7d", "30d", "lifetime")] == [2, 4, 5, 6]
     assert [later[f"count_view_{w}"] for w in ("24h", "7d", "30d", "lifetime")] == [1, 3, 4, 6]
@@ -158,11 +184,11 @@ def test_count_windows_are_exact_at_their_boundaries() -> None:
 
 def test_decayed_counters_halve_every_half_life_and_merge_exactly() -> None:
     end = at(days=2)
-    state = F.rebuild(events({"ts": end - timedelta(hours=24)}), end, SETTINGS)
+    state = rebuild(events({"ts": end - timedelta(hours=24)}), end, SETTINGS)
 
-    first = row(F.snapshot(state, end, SETTINGS)[0])
-    state = F.advance(state, events({"ts": end + timedelta(hours=12)}), end + timedelta(hours=24), SETTINGS)
-    later = row(F.snapshot(state, end + timedelta(hours=24), SETTINGS)[0])
+    first = row(snapshot(state, end, SETTINGS)[0])
+    state = advance(state, events({"ts": end + timedelta(hours=12)}), end + timedelta(hours=24), SETTINGS)
+    later = row(snapshot(state, end + timedelta(hours=24), SETTINGS)[0])
 
     assert first["decayed_view_1d"] == pytest.approx(0.5, rel=1e-12)
     assert first["decayed_view_7d"] == pytest.approx(2 ** (-1 / 7), rel=1e-12)
@@ -221,8 +247,8 @@ def test_rfm_scores_break_ties_by_a_hash_of_the_user_whatever_the_row_order() ->
     profiles, _ = profiles_at(table, end)
     shuffled = profiles.take(pa.array([3, 0, 4, 2, 1]))
 
-    scored = F.add_population_features(profiles)
-    again = F.add_population_features(shuffled)
+    scored = add_population_features(profiles)
+    again = add_population_features(shuffled)
 
     got = {r["user_id"]: (r["rfm_r"], r["rfm_f"], r["rfm_m"], r["rfm_segment"]) for r in scored.to_pylist()}
     assert got == {
@@ -248,14 +274,14 @@ def test_view_to_cart_to_purchase_latencies_with_a_late_view() -> None:
     )
     staged = [floor_hour(t) for t in table.column("ts").to_pylist()[:-1]] + [at(hours=4)]
 
-    before = row(F.snapshot(hourly_chain(table, staged, T0, at(hours=4)), at(hours=4), SETTINGS)[0])
+    before = row(snapshot(hourly_chain(table, staged, T0, at(hours=4)), at(hours=4), SETTINGS)[0])
     after_state = hourly_chain(table, staged, T0, at(hours=5))
-    after = row(F.snapshot(after_state, at(hours=5), SETTINGS)[0])
+    after = row(snapshot(after_state, at(hours=5), SETTINGS)[0])
 
     assert before["mean_view_to_cart_hours"] == pytest.approx(1.5)
     assert after["mean_view_to_cart_hours"] == pytest.approx(0.25)
     assert after["mean_cart_to_purchase_hours"] == pytest.approx(1.5)
-    assert_same(F.snapshot(after_state, at(hours=5), SETTINGS)[0], profiles_at(table, at(hours=5))[0])
+    assert_same(snapshot(after_state, at(hours=5), SETTINGS)[0], profiles_at(table, at(hours=5))[0])
 
 
 def test_sessions_span_hour_boundaries_and_merge_on_a_late_event() -> None:
@@ -268,8 +294,8 @@ def test_sessions_span_hour_boundaries_and_merge_on_a_late_event() -> None:
     )
     staged = [T0, at(hours=1), at(hours=1), at(hours=1), at(hours=2)]
 
-    two = row(F.snapshot(hourly_chain(table, staged, T0, at(hours=2)), at(hours=2), SETTINGS)[0])
-    one = row(F.snapshot(hourly_chain(table, staged, T0, at(hours=3)), at(hours=3), SETTINGS)[0])
+    two = row(snapshot(hourly_chain(table, staged, T0, at(hours=2)), at(hours=2), SETTINGS)[0])
+    one = row(snapshot(hourly_chain(table, staged, T0, at(hours=3)), at(hours=3), SETTINGS)[0])
 
     assert (two["session_count"], two["mean_session_minutes"], two["events_per_session"]) == (2, 12.5, 2.0)
     assert (one["session_count"], one["mean_session_minutes"], one["events_per_session"]) == (1, 55.0, 5.0)
@@ -299,10 +325,10 @@ _GAP_EXPECTED = {  # minute -> (group's first minute, group's last minute), gap 
 def test_gap_groups_keep_tied_timestamps_together_whatever_the_row_order(order: list[int]) -> None:
     rows = [_GAP_ROWS[i] for i in order]
     table = pa.table({"user_id": [u for u, _ in rows], "ts_ms": [m * 60_000 for _, m in rows]})
-    con = F._connect()
+    con = connect()
     try:
         con.register("rows", table)
-        result = con.sql(F._gap_groups("SELECT * FROM rows", "user_id", 30 * 60_000)).to_arrow_table()
+        result = con.sql(gap_groups("SELECT * FROM rows", "user_id", 30 * 60_000)).to_arrow_table()
     finally:
         con.close()
 
@@ -336,7 +362,7 @@ def test_interval_groups_of_grouped_points_and_new_points_equal_the_gap_groups_o
             "ts_ms": pa.array([m * 60_000 for _, m in points], pa.int64()),
         }
     )
-    con = F._connect()
+    con = connect()
     try:
         con.register("pts", table)
         con.execute("CREATE TEMP TABLE numbered AS SELECT *, row_number() OVER () AS i FROM pts")
@@ -344,15 +370,15 @@ def test_interval_groups_of_grouped_points_and_new_points_equal_the_gap_groups_o
         expected = _groups_of(
             con,
             "SELECT user_id, grp_first, any_value(grp_last), count(*) "
-            f"FROM ({F._gap_groups('SELECT user_id, ts_ms FROM numbered', 'user_id', gap)}) GROUP BY user_id, grp_first",
+            f"FROM ({gap_groups('SELECT user_id, ts_ms FROM numbered', 'user_id', gap)}) GROUP BY user_id, grp_first",
         )
 
         # Act
-        all_at_once = _groups_of(con, F._interval_groups(as_points, gap))
-        buffer = F._interval_groups(f"{as_points} WHERE i <= {split}", gap)
+        all_at_once = _groups_of(con, interval_groups(as_points, gap))
+        buffer = interval_groups(f"{as_points} WHERE i <= {split}", gap)
         in_two_steps = _groups_of(
             con,
-            F._interval_groups(
+            interval_groups(
                 f"SELECT user_id, grp_first AS first_ms, grp_last AS last_ms, n FROM ({buffer}) "
                 f"UNION ALL {as_points} WHERE i > {split}",
                 gap,
@@ -375,29 +401,29 @@ def test_a_state_written_with_one_session_row_per_event_reads_as_sessions(tmp_pa
     ]
     table = events(*rows)
     end = at(hours=6)
-    state = F.advance(F.empty_state(), table, end, SETTINGS)
-    horizon = F._hour_ms(end) - SETTINGS.lateness_hours * 3_600_000
-    gap = int(F.SESSION_GAP.total_seconds() * 1000)
-    con = F._connect()
+    state = advance(empty_state(), table, end, SETTINGS)
+    horizon = hour_ms(end) - SETTINGS.lateness_hours * 3_600_000
+    gap = int(SESSION_GAP.total_seconds() * 1000)
+    con = connect()
     try:
         con.register("ev", table)
         old_layout = con.sql(
-            f"SELECT user_id, ts_ms FROM ({F._gap_groups('SELECT user_id, epoch_ms(ts) AS ts_ms FROM ev', 'user_id', gap)}) "
+            f"SELECT user_id, ts_ms FROM ({gap_groups('SELECT user_id, epoch_ms(ts) AS ts_ms FROM ev', 'user_id', gap)}) "
             f"WHERE grp_last + {gap} > {horizon} ORDER BY user_id, ts_ms"
         ).to_arrow_table()
     finally:
         con.close()
     lake = Lake(tmp_path)
-    lake.write_partition(STATE, end - HOUR, {**state.tables, F.SESSIONS: old_layout}, bucket=0)
+    lake.write_partition(STATE, end - HOUR, {**state.tables, SESSIONS: old_layout}, bucket=0)
 
     # Act
-    read = F._read_state(lake, end - HOUR, 0)
+    read = read_state(lake, end - HOUR, 0)
 
     # Assert
     assert old_layout.num_rows == 6  # every event is within the 6 h lateness window
-    assert read.tables[F.SESSIONS].equals(state.tables[F.SESSIONS])
-    assert state.tables[F.SESSIONS].num_rows == 4  # a: 00:05-00:20 and 02:00; b: 01:10 (2 events) and 05:59
-    assert_same(F.snapshot(read, end, SETTINGS)[0], F.snapshot(state, end, SETTINGS)[0])
+    assert read.tables[SESSIONS].equals(state.tables[SESSIONS])
+    assert state.tables[SESSIONS].num_rows == 4  # a: 00:05-00:20 and 02:00; b: 01:10 (2 events) and 05:59
+    assert_same(snapshot(read, end, SETTINGS)[0], snapshot(state, end, SETTINGS)[0])
 
 
 def test_open_cart_counts_items_not_removed_or_bought() -> None:
@@ -478,23 +504,23 @@ def test_peak_hour_is_local_with_ties_to_the_earlier_hour() -> None:
 def test_future_events_are_held_back_until_their_hour() -> None:
     table = events({"ts": at(hours=1)}, {"ts": at(hours=1, minutes=10), "user_id": "u2"})
 
-    state = F.advance(F.empty_state(), table, at(hours=1), SETTINGS)
-    held, _ = F.snapshot(state, at(hours=1), SETTINGS)
-    state = F.advance(state, events(), at(hours=2), SETTINGS)
-    merged, _ = F.snapshot(state, at(hours=2), SETTINGS)
+    state = advance(empty_state(), table, at(hours=1), SETTINGS)
+    held, _ = snapshot(state, at(hours=1), SETTINGS)
+    state = advance(state, events(), at(hours=2), SETTINGS)
+    merged, _ = snapshot(state, at(hours=2), SETTINGS)
 
     assert held.num_rows == 0
     assert merged.column("user_id").to_pylist() == ["u1", "u2"]
-    assert state.tables[F.PENDING].num_rows == 0
+    assert state.tables[PENDING].num_rows == 0
 
 
 def test_advance_refuses_to_go_back_and_snapshot_needs_the_state_end() -> None:
-    state = F.advance(F.empty_state(), events({"ts": at(hours=1)}), at(hours=3), SETTINGS)
+    state = advance(empty_state(), events({"ts": at(hours=1)}), at(hours=3), SETTINGS)
 
     with pytest.raises(ValueError, match="back"):
-        F.advance(state, events(), at(hours=2), SETTINGS)
+        advance(state, events(), at(hours=2), SETTINGS)
     with pytest.raises(ValueError, match="advance it first"):
-        F.snapshot(state, at(hours=4), SETTINGS)
+        snapshot(state, at(hours=4), SETTINGS)
 
 
 def test_change_log_lists_lifecycle_rfm_and_top_interest_changes_with_before_and_after() -> None:
@@ -509,15 +535,13 @@ def test_change_log_lists_lifecycle_rfm_and_top_interest_changes_with_before_and
         {"user_id": "u5", "ts": end - timedelta(hours=2), "category_id": "c1"},
         {"user_id": "u5", "ts": end + timedelta(minutes=5), "category_id": "c2", "event_type": "purchase"},
     )
-    state = F.rebuild(table, end, SETTINGS)
-    previous = F.add_population_features(F.snapshot(state, end, SETTINGS)[0])
-    current = F.add_population_features(
-        F.snapshot(F.advance(state, events(), end + HOUR, SETTINGS), end + HOUR, SETTINGS)[0]
-    )
+    state = rebuild(table, end, SETTINGS)
+    previous = add_population_features(snapshot(state, end, SETTINGS)[0])
+    current = add_population_features(snapshot(advance(state, events(), end + HOUR, SETTINGS), end + HOUR, SETTINGS)[0])
     current = current.filter(pc.not_equal(current.column("user_id"), "u2"))  # e.g. erased
 
-    changes = {c["user_id"]: c for c in F.profile_changes(previous, current).to_pylist()}
-    counts = F.change_counts(F.profile_changes(previous, current))
+    changes = {c["user_id"]: c for c in profile_changes(previous, current).to_pylist()}
+    counts = change_counts(profile_changes(previous, current))
 
     assert sorted(changes) == ["u1", "u2", "u3", "u5"]
     assert changes["u1"]["change"] == "updated" and changes["u1"]["changed"] == ["lifecycle_stage"]
@@ -537,7 +561,7 @@ def test_change_log_lists_lifecycle_rfm_and_top_interest_changes_with_before_and
         "rfm_segment": 3,
         "top_category_1": 3,
     }
-    first = F.profile_changes(None, current)
+    first = profile_changes(None, current)
     assert first.column("change").to_pylist() == ["new"] * current.num_rows
     assert first.schema == CHANGES_SCHEMA
 
@@ -588,7 +612,7 @@ def reference_profiles(rows: list[dict[str, Any]], end: datetime) -> dict[str, d
         priced = any(e["price"] is not None for e in evs)
         got[MONETARY_TOTAL] = sum(cents) / 100.0 if priced else None
         times = sorted({e["ts"] for e in evs})
-        got[SESSION_COUNT] = 1 + sum(1 for a, b in zip(times, times[1:], strict=False) if b - a >= F.SESSION_GAP)
+        got[SESSION_COUNT] = 1 + sum(1 for a, b in zip(times, times[1:], strict=False) if b - a >= SESSION_GAP)
         out[user] = got
     return out
 
@@ -667,20 +691,20 @@ def test_incremental_snapshots_equal_a_full_rebuild(
     def staged_between(lo: int, hi: int) -> pa.Table:
         return table.filter(pc.and_(pc.greater_equal(staged, lo), pc.less(staged, hi)))
 
-    def profiles_and_interests(state: F.ProfileState, end: datetime) -> tuple[pa.Table, pa.Table]:
-        profiles, interests = F.snapshot(state, end, PROPERTY_SETTINGS)
-        return F.add_population_features(profiles), interests
+    def profiles_and_interests(state: ProfileState, end: datetime) -> tuple[pa.Table, pa.Table]:
+        profiles, interests = snapshot(state, end, PROPERTY_SETTINGS)
+        return add_population_features(profiles), interests
 
-    state, previous = F.empty_state(), 0
+    state, previous = empty_state(), 0
     for end in ends:
-        state = F.advance(state, staged_between(previous, end), at(hours=end), PROPERTY_SETTINGS)
+        state = advance(state, staged_between(previous, end), at(hours=end), PROPERTY_SETTINGS)
         previous = end
         if end in checks:
-            rebuilt = F.rebuild(staged_between(0, end), at(hours=end), PROPERTY_SETTINGS)
+            rebuilt = rebuild(staged_between(0, end), at(hours=end), PROPERTY_SETTINGS)
             expected, expected_interests = profiles_and_interests(rebuilt, at(hours=end))
             got, got_interests = profiles_and_interests(state, at(hours=end))
             # A state read back from the lake has no derived buffer totals: snapshot groups the buffers.
-            loaded, _ = profiles_and_interests(F.ProfileState(state.tables), at(hours=end))
+            loaded, _ = profiles_and_interests(ProfileState(state.tables), at(hours=end))
             assert state.buffered is not None
             assert loaded.equals(got), "snapshot of the loaded state differs from the advanced one"
             for name, comparison in (
@@ -697,7 +721,7 @@ def test_incremental_snapshots_equal_a_full_rebuild(
     in_snapshot = pc.less(table.column("ts"), pa.scalar(at(hours=hours), table.schema.field("ts").type))
     views = pc.sum(pc.and_(in_snapshot, pc.equal(table.column("event_type"), "view"))).as_py() or 0
     assert (pc.sum(expected.column("count_view_lifetime")).as_py() or 0) == views
-    assert state.tables[F.PENDING].num_rows == table.num_rows - (pc.sum(in_snapshot).as_py() or 0)
+    assert state.tables[PENDING].num_rows == table.num_rows - (pc.sum(in_snapshot).as_py() or 0)
 
 
 # ---- lake stages --------------------------------------------------------------------------
@@ -728,11 +752,11 @@ def test_lake_round_trip_build_publish_and_range(tmp_path: Path) -> None:
         stage_hours(Lake(c.lake), 3)
     lake = Lake(cfg.lake)
 
-    builds = [F.build_profiles(cfg, at(hours=h), b, run_id="t") for h in range(3) for b in range(2)]
-    published = [F.publish_profiles(cfg, at(hours=h), run_id="t") for h in range(3)]
-    ranges = [F.build_profiles_range(bulk, T0, at(hours=2), b, snapshot_every=2) for b in range(2)]
+    builds = [build_profiles(cfg, at(hours=h), b, run_id="t") for h in range(3) for b in range(2)]
+    published = [publish_profiles(cfg, at(hours=h), run_id="t") for h in range(3)]
+    ranges = [build_profiles_range(bulk, T0, at(hours=2), b, snapshot_every=2) for b in range(2)]
 
-    assert all(F.snapshot_committed(cfg, at(hours=h)) for h in range(3))
+    assert all(snapshot_committed(cfg, at(hours=h)) for h in range(3))
     assert read_json(lake.path(PROFILES, "current"))["hour"] == format_hour(at(hours=2))
     final = lake.read(PROFILES, at(hours=2))
     assert final.schema == PROFILE_SCHEMA
@@ -742,7 +766,7 @@ def test_lake_round_trip_build_publish_and_range(tmp_path: Path) -> None:
     assert published[0]["new_users"] == published[0]["profiles"]
     assert published[0]["profile_changes"]["users"] == published[0]["profiles"]
     changes = lake.read(PROFILE_CHANGES, at(hours=2))
-    assert published[2]["profile_changes"] == F.change_counts(changes)
+    assert published[2]["profile_changes"] == change_counts(changes)
     headline = report.build_report(at(hours=2), {"publish_profiles": published[2]}, run_id="t")["headline"]
     assert headline["profile_changes"] == published[2]["profile_changes"]
     assert lake.manifest(PROFILE_CHANGES, at(hours=2))["previous_hour"] == format_hour(at(hours=1))
@@ -763,21 +787,21 @@ def test_rebuilding_a_bucket_uncommits_the_published_hour(tmp_path: Path) -> Non
     cfg = replace(SETTINGS, lake=tmp_path, buckets=2, start=T0)
     stage_hours(Lake(cfg.lake), 1)
     for b in range(2):
-        F.build_profiles(cfg, T0, b)
-    F.publish_profiles(cfg, T0)
+        build_profiles(cfg, T0, b)
+    publish_profiles(cfg, T0)
 
-    F.build_profiles(cfg, T0, 1)
+    build_profiles(cfg, T0, 1)
 
-    assert not F.snapshot_committed(cfg, T0)
+    assert not snapshot_committed(cfg, T0)
 
 
 def test_missing_previous_hour_is_an_error_naming_it(tmp_path: Path) -> None:
     cfg = replace(SETTINGS, lake=tmp_path, buckets=1, start=T0)
     stage_hours(Lake(cfg.lake), 2)
 
-    with pytest.raises(F.MissingStateError, match=re.escape(f"{format_hour(T0)} bucket 0")):
-        F.build_profiles(cfg, at(hours=1), 0)
-    assert F.build_profiles(cfg, T0, 0)["users"] >= 1  # the first hour starts from an empty state
+    with pytest.raises(MissingStateError, match=re.escape(f"{format_hour(T0)} bucket 0")):
+        build_profiles(cfg, at(hours=1), 0)
+    assert build_profiles(cfg, T0, 0)["users"] >= 1  # the first hour starts from an empty state
 
 
 def test_a_user_in_two_buckets_is_refused_without_naming_the_user() -> None:
@@ -786,32 +810,32 @@ def test_a_user_in_two_buckets_is_refused_without_naming_the_user() -> None:
     part = profiles.select(SNAPSHOT_SCHEMA.names)
 
     with pytest.raises(ValueError, match="1 user") as raised:
-        F.population_snapshot([part, part], at(hours=1))
+        population_snapshot([part, part], at(hours=1))
 
     assert "u-secret-7" not in str(raised.value)
 
 
 # ---- funnel features (open carts/favourites, short windows, windowed rates, repeat views) ----
-def chain_with_late(table: pa.Table, late: dict[int, int], end: datetime) -> F.ProfileState:
+def chain_with_late(table: pa.Table, late: dict[int, int], end: datetime) -> ProfileState:
     """Advance hour by hour through every staged hour (jumping over quiet ones); event i arrives
     ``late[i]`` hours after its own hour, always before ``end``."""
     staged = [floor_hour(t) + late.get(i, 0) * HOUR for i, t in enumerate(table.column("ts").to_pylist())]
     assert all(h < end for h in staged) and max(late.values(), default=0) <= SETTINGS.lateness_hours
     hours = pa.array(staged, pa.timestamp("ms", tz="UTC"))
-    state, previous = F.empty_state(), min(staged)
+    state, previous = empty_state(), min(staged)
     for stop in sorted({end} | {h + d * HOUR for h in staged for d in (1, 2)}):
         if previous < stop <= end:
             mask = pc.and_(
                 pc.greater_equal(hours, pa.scalar(previous, hours.type)), pc.less(hours, pa.scalar(stop, hours.type))
             )
-            state, previous = F.advance(state, table.filter(mask), stop, SETTINGS), stop
+            state, previous = advance(state, table.filter(mask), stop, SETTINGS), stop
     return state
 
 
 def both_paths(table: pa.Table, late: dict[int, int], end: datetime) -> dict[str, Any]:
     """The user's row from a rebuild, after checking that an hourly chain with late arrivals equals it."""
-    rebuilt = F.snapshot(F.rebuild(table, end, SETTINGS), end, SETTINGS)[0]
-    chained = F.snapshot(chain_with_late(table, late, end), end, SETTINGS)[0]
+    rebuilt = snapshot(rebuild(table, end, SETTINGS), end, SETTINGS)[0]
+    chained = snapshot(chain_with_late(table, late, end), end, SETTINGS)[0]
     comparison = compare_tables("profiles", rebuilt, chained, [USER_ID])
     assert comparison.equal, "; ".join(comparison.lines())
     return row(rebuilt)

@@ -28,6 +28,7 @@ from profile_engine.ingest import events as ingest
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake, read_json
 from profile_engine.sources import mappings as sources
+from profile_engine.sources import sql as source_sql
 from tests.conftest import HOUR0
 
 
@@ -482,11 +483,11 @@ def test_connection_url_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("AIRFLOW_CONN_NOT_THERE", raising=False)
 
     # Act / Assert
-    assert sources.connection_url("postgresql://u@h/db") == "postgresql://u@h/db"
-    assert sources.connection_url("as_url") == f"sqlite:///{database}"
-    assert sources.connection_url("as_json") == f"sqlite:///{database}"
+    assert source_sql.connection_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert source_sql.connection_url("as_url") == f"sqlite:///{database}"
+    assert source_sql.connection_url("as_json") == f"sqlite:///{database}"
     with pytest.raises(sources.SourceError, match="'not_there' is not defined"):
-        sources.connection_url("not_there")
+        source_sql.connection_url("not_there")
 
 
 def test_sql_mapping_block_is_validated() -> None:
@@ -714,3 +715,32 @@ def test_bucket_counts_beyond_a_duckdb_integer_are_refused_by_name(tmp_path: Pat
     """A bucket is a DuckDB INTEGER: a count it cannot hold fails at settings, naming the variable."""
     with pytest.raises(ValueError, match="PROFILE_ENGINE_BUCKETS must be between 1 and"):
         Settings(lake=tmp_path, buckets=MAX_BUCKETS + 1).check()
+
+
+@given(
+    read=st.integers(min_value=0, max_value=10**7),
+    fraction=st.floats(min_value=0, max_value=1),
+    threshold=st.floats(min_value=0, max_value=1),
+    min_rows=st.integers(min_value=0, max_value=10**4),
+)
+def test_threshold_verdict_is_bounded_monotone_and_needs_the_minimum_rows(
+    read: int, fraction: float, threshold: float, min_rows: int
+) -> None:
+    defective = int(read * fraction)
+
+    share, exceeded = ingest.threshold_verdict(defective, read, threshold, min_rows)
+
+    assert 0.0 <= share <= 1.0
+    assert share == ingest.defective_share(defective, read)
+    assert exceeded == (share > threshold and read >= min_rows)
+    if defective < read:
+        # One more defective row never brings an hour back under the threshold.
+        more_share, more_exceeded = ingest.threshold_verdict(defective + 1, read, threshold, min_rows)
+        assert more_share >= share
+        assert more_exceeded or not exceeded
+
+
+@pytest.mark.parametrize(("defective", "read"), [(-1, 5), (6, 5), (0, -1)])
+def test_threshold_verdict_rejects_impossible_counts(defective: int, read: int) -> None:
+    with pytest.raises(ValueError, match="row counts|exceed"):
+        ingest.threshold_verdict(defective, read, 0.2, 0)

@@ -25,7 +25,9 @@ from profile_engine.contracts.profiles import SNAPSHOT_HOUR, SNAPSHOT_SCHEMA, US
 from profile_engine.hours import HOUR, format_hour, hour_range
 from profile_engine.lake.storage import MANIFEST, PROFILES, STAGING, TRAINING, Lake, read_json, write_json
 from profile_engine.model import labels
-from profile_engine.profiles import features as F
+from profile_engine.profiles.build import build_profiles, build_profiles_range, publish_profiles
+from profile_engine.profiles.merge import with_local_hour
+from profile_engine.profiles.replay import reproducible_hours
 
 T0 = datetime(2026, 11, 1, 0, tzinfo=UTC)
 NUMERIC = ("signal", "visits")
@@ -414,7 +416,7 @@ def engine_lake(tmp_path: Path, users: int = 40) -> Settings:
         hour = T0 + h * HOUR
         stage(settings, hour, events)
         for b in range(settings.buckets):
-            F.build_profiles(settings, hour, b)
+            build_profiles(settings, hour, b)
         write_json(lake.partition(PROFILES, hour) / MANIFEST, {"data_hour": format_hour(hour)})
     return settings
 
@@ -426,7 +428,7 @@ def _with_buckets(table: pa.Table, buckets: int) -> pa.Table:
     con.register("t", table)
     out = con.sql(f"SELECT *, {bucket_sql('user_id', buckets)} AS bucket FROM t").to_arrow_table()
     con.close()
-    return F.with_local_hour(out, "UTC").select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+    return with_local_hour(out, "UTC").select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
 
 
 @pytest.fixture(scope="module")
@@ -529,14 +531,14 @@ def hourly_and_checkpoint_lakes(tmp_path: Path) -> tuple[Settings, Settings]:
         stage(hourly, hour, batch)
         stage(sparse, hour, batch)
         for b in range(hourly.buckets):
-            F.build_profiles(hourly, hour, b)
-        F.publish_profiles(hourly, hour)
+            build_profiles(hourly, hour, b)
+        publish_profiles(hourly, hour)
     last = T0 + (POINT_HOURS - 1) * HOUR
     for b in range(sparse.buckets):
-        F.build_profiles_range(sparse, T0, last, b, first_hour=T0, snapshot_every=CHECKPOINT_EVERY)
+        build_profiles_range(sparse, T0, last, b, first_hour=T0, snapshot_every=CHECKPOINT_EVERY)
     for hour in hour_range(T0, last):
         if Lake(sparse.lake).committed(PROFILES, hour, 0):  # built as a checkpoint: publish it as warm_up does
-            F.publish_profiles(sparse, hour)
+            publish_profiles(sparse, hour)
     return hourly, sparse
 
 
@@ -621,11 +623,11 @@ def test_stride_and_reproducible_hours(point_lakes: tuple[Settings, Settings], t
     every = [T0 + h * HOUR for h in range(POINT_HOURS)]
 
     # Act / Assert: from the empty start, then from the checkpoint of hour 3
-    assert sorted(F.reproducible_hours(sparse, 1)) == every
-    assert F.reproducible_hours(sparse, 1)[T0 + 5 * HOUR] == T0 + 3 * HOUR
-    assert F.reproducible_hours(sparse, 1)[T0 + 2 * HOUR] == T0 - HOUR  # before the first staged hour: empty
+    assert sorted(reproducible_hours(sparse, 1)) == every
+    assert reproducible_hours(sparse, 1)[T0 + 5 * HOUR] == T0 + 3 * HOUR
+    assert reproducible_hours(sparse, 1)[T0 + 2 * HOUR] == T0 - HOUR  # before the first staged hour: empty
     shutil.rmtree(Lake(copy.lake).partition(STAGING, T0 + 5 * HOUR, 1))
-    gap = F.reproducible_hours(copy, 1)
+    gap = reproducible_hours(copy, 1)
     assert sorted(gap) == [h for h in every if h not in (T0 + 5 * HOUR, T0 + 6 * HOUR, T0 + 7 * HOUR)]
     assert gap[T0 + 9 * HOUR] == T0 + 7 * HOUR
     # stride 4: the reproducible hours whose end is a multiple of 4 h, plus every committed hour

@@ -20,6 +20,7 @@ from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake, read_json, write_json
 from profile_engine.ops import report
 from profile_engine.sources import mappings as sources
+from profile_engine.sources import readers as source_readers
 from tests.conftest import HOUR0
 
 H = HOUR0 + timedelta(hours=40)
@@ -78,18 +79,18 @@ def _land_every_kind(lake: Lake) -> dict[str, str]:
 def test_file_format_is_case_insensitive_and_knows_ndjson_tsv_and_txt() -> None:
     canonical = sources.canonical_mapping()
     rees = sources.load_mapping("rees46")
-    assert sources.file_format(canonical, Path("a.CSV")) == "csv"
-    assert sources.file_format(canonical, Path("a.Csv.GZ")) == "csv"
-    assert sources.file_format(canonical, Path("a.PARQUET")) == "parquet"
-    assert sources.file_format(canonical, Path("a.NDJSON")) == "jsonl"
-    assert sources.file_format(canonical, Path("a.tsv")) == "csv"
-    assert sources.file_delimiter(canonical, Path("a.TSV.gz")) == "\t"
-    assert sources.file_delimiter(canonical, Path("a.csv")) == ","
-    assert sources.file_format(rees, Path("export.txt")) == "csv"
+    assert source_readers.file_format(canonical, Path("a.CSV")) == "csv"
+    assert source_readers.file_format(canonical, Path("a.Csv.GZ")) == "csv"
+    assert source_readers.file_format(canonical, Path("a.PARQUET")) == "parquet"
+    assert source_readers.file_format(canonical, Path("a.NDJSON")) == "jsonl"
+    assert source_readers.file_format(canonical, Path("a.tsv")) == "csv"
+    assert source_readers.file_delimiter(canonical, Path("a.TSV.gz")) == "\t"
+    assert source_readers.file_delimiter(canonical, Path("a.csv")) == ","
+    assert source_readers.file_format(rees, Path("export.txt")) == "csv"
     with pytest.raises(sources.SourceError, match=r"notes\.txt"):
-        sources.file_format(canonical, Path("notes.txt"))
+        source_readers.file_format(canonical, Path("notes.txt"))
     with pytest.raises(sources.SourceError, match=r"sheet\.xlsx"):
-        sources.file_format(rees, Path("sheet.xlsx"))
+        source_readers.file_format(rees, Path("sheet.xlsx"))
 
 
 def test_every_landing_file_is_read_or_named_with_its_reason(

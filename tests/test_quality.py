@@ -47,9 +47,9 @@ from profile_engine.lake.storage import (
     Lake,
     read_json,
 )
+from profile_engine.quality.datadocs import DOCS_INDEX
 from profile_engine.quality.suites import (
     BUCKET_IN_RANGE,
-    DOCS_INDEX,
     EVENT_ID_UNIQUE,
     EVENT_TYPE_KNOWN,
     ITEM_ID_NOT_EMPTY,
@@ -67,7 +67,6 @@ from profile_engine.quality.suites import (
     build_profile_suite,
     build_suite,
     check_staged_hour,
-    check_threshold,
     column_exists_name,
     not_null_name,
     profile_range_name,
@@ -215,15 +214,28 @@ def test_empty_hour_only_warns(settings: Settings) -> None:
     assert Path(summary["docs_index"]).is_file()
 
 
-@pytest.mark.parametrize(("quarantined", "read", "exceeded"), [(3, 10, True), (2, 10, False), (0, 0, False)])
-def test_run_quality_reports_quarantine_threshold(
-    settings: Settings, quarantined: int, read: int, exceeded: bool
+@pytest.mark.parametrize(
+    ("quarantined", "read", "breaches"),
+    [(3, 10, ["canonical"]), (2, 10, []), (0, 0, [])],
+    ids=["breach", "ok", "empty"],
+)
+def test_run_quality_reports_the_threshold_verdict_of_ingest(
+    settings: Settings, quarantined: int, read: int, breaches: list[str]
 ) -> None:
     staged = to_table(make_rows(read - quarantined))
 
-    summary = run_quality(settings, HOUR, staged, quarantined_rows=quarantined, read_rows=read, build_docs=False)
+    summary = run_quality(
+        settings,
+        HOUR,
+        staged,
+        quarantined_rows=quarantined,
+        read_rows=read,
+        build_docs=False,
+        threshold_breaches=breaches,
+    )
 
-    assert summary["threshold_exceeded"] is exceeded
+    assert summary["threshold_exceeded"] is bool(breaches)
+    assert summary["threshold_breaches"] == breaches
     assert summary["quarantine_share"] == pytest.approx(quarantined / read if read else 0.0)
     assert summary["quarantine_threshold"] == 0.2
     # A threshold breach is the caller's decision to fail; the data itself is fine.
@@ -257,31 +269,6 @@ def test_ts_window_accepts_both_ends_of_what_ingest_stages(settings: Settings, t
     summary = run_quality(settings, HOUR, to_table(rows), quarantined_rows=0, read_rows=2, build_docs=False)
 
     assert summary["failed_expectations"] == []
-
-
-@given(
-    read=st.integers(min_value=0, max_value=10**7),
-    fraction=st.floats(min_value=0, max_value=1),
-    threshold=st.floats(min_value=0, max_value=1),
-)
-def test_threshold_share_is_bounded_and_monotone(read: int, fraction: float, threshold: float) -> None:
-    quarantined = int(read * fraction)
-
-    share, exceeded = check_threshold(quarantined, read, threshold)
-
-    assert 0.0 <= share <= 1.0
-    assert exceeded == (share > threshold)
-    if quarantined < read:
-        # One more rejected row never brings an hour back under the threshold.
-        more_share, more_exceeded = check_threshold(quarantined + 1, read, threshold)
-        assert more_share >= share
-        assert more_exceeded or not exceeded
-
-
-@pytest.mark.parametrize(("quarantined", "read"), [(-1, 5), (6, 5), (0, -1)])
-def test_check_threshold_rejects_impossible_counts(quarantined: int, read: int) -> None:
-    with pytest.raises(ValueError, match="row counts|exceed"):
-        check_threshold(quarantined, read, 0.2)
 
 
 def test_results_json_is_committed_with_manifest(settings: Settings) -> None:
@@ -525,7 +512,7 @@ def test_any_snapshot_within_the_ranges_passes(counts: list[int], rfm: list[int 
 
 def test_publish_profiles_refuses_an_invalid_snapshot_and_commits_nothing(settings: Settings) -> None:
     # Arrange: built bucket profiles, one with a negative order value (a broken aggregation)
-    from profile_engine.profiles import features as ft
+    from profile_engine.profiles import build
 
     lake = Lake(settings.lake)
     rows = profile_rows(4)
@@ -539,7 +526,7 @@ def test_publish_profiles_refuses_an_invalid_snapshot_and_commits_nothing(settin
 
     # Act
     with pytest.raises(ProfileValidationError, match=profile_range_name(MAX_ORDER_VALUE)):
-        ft.publish_profiles(settings, HOUR, run_id="t")
+        build.publish_profiles(settings, HOUR, run_id="t")
 
     # Assert
     assert not (lake.partition(PROFILES, HOUR) / MANIFEST).is_file()
@@ -669,3 +656,88 @@ def test_runner_checks_quality_of_an_hour_that_failed_the_quarantine_threshold(t
     assert report["headline"]["quality_success"] is True
     assert lake.committed(QUALITY_RESULTS, HOUR) and lake.committed(QUALITY_DOCS, HOUR)
     assert report["stages"]["build_profiles"]["status"] == "not completed"
+
+
+def test_quality_reads_the_threshold_verdict_of_ingest_where_whole_hour_shares_disagreed(tmp_path: Path) -> None:
+    # Arrange: two sources of 6 rows each, one with 3 defective rows (a missing user id).
+    # Each source is below the 10-row minimum, so ingest finds no breach; the hour as a
+    # whole read 12 rows with a 25% defective share, which a whole-hour check called a breach.
+    from profile_engine.ingest import events as ingest
+    from profile_engine.lake.storage import LANDING
+
+    hour = datetime(2026, 11, 2, 10, tzinfo=UTC)
+    settings = Settings(lake=tmp_path / "lake", buckets=2, quarantine_threshold=0.05, quarantine_min_rows=10)
+    landing = Lake(settings.lake).partition(LANDING, hour)
+    (landing / "source=order_lines").mkdir(parents=True)
+    canonical = ["event_id,user_id,event_type,item_id,ts"]
+    canonical += [f"ok{i},u{i},view,i1,2026-11-02 10:05:00+00" for i in range(3)]
+    canonical += [f"bad{i},,view,i1,2026-11-02 10:05:00+00" for i in range(3)]
+    (landing / "a.csv").write_text("\n".join(canonical) + "\n")
+    orders = ["Invoice,StockCode,Description,Quantity,InvoiceDate,Price,Customer ID,Country"]
+    orders += [f"{i},85048,X,2,2026-11-02 10:05:00,1.0,13085,UK" for i in range(6)]
+    (landing / "source=order_lines" / "orders.csv").write_text("\n".join(orders) + "\n")
+    ingest.extract_events(settings, hour)
+    validated = ingest.validate_events(settings, hour)
+
+    # Act
+    summary = check_staged_hour(settings, hour, validated, build_docs=False)
+
+    # Assert: one verdict, defined by ingest and carried by its summary.
+    assert validated["read"] == 12 and validated["defective"] == 3
+    assert validated["threshold_breaches"] == [] and validated["threshold_exceeded"] is False
+    assert summary["threshold_exceeded"] is False
+    assert summary["threshold_breaches"] == []
+    assert summary["defective_share"] == pytest.approx(0.25)
+
+
+def rows_at(hour: datetime, n: int) -> list[dict[str, Any]]:
+    """``make_rows(n)`` moved into ``hour``."""
+    return [{**row, "ts": row["ts"] + (hour - HOUR)} for row in make_rows(n)]
+
+
+def test_data_docs_of_old_passing_hours_are_pruned_and_failed_or_recent_ones_kept(settings: Settings) -> None:
+    # Arrange: keep 2 hours; an old passing hour, an old failed one (critical expectation),
+    # an old one that breached the quarantine threshold, a recent passing one.
+    from dataclasses import replace
+
+    from profile_engine.quality.datadocs import PRUNED_FILE
+
+    settings = replace(settings, data_docs_keep_hours=2)
+    lake = Lake(settings.lake)
+    passing, failing, breached = HOUR, HOUR + timedelta(hours=1), HOUR + timedelta(hours=2)
+    newest = HOUR + timedelta(hours=6)
+    recent = newest - timedelta(hours=2)
+    bad = rows_at(failing, 3)
+    bad[0]["bucket"] = 99
+    run_quality(settings, passing, to_table(rows_at(passing, 3)), quarantined_rows=0, read_rows=3)
+    failed = run_quality(settings, failing, to_table(bad), quarantined_rows=0, read_rows=3)
+    run_quality(
+        settings,
+        breached,
+        to_table(rows_at(breached, 3)),
+        quarantined_rows=3,
+        read_rows=6,
+        threshold_breaches=["canonical"],
+    )
+    full_size = sum(p.stat().st_size for p in lake.partition(QUALITY_DOCS, passing).rglob("*") if p.is_file())
+
+    # Act: writing a new hour's docs prunes what fell out of the window (once).
+    later = run_quality(settings, recent, to_table(rows_at(recent, 3)), quarantined_rows=0, read_rows=3)
+    summary = run_quality(settings, newest, to_table(rows_at(newest, 3)), quarantined_rows=0, read_rows=3)
+
+    # Assert: the old passing hour's site is replaced by a page saying when and why.
+    assert failed["success"] is False
+    assert later["docs_pruned"] == [format_hour(passing)]
+    assert summary["docs_pruned"] == []
+    stub = lake.partition(QUALITY_DOCS, passing)
+    assert lake.committed(QUALITY_DOCS, passing) and not (stub / "validations").exists()
+    record = read_json(stub / PRUNED_FILE)
+    assert record["hour"] == format_hour(passing) and record["keep_hours"] == 2
+    page = (stub / DOCS_INDEX).read_text()
+    assert "pruned" in page and format_hour(passing) in page and record["pruned_at"] in page
+    stub_size = sum(p.stat().st_size for p in stub.rglob("*") if p.is_file())
+    assert stub_size < 4096 < full_size
+    assert read_results(settings, passing)["success"] is True  # the results JSON stays
+    for kept in (failing, breached, recent, newest):
+        assert (lake.partition(QUALITY_DOCS, kept) / "validations").is_dir(), format_hour(kept)
+        assert not (lake.partition(QUALITY_DOCS, kept) / PRUNED_FILE).exists()

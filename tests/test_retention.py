@@ -17,6 +17,7 @@ import pytest
 from profile_engine.cli import main
 from profile_engine.config import Settings
 from profile_engine.lake import lock
+from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import MODELS, PROFILES, STAGING, STATE, TRAINING, Lake
 from profile_engine.model import registry
 from profile_engine.ops import retention, runner
@@ -59,7 +60,7 @@ def lake_copy(shop: Path, tmp_path: Path) -> Settings:
 
 def hours_of(lake: Lake, layer: str) -> list[datetime]:
     """The hour partitions of ``layer``, oldest first."""
-    return sorted(retention.partition_hours(lake.path(layer)))
+    return sorted(lk.partition_hours(lake.path(layer)))
 
 
 def test_old_hours_go_and_verify_starts_from_the_kept_checkpoint(lake_copy: Settings) -> None:
@@ -159,3 +160,30 @@ def test_cli_dry_run_prints_the_plan(
     printed = json.loads(capsys.readouterr().out)
     assert code == 0 and printed["dry_run"] is True and printed["retention_days"] == 2
     assert sorted(p for p in lake_copy.lake.rglob("*")) == before
+
+
+def test_retention_prunes_the_data_docs_of_old_passing_hours_and_keeps_failed_ones(lake_copy: Settings) -> None:
+    # Arrange: Data Docs sites for two retained hours; at(3) failed its quality suite.
+    from profile_engine.quality.datadocs import PRUNED_FILE
+
+    lake_copy = replace(lake_copy, data_docs_keep_hours=24)
+    lake = Lake(lake_copy.lake)
+    for hour in (at(2), at(3)):
+        lake.write_dir(lake.partition(lk.QUALITY_DOCS, hour), [("index.html", b"<html>site</html>")], {})
+    failed = lake.manifest(lk.QUALITY_RESULTS, at(3))
+    results = lake.partition(lk.QUALITY_RESULTS, at(3))
+    lake.write_dir(
+        results,
+        [("results.json", (results / "results.json").read_bytes())],
+        {**failed, "summary": {**failed["summary"], "success": False}},
+    )
+
+    # Act
+    listed = retention.apply_retention(lake_copy, clock_for_cut(at(2)), dry_run=True)
+    untouched = not (lake.partition(lk.QUALITY_DOCS, at(2)) / PRUNED_FILE).exists()
+    result = retention.apply_retention(lake_copy, clock_for_cut(at(2)))
+
+    # Assert
+    assert untouched and listed["data_docs_pruned"] == result["data_docs_pruned"] == [at(2).isoformat()]
+    assert (lake.partition(lk.QUALITY_DOCS, at(2)) / PRUNED_FILE).is_file()
+    assert (lake.partition(lk.QUALITY_DOCS, at(3)) / "index.html").read_bytes() == b"<html>site</html>"

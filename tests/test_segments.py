@@ -1,4 +1,4 @@
-"""Tests for profile_engine.segments.rules: rule validation, assignment, hysteresis, cooldowns, control, exports."""
+"""Tests for profile_engine.segments: rule validation, assignment, hysteresis, cooldowns, control, exports."""
 
 from __future__ import annotations
 
@@ -28,20 +28,22 @@ from profile_engine.contracts.segments import SEGMENT_SCHEMA
 from profile_engine.hours import HOUR, format_hour
 from profile_engine.lake import storage as lk
 from profile_engine.privacy.keys import ExportKeyError, export_key, pseudonymize
+from profile_engine.segments.assign import assign_segments, share_checks
+from profile_engine.segments.publish import publish_segments
 from profile_engine.segments.rules import (
     CONTROL,
     DEFAULT_RULES_PATH,
     NO_ACTION,
     SegmentConfigError,
     SegmentRule,
-    assign_segments,
-    exposure_starts,
     load_rules,
-    publish_segments,
+    rule_connection,
+)
+from profile_engine.segments.uplift import (
+    exposure_starts,
     rate_difference,
     render_section_html,
     report_section,
-    share_checks,
     uplift,
     uplift_rows,
 )
@@ -261,11 +263,9 @@ def test_invalid_rule_names_file_rule_and_problem(tmp_path: Path, bad: dict[str,
 
 def test_file_reading_functions_are_refused_by_the_engine(tmp_path: Path) -> None:
     """Behind the grammar, the connection rules run on cannot read files either."""
-    from profile_engine.segments.rules import _rule_connection
-
     secret = tmp_path / "secret.csv"
     secret.write_text("a\n1\n")
-    con = _rule_connection()
+    con = rule_connection()
     try:
         with pytest.raises(Exception, match="disabled by configuration"):
             con.execute(f"SELECT count(*) FROM read_csv('{secret}')").fetchall()
@@ -956,7 +956,7 @@ def test_segment_stability_equals_the_set_definition(
     rows: list[tuple[list[str], bool, bool]], before: list[list[str]] | None
 ) -> None:
     # Arrange: users u0..; a member's rule is its first segment, held_by_stay a prefix of its segments
-    from profile_engine.segments.rules import segment_stability
+    from profile_engine.segments.publish import segment_stability
 
     assigned: dict[str, list[Any]] = {
         "user_id": [f"u{i}" for i in range(len(rows))],

@@ -21,8 +21,14 @@ from profile_engine.contracts.scores import SCORE_SCHEMA
 from profile_engine.ingest import events as ingest
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake
-from profile_engine.profiles import features as F
-from profile_engine.segments import rules as segments
+from profile_engine.profiles.build import build_profiles, read_state
+from profile_engine.profiles.merge import advance, rebuild
+from profile_engine.profiles.population import add_population_features
+from profile_engine.profiles.replay import rebuild_bucket
+from profile_engine.profiles.snapshot import snapshot as snapshot_of
+from profile_engine.profiles.state import HOURS_OF_DAY, PENDING, empty_state
+from profile_engine.segments.assign import assign_segments
+from profile_engine.segments.rules import load_rules
 from profile_engine.sources import mappings as sources
 from tests.conftest import HOUR0
 
@@ -38,7 +44,7 @@ def events(*rows: dict[str, Any]) -> pa.Table:
 
 
 def profiles_at(table: pa.Table, end: datetime) -> pa.Table:
-    return F.add_population_features(F.snapshot(F.rebuild(table, end, SETTINGS), end, SETTINGS)[0])
+    return add_population_features(snapshot_of(rebuild(table, end, SETTINGS), end, SETTINGS)[0])
 
 
 def by_user(table: pa.Table) -> dict[str, dict[str, Any]]:
@@ -59,12 +65,12 @@ def test_refunds_reduce_net_spend_exactly_and_are_no_orders() -> None:
     end = T0 + timedelta(days=3)
 
     rebuilt = by_user(profiles_at(table, end))
-    state = F.empty_state()
+    state = empty_state()
     for hour in range(72):  # hour by hour equals the rebuild
         h = T0 + timedelta(hours=hour)
         batch = table.filter(pc.equal(pc.floor_temporal(table.column("ts"), unit="hour"), pa.scalar(h, TIMESTAMP)))
-        state = F.advance(state, batch, h + timedelta(hours=1), SETTINGS)
-    hourly = by_user(F.add_population_features(F.snapshot(state, end, SETTINGS)[0]))
+        state = advance(state, batch, h + timedelta(hours=1), SETTINGS)
+    hourly = by_user(add_population_features(snapshot_of(state, end, SETTINGS)[0]))
 
     for p in (rebuilt, hourly):
         u1, u2 = p["u1"], p["u2"]
@@ -98,14 +104,14 @@ def test_without_prices_money_is_null_and_the_vip_rule_does_not_match(tmp_path: 
     assert (p["priced"]["monetary_total"], p["priced"]["rfm_m"]) == (25.0, 3)  # the only priced buyer
 
     # the VIP rule's spend percentile is null for them, so only the priced buyer can match it
-    rules = [r for r in segments.load_rules() if r.name == "vip_service"]
+    rules = [r for r in load_rules() if r.name == "vip_service"]
     table = pa.Table.from_pylist(
         [{**r, "rfm_segment": "loyal"} for r in p.values()], schema=PROFILE_SCHEMA
     ).append_column("purchase_propensity", pa.array([0.5] * len(p), pa.float64()))
     for name in ("propensity_decile", "model_version"):
         field = SCORE_SCHEMA.field(name)
         table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-    assigned, _ = segments.assign_segments(table, rules)
+    assigned, _ = assign_segments(table, rules)
     assert assigned.column("user_id").to_pylist() == ["priced"]
 
 
@@ -127,10 +133,10 @@ def test_rfm_scores_under_heavy_ties_reach_every_value_deterministically() -> No
                     "ts": end - timedelta(days=rng.choice([1, 1, 1, 10]), hours=k),
                 }  # fmt: skip
             )
-    snapshot = F.snapshot(F.rebuild(events(*rows), end, SETTINGS), end, SETTINGS)[0]
+    snapshot = snapshot_of(rebuild(events(*rows), end, SETTINGS), end, SETTINGS)[0]
 
-    scored = F.add_population_features(snapshot)
-    shuffled = F.add_population_features(snapshot.take(pa.array(rng.sample(range(200), 200))))
+    scored = add_population_features(snapshot)
+    shuffled = add_population_features(snapshot.take(pa.array(rng.sample(range(200), 200))))
 
     assert scored.equals(shuffled)  # ties are broken by the user, not by the row order
     p = scored.to_pylist()
@@ -161,7 +167,7 @@ def build(settings: Settings, hour: datetime) -> pa.Table:
     ingest.extract_events(settings, hour)
     ingest.validate_events(settings, hour)
     for bucket in range(settings.buckets):
-        F.build_profiles(settings, hour, bucket)
+        build_profiles(settings, hour, bucket)
     return pa.concat_tables([Lake(settings.lake).read(lk.PROFILES, hour, b) for b in range(settings.buckets)])
 
 
@@ -241,7 +247,7 @@ def test_order_lines_cancellations_are_refund_events(settings: Settings) -> None
         ("purchase", 6, 2.55), ("purchase", 4, 3.39), ("refund", -6, 2.55), ("refund", -2, 2.55)
     ]  # fmt: skip
     for bucket in range(settings.buckets):
-        F.build_profiles(settings, HOUR0, bucket)
+        build_profiles(settings, HOUR0, bucket)
     profiles = pa.concat_tables([Lake(settings.lake).read(lk.PROFILES, HOUR0, b) for b in range(settings.buckets)])
     assert profiles.column("monetary_total").to_pylist() == [8.46]  # 28.86 bought, 15.30 cancelled, 5.10 returned
 
@@ -282,15 +288,15 @@ def test_events_staged_before_local_hour_existed_keep_their_business_time_zone_h
     for later in (1, 2):
         lake.write_partition(lk.STAGING, HOUR0 + timedelta(hours=later), table.slice(0, 0), bucket=0)
 
-    F.build_profiles(settings, HOUR0, 0)
-    state = F._read_state(lake, HOUR0, 0)
-    state.tables[F.PENDING] = state.tables[F.PENDING].drop_columns(["local_hour"])  # an older state's buffer
+    build_profiles(settings, HOUR0, 0)
+    state = read_state(lake, HOUR0, 0)
+    state.tables[PENDING] = state.tables[PENDING].drop_columns(["local_hour"])  # an older state's buffer
     lake.write_partition(lk.STATE, HOUR0, state.tables, bucket=0)
-    F.build_profiles(settings, HOUR0 + timedelta(hours=1), 0)
-    F.build_profiles(settings, HOUR0 + timedelta(hours=2), 0)
-    _, rebuilt = F.rebuild_bucket(settings, HOUR0 + timedelta(hours=2), 0)
+    build_profiles(settings, HOUR0 + timedelta(hours=1), 0)
+    build_profiles(settings, HOUR0 + timedelta(hours=2), 0)
+    _, rebuilt = rebuild_bucket(settings, HOUR0 + timedelta(hours=2), 0)
 
-    assert F._read_state(lake, HOUR0 + timedelta(hours=2), 0).tables == rebuilt.tables
-    profile = F.snapshot(rebuilt, HOUR0 + timedelta(hours=3), settings)[0].to_pylist()[0]
+    assert read_state(lake, HOUR0 + timedelta(hours=2), 0).tables == rebuilt.tables
+    profile = snapshot_of(rebuilt, HOUR0 + timedelta(hours=3), settings)[0].to_pylist()[0]
     assert profile["peak_hour_local"] == 11  # 10:05 UTC in Berlin (UTC+1 in November)
-    assert set(rebuilt.tables[F.HOURS_OF_DAY].column("hour_of_day").to_pylist()) == {11, 13}
+    assert set(rebuilt.tables[HOURS_OF_DAY].column("hour_of_day").to_pylist()) == {11, 13}

@@ -21,6 +21,7 @@ from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake
 from profile_engine.ops import runner
 from profile_engine.sources import mappings as sources
+from profile_engine.sources import replay as source_replay
 from tests.conftest import HOUR0
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -223,6 +224,9 @@ def test_shipped_mappings_load(name: str) -> None:
     assert set(sources.REQUIRED) - {"event_id"} <= set(mapping.fields) | set(mapping.constants)
 
 
+RR_FIELDS = {"ts": "timestamp", "user_id": "visitorid", "event_type": "event", "item_id": "itemid"}
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -236,6 +240,13 @@ def test_shipped_mappings_load(name: str) -> None:
         ({"policy": {"expected_reasons": ["sunspots"]}}, "policy.expected_reasons: unknown reason"),
         ({"policy": {"quarantine_threshold": 5}}, r"policy.quarantine_threshold: must be a share"),
         ({"colour": "red"}, "colour: unknown key"),
+        ({"fields": {**RR_FIELDS, "user_id": []}}, "fields.user_id: must name a source column"),
+        ({"fields": {**RR_FIELDS, "user_id": ["visitorid", 7]}}, "fields.user_id: must name a source column"),
+        ({"clean": {"user_id": ["float"]}}, "clean.user_id: unknown step 'float'"),
+        ({"clean": {"user_id": ["lower", "upper"]}}, "clean.user_id: lower and upper"),
+        ({"clean": {"colour": "trim"}}, "clean.colour: not a canonical column"),
+        ({"clean": {"price": "trim"}}, "clean.price: not mapped in fields"),
+        ({"clean": ["trim"]}, "clean: must map canonical columns to steps"),
     ],
 )
 def test_invalid_mapping_names_file_key_and_problem(tmp_path: Path, change: dict[str, Any], message: str) -> None:
@@ -256,7 +267,7 @@ def test_unknown_mapping_name_lists_the_shipped_ones() -> None:
 
 
 @given(
-    core=st.lists(st.integers(min_value=0, max_value=sources.OUTLIER_GAP_HOURS), min_size=1, max_size=40),
+    core=st.lists(st.integers(min_value=0, max_value=source_replay.OUTLIER_GAP_HOURS), min_size=1, max_size=40),
     outliers=st.lists(st.integers(min_value=10_000, max_value=500_000), max_size=3),
 )
 @hyp_settings(max_examples=60, deadline=None)
@@ -270,7 +281,7 @@ def test_main_range_spans_the_core_whatever_its_gaps_and_never_far_outliers(
     for offset in outliers:
         counts[base + timedelta(hours=offset)] = counts.get(base + timedelta(hours=offset), 0) + 1
 
-    first, last = sources.main_range(counts)
+    first, last = source_replay.main_range(counts)
 
     assert (first, last) == (base + timedelta(hours=min(core)), base + timedelta(hours=max(core)))
 
@@ -369,7 +380,7 @@ def test_replay_lands_every_row_in_its_hour_across_closed_days_and_gaps(settings
     file = order_lines_file(tmp_path / "orders.csv", CLOSED_DAYS, range(9, 12))
 
     # Act
-    plan = sources.land_for_replay(settings, file, sources.load_mapping("order_lines"))
+    plan = source_replay.land_for_replay(settings, file, sources.load_mapping("order_lines"))
 
     # Assert: the plan spans the first row's hour to the last one's, every row in its own hour
     assert (plan.first, plan.last) == (datetime(2011, 1, 2, 9, tzinfo=UTC), datetime(2011, 1, 14, 11, tzinfo=UTC))
@@ -412,7 +423,7 @@ def test_main_range_keeps_weekly_and_multi_day_gaps_but_not_stray_years() -> Non
     counts[datetime(2099, 1, 1, tzinfo=UTC)] = 1
 
     # Act / Assert
-    assert sources.main_range(counts, 24) == core
+    assert source_replay.main_range(counts, 24) == core
 
 
 # ---- a quarantine-threshold breach fails the command, naming hours and reasons -------
@@ -465,3 +476,145 @@ def test_run_hours_breach_exits_non_zero_naming_the_hour_and_reasons(
     err = capsys.readouterr().err
     assert status != 0
     assert HOUR0.isoformat() in err and "missing_user_id" in err
+
+
+# ---- mappings a newcomer can write: spellings, cleaning, one-line errors -------------
+
+# The two public spellings of the UCI order lines: "Online Retail" and "Online Retail II".
+RETAIL_I = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+RETAIL_II = "Invoice,StockCode,Description,Quantity,InvoiceDate,Price,Customer ID,Country\n"
+
+
+def staged_rows(settings: Settings, file: Path, mapping: str) -> list[dict[str, Any]]:
+    """Land ``file`` by event hour through ``mapping``, validate its first hour, return the staged rows."""
+    plan = source_replay.land_for_replay(settings, file, sources.load_mapping(mapping, settings.lake))
+    ingest_hour(settings, plan.first)
+    return Lake(settings.lake).read(lk.STAGING, plan.first).sort_by("item_id").to_pylist()
+
+
+@pytest.mark.parametrize("header", [RETAIL_I, RETAIL_II])
+def test_order_lines_reads_both_uci_spellings_and_casts_customer_ids(
+    lenient: Settings, tmp_path: Path, header: str
+) -> None:
+    # Arrange: CustomerID written as a float, as the UCI files do
+    file = tmp_path / "retail.csv"
+    file.write_text(
+        header
+        + "536365,85123A,WHITE HANGING HEART,6,2010-12-01 08:26:00,2.55,17850.0,United Kingdom\n"
+        + "536365,71053,WHITE METAL LANTERN,6,2010-12-01 08:26:00,3.39, 17850.0 ,United Kingdom\n"
+    )
+
+    # Act
+    rows = staged_rows(lenient, file, "order_lines")
+
+    # Assert: the id the CRM knows, the invoice, the unit price
+    assert [(r["user_id"], r["order_id"], r["item_id"], r["price"]) for r in rows] == [
+        ("17850", "536365", "71053", 3.39),
+        ("17850", "536365", "85123A", 2.55),
+    ]
+
+
+def test_mapping_cleans_values_per_column(lenient: Settings, tmp_path: Path) -> None:
+    # Arrange: a newcomer's mapping trimming, casing and casting ids; 19 digits survive the cast
+    mapping = tmp_path / "shop.yaml"
+    mapping.write_text(
+        yaml.safe_dump(
+            {
+                "name": "shop",
+                "fields": {"user_id": ["customer", "Customer"], "item_id": "sku", "event_type": "action", "ts": "at"},
+                "event_types": {"view": "view"},
+                "constants": {"session_id": "web"},
+                "timestamp": {"format": "iso", "timezone": "UTC"},
+                "clean": {"user_id": ["trim", "integer"], "item_id": ["trim", "upper"], "event_type": "lower"},
+            }
+        )
+    )
+    file = tmp_path / "shop.csv"
+    file.write_text(
+        "Customer,sku,action,at\n"
+        " 17850.0 , ab-1 ,VIEW,2026-11-02 10:05:00\n"
+        "1234567890123456789.000,ab-2,View,2026-11-02 10:06:00\n"
+        "17850.5,ab-3,view,2026-11-02 10:07:00\n"
+        "u-7,ab-4,view,2026-11-02 10:08:00\n"
+    )
+
+    # Act
+    rows = staged_rows(lenient, file, str(mapping))
+
+    # Assert: only whole numbers lose their decimals; other ids stay as written
+    assert [(r["user_id"], r["item_id"], r["event_type"], r["session_id"]) for r in rows] == [
+        ("17850", "AB-1", "view", "web"),
+        ("1234567890123456789", "AB-2", "view", "web"),
+        ("17850.5", "AB-3", "view", "web"),
+        ("u-7", "AB-4", "view", "web"),
+    ]
+
+
+def test_file_not_matching_its_mapping_names_missing_and_present_columns(lenient: Settings, tmp_path: Path) -> None:
+    file = tmp_path / "wrong.csv"
+    file.write_text("Order,Product,When\n1,a,2010-12-01 08:26:00\n")
+
+    with pytest.raises(sources.SourceError) as raised:
+        source_replay.land_for_replay(lenient, file, sources.load_mapping("order_lines"))
+
+    message = str(raised.value)
+    assert "\n" not in message and str(file) in message
+    assert "Invoice or InvoiceNo (order_id)" in message and "Quantity (quantity)" in message
+    assert "the file has columns: Order, Product, When" in message
+
+
+@pytest.mark.parametrize("command", ["land", "replay", "run-hours"])
+def test_commands_print_one_line_when_a_file_does_not_match_its_mapping(
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    # Arrange
+    from profile_engine import cli
+
+    cli_env(monkeypatch, settings)
+    file = tmp_path / "wrong.csv"
+    file.write_text("Order,Product,When\n1,a,2026-11-02 10:05:00\n")
+    if command == "run-hours":  # a producer dropped it into the hour's landing folder
+        land_copy(settings, file, "source=order_lines/wrong.csv")
+        argv = ["run-hours", HOUR0.isoformat(), HOUR0.isoformat()]
+    else:
+        argv = [command, "--file", str(file), "--mapping", "order_lines"]
+
+    # Act
+    status = cli.main(argv)
+
+    # Assert: one line naming the file, what is missing and what the file has
+    err = capsys.readouterr().err
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "wrong.csv" in err and "Quantity (quantity)" in err and "the file has columns: Order, Product, When" in err
+
+
+def test_land_lands_by_event_hour_and_prints_the_next_command(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Arrange: Friday and Sunday open, Saturday closed
+    from profile_engine import cli
+
+    cli_env(monkeypatch, settings)
+    days = [datetime(2011, 1, 7, tzinfo=UTC), datetime(2011, 1, 9, tzinfo=UTC)]
+    file = order_lines_file(tmp_path / "orders.csv", days, range(9, 11))
+
+    # Act
+    status = cli.main(["land", "--file", str(file), "--mapping", "order_lines"])
+
+    # Assert: every row in the landing folder of its event hour, nothing processed
+    out = capsys.readouterr().out
+    lake = Lake(settings.lake)
+    for day in days:
+        for h in range(9, 11):
+            landed = list((lake.partition(lk.LANDING, day.replace(hour=h)) / "source=order_lines").glob("*.parquet"))
+            assert len(landed) == 1
+    assert not lake.path(lk.STAGING).exists()
+    assert status == 0
+    assert "landed 8 rows" in out and "4 hours with rows" in out
+    assert "first hour 2011-01-07T09:00:00+00:00, last hour 2011-01-09T10:00:00+00:00" in out
+    assert "python -m profile_engine run-hours 2011-01-07T09:00:00+00:00 2011-01-09T10:00:00+00:00" in out

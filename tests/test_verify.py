@@ -29,7 +29,9 @@ from profile_engine.hours import format_hour
 from profile_engine.ingest import events as ingest
 from profile_engine.lake.storage import INTERESTS, PROFILES, STAGING, STATE, TMP, Lake
 from profile_engine.ops import erasure
-from profile_engine.profiles import features as F
+from profile_engine.profiles.build import build_profiles, publish_profiles
+from profile_engine.profiles.replay import rebuild_bucket
+from profile_engine.profiles.snapshot import snapshot
 from profile_engine.profiles.verify import compare_tables, verify_hour
 from tests.test_features import assert_matches_reference
 
@@ -131,8 +133,8 @@ def built_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
     stage(Lake(cfg.lake), range(HOURS), cfg.buckets)
     for h in range(HOURS):
         for b in range(cfg.buckets):
-            F.build_profiles(cfg, at(hours=h), b, run_id="t")
-        F.publish_profiles(cfg, at(hours=h), run_id="t")
+            build_profiles(cfg, at(hours=h), b, run_id="t")
+        publish_profiles(cfg, at(hours=h), run_id="t")
     return cfg.lake
 
 
@@ -289,7 +291,7 @@ def test_hourly_lake_path_equals_an_independent_rebuild_with_resends_late_events
             ingest.extract_events(cfg, at(hours=hour))
             ingest.validate_events(cfg, at(hours=hour), enforce_threshold=False)
             for bucket in range(cfg.buckets):
-                F.build_profiles(cfg, at(hours=hour), bucket)
+                build_profiles(cfg, at(hours=hour), bucket)
             if hour == erase_after:
                 # tombstone_unknown: a user with no event yet is kept out of later hours too
                 erasure.erase_users(cfg, erased, requested_by="test", reason="property", tombstone_unknown=True)
@@ -307,9 +309,9 @@ def test_hourly_lake_path_equals_an_independent_rebuild_with_resends_late_events
         staged_ids = pa.concat_tables(staged).column("event_id").to_pylist()
         assert sorted(staged_ids) == sorted(distinct)  # ingestion staged each of these once, and nothing else
         assert_matches_reference(committed, list(distinct.values()), last + timedelta(hours=1), f"seed {seed}")
-        # and the rebuild from staged events (features.rebuild_bucket) on every column
+        # and the rebuild from staged events (replay.rebuild_bucket) on every column
         for bucket in range(cfg.buckets):
-            _, state = F.rebuild_bucket(cfg, last, bucket)
-            rebuilt, _ = F.snapshot(state, last + timedelta(hours=1), cfg)
+            _, state = rebuild_bucket(cfg, last, bucket)
+            rebuilt, _ = snapshot(state, last + timedelta(hours=1), cfg)
             comparison = compare_tables("profiles", rebuilt, lake.read(PROFILES, last, bucket), [USER_ID])
             assert comparison.equal, "; ".join(comparison.lines())

@@ -50,6 +50,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 # Exit status of run-hours and replay when an hour breached the quarantine threshold.
 EXIT_QUARANTINE_BREACH = 3
+# Exit status when a file does not match its mapping or a mapping is invalid.
+EXIT_INPUT_ERROR = 2
 
 
 def cmd_run_hours(args: argparse.Namespace) -> int:
@@ -137,11 +139,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_land(args: argparse.Namespace) -> int:
+    """Land an event log into ``landing/`` by event hour through a mapping, as a producer would; process nothing."""
+    from profile_engine.sources import mappings, replay
+
+    settings = Settings.from_env()
+    plan = replay.land_for_replay(settings, Path(args.file), mappings.load_mapping(args.mapping, settings.lake))
+    print(replay.describe_landing(plan, settings.lake))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Simulate a shop, warm up its history in bulk and run the hourly DAG through Airflow."""
     from profile_engine.ops import demo
 
-    demo.run_demo(users=args.users, history_days=args.history_days, hours=args.hours, seed=args.seed)
+    demo.run_demo(users=args.users, history_days=args.history_days, hours=args.hours, seed=args.seed, last=args.last)
     return 0
 
 
@@ -226,6 +238,16 @@ def cmd_retention(args: argparse.Namespace) -> int:
     from profile_engine.ops.retention import run_retention
 
     _print(run_retention(Settings.from_env(), dry_run=args.dry_run))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the lake's size by dataset (bytes, files, newest committed hour) and its newest committed hour."""
+    from profile_engine.lake.storage import Lake
+    from profile_engine.lake.usage import lake_usage
+
+    settings = Settings.from_env()
+    _print(lake_usage(Lake(settings.lake), buckets=settings.buckets))
     return 0
 
 
@@ -317,17 +339,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(
         sub,
+        "land",
+        "land an event log into landing/ by event hour through a mapping, without processing it",
+        "Land an event log into landing/events/dt=/hour=/source=MAPPING/ by event hour, as a producer would; "
+        "nothing is processed. Prints the hours and rows landed and the run-hours command that processes them. "
+        "No hour argument: the hours come from the file.",
+        ["--file orders.csv --mapping order_lines", "--file events.csv.gz --mapping path/to/mapping.yaml"],
+    )
+    p.add_argument("--file", required=True, help="the event log (CSV, Parquet or JSON Lines, optionally .gz)")
+    p.add_argument("--mapping", required=True, help="a mapping in include/config/sources/ by name, or a YAML path")
+    p.set_defaults(func=cmd_land)
+
+    p = _sub(
+        sub,
         "demo",
         "simulate, warm up and run profile_refresh through Airflow",
         "Simulate a shop, warm up HISTORY_DAYS of history in bulk, then run profile_refresh through Airflow "
-        "for the last HOURS complete hours, with progress on stderr and a summary at the end. No hour "
-        "argument: the window ends at the last complete UTC hour.",
-        ["", "--users 500 --history-days 7 --hours 6"],
+        f"for the HOURS hours ending at --last, with progress on stderr and a summary at the end. --last is "
+        f"{HOUR_FORMAT}; default: the last complete UTC hour.",
+        ["", "--users 500 --history-days 7 --hours 6", "--hours 3 --last 2026-11-30T13"],
     )
     p.add_argument("--users", type=int, default=2000, help="number of simulated users (default 2000)")
     p.add_argument("--history-days", type=int, default=30, help="days of warm-up history (default 30)")
     p.add_argument("--hours", type=int, default=48, help="hours run through Airflow (default 48)")
     p.add_argument("--seed", type=int, default=7, help="random seed of the shop (default 7)")
+    p.add_argument(
+        "--last",
+        type=_hour,
+        default=None,
+        metavar="HOUR",
+        help="the window's last hour, e.g. 2026-11-30T13 (default: the last complete hour); "
+        "a fixed hour gives the same lake on every run (scripts/demo_checksums.py)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = _sub(
@@ -422,6 +465,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     p.set_defaults(func=cmd_retention)
+
+    p = _sub(
+        sub,
+        "status",
+        "the lake's size by dataset (bytes, files) and its newest committed hour",
+        "Print the lake's size by dataset (bytes, files, newest committed hour) and its newest committed hour. "
+        "No arguments (the lake is PROFILE_ENGINE_LAKE).",
+        [""],
+    )
+    p.set_defaults(func=cmd_status)
     return parser
 
 
@@ -437,6 +490,12 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
+    from profile_engine.sources.mappings import MappingError, SourceError
+
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except (MappingError, SourceError) as error:  # a file or mapping the user can fix: one line, no traceback
+        print(f"{args.command}: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
     return result

@@ -100,6 +100,9 @@ class Settings:
     alert_email_from: str = "profile-engine@localhost"
     # Retention (docs/reliability.md): hour partitions older than this many days are deleted daily.
     retention_days: int = 90
+    # Data Docs (docs/quality.md): the site of a passing hour is pruned once it is this many hours
+    # older than the newest hour written; failed hours keep theirs until retention.
+    data_docs_keep_hours: int = 48
     # Limits of every DuckDB connection (profile_engine.lake.db): threads (None = every core), memory
     # ("50%" of the machine's RAM, or e.g. "4GB"), spill directory (None = <lake>/_tmp).
     duckdb_threads: int | None = None
@@ -169,6 +172,7 @@ class Settings:
             alert_email_to=get("ALERT_EMAIL_TO"),
             alert_email_from=get("ALERT_EMAIL_FROM") or base.alert_email_from,
             retention_days=number("RETENTION_DAYS", int, base.retention_days),
+            data_docs_keep_hours=number("DATA_DOCS_KEEP_HOURS", int, base.data_docs_keep_hours),
             duckdb_threads=number("DUCKDB_THREADS", int, 0) if threads else None,
             duckdb_memory_limit=get("DUCKDB_MEMORY_LIMIT") or base.duckdb_memory_limit,
             duckdb_temp_dir=path("DUCKDB_TEMP_DIR"),
@@ -206,6 +210,8 @@ class Settings:
             raise ValueError(f"{ENV_PREFIX}TASK_TIMEOUT_MINUTES must be >= 1, got {self.task_timeout_minutes}")
         if self.retention_days < 1:
             raise ValueError(f"{ENV_PREFIX}RETENTION_DAYS must be >= 1, got {self.retention_days}")
+        if self.data_docs_keep_hours < 0:
+            raise ValueError(f"{ENV_PREFIX}DATA_DOCS_KEEP_HOURS must be >= 0, got {self.data_docs_keep_hours}")
         if self.freshness_hours <= 0:
             raise ValueError(f"{ENV_PREFIX}FRESHNESS_HOURS must be > 0, got {self.freshness_hours}")
         if self.alert_smtp and not self.alert_email_to:

@@ -226,7 +226,7 @@ def test_a_rerun_killed_in_a_commit_is_finished_by_the_next_run(
     # Assert 1: every partition committed before is committed and whole (old or new), nothing left over.
     now = {p.relative_to(root) for p in committed_partitions(root)}
     # A rebuilt bucket withdraws its hour's snapshot marker (profiles/dt=/hour=/_manifest.json,
-    # features._write_hour) on purpose until publish_profiles runs again: not a lost commit.
+    # build._write_hour) on purpose until publish_profiles runs again: not a lost commit.
     lost = {p for p in set(before) - now if not (p.parts[0] == lk.PROFILES and not p.name.startswith("bucket="))}
     assert lost == set(), f"partitions lost: {sorted(lost)}"
     assert partial_partitions(root) == []

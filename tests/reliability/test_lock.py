@@ -26,7 +26,7 @@ from profile_engine.lake import storage as lk
 from profile_engine.lake.lock import LakeLocked, LockOwner
 from profile_engine.lake.storage import Lake, clean_tmp_leftovers, tmp_name
 from profile_engine.ops import runner
-from profile_engine.profiles.features import MissingStateError
+from profile_engine.profiles.state import MissingStateError
 
 
 def _dead_pid() -> int:

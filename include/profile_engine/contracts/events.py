@@ -1,7 +1,5 @@
-"""The canonical event (schema v1) and the names every stage shares.
-
-DESIGN.md §3. Event types, column names and the schema version are defined here
-once and imported everywhere else.
+"""The canonical event (schema v1), event types, the staged schema and the bucket expression: defined once,
+imported by every stage. docs/sources.md.
 """
 
 from __future__ import annotations
@@ -40,7 +38,7 @@ EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_SCHEMA.names)
 # Staged events carry their user bucket (computed once, at validation) and their hour of
 # day in the time zone of the shop they come from (the mapping's ``timezone``; null when
 # the source's timestamps carry only a date). Staged files written before ``local_hour``
-# existed are read with it computed in ``Settings.business_tz`` (features.with_local_hour).
+# existed are read with it computed in ``Settings.business_tz`` (merge.with_local_hour).
 BUCKET = "bucket"
 LOCAL_HOUR = "local_hour"
 STAGED_SCHEMA = EVENT_SCHEMA.append(pa.field(BUCKET, pa.int32(), nullable=False)).append(

@@ -1,19 +1,6 @@
-"""Extract and validate: landing files -> ingestion ledger -> staging and quarantine.
+"""Extract and validate an hour: landing files to the ingestion ledger, rows to staging or quarantine.
 
-DESIGN.md §3. ``extract_events`` decides which landing files hour H takes (every
-file that arrived by the end of H and is not in the ledger yet) and records them
-in the ledger with the source whose mapping reads them; a rerun of H re-reads
-exactly the ledger's files. ``validate_events`` reads those files through their
-mappings (``sources``), applies the row rules in DuckDB, stages valid events per
-user bucket and quarantines the rest with their original values and every reason,
-so that ``rows read = staged + quarantined + erased`` for every hour and source.
-
-Landing layout: ``landing/events/dt=/hour=/<file>`` holds canonical files;
-``landing/events/dt=/hour=/source=<name>/<file>`` files of a mapped source. Files
-directly under ``landing/events`` are canonical and placed by modification time.
-Every other file under ``landing/events`` is named once in the ledger's ``skipped``
-list with its reason (``UNSUPPORTED_FORMAT``, ``UNKNOWN_FOLDER``, ``ARRIVED_TOO_LATE``)
-and a warning in the task log, so no file is passed over silently.
+Every row read is staged, quarantined with its reasons or counted as erased. docs/sources.md.
 """
 
 from __future__ import annotations
@@ -46,6 +33,8 @@ from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake, read_json, sha256_file, write_json
 from profile_engine.privacy.tombstones import count_erased, drop_erased
 from profile_engine.sources import mappings as sources
+from profile_engine.sources import readers as source_readers
+from profile_engine.sources import sql as source_sql
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +189,7 @@ def _source_of(path: Path) -> str:
 
 def _file_rows(path: Path, mapping: sources.Mapping) -> int:
     """Row count of a landing file (Parquet from metadata; text files counted by non-blank lines)."""
-    fmt = sources.file_format(mapping, path)
+    fmt = source_readers.file_format(mapping, path)
     if fmt == "parquet":
         try:
             return int(pq.ParquetFile(path).metadata.num_rows)
@@ -208,7 +197,7 @@ def _file_rows(path: Path, mapping: sources.Mapping) -> int:
             return 0  # unreadable: validate_events fails the hour naming the file
     import gzip
 
-    opener = gzip.open if sources.is_gzip(path) else open
+    opener = gzip.open if source_readers.is_gzip(path) else open
     try:
         with opener(path, "rb") as handle:
             lines = sum(1 for line in handle if line.strip())
@@ -423,7 +412,7 @@ def extract_events(
         if source not in mappings:
             mappings[source] = sources.load_mapping(source, lake.root)
         try:
-            sources.file_format(mappings[source], path)
+            source_readers.file_format(mappings[source], path)
         except sources.SourceError:
             skipped.append(_skipped_entry(lake, path, _arrival_hour(path) or arrival, UNSUPPORTED_FORMAT))
             continue
@@ -498,7 +487,7 @@ def _extract_tables(settings: Settings, lake: Lake, hour: datetime, now: datetim
                 f"table source {name!r}: its high-water mark was set by hour {mark['hour']}, "
                 f"not before hour {format_hour(hour)}, which has no ledger: hours run in order"
             )
-        batch = sources.read_sql_batch(
+        batch = source_sql.read_sql_batch(
             mapping,
             lower=mark["upper"] if mark else None,
             before=hour + HOUR,
@@ -507,7 +496,7 @@ def _extract_tables(settings: Settings, lake: Lake, hour: datetime, now: datetim
         )
         entries.append(
             LedgerEntry(
-                sources.sql_label(mapping),
+                source_sql.sql_label(mapping),
                 0,
                 batch.digest,
                 batch.rows.num_rows,
@@ -539,7 +528,7 @@ def _extract_summary(
 
 def _read_range(entry: LedgerEntry, mappings: dict[str, sources.Mapping], settings: Settings) -> pa.Table:
     """The rows of a table source's ledger range, exactly as the first run read them (else ``LedgerError``)."""
-    batch = sources.read_sql_batch(
+    batch = source_sql.read_sql_batch(
         mappings[entry.source],
         lower=entry.lower,
         upper=entry.upper,
@@ -555,7 +544,7 @@ def _read_range(entry: LedgerEntry, mappings: dict[str, sources.Mapping], settin
 
 
 def _load_raw(con: Any, lake: Lake, entries: list[LedgerEntry], settings: Settings) -> dict[str, sources.Mapping]:
-    """Create table ``raw``: every row of every file through its mapping (see ``sources.source_select``)."""
+    """Create table ``raw``: every row of every file through its mapping (see ``source_readers.source_select``)."""
     mappings: dict[str, sources.Mapping] = {}
     selects = []
     for index, entry in enumerate(entries):
@@ -563,10 +552,10 @@ def _load_raw(con: Any, lake: Lake, entries: list[LedgerEntry], settings: Settin
             mappings[entry.source] = sources.load_mapping(entry.source, lake.root)
         if entry.is_sql():
             selects.append(
-                sources.sql_select(con, mappings[entry.source], _read_range(entry, mappings, settings), index)
+                source_sql.sql_select(con, mappings[entry.source], _read_range(entry, mappings, settings), index)
             )
         else:
-            selects.append(sources.source_select(con, mappings[entry.source], lake.path(entry.path), index))
+            selects.append(source_readers.source_select(con, mappings[entry.source], lake.path(entry.path), index))
     if not selects:
         cols = ", ".join(f"CAST(NULL AS VARCHAR) AS {c}" for c in EVENT_COLUMNS)
         selects.append(
@@ -597,14 +586,14 @@ def validate_events(
     instead, on the table just staged (replays: ``runner.warm_up`` passes the quality
     suite), and adds its result under ``quality``. When a source's share of defective rows (reasons other than
     benign ones and those its mapping expects) exceeds its threshold in an hour with at
-    least ``settings.quarantine_min_rows`` of its rows, the summary says so under
-    ``threshold_breaches``; with ``enforce_threshold`` (the hourly run)
+    least ``settings.quarantine_min_rows`` of its rows (``threshold_verdict``), the summary
+    lists it under ``threshold_breaches`` and says ``threshold_exceeded``; with ``enforce_threshold`` (the hourly run)
     ``QuarantineThresholdExceeded`` is raised after everything is written. A file that
     cannot be read, lacks a required column or has an unmappable column type raises
     ``sources.SourceError`` before anything of the hour is written.
 
-    Staged rows are ordered by bucket, user, event time and event id (DESIGN.md §3:
-    output rows are sorted before writing); quarantined rows by source file and row.
+    Staged rows are ordered by bucket, user, event time and event id; quarantined rows by
+    source file and row (docs/sources.md).
     """
     lake = Lake(settings.lake)
     entries = read_ledger(lake, hour)
@@ -744,6 +733,7 @@ def validate_events(
         "staged_per_bucket": per_bucket,
         "defective": defective,
         "threshold_breaches": breaches,
+        "threshold_exceeded": bool(breaches),
         "held_back": int(
             pc.sum(pc.greater_equal(staged.column("ts"), pa.scalar(end, pa.timestamp("ms", "UTC")))).as_py() or 0
         ),
@@ -766,10 +756,10 @@ def validate_events(
 
 
 def _local_hour_sql(entries: list[LedgerEntry], mappings: dict[str, sources.Mapping], default_tz: str) -> str:
-    """Each row's hour of day in the time zone of its source's shop (``sources.local_hour_sql``)."""
+    """Each row's hour of day in the time zone of its source's shop (``source_readers.local_hour_sql``)."""
     by_expression: dict[str, list[int]] = {}
     for index, entry in enumerate(entries):
-        expression = sources.local_hour_sql(mappings[entry.source], "ts_v", default_tz)
+        expression = source_readers.local_hour_sql(mappings[entry.source], "ts_v", default_tz)
         by_expression.setdefault(expression, []).append(index)
     if not by_expression:
         return "CAST(NULL AS TINYINT)"
@@ -809,7 +799,7 @@ def _per_source(
             if mapping.policy.quarantine_threshold is not None
             else settings.quarantine_threshold
         )
-        share = defective / read if read else 0.0
+        share, exceeded = threshold_verdict(int(defective), int(read), threshold, settings.quarantine_min_rows)
         result[name] = {
             "files": len(indexes),
             "read": int(read),
@@ -821,9 +811,30 @@ def _per_source(
             "threshold": threshold,
             "expected_reasons": sorted(mapping.policy.expected_reasons),
             "threshold_applies": read >= settings.quarantine_min_rows,
-            "threshold_exceeded": read >= settings.quarantine_min_rows and share > threshold,
+            "threshold_exceeded": exceeded,
         }
     return result
+
+
+def defective_share(defective_rows: int, read_rows: int) -> float:
+    """Share of the rows read that count as defective; 0 when nothing was read (nothing was rejected)."""
+    if defective_rows < 0 or read_rows < 0:
+        raise ValueError(f"row counts must be >= 0, got defective={defective_rows} read={read_rows}")
+    if defective_rows > read_rows:
+        raise ValueError(f"defective rows ({defective_rows}) exceed rows read ({read_rows})")
+    return defective_rows / read_rows if read_rows else 0.0
+
+
+def threshold_verdict(defective_rows: int, read_rows: int, threshold: float, min_rows: int) -> tuple[float, bool]:
+    """The quarantine-threshold verdict of one source in one hour: its defective share and whether it breaches.
+
+    The one definition of a breach (docs/sources.md): the share exceeds ``threshold`` and the
+    source read at least ``min_rows`` rows (one bad row must not fail a quiet hour). The hour
+    breaches when any source does (``validate_events``' ``threshold_exceeded``); the quality
+    stage reports that verdict and never judges the whole hour's share again.
+    """
+    share = defective_share(defective_rows, read_rows)
+    return share, read_rows >= min_rows and share > threshold
 
 
 def _recent_staged_files(lake: Lake, hour: datetime, settings: Settings) -> list[Path]:

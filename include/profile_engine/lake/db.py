@@ -1,15 +1,6 @@
-"""DuckDB connections with the engine's limits: every connection gets threads, memory and a spill directory.
+"""DuckDB connections with the engine's limits (threads, memory, a spill directory under ``_tmp/``).
 
-Every module opens DuckDB through :func:`connect` (``tests/test_db.py`` greps the package
-for direct calls), so no query runs without the limits of ``PROFILE_ENGINE_DUCKDB_*``
-(``Settings.duckdb_threads``, ``duckdb_memory_limit``, ``duckdb_temp_dir``). Limits are
-per connection: DuckDB gives each in-memory database its own buffer pool.
-
-Each connection spills into a directory of its own (DuckDB names its temporary files the
-same way in every database and removes its directory on close), named like every
-``_tmp/`` entry of the lake (``<uuid>.<pid>.<host>``): the lake's cleanup
-(``lake.clean_tmp_leftovers``) removes what a crashed process left there. DuckDB creates
-the directory only when a query spills.
+Every module connects through :func:`connect`; docs/operations.md ("Limits").
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""Fault injection: named points where a test makes the process die without cleanup.
+"""Fault injection: named points where a test makes the process die without cleanup (``PROFILE_ENGINE_FAULT``).
 
-``PROFILE_ENGINE_FAULT=<point>`` makes :func:`maybe_fail` call ``os._exit`` (no
-``finally``, no ``atexit``, no flushing of open files: like a killed worker) the
-first time the process reaches that point; ``PROFILE_ENGINE_FAULT_SKIP=N`` lets the
-first N hits pass. The reliability tests (``tests/reliability/``) kill an hour at
-every point, rerun it and compare the lake with an uninterrupted run's
-(docs/reliability.md). Unset, a call costs one dictionary lookup.
+docs/reliability.md (3).
 """
 
 from __future__ import annotations
@@ -34,7 +29,7 @@ POINTS: dict[str, str] = {
     TMP_BEFORE_RENAME: "lake.replace_dir: a partition is written whole under _tmp/, before its rename into place",
     JSON_BEFORE_RENAME: "lake.write_json: the temporary sibling file is written, before its rename",
     LEDGER_UPDATE: "ingest.extract_events: the hour's files are listed and hashed, before its ledger is written",
-    BETWEEN_BUILD_BUCKETS: "features.build_profiles: a bucket's state and profiles are committed, before the next",
+    BETWEEN_BUILD_BUCKETS: "build.build_profiles: a bucket's state and profiles are committed, before the next",
     BETWEEN_SCORE_BUCKETS: "model.score_profiles: a bucket's scores are committed, before the next",
     MODEL_BEFORE_PROMOTION: "registry.promote: the model version is saved, before the promotion log moves",
     EXPORTS_BEFORE_ASSET: "segments.publish_segments: exports are committed, before the Asset event",

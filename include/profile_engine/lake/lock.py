@@ -1,30 +1,6 @@
-"""The lake lock: one writer of the cumulative state at a time (DESIGN.md §2, issue 9).
+"""The lake lock ``_meta/lock``: one writer of the cumulative state at a time, stale locks taken over.
 
-``<lake>/_meta/lock`` is a small JSON file naming its owner (run id, host, pid),
-when it was taken and when it expires. It is created atomically
-(``os.open(O_CREAT | O_EXCL)``), so of two runs racing for a free lock exactly one
-wins. A lock whose owner crashed is *stale* and is taken over (and logged) when
-
-* it expired (``expires_at`` passed; every acquisition or join renews it), or
-* its owner was a process on this host that is no longer alive (``scope="process"``:
-  the in-process runner), or
-* the file is unreadable (a crash between creating and writing it) and older than
-  a minute.
-
-Two scopes:
-
-* ``hold_lake`` (the runner, the command line): held by one process around a whole
-  hour, released in ``finally``. Re-entrant within that process.
-* ``join_run`` / ``release_run`` (the DAG): the first stateful task of a run takes
-  the lock for its run id, later tasks of the same run (mapped buckets in other
-  worker processes included) join it and renew the expiry, and ``write_run_report``
-  (trigger rule ``all_done``) releases it. A run-scoped lock of a crashed run is only
-  taken over after expiry, since its task processes exit normally between tasks.
-
-Whoever takes or joins the lock first finishes or rolls back partition commits whose
-writer died (:func:`profile_engine.lake.storage.recover_commits`: the lake then holds the old
-or the new partition, never neither); a new holder (not a join) then removes stale
-``_tmp/`` leftovers (:func:`profile_engine.lake.storage.clean_tmp_leftovers`).
+Its holder first recovers interrupted commits and cleans ``_tmp/`` leftovers. docs/reliability.md (1, 2).
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""The lake: layer paths, Hive partitions, atomic writes and manifests.
+"""The lake: layer names, Hive partition paths, atomic partition writes with manifests, commit recovery.
 
-DESIGN.md §2-3. Every committed partition is a directory holding Parquet data and
-a ``_manifest.json`` (rows, checksums, schema version, run id). It is written
-whole under ``<lake>/_tmp/`` and renamed into place, so a reader sees the old
-partition, the new one or none, never a half-written one. Readers only read
-partitions whose manifest exists.
+A partition is written whole under ``_tmp/`` and renamed into place; readers read only
+partitions with a ``_manifest.json``. docs/architecture.md ("The lake"), docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -27,10 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from profile_engine.lake import faults
-from profile_engine.hours import format_hour, partition_values
+from profile_engine.hours import format_hour, parse_hour, partition_values
 from profile_engine.contracts.events import SCHEMA_VERSION
 
-# Layers (DESIGN.md §3), named once.
+# Layers, named once (docs/architecture.md, "The lake").
 LANDING = "landing/events"
 STAGING = "staging/events"
 QUARANTINE = "quarantine/events"
@@ -202,6 +199,21 @@ class Lake:
             files.append({"name": name, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
         write_json(tmp / MANIFEST, {**manifest, "files": files, "schema_version": SCHEMA_VERSION})
         replace_dir(tmp, target, self)
+
+
+def partition_hours(root: Path) -> dict[datetime, Path]:
+    """The ``dt=/hour=`` partitions under ``root`` by hour."""
+    found: dict[datetime, Path] = {}
+    if not root.is_dir():
+        return found
+    for day in root.glob("dt=*"):
+        for hour_dir in day.glob("hour=*"):
+            try:
+                hour = parse_hour(f"{day.name[3:]}T{int(hour_dir.name[5:]):02d}")
+            except ValueError:
+                continue
+            found[hour] = hour_dir
+    return found
 
 
 def replace_dir(new: Path, target: Path, lake: Lake) -> None:

@@ -918,7 +918,13 @@ def heuristic_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 def _rounded(values: Mapping[str, Any], digits: int = 4) -> dict[str, Any]:
-    return {k: (round(v, digits) if isinstance(v, float) else v) for k, v in values.items()}
+    """Floats rounded for a stage summary; NaN and infinities become None (XCom is strict JSON)."""
+    return {k: _finite(round(v, digits)) if isinstance(v, float) else v for k, v in values.items()}
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or None when it is NaN or infinite (a heuristic's log loss, an undefined lift)."""
+    return value if math.isfinite(value) else None
 
 
 def evaluate_and_promote(
@@ -1095,7 +1101,7 @@ def evaluate_and_promote(
         "gate": {"primary_metric": config.primary_metric, "margin": config.margin},
         "metrics": {name: _rounded(m) for name, m in point.items()},
         "intervals": {
-            name: {k: [round(v, 4) for v in pair] for k, pair in values.items()}
+            name: {k: [_finite(round(v, 4)) for v in pair] for k, pair in values.items()}
             for name, values in evaluation["intervals"].items()
         },
         "score_psi": drift["score"],

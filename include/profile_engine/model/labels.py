@@ -262,7 +262,7 @@ def check_no_leakage(
        ``sample`` users per snapshot (a stable hash draw), the engine's per-user columns
        that the rows carry are recomputed from staged events alone, reading staging up to
        the snapshot's hour and deleting every event with ``ts >= E``
-       (``features.rebuild_before_cutoffs``), and compared with the rows (floats to
+       (``replay.rebuild_before_cutoffs``), and compared with the rows (floats to
        ``verify.REL_TOLERANCE``). A user row the recompute does not have (the user only
        exists through later events) fails too. Population columns (RFM) are not
        recomputed: they are functions of the checked recency, frequency and money over
@@ -271,7 +271,7 @@ def check_no_leakage(
     Returns what was checked: ``rows`` recomputed and engine ``columns`` compared (0 for a
     table with no engine column, whose features cannot come from the staged events).
     """
-    from profile_engine.profiles import features as F
+    from profile_engine.profiles import replay
     from profile_engine.profiles.verify import compare_tables
 
     snapshot_ms = _epoch_ms(examples.column(SNAPSHOT_HOUR))
@@ -307,7 +307,7 @@ def check_no_leakage(
     for bucket, bucket_users in _users_by_bucket(users, settings.buckets).items():
         wanted = pa.array(bucket_users, pa.string())
         hours = [h for h in snapshots if pc.any(pc.is_in(drawn[h].column(USER_ID), value_set=wanted)).as_py()]
-        for hour, profiles in F.rebuild_before_cutoffs(settings, hours, bucket, wanted).items():
+        for hour, profiles in replay.rebuild_before_cutoffs(settings, hours, bucket, wanted).items():
             rebuilt[hour].append(profiles)
     rows = 0
     for hour, stored in drawn.items():
@@ -374,18 +374,18 @@ def training_hours(settings: Settings, stride: int) -> tuple[list[datetime], lis
 
     Candidates are every committed snapshot plus, when ``stride`` > 0, every hour whose end is
     a multiple of ``stride`` hours (UTC epoch, the rule of warm-up checkpoints) that every
-    bucket can rebuild (``features.reproducible_hours``) although no snapshot was committed:
+    bucket can rebuild (``replay.reproducible_hours``) although no snapshot was committed:
     a replay or warm-up commits one snapshot a day, while the state checkpoints and the
     staged events reproduce every hour since the oldest retained checkpoint.
     """
-    from profile_engine.profiles import features as F
+    from profile_engine.profiles import replay
 
     committed = committed_profile_hours(Lake(settings.lake))
     if stride == 0:
         return committed, []
     reproducible: set[datetime] | None = None
     for bucket in range(settings.buckets):
-        hours = set(F.reproducible_hours(settings, bucket))
+        hours = set(replay.reproducible_hours(settings, bucket))
         reproducible = hours if reproducible is None else reproducible & hours
     on_grid = {h for h in reproducible or set() if (int(h.timestamp()) // 3600 + 1) % stride == 0}
     reconstructed = sorted(on_grid - set(committed))
@@ -397,11 +397,11 @@ def _reconstructed_rows(settings: Settings, hours: Sequence[datetime], limit: in
 
     Users are sampled before the rebuild: per bucket the ``limit`` users first in the
     snapshot's hash order (a superset of the snapshot-wide draw), rebuilt with every buyer
-    (``features.profiles_at``), RFM over the buckets' buyers (``population_snapshot``), then
+    (``replay.profiles_at``), RFM over the buckets' buyers (``population_snapshot``), then
     the same ``sample_users`` draw as on a committed snapshot: the rows equal those the
     hourly path's snapshot would give.
     """
-    from profile_engine.profiles import features as F
+    from profile_engine.profiles import population, replay
 
     picked: dict[datetime, list[pa.Array]] = {h: [] for h in hours}
     parts: dict[datetime, list[pa.Table]] = {h: [] for h in hours}
@@ -412,11 +412,11 @@ def _reconstructed_rows(settings: Settings, hours: Sequence[datetime], limit: in
         return chosen.combine_chunks()
 
     for bucket in range(settings.buckets):
-        for hour, profiles in F.profiles_at(settings, list(hours), bucket, pick).items():
+        for hour, profiles in replay.profiles_at(settings, list(hours), bucket, pick).items():
             parts[hour].append(profiles)
     out = {}
     for hour in hours:
-        whole = F.population_snapshot(parts[hour], hour)
+        whole = population.population_snapshot(parts[hour], hour)
         chosen = pa.concat_arrays(picked[hour]) if picked[hour] else pa.array([], pa.string())
         rows = whole.filter(pc.is_in(whole.column(USER_ID), value_set=chosen))
         out[hour] = sample_users(rows, limit, settings.seed, format_hour(hour))

@@ -49,7 +49,7 @@ from profile_engine.lake import db
 from profile_engine.lake.storage import MODELS, STAGING, Lake, read_json
 from profile_engine.model import labels
 from profile_engine.model import training as model
-from profile_engine.profiles.features import staged_hours
+from profile_engine.profiles.build import staged_hours
 
 # The two kinds: the encoder alone, and the encoder concatenated with the aggregate network's inputs.
 KINDS = model.SEQUENCE_KINDS

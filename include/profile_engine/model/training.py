@@ -1401,7 +1401,7 @@ def train_challenger(
     """Stage: train the challenger of ``hour`` when retraining is due (or forced); a small summary.
 
     A rerun of the hour retrains the same version deterministically and overwrites it.
-    The feature lists default to the profile contract's (``profile_engine.profiles.features``).
+    The feature lists default to the profile contract's (``profile_engine.contracts.profiles``).
     """
     if not force and not retrain_due(settings, hour):
         return {

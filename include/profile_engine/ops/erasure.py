@@ -29,19 +29,31 @@ from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import MANIFEST, Lake, read_json, replace_dir, write_json
 from profile_engine.privacy.keys import ExportKeyError, export_key, pseudonymize
 from profile_engine.privacy.tombstones import (
-    RECEIPT,
-    SKIPPED,
+    ERASURE_DIR,
     audit_path,
     matching_key,
-    read_ids_file,
     read_tombstones,
     tombstones_path,
     user_hash,
     write_tombstones,
 )
+from profile_engine.segments.delivery import RECEIPT
 
 if TYPE_CHECKING:
     pass
+
+# Never rewritten: producers' input, work in progress, the lock, the erasure records themselves.
+SKIPPED = (lk.LANDING.split("/")[0], lk.TMP, lk.LOCK, ERASURE_DIR)
+
+
+def read_ids_file(path: Path) -> list[str]:
+    """User ids from a text file: one per line; blank lines and ``#`` comments ignored."""
+    ids = []
+    for line in path.read_text().splitlines():
+        text = line.strip()
+        if text and not text.startswith("#"):
+            ids.append(text)
+    return ids
 
 
 @dataclass
@@ -299,7 +311,7 @@ class _Eraser:
 
     def republish(self, hour_dir: Path) -> None:
         """Recompute a snapshot's population features (RFM) over the remaining users, as ``publish_profiles`` does."""
-        from profile_engine.profiles import features as F
+        from profile_engine.profiles import population
 
         buckets = sorted(hour_dir.glob("bucket=*/" + MANIFEST), key=lambda p: int(p.parent.name.split("=")[1]))
         marker = hour_dir / MANIFEST
@@ -308,7 +320,7 @@ class _Eraser:
         old = [read_json(m) for m in buckets]
         hour = datetime.fromisoformat(old[0]["data_hour"])
         parts = [pq.read_table(m.parent / lk.DATA_FILE) for m in buckets]
-        full = F.population_snapshot(parts, hour)
+        full = population.population_snapshot(parts, hour)
         for manifest, part in zip(old, parts, strict=True):
             bucket_rows = full.filter(pc.is_in(full.column(USER_ID), value_set=part.column(USER_ID)))
             extra = {k: v for k, v in manifest.items() if k not in _PARTITION_KEYS}

@@ -177,7 +177,7 @@ def _skipped_html(report: dict[str, Any]) -> str:
 
 def _segments_html(section: dict[str, Any] | None) -> str:
     """The segments section (stability, uplift, chart), rendered by ``segments``."""
-    from profile_engine.segments.rules import render_section_html
+    from profile_engine.segments.uplift import render_section_html
 
     return render_section_html(section) if section else ""
 
@@ -222,7 +222,7 @@ def write_run_report(
 
     report["model"] = model_report(settings, hour, summaries)
     # Segment stability, uplift of actions old enough, chart of segment sizes (never raises).
-    from profile_engine.segments.rules import report_section
+    from profile_engine.segments.uplift import report_section
 
     report["segments"], chart = report_section(settings, hour)
     payload = json.dumps(report, indent=2, sort_keys=True, default=str).encode()

@@ -1,6 +1,7 @@
-"""Retention: delete hour partitions older than ``PROFILE_ENGINE_RETENTION_DAYS``, keeping the rebuild checkpoint.
+"""Retention: delete hour partitions older than ``PROFILE_ENGINE_RETENTION_DAYS``, keeping the rebuild checkpoint;
+prune Data Docs of passed hours older than ``PROFILE_ENGINE_DATA_DOCS_KEEP_HOURS``.
 
-docs/reliability.md, "Retention".
+docs/reliability.md, "Retention"; docs/quality.md.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from profile_engine.config import Settings
-from profile_engine.hours import HOUR, floor_hour, format_hour, parse_hour
+from profile_engine.hours import HOUR, floor_hour, format_hour
 from profile_engine.lake import storage as lk
-from profile_engine.lake.storage import MANIFEST, Lake
+from profile_engine.lake.storage import MANIFEST, Lake, partition_hours
 
 # Every dataset partitioned by hour (``<layer>/dt=/hour=``), named once in lake.py.
 HOURLY_LAYERS = (
@@ -39,21 +40,6 @@ HOURLY_LAYERS = (
 )
 OUTBOX = "outbox"
 RETENTION_FILE = "retention.json"
-
-
-def partition_hours(root: Path) -> dict[datetime, Path]:
-    """The ``dt=/hour=`` partitions under ``root`` by hour."""
-    found: dict[datetime, Path] = {}
-    if not root.is_dir():
-        return found
-    for day in root.glob("dt=*"):
-        for hour_dir in day.glob("hour=*"):
-            try:
-                hour = parse_hour(f"{day.name[3:]}T{int(hour_dir.name[5:]):02d}")
-            except ValueError:
-                continue
-            found[hour] = hour_dir
-    return found
 
 
 def rebuild_checkpoint(settings: Settings, before: datetime) -> datetime | None:
@@ -99,6 +85,7 @@ def apply_retention(settings: Settings, now_hour: datetime, *, dry_run: bool = F
     """
     from profile_engine.lake import lock
     from profile_engine.model.registry import model_dir_committed, version_hour
+    from profile_engine.quality.datadocs import prune_data_docs
     from profile_engine.segments.delivery import outbox_root
 
     _check_window(settings)
@@ -142,6 +129,8 @@ def apply_retention(settings: Settings, now_hour: datetime, *, dry_run: bool = F
                 if model_dir_committed(settings, version):
                     _mark_not_re_evaluable(settings, version, cut)
                     marked.append(version)
+        # Data Docs of passing hours older than the kept window (those before the cut are gone above).
+        docs_pruned = [h for h in prune_data_docs(settings, now_hour, dry_run=dry_run) if h >= format_hour(cut)]
     return {
         "now_hour": format_hour(now_hour),
         "retention_days": settings.retention_days,
@@ -151,6 +140,7 @@ def apply_retention(settings: Settings, now_hour: datetime, *, dry_run: bool = F
         "deleted": {layer: _summary([h for h, _ in parts]) for layer, parts in plan.items() if parts},
         "training_sets": training,
         "models_marked_not_re_evaluable": marked,
+        "data_docs_pruned": docs_pruned,
         "note": None
         if checkpoint is not None
         else "no state checkpoint before the cut: staging and state kept so a full rebuild still works",

@@ -21,9 +21,9 @@ from profile_engine.model import evaluate as evaluation
 from profile_engine.model import training as model
 from profile_engine.ops import report
 from profile_engine.ops.progress import Progress
-from profile_engine.profiles import features
+from profile_engine.profiles import build
 from profile_engine.quality import suites as quality
-from profile_engine.segments import rules as segments
+from profile_engine.segments import publish as segments
 
 
 def run_hour(
@@ -75,11 +75,11 @@ def run_hour(
             stage(
                 "build_profiles",
                 lambda: [
-                    features.build_profiles(settings, hour, b, run_id=run_id, first_hour=first_hour)
+                    build.build_profiles(settings, hour, b, run_id=run_id, first_hour=first_hour)
                     for b in range(settings.buckets)
                 ],
             )
-            stage("publish_profiles", lambda: features.publish_profiles(settings, hour, run_id=run_id))
+            stage("publish_profiles", lambda: build.publish_profiles(settings, hour, run_id=run_id))
             trained = stage(
                 "train_challenger", lambda: model.train_challenger(settings, hour, run_id=run_id, force=force_retrain)
             )
@@ -178,14 +178,14 @@ def warm_up(
         for bucket in range(settings.buckets):
             if progress is not None:
                 progress.stage(f"build_profiles bucket {bucket + 1}/{settings.buckets}")
-            features.build_profiles_range(
+            build.build_profiles_range(
                 settings, first, last, bucket, run_id=run_id, first_hour=first, snapshot_every=snapshot_every
             )
         snapshots = [h for h in hour_range(first, last) if lake.committed(lk.PROFILES, h, 0)]
         for number, hour in enumerate(snapshots, 1):
             if progress is not None:
                 progress.stage(f"publish_profiles snapshot {number}/{len(snapshots)}")
-            features.publish_profiles(settings, hour, run_id=run_id)
+            build.publish_profiles(settings, hour, run_id=run_id)
     return {**totals, "reasons": reasons, "breaches": breaches, "snapshots": [format_hour(h) for h in snapshots]}
 
 
@@ -208,8 +208,9 @@ def replay(
     ``progress``, given the number of hours once the file is landed, returns the progress to report to.
     """
     from profile_engine.sources import mappings as sources
+    from profile_engine.sources import replay as source_replay
 
-    plan = sources.land_for_replay(settings, file, sources.load_mapping(mapping, settings.lake))
+    plan = source_replay.land_for_replay(settings, file, sources.load_mapping(mapping, settings.lake))
     run_id = f"replay__{plan.source}__{format_hour(plan.first)}"
     processed = warm_up(
         settings,

@@ -274,7 +274,7 @@ def _fmt(value: Any) -> str:
 
 def render_hour(settings: Settings, dt: str, hh: str) -> str:
     """The page of one hour (served at ``hours/<dt>/<hh>/``): its run report and links."""
-    from profile_engine.segments.rules import render_section_html
+    from profile_engine.segments.uplift import render_section_html
 
     report = read_report(settings, dt, hh)
     head = report.get("headline") or {}

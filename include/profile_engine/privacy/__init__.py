@@ -1,4 +1,6 @@
-"""Who a user is outside the lake: export keys and keyed pseudonyms (``keys.export_key``,
-``keys.pseudonymize_array``) and the tombstones of erased users (``tombstones.drop_erased``,
-``tombstones.erased_ids``). docs/reliability.md.
+"""Who a user is outside the lake, and erased users (docs/segments.md, docs/reliability.md).
+
+Modules: ``keys`` (``export_key``, ``pseudonymize``, ``pseudonymize_array``: export keys and keyed pseudonyms) and
+``tombstones`` (``erasure_key``, ``user_hash``, ``read_tombstones``, ``write_tombstones``, ``matching_key``,
+``erased_ids``, ``drop_erased``, ``count_erased``, ``tombstones_path``, ``audit_path``: the erasure records).
 """

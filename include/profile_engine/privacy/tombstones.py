@@ -14,20 +14,15 @@ from typing import Any
 import pyarrow as pa
 
 from profile_engine.config import Settings
-from profile_engine.lake import storage as lk
+from profile_engine.contracts.profiles import USER_ID
 from profile_engine.lake.storage import Lake, read_json, write_json
-from profile_engine.privacy.keys import ExportKey
+from profile_engine.privacy.keys import MIN_KEY_CHARS, ExportKey, ExportKeyError, export_key
 
 ERASURE_KEY_ENV = "PROFILE_ENGINE_ERASURE_KEY"
 ERASURE_DIR = "_meta/erasure"
 TOMBSTONES_FILE = "tombstones.json"
 AUDIT_FILE = "audit.jsonl"
-USER_ID = "user_id"
-USER_KEY = "user_key"  # export pseudonyms (segments.USER_KEY)
-RECEIPT = "_delivered.json"  # delivery.RECEIPT
 _DOMAIN = b"profile-engine erasure\x00"
-# Never rewritten: producers' input, work in progress, the lock, the erasure records themselves.
-SKIPPED = (lk.LANDING.split("/")[0], lk.TMP, lk.LOCK, ERASURE_DIR)
 
 
 class ErasureKeyError(RuntimeError):
@@ -43,8 +38,6 @@ def erasure_key(settings: Settings, environ: Mapping[str, str] | None = None) ->
     Reuses :func:`profile_engine.privacy.keys.export_key` (environment variable, then the
     development key file; production without a key raises ``ExportKeyError``).
     """
-    from profile_engine.privacy.keys import MIN_KEY_CHARS, ExportKey, ExportKeyError, export_key
-
     env = os.environ if environ is None else environ
     value = env.get(ERASURE_KEY_ENV)
     if value:
@@ -154,16 +147,3 @@ def count_erased(per_source: dict[str, dict[str, Any]], erased: Mapping[str, int
         summary["read"] = summary.get("read", 0) + n
         summary["erased"] = n
     return per_source
-
-
-# ---- erase -----------------------------------------------------------------------------
-
-
-def read_ids_file(path: Path) -> list[str]:
-    """User ids from a text file: one per line; blank lines and ``#`` comments ignored."""
-    ids = []
-    for line in path.read_text().splitlines():
-        text = line.strip()
-        if text and not text.startswith("#"):
-            ids.append(text)
-    return ids

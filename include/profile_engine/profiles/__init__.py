@@ -1,5 +1,11 @@
-"""User profiles: mergeable per-bucket state, hourly snapshots and population features
-(``features.build_profiles``, ``features.publish_profiles``) and the rebuild check (``verify.verify_hour``).
+"""User profiles: mergeable per-bucket state, hourly snapshots, population features and the rebuild check.
 
-docs/features.md.
+Modules (each imports only the ones before it):
+``state`` (feature constants, state tables, ``ProfileState``, ``empty_state``, ``connect``, ``gap_groups``,
+``interval_groups``), ``merge`` (``advance``, ``rebuild``, ``with_local_hour``), ``snapshot`` (``snapshot``),
+``population`` (``add_population_features``, ``population_snapshot``, ``profile_changes``, ``change_counts``),
+``build`` (lake stages: ``build_profiles``, ``build_profiles_range``, ``publish_profiles``, ``read_state``,
+``upgrade_state``, ``staged_hours``, ``snapshot_committed``), ``replay`` (rebuilds from staged events:
+``rebuild_bucket``, ``rebuild_before_cutoffs``, ``reproducible_hours``, ``profiles_at``), ``verify``
+(``verify_hour``, ``compare_tables``). docs/features.md.
 """

@@ -1,14 +1,5 @@
-"""``verify``: rebuild an hour's profile snapshot from staged events and compare it with the committed one.
-
-The engine's main correctness claim (DESIGN.md §4) is that the incremental snapshot of
-hour H equals a full rebuild from staged events. ``verify_hour`` checks it on a real
-lake: every bucket is rebuilt with ``features.rebuild_bucket`` (from the oldest staged
-hour, on top of the state checkpoint retention kept before it, if any), written to a
-scratch lake under ``_tmp/`` (never inside the partition tree), given its population
-features exactly as ``publish_profiles`` does, and compared with the committed snapshot
-column by column: floats to ``REL_TOLERANCE`` relative, everything else exactly; users
-missing on either side are differences too. The interests long table is compared the
-same way on ``(user_id, category_id)``.
+"""``verify``: rebuild an hour's profile snapshot from staged events and compare it with the committed one,
+column by column (floats to ``REL_TOLERANCE``), interests too. docs/features.md (Verification).
 """
 
 from __future__ import annotations
@@ -26,7 +17,10 @@ from profile_engine.config import Settings
 from profile_engine.contracts.profiles import CATEGORY_ID, USER_ID
 from profile_engine.hours import HOUR, floor_hour, format_hour
 from profile_engine.lake.storage import INTERESTS, PROFILES, Lake
-from profile_engine.profiles import features as F
+from profile_engine.profiles.build import snapshot_committed
+from profile_engine.profiles.population import population_snapshot
+from profile_engine.profiles.replay import rebuild_bucket
+from profile_engine.profiles.snapshot import snapshot
 
 REL_TOLERANCE = 1e-9
 EXAMPLES = 5  # differing values shown per column
@@ -188,13 +182,13 @@ def rebuild_snapshot(settings: Settings, hour: datetime, scratch: Lake) -> tuple
     """
     firsts: dict[int, str] = {}
     for bucket in range(settings.buckets):
-        first, state = F.rebuild_bucket(settings, hour, bucket)
-        profiles, interests = F.snapshot(state, hour + HOUR, settings)
+        first, state = rebuild_bucket(settings, hour, bucket)
+        profiles, interests = snapshot(state, hour + HOUR, settings)
         scratch.write_partition(PROFILES, hour, profiles, bucket=bucket, run_id="verify")
         scratch.write_partition(INTERESTS, hour, interests, bucket=bucket, run_id="verify")
         firsts[bucket] = format_hour(first)
     parts = [scratch.read(PROFILES, hour, b) for b in range(settings.buckets)]
-    return F.population_snapshot(parts, hour), scratch.read(INTERESTS, hour), firsts
+    return population_snapshot(parts, hour), scratch.read(INTERESTS, hour), firsts
 
 
 def verify_hour(settings: Settings, hour: datetime, *, keep_scratch: bool = False) -> VerifyResult:
@@ -206,7 +200,7 @@ def verify_hour(settings: Settings, hour: datetime, *, keep_scratch: bool = Fals
     """
     hour = floor_hour(hour)
     lake = Lake(settings.lake)
-    if not F.snapshot_committed(settings, hour):
+    if not snapshot_committed(settings, hour):
         raise FileNotFoundError(f"no committed profile snapshot for {format_hour(hour)} in {lake.root}")
     scratch = Lake(lake.tmp_dir() / "verify")
     try:

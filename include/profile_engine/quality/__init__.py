@@ -1,3 +1,6 @@
-"""Great Expectations suites over the staged hour and the profile snapshot, and their Data Docs
-(``suites.check_staged_hour``, ``suites.validate_profiles``). docs/quality.md.
+"""Data quality: Great Expectations suites, their results and Data Docs. docs/quality.md.
+
+- ``suites``: ``check_staged_hour`` / ``run_quality`` (the staged hour), ``read_results``,
+  ``validate_profiles`` (the profile snapshot), ``build_suite``, ``build_profile_suite``.
+- ``datadocs``: ``prune_data_docs`` (keep recent and failed hours' sites), ``pruned_record``, ``keeps_docs``.
 """

@@ -1,16 +1,6 @@
-"""Data quality of each processed hour: a Great Expectations suite over the staged batch.
+"""Great Expectations suites over an hour's staged events and over the profile snapshot, results and Data Docs.
 
-``ingest`` already rejects bad rows one by one (quarantine). This stage checks the
-batch that survived as a whole against the data contract (DESIGN.md §3), so a bug in
-the row rules, a schema drift or a broken source shows up as a failed expectation
-instead of silently wrong profiles. The suite is code, versioned with the package
-(STYLE.md 7). Each hour gets its validation result (``quality/results``) and its own
-self-contained Data Docs site (``quality/docs``), both committed with a manifest. In the
-hourly DAG this is the task ``check_quality`` (``check_staged_hour``), which reads the
-hour's staged events back and runs beside ``build_profiles``.
-
-Great Expectations is imported inside the functions (it costs seconds), and every
-file it writes goes to a context under the lake's ``_tmp/``, removed afterwards.
+Catches what row rules cannot see (schema drift, a bug in the rules) as a failed expectation. docs/quality.md.
 """
 
 from __future__ import annotations
@@ -18,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,7 +43,9 @@ from profile_engine.contracts.profiles import (
     USER_ID,
 )
 from profile_engine.hours import HOUR, floor_hour, format_hour, partition_values
+from profile_engine.ingest import events as ingest
 from profile_engine.lake.storage import MANIFEST, QUALITY_DOCS, QUALITY_RESULTS, STAGING, Lake
+from profile_engine.quality.datadocs import DOCS_INDEX, prune_data_docs
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -61,7 +53,6 @@ if TYPE_CHECKING:
 
 SUITE_NAME = "staged_events"
 RESULTS_FILE = "results.json"
-DOCS_INDEX = "index.html"
 DOCS_SITE = "local_site"
 
 
@@ -215,19 +206,6 @@ def build_suite(*, ts_min: datetime, ts_max: datetime, buckets: int) -> gx.Expec
     )
 
 
-def check_threshold(quarantined_rows: int, read_rows: int, threshold: float) -> tuple[float, bool]:
-    """Quarantine share of the rows read and whether it exceeds ``threshold``.
-
-    An hour that read nothing has share 0: nothing was rejected.
-    """
-    if quarantined_rows < 0 or read_rows < 0:
-        raise ValueError(f"row counts must be >= 0, got quarantined={quarantined_rows} read={read_rows}")
-    if quarantined_rows > read_rows:
-        raise ValueError(f"quarantined rows ({quarantined_rows}) exceed rows read ({read_rows})")
-    share = quarantined_rows / read_rows if read_rows else 0.0
-    return share, share > threshold
-
-
 def run_quality(
     settings: Settings,
     hour: datetime,
@@ -238,6 +216,7 @@ def run_quality(
     run_id: str = "manual",
     build_docs: bool = True,
     defective_rows: int | None = None,
+    threshold_breaches: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Validate the staged batch of ``hour``, publish results (and Data Docs), return a summary.
 
@@ -245,11 +224,12 @@ def run_quality(
     and, with ``build_docs``, a Data Docs site of this hour alone to
     ``quality/docs/dt=/hour=/`` (``index.html``), each with a ``_manifest.json``.
     ``success`` is False when a critical expectation failed; failed warnings (an
-    empty hour) are listed under ``warnings``. ``threshold_exceeded`` says whether the
-    share of defective rows is above ``settings.quarantine_threshold``; the caller
-    decides to fail the run (this module does not import Airflow). Defective rows are
-    the quarantined ones unless ``defective_rows`` says fewer count (ingest does not
-    count producer re-sends, quarantined as duplicates, against the threshold).
+    empty hour) are listed under ``warnings``. ``threshold_exceeded`` is the verdict
+    ingest reached (``threshold_breaches``: the sources that breached, from the
+    ``validate_events`` summary), not judged again here; the caller decides to fail
+    the run (this module does not import Airflow). The shares are the hour's, for the
+    report: defective rows are the quarantined ones unless ``defective_rows`` says fewer
+    count (ingest does not count producer re-sends, quarantined as duplicates).
     """
     import great_expectations as gx
     from great_expectations.checkpoint.actions import UpdateDataDocsAction
@@ -265,10 +245,8 @@ def run_quality(
     defective = quarantined_rows if defective_rows is None else defective_rows
     if not 0 <= defective <= quarantined_rows:
         raise ValueError(f"defective rows ({defective}) must be within [0, quarantined rows ({quarantined_rows})]")
-    share, _ = check_threshold(quarantined_rows, read_rows, settings.quarantine_threshold)
-    defective_share, exceeded = check_threshold(defective, read_rows, settings.quarantine_threshold)
-    # One bad row must not fail a quiet hour: the policy applies from a minimum row count.
-    exceeded = exceeded and read_rows >= settings.quarantine_min_rows
+    share = ingest.defective_share(quarantined_rows, read_rows)
+    hour_defective_share = ingest.defective_share(defective, read_rows)
     lake = Lake(settings.lake)
     suite = build_suite(
         ts_min=start - timedelta(hours=settings.lateness_hours),
@@ -336,6 +314,8 @@ def run_quality(
             docs_index = str(docs_target / DOCS_INDEX)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    # A new site prunes those of passing hours that fell out of the kept window (docs/quality.md).
+    docs_pruned = prune_data_docs(settings, start) if build_docs else []
 
     failed = [r for r in result["results"] if not r["success"]]
     summary: dict[str, Any] = {
@@ -353,11 +333,13 @@ def run_quality(
         "read_rows": read_rows,
         "quarantine_share": share,
         "defective_rows": defective,
-        "defective_share": defective_share,
+        "defective_share": hour_defective_share,
         "quarantine_threshold": settings.quarantine_threshold,
-        "threshold_exceeded": exceeded,
+        "threshold_breaches": list(threshold_breaches),
+        "threshold_exceeded": bool(threshold_breaches),
         "results_path": str(lake.partition(QUALITY_RESULTS, start) / RESULTS_FILE),
         "docs_index": docs_index,
+        "docs_pruned": docs_pruned,
     }
     payload = json.dumps(result, indent=2, sort_keys=True, default=str).encode()
     # Results last: their manifest is the hour's commit point and names the docs site.
@@ -416,6 +398,7 @@ def check_staged_hour(
         run_id=run_id,
         build_docs=build_docs,
         defective_rows=int(validated["defective"]),
+        threshold_breaches=validated.get("threshold_breaches") or (),
     )
 
 

@@ -1,30 +1,6 @@
-"""Campaign delivery: each hour's committed segment exports, delivered idempotently.
+"""Campaign delivery: each hour's committed segment exports, delivered once to the outbox and a SQL table.
 
-DESIGN.md §2 ("an asset-triggered consumer of segment exports"). ``publish_segments``
-emits an event on the Asset :data:`EXPORTS_ASSET_URI` whose ``extra`` carries the hour
-and the export manifest path; the DAG ``deliver_campaigns`` is scheduled on that Asset
-and hands every triggering event to :func:`deliver_events` (events coalesce when hours
-run fast, so one run may carry several hours).
-
-Destinations:
-
-- a local outbox folder (default ``<lake>/outbox``, ``PROFILE_ENGINE_OUTBOX``):
-  ``dt=/hour=/<action>.csv|.parquet`` plus ``_delivered.json`` written last;
-- a SQL table through an Airflow Connection (``PROFILE_ENGINE_DELIVERY_CONN_ID``):
-  ``campaign_deliveries`` (one row per user and action of an hour),
-  ``campaign_delivery_batches`` (one row per delivered hour) and
-  ``campaign_suppressions`` (the current suppression list), in one transaction.
-
-The ``suppress`` export is a change to the suppression list (column ``change``:
-``entered``/``left`` against the previous hour's list; a ``full`` list when the export
-says so in its manifest's ``suppress.mode``). :func:`fold_suppressions` turns the
-delivered hours into the current list, from the latest full list on.
-
-Only committed exports are delivered (the manifest exists and every file matches its
-checksum). Delivering the same export twice adds nothing: a delivery is keyed by the
-hour and a digest of the export's files; a rerun of the hour that changed the export
-replaces that hour's rows. Importing this module is cheap (the DAG files import it at
-parse time for the Asset's name): pyarrow, SQLAlchemy and Airflow load inside functions.
+Destinations, idempotence, the suppression list and why importing this module stays cheap: docs/segments.md.
 """
 
 from __future__ import annotations
@@ -57,7 +33,7 @@ RECEIPT = "_delivered.json"
 DELIVERY_TABLE = "campaign_deliveries"
 BATCH_TABLE = "campaign_delivery_batches"
 SUPPRESSION_TABLE = "campaign_suppressions"
-# Names the exports use (profile_engine.segments.rules; repeated here so importing this module stays cheap).
+# Names the exports use (contracts.segments, segments.rules.SUPPRESS; repeated so importing this stays cheap).
 SUPPRESS = "suppress"
 CHANGE = "change"
 ENTERED, LEFT = "entered", "left"
@@ -372,7 +348,7 @@ def connection_engine(conn_id: str) -> sqlalchemy.Engine:
     """A SQLAlchemy engine for Airflow Connection ``conn_id`` (call inside a task, never at parse time)."""
     import sqlalchemy as sa
 
-    from profile_engine.sources.mappings import connection_url
+    from profile_engine.sources.sql import connection_url
 
     return sa.create_engine(connection_url(conn_id))
 

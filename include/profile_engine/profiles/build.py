@@ -1,0 +1,381 @@
+"""Lake stages of the profiles: build an hour of a bucket (or a range), read and upgrade state checkpoints,
+publish the snapshot of an hour. docs/features.md.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from profile_engine.config import Settings
+from profile_engine.contracts.events import LOCAL_HOUR, STAGED_SCHEMA
+from profile_engine.contracts.profiles import (
+    CATEGORY_ID,
+    CHANGE_NEW,
+    CHANGE_TRACKED,
+    LIFECYCLE_STAGE,
+    RFM_SEGMENT,
+    TIMESTAMP,
+    TOP_CATEGORIES,
+    USER_ID,
+)
+from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
+from profile_engine.lake import faults
+from profile_engine.lake.storage import (
+    INTERESTS,
+    MANIFEST,
+    PROFILE_CHANGES,
+    PROFILES,
+    STAGING,
+    STATE,
+    Lake,
+    read_json,
+    write_json,
+)
+from profile_engine.profiles.merge import advance
+from profile_engine.profiles.population import change_counts, population_snapshot, profile_changes, value_counts
+from profile_engine.profiles.snapshot import snapshot
+from profile_engine.profiles.state import (
+    ADDED_STATE_COLUMNS,
+    ADDED_STATE_TABLES,
+    PENDING,
+    SESSION_GAP,
+    SESSIONS,
+    STATE_SCHEMAS,
+    STATE_TABLES,
+    MissingStateError,
+    ProfileState,
+    connect,
+    empty_state,
+    fetch,
+    interval_groups,
+)
+
+
+def read_state(lake: Lake, hour: datetime, bucket: int) -> ProfileState:
+    """The committed state checkpoint of ``hour`` and ``bucket``, in the current layout.
+
+    States written before the session buffer held one row per session (it held one
+    ``ts_ms`` row per event) are converted on reading: grouping the points gives the
+    sessions the current layout stores.
+    """
+    base = lake.partition(STATE, hour, bucket)
+    tables = {
+        name: lake.read_named(STATE, hour, name, bucket)
+        if name not in ADDED_STATE_TABLES or (base / f"{name}.parquet").is_file()
+        else STATE_SCHEMAS[name].empty_table()
+        for name in STATE_TABLES
+    }
+    for name, defaults in ADDED_STATE_COLUMNS.items():
+        for column, value in defaults.items():
+            if column not in tables[name].column_names:
+                kind = STATE_SCHEMAS[name].field(column).type
+                tables[name] = (
+                    tables[name]
+                    .append_column(column, pa.array([value] * tables[name].num_rows, kind))
+                    .select(STATE_SCHEMAS[name].names)
+                )
+    points = tables[SESSIONS]
+    if "ts_ms" in points.column_names:
+        con = connect()
+        try:
+            con.register("points", points)
+            gap = int(SESSION_GAP.total_seconds() * 1000)
+            as_points = "SELECT user_id, ts_ms AS first_ms, ts_ms AS last_ms, 1 AS n FROM points"
+            tables[SESSIONS] = fetch(
+                con,
+                f"SELECT user_id, grp_first AS first_ms, grp_last AS last_ms, n "
+                f"FROM ({interval_groups(as_points, gap)}) ORDER BY user_id, first_ms",
+                STATE_SCHEMAS[SESSIONS],
+            )
+        finally:
+            con.close()
+    return ProfileState(tables)
+
+
+def upgrade_state(lake: Lake, hour: datetime, bucket: int) -> bool:
+    """Rewrite the committed state of ``hour`` and ``bucket`` in the current layout; whether it was older.
+
+    Reading converts older layouts anyway (``read_state``); rewriting once saves that
+    conversion on every later read of the same checkpoint (benchmarks reuse one).
+    """
+    if "ts_ms" not in lake.read_named(STATE, hour, SESSIONS, bucket).column_names:
+        return False
+    state = read_state(lake, hour, bucket)
+    lake.write_partition(STATE, hour, state.tables, bucket=bucket, run_id="upgrade", dictionary=_STATE_DICTIONARY)
+    return True
+
+
+def _load_state(lake: Lake, hour: datetime, bucket: int, first_hour: datetime | None) -> ProfileState:
+    """The state of the hour before ``hour``, or an empty one when ``hour`` is the first hour."""
+    previous = hour - HOUR
+    if lake.committed(STATE, previous, bucket):
+        return read_state(lake, previous, bucket)
+    if first_hour is not None and floor_hour(first_hour) == hour:
+        return empty_state()
+    raise MissingStateError(
+        f"state of hour {format_hour(previous)} bucket {bucket} is missing in {lake.partition(STATE, previous, bucket)}; "
+        f"process {format_hour(previous)} first (or start at the first hour {format_hour(first_hour) if first_hour else 'unset'})"
+    )
+
+
+# Parquet dictionary encoding only where values repeat (user and item ids do not).
+_STATE_DICTIONARY = ["event_type"]
+_PROFILE_DICTIONARY = [*TOP_CATEGORIES, RFM_SEGMENT, LIFECYCLE_STAGE]
+
+
+def _write_hour(
+    lake: Lake, state: ProfileState, hour: datetime, bucket: int, settings: Settings, run_id: str
+) -> dict[str, int]:
+    """Write profiles, interests and (last, since the next hour builds on it) the state of ``hour``."""
+    profiles, interests = snapshot(state, hour + HOUR, settings)
+    # A rebuilt bucket invalidates a published snapshot of this hour until publish_profiles runs again.
+    (lake.partition(PROFILES, hour) / MANIFEST).unlink(missing_ok=True)
+    lake.write_partition(PROFILES, hour, profiles, bucket=bucket, run_id=run_id, dictionary=_PROFILE_DICTIONARY)
+    lake.write_partition(INTERESTS, hour, interests, bucket=bucket, run_id=run_id, dictionary=[CATEGORY_ID])
+    lake.write_partition(STATE, hour, state.tables, bucket=bucket, run_id=run_id, dictionary=_STATE_DICTIONARY)
+    return {"users": profiles.num_rows, "interests": interests.num_rows}
+
+
+def _merge_counts(
+    events: pa.Table, before: ProfileState, after: ProfileState, horizon: datetime | None
+) -> dict[str, int]:
+    """How many events were merged, are held back, and arrived later than the lateness window allows."""
+    late = 0
+    if horizon is not None and events.num_rows:
+        late = int(pc.sum(pc.less(events.column("ts"), pa.scalar(horizon, TIMESTAMP))).as_py() or 0)
+    held_back = after.tables[PENDING].num_rows
+    return {
+        "events_read": events.num_rows,
+        "events_merged": events.num_rows + before.tables[PENDING].num_rows - held_back,
+        "held_back": held_back,
+        "late_beyond_window": late,
+    }
+
+
+def _horizon(state: ProfileState, settings: Settings) -> datetime | None:
+    return None if state.end is None else state.end - timedelta(hours=settings.lateness_hours)
+
+
+def build_profiles(
+    settings: Settings, hour: datetime, bucket: int, *, run_id: str = "manual", first_hour: datetime | None = None
+) -> dict[str, Any]:
+    """Build hour H of one bucket: merge its staged events into the state of H-1 and write state/profiles/interests.
+
+    The state of H-1 must exist unless H is the first hour (``first_hour``, default
+    ``settings.start``); otherwise this raises ``MissingStateError`` naming the hour
+    and bucket, so no hour is ever built on an older state.
+    """
+    hour = floor_hour(hour)
+    lake = Lake(settings.lake)
+    state = _load_state(lake, hour, bucket, first_hour or settings.start)
+    events = lake.read(STAGING, hour, bucket)
+    new_state = advance(state, events, hour + HOUR, settings)
+    written = _write_hour(lake, new_state, hour, bucket, settings, run_id)
+    faults.maybe_fail(faults.BETWEEN_BUILD_BUCKETS)
+    counts = _merge_counts(events, state, new_state, _horizon(state, settings))
+    return {"hour": format_hour(hour), "bucket": bucket, "run_id": run_id, **written, **counts}
+
+
+def build_profiles_range(
+    settings: Settings,
+    first: datetime,
+    last: datetime,
+    bucket: int,
+    *,
+    run_id: str = "manual",
+    first_hour: datetime | None = None,
+    snapshot_every: int = 24,
+) -> dict[str, Any]:
+    """Build hours ``first..last`` of one bucket in a few big merges (the warm-up path).
+
+    Reads every staged hour in one DuckDB pass, advances the state from checkpoint to
+    checkpoint and writes state/profiles/interests only at checkpoints: hours whose end
+    is a multiple of ``snapshot_every`` hours (UTC epoch) and ``last``. Each checkpoint
+    equals what hourly ``build_profiles`` would have written.
+    """
+    if snapshot_every < 1:
+        raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
+    first, last = floor_hour(first), floor_hour(last)
+    if last < first:
+        raise ValueError(f"last hour {format_hour(last)} is before first hour {format_hour(first)}")
+    lake = Lake(settings.lake)
+    state = _load_state(lake, first, bucket, first_hour or settings.start)
+    hours = list(hour_range(first, last))
+    staged = read_staged(lake, hours, bucket, settings.business_tz)
+    staged_hour = staged.column("staged_hour")
+
+    checkpoints = [h for h in hours if (epoch_hour(h) + 1) % snapshot_every == 0 or h == last]
+    totals = {"events_read": 0, "events_merged": 0, "held_back": 0, "late_beyond_window": 0}
+    written: dict[str, int] = {}
+    batch_start = epoch_hour(first)
+    for checkpoint in checkpoints:
+        mask = pc.and_(pc.greater_equal(staged_hour, batch_start), pc.less_equal(staged_hour, epoch_hour(checkpoint)))
+        batch = staged.filter(mask).select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+        batch_start = epoch_hour(checkpoint) + 1
+        new_state = advance(state, batch, checkpoint + HOUR, settings)
+        counts = _merge_counts(batch, state, new_state, _horizon(state, settings))
+        for key in ("events_read", "events_merged", "late_beyond_window"):
+            totals[key] += counts[key]
+        totals["held_back"] = counts["held_back"]
+        written = _write_hour(lake, new_state, checkpoint, bucket, settings, run_id)
+        state = new_state
+    return {
+        "first": format_hour(first),
+        "last": format_hour(last),
+        "bucket": bucket,
+        "run_id": run_id,
+        "hours": len(hours),
+        "checkpoints": [format_hour(c) for c in checkpoints],
+        **written,
+        **totals,
+    }
+
+
+def epoch_hour(hour: datetime) -> int:
+    return int(hour.timestamp()) // 3600
+
+
+def read_staged(
+    lake: Lake, hours: list[datetime], bucket: int, business_tz: str, users: pa.Array | None = None
+) -> pa.Table:
+    """The staged events of ``hours`` of one bucket in one DuckDB pass, with ``staged_hour`` (epoch hours).
+
+    Files staged before ``local_hour`` existed get it in ``business_tz`` (``with_local_hour``).
+    ``users``: only the events of these users (the filter runs in the scan).
+    """
+    import pyarrow.parquet as pq
+
+    files = [str(f) for h in hours for f in lake.data_files(STAGING, h, bucket)]
+    if not files:
+        return STAGED_SCHEMA.append(pa.field("staged_hour", pa.int64())).empty_table()
+    current = [f for f in files if LOCAL_HOUR in pq.read_schema(f).names]
+    older = [f for f in files if f not in set(current)]
+    ZoneInfo(business_tz)  # an unknown zone fails before it reaches SQL
+    con = connect()
+    try:
+        where = ""
+        if users is not None:
+            con.register("wanted_users", pa.table({USER_ID: pa.array(users, pa.string())}))
+            where = f" WHERE s.user_id IN (SELECT {USER_ID} FROM wanted_users)"
+        selects = []
+        for group, local_hour in ((current, f"s.{LOCAL_HOUR}"), (older, f"hour(timezone('{business_tz}', s.ts))")):
+            if not group:
+                continue
+            file_list = ", ".join("'" + f.replace("'", "''") + "'" for f in group)
+            # The staged hour comes from the Hive keys of each file's path (dt=/hour=): a per-file
+            # constant, several times cheaper than joining a filename column on every row.
+            columns = ", ".join(f"s.{n}" for n in STAGED_SCHEMA.names if n != LOCAL_HOUR)
+            selects.append(
+                f"SELECT {columns}, CAST({local_hour} AS TINYINT) AS {LOCAL_HOUR}, "
+                "CAST(epoch(s.dt) // 3600 + s.hour AS BIGINT) AS staged_hour "
+                f"FROM read_parquet([{file_list}], hive_partitioning = true, "
+                "hive_types = {'dt': DATE, 'hour': INTEGER}) s" + where
+            )
+        return con.sql(" UNION ALL ".join(selects)).to_arrow_table()
+    finally:
+        con.close()
+
+
+def staged_hours(lake: Lake, bucket: int, layer: str = STAGING) -> list[datetime]:
+    """Every hour with a committed partition of ``bucket`` in ``layer`` (staging by default), in order."""
+    found = []
+    for manifest in lake.path(layer).glob(f"dt=*/hour=*/bucket={bucket}/{MANIFEST}"):
+        hour_dir = manifest.parent.parent
+        found.append(parse_hour(f"{hour_dir.parent.name.removeprefix('dt=')}T{hour_dir.name.removeprefix('hour=')}"))
+    return sorted(found)
+
+
+def snapshot_committed(settings: Settings, hour: datetime) -> bool:
+    """Whether the published snapshot of ``hour`` exists (its hour-level manifest is written)."""
+    return (Lake(settings.lake).partition(PROFILES, hour) / MANIFEST).is_file()
+
+
+def _previous_snapshot(lake: Lake, settings: Settings, hour: datetime) -> datetime | None:
+    """The snapshot the change log compares against: H-1, else the one H was first compared with, else ``current``."""
+    if snapshot_committed(settings, hour - HOUR):
+        return hour - HOUR
+    candidates = []
+    marker = lake.partition(PROFILES, hour) / MANIFEST
+    if marker.is_file():
+        candidates.append(read_json(marker).get("previous_hour"))
+    pointer = lake.path(PROFILES, "current")
+    if pointer.is_file():
+        candidates.append(read_json(pointer).get("hour"))
+    for text in candidates:
+        if text and parse_hour(text) < hour and snapshot_committed(settings, parse_hour(text)):
+            return parse_hour(text)
+    return None
+
+
+def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manual") -> dict[str, Any]:
+    """Commit the snapshot of ``hour``: population features, uniqueness check, change log, markers.
+
+    Reads every bucket's profiles, adds RFM, rewrites each bucket partition, then writes
+    the hour-level ``_manifest.json`` (the snapshot's commit point), the change log and
+    the ``profiles/current`` pointer (moved forward only).
+    """
+    hour = floor_hour(hour)
+    lake = Lake(settings.lake)
+    marker = lake.partition(PROFILES, hour) / MANIFEST
+    previous_hour = _previous_snapshot(lake, settings, hour)
+    parts = []
+    for bucket in range(settings.buckets):
+        if not lake.committed(PROFILES, hour, bucket):
+            raise FileNotFoundError(f"profiles of hour {format_hour(hour)} bucket {bucket} are not built")
+        parts.append(lake.read(PROFILES, hour, bucket))
+    full = population_snapshot(parts, hour)
+    from profile_engine.quality.suites import validate_profiles  # imports Great Expectations when called
+
+    validate_profiles(full, hour)  # raises ProfileValidationError naming the failed expectation
+
+    marker.unlink(missing_ok=True)  # uncommitted while buckets are rewritten
+    bucket_of_part = pa.array([b for b, part in enumerate(parts) for _ in range(part.num_rows)], pa.int32())
+    users_of_part = pa.chunked_array([part.column(USER_ID) for part in parts], pa.string())
+    buckets_of_rows = pc.take(bucket_of_part, pc.index_in(full.column(USER_ID), value_set=users_of_part))
+    for bucket in range(settings.buckets):
+        lake.write_partition(
+            PROFILES,
+            hour,
+            full.filter(pc.equal(buckets_of_rows, bucket)),
+            bucket=bucket,
+            run_id=run_id,
+            dictionary=_PROFILE_DICTIONARY,
+        )
+
+    # The change log compares the tracked columns only: reading the whole previous snapshot cost seconds.
+    tracked = [USER_ID, *CHANGE_TRACKED]
+    previous = lake.read(PROFILES, previous_hour, columns=tracked) if previous_hour is not None else None
+    changes = profile_changes(previous, full)
+    lake.write_partition(
+        PROFILE_CHANGES,
+        hour,
+        changes,
+        run_id=run_id,
+        extra={"previous_hour": format_hour(previous_hour) if previous_hour else None},
+    )
+    counted = change_counts(changes)
+    summary: dict[str, Any] = {
+        "hour": format_hour(hour),
+        "run_id": run_id,
+        "buckets": settings.buckets,
+        "profiles": full.num_rows,
+        "new_users": counted[CHANGE_NEW],
+        "profile_changes": counted,
+        "previous_hour": format_hour(previous_hour) if previous_hour else None,
+        "lifecycle": value_counts(full.column(LIFECYCLE_STAGE)),
+        "rfm_segments": value_counts(full.column(RFM_SEGMENT)),
+    }
+    write_json(
+        marker,
+        {**summary, "layer": PROFILES, "data_hour": format_hour(hour), "written_at": datetime.now(UTC).isoformat()},
+    )
+    pointer = lake.path(PROFILES, "current")
+    current = read_json(pointer).get("hour") if pointer.is_file() else None
+    if current is None or parse_hour(current) <= hour:
+        write_json(pointer, {"hour": format_hour(hour), "run_id": run_id, "profiles": full.num_rows})
+    return summary

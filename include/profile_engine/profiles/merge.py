@@ -1,0 +1,430 @@
+"""``advance``: merge staged events into a ``ProfileState`` and move its end (``rebuild`` from an empty state).
+
+The result depends only on the merged events and the end, never on batching. docs/features.md.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from profile_engine.config import Settings
+from profile_engine.contracts.events import CART, FAV, LOCAL_HOUR, PURCHASE, REFUND, REMOVE_CART, STAGED_SCHEMA, VIEW
+from profile_engine.contracts.profiles import CATEGORY_ID, HALF_LIVES, OPEN_WINDOWS, REPEAT_WINDOWS, USER_ID
+from profile_engine.hours import format_hour
+from profile_engine.profiles.state import (
+    ANCHORS,
+    BUFFERED_SCHEMA,
+    CARTS,
+    FAVS,
+    HOURLY,
+    HOURLY_RETENTION,
+    HOURS_OF_DAY,
+    ITEM_VIEWS,
+    LATENCY_LOOKBACK,
+    META,
+    MS_HOUR,
+    OPEN_CART_TTL,
+    ORDER_GAP,
+    ORDERS,
+    PENDING,
+    SESSION_GAP,
+    SESSIONS,
+    STATE_SCHEMAS,
+    TARGETS,
+    USER_EVENT_FIELDS,
+    USER_EVENTS,
+    USER_FIELDS,
+    USERS,
+    ProfileState,
+    affinity_decay_sql,
+    buffered_sql,
+    connect,
+    decay,
+    empty_state,
+    fetch,
+    gap_groups,
+    hour_ms,
+    interval_groups,
+    latency_totals,
+    order_totals,
+    session_totals,
+    target_latencies,
+)
+
+if TYPE_CHECKING:
+    import duckdb
+
+
+def _cents(amount_sql: str) -> str:
+    return f"CAST(round(({amount_sql}) * 100) AS BIGINT)"
+
+
+def _duck_type(arrow_type: pa.DataType) -> str:
+    return "DOUBLE" if pa.types.is_floating(arrow_type) else "BIGINT"
+
+
+def _staged(events: pa.Table, business_tz: str) -> pa.Table:
+    """The events as ``STAGED_SCHEMA`` (column order and types), or a clear error."""
+    events = with_local_hour(events, business_tz)
+    missing = [n for n in STAGED_SCHEMA.names if n not in events.column_names]
+    if missing:
+        raise ValueError(f"events lack staged columns {missing}")
+    return events.select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+
+
+def with_local_hour(events: pa.Table, business_tz: str) -> pa.Table:
+    """Staged events with ``local_hour``; events staged before it existed get their hour in ``business_tz``.
+
+    That is what the profiles of those events used (the business time zone was the only
+    one), so an older lake keeps its peak hours.
+    """
+    if LOCAL_HOUR in events.column_names:
+        return events
+    ZoneInfo(business_tz)  # raises for an unknown zone
+    hours = pc.hour(events.column("ts").cast(pa.timestamp("ms", tz=business_tz)))  # hour of the zone's local time
+    return events.append_column(pa.field(LOCAL_HOUR, pa.int8()), hours.cast(pa.int8()))
+
+
+def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Settings) -> ProfileState:
+    """Merge staged events into ``state`` and move its end to ``end``.
+
+    ``events`` (``STAGED_SCHEMA``) may have any ``ts``: those at or after ``end`` are held
+    back in the state and merged by a later call. ``end`` may be many hours after the
+    state's end; the result equals advancing hour by hour, which is what lets the
+    warm-up process a day at once.
+    """
+    e = hour_ms(end)
+    previous = state.end
+    e0 = hour_ms(previous) if previous is not None else e  # an empty state has nothing to decay
+    if e < e0:
+        raise ValueError(f"cannot move the state back from {format_hour(previous or end)} to {format_hour(end)}")
+    horizon = e - settings.lateness_hours * MS_HOUR  # no future event is older than this
+    session_gap = int(SESSION_GAP.total_seconds() * 1000)
+    order_gap = int(ORDER_GAP.total_seconds() * 1000)
+    con = connect()
+    try:
+        for name, table in state.tables.items():
+            con.register(f"s_{name}", table)
+        con.register("s_pending", _staged(state.tables[PENDING], settings.business_tz))
+        con.register("new_events", _staged(events, settings.business_tz))
+        con.execute(  # a view: scanned twice (due, pending), never worth a copy
+            "CREATE TEMP VIEW incoming AS SELECT *, epoch_ms(ts) AS t FROM "
+            "(SELECT * FROM s_pending UNION ALL SELECT * FROM new_events)"
+        )
+        con.execute(f"CREATE TEMP TABLE due AS SELECT * FROM incoming WHERE t < {e}")
+        pending = fetch(con, f"SELECT * FROM incoming WHERE t >= {e} ORDER BY user_id, ts, event_id", STAGED_SCHEMA)
+
+        # sessions: merge the buffered sessions with the new events (points), fold sessions no
+        # future event can touch; the buffer keeps one row per open session, not per event
+        con.execute(
+            "CREATE TEMP TABLE sess AS "
+            + interval_groups(
+                "SELECT user_id, first_ms, last_ms, n FROM s_sessions UNION ALL "
+                "SELECT user_id, t, t, count(*) FROM due GROUP BY user_id, t",
+                session_gap,
+            )
+        )
+        sessions = fetch(
+            con,
+            f"SELECT user_id, grp_first AS first_ms, grp_last AS last_ms, n FROM sess "
+            f"WHERE grp_last + {session_gap} > {horizon} ORDER BY user_id, first_ms",
+            STATE_SCHEMAS[SESSIONS],
+        )
+        # orders: lines of one (user, order key) grouped the same way; no order_id = one order per event
+        order_lines = (
+            "SELECT user_id, order_key, ts_ms, cents FROM s_orders UNION ALL "
+            f"SELECT user_id, coalesce(order_id, 'event:' || event_id), t, {_cents('coalesce(price, 0) * quantity')} "
+            f"FROM due WHERE event_type = '{PURCHASE}'"
+        )
+        con.execute("CREATE TEMP TABLE ord AS " + gap_groups(order_lines, "user_id, order_key", order_gap))
+        orders = fetch(
+            con,
+            f"SELECT user_id, order_key, ts_ms, cents FROM ord WHERE grp_last + {order_gap} > {horizon} "
+            "ORDER BY user_id, order_key, ts_ms, cents",
+            STATE_SCHEMAS[ORDERS],
+        )
+        # latencies: targets become final once no earlier anchor can still arrive
+        con.execute(
+            "CREATE TEMP VIEW anc AS SELECT user_id, item_id, event_type, ts_ms FROM s_anchors UNION ALL "
+            f"SELECT user_id, item_id, event_type, t FROM due WHERE event_type IN ('{VIEW}', '{CART}')"
+        )
+        con.execute(
+            "CREATE TEMP TABLE tgt AS SELECT user_id, item_id, event_type, ts_ms FROM s_targets UNION ALL "
+            f"SELECT user_id, item_id, event_type, t FROM due WHERE event_type IN ('{CART}', '{PURCHASE}')"
+        )
+        con.execute(f"CREATE TEMP TABLE tgt_final AS SELECT * FROM tgt WHERE ts_ms < {horizon}")
+        targets = fetch(
+            con,
+            f"SELECT * FROM tgt WHERE ts_ms >= {horizon} ORDER BY user_id, item_id, event_type, ts_ms",
+            STATE_SCHEMAS[TARGETS],
+        )
+        lookback = int(LATENCY_LOOKBACK.total_seconds() * 1000)
+        # Keep every anchor a future target may see: the recent ones and the latest older one per item.
+        # The buffer holds each anchor once, so its recent rows pass through in their order (sorting
+        # millions of them again cost more than the rest of the buffer work); the new recent anchors
+        # not in it yet and the latest older ones per item are sorted and appended. The parts are
+        # disjoint: in ts_ms (recent or older) and, among the recent ones, by the anti join.
+        old_anchors = state.tables[ANCHORS]
+        kept = old_anchors.filter(pc.greater_equal(old_anchors.column("ts_ms"), pa.scalar(horizon, pa.int64())))
+        added = fetch(
+            con,
+            f"""
+            SELECT * FROM (
+                SELECT * FROM (
+                    SELECT DISTINCT user_id, item_id, event_type, t AS ts_ms FROM due
+                    WHERE event_type IN ('{VIEW}', '{CART}') AND t >= {horizon}
+                ) d ANTI JOIN s_anchors s USING (user_id, item_id, event_type, ts_ms)
+                UNION ALL
+                SELECT user_id, item_id, event_type, max(ts_ms) FROM anc WHERE ts_ms < {horizon}
+                GROUP BY user_id, item_id, event_type HAVING max(ts_ms) >= {horizon - lookback}
+            ) ORDER BY user_id, item_id, event_type, ts_ms
+            """,
+            STATE_SCHEMAS[ANCHORS],
+        )
+        anchors = pa.concat_tables([kept.select(added.schema.names).cast(added.schema), added]).combine_chunks()
+        con.register("kept_targets", targets)
+        con.register("kept_anchors", anchors)
+        # The kept sessions and orders are whole groups, separated from the folded ones by a
+        # gap: grouping the new buffers again would give these same groups.
+        buffered = fetch(
+            con,
+            buffered_sql(
+                f"(SELECT * FROM sess WHERE grp_last + {session_gap} > {horizon})",
+                f"(SELECT * FROM ord WHERE grp_last + {order_gap} > {horizon})",
+                "kept_targets",
+                "kept_anchors",
+            ),
+            BUFFERED_SCHEMA,
+        )
+
+        user_events = fetch(con, _merge_user_events_sql(e, e0), STATE_SCHEMAS[USER_EVENTS])
+        users = fetch(con, _merge_users_sql(horizon, session_gap, order_gap), STATE_SCHEMAS[USERS])
+        hourly = _merge_hourly(con, state.tables[HOURLY], e)
+        hours_of_day = fetch(
+            con,
+            f"""
+            SELECT user_id, hour_of_day, sum(n) AS n FROM (
+                SELECT user_id, hour_of_day, n FROM s_hours_of_day
+                UNION ALL
+                SELECT user_id, {LOCAL_HOUR} AS hour_of_day, count(*) AS n FROM due
+                WHERE {LOCAL_HOUR} IS NOT NULL GROUP BY ALL
+            ) GROUP BY ALL ORDER BY user_id, hour_of_day
+            """,
+            STATE_SCHEMAS[HOURS_OF_DAY],
+        )
+        carts = fetch(con, _merge_carts_sql(e, horizon), STATE_SCHEMAS[CARTS])
+        favs = fetch(con, _merge_favs_sql(e, horizon), STATE_SCHEMAS[FAVS])
+        item_views = _merge_item_views(con, state.tables[ITEM_VIEWS], e)
+    finally:
+        con.close()
+
+    return ProfileState(
+        {
+            META: pa.table({"end_ms": pa.array([e], pa.int64())}),
+            USER_EVENTS: user_events,
+            USERS: users,
+            HOURLY: hourly,
+            HOURS_OF_DAY: hours_of_day,
+            SESSIONS: sessions,
+            ORDERS: orders,
+            CARTS: carts,
+            FAVS: favs,
+            ITEM_VIEWS: item_views,
+            ANCHORS: anchors,
+            TARGETS: targets,
+            PENDING: pending,
+        },
+        buffered=buffered,
+    )
+
+
+def _merged(fields: list[tuple[str, pa.DataType, str]]) -> str:
+    """Select list merging rows of one key: sums (0 when absent), minima and maxima."""
+    merged = []
+    for name, arrow_type, how in fields:
+        agg = f"coalesce(sum({name}), 0)" if how == "sum" else f"{how}({name})"
+        merged.append(f"CAST({agg} AS {_duck_type(arrow_type)}) AS {name}")
+    return ", ".join(merged)
+
+
+def _merge_user_events_sql(e: int, e0: int) -> str:
+    """SQL merging old per-type rows (decayed from ``e0`` to ``e``) with the new events."""
+    half_life = {f"decayed_{h}": hours for h, hours in HALF_LIVES}
+    old = ", ".join(
+        f"{n} * {decay(str(e - e0), half_life[n])} AS {n}" if n in half_life else n for n, _, _ in USER_EVENT_FIELDS
+    )
+    decayed = ", ".join(f"sum({decay(f'{e} - t', hours)}) AS decayed_{h}" for h, hours in HALF_LIVES)
+    return f"""
+        SELECT user_id, event_type, {_merged(USER_EVENT_FIELDS)} FROM (
+            SELECT user_id, event_type, {old} FROM s_user_events
+            UNION ALL BY NAME
+            SELECT user_id, event_type, count(*) AS n, min(t) AS first_ms, max(t) AS last_ms, {decayed},
+                   count(price) AS price_n, sum({_cents("price")}) AS price_cents
+            FROM due GROUP BY user_id, event_type
+        ) GROUP BY user_id, event_type ORDER BY user_id, event_type
+    """
+
+
+def _merge_users_sql(horizon: int, session_gap: int, order_gap: int) -> str:
+    """SQL adding the sessions, orders and latencies that became final to the users' totals."""
+    final_sessions = f"(SELECT * FROM sess WHERE grp_last + {session_gap} <= {horizon})"
+    final_orders = f"(SELECT * FROM ord WHERE grp_last + {order_gap} <= {horizon})"
+    return f"""
+        SELECT user_id, {_merged(USER_FIELDS)} FROM (
+            SELECT * FROM s_users
+            UNION ALL BY NAME {session_totals(final_sessions)}
+            UNION ALL BY NAME {order_totals(final_orders)}
+            UNION ALL BY NAME {latency_totals(f"({target_latencies('tgt_final', 'anc')})")}
+            UNION ALL BY NAME SELECT user_id, sum({_cents("coalesce(price, 0) * quantity")}) AS refund_cents
+                FROM due WHERE event_type = '{REFUND}' GROUP BY user_id
+        ) GROUP BY user_id ORDER BY user_id
+    """
+
+
+def _merge_hourly(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int) -> pa.Table:
+    """The hourly buckets with the due events added and buckets older than 30 days dropped.
+
+    ``decay_sum`` is the bucket's events decayed to the bucket's end, so the affinity as of
+    any later end is ``decay_sum`` times one more exact factor.
+    """
+    bucket = f"(t - t % {MS_HOUR})"
+    return _merge_by_hour(
+        con,
+        old,
+        HOURLY,
+        f"""SELECT user_id, {bucket} AS hour_ms, event_type, category_id, count(*) AS n,
+                   sum({affinity_decay_sql(f"{bucket} + {MS_HOUR} - t")}) AS decay_sum
+            FROM due GROUP BY ALL""",
+        (USER_ID, "hour_ms", "event_type", CATEGORY_ID),
+        ("n", "decay_sum"),
+        e - int(HOURLY_RETENTION.total_seconds() * 1000),
+    )
+
+
+def _merge_item_views(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int) -> pa.Table:
+    """Views per user, item and hour with the due views added, kept for the longest repeat-view window."""
+    return _merge_by_hour(
+        con,
+        old,
+        ITEM_VIEWS,
+        f"SELECT user_id, item_id, t - t % {MS_HOUR} AS hour_ms, count(*) AS n FROM due "
+        f"WHERE event_type = '{VIEW}' GROUP BY ALL",
+        (USER_ID, "item_id", "hour_ms"),
+        ("n",),
+        e - max(h for _, h in REPEAT_WINDOWS) * MS_HOUR,
+    )
+
+
+def _merge_by_hour(
+    con: duckdb.DuckDBPyConnection,
+    old: pa.Table,
+    name: str,
+    new_rows: str,
+    keys: tuple[str, ...],
+    sums: tuple[str, ...],
+    retention: int,
+) -> pa.Table:
+    """State table ``name`` (one row per ``keys``, sorted by ``hour_ms`` first) with ``new_rows`` summed in.
+
+    Rows of hours before ``retention`` are dropped. Only the hours the due events fall in
+    can change: older rows pass through untouched (in Arrow, no regrouping), the rest is
+    merged in SQL, so the untouched head stays in order.
+    """
+    first_due = con.sql(f"SELECT min(t - t % {MS_HOUR}) FROM due").fetchall()[0][0]
+    hours = old.column("hour_ms")
+    if first_due is None:  # nothing due: every row within the retention passes through
+        schema = STATE_SCHEMAS[name]
+        return old.filter(pc.greater_equal(hours, retention)).select(schema.names).cast(schema).combine_chunks()
+    cut = int(first_due)
+    untouched = old.filter(pc.and_(pc.greater_equal(hours, retention), pc.less(hours, cut)))
+    columns = ", ".join((*keys, *sums))
+    order = ", ".join(["hour_ms", *(k for k in keys if k != "hour_ms")])
+    merged = fetch(
+        con,
+        f"""
+        SELECT {", ".join(keys)}, {", ".join(f"sum({v}) AS {v}" for v in sums)} FROM (
+            SELECT {columns} FROM s_{name} WHERE hour_ms >= {cut}
+            UNION ALL BY NAME
+            {new_rows}
+        ) WHERE hour_ms >= {retention}
+        GROUP BY ALL ORDER BY {order} NULLS FIRST
+        """,
+        STATE_SCHEMAS[name],
+    )
+    return pa.concat_tables([untouched.select(merged.schema.names).cast(merged.schema), merged]).combine_chunks()
+
+
+def _merge_carts_sql(e: int, horizon: int) -> str:
+    """SQL keeping, per user and item, the latest cart line and the latest close (remove or purchase).
+
+    A row is dropped once no future event can make it matter: closed before the lateness
+    horizon, or untouched for longer than the open-cart time to live.
+    """
+    ttl = int(OPEN_CART_TTL.total_seconds() * 1000)
+    return f"""
+        SELECT * FROM (
+            SELECT user_id, item_id, max(cart_ms) AS cart_ms,
+                   arg_max(cart_cents, [cart_ms, cart_cents]) FILTER (WHERE cart_ms IS NOT NULL) AS cart_cents,
+                   max(closed_ms) AS closed_ms
+            FROM (
+                SELECT user_id, item_id, cart_ms, cart_cents, closed_ms FROM s_carts
+                UNION ALL
+                SELECT user_id, item_id,
+                       CASE WHEN event_type = '{CART}' THEN t END,
+                       CASE WHEN event_type = '{CART}' THEN {_cents("coalesce(price, 0) * quantity")} END,
+                       CASE WHEN event_type <> '{CART}' THEN t END
+                FROM due WHERE event_type IN ('{CART}', '{REMOVE_CART}', '{PURCHASE}')
+            ) GROUP BY user_id, item_id
+        )
+        WHERE {_open_items_kept("cart_ms", "closed_ms", e - ttl, horizon)}
+        ORDER BY user_id, item_id
+    """
+
+
+def _open_items_kept(opened: str, closed: str, oldest: int, horizon: int) -> str:
+    """SQL condition keeping a per-item row of last open/last close times while a future event can make it matter.
+
+    Dropped once closed (the close at or after the open) before the lateness horizon (any
+    later event is newer than the close), or untouched since before ``oldest``.
+    """
+    return (
+        f"NOT ({closed} IS NOT NULL AND {closed} >= coalesce({opened}, {closed}) AND {closed} < {horizon}) "
+        f"AND greatest({opened}, {closed}) >= {oldest}"
+    )
+
+
+def _merge_favs_sql(e: int, horizon: int) -> str:
+    """SQL keeping, per user and item, the latest favourite and the latest purchase while they can matter.
+
+    A favourite is open while no purchase of its item is at or after it; only favourites
+    within the longest ``OPEN_WINDOWS`` count, so rows untouched for longer are dropped
+    (a late favourite that old is outside every window too).
+    """
+    oldest = e - max(h for _, h in OPEN_WINDOWS) * MS_HOUR
+    return f"""
+        SELECT * FROM (
+            SELECT user_id, item_id, max(fav_ms) AS fav_ms, max(bought_ms) AS bought_ms FROM (
+                SELECT user_id, item_id, fav_ms, bought_ms FROM s_favs
+                UNION ALL
+                SELECT user_id, item_id, CASE WHEN event_type = '{FAV}' THEN t END,
+                       CASE WHEN event_type = '{PURCHASE}' THEN t END
+                FROM due WHERE event_type IN ('{FAV}', '{PURCHASE}')
+            ) GROUP BY user_id, item_id
+        )
+        WHERE {_open_items_kept("fav_ms", "bought_ms", oldest, horizon)}
+        ORDER BY user_id, item_id
+    """
+
+
+def rebuild(events: pa.Table, end: datetime, settings: Settings) -> ProfileState:
+    """The state as of ``end`` from all staged events at once (replay, verification, retention restarts).
+
+    Uses exactly the merge and pruning rules of the incremental path, in one pass over
+    all events: the result equals any chain of ``advance`` calls over the same events.
+    """
+    return advance(empty_state(), events, end, settings)

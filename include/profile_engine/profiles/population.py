@@ -1,0 +1,146 @@
+"""Population features (RFM over every bucket of a snapshot) and the profile change log. docs/features.md."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from profile_engine.contracts.profiles import (
+    CHANGE_NEW,
+    CHANGE_REMOVED,
+    CHANGE_TRACKED,
+    CHANGE_UPDATED,
+    CHANGED,
+    CHANGES_SCHEMA,
+    FREQUENCY_ORDERS,
+    MONETARY_TOTAL,
+    PROFILE_SCHEMA,
+    RECENCY_HOURS,
+    RFM_F,
+    RFM_M,
+    RFM_R,
+    RFM_SEGMENT,
+    RFM_SEGMENTS,
+    SNAPSHOT_SCHEMA,
+    USER_ID,
+    after_column,
+    before_column,
+)
+from profile_engine.hours import format_hour
+from profile_engine.profiles.state import connect
+
+
+def add_population_features(profiles: pa.Table) -> pa.Table:
+    """Add RFM scores and segment over the whole population; return ``PROFILE_COLUMNS`` in order.
+
+    Scores are 1-5 quintiles among the n users with at least one order (the monetary
+    score among those whose spend is known): users are ranked by the value, ties broken
+    by a stable hash of ``user_id`` salted with the score's column (``md5_number``), and the user at rank k (1..n)
+    scores ``1 + floor(5 (k - 1/2) / n)``. Every score is reached once there are 5 buyers,
+    even when most of them tie (55% of a shop's customers with one order); a better
+    value never scores lower; a lone buyer scores 3. Nothing depends on row order or
+    float noise (money is in cents, recency in exact hours). Users without orders get
+    null scores and the segment ``no_orders``.
+    """
+    base = profiles.select([c for c in SNAPSHOT_SCHEMA.names])
+    champions, loyal, potential, new_customer, at_risk, hibernating, lost, no_orders = RFM_SEGMENTS
+
+    def score(value: str, order: str = "") -> str:
+        # centred rank over the buyers, ties broken by a stable hash of the user salted per
+        # score (one hash for all three would tie low F to low R: correlated scores)
+        rank = f"row_number() OVER (ORDER BY {value} {order}, md5_number('{value}:' || user_id), user_id)"
+        return f"CAST(least(5, 1 + floor(5 * ({rank} - 0.5) / count(*) OVER ())) AS TINYINT)"
+
+    con = connect()
+    try:
+        con.register("p", base)
+        table = con.sql(
+            f"""
+            WITH s AS (
+                SELECT user_id, {score(RECENCY_HOURS, "DESC")} AS r, {score(FREQUENCY_ORDERS)} AS f
+                FROM p WHERE {FREQUENCY_ORDERS} >= 1
+            ), sm AS (
+                SELECT user_id, {score(MONETARY_TOTAL)} AS m
+                FROM p WHERE {FREQUENCY_ORDERS} >= 1 AND {MONETARY_TOTAL} IS NOT NULL
+            )
+            SELECT p.*, r AS {RFM_R}, f AS {RFM_F}, m AS {RFM_M},
+                   CASE WHEN r IS NULL THEN '{no_orders}'
+                        WHEN r >= 4 AND f >= 4 THEN '{champions}'
+                        WHEN r >= 3 AND f >= 3 THEN '{loyal}'
+                        WHEN r >= 4 AND f <= 1 THEN '{new_customer}'
+                        WHEN r >= 3 THEN '{potential}'
+                        WHEN f >= 3 THEN '{at_risk}'
+                        WHEN r = 2 THEN '{hibernating}'
+                        ELSE '{lost}' END AS {RFM_SEGMENT}
+            FROM p LEFT JOIN s USING (user_id) LEFT JOIN sm USING (user_id) ORDER BY user_id
+            """
+        ).to_arrow_table()
+    finally:
+        con.close()
+    return table.select(PROFILE_SCHEMA.names).cast(PROFILE_SCHEMA)
+
+
+def profile_changes(previous: pa.Table | None, current: pa.Table) -> pa.Table:
+    """Every user whose lifecycle stage, RFM segment or top interest changed since ``previous``.
+
+    One row per such user with the value before and after of each tracked column
+    (``CHANGE_TRACKED``) and ``changed``, the tracked columns that differ. ``change`` is
+    ``new`` (not in ``previous``: before is null), ``removed`` (not in ``current``, e.g.
+    erased: after is null) or ``updated``. Nulls compare as values (a first top interest
+    is a change). With no previous snapshot every user is new. Sorted by ``user_id``.
+    """
+    prev = current.select([USER_ID, *CHANGE_TRACKED]).schema.empty_table() if previous is None else previous
+    con = connect()
+    try:
+        con.register("p", prev.select([USER_ID, *CHANGE_TRACKED]))
+        con.register("c", current.select([USER_ID, *CHANGE_TRACKED]))
+        diffs = ", ".join(f"CASE WHEN p.{c} IS DISTINCT FROM c.{c} THEN '{c}' END" for c in CHANGE_TRACKED)
+        values = ", ".join(f"p.{c} AS {before_column(c)}, c.{c} AS {after_column(c)}" for c in CHANGE_TRACKED)
+        table = con.sql(
+            f"""
+            SELECT * FROM (
+                SELECT coalesce(c.user_id, p.user_id) AS user_id,
+                       CASE WHEN p.user_id IS NULL THEN '{CHANGE_NEW}' WHEN c.user_id IS NULL THEN '{CHANGE_REMOVED}'
+                            ELSE '{CHANGE_UPDATED}' END AS change,
+                       list_filter([{diffs}], lambda x: x IS NOT NULL) AS {CHANGED},
+                       {values}
+                FROM p FULL OUTER JOIN c ON p.user_id = c.user_id
+            ) WHERE change <> '{CHANGE_UPDATED}' OR len({CHANGED}) > 0
+            ORDER BY user_id
+            """
+        ).to_arrow_table()
+    finally:
+        con.close()
+    return table.select(CHANGES_SCHEMA.names).cast(CHANGES_SCHEMA)
+
+
+def change_counts(changes: pa.Table) -> dict[str, int]:
+    """What the run report counts: users in the change log, by kind and by tracked column."""
+    counts = {"users": changes.num_rows, CHANGE_NEW: 0, CHANGE_REMOVED: 0} | dict.fromkeys(CHANGE_TRACKED, 0)
+    counts |= value_counts(changes.column("change"))
+    counts.pop(CHANGE_UPDATED, None)
+    return counts | value_counts(pc.list_flatten(changes.column(CHANGED)))
+
+
+def population_snapshot(bucket_profiles: list[pa.Table], hour: datetime) -> pa.Table:
+    """The whole snapshot of ``hour`` from its per-bucket profiles: uniqueness check, then RFM.
+
+    Raises ``ValueError`` counting duplicated users (a user in two buckets); it does not
+    name them, since the message reaches task logs, which must hold no raw user id.
+    """
+    combined = pa.concat_tables([t.select(SNAPSHOT_SCHEMA.names).cast(SNAPSHOT_SCHEMA) for t in bucket_profiles])
+    if pc.count_distinct(combined.column(USER_ID)).as_py() != combined.num_rows:
+        counts = combined.group_by(USER_ID).aggregate([(USER_ID, "count")])
+        dupes = counts.filter(pc.greater(counts.column(f"{USER_ID}_count"), 1)).num_rows
+        raise ValueError(
+            f"user_id not unique in snapshot {format_hour(hour)}: {dupes} user(s) in more than one bucket "
+            "(ids not logged; find them in the hour's profiles/ partitions)"
+        )
+    return add_population_features(combined)
+
+
+def value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    counts = pc.value_counts(column)
+    return {str(v.as_py()): int(n.as_py()) for v, n in zip(counts.field("values"), counts.field("counts"), strict=True)}

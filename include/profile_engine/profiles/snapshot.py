@@ -1,0 +1,298 @@
+"""``snapshot``: the per-bucket profiles and interests of a state as of its end (SQL over the state tables).
+
+docs/features.md.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pyarrow as pa
+
+from profile_engine.config import Settings
+from profile_engine.contracts.events import CART, EVENT_TYPES, FAV, PURCHASE, VIEW
+from profile_engine.contracts.profiles import (
+    AVG_ORDER_VALUE,
+    CART_VIEW_RATE,
+    DISTINCT_CATEGORIES,
+    EVENTS_PER_SESSION,
+    FIRST_SEEN_AT,
+    FREQUENCY_ORDERS,
+    HALF_LIVES,
+    HOURS_SINCE_LAST_CART,
+    HOURS_SINCE_LAST_EVENT,
+    HOURS_SINCE_LAST_FAV,
+    HOURS_SINCE_LAST_PURCHASE,
+    HOURS_SINCE_LAST_VIEW,
+    INTERESTS_SCHEMA,
+    LAST_SEEN_AT,
+    LIFECYCLE_ACTIVE,
+    LIFECYCLE_CHURNED,
+    LIFECYCLE_DORMANT,
+    LIFECYCLE_NEW,
+    LIFECYCLE_STAGE,
+    MAX_ORDER_VALUE,
+    MEAN_CART_TO_PURCHASE_HOURS,
+    MEAN_HOURS_BETWEEN_ORDERS,
+    MEAN_PRICE_PURCHASED,
+    MEAN_PRICE_VIEWED,
+    MEAN_SESSION_MINUTES,
+    MEAN_VIEW_TO_CART_HOURS,
+    MONETARY_TOTAL,
+    OPEN_CART_ITEMS,
+    OPEN_CART_VALUE,
+    OPEN_WINDOWS,
+    PEAK_HOUR_LOCAL,
+    PURCHASE_CART_RATE,
+    PURCHASE_VIEW_RATE,
+    RATE_WINDOWS,
+    RECENCY_HOURS,
+    REPEAT_WINDOWS,
+    SESSION_COUNT,
+    SHORT_WINDOW_TYPES,
+    SHORT_WINDOWS,
+    SNAPSHOT_HOUR,
+    SNAPSHOT_SCHEMA,
+    TOP_CATEGORIES,
+    TOP_CATEGORY_SCORES,
+    USER_ID,
+    WINDOWS,
+    count_column,
+    decayed_column,
+    first_at_column,
+    last_at_column,
+    open_items_column,
+    rate_column,
+    repeat_columns,
+)
+from profile_engine.hours import format_hour
+from profile_engine.profiles.state import (
+    AFFINITY_DECIMALS,
+    AFFINITY_WEIGHTS,
+    CHURNED_AFTER,
+    DORMANT_AFTER,
+    HOURLY_RETENTION,
+    MIN_AFFINITY,
+    MS_HOUR,
+    NEW_USER_AGE,
+    OPEN_CART_TTL,
+    ORDER_GAP,
+    ProfileState,
+    affinity_decay_sql,
+    buffered_sql,
+    connect,
+    fetch,
+    gap_groups,
+    hour_ms,
+)
+
+
+def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa.Table, pa.Table]:
+    """The profile snapshot as of ``end`` (the state's end) and the interests long table.
+
+    Profiles carry every contract column except the population ones (RFM), which need
+    all buckets and are added by ``add_population_features``. Rows are sorted by
+    ``user_id`` (interests by ``user_id, category_id``). Contains no event at or after ``end``.
+    """
+    e = hour_ms(end)
+    if state.end is not None and state.end != end:
+        raise ValueError(f"state ends at {format_hour(state.end)}, not {format_hour(end)}: advance it first")
+    con = connect()
+    try:
+        for name, table in state.tables.items():
+            con.register(f"s_{name}", table)
+        if state.buffered is not None:
+            con.register("s_buffered", state.buffered)
+        else:  # a state read from the lake: its sessions are groups already, its orders lines
+            order_gap = int(ORDER_GAP.total_seconds() * 1000)
+            sessions = "(SELECT user_id, first_ms AS grp_first, last_ms AS grp_last, n FROM s_sessions)"
+            orders = f"({gap_groups('SELECT * FROM s_orders', 'user_id, order_key', order_gap)})"
+            con.execute(f"CREATE TEMP TABLE s_buffered AS {buffered_sql(sessions, orders, 's_targets', 's_anchors')}")
+        con.execute(f"CREATE TEMP TABLE affinities AS {_affinities_sql(e)}")
+        con.execute(f"CREATE TEMP VIEW interests AS SELECT * FROM affinities WHERE affinity >= {MIN_AFFINITY}")
+        interests = fetch(con, "SELECT * FROM interests ORDER BY user_id, category_id", INTERESTS_SCHEMA)
+        profiles = fetch(con, _profiles_sql(e), SNAPSHOT_SCHEMA)
+    finally:
+        con.close()
+    return profiles, interests
+
+
+def _affinities_sql(e: int) -> str:
+    """Affinity of every (user, category) seen within the retention, before the pruning rule.
+
+    The interests are the rows at or above ``MIN_AFFINITY``; the number of distinct
+    categories counts every row, so both come from this one grouping of the hourly buckets.
+    """
+    weight = "CASE event_type " + " ".join(f"WHEN '{t}' THEN {w}" for t, w in AFFINITY_WEIGHTS.items()) + " END"
+    retention = int(HOURLY_RETENTION.total_seconds() * 1000)
+    views = ", ".join(
+        f"sum(n) FILTER (WHERE event_type = '{VIEW}' AND hour_ms >= {e - h * MS_HOUR}) AS views_{w}"
+        for w, h in REPEAT_WINDOWS
+    )
+    return f"""
+        SELECT user_id, category_id, {views},
+               round(sum({weight} * decay_sum * {affinity_decay_sql(f"{e} - hour_ms - {MS_HOUR}")}),
+                     {AFFINITY_DECIMALS}) AS affinity
+        FROM s_hourly WHERE category_id IS NOT NULL AND hour_ms >= {e - retention}
+        GROUP BY user_id, category_id
+    """
+
+
+def _funnel_sql(e: int) -> tuple[dict[str, str], dict[str, str]]:
+    """The funnel columns of the snapshot: (name -> SQL of a per-user CTE, column -> expression).
+
+    The expressions may use the columns of ``_profiles_sql`` (``n_{t}`` lifetime counts,
+    ``c_{t}_{w}`` window counts, ``last_{t}_ms``). Open carts and favourites come from the
+    ``carts`` and ``favs`` state, repeat views of an item from ``item_views`` and of a
+    category from the hourly buckets (the ``views_{w}`` of the ``affinities`` table).
+    """
+    hours = f"/ {float(MS_HOUR)}"
+    oldest = e - max(h for _, h in OPEN_WINDOWS) * MS_HOUR
+
+    def open_counts(table: str, kind: str, opened: str, closed: str) -> str:
+        counts = ", ".join(
+            f"count(*) FILTER (WHERE {opened} >= {e - h * MS_HOUR}) AS {open_items_column(kind, w)}"
+            for w, h in OPEN_WINDOWS
+        )
+        return (
+            f"SELECT user_id, {counts} FROM {table} "
+            f"WHERE {opened} >= {oldest} AND ({closed} IS NULL OR {closed} < {opened}) GROUP BY user_id"
+        )
+
+    def repeats(table: str, prefix: str) -> str:
+        return (
+            ", ".join(
+                f"max(views_{w}) AS {prefix}_max_{w}, count(*) FILTER (WHERE views_{w} >= 2) AS {prefix}_repeat_{w}"
+                for w, _ in REPEAT_WINDOWS
+            )
+            + f" FROM {table} GROUP BY user_id"
+        )
+
+    item_views = ", ".join(
+        f"sum(n) FILTER (WHERE hour_ms >= {e - h * MS_HOUR}) AS views_{w}" for w, h in REPEAT_WINDOWS
+    )
+    ctes = {
+        "fo_cart": open_counts("s_carts", CART, "cart_ms", "closed_ms"),
+        "fo_fav": open_counts("s_favs", FAV, "fav_ms", "bought_ms"),
+        "fr_item": "SELECT user_id, "
+        + repeats(f"(SELECT user_id, item_id, {item_views} FROM s_item_views GROUP BY user_id, item_id)", "item"),
+        "fr_cat": "SELECT user_id, " + repeats("affinities", "category"),
+    }
+
+    def ratio(numerator: str, denominator: str) -> str:
+        return f"CASE WHEN {denominator} > 0 THEN {numerator} / {denominator} END"
+
+    cols = {count_column(t, w): f"coalesce(c_{t}_{w}, 0)" for t in SHORT_WINDOW_TYPES for w, _ in SHORT_WINDOWS}
+    cols |= {
+        open_items_column(k, w): f"coalesce({open_items_column(k, w)}, 0)" for k in (CART, FAV) for w, _ in OPEN_WINDOWS
+    }
+    cols[PURCHASE_CART_RATE] = ratio(f"n_{PURCHASE}", f"n_{CART}")
+    for w, _ in RATE_WINDOWS:
+        cols[rate_column(CART_VIEW_RATE, w)] = ratio(f"c_{CART}_{w}", f"coalesce(c_{VIEW}_{w}, 0)")
+        cols[rate_column(PURCHASE_CART_RATE, w)] = ratio(f"c_{PURCHASE}_{w}", f"coalesce(c_{CART}_{w}, 0)")
+    for w, _ in REPEAT_WINDOWS:
+        max_item, repeat_items, max_category, repeat_categories = repeat_columns(w)
+        cols[max_item], cols[repeat_items] = f"coalesce(item_max_{w}, 0)", f"coalesce(item_repeat_{w}, 0)"
+        cols[max_category] = f"coalesce(category_max_{w}, 0)"
+        cols[repeat_categories] = f"coalesce(category_repeat_{w}, 0)"
+    cols[HOURS_SINCE_LAST_VIEW] = f"({e} - last_{VIEW}_ms) {hours}"
+    cols[HOURS_SINCE_LAST_FAV] = f"({e} - last_{FAV}_ms) {hours}"
+    return ctes, cols
+
+
+def _profiles_sql(e: int) -> str:
+    """SQL of the per-bucket snapshot: the users rows plus what the buffers hold (``s_buffered``) as of ``e``."""
+    hours = f"/ {float(MS_HOUR)}"
+    ttl = int(OPEN_CART_TTL.total_seconds() * 1000)
+    windows = [
+        f"coalesce(sum(n) FILTER (WHERE event_type = '{t}' AND hour_ms >= {e - h * MS_HOUR}), 0) AS c_{t}_{w}"
+        for t in EVENT_TYPES
+        for w, h in WINDOWS
+    ] + [
+        f"coalesce(sum(n) FILTER (WHERE event_type = '{t}' AND hour_ms >= {e - h * MS_HOUR}), 0) AS c_{t}_{w}"
+        for t in SHORT_WINDOW_TYPES
+        for w, h in SHORT_WINDOWS
+    ]
+    per_type = []
+    for t in EVENT_TYPES:
+        where = f"FILTER (WHERE event_type = '{t}')"
+        per_type += [f"coalesce(sum({n}) {where}, 0) AS {n}_{t}" for n in ("n", "price_n", "price_cents")]
+        per_type += [f"min(first_ms) {where} AS first_{t}_ms", f"max(last_ms) {where} AS last_{t}_ms"]
+        per_type += [f"coalesce(sum(decayed_{h}) {where}, 0) AS decayed_{h}_{t}" for h, _ in HALF_LIVES]
+    cols: dict[str, str] = {USER_ID: "ue.user_id", SNAPSHOT_HOUR: str(e - MS_HOUR)}
+    for t in EVENT_TYPES:
+        cols[count_column(t, "lifetime")] = f"n_{t}"
+        cols |= {count_column(t, w): f"coalesce(c_{t}_{w}, 0)" for w, _ in WINDOWS}
+        cols |= {decayed_column(t, h): f"decayed_{h}_{t}" for h, _ in HALF_LIVES}
+        cols |= {first_at_column(t): f"first_{t}_ms", last_at_column(t): f"last_{t}_ms"}
+    first_seen = "least(" + ", ".join(f"first_{t}_ms" for t in EVENT_TYPES) + ")"
+    last_seen = "greatest(" + ", ".join(f"last_{t}_ms" for t in EVENT_TYPES) + ")"
+    n_orders = "(coalesce(orders_n, 0) + coalesce(b_orders_n, 0))"
+    # net spend: purchase lines plus refunds (negative); money is null for a user none of
+    # whose events carries a price (a source without prices), never a made-up 0
+    cents = "(coalesce(orders_cents, 0) + coalesce(b_orders_cents, 0) + coalesce(refund_cents, 0))"
+    priced = "(" + " + ".join(f"price_n_{t}" for t in EVENT_TYPES) + " > 0)"
+    first_order = "least(first_order_ms, b_first_order_ms)"
+    last_order = "greatest(last_order_ms, b_last_order_ms)"
+    n_sessions = "(coalesce(sessions_n, 0) + coalesce(b_sessions_n, 0))"
+    v2c_n, c2p_n = "(coalesce(v2c_n, 0) + coalesce(b_v2c_n, 0))", "(coalesce(c2p_n, 0) + coalesce(b_c2p_n, 0))"
+    cols |= {
+        FIRST_SEEN_AT: first_seen,
+        LAST_SEEN_AT: last_seen,
+        HOURS_SINCE_LAST_EVENT: f"({e} - {last_seen}) {hours}",
+        HOURS_SINCE_LAST_CART: f"({e} - last_{CART}_ms) {hours}",
+        HOURS_SINCE_LAST_PURCHASE: f"({e} - last_{PURCHASE}_ms) {hours}",
+        FREQUENCY_ORDERS: n_orders,
+        MONETARY_TOTAL: f"CASE WHEN {priced} THEN {cents} / 100.0 END",
+        AVG_ORDER_VALUE: f"CASE WHEN {priced} AND {n_orders} > 0 THEN round({cents} / {n_orders}) / 100.0 END",
+        MAX_ORDER_VALUE: f"CASE WHEN {priced} THEN greatest(orders_max_cents, b_orders_max_cents) / 100.0 END",
+        RECENCY_HOURS: f"({e} - last_{PURCHASE}_ms) {hours}",
+        MEAN_HOURS_BETWEEN_ORDERS: f"CASE WHEN {n_orders} > 1 THEN ({last_order} - {first_order}) {hours} / ({n_orders} - 1) END",
+        MEAN_VIEW_TO_CART_HOURS: f"CASE WHEN {v2c_n} > 0 THEN (coalesce(v2c_ms, 0) + coalesce(b_v2c_ms, 0)) {hours} / {v2c_n} END",
+        MEAN_CART_TO_PURCHASE_HOURS: f"CASE WHEN {c2p_n} > 0 THEN (coalesce(c2p_ms, 0) + coalesce(b_c2p_ms, 0)) {hours} / {c2p_n} END",
+        SESSION_COUNT: n_sessions,
+        MEAN_SESSION_MINUTES: f"CASE WHEN {n_sessions} > 0 THEN (coalesce(sessions_ms, 0) + coalesce(b_sessions_ms, 0)) / 60000.0 / {n_sessions} END",
+        EVENTS_PER_SESSION: f"CASE WHEN {n_sessions} > 0 THEN (coalesce(sessions_events, 0) + coalesce(b_sessions_events, 0)) / {n_sessions} END",
+        CART_VIEW_RATE: f"CASE WHEN n_{VIEW} > 0 THEN n_{CART} / n_{VIEW} END",
+        PURCHASE_VIEW_RATE: f"CASE WHEN n_{VIEW} > 0 THEN n_{PURCHASE} / n_{VIEW} END",
+        OPEN_CART_ITEMS: "coalesce(open_items, 0)",
+        OPEN_CART_VALUE: f"CASE WHEN {priced} THEN coalesce(open_cents, 0) / 100.0 END",
+        **{c: f"top_{i}" for i, c in enumerate(TOP_CATEGORIES, 1)},
+        **{c: f"top_{i}_score" for i, c in enumerate(TOP_CATEGORY_SCORES, 1)},
+        DISTINCT_CATEGORIES: "coalesce(n_categories, 0)",
+        MEAN_PRICE_VIEWED: f"CASE WHEN price_n_{VIEW} > 0 THEN round(price_cents_{VIEW} / price_n_{VIEW}) / 100.0 END",
+        MEAN_PRICE_PURCHASED: f"CASE WHEN price_n_{PURCHASE} > 0 THEN round(price_cents_{PURCHASE} / price_n_{PURCHASE}) / 100.0 END",
+        PEAK_HOUR_LOCAL: "peak_hour",
+        LIFECYCLE_STAGE: f"""CASE
+            WHEN {last_seen} < {e - int(CHURNED_AFTER.total_seconds() * 1000)} THEN '{LIFECYCLE_CHURNED}'
+            WHEN {last_seen} < {e - int(DORMANT_AFTER.total_seconds() * 1000)} THEN '{LIFECYCLE_DORMANT}'
+            WHEN {first_seen} >= {e - int(NEW_USER_AGE.total_seconds() * 1000)} THEN '{LIFECYCLE_NEW}'
+            ELSE '{LIFECYCLE_ACTIVE}' END""",
+    }
+    funnel_ctes, funnel_cols = _funnel_sql(e)
+    cols |= funnel_cols
+    select = ",\n".join(f"{expr} AS {name}" for name, expr in cols.items())
+    top = ", ".join(
+        f"max(category_id) FILTER (WHERE rank = {i}) AS top_{i}, max(affinity) FILTER (WHERE rank = {i}) AS top_{i}_score"
+        for i in range(1, len(TOP_CATEGORIES) + 1)
+    )
+    return f"""
+        WITH ue AS (SELECT user_id, {", ".join(per_type)} FROM s_user_events GROUP BY user_id),
+        win AS (SELECT user_id, {", ".join(windows)} FROM s_hourly GROUP BY user_id),
+        oc AS (SELECT user_id, count(*) AS open_items, sum(cart_cents) AS open_cents FROM s_carts
+               WHERE cart_ms >= {e - ttl} AND (closed_ms IS NULL OR closed_ms < cart_ms) GROUP BY user_id),
+        tc AS (SELECT user_id, {top} FROM (
+                 SELECT *, row_number() OVER (PARTITION BY user_id ORDER BY affinity DESC, category_id) AS rank
+                 FROM interests) WHERE rank <= {len(TOP_CATEGORIES)} GROUP BY user_id),
+        dc AS (SELECT user_id, count(*) AS n_categories FROM affinities GROUP BY user_id),
+        pk AS (SELECT user_id, arg_max(hour_of_day, n * 24 + (23 - hour_of_day)) AS peak_hour
+               FROM s_hours_of_day GROUP BY user_id),
+        {", ".join(f"{name} AS ({sql})" for name, sql in funnel_ctes.items())}
+        SELECT {select}
+        FROM ue LEFT JOIN s_users USING (user_id)
+        LEFT JOIN win USING (user_id) LEFT JOIN s_buffered USING (user_id)
+        LEFT JOIN oc USING (user_id) LEFT JOIN tc USING (user_id)
+        LEFT JOIN dc USING (user_id) LEFT JOIN pk USING (user_id)
+        {" ".join(f"LEFT JOIN {name} USING (user_id)" for name in funnel_ctes)}
+        ORDER BY ue.user_id
+    """

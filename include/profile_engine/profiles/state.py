@@ -1,0 +1,300 @@
+"""Profile state: the feature constants, the state tables and their schemas, ``ProfileState``, the DuckDB
+connection and the SQL that groups sessions, orders and latencies. docs/features.md.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from profile_engine.contracts.events import CART, FAV, PURCHASE, REFUND, REMOVE_CART, STAGED_SCHEMA, VIEW
+from profile_engine.contracts.profiles import CATEGORY_ID, HALF_LIVES, USER_ID
+from profile_engine.hours import floor_hour
+from profile_engine.lake import db
+
+if TYPE_CHECKING:
+    import duckdb
+
+
+# ---- feature definitions ----------------------------------------------------------
+SESSION_GAP = timedelta(minutes=30)  # inactivity that splits sessions
+ORDER_GAP = timedelta(hours=1)  # lines of one order_id further apart than this are separate orders
+LATENCY_LOOKBACK = timedelta(days=30)  # a view (cart) counts for a cart (purchase) this long
+OPEN_CART_TTL = timedelta(days=30)  # a cart line older than this is abandoned, no longer open
+HOURLY_RETENTION = timedelta(days=30)  # longest window; hourly buckets older than this are pruned
+AFFINITY_HALF_LIFE = timedelta(days=7)
+AFFINITY_WEIGHTS: dict[str, float] = {VIEW: 1.0, FAV: 2.0, CART: 3.0, REMOVE_CART: 0.0, PURCHASE: 5.0, REFUND: 0.0}
+MIN_AFFINITY = 0.01  # interest rows below this are dropped (same rule for every path)
+AFFINITY_DECIMALS = 6  # rounding keeps equal-looking scores equal, so top-k ties break on category_id
+NEW_USER_AGE = timedelta(days=7)
+DORMANT_AFTER = timedelta(days=7)
+CHURNED_AFTER = timedelta(days=30)
+
+MS_HOUR = 3_600_000
+
+# ---- state tables -------------------------------------------------------------------
+META, USER_EVENTS, USERS, HOURLY, HOURS_OF_DAY, SESSIONS, ORDERS, CARTS, ANCHORS, TARGETS, PENDING = (
+    "meta",
+    "user_events",
+    "users",
+    "hourly",
+    "hours_of_day",
+    "sessions",
+    "orders",
+    "carts",
+    "anchors",
+    "targets",
+    "pending",
+)
+
+# user_events, one row per user and event type, and users: (column, Arrow type, how two rows merge).
+# Long rather than wide: DuckDB plans a query over few columns much faster, and advance runs hourly.
+USER_EVENT_FIELDS: list[tuple[str, pa.DataType, str]] = [
+    ("n", pa.int64(), "sum"),
+    ("first_ms", pa.int64(), "min"),
+    ("last_ms", pa.int64(), "max"),
+    *[(f"decayed_{h}", pa.float64(), "sum") for h, _ in HALF_LIVES],
+    ("price_n", pa.int64(), "sum"),
+    ("price_cents", pa.int64(), "sum"),
+]
+USER_FIELDS: list[tuple[str, pa.DataType, str]] = [
+    ("orders_n", pa.int64(), "sum"),
+    ("orders_cents", pa.int64(), "sum"),
+    ("orders_max_cents", pa.int64(), "max"),
+    ("first_order_ms", pa.int64(), "min"),
+    ("last_order_ms", pa.int64(), "max"),
+    ("sessions_n", pa.int64(), "sum"),
+    ("sessions_ms", pa.int64(), "sum"),
+    ("sessions_events", pa.int64(), "sum"),
+    ("v2c_n", pa.int64(), "sum"),
+    ("v2c_ms", pa.int64(), "sum"),
+    ("c2p_n", pa.int64(), "sum"),
+    ("c2p_ms", pa.int64(), "sum"),
+    # value of the user's refunds (negative cents): final at once, nothing groups them
+    ("refund_cents", pa.int64(), "sum"),
+]
+# Columns added to a state table after lakes were written, with the value an older state
+# means by their absence (read by ``read_state``).
+ADDED_STATE_COLUMNS: dict[str, dict[str, int]] = {"users": {"refund_cents": 0}}
+
+
+def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
+    return pa.schema([pa.field(n, t) for n, t in fields])
+
+
+_S, _I64 = pa.string(), pa.int64()
+STATE_SCHEMAS: dict[str, pa.Schema] = {
+    META: _schema(("end_ms", _I64)),
+    USER_EVENTS: _schema((USER_ID, _S), ("event_type", _S), *[(n, t) for n, t, _ in USER_EVENT_FIELDS]),
+    USERS: _schema((USER_ID, _S), *[(n, t) for n, t, _ in USER_FIELDS]),
+    HOURLY: _schema(
+        (USER_ID, _S),
+        ("hour_ms", _I64),
+        ("event_type", _S),
+        (CATEGORY_ID, _S),
+        ("n", _I64),
+        ("decay_sum", pa.float64()),
+    ),
+    HOURS_OF_DAY: _schema((USER_ID, _S), ("hour_of_day", pa.int8()), ("n", _I64)),
+    SESSIONS: _schema((USER_ID, _S), ("first_ms", _I64), ("last_ms", _I64), ("n", _I64)),
+    ORDERS: _schema((USER_ID, _S), ("order_key", _S), ("ts_ms", _I64), ("cents", _I64)),
+    CARTS: _schema((USER_ID, _S), ("item_id", _S), ("cart_ms", _I64), ("cart_cents", _I64), ("closed_ms", _I64)),
+    ANCHORS: _schema((USER_ID, _S), ("item_id", _S), ("event_type", _S), ("ts_ms", _I64)),
+    TARGETS: _schema((USER_ID, _S), ("item_id", _S), ("event_type", _S), ("ts_ms", _I64)),
+    PENDING: STAGED_SCHEMA,
+}
+FAVS, ITEM_VIEWS = "favs", "item_views"  # added with the funnel features: older states lack them
+STATE_SCHEMAS |= {
+    FAVS: _schema((USER_ID, _S), ("item_id", _S), ("fav_ms", _I64), ("bought_ms", _I64)),
+    ITEM_VIEWS: _schema((USER_ID, _S), ("item_id", _S), ("hour_ms", _I64), ("n", _I64)),
+}
+ADDED_STATE_TABLES: tuple[str, ...] = (FAVS, ITEM_VIEWS)  # read as empty from a state written before them
+STATE_TABLES: tuple[str, ...] = tuple(STATE_SCHEMAS)
+_BUFFERED_SESSIONS = ("sessions_n", "sessions_ms", "sessions_events")
+_BUFFERED_ORDERS = ("orders_n", "orders_cents", "orders_max_cents", "first_order_ms", "last_order_ms")
+_BUFFERED_LATENCIES = ("v2c_n", "v2c_ms", "c2p_n", "c2p_ms")
+BUFFERED_SCHEMA = _schema(
+    (USER_ID, _S), *((f"b_{n}", _I64) for n in (*_BUFFERED_SESSIONS, *_BUFFERED_ORDERS, *_BUFFERED_LATENCIES))
+)
+
+
+class MissingStateError(FileNotFoundError):
+    """The state of the hour before is not in the lake: the hour cannot be built on it."""
+
+
+@dataclass
+class ProfileState:
+    """Mergeable per-user state of one bucket as of ``end`` (named Arrow tables, docs/features.md)."""
+
+    tables: dict[str, pa.Table]
+    # Per-user totals of the sessions, orders and latencies the buffers hold (``BUFFERED_SCHEMA``):
+    # derived from the buffers, never written. ``advance`` keeps them from its own grouping of
+    # the buffers (regrouping about 4M buffered session rows took 1 s of a 10 s bucket at 1M
+    # users); a state read from the lake has None and ``snapshot`` computes them.
+    buffered: pa.Table | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def end(self) -> datetime | None:
+        """The exclusive end of the events merged so far (None for an empty state)."""
+        meta = self.tables[META]
+        if meta.num_rows == 0:
+            return None
+        return datetime.fromtimestamp(meta.column("end_ms")[0].as_py() / 1000, tz=UTC)
+
+
+def empty_state() -> ProfileState:
+    """A state with no users and no end: the start of the first hour."""
+    return ProfileState({name: schema.empty_table() for name, schema in STATE_SCHEMAS.items()})
+
+
+# ---- SQL helpers --------------------------------------------------------------------
+_DATABASE: tuple[int, duckdb.DuckDBPyConnection] | None = None
+_DATABASE_LOCK = threading.Lock()
+
+
+def connect() -> duckdb.DuckDBPyConnection:
+    """An isolated DuckDB connection (own temp tables and registrations) on a per-process database.
+
+    Opening an in-memory database costs ~20 ms, a cursor on an open one microseconds: that
+    matters for the hourly chains of the tests and the runner.
+    """
+    global _DATABASE
+    with _DATABASE_LOCK:
+        if _DATABASE is None or _DATABASE[0] != os.getpid():  # a forked worker opens its own
+            _DATABASE = (os.getpid(), db.connect())
+        return _DATABASE[1].cursor()
+
+
+def hour_ms(moment: datetime) -> int:
+    if moment.tzinfo is None or moment != floor_hour(moment):
+        raise ValueError(f"end must be a UTC hour boundary with tzinfo, got {moment!r}")
+    return int(moment.timestamp()) * 1000
+
+
+def decay(age_ms_sql: str, half_life_hours: float) -> str:
+    """SQL factor 2^(-age / half-life): exact exponential decay of a count."""
+    return f"pow(2.0, -CAST({age_ms_sql} AS DOUBLE) / {half_life_hours * MS_HOUR})"
+
+
+def gap_groups(rows_sql: str, keys: str, gap_ms: int) -> str:
+    """SQL marking gap-separated groups of ``rows_sql`` (a new group after a gap >= ``gap_ms``).
+
+    Adds ``grp_first`` and ``grp_last`` (the group's first and last ``ts_ms``, which also
+    identify the group within its keys) to each row. Rows with equal ``ts_ms`` always
+    share a group, so the result does not depend on their order: only one of several
+    tied rows sees the gap before (after) them, and RANGE frames include every tied row.
+    Two sorted window passes: neighbours (lag, lead), then the running start and the
+    trailing end.
+    """
+    order = f"PARTITION BY {keys} ORDER BY ts_ms"
+    return f"""
+        SELECT * EXCLUDE (starts, ends),
+               max(CASE WHEN starts THEN ts_ms END) OVER ({order} RANGE UNBOUNDED PRECEDING) AS grp_first,
+               min(CASE WHEN ends THEN ts_ms END)
+                   OVER ({order} RANGE BETWEEN CURRENT ROW AND UNBOUNDED FOLLOWING) AS grp_last
+        FROM (
+            SELECT *, coalesce(ts_ms - lag(ts_ms) OVER ({order}) >= {gap_ms}, true) AS starts,
+                      coalesce(lead(ts_ms) OVER ({order}) - ts_ms >= {gap_ms}, true) AS ends
+            FROM ({rows_sql})
+        )
+    """
+
+
+def interval_groups(intervals_sql: str, gap_ms: int) -> str:
+    """SQL merging per-user intervals (``first_ms``, ``last_ms``, ``n`` events) into gap-separated groups.
+
+    Sorted by start, an interval opens a new group when it starts ``gap_ms`` or more after
+    the latest end of every earlier interval of its user. For points (first = last) this is
+    ``gap_groups``; for intervals that are such groups it gives the groups of all their
+    points, because within a group consecutive points are less than the gap apart, so only
+    a group's ends can be near another point. Tied points always share a group. Returns one
+    row per group: ``user_id, grp_first, grp_last, n``.
+    """
+    order = "PARTITION BY user_id ORDER BY first_ms, last_ms"
+    return f"""
+        SELECT user_id, min(first_ms) AS grp_first, max(last_ms) AS grp_last, sum(n) AS n FROM (
+            SELECT *, sum(starts::INTEGER) OVER ({order} ROWS UNBOUNDED PRECEDING) AS grp FROM (
+                SELECT *, coalesce(
+                    first_ms - max(last_ms) OVER ({order} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) >= {gap_ms},
+                    true) AS starts
+                FROM ({intervals_sql})
+            )
+        ) GROUP BY user_id, grp
+    """
+
+
+def session_totals(groups: str) -> str:
+    """Per-user session count, summed duration and events of the session groups in ``groups``
+    (one row per session: ``user_id, grp_first, grp_last, n``)."""
+    return f"""
+        SELECT user_id, count(*) AS sessions_n, sum(grp_last - grp_first) AS sessions_ms, sum(n) AS sessions_events
+        FROM {groups} GROUP BY user_id
+    """
+
+
+def order_totals(grouped: str) -> str:
+    """Per-user order count, value, largest value and first/last order time of the orders in ``grouped``."""
+    return f"""
+        SELECT user_id, count(*) AS orders_n, sum(cents) AS orders_cents, max(cents) AS orders_max_cents,
+               min(grp_first) AS first_order_ms, max(grp_first) AS last_order_ms
+        FROM (SELECT user_id, order_key, grp_first, sum(cents) AS cents
+              FROM {grouped} GROUP BY user_id, order_key, grp_first)
+        GROUP BY user_id
+    """
+
+
+def target_latencies(targets: str, anchors: str) -> str:
+    """Each target (cart, purchase) with the time since the latest earlier anchor (view, cart) of its item."""
+    lookback = int(LATENCY_LOOKBACK.total_seconds() * 1000)
+    return f"""
+        SELECT t.user_id, t.event_type, t.ts_ms,
+               CASE WHEN t.ts_ms - a.ts_ms <= {lookback} THEN t.ts_ms - a.ts_ms END AS lag_ms
+        FROM (SELECT *, CASE event_type WHEN '{CART}' THEN '{VIEW}' ELSE '{CART}' END AS anchor_type FROM {targets}) t
+        ASOF LEFT JOIN (
+            -- only anchors of items with a target: a hash probe, so the ASOF join sorts far fewer rows
+            SELECT * FROM {anchors} a0 WHERE EXISTS (
+                SELECT 1 FROM {targets} t0 WHERE t0.user_id = a0.user_id AND t0.item_id = a0.item_id)
+        ) a
+          ON t.user_id = a.user_id AND t.item_id = a.item_id AND t.anchor_type = a.event_type AND t.ts_ms >= a.ts_ms
+    """
+
+
+def latency_totals(latencies: str) -> str:
+    return f"""
+        SELECT user_id,
+               count(lag_ms) FILTER (WHERE event_type = '{CART}') AS v2c_n,
+               sum(lag_ms) FILTER (WHERE event_type = '{CART}') AS v2c_ms,
+               count(lag_ms) FILTER (WHERE event_type = '{PURCHASE}') AS c2p_n,
+               sum(lag_ms) FILTER (WHERE event_type = '{PURCHASE}') AS c2p_ms
+        FROM {latencies} GROUP BY user_id
+    """
+
+
+def buffered_sql(sessions: str, orders: str, targets: str, anchors: str) -> str:
+    """Per-user totals (``BUFFERED_SCHEMA``) of gap-grouped buffered sessions and orders and the
+    latencies of buffered targets: what the snapshot adds to the users' final totals."""
+
+    def prefixed(sql: str, names: tuple[str, ...]) -> str:
+        return f"SELECT user_id, {', '.join(f'CAST({n} AS BIGINT) AS b_{n}' for n in names)} FROM ({sql})"
+
+    columns = ", ".join(f"max(b_{n}) AS b_{n}" for n in (*_BUFFERED_SESSIONS, *_BUFFERED_ORDERS, *_BUFFERED_LATENCIES))
+    return f"""
+        SELECT user_id, {columns} FROM (
+            {prefixed(session_totals(sessions), _BUFFERED_SESSIONS)}
+            UNION ALL BY NAME {prefixed(order_totals(orders), _BUFFERED_ORDERS)}
+            UNION ALL BY NAME {prefixed(latency_totals(f"({target_latencies(targets, anchors)})"), _BUFFERED_LATENCIES)}
+        ) GROUP BY user_id
+    """
+
+
+def fetch(con: duckdb.DuckDBPyConnection, sql: str, schema: pa.Schema) -> pa.Table:
+    return con.sql(sql).to_arrow_table().select(schema.names).cast(schema)
+
+
+def affinity_decay_sql(age_ms_sql: str) -> str:
+    return decay(age_ms_sql, AFFINITY_HALF_LIFE.total_seconds() / 3600)

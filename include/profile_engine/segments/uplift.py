@@ -1,0 +1,336 @@
+"""Uplift of actions (treated against control), segment sizes over time and the run report's section.
+
+Exposure periods and the clustered interval: docs/segments.md.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from profile_engine.config import Settings
+from profile_engine.contracts.profiles import SNAPSHOT_HOUR, USER_ID
+from profile_engine.contracts.segments import ACTION, CONTACT_HOUR, CONTACT_SCHEMA, RULE, SEGMENTS_COL
+from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range
+from profile_engine.lake import storage as lk
+from profile_engine.segments.assign import share_warning
+from profile_engine.segments.rules import CONTROL, load_rules
+
+UPLIFT_LOOKBACK_HOURS = 168
+CHART_FILE = "segment_sizes.png"
+CHART_HOURS = 168
+_Z95 = 1.959963984540054
+
+
+def _wilson(successes: float, n: float, z: float = _Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (``successes`` and ``n`` may be effective, non-integer counts)."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_difference(
+    treated: tuple[int, int], control: tuple[int, int], *, design_effects: tuple[float, float] = (1.0, 1.0)
+) -> dict[str, float | None]:
+    """Difference of two purchase rates with Newcombe's 95% hybrid score interval.
+
+    ``treated`` and ``control`` are ``(buyers, exposures)``. ``design_effects`` (>= 1 each)
+    divide each side's count into an effective sample size (Wilson's interval of a
+    clustered proportion): exposures of one user are not independent. The interval stays
+    inside [-1, 1] and behaves for small groups and rates near 0, where a Wald interval does not.
+    """
+    (b1, n1), (b2, n2) = treated, control
+    if n1 == 0 or n2 == 0:
+        return {"uplift": None, "low": None, "high": None}
+    p1, p2 = b1 / n1, b2 / n2
+    e1, e2 = n1 / max(1.0, design_effects[0]), n2 / max(1.0, design_effects[1])
+    (l1, u1), (l2, u2) = _wilson(p1 * e1, e1), _wilson(p2 * e2, e2)
+    d = p1 - p2
+    return {
+        "uplift": round(d, 6),
+        "low": round(d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), 6),
+        "high": round(d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2), 6),
+    }
+
+
+def design_effect(buyers: Sequence[int], exposures: Sequence[int]) -> float:
+    """Variance of a rate over users with several exposures each, relative to independent exposures (>= 1).
+
+    ``buyers[i]`` of ``exposures[i]`` exposures of user i bought. The rate ``B / N`` is a
+    ratio estimator; its cluster-robust variance ``m / (m - 1) * sum (b_i - p n_i)^2 / N^2``
+    over the binomial ``p (1 - p) / N``. 1 when every user has one exposure (or no spread).
+    """
+    m = len(exposures)
+    total = float(sum(exposures))
+    if m < 2 or total == 0:
+        return 1.0
+    p = sum(buyers) / total
+    if p in (0.0, 1.0):
+        return 1.0
+    robust = m / (m - 1) * sum((b - p * n) ** 2 for b, n in zip(buyers, exposures, strict=True)) / total**2
+    return max(1.0, robust / (p * (1 - p) / total))
+
+
+def exposure_starts(contacts: pa.Table, periods: Mapping[str, int]) -> pa.Table:
+    """The contacts that start an exposure: per (user, rule) the first contact, then the first at least a period later.
+
+    A treated user is contacted at most once per cooldown, while a control user is
+    recorded every hour they are held out, so counting every contact row compares one
+    treated exposure with up to ``cooldown`` control rows of the same user (users who
+    linger in a segment without buying weigh more in control). Counting each user once per
+    exposure period (``periods[rule]`` hours, the rule's cooldown; 1 for a rule not in
+    ``periods``) on both sides makes the two comparable. ``contacts`` follows
+    :data:`CONTACT_SCHEMA`; the result keeps its columns, sorted by rule, user and hour.
+    """
+    if contacts.num_rows == 0:
+        return contacts
+    ordered = contacts.sort_by([(RULE, "ascending"), (USER_ID, "ascending"), (CONTACT_HOUR, "ascending")])
+    rules = ordered.column(RULE).to_pylist()
+    users = ordered.column(USER_ID).to_pylist()
+    hours = ordered.column(CONTACT_HOUR).cast(pa.int64()).to_pylist()  # ms since the epoch
+    hour_ms = HOUR // timedelta(milliseconds=1)
+    keep: list[int] = []
+    current: tuple[str, str] | None = None
+    next_start = 0
+    for i, (rule, user, ms) in enumerate(zip(rules, users, hours, strict=True)):
+        if (rule, user) != current or ms >= next_start:
+            current = (rule, user)
+            next_start = ms + max(1, periods.get(rule, 1)) * hour_ms
+            keep.append(i)
+    return ordered.take(pa.array(keep, pa.int64()))
+
+
+def uplift_rows(labelled: pa.Table, periods: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
+    """Per rule: exposures, users and buyers, treated against control, with the clustered 95% interval.
+
+    ``labelled`` holds exposure starts (:func:`exposure_starts`) with ``labels.LABEL``
+    (bought in the window after the contact). A user's exposures are one cluster: the
+    interval's effective sizes use :func:`design_effect` of each side.
+    """
+    from profile_engine.model import labels
+
+    data = labelled.select([USER_ID, RULE, ACTION, labels.LABEL]).to_pydict()
+    per_user: dict[tuple[str, str, str], list[int]] = {}
+    actions: dict[str, set[str]] = {}
+    for user, rule, action, bought in zip(data[USER_ID], data[RULE], data[ACTION], data[labels.LABEL], strict=True):
+        side = "control" if action == CONTROL else "treated"
+        counts = per_user.setdefault((rule, side, user), [0, 0])
+        counts[0] += int(bought)
+        counts[1] += 1
+        if action != CONTROL:
+            actions.setdefault(rule, set()).add(action)
+    rows = []
+    for rule in sorted({key[0] for key in per_user}):
+        sides = {
+            side: [counts for (r, s, _), counts in per_user.items() if r == rule and s == side]
+            for side in ("treated", "control")
+        }
+        (bt, nt), (bc, nc) = ((sum(c[0] for c in v), sum(c[1] for c in v)) for v in sides.values())
+        effects = tuple(design_effect([c[0] for c in v], [c[1] for c in v]) for v in sides.values())
+        rows.append(
+            {
+                "rule": rule,
+                "action": ", ".join(sorted(actions.get(rule, ()))) or None,
+                "exposure_hours": max(1, (periods or {}).get(rule, 1)),
+                "treated": nt,
+                "treated_users": len(sides["treated"]),
+                "treated_buyers": bt,
+                "treated_rate": round(bt / nt, 6) if nt else None,
+                "control": nc,
+                "control_users": len(sides["control"]),
+                "control_buyers": bc,
+                "control_rate": round(bc / nc, 6) if nc else None,
+                **rate_difference((bt, nt), (bc, nc), design_effects=(effects[0], effects[1])),
+            }
+        )
+    return rows
+
+
+def uplift(
+    settings: Settings,
+    hour: datetime,
+    *,
+    lookback_hours: int = UPLIFT_LOOKBACK_HOURS,
+    rules_path: Path | None = None,
+) -> dict[str, Any]:
+    """Purchase rate after an action, treated against control, per rule, for exposures old enough.
+
+    A user's contacts of a rule are grouped into exposure periods of the rule's cooldown
+    (from the rules file; :func:`exposure_starts`), on both sides; an exposure starting at
+    contact hour C counts when the purchase window that follows it (the label window
+    ``[C+1h, C+1h+horizon)`` of ``labels``) is final at ``hour`` (window end + lateness),
+    within the last ``lookback_hours``. Contacts up to a cooldown before that are read so
+    an exposure running into the lookback is not counted twice. Buyers are read from
+    staged purchase events, like the model's labels; the interval clusters by user.
+    """
+    from profile_engine.model import labels
+
+    hour = floor_hour(hour)
+    lake = lk.Lake(settings.lake)
+    periods = {r.name: max(1, r.cooldown_hours) for r in load_rules(rules_path) if not r.suppress}
+    first = hour - (lookback_hours - 1) * HOUR
+    hours = [
+        h for h in hour_range(first, hour) if labels.labels_final(settings, h, hour) and lake.committed(lk.CONTACTS, h)
+    ]
+    result: dict[str, Any] = {
+        "window_hours": settings.label_horizon_hours,
+        "contact_hours": len(hours),
+        "first_contact_hour": format_hour(hours[0]) if hours else None,
+        "last_contact_hour": format_hour(hours[-1]) if hours else None,
+        "rules": [],
+    }
+    if not hours:
+        return result
+    earlier = [
+        h
+        for h in hour_range(first - (max(periods.values(), default=1) - 1) * HOUR, first - HOUR)
+        if lake.committed(lk.CONTACTS, h)
+    ]
+    tables = [lake.read(lk.CONTACTS, h).cast(CONTACT_SCHEMA) for h in [*earlier, *hours]]
+    starts = exposure_starts(pa.concat_tables(tables), periods)
+    in_window = pc.greater_equal(
+        starts.column(CONTACT_HOUR), pa.scalar(hours[0], CONTACT_SCHEMA.field(CONTACT_HOUR).type)
+    )
+    starts = starts.filter(in_window)
+    if starts.num_rows == 0:
+        return result
+    examples = starts.append_column(SNAPSHOT_HOUR, starts.column(CONTACT_HOUR))
+    result["rules"] = uplift_rows(labels.label_examples(settings, examples), periods)
+    return result
+
+
+def segment_size_history(lake: lk.Lake, hour: datetime, hours: int = CHART_HOURS) -> dict[str, dict[str, int]]:
+    """Segment sizes per committed hour of the last ``hours`` hours: ``{hour: {segment: size}}``."""
+    history: dict[str, dict[str, int]] = {}
+    for past in hour_range(floor_hour(hour) - (hours - 1) * HOUR, floor_hour(hour)):
+        if not lake.committed(lk.SEGMENTS, past):
+            continue
+        sizes = lake.manifest(lk.SEGMENTS, past).get("segments")
+        if sizes is None:  # written before sizes were kept in the manifest
+            sizes = {}
+            for names in lake.read(lk.SEGMENTS, past, columns=[SEGMENTS_COL]).column(SEGMENTS_COL).to_pylist():
+                for name in names:
+                    sizes[name] = sizes.get(name, 0) + 1
+        history[format_hour(past)] = {str(k): int(v) for k, v in sizes.items()}
+    return history
+
+
+def segment_sizes_chart(history: Mapping[str, Mapping[str, int]]) -> bytes | None:
+    """A PNG line chart of segment sizes over time (None without any hour)."""
+    if not history:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.dates import date2num
+    from matplotlib.figure import Figure
+
+    hours = sorted(history)
+    times = [date2num(datetime.fromisoformat(h)) for h in hours]  # type: ignore[no-untyped-call]
+    names = sorted({name for sizes in history.values() for name in sizes})
+    figure = Figure(figsize=(9, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    for name in names:
+        axes.plot(times, [history[h].get(name, 0) for h in hours], marker="." if len(hours) < 50 else None, label=name)
+    axes.set_title(f"Segment sizes, {hours[0][:13]} .. {hours[-1][:13]} UTC")
+    axes.set_ylabel("members")
+    axes.xaxis_date()
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", fontsize="small", ncols=2)
+    figure.autofmt_xdate()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def report_section(settings: Settings, hour: datetime) -> tuple[dict[str, Any], bytes | None]:
+    """The run report's marketing section for ``hour`` and the PNG chart of segment sizes.
+
+    Stability per segment (from the hour's committed segments), the uplift of actions old
+    enough, and the chart's file name (None when no segments were ever committed). Never
+    raises: the run report must be written, so an error is returned as the section.
+    """
+    lake = lk.Lake(settings.lake)
+    hour = floor_hour(hour)
+    try:
+        manifest = lake.manifest(lk.SEGMENTS, hour) if lake.committed(lk.SEGMENTS, hour) else {}
+        chart = segment_sizes_chart(segment_size_history(lake, hour))
+        section = {
+            "stability": manifest.get("stability"),
+            # rules with a declared max_share: matched vs judged profiles (absent before shares were declared)
+            "share_checks": manifest.get("share_checks") or [],
+            "uplift": uplift(settings, hour),
+            "chart": CHART_FILE if chart else None,
+        }
+    except Exception as error:  # the run report is written whatever failed; it shows the error instead
+        return {"error": f"{type(error).__name__}: {error}"}, None
+    return section, chart
+
+
+def render_section_html(section: Mapping[str, Any]) -> str:
+    """HTML tables of the marketing section (stability, uplift, chart) for the run report page."""
+    if section.get("error"):
+        return f"<h2>Segments</h2><p class='failed'>{html.escape(str(section['error']))}</p>"
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"<td>{value:.4f}</td>"
+        return f"<td>{html.escape('' if value is None else str(value))}</td>"
+
+    parts = ["<h2>Segments: stability this hour</h2>"]
+    stability = section.get("stability") or {}
+    if stability:
+        keys = ["size", "entered", "exited", "stayed", "overlap", "held_by_stay", "control"]
+        head = "".join(f"<th>{k.replace('_', ' ')}</th>" for k in ["segment", *keys])
+        body = "".join(
+            f"<tr>{cell(name)}{''.join(cell(row.get(k)) for k in keys)}</tr>" for name, row in stability.items()
+        )
+        parts.append(f"<table><tr>{head}</tr>{body}</table>")
+    else:
+        parts.append("<p>No segments committed for this hour.</p>")
+    checks = section.get("share_checks") or []
+    if checks:
+        over = [c for c in checks if c.get("over")]
+        parts.append(
+            "<h2>Segments: declared shares</h2>"
+            + (
+                f"<p class='failed'>{len(over)} rule(s) matched more than their declared share: "
+                + html.escape("; ".join(share_warning(c) for c in over))
+                + "</p>"
+                if over
+                else "<p>Every rule stayed within its declared share.</p>"
+            )
+        )
+        keys = ["rule", "max_share", "share", "matched", "judged", "over"]
+        head = "".join(
+            f"<th>{label}</th>"
+            for label in ("rule", "declared share", "actual share", "matched", "judged (enter not NULL)", "over")
+        )
+        body = "".join(f"<tr>{''.join(cell(c.get(k)) for k in keys)}</tr>" for c in checks)
+        parts.append(f"<table><tr>{head}</tr>{body}</table>")
+    lift = section.get("uplift") or {}
+    parts.append(
+        f"<h2>Uplift: purchase rate in the {lift.get('window_hours')} h after an action, treated vs control</h2>"
+    )
+    if lift.get("rules"):
+        keys = ["rule", "action", "treated", "treated_rate", "control", "control_rate", "uplift", "low", "high"]
+        head = "".join(f"<th>{k.replace('_', ' ')}</th>" for k in keys)
+        body = "".join(f"<tr>{''.join(cell(row.get(k)) for k in keys)}</tr>" for row in lift["rules"])
+        parts.append(
+            f"<p>Contacts of {lift['contact_hours']} hours ({html.escape(str(lift['first_contact_hour']))} .. "
+            f"{html.escape(str(lift['last_contact_hour']))}); low/high: 95% interval of the uplift.</p>"
+            f"<table><tr>{head}</tr>{body}</table>"
+        )
+    else:
+        parts.append("<p>No action is old enough yet (its purchase window and the lateness must have passed).</p>")
+    if section.get("chart"):
+        parts.append(f"<h2>Segment sizes over time</h2><img src='{html.escape(str(section['chart']))}' alt='chart'>")
+    return "".join(parts)
