@@ -14,7 +14,7 @@ from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake, read_json
 from profile_engine.ops import runner
 from profile_engine.ops.progress import Progress
-from profile_engine.profiles.features import MissingStateError
+from profile_engine.profiles.state import MissingStateError
 from profile_engine.sources.simulate import simulate
 from tests.conftest import HOUR0
 
