@@ -118,7 +118,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         shown.append(Progress("replay", total))
         return shown[-1]
 
-    print(f"[replay] landing {args.file} by event hour through mapping {args.mapping} ...", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():  # a transient line, replaced by the progress bar (errors stay one line in logs)
+        print(f"\r[replay] landing {args.file} by event hour ...", end="", file=sys.stderr, flush=True)
     try:
         summary = runner.replay(
             settings, Path(args.file), args.mapping, quality_suite=not args.no_quality, progress=progress
