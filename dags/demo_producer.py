@@ -20,18 +20,17 @@ All logic lives in `include/profile_engine/demo.py` (`land_demo_hours`); the tas
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import CronTriggerTimetable, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from profile_engine.config import task_timeout  # light: reads one environment variable
+from profile_engine.config import Settings, task_timeout  # light: reads environment variables only
 
 # Cheap, local setting only (no Variable or Connection at parse time): a production deployment
 # never starts feeding simulated events into its lake by itself.
-PRODUCTION = os.environ.get("PROFILE_ENGINE_ENV") == "production"
+PRODUCTION = Settings.from_env().environment == "production"
 
 
 @dag(

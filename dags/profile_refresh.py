@@ -31,22 +31,22 @@ All logic lives in `include/profile_engine/`; the tasks only wire it.
 
 from __future__ import annotations
 
-import os
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from profile_engine.config import task_timeout  # light: reads one environment variable
+from profile_engine.config import Settings, task_timeout  # light: reads environment variables only
+from profile_engine.contracts.stages import MAPPED_STAGES, STAGES  # light: names only
 from profile_engine.ops.alerts import ProfileEngineNotifier  # light: reads its settings when it fires
 from profile_engine.ops.timetable import hourly_timetable  # light: Airflow's own timetable classes
 from profile_engine.privacy.keys import EXPORT_KEY_CONN_ID, ExportKeyError
 from profile_engine.segments import delivery  # light: the Asset's name only; stages import inside tasks
 
-# Cheap, local settings only: no Variable, Connection, network or heavy import at parse time.
-START = os.environ.get("PROFILE_ENGINE_START") or "2026-11-01T00:00:00+00:00"
-BUCKETS = int(os.environ.get("PROFILE_ENGINE_BUCKETS") or 4)
+# Cheap, local settings only: no Variable, Connection, network or heavy import at parse time. The same
+# Settings the tasks read (a bad PROFILE_ENGINE_* value is an import error naming the variable).
+SETTINGS = Settings.from_env()
 # Updated by publish_segments; deliver_campaigns is scheduled on it.
 SEGMENT_EXPORTS = Asset(name=delivery.EXPORTS_ASSET_NAME, uri=delivery.EXPORTS_ASSET_URI)
 
@@ -73,7 +73,7 @@ def _context() -> tuple[Any, datetime, str]:
 
 @dag(
     schedule=hourly_timetable("UTC"),
-    start_date=datetime.fromisoformat(START).astimezone(UTC),
+    start_date=SETTINGS.schedule_start,
     catchup=True,
     max_active_runs=1,
     tags=["profile-engine", "profiles", "hourly"],
@@ -148,8 +148,7 @@ def profile_refresh() -> None:
         from profile_engine.profiles import build
 
         settings, hour, run_id = _context()
-        first = datetime.fromisoformat(START).astimezone(UTC)
-        return build.build_profiles(settings, hour, bucket, run_id=run_id, first_hour=first)
+        return build.build_profiles(settings, hour, bucket, run_id=run_id, first_hour=settings.schedule_start)
 
     @task(depends_on_past=True, multiple_outputs=False)
     def publish_profiles(built: list[dict[str, Any]]) -> dict[str, Any]:
@@ -228,9 +227,9 @@ def profile_refresh() -> None:
         settings, hour, run_id = _context()
         ti = get_current_context()["ti"]
         summaries: dict[str, Any] = {}
-        for name in report.STAGES:
+        for name in STAGES:
             value = ti.xcom_pull(task_ids=name)
-            summaries[name] = list(value) if name in ("build_profiles", "score_profiles") and value else value
+            summaries[name] = list(value) if name in MAPPED_STAGES and value else value
         states = report.stage_states(ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id]).get(run_id, {}))
         try:
             return report.write_run_report(settings, hour, summaries, run_id=run_id, states=states)
@@ -239,7 +238,7 @@ def profile_refresh() -> None:
 
             lock.release_run(settings, run_id)  # the run's last task (all_done) frees the lake
 
-    buckets = list(range(BUCKETS))
+    buckets = list(range(SETTINGS.buckets))
     validated = validate_events(extract_events())
     checked = check_quality()
     validated >> checked

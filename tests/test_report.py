@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from profile_engine.config import Settings
+from profile_engine.contracts.stages import STAGES
 from profile_engine.model import promotion
 from profile_engine.ops import report
 from tests.conftest import HOUR0
 
-DONE = {name: {"status": "ok"} for name in report.STAGES}
+DONE = {name: {"status": "ok"} for name in STAGES}
 
 
 def test_mapped_task_states_reduce_to_the_worst_instance() -> None:

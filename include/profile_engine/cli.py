@@ -1,7 +1,6 @@
 """Command line: run stages outside Airflow for scripts, debugging and tests.
 
-As thin as the DAG files: every subcommand parses its arguments and calls one
-package function.
+As thin as the DAG files: every subcommand parses its arguments and calls one package function.
 """
 
 from __future__ import annotations
@@ -9,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +22,7 @@ def _hour(text: str) -> datetime:
     try:
         return parse_hour(text)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
+        raise argparse.ArgumentTypeError(f"{error}; expected {HOUR_FORMAT}") from error
 
 
 def _print(payload: Any) -> None:
@@ -55,26 +55,52 @@ EXIT_INPUT_ERROR = 2
 
 
 def cmd_run_hours(args: argparse.Namespace) -> int:
-    """Process hours in-process, in order, with the hour runner; a quarantine breach stops the range (exit 3)."""
+    """Process hours in-process, in order, with the hour runner; a quarantine breach stops the range (exit 3).
+
+    Each hour's report headline goes to stdout as it is written; progress goes to stderr.
+    """
     from profile_engine.hours import hour_range
     from profile_engine.ingest import events as ingest
     from profile_engine.ops import runner
+    from profile_engine.ops.progress import Progress, duration
 
     settings = Settings.from_env()
-    for hour in hour_range(args.first, args.last):
-        try:
-            summary = runner.run_hour(
-                settings,
-                hour,
-                first_hour=args.start or settings.start or args.first,
-                force_retrain=args.force_retrain,
-                force_promote=args.force_promote,
-                dry_run=args.dry_run,
-            )
-        except ingest.QuarantineThresholdExceeded as error:
-            print(f"run-hours: quarantine threshold exceeded, later hours not run: {error}", file=sys.stderr)
-            return EXIT_QUARANTINE_BREACH
-        _print(summary["write_run_report"])
+    hours = list(hour_range(args.first, args.last))
+    progress = Progress("run-hours", len(hours))
+    totals = {"read": 0, "staged": 0, "quarantined": 0, "failed": 0}
+    try:
+        for hour in hours:
+            progress.start_hour(hour)
+            try:
+                summary = runner.run_hour(
+                    settings,
+                    hour,
+                    first_hour=args.start or settings.start or args.first,
+                    force_retrain=args.force_retrain,
+                    force_promote=args.force_promote,
+                    dry_run=args.dry_run,
+                    on_stage=progress.stage,
+                )
+            except ingest.QuarantineThresholdExceeded as error:
+                progress.close()
+                print(f"run-hours: quarantine threshold exceeded, later hours not run: {error}", file=sys.stderr)
+                return EXIT_QUARANTINE_BREACH
+            headline = summary["write_run_report"]
+            for key in ("read", "staged", "quarantined"):
+                totals[key] += headline.get("rows_read" if key == "read" else key) or 0
+            totals["failed"] += headline.get("status") != "success"
+            progress.clear()
+            _print(headline)
+            sys.stdout.flush()
+            progress.hour_done(headline.get("rows_read") or 0)
+    finally:
+        progress.close()
+    print(
+        f"run-hours: {len(hours)} hours in {duration(progress.clock() - progress.started)}: {totals['read']:,} events "
+        f"read, {totals['staged']:,} staged, {totals['quarantined']:,} quarantined; {totals['failed']} hour(s) "
+        f"failed; reports in {settings.lake / 'reports'}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -83,9 +109,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from profile_engine.ops import runner
+    from profile_engine.ops.progress import Progress
 
     settings = Settings.from_env()
-    summary = runner.replay(settings, Path(args.file), args.mapping, quality_suite=not args.no_quality)
+    shown: list[Progress] = []
+
+    def progress(total: int) -> Progress:
+        shown.append(Progress("replay", total))
+        return shown[-1]
+
+    if sys.stderr.isatty():  # a transient line, replaced by the progress bar (errors stay one line in logs)
+        print(f"\r[replay] landing {args.file} by event hour ...", end="", file=sys.stderr, flush=True)
+    try:
+        summary = runner.replay(
+            settings, Path(args.file), args.mapping, quality_suite=not args.no_quality, progress=progress
+        )
+    finally:
+        for bar in shown:
+            bar.close()
     _print(summary)
     if summary["breaches"]:
         lines = [
@@ -175,7 +216,7 @@ def cmd_freshness(args: argparse.Namespace) -> int:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    """Erase users from every retained dataset and tombstone them (issue 9); prints counts, never ids."""
+    """Erase users from every retained dataset and tombstone them; prints counts, never ids."""
     import getpass
 
     from profile_engine.ops.erasure import erase_request
@@ -211,97 +252,202 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="python -m profile_engine", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+# The hour format every hour argument takes (profile_engine.hours.parse_hour).
+HOUR_FORMAT = (
+    "a UTC hour as YYYY-MM-DDTHH, e.g. 2026-12-01T05 (also ISO 8601 on the hour: 2026-12-01T05:00:00+00:00, "
+    "2026-12-01T06:00+01:00, 2026-12-01T05:00Z; without an offset it is UTC)"
+)
 
-    p = sub.add_parser("simulate", help="write simulated landing files for arrival hours FIRST..LAST")
-    p.add_argument("first", type=_hour, help="first arrival hour (UTC, ISO)")
-    p.add_argument("last", type=_hour, help="last arrival hour (UTC, ISO), inclusive")
-    p.add_argument("--users", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=None)
+
+def _sub(
+    sub: Any, name: str, help: str, description: str, examples: list[str], *, examples_title: str = "examples"
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows its description and example command lines."""
+    lines = "\n".join(f"  python -m profile_engine {name} {e}".rstrip() for e in examples)
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=textwrap.fill(description, 100),
+        epilog=f"{examples_title}:\n{lines}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand; each --help names its arguments and shows examples."""
+    parser = argparse.ArgumentParser(
+        prog="python -m profile_engine",
+        description=__doc__,
+        epilog=f"Hours: {HOUR_FORMAT}.\nEvery command: python -m profile_engine COMMAND --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _sub(
+        sub,
+        "simulate",
+        "write simulated landing files for arrival hours FIRST..LAST",
+        f"Write a simulated shop's landing files (and its ground truth) for arrival hours FIRST..LAST. "
+        f"FIRST and LAST are {HOUR_FORMAT}.",
+        ["2026-12-01T00 2026-12-01T23", "2026-12-01T00 2026-12-02T23 --users 500 --seed 3 --no-defects"],
+    )
+    p.add_argument("first", type=_hour, metavar="FIRST", help="first arrival hour, e.g. 2026-12-01T00")
+    p.add_argument("last", type=_hour, metavar="LAST", help="last arrival hour, inclusive, e.g. 2026-12-01T23")
+    p.add_argument("--users", type=int, default=2000, help="number of simulated users (default 2000)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default PROFILE_ENGINE_SEED, 7)")
     p.add_argument("--no-defects", action="store_true", help="no late, duplicate or malformed data")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("run-hours", help="process hours FIRST..LAST in-process (no Airflow)")
-    p.add_argument("first", type=_hour)
-    p.add_argument("last", type=_hour)
-    p.add_argument(
-        "--start", type=_hour, default=None, help="the lake's first hour (default PROFILE_ENGINE_START or FIRST)"
+    p = _sub(
+        sub,
+        "run-hours",
+        "process hours FIRST..LAST in-process (no Airflow)",
+        f"Process the hours FIRST..LAST in order, in this process, with the same stages as the hourly DAG. "
+        f"FIRST and LAST are {HOUR_FORMAT}. Progress goes to stderr (a bar on a terminal, plain lines "
+        "otherwise); each hour's report headline goes to stdout. Exit 3 when an hour breaches the "
+        "quarantine threshold (later hours are not run).",
+        ["2026-12-01T00 2026-12-01T23", "2026-12-02T00 2026-12-02T05 --start 2026-12-01T00 --dry-run"],
     )
-    p.add_argument("--force-retrain", action="store_true")
-    p.add_argument("--force-promote", action="store_true")
+    p.add_argument("first", type=_hour, metavar="FIRST", help="first hour to process, e.g. 2026-12-01T00")
+    p.add_argument("last", type=_hour, metavar="LAST", help="last hour to process, inclusive, e.g. 2026-12-01T23")
+    p.add_argument(
+        "--start",
+        type=_hour,
+        default=None,
+        metavar="HOUR",
+        help="the lake's first hour, e.g. 2026-12-01T00 (default PROFILE_ENGINE_START, else FIRST)",
+    )
+    p.add_argument("--force-retrain", action="store_true", help="train a challenger every hour, due or not")
+    p.add_argument("--force-promote", action="store_true", help="promote the challenger whatever the gate says")
     p.add_argument("--dry-run", action="store_true", help="compute everything, export nothing")
     p.set_defaults(func=cmd_run_hours)
 
-    p = sub.add_parser("replay", help="land an event log by event hour through a mapping and process its hours")
+    p = _sub(
+        sub,
+        "replay",
+        "land an event log by event hour through a mapping and process its hours",
+        "Split an event log by event hour into landing/ through a source mapping, then process every hour "
+        "it spans (validation per hour, profiles in bulk). No hour argument: the hours come from the file. "
+        "Progress goes to stderr; the summary (with next_hour, where the hourly DAG continues) to stdout. "
+        "Exit 3 when an hour breaches the quarantine threshold (every hour is still processed).",
+        ["--file events.csv --mapping rees46", "--file orders.csv.gz --mapping path/to/mapping.yaml --no-quality"],
+    )
     p.add_argument("--file", required=True, help="the event log (CSV, Parquet or JSON Lines, optionally .gz)")
     p.add_argument("--mapping", required=True, help="a mapping in include/config/sources/ by name, or a YAML path")
     p.add_argument("--no-quality", action="store_true", help="row rules only: no Great Expectations suite or Data Docs")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser(
+    p = _sub(
+        sub,
         "land",
-        help="land an event log into landing/ by event hour through a mapping, without processing it",
-        description="Land an event log into landing/events/dt=/hour=/source=MAPPING/ by event hour, as a producer "
-        "would; nothing is processed. Prints the hours and rows landed and the run-hours command that processes "
-        "them. Example: python -m profile_engine land --file orders.csv --mapping order_lines",
+        "land an event log into landing/ by event hour through a mapping, without processing it",
+        "Land an event log into landing/events/dt=/hour=/source=MAPPING/ by event hour, as a producer would; "
+        "nothing is processed. Prints the hours and rows landed and the run-hours command that processes them. "
+        "No hour argument: the hours come from the file.",
+        ["--file orders.csv --mapping order_lines", "--file events.csv.gz --mapping path/to/mapping.yaml"],
     )
     p.add_argument("--file", required=True, help="the event log (CSV, Parquet or JSON Lines, optionally .gz)")
     p.add_argument("--mapping", required=True, help="a mapping in include/config/sources/ by name, or a YAML path")
     p.set_defaults(func=cmd_land)
 
-    p = sub.add_parser("demo", help="simulate, warm up and run profile_refresh through Airflow")
-    p.add_argument("--users", type=int, default=2000)
-    p.add_argument("--history-days", type=int, default=30)
-    p.add_argument("--hours", type=int, default=48)
-    p.add_argument("--seed", type=int, default=7)
+    p = _sub(
+        sub,
+        "demo",
+        "simulate, warm up and run profile_refresh through Airflow",
+        "Simulate a shop, warm up HISTORY_DAYS of history in bulk, then run profile_refresh through Airflow "
+        f"for the HOURS hours ending at --last, with progress on stderr and a summary at the end. --last is "
+        f"{HOUR_FORMAT}; default: the last complete UTC hour.",
+        ["", "--users 500 --history-days 7 --hours 6", "--hours 3 --last 2026-11-30T13"],
+    )
+    p.add_argument("--users", type=int, default=2000, help="number of simulated users (default 2000)")
+    p.add_argument("--history-days", type=int, default=30, help="days of warm-up history (default 30)")
+    p.add_argument("--hours", type=int, default=48, help="hours run through Airflow (default 48)")
+    p.add_argument("--seed", type=int, default=7, help="random seed of the shop (default 7)")
     p.add_argument(
         "--last",
         type=_hour,
         default=None,
-        help="the window's last hour (UTC, ISO, e.g. 2026-11-30T13:00; default: the last complete hour). "
-        "A fixed hour gives the same lake on every run (scripts/demo_checksums.py)",
+        metavar="HOUR",
+        help="the window's last hour, e.g. 2026-11-30T13 (default: the last complete hour); "
+        "a fixed hour gives the same lake on every run (scripts/demo_checksums.py)",
     )
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("ui", help="start the Airflow UI (airflow standalone) on 127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p = _sub(
+        sub,
+        "ui",
+        "start the Airflow UI (airflow standalone) on 127.0.0.1",
+        "Land the demo shop's missing hours, start airflow standalone on 127.0.0.1:PORT and print the "
+        "address and login (Ctrl-C stops it).",
+        ["", "--port 8081"],
+    )
+    p.add_argument("--port", type=int, default=8080, help="port of the UI (default 8080)")
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser(
-        "models", help="model registry: list | show VERSION | promote VERSION | rollback | export-inference VERSION"
+    p = _sub(
+        sub,
+        "models",
+        "model registry: list | show VERSION | promote VERSION | rollback | export-inference VERSION",
+        "List, show, promote, roll back or export model versions. A VERSION is v + the UTC hour it was "
+        "trained at, e.g. v20261201T05; a manual change applies from the next unprocessed hour.",
+        ["list", "show v20261201T05", "promote v20261201T05 --reason 'checked by hand'", "rollback"],
     )
-    actions = p.add_subparsers(dest="action", required=True)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     actions.add_parser("list", help="every committed version with metrics, decision and champion status")
     a = actions.add_parser("show", help="everything recorded about one version")
-    a.add_argument("version", help="e.g. v20261101T05")
+    a.add_argument("version", help="e.g. v20261201T05")
     a = actions.add_parser("promote", help="make VERSION the champion from the next unprocessed hour (forced)")
-    a.add_argument("version")
-    a.add_argument("--reason", default="manual promotion")
+    a.add_argument("version", help="e.g. v20261201T05")
+    a.add_argument("--reason", default="manual promotion", help="recorded in the registry")
     a = actions.add_parser("rollback", help="bring back the previous champion from the next unprocessed hour")
-    a.add_argument("--to", default=None, help="a specific earlier version (default: the previous champion)")
-    a.add_argument("--reason", default="manual rollback")
+    a.add_argument("--to", default=None, help="a specific earlier version, e.g. v20261130T05 (default: the previous)")
+    a.add_argument("--reason", default="manual rollback", help="recorded in the registry")
     a = actions.add_parser(
         "export-inference", help="add the TensorFlow-free scoring files to VERSION (for versions trained before them)"
     )
-    a.add_argument("version")
+    a.add_argument("version", help="e.g. v20261201T05")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("verify", help="rebuild hour H from staged events and compare with its committed snapshot")
-    p.add_argument("--hour", type=_hour, required=True, help="the snapshot's hour (UTC, ISO, e.g. 2026-11-28T05:00)")
+    p = _sub(
+        sub,
+        "verify",
+        "rebuild hour H from staged events and compare with its committed snapshot",
+        f"Rebuild the profile snapshot of --hour from staged events and compare it with the committed one "
+        f"(exit 1 if they differ). --hour is {HOUR_FORMAT}.",
+        ["--hour 2026-12-01T05", "--hour 2026-12-01T05 --keep"],
+    )
+    p.add_argument("--hour", type=_hour, required=True, metavar="HOUR", help="the snapshot's hour, e.g. 2026-12-01T05")
     p.add_argument("--keep", action="store_true", help="keep the rebuilt snapshot in the lake's _tmp/ to inspect it")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("lock", help="show who holds the lake lock (_meta/lock) and whether it is stale")
+    p = _sub(
+        sub,
+        "lock",
+        "show who holds the lake lock (_meta/lock) and whether it is stale",
+        "Show the lake lock's owner; --force-release removes it (for a run that died before its report).",
+        ["", "--force-release"],
+    )
     p.add_argument("--force-release", action="store_true", help="remove the lock whoever holds it (logged)")
     p.set_defaults(func=cmd_lock)
 
-    p = sub.add_parser("freshness", help="alert when the current profile snapshot is older than the limit")
+    p = _sub(
+        sub,
+        "freshness",
+        "alert when the current profile snapshot is older than the limit",
+        "Check that a profile snapshot was committed within PROFILE_ENGINE_FRESHNESS_HOURS; alert and exit 1 "
+        "if not. No arguments.",
+        [""],
+    )
     p.set_defaults(func=cmd_freshness)
 
-    p = sub.add_parser("erase", help="erase users from every retained dataset and tombstone them (GDPR)")
+    p = _sub(
+        sub,
+        "erase",
+        "erase users from every retained dataset and tombstone them (GDPR)",
+        "Erase users from every retained dataset and tombstone them; prints counts, never ids.",
+        ["--user-id 17850", "--file ids.txt --reason 'ticket 123'"],
+    )
     ids = p.add_mutually_exclusive_group(required=True)
     ids.add_argument("--user-id", action="append", help="a user id (repeatable)")
     ids.add_argument("--file", type=Path, help="a text file of user ids, one per line (# comments)")
@@ -311,13 +457,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_erase)
 
-    p = sub.add_parser("retention", help="delete hour partitions older than PROFILE_ENGINE_RETENTION_DAYS")
+    p = _sub(
+        sub,
+        "retention",
+        "delete hour partitions older than PROFILE_ENGINE_RETENTION_DAYS",
+        "Delete hour partitions older than PROFILE_ENGINE_RETENTION_DAYS (default 90).",
+        ["--dry-run", ""],
+    )
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     p.set_defaults(func=cmd_retention)
 
-    p = sub.add_parser("status", help="the lake's size by dataset (bytes, files) and its newest committed hour")
+    p = _sub(
+        sub,
+        "status",
+        "the lake's size by dataset (bytes, files) and its newest committed hour",
+        "Print the lake's size by dataset (bytes, files, newest committed hour) and its newest committed hour. "
+        "No arguments (the lake is PROFILE_ENGINE_LAKE).",
+        [""],
+    )
     p.set_defaults(func=cmd_status)
     return parser
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand of ``parser`` by name (to check or document their help)."""
+    return {
+        name: sub
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name, sub in action.choices.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

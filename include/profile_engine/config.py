@@ -1,8 +1,6 @@
-"""Settings: constants in code, overridden by ``PROFILE_ENGINE_*`` environment variables.
+"""Settings: constants in code overridden by ``PROFILE_ENGINE_*`` environment variables, read once by DAGs and tasks.
 
-Configuration tiers (DESIGN.md §6): constants here -> environment variables ->
-DAG Params for one run -> Airflow Variables/Connections for secrets. This module
-only covers the first two; it never touches Airflow, so it is safe at parse time.
+Never touches Airflow, so DAG files build it at parse time. docs/operations.md, "Configuration".
 """
 
 from __future__ import annotations
@@ -11,8 +9,9 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from profile_engine.hours import parse_hour
 
@@ -24,6 +23,8 @@ CONFIG_DIR = PROJECT_ROOT / "include" / "config"
 DEFAULT_LAKE = PROJECT_ROOT / "lake"
 
 ENV_PREFIX = "PROFILE_ENGINE_"
+# The hourly DAG's first hour when PROFILE_ENGINE_START is unset (Settings.schedule_start).
+DEFAULT_SCHEDULE_START = datetime(2026, 11, 1, tzinfo=UTC)
 DEFAULT_TASK_TIMEOUT_MINUTES = 120
 # A DuckDB memory_limit: a number and a unit (bytes, KB..TB, KiB..TiB) or a percentage of RAM.
 _MEMORY_LIMIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|[KMGT]i?B|B|bytes)?\s*$", re.IGNORECASE)
@@ -110,6 +111,11 @@ class Settings:
     # Airflow execution_timeout of every task of every DAG, in minutes.
     task_timeout_minutes: int = DEFAULT_TASK_TIMEOUT_MINUTES
 
+    @property
+    def schedule_start(self) -> datetime:
+        """The lake's first hour as the hourly DAG sees it: ``start``, else ``DEFAULT_SCHEDULE_START``."""
+        return self.start or DEFAULT_SCHEDULE_START
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         """Read ``PROFILE_ENGINE_*`` variables over the defaults above."""
@@ -119,41 +125,58 @@ class Settings:
             value = env.get(ENV_PREFIX + name)
             return value if value not in (None, "") else None
 
+        def number(name: str, kind: type[int] | type[float], default: int | float) -> Any:
+            text = get(name)
+            try:
+                return default if text is None else kind(text)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{name} must be a {kind.__name__}, got {text!r}") from None
+
+        def hour(name: str) -> datetime | None:
+            text = get(name)
+            try:
+                return parse_hour(text) if text else None
+            except ValueError as error:
+                raise ValueError(f"{ENV_PREFIX}{name} must be a UTC hour such as 2026-11-01T00: {error}") from None
+
+        def path(name: str) -> Path | None:
+            text = get(name)
+            return Path(text).expanduser().resolve() if text else None
+
         base = cls()
-        lake = get("LAKE")
-        start = get("START")
+        threads = get("DUCKDB_THREADS")
         settings = replace(
             base,
-            lake=Path(lake).expanduser().resolve() if lake else base.lake,
+            lake=path("LAKE") or base.lake,
             environment=get("ENV") or base.environment,
             business_tz=get("TZ") or base.business_tz,
-            buckets=int(get("BUCKETS") or base.buckets),
-            start=parse_hour(start) if start else None,
-            lateness_hours=int(get("LATENESS_HOURS") or base.lateness_hours),
-            clock_skew_minutes=int(get("CLOCK_SKEW_MINUTES") or base.clock_skew_minutes),
-            label_horizon_hours=int(get("LABEL_HORIZON_HOURS") or base.label_horizon_hours),
-            retrain_every_hours=int(get("RETRAIN_EVERY_HOURS") or base.retrain_every_hours),
-            quarantine_threshold=float(get("QUARANTINE_THRESHOLD") or base.quarantine_threshold),
-            quarantine_min_rows=int(get("QUARANTINE_MIN_ROWS") or base.quarantine_min_rows),
-            seed=int(get("SEED") or base.seed),
-            model_threads=int(get("MODEL_THREADS") or base.model_threads),
+            buckets=number("BUCKETS", int, base.buckets),
+            start=hour("START"),
+            lateness_hours=number("LATENESS_HOURS", int, base.lateness_hours),
+            clock_skew_minutes=number("CLOCK_SKEW_MINUTES", int, base.clock_skew_minutes),
+            label_horizon_hours=number("LABEL_HORIZON_HOURS", int, base.label_horizon_hours),
+            retrain_every_hours=number("RETRAIN_EVERY_HOURS", int, base.retrain_every_hours),
+            quarantine_threshold=number("QUARANTINE_THRESHOLD", float, base.quarantine_threshold),
+            quarantine_min_rows=number("QUARANTINE_MIN_ROWS", int, base.quarantine_min_rows),
+            seed=number("SEED", int, base.seed),
+            model_threads=number("MODEL_THREADS", int, base.model_threads),
             sequence_candidates=_flag("SEQUENCE_CANDIDATES", get("SEQUENCE_CANDIDATES"), base.sequence_candidates),
             sql_sources=tuple(n.strip() for n in (get("SQL_SOURCES") or "").split(",") if n.strip()),
             sql_conn_id=get("SQL_CONN_ID"),
             optout_conn_id=get("OPTOUT_CONN_ID"),
             delivery_conn_id=get("DELIVERY_CONN_ID"),
-            outbox=Path(outbox).expanduser().resolve() if (outbox := get("OUTBOX")) else None,
-            freshness_hours=float(get("FRESHNESS_HOURS") or base.freshness_hours),
+            outbox=path("OUTBOX"),
+            freshness_hours=number("FRESHNESS_HOURS", float, base.freshness_hours),
             alert_webhook=get("ALERT_WEBHOOK"),
             alert_smtp=get("ALERT_SMTP"),
             alert_email_to=get("ALERT_EMAIL_TO"),
             alert_email_from=get("ALERT_EMAIL_FROM") or base.alert_email_from,
-            retention_days=int(get("RETENTION_DAYS") or base.retention_days),
-            data_docs_keep_hours=int(keep) if (keep := get("DATA_DOCS_KEEP_HOURS")) else base.data_docs_keep_hours,
-            duckdb_threads=int(threads) if (threads := get("DUCKDB_THREADS")) else None,
+            retention_days=number("RETENTION_DAYS", int, base.retention_days),
+            data_docs_keep_hours=number("DATA_DOCS_KEEP_HOURS", int, base.data_docs_keep_hours),
+            duckdb_threads=number("DUCKDB_THREADS", int, 0) if threads else None,
             duckdb_memory_limit=get("DUCKDB_MEMORY_LIMIT") or base.duckdb_memory_limit,
-            duckdb_temp_dir=Path(temp).expanduser().resolve() if (temp := get("DUCKDB_TEMP_DIR")) else None,
-            task_timeout_minutes=task_timeout_minutes(env),
+            duckdb_temp_dir=path("DUCKDB_TEMP_DIR"),
+            task_timeout_minutes=number("TASK_TIMEOUT_MINUTES", int, DEFAULT_TASK_TIMEOUT_MINUTES),
         )
         settings.check()
         return settings

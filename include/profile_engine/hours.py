@@ -1,7 +1,6 @@
-"""Hour arithmetic: every hour the engine handles is a UTC interval start.
+"""Hour arithmetic: every hour the engine handles is a UTC interval start; partition values are derived here only.
 
-Partition values (``dt=YYYY-MM-DD``, ``hour=HH`` zero padded) are derived here and
-nowhere else.
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ def hour_range(first: datetime, last: datetime) -> Iterator[datetime]:
 def hour_for_run(param: str | None, data_interval_start: datetime | None) -> datetime:
     """The hour a DAG run processes: the ``hour`` Param when given, else its data interval start.
 
-    DESIGN.md §2: never "latest", never the current, incomplete hour.
+    Never "latest", never the current, incomplete hour.
     """
     if param:
         return parse_hour(param)

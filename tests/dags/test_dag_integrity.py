@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from profile_engine.config import task_timeout
-from profile_engine.ops import report
+from profile_engine.contracts.stages import REPORT_STAGE, STAGES
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 DAG_FILES = sorted(p for p in DAGS.glob("*.py") if not p.name.startswith("_"))
@@ -69,7 +70,7 @@ def test_profile_refresh_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
     assert dag.max_active_runs == 1 and dag.catchup is True
     assert type(dag.timetable).__name__ == "HourlyTimetable"  # cron "0 * * * *", see profile_engine.ops.timetable
     # The run report covers exactly the DAG's stages.
-    assert set(dag.task_ids) == {*report.STAGES, "write_run_report"}
+    assert set(dag.task_ids) == {*STAGES, REPORT_STAGE}
     assert dag.get_task("build_profiles").depends_on_past
     assert dag.get_task("score_profiles").trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("write_run_report").trigger_rule == "all_done"
@@ -100,3 +101,46 @@ def test_parsing_imports_nothing_heavy_and_opens_no_connection() -> None:
         [sys.executable, "-c", PARSE_CHECK, *map(str, DAG_FILES)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _profile_refresh_in(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Parse profile_refresh.py in a fresh interpreter under ``env``; prints its start date and bucket count."""
+    source = "import runpy, sys; dag = runpy.run_path(sys.argv[1])['profile_refresh']()\n"
+    source += (
+        "print(dag.start_date.isoformat(), len(dag.get_task('build_profiles').op_kwargs_expand_input.value['bucket']))"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PROFILE_ENGINE_")}
+    return subprocess.run(
+        [sys.executable, "-c", source, str(DAGS / "profile_refresh.py")],
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+    )
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"PROFILE_ENGINE_START": "2026-12-01T06:00+01:00", "PROFILE_ENGINE_BUCKETS": "3"}],
+    ids=["unset", "set"],
+)
+def test_profile_refresh_reads_start_and_buckets_from_settings(env: dict[str, str]) -> None:
+    from profile_engine.config import Settings
+
+    settings = Settings.from_env(env)
+
+    result = _profile_refresh_in(env)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    start, buckets = result.stdout.split()[-2:]
+    assert datetime.fromisoformat(start) == settings.schedule_start
+    assert int(buckets) == settings.buckets
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("PROFILE_ENGINE_BUCKETS", "0"), ("PROFILE_ENGINE_START", "2026-12-01T04:30")]
+)
+def test_profile_refresh_rejects_what_settings_rejects_naming_the_variable(name: str, value: str) -> None:
+    result = _profile_refresh_in({name: value})
+
+    assert result.returncode != 0
+    assert name in result.stderr

@@ -357,14 +357,15 @@ def test_compose_refuses_to_start_without_a_secret() -> None:
 
 
 def test_every_engine_setting_is_passed_to_the_airflow_containers() -> None:
-    # Arrange: the PROFILE_ENGINE_* variables the package reads (literals, ENV_PREFIX + "X", config.py's get("X"))
+    # Arrange: the PROFILE_ENGINE_* variables the package reads (literals, ENV_PREFIX + "X", config.py's get("X"),
+    # number("X", ...), hour("X"), path("X"))
     sources = {path: path.read_text() for path in PACKAGE.rglob("*.py")}
     read = set()
     for path, source in sources.items():
         read |= set(re.findall(r"[\"'](PROFILE_ENGINE_[A-Z0-9_]+)[\"']", source))
         read |= {"PROFILE_ENGINE_" + m for m in re.findall(r'ENV_PREFIX \+ "([A-Z0-9_]+)"', source)}
         if path.name == "config.py":
-            read |= {"PROFILE_ENGINE_" + m for m in re.findall(r'\bget\("([A-Z0-9_]+)"\)', source)}
+            read |= {"PROFILE_ENGINE_" + m for m in re.findall(r'\b(?:get|number|hour|path)\("([A-Z0-9_]+)"', source)}
     assert {"PROFILE_ENGINE_LAKE", "PROFILE_ENGINE_BUCKETS", "PROFILE_ENGINE_GATE_MIN_AUC"} <= read  # the scan works
 
     # Act

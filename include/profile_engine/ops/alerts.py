@@ -1,18 +1,6 @@
-"""Alerts: failed runs and stale profiles, sent to a webhook and/or by e-mail.
+"""Alerts: failed task runs (``ProfileEngineNotifier``) and stale profiles (``check_freshness``) to a webhook and/or e-mail.
 
-Two sources raise an alert:
-
-* ``ProfileEngineNotifier``, an Airflow notifier set as ``on_failure_callback`` of
-  ``profile_refresh`` (DAG and tasks): which DAG, run, task and hour failed, and why.
-* ``check_freshness`` (the ``freshness_check`` DAG, hourly): no new profile snapshot
-  was committed (``profiles/current`` moved) for more than ``PROFILE_ENGINE_FRESHNESS_HOURS``.
-
-Where alerts go is configuration (``Settings``): ``PROFILE_ENGINE_ALERT_WEBHOOK`` gets
-an HTTP POST of JSON (a ``text`` line, which Slack and Teams-style incoming webhooks
-display, plus the structured fields); ``PROFILE_ENGINE_ALERT_SMTP`` (``host[:port]``)
-gets a plain-text e-mail to ``PROFILE_ENGINE_ALERT_EMAIL_TO`` (comma-separated). With
-neither set an alert is only logged. Only the standard library is used, so this
-module is cheap to import at DAG parse time.
+Standard library only, so DAG files import it at parse time. docs/operations.md, "Alerts".
 """
 
 from __future__ import annotations

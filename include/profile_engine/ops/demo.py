@@ -1,13 +1,6 @@
-"""``make demo`` and ``make ui``: a simulated shop run through Airflow, and the local UI.
+"""``make demo`` and ``make ui``: a simulated shop run through Airflow with progress output, and the local UI.
 
-The demo simulates ``history_days`` of warm-up history plus a window of ``hours``
-hours ending at the last complete hour, builds the warm-up in bulk with the
-in-process runner, then runs ``profile_refresh`` through Airflow (``dag.test`` with
-logical date H and ``hour``=H) for every hour of the window and prints a summary.
-
-After it, ``make ui`` keeps the shop going: ``land_demo_hours`` (the ``demo_producer``
-DAG's task, and ``run_ui`` on start) lands the same simulator's files of each new
-arrival hour, so the scheduler's hourly ``profile_refresh`` runs find fresh data.
+docs/operations.md, "The local UI and the demo producer".
 """
 
 from __future__ import annotations
@@ -21,12 +14,13 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from profile_engine.config import PROJECT_ROOT, Settings
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake, read_json, write_json
+from profile_engine.ops import progress
 
 if TYPE_CHECKING:
     from profile_engine.sources.simulate import SimulationSummary
@@ -141,6 +135,8 @@ def run_demo(*, users: int, history_days: int, hours: int, seed: int, last: date
     os.environ["PROFILE_ENGINE_START"] = format_hour(warm_first)
     # Task logs of 48 runs would bury the summary; the run reports keep what matters.
     os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+    for key, value in progress.TF_QUIET_ENV.items():  # before TensorFlow loads (in this process or a task's)
+        os.environ.setdefault(key, value)
     settings = Settings.from_env()
     lake = _prepare_lake(settings)
     write_json(
@@ -166,7 +162,10 @@ def run_demo(*, users: int, history_days: int, hours: int, seed: int, last: date
         f"[demo] {simulated.events} events in {simulated.files} landing files ({time.monotonic() - started:.0f}s)",
         flush=True,
     )
-    warm = runner.warm_up(settings, warm_first, first_window - HOUR)
+    console = _console()
+    warm_progress = progress.Progress("warm-up", len(list(hour_range(warm_first, first_window - HOUR))), stream=console)
+    warm = runner.warm_up(settings, warm_first, first_window - HOUR, progress=warm_progress)
+    warm_progress.close()
     print(
         f"[demo] warm-up: {warm['hours']} hours, {warm['staged']} staged, {warm['quarantined']} quarantined, "
         f"{len(warm['snapshots'])} snapshots ({time.monotonic() - started:.0f}s)",
@@ -175,14 +174,22 @@ def run_demo(*, users: int, history_days: int, hours: int, seed: int, last: date
 
     subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True, capture_output=True)
     dag = _load_dag()
+    progress.install_log_filters()
     failed: list[str] = []
-    for hour in hour_range(first_window, last):
-        run = dag.test(logical_date=hour, run_conf={"hour": format_hour(hour)})
-        state = str(getattr(run, "state", "unknown"))
-        print(f"[demo] profile_refresh {format_hour(hour)}: {state} ({time.monotonic() - started:.0f}s)", flush=True)
-        if "success" not in state:
-            failed.append(format_hour(hour))
-            break
+    window = progress.Progress("profile_refresh", hours, stream=console)
+    with progress.filtered_stderr(before_line=window.clear):
+        for hour in hour_range(first_window, last):
+            window.start_hour(hour)
+            window.stage("through Airflow (dag.test)")
+            run = dag.test(logical_date=hour, run_conf={"hour": format_hour(hour)})
+            state = str(getattr(run, "state", "unknown"))
+            if "success" not in state:
+                window.close()
+                print(f"[demo] profile_refresh {format_hour(hour)}: {state}", flush=True)
+                failed.append(format_hour(hour))
+                break
+            window.hour_done(_events_read(lake, hour))
+    window.close()
     summary = summarize(settings, first_window, last, warm)
     summary["failed_hours"] = failed
     summary["seconds"] = round(time.monotonic() - started, 1)
@@ -190,6 +197,20 @@ def run_demo(*, users: int, history_days: int, hours: int, seed: int, last: date
     if failed:
         raise SystemExit(f"profile_refresh failed for hour {failed[0]}: see {summary['reports']}")
     return summary
+
+
+def _console() -> TextIO:
+    """A stream on the terminal's stderr that bypasses ``filtered_stderr`` (the bar is not line-buffered)."""
+    try:
+        return os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+    except (AttributeError, OSError, ValueError):
+        return sys.stderr
+
+
+def _events_read(lake: Lake, hour: datetime) -> int:
+    """Rows the hour's run report says were read (0 without a report)."""
+    path = lake.partition(lk.REPORTS, hour) / "report.json"
+    return int(read_json(path)["headline"].get("rows_read") or 0) if path.is_file() else 0
 
 
 def summarize(settings: Settings, first: datetime, last: datetime, warm: dict[str, Any]) -> dict[str, Any]:

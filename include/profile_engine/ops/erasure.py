@@ -1,42 +1,6 @@
-"""Erasure: remove users from every retained dataset, and keep them out for ever (issue 9, DESIGN.md §3).
+"""Erasure: remove users from every retained dataset and keep them out for ever (tombstones, audit log).
 
-``erase_users`` (the ``erase_user`` DAG, ``python -m profile_engine erase``) runs under the
-lake lock, so it never interleaves with an hourly run, and
-
-1. adds the users' keyed hashes to the **tombstone list** ``_meta/erasure/tombstones.json``
-   first (so a crash half way still keeps them out of every later run);
-2. rewrites every committed partition of the lake that holds their rows (staging,
-   quarantine, state, profiles, interests, profile changes, scores, segments, contact
-   history, exports, training sets, the simulator's truth, the outbox of deliveries) without
-   them, matched by value in user-id fields only (``user_id``, export pseudonyms in
-   ``user_key``, JSON records with a ``user_id``), never by searching text; each
-   partition whole through a ``_tmp/`` directory and a rename, its
-   ``_manifest.json`` updated (rows, SHA-256, bytes); profile snapshots get their
-   population features (RFM) recomputed over the remaining users, exactly as
-   ``publish_profiles`` computes them, so ``verify`` still equals a rebuild; outside
-   partitions, loose Parquet, CSV and JSON files get the same treatment;
-3. appends one audit line per user to ``_meta/erasure/audit.jsonl``: time, keyed hash,
-   rows removed per dataset, who asked and why; never the raw id.
-
-The keyed hash is HMAC-SHA256 of the id under ``PROFILE_ENGINE_ERASURE_KEY``, else the
-export key (:func:`profile_engine.privacy.keys.export_key`), with its own domain prefix so it
-differs from the export pseudonym. The tombstone list records the key's fingerprint;
-validation refuses to run with another key rather than let erased users back.
-
-``ingest.validate_events`` calls :func:`drop_erased` on its raw rows: rows of tombstoned
-users are dropped before any rule and counted as ``erased`` (rows read = staged +
-quarantined + erased), so late files, replays and rebuilds never bring a user back.
-Tombstones are permanent: an erased id that signs up again stays erased.
-
-Free text is never edited: ledgers, manifests, run reports, quality results and Data Docs
-hold no raw user id in the first place (the quality suite's result format keeps samples
-of unexpected values out, ``quality.RESULT_FORMAT``), so an id such as ``12`` cannot
-rewrite an hour ``hour=12`` or a count of 12. Quarantined lines that could not be parsed
-(``source_line``) have no user-id field: like ``landing/``, they stay until retention.
-
-``landing/`` is the producers' raw input and stays outside the rewrite: the ingestion
-ledger's checksums prove what each hour read, and every read of landing is filtered by
-the tombstones. Landing partitions are deleted by retention (``retention.py``).
+Runs under the lake lock; validation drops tombstoned users' rows (``privacy.tombstones``). docs/reliability.md, "Erasure".
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""The run report of an hour: what every stage did, as JSON and as an HTML page.
+"""The run report of an hour (JSON and HTML): what every stage did, written even when a stage failed.
 
-Written by ``write_run_report`` even when a stage failed (the DAG task runs with
-``all_done``), so every failure has its report. Stages that did not complete are
-listed as such with the error when one is known.
+docs/operations.md, "Run reports in the Airflow UI".
 """
 
 from __future__ import annotations
@@ -13,22 +11,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from profile_engine.config import Settings
+from profile_engine.contracts.stages import STAGES
 from profile_engine.hours import format_hour
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake
-
-STAGES: tuple[str, ...] = (
-    "extract_events",
-    "validate_events",
-    "check_quality",
-    "build_profiles",
-    "publish_profiles",
-    "train_challenger",
-    "evaluate_and_promote",
-    "score_profiles",
-    "publish_segments",
-)
-
 
 INCOMPLETE = ("not completed", "failed", "upstream_failed")
 

@@ -1,32 +1,7 @@
-"""Retention: delete hour partitions older than ``PROFILE_ENGINE_RETENTION_DAYS`` (issue 9, DESIGN.md §3).
+"""Retention: delete hour partitions older than ``PROFILE_ENGINE_RETENTION_DAYS``, keeping the rebuild checkpoint;
+prune Data Docs of passed hours older than ``PROFILE_ENGINE_DATA_DOCS_KEEP_HOURS``.
 
-``apply_retention(settings, now_hour)`` (the daily ``lake_retention`` DAG, ``python -m
-profile_engine retention``) deletes, under the lake lock, every hour partition whose hour
-is before ``now_hour - retention_days`` in every hourly dataset: landing, the ingestion
-ledger, staging, quarantine, quality results and Data Docs, state, profiles, scores,
-interests, profile changes, segments, exports, contact history, run reports, the
-simulator's truth and the outbox. A partition disappears whole: it is renamed into
-``_tmp/`` first, then removed.
-
-Two things survive the cut:
-
-* **The rebuild checkpoint.** A full rebuild (``replay.rebuild_bucket``, ``verify``)
-  starts from the oldest staged hour S on top of the state checkpoint of S-1. So the
-  newest hour C before the cut whose state is committed in every bucket is kept, and
-  staging is deleted only up to C: the oldest retained staged hour is C+1. Without any
-  checkpoint before the cut staging is not touched (a rebuild would start from an empty
-  state and must see every staged hour).
-* **Data Docs of failed hours.** Within the retained hours, the Data Docs site of an hour
-  that passed is pruned once it is older than ``PROFILE_ENGINE_DATA_DOCS_KEEP_HOURS``
-  (``quality.datadocs.prune_data_docs``; its results JSON stays); a failed hour keeps its site.
-* **Models.** Training sets (``training/<version>/``) of versions trained before the cut
-  are deleted (they hold raw ids and features); the model directory stays, so scoring,
-  the registry, the UI and the model card keep working, and gets ``retention.json``
-  (``re_evaluable: false`` and why) plus a note in its card.
-
-The cut must lie beyond what the hourly run still reads (the lateness window plus the
-landing listing margin), else deleted ledger entries would let landing files be taken
-twice: ``ValueError`` otherwise.
+docs/reliability.md, "Retention"; docs/quality.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,7 @@
-"""The schedule of ``profile_refresh``: hourly data intervals, and manual runs that name an hour.
+"""The schedule of ``profile_refresh``: hourly intervals, and a manual run on hour H gets ``[H, H+1h)``.
 
-Airflow's ``CronDataIntervalTimetable`` gives a manual run with logical date H the
-interval ``[H-1h, H)`` (the last complete interval before H). A scheduled run for hour H
-also has logical date H but the interval ``[H, H+1h)``. When the scheduler is about to
-create its run for H and finds the manual one, it skips creation and computes the next
-run from the manual run's interval, which gives H again: it stops scheduling later hours
-for good (seen with Airflow 3.3.2 in the browser test; ``scheduler_job_runner`` logs "run
-already exists; skipping dagrun creation" again and again).
-
-``HourlyTimetable`` is the same cron schedule, except that a manual run whose logical date
-is on an hour boundary gets that hour, ``[H, H+1h)``: the run the scheduler would have
-created, so the schedule then goes on with H+1. A manual run at any other moment (the UI's
-default logical date is "now") keeps Airflow's interval, the last complete hour.
-
-It is registered with Airflow through the package's entry point (``airflow.plugins`` in
-pyproject.toml), so every Airflow process that has the package installed can deserialize
-the DAG, whatever its plugins folder.
+Airflow's cron timetable gives it ``[H-1h, H)`` and the scheduler then stops scheduling later hours.
+docs/architecture.md.
 """
 
 from __future__ import annotations

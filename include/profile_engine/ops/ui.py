@@ -1,17 +1,6 @@
-"""Pages of the run reports inside the Airflow UI, read from the lake only.
+"""Pages of the run reports inside the Airflow UI, read from the lake only, behind the Airflow login.
 
-The Airflow plugin in ``plugins/profile_engine_plugin.py`` mounts the app that
-``create_app`` builds under ``URL_PREFIX`` and links it from the navigation. Per
-processed hour it shows the run report (staged/quarantined, profile changes, model
-decision and metrics, drift, segment sizes and changes, uplift), links to the hour's
-Data Docs and to the model card, and an inline SVG chart of segment sizes over time.
-
-Airflow mounts plugin apps without authentication, so every route depends on
-Airflow's ``requires_authenticated()``: the page is only served to a logged-in user
-(the UI's ``_token`` cookie or a ``Bearer`` token). Files are only served from the
-layers in ``SERVED_LAYERS``; a path that leaves them (``..``, symlinks) is refused.
-Links inside the pages are relative, so they work under whatever prefix the app is
-mounted at.
+docs/operations.md, "Run reports in the Airflow UI".
 """
 
 from __future__ import annotations
