@@ -154,7 +154,7 @@ def test_lake_usage_counts_every_file_once_by_dataset_with_newest_hours(tmp_path
     assert datasets[lk.QUALITY_DOCS]["files"] == 3 and datasets[lk.QUALITY_DOCS]["bytes"] > 513
     assert datasets[lk.LANDING]["newest_hour"] == (H + HOUR).isoformat()
     assert datasets[lk.MODELS]["newest_hour"] is None and datasets[lk.MODELS]["bytes"] > 1000
-    assert datasets["outbox"]["files"] == 1 and datasets[lk.TMP]["files"] == 1 and datasets[lk.META]["files"] == 1
+    assert datasets["outbox"]["files"] == 1 and datasets[lk.TMP]["files"] == 1 and datasets[lk.LEDGER]["files"] == 1
     assert lk.PROFILES not in datasets  # empty datasets are not listed
     assert usage["newest_committed_hour"] == (H + HOUR).isoformat()
 

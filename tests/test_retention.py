@@ -72,7 +72,7 @@ def test_old_hours_go_and_verify_starts_from_the_kept_checkpoint(lake_copy: Sett
     assert hours_of(lake, STAGING) == [at(2), at(3)]  # from the checkpoint's next hour
     assert hours_of(lake, STATE) == [at(1), at(2), at(3)]  # the checkpoint is kept
     assert hours_of(lake, PROFILES) == [at(2), at(3)]
-    for layer in retention.HOURLY_LAYERS:
+    for layer in lk.HOURLY_LAYERS:
         if layer not in (STAGING, STATE):
             assert all(h >= at(2) for h in hours_of(lake, layer)), layer
     assert result["deleted"]["landing/events"]["partitions"] == 2

@@ -52,6 +52,26 @@ COMMITS = "_meta/commits"  # journals of partition replacements in progress (``r
 OPTOUT = "_meta/optout"  # users who withdrew marketing consent (CSV/Parquet with user_id); never exported
 TMP = "_tmp"
 TRUTH = "simulator/truth"
+# Every dataset partitioned by hour (``<layer>/dt=/hour=``), the layers named above.
+HOURLY_LAYERS = (
+    LANDING,
+    LEDGER,
+    STAGING,
+    QUARANTINE,
+    QUALITY_RESULTS,
+    QUALITY_DOCS,
+    STATE,
+    PROFILES,
+    SCORES,
+    INTERESTS,
+    PROFILE_CHANGES,
+    SEGMENTS,
+    EXPORTS,
+    CONTACTS,
+    REPORTS,
+    TRUTH,
+)
+
 
 MANIFEST = "_manifest.json"
 DATA_FILE = "part-0.parquet"

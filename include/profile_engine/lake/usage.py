@@ -15,27 +15,7 @@ from profile_engine.lake.storage import MANIFEST, Lake, partition_hours
 
 # The datasets reported, named once in storage; a file belongs to the longest that prefixes
 # its path, anything else to its top-level folder (e.g. ``outbox``).
-DATASETS: tuple[str, ...] = (
-    lk.LANDING,
-    lk.STAGING,
-    lk.QUARANTINE,
-    lk.QUALITY_RESULTS,
-    lk.QUALITY_DOCS,
-    lk.STATE,
-    lk.PROFILES,
-    lk.SCORES,
-    lk.INTERESTS,
-    lk.PROFILE_CHANGES,
-    lk.SEGMENTS,
-    lk.EXPORTS,
-    lk.CONTACTS,
-    lk.MODELS,
-    lk.TRAINING,
-    lk.REPORTS,
-    lk.TRUTH,
-    lk.META,
-    lk.TMP,
-)
+DATASETS: tuple[str, ...] = (*lk.HOURLY_LAYERS, lk.MODELS, lk.TRAINING, lk.META, lk.TMP)
 ROOT_FILES = "(lake root)"
 
 

@@ -19,25 +19,6 @@ from profile_engine.hours import HOUR, floor_hour, format_hour
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import MANIFEST, Lake, partition_hours
 
-# Every dataset partitioned by hour (``<layer>/dt=/hour=``), named once in lake.py.
-HOURLY_LAYERS = (
-    lk.LANDING,
-    lk.LEDGER,
-    lk.STAGING,
-    lk.QUARANTINE,
-    lk.QUALITY_RESULTS,
-    lk.QUALITY_DOCS,
-    lk.STATE,
-    lk.PROFILES,
-    lk.SCORES,
-    lk.INTERESTS,
-    lk.PROFILE_CHANGES,
-    lk.SEGMENTS,
-    lk.EXPORTS,
-    lk.CONTACTS,
-    lk.REPORTS,
-    lk.TRUTH,
-)
 OUTBOX = "outbox"
 RETENTION_FILE = "retention.json"
 
@@ -97,7 +78,7 @@ def apply_retention(settings: Settings, now_hour: datetime, *, dry_run: bool = F
     with guard:
         checkpoint = rebuild_checkpoint(settings, cut)
         plan: dict[str, list[tuple[datetime, Path]]] = {}
-        for layer in HOURLY_LAYERS:
+        for layer in lk.HOURLY_LAYERS:
             hours = partition_hours(lake.path(layer))
             if layer == lk.STAGING:
                 limit = checkpoint + HOUR if checkpoint is not None else None
