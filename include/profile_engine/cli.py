@@ -259,6 +259,12 @@ HOUR_FORMAT = (
 )
 
 
+def _file_and_mapping(parser: argparse.ArgumentParser) -> None:
+    """The ``--file`` and ``--mapping`` arguments of the commands that read an event log."""
+    parser.add_argument("--file", required=True, help="the event log (CSV, Parquet or JSON Lines, optionally .gz)")
+    parser.add_argument("--mapping", required=True, help="a mapping in include/config/sources/ by name, or a YAML path")
+
+
 def _sub(
     sub: Any, name: str, help: str, description: str, examples: list[str], *, examples_title: str = "examples"
 ) -> argparse.ArgumentParser:
@@ -333,8 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit 3 when an hour breaches the quarantine threshold (every hour is still processed).",
         ["--file events.csv --mapping rees46", "--file orders.csv.gz --mapping path/to/mapping.yaml --no-quality"],
     )
-    p.add_argument("--file", required=True, help="the event log (CSV, Parquet or JSON Lines, optionally .gz)")
-    p.add_argument("--mapping", required=True, help="a mapping in include/config/sources/ by name, or a YAML path")
+    _file_and_mapping(p)
     p.add_argument("--no-quality", action="store_true", help="row rules only: no Great Expectations suite or Data Docs")
     p.set_defaults(func=cmd_replay)
 
@@ -347,8 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         "No hour argument: the hours come from the file.",
         ["--file orders.csv --mapping order_lines", "--file events.csv.gz --mapping path/to/mapping.yaml"],
     )
-    p.add_argument("--file", required=True, help="the event log (CSV, Parquet or JSON Lines, optionally .gz)")
-    p.add_argument("--mapping", required=True, help="a mapping in include/config/sources/ by name, or a YAML path")
+    _file_and_mapping(p)
     p.set_defaults(func=cmd_land)
 
     p = _sub(
