@@ -22,7 +22,7 @@ HOUR = datetime(2026, 11, 3, 5, tzinfo=UTC)
 EARLIER = datetime(2026, 11, 2, 5, tzinfo=UTC)
 PROMOTE = (
     "import sys; from datetime import datetime; from pathlib import Path; "
-    "from profile_engine import registry; from profile_engine.config import Settings; "
+    "from profile_engine.model import registry; from profile_engine.config import Settings; "
     "registry.promote(Settings(lake=Path(sys.argv[1])), sys.argv[2], datetime.fromisoformat(sys.argv[3]), "
     "reason='gate passed')"
 )
