@@ -1,0 +1,99 @@
+"""Per-bucket population ranks equal the global ranks: RFM scores and propensity deciles (exactness)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from profile_engine.contracts.profiles import (
+    FREQUENCY_ORDERS,
+    MONETARY_TOTAL,
+    RECENCY_HOURS,
+    SNAPSHOT_SCHEMA,
+    USER_ID,
+)
+from profile_engine.model.calibration import population_deciles
+from profile_engine.profiles.population import add_population_features, rfm_cuts, rfm_specs
+from profile_engine.profiles.ranks import bucket_deciles, decile_positions, quintile_positions, rank_cuts
+
+# a user: (frequency, recency, monetary); few distinct values so ties straddle the cuts
+USERS = st.lists(
+    st.tuples(
+        st.sampled_from([0, 1, 1, 1, 2, 5]),
+        st.sampled_from([0.0, 3.0, 3.0, 48.0, 700.0]),
+        st.one_of(st.none(), st.sampled_from([500.0, 500.0, 1999.0, 12.5])),
+    ),
+    max_size=40,
+)
+
+
+def _profiles(users: list[tuple[int, float, float | None]], prefix: str) -> pa.Table:
+    n = len(users)
+    columns = {f.name: pa.nulls(n, f.type) for f in SNAPSHOT_SCHEMA}
+    for f in SNAPSHOT_SCHEMA:
+        if not f.nullable:  # required columns: any value (RFM does not read them)
+            columns[f.name] = pa.array([0 if pa.types.is_timestamp(f.type) else "x"] * n).cast(f.type)
+    columns[USER_ID] = pa.array([f"{prefix}{i}" for i in range(n)], pa.string())
+    columns[FREQUENCY_ORDERS] = pa.array([u[0] for u in users], pa.int64())
+    columns[RECENCY_HOURS] = pa.array([u[1] for u in users], pa.float64())
+    columns[MONETARY_TOTAL] = pa.array([u[2] for u in users], pa.float64())
+    return pa.table(columns, schema=SNAPSHOT_SCHEMA)
+
+
+def _per_bucket_rfm(buckets: list[pa.Table], coarse: bool = False) -> pa.Table:
+    specs = rfm_specs()
+    if coarse:  # two bins: tie groups keep many users per bin (the collect pass sorts them)
+        specs = [dataclasses.replace(s, bin=f"({s.tiebreak} >> 127)") for s in specs]
+    cuts = rank_cuts(specs, lambda: iter(buckets)) if coarse else rfm_cuts(lambda: iter(buckets))
+    parts = [add_population_features(b, cuts) for b in buckets]
+    return pa.concat_tables(parts).sort_by(USER_ID)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(USERS, min_size=1, max_size=5), st.booleans())
+def test_rfm_per_bucket_equals_global(buckets_users: list[list[tuple[int, float, float | None]]], coarse: bool) -> None:
+    buckets = [_profiles(users, f"b{i}-u") for i, users in enumerate(buckets_users)]
+    whole = add_population_features(pa.concat_tables(buckets)).sort_by(USER_ID)
+    assert _per_bucket_rfm(buckets, coarse).equals(whole)
+
+
+def test_rfm_single_buyer_and_no_buyers() -> None:
+    lone = [_profiles([(1, 3.0, 500.0)], "a"), _profiles([(0, 3.0, None)] * 3, "b")]
+    scored = _per_bucket_rfm(lone)
+    assert scored.equals(add_population_features(pa.concat_tables(lone)).sort_by(USER_ID))
+    assert scored.column("rfm_r").to_pylist() == [3, None, None, None]
+    nobody = [_profiles([(0, 1.0, None)], "a"), _profiles([], "b")]
+    assert _per_bucket_rfm(nobody).equals(add_population_features(pa.concat_tables(nobody)).sort_by(USER_ID))
+
+
+def test_step_positions_match_the_score_formulas() -> None:
+    for n in range(1, 60):
+        ranks = np.arange(1, n + 1)
+        quintile = np.minimum(5, 1 + np.floor(5 * (ranks - 0.5) / n)).astype(int)
+        steps = quintile_positions(n)
+        assert [1 + sum(p >= s for s in steps) for p in range(n)] == quintile.tolist()
+        decile = 10 - (10 * (n - 1 - np.arange(n))) // n
+        steps = decile_positions(n)
+        assert [1 + sum(p >= s for s in steps) for p in range(n)] == decile.tolist()
+
+
+SCORES = st.lists(st.one_of(st.sampled_from([0.1, 0.1, 0.5, 0.9, float("nan")]), st.floats(0, 1)), max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(SCORES, min_size=1, max_size=4))
+def test_deciles_per_bucket_equal_population_deciles(buckets_scores: list[list[float]]) -> None:
+    buckets = [
+        pa.table({USER_ID: pa.array([f"u{i}-{j}" for j in range(len(s))], pa.string()), "s": pa.array(s, pa.float64())})
+        for i, s in enumerate(buckets_scores)
+    ]
+    whole = pa.concat_tables(buckets)
+    expected = population_deciles(whole.column(USER_ID), np.asarray(whole.column("s"), dtype=np.float64))
+    _, deciles = bucket_deciles(lambda: iter(buckets))
+    got = pc.fill_null(pa.concat_arrays([deciles(b) for b in buckets]), 0)
+    assert np.asarray(got).tolist() == expected.tolist()
