@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,15 +13,31 @@ import pyarrow.compute as pc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from profile_engine.config import Settings
+from profile_engine.contracts.events import CART, LOCAL_HOUR, PURCHASE, STAGED_SCHEMA, VIEW
 from profile_engine.contracts.profiles import (
     FREQUENCY_ORDERS,
+    LIFECYCLE_STAGE,
     MONETARY_TOTAL,
     RECENCY_HOURS,
+    RFM_SEGMENT,
     SNAPSHOT_SCHEMA,
     USER_ID,
 )
+from profile_engine.hours import format_hour
+from profile_engine.lake.storage import PROFILE_CHANGES, PROFILES, STAGING, Lake
 from profile_engine.model.calibration import population_deciles
-from profile_engine.profiles.population import add_population_features, rfm_cuts, rfm_specs
+from profile_engine.profiles.build import build_profiles, publish_profiles
+from profile_engine.profiles.merge import with_local_hour
+from profile_engine.profiles.population import (
+    add_population_features,
+    change_counts,
+    population_snapshot,
+    profile_changes,
+    rfm_cuts,
+    rfm_specs,
+    value_counts,
+)
 from profile_engine.profiles.ranks import bucket_deciles, decile_positions, quintile_positions, rank_cuts
 
 # a user: (frequency, recency, monetary); few distinct values so ties straddle the cuts
@@ -97,3 +116,66 @@ def test_deciles_per_bucket_equal_population_deciles(buckets_scores: list[list[f
     _, deciles = bucket_deciles(lambda: iter(buckets))
     got = pc.fill_null(pa.concat_arrays([deciles(b) for b in buckets]), 0)
     assert np.asarray(got).tolist() == expected.tolist()
+
+
+# ---- publish_profiles one bucket at a time ---------------------------------------------------
+T0 = datetime(2026, 11, 2, tzinfo=UTC)
+BUCKETS = 3
+
+
+def _stage(lake: Lake, hours: int) -> None:
+    """60 users over ``BUCKETS`` buckets, many buyers with tied order counts and totals."""
+    rng = random.Random(11)
+    without_hour = pa.schema([f for f in STAGED_SCHEMA if f.name != LOCAL_HOUR])
+    for h in range(hours):
+        for bucket in range(BUCKETS):
+            rows = []
+            for i in range(bucket, 60, BUCKETS):
+                if rng.random() < 0.5:
+                    continue
+                kind = rng.choice([VIEW, CART, PURCHASE, PURCHASE])
+                rows.append(
+                    {
+                        "event_id": f"h{h}u{i}e{len(rows)}",
+                        "user_id": f"u{i:02d}",
+                        "event_type": kind,
+                        "item_id": "i1",
+                        "category_id": rng.choice(["c1", "c2"]),
+                        "price": rng.choice([10.0, 10.0, 25.5]),
+                        "quantity": 1,
+                        "order_id": f"o{h}-{i}" if kind == PURCHASE else None,
+                        "session_id": None,
+                        "ts": T0 + timedelta(hours=h, minutes=rng.randrange(0, 60)),
+                        "bucket": bucket,
+                    }
+                )
+            table = with_local_hour(pa.Table.from_pylist(rows, schema=without_hour), "Europe/Berlin")
+            lake.write_partition(STAGING, T0 + timedelta(hours=h), table, bucket=bucket)
+
+
+def test_publish_profiles_per_bucket_writes_what_the_whole_population_gives(tmp_path: Path) -> None:
+    cfg = Settings(lake=tmp_path, buckets=BUCKETS, start=T0, lateness_hours=2)
+    lake = Lake(tmp_path)
+    _stage(lake, 3)
+    previous: pa.Table | None = None
+    for h in range(3):
+        hour = T0 + timedelta(hours=h)
+        for b in range(BUCKETS):
+            build_profiles(cfg, hour, b)
+        parts = [lake.read(PROFILES, hour, b) for b in range(BUCKETS)]
+        whole = population_snapshot(parts, hour)  # what publish_profiles wrote before: one table of everyone
+        summary = publish_profiles(cfg, hour)
+
+        for b, part in enumerate(parts):
+            mine = pc.is_in(whole.column(USER_ID), value_set=part.column(USER_ID))
+            assert lake.read(PROFILES, hour, b).equals(whole.filter(mine)), (h, b)
+        assert lake.read(PROFILE_CHANGES, hour).sort_by(USER_ID).equals(profile_changes(previous, whole))
+        assert summary["profiles"] == whole.num_rows
+        assert summary["rfm_segments"] == value_counts(whole.column(RFM_SEGMENT))
+        assert summary["lifecycle"] == value_counts(whole.column(LIFECYCLE_STAGE))
+        assert summary["profile_changes"] == change_counts(profile_changes(previous, whole))
+        assert lake.manifest(PROFILE_CHANGES, hour)["previous_hour"] == (
+            format_hour(hour - timedelta(hours=1)) if h else None
+        )
+        assert set(whole.column(RFM_SEGMENT).to_pylist()) - {"no_orders"}, "the lake has buyers"
+        previous = whole
