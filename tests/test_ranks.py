@@ -24,9 +24,12 @@ from profile_engine.contracts.profiles import (
     SNAPSHOT_SCHEMA,
     USER_ID,
 )
+from profile_engine.contracts.scores import DECILE, MODEL_VERSION, PROPENSITY
 from profile_engine.hours import format_hour
-from profile_engine.lake.storage import PROFILE_CHANGES, PROFILES, STAGING, Lake
+from profile_engine.lake.storage import PROFILE_CHANGES, PROFILES, SCORES, STAGING, Lake
+from profile_engine.model import scoring
 from profile_engine.model.calibration import population_deciles
+from profile_engine.model.scoring import heuristic_scores, score_table
 from profile_engine.profiles.build import build_profiles, publish_profiles
 from profile_engine.profiles.merge import with_local_hour
 from profile_engine.profiles.population import (
@@ -101,11 +104,11 @@ def test_step_positions_match_the_score_formulas() -> None:
         assert [1 + sum(p >= s for s in steps) for p in range(n)] == decile.tolist()
 
 
-SCORES = st.lists(st.one_of(st.sampled_from([0.1, 0.1, 0.5, 0.9, float("nan")]), st.floats(0, 1)), max_size=30)
+SCORE_LISTS = st.lists(st.one_of(st.sampled_from([0.1, 0.1, 0.5, 0.9, float("nan")]), st.floats(0, 1)), max_size=30)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(SCORES, min_size=1, max_size=4))
+@given(st.lists(SCORE_LISTS, min_size=1, max_size=4))
 def test_deciles_per_bucket_equal_population_deciles(buckets_scores: list[list[float]]) -> None:
     buckets = [
         pa.table({USER_ID: pa.array([f"u{i}-{j}" for j in range(len(s))], pa.string()), "s": pa.array(s, pa.float64())})
@@ -179,3 +182,40 @@ def test_publish_profiles_per_bucket_writes_what_the_whole_population_gives(tmp_
         )
         assert set(whole.column(RFM_SEGMENT).to_pylist()) - {"no_orders"}, "the lake has buyers"
         previous = whole
+
+
+def test_read_scores_deciles_per_bucket_equal_the_population_deciles(tmp_path: Path) -> None:
+    cfg = Settings(lake=tmp_path, buckets=BUCKETS, start=T0, lateness_hours=2)
+    lake = Lake(tmp_path)
+    _stage(lake, 1)
+    for b in range(BUCKETS):
+        build_profiles(cfg, T0, b)
+    publish_profiles(cfg, T0)
+    keys = []
+    for b in range(BUCKETS):
+        profiles = lake.read(PROFILES, T0, b)
+        scores = score_table(profiles, None, heuristic=True)  # ranked by the heuristic: heavy ties
+        if b == 2:  # one bucket with a model's propensities, ties included, one unscored user
+            values = [None if i == 0 else [0.2, 0.2, 0.7][i % 3] for i in range(scores.num_rows)]
+            scores = scores.set_column(1, PROPENSITY, pa.array(values, pa.float64()))
+            scores = scores.set_column(3, MODEL_VERSION, pa.array(["v1"] * scores.num_rows))
+            keys.append(np.array([np.nan if v is None else v for v in values]))
+        else:
+            by_user = dict(
+                zip(profiles.column(USER_ID).to_pylist(), heuristic_scores(profiles, "open_cart"), strict=True)
+            )
+            keys.append(np.array([by_user[u] for u in scores.column(USER_ID).to_pylist()]))
+        lake.write_partition(SCORES, T0, scores, bucket=b)
+
+    whole = scoring.read_scores(lake, T0)
+
+    expected = population_deciles(whole.column(USER_ID), np.concatenate(keys))
+    assert np.asarray(pc.fill_null(whole.column(DECILE), 0)).tolist() == expected.tolist()
+    assert whole.column(DECILE).null_count == 1
+    for b in range(BUCKETS):
+        assert scoring.read_scores(lake, T0, b).equals(whole.filter(pc.equal(pa.array(_bucket_of(whole, lake)), b)))
+
+
+def _bucket_of(scores: pa.Table, lake: Lake) -> list[int]:
+    where = {u: b for b in range(BUCKETS) for u in lake.read(SCORES, T0, b).column(USER_ID).to_pylist()}
+    return [where[u] for u in scores.column(USER_ID).to_pylist()]
