@@ -6,6 +6,7 @@ import dataclasses
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -132,7 +133,7 @@ def _stage(lake: Lake, hours: int) -> None:
     without_hour = pa.schema([f for f in STAGED_SCHEMA if f.name != LOCAL_HOUR])
     for h in range(hours):
         for bucket in range(BUCKETS):
-            rows = []
+            rows: list[dict[str, Any]] = []
             for i in range(bucket, 60, BUCKETS):
                 if rng.random() < 0.5:
                     continue
