@@ -20,6 +20,11 @@ Figures:
    those 60 days plus the hour.
 3. ``bucket_of_N``: peak memory of building one bucket (bucket 0) of the build set
    staged over N buckets, N in 1, 4, 16.
+4. ``--publish-compare OLD_INCLUDE``: ``publish_profiles`` alone (RFM, validation,
+   change log) of one hour of a lake of ``--publish-users`` simulated users over
+   ``--publish-buckets`` buckets, run alternately with this checkout's package and the
+   package in ``OLD_INCLUDE`` (e.g. an exported older commit), each run in a fresh
+   process; prints medians and ratios (append them to BENCHMARKS.md by hand).
 
     .venv/bin/python benchmarks/profiles.py            # the sizes in BENCHMARKS.md
     .venv/bin/python benchmarks/profiles.py --quick    # a small smoke run, nothing appended
@@ -97,6 +102,7 @@ def _stage(lakes: dict[int, Path], hours: list[datetime], users: int, intensity:
 
     from profile_engine.contracts.events import BUCKET, STAGED_SCHEMA, bucket_sql
     from profile_engine.lake.storage import STAGING, Lake
+    from profile_engine.profiles.merge import with_local_hour
     from profile_engine.sources.simulate import simulate_hour
 
     total, started = 0, time.monotonic()
@@ -109,7 +115,7 @@ def _stage(lakes: dict[int, Path], hours: list[datetime], users: int, intensity:
         con.register("e", events)
         for buckets, root in lakes.items():
             staged = con.sql(f"SELECT *, {bucket_sql('user_id', buckets)} AS {BUCKET} FROM e").to_arrow_table()
-            staged = staged.select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+            staged = with_local_hour(staged, TZ).select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
             for b in range(buckets):
                 part = staged.filter(pc.equal(staged.column(BUCKET), b))
                 Lake(root).write_partition(STAGING, hour, part, bucket=b, run_id="bench")
@@ -226,7 +232,7 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
     from profile_engine.profiles.snapshot import snapshot
 
     out: dict[str, Any] = {}
-    if name.startswith("refresh_"):
+    if name.startswith(("refresh_", "publish_")):
         # publish_profiles validates with Great Expectations: its import (several seconds, once
         # per worker process) is measured apart, like every other import.
         started = time.monotonic()
@@ -263,6 +269,10 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
             del state
         profiles = population.population_snapshot(parts, hour) if len(built) == buckets else parts[0]
         out["profiles"] = profiles.num_rows
+    elif name.startswith("publish_"):  # publish_<users>_<buckets>: re-publish the prepared hour
+        users, buckets = (int(v) for v in name.removeprefix("publish_").split("_"))
+        published = build.publish_profiles(_settings(work / name, buckets), hour, run_id="bench")
+        out["profiles"] = published["profiles"]
     elif name.startswith("refresh_"):
         settings = _settings(work / name, sizes.refresh_buckets)
         built_rows = [build.build_profiles(settings, hour, b, run_id="bench") for b in range(settings.buckets)]
@@ -280,15 +290,66 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
     return out
 
 
+def _run_step(name: str, work: Path, flags: list[str], package: Path | None = None) -> dict[str, Any]:
+    """One run of ``step`` in a fresh process (``package``: the include/ directory to import from)."""
+    command = [sys.executable, __file__, "--step", name, "--work", str(work), *flags]
+    env = None if package is None else {**os.environ, "PYTHONPATH": str(package)}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"step {name} failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def prepare_publish(work: Path, users: int, buckets: int, hours: int = 8, intensity: float = 2.0) -> str:
+    """A lake of ``users`` simulated users over ``buckets`` buckets, built and published up to ``END`` (once)."""
+    from profile_engine.hours import HOUR
+    from profile_engine.profiles import build
+
+    name = f"publish_{users}_{buckets}"
+    root = work / name
+    if (root / "ready.json").is_file():
+        return name
+    shutil.rmtree(root, ignore_errors=True)
+    span = [END - HOUR * (hours - 1 - i) for i in range(hours)]
+    events = _stage({buckets: root}, span, users, intensity, "publish set")
+    settings = _settings(root, buckets)
+    for b in range(buckets):
+        build.build_profiles_range(settings, span[0], END - HOUR, b, first_hour=span[0])
+        build.build_profiles(settings, END, b)  # after the hour before, so the change log has a previous snapshot
+    build.publish_profiles(settings, END - HOUR)
+    published = build.publish_profiles(settings, END)
+    (root / "ready.json").write_text(json.dumps({"events": events, "profiles": published["profiles"]}))
+    return name
+
+
+def compare_publish(work: Path, old_package: Path, users: int, buckets: int, runs: int) -> dict[str, Any]:
+    """``publish_profiles`` of this checkout and of ``old_package``, alternately, medians of ``runs``."""
+    name = prepare_publish(work, users, buckets)
+    results: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
+    for _ in range(runs):
+        results["new"].append(_run_step(name, work, [], ROOT / "include"))
+        results["old"].append(_run_step(name, work, [], old_package))
+    summary: dict[str, Any] = {"step": name, "runs": runs, **json.loads((work / name / "ready.json").read_text())}
+    for code, rows in results.items():
+        summary[code] = {
+            "median_s": statistics.median(r["seconds"] for r in rows),
+            "min_s": min(r["seconds"] for r in rows),
+            "max_s": max(r["seconds"] for r in rows),
+            "cpu_s": statistics.median(r["cpu_s"] for r in rows),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rows),
+            "peak_rss_max_mb": max(r["peak_rss_mb"] for r in rows),
+            "gx_import_s": statistics.median(r["gx_import_s"] for r in rows),
+        }
+    summary["time_ratio_new_over_old"] = summary["new"]["median_s"] / summary["old"]["median_s"]
+    summary["rss_ratio_new_over_old"] = summary["new"]["peak_rss_mb"] / summary["old"]["peak_rss_mb"]
+    print(f"[bench] {json.dumps(summary)}", flush=True)
+    return summary
+
+
 def measure(name: str, work: Path, runs: int, flags: list[str]) -> dict[str, Any]:
     """Run ``step`` ``runs`` times, each in a fresh process; median/min/max of time and peak RSS."""
-    results = []
-    for _ in range(runs):
-        command = [sys.executable, __file__, "--step", name, "--work", str(work), *flags]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"step {name} failed:\n{done.stderr[-3000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = [_run_step(name, work, flags) for _ in range(runs)]
     secs = [r["seconds"] for r in results]
     rss = [r["peak_rss_mb"] for r in results]
     summary = {
@@ -395,11 +456,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes, nothing appended to BENCHMARKS.md")
     parser.add_argument("--issue-sizes", action="store_true", help="the sizes of issue 5 (hours of machine time)")
+    parser.add_argument("--publish-compare", type=Path, metavar="OLD_INCLUDE", help="publish_profiles: this vs older")
+    parser.add_argument("--publish-users", type=int, default=200_000)
+    parser.add_argument("--publish-buckets", type=int, default=4)
     parser.add_argument("--step", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = QUICK if args.quick else ISSUE if args.issue_sizes else Sizes()
     if args.step:
         print(json.dumps(step(args.step, args.work, sizes)))
+        return
+    if args.publish_compare:
+        compare_publish(args.work, args.publish_compare, args.publish_users, args.publish_buckets, args.runs)
         return
     info = prepare(args.work, sizes)
     steps = ["duckdb_floor", "full_build", "refresh_31d", "refresh_60d", "rebuild_60d", "bucket_of_4", "bucket_of_16"]

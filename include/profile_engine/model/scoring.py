@@ -4,6 +4,7 @@ the first-hour heuristic) and read scores back with population deciles. docs/mod
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -16,10 +17,10 @@ from profile_engine.contracts.profiles import USER_ID
 from profile_engine.contracts.scores import DECILE, MODEL_VERSION, NO_MODEL, PROPENSITY, SCORES_SCHEMA
 from profile_engine.hours import floor_hour, format_hour
 from profile_engine.lake import faults
-from profile_engine.lake.storage import PROFILES, SCORES, Lake
+from profile_engine.lake.storage import MANIFEST, PROFILES, SCORES, Lake
 from profile_engine.model import labels, registry
 from profile_engine.model.artifacts import LoadedModel, load_model
-from profile_engine.model.calibration import population_deciles
+from profile_engine.profiles.ranks import bucket_deciles
 
 
 def score_table(profiles: pa.Table, model: LoadedModel | None, *, heuristic: bool = False) -> pa.Table:
@@ -97,35 +98,62 @@ def heuristic_scores(table: pa.Table, name: str) -> np.ndarray:
     raise ValueError(f"unknown heuristic {name!r}; known: {sorted(HEURISTICS)}")
 
 
-def read_scores(lake: Lake, hour: datetime) -> pa.Table:
-    """The hour's committed scores (every bucket) with ``propensity_decile`` filled on the scored population.
+def _score_buckets(lake: Lake, hour: datetime) -> list[int | None]:
+    """The committed buckets of the hour's scores ([None]: written as one partition); raises when none."""
+    base = lake.partition(SCORES, hour)
+    found = sorted(int(m.parent.name.split("=")[1]) for m in base.glob(f"bucket=*/{MANIFEST}"))
+    if found:
+        return list(found)
+    lake.data_files(SCORES, hour)  # raises FileNotFoundError naming the partition
+    return [None]
 
-    Deciles are ranks over all buckets (``population_deciles``): cut points of one
-    bucket, or of the training scores, do not make tenths of the population. Rows
-    scored by the first-hour heuristic (null propensity) are ranked by that heuristic,
-    recomputed from the hour's committed profiles. An hour whose every row already
-    carries a decile (scores written by older code) is returned as written. Raises
-    ``FileNotFoundError`` when no scores are committed.
-    """
-    scores = lake.read(SCORES, hour)
-    if scores.num_rows and scores.column(DECILE).null_count == 0:
-        return scores  # written with deciles (by older code, which used training cut points): kept as written
+
+def _ranking_key(lake: Lake, hour: datetime, bucket: int | None, scores: pa.Table) -> pa.Table:
+    """``user_id`` and the value deciles rank (``s``): the propensity, or the heuristic where it ranked the hour."""
     versions = np.asarray(scores.column(MODEL_VERSION).to_pylist(), dtype=object)
     key = np.asarray(pc.fill_null(scores.column(PROPENSITY), np.nan), dtype=np.float64)
     by_heuristic = versions == HEURISTIC_VERSION
     if by_heuristic.any():
         import pyarrow.parquet as pq
 
-        present = set(pq.read_schema(lake.data_files(PROFILES, hour)[0]).names)
+        present = set(pq.read_schema(lake.data_files(PROFILES, hour, bucket)[0]).names)
         wanted = [USER_ID, *[c for c in HEURISTIC_COLUMNS if c in present]]
-        profiles = lake.read(PROFILES, hour, columns=wanted)
+        profiles = lake.read(PROFILES, hour, bucket, columns=wanted)
         ranked = heuristic_scores(profiles, FIRST_HOUR_HEURISTIC)
         position = pc.index_in(scores.column(USER_ID), value_set=profiles.column(USER_ID))
         found = np.asarray(pc.fill_null(position, -1), dtype=np.int64)
         key = np.where(by_heuristic & (found >= 0), ranked[np.maximum(found, 0)], key)
-    deciles = population_deciles(scores.column(USER_ID), key)
-    column = pa.array(deciles, pa.int8(), mask=deciles == 0)
-    return scores.set_column(scores.schema.get_field_index(DECILE), DECILE, column)
+    return pa.table({USER_ID: scores.column(USER_ID), "s": pa.array(key, pa.float64())})
+
+
+def read_scores(lake: Lake, hour: datetime, bucket: int | None = None) -> pa.Table:
+    """The hour's committed scores (``bucket``, else every bucket) with ``propensity_decile`` on the scored population.
+
+    Deciles are ranks over all buckets (the ranking of ``population_deciles``), found
+    one bucket at a time: per-bucket summaries give the nine cut points
+    (``profiles.ranks.bucket_deciles``), then each bucket's deciles; cut points of one
+    bucket, or of the training scores, do not make tenths of the population. Rows
+    scored by the first-hour heuristic (null propensity) are ranked by that heuristic,
+    recomputed from the hour's committed profiles. Scores whose every row already
+    carries a decile (written by older code) are returned as written. Raises
+    ``FileNotFoundError`` when no scores are committed.
+    """
+    buckets = _score_buckets(lake, hour)
+    wanted = buckets if bucket is None else [bucket]
+    parts = [lake.read(SCORES, hour, b) for b in wanted]
+    if all(p.num_rows and p.column(DECILE).null_count == 0 for p in parts):
+        return pa.concat_tables(parts)  # written with deciles (by older code, which used training cut points)
+
+    def keys() -> Iterator[pa.Table]:
+        for b in buckets:
+            yield _ranking_key(lake, hour, b, lake.read(SCORES, hour, b, columns=[USER_ID, PROPENSITY, MODEL_VERSION]))
+
+    _, deciles = bucket_deciles(keys)
+    out = []
+    for b, scores in zip(wanted, parts, strict=True):
+        column = deciles(_ranking_key(lake, hour, b, scores))
+        out.append(scores.set_column(scores.schema.get_field_index(DECILE), DECILE, column))
+    return pa.concat_tables(out)
 
 
 def score_profiles(settings: Settings, hour: datetime, bucket: int, *, run_id: str = "manual") -> dict[str, Any]:

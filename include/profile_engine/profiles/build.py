@@ -17,7 +17,10 @@ from profile_engine.contracts.profiles import (
     CATEGORY_ID,
     CHANGE_NEW,
     CHANGE_TRACKED,
+    FREQUENCY_ORDERS,
     LIFECYCLE_STAGE,
+    MONETARY_TOTAL,
+    RECENCY_HOURS,
     RFM_SEGMENT,
     TIMESTAMP,
     TOP_CATEGORIES,
@@ -26,6 +29,7 @@ from profile_engine.contracts.profiles import (
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
 from profile_engine.lake import faults
 from profile_engine.lake.storage import (
+    DATA_FILE,
     INTERESTS,
     MANIFEST,
     PROFILE_CHANGES,
@@ -37,7 +41,13 @@ from profile_engine.lake.storage import (
     write_json,
 )
 from profile_engine.profiles.merge import advance
-from profile_engine.profiles.population import change_counts, population_snapshot, profile_changes, value_counts
+from profile_engine.profiles.population import (
+    add_population_features,
+    change_counts,
+    profile_changes,
+    rfm_cuts,
+    value_counts,
+)
 from profile_engine.profiles.snapshot import snapshot
 from profile_engine.profiles.state import (
     ADDED_STATE_COLUMNS,
@@ -313,62 +323,77 @@ def _previous_snapshot(lake: Lake, settings: Settings, hour: datetime) -> dateti
 
 
 def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manual") -> dict[str, Any]:
-    """Commit the snapshot of ``hour``: population features, uniqueness check, change log, markers.
+    """Commit the snapshot of ``hour``: population features, validation, change log, markers; one bucket at a time.
 
-    Reads every bucket's profiles, adds RFM, rewrites each bucket partition, then writes
-    the hour-level ``_manifest.json`` (the snapshot's commit point), the change log and
-    the ``profiles/current`` pointer (moved forward only).
+    RFM cut points come from per-bucket summaries (``rfm_cuts``: value counts, then the
+    few tie groups a cut falls in), so scores equal a ranking of the whole population.
+    Then per bucket: add RFM, validate (``validate_profiles``: every expectation holds
+    per bucket; ``user_id`` is unique across buckets by construction, a user's events all
+    go to one bucket), rewrite the bucket, write its change log against the previous
+    snapshot's bucket. Last the hour-level ``_manifest.json`` (the snapshot's commit
+    point; removed before the first bucket is rewritten), the change log's hour-level
+    manifest and the ``profiles/current`` pointer (moved forward only). The summary's
+    counts are sums of the per-bucket counts.
     """
     hour = floor_hour(hour)
     lake = Lake(settings.lake)
     marker = lake.partition(PROFILES, hour) / MANIFEST
     previous_hour = _previous_snapshot(lake, settings, hour)
-    parts = []
-    for bucket in range(settings.buckets):
+    buckets = range(settings.buckets)
+    for bucket in buckets:
         if not lake.committed(PROFILES, hour, bucket):
             raise FileNotFoundError(f"profiles of hour {format_hour(hour)} bucket {bucket} are not built")
-        parts.append(lake.read(PROFILES, hour, bucket))
-    full = population_snapshot(parts, hour)
+    ranked = [USER_ID, FREQUENCY_ORDERS, RECENCY_HOURS, MONETARY_TOTAL]
+    cuts = rfm_cuts(lambda: (lake.read(PROFILES, hour, b, columns=ranked) for b in buckets))
     from profile_engine.quality.suites import validate_profiles  # imports Great Expectations when called
 
-    validate_profiles(full, hour)  # raises ProfileValidationError naming the failed expectation
-
     marker.unlink(missing_ok=True)  # uncommitted while buckets are rewritten
-    bucket_of_part = pa.array([b for b, part in enumerate(parts) for _ in range(part.num_rows)], pa.int32())
-    users_of_part = pa.chunked_array([part.column(USER_ID) for part in parts], pa.string())
-    buckets_of_rows = pc.take(bucket_of_part, pc.index_in(full.column(USER_ID), value_set=users_of_part))
-    for bucket in range(settings.buckets):
-        lake.write_partition(
-            PROFILES,
-            hour,
-            full.filter(pc.equal(buckets_of_rows, bucket)),
-            bucket=bucket,
-            run_id=run_id,
-            dictionary=_PROFILE_DICTIONARY,
-        )
-
+    changes_dir = lake.partition(PROFILE_CHANGES, hour)
+    for stale in (MANIFEST, DATA_FILE):  # an older change log of this hour, written whole
+        (changes_dir / stale).unlink(missing_ok=True)
     # The change log compares the tracked columns only: reading the whole previous snapshot cost seconds.
     tracked = [USER_ID, *CHANGE_TRACKED]
-    previous = lake.read(PROFILES, previous_hour, columns=tracked) if previous_hour is not None else None
-    changes = profile_changes(previous, full)
-    lake.write_partition(
-        PROFILE_CHANGES,
-        hour,
-        changes,
-        run_id=run_id,
-        extra={"previous_hour": format_hour(previous_hour) if previous_hour else None},
+    previous_text = format_hour(previous_hour) if previous_hour else None
+    profiles = 0
+    counted: dict[str, int] = {}
+    lifecycle: dict[str, int] = {}
+    segments: dict[str, int] = {}
+    for bucket in buckets:
+        part = add_population_features(lake.read(PROFILES, hour, bucket), cuts)
+        validate_profiles(part, hour)  # raises ProfileValidationError naming the failed expectation
+        lake.write_partition(PROFILES, hour, part, bucket=bucket, run_id=run_id, dictionary=_PROFILE_DICTIONARY)
+        # a user stays in its bucket, so the previous snapshot's bucket holds everyone this bucket compares with
+        previous = lake.read(PROFILES, previous_hour, bucket, columns=tracked) if previous_hour is not None else None
+        changes = profile_changes(previous, part)
+        lake.write_partition(
+            PROFILE_CHANGES, hour, changes, bucket=bucket, run_id=run_id, extra={"previous_hour": previous_text}
+        )
+        profiles += part.num_rows
+        _add_counts(counted, change_counts(changes))
+        _add_counts(lifecycle, value_counts(part.column(LIFECYCLE_STAGE)))
+        _add_counts(segments, value_counts(part.column(RFM_SEGMENT)))
+    write_json(
+        changes_dir / MANIFEST,
+        {
+            "layer": PROFILE_CHANGES,
+            "data_hour": format_hour(hour),
+            "previous_hour": previous_text,
+            "buckets": settings.buckets,
+            "rows": counted["users"],
+            "run_id": run_id,
+            "written_at": datetime.now(UTC).isoformat(),
+        },
     )
-    counted = change_counts(changes)
     summary: dict[str, Any] = {
         "hour": format_hour(hour),
         "run_id": run_id,
         "buckets": settings.buckets,
-        "profiles": full.num_rows,
+        "profiles": profiles,
         "new_users": counted[CHANGE_NEW],
         "profile_changes": counted,
-        "previous_hour": format_hour(previous_hour) if previous_hour else None,
-        "lifecycle": value_counts(full.column(LIFECYCLE_STAGE)),
-        "rfm_segments": value_counts(full.column(RFM_SEGMENT)),
+        "previous_hour": previous_text,
+        "lifecycle": lifecycle,
+        "rfm_segments": segments,
     }
     write_json(
         marker,
@@ -377,5 +402,10 @@ def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manua
     pointer = lake.path(PROFILES, "current")
     current = read_json(pointer).get("hour") if pointer.is_file() else None
     if current is None or parse_hour(current) <= hour:
-        write_json(pointer, {"hour": format_hour(hour), "run_id": run_id, "profiles": full.num_rows})
+        write_json(pointer, {"hour": format_hour(hour), "run_id": run_id, "profiles": profiles})
     return summary
+
+
+def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
+    for key, value in counts.items():
+        total[key] = total.get(key, 0) + value

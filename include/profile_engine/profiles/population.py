@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 import pyarrow as pa
@@ -29,10 +30,44 @@ from profile_engine.contracts.profiles import (
     before_column,
 )
 from profile_engine.hours import format_hour
+from profile_engine.profiles.ranks import Buckets, RankCuts, RankSpec, quintile_positions, rank_cuts, score_sql
 from profile_engine.profiles.state import connect
 
 
-def add_population_features(profiles: pa.Table) -> pa.Table:
+def rfm_specs() -> list[RankSpec]:
+    """The R, F and M rankings of ``add_population_features`` as ``RankSpec`` (for per-bucket cut points)."""
+
+    def spec(value: str, where: str, descending: bool = False) -> RankSpec:
+        salted = f"md5_number('{value}:' || {USER_ID})"
+        return RankSpec(
+            name=value,
+            value=value,
+            value_type="DOUBLE" if PROFILE_SCHEMA.field(value).type == pa.float64() else "BIGINT",
+            tiebreak=salted,
+            tiebreak_type="UHUGEINT",
+            bin=f"({salted} >> 112)",
+            where=where,
+            positions=quintile_positions,
+            descending=descending,
+        )
+
+    buyers = f"{FREQUENCY_ORDERS} >= 1"
+    return [
+        spec(RECENCY_HOURS, buyers, descending=True),
+        spec(FREQUENCY_ORDERS, buyers),
+        spec(MONETARY_TOTAL, f"{buyers} AND {MONETARY_TOTAL} IS NOT NULL"),
+    ]
+
+
+RFM_COLUMNS = (RFM_R, RFM_F, RFM_M)
+
+
+def rfm_cuts(buckets: Buckets) -> list[RankCuts]:
+    """The RFM cut points over every bucket's profiles (one bucket in memory at a time); see ``rank_cuts``."""
+    return rank_cuts(rfm_specs(), buckets)
+
+
+def add_population_features(profiles: pa.Table, cuts: Sequence[RankCuts] | None = None) -> pa.Table:
     """Add RFM scores and segment over the whole population; return ``PROFILE_COLUMNS`` in order.
 
     Scores are 1-5 quintiles among the n users with at least one order (the monetary
@@ -43,6 +78,9 @@ def add_population_features(profiles: pa.Table) -> pa.Table:
     value never scores lower; a lone buyer scores 3. Nothing depends on row order or
     float noise (money is in cents, recency in exact hours). Users without orders get
     null scores and the segment ``no_orders``.
+
+    ``cuts`` (``rfm_cuts`` over every bucket): ``profiles`` is one bucket and scores come
+    from the population's cut points, the same scores as ranking the whole population.
     """
     base = profiles.select([c for c in SNAPSHOT_SCHEMA.names])
     champions, loyal, potential, new_customer, at_risk, hibernating, lost, no_orders = RFM_SEGMENTS
@@ -53,19 +91,25 @@ def add_population_features(profiles: pa.Table) -> pa.Table:
         rank = f"row_number() OVER (ORDER BY {value} {order}, md5_number('{value}:' || user_id), user_id)"
         return f"CAST(least(5, 1 + floor(5 * ({rank} - 0.5) / count(*) OVER ())) AS TINYINT)"
 
-    con = connect()
-    try:
-        con.register("p", base)
-        table = con.sql(
-            f"""
+    if cuts is None:
+        scored = f"""
             WITH s AS (
                 SELECT user_id, {score(RECENCY_HOURS, "DESC")} AS r, {score(FREQUENCY_ORDERS)} AS f
                 FROM p WHERE {FREQUENCY_ORDERS} >= 1
             ), sm AS (
                 SELECT user_id, {score(MONETARY_TOTAL)} AS m
                 FROM p WHERE {FREQUENCY_ORDERS} >= 1 AND {MONETARY_TOTAL} IS NOT NULL
-            )
-            SELECT p.*, r AS {RFM_R}, f AS {RFM_F}, m AS {RFM_M},
+            ), q AS (SELECT p.*, r, f, m FROM p LEFT JOIN s USING (user_id) LEFT JOIN sm USING (user_id))"""
+    else:
+        r, f, m = (score_sql(c) for c in cuts)
+        scored = f"WITH q AS (SELECT p.*, {r} AS r, {f} AS f, {m} AS m FROM p)"
+    con = connect()
+    try:
+        con.register("p", base)
+        table = con.sql(
+            f"""
+            {scored}
+            SELECT q.* EXCLUDE (r, f, m), r AS {RFM_R}, f AS {RFM_F}, m AS {RFM_M},
                    CASE WHEN r IS NULL THEN '{no_orders}'
                         WHEN r >= 4 AND f >= 4 THEN '{champions}'
                         WHEN r >= 3 AND f >= 3 THEN '{loyal}'
@@ -74,7 +118,7 @@ def add_population_features(profiles: pa.Table) -> pa.Table:
                         WHEN f >= 3 THEN '{at_risk}'
                         WHEN r = 2 THEN '{hibernating}'
                         ELSE '{lost}' END AS {RFM_SEGMENT}
-            FROM p LEFT JOIN s USING (user_id) LEFT JOIN sm USING (user_id) ORDER BY user_id
+            FROM q ORDER BY user_id
             """
         ).to_arrow_table()
     finally:

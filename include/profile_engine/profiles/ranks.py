@@ -1,0 +1,239 @@
+"""Exact population ranks from per-bucket summaries: the cut points of scores such as RFM quintiles and
+propensity deciles, found one bucket at a time. docs/features.md (Population features per bucket).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from profile_engine.contracts.profiles import USER_ID
+from profile_engine.lake import db
+
+# Buckets are read again for every pass: a callable returning an iterable of tables (one per bucket).
+Buckets = Callable[[], Iterable[pa.Table]]
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """How a population is ordered: rows where ``where`` holds, by ``value`` (``descending`` or not), ties by
+    ``tiebreak`` then ``user_id``; ``bin`` is a coarse prefix of ``tiebreak`` in the same order (it narrows a
+    tie group to a few users); ``positions(n)`` are the 0-based ranks where the score steps up by one."""
+
+    name: str
+    value: str
+    value_type: str
+    tiebreak: str
+    tiebreak_type: str
+    bin: str
+    where: str
+    positions: Callable[[int], list[int]]
+    descending: bool = False
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The sort key of the user at a step position; ``tiebreak``/``user_id`` None: the step is at a group's first user."""
+
+    value: Any
+    tiebreak: Any = None
+    user_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RankCuts:
+    """The steps of ``spec`` over a population of ``n`` ranked users (in position order)."""
+
+    spec: RankSpec
+    n: int
+    cuts: tuple[Cut, ...]
+
+
+def quintile_positions(n: int) -> list[int]:
+    """Where the RFM score ``least(5, 1 + floor(5 (k - 1/2) / n))`` of 1-based rank k steps to 2, 3, 4, 5."""
+    # floor(5 (k - 1/2) / n) >= j  <=>  10 k - 5 >= 2 j n  <=>  k >= ceil((2 j n + 5) / 10)
+    return [p for j in range(1, 5) if (p := -(-(2 * j * n + 5) // 10) - 1) < n]
+
+
+def decile_positions(n: int) -> list[int]:
+    """Where the decile ``10 - floor(10 t / n)`` (t users above, p = n - 1 - t from the bottom) steps to 2..10."""
+    # floor(10 (n - 1 - p) / n) <= 9 - j  <=>  10 p >= j n - 9
+    return [p for j in range(1, 10) if (p := max(0, -((9 - j * n) // 10))) < n]
+
+
+def _literal(value: Any, kind: str) -> str:
+    text = repr(value) if isinstance(value, float) else str(value)
+    return "CAST('" + text.replace("'", "''") + f"' AS {kind})"
+
+
+def _fetch(con: Any, sql: str) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = con.execute(sql).fetchall()
+    return rows
+
+
+def _per_bucket(buckets: Buckets, queries: Callable[[Any], None]) -> None:
+    """Run ``queries(con)`` on every bucket in turn, registered as table ``t`` (one bucket in memory)."""
+    for table in buckets():
+        con = db.connect()
+        try:
+            con.register("t", table)
+            queries(con)
+        finally:
+            con.close()
+
+
+def rank_cuts(specs: Sequence[RankSpec], buckets: Buckets) -> list[RankCuts]:
+    """The exact steps of every spec over the union of ``buckets``, holding one bucket plus summaries.
+
+    Pass 1 merges per-bucket counts per distinct value (exact: a histogram, one entry per
+    distinct value). A step at position p falls in the group of equal values that holds
+    p; when it is not the group's first user, pass 2 merges per-bucket counts of that
+    group by ``bin`` (a prefix of the tie-break) and pass 3 collects the group's users
+    in the one bin holding p, ordered by (tiebreak, user_id): the step's user is exact.
+    """
+    histograms: list[dict[Any, int]] = [{} for _ in specs]
+
+    def count_values(con: Any) -> None:
+        for spec, merged in zip(specs, histograms, strict=True):
+            for value, count in _fetch(con, f"SELECT {spec.value}, count(*) FROM t WHERE {spec.where} GROUP BY 1"):
+                merged[value] = merged.get(value, 0) + int(count)
+
+    _per_bucket(buckets, count_values)
+    # per spec: n, and per step (value, offset in the group) in position order
+    located: list[tuple[int, list[tuple[Any, int]]]] = []
+    for spec, merged in zip(specs, histograms, strict=True):
+        n = sum(merged.values())
+        steps: list[tuple[Any, int]] = []
+        positions = iter(spec.positions(n))
+        target = next(positions, None)
+        start = 0
+        for value in sorted(merged, reverse=spec.descending):
+            end = start + merged[value]
+            while target is not None and target < end:
+                steps.append((value, target - start))
+                target = next(positions, None)
+            start = end
+        located.append((n, steps))
+
+    # tie groups cut inside: (spec index, value) -> offsets wanted
+    inside = sorted({(i, v) for i, (_, steps) in enumerate(located) for v, o in steps if o > 0}, key=repr)
+    bins: dict[tuple[int, Any], dict[Any, int]] = {key: {} for key in inside}
+
+    def group_sql(i: int, value: Any) -> str:
+        spec = specs[i]
+        return f"({spec.where}) AND {spec.value} = {_literal(value, spec.value_type)}"
+
+    def count_bins(con: Any) -> None:
+        for i, value in inside:
+            merged = bins[(i, value)]
+            for b, count in _fetch(
+                con, f"SELECT {specs[i].bin}, count(*) FROM t WHERE {group_sql(i, value)} GROUP BY 1"
+            ):
+                merged[b] = merged.get(b, 0) + int(count)
+
+    if inside:
+        _per_bucket(buckets, count_bins)
+    # (spec index, value, offset) -> (bin, offset within the bin)
+    wanted: dict[tuple[int, Any, int], tuple[Any, int]] = {}
+    for i, (_, steps) in enumerate(located):
+        for value, offset in steps:
+            if offset == 0:
+                continue
+            start = 0
+            for b in sorted(bins[(i, value)]):
+                end = start + bins[(i, value)][b]
+                if offset < end:
+                    wanted[(i, value, offset)] = (b, offset - start)
+                    break
+                start = end
+    needed = sorted({(i, v, b) for (i, v, _), (b, _) in wanted.items()}, key=repr)
+    members: dict[tuple[int, Any, Any], list[tuple[Any, str]]] = {key: [] for key in needed}
+
+    def collect(con: Any) -> None:
+        for i, value, b in needed:
+            spec = specs[i]
+            rows = _fetch(
+                con,
+                f"SELECT {spec.tiebreak}, {USER_ID} FROM t WHERE {group_sql(i, value)} AND {spec.bin} = "
+                f"{_literal(b, 'VARCHAR') if isinstance(b, str) else b}",
+            )
+            members[(i, value, b)].extend((tb, str(user)) for tb, user in rows)
+
+    if needed:
+        _per_bucket(buckets, collect)
+    result = []
+    for i, (n, steps) in enumerate(located):
+        cuts = []
+        for value, offset in steps:
+            if offset == 0:
+                cuts.append(Cut(value))
+                continue
+            b, within = wanted[(i, value, offset)]
+            # ints compare exactly; strings (hex digests, ids) in code point order, which is UTF-8 byte order: DuckDB's
+            tiebreak, user = sorted(members[(i, value, b)])[within]
+            cuts.append(Cut(value, tiebreak, user))
+        result.append(RankCuts(specs[i], n, tuple(cuts)))
+    return result
+
+
+def _at_or_after(cut: Cut, spec: RankSpec) -> str:
+    """SQL: the row's sort key is at or after the cut's."""
+    later = "<" if spec.descending else ">"
+    value = _literal(cut.value, spec.value_type)
+    if cut.tiebreak is None:
+        return f"({spec.value} {later}= {value})"
+    tiebreak = _literal(cut.tiebreak, spec.tiebreak_type)
+    user = _literal(cut.user_id, "VARCHAR")
+    return (
+        f"({spec.value} {later} {value} OR ({spec.value} = {value} AND ({spec.tiebreak} > {tiebreak} "
+        f"OR ({spec.tiebreak} = {tiebreak} AND {USER_ID} >= {user}))))"
+    )
+
+
+def score_sql(ranked: RankCuts, kind: str = "TINYINT") -> str:
+    """SQL giving each row its score (1 + the steps at or before it), NULL where the spec's ``where`` fails."""
+    steps = " + ".join(f"CAST({_at_or_after(c, ranked.spec)} AS INTEGER)" for c in ranked.cuts) or "0"
+    return f"CASE WHEN {ranked.spec.where} THEN CAST(1 + {steps} AS {kind}) END"
+
+
+def apply_scores(table: pa.Table, ranked: Sequence[RankCuts], names: Sequence[str]) -> pa.Table:
+    """``table`` (one bucket) with a score column per ``ranked`` spec, named ``names``, in row order."""
+    con = db.connect()
+    try:
+        con.register("t", table.append_column("__row", pa.array(range(table.num_rows), pa.int64())))
+        columns = ", ".join(f"{score_sql(r)} AS {name}" for r, name in zip(ranked, names, strict=True))
+        scored = con.sql(f"SELECT {columns} FROM t ORDER BY __row").to_arrow_table()
+    finally:
+        con.close()
+    for name in names:
+        table = table.append_column(name, scored.column(name))
+    return table
+
+
+def decile_spec(value: str = "s") -> RankSpec:
+    """Deciles 1-10 of a score column ranked ascending, NaN and null unranked, ties by ``md5(user_id)``."""
+    return RankSpec(
+        name="decile",
+        value=value,
+        value_type="DOUBLE",
+        tiebreak=f"md5({USER_ID})",
+        tiebreak_type="VARCHAR",
+        bin=f"substr(md5({USER_ID}), 1, 4)",
+        where=f"{value} IS NOT NULL AND NOT isnan({value})",
+        positions=decile_positions,
+    )
+
+
+def bucket_deciles(buckets: Buckets, value: str = "s") -> tuple[RankCuts, Callable[[pa.Table], pa.Array]]:
+    """The decile steps of ``value`` over every bucket, and a function giving one bucket's deciles (null: unranked)."""
+    (ranked,) = rank_cuts([decile_spec(value)], buckets)
+
+    def deciles(table: pa.Table) -> pa.Array:
+        column = apply_scores(table.select([USER_ID, value]), [ranked], ["__decile"]).column("__decile")
+        return pc.cast(column, pa.int8()).combine_chunks()
+
+    return ranked, deciles
