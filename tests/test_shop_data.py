@@ -290,3 +290,8 @@ def test_events_staged_before_local_hour_existed_keep_their_business_time_zone_h
     profile = F.snapshot(rebuilt, HOUR0 + timedelta(hours=3), settings)[0].to_pylist()[0]
     assert profile["peak_hour_local"] == 11  # 10:05 UTC in Berlin (UTC+1 in November)
     assert set(rebuilt.tables[F.HOURS_OF_DAY].column("hour_of_day").to_pylist()) == {11, 13}
+    # the point-in-time rebuild of training examples starts from that older state as well
+    at = HOUR0 + timedelta(hours=1)
+    point = F.profiles_at(settings, [at], 0, lambda hour, users: users)[at]
+    hourly = F.snapshot(F._read_state(lake, at, 0), at + timedelta(hours=1), settings)[0]
+    assert point.to_pylist() == hourly.to_pylist()

@@ -1613,6 +1613,7 @@ def profiles_at(
         staged = _read_staged(lake, list(hour_range(start_hour + HOUR, group[-1])), bucket, settings.business_tz)
         staged_hour = staged.column("staged_hour")
         staged = staged.select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+        pending = _staged(state.tables[PENDING], settings.business_tz)  # an older state's buffer too
         users = state.tables[USERS]
         buyers_before = pa.concat_arrays(
             [
@@ -1623,7 +1624,7 @@ def profiles_at(
         for hour in group:
             end = pa.scalar(hour + HOUR, _TS)
             events = staged.filter(pc.less_equal(staged_hour, _epoch_hour(hour)))
-            due = pa.concat_tables([state.tables[PENDING], events]).filter(pc.less(pc.field("ts"), end))
+            due = pa.concat_tables([pending, events]).filter(pc.less(pc.field("ts"), end))
             present = pc.unique(
                 pa.concat_arrays(
                     [state.tables[USER_EVENTS].column(USER_ID).combine_chunks(), due.column(USER_ID).combine_chunks()]
