@@ -323,8 +323,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments every real-log benchmark takes (this one and ``sequence_model.py``): the log, its
+    mapping and time zone, the filtered copy, the label horizon, the training minimums, the lake, the output."""
     parser.add_argument("file", help="the event log (CSV)")
     parser.add_argument("--mapping", required=True, help="a shipped mapping name (taobao, order_lines, ...)")
     parser.add_argument("--dataset", required=True, help="the public dataset's name, printed with the results")
@@ -332,9 +333,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--business-tz", default="UTC")
     parser.add_argument("--since", help="keep rows whose --date-column is at or after this ISO date (CSV with header)")
     parser.add_argument("--date-column", default="InvoiceDate")
+    parser.add_argument("--rename", action="append", default=[], help="OLD=NEW header rename (with --since)")
     parser.add_argument("--min-train-rows", type=int, default=50)
     parser.add_argument("--min-positives", type=int, default=5)
     parser.add_argument("--n-boot", type=int, default=200)
+    parser.add_argument("--lake", help="working directory (default: a new temporary one); an existing replay is reused")
+    parser.add_argument("--out", help="write the JSON result here as well")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--versions", type=int, default=0, help="train at the newest K chosen snapshot hours (0: all)")
     parser.add_argument(
         "--every", type=int, default=1, help="train at every N-th snapshot, counted back from the newest"
@@ -345,10 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         default=2000,
         help="lateness of the replay (every event lands in its own hour; validation reads this many hours back)",
     )
-    parser.add_argument("--rename", action="append", default=[], help="OLD=NEW header rename (with --since)")
     parser.add_argument("--replay-only", action="store_true", help="replay into --lake and stop (no training)")
-    parser.add_argument("--lake", help="working directory (default: a new temporary one); an existing replay is reused")
-    parser.add_argument("--out", help="write the JSON result here as well")
     args = parser.parse_args(argv)
     result = measure(args)
     text = json.dumps(result, indent=1, default=str)
