@@ -256,6 +256,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 else round(pc.mean(propensity).as_py(), 4),
             }
         )
+        if args.out:  # what is done so far, so a run stopped by a time box still reports its versions
+            partial = {"dataset": args.dataset, "partial": True, "versions": versions, "hours": hours}
+            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(partial, indent=1, default=str) + "\n")
+            Path(args.out).with_suffix(".partial.md").write_text(markdown(partial) + "\n")
     pooled_metrics = (
         None
         if not pooled_y
