@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,55 @@ def _targets(scorers: dict[str, dict[str, Any]], champion: str | None) -> dict[s
     return out
 
 
+def _pooled_part(settings: Settings, hour: datetime, rows: Any, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A version's scores for pooling: every candidate and heuristic (no ``champion before``) and, where the gate
+    left a champion in place, that champion (``SERVING``) on the same rows."""
+    out = {name: p for name, p in raw.items() if name != "champion"}
+    after = registry.champion_as_of(settings, hour + timedelta(hours=1))
+    if after is not None:
+        out[SERVING] = model.load_model(settings, after["version"], registry.entry_kind(after)).predict(rows)
+    return out
+
+
+def _pool(parts: list[tuple[np.ndarray, dict[str, np.ndarray]]], n_boot: int) -> dict[str, Any]:
+    """The metrics over the rows of every part together, for the scorers every part has."""
+    names = [n for n in parts[0][1] if all(n in p for _, p in parts)]
+    y = np.concatenate([y for y, _ in parts])
+    metrics = _with_intervals(y, {n: np.concatenate([p[n] for _, p in parts]) for n in names}, n_boot)
+    return {"rows": int(y.size), "positives": int(y.sum()), "metrics": metrics, "targets": _targets(metrics, SERVING)}
+
+
+def pooled_results(parts: list[tuple[np.ndarray, dict[str, np.ndarray]]], n_boot: int) -> dict[str, Any]:
+    """``pooled``: every version's rows; ``pooled_served``, when some version had no champion after its gate
+    (before the first promotion): the rows of the versions that had one, with the champion on the same rows."""
+    served = [part for part in parts if SERVING in part[1]]
+    return {
+        "pooled": _pool(parts, n_boot) if parts else None,
+        "pooled_served": _pool(served, n_boot) if served and len(served) < len(parts) else None,
+    }
+
+
+def pool_only(args: argparse.Namespace) -> dict[str, Any]:
+    """The pooled blocks recomputed from the lake of a finished (or stopped) run: its ``--out`` JSON (or the
+    ``.partial.json``) names the versions; every scorer is loaded again and scored on the version's rows."""
+    out = Path(args.out)
+    result = json.loads((out if out.is_file() else out.with_suffix(".partial.json")).read_text())
+    settings = Settings(
+        lake=Path(args.lake) / "lake",
+        lateness_hours=1,
+        label_horizon_hours=args.horizon_hours,
+        business_tz=args.business_tz,
+        seed=7,
+    )
+    parts = []
+    for v in result["versions"]:
+        _, rows, _ = labels.read_training_set(settings, v["version"])
+        hour = datetime.strptime(v["version"], "v%Y%m%dT%H").replace(tzinfo=UTC)
+        raw = {name: p for name, (p, _) in _scorers(settings, v["version"], rows).items()}
+        parts.append((np.asarray(rows.column(labels.LABEL), dtype=np.float64), _pooled_part(settings, hour, rows, raw)))
+    return {**result, "pool_only": True, **pooled_results(parts, args.n_boot)}
+
+
 def _with_intervals(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int) -> dict[str, dict[str, Any]]:
     """``{scorer: {metric: [value, low, high]}}`` on the same rows (paired bootstrap, seeded)."""
     intervals = evaluate.bootstrap_intervals(y, scores, n_boot=n_boot, seed=7)
@@ -173,8 +222,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     config = labels.TrainingConfig(min_train_rows=args.min_train_rows, min_positives=args.min_positives)
     versions: list[dict[str, Any]] = []
     hours: list[dict[str, Any]] = []
-    pooled_y: list[np.ndarray] = []
-    pooled: dict[str, list[np.ndarray]] = {}
+    parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
     selected = _selected(snapshots, args.versions, args.every)
     print(f"{len(snapshots)} snapshots; training at {[format_hour(h) for h in selected]}", file=sys.stderr, flush=True)
     for hour in selected:
@@ -197,13 +245,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 champion = model.load_model(settings, before["version"], registry.entry_kind(before))
                 scorers["champion"] = (champion.predict(rows), champion)
             after = registry.champion_as_of(settings, hour + timedelta(hours=1))
-            if after is not None:  # pooled: each version's rows scored by the champion its gate left in place
-                serving = model.load_model(settings, after["version"], registry.entry_kind(after))
-                pooled.setdefault(SERVING, []).append(serving.predict(rows))
             raw = {name: p for name, (p, _) in scorers.items()}
-            pooled_y.append(y)
-            for name, p in raw.items():
-                pooled.setdefault(name, []).append(p)
+            parts.append((y, _pooled_part(settings, hour, rows, raw)))
             per_scorer = _with_intervals(y, raw, args.n_boot)
             for name, (p, loaded) in scorers.items():
                 deciles = _deciles(p, rows.column(USER_ID), loaded)
@@ -260,15 +303,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             partial = {"dataset": args.dataset, "partial": True, "versions": versions, "hours": hours}
             Path(args.out).with_suffix(".partial.json").write_text(json.dumps(partial, indent=1, default=str) + "\n")
             Path(args.out).with_suffix(".partial.md").write_text(markdown(partial) + "\n")
-    pooled_metrics = (
-        None
-        if not pooled_y
-        else _with_intervals(
-            np.concatenate(pooled_y),
-            {n: np.concatenate(parts) for n, parts in pooled.items() if len(parts) == len(pooled_y)},
-            args.n_boot,
-        )
-    )
     return {
         "dataset": args.dataset,
         "file": str(args.file),
@@ -280,14 +314,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "trained_at": [format_hour(h) for h in selected],
         "replay_seconds": replay_s,
         "promoted": [f"{v['version']} ({v.get('candidate')})" for v in versions if v["status"] == "promoted"],
-        "pooled": None
-        if not pooled_y
-        else {
-            "rows": int(sum(y.size for y in pooled_y)),
-            "positives": int(sum(y.sum() for y in pooled_y)),
-            "metrics": pooled_metrics,
-            "targets": _targets(pooled_metrics or {}, SERVING),
-        },
+        **pooled_results(parts, args.n_boot),
         "versions": versions,
         "hours": hours,
         "measured_at": datetime.now().isoformat(timespec="seconds"),
@@ -319,11 +346,12 @@ def markdown(result: dict[str, Any]) -> str:
         out += table(head, v["scorers"])
         if v.get("targets"):
             out += [f"targets: {json.dumps(v['targets'])}", ""]
-    if result.get("pooled"):
-        pooled = result["pooled"]
-        out += table(f"pooled: {pooled['rows']} rows, {pooled['positives']} buyers", pooled["metrics"])
-        if pooled.get("targets"):
-            out += [f"targets: {json.dumps(pooled['targets'])}", ""]
+    for key in ("pooled", "pooled_served"):
+        if result.get(key):
+            pooled = result[key]
+            out += table(f"{key}: {pooled['rows']} rows, {pooled['positives']} buyers", pooled["metrics"])
+            if pooled.get("targets"):
+                out += [f"targets: {json.dumps(pooled['targets'])}", ""]
     return "\n".join(out)
 
 
@@ -359,8 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         help="lateness of the replay (every event lands in its own hour; validation reads this many hours back)",
     )
     parser.add_argument("--replay-only", action="store_true", help="replay into --lake and stop (no training)")
+    parser.add_argument(
+        "--pool-only", action="store_true", help="recompute the pooled tables of the run in --lake (--out names it)"
+    )
     args = parser.parse_args(argv)
-    result = measure(args)
+    result = pool_only(args) if args.pool_only else measure(args)
     text = json.dumps(result, indent=1, default=str)
     tables = "" if args.replay_only else markdown(result)
     if args.out:
