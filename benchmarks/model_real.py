@@ -26,7 +26,12 @@ Usage (from the repository root)::
     cp -a /tmp/uci /tmp/uci-168
     PYTHONPATH=include .venv/bin/python benchmarks/model_real.py online-retail-dataset.csv \\
         --mapping order_lines --dataset "UCI Online Retail" --business-tz Europe/London \\
-        --horizon-hours 168 --every 7 --versions 3 --min-train-rows 200 --lake /tmp/uci-168
+        --horizon-hours 168 --every 1 --versions 7 --min-train-rows 200 --lake /tmp/uci-168 \\
+        --out /tmp/uci-168/result.json
+    # the pooled tables again from that lake (e.g. after a stop: the .partial.json names the versions done)
+    PYTHONPATH=include .venv/bin/python benchmarks/model_real.py online-retail-dataset.csv \\
+        --mapping order_lines --dataset "UCI Online Retail" --business-tz Europe/London \\
+        --horizon-hours 168 --lake /tmp/uci-168 --out /tmp/uci-168/result.json --pool-only
 
 ``--lake`` that already holds a replay is reused (the replay does not depend on the label horizon:
 labels are computed at training time from staged events), so one replay serves several horizons;
