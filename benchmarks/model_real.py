@@ -147,8 +147,16 @@ def _pool(parts: list[tuple[np.ndarray, dict[str, np.ndarray]]], n_boot: int) ->
     """The metrics over the rows of every part together, for the scorers every part has."""
     names = [n for n in parts[0][1] if all(n in p for _, p in parts)]
     y = np.concatenate([y for y, _ in parts])
-    metrics = _with_intervals(y, {n: np.concatenate([p[n] for _, p in parts]) for n in names}, n_boot)
-    return {"rows": int(y.size), "positives": int(y.sum()), "metrics": metrics, "targets": _targets(metrics, SERVING)}
+    scores = {n: np.concatenate([p[n] for _, p in parts]) for n in names}
+    metrics = _with_intervals(y, scores, n_boot)
+    out = {"rows": int(y.size), "positives": int(y.sum()), "metrics": metrics, "targets": _targets(metrics, SERVING)}
+    if SERVING in scores:  # the champion against every other scorer on the same resamples (the targets' evidence)
+        pairs = [(SERVING, n) for n in names if n != SERVING]
+        drawn = evaluate.bootstrap_intervals(y, scores, n_boot=n_boot, seed=7, differences=pairs)
+        out["champion_minus"] = {
+            b: {k: [round(v, 4) for v in drawn[f"{a} - {b}"][k]] for k in ("auc", "lift_at_10")} for a, b in pairs
+        }
+    return out
 
 
 def pooled_results(parts: list[tuple[np.ndarray, dict[str, np.ndarray]]], n_boot: int) -> dict[str, Any]:
@@ -357,6 +365,8 @@ def markdown(result: dict[str, Any]) -> str:
             out += table(f"{key}: {pooled['rows']} rows, {pooled['positives']} buyers", pooled["metrics"])
             if pooled.get("targets"):
                 out += [f"targets: {json.dumps(pooled['targets'])}", ""]
+            if pooled.get("champion_minus"):
+                out += [f"champion minus (95% paired intervals): {json.dumps(pooled['champion_minus'])}", ""]
     return "\n".join(out)
 
 
