@@ -169,18 +169,20 @@ def pooled_results(parts: list[tuple[np.ndarray, dict[str, np.ndarray]]], n_boot
     }
 
 
+def trained_lake_settings(lake_dir: Path, horizon_hours: int, business_tz: str) -> Settings:
+    """The settings training and the gate used on the lake of a run in ``lake_dir`` (lateness 1: every
+    replayed event is staged in its own hour), to read its versions again."""
+    return Settings(
+        lake=lake_dir / "lake", lateness_hours=1, label_horizon_hours=horizon_hours, business_tz=business_tz, seed=7
+    )
+
+
 def pool_only(args: argparse.Namespace) -> dict[str, Any]:
     """The pooled blocks recomputed from the lake of a finished (or stopped) run: its ``--out`` JSON (or the
     ``.partial.json``) names the versions; every scorer is loaded again and scored on the version's rows."""
     out = Path(args.out)
     result = json.loads((out if out.is_file() else out.with_suffix(".partial.json")).read_text())
-    settings = Settings(
-        lake=Path(args.lake) / "lake",
-        lateness_hours=1,
-        label_horizon_hours=args.horizon_hours,
-        business_tz=args.business_tz,
-        seed=7,
-    )
+    settings = trained_lake_settings(Path(args.lake), args.horizon_hours, args.business_tz)
     parts = []
     for v in result["versions"]:
         _, rows, _ = labels.read_training_set(settings, v["version"])

@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from model_real import _with_intervals  # the same metrics and intervals (benchmarks/ is on the path)
+from model_real import _with_intervals, trained_lake_settings  # the same metrics (benchmarks/ is on the path)
 
 from profile_engine import candidates, evaluate, labels, model
-from profile_engine.config import Settings
 from profile_engine.features import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 
 VARIANTS = ("no-class-weight",)
@@ -89,13 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="write the JSON result here as well")
     args = parser.parse_args(argv)
-    settings = Settings(
-        lake=Path(args.lake) / "lake",
-        lateness_hours=1,
-        label_horizon_hours=args.horizon_hours,
-        business_tz=args.business_tz,
-        seed=7,
-    )
+    settings = trained_lake_settings(Path(args.lake), args.horizon_hours, args.business_tz)
     versions = args.version or [
         v["version"] for v in json.loads((Path(args.lake) / "result.json").read_text())["versions"]
     ]
