@@ -26,7 +26,12 @@ Usage (from the repository root)::
     cp -a /tmp/uci /tmp/uci-168
     PYTHONPATH=include .venv/bin/python benchmarks/model_real.py online-retail-dataset.csv \\
         --mapping order_lines --dataset "UCI Online Retail" --business-tz Europe/London \\
-        --horizon-hours 168 --every 7 --versions 3 --min-train-rows 200 --lake /tmp/uci-168
+        --horizon-hours 168 --every 1 --versions 7 --min-train-rows 200 --lake /tmp/uci-168 \\
+        --out /tmp/uci-168/result.json
+    # the pooled tables again from that lake (e.g. after a stop: the .partial.json names the versions done)
+    PYTHONPATH=include .venv/bin/python benchmarks/model_real.py online-retail-dataset.csv \\
+        --mapping order_lines --dataset "UCI Online Retail" --business-tz Europe/London \\
+        --horizon-hours 168 --lake /tmp/uci-168 --out /tmp/uci-168/result.json --pool-only
 
 ``--lake`` that already holds a replay is reused (the replay does not depend on the label horizon:
 labels are computed at training time from staged events), so one replay serves several horizons;
@@ -48,7 +53,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +136,65 @@ def _targets(scorers: dict[str, dict[str, Any]], champion: str | None) -> dict[s
     return out
 
 
+def _pooled_part(settings: Settings, hour: datetime, rows: Any, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A version's scores for pooling: every candidate and heuristic (no ``champion before``) and, where the gate
+    left a champion in place, that champion (``SERVING``) on the same rows."""
+    out = {name: p for name, p in raw.items() if name != "champion"}
+    after = registry.champion_as_of(settings, hour + timedelta(hours=1))
+    if after is not None:
+        out[SERVING] = artifacts.load_model(settings, after["version"], registry.entry_kind(after)).predict(rows)
+    return out
+
+
+def _pool(parts: list[tuple[np.ndarray, dict[str, np.ndarray]]], n_boot: int) -> dict[str, Any]:
+    """The metrics over the rows of every part together, for the scorers every part has."""
+    names = [n for n in parts[0][1] if all(n in p for _, p in parts)]
+    y = np.concatenate([y for y, _ in parts])
+    scores = {n: np.concatenate([p[n] for _, p in parts]) for n in names}
+    metrics = _with_intervals(y, scores, n_boot)
+    out = {"rows": int(y.size), "positives": int(y.sum()), "metrics": metrics, "targets": _targets(metrics, SERVING)}
+    if SERVING in scores:  # the champion against every other scorer on the same resamples (the targets' evidence)
+        pairs = [(SERVING, n) for n in names if n != SERVING]
+        drawn = metrics.bootstrap_intervals(y, scores, n_boot=n_boot, seed=7, differences=pairs)
+        out["champion_minus"] = {
+            b: {k: [round(v, 4) for v in drawn[f"{a} - {b}"][k]] for k in ("auc", "lift_at_10")} for a, b in pairs
+        }
+    return out
+
+
+def pooled_results(parts: list[tuple[np.ndarray, dict[str, np.ndarray]]], n_boot: int) -> dict[str, Any]:
+    """``pooled``: every version's rows; ``pooled_served``, when some version had no champion after its gate
+    (before the first promotion): the rows of the versions that had one, with the champion on the same rows."""
+    served = [part for part in parts if SERVING in part[1]]
+    return {
+        "pooled": _pool(parts, n_boot) if parts else None,
+        "pooled_served": _pool(served, n_boot) if served and len(served) < len(parts) else None,
+    }
+
+
+def trained_lake_settings(lake_dir: Path, horizon_hours: int, business_tz: str) -> Settings:
+    """The settings training and the gate used on the lake of a run in ``lake_dir`` (lateness 1: every
+    replayed event is staged in its own hour), to read its versions again."""
+    return Settings(
+        lake=lake_dir / "lake", lateness_hours=1, label_horizon_hours=horizon_hours, business_tz=business_tz, seed=7
+    )
+
+
+def pool_only(args: argparse.Namespace) -> dict[str, Any]:
+    """The pooled blocks recomputed from the lake of a finished (or stopped) run: its ``--out`` JSON (or the
+    ``.partial.json``) names the versions; every scorer is loaded again and scored on the version's rows."""
+    out = Path(args.out)
+    result = json.loads((out if out.is_file() else out.with_suffix(".partial.json")).read_text())
+    settings = trained_lake_settings(Path(args.lake), args.horizon_hours, args.business_tz)
+    parts = []
+    for v in result["versions"]:
+        _, rows, _ = labels.read_training_set(settings, v["version"])
+        hour = datetime.strptime(v["version"], "v%Y%m%dT%H").replace(tzinfo=UTC)
+        raw = {name: p for name, (p, _) in _scorers(settings, v["version"], rows).items()}
+        parts.append((np.asarray(rows.column(labels.LABEL), dtype=np.float64), _pooled_part(settings, hour, rows, raw)))
+    return {**result, "pool_only": True, **pooled_results(parts, args.n_boot)}
+
+
 def _with_intervals(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int) -> dict[str, dict[str, Any]]:
     """``{scorer: {metric: [value, low, high]}}`` on the same rows (paired bootstrap, seeded)."""
     intervals = metrics.bootstrap_intervals(y, scores, n_boot=n_boot, seed=7)
@@ -176,8 +240,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     config = labels.TrainingConfig(min_train_rows=args.min_train_rows, min_positives=args.min_positives)
     versions: list[dict[str, Any]] = []
     hours: list[dict[str, Any]] = []
-    pooled_y: list[np.ndarray] = []
-    pooled: dict[str, list[np.ndarray]] = {}
+    parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
     selected = _selected(snapshots, args.versions, args.every)
     print(f"{len(snapshots)} snapshots; training at {[format_hour(h) for h in selected]}", file=sys.stderr, flush=True)
     for hour in selected:
@@ -200,13 +263,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 champion = artifacts.load_model(settings, before["version"], registry.entry_kind(before))
                 scorers["champion"] = (champion.predict(rows), champion)
             after = registry.champion_as_of(settings, hour + timedelta(hours=1))
-            if after is not None:  # pooled: each version's rows scored by the champion its gate left in place
-                serving = artifacts.load_model(settings, after["version"], registry.entry_kind(after))
-                pooled.setdefault(SERVING, []).append(serving.predict(rows))
             raw = {name: p for name, (p, _) in scorers.items()}
-            pooled_y.append(y)
-            for name, p in raw.items():
-                pooled.setdefault(name, []).append(p)
+            parts.append((y, _pooled_part(settings, hour, rows, raw)))
             per_scorer = _with_intervals(y, raw, args.n_boot)
             for name, (p, loaded) in scorers.items():
                 deciles = _deciles(p, rows.column(USER_ID), loaded)
@@ -259,15 +317,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 else round(pc.mean(propensity).as_py(), 4),
             }
         )
-    pooled_metrics = (
-        None
-        if not pooled_y
-        else _with_intervals(
-            np.concatenate(pooled_y),
-            {n: np.concatenate(parts) for n, parts in pooled.items() if len(parts) == len(pooled_y)},
-            args.n_boot,
-        )
-    )
+        if args.out:  # what is done so far, so a run stopped by a time box still reports its versions
+            partial = {"dataset": args.dataset, "partial": True, "versions": versions, "hours": hours}
+            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(partial, indent=1, default=str) + "\n")
+            Path(args.out).with_suffix(".partial.md").write_text(markdown(partial) + "\n")
     return {
         "dataset": args.dataset,
         "file": str(args.file),
@@ -279,14 +332,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "trained_at": [format_hour(h) for h in selected],
         "replay_seconds": replay_s,
         "promoted": [f"{v['version']} ({v.get('candidate')})" for v in versions if v["status"] == "promoted"],
-        "pooled": None
-        if not pooled_y
-        else {
-            "rows": int(sum(y.size for y in pooled_y)),
-            "positives": int(sum(y.sum() for y in pooled_y)),
-            "metrics": pooled_metrics,
-            "targets": _targets(pooled_metrics or {}, SERVING),
-        },
+        **pooled_results(parts, args.n_boot),
         "versions": versions,
         "hours": hours,
         "measured_at": datetime.now().isoformat(timespec="seconds"),
@@ -318,16 +364,20 @@ def markdown(result: dict[str, Any]) -> str:
         out += table(head, v["scorers"])
         if v.get("targets"):
             out += [f"targets: {json.dumps(v['targets'])}", ""]
-    if result.get("pooled"):
-        pooled = result["pooled"]
-        out += table(f"pooled: {pooled['rows']} rows, {pooled['positives']} buyers", pooled["metrics"])
-        if pooled.get("targets"):
-            out += [f"targets: {json.dumps(pooled['targets'])}", ""]
+    for key in ("pooled", "pooled_served"):
+        if result.get(key):
+            pooled = result[key]
+            out += table(f"{key}: {pooled['rows']} rows, {pooled['positives']} buyers", pooled["metrics"])
+            if pooled.get("targets"):
+                out += [f"targets: {json.dumps(pooled['targets'])}", ""]
+            if pooled.get("champion_minus"):
+                out += [f"champion minus (95% paired intervals): {json.dumps(pooled['champion_minus'])}", ""]
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments every real-log benchmark takes (this one and ``sequence_model.py``): the log, its
+    mapping and time zone, the filtered copy, the label horizon, the training minimums, the lake, the output."""
     parser.add_argument("file", help="the event log (CSV)")
     parser.add_argument("--mapping", required=True, help="a shipped mapping name (taobao, order_lines, ...)")
     parser.add_argument("--dataset", required=True, help="the public dataset's name, printed with the results")
@@ -335,9 +385,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--business-tz", default="UTC")
     parser.add_argument("--since", help="keep rows whose --date-column is at or after this ISO date (CSV with header)")
     parser.add_argument("--date-column", default="InvoiceDate")
+    parser.add_argument("--rename", action="append", default=[], help="OLD=NEW header rename (with --since)")
     parser.add_argument("--min-train-rows", type=int, default=50)
     parser.add_argument("--min-positives", type=int, default=5)
     parser.add_argument("--n-boot", type=int, default=200)
+    parser.add_argument("--lake", help="working directory (default: a new temporary one); an existing replay is reused")
+    parser.add_argument("--out", help="write the JSON result here as well")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--versions", type=int, default=0, help="train at the newest K chosen snapshot hours (0: all)")
     parser.add_argument(
         "--every", type=int, default=1, help="train at every N-th snapshot, counted back from the newest"
@@ -348,12 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         default=2000,
         help="lateness of the replay (every event lands in its own hour; validation reads this many hours back)",
     )
-    parser.add_argument("--rename", action="append", default=[], help="OLD=NEW header rename (with --since)")
     parser.add_argument("--replay-only", action="store_true", help="replay into --lake and stop (no training)")
-    parser.add_argument("--lake", help="working directory (default: a new temporary one); an existing replay is reused")
-    parser.add_argument("--out", help="write the JSON result here as well")
+    parser.add_argument(
+        "--pool-only", action="store_true", help="recompute the pooled tables of the run in --lake (--out names it)"
+    )
     args = parser.parse_args(argv)
-    result = measure(args)
+    result = pool_only(args) if args.pool_only else measure(args)
     text = json.dumps(result, indent=1, default=str)
     tables = "" if args.replay_only else markdown(result)
     if args.out:

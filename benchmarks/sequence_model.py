@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from model_real import _filtered  # the same filtered, renamed copy of the log (benchmarks/ is on the path)
+from model_real import _filtered, common_arguments  # the same filtered copy and arguments (benchmarks/ is on the path)
 
 from profile_engine.config import Settings
 from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES
@@ -192,23 +192,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("file", help="the event log (CSV)")
-    parser.add_argument("--mapping", required=True, help="a shipped mapping name (taobao, order_lines, ...)")
-    parser.add_argument("--dataset", required=True, help="the public dataset's name, printed with the results")
-    parser.add_argument("--horizon-hours", type=int, default=24, help="label horizon (24: next day, 168: 7 days)")
-    parser.add_argument("--business-tz", default="UTC")
-    parser.add_argument("--since", help="keep rows whose --date-column is at or after this ISO date (CSV with header)")
-    parser.add_argument("--date-column", default="InvoiceDate")
-    parser.add_argument("--rename", action="append", default=[], help="OLD=NEW header rename (with --since)")
+    parser = common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--length", type=int, default=50, help="events per sequence (the last N before the cutoff)")
     parser.add_argument("--versions", type=int, default=0, help="train only at the newest K snapshot hours (0: all)")
-    parser.add_argument("--min-train-rows", type=int, default=50)
-    parser.add_argument("--min-positives", type=int, default=5)
     parser.add_argument("--max-rows", type=int, default=200_000)
-    parser.add_argument("--n-boot", type=int, default=200)
-    parser.add_argument("--lake", help="working directory (default: a new temporary one); an existing replay is reused")
-    parser.add_argument("--out", help="write the JSON result here as well")
     args = parser.parse_args(argv)
     result = measure(args)
     text = json.dumps(result, indent=1, default=str)

@@ -609,31 +609,39 @@ def test_numpy_scorer_matches_keras_on_any_feature_rows(
     assert np.max(np.abs(actual - expected)) <= 1e-6
 
 
-def test_score_profiles_with_the_export_never_imports_tensorflow(trained: Trained, tmp_path: Path) -> None:
-    # Arrange: a child process, so this process's TensorFlow does not count
-    settings = copy_lake(trained, tmp_path)
-    (tmp_path / "settings.pickle").write_bytes(pickle.dumps(settings))
-    child = (
-        "import json, pickle, sys\n"
-        "from datetime import datetime\n"
-        "from profile_engine.model import scoring\n"
-        "settings = pickle.loads(open(sys.argv[1], 'rb').read())\n"
-        "summary = scoring.score_profiles(settings, datetime.fromisoformat(sys.argv[2]), 0, run_id='child')\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
-        "print(json.dumps({'summary': summary, 'heavy': heavy}))\n"
-    )
+# Scoring in a child process, so this process's TensorFlow does not count (the tests that scoring never imports it).
+_SCORING_CHILD = (
+    "import json, pickle, sys\n"
+    "from datetime import datetime\n"
+    "from profile_engine.model import scoring\n"
+    "settings = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+    "summary = scoring.score_profiles(settings, datetime.fromisoformat(sys.argv[2]), 0, run_id='child')\n"
+    "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
+    "print(json.dumps({'summary': summary, 'heavy': heavy}))\n"
+)
 
-    # Act
+
+def score_in_a_child(settings: Settings, hour: datetime, tmp_path: Path) -> dict[str, Any]:
+    """``score_profiles`` of bucket 0 in a fresh interpreter: ``{"summary": ..., "heavy": [TF/Keras modules]}``."""
+    (tmp_path / "settings.pickle").write_bytes(pickle.dumps(settings))
     done = subprocess.run(
-        [sys.executable, "-c", child, str(tmp_path / "settings.pickle"), trained.hour.isoformat()],
+        [sys.executable, "-c", _SCORING_CHILD, str(tmp_path / "settings.pickle"), hour.isoformat()],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     )
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_score_profiles_with_the_export_never_imports_tensorflow(trained: Trained, tmp_path: Path) -> None:
+    # Arrange: a child process, so this process's TensorFlow does not count
+    settings = copy_lake(trained, tmp_path)
+
+    # Act
+    result = score_in_a_child(settings, trained.hour, tmp_path)
 
     # Assert
-    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
     assert result["summary"]["engine"] == "numpy" and result["summary"]["rows"] == 200
     scores = Lake(settings.lake).read(SCORES, trained.hour, 0)
@@ -775,28 +783,11 @@ def test_score_profiles_with_a_lightgbm_champion_never_imports_tensorflow(traine
     settings = copy_lake(trained, tmp_path)
     version = str(trained.summary["version"])
     registry.promote(settings, version, trained.hour, reason="test", kind="lightgbm")
-    (tmp_path / "settings.pickle").write_bytes(pickle.dumps(settings))
-    child = (
-        "import json, pickle, sys\n"
-        "from datetime import datetime\n"
-        "from profile_engine.model import scoring\n"
-        "settings = pickle.loads(open(sys.argv[1], 'rb').read())\n"
-        "summary = scoring.score_profiles(settings, datetime.fromisoformat(sys.argv[2]), 0, run_id='child')\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
-        "print(json.dumps({'summary': summary, 'heavy': heavy}))\n"
-    )
 
     # Act
-    done = subprocess.run(
-        [sys.executable, "-c", child, str(tmp_path / "settings.pickle"), trained.hour.isoformat()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    result = score_in_a_child(settings, trained.hour, tmp_path)
 
     # Assert
-    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
     summary = result["summary"]
     assert (summary["model"], summary["kind"], summary["engine"]) == ("champion", "lightgbm", "lightgbm")

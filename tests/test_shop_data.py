@@ -21,6 +21,7 @@ from profile_engine.contracts.scores import SCORE_SCHEMA
 from profile_engine.ingest import events as ingest
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake
+from profile_engine.profiles import replay
 from profile_engine.profiles.build import build_profiles, read_state
 from profile_engine.profiles.merge import advance, rebuild
 from profile_engine.profiles.population import add_population_features
@@ -300,3 +301,8 @@ def test_events_staged_before_local_hour_existed_keep_their_business_time_zone_h
     profile = snapshot_of(rebuilt, HOUR0 + timedelta(hours=3), settings)[0].to_pylist()[0]
     assert profile["peak_hour_local"] == 11  # 10:05 UTC in Berlin (UTC+1 in November)
     assert set(rebuilt.tables[HOURS_OF_DAY].column("hour_of_day").to_pylist()) == {11, 13}
+    # the point-in-time rebuild of training examples starts from that older state as well
+    at = HOUR0 + timedelta(hours=1)
+    point = replay.profiles_at(settings, [at], 0, lambda hour, users: users)[at]
+    hourly = snapshot_of(read_state(lake, at, 0), at + timedelta(hours=1), settings)[0]
+    assert point.to_pylist() == hourly.to_pylist()

@@ -41,7 +41,7 @@ def retrain_due(settings: Settings, hour: datetime) -> bool:
     return (int(floor_hour(hour).timestamp()) // 3600) % settings.retrain_every_hours == 0
 
 
-def _take(inputs: Mapping[str, Any], mask: np.ndarray) -> dict[str, Any]:
+def take_inputs(inputs: Mapping[str, Any], mask: np.ndarray) -> dict[str, Any]:
     import tensorflow as tf
 
     return {k: (v[mask] if isinstance(v, np.ndarray) else tf.boolean_mask(v, mask)) for k, v in inputs.items()}
@@ -73,7 +73,7 @@ def fit_models(
     is_validation = validation_split(train)
     y = np.asarray(train.column(labels.LABEL), dtype=np.float32)
     inputs = model_inputs(train, numeric, categorical)
-    fit_in, val_in = _take(inputs, ~is_validation), _take(inputs, is_validation)
+    fit_in, val_in = take_inputs(inputs, ~is_validation), take_inputs(inputs, is_validation)
     fit_y, val_y = y[~is_validation], y[is_validation]
     fit_rows = train.filter(pa.array(~is_validation))
     class_weight = class_weights(fit_y)

@@ -68,7 +68,7 @@ def _duck_type(arrow_type: pa.DataType) -> str:
     return "DOUBLE" if pa.types.is_floating(arrow_type) else "BIGINT"
 
 
-def _staged(events: pa.Table, business_tz: str) -> pa.Table:
+def as_staged(events: pa.Table, business_tz: str) -> pa.Table:
     """The events as ``STAGED_SCHEMA`` (column order and types), or a clear error."""
     events = with_local_hour(events, business_tz)
     missing = [n for n in STAGED_SCHEMA.names if n not in events.column_names]
@@ -110,8 +110,8 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
     try:
         for name, table in state.tables.items():
             con.register(f"s_{name}", table)
-        con.register("s_pending", _staged(state.tables[PENDING], settings.business_tz))
-        con.register("new_events", _staged(events, settings.business_tz))
+        con.register("s_pending", as_staged(state.tables[PENDING], settings.business_tz))
+        con.register("new_events", as_staged(events, settings.business_tz))
         con.execute(  # a view: scanned twice (due, pending), never worth a copy
             "CREATE TEMP VIEW incoming AS SELECT *, epoch_ms(ts) AS t FROM "
             "(SELECT * FROM s_pending UNION ALL SELECT * FROM new_events)"

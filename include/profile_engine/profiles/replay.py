@@ -17,7 +17,7 @@ from profile_engine.contracts.profiles import TIMESTAMP, USER_ID
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range
 from profile_engine.lake.storage import STATE, Lake
 from profile_engine.profiles.build import epoch_hour, read_staged, read_state, staged_hours
-from profile_engine.profiles.merge import advance
+from profile_engine.profiles.merge import advance, as_staged
 from profile_engine.profiles.snapshot import snapshot
 from profile_engine.profiles.state import META, ORDERS, PENDING, USER_EVENTS, USERS, ProfileState, empty_state
 
@@ -183,6 +183,7 @@ def profiles_at(
         staged = read_staged(lake, list(hour_range(start_hour + HOUR, group[-1])), bucket, settings.business_tz)
         staged_hour = staged.column("staged_hour")
         staged = staged.select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
+        pending = as_staged(state.tables[PENDING], settings.business_tz)  # an older state's buffer too
         users = state.tables[USERS]
         buyers_before = pa.concat_arrays(
             [
@@ -193,7 +194,7 @@ def profiles_at(
         for hour in group:
             end = pa.scalar(hour + HOUR, TIMESTAMP)
             events = staged.filter(pc.less_equal(staged_hour, epoch_hour(hour)))
-            due = pa.concat_tables([state.tables[PENDING], events]).filter(pc.less(pc.field("ts"), end))
+            due = pa.concat_tables([pending, events]).filter(pc.less(pc.field("ts"), end))
             present = pc.unique(
                 pa.concat_arrays(
                     [state.tables[USER_EVENTS].column(USER_ID).combine_chunks(), due.column(USER_ID).combine_chunks()]

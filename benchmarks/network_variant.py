@@ -1,0 +1,141 @@
+"""One change to the Keras network against the unchanged one, on the evaluation rows of versions a
+``model_real.py`` run already trained (issue "the model and the segments on real data", item 3).
+
+For each ``--version`` of the lake: reads the version's training set, refits the network alone with
+the package's own functions (``build_network``, ``fit_network``, ``fit_calibration``; same seed, same
+validation slice) once as the package does and once with the variant, and compares both with the
+version's stored LightGBM on its evaluation rows (paired bootstrap intervals, as ``model_real.py``).
+
+Variant ``no-class-weight``: the network fitted on the natural class balance (as the baseline is),
+instead of balanced class weights; Platt scaling on the validation slice is unchanged.
+
+Usage (from the repository root, after ``model_real.py --lake LAKE`` trained the versions)::
+
+    PYTHONPATH=include .venv/bin/python benchmarks/network_variant.py --lake /tmp/uci-168 \\
+        --horizon-hours 168 --business-tz Europe/London --out /tmp/uci-168/variant.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from model_real import _with_intervals, trained_lake_settings  # the same metrics (benchmarks/ is on the path)
+
+from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from profile_engine.model import calibration as calibrate
+from profile_engine.model import candidates, labels, metrics, training
+from profile_engine.model import inputs as network_inputs
+from profile_engine.model import network as networks
+
+VARIANTS = ("no-class-weight",)
+
+
+def fit_network_only(
+    train: pa.Table, numeric: list[str], categorical: list[str], *, class_weighted: bool, seed: int = 7
+) -> tuple[Any, dict[str, Any]]:
+    """The aggregate network and its calibration as ``training.fit_models`` fits them (``class_weighted``: its
+    balanced class weights; else the natural class balance)."""
+    import keras
+    import tensorflow as tf
+
+    config = networks.ModelConfig()
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    is_validation = networks.validation_split(train)
+    y = np.asarray(train.column(labels.LABEL), dtype=np.float32)
+    inputs = network_inputs.model_inputs(train, numeric, categorical)
+    fit_in, val_in = training.take_inputs(inputs, ~is_validation), training.take_inputs(inputs, is_validation)
+    fit_y, val_y = y[~is_validation], y[is_validation]
+    fit_rows = train.filter(pa.array(~is_validation))
+    network = networks.build_network(fit_rows, numeric, categorical, config, logistic=False)
+    weights = networks.class_weights(fit_y) if class_weighted else None
+    epochs = networks.fit_network(network, (fit_in, fit_y), (val_in, val_y), weights, config.learning_rate, config)
+    calibration = calibrate.fit_calibration(networks.predict_network(network, val_in), val_y)
+    return network, {"epochs": epochs, "calibration": calibration}
+
+
+# The paired differences reported: the variant against the unchanged network and against LightGBM.
+DIFFERENCES = (
+    ("network no-class-weight", "network (stored)"),
+    ("network no-class-weight", "network (refit)"),
+    ("network no-class-weight", "lightgbm (stored)"),
+    ("network (stored)", "lightgbm (stored)"),
+)
+
+
+def paired(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int) -> dict[str, dict[str, list[float]]]:
+    """95% paired bootstrap intervals of the ``DIFFERENCES`` (AUC, lift, ...; an interval above 0: a real gain)."""
+    pairs = [(a, b) for a, b in DIFFERENCES if a in scores and b in scores]
+    drawn = metrics.bootstrap_intervals(y, scores, n_boot=n_boot, seed=7, differences=pairs)
+    return {
+        f"{a} - {b}": {k: [round(v, 4) for v in drawn[f"{a} - {b}"][k]] for k in drawn[f"{a} - {b}"]} for a, b in pairs
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lake", required=True, help="the working directory of a model_real.py run")
+    parser.add_argument("--horizon-hours", type=int, required=True)
+    parser.add_argument("--business-tz", default="UTC")
+    parser.add_argument("--version", action="append", default=[], help="a trained version (default: every one)")
+    parser.add_argument("--n-boot", type=int, default=200)
+    parser.add_argument(
+        "--skip-refit", action="store_true", help="compare with the stored network only (a refit reproduces it)"
+    )
+    parser.add_argument("--out", help="write the JSON result here as well")
+    args = parser.parse_args(argv)
+    settings = trained_lake_settings(Path(args.lake), args.horizon_hours, args.business_tz)
+    versions = args.version or [
+        v["version"] for v in json.loads((Path(args.lake) / "result.json").read_text())["versions"]
+    ]
+    out: dict[str, Any] = {"versions": {}}
+    ys: list[np.ndarray] = []
+    pooled: dict[str, list[np.ndarray]] = {}
+    for version in versions:
+        train, rows, _ = labels.read_training_set(settings, version)
+        # the features the version's training set carries (a set built before a feature existed lacks it)
+        numeric = [c for c in NUMERIC_FEATURES if c in train.column_names]
+        categorical = [c for c in CATEGORICAL_FEATURES if c in train.column_names]
+        y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
+        stored = {c.name: c.predict(rows) for c in candidates.version_candidates(settings, version)}
+        scores = {"network (stored)": stored["network"], "lightgbm (stored)": stored["lightgbm"]}
+        info: dict[str, Any] = {}
+        fits = (("network (refit)", True), ("network no-class-weight", False))
+        for name, weighted in fits[1:] if args.skip_refit else fits:
+            started = time.perf_counter()
+            network, fitted = fit_network_only(train, numeric, categorical, class_weighted=weighted, seed=settings.seed)
+            raw = networks.predict_network(network, network_inputs.model_inputs(rows, numeric, categorical))
+            scores[name] = calibrate.apply_calibration(raw, fitted["calibration"])
+            info[name] = {"epochs": fitted["epochs"], "seconds": round(time.perf_counter() - started, 1)}
+        out["versions"][version] = {
+            "rows": int(y.size),
+            "positives": int(y.sum()),
+            "fits": info,
+            "metrics": _with_intervals(y, scores, args.n_boot),
+            "paired": paired(y, scores, args.n_boot),
+        }
+        print(version, json.dumps(out["versions"][version]), file=sys.stderr, flush=True)
+        ys.append(y)
+        for name, p in scores.items():
+            pooled.setdefault(name, []).append(p)
+    y_all, all_scores = np.concatenate(ys), {n: np.concatenate(p) for n, p in pooled.items()}
+    out["pooled"] = {
+        "metrics": _with_intervals(y_all, all_scores, args.n_boot),
+        "paired": paired(y_all, all_scores, args.n_boot),
+    }
+    text = json.dumps(out, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
