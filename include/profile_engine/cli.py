@@ -211,6 +211,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_traits(args: argparse.Namespace) -> int:
+    """Print the loaded declared traits (defaults plus PROFILE_ENGINE_TRAITS) as a markdown table."""
+    from profile_engine.contracts.traits import load_traits, traits_markdown
+
+    sys.stdout.write(traits_markdown(load_traits(Settings.from_env().traits)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="python -m profile_engine", description=__doc__)
@@ -310,17 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="the lake's size by dataset (bytes, files) and its newest committed hour")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("traits", help="the declared traits (defaults plus PROFILE_ENGINE_TRAITS) as a markdown table")
+    p.set_defaults(func=cmd_traits)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
+    from profile_engine.contracts.traits import TraitConfigError
     from profile_engine.sources.mappings import MappingError, SourceError
 
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
-    except (MappingError, SourceError) as error:  # a file or mapping the user can fix: one line, no traceback
+    except (MappingError, SourceError, TraitConfigError) as error:  # a file the user can fix: one line, no traceback
         print(f"{args.command}: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     return result

@@ -109,6 +109,8 @@ class Settings:
     duckdb_temp_dir: Path | None = None
     # Airflow execution_timeout of every task of every DAG, in minutes.
     task_timeout_minutes: int = DEFAULT_TASK_TIMEOUT_MINUTES
+    # A YAML file of declared traits added to the package's defaults (docs/features.md, "Declared traits").
+    traits: Path | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -154,6 +156,7 @@ class Settings:
             duckdb_memory_limit=get("DUCKDB_MEMORY_LIMIT") or base.duckdb_memory_limit,
             duckdb_temp_dir=Path(temp).expanduser().resolve() if (temp := get("DUCKDB_TEMP_DIR")) else None,
             task_timeout_minutes=task_timeout_minutes(env),
+            traits=Path(traits).expanduser().resolve() if (traits := get("TRAITS")) else None,
         )
         settings.check()
         return settings

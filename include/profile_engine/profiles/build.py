@@ -23,6 +23,7 @@ from profile_engine.contracts.profiles import (
     TOP_CATEGORIES,
     USER_ID,
 )
+from profile_engine.contracts.traits import load_traits
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
 from profile_engine.lake import faults
 from profile_engine.lake.storage import (
@@ -328,7 +329,7 @@ def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manua
         if not lake.committed(PROFILES, hour, bucket):
             raise FileNotFoundError(f"profiles of hour {format_hour(hour)} bucket {bucket} are not built")
         parts.append(lake.read(PROFILES, hour, bucket))
-    full = population_snapshot(parts, hour)
+    full = population_snapshot(parts, hour, load_traits(settings.traits))
     from profile_engine.quality.suites import validate_profiles  # imports Great Expectations when called
 
     validate_profiles(full, hour)  # raises ProfileValidationError naming the failed expectation
