@@ -28,7 +28,7 @@ from profile_engine.contracts.traits import (
     traits_markdown,
 )
 from profile_engine.hours import HOUR, floor_hour
-from profile_engine.lake.storage import STATE, Lake
+from profile_engine.lake.storage import STAGING, STATE, Lake
 from profile_engine.profiles.build import build_profiles, read_state
 from profile_engine.profiles.merge import advance, rebuild
 from profile_engine.profiles.snapshot import snapshot
@@ -120,6 +120,9 @@ def reference(trait: Trait, rows: list[dict[str, Any]], end: datetime) -> dict[s
             picked = [
                 r for r in rows if r["user_id"] == user and start <= r["ts"] < end and r["event_type"] in trait.events
             ]
+            # an event whose aggregated column (a sum's price) is null adds nothing, not even a group
+            needed = "price" if trait.of in ("value", "price") else trait.of
+            picked = [r for r in picked if needed is None or r[needed] is not None]
             if trait.group_by is not None:
                 picked = [r for r in picked if r[trait.group_by] is not None]
                 groups = sorted({r[trait.group_by] for r in picked})
@@ -141,13 +144,14 @@ def aggregate(trait: Trait, rows: list[dict[str, Any]], end: datetime) -> Any:
         priced = [r for r in rows if r["price"] is not None]
         amount = (lambda r: r["price"] * r["quantity"]) if trait.of == "value" else (lambda r: r["price"])
         return sum(cents(amount(r)) for r in priced) / 100
+    of = str(trait.of)
     if trait.aggregation == "distinct_count":
-        return len({r[trait.of] for r in rows if r[trait.of] is not None})
+        return len({r[of] for r in rows if r[of] is not None})
     if trait.aggregation == "decayed_count":
         half_life = float(trait.half_life_hours or 0) * 3600
         return sum(2 ** (-(end - r["ts"]).total_seconds() / half_life) for r in rows)
-    with_value = [r for r in rows if r[trait.of] is not None]
-    return max(with_value, key=lambda r: (r["ts"], r["event_id"]))[trait.of] if with_value else None
+    with_value = [r for r in rows if r[of] is not None]
+    return max(with_value, key=lambda r: (r["ts"], r["event_id"]))[of] if with_value else None
 
 
 def assert_traits_match(
@@ -387,7 +391,7 @@ def test_a_changed_definition_starts_new_tiles_instead_of_mixing(tmp_path: Path)
 def test_an_older_state_without_tiles_reads_as_empty(tmp_path: Path, user_file: Path) -> None:
     cfg = replace(cfg_for(user_file), lake=tmp_path, buckets=1, start=T0)
     lake = Lake(tmp_path)
-    lake.write_partition("staging", T0, events({"ts": at(minutes=5)}), bucket=0)
+    lake.write_partition(STAGING, T0, events({"ts": at(minutes=5)}), bucket=0)
     build_profiles(cfg, T0, 0)
     (lake.partition(STATE, T0, 0) / f"{TRAIT_TILES}.parquet").unlink()
 
