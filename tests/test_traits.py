@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from profile_engine.config import Settings
 from profile_engine.contracts.events import EVENT_TYPES, REFUND
-from profile_engine.contracts.profiles import USER_ID, snapshot_schema
+from profile_engine.contracts.profiles import USER_ID, profile_schema, snapshot_schema
 from profile_engine.contracts.traits import (
     DEFAULT_TRAITS_PATH,
     Trait,
@@ -31,12 +31,15 @@ from profile_engine.hours import HOUR, floor_hour
 from profile_engine.lake.storage import STAGING, STATE, Lake
 from profile_engine.profiles.build import build_profiles, read_state
 from profile_engine.profiles.merge import advance, rebuild
+from profile_engine.profiles.population import population_snapshot
 from profile_engine.profiles.snapshot import snapshot
 from profile_engine.profiles.state import TRAIT_TILES, empty_state
+from profile_engine.quality.suites import ProfileValidationError, validate_profiles
 from profile_engine.segments.rules import known_columns
 from tests.test_features import T0, at, events, hourly_chain
 
 ROOT = Path(__file__).resolve().parents[1]
+HOUR_END = T0 + HOUR
 USER_TRAITS = """
 version: 1
 traits:
@@ -426,3 +429,19 @@ def test_segment_rules_may_use_trait_columns(user_file: Path) -> None:
     columns = known_columns(load_traits(user_file))
 
     assert "trait_views_24h" in columns and "trait_top_viewed_7d_value" in columns
+
+
+def test_the_profile_suite_checks_trait_counts_and_keeps_every_trait_column(user_file: Path) -> None:
+    cfg = cfg_for(user_file)
+    traits = load_traits(user_file)
+    profiles = population_snapshot(
+        [snapshot(rebuild(events({"ts": at(minutes=5)}), HOUR_END, cfg), HOUR_END, cfg)[0]], T0, traits
+    )
+    broken = profiles.set_column(
+        profiles.schema.get_field_index("trait_views_24h"), "trait_views_24h", pa.array([-1], pa.int64())
+    )
+
+    assert profiles.schema == profile_schema(traits)
+    assert validate_profiles(profiles, T0)["rows"] == 1
+    with pytest.raises(ProfileValidationError, match="trait_views_24h"):
+        validate_profiles(broken, T0, traits)

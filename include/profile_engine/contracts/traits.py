@@ -101,6 +101,16 @@ def trait_fields(traits: tuple[Trait, ...]) -> list[tuple[str, pa.DataType]]:
     return [field for trait in traits for field in trait.columns()]
 
 
+def non_negative_columns(traits: tuple[Trait, ...]) -> list[str]:
+    """Trait columns that can never be negative (counts, distinct and decayed counts): the quality suite's ranges."""
+    columns = []
+    for trait in traits:
+        if trait.aggregation in (COUNT, DISTINCT_COUNT, DECAYED_COUNT):
+            value = trait.column if trait.group_by is None else trait.value_column
+            columns += [value(window) for window, _ in trait.windows]
+    return columns
+
+
 def longest_window_hours(traits: tuple[Trait, ...]) -> int:
     """How long tiles are kept: the longest window of any trait (0 without traits)."""
     return max((hours for trait in traits for _, hours in trait.windows), default=0)

@@ -329,10 +329,11 @@ def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manua
         if not lake.committed(PROFILES, hour, bucket):
             raise FileNotFoundError(f"profiles of hour {format_hour(hour)} bucket {bucket} are not built")
         parts.append(lake.read(PROFILES, hour, bucket))
-    full = population_snapshot(parts, hour, load_traits(settings.traits))
+    traits = load_traits(settings.traits)
+    full = population_snapshot(parts, hour, traits)
     from profile_engine.quality.suites import validate_profiles  # imports Great Expectations when called
 
-    validate_profiles(full, hour)  # raises ProfileValidationError naming the failed expectation
+    validate_profiles(full, hour, traits)  # raises ProfileValidationError naming the failed expectation
 
     marker.unlink(missing_ok=True)  # uncommitted while buckets are rewritten
     bucket_of_part = pa.array([b for b, part in enumerate(parts) for _ in range(part.num_rows)], pa.int32())
