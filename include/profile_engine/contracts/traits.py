@@ -15,10 +15,9 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
-from profile_engine.config import CONFIG_DIR
 from profile_engine.contracts.events import EVENT_TYPES
 
-DEFAULT_TRAITS_PATH = CONFIG_DIR / "traits.yaml"
+DEFAULT_TRAITS_PATH = Path(__file__).resolve().parents[2] / "config" / "traits.yaml"  # include/config/
 TRAIT_PREFIX = "trait_"
 
 COUNT, SUM, DISTINCT_COUNT, LAST, DECAYED_COUNT = "count", "sum", "distinct_count", "last", "decayed_count"

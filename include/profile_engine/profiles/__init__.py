@@ -2,7 +2,8 @@
 
 Modules (each imports only the ones before it):
 ``state`` (feature constants, state tables, ``ProfileState``, ``empty_state``, ``connect``, ``gap_groups``,
-``interval_groups``), ``merge`` (``advance``, ``rebuild``, ``with_local_hour``), ``snapshot`` (``snapshot``),
+``interval_groups``), ``traits`` (declared traits compiled to SQL: ``tile_rows_sql``, ``trait_ctes``),
+``merge`` (``advance``, ``rebuild``, ``with_local_hour``), ``snapshot`` (``snapshot``),
 ``population`` (``add_population_features``, ``population_snapshot``, ``profile_changes``, ``change_counts``),
 ``build`` (lake stages: ``build_profiles``, ``build_profiles_range``, ``publish_profiles``, ``read_state``,
 ``upgrade_state``, ``staged_hours``, ``snapshot_committed``), ``replay`` (rebuilds from staged events:
