@@ -445,3 +445,12 @@ def test_the_profile_suite_checks_trait_counts_and_keeps_every_trait_column(user
     assert validate_profiles(profiles, T0)["rows"] == 1
     with pytest.raises(ProfileValidationError, match="trait_views_24h"):
         validate_profiles(broken, T0, traits)
+
+
+def test_publishing_parts_built_with_other_traits_is_refused_naming_the_columns(user_file: Path) -> None:
+    cfg = cfg_for(user_file)
+    part = snapshot(rebuild(events({"ts": at(minutes=5)}), HOUR_END, cfg), HOUR_END, cfg)[0]
+    older = part.select([n for n in part.column_names if not n.startswith("trait_views")])
+
+    with pytest.raises(ValueError, match=r"part 1\) lack column\(s\) \['trait_views_1h'"):
+        population_snapshot([part, older], T0, load_traits(user_file))

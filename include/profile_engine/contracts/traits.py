@@ -217,7 +217,7 @@ def _read(path: Path) -> tuple[list[Trait], list[str]]:
 
 
 @lru_cache(maxsize=16)
-def _load(default: Path, user: Path | None, _stamp: tuple[int, ...]) -> tuple[Trait, ...]:
+def _load(default: Path, user: Path | None, _stamp: tuple[str, str]) -> tuple[Trait, ...]:
     traits, _ = _read(default)
     if user is not None:
         added, disable = _read(user)
@@ -240,21 +240,21 @@ def _load(default: Path, user: Path | None, _stamp: tuple[int, ...]) -> tuple[Tr
     return tuple(traits)
 
 
-def _stamp(path: Path | None) -> tuple[int, ...]:
+def _stamp(path: Path | None) -> str:
+    """What the cache of ``load_traits`` is keyed by: the file's content (a small file; mtimes can tie)."""
     if path is None or not path.is_file():
-        return ()
-    stat = path.stat()
-    return (stat.st_mtime_ns, stat.st_size)
+        return ""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_traits(user_path: Path | None = None, default_path: Path | None = None) -> tuple[Trait, ...]:
     """The package's default traits plus (replacing or disabling defaults) those of ``user_path``.
 
     ``user_path`` is ``Settings.traits`` (``PROFILE_ENGINE_TRAITS``). Cached per file
-    version, since every hour of every bucket reads it. Raises ``TraitConfigError``.
+    content, since every hour of every bucket reads it. Raises ``TraitConfigError``.
     """
     default = DEFAULT_TRAITS_PATH if default_path is None else default_path
-    return _load(default, user_path, (*_stamp(default), *_stamp(user_path)))
+    return _load(default, user_path, (_stamp(default), _stamp(user_path)))
 
 
 def traits_markdown(traits: tuple[Trait, ...]) -> str:

@@ -142,6 +142,13 @@ def population_snapshot(bucket_profiles: list[pa.Table], hour: datetime, traits:
     name them, since the message reaches task logs, which must hold no raw user id.
     """
     schema = snapshot_schema(traits) if traits is not None else _carried(bucket_profiles)
+    for i, part in enumerate(bucket_profiles):
+        missing = [n for n in schema.names if n not in part.column_names]
+        if missing:
+            raise ValueError(
+                f"profiles of snapshot {format_hour(hour)} (part {i}) lack column(s) {missing}: built with other "
+                "declared traits; build the hour's buckets again with the loaded traits"
+            )
     combined = pa.concat_tables([t.select(schema.names).cast(schema) for t in bucket_profiles])
     if pc.count_distinct(combined.column(USER_ID)).as_py() != combined.num_rows:
         counts = combined.group_by(USER_ID).aggregate([(USER_ID, "count")])
