@@ -63,6 +63,7 @@ from profile_engine.contracts.profiles import (  # noqa: E402
     USER_ID,
     open_items_column,
 )
+from profile_engine.contracts.traits import load_traits  # noqa: E402
 from profile_engine.hours import HOUR, format_hour, parse_hour  # noqa: E402
 from profile_engine.lake.storage import STAGING, Lake  # noqa: E402
 from profile_engine.model.metrics import auc  # noqa: E402
@@ -82,7 +83,7 @@ def snapshot_table(settings: Settings, end: datetime) -> pa.Table:
     for bucket in range(settings.buckets):
         _, state = rebuild_bucket(settings, hour, bucket)
         parts.append(snapshot(state, end, settings)[0])
-    return population_snapshot(parts, hour)
+    return population_snapshot(parts, hour, load_traits(settings.traits))
 
 
 def staged_events(settings: Settings) -> pa.Table:

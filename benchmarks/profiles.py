@@ -227,6 +227,7 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
     import duckdb  # noqa: F401  imported before the clock starts, as a worker would have it
     import pyarrow  # noqa: F401
 
+    from profile_engine.contracts.traits import load_traits
     from profile_engine.hours import HOUR
     from profile_engine.profiles import build, population, replay
     from profile_engine.profiles.snapshot import snapshot
@@ -267,7 +268,11 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
             _, state = replay.rebuild_bucket(settings, hour, b)
             parts.append(snapshot(state, hour + HOUR, settings)[0])
             del state
-        profiles = population.population_snapshot(parts, hour) if len(built) == buckets else parts[0]
+        profiles = (
+            population.population_snapshot(parts, hour, load_traits(settings.traits))
+            if len(built) == buckets
+            else parts[0]
+        )
         out["profiles"] = profiles.num_rows
     elif name.startswith("publish_"):  # publish_<users>_<buckets>: re-publish the prepared hour
         users, buckets = (int(v) for v in name.removeprefix("publish_").split("_"))

@@ -40,7 +40,10 @@ from profile_engine.contracts.profiles import (
     count_column,
     first_at_column,
     last_at_column,
+    profile_schema,
+    snapshot_schema,
 )
+from profile_engine.contracts.traits import load_traits
 from profile_engine.hours import HOUR, floor_hour, format_hour
 from profile_engine.lake.storage import MANIFEST, PROFILE_CHANGES, PROFILES, STAGING, STATE, Lake, read_json
 from profile_engine.ops import report
@@ -109,13 +112,15 @@ def row(profiles: pa.Table, user: str = "u1") -> dict[str, Any]:
     return rows[0]
 
 
-def hourly_chain(table: pa.Table, staged_hours: list[datetime], first: datetime, end: datetime) -> ProfileState:
+def hourly_chain(
+    table: pa.Table, staged_hours: list[datetime], first: datetime, end: datetime, cfg: Settings = SETTINGS
+) -> ProfileState:
     """Advance hour by hour from ``first``; event i is staged in ``staged_hours[i]``."""
     staged = pa.array(staged_hours, pa.timestamp("ms", tz="UTC"))
     state = empty_state()
     hour = first
     while hour < end:
-        state = advance(state, table.filter(pc.equal(staged, pa.scalar(hour, staged.type))), hour + HOUR, SETTINGS)
+        state = advance(state, table.filter(pc.equal(staged, pa.scalar(hour, staged.type))), hour + HOUR, cfg)
         hour += HOUR
     return state
 
@@ -260,7 +265,7 @@ def test_rfm_scores_break_ties_by_a_hash_of_the_user_whatever_the_row_order() ->
         "e": (None, None, None, "no_orders"),
     }
     assert scored.equals(again)
-    assert scored.schema == PROFILE_SCHEMA
+    assert scored.schema == profile_schema(load_traits())
 
 
 def test_view_to_cart_to_purchase_latencies_with_a_late_view() -> None:
@@ -715,7 +720,7 @@ def test_incremental_snapshots_equal_a_full_rebuild(
                 ),
             ):
                 assert comparison.equal, f"{name} at hour {end}: " + "; ".join(comparison.lines())
-            assert got.schema == PROFILE_SCHEMA
+            assert got.schema == profile_schema(load_traits())
             assert_matches_reference(got, staged_between(0, end).to_pylist(), at(hours=end), f"hour {end}")
 
     in_snapshot = pc.less(table.column("ts"), pa.scalar(at(hours=hours), table.schema.field("ts").type))
@@ -759,7 +764,7 @@ def test_lake_round_trip_build_publish_and_range(tmp_path: Path) -> None:
     assert all(snapshot_committed(cfg, at(hours=h)) for h in range(3))
     assert read_json(lake.path(PROFILES, "current"))["hour"] == format_hour(at(hours=2))
     final = lake.read(PROFILES, at(hours=2))
-    assert final.schema == PROFILE_SCHEMA
+    assert final.schema == profile_schema(load_traits())
     assert sorted(final.column("user_id").to_pylist()) == ["a", "b", "c"]
     assert published[2]["profiles"] == 3 and published[2]["previous_hour"] == format_hour(at(hours=1))
     assert sum(published[2]["rfm_segments"].values()) == 3
@@ -778,7 +783,7 @@ def test_lake_round_trip_build_publish_and_range(tmp_path: Path) -> None:
     assert not Lake(bulk.lake).committed(STATE, T0) and Lake(bulk.lake).committed(STATE, at(hours=1), 0)
     for h in (1, 2):
         for b in range(2):
-            hourly = lake.read(PROFILES, at(hours=h), b).select(SNAPSHOT_SCHEMA.names)
+            hourly = lake.read(PROFILES, at(hours=h), b).select(snapshot_schema(load_traits()).names)
             assert_same(Lake(bulk.lake).read(PROFILES, at(hours=h), b), hourly)
     assert (lake.partition(PROFILES, at(hours=2)) / MANIFEST).is_file()
 
@@ -810,7 +815,7 @@ def test_a_user_in_two_buckets_is_refused_without_naming_the_user() -> None:
     part = profiles.select(SNAPSHOT_SCHEMA.names)
 
     with pytest.raises(ValueError, match="1 user") as raised:
-        population_snapshot([part, part], at(hours=1))
+        population_snapshot([part, part], at(hours=1), ())
 
     assert "u-secret-7" not in str(raised.value)
 

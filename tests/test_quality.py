@@ -32,9 +32,11 @@ from profile_engine.contracts.profiles import (
     RFM_SEGMENT,
     RFM_SEGMENTS,
     SNAPSHOT_HOUR,
-    SNAPSHOT_SCHEMA,
     USER_ID,
+    profile_schema,
+    snapshot_schema,
 )
+from profile_engine.contracts.traits import load_traits
 from profile_engine.hours import format_hour
 from profile_engine.lake.storage import (
     MANIFEST,
@@ -519,9 +521,10 @@ def test_publish_profiles_refuses_an_invalid_snapshot_and_commits_nothing(settin
     for row in rows:
         row[RFM_SEGMENT] = None  # population features are added by publish
     rows[3][MAX_ORDER_VALUE] = -5.0
-    snapshot = pa.Table.from_pylist(rows, schema=PROFILE_SCHEMA).select(SNAPSHOT_SCHEMA.names)
+    built = snapshot_schema(load_traits(settings.traits))  # what build_profiles writes: declared traits too
+    snapshot = pa.Table.from_pylist(rows, schema=profile_schema(load_traits(settings.traits))).select(built.names)
     for bucket in range(settings.buckets):
-        part = snapshot.slice(bucket * 2, 2).cast(SNAPSHOT_SCHEMA)
+        part = snapshot.slice(bucket * 2, 2).cast(built)
         lake.write_partition(PROFILES, HOUR, part, bucket=bucket, run_id="t")
 
     # Act

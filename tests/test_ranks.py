@@ -26,6 +26,7 @@ from profile_engine.contracts.profiles import (
     USER_ID,
 )
 from profile_engine.contracts.scores import DECILE, MODEL_VERSION, PROPENSITY
+from profile_engine.contracts.traits import load_traits
 from profile_engine.hours import format_hour
 from profile_engine.lake.storage import PROFILE_CHANGES, PROFILES, SCORES, STAGING, Lake
 from profile_engine.model import scoring
@@ -167,7 +168,9 @@ def test_publish_profiles_per_bucket_writes_what_the_whole_population_gives(tmp_
         for b in range(BUCKETS):
             build_profiles(cfg, hour, b)
         parts = [lake.read(PROFILES, hour, b) for b in range(BUCKETS)]
-        whole = population_snapshot(parts, hour)  # what publish_profiles wrote before: one table of everyone
+        whole = population_snapshot(
+            parts, hour, load_traits(cfg.traits)
+        )  # what publish_profiles wrote before: one table of everyone
         summary = publish_profiles(cfg, hour)
 
         for b, part in enumerate(parts):

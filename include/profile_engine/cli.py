@@ -259,6 +259,14 @@ HOUR_FORMAT = (
 )
 
 
+def cmd_traits(args: argparse.Namespace) -> int:
+    """Print the loaded declared traits (defaults plus PROFILE_ENGINE_TRAITS) as a markdown table."""
+    from profile_engine.contracts.traits import load_traits, traits_markdown
+
+    sys.stdout.write(traits_markdown(load_traits(Settings.from_env().traits)))
+    return 0
+
+
 def _file_and_mapping(parser: argparse.ArgumentParser) -> None:
     """The ``--file`` and ``--mapping`` arguments of the commands that read an event log."""
     parser.add_argument("--file", required=True, help="the event log (CSV, Parquet or JSON Lines, optionally .gz)")
@@ -480,6 +488,17 @@ def build_parser() -> argparse.ArgumentParser:
         [""],
     )
     p.set_defaults(func=cmd_status)
+
+    p = _sub(
+        sub,
+        "traits",
+        "the declared traits (defaults plus PROFILE_ENGINE_TRAITS) as a markdown table",
+        "Print the declared traits the profiles carry (include/config/traits.yaml plus the file named by "
+        "PROFILE_ENGINE_TRAITS) as a markdown table: name, events, aggregation, windows, group and columns. "
+        "A bad spec exits 2 naming the file, the trait and the reason.",
+        ["", "  # with PROFILE_ENGINE_TRAITS=my_traits.yaml: the defaults plus yours"],
+    )
+    p.set_defaults(func=cmd_traits)
     return parser
 
 
@@ -495,12 +514,13 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
+    from profile_engine.contracts.traits import TraitConfigError
     from profile_engine.sources.mappings import MappingError, SourceError
 
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
-    except (MappingError, SourceError) as error:  # a file or mapping the user can fix: one line, no traceback
+    except (MappingError, SourceError, TraitConfigError) as error:  # a file the user can fix: one line, no traceback
         print(f"{args.command}: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     return result

@@ -110,6 +110,8 @@ class Settings:
     duckdb_temp_dir: Path | None = None
     # Airflow execution_timeout of every task of every DAG, in minutes.
     task_timeout_minutes: int = DEFAULT_TASK_TIMEOUT_MINUTES
+    # A YAML file of declared traits added to the package's defaults (docs/features.md, "Declared traits").
+    traits: Path | None = None
 
     @property
     def schedule_start(self) -> datetime:
@@ -177,6 +179,7 @@ class Settings:
             duckdb_memory_limit=get("DUCKDB_MEMORY_LIMIT") or base.duckdb_memory_limit,
             duckdb_temp_dir=path("DUCKDB_TEMP_DIR"),
             task_timeout_minutes=number("TASK_TIMEOUT_MINUTES", int, DEFAULT_TASK_TIMEOUT_MINUTES),
+            traits=path("TRAITS"),
         )
         settings.check()
         return settings

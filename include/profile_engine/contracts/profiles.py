@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from profile_engine.contracts.events import CART, EVENT_TYPES, FAV
+from profile_engine.contracts.traits import Trait, trait_fields
 
 USER_ID = "user_id"
 SNAPSHOT_HOUR = "snapshot_hour"
@@ -169,6 +170,17 @@ PROFILE_SCHEMA = pa.schema([pa.field(n, t, nullable=n not in _NON_NULL) for n, t
 PROFILE_COLUMNS: tuple[str, ...] = tuple(PROFILE_SCHEMA.names)
 # What ``snapshot`` (per bucket) produces; ``add_population_features`` adds the rest.
 SNAPSHOT_SCHEMA = pa.schema([f for f in PROFILE_SCHEMA if f.name not in POPULATION_COLUMNS])
+
+
+def profile_schema(traits: tuple[Trait, ...]) -> pa.Schema:
+    """``PROFILE_SCHEMA`` with the columns of the loaded declared traits appended (``contracts.traits``)."""
+    return pa.schema([*PROFILE_SCHEMA, *(pa.field(n, t) for n, t in trait_fields(traits))])
+
+
+def snapshot_schema(traits: tuple[Trait, ...]) -> pa.Schema:
+    """``SNAPSHOT_SCHEMA`` with the columns of the loaded declared traits appended: what ``snapshot`` produces."""
+    return pa.schema([*SNAPSHOT_SCHEMA, *(pa.field(n, t) for n, t in trait_fields(traits))])
+
 
 CATEGORICAL_FEATURES: tuple[str, ...] = (TOP_CATEGORIES[0], RFM_SEGMENT, LIFECYCLE_STAGE)
 NUMERIC_FEATURES: tuple[str, ...] = tuple(

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from profile_engine.config import Settings
 from profile_engine.contracts.events import PURCHASE, bucket_sql
 from profile_engine.contracts.profiles import SNAPSHOT_HOUR, SNAPSHOT_SCHEMA, USER_ID
+from profile_engine.contracts.traits import load_traits
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
 from profile_engine.lake import db
 from profile_engine.lake.storage import MANIFEST, PROFILES, STAGING, TRAINING, Lake, read_json
@@ -404,7 +405,7 @@ def _reconstructed_rows(settings: Settings, hours: Sequence[datetime], limit: in
             parts[hour].append(profiles)
     out = {}
     for hour in hours:
-        whole = population.population_snapshot(parts[hour], hour)
+        whole = population.population_snapshot(parts[hour], hour, load_traits(settings.traits))
         chosen = pa.concat_arrays(picked[hour]) if picked[hour] else pa.array([], pa.string())
         rows = whole.filter(pc.is_in(whole.column(USER_ID), value_set=chosen))
         out[hour] = sample_users(rows, limit, settings.seed, format_hour(hour))

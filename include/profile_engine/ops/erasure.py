@@ -320,7 +320,7 @@ class _Eraser:
         old = [read_json(m) for m in buckets]
         hour = datetime.fromisoformat(old[0]["data_hour"])
         parts = [pq.read_table(m.parent / lk.DATA_FILE) for m in buckets]
-        full = population.population_snapshot(parts, hour)
+        full = population.population_snapshot(parts, hour, None)
         for manifest, part in zip(old, parts, strict=True):
             bucket_rows = full.filter(pc.is_in(full.column(USER_ID), value_set=part.column(USER_ID)))
             extra = {k: v for k, v in manifest.items() if k not in _PARTITION_KEYS}

@@ -2,7 +2,8 @@
 
 Modules (each imports only the ones before it):
 ``state`` (feature constants, state tables, ``ProfileState``, ``empty_state``, ``connect``, ``gap_groups``,
-``interval_groups``), ``merge`` (``advance``, ``rebuild``, ``with_local_hour``), ``snapshot`` (``snapshot``),
+``interval_groups``), ``traits`` (declared traits compiled to SQL: ``tile_rows_sql``, ``trait_ctes``),
+``merge`` (``advance``, ``rebuild``, ``with_local_hour``), ``snapshot`` (``snapshot``),
 ``ranks`` (exact population ranks from per-bucket summaries: ``rank_cuts``, ``apply_scores``, ``bucket_deciles``),
 ``population`` (``add_population_features``, ``rfm_cuts``, ``population_snapshot``, ``profile_changes``,
 ``change_counts``),

@@ -25,7 +25,9 @@ from profile_engine.contracts.profiles import (
     TIMESTAMP,
     TOP_CATEGORIES,
     USER_ID,
+    snapshot_schema,
 )
+from profile_engine.contracts.traits import load_traits
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
 from profile_engine.lake import faults
 from profile_engine.lake.storage import (
@@ -44,6 +46,7 @@ from profile_engine.profiles.merge import advance
 from profile_engine.profiles.population import (
     add_population_features,
     change_counts,
+    conform,
     profile_changes,
     rfm_cuts,
     value_counts,
@@ -345,6 +348,8 @@ def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manua
             raise FileNotFoundError(f"profiles of hour {format_hour(hour)} bucket {bucket} are not built")
     ranked = [USER_ID, FREQUENCY_ORDERS, RECENCY_HOURS, MONETARY_TOTAL]
     cuts = rfm_cuts(lambda: (lake.read(PROFILES, hour, b, columns=ranked) for b in buckets))
+    traits = load_traits(settings.traits)
+    schema = snapshot_schema(traits)
     from profile_engine.quality.suites import validate_profiles  # imports Great Expectations when called
 
     marker.unlink(missing_ok=True)  # uncommitted while buckets are rewritten
@@ -359,8 +364,10 @@ def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manua
     lifecycle: dict[str, int] = {}
     segments: dict[str, int] = {}
     for bucket in buckets:
-        part = add_population_features(lake.read(PROFILES, hour, bucket), cuts)
-        validate_profiles(part, hour)  # raises ProfileValidationError naming the failed expectation
+        part = add_population_features(
+            conform(lake.read(PROFILES, hour, bucket), schema, hour, f"bucket {bucket}"), cuts
+        )
+        validate_profiles(part, hour, traits)  # raises ProfileValidationError naming the failed expectation
         lake.write_partition(PROFILES, hour, part, bucket=bucket, run_id=run_id, dictionary=_PROFILE_DICTIONARY)
         # a user stays in its bucket, so the previous snapshot's bucket holds everyone this bucket compares with
         previous = lake.read(PROFILES, previous_hour, bucket, columns=tracked) if previous_hour is not None else None

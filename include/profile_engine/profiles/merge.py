@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from profile_engine.config import Settings
 from profile_engine.contracts.events import CART, FAV, LOCAL_HOUR, PURCHASE, REFUND, REMOVE_CART, STAGED_SCHEMA, VIEW
 from profile_engine.contracts.profiles import CATEGORY_ID, HALF_LIVES, OPEN_WINDOWS, REPEAT_WINDOWS, USER_ID
+from profile_engine.contracts.traits import Trait, load_traits, longest_window_hours
 from profile_engine.hours import format_hour
 from profile_engine.profiles.state import (
     ANCHORS,
@@ -36,6 +37,7 @@ from profile_engine.profiles.state import (
     SESSIONS,
     STATE_SCHEMAS,
     TARGETS,
+    TRAIT_TILES,
     USER_EVENT_FIELDS,
     USER_EVENTS,
     USER_FIELDS,
@@ -43,6 +45,7 @@ from profile_engine.profiles.state import (
     ProfileState,
     affinity_decay_sql,
     buffered_sql,
+    cents_sql,
     connect,
     decay,
     empty_state,
@@ -55,13 +58,10 @@ from profile_engine.profiles.state import (
     session_totals,
     target_latencies,
 )
+from profile_engine.profiles.traits import TILE_KEYS, TILE_MERGE, tile_rows_sql
 
 if TYPE_CHECKING:
     import duckdb
-
-
-def _cents(amount_sql: str) -> str:
-    return f"CAST(round(({amount_sql}) * 100) AS BIGINT)"
 
 
 def _duck_type(arrow_type: pa.DataType) -> str:
@@ -138,7 +138,7 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         # orders: lines of one (user, order key) grouped the same way; no order_id = one order per event
         order_lines = (
             "SELECT user_id, order_key, ts_ms, cents FROM s_orders UNION ALL "
-            f"SELECT user_id, coalesce(order_id, 'event:' || event_id), t, {_cents('coalesce(price, 0) * quantity')} "
+            f"SELECT user_id, coalesce(order_id, 'event:' || event_id), t, {cents_sql('coalesce(price, 0) * quantity')} "
             f"FROM due WHERE event_type = '{PURCHASE}'"
         )
         con.execute("CREATE TEMP TABLE ord AS " + gap_groups(order_lines, "user_id, order_key", order_gap))
@@ -220,6 +220,7 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         carts = fetch(con, _merge_carts_sql(e, horizon), STATE_SCHEMAS[CARTS])
         favs = fetch(con, _merge_favs_sql(e, horizon), STATE_SCHEMAS[FAVS])
         item_views = _merge_item_views(con, state.tables[ITEM_VIEWS], e)
+        trait_tiles = _merge_trait_tiles(con, state.tables[TRAIT_TILES], e, load_traits(settings.traits))
     finally:
         con.close()
 
@@ -235,6 +236,7 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             CARTS: carts,
             FAVS: favs,
             ITEM_VIEWS: item_views,
+            TRAIT_TILES: trait_tiles,
             ANCHORS: anchors,
             TARGETS: targets,
             PENDING: pending,
@@ -264,7 +266,7 @@ def _merge_user_events_sql(e: int, e0: int) -> str:
             SELECT user_id, event_type, {old} FROM s_user_events
             UNION ALL BY NAME
             SELECT user_id, event_type, count(*) AS n, min(t) AS first_ms, max(t) AS last_ms, {decayed},
-                   count(price) AS price_n, sum({_cents("price")}) AS price_cents
+                   count(price) AS price_n, sum({cents_sql("price")}) AS price_cents
             FROM due GROUP BY user_id, event_type
         ) GROUP BY user_id, event_type ORDER BY user_id, event_type
     """
@@ -280,7 +282,7 @@ def _merge_users_sql(horizon: int, session_gap: int, order_gap: int) -> str:
             UNION ALL BY NAME {session_totals(final_sessions)}
             UNION ALL BY NAME {order_totals(final_orders)}
             UNION ALL BY NAME {latency_totals(f"({target_latencies('tgt_final', 'anc')})")}
-            UNION ALL BY NAME SELECT user_id, sum({_cents("coalesce(price, 0) * quantity")}) AS refund_cents
+            UNION ALL BY NAME SELECT user_id, sum({cents_sql("coalesce(price, 0) * quantity")}) AS refund_cents
                 FROM due WHERE event_type = '{REFUND}' GROUP BY user_id
         ) GROUP BY user_id ORDER BY user_id
     """
@@ -301,7 +303,7 @@ def _merge_hourly(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int) -> pa.T
                    sum({affinity_decay_sql(f"{bucket} + {MS_HOUR} - t")}) AS decay_sum
             FROM due GROUP BY ALL""",
         (USER_ID, "hour_ms", "event_type", CATEGORY_ID),
-        ("n", "decay_sum"),
+        {"n": "sum(n)", "decay_sum": "sum(decay_sum)"},
         e - int(HOURLY_RETENTION.total_seconds() * 1000),
     )
 
@@ -315,8 +317,32 @@ def _merge_item_views(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int) -> 
         f"SELECT user_id, item_id, t - t % {MS_HOUR} AS hour_ms, count(*) AS n FROM due "
         f"WHERE event_type = '{VIEW}' GROUP BY ALL",
         (USER_ID, "item_id", "hour_ms"),
-        ("n",),
+        {"n": "sum(n)"},
         e - max(h for _, h in REPEAT_WINDOWS) * MS_HOUR,
+    )
+
+
+def _merge_trait_tiles(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int, traits: tuple[Trait, ...]) -> pa.Table:
+    """The hourly tiles of the declared traits with the due events added, kept for the longest window.
+
+    Tiles of a trait no longer declared (removed, or its definition changed: another key)
+    are dropped; late due events re-touch the tiles of their hours.
+    """
+    schema = STATE_SCHEMAS[TRAIT_TILES]
+    if not traits:
+        return schema.empty_table()
+    keys = pa.array([t.key for t in traits], pa.string())
+    declared = old.filter(pc.is_in(old.column("trait"), value_set=keys))
+    con.register("s_declared_tiles", declared)
+    return _merge_by_hour(
+        con,
+        declared,
+        TRAIT_TILES,
+        tile_rows_sql(traits, "due"),
+        TILE_KEYS,
+        TILE_MERGE,
+        e - longest_window_hours(traits) * MS_HOUR,
+        source="s_declared_tiles",
     )
 
 
@@ -326,11 +352,14 @@ def _merge_by_hour(
     name: str,
     new_rows: str,
     keys: tuple[str, ...],
-    sums: tuple[str, ...],
+    aggregates: dict[str, str],
     retention: int,
+    source: str | None = None,
 ) -> pa.Table:
-    """State table ``name`` (one row per ``keys``, sorted by ``hour_ms`` first) with ``new_rows`` summed in.
+    """State table ``name`` (one row per ``keys``, sorted by ``hour_ms`` first) with ``new_rows`` merged in.
 
+    ``aggregates``: column -> SQL aggregate merging the rows of one key. ``source``: the
+    registered view of ``old`` (default ``s_<name>``).
     Rows of hours before ``retention`` are dropped. Only the hours the due events fall in
     can change: older rows pass through untouched (in Arrow, no regrouping), the rest is
     merged in SQL, so the untouched head stays in order.
@@ -342,13 +371,13 @@ def _merge_by_hour(
         return old.filter(pc.greater_equal(hours, retention)).select(schema.names).cast(schema).combine_chunks()
     cut = int(first_due)
     untouched = old.filter(pc.and_(pc.greater_equal(hours, retention), pc.less(hours, cut)))
-    columns = ", ".join((*keys, *sums))
+    columns = ", ".join((*keys, *aggregates))
     order = ", ".join(["hour_ms", *(k for k in keys if k != "hour_ms")])
     merged = fetch(
         con,
         f"""
-        SELECT {", ".join(keys)}, {", ".join(f"sum({v}) AS {v}" for v in sums)} FROM (
-            SELECT {columns} FROM s_{name} WHERE hour_ms >= {cut}
+        SELECT {", ".join(keys)}, {", ".join(f"{sql} AS {v}" for v, sql in aggregates.items())} FROM (
+            SELECT {columns} FROM {source or f"s_{name}"} WHERE hour_ms >= {cut}
             UNION ALL BY NAME
             {new_rows}
         ) WHERE hour_ms >= {retention}
@@ -376,7 +405,7 @@ def _merge_carts_sql(e: int, horizon: int) -> str:
                 UNION ALL
                 SELECT user_id, item_id,
                        CASE WHEN event_type = '{CART}' THEN t END,
-                       CASE WHEN event_type = '{CART}' THEN {_cents("coalesce(price, 0) * quantity")} END,
+                       CASE WHEN event_type = '{CART}' THEN {cents_sql("coalesce(price, 0) * quantity")} END,
                        CASE WHEN event_type <> '{CART}' THEN t END
                 FROM due WHERE event_type IN ('{CART}', '{REMOVE_CART}', '{PURCHASE}')
             ) GROUP BY user_id, item_id

@@ -28,7 +28,9 @@ from profile_engine.contracts.profiles import (
     USER_ID,
     after_column,
     before_column,
+    snapshot_schema,
 )
+from profile_engine.contracts.traits import TRAIT_PREFIX, Trait
 from profile_engine.hours import format_hour
 from profile_engine.profiles.ranks import Buckets, RankCuts, RankSpec, quintile_positions, rank_cuts, score_sql
 from profile_engine.profiles.state import connect
@@ -68,7 +70,8 @@ def rfm_cuts(buckets: Buckets) -> list[RankCuts]:
 
 
 def add_population_features(profiles: pa.Table, cuts: Sequence[RankCuts] | None = None) -> pa.Table:
-    """Add RFM scores and segment over the whole population; return ``PROFILE_COLUMNS`` in order.
+    """Add RFM scores and segment over the whole population; return ``PROFILE_COLUMNS`` in order, then the
+    declared trait columns ``profiles`` carries (``trait_*``, in their order).
 
     Scores are 1-5 quintiles among the n users with at least one order (the monetary
     score among those whose spend is known): users are ranked by the value, ties broken
@@ -82,7 +85,7 @@ def add_population_features(profiles: pa.Table, cuts: Sequence[RankCuts] | None 
     ``cuts`` (``rfm_cuts`` over every bucket): ``profiles`` is one bucket and scores come
     from the population's cut points, the same scores as ranking the whole population.
     """
-    base = profiles.select([c for c in SNAPSHOT_SCHEMA.names])
+    base = profiles.select([*SNAPSHOT_SCHEMA.names, *_trait_columns(profiles.schema)])
     champions, loyal, potential, new_customer, at_risk, hibernating, lost, no_orders = RFM_SEGMENTS
 
     def score(value: str, order: str = "") -> str:
@@ -123,7 +126,12 @@ def add_population_features(profiles: pa.Table, cuts: Sequence[RankCuts] | None 
         ).to_arrow_table()
     finally:
         con.close()
-    return table.select(PROFILE_SCHEMA.names).cast(PROFILE_SCHEMA)
+    schema = pa.schema([*PROFILE_SCHEMA, *(profiles.schema.field(n) for n in _trait_columns(profiles.schema))])
+    return table.select(schema.names).cast(schema)
+
+
+def _trait_columns(schema: pa.Schema) -> list[str]:
+    return [n for n in schema.names if n.startswith(TRAIT_PREFIX)]
 
 
 def profile_changes(previous: pa.Table | None, current: pa.Table) -> pa.Table:
@@ -168,13 +176,17 @@ def change_counts(changes: pa.Table) -> dict[str, int]:
     return counts | value_counts(pc.list_flatten(changes.column(CHANGED)))
 
 
-def population_snapshot(bucket_profiles: list[pa.Table], hour: datetime) -> pa.Table:
+def population_snapshot(bucket_profiles: list[pa.Table], hour: datetime, traits: tuple[Trait, ...] | None) -> pa.Table:
     """The whole snapshot of ``hour`` from its per-bucket profiles: uniqueness check, then RFM.
 
+    ``traits``: the declared traits the buckets were built with (``load_traits``), whose
+    columns every part must have; None keeps the trait columns of the first part (a
+    snapshot republished as it was, e.g. after an erasure).
     Raises ``ValueError`` counting duplicated users (a user in two buckets); it does not
     name them, since the message reaches task logs, which must hold no raw user id.
     """
-    combined = pa.concat_tables([t.select(SNAPSHOT_SCHEMA.names).cast(SNAPSHOT_SCHEMA) for t in bucket_profiles])
+    schema = snapshot_schema(traits) if traits is not None else _carried(bucket_profiles)
+    combined = pa.concat_tables([conform(t, schema, hour, f"part {i}") for i, t in enumerate(bucket_profiles)])
     if pc.count_distinct(combined.column(USER_ID)).as_py() != combined.num_rows:
         counts = combined.group_by(USER_ID).aggregate([(USER_ID, "count")])
         dupes = counts.filter(pc.greater(counts.column(f"{USER_ID}_count"), 1)).num_rows
@@ -183,6 +195,22 @@ def population_snapshot(bucket_profiles: list[pa.Table], hour: datetime) -> pa.T
             "(ids not logged; find them in the hour's profiles/ partitions)"
         )
     return add_population_features(combined)
+
+
+def conform(part: pa.Table, schema: pa.Schema, hour: datetime, label: str) -> pa.Table:
+    """``part`` (profiles of one bucket) as ``schema`` (``snapshot_schema`` of the loaded traits), or a clear error."""
+    missing = [n for n in schema.names if n not in part.column_names]
+    if missing:
+        raise ValueError(
+            f"profiles of snapshot {format_hour(hour)} ({label}) lack column(s) {missing}: built with other "
+            "declared traits; build the hour's buckets again with the loaded traits"
+        )
+    return part.select(schema.names).cast(schema)
+
+
+def _carried(bucket_profiles: list[pa.Table]) -> pa.Schema:
+    first = bucket_profiles[0].schema if bucket_profiles else SNAPSHOT_SCHEMA
+    return pa.schema([*SNAPSHOT_SCHEMA, *(first.field(n) for n in _trait_columns(first))])
 
 
 def value_counts(column: pa.ChunkedArray) -> dict[str, int]:

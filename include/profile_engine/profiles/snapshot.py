@@ -52,7 +52,6 @@ from profile_engine.contracts.profiles import (
     SHORT_WINDOW_TYPES,
     SHORT_WINDOWS,
     SNAPSHOT_HOUR,
-    SNAPSHOT_SCHEMA,
     TOP_CATEGORIES,
     TOP_CATEGORY_SCORES,
     USER_ID,
@@ -64,7 +63,9 @@ from profile_engine.contracts.profiles import (
     open_items_column,
     rate_column,
     repeat_columns,
+    snapshot_schema,
 )
+from profile_engine.contracts.traits import Trait, load_traits
 from profile_engine.hours import format_hour
 from profile_engine.profiles.state import (
     AFFINITY_DECIMALS,
@@ -85,12 +86,14 @@ from profile_engine.profiles.state import (
     gap_groups,
     hour_ms,
 )
+from profile_engine.profiles.traits import trait_ctes
 
 
 def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa.Table, pa.Table]:
     """The profile snapshot as of ``end`` (the state's end) and the interests long table.
 
-    Profiles carry every contract column except the population ones (RFM), which need
+    Profiles carry every contract column (``snapshot_schema``: the declared traits of
+    ``settings.traits`` last) except the population ones (RFM), which need
     all buckets and are added by ``add_population_features``. Rows are sorted by
     ``user_id`` (interests by ``user_id, category_id``). Contains no event at or after ``end``.
     """
@@ -111,7 +114,8 @@ def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa
         con.execute(f"CREATE TEMP TABLE affinities AS {_affinities_sql(e)}")
         con.execute(f"CREATE TEMP VIEW interests AS SELECT * FROM affinities WHERE affinity >= {MIN_AFFINITY}")
         interests = fetch(con, "SELECT * FROM interests ORDER BY user_id, category_id", INTERESTS_SCHEMA)
-        profiles = fetch(con, _profiles_sql(e), SNAPSHOT_SCHEMA)
+        traits = load_traits(settings.traits)
+        profiles = fetch(con, _profiles_sql(e, traits), snapshot_schema(traits))
     finally:
         con.close()
     return profiles, interests
@@ -200,8 +204,9 @@ def _funnel_sql(e: int) -> tuple[dict[str, str], dict[str, str]]:
     return ctes, cols
 
 
-def _profiles_sql(e: int) -> str:
-    """SQL of the per-bucket snapshot: the users rows plus what the buffers hold (``s_buffered``) as of ``e``."""
+def _profiles_sql(e: int, traits: tuple[Trait, ...]) -> str:
+    """SQL of the per-bucket snapshot: the users rows plus what the buffers hold (``s_buffered``) as of ``e``,
+    then the columns of the declared ``traits`` from their tiles."""
     hours = f"/ {float(MS_HOUR)}"
     ttl = int(OPEN_CART_TTL.total_seconds() * 1000)
     windows = [
@@ -271,6 +276,9 @@ def _profiles_sql(e: int) -> str:
     }
     funnel_ctes, funnel_cols = _funnel_sql(e)
     cols |= funnel_cols
+    declared_ctes, declared_cols = trait_ctes(traits, e, "s_trait_tiles")
+    funnel_ctes |= declared_ctes
+    cols |= declared_cols
     select = ",\n".join(f"{expr} AS {name}" for name, expr in cols.items())
     top = ", ".join(
         f"max(category_id) FILTER (WHERE rank = {i}) AS top_{i}, max(affinity) FILTER (WHERE rank = {i}) AS top_{i}_score"

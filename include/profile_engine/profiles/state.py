@@ -113,7 +113,25 @@ STATE_SCHEMAS |= {
     FAVS: _schema((USER_ID, _S), ("item_id", _S), ("fav_ms", _I64), ("bought_ms", _I64)),
     ITEM_VIEWS: _schema((USER_ID, _S), ("item_id", _S), ("hour_ms", _I64), ("n", _I64)),
 }
-ADDED_STATE_TABLES: tuple[str, ...] = (FAVS, ITEM_VIEWS)  # read as empty from a state written before them
+# Hourly tiles of the declared traits (docs/features.md, "Declared traits"): one row per user, trait key,
+# hour, group and (distinct counts) value, with the partial aggregates every aggregation needs.
+TRAIT_TILES = "trait_tiles"
+STATE_SCHEMAS[TRAIT_TILES] = _schema(
+    (USER_ID, _S),
+    ("trait", _S),
+    ("hour_ms", _I64),
+    ("grp", _S),
+    ("val", _S),
+    ("n", _I64),
+    ("total", _I64),
+    ("decayed", pa.float64()),
+    ("last_ms", _I64),
+    ("last_id", _S),
+    ("last_num", pa.float64()),
+    ("last_str", _S),
+)
+# read as empty from a state written before them
+ADDED_STATE_TABLES: tuple[str, ...] = (FAVS, ITEM_VIEWS, TRAIT_TILES)
 STATE_TABLES: tuple[str, ...] = tuple(STATE_SCHEMAS)
 _BUFFERED_SESSIONS = ("sessions_n", "sessions_ms", "sessions_events")
 _BUFFERED_ORDERS = ("orders_n", "orders_cents", "orders_max_cents", "first_order_ms", "last_order_ms")
@@ -174,6 +192,11 @@ def hour_ms(moment: datetime) -> int:
     if moment.tzinfo is None or moment != floor_hour(moment):
         raise ValueError(f"end must be a UTC hour boundary with tzinfo, got {moment!r}")
     return int(moment.timestamp()) * 1000
+
+
+def cents_sql(amount_sql: str) -> str:
+    """SQL of an amount in whole cents (money is summed in cents: exact in any order)."""
+    return f"CAST(round(({amount_sql}) * 100) AS BIGINT)"
 
 
 def decay(age_ms_sql: str, half_life_hours: float) -> str:

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from profile_engine.config import Settings
 from profile_engine.contracts.profiles import CATEGORY_ID, USER_ID
+from profile_engine.contracts.traits import load_traits
 from profile_engine.hours import HOUR, floor_hour, format_hour
 from profile_engine.lake.storage import INTERESTS, PROFILES, Lake
 from profile_engine.profiles.build import snapshot_committed
@@ -188,7 +189,7 @@ def rebuild_snapshot(settings: Settings, hour: datetime, scratch: Lake) -> tuple
         scratch.write_partition(INTERESTS, hour, interests, bucket=bucket, run_id="verify")
         firsts[bucket] = format_hour(first)
     parts = [scratch.read(PROFILES, hour, b) for b in range(settings.buckets)]
-    return population_snapshot(parts, hour), scratch.read(INTERESTS, hour), firsts
+    return population_snapshot(parts, hour, load_traits(settings.traits)), scratch.read(INTERESTS, hour), firsts
 
 
 def verify_hour(settings: Settings, hour: datetime, *, keep_scratch: bool = False) -> VerifyResult:

@@ -42,6 +42,7 @@ from profile_engine.contracts.profiles import (
     SESSION_COUNT,
     USER_ID,
 )
+from profile_engine.contracts.traits import Trait, non_negative_columns
 from profile_engine.hours import HOUR, floor_hour, format_hour, partition_values
 from profile_engine.ingest import events as ingest
 from profile_engine.lake.storage import MANIFEST, QUALITY_DOCS, QUALITY_RESULTS, STAGING, Lake
@@ -465,8 +466,10 @@ def profile_range_name(column: str) -> str:
     return f"profile_{column}_range"
 
 
-def profile_ranges() -> dict[str, tuple[float, float | None]]:
+def profile_ranges(traits: tuple[Trait, ...] = ()) -> dict[str, tuple[float, float | None]]:
     """Profile column -> (min, max or None): ranges that real data satisfies.
+
+    ``traits``: the declared traits of the snapshot; their counts are >= 0 too (sums may be negative: refunds).
 
     Counts, decayed counters, rates and money other than net spend are >= 0 with no upper bound: users buy
     without a cart event (a purchase/cart ratio above 1 is real), so rates are not
@@ -481,14 +484,21 @@ def profile_ranges() -> dict[str, tuple[float, float | None]]:
         MEAN_PRICE_PURCHASED,
     )
     non_negative = [n for n in PROFILE_COLUMNS if n.startswith(("count_", "decayed_"))]
-    non_negative += [*counts, CART_VIEW_RATE, PURCHASE_VIEW_RATE, *money, *FUNNEL_COLUMNS]
+    non_negative += [
+        *counts,
+        CART_VIEW_RATE,
+        PURCHASE_VIEW_RATE,
+        *money,
+        *FUNNEL_COLUMNS,
+        *non_negative_columns(traits),
+    ]
     ranges: dict[str, tuple[float, float | None]] = dict.fromkeys(non_negative, (0, None))
     for name in (RFM_R, RFM_F, RFM_M):
         ranges[name] = (1, 5)
     return ranges
 
 
-def build_profile_suite(all_null: frozenset[str] = frozenset()) -> gx.ExpectationSuite:
+def build_profile_suite(all_null: frozenset[str] = frozenset(), traits: tuple[Trait, ...] = ()) -> gx.ExpectationSuite:
     """The expectation suite of a published profile snapshot (features only, one row per user).
 
     Every expectation is critical: a snapshot that fails one is not committed. Columns
@@ -523,7 +533,7 @@ def build_profile_suite(all_null: frozenset[str] = frozenset()) -> gx.Expectatio
     # Range checks on the column minimum and maximum: the same verdict as a per-value
     # check (nulls are skipped: a user without orders has no RFM score), at a fraction of
     # the metrics on a million-row snapshot.
-    for column, (low, high) in sorted(profile_ranges().items()):
+    for column, (low, high) in sorted(profile_ranges(traits).items()):
         if column in all_null:
             continue
         expectations.append(
@@ -540,9 +550,10 @@ def build_profile_suite(all_null: frozenset[str] = frozenset()) -> gx.Expectatio
     )
 
 
-def validate_profiles(profiles: pa.Table, hour: datetime) -> dict[str, Any]:
+def validate_profiles(profiles: pa.Table, hour: datetime, traits: tuple[Trait, ...] = ()) -> dict[str, Any]:
     """Validate the profile snapshot of ``hour`` before it is committed; raise on failure.
 
+    ``traits``: the declared traits the snapshot carries (``load_traits``), whose counts get range checks.
     Runs ``build_profile_suite`` on the columns it checks (converted to pandas once) in
     an ephemeral Great Expectations context: nothing is written. Raises
     ``ProfileValidationError`` naming every failed expectation, its column and its
@@ -556,12 +567,12 @@ def validate_profiles(profiles: pa.Table, hour: datetime) -> dict[str, Any]:
     began = time.perf_counter()
     start = _check_hour(hour)
 
-    expected = [USER_ID, LIFECYCLE_STAGE, RFM_SEGMENT, PEAK_HOUR_LOCAL, *profile_ranges()]
+    expected = [USER_ID, LIFECYCLE_STAGE, RFM_SEGMENT, PEAK_HOUR_LOCAL, *profile_ranges(traits)]
     missing = [c for c in expected if c not in profiles.column_names]
     if missing:
         raise ProfileValidationError(f"profile snapshot {format_hour(start)}: missing column(s) {', '.join(missing)}")
     all_null = frozenset(c for c in expected if profiles.column(c).null_count == profiles.num_rows)
-    suite = build_profile_suite(all_null)
+    suite = build_profile_suite(all_null, traits)
     columns = sorted({str(e.column) for e in suite.expectations if hasattr(e, "column")})
     frame = gx_frame(profiles.select(columns))  # the pandas edge: GX validates a DataFrame
     from great_expectations.data_context.types.base import ProgressBarsConfig

@@ -25,6 +25,7 @@ from profile_engine.contracts.profiles import (
     USER_ID,
 )
 from profile_engine.contracts.scores import SCORE_COLUMNS
+from profile_engine.contracts.traits import Trait, load_traits, trait_fields
 from profile_engine.lake import db
 
 if TYPE_CHECKING:
@@ -205,13 +206,15 @@ def rules_file(path: Path | None = None) -> Path:
     return DEFAULT_RULES_PATH if path is None else path
 
 
-def known_columns() -> list[str]:
-    """Production column list for validating rules: profile contract + score columns.
+def known_columns(traits: tuple[Trait, ...] | None = None) -> list[str]:
+    """Production column list for validating rules: profile contract + declared trait + score columns.
 
-    The profile contract is ``contracts.profiles.PROFILE_COLUMNS``; derived columns are added by
+    The profile contract is ``contracts.profiles.PROFILE_COLUMNS``; ``traits`` are the loaded
+    declared traits (None: the package's defaults); derived columns are added by
     ``load_rules`` itself.
     """
-    return [*PROFILE_COLUMNS, *SCORE_COLUMNS]
+    declared = load_traits() if traits is None else traits
+    return [*PROFILE_COLUMNS, *(name for name, _ in trait_fields(declared)), *SCORE_COLUMNS]
 
 
 def load_rules(path: Path | None = None, columns: Sequence[str] | pa.Schema | None = None) -> list[SegmentRule]:
