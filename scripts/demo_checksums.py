@@ -70,8 +70,13 @@ from typing import Any
 
 FORMAT = "profile_engine.demo_checksums/1"
 DEFAULT_LAST = "2026-11-30T13:00:00+00:00"
-# A fixed pseudonymisation key: the same users must get the same export ids in both builds.
-EXPORT_KEY = "demo-checksums-fixed-export-key"
+
+
+def fixed_export_key(seed: int) -> str:
+    """The pseudonymisation key of a check build: fixed per seed (not a secret), so both builds export the same ids."""
+    return f"demo-checksums-seed-{seed}-not-a-secret"
+
+
 CHECKED_LAYERS = (
     "profiles",
     "interests",
@@ -250,7 +255,7 @@ def _environment(checkout: Path, lake: Path, airflow_home: Path, seed: int) -> d
             "PYTHONDONTWRITEBYTECODE": "1",
             "PROFILE_ENGINE_LAKE": str(lake),
             "PROFILE_ENGINE_SEED": str(seed),
-            "PROFILE_ENGINE_EXPORT_KEY": EXPORT_KEY,
+            "PROFILE_ENGINE_EXPORT_KEY": fixed_export_key(seed),
             "AIRFLOW_HOME": str(airflow_home),
         }
     )
