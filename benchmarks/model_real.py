@@ -17,12 +17,11 @@ Usage (from the repository root)::
     PYTHONPATH=include .venv/bin/python benchmarks/model_real.py FILE --mapping taobao \\
         --dataset "Taobao UserBehavior (Tianchi 649), tail" --horizon-hours 24 --business-tz Asia/Shanghai
 
-    # UCI "Online Retail" (the first edition's column names) through the order_lines mapping:
+    # UCI "Online Retail" through the order_lines mapping (it reads both editions' column names):
     # replay once, then train each horizon in its own copy of the lake
     PYTHONPATH=include .venv/bin/python benchmarks/model_real.py online-retail-dataset.csv \\
         --mapping order_lines --dataset "UCI Online Retail" --business-tz Europe/London \\
-        --since 2011-05-01 --rename InvoiceNo=Invoice --rename UnitPrice=Price \\
-        --rename "CustomerID=Customer ID" --replay-lateness-hours 24 --replay-only --lake /tmp/uci
+        --since 2011-05-01 --replay-lateness-hours 24 --replay-only --lake /tmp/uci
     cp -a /tmp/uci /tmp/uci-168
     PYTHONPATH=include .venv/bin/python benchmarks/model_real.py online-retail-dataset.csv \\
         --mapping order_lines --dataset "UCI Online Retail" --business-tz Europe/London \\
