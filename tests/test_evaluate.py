@@ -313,6 +313,26 @@ def test_gate_tests_the_ece_ceiling_on_its_interval() -> None:
     assert above.deciding["metric"] == "ece" and above.deciding["interval"] == [0.052, 0.081]
 
 
+def test_gate_refuses_a_calibration_its_interval_cannot_establish() -> None:
+    # Arrange: a small shop's baseline (90 evaluation rows) with ECE 0.092 [0.000, 0.203] against a ceiling of 0.05:
+    # not "entirely above", but the interval allows four times the ceiling (it then scored 0.3 for a 0.1-0.2 base rate)
+    challenger = scores(0.70, ece=0.092)
+    too_wide = {"challenger": {"ece": [0.0, 0.203]}}
+    narrow_enough = {"challenger": {"ece": [0.031, 0.081]}}  # reaches past the ceiling, within twice it
+
+    # Act
+    wide = gate.gate(challenger, None, intervals=too_wide)
+    fine = gate.gate(scores(0.70, ece=0.055), None, intervals=narrow_enough)
+
+    # Assert: rejected, and the reason names the interval and the evidence bound
+    assert not wide.promote
+    assert wide.reasons == [
+        "ece 0.0920 not established under ceiling 0.05 (95% interval [0.0000, 0.2030] reaches above 0.1, "
+        "2x the ceiling: too few evaluation rows to tell)"
+    ]
+    assert fine.promote, fine.reasons
+
+
 def test_gate_config_from_the_environment() -> None:
     config = gate.GateConfig.from_env(
         {

@@ -33,6 +33,9 @@ class GateConfig:
     """
 
     floors: Mapping[str, float] = field(default_factory=lambda: {"auc": 0.6, "ece": 0.05})
+    # A ceiling's interval must also end at or below the ceiling times this: an interval that wide says the
+    # evaluation rows cannot tell a calibrated model from a badly miscalibrated one.
+    ceiling_evidence: float = 2.0
     primary_metric: str = "lift_at_10"
     margin: float = 0.1
     margins: Mapping[str, float] = field(default_factory=lambda: {"auc": 0.01})
@@ -43,6 +46,8 @@ class GateConfig:
             raise ValueError(f"gate: unknown metric(s) {unknown}; known: {sorted(HIGHER_IS_BETTER)}")
         if self.margin < 0 or any(v < 0 for v in self.margins.values()):
             raise ValueError("gate: margins must be >= 0")
+        if self.ceiling_evidence < 1:
+            raise ValueError("gate: ceiling_evidence must be >= 1")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GateConfig:
@@ -77,6 +82,7 @@ class GateConfig:
             "primary_metric": self.primary_metric,
             "margin": self.margin,
             "margins": dict(self.margins),
+            "ceiling_evidence": self.ceiling_evidence,
         }
 
 
@@ -160,18 +166,22 @@ def gate(
         higher = HIGHER_IS_BETTER[name]
         value = float(challenger[name])
         interval = _interval(intervals, challenger_name, name)
-        # A ceiling fails when the interval lies entirely above it; without an interval, on the point estimate.
+        # A ceiling fails when the interval lies entirely above it, or reaches past ``ceiling_evidence`` times it
+        # (too few rows to tell); without an interval it is tested on the point estimate.
         tested = interval[0] if (interval is not None and not higher) else value
-        checks.append(
-            {
-                "check": "floor" if higher else "ceiling",
-                "metric": name,
-                "value": value,
-                "threshold": bound,
-                "interval": interval,
-                "passed": _passes(tested, bound, higher),
-            }
-        )
+        check: dict[str, Any] = {
+            "check": "floor" if higher else "ceiling",
+            "metric": name,
+            "value": value,
+            "threshold": bound,
+            "interval": interval,
+            "passed": _passes(tested, bound, higher),
+        }
+        if not higher and interval is not None and check["passed"]:
+            evidence = bound * config.ceiling_evidence
+            check["evidence"] = evidence
+            check["passed"] = _passes(interval[1], evidence, higher)
+        checks.append(check)
     primary = config.primary_metric
     primary_higher = HIGHER_IS_BETTER[primary]
     for name, values in (baselines or {}).items():
@@ -353,6 +363,13 @@ def _reason(check: Mapping[str, Any]) -> str:
         tail = f" (95% interval {_fmt_interval(interval)})" if interval else ""
         return f"{metric} {value:.4f} fails floor {check['threshold']}{tail}"
     if check["check"] == "ceiling":
+        if interval and interval[0] <= check["threshold"] and "evidence" in check:
+            factor = check["evidence"] / check["threshold"]
+            return (
+                f"{metric} {value:.4f} not established under ceiling {check['threshold']} (95% interval "
+                f"{_fmt_interval(interval)} reaches above {check['evidence']:g}, {factor:g}x the ceiling: too few "
+                "evaluation rows to tell)"
+            )
         tail = f" (95% interval {_fmt_interval(interval)} entirely above)" if interval else ""
         return f"{metric} {value:.4f} exceeds ceiling {check['threshold']}{tail}"
     difference = value - check["reference"]
