@@ -220,17 +220,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         business_tz=args.business_tz,
         seed=7,
     )
-    replay_s: float | None = None
-    replayed: dict[str, Any] = {}
-    if not labels.committed_profile_hours(Lake(settings.lake)):  # else: reuse the replay already in the lake
-        file = Path(args.file)
-        if args.since:
-            renames = dict(r.split("=", 1) for r in args.rename)
-            file = _filtered(file, args.date_column, args.since, renames, lake_dir)
-        started = time.perf_counter()
-        replayed = runner.replay(settings, file, args.mapping, quality_suite=False)
-        replay_s = round(time.perf_counter() - started, 1)
-        print(f"replayed in {replay_s} s: {json.dumps(replayed, default=str)[:2000]}", file=sys.stderr, flush=True)
+    replay_s, replayed = replay_once(settings, args, lake_dir)
     if args.replay_only:
         return {"dataset": args.dataset, "replay_seconds": replay_s, "replayed": replayed}
     settings = replace(settings, lateness_hours=1)
@@ -372,6 +362,22 @@ def markdown(result: dict[str, Any]) -> str:
             if pooled.get("champion_minus"):
                 out += [f"champion minus (95% paired intervals): {json.dumps(pooled['champion_minus'])}", ""]
     return "\n".join(out)
+
+
+def replay_once(settings: Settings, args: argparse.Namespace, work: Path) -> tuple[float | None, dict[str, Any]]:
+    """Replay ``args.file`` (rows since ``--since``) into the lake unless it already holds a replay (then reuse it):
+    ``(seconds, runner.replay summary)``, or ``(None, {})`` when reused."""
+    if labels.committed_profile_hours(Lake(settings.lake)):
+        return None, {}
+    file = Path(args.file)
+    if args.since:
+        renames = dict(r.split("=", 1) for r in args.rename)
+        file = _filtered(file, args.date_column, args.since, renames, work)
+    started = time.perf_counter()
+    replayed = runner.replay(settings, file, args.mapping, quality_suite=False)
+    seconds = round(time.perf_counter() - started, 1)
+    print(f"replayed in {seconds} s: {json.dumps(replayed, default=str)[:2000]}", file=sys.stderr, flush=True)
+    return seconds, replayed
 
 
 def common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from model_real import _filtered, common_arguments  # the same filtered copy and arguments (benchmarks/ is on the path)
+from model_real import common_arguments, replay_once  # the same replay and arguments (benchmarks/ is on the path)
 
 from profile_engine.config import Settings
 from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES
@@ -47,7 +47,6 @@ from profile_engine.lake.storage import Lake
 from profile_engine.model import calibration as calibrate
 from profile_engine.model import inputs, labels, metrics, network, sequence
 from profile_engine.model import training as trainer
-from profile_engine.ops import runner
 
 REPORTED = ("auc", "pr_auc", "log_loss", "ece", "lift_at_10")
 SCORERS = ("network", "baseline", "sequence", "combined")
@@ -124,16 +123,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         business_tz=args.business_tz,
         seed=7,
     )
-    replay_s = None
-    replayed: dict[str, Any] = {}
-    if not labels.committed_profile_hours(Lake(settings.lake)):
-        file = Path(args.file)
-        if args.since:
-            renames = dict(r.split("=", 1) for r in args.rename)
-            file = _filtered(file, args.date_column, args.since, renames, work)
-        started = time.perf_counter()
-        replayed = runner.replay(settings, file, args.mapping, quality_suite=False)
-        replay_s = round(time.perf_counter() - started, 1)
+    replay_s, replayed = replay_once(settings, args, work)
     settings = replace(settings, lateness_hours=1)
     snapshots = labels.committed_profile_hours(Lake(settings.lake))
     config = sequence.SequenceConfig(length=args.length)
