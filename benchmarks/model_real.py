@@ -380,6 +380,14 @@ def replay_once(settings: Settings, args: argparse.Namespace, work: Path) -> tup
     return seconds, replayed
 
 
+def emit_json(result: dict[str, Any], out: str | None) -> None:
+    """Print a benchmark's result as JSON, and write it to ``out`` too when given."""
+    text = json.dumps(result, indent=1, default=str)
+    if out:
+        Path(out).write_text(text + "\n")
+    print(text)
+
+
 def common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments every real-log benchmark takes (this one and ``sequence_model.py``): the log, its
     mapping and time zone, the filtered copy, the label horizon, the training minimums, the lake, the output."""
@@ -417,12 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     result = pool_only(args) if args.pool_only else measure(args)
-    text = json.dumps(result, indent=1, default=str)
+    emit_json(result, args.out)
     tables = "" if args.replay_only else markdown(result)
     if args.out:
-        Path(args.out).write_text(text + "\n")
         Path(args.out).with_suffix(".md").write_text(tables + "\n")
-    print(text)
     print(tables)
     return 0
 

@@ -26,7 +26,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from model_real import _with_intervals, trained_lake_settings  # the same metrics (benchmarks/ is on the path)
+from model_real import (  # the same metrics (benchmarks/ is on the path)
+    _with_intervals,
+    emit_json,
+    trained_lake_settings,
+)
 
 from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 from profile_engine.model import calibration as calibrate
@@ -130,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": _with_intervals(y_all, all_scores, args.n_boot),
         "paired": paired(y_all, all_scores, args.n_boot),
     }
-    text = json.dumps(out, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit_json(out, args.out)
     return 0
 
 

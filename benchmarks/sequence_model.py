@@ -38,7 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from model_real import common_arguments, replay_once  # the same replay and arguments (benchmarks/ is on the path)
+from model_real import (  # the same replay and arguments (benchmarks/ is on the path)
+    common_arguments,
+    emit_json,
+    replay_once,
+)
 
 from profile_engine.config import Settings
 from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES
@@ -188,10 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=200_000)
     args = parser.parse_args(argv)
     result = measure(args)
-    text = json.dumps(result, indent=1, default=str)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit_json(result, args.out)
     return 0
 
 
