@@ -237,3 +237,64 @@ def bucket_deciles(buckets: Buckets, value: str = "s") -> tuple[RankCuts, Callab
         return pc.cast(column, pa.int8()).combine_chunks()
 
     return ranked, deciles
+
+
+def value_counts(buckets: Buckets, value: str, where: str) -> pa.Table:
+    """The exact histogram of ``value`` over the rows where ``where`` holds in every bucket: columns ``v`` (each
+    distinct value once, ascending, in DuckDB's order: NaN last, peers as ``ORDER BY`` sees them) and ``n`` (rows);
+    one bucket in memory plus the merged counts."""
+    merged: list[pa.Table] = []
+
+    def count(con: Any) -> None:
+        part = f"SELECT {value} AS v, count(*) AS n FROM t WHERE {where} GROUP BY 1"
+        if merged:
+            con.register("m", merged.pop())
+            part = f"SELECT v, CAST(sum(n) AS BIGINT) AS n FROM ({part} UNION ALL SELECT v, n FROM m) GROUP BY v"
+        merged.append(con.sql(part).to_arrow_table())
+
+    _per_bucket(buckets, count)
+    con = db.connect()
+    try:
+        if merged:
+            con.register("m", merged[0])
+            return con.sql("SELECT v, n FROM m ORDER BY v").to_arrow_table()
+        return con.sql("SELECT CAST(NULL AS DOUBLE) AS v, CAST(0 AS BIGINT) AS n WHERE false").to_arrow_table()
+    finally:
+        con.close()
+
+
+def bucket_cume_dist(buckets: Buckets, value: str, where: str) -> Callable[[pa.Table], pa.Array]:
+    """``CASE WHEN where THEN cume_dist() OVER (PARTITION BY where ORDER BY value) END`` over the union of
+    ``buckets``, as a function giving one bucket's values (DOUBLE, in row order).
+
+    ``cume_dist`` of a row is the share of the ranked rows whose value is at most its own
+    (its peers included): ``value_counts`` gives each distinct value's running count, and
+    the row's value is that count over the total, the same division (two integers as
+    doubles) DuckDB's window makes, so the values are the window's over the whole
+    population, bit for bit.
+    """
+    counts = value_counts(buckets, value, where)
+    con = db.connect()
+    try:
+        con.register("c", counts)
+        cumulative = con.sql(
+            "SELECT v AS __v, sum(n) OVER (ORDER BY v ROWS UNBOUNDED PRECEDING) AS __le FROM c"
+        ).to_arrow_table()
+    finally:
+        con.close()
+    total = int(pc.sum(counts.column("n")).as_py() or 0)
+
+    def apply(table: pa.Table) -> pa.Array:
+        con = db.connect()
+        try:
+            con.register("t", table.append_column("__row", pa.array(range(table.num_rows), pa.int64())))
+            con.register("h", cumulative)
+            column = con.sql(
+                f"SELECT CASE WHEN {where} THEN CAST(h.__le AS DOUBLE) / CAST({total} AS DOUBLE) END AS d "
+                f"FROM t LEFT JOIN h ON ({value}) = h.__v ORDER BY t.__row"
+            ).to_arrow_table()
+        finally:
+            con.close()
+        return pc.cast(column.column("d"), pa.float64()).combine_chunks()
+
+    return apply

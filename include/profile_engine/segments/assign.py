@@ -6,7 +6,7 @@ Hysteresis, priority, cooldowns, control groups and declared shares: docs/segmen
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,12 +35,14 @@ from profile_engine.contracts.segments import (
     SEGMENT_SCHEMA,
     SEGMENTS_COL,
 )
+from profile_engine.profiles.ranks import Buckets, bucket_cume_dist
 from profile_engine.segments.rules import (
     CONTROL,
     CONTROL_BASIS,
     DERIVED_COLUMNS,
     NO_ACTION,
     OPTED_OUT,
+    POPULATION_COLUMNS,
     RULE_VIEW,
     SegmentRule,
     quote_identifier,
@@ -370,7 +372,7 @@ def assign_segments(
                 f"NOT __enter_{i} AS by_stay "
                 f"FROM flagged WHERE __enter_{i} OR (__prev_{i} AND __stay_{i})"
             )
-        # Rule expressions (window functions included) see the whole population of the hour.
+        # A rule reads its row only; population columns come with ``evaluated`` or over it (``_create_profiles_view``).
         con.execute(
             f"CREATE TEMP TABLE flagged AS SELECT p.*, {score} AS __score, {', '.join(flags)} FROM {RULE_VIEW} p "
             f"LEFT JOIN (SELECT {USER_ID}, {SEGMENTS_COL} AS __prev_segments FROM prev_input) prev USING ({USER_ID})"
@@ -442,26 +444,46 @@ def assign_segments(
     return result.cast(SEGMENT_SCHEMA), {rule.name: sizes.get(rule.name, 0) for rule in rules}
 
 
+# Per population column (rules.POPULATION_COLUMNS), the function giving one bucket its values.
+PopulationStats = dict[str, Callable[[pa.Table], pa.Array]]
+
+
+def population_stats(buckets: Buckets) -> PopulationStats:
+    """The population columns' statistics over every bucket (one bucket in memory at a time, exact).
+
+    ``buckets`` returns the buckets' tables, each with the columns of
+    ``PopulationColumn.inputs``; a bucket then gets its values with
+    :func:`add_population_columns`, the values a window over the whole population gives.
+    """
+    return {name: bucket_cume_dist(buckets, column.value, column.where) for name, column in POPULATION_COLUMNS.items()}
+
+
+def add_population_columns(evaluated: pa.Table, stats: PopulationStats) -> pa.Table:
+    """``evaluated`` (one bucket of profiles + scores) with the population columns appended."""
+    for name, values in stats.items():
+        evaluated = evaluated.append_column(pa.field(name, pa.float64()), values(evaluated))
+    return evaluated
+
+
 def _create_profiles_view(con: duckdb.DuckDBPyConnection, evaluated: pa.Table) -> None:
-    """The view rules are evaluated against: one hour's profiles + scores with the derived columns."""
+    """The view rules are evaluated against: one hour's profiles + scores with the derived columns.
+
+    Population columns ``evaluated`` does not carry are computed over ``evaluated`` itself
+    (the table is the whole population); one bucket of a larger one carries them
+    (:func:`add_population_columns`).
+    """
+    if any(name not in evaluated.column_names for name in POPULATION_COLUMNS):
+        evaluated = add_population_columns(evaluated, population_stats(lambda: [evaluated]))
     con.register("snapshot_input", evaluated)
     derived = ", ".join(f"{sql} AS {name}" for name, (_, sql) in DERIVED_COLUMNS.items())
     con.execute(f"CREATE VIEW {RULE_VIEW} AS SELECT *, {derived} FROM snapshot_input")
 
 
-def share_checks(evaluated: pa.Table, rules: Sequence[SegmentRule]) -> list[dict[str, Any]]:
-    """Per rule with a declared ``max_share``: how many profiles ``enter`` matched, of how many it could judge.
-
-    ``judged`` counts the profiles for which ``enter`` is not NULL (a decile rule cannot
-    judge an unscored user, a spend percentile a user without orders or prices), so ties
-    show: when every buyer spent the same, ``monetary_percentile >= 0.95`` matches all of
-    them. ``over`` when more than ``max_share`` of ``judged`` matched, allowing for the one
-    user at a percentile's boundary (``cume_dist >= 0.95`` over 100 distinct amounts
-    matches 6). Reported, not capped: among tied users no one is more "top 5%" than another.
-    """
+def share_counts(evaluated: pa.Table, rules: Sequence[SegmentRule]) -> dict[str, tuple[int, int]]:
+    """Per rule with a declared ``max_share``: (matched, judged) profiles of ``evaluated``; counts of buckets add up."""
     declared = [r for r in rules if r.max_share is not None]
     if not declared:
-        return []
+        return {}
     con = rule_connection()
     try:
         _create_profiles_view(con, evaluated)
@@ -471,9 +493,16 @@ def share_checks(evaluated: pa.Table, rules: Sequence[SegmentRule]) -> list[dict
         row = con.execute(f"SELECT {counts} FROM {RULE_VIEW}").fetchall()[0]
     finally:
         con.close()
+    return {rule.name: (int(row[2 * i]), int(row[2 * i + 1])) for i, rule in enumerate(declared)}
+
+
+def share_report(counts: Mapping[str, tuple[int, int]], rules: Sequence[SegmentRule]) -> list[dict[str, Any]]:
+    """The share checks of ``counts`` (``share_counts``, summed over the buckets), in rule order."""
     checks = []
-    for i, rule in enumerate(declared):
-        matched, judged = int(row[2 * i]), int(row[2 * i + 1])
+    for rule in rules:
+        if rule.max_share is None:
+            continue
+        matched, judged = counts.get(rule.name, (0, 0))
         limit = float(rule.max_share or 0.0)
         checks.append(
             {
@@ -486,6 +515,20 @@ def share_checks(evaluated: pa.Table, rules: Sequence[SegmentRule]) -> list[dict
             }
         )
     return checks
+
+
+def share_checks(evaluated: pa.Table, rules: Sequence[SegmentRule]) -> list[dict[str, Any]]:
+    """Per rule with a declared ``max_share``: how many profiles ``enter`` matched, of how many it could judge.
+
+    ``judged`` counts the profiles for which ``enter`` is not NULL (a decile rule cannot
+    judge an unscored user, a spend percentile a user without orders or prices), so ties
+    show: when every buyer spent the same, ``monetary_percentile >= 0.95`` matches all of
+    them. ``over`` when more than ``max_share`` of ``judged`` matched, allowing for the one
+    user at a percentile's boundary (``cume_dist >= 0.95`` over 100 distinct amounts
+    matches 6). Reported, not capped: among tied users no one is more "top 5%" than another.
+    ``publish_segments`` adds the ``share_counts`` of every bucket (``share_report``).
+    """
+    return share_report(share_counts(evaluated, rules), rules)
 
 
 def share_warning(check: Mapping[str, Any]) -> str:

@@ -35,19 +35,33 @@ if TYPE_CHECKING:
 DEFAULT_RULES_PATH = CONFIG_DIR / "segments.yaml"
 
 
-# Columns derived here from the snapshot so rules stay readable (name -> DuckDB type, SQL).
+# Columns derived here from the snapshot so rules stay readable (name -> DuckDB type, SQL), each from its own row.
 _SNAPSHOT_END_SQL = f"{SNAPSHOT_HOUR} + INTERVAL 1 HOUR"
 _HAS_SPEND_SQL = f"({FREQUENCY_ORDERS} > 0 AND {MONETARY_TOTAL} IS NOT NULL)"
 DERIVED_COLUMNS: dict[str, tuple[str, str]] = {
     "snapshot_end": ("TIMESTAMPTZ", _SNAPSHOT_END_SQL),
     "hours_since_first_seen": ("DOUBLE", f"(epoch({_SNAPSHOT_END_SQL}) - epoch({FIRST_SEEN_AT})) / 3600.0"),
-    # Share of buyers spending at most this user's amount (cume_dist among users with orders and a known
-    # amount). NULL without orders and where money is unknown (a source without prices): sorted NULLs are
-    # peers, so a cume_dist over them would put every such buyer at 1.0, the "top 5%".
-    "monetary_percentile": (
-        "DOUBLE",
-        f"CASE WHEN {_HAS_SPEND_SQL} THEN cume_dist() OVER "
-        f"(PARTITION BY {_HAS_SPEND_SQL} ORDER BY {MONETARY_TOTAL}) END",
+}
+
+
+@dataclass(frozen=True)
+class PopulationColumn:
+    """A derived column that is a population statistic: ``cume_dist()`` of ``value`` among the rows where ``where``
+    holds, NULL elsewhere; computed over every bucket from per-bucket summaries (``profiles.ranks``), so one
+    bucket at a time gets the values the whole population would. ``inputs``: the snapshot columns it reads."""
+
+    sql_type: str
+    value: str
+    where: str
+    inputs: tuple[str, ...]
+
+
+# Share of buyers spending at most this user's amount (cume_dist among users with orders and a known
+# amount). NULL without orders and where money is unknown (a source without prices): sorted NULLs are
+# peers, so a cume_dist over them would put every such buyer at 1.0, the "top 5%".
+POPULATION_COLUMNS: dict[str, PopulationColumn] = {
+    "monetary_percentile": PopulationColumn(
+        "DOUBLE", MONETARY_TOTAL, _HAS_SPEND_SQL, (FREQUENCY_ORDERS, MONETARY_TOTAL)
     ),
 }
 
@@ -477,9 +491,11 @@ def _create_rule_view(con: duckdb.DuckDBPyConnection, columns: Sequence[str] | p
         if not names:
             raise ValueError("no columns to validate segment rules against")
         base = "SELECT " + ", ".join(f"NULL AS {quote_identifier(c)}" for c in names)
-    derived = ", ".join(f"CAST(NULL AS {sql_type}) AS {name}" for name, (sql_type, _) in DERIVED_COLUMNS.items())
+    types = {name: sql_type for name, (sql_type, _) in DERIVED_COLUMNS.items()}
+    types |= {name: column.sql_type for name, column in POPULATION_COLUMNS.items()}
+    derived = ", ".join(f"CAST(NULL AS {sql_type}) AS {name}" for name, sql_type in types.items())
     con.execute(f"CREATE OR REPLACE VIEW {RULE_VIEW} AS SELECT *, {derived} FROM ({base}) WHERE false")
-    return {*names, *DERIVED_COLUMNS}
+    return {*names, *types}
 
 
 def quote_identifier(identifier: str) -> str:
