@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from profile_engine.config import Settings
+from profile_engine.contracts.events import SCHEMA_VERSION, bucket_sql
 from profile_engine.contracts.profiles import USER_ID
 from profile_engine.contracts.scores import MODEL_VERSION, PROPENSITY, SCORE_COLUMNS, SCORE_SCHEMA
 from profile_engine.contracts.segments import (
@@ -36,6 +39,7 @@ from profile_engine.contracts.segments import (
     REASON,
     RULE,
     SEGMENT,
+    SEGMENT_SCHEMA,
     SEGMENTS_COL,
     SUPPRESS_CHANGES,
     SUPPRESS_FULL,
@@ -45,11 +49,19 @@ from profile_engine.hours import HOUR, floor_hour, format_hour
 from profile_engine.lake import db, faults
 from profile_engine.lake import storage as lk
 from profile_engine.privacy.keys import ExportKey, export_key, pseudonymize_array
-from profile_engine.segments.assign import assign_segments, share_checks, share_warning
+from profile_engine.segments.assign import (
+    add_population_columns,
+    assign_segments,
+    population_stats,
+    share_counts,
+    share_report,
+    share_warning,
+)
 from profile_engine.segments.optouts import read_optouts
 from profile_engine.segments.rules import (
     NO_ACTION,
     OPTED_OUT,
+    POPULATION_COLUMNS,
     SUPPRESS,
     load_rules,
     rule_connection,
@@ -60,25 +72,49 @@ from profile_engine.segments.rules import (
 _LOG = logging.getLogger(__name__)
 
 
-def _read_snapshot(lake: lk.Lake, hour: datetime) -> pa.Table:
-    """The committed profile snapshot of ``hour``; fails naming the hour when uncommitted."""
+def _profile_buckets(lake: lk.Lake, hour: datetime) -> list[int]:
+    """The buckets of the committed profile snapshot of ``hour``; fails naming the hour when uncommitted."""
     marker = lake.partition(lk.PROFILES, hour) / lk.MANIFEST
     if not marker.is_file():
         raise FileNotFoundError(
             f"profile snapshot of hour {format_hour(hour)} is not committed (no {marker}); "
             "publish_profiles must finish that hour first"
         )
-    return lake.read(lk.PROFILES, hour)
+    found = sorted(_bucket_of(m.parent) for m in marker.parent.glob(f"bucket=*/{lk.MANIFEST}"))
+    if not found:
+        raise FileNotFoundError(
+            f"profile snapshot of hour {format_hour(hour)} has no committed bucket under {marker.parent}"
+        )
+    return found
 
 
-def _read_scores(lake: lk.Lake, hour: datetime) -> pa.Table | None:
-    """Committed scores of ``hour`` (score columns only, deciles on the whole scored population), or None."""
+def _bucket_of(folder: Path) -> int:
+    """The number of a ``bucket=N`` folder."""
+    return int(folder.name.split("=", 1)[1])
+
+
+def _read_scores(lake: lk.Lake, hour: datetime, bucket: int | None) -> pa.Table | None:
+    """Committed scores of ``hour`` (``bucket``, else every bucket) with deciles on the whole scored population, or None."""
     from profile_engine.model.scoring import read_scores
 
     try:
-        return read_scores(lake, hour).select([USER_ID, *SCORE_COLUMNS])
+        return read_scores(lake, hour, bucket).select([USER_ID, *SCORE_COLUMNS])
     except FileNotFoundError:
         return None
+
+
+def _score_reader(lake: lk.Lake, hour: datetime) -> tuple[Callable[[int], pa.Table | None], bool]:
+    """A function giving one bucket's scores (None: no scores for it), and whether the hour has scores at all.
+
+    Scores are written per bucket (``score_profiles``): a bucket's scores are read with their
+    deciles over every bucket (``read_scores``). Scores of one partition per hour (older
+    lakes) are read once, and each bucket's profiles join the users they have.
+    """
+    found = {_bucket_of(m.parent) for m in lake.partition(lk.SCORES, hour).glob(f"bucket=*/{lk.MANIFEST}")}
+    if found:
+        return (lambda bucket: _read_scores(lake, hour, bucket) if bucket in found else None), True
+    whole = _read_scores(lake, hour, None)
+    return (lambda bucket: whole), whole is not None
 
 
 def _join_scores(profiles: pa.Table, scores: pa.Table | None) -> pa.Table:
@@ -105,17 +141,53 @@ def _join_scores(profiles: pa.Table, scores: pa.Table | None) -> pa.Table:
     return joined.cast(pa.schema([*base.schema, *SCORE_SCHEMA]))
 
 
-def _read_recent_contacts(lake: lk.Lake, hour: datetime, window_hours: int) -> pa.Table:
-    """Contacts of the ``window_hours - 1`` hours before ``hour`` with their age in hours.
+@dataclass(frozen=True)
+class _Layout:
+    """How this hour's outputs are bucketed: the snapshot's ``buckets`` (folders), users placed by ``bucket_sql``
+    over ``count`` (``Settings.buckets``)."""
+
+    buckets: tuple[int, ...]
+    count: int
+
+
+def _bucket_part(
+    lake: lk.Lake, layer: str, hour: datetime, bucket: int, layout: _Layout, columns: list[str]
+) -> pa.Table | None:
+    """``columns`` of the rows of ``bucket``'s users in the committed ``layer`` partition of ``hour``, or None.
+
+    A partition written per bucket over the same buckets is read from that bucket's folder.
+    One written whole (by older code), or over other buckets, is filtered to the users of
+    ``bucket`` by the staging rule (``bucket_sql``) while DuckDB reads it, so one bucket is
+    held either way.
+    """
+    if not lake.committed(layer, hour):
+        return None
+    if lake.manifest(layer, hour).get("buckets") == list(layout.buckets) and lake.committed(layer, hour, bucket):
+        return lake.read(layer, hour, bucket, columns=columns)
+    files = lake.data_files(layer, hour)
+    schema = pq.read_schema(files[0])
+    con = db.connect()
+    try:
+        listed = ", ".join(sql_literal(str(f)) for f in files)
+        table = con.sql(
+            f"SELECT {', '.join(columns)} FROM read_parquet([{listed}]) "
+            f"WHERE {bucket_sql(USER_ID, layout.count)} = {int(bucket)} ORDER BY {USER_ID}"
+        ).to_arrow_table()
+    finally:
+        con.close()
+    return table.cast(pa.schema([schema.field(c) for c in columns]))
+
+
+def _read_recent_contacts(lake: lk.Lake, hour: datetime, window_hours: int, bucket: int, layout: _Layout) -> pa.Table:
+    """Contacts of ``bucket``'s users in the ``window_hours - 1`` hours before ``hour`` with their age in hours.
 
     A contact ``k`` hours ago blocks an action whose cooldown is more than ``k`` hours; the
     hour itself is excluded, so a rerun of ``hour`` does not block itself.
     """
     tables = []
     for age in range(1, window_hours):
-        past = hour - age * HOUR
-        if lake.committed(lk.CONTACTS, past):
-            table = lake.read(lk.CONTACTS, past, columns=[USER_ID, ACTION])
+        table = _bucket_part(lake, lk.CONTACTS, hour - age * HOUR, bucket, layout, [USER_ID, ACTION])
+        if table is not None:
             tables.append(table.append_column("hours_ago", pa.array([age] * table.num_rows, pa.int64())))
     if not tables:
         return pa.table(
@@ -193,49 +265,85 @@ def _export_tables(assigned: pa.Table, actions: Sequence[str], previous: pa.Tabl
 
 
 def _suppress_summary(
-    tables: Mapping[str, pa.Table], assigned: pa.Table, previous_hour: datetime, has_previous: bool
+    counts: Mapping[str, int], list_size: int, previous_hour: datetime, has_previous: bool
 ) -> dict[str, Any] | None:
-    """What the suppress export holds: ``full`` list or ``changes`` to ``base_hour``'s, list size, entered, left."""
-    if SUPPRESS not in tables:
-        return None
-    changes = tables[SUPPRESS].column(CHANGE).to_pylist()
+    """What the suppress export holds: ``full`` list or ``changes`` to ``base_hour``'s, list size, entered, left.
+
+    ``counts``: rows of the suppress export per ``change`` (None when no rule suppresses).
+    """
     return {
         "mode": SUPPRESS_CHANGES if has_previous else SUPPRESS_FULL,
         "base_hour": format_hour(previous_hour) if has_previous else None,
-        "list_size": assigned.column(ACTION).to_pylist().count(SUPPRESS),
-        "entered": changes.count(ENTERED),
-        "left": changes.count(LEFT),
+        "list_size": list_size,
+        "entered": counts.get(ENTERED, 0),
+        "left": counts.get(LEFT, 0),
     }
 
 
-def _export_files(tables: Mapping[str, pa.Table], key: ExportKey) -> list[tuple[str, bytes]]:
-    """``<action>.csv`` and ``<action>.parquet`` per action, users as pseudonyms, sorted by pseudonym."""
-    files: list[tuple[str, bytes]] = []
+def _keyed(table: pa.Table, key: ExportKey) -> pa.Table:
+    """An export table as users get it: pseudonyms instead of ids, sorted by pseudonym, ``EXPORT_SCHEMA``."""
+    keyed = table.drop_columns([USER_ID]).add_column(0, USER_KEY, pseudonymize_array(table.column(USER_ID), key))
+    return keyed.sort_by([(USER_KEY, "ascending")]).select(list(EXPORT_COLUMNS)).cast(EXPORT_SCHEMA)
+
+
+def _write_runs(tables: Mapping[str, pa.Table], key: ExportKey, runs: Path, bucket: int) -> None:
+    """One bucket's export rows per action, keyed and sorted, as ``<runs>/<action>/<bucket>.parquet`` (a sorted run)."""
     for action, table in tables.items():
-        keyed = table.drop_columns([USER_ID]).add_column(0, USER_KEY, pseudonymize_array(table.column(USER_ID), key))
-        keyed = keyed.sort_by([(USER_KEY, "ascending")]).select(list(EXPORT_COLUMNS)).cast(EXPORT_SCHEMA)
-        text = io.BytesIO()
-        pacsv.write_csv(keyed, text)
-        parquet = io.BytesIO()
-        pq.write_table(keyed, parquet, compression="zstd")
-        files += [(f"{action}.csv", text.getvalue()), (f"{action}.parquet", parquet.getvalue())]
-    return files
+        (runs / action).mkdir(exist_ok=True)
+        pq.write_table(_keyed(table, key), runs / action / f"{bucket}.parquet")
 
 
-def segment_stability(
-    assigned: pa.Table, previous: pa.Table | None, rule_names: Sequence[str]
-) -> dict[str, dict[str, Any]]:
-    """Per segment: size, entered, exited, stayed, overlap with the previous hour, flips prevented, control size.
+# pq.write_table's row groups (1024 * 1024 rows): the merged files are the ones it writes of the whole table.
+_ROW_GROUP_ROWS = 1024 * 1024
 
-    ``overlap`` is the Jaccard index of this hour's and the previous hour's members;
-    ``held_by_stay`` counts members kept only by the ``stay`` condition (flips that
-    hysteresis prevented); ``control`` the members held out as control group of that
-    segment. Without a previous hour, entered/exited/stayed/overlap are None.
-    """
+
+def _export_files(runs: Path, actions: Sequence[str]) -> Iterator[tuple[str, bytes]]:
+    """``<action>.csv`` and ``<action>.parquet`` per action, one action at a time: every bucket's sorted run merged
+    by pseudonym (DuckDB's sort spills to disk past its memory limit), streamed into the CSV and Parquet writers."""
+    for action in actions:
+        files = sorted((runs / action).glob("*.parquet"))
+        listed = ", ".join(sql_literal(str(f)) for f in files)
+        con = db.connect()
+        text, parquet = io.BytesIO(), io.BytesIO()
+        try:
+            reader = con.sql(
+                f"SELECT {', '.join(EXPORT_COLUMNS)} FROM read_parquet([{listed}]) ORDER BY {USER_KEY}"
+            ).to_arrow_reader(64 * 1024)
+            with (
+                pacsv.CSVWriter(text, EXPORT_SCHEMA) as csv_writer,
+                pq.ParquetWriter(parquet, EXPORT_SCHEMA, compression="zstd") as parquet_writer,
+            ):
+                pending: list[pa.Table] = []
+                held = 0
+                written = False
+                for batch in reader:
+                    part = pa.Table.from_batches([batch]).cast(EXPORT_SCHEMA)
+                    csv_writer.write_table(part)
+                    pending.append(part)
+                    held += part.num_rows
+                    while held >= _ROW_GROUP_ROWS:
+                        group = pa.concat_tables(pending).combine_chunks()
+                        parquet_writer.write_table(group.slice(0, _ROW_GROUP_ROWS))
+                        rest = group.slice(_ROW_GROUP_ROWS)
+                        pending, held, written = [rest], rest.num_rows, True
+                if held or not written:
+                    rows = pa.concat_tables(pending) if pending else EXPORT_SCHEMA.empty_table()
+                    parquet_writer.write_table(rows.combine_chunks())
+        finally:
+            con.close()
+        yield f"{action}.csv", text.getvalue()
+        yield f"{action}.parquet", parquet.getvalue()
+
+
+# Per segment, the counts stability is made of; counts of buckets add up (a user is in one bucket).
+_STABILITY_COUNTS = ("size", "held_by_stay", "control", "previous_size", "entered", "exited", "stayed")
+
+
+def stability_counts(assigned: pa.Table, previous: pa.Table | None, rule_names: Sequence[str]) -> dict[str, list[int]]:
+    """Per segment of ``assigned`` and ``previous`` (the same users' segments an hour before): ``_STABILITY_COUNTS``."""
     con = rule_connection()
     try:
         con.register("current_input", assigned.select([USER_ID, SEGMENTS_COL, HELD_BY_STAY, RULE, CONTROL_FLAG]))
-        has_previous = previous is not None
         prev = (
             previous.select([USER_ID, SEGMENTS_COL])
             if previous is not None
@@ -279,31 +387,101 @@ def segment_stability(
         ).fetchall()
     finally:
         con.close()
+    return {str(row[0]): [int(v) for v in row[1:]] for row in rows}
+
+
+def stability_report(
+    counts: Mapping[str, Sequence[int]], has_previous: bool, rule_names: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """The stability of ``counts`` (``stability_counts``, summed over the buckets), segments in rule order."""
     order = {name: i for i, name in enumerate(rule_names)}
     result: dict[str, dict[str, Any]] = {}
-    for name, size, held, control, previous_size, entered, exited, stayed in sorted(
-        rows, key=lambda r: (order.get(r[0], len(order)), r[0])
-    ):
+    for name in sorted(counts, key=lambda n: (order.get(n, len(order)), n)):
+        size, held, control, previous_size, entered, exited, stayed = counts[name]
         union = size + exited
-        result[str(name)] = {
-            "size": int(size),
-            "held_by_stay": int(held),
-            "control": int(control),
-            "previous_size": int(previous_size) if has_previous else None,
-            "entered": int(entered) if has_previous else None,
-            "exited": int(exited) if has_previous else None,
-            "stayed": int(stayed) if has_previous else None,
+        result[name] = {
+            "size": size,
+            "held_by_stay": held,
+            "control": control,
+            "previous_size": previous_size if has_previous else None,
+            "entered": entered if has_previous else None,
+            "exited": exited if has_previous else None,
+            "stayed": stayed if has_previous else None,
             "overlap": (round(stayed / union, 4) if union else None) if has_previous else None,
         }
     return result
 
 
-def _model_version(evaluated: pa.Table) -> str | list[str] | None:
+def _add_stability(total: dict[str, list[int]], counts: Mapping[str, Sequence[int]]) -> None:
+    for name, values in counts.items():
+        total[name] = [a + b for a, b in zip(total.get(name, [0] * len(_STABILITY_COUNTS)), values, strict=True)]
+
+
+def segment_stability(
+    assigned: pa.Table, previous: pa.Table | None, rule_names: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Per segment: size, entered, exited, stayed, overlap with the previous hour, flips prevented, control size.
+
+    ``overlap`` is the Jaccard index of this hour's and the previous hour's members;
+    ``held_by_stay`` counts members kept only by the ``stay`` condition (flips that
+    hysteresis prevented); ``control`` the members held out as control group of that
+    segment. Without a previous hour, entered/exited/stayed/overlap are None.
+    ``publish_segments`` adds the ``stability_counts`` of every bucket (``stability_report``).
+    """
+    return stability_report(stability_counts(assigned, previous, rule_names), previous is not None, rule_names)
+
+
+def _model_version(versions: set[str]) -> str | list[str] | None:
     """The model version(s) behind this hour's scores (one string when one model scored everyone)."""
-    if MODEL_VERSION not in evaluated.column_names:
-        return None
-    versions = sorted({v for v in evaluated.column(MODEL_VERSION).to_pylist() if v})
-    return versions[0] if len(versions) == 1 else (versions or None)
+    ordered = sorted(versions)
+    return ordered[0] if len(ordered) == 1 else (ordered or None)
+
+
+def _uncommit(lake: lk.Lake, layer: str, hour: datetime, buckets: Sequence[int]) -> None:
+    """Take ``layer``'s hour out of the committed ones before its buckets are rewritten.
+
+    The hour-level manifest goes first (readers then see no partition), then what a
+    rewrite would not replace: the one file of the hour written whole by older code and
+    the folders of buckets this snapshot does not have.
+    """
+    base = lake.partition(layer, hour)
+    (base / lk.MANIFEST).unlink(missing_ok=True)
+    (base / lk.DATA_FILE).unlink(missing_ok=True)
+    for folder in base.glob("bucket=*"):
+        if _bucket_of(folder) not in buckets:
+            shutil.rmtree(folder)
+
+
+def _commit(
+    lake: lk.Lake,
+    layer: str,
+    hour: datetime,
+    layout: _Layout,
+    rows: int,
+    columns: Sequence[str],
+    run_id: str,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """The hour-level ``_manifest.json`` of a layer written per bucket: its commit point, written last."""
+    lk.write_json(
+        lake.partition(layer, hour) / lk.MANIFEST,
+        {
+            "layer": layer,
+            "data_hour": format_hour(hour),
+            "buckets": list(layout.buckets),
+            "bucket_count": layout.count,
+            "rows": rows,
+            "columns": list(columns),
+            "schema_version": SCHEMA_VERSION,
+            "run_id": run_id,
+            "written_at": datetime.now(UTC).isoformat(),
+            **(extra or {}),
+        },
+    )
+
+
+def _add(total: dict[str, int], key: str, n: int) -> None:
+    total[key] = total.get(key, 0) + n
 
 
 def publish_segments(
@@ -316,127 +494,187 @@ def publish_segments(
     export_key_secret: str | None = None,
     optout_engine: Any | None = None,
 ) -> dict[str, Any]:
-    """Assign segments and actions for ``hour``, write the segments partition and the exports.
+    """Assign segments and actions for ``hour``, write the segments partition and the exports; one bucket at a time.
 
     Reads the committed profile snapshot of the hour and its scores (NULL propensity,
     said in the summary, when none are committed), validates the rules against those
-    columns and resolves the export key before writing anything, then writes
-    ``segments/`` (one row per member with score and control flag), the hour's contact
-    history (rewritten whole, so reruns do not double count) and ``exports/`` (per action
-    a CSV and a Parquet file of pseudonymised users, then ``_manifest.json`` with run id,
-    hour, rules-file hash, model version, segment sizes, entered/exited/stayed and
-    checksums). Opted-out users (:func:`read_optouts`; ``optout_engine`` adds the SQL
-    table) are never exported. ``export_key_secret`` is the Airflow Connection's key (see
-    :func:`export_key`). ``dry_run`` computes and returns the summary but writes nothing.
-    Returns a small JSON-able summary, including ``manifest_path`` for the Asset event.
+    columns and resolves the export key before writing anything. The population columns
+    rules read (``monetary_percentile``) come from per-bucket summaries
+    (:func:`population_stats`). Then per bucket of the snapshot: its profiles and scores,
+    the previous hour's segments and the recent contacts of its users, assignment, share
+    counts and stability counts, ``segments/`` and ``contacts/`` of the bucket (one row per
+    member with score and control flag; the contact history rewritten whole, so reruns do
+    not double count) and the bucket's export rows as sorted runs. Last the hour-level
+    manifests of ``segments/`` (run id, rules-file hash, model version, sizes, stability,
+    share checks: the commit point) and ``contacts/``, and ``exports/``: per action a CSV
+    and a Parquet file of pseudonymised users merged from the runs, then
+    ``_manifest.json`` with checksums. Opted-out users (:func:`read_optouts`;
+    ``optout_engine`` adds the SQL table) are never exported. ``export_key_secret`` is the
+    Airflow Connection's key (see :func:`export_key`). ``dry_run`` computes and returns the
+    summary but writes nothing. Returns a small JSON-able summary, including
+    ``manifest_path`` for the Asset event.
     """
     hour = floor_hour(hour)
     lake = lk.Lake(settings.lake)
-    profiles = _read_snapshot(lake, hour)
-    scores = _read_scores(lake, hour)
-    evaluated = _join_scores(profiles, scores)
+    layout = _Layout(tuple(_profile_buckets(lake, hour)), settings.buckets)
+    scores_of, scores_available = _score_reader(lake, hour)
+
+    def evaluated_of(bucket: int) -> pa.Table:
+        return _join_scores(lake.read(lk.PROFILES, hour, bucket), scores_of(bucket))
+
     path = rules_file(rules_path)
-    rules = load_rules(path, columns=evaluated.schema)
+    rules = load_rules(path, columns=evaluated_of(layout.buckets[0]).schema)
     key = None if dry_run else export_key(settings, connection_key=export_key_secret)
+    inputs = sorted({USER_ID, *(c for column in POPULATION_COLUMNS.values() for c in column.inputs)})
+    stats = population_stats(lambda: (lake.read(lk.PROFILES, hour, b, columns=inputs) for b in layout.buckets))
 
     previous_hour = hour - HOUR
-    previous = lake.read(lk.SEGMENTS, previous_hour) if lake.committed(lk.SEGMENTS, previous_hour) else None
-    contacts = _read_recent_contacts(lake, hour, max(r.cooldown_hours for r in rules))
+    has_previous = lake.committed(lk.SEGMENTS, previous_hour)
+    window = max(r.cooldown_hours for r in rules)
     optouts = read_optouts(lake, optout_engine)
-    assigned, sizes = assign_segments(evaluated, rules, previous, contacts, optouts)
-    stability = segment_stability(assigned, previous, [r.name for r in rules])
-    checks = share_checks(evaluated, rules)
-
-    action_counts: dict[str, int] = {}
-    for action in assigned.column(ACTION).to_pylist():
-        action_counts[action] = action_counts.get(action, 0) + 1
-    changes = {
-        name: (row["size"] - row["previous_size"] if previous is not None else None)
-        for name, row in stability.items()
-        if name in sizes
-    }
-
-    notes = []
-    scored = 0 if scores is None else evaluated.num_rows - evaluated.column(PROPENSITY).null_count
-    if scores is None:
-        notes.append(f"no scores committed for {format_hour(hour)}: {PROPENSITY} is NULL, rules on it do not fire")
-    elif scored < evaluated.num_rows:
-        notes.append(f"{evaluated.num_rows - scored} of {evaluated.num_rows} profiles have no score")
-    if previous is None:
-        notes.append(f"no segments committed for {format_hour(previous_hour)}: no hysteresis, no size change")
-    if key is not None and key.generated:
-        notes.append(f"pseudonyms use a new {key.source}")
-    for check in checks:
-        if check["over"]:
-            notes.append(share_warning(check))
-            _LOG.warning("%s: %s", format_hour(hour), share_warning(check))
-
+    rule_names = [r.name for r in rules]
     exported_actions = sorted({r.action for r in rules})
-    tables = _export_tables(assigned, exported_actions, previous)
-    suppress = _suppress_summary(tables, assigned, previous_hour, previous is not None)
-    contact_rows = _contacts_of(assigned, hour)
-    rules_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    model_version = _model_version(evaluated)
-    exports_dir = lake.partition(lk.EXPORTS, hour)
-    summary: dict[str, Any] = {
-        "hour": format_hour(hour),
-        "run_id": run_id,
-        "dry_run": dry_run,
-        "rules_file": str(path),
-        "rules": [r.name for r in rules],
-        "profiles": evaluated.num_rows,
-        "members": assigned.num_rows,
-        "scores_available": scores is not None,
-        "scored_profiles": scored,
-        "model_version": model_version,
-        "previous_hour_committed": previous is not None,
-        "segments": sizes,
-        "segment_change": changes,
-        "stability": stability,
-        "share_checks": checks,
-        "actions": dict(sorted(action_counts.items())),
-        "exports": {action: table.num_rows for action, table in tables.items()},
-        "suppress": suppress,
-        "opted_out": action_counts.get(OPTED_OUT, 0),
-        "contacts": contact_rows.num_rows,
-        "export_key": None if key is None else {"source": key.source, "key_id": key.key_id},
-        "notes": notes,
-        "segments_path": None,
-        "exports_path": None,
-        "manifest_path": None,
-    }
-    if dry_run or key is None:
-        return summary
+    previous_columns = [USER_ID, SEGMENTS_COL, ACTION, RULE, OFFER, CHANNEL]
 
-    extra = {
-        "rules_sha256": rules_sha256,
-        "scores_available": scores is not None,
-        "model_version": model_version,
-        "segments": sizes,
-        "stability": stability,
-        "share_checks": checks,
-    }
-    lake.write_partition(lk.SEGMENTS, hour, assigned, run_id=run_id, extra=extra)
-    lake.write_partition(lk.CONTACTS, hour, contact_rows, run_id=run_id)
-    lake.write_dir(
-        exports_dir,
-        _export_files(tables, key),
-        {
-            "layer": lk.EXPORTS,
-            "data_hour": format_hour(hour),
+    profiles = members = scored = contacts = list_size = 0
+    sizes = {name: 0 for name in rule_names}
+    action_counts: dict[str, int] = {}
+    export_rows = {action: 0 for action in exported_actions}
+    suppress_changes: dict[str, int] = {}
+    shares: dict[str, tuple[int, int]] = {}
+    stability_total: dict[str, list[int]] = {}
+    versions: set[str] = set()
+    runs = None if key is None else lake.tmp_dir()
+    try:
+        if key is not None:
+            for layer in (lk.SEGMENTS, lk.CONTACTS):
+                _uncommit(lake, layer, hour, layout.buckets)
+        for bucket in layout.buckets:
+            evaluated = add_population_columns(evaluated_of(bucket), stats)
+            previous = _bucket_part(lake, lk.SEGMENTS, previous_hour, bucket, layout, previous_columns)
+            recent = _read_recent_contacts(lake, hour, window, bucket, layout)
+            assigned, bucket_sizes = assign_segments(evaluated, rules, previous, recent, optouts)
+            for name, n in bucket_sizes.items():
+                sizes[name] += n
+            _add_stability(stability_total, stability_counts(assigned, previous, rule_names))
+            for name, (matched, judged) in share_counts(evaluated, rules).items():
+                before = shares.get(name, (0, 0))
+                shares[name] = (before[0] + matched, before[1] + judged)
+            for action in assigned.column(ACTION).to_pylist():
+                _add(action_counts, action, 1)
+            tables = _export_tables(assigned, exported_actions, previous)
+            for action, table in tables.items():
+                export_rows[action] += table.num_rows
+            if SUPPRESS in tables:
+                for change in tables[SUPPRESS].column(CHANGE).to_pylist():
+                    _add(suppress_changes, change, 1)
+            contact_rows = _contacts_of(assigned, hour)
+            profiles += evaluated.num_rows
+            members += assigned.num_rows
+            scored += evaluated.num_rows - evaluated.column(PROPENSITY).null_count
+            contacts += contact_rows.num_rows
+            if MODEL_VERSION in evaluated.column_names:
+                versions |= {v for v in evaluated.column(MODEL_VERSION).to_pylist() if v}
+            if key is not None and runs is not None:
+                lake.write_partition(lk.SEGMENTS, hour, assigned, bucket=bucket, run_id=run_id)
+                lake.write_partition(lk.CONTACTS, hour, contact_rows, bucket=bucket, run_id=run_id)
+                _write_runs(tables, key, runs, bucket)
+            del evaluated, assigned, previous, recent, tables, contact_rows
+        list_size = action_counts.get(SUPPRESS, 0)
+        stability = stability_report(stability_total, has_previous, rule_names)
+        checks = share_report(shares, rules)
+        changes = {
+            name: (row["size"] - row["previous_size"] if has_previous else None)
+            for name, row in stability.items()
+            if name in sizes
+        }
+        notes = []
+        if not scores_available:
+            scored = 0
+            notes.append(f"no scores committed for {format_hour(hour)}: {PROPENSITY} is NULL, rules on it do not fire")
+        elif scored < profiles:
+            notes.append(f"{profiles - scored} of {profiles} profiles have no score")
+        if not has_previous:
+            notes.append(f"no segments committed for {format_hour(previous_hour)}: no hysteresis, no size change")
+        if key is not None and key.generated:
+            notes.append(f"pseudonyms use a new {key.source}")
+        for check in checks:
+            if check["over"]:
+                notes.append(share_warning(check))
+                _LOG.warning("%s: %s", format_hour(hour), share_warning(check))
+
+        suppress = (
+            _suppress_summary(suppress_changes, list_size, previous_hour, has_previous)
+            if SUPPRESS in export_rows
+            else None
+        )
+        rules_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        model_version = _model_version(versions)
+        exports_dir = lake.partition(lk.EXPORTS, hour)
+        summary: dict[str, Any] = {
+            "hour": format_hour(hour),
             "run_id": run_id,
-            "rules_file": path.name,
-            "rules_sha256": rules_sha256,
+            "dry_run": dry_run,
+            "rules_file": str(path),
+            "rules": rule_names,
+            "profiles": profiles,
+            "members": members,
+            "scores_available": scores_available,
+            "scored_profiles": scored,
             "model_version": model_version,
-            "key_id": key.key_id,
-            "columns": list(EXPORT_COLUMNS),
-            "rows": summary["exports"],
-            "suppress": suppress,
+            "previous_hour_committed": has_previous,
             "segments": sizes,
-            "changes": {name: {k: row[k] for k in ("entered", "exited", "stayed")} for name, row in stability.items()},
-            "previous_hour_committed": previous is not None,
-        },
-    )
+            "segment_change": changes,
+            "stability": stability,
+            "share_checks": checks,
+            "actions": dict(sorted(action_counts.items())),
+            "exports": export_rows,
+            "suppress": suppress,
+            "opted_out": action_counts.get(OPTED_OUT, 0),
+            "contacts": contacts,
+            "export_key": None if key is None else {"source": key.source, "key_id": key.key_id},
+            "notes": notes,
+            "segments_path": None,
+            "exports_path": None,
+            "manifest_path": None,
+        }
+        if dry_run or key is None or runs is None:
+            return summary
+
+        extra = {
+            "rules_sha256": rules_sha256,
+            "scores_available": scores_available,
+            "model_version": model_version,
+            "segments": sizes,
+            "stability": stability,
+            "share_checks": checks,
+        }
+        _commit(lake, lk.SEGMENTS, hour, layout, members, SEGMENT_SCHEMA.names, run_id, extra)
+        _commit(lake, lk.CONTACTS, hour, layout, contacts, CONTACT_SCHEMA.names, run_id)
+        lake.write_dir(
+            exports_dir,
+            _export_files(runs, exported_actions),
+            {
+                "layer": lk.EXPORTS,
+                "data_hour": format_hour(hour),
+                "run_id": run_id,
+                "rules_file": path.name,
+                "rules_sha256": rules_sha256,
+                "model_version": model_version,
+                "key_id": key.key_id,
+                "columns": list(EXPORT_COLUMNS),
+                "rows": export_rows,
+                "suppress": suppress,
+                "segments": sizes,
+                "changes": {
+                    name: {k: row[k] for k in ("entered", "exited", "stayed")} for name, row in stability.items()
+                },
+                "previous_hour_committed": has_previous,
+            },
+        )
+    finally:
+        if runs is not None:
+            shutil.rmtree(runs, ignore_errors=True)
     summary["segments_path"] = str(lake.partition(lk.SEGMENTS, hour))
     summary["exports_path"] = str(exports_dir)
     summary["manifest_path"] = str(exports_dir / lk.MANIFEST)
