@@ -9,12 +9,14 @@ import io
 import json
 import random
 import re
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -1231,3 +1233,192 @@ def test_suppress_is_exported_as_who_entered_and_who_left(tmp_path: Path, monkey
     before = (Path(summaries[2]["exports_path"]) / "suppress.csv").read_bytes()
     publish_segments(settings_, hours[2], rules_path=path, run_id="rerun")
     assert (Path(summaries[2]["exports_path"]) / "suppress.csv").read_bytes() == before
+
+
+# ---- publishing one bucket at a time -----------------------------------------------------------
+
+BUCKETS = 4
+
+
+def bucketed_population(hour: datetime, seed: int) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """240 users for the default rules: 100 buyers with a known amount in groups of 5 equal amounts (the group
+    at cume_dist 0.95 sits on vip_service's boundary), 20 buyers without one, carts, dormant users, new users,
+    tied propensities (one decimal) and unscored users; amounts are fixed, the rest changes with ``seed``."""
+    amounts = random.Random(0).sample([float(5 * (j // 5)) for j in range(100)], 100)
+    rng = random.Random(seed)
+    users: dict[str, dict[str, Any]] = {}
+    propensity: dict[str, float] = {}
+    for i in range(240):
+        values: dict[str, Any] = {}
+        if i % 2 == 0:
+            values.update(frequency_orders=1 + rng.randrange(3), rfm_segment="loyal")
+            values["monetary_total"] = None if i % 12 == 0 else amounts.pop()
+        if rng.random() < 0.2:
+            values.update(open_cart_items=1, hours_since_last_cart=rng.choice([2.0, 5.0, 30.0]))
+        if rng.random() < 0.15:
+            values.update(lifecycle_stage="dormant", hours_since_last_event=rng.choice([400.0, 900.0]))
+        if rng.random() < 0.1:
+            values["first_seen_at"] = hour - timedelta(hours=2)
+        users[f"user{i:03d}"] = values
+        if rng.random() < 0.9:
+            propensity[f"user{i:03d}"] = round(rng.random(), 1)
+    return users, propensity
+
+
+def commit_bucketed(
+    root: Path, hour: datetime, users: dict[str, dict[str, Any]], propensity: dict[str, float], buckets: int
+) -> dict[int, list[str]]:
+    """Commit a snapshot and scores over ``buckets`` buckets placed by the staging rule; deciles left to read_scores."""
+    from profile_engine.model.labels import users_by_bucket
+
+    lake = lk.Lake(root)
+    table = profiles_table(hour, users)
+    placed = users_by_bucket(sorted(users), buckets)
+    for bucket in range(buckets):
+        ids = placed.get(bucket, [])
+        lake.write_partition(
+            lk.PROFILES,
+            hour,
+            table.filter(pc.is_in(table.column("user_id"), pa.array(ids, pa.string()))),
+            bucket=bucket,
+        )
+        scores = scores_table({u: p for u, p in propensity.items() if u in set(ids)})
+        scores = scores.set_column(2, "propensity_decile", pa.nulls(scores.num_rows, pa.int8()))
+        lake.write_partition(lk.SCORES, hour, scores, bucket=bucket)
+    lk.write_json(
+        lake.partition(lk.PROFILES, hour) / lk.MANIFEST, {"data_hour": format_hour(hour), "rows": table.num_rows}
+    )
+    return placed
+
+
+def published(root: Path, hour: datetime, summary: dict[str, Any]) -> dict[str, Any]:
+    """What a publish left: segments and contacts by user, export files' bytes, manifest and summary (paths aside)."""
+    lake = lk.Lake(root)
+    manifest = lake.manifest(lk.SEGMENTS, hour)
+    return {
+        "segments": lake.read(lk.SEGMENTS, hour).sort_by("user_id").to_pylist(),
+        "contacts": lake.read(lk.CONTACTS, hour)
+        .sort_by([("user_id", "ascending"), ("action", "ascending")])
+        .to_pylist(),
+        "exports": {p.name: p.read_bytes() for p in sorted(lake.partition(lk.EXPORTS, hour).iterdir())},
+        "manifest": {k: v for k, v in manifest.items() if k not in ("written_at", "buckets", "bucket_count")},
+        "summary": {k: v for k, v in summary.items() if not k.endswith("_path")},
+    }
+
+
+def publish_two_hours(root: Path, buckets: int, old_layout_between: bool = False) -> dict[str, Any]:
+    """Publish the hour before H0 and H0 of ``bucketed_population`` over ``buckets`` buckets, with opt-outs."""
+    settings_ = Settings(lake=root, buckets=buckets)
+    optouts = root / lk.OPTOUT
+    optouts.mkdir(parents=True)
+    (optouts / "crm.csv").write_text("user_id\n" + "".join(f"user{i:03d}\n" for i in range(3, 240, 23)))
+    first = H0 - HOUR
+    commit_bucketed(root, first, *bucketed_population(first, 1), buckets)
+    publish_segments(settings_, first, run_id="r")
+    if old_layout_between:  # the previous hour as older code wrote it: one partition per layer and hour
+        lake = lk.Lake(root)
+        for layer in (lk.SEGMENTS, lk.CONTACTS):
+            table = lake.read(layer, first).sort_by("user_id")
+            manifest = lake.manifest(layer, first)
+            shutil.rmtree(lake.partition(layer, first))
+            extra = {k: v for k, v in manifest.items() if k in ("segments", "stability", "share_checks")}
+            lake.write_partition(layer, first, table, run_id="r", extra=extra)
+    commit_bucketed(root, H0, *bucketed_population(H0, 2), buckets)
+    return published(root, H0, publish_segments(settings_, H0, run_id="r"))
+
+
+def test_publishing_per_bucket_equals_publishing_the_whole_population(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", "k" * 32)
+
+    whole = publish_two_hours(tmp_path / "one", 1)
+    bucketed = publish_two_hours(tmp_path / "four", BUCKETS)
+    older = publish_two_hours(tmp_path / "older", BUCKETS, old_layout_between=True)
+
+    summary = whole["summary"]
+    assert summary["previous_hour_committed"] and summary["opted_out"] > 0
+    assert summary["suppress"]["entered"] and summary["suppress"]["left"]
+    assert summary["stability"]["vip_service"]["stayed"] and summary["stability"]["high_intent"]["held_by_stay"]
+    assert any("cooldown" in row["reason"] for row in whole["segments"])
+    for got in (bucketed, older):
+        assert got["segments"] == whole["segments"]
+        assert got["contacts"] == whole["contacts"]
+        assert got["exports"] == whole["exports"]  # every file byte for byte, the manifest and its checksums too
+        assert got["manifest"] == whole["manifest"]
+        assert got["summary"] == whole["summary"]
+    files = sorted((tmp_path / "four" / lk.SEGMENTS).rglob("*.parquet"))
+    assert len(files) == 2 * BUCKETS  # two hours, a partition per bucket
+
+
+def test_spend_percentile_per_bucket_is_the_window_over_everyone_ties_at_the_boundary_included(
+    tmp_path: Path,
+) -> None:
+    from profile_engine.segments.assign import add_population_columns, population_stats
+
+    placed = commit_bucketed(tmp_path, H0, *bucketed_population(H0, 2), BUCKETS)
+    lake = lk.Lake(tmp_path)
+    parts = [lake.read(lk.PROFILES, H0, b) for b in range(BUCKETS)]
+    stats = population_stats(lambda: iter(parts))
+    got = {
+        u: p
+        for part in parts
+        for u, p in zip(
+            part.column("user_id").to_pylist(),
+            add_population_columns(part, stats).column("monetary_percentile").to_pylist(),
+            strict=True,
+        )
+    }
+    con = rule_connection()
+    con.register("everyone", pa.concat_tables(parts))
+    expected = dict(
+        con.execute(
+            "SELECT user_id, CASE WHEN frequency_orders > 0 AND monetary_total IS NOT NULL THEN cume_dist() OVER "
+            "(PARTITION BY frequency_orders > 0 AND monetary_total IS NOT NULL ORDER BY monetary_total) END "
+            "FROM everyone"
+        ).fetchall()
+    )
+    con.close()
+    assert got == expected  # the same doubles, NULL for non-buyers and unknown amounts
+    boundary = {u for u, p in got.items() if p == 0.95}
+    assert len(boundary) == 5  # one tie group exactly on vip_service's `>= 0.95`, spread over several buckets
+    assert len({b for b, ids in placed.items() if boundary & set(ids)}) > 1
+    assert sum(p is not None and p >= 0.95 for p in got.values()) == 10
+
+
+def test_publish_segments_holds_one_bucket_of_profiles_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from profile_engine.segments import publish
+
+    monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", "k" * 32)
+    settings_ = Settings(lake=tmp_path, buckets=BUCKETS)
+    previous = H0 - HOUR
+    commit_bucketed(tmp_path, previous, *bucketed_population(previous, 1), BUCKETS)
+    publish_segments(settings_, previous)
+    placed = commit_bucketed(tmp_path, H0, *bucketed_population(H0, 2), BUCKETS)
+    largest = max(len(ids) for ids in placed.values())
+    assert largest < 200  # a bucket is well below the 240 users
+    reads: list[tuple[str, int | None, int]] = []
+    evaluated: list[int] = []
+    read, assign = lk.Lake.read, publish.assign_segments
+
+    def recording_read(self: lk.Lake, layer: str, hour: datetime, bucket: int | None = None, **kwargs: Any) -> pa.Table:
+        table = read(self, layer, hour, bucket, **kwargs)
+        reads.append((layer, bucket, table.num_rows))
+        return table
+
+    def recording_assign(table: pa.Table, *args: Any, **kwargs: Any) -> Any:
+        evaluated.append(table.num_rows)
+        return assign(table, *args, **kwargs)
+
+    monkeypatch.setattr(lk.Lake, "read", recording_read)
+    monkeypatch.setattr(publish, "assign_segments", recording_assign)
+
+    summary = publish_segments(settings_, H0)
+
+    assert summary["profiles"] == 240 and summary["previous_hour_committed"]
+    held = [(layer, bucket, rows) for layer, bucket, rows in reads if layer in (lk.PROFILES, lk.SCORES, lk.SEGMENTS)]
+    assert {layer for layer, _, _ in held} == {lk.PROFILES, lk.SCORES, lk.SEGMENTS}
+    assert all(bucket is not None and rows <= largest for _, bucket, rows in held), held
+    assert len(evaluated) == BUCKETS and max(evaluated) <= largest
