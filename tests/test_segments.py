@@ -1401,7 +1401,7 @@ def test_publish_segments_holds_one_bucket_of_profiles_at_a_time(
     assert largest < 200  # a bucket is well below the 240 users
     reads: list[tuple[str, int | None, int]] = []
     evaluated: list[int] = []
-    read, assign = lk.Lake.read, publish.assign_segments
+    read, assign = lk.Lake.read, assign_segments
 
     def recording_read(self: lk.Lake, layer: str, hour: datetime, bucket: int | None = None, **kwargs: Any) -> pa.Table:
         table = read(self, layer, hour, bucket, **kwargs)
