@@ -25,6 +25,10 @@ Figures:
    ``--publish-buckets`` buckets, run alternately with this checkout's package and the
    package in ``OLD_INCLUDE`` (e.g. an exported older commit), each run in a fresh
    process; prints medians and ratios (append them to BENCHMARKS.md by hand).
+   ``--publish-stage segments``: the same for ``publish_segments`` of that hour (the shipped
+   rules, first-hour heuristic scores, the hour before published first so hysteresis,
+   cooldowns and the suppress change have a previous hour); each run also reports the
+   export files' checksums, and the comparison says whether both packages wrote the same files.
 
     .venv/bin/python benchmarks/profiles.py            # the sizes in BENCHMARKS.md
     .venv/bin/python benchmarks/profiles.py --quick    # a small smoke run, nothing appended
@@ -240,6 +244,8 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
         import great_expectations  # noqa: F401
 
         out["gx_import_s"] = time.monotonic() - started
+    if name.startswith("segments_"):
+        from profile_engine.segments.publish import publish_segments  # imported before the clock, like the rest
     hour = END
     started, cpu_started = time.monotonic(), time.process_time()
     if name == "duckdb_floor":
@@ -274,6 +280,12 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
             else parts[0]
         )
         out["profiles"] = profiles.num_rows
+    elif name.startswith("segments_"):  # segments_<users>_<buckets>: publish_segments of the prepared hour
+        users, buckets = (int(v) for v in name.removeprefix("segments_").split("_"))
+        published = publish_segments(_settings(work / f"publish_{users}_{buckets}", buckets), hour, run_id="bench")
+        out["profiles"], out["members"] = published["profiles"], published["members"]
+        manifest = json.loads(Path(published["manifest_path"]).read_text())
+        out["exports_sha256"] = {f["name"]: f["sha256"] for f in manifest["files"]}
     elif name.startswith("publish_"):  # publish_<users>_<buckets>: re-publish the prepared hour
         users, buckets = (int(v) for v in name.removeprefix("publish_").split("_"))
         published = build.publish_profiles(_settings(work / name, buckets), hour, run_id="bench")
@@ -328,14 +340,35 @@ def prepare_publish(work: Path, users: int, buckets: int, hours: int = 8, intens
     return name
 
 
-def compare_publish(work: Path, old_package: Path, users: int, buckets: int, runs: int) -> dict[str, Any]:
-    """``publish_profiles`` of this checkout and of ``old_package``, alternately, medians of ``runs``."""
-    name = prepare_publish(work, users, buckets)
+def prepare_segments(work: Path, users: int, buckets: int) -> str:
+    """The ``prepare_publish`` lake with scores of ``END`` and the hour before and that hour's segments (once)."""
+    from profile_engine.hours import HOUR
+    from profile_engine.model.scoring import score_profiles
+    from profile_engine.segments.publish import publish_segments
+
+    root = work / prepare_publish(work, users, buckets)
+    name = f"segments_{users}_{buckets}"
+    if not (root / "segments_ready.json").is_file():
+        settings = _settings(root, buckets)
+        for hour in (END - HOUR, END):
+            for b in range(buckets):
+                score_profiles(settings, hour, b, run_id="bench")
+        published = publish_segments(settings, END - HOUR, run_id="bench")
+        (root / "segments_ready.json").write_text(json.dumps({"previous_members": published["members"]}))
+    return name
+
+
+def compare_publish(
+    work: Path, old_package: Path, users: int, buckets: int, runs: int, stage: str = "profiles"
+) -> dict[str, Any]:
+    """``publish_profiles`` (or ``publish_segments``) of this checkout and of ``old_package``, alternately, medians."""
+    name = prepare_publish(work, users, buckets) if stage == "profiles" else prepare_segments(work, users, buckets)
     results: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
     for _ in range(runs):
         results["new"].append(_run_step(name, work, [], ROOT / "include"))
         results["old"].append(_run_step(name, work, [], old_package))
-    summary: dict[str, Any] = {"step": name, "runs": runs, **json.loads((work / name / "ready.json").read_text())}
+    ready = work / f"publish_{users}_{buckets}" / "ready.json"
+    summary: dict[str, Any] = {"step": name, "runs": runs, **json.loads(ready.read_text())}
     for code, rows in results.items():
         summary[code] = {
             "median_s": statistics.median(r["seconds"] for r in rows),
@@ -344,8 +377,12 @@ def compare_publish(work: Path, old_package: Path, users: int, buckets: int, run
             "cpu_s": statistics.median(r["cpu_s"] for r in rows),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rows),
             "peak_rss_max_mb": max(r["peak_rss_mb"] for r in rows),
-            "gx_import_s": statistics.median(r["gx_import_s"] for r in rows),
+            **({"gx_import_s": statistics.median(r["gx_import_s"] for r in rows)} if stage == "profiles" else {}),
         }
+    if stage == "segments":
+        every = [r["exports_sha256"] for rows in results.values() for r in rows]
+        summary["same_export_files"] = all(sha == every[0] for sha in every)
+        summary["members"] = results["new"][0]["members"]
     summary["time_ratio_new_over_old"] = summary["new"]["median_s"] / summary["old"]["median_s"]
     summary["rss_ratio_new_over_old"] = summary["new"]["peak_rss_mb"] / summary["old"]["peak_rss_mb"]
     print(f"[bench] {json.dumps(summary)}", flush=True)
@@ -464,6 +501,7 @@ def main() -> None:
     parser.add_argument("--publish-compare", type=Path, metavar="OLD_INCLUDE", help="publish_profiles: this vs older")
     parser.add_argument("--publish-users", type=int, default=200_000)
     parser.add_argument("--publish-buckets", type=int, default=4)
+    parser.add_argument("--publish-stage", choices=("profiles", "segments"), default="profiles")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = QUICK if args.quick else ISSUE if args.issue_sizes else Sizes()
@@ -471,7 +509,9 @@ def main() -> None:
         print(json.dumps(step(args.step, args.work, sizes)))
         return
     if args.publish_compare:
-        compare_publish(args.work, args.publish_compare, args.publish_users, args.publish_buckets, args.runs)
+        compare_publish(
+            args.work, args.publish_compare, args.publish_users, args.publish_buckets, args.runs, args.publish_stage
+        )
         return
     info = prepare(args.work, sizes)
     steps = ["duckdb_floor", "full_build", "refresh_31d", "refresh_60d", "rebuild_60d", "bucket_of_4", "bucket_of_16"]
