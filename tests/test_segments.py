@@ -1349,6 +1349,16 @@ def test_publishing_per_bucket_equals_publishing_the_whole_population(
         assert got["summary"] == whole["summary"]
     files = sorted((tmp_path / "four" / lk.SEGMENTS).rglob("*.parquet"))
     assert len(files) == 2 * BUCKETS  # two hours, a partition per bucket
+    # a rerun of an hour written whole by older code replaces its one file with the bucket folders
+    lake = lk.Lake(tmp_path / "older")
+    first = H0 - HOUR
+    before = lake.read(lk.SEGMENTS, first).sort_by("user_id")
+    publish_segments(Settings(lake=tmp_path / "older", buckets=BUCKETS), first, run_id="r")
+    for layer in (lk.SEGMENTS, lk.CONTACTS):
+        folder = lake.partition(layer, first)
+        assert not (folder / lk.DATA_FILE).exists()
+        assert len(list(folder.glob(f"bucket=*/{lk.DATA_FILE}"))) == BUCKETS
+    assert lake.read(lk.SEGMENTS, first).sort_by("user_id").equals(before)
 
 
 def test_spend_percentile_per_bucket_is_the_window_over_everyone_ties_at_the_boundary_included(
