@@ -271,10 +271,10 @@ def _export_tables(assigned: pa.Table, actions: Sequence[str], previous: pa.Tabl
 
 def _suppress_summary(
     counts: Mapping[str, int], list_size: int, previous_hour: datetime, has_previous: bool
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """What the suppress export holds: ``full`` list or ``changes`` to ``base_hour``'s, list size, entered, left.
 
-    ``counts``: rows of the suppress export per ``change`` (None when no rule suppresses).
+    ``counts``: rows of the suppress export per ``change``, summed over the buckets; ``list_size``: users suppressed now.
     """
     return {
         "mode": SUPPRESS_CHANGES if has_previous else SUPPRESS_FULL,
@@ -549,7 +549,7 @@ def publish_segments(
     exported_actions = sorted({r.action for r in rules})
     previous_columns = [USER_ID, SEGMENTS_COL, ACTION, RULE, OFFER, CHANNEL]
 
-    profiles = members = scored = contacts = list_size = 0
+    profiles = members = scored = contacts = 0
     sizes = {name: 0 for name in rule_names}
     action_counts: dict[str, int] = {}
     export_rows = {action: 0 for action in exported_actions}
