@@ -4,7 +4,7 @@ the first-hour heuristic) and read scores back with population deciles. docs/mod
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -138,22 +138,38 @@ def read_scores(lake: Lake, hour: datetime, bucket: int | None = None) -> pa.Tab
     carries a decile (written by older code) are returned as written. Raises
     ``FileNotFoundError`` when no scores are committed.
     """
+    read = score_reader(lake, hour)
+    wanted = _score_buckets(lake, hour) if bucket is None else [bucket]
+    return pa.concat_tables([read(b) for b in wanted])
+
+
+def score_reader(lake: Lake, hour: datetime) -> Callable[[int | None], pa.Table]:
+    """A function giving one bucket's committed scores with deciles over every bucket (``read_scores``).
+
+    The cut points are found once, so a caller walking the buckets reads each bucket's
+    scores twice (summary, then its rows), not once per bucket per call. Raises
+    ``FileNotFoundError`` when no scores are committed.
+    """
     buckets = _score_buckets(lake, hour)
-    wanted = buckets if bucket is None else [bucket]
-    parts = [lake.read(SCORES, hour, b) for b in wanted]
-    if all(p.num_rows and p.column(DECILE).null_count == 0 for p in parts):
-        return pa.concat_tables(parts)  # written with deciles (by older code, which used training cut points)
+    written_with_deciles = all(
+        t.num_rows and t.column(DECILE).null_count == 0
+        for t in (lake.read(SCORES, hour, b, columns=[DECILE]) for b in buckets)
+    )
 
     def keys() -> Iterator[pa.Table]:
         for b in buckets:
             yield _ranking_key(lake, hour, b, lake.read(SCORES, hour, b, columns=[USER_ID, PROPENSITY, MODEL_VERSION]))
 
-    _, deciles = bucket_deciles(keys)
-    out = []
-    for b, scores in zip(wanted, parts, strict=True):
-        column = deciles(_ranking_key(lake, hour, b, scores))
-        out.append(scores.set_column(scores.schema.get_field_index(DECILE), DECILE, column))
-    return pa.concat_tables(out)
+    deciles = None if written_with_deciles else bucket_deciles(keys)[1]
+
+    def read(bucket: int | None) -> pa.Table:
+        scores = lake.read(SCORES, hour, bucket)
+        if deciles is None:
+            return scores  # written with deciles (by older code, which used training cut points)
+        column = deciles(_ranking_key(lake, hour, bucket, scores))
+        return scores.set_column(scores.schema.get_field_index(DECILE), DECILE, column)
+
+    return read
 
 
 def score_profiles(settings: Settings, hour: datetime, bucket: int, *, run_id: str = "manual") -> dict[str, Any]:

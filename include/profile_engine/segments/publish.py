@@ -93,28 +93,24 @@ def _bucket_of(folder: Path) -> int:
     return int(folder.name.split("=", 1)[1])
 
 
-def _read_scores(lake: lk.Lake, hour: datetime, bucket: int | None) -> pa.Table | None:
-    """Committed scores of ``hour`` (``bucket``, else every bucket) with deciles on the whole scored population, or None."""
-    from profile_engine.model.scoring import read_scores
-
-    try:
-        return read_scores(lake, hour, bucket).select([USER_ID, *SCORE_COLUMNS])
-    except FileNotFoundError:
-        return None
-
-
 def _score_reader(lake: lk.Lake, hour: datetime) -> tuple[Callable[[int], pa.Table | None], bool]:
     """A function giving one bucket's scores (None: no scores for it), and whether the hour has scores at all.
 
     Scores are written per bucket (``score_profiles``): a bucket's scores are read with their
-    deciles over every bucket (``read_scores``). Scores of one partition per hour (older
-    lakes) are read once, and each bucket's profiles join the users they have.
+    deciles over every bucket (``score_reader``, cut points found once). Scores of one
+    partition per hour (older lakes) are read once, and each bucket's profiles join the users they have.
     """
+    from profile_engine.model.scoring import score_reader
+
+    try:
+        read = score_reader(lake, hour)
+    except FileNotFoundError:
+        return (lambda bucket: None), False
     found = {_bucket_of(m.parent) for m in lake.partition(lk.SCORES, hour).glob(f"bucket=*/{lk.MANIFEST}")}
     if found:
-        return (lambda bucket: _read_scores(lake, hour, bucket) if bucket in found else None), True
-    whole = _read_scores(lake, hour, None)
-    return (lambda bucket: whole), whole is not None
+        return (lambda bucket: read(bucket).select([USER_ID, *SCORE_COLUMNS]) if bucket in found else None), True
+    whole = read(None).select([USER_ID, *SCORE_COLUMNS])
+    return (lambda bucket: whole), True
 
 
 def _evaluated_schema(profiles: pa.Schema) -> pa.Schema:
