@@ -410,6 +410,232 @@ def measure(name: str, work: Path, runs: int, flags: list[str]) -> dict[str, Any
     return summary
 
 
+# ---- hour scaling (issue 19): one hour's build_profiles against growing state ------------------
+SCALING_USERS = 100_000
+SCALING_DAYS = 30
+SCALING_INTENSITY = 1.3  # about 20k events in a 12:00 UTC hour of 100k simulated users
+SCALING_POINTS = (1, 2, 4, 8, 16, 29)  # days of history before the measured hour
+SCALING_PARTS = ("read_state", "advance", "snapshot", "write_state", "write_profiles", "other")
+
+
+def _scaling_hours() -> tuple[datetime, list[datetime]]:
+    """The history's first hour and the measured hours (12:00 UTC after each of ``SCALING_POINTS`` days)."""
+    first = END - timedelta(days=SCALING_DAYS)
+    return first, [first + timedelta(days=d, hours=12) for d in SCALING_POINTS]
+
+
+def prepare_hour_scaling(work: Path, old_package: Path) -> dict[str, Any]:
+    """Stage ``SCALING_DAYS`` days of one bucket once, then build them with each package (its own lake;
+    the old package's lake is reused, this checkout's rebuilt).
+
+    Each lake gets the staging as hard links and a state checkpoint at the hour before each
+    measured hour (``build_profiles_range`` in segments ending there), built by that package
+    in its own process, so each measures its own state layout.
+    """
+    from profile_engine.hours import hour_range
+
+    root = work / "hour_scaling"
+    stamp = root / "ready.json"
+    first, measured = _scaling_hours()
+    if not (root / "staged" / "ready").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        hours = list(hour_range(first, measured[-1]))
+        _stage({1: root / "staged"}, hours, SCALING_USERS, SCALING_INTENSITY, "hour scaling")
+        (root / "staged" / "ready").write_text("ok")
+    info: dict[str, Any] = {"users": SCALING_USERS, "days": SCALING_DAYS, "intensity": SCALING_INTENSITY}
+    if stamp.is_file():  # the old package's lake is kept; this checkout's is rebuilt every time
+        info |= {k: v for k, v in json.loads(stamp.read_text()).items() if k.startswith("old_")}
+    for code, package in (("new", ROOT / "include"), ("old", old_package)):
+        if f"{code}_build" in info:
+            continue
+        lake = root / code
+        shutil.rmtree(lake, ignore_errors=True)
+        (lake / "staging").mkdir(parents=True)
+        subprocess.run(["cp", "-al", str(root / "staged" / "staging" / "events"), str(lake / "staging")], check=True)
+        started = time.monotonic()
+        info[f"{code}_build"] = _run_hour_step("build", lake, package)
+        info[f"{code}_build_s"] = round(time.monotonic() - started, 1)
+        print(f"[bench] hour scaling: {code} lake built in {info[f'{code}_build_s']}s", flush=True)
+    stamp.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _state_rows(lake: Path, hour: datetime) -> dict[str, int]:
+    """Rows per state table of the checkpoint of ``hour`` (bucket 0), from the Parquet footers, plus the
+    tile rows it reads (``sealed_<table>``: sealed by its end) when the layout has them."""
+    import pyarrow.parquet as pq
+
+    from profile_engine.lake.storage import STATE, Lake
+
+    rows = {
+        f.stem: pq.read_metadata(f).num_rows for f in sorted(Lake(lake).partition(STATE, hour, 0).glob("*.parquet"))
+    }
+    tiles = lake / "state_tiles" / "bucket=0"
+    end = int((hour + timedelta(hours=1)).timestamp()) * 1000
+    for f in sorted(tiles.rglob("*.parquet")) if tiles.is_dir() else []:
+        sealed = pq.read_table(f, columns=["sealed_ms"]).column("sealed_ms").to_numpy()
+        key = "sealed_" + f.parent.parent.name
+        rows[key] = rows.get(key, 0) + int((sealed <= end).sum())
+    return rows
+
+
+def hour_step(name: str, lake: Path) -> dict[str, Any]:
+    """In this process: ``build`` the scaling lake's checkpoints, or time ``hour_<i>``'s ``build_profiles``
+    split into its parts (timers wrapped around the functions it calls; ``other``: the rest)."""
+    import duckdb  # noqa: F401  imported before the clock starts
+    import pyarrow  # noqa: F401
+
+    from profile_engine.hours import HOUR
+    from profile_engine.lake.storage import INTERESTS, PROFILES, STATE, Lake
+    from profile_engine.profiles import build
+
+    settings = _settings(lake, 1)
+    first, measured = _scaling_hours()
+    if name == "build":
+        start = first
+        for hour in measured:
+            build.build_profiles_range(settings, start, hour - HOUR, 0, first_hour=first, snapshot_every=24)
+            start = hour
+        return {
+            "checkpoints": {str(d): _state_rows(lake, h - HOUR) for d, h in zip(SCALING_POINTS, measured, strict=True)}
+        }
+    hour = measured[int(name.removeprefix("hour_"))]
+    spent = dict.fromkeys(SCALING_PARTS, 0.0)
+
+    def timed(function: Any, part: str) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            began = time.monotonic()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[part] += time.monotonic() - began
+
+        return wrapper
+
+    build.read_state = timed(build.read_state, "read_state")  # type: ignore[assignment]
+    build.advance = timed(build.advance, "advance")  # type: ignore[assignment]
+    build.snapshot = timed(build.snapshot, "snapshot")  # type: ignore[assignment]
+    for optional, part in (("seal_state", "write_state"),):
+        if hasattr(build, optional):
+            setattr(build, optional, timed(getattr(build, optional), part))
+    write = Lake.write_partition
+
+    def write_partition(self: Any, layer: str, *args: Any, **kwargs: Any) -> Any:
+        part = "write_state" if layer == STATE else "write_profiles" if layer in (PROFILES, INTERESTS) else "other"
+        began = time.monotonic()
+        try:
+            return write(self, layer, *args, **kwargs)
+        finally:
+            spent[part] += time.monotonic() - began
+
+    Lake.write_partition = write_partition  # type: ignore[method-assign]
+    started, cpu_started = time.monotonic(), time.process_time()
+    built = build.build_profiles(settings, hour, 0, run_id="bench")
+    total = time.monotonic() - started
+    spent["other"] += total - sum(spent.values())
+    return {
+        "seconds": total,
+        "cpu_s": time.process_time() - cpu_started,
+        "peak_rss_mb": _peak_rss_mb(),
+        "events": built["events_read"],
+        "users": built["users"],
+        **{f"{k}_s": v for k, v in spent.items()},
+    }
+
+
+def _run_hour_step(name: str, lake: Path, package: Path) -> dict[str, Any]:
+    """One ``hour_step`` in a fresh process importing the package in ``package``."""
+    command = [sys.executable, __file__, "--hour-step", name, "--work", str(lake)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(package)}
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"hour step {name} ({package}) failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def compare_hour_scaling(work: Path, old_package: Path, runs: int, days: tuple[int, ...] = SCALING_POINTS) -> str:
+    """One hour's ``build_profiles`` (1 bucket) at each history length, this checkout and ``old_package``
+    alternately in fresh processes; medians of ``runs``, parts and ratios as a markdown table."""
+    info = prepare_hour_scaling(work, old_package)
+    root = work / "hour_scaling"
+    _, measured = _scaling_hours()
+    rows = []
+    for i, history in enumerate(SCALING_POINTS):
+        if history not in days:
+            continue
+        results: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
+        for _ in range(runs):
+            results["new"].append(_run_hour_step(f"hour_{i}", root / "new", ROOT / "include"))
+            results["old"].append(_run_hour_step(f"hour_{i}", root / "old", old_package))
+        medians = {
+            code: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float)}
+            for code, rs in results.items()
+        }
+        state_rows = {code: info[f"{code}_build"]["checkpoints"][str(history)] for code in ("new", "old")}
+        row = {"days": history, "events": results["new"][0]["events"], "users": results["new"][0]["users"]}
+        row |= {"state_rows": state_rows, "medians": medians}
+        print(f"[bench] {json.dumps(row)}", flush=True)
+        rows.append(row)
+    text = render_hour_scaling(info, rows, runs)
+    (root / "results.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+    return text
+
+
+def render_hour_scaling(info: dict[str, Any], rows: list[dict[str, Any]], runs: int) -> str:
+    """Markdown: per history length, the state rows and the medians of each part, new and old, and ratios."""
+
+    def rows_of(counts: dict[str, int]) -> int:
+        return sum(v for k, v in counts.items() if k != "meta")
+
+    head = (
+        "| days | events | users | state rows (old) | rows in checkpoint (new) | tile rows read (new) | code | total s | "
+        + " | ".join(SCALING_PARTS)
+        + " |\n|"
+        + "---|" * (8 + len(SCALING_PARTS))
+    )
+    lines = [head]
+    for r in rows:
+        for code in ("old", "new"):
+            m = r["medians"][code]
+            lines.append(
+                f"| {r['days']} | {r['events']:,} | {r['users']:,} | {rows_of(r['state_rows']['old']):,} | "
+                f"{rows_of({k: v for k, v in r['state_rows']['new'].items() if not k.startswith('sealed_')}):,} | "
+                f"{sum(v for k, v in r['state_rows']['new'].items() if k.startswith('sealed_')):,} | "
+                f"{code} | {m['seconds']:.2f} | " + " | ".join(f"{m[p + '_s']:.2f}" for p in SCALING_PARTS) + " |"
+            )
+    base = rows[0]["medians"]
+    scaling = " ".join(
+        f"{r['days']}d: old {r['medians']['old']['seconds'] / base['old']['seconds']:.2f}x, "
+        f"new {r['medians']['new']['seconds'] / base['new']['seconds']:.2f}x;"
+        for r in rows
+    )
+    ratios = " ".join(
+        f"{r['days']}d {r['medians']['new']['seconds'] / r['medians']['old']['seconds']:.2f};" for r in rows
+    )
+    biggest = rows[-1]["state_rows"]["old"]
+    tables = ", ".join(f"{k} {v:,}" for k, v in sorted(biggest.items(), key=lambda kv: -kv[1]) if v)
+    return f"""
+## Hour scaling (issue 19): one hour's build_profiles against the state's size, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC
+
+- Machine: {_machine()}; {_versions()}
+- Command: `.venv/bin/python benchmarks/profiles.py --hour-scaling OLD_INCLUDE [--scaling-days ...]` (old = the previous commit's
+  `include/`); {info["users"]:,} simulated users, intensity {info["intensity"]}, one bucket, the 12:00 UTC hour
+  after each number of days; each lake built by its own package (new {info["new_build_s"]} s, old
+  {info["old_build_s"]} s); medians of {runs} runs, new and old alternately, each in a fresh process.
+- Parts: `read_state`, `advance`, `snapshot`, `write_state` (the checkpoint and, new, tile files),
+  `write_profiles` (profiles and interests), `other` (staging read, bookkeeping).
+
+{chr(10).join(lines)}
+
+Time relative to the shortest history: {scaling}
+new / old: {ratios}
+Rows of the largest checkpoint ({rows[-1]["days"]} days, old layout): {tables}.
+"""
+
+
 # ---- report ----------------------------------------------------------------------------------
 def _machine() -> str:
     cpu = "unknown CPU"
@@ -502,11 +728,21 @@ def main() -> None:
     parser.add_argument("--publish-users", type=int, default=200_000)
     parser.add_argument("--publish-buckets", type=int, default=4)
     parser.add_argument("--publish-stage", choices=("profiles", "segments"), default="profiles")
+    parser.add_argument("--hour-scaling", type=Path, metavar="OLD_INCLUDE", help="one hour vs state size (issue 19)")
+    parser.add_argument("--scaling-days", help=f"days of history measured (comma-separated, of {SCALING_POINTS})")
     parser.add_argument("--step", help=argparse.SUPPRESS)
+    parser.add_argument("--hour-step", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = QUICK if args.quick else ISSUE if args.issue_sizes else Sizes()
     if args.step:
         print(json.dumps(step(args.step, args.work, sizes)))
+        return
+    if args.hour_step:
+        print(json.dumps(hour_step(args.hour_step, args.work)))
+        return
+    if args.hour_scaling:
+        days = tuple(int(d) for d in args.scaling_days.split(",")) if args.scaling_days else SCALING_POINTS
+        print(compare_hour_scaling(args.work, args.hour_scaling, args.runs, days))
         return
     if args.publish_compare:
         compare_publish(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import tempfile
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,6 +53,7 @@ from profile_engine.profiles.build import (
     build_profiles_range,
     publish_profiles,
     read_state,
+    seal_state,
     snapshot_committed,
 )
 from profile_engine.profiles.merge import advance, rebuild, with_local_hour
@@ -63,6 +65,7 @@ from profile_engine.profiles.population import (
 )
 from profile_engine.profiles.snapshot import snapshot
 from profile_engine.profiles.state import (
+    BY_HOUR_TABLES,
     PENDING,
     SESSION_GAP,
     SESSIONS,
@@ -700,11 +703,29 @@ def test_incremental_snapshots_equal_a_full_rebuild(
         profiles, interests = snapshot(state, end, PROPERTY_SETTINGS)
         return add_population_features(profiles), interests
 
-    state, previous = empty_state(), 0
+    # The lake path seals the by-hour rows older than the lateness horizon into tile files at every
+    # checkpoint (``seal_state``): the same chain with a seal after each step must give the same snapshots.
+    tiles = tempfile.TemporaryDirectory()
+    lake = Lake(Path(tiles.name))
+    state, sealed, previous = empty_state(), empty_state(), 0
     for end in ends:
         state = advance(state, staged_between(previous, end), at(hours=end), PROPERTY_SETTINGS)
+        sealed = advance(sealed, staged_between(previous, end), at(hours=end), PROPERTY_SETTINGS)
+        sealed = seal_state(lake, sealed, at(hours=end) - HOUR, 0, PROPERTY_SETTINGS)
+        horizon = hour_ms(at(hours=end)) - PROPERTY_SETTINGS.lateness_hours * 3_600_000
+        for name in BY_HOUR_TABLES:  # the checkpoint keeps the recent hours only
+            lowest = pc.min(sealed.tables[name].column("hour_ms")).as_py()
+            assert lowest is None or lowest >= horizon, name
         previous = end
         if end in checks:
+            sealed_got = profiles_and_interests(sealed, at(hours=end))
+            in_memory = profiles_and_interests(state, at(hours=end))
+            for name, columns, pair in (
+                ("profiles", [USER_ID], (in_memory[0], sealed_got[0])),
+                ("interests", [USER_ID, CATEGORY_ID], (in_memory[1], sealed_got[1])),
+            ):
+                comparison = compare_tables(name, pair[0], pair[1], columns)
+                assert comparison.equal, f"sealed {name} at hour {end}: " + "; ".join(comparison.lines())
             rebuilt = rebuild(staged_between(0, end), at(hours=end), PROPERTY_SETTINGS)
             expected, expected_interests = profiles_and_interests(rebuilt, at(hours=end))
             got, got_interests = profiles_and_interests(state, at(hours=end))
@@ -727,6 +748,7 @@ def test_incremental_snapshots_equal_a_full_rebuild(
     views = pc.sum(pc.and_(in_snapshot, pc.equal(table.column("event_type"), "view"))).as_py() or 0
     assert (pc.sum(expected.column("count_view_lifetime")).as_py() or 0) == views
     assert state.tables[PENDING].num_rows == table.num_rows - (pc.sum(in_snapshot).as_py() or 0)
+    tiles.cleanup()
 
 
 # ---- lake stages --------------------------------------------------------------------------

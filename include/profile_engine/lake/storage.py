@@ -34,6 +34,7 @@ QUARANTINE = "quarantine/events"
 QUALITY_RESULTS = "quality/results"
 QUALITY_DOCS = "quality/docs"
 STATE = "state"
+STATE_TILES = "state_tiles"  # sealed by-hour state tiles per bucket, loose immutable files (docs/architecture.md)
 PROFILES = "profiles"
 SCORES = "scores"
 INTERESTS = "interests"
@@ -84,6 +85,7 @@ PRIVATE_LAYERS = (
     STAGING,
     QUARANTINE,
     STATE,
+    STATE_TILES,
     PROFILES,
     INTERESTS,
     PROFILE_CHANGES,
@@ -370,6 +372,27 @@ def restrict_private(new: Path, target: Path, lake: Lake) -> None:
     for path in [new, *new.rglob("*")]:
         path.chmod(PRIVATE_DIR_MODE if path.is_dir() else PRIVATE_FILE_MODE)
     (lake.root / relative.split("/")[0]).chmod(PRIVATE_DIR_MODE)  # nobody else can list the layer
+
+
+def write_table_file(lake: Lake, target: Path, table: pa.Table, dictionary: bool | list[str] = True) -> None:
+    """Write one Parquet file atomically outside any partition (under ``_tmp/``, then renamed into place).
+
+    For files that are whole on their own and never change once written, such as the sealed
+    state tiles; in a ``PRIVATE_LAYERS`` layer the file gets ``PRIVATE_FILE_MODE``.
+    """
+    tmp = lake.tmp_dir()
+    pq.write_table(table, tmp / target.name, compression="zstd", use_dictionary=dictionary)
+    relative = target.relative_to(lake.root).as_posix() if target.is_relative_to(lake.root) else ""
+    layer = relative.split("/")[0]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if any(relative.startswith(p + "/") for p in PRIVATE_LAYERS):
+        (tmp / target.name).chmod(PRIVATE_FILE_MODE)
+        for directory in [target.parent, *target.parent.parents]:
+            if directory == lake.root or not directory.is_relative_to(lake.root / layer):
+                break
+            directory.chmod(PRIVATE_DIR_MODE)
+    os.replace(tmp / target.name, target)
+    tmp.rmdir()
 
 
 def sha256_file(path: Path) -> str:

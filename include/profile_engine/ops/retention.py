@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from profile_engine.config import Settings
-from profile_engine.hours import HOUR, floor_hour, format_hour
+from profile_engine.hours import HOUR, floor_hour, format_hour, parse_hour
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import MANIFEST, Lake, partition_hours
 
@@ -87,6 +87,14 @@ def apply_retention(settings: Settings, now_hour: datetime, *, dry_run: bool = F
             else:
                 limit = cut
             plan[layer] = sorted((h, p) for h, p in hours.items() if limit is not None and h < min(limit, cut))
+        if checkpoint is not None:  # sealed tiles only the states before the checkpoint read
+            from profile_engine.profiles.build import expired_tile_days
+
+            plan[lk.STATE_TILES] = sorted(
+                (parse_hour(f"{day.name.removeprefix('dt=')}T00"), day)
+                for bucket in range(settings.buckets)
+                for day in expired_tile_days(lake, bucket, checkpoint + HOUR, settings)
+            )
         outbox = outbox_root(settings)
         plan[OUTBOX] = sorted((h, p) for h, p in partition_hours(outbox).items() if h < cut)
         training: list[str] = []

@@ -5,11 +5,14 @@ publish the snapshot of an hour. docs/features.md.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from profile_engine.config import Settings
 from profile_engine.contracts.events import LOCAL_HOUR, STAGED_SCHEMA
@@ -38,9 +41,11 @@ from profile_engine.lake.storage import (
     PROFILES,
     STAGING,
     STATE,
+    STATE_TILES,
     Lake,
     read_json,
     write_json,
+    write_table_file,
 )
 from profile_engine.profiles.merge import advance
 from profile_engine.profiles.population import (
@@ -55,17 +60,27 @@ from profile_engine.profiles.snapshot import snapshot
 from profile_engine.profiles.state import (
     ADDED_STATE_COLUMNS,
     ADDED_STATE_TABLES,
+    BY_HOUR_TABLES,
+    DAY_FILE,
+    MS_HOUR,
     PENDING,
+    SEALED_MARKER,
+    SEALED_MS,
     SESSION_GAP,
     SESSIONS,
     STATE_SCHEMAS,
     STATE_TABLES,
     MissingStateError,
     ProfileState,
+    SealedTiles,
+    by_hour_longest_ms,
     connect,
+    day_start_ms,
     empty_state,
     fetch,
+    hour_ms,
     interval_groups,
+    sealed_hour_ms,
 )
 
 
@@ -107,7 +122,102 @@ def read_state(lake: Lake, hour: datetime, bucket: int) -> ProfileState:
             )
         finally:
             con.close()
-    return ProfileState(tables)
+    sealed = None
+    if lake.manifest(STATE, hour, bucket).get(SEALED_MARKER):
+        sealed = SealedTiles(tiles_root(lake, bucket), hour_ms(hour + HOUR))
+    return ProfileState(tables, sealed=sealed)
+
+
+# ---- sealed tiles (docs/architecture.md, "Sealed state tiles") -------------------------------
+def tiles_root(lake: Lake, bucket: int) -> Path:
+    """The sealed tiles of a bucket: ``state_tiles/bucket=N/<table>/dt=YYYY-MM-DD/{hour=HH,day}.parquet``."""
+    return lake.path(STATE_TILES, f"bucket={bucket}")
+
+
+def seal_state(lake: Lake, state: ProfileState, hour: datetime, bucket: int, settings: Settings) -> ProfileState:
+    """Seal the by-hour rows of ``state`` (as of the end of ``hour``) older than the lateness horizon into tile files.
+
+    Writes the rows as the tiles sealed by ``hour`` (``sealed_ms`` = its end), replacing every
+    tile sealed after the state's previous checkpoint (its ``sealed.upto_ms``; all of them for
+    a state without tiles: an empty or older-layout one), so a rebuilt hour or range leaves no
+    stale copy; compacts the days before ``hour`` into day files. Returns the state the
+    checkpoint holds: the recent rows in memory, the rest in the tiles up to the end.
+    """
+    e = hour_ms(hour + HOUR)
+    horizon = e - settings.lateness_hours * MS_HOUR
+    after = state.sealed.upto_ms if state.sealed is not None else None
+    if state.sealed is not None and state.sealed.users is not None:
+        raise ValueError("a state restricted to some users cannot be sealed")
+    root = tiles_root(lake, bucket)
+    tables = dict(state.tables)
+    for name in BY_HOUR_TABLES:
+        table = state.tables[name]
+        old = pc.less(table.column("hour_ms"), pa.scalar(horizon, pa.int64()))
+        rows = table.filter(old)
+        rows = rows.append_column(SEALED_MS, pa.array(np.full(rows.num_rows, e, dtype=np.int64)))
+        tables[name] = table.filter(pc.invert(old))
+        _write_tiles(lake, root / name, hour, after, e, rows)
+    return ProfileState(tables, buffered=state.buffered, sealed=SealedTiles(root, e))
+
+
+def _write_tiles(lake: Lake, table_dir: Path, hour: datetime, after: int | None, e: int, rows: pa.Table) -> None:
+    """Make ``rows`` the tiles of ``table_dir`` sealed in (``after``, ``e``] (None: since ever), then compact older days.
+
+    A day with a ``day.parquet`` is rewritten (its rows sealed in that range replaced);
+    otherwise the hourly files sealed in the range are replaced by ``hour=HH.parquet`` of ``hour``.
+    """
+    built_day = table_dir / f"dt={hour:%Y-%m-%d}"
+    days = sorted({*table_dir.glob("dt=*"), built_day}) if table_dir.is_dir() else [built_day]
+    for day in days:
+        start = day_start_ms(day)
+        if (after is not None and start + 24 * MS_HOUR <= after) or start + MS_HOUR > e:
+            continue  # every tile of the day was sealed outside (after, e]
+        new = rows if day == built_day else rows.schema.empty_table()
+        if (day / DAY_FILE).is_file():
+            kept = pq.read_table(day / DAY_FILE)
+            sealed = kept.column(SEALED_MS)
+            inside = pc.less_equal(sealed, e)
+            if after is not None:
+                inside = pc.and_(inside, pc.greater(sealed, after))
+            _replace_day(lake, day, pa.concat_tables([kept.filter(pc.invert(inside)), new.cast(kept.schema)]))
+            continue
+        for tile in day.glob("hour=*.parquet"):
+            if (after is None or sealed_hour_ms(tile) > after) and sealed_hour_ms(tile) <= e:
+                tile.unlink()
+        if new.num_rows:
+            write_table_file(lake, day / f"hour={hour:%H}.parquet", new, dictionary=_STATE_DICTIONARY)
+    for day in days:  # compaction: one file per day once the day is over
+        hourly = sorted(day.glob("hour=*.parquet"))
+        if (day / DAY_FILE).is_file():  # leftovers of an interrupted compaction: already in the day file
+            for tile in hourly:
+                tile.unlink()
+        elif day < built_day and hourly:
+            _replace_day(lake, day, pa.concat_tables([pq.read_table(f) for f in hourly]))
+        _remove_empty(day)
+
+
+def _replace_day(lake: Lake, day: Path, rows: pa.Table) -> None:
+    """Write a day's compacted tiles (first), then remove its hourly files (already in it)."""
+    if rows.num_rows:
+        write_table_file(lake, day / DAY_FILE, rows.combine_chunks(), dictionary=_STATE_DICTIONARY)
+    else:
+        (day / DAY_FILE).unlink(missing_ok=True)
+    for tile in day.glob("hour=*.parquet"):
+        tile.unlink()
+
+
+def _remove_empty(day: Path) -> None:
+    if day.is_dir() and not any(day.iterdir()):
+        day.rmdir()
+
+
+def expired_tile_days(lake: Lake, bucket: int, oldest_end: datetime, settings: Settings) -> list[Path]:
+    """Tile day folders of ``bucket`` no state ending at or after ``oldest_end`` reads: every row is older
+    than the longest by-hour window before that end (retention removes them with the older checkpoints)."""
+    limit = hour_ms(oldest_end) - by_hour_longest_ms(load_traits(settings.traits))
+    root = tiles_root(lake, bucket)
+    days = sorted(root.glob("*/dt=*")) if root.is_dir() else []
+    return [d for d in days if day_start_ms(d) + 24 * MS_HOUR <= limit]
 
 
 def upgrade_state(lake: Lake, hour: datetime, bucket: int) -> bool:
@@ -143,15 +253,25 @@ _PROFILE_DICTIONARY = [*TOP_CATEGORIES, RFM_SEGMENT, LIFECYCLE_STAGE]
 
 def _write_hour(
     lake: Lake, state: ProfileState, hour: datetime, bucket: int, settings: Settings, run_id: str
-) -> dict[str, int]:
-    """Write profiles, interests and (last, since the next hour builds on it) the state of ``hour``."""
+) -> tuple[dict[str, int], ProfileState]:
+    """Write profiles, interests, the sealed tiles and (last, since the next hour builds on it) the state of
+    ``hour``; returns the counts and the state as the checkpoint holds it (the next merge starts from it)."""
     profiles, interests = snapshot(state, hour + HOUR, settings)
     # A rebuilt bucket invalidates a published snapshot of this hour until publish_profiles runs again.
     (lake.partition(PROFILES, hour) / MANIFEST).unlink(missing_ok=True)
     lake.write_partition(PROFILES, hour, profiles, bucket=bucket, run_id=run_id, dictionary=_PROFILE_DICTIONARY)
     lake.write_partition(INTERESTS, hour, interests, bucket=bucket, run_id=run_id, dictionary=[CATEGORY_ID])
-    lake.write_partition(STATE, hour, state.tables, bucket=bucket, run_id=run_id, dictionary=_STATE_DICTIONARY)
-    return {"users": profiles.num_rows, "interests": interests.num_rows}
+    sealed = seal_state(lake, state, hour, bucket, settings)
+    lake.write_partition(
+        STATE,
+        hour,
+        sealed.tables,
+        bucket=bucket,
+        run_id=run_id,
+        dictionary=_STATE_DICTIONARY,
+        extra={SEALED_MARKER: True},
+    )
+    return {"users": profiles.num_rows, "interests": interests.num_rows}, sealed
 
 
 def _merge_counts(
@@ -188,7 +308,7 @@ def build_profiles(
     state = _load_state(lake, hour, bucket, first_hour or settings.start)
     events = lake.read(STAGING, hour, bucket)
     new_state = advance(state, events, hour + HOUR, settings)
-    written = _write_hour(lake, new_state, hour, bucket, settings, run_id)
+    written, _ = _write_hour(lake, new_state, hour, bucket, settings, run_id)
     faults.maybe_fail(faults.BETWEEN_BUILD_BUCKETS)
     counts = _merge_counts(events, state, new_state, _horizon(state, settings))
     return {"hour": format_hour(hour), "bucket": bucket, "run_id": run_id, **written, **counts}
@@ -235,8 +355,7 @@ def build_profiles_range(
         for key in ("events_read", "events_merged", "late_beyond_window"):
             totals[key] += counts[key]
         totals["held_back"] = counts["held_back"]
-        written = _write_hour(lake, new_state, checkpoint, bucket, settings, run_id)
-        state = new_state
+        written, state = _write_hour(lake, new_state, checkpoint, bucket, settings, run_id)
     return {
         "first": format_hour(first),
         "last": format_hour(last),

@@ -14,8 +14,8 @@ import pyarrow.compute as pc
 
 from profile_engine.config import Settings
 from profile_engine.contracts.events import CART, FAV, LOCAL_HOUR, PURCHASE, REFUND, REMOVE_CART, STAGED_SCHEMA, VIEW
-from profile_engine.contracts.profiles import CATEGORY_ID, HALF_LIVES, OPEN_WINDOWS, REPEAT_WINDOWS, USER_ID
-from profile_engine.contracts.traits import Trait, load_traits, longest_window_hours
+from profile_engine.contracts.profiles import CATEGORY_ID, HALF_LIVES, OPEN_WINDOWS, USER_ID
+from profile_engine.contracts.traits import Trait, load_traits
 from profile_engine.hours import format_hour
 from profile_engine.profiles.state import (
     ANCHORS,
@@ -23,7 +23,6 @@ from profile_engine.profiles.state import (
     CARTS,
     FAVS,
     HOURLY,
-    HOURLY_RETENTION,
     HOURS_OF_DAY,
     ITEM_VIEWS,
     LATENCY_LOOKBACK,
@@ -45,6 +44,7 @@ from profile_engine.profiles.state import (
     ProfileState,
     affinity_decay_sql,
     buffered_sql,
+    by_hour_oldest,
     cents_sql,
     connect,
     decay,
@@ -242,6 +242,7 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             PENDING: pending,
         },
         buffered=buffered,
+        sealed=state.sealed,  # sealed tiles never change: late rows of their hours stay in memory
     )
 
 
@@ -304,7 +305,7 @@ def _merge_hourly(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int) -> pa.T
             FROM due GROUP BY ALL""",
         (USER_ID, "hour_ms", "event_type", CATEGORY_ID),
         {"n": "sum(n)", "decay_sum": "sum(decay_sum)"},
-        e - int(HOURLY_RETENTION.total_seconds() * 1000),
+        by_hour_oldest(HOURLY, e, ()) or 0,
     )
 
 
@@ -318,7 +319,7 @@ def _merge_item_views(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int) -> 
         f"WHERE event_type = '{VIEW}' GROUP BY ALL",
         (USER_ID, "item_id", "hour_ms"),
         {"n": "sum(n)"},
-        e - max(h for _, h in REPEAT_WINDOWS) * MS_HOUR,
+        by_hour_oldest(ITEM_VIEWS, e, ()) or 0,
     )
 
 
@@ -341,7 +342,7 @@ def _merge_trait_tiles(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int, tr
         tile_rows_sql(traits, "due"),
         TILE_KEYS,
         TILE_MERGE,
-        e - longest_window_hours(traits) * MS_HOUR,
+        by_hour_oldest(TRAIT_TILES, e, traits) or 0,
         source="s_declared_tiles",
     )
 

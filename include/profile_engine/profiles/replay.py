@@ -6,6 +6,7 @@ docs/features.md.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 
 import pyarrow as pa
@@ -68,7 +69,8 @@ def _users_only(state: ProfileState, users: pa.Array) -> ProfileState:
         {
             name: table if name == META else table.filter(pc.is_in(table.column(USER_ID), value_set=users))
             for name, table in state.tables.items()
-        }
+        },
+        sealed=None if state.sealed is None else replace(state.sealed, users=users),
     )
 
 
@@ -112,7 +114,8 @@ def rebuild_before_cutoffs(
         events = staged.filter(before).select(STAGED_SCHEMA.names)
         pending = start.tables[PENDING]
         begin = ProfileState(
-            {**start.tables, PENDING: pending.filter(pc.less(pending.column("ts"), pa.scalar(end, TIMESTAMP)))}
+            {**start.tables, PENDING: pending.filter(pc.less(pending.column("ts"), pa.scalar(end, TIMESTAMP)))},
+            sealed=start.sealed,
         )
         out[hour] = snapshot(advance(begin, events, end, settings), end, settings)[0]
     return out

@@ -70,6 +70,7 @@ from profile_engine.hours import format_hour
 from profile_engine.profiles.state import (
     AFFINITY_DECIMALS,
     AFFINITY_WEIGHTS,
+    BY_HOUR_TABLES,
     CHURNED_AFTER,
     DORMANT_AFTER,
     HOURLY_RETENTION,
@@ -85,6 +86,7 @@ from profile_engine.profiles.state import (
     fetch,
     gap_groups,
     hour_ms,
+    register_by_hour,
 )
 from profile_engine.profiles.traits import trait_ctes
 
@@ -100,10 +102,13 @@ def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa
     e = hour_ms(end)
     if state.end is not None and state.end != end:
         raise ValueError(f"state ends at {format_hour(state.end)}, not {format_hour(end)}: advance it first")
+    traits = load_traits(settings.traits)
     con = connect()
     try:
         for name, table in state.tables.items():
-            con.register(f"s_{name}", table)
+            if name not in BY_HOUR_TABLES:
+                con.register(f"s_{name}", table)
+        register_by_hour(con, state, e, traits)  # in memory, or recent rows in memory and sealed tiles
         if state.buffered is not None:
             con.register("s_buffered", state.buffered)
         else:  # a state read from the lake: its sessions are groups already, its orders lines
@@ -114,7 +119,6 @@ def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa
         con.execute(f"CREATE TEMP TABLE affinities AS {_affinities_sql(e)}")
         con.execute(f"CREATE TEMP VIEW interests AS SELECT * FROM affinities WHERE affinity >= {MIN_AFFINITY}")
         interests = fetch(con, "SELECT * FROM interests ORDER BY user_id, category_id", INTERESTS_SCHEMA)
-        traits = load_traits(settings.traits)
         profiles = fetch(con, _profiles_sql(e, traits), snapshot_schema(traits))
     finally:
         con.close()

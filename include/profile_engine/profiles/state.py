@@ -8,12 +8,14 @@ import os
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from profile_engine.contracts.events import CART, FAV, PURCHASE, REFUND, REMOVE_CART, STAGED_SCHEMA, VIEW
-from profile_engine.contracts.profiles import CATEGORY_ID, HALF_LIVES, USER_ID
+from profile_engine.contracts.profiles import CATEGORY_ID, HALF_LIVES, REPEAT_WINDOWS, USER_ID
+from profile_engine.contracts.traits import Trait, longest_window_hours
 from profile_engine.hours import floor_hour
 from profile_engine.lake import db
 
@@ -141,6 +143,99 @@ BUFFERED_SCHEMA = _schema(
 )
 
 
+# ---- sealed tiles (docs/architecture.md, "Sealed state tiles") -------------------------------
+# The by-hour tables: rows of an hour older than the lateness horizon never change again (a later
+# event that old only adds rows). A checkpoint of the current layout keeps the recent hours; the
+# older rows are sealed into immutable tile files of the bucket, written once.
+BY_HOUR_TABLES: tuple[str, ...] = (HOURLY, ITEM_VIEWS, TRAIT_TILES)
+SEALED_MS = "sealed_ms"  # tile column: the end of the state whose checkpoint sealed the row
+SEALED_MARKER = "sealed_tiles"  # key of a checkpoint manifest whose by-hour tables hold the recent hours only
+DAY_FILE = "day.parquet"  # a day's tile files compacted into one
+
+
+def by_hour_oldest(name: str, e: int, traits: tuple[Trait, ...]) -> int | None:
+    """The oldest ``hour_ms`` table ``name`` keeps as of ``e`` (its longest window); None: it keeps nothing."""
+    if name == HOURLY:
+        return e - int(HOURLY_RETENTION.total_seconds() * 1000)
+    if name == ITEM_VIEWS:
+        return e - max(h for _, h in REPEAT_WINDOWS) * MS_HOUR
+    return e - longest_window_hours(traits) * MS_HOUR if traits else None
+
+
+def by_hour_longest_ms(traits: tuple[Trait, ...]) -> int:
+    """The longest window of every by-hour table: tiles older than this before a state's end are never read."""
+    return max(-(by_hour_oldest(n, 0, traits) or 0) for n in BY_HOUR_TABLES)
+
+
+def day_start_ms(day_dir: Path) -> int:
+    """The first ms of a tile folder ``dt=YYYY-MM-DD``."""
+    return int(datetime.fromisoformat(day_dir.name.removeprefix("dt=")).replace(tzinfo=UTC).timestamp()) * 1000
+
+
+def sealed_hour_ms(tile: Path) -> int:
+    """The end of the hour whose build sealed an hourly tile file ``hour=HH.parquet`` (its rows' ``sealed_ms``)."""
+    return day_start_ms(tile.parent) + (int(tile.name.removeprefix("hour=").removesuffix(".parquet")) + 1) * MS_HOUR
+
+
+def tile_files(table_dir: Path, upto_ms: int, since_ms: int | None) -> list[Path]:
+    """The tile files of one by-hour table of a bucket that can hold rows sealed by ``upto_ms`` at or after
+    ``since_ms``: per day the compacted ``day.parquet`` when there is one (hourly files beside it are
+    leftovers of an interrupted compaction, already in it), else the hourly files.
+
+    Rows of day D were sealed by the builds of D's hours: ``sealed_ms`` in (D, D + 24h], ``hour_ms`` before that.
+    """
+    if not table_dir.is_dir():
+        return []
+    files: list[Path] = []
+    for day in sorted(table_dir.glob("dt=*")):
+        start = day_start_ms(day)
+        if start + MS_HOUR > upto_ms or (since_ms is not None and start + 24 * MS_HOUR <= since_ms):
+            continue
+        if (day / DAY_FILE).is_file():
+            files.append(day / DAY_FILE)
+        else:
+            files += [f for f in sorted(day.glob("hour=*.parquet")) if sealed_hour_ms(f) <= upto_ms]
+    return files
+
+
+@dataclass(frozen=True)
+class SealedTiles:
+    """Where the sealed rows of a state's by-hour tables are: the tile files under ``root``
+    (``state_tiles/bucket=N``), rows with ``sealed_ms <= upto_ms`` (the checkpoint's end; later
+    files belong to later checkpoints); ``users``: only these users' rows (a sampled rebuild)."""
+
+    root: Path
+    upto_ms: int
+    users: pa.Array | None = field(default=None, compare=False)
+
+
+def register_by_hour(con: duckdb.DuckDBPyConnection, state: ProfileState, e: int, traits: tuple[Trait, ...]) -> None:
+    """Register the by-hour tables of ``state`` as of its end ``e`` as views ``s_<name>``: the in-memory rows
+    plus, for a state with sealed tiles, the tile rows it holds within each table's retention (what
+    ``advance`` would have kept in memory: the union equals the table of a state that never sealed)."""
+    sealed = state.sealed
+    if sealed is not None and sealed.users is not None:
+        con.register("sealed_users", pa.table({USER_ID: pa.array(sealed.users, pa.string())}))
+    for name in BY_HOUR_TABLES:
+        con.register(f"m_{name}", state.tables[name])
+        oldest = by_hour_oldest(name, e, traits)
+        files = [] if sealed is None or oldest is None else tile_files(sealed.root / name, sealed.upto_ms, oldest)
+        if sealed is None or not files:
+            con.execute(f"CREATE OR REPLACE TEMP VIEW s_{name} AS SELECT * FROM m_{name}")
+            continue
+        where = [f"{SEALED_MS} <= {sealed.upto_ms}", f"hour_ms >= {oldest}"]
+        if name == TRAIT_TILES:
+            where.append("trait IN (" + ", ".join("'" + t.key.replace("'", "''") + "'" for t in traits) + ")")
+        if sealed.users is not None:
+            where.append(f"{USER_ID} IN (SELECT {USER_ID} FROM sealed_users)")
+        listed = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
+        columns = ", ".join(STATE_SCHEMAS[name].names)
+        con.execute(
+            f"CREATE OR REPLACE TEMP VIEW s_{name} AS SELECT {columns} FROM m_{name} UNION ALL "
+            f"SELECT {columns} FROM read_parquet([{listed}]) WHERE {' AND '.join(where)}"
+        )
+
+
 class MissingStateError(FileNotFoundError):
     """The state of the hour before is not in the lake: the hour cannot be built on it."""
 
@@ -155,6 +250,9 @@ class ProfileState:
     # the buffers (regrouping about 4M buffered session rows took 1 s of a 10 s bucket at 1M
     # users); a state read from the lake has None and ``snapshot`` computes them.
     buffered: pa.Table | None = field(default=None, compare=False, repr=False)
+    # The sealed rows of the by-hour tables (``BY_HOUR_TABLES``) when they live in tile files, not in
+    # ``tables`` (a checkpoint of the current layout); None: ``tables`` hold every row.
+    sealed: SealedTiles | None = field(default=None, compare=False)
 
     @property
     def end(self) -> datetime | None:

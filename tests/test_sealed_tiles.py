@@ -1,0 +1,204 @@
+"""Sealed state tiles (issue 19): the by-hour state rows older than the lateness horizon live in immutable tile
+files of the bucket, not in the checkpoint; every hour still equals a full rebuild, older checkpoints that
+hold every hour still build their next hour, retention drops expired tiles and erasure removes users from them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from profile_engine.config import Settings
+from profile_engine.contracts.events import STAGED_SCHEMA
+from profile_engine.contracts.profiles import CATEGORY_ID, USER_ID
+from profile_engine.hours import HOUR
+from profile_engine.lake.storage import INTERESTS, PROFILES, STAGING, STATE, STATE_TILES, Lake
+from profile_engine.ops import erasure, retention
+from profile_engine.profiles.build import build_profiles, build_profiles_range, read_state
+from profile_engine.profiles.merge import with_local_hour
+from profile_engine.profiles.replay import rebuild_bucket
+from profile_engine.profiles.snapshot import snapshot
+from profile_engine.profiles.state import BY_HOUR_TABLES, DAY_FILE, HOURLY, MS_HOUR, hour_ms
+from profile_engine.profiles.verify import compare_tables
+
+T0 = datetime(2026, 11, 3, 21, tzinfo=UTC)  # three hours before midnight: day 1 is compacted when day 2 starts
+HOURS = 10
+BASE = Settings(buckets=1, lateness_hours=2, start=T0)
+
+
+def at(hours: float) -> datetime:
+    return T0 + timedelta(hours=hours)
+
+
+def staged(rows: list[dict[str, Any]], hour: int) -> pa.Table:
+    """Staged events (``STAGED_SCHEMA``) from partial rows, with event ids unique across hours."""
+    defaults = {"event_type": "view", "item_id": "i1", "category_id": "c1", "price": 5.0, "quantity": 1}
+    full = [
+        {"order_id": None, "session_id": None, **defaults, **r, "event_id": f"h{hour}e{i}", "bucket": 0}
+        for i, r in enumerate(rows)
+    ]
+    without_hour = pa.schema([f for f in STAGED_SCHEMA if f.name != "local_hour"])
+    return with_local_hour(pa.Table.from_pylist(full, schema=without_hour), BASE.business_tz)
+
+
+def stage_shop(lake: Lake) -> None:
+    """Hours 0..HOURS-1: three users every hour, late events within the lateness (2 hours after their hour)
+    and one view of a user who has no other event, arriving 5 hours after its hour (beyond the lateness)."""
+    for h in range(HOURS):
+        rows: list[dict[str, Any]] = []
+        for i, user in enumerate(("a", "b", "c")):
+            for k in range(3):
+                rows.append(
+                    {
+                        "user_id": user,
+                        "event_type": ("view", "cart", "purchase", "fav")[(h + i + k) % 4],
+                        "item_id": f"i{(h + k) % 3}",
+                        "category_id": f"c{(h * 7 + i + k) % 4}",
+                        "ts": at(h) + timedelta(minutes=10 * k + i),
+                    }
+                )
+        if h >= 2:  # late within the window: an event of hour h-2 arrives now
+            rows.append({"user_id": "b", "category_id": "c9", "ts": at(h - 2) + timedelta(minutes=55)})
+        if h == 7:  # beyond the window: a view of hour 2 arrives 5 hours late
+            rows.append({"user_id": "late", "category_id": "c5", "ts": at(2) + timedelta(minutes=30)})
+        lake.write_partition(STAGING, at(h), staged(rows, h), bucket=0)
+
+
+def assert_equals_rebuild(settings: Settings, hour: datetime) -> None:
+    """The committed profiles and interests of ``hour`` equal a rebuild of the bucket from staging."""
+    lake = Lake(settings.lake)
+    _, state = rebuild_bucket(settings, hour, 0)
+    profiles, interests = snapshot(state, hour + HOUR, settings)
+    for name, expected, got, keys in (
+        ("profiles", profiles, lake.read(PROFILES, hour, 0), [USER_ID]),
+        ("interests", interests, lake.read(INTERESTS, hour, 0), [USER_ID, CATEGORY_ID]),
+    ):
+        comparison = compare_tables(name, expected, got, keys)
+        assert comparison.equal, f"{name} of {hour}: " + "; ".join(comparison.lines())
+
+
+def tile_rows(lake: Lake, user: str | None = None) -> int:
+    """Rows in every tile file of the lake (of ``user`` only when given)."""
+    total = 0
+    for path in lake.path(STATE_TILES).rglob("*.parquet"):
+        column = pq.read_table(path, columns=[USER_ID]).column(USER_ID)
+        total += column.length() if user is None else pc.sum(pc.equal(column, user)).as_py() or 0
+    return total
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> Settings:
+    settings = replace(BASE, lake=tmp_path / "lake")
+    stage_shop(Lake(settings.lake))
+    return settings
+
+
+def test_hourly_builds_with_sealed_tiles_equal_a_rebuild_at_every_hour_and_after_rerunning(shop: Settings) -> None:
+    lake = Lake(shop.lake)
+    for h in range(HOURS):
+        build_profiles(shop, at(h), 0)
+        assert_equals_rebuild(shop, at(h))
+        state = read_state(lake, at(h), 0)
+        horizon = hour_ms(at(h + 1)) - shop.lateness_hours * MS_HOUR
+        for name in BY_HOUR_TABLES:  # the checkpoint holds the recent hours only, late rows included
+            lowest = pc.min(state.tables[name].column("hour_ms")).as_py()
+            assert lowest is None or lowest >= horizon, (h, name)
+        assert state.sealed is not None and state.sealed.upto_ms == hour_ms(at(h + 1))
+    hourly = lake.path(STATE_TILES, "bucket=0", HOURLY)
+    assert (hourly / "dt=2026-11-03" / DAY_FILE).is_file()  # day 1 compacted once day 2 began
+    assert not list((hourly / "dt=2026-11-03").glob("hour=*.parquet"))
+    assert list((hourly / "dt=2026-11-04").glob("hour=*.parquet"))
+    sealed = tile_rows(lake)
+    assert sealed > 0
+
+    # Rerunning from hour 1 replaces the tiles those hours sealed (in the compacted day too): no stale copy.
+    for h in range(1, HOURS):
+        build_profiles(shop, at(h), 0)
+        assert_equals_rebuild(shop, at(h))
+    assert tile_rows(lake) == sealed
+
+    # A range build (checkpoints every 3 hours) seals the same rows and gives the same snapshots.
+    bulk = replace(shop, lake=shop.lake.parent / "bulk")
+    shutil.copytree(lake.path(STAGING), Lake(bulk.lake).path(STAGING))
+    built = build_profiles_range(bulk, T0, at(HOURS - 1), 0, snapshot_every=3)
+    for text in built["checkpoints"]:
+        hour = datetime.fromisoformat(text)
+        comparison = compare_tables(
+            "profiles", lake.read(PROFILES, hour, 0), Lake(bulk.lake).read(PROFILES, hour, 0), [USER_ID]
+        )
+        assert comparison.equal, "; ".join(comparison.lines())
+
+
+def test_a_checkpoint_that_holds_every_hour_reads_as_before_and_builds_its_next_hour_exactly(shop: Settings) -> None:
+    lake = Lake(shop.lake)
+    for h in range(6):
+        build_profiles(shop, at(h), 0)
+    # The layout before sealed tiles: the checkpoint holds every hour, the lake has no tile files.
+    _, everything = rebuild_bucket(shop, at(5), 0)
+    lake.write_partition(STATE, at(5), everything.tables, bucket=0, dictionary=["event_type"])
+    shutil.rmtree(lake.path(STATE_TILES))
+    old = read_state(lake, at(5), 0)
+    assert old.sealed is None and old.tables == everything.tables
+    assert everything.tables[HOURLY].num_rows > 0
+
+    for h in range(6, HOURS):
+        build_profiles(shop, at(h), 0)
+        assert_equals_rebuild(shop, at(h))
+    assert tile_rows(lake) > 0 and read_state(lake, at(HOURS - 1), 0).sealed is not None
+
+
+def test_retention_drops_tiles_no_kept_checkpoint_reads(tmp_path: Path) -> None:
+    settings = replace(BASE, lake=tmp_path / "lake", lateness_hours=2, retention_days=2, start=T0)
+    lake = Lake(settings.lake)
+    days = 34
+    for h in range(days * 24):  # one user, a view every 6 hours, past the 30-day window
+        rows = [{"user_id": "a", "category_id": f"c{h % 5}", "ts": at(h) + timedelta(minutes=5)}] if h % 6 == 0 else []
+        lake.write_partition(STAGING, at(h), staged(rows, h), bucket=0)
+    last = at(days * 24 - 1)
+    build_profiles_range(settings, T0, last, 0, snapshot_every=24)
+    hourly = lake.path(STATE_TILES, "bucket=0", HOURLY)
+    before = sorted(p.name for p in hourly.glob("dt=*"))
+    assert before[0] == "dt=2026-11-03"
+
+    result = retention.apply_retention(settings, last + HOUR)
+
+    checkpoint = datetime.fromisoformat(result["rebuild_checkpoint"])
+    limit = checkpoint + HOUR - timedelta(days=30)
+    after = sorted(p.name for p in hourly.glob("dt=*"))
+    gone = [d for d in before if d not in after]
+    assert gone and result["deleted"][STATE_TILES]["partitions"] >= len(gone)
+    for name in gone:  # only days whose every row is older than the longest window before the checkpoint
+        day = datetime.fromisoformat(name.removeprefix("dt=")).replace(tzinfo=UTC)
+        assert day + timedelta(days=1) <= limit
+    assert any(
+        datetime.fromisoformat(d.removeprefix("dt=")).replace(tzinfo=UTC) + timedelta(days=1) > limit for d in after
+    )
+    # The rebuild starts from the kept checkpoint and its tiles and equals the committed hour.
+    assert_equals_rebuild(settings, last)
+
+
+def test_erasure_removes_the_users_rows_from_sealed_tiles(shop: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PROFILE_ENGINE_EXPORT_KEY", "PROFILE_ENGINE_ERASURE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    lake = Lake(shop.lake)
+    for h in range(6):
+        build_profiles(shop, at(h), 0)
+    assert tile_rows(lake, "a") > 0
+
+    result = erasure.erase_users(shop, ["a"], requested_by="test", reason="test")
+
+    assert result["erased"] == 1
+    assert tile_rows(lake, "a") == 0 and tile_rows(lake) > 0
+    assert result["rows_removed"][STATE_TILES] > 0
+    for h in range(6, HOURS):  # the next hours build on the erased state and tiles
+        build_profiles(shop, at(h), 0)
+        assert_equals_rebuild(shop, at(h))
+    assert "a" not in lake.read(PROFILES, at(HOURS - 1), 0).column(USER_ID).to_pylist()
