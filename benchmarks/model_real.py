@@ -72,6 +72,7 @@ from profile_engine.ops import runner
 def _filtered(file: Path, column: str, since: str, renames: dict[str, str], scratch: Path) -> Path:
     """A copy of a CSV with a header: rows whose ``column`` (ISO date text) is at or after ``since``, header
     columns renamed (e.g. the UCI "Online Retail" names to those of the ``order_lines`` mapping)."""
+    scratch.mkdir(parents=True, exist_ok=True)  # ``--lake DIR`` need not exist yet
     out = scratch / f"since-{since}-{file.name}"
     with file.open(newline="", encoding="utf-8") as source, out.open("w", newline="", encoding="utf-8") as target:
         reader = csv.reader(source)
