@@ -6,7 +6,7 @@ newest, the newest K of those): trains a challenger (forced), runs the gate, sco
 and reads the hour's scores as the segments see them. For each trained version it reports, on its
 out-of-time evaluation rows (the same rows for every scorer): AUC, PR AUC, log loss, ECE, lift in
 the top 10% and 20%, each with a 95% paired bootstrap interval, and the share of users in decile
-10, for every candidate of the version (network, LightGBM, baseline), the champion it was gated
+10, for every candidate of the version (network, ensemble, LightGBM, baseline), the champion it was gated
 against (from the second promotion on) and the two heuristics; the gate's decision (which candidate
 won and why), the champion before and after, and the seconds of training and gating; and for every
 scored hour which model scored it and the share of users in decile 10. ``pooled`` repeats the metrics
