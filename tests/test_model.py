@@ -917,3 +917,25 @@ def test_a_version_without_the_ensemble_still_offers_its_other_candidates(traine
     assert found == ["network", "lightgbm", "baseline"]
     with pytest.raises(FileNotFoundError, match="no ensemble"):
         artifacts.load_model(settings, version, "ensemble")
+
+
+def test_fit_network_applies_sample_weights_together_with_class_weights(trained: Trained) -> None:
+    # Arrange: the version's training rows; one fit ignores the buyers (weight 0), the other the non-buyers
+    train = trained.training.train
+    y = np.asarray(train.column(labels.LABEL), dtype=np.float32)
+    inputs = network_inputs.model_inputs(train, NUMERIC, CATEGORICAL)
+    config = replace(FAST, max_epochs=3, patience=3)
+
+    def mean_score(weight: np.ndarray) -> float:
+        network = networks.build_network(train, NUMERIC, CATEGORICAL, config, logistic=False)
+        networks.fit_network(
+            network, (inputs, y), (inputs, y), networks.class_weights(y), 1e-2, config, sample_weight=weight
+        )
+        return float(np.mean(networks.predict_network(network, inputs)))
+
+    # Act
+    without_buyers = mean_score((y == 0).astype(np.float32))
+    without_others = mean_score((y == 1).astype(np.float32))
+
+    # Assert: Keras refuses class and sample weights at once; fit_network multiplies them, so both count
+    assert without_buyers < 0.5 < without_others
