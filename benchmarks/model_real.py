@@ -151,8 +151,8 @@ def _pool(parts: list[tuple[np.ndarray, dict[str, np.ndarray]]], n_boot: int) ->
     names = [n for n in parts[0][1] if all(n in p for _, p in parts)]
     y = np.concatenate([y for y, _ in parts])
     scores = {n: np.concatenate([p[n] for _, p in parts]) for n in names}
-    metrics = _with_intervals(y, scores, n_boot)
-    out = {"rows": int(y.size), "positives": int(y.sum()), "metrics": metrics, "targets": _targets(metrics, SERVING)}
+    measured = _with_intervals(y, scores, n_boot)
+    out = {"rows": int(y.size), "positives": int(y.sum()), "metrics": measured, "targets": _targets(measured, SERVING)}
     if SERVING in scores:  # the champion against every other scorer on the same resamples (the targets' evidence)
         pairs = [(SERVING, n) for n in names if n != SERVING]
         drawn = metrics.bootstrap_intervals(y, scores, n_boot=n_boot, seed=7, differences=pairs)
