@@ -6,7 +6,7 @@ newest, the newest K of those): trains a challenger (forced), runs the gate, sco
 and reads the hour's scores as the segments see them. For each trained version it reports, on its
 out-of-time evaluation rows (the same rows for every scorer): AUC, PR AUC, log loss, ECE, lift in
 the top 10% and 20%, each with a 95% paired bootstrap interval, and the share of users in decile
-10, for every candidate of the version (network, LightGBM, baseline), the champion it was gated
+10, for every candidate of the version (network, ensemble, LightGBM, baseline), the champion it was gated
 against (from the second promotion on) and the two heuristics; the gate's decision (which candidate
 won and why), the champion before and after, and the seconds of training and gating; and for every
 scored hour which model scored it and the share of users in decile 10. ``pooled`` repeats the metrics
@@ -72,6 +72,7 @@ from profile_engine.ops import runner
 def _filtered(file: Path, column: str, since: str, renames: dict[str, str], scratch: Path) -> Path:
     """A copy of a CSV with a header: rows whose ``column`` (ISO date text) is at or after ``since``, header
     columns renamed (e.g. the UCI "Online Retail" names to those of the ``order_lines`` mapping)."""
+    scratch.mkdir(parents=True, exist_ok=True)  # ``--lake DIR`` need not exist yet
     out = scratch / f"since-{since}-{file.name}"
     with file.open(newline="", encoding="utf-8") as source, out.open("w", newline="", encoding="utf-8") as target:
         reader = csv.reader(source)
@@ -150,8 +151,8 @@ def _pool(parts: list[tuple[np.ndarray, dict[str, np.ndarray]]], n_boot: int) ->
     names = [n for n in parts[0][1] if all(n in p for _, p in parts)]
     y = np.concatenate([y for y, _ in parts])
     scores = {n: np.concatenate([p[n] for _, p in parts]) for n in names}
-    metrics = _with_intervals(y, scores, n_boot)
-    out = {"rows": int(y.size), "positives": int(y.sum()), "metrics": metrics, "targets": _targets(metrics, SERVING)}
+    measured = _with_intervals(y, scores, n_boot)
+    out = {"rows": int(y.size), "positives": int(y.sum()), "metrics": measured, "targets": _targets(measured, SERVING)}
     if SERVING in scores:  # the champion against every other scorer on the same resamples (the targets' evidence)
         pairs = [(SERVING, n) for n in names if n != SERVING]
         drawn = metrics.bootstrap_intervals(y, scores, n_boot=n_boot, seed=7, differences=pairs)

@@ -6,8 +6,15 @@ the package's own functions (``build_network``, ``fit_network``, ``fit_calibrati
 validation slice) once as the package does and once with the variant, and compares both with the
 version's stored LightGBM on its evaluation rows (paired bootstrap intervals, as ``model_real.py``).
 
-Variant ``no-class-weight``: the network fitted on the natural class balance (as the baseline is),
-instead of balanced class weights; Platt scaling on the validation slice is unchanged.
+Variants (``--variant``, default ``no-class-weight``):
+
+- ``no-class-weight``: the network fitted on the natural class balance (as the baseline is), instead of
+  balanced class weights;
+- ``time-decay``: the class-weighted network with each fit row also weighted by the recency of its
+  snapshot, ``0.5 ** (age / half-life)`` (age in hours before the newest fit snapshot, ``--half-life-days``,
+  default 7), so recent behaviour weighs more.
+
+Platt scaling on the validation slice is unchanged. The version's stored ensemble is reported too.
 
 Usage (from the repository root, after ``model_real.py --lake LAKE`` trained the versions)::
 
@@ -26,26 +33,44 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from model_real import (  # the same metrics (benchmarks/ is on the path)
     _with_intervals,
     emit_json,
     trained_lake_settings,
 )
 
-from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES, SNAPSHOT_HOUR
 from profile_engine.model import calibration as calibrate
 from profile_engine.model import candidates, labels, metrics, training
 from profile_engine.model import inputs as network_inputs
 from profile_engine.model import network as networks
 
-VARIANTS = ("no-class-weight",)
+VARIANTS = ("no-class-weight", "time-decay")
+
+
+def recency_weights(snapshot_hours: pa.ChunkedArray | pa.Array, half_life_hours: float) -> np.ndarray:
+    """``0.5 ** (age / half_life_hours)`` per row, age in hours before the newest of ``snapshot_hours``."""
+    hours = np.asarray(
+        pc.cast(pc.cast(snapshot_hours, pa.timestamp("s", tz="UTC")), pa.int64()).to_numpy(zero_copy_only=False),
+        dtype=np.float64,
+    )
+    age = (hours.max() - hours) / 3600.0
+    return np.asarray(0.5 ** (age / half_life_hours), dtype=np.float32)
 
 
 def fit_network_only(
-    train: pa.Table, numeric: list[str], categorical: list[str], *, class_weighted: bool, seed: int = 7
+    train: pa.Table,
+    numeric: list[str],
+    categorical: list[str],
+    *,
+    class_weighted: bool,
+    seed: int = 7,
+    half_life_hours: float | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The aggregate network and its calibration as ``training.fit_models`` fits them (``class_weighted``: its
-    balanced class weights; else the natural class balance)."""
+    balanced class weights; else the natural class balance; ``half_life_hours``: fit rows also weighted by
+    the recency of their snapshot)."""
     import keras
     import tensorflow as tf
 
@@ -60,23 +85,34 @@ def fit_network_only(
     fit_rows = train.filter(pa.array(~is_validation))
     network = networks.build_network(fit_rows, numeric, categorical, config, logistic=False)
     weights = networks.class_weights(fit_y) if class_weighted else None
-    epochs = networks.fit_network(network, (fit_in, fit_y), (val_in, val_y), weights, config.learning_rate, config)
+    recency = None
+    if half_life_hours is not None:
+        recency = recency_weights(fit_rows.column(SNAPSHOT_HOUR), half_life_hours)
+    epochs = networks.fit_network(
+        network, (fit_in, fit_y), (val_in, val_y), weights, config.learning_rate, config, sample_weight=recency
+    )
     calibration = calibrate.fit_calibration(networks.predict_network(network, val_in), val_y)
     return network, {"epochs": epochs, "calibration": calibration}
 
 
-# The paired differences reported: the variant against the unchanged network and against LightGBM.
-DIFFERENCES = (
-    ("network no-class-weight", "network (stored)"),
-    ("network no-class-weight", "network (refit)"),
-    ("network no-class-weight", "lightgbm (stored)"),
-    ("network (stored)", "lightgbm (stored)"),
-)
+def differences(variant: str) -> tuple[tuple[str, str], ...]:
+    """The paired differences reported: the variant against the unchanged network and against LightGBM."""
+    name = f"network {variant}"
+    return (
+        (name, "network (stored)"),
+        (name, "network (refit)"),
+        (name, "lightgbm (stored)"),
+        ("network (stored)", "lightgbm (stored)"),
+        ("ensemble (stored)", "lightgbm (stored)"),
+        ("ensemble (stored)", "network (stored)"),
+    )
 
 
-def paired(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int) -> dict[str, dict[str, list[float]]]:
-    """95% paired bootstrap intervals of the ``DIFFERENCES`` (AUC, lift, ...; an interval above 0: a real gain)."""
-    pairs = [(a, b) for a, b in DIFFERENCES if a in scores and b in scores]
+def paired(
+    y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int, variant: str
+) -> dict[str, dict[str, list[float]]]:
+    """95% paired bootstrap intervals of the ``differences`` (AUC, lift, ...; an interval above 0: a real gain)."""
+    pairs = [(a, b) for a, b in differences(variant) if a in scores and b in scores]
     drawn = metrics.bootstrap_intervals(y, scores, n_boot=n_boot, seed=7, differences=pairs)
     return {
         f"{a} - {b}": {k: [round(v, 4) for v in drawn[f"{a} - {b}"][k]] for k in drawn[f"{a} - {b}"]} for a, b in pairs
@@ -90,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--business-tz", default="UTC")
     parser.add_argument("--version", action="append", default=[], help="a trained version (default: every one)")
     parser.add_argument("--n-boot", type=int, default=200)
+    parser.add_argument("--variant", choices=VARIANTS, default="no-class-weight")
+    parser.add_argument("--half-life-days", type=float, default=7.0, help="time-decay: the weight halves per this age")
     parser.add_argument(
         "--skip-refit", action="store_true", help="compare with the stored network only (a refit reproduces it)"
     )
@@ -110,11 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
         stored = {c.name: c.predict(rows) for c in candidates.version_candidates(settings, version)}
         scores = {"network (stored)": stored["network"], "lightgbm (stored)": stored["lightgbm"]}
+        if "ensemble" in stored:
+            scores["ensemble (stored)"] = stored["ensemble"]
         info: dict[str, Any] = {}
-        fits = (("network (refit)", True), ("network no-class-weight", False))
-        for name, weighted in fits[1:] if args.skip_refit else fits:
+        decay = args.half_life_days * 24 if args.variant == "time-decay" else None
+        variant = (f"network {args.variant}", args.variant != "no-class-weight", decay)
+        fits = (("network (refit)", True, None), variant)
+        for name, weighted, half_life in fits[1:] if args.skip_refit else fits:
             started = time.perf_counter()
-            network, fitted = fit_network_only(train, numeric, categorical, class_weighted=weighted, seed=settings.seed)
+            network, fitted = fit_network_only(
+                train, numeric, categorical, class_weighted=weighted, seed=settings.seed, half_life_hours=half_life
+            )
             raw = networks.predict_network(network, network_inputs.model_inputs(rows, numeric, categorical))
             scores[name] = calibrate.apply_calibration(raw, fitted["calibration"])
             info[name] = {"epochs": fitted["epochs"], "seconds": round(time.perf_counter() - started, 1)}
@@ -123,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             "positives": int(y.sum()),
             "fits": info,
             "metrics": _with_intervals(y, scores, args.n_boot),
-            "paired": paired(y, scores, args.n_boot),
+            "paired": paired(y, scores, args.n_boot, args.variant),
         }
         print(version, json.dumps(out["versions"][version]), file=sys.stderr, flush=True)
         ys.append(y)
@@ -132,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     y_all, all_scores = np.concatenate(ys), {n: np.concatenate(p) for n, p in pooled.items()}
     out["pooled"] = {
         "metrics": _with_intervals(y_all, all_scores, args.n_boot),
-        "paired": paired(y_all, all_scores, args.n_boot),
+        "paired": paired(y_all, all_scores, args.n_boot, args.variant),
     }
     emit_json(out, args.out)
     return 0

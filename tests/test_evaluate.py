@@ -402,6 +402,32 @@ def test_choose_keeps_the_network_when_the_candidates_tie_within_the_margin() ->
     )
 
 
+def test_choose_promotes_the_ensemble_over_the_network_and_ahead_of_tied_trees() -> None:
+    # Arrange: the candidates in the version's preference order; the ensemble beats the network beyond the
+    # margin, the trees are 0.05 lift better than the ensemble (inside the margin)
+    from profile_engine.model import candidates as cands
+
+    order = [cands.CANDIDATE_NAMES[kind] for kind in registry.MODEL_KINDS if kind not in registry.SEQUENCE_KINDS]
+    values = {
+        "network": scores(0.74, lift=2.0),
+        "ensemble": scores(0.76, lift=2.4),
+        "lightgbm": scores(0.76, lift=2.45),
+        "baseline": scores(0.70, lift=1.8),
+    }
+    intervals = candidate_intervals(("ensemble", "network", [0.1, 0.7]), ("lightgbm", "ensemble", [-0.2, 0.3]))
+
+    # Act
+    decision = gate.choose(
+        {name: values[name] for name in order}, None, baselines={"baseline": values["baseline"]}, intervals=intervals
+    )
+
+    # Assert: tie order network, ensemble, lightgbm, baseline; the ensemble is kept within the margin of the trees
+    assert order == ["network", "ensemble", "lightgbm", "baseline"]
+    assert decision.promote and decision.candidate == "ensemble"
+    assert decision.choice["best"] == "lightgbm"
+    assert decision.choice["reason"].startswith("ensemble kept: lift_at_10 2.4000 within margin 0.1 of lightgbm")
+
+
 def test_choose_never_promotes_a_candidate_worse_than_the_baseline() -> None:
     # Arrange: network and trees are below the baseline's lift; the baseline itself fails the AUC floor
     candidates = {
@@ -477,19 +503,27 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
     assert registry.champion_as_of(settings, first_hour)["version"] == first["version"]  # type: ignore[index]
     model_dir = Lake(settings.lake).path(MODELS, first["version"])
     evaluation = read_json(model_dir / registry.EVALUATION_FILE)
-    assert set(evaluation["metrics"]) == {"network", "lightgbm", "baseline", "heuristic_recency", "heuristic_open_cart"}
-    assert [c["name"] for c in evaluation["candidates"]] == ["network", "lightgbm", "baseline"]
+    assert set(evaluation["metrics"]) == {
+        "network",
+        "ensemble",
+        "lightgbm",
+        "baseline",
+        "heuristic_recency",
+        "heuristic_open_cart",
+    }
+    assert [c["name"] for c in evaluation["candidates"]] == ["network", "ensemble", "lightgbm", "baseline"]
+    assert evaluation["decision"]["calibrations"]["ensemble"]["method"] in ("platt", "platt_intercept")
     assert evaluation["chosen"] == promoted["candidate"] == evaluation["decision"]["candidate"]
     assert registry.champion_as_of(settings, first_hour)["kind"] == evaluation["kind"]  # type: ignore[index]
     assert np.isnan(evaluation["metrics"]["heuristic_recency"]["log_loss"])  # a rank is not a probability
-    for name in ("network", "lightgbm", "baseline"):
+    for name in ("network", "ensemble", "lightgbm", "baseline"):
         low, high = evaluation["intervals"][name]["auc"]
         assert low <= evaluation["metrics"][name]["auc"] <= high
     assert evaluation["drift"]["previous_hour"] == format_hour(first_hour - HOUR)
     assert set(evaluation["drift"]["features"]) == {*NUMERIC, *CATEGORICAL}
     card = (model_dir / registry.CARD_FILE).read_text()
     assert "decision: promoted" in card
-    for name in ("network", "lightgbm", "baseline"):
+    for name in ("network", "ensemble", "lightgbm", "baseline"):
         assert f"  - {name}: " in card  # every candidate's verdict
     assert f"- candidate: {promoted['candidate']} (" in card
     for png in cards.PLOT_FILES.values():
@@ -518,6 +552,7 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
         read_json(Lake(settings.lake).path(MODELS, second["version"]) / registry.EVALUATION_FILE)["metrics"]
     ) == {
         "network",
+        "ensemble",
         "lightgbm",
         "champion",
         "baseline",

@@ -430,7 +430,7 @@ def test_saved_model_scores_raw_profile_rows_like_the_fitted_one(trained: Traine
     assert exported <= files and exported <= listed
     # the sequence candidates are off by default: the version holds the other three kinds only
     assert not trained.settings.sequence_candidates
-    assert artifacts.version_kinds(trained.settings, version) == ["model", "lightgbm", "baseline"]
+    assert artifacts.version_kinds(trained.settings, version) == ["model", "ensemble", "lightgbm", "baseline"]
     assert not {"sequence.keras", "combined.keras"} & listed
 
 
@@ -775,7 +775,12 @@ def test_lightgbm_candidate_is_saved_calibrated_and_reproducible(trained: Traine
         measures.auc(np.asarray(trained.training.eval.column(labels.LABEL)), loaded.predict(trained.training.eval))
     )
     assert refit() == refit() == (directory / gbm.LIGHTGBM_FILE).read_text()  # deterministic, as saved
-    assert [c.name for c in candidates.version_candidates(settings, version)] == ["network", "lightgbm", "baseline"]
+    assert [c.name for c in candidates.version_candidates(settings, version)] == [
+        "network",
+        "ensemble",
+        "lightgbm",
+        "baseline",
+    ]
 
 
 def test_score_profiles_with_a_lightgbm_champion_never_imports_tensorflow(trained: Trained, tmp_path: Path) -> None:
@@ -823,3 +828,114 @@ def test_a_version_trained_before_lightgbm_still_loads_and_scores(trained: Train
     assert (summary["kind"], summary[MODEL_VERSION]) == ("model", version)
     with pytest.raises(FileNotFoundError, match="no LightGBM model"):
         artifacts.load_model(settings, version, "lightgbm")
+
+
+# ---- the ensemble: the network and LightGBM of the same version, blended and calibrated again -------------------
+def test_ensemble_candidate_blends_the_versions_network_and_trees_and_is_calibrated(trained: Trained) -> None:
+    # Arrange
+    from profile_engine.model import candidates, ensemble
+
+    settings, version = trained.settings, str(trained.summary["version"])
+    directory = Lake(settings.lake).path(MODELS, version)
+    rows = odd_rows(trained)
+
+    # Act
+    loaded = artifacts.load_model(settings, version, "ensemble")
+    probabilities = loaded.predict(rows)
+    members = [artifacts.load_model(settings, version, kind) for kind in ("model", "lightgbm")]
+    blended = ensemble.blend([m.predict(rows) for m in members], ensemble.WEIGHTS)
+    stored = read_json(directory / artifacts.CALIBRATION_FILE)
+    metrics = read_json(directory / registry.METRICS_FILE)["eval"]
+    listed = {f["name"] for f in read_json(directory / MANIFEST)["files"]}
+    found = candidates.version_candidates(settings, version)
+
+    # Assert: probabilities inside the calibration's bounds, from the version's own network and trees
+    assert np.all(np.isfinite(probabilities)) and np.all((probabilities >= 1e-4) & (probabilities <= 1 - 1e-4))
+    assert probabilities == pytest.approx(calibrate.apply_calibration(blended, loaded.calibration), abs=1e-12)
+    # monotone in the blend (a positive slope): the calibration keeps the blend's ranking
+    order = np.argsort(blended, kind="stable")
+    assert np.all(np.diff(probabilities[order]) >= 0)
+    # its calibration is recorded like every candidate's, fitted on the newest training snapshot
+    recorded = stored["ensemble"]
+    assert recorded["method"] in ("platt", "platt_intercept") and 0 < recorded["a"] <= calibrate.PLATT_MAX_SLOPE
+    assert recorded["fitted_on"] == stored["fitted_on"] and recorded["rows"] == stored["lightgbm"]["rows"]
+    assert loaded.calibration is not None and loaded.calibration["b"] == recorded["b"]
+    network_own = artifacts.network_calibration(stored, "model")
+    assert network_own is not None and "ensemble" not in network_own  # the network's own stays apart
+    # saved, listed and loaded like every kind: spec file, cut points, metrics of the calibrated and raw blend
+    assert ensemble.ENSEMBLE_FILE in listed
+    assert read_json(directory / ensemble.ENSEMBLE_FILE)["members"] == ["model", "lightgbm"]
+    assert list(loaded.cut_points) == read_json(directory / artifacts.DECILES_FILE)["ensemble"]
+    assert loaded.label == f"{version}-ensemble" and loaded.engine == "numpy+lightgbm"
+    assert {"ensemble", "ensemble_uncalibrated"} <= set(metrics)
+    assert metrics["ensemble"]["auc"] == pytest.approx(
+        measures.auc(np.asarray(trained.training.eval.column(labels.LABEL)), loaded.predict(trained.training.eval))
+    )
+    assert metrics["ensemble"]["auc"] > 0.6
+    assert [c.name for c in found][:2] == ["network", "ensemble"]  # right after the network in the tie order
+    assert found[1].kind == "ensemble" and found[1].metrics["auc"] == metrics["ensemble"]["auc"]
+    assert artifacts.load_model(settings, version, "ensemble") is loaded  # loaded once per process
+
+
+def test_score_profiles_with_an_ensemble_champion_never_imports_tensorflow(trained: Trained, tmp_path: Path) -> None:
+    # Arrange: the ensemble promoted as the champion; a child process, so this process's TensorFlow does not count
+    settings = copy_lake(trained, tmp_path)
+    version = str(trained.summary["version"])
+    registry.promote(settings, version, trained.hour, reason="test", kind="ensemble")
+
+    # Act
+    result = score_in_a_child(settings, trained.hour, tmp_path)
+
+    # Assert: the normal scoring path, numpy network + LightGBM, the ensemble's label on every score
+    assert result["heavy"] == []
+    summary = result["summary"]
+    assert (summary["model"], summary["kind"], summary["engine"]) == ("champion", "ensemble", "numpy+lightgbm")
+    assert summary[MODEL_VERSION] == f"{version}-ensemble" and summary["rows"] == 200
+    scores = Lake(settings.lake).read(SCORES, trained.hour, 0)
+    profiles = Lake(settings.lake).read(PROFILES, trained.hour, 0).sort_by(USER_ID)
+    expected = artifacts.load_model(settings, version, "ensemble").predict(profiles)
+    assert np.asarray(scores.column(PROPENSITY)) == pytest.approx(expected, abs=1e-12)
+    assert set(scores.column(MODEL_VERSION).to_pylist()) == {f"{version}-ensemble"}
+
+
+def test_a_version_without_the_ensemble_still_offers_its_other_candidates(trained: Trained, tmp_path: Path) -> None:
+    # Arrange: the version as the previous code wrote it (no ensemble file, no ensemble calibration)
+    from profile_engine.model import candidates, ensemble
+
+    settings = copy_lake(trained, tmp_path)
+    version = str(trained.summary["version"])
+    lake = Lake(settings.lake)
+    directory = lake.path(MODELS, version)
+    manifest = read_json(directory / MANIFEST)
+    names = [f["name"] for f in manifest.pop("files") if f["name"] != ensemble.ENSEMBLE_FILE]
+    lake.write_dir(directory, [(n, (directory / n).read_bytes()) for n in names], manifest)
+
+    # Act
+    found = [c.name for c in candidates.version_candidates(settings, version)]
+
+    # Assert
+    assert found == ["network", "lightgbm", "baseline"]
+    with pytest.raises(FileNotFoundError, match="no ensemble"):
+        artifacts.load_model(settings, version, "ensemble")
+
+
+def test_fit_network_applies_sample_weights_together_with_class_weights(trained: Trained) -> None:
+    # Arrange: the version's training rows; one fit ignores the buyers (weight 0), the other the non-buyers
+    train = trained.training.train
+    y = np.asarray(train.column(labels.LABEL), dtype=np.float32)
+    inputs = network_inputs.model_inputs(train, NUMERIC, CATEGORICAL)
+    config = replace(FAST, max_epochs=3, patience=3)
+
+    def mean_score(weight: np.ndarray) -> float:
+        network = networks.build_network(train, NUMERIC, CATEGORICAL, config, logistic=False)
+        networks.fit_network(
+            network, (inputs, y), (inputs, y), networks.class_weights(y), 1e-2, config, sample_weight=weight
+        )
+        return float(np.mean(networks.predict_network(network, inputs)))
+
+    # Act
+    without_buyers = mean_score((y == 0).astype(np.float32))
+    without_others = mean_score((y == 1).astype(np.float32))
+
+    # Assert: Keras refuses class and sample weights at once; fit_network multiplies them, so both count
+    assert without_buyers < 0.5 < without_others

@@ -279,7 +279,14 @@ def test_a_forced_training_with_the_setting_on_trains_and_saves_every_kind(order
     directory = Lake(settings.lake).path(MODELS, version)
 
     assert trained["status"] == "trained"
-    assert artifacts.version_kinds(settings, version) == ["model", "lightgbm", "sequence", "combined", "baseline"]
+    assert artifacts.version_kinds(settings, version) == [
+        "model",
+        "ensemble",
+        "lightgbm",
+        "sequence",
+        "combined",
+        "baseline",
+    ]
     assert {"sequence.keras", "sequence.json", "combined.keras", "combined.json"} <= {
         f["name"] for f in read_json(directory / MANIFEST)["files"]
     }
@@ -298,7 +305,7 @@ def test_the_gate_promotes_a_sequence_kind_that_wins_on_the_same_rows(order_lake
 
     assert gated["status"] == "promoted", gated["reasons"]
     assert gated["kind"] in registry.SEQUENCE_KINDS and gated["candidate"] == gated["kind"]
-    assert set(gated["candidates"]) == {"network", "lightgbm", "sequence", "combined", "baseline"}
+    assert set(gated["candidates"]) == {"network", "ensemble", "lightgbm", "sequence", "combined", "baseline"}
     assert not gated["candidates"]["network"]["promote"]  # noise features: AUC below the floor
     evaluation = read_json(Lake(settings.lake).path(MODELS, gated["version"], registry.EVALUATION_FILE))
     assert [c["kind"] for c in evaluation["candidates"]] == list(registry.MODEL_KINDS)

@@ -10,6 +10,7 @@
   ``permutation_importance``
 - ``inference``: ``export_network``, ``InferenceNetwork`` (numpy forward pass, no TensorFlow)
 - ``gbm``: ``fit_gbm``, ``GBMModel``
+- ``ensemble``: ``blend``, ``EnsembleScorer`` (the network and LightGBM of a version, blended)
 - ``sequence``: ``sequence_inputs``, ``train_sequence``, ``load_sequence``, ``SequenceScorer``
 - ``card``: ``model_card``, ``card_files``
 - ``artifacts``: ``write_model_dir``, ``export_inference``, ``load_model``, ``LoadedModel``, ``version_kinds``

@@ -22,7 +22,7 @@ from profile_engine.config import Settings
 from profile_engine.contracts.profiles import SNAPSHOT_HOUR, USER_ID
 from profile_engine.hours import format_hour
 from profile_engine.lake.storage import MANIFEST, MODELS, TRAINING, Lake, read_json
-from profile_engine.model import gbm, inference, labels, registry
+from profile_engine.model import ensemble, gbm, inference, labels, registry
 from profile_engine.model import metrics as measures
 from profile_engine.model.calibration import apply_calibration
 from profile_engine.model.card import model_card
@@ -58,7 +58,8 @@ BASELINE_SUFFIX = "-baseline"
 
 @dataclass
 class FittedModels:
-    """The fitted network, its calibration and cut points, the baseline and the gradient-boosted trees."""
+    """The fitted network, its calibration and cut points, the baseline, the gradient-boosted trees and the
+    ensemble's calibration."""
 
     model: Any
     baseline: Any
@@ -72,6 +73,9 @@ class FittedModels:
     lightgbm: gbm.GBMModel | None = None
     lightgbm_calibration: dict[str, Any] | None = None
     lightgbm_cut_points: list[float] | None = None
+    # The ensemble of network and trees (``ensemble.MEMBERS``): its calibration and cut points; None without trees.
+    ensemble_calibration: dict[str, Any] | None = None
+    ensemble_cut_points: list[float] | None = None
     # The sequence kinds (``SEQUENCE_KINDS``) when trained, each with its calibration; their cut points.
     sequences: dict[str, SequenceModel] = field(default_factory=dict)
     sequence_cut_points: dict[str, list[float]] = field(default_factory=dict)
@@ -109,6 +113,14 @@ def write_model_dir(
         trees_raw = fitted.lightgbm.predict(training.eval)
         metrics["eval"]["lightgbm"] = measures.metrics(y, apply_calibration(trees_raw, fitted.lightgbm_calibration))
         metrics["eval"]["lightgbm_uncalibrated"] = measures.metrics(y, trees_raw)
+        if fitted.ensemble_calibration is not None:
+            members = {
+                "model": apply_calibration(raw, fitted.calibration),
+                "lightgbm": apply_calibration(trees_raw, fitted.lightgbm_calibration),
+            }
+            blended = ensemble.blend([members[kind] for kind in ensemble.MEMBERS], ensemble.WEIGHTS)
+            metrics["eval"]["ensemble"] = measures.metrics(y, apply_calibration(blended, fitted.ensemble_calibration))
+            metrics["eval"]["ensemble_uncalibrated"] = measures.metrics(y, blended)
     encoder_files: dict[str, bytes] = {}
     if fitted.sequences:
         from profile_engine.model import sequence
@@ -130,6 +142,10 @@ def write_model_dir(
         calibrations["lightgbm"] = {**(fitted.lightgbm_calibration or {}), "fitted_on": fitted_on}
         cut_points["lightgbm"] = fitted.lightgbm_cut_points
         tree_files = fitted.lightgbm.files()
+        if fitted.ensemble_calibration is not None:
+            calibrations["ensemble"] = {**fitted.ensemble_calibration, "fitted_on": fitted_on}
+            cut_points["ensemble"] = fitted.ensemble_cut_points
+            tree_files[ensemble.ENSEMBLE_FILE] = ensemble.spec_bytes(ensemble.MEMBERS, ensemble.WEIGHTS)
     cut_points.update(fitted.sequence_cut_points)
     features = {"numeric": list(fitted.numeric), "categorical": list(fitted.categorical), "label": labels.LABEL}
     training_info = {
@@ -275,12 +291,13 @@ class LoadedModel:
 
     ``network`` is an ``inference.InferenceNetwork`` (numpy, no TensorFlow) when
     the version holds the export, else the Keras model; for kind ``lightgbm`` a
-    ``gbm.GBMModel`` (LightGBM, no TensorFlow either); for the ``SEQUENCE_KINDS`` a
+    ``gbm.GBMModel`` (LightGBM, no TensorFlow either); for kind ``ensemble`` an
+    ``ensemble.EnsembleScorer`` over the version's loaded members; for the ``SEQUENCE_KINDS`` a
     ``sequence.SequenceScorer`` (Keras, reading each row's events from staging).
     """
 
     version: str
-    kind: str  # one of MODEL_KINDS: "model" (the network), "lightgbm", "sequence", "combined" or "baseline"
+    kind: str  # one of MODEL_KINDS: "model" (the network), "ensemble", "lightgbm", "sequence", "combined", "baseline"
     network: Any
     calibration: dict[str, Any] | None
     cut_points: tuple[float, ...]
@@ -294,7 +311,10 @@ class LoadedModel:
 
     @property
     def engine(self) -> str:
-        """``numpy`` (the inference export), ``keras`` (the fallback and the sequence kinds) or ``lightgbm``."""
+        """``numpy`` (the inference export), ``keras`` (the fallback and the sequence kinds), ``lightgbm``, or
+        the ensemble's members' joined by ``+`` (``numpy+lightgbm``)."""
+        if isinstance(self.network, ensemble.EnsembleScorer):
+            return self.network.engine
         if isinstance(self.network, gbm.GBMModel):
             return "lightgbm"
         return "numpy" if isinstance(self.network, inference.InferenceNetwork) else "keras"
@@ -310,7 +330,7 @@ class LoadedModel:
         """Purchase probabilities (float64) for profile rows (with ``SNAPSHOT_HOUR`` for the sequence kinds)."""
         if table.num_rows == 0:
             return np.zeros(0, dtype=np.float64)
-        if self.kind in SEQUENCE_KINDS:
+        if self.kind in SEQUENCE_KINDS or isinstance(self.network, ensemble.EnsembleScorer):
             raw = self.network.predict_raw(table)
         elif isinstance(self.network, gbm.GBMModel):
             raw = self.network.predict(table)
@@ -364,9 +384,19 @@ def _lightgbm(path: Path) -> gbm.GBMModel:
     return gbm.GBMModel.from_bytes((path / gbm.LIGHTGBM_SPEC).read_bytes(), (path / gbm.LIGHTGBM_FILE).read_bytes())
 
 
+def _ensemble(path: Path, stamp: str) -> ensemble.EnsembleScorer:
+    """The version's ensemble over its loaded members; ``FileNotFoundError`` for a version trained before the
+    ensemble was a candidate."""
+    listed = {f["name"] for f in read_json(path / MANIFEST)["files"]}
+    if ensemble.ENSEMBLE_FILE not in listed:
+        raise FileNotFoundError(f"model version {path.name} has no ensemble ({ensemble.ENSEMBLE_FILE}) in {path}")
+    members, weights = ensemble.read_spec((path / ensemble.ENSEMBLE_FILE).read_bytes())
+    return ensemble.EnsembleScorer(tuple(_load(str(path), kind, stamp) for kind in members), weights)
+
+
 def version_kinds(settings: Settings, version: str) -> list[str]:
-    """The kinds a committed version can score with, in ``MODEL_KINDS`` order (older versions: no lightgbm;
-    the sequence kinds only when they were trained)."""
+    """The kinds a committed version can score with, in ``MODEL_KINDS`` order (older versions: no lightgbm,
+    no ensemble; the ensemble only with its members; the sequence kinds only when they were trained)."""
     listed = {f["name"] for f in read_json(Lake(settings.lake).path(MODELS, version, MANIFEST))["files"]}
     present = {
         "model": MODEL_FILE in listed,
@@ -374,16 +404,19 @@ def version_kinds(settings: Settings, version: str) -> list[str]:
         "baseline": BASELINE_FILE in listed,
         **{kind: sequence_file_names(kind)[0] in listed for kind in SEQUENCE_KINDS},
     }
+    present["ensemble"] = ensemble.ENSEMBLE_FILE in listed and all(present[kind] for kind in ensemble.MEMBERS)
     return [kind for kind in MODEL_KINDS if present[kind]]
 
 
-@functools.lru_cache(maxsize=6)
+@functools.lru_cache(maxsize=8)
 def _load(directory: str, kind: str, stamp: str) -> LoadedModel:
     path = Path(directory)
     features = read_json(path / FEATURES_FILE)
     network: Any
     if kind == "lightgbm":
         network, why = _lightgbm(path), ""
+    elif kind == "ensemble":
+        network, why = _ensemble(path, stamp), ""
     else:
         network, why = _inference_network(path, kind)
     if network is None:

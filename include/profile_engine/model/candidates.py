@@ -19,10 +19,12 @@ if TYPE_CHECKING:
     from profile_engine.model.artifacts import LoadedModel
 
 # Candidate name (in evaluation.json, reports and the card) of each model kind. The order of preference the
-# gate's tie rule uses is ``registry.MODEL_KINDS``: the network first (the main model), then the trees, the
-# sequence encoder alone and combined with the aggregate inputs (when trained), then the baseline.
+# gate's tie rule uses is ``registry.MODEL_KINDS``: the network first (the main model), then the ensemble of the
+# network and the trees, the trees, the sequence encoder alone and combined with the aggregate inputs (when
+# trained), then the baseline.
 CANDIDATE_NAMES: dict[str, str] = {
     "model": "network",
+    "ensemble": "ensemble",
     "lightgbm": "lightgbm",
     "sequence": "sequence",
     "combined": "combined",
@@ -36,7 +38,7 @@ BASELINE = "baseline"
 class Candidate:
     """One scorer of a version: its name and kind, calibrated ``predict`` and training-time metrics."""
 
-    name: str  # "network", "lightgbm", "sequence", "combined", "baseline"
+    name: str  # "network", "ensemble", "lightgbm", "sequence", "combined", "baseline"
     kind: str  # the ``artifacts.load_model`` kind that scores it (``registry.MODEL_KINDS``)
     model: LoadedModel
     metrics: Mapping[str, float] = field(default_factory=dict)  # metrics.json's eval metrics (calibrated)
@@ -68,7 +70,8 @@ class Candidate:
 
 
 def version_candidates(settings: Settings, version: str) -> list[Candidate]:
-    """Every candidate of a committed version, in preference order (versions trained before LightGBM: two)."""
+    """Every candidate of a committed version, in preference order (versions trained before LightGBM: two,
+    before the ensemble: no ensemble)."""
     metrics_file = Lake(settings.lake).path(MODELS, version, registry.METRICS_FILE)
     evaluated = read_json(metrics_file).get("eval", {}) if metrics_file.is_file() else {}
     out = []

@@ -48,7 +48,13 @@ def model_card(
         "",
         f"Purchase propensity: the probability that a user purchases within {horizon} h after the end of a "
         "profile snapshot. Candidates, each with Platt calibration on the newest training snapshot: the Keras "
-        "network with its own preprocessing (the main model), gradient-boosted trees (LightGBM)"
+        "network with its own preprocessing (the main model), "
+        + (
+            "the ensemble (the mean of the network's and LightGBM's calibrated probabilities, calibrated again), "
+            if "ensemble" in metrics.get("eval", {})
+            else ""
+        )
+        + "gradient-boosted trees (LightGBM)"
         + (
             ", the behaviour-sequence encoder over each user's last events alone (sequence) and with the "
             "network's inputs (combined)"

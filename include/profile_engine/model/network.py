@@ -159,13 +159,23 @@ def fit_network(
     class_weight: dict[int, float] | None,
     learning_rate: float,
     config: Any,
+    *,
+    sample_weight: np.ndarray | None = None,
 ) -> int:
     """Train a Keras binary classifier with early stopping on the validation slice's AUC; returns the epochs run.
 
     ``config`` carries ``patience``, ``max_epochs`` and ``batch_size`` (``ModelConfig`` or a sequence config);
     the best weights are restored. Shared by the aggregate network, its baseline and the sequence encoders.
+    ``sample_weight`` (one per fit row) is multiplied by the class weights here (Keras refuses both at once).
     """
     import keras
+
+    if sample_weight is not None and class_weight is not None:
+        labels_fit = np.asarray(fit[1])
+        sample_weight = np.asarray(sample_weight, dtype=np.float32) * np.where(
+            labels_fit > 0.5, class_weight[1], class_weight[0]
+        ).astype(np.float32)
+        class_weight = None
 
     network.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -182,6 +192,7 @@ def fit_network(
         epochs=config.max_epochs,
         batch_size=config.batch_size,
         class_weight=class_weight,
+        sample_weight=sample_weight,
         callbacks=[stop],
         shuffle=True,
         verbose=0,

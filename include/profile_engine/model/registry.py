@@ -29,9 +29,9 @@ _VERSION_PATTERN = re.compile(r"^v\d{8}T\d{2}$")
 # (``profile_engine.model.sequence``; trained when ``Settings.sequence_candidates`` is on).
 SEQUENCE_KINDS: tuple[str, ...] = ("sequence", "combined")
 # What a version can score with (``artifacts.load_model``'s kinds), in the gate's order of preference: the
-# network, gradient-boosted trees, the sequence kinds (they cost a TensorFlow import and a staging read at
-# scoring), the baseline.
-MODEL_KINDS: tuple[str, ...] = ("model", "lightgbm", *SEQUENCE_KINDS, "baseline")
+# network, the ensemble of the network and the trees, gradient-boosted trees, the sequence kinds (they cost a
+# TensorFlow import and a staging read at scoring), the baseline.
+MODEL_KINDS: tuple[str, ...] = ("model", "ensemble", "lightgbm", *SEQUENCE_KINDS, "baseline")
 
 
 def model_version(hour: datetime) -> str:
@@ -156,7 +156,7 @@ def promote(
     """Make ``version`` the champion from ``from_hour`` on; returns the log entry.
 
     ``kind`` is the version's scorer that becomes the champion (``model`` = the network,
-    ``lightgbm``, ``baseline``). ``forced`` records that the gate was overridden; ``decision``
+    ``ensemble``, ``lightgbm``, ``baseline``, ...). ``forced`` records that the gate was overridden; ``decision``
     is the gate's verdict with its checks. Re-promoting at the same hour (a rerun) replaces
     that hour's entry and keeps the old one under ``replaces``.
     """

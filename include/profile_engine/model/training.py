@@ -15,7 +15,7 @@ from profile_engine.config import Settings
 from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 from profile_engine.hours import floor_hour, format_hour
 from profile_engine.lake.storage import MODELS, Lake
-from profile_engine.model import gbm, labels
+from profile_engine.model import ensemble, gbm, labels
 from profile_engine.model.artifacts import FittedModels, write_model_dir
 from profile_engine.model.calibration import apply_calibration, decile_cut_points, fit_calibration
 from profile_engine.model.inputs import model_inputs
@@ -57,8 +57,8 @@ def fit_models(
     threads: int = 1,
     gbm_config: gbm.GBMConfig | None = None,
 ) -> FittedModels:
-    """Fit network, baseline and LightGBM, each with its calibration, on a training table with ``LABEL``
-    and ``SNAPSHOT_HOUR``.
+    """Fit network, baseline and LightGBM, each with its calibration, and the ensemble of network and
+    LightGBM (their blend, calibrated), on a training table with ``LABEL`` and ``SNAPSHOT_HOUR``.
 
     Rows of the newest snapshot are the validation slice: early stopping watches
     its AUC and Platt scaling is fitted on it; the older rows fit the weights.
@@ -95,12 +95,18 @@ def fit_models(
         fit_rows, fit_y, validation_rows, val_y, numeric, categorical, seed=seed, threads=threads, config=gbm_config
     )
     trees_calibration = fit_calibration(trees.predict(validation_rows), val_y)
+    # The ensemble reuses both fits: the blend of their calibrated probabilities, calibrated on the same slice.
+    network_p = apply_calibration(predict_network(model, inputs), calibration)
+    trees_p = apply_calibration(trees.predict(train), trees_calibration)
+    members = {"model": network_p, "lightgbm": trees_p}
+    blended = ensemble.blend([members[kind] for kind in ensemble.MEMBERS], ensemble.WEIGHTS)
+    ensemble_calibration = fit_calibration(blended[is_validation], val_y)
     return FittedModels(
         model=model,
         baseline=baseline,
         calibration=calibration,
         baseline_calibration=baseline_calibration,
-        cut_points=decile_cut_points(apply_calibration(predict_network(model, inputs), calibration)),
+        cut_points=decile_cut_points(network_p),
         baseline_cut_points=decile_cut_points(
             apply_calibration(predict_network(baseline, inputs), baseline_calibration)
         ),
@@ -112,10 +118,13 @@ def fit_models(
             "class_weight": {str(k): v for k, v in class_weight.items()},
             "epochs": {"model": model_epochs, "baseline": baseline_epochs},
             "lightgbm": {k: trees.info[k] for k in ("best_iteration", "rounds")},
+            "ensemble": {"members": list(ensemble.MEMBERS), "weights": list(ensemble.WEIGHTS)},
         },
         lightgbm=trees,
         lightgbm_calibration=trees_calibration,
-        lightgbm_cut_points=decile_cut_points(apply_calibration(trees.predict(train), trees_calibration)),
+        lightgbm_cut_points=decile_cut_points(trees_p),
+        ensemble_calibration=ensemble_calibration,
+        ensemble_cut_points=decile_cut_points(apply_calibration(blended, ensemble_calibration)),
     )
 
 
