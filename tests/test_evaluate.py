@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from profile_engine.hours import HOUR, format_hour
 from profile_engine.lake.storage import MODELS, Lake, read_json
-from profile_engine.model import artifacts, drift, gate, metrics, promotion, registry, training
 from profile_engine.model import card as cards
+from profile_engine.model import drift, gate, metrics, promotion, registry, training
 from tests.test_labels import CATEGORICAL, NUMERIC, T0, make_settings, synthetic_lake
 from tests.test_model import FAST, SMALL
 
@@ -546,7 +546,7 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
 
     # Assert 2
     assert rejected["status"] == "rejected"
-    champion_label = artifacts.kind_label(first["version"], evaluation["kind"])
+    champion_label = registry.kind_label(first["version"], evaluation["kind"])
     assert rejected["reference"] == f"champion {champion_label}"
     assert set(
         read_json(Lake(settings.lake).path(MODELS, second["version"]) / registry.EVALUATION_FILE)["metrics"]

@@ -157,7 +157,7 @@ def test_a_degraded_challenger_is_rejected_with_a_reason_naming_the_metric(shop:
     assert result["status"] == "rejected"
     champion = registry.champion_as_of(shop.settings, hour)
     assert champion is not None
-    assert result["reference"] == f"champion {artifacts.kind_label(shop.version, registry.entry_kind(champion))}"
+    assert result["reference"] == f"champion {registry.kind_label(shop.version, registry.entry_kind(champion))}"
     # reasons are "<candidate>: <metric> ..." (and "cause (<candidate>): ..." notes)
     named = [reason.split(": ", 1)[1].split()[0] for reason in result["reasons"] if not reason.startswith("cause")]
     assert set(named) <= set(metrics.HIGHER_IS_BETTER)

@@ -322,7 +322,7 @@ def test_scoring_with_a_sequence_champion_reads_the_users_events_at_the_hour(ord
     scores = scoring.read_scores(lake, hour)
 
     assert [s["kind"] for s in summaries] == [kind, kind] and {s["engine"] for s in summaries} == {"keras"}
-    assert set(scores.column(MODEL_VERSION).to_pylist()) == {artifacts.kind_label(registry.model_version(hour), kind)}
+    assert set(scores.column(MODEL_VERSION).to_pylist()) == {registry.kind_label(registry.model_version(hour), kind)}
     assert scores.num_rows == ORDER_USERS and scores.column(PROPENSITY).null_count == 0
     # the users whose newest event at the hour is the cart are the ones scored high
     staged = pa.concat_tables(

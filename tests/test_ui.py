@@ -323,3 +323,25 @@ def test_unreadable_report_does_not_hide_the_others(lake_settings: Settings, tok
     # Assert
     assert page.status_code == 200 and "unreadable" in page.text
     assert [h["status"] for h in listed] == ["unreadable", "success"]
+
+
+@pytest.mark.parametrize("kind", ["baseline", "lightgbm", "ensemble", "sequence", "combined"])
+def test_a_report_naming_any_candidates_label_links_its_version(lake_settings: Settings, kind: str) -> None:
+    # Arrange: the hour was scored by the version's <kind> candidate ("<version>-<kind>", as scores record it)
+    report = _report(HOURS[0], 11)
+    report["headline"]["model"] = f"{VERSION}-{kind}"
+    report["model"]["scoring"]["model_version"] = f"{VERSION}-{kind}"
+
+    # Act
+    versions = ui.model_versions(report, lake_settings)
+
+    # Assert: the model card of the version is linked, whatever candidate scored
+    assert versions == [VERSION]
+
+
+def test_a_label_of_an_unknown_kind_links_nothing(lake_settings: Settings) -> None:
+    report = _report(HOURS[0], 11)
+    report["headline"]["model"] = f"{VERSION}-forest"
+    report["model"]["scoring"]["model_version"] = f"{VERSION}-forest"
+
+    assert ui.model_versions(report, lake_settings) == []

@@ -35,6 +35,7 @@ from profile_engine.model.registry import (
     MODEL_FILE,
     MODEL_KINDS,
     SEQUENCE_KINDS,
+    kind_label,
     sequence_file_names,
     update_model_dir,
 )
@@ -360,11 +361,6 @@ def _inference_network(path: Path, kind: str) -> tuple[inference.InferenceNetwor
 
 
 _FELL_BACK: set[tuple[str, str]] = set()
-
-
-def kind_label(version: str, kind: str) -> str:
-    """``model_version`` of a version's ``kind``: the version for the network, else ``<version>-<kind>``."""
-    return version if kind == "model" else f"{version}-{kind}"
 
 
 def network_calibration(stored: Mapping[str, Any], kind: str) -> dict[str, Any] | None:

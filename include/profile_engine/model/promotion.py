@@ -149,7 +149,7 @@ def evaluate_and_promote(
         seed=settings.seed,
         differences=[(c.name, n) for c in candidates for n in scores if n != c.name],
     )
-    champion_label = None if champion is None else artifacts.kind_label(*champion)
+    champion_label = None if champion is None else registry.kind_label(*champion)
     reference_name = (
         f"champion {champion_label}"
         if champion_label is not None

@@ -34,6 +34,19 @@ SEQUENCE_KINDS: tuple[str, ...] = ("sequence", "combined")
 MODEL_KINDS: tuple[str, ...] = ("model", "ensemble", "lightgbm", *SEQUENCE_KINDS, "baseline")
 
 
+def kind_label(version: str, kind: str) -> str:
+    """``model_version`` of a version's ``kind``: the version for the network, else ``<version>-<kind>``."""
+    return version if kind == "model" else f"{version}-{kind}"
+
+
+def label_version(label: str) -> str:
+    """The version a ``kind_label`` names (``<version>-ensemble`` -> ``<version>``); other text as it is."""
+    for kind in MODEL_KINDS:
+        if kind != "model" and label.endswith(f"-{kind}"):
+            return label.removesuffix(f"-{kind}")
+    return label
+
+
 def model_version(hour: datetime) -> str:
     """The version trained at ``hour``: ``v20261101T05``. A rerun of that hour reuses it."""
     return floor_hour(hour).strftime(VERSION_FORMAT)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from profile_engine.config import Settings
 from profile_engine.lake import storage as lk
+from profile_engine.model.registry import label_version
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -127,12 +128,10 @@ def model_versions(report: dict[str, Any], settings: Settings) -> list[str]:
     models = Path(settings.lake) / lk.MODELS
     versions: list[str] = []
     for name in names:
-        # A baseline scores as "<version>-baseline" from the version's directory.
-        for candidate in (name, name.removesuffix("-baseline")):
-            if _VERSION.match(candidate) and (models / candidate / lk.MANIFEST).is_file():
-                if candidate not in versions:
-                    versions.append(candidate)
-                break
+        # A candidate other than the network scores as "<version>-<kind>" from the version's directory.
+        candidate = label_version(name)
+        if _VERSION.match(candidate) and (models / candidate / lk.MANIFEST).is_file() and candidate not in versions:
+            versions.append(candidate)
     return versions
 
 
