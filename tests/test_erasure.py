@@ -350,8 +350,8 @@ def assert_only_erased_entries_changed(before: dict[str, bytes], root: Path, ids
     ``user_key`` for export pseudonyms; profiles may differ in their population columns,
     recomputed over the remaining users); a changed CSV export holds the remaining
     pseudonyms of its Parquet twin; a changed manifest differs only in rows, checksums,
-    sizes and ``erased_at`` (a profile snapshot's also in its population counts and
-    ``written_at``). Ledgers, reports, Data Docs, quality results and pointers never change.
+    sizes and ``erased_at`` (a profile snapshot's also in its population and change-log counts
+    and ``written_at``). Ledgers, reports, Data Docs, quality results and pointers never change.
     Nothing is deleted, only the tombstones and the audit are added, every manifest's
     checksums and sizes hold, and no erased id is left in a user-id column.
     """
@@ -388,7 +388,7 @@ def assert_only_erased_entries_changed(before: dict[str, bytes], root: Path, ids
             assert any(p.startswith(folder) and p != path for p in changed), f"{where} but none of its files did"
             allowed = {"rows", "files", "erased_at"}
             if path.startswith("profiles/"):
-                allowed |= {"written_at", "profiles", "lifecycle", "rfm_segments"}
+                allowed |= {"written_at", "profiles", "lifecycle", "rfm_segments", "profile_changes", "new_users"}
             extra = manifest_changes(json.loads(before[path]), json.loads(after[path])) - allowed
             assert not extra, f"{where} in {sorted(extra)}"
         else:
@@ -508,3 +508,46 @@ def staged_users(root: Path) -> set[str]:
         for path in root.glob("staging/**/*.parquet")
         for u in pq.read_table(path, columns=["user_id"]).column("user_id").to_pylist()
     }
+
+
+def hour_manifest_counts(root: Path) -> dict[str, tuple[object, int]]:
+    """Per hour-level manifest of a layer written per bucket (segments, contacts, change log, the snapshot marker):
+    the row count it states and the rows its committed buckets' files hold."""
+    found = {}
+    for layer, key in (
+        ("segments", "rows"),
+        ("contacts", "rows"),
+        ("profile_changes", "rows"),
+        ("profiles", "profiles"),
+    ):
+        for manifest in sorted(root.glob(f"{layer}/dt=*/hour=*/{MANIFEST}")):
+            held = sum(
+                pq.ParquetFile(f).metadata.num_rows
+                for bucket in manifest.parent.glob(f"bucket=*/{MANIFEST}")
+                for f in bucket.parent.glob("*.parquet")
+            )
+            found[manifest.relative_to(root).as_posix()] = (json.loads(manifest.read_text())[key], held)
+    return found
+
+
+def test_hour_manifests_count_the_rows_left_after_an_erasure(lake_copy: Settings) -> None:
+    """The hour-level manifests (segments, contacts, change log, snapshot marker) state the rows their buckets hold
+    after an erasure, as they did before it; the marker's change-log counts follow too."""
+    root = lake_copy.lake
+    hour = H0 + timedelta(hours=1)
+    contacts = Lake(root).read("contacts", hour, columns=["user_id"]).column("user_id").to_pylist()
+    user = sorted(contacts)[0]
+    before = hour_manifest_counts(root)
+    assert {k for k in before if "hour=13" in k} >= {
+        f"{layer}/dt=2026-11-03/hour=13/{MANIFEST}" for layer in ("segments", "contacts", "profile_changes", "profiles")
+    }
+    assert all(stated == held for stated, held in before.values()), before
+
+    erasure.erase_users(lake_copy, [user], requested_by="test", reason="counts")
+
+    after = hour_manifest_counts(root)
+    assert {k: v for k, v in after.items() if v[0] != v[1]} == {}
+    changed = {k for k in after if after[k] != before[k]}
+    assert {f"{layer}/dt=2026-11-03/hour=13/{MANIFEST}" for layer in ("segments", "contacts", "profiles")} <= changed
+    marker = json.loads((root / f"profiles/dt=2026-11-03/hour=13/{MANIFEST}").read_text())
+    assert marker["profile_changes"]["users"] == after[f"profile_changes/dt=2026-11-03/hour=13/{MANIFEST}"][1]

@@ -23,9 +23,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from profile_engine.lake import faults
-from profile_engine.hours import format_hour, parse_hour, partition_values
 from profile_engine.contracts.events import SCHEMA_VERSION
+from profile_engine.hours import format_hour, parse_hour, partition_values
+from profile_engine.lake import faults
 
 # Layers, named once (docs/architecture.md, "The lake").
 LANDING = "landing/events"
@@ -236,6 +236,17 @@ def partition_hours(root: Path) -> dict[datetime, Path]:
                 continue
             found[hour] = hour_dir
     return found
+
+
+def bucket_rows(hour_dir: Path) -> int | None:
+    """The rows of the committed ``bucket=N`` partitions under ``hour_dir``: the sum of their manifests' ``rows``.
+
+    What the hour-level manifest of a layer written per bucket states as its ``rows``. None
+    when the hour has no committed bucket, or one counts several tables (a mapping).
+    """
+    counts = [read_json(m).get("rows") for m in hour_dir.glob(f"bucket=*/{MANIFEST}")]
+    ints = [n for n in counts if isinstance(n, int)]
+    return sum(ints) if counts and len(ints) == len(counts) else None
 
 
 def replace_dir(new: Path, target: Path, lake: Lake) -> None:

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from profile_engine.config import Settings
-from profile_engine.contracts.profiles import LIFECYCLE_STAGE, RFM_SEGMENT, USER_ID
+from profile_engine.contracts.profiles import CHANGE_NEW, LIFECYCLE_STAGE, RFM_SEGMENT, USER_ID
 from profile_engine.contracts.segments import USER_KEY
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import MANIFEST, Lake, read_json, replace_dir, write_json
@@ -75,6 +75,7 @@ class _Eraser:
     partitions: int = 0
     notes: list[str] = field(default_factory=list)
     profile_hours: set[Path] = field(default_factory=set)
+    bucket_hours: set[Path] = field(default_factory=set)  # hours of a layer written per bucket with a bucket rewritten
     label: str = ""  # dataset prefix of a root other than the lake (the outbox)
 
     def count(self, users: Iterable[str], dataset: str) -> None:
@@ -264,9 +265,10 @@ class _Eraser:
         replace_dir(tmp, directory, self.lake)
         self.partitions += 1
         self.files += len(new)
-        relative = directory.relative_to(self.lake.root).parts
-        if relative[:1] == (lk.PROFILES,) and directory.name.startswith("bucket="):
-            self.profile_hours.add(directory.parent)
+        if directory.name.startswith("bucket="):
+            self.bucket_hours.add(directory.parent)
+            if directory.relative_to(self.lake.root).parts[:1] == (lk.PROFILES,):
+                self.profile_hours.add(directory.parent)
 
     # -- a loose file (no manifest) -------------------------------------------------------
     def loose(self, path: Path) -> None:
@@ -302,12 +304,27 @@ class _Eraser:
             inside = any(p in covered for p in path.parents)
             if path.is_file() and path.name != MANIFEST and not self.skipped(path) and not inside:
                 self.loose(path)
+        for hour_dir in sorted(self.bucket_hours):
+            self.recount(hour_dir)
         for hour_dir in sorted(self.profile_hours):
             self.republish(hour_dir)
 
     def skipped(self, path: Path) -> bool:
         relative = path.relative_to(self.lake.root).as_posix()
         return any(relative == s or relative.startswith(s + "/") for s in SKIPPED)
+
+    def recount(self, hour_dir: Path) -> None:
+        """Restate the ``rows`` of an hour-level manifest (``segments/``, ``contacts/``, ``profile_changes/``) as the
+        rows its buckets hold now (``bucket_rows``); the rest of it stays as its writer wrote it."""
+        marker = hour_dir / MANIFEST
+        if not marker.is_file():
+            return
+        manifest = read_json(marker)
+        if not isinstance(manifest, dict) or "files" in manifest or not isinstance(manifest.get("rows"), int):
+            return
+        rows = lk.bucket_rows(hour_dir)
+        if rows is not None and rows != manifest["rows"]:
+            write_json(marker, {**manifest, "rows": rows, "erased_at": datetime.now(UTC).isoformat()})
 
     def republish(self, hour_dir: Path) -> None:
         """Recompute a snapshot's population features (RFM) over the remaining users, as ``publish_profiles`` does."""
@@ -334,6 +351,11 @@ class _Eraser:
             )
         summary = read_json(marker)
         summary["profiles"] = full.num_rows
+        changes = self.lake.partition(lk.PROFILE_CHANGES, hour)
+        if "profile_changes" in summary and any(changes.glob(f"bucket=*/{MANIFEST}")):
+            counted = population.change_counts(self.lake.read(lk.PROFILE_CHANGES, hour))
+            summary["profile_changes"] = counted
+            summary["new_users"] = counted[CHANGE_NEW]
         for key, column in (("lifecycle", LIFECYCLE_STAGE), ("rfm_segments", RFM_SEGMENT)):
             if key in summary:
                 counts = pc.value_counts(full.column(column))
