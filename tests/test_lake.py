@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from profile_engine.cli import main
@@ -171,6 +172,37 @@ def test_status_command_prints_the_usage(
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(lake_usage(lake, buckets=Settings.from_env().buckets)))
     assert printed["lake"] == str(lake.root)
+
+
+def tile(path: Path, *sealed_ends: datetime) -> None:
+    """A sealed state tile file whose rows were sealed by the builds ending at ``sealed_ends``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ends = [int(e.timestamp() * 1000) for e in sealed_ends]
+    pq.write_table(pa.table({"user_id": ["u"] * len(ends), "hour_ms": ends, "sealed_ms": ends}), path)
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_status_lists_state_tiles_with_the_newest_sealed_hour(tmp_path: Path, compacted: bool) -> None:
+    """``state_tiles/`` is a dataset beside ``state``: its newest hour is the newest build that sealed tiles, from an
+    hourly tile's name or (the day compacted) the ``sealed_ms`` statistics of the day file's footer."""
+    lake = small_lake(tmp_path / "lake")
+    lake.write_partition(lk.STATE, H, table(1), bucket=0)
+    tiles = lake.path(lk.STATE_TILES)
+    tile(tiles / "bucket=0/hourly/dt=2026-11-01/day.parquet", H - 30 * HOUR, H - 20 * HOUR)
+    if compacted:
+        tile(tiles / "bucket=1/item_views/dt=2026-11-02/day.parquet", H - 2 * HOUR, H)
+    else:
+        tile(tiles / "bucket=1/item_views/dt=2026-11-02/hour=09.parquet", H)
+        tile(tiles / "bucket=1/item_views/dt=2026-11-02/hour=08.parquet", H - HOUR)
+
+    usage = lake_usage(lake, buckets=2)
+
+    names = list(usage["datasets"])
+    assert names.index(lk.STATE_TILES) == names.index(lk.STATE) + 1
+    entry = usage["datasets"][lk.STATE_TILES]
+    assert entry["files"] == (2 if compacted else 3)
+    assert entry["newest_hour"] == (H - HOUR).isoformat()  # sealed by the build of 09:00 (its end is 10:00)
+    assert usage["datasets"][lk.STATE]["newest_hour"] == H.isoformat()
 
 
 def test_status_of_an_empty_lake(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ Every file is counted once, so the datasets add up to the lake; docs/operations.
 from __future__ import annotations
 
 import os
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from profile_engine.hours import format_hour
@@ -15,7 +15,15 @@ from profile_engine.lake.storage import MANIFEST, Lake, partition_hours
 
 # The datasets reported, named once in storage; a file belongs to the longest that prefixes
 # its path, anything else to its top-level folder (e.g. ``outbox``).
-DATASETS: tuple[str, ...] = (*lk.HOURLY_LAYERS, lk.MODELS, lk.TRAINING, lk.META, lk.TMP)
+DATASETS: tuple[str, ...] = (
+    *lk.HOURLY_LAYERS[: lk.HOURLY_LAYERS.index(lk.STATE) + 1],
+    lk.STATE_TILES,  # the state's sealed tiles, listed beside it (not partitioned by hour: retention drops days)
+    *lk.HOURLY_LAYERS[lk.HOURLY_LAYERS.index(lk.STATE) + 1 :],
+    lk.MODELS,
+    lk.TRAINING,
+    lk.META,
+    lk.TMP,
+)
 ROOT_FILES = "(lake root)"
 
 
@@ -32,8 +40,15 @@ def human_size(size: int) -> str:
 def newest_committed_hour(lake: Lake, layer: str) -> datetime | None:
     """The newest ``dt=/hour=`` partition of ``layer`` with a manifest (of the hour or of a bucket).
 
-    Landing files carry no manifest: there, the newest arrival folder that holds a file.
+    Landing files carry no manifest: there, the newest arrival folder that holds a file. State tiles
+    (``state_tiles/bucket=N/<table>/dt=/``) are not partitioned by hour: there, the newest hour whose
+    build sealed tiles (``state.newest_sealed_ms``).
     """
+    if layer == lk.STATE_TILES:
+        from profile_engine.profiles.state import MS_HOUR, newest_sealed_ms
+
+        end = newest_sealed_ms(lake.path(layer))
+        return None if end is None else datetime.fromtimestamp((end - MS_HOUR) / 1000, UTC)
     for hour, path in sorted(partition_hours(lake.path(layer)).items(), reverse=True):
         if layer == lk.LANDING:
             if any(p.is_file() for p in path.rglob("*")):

@@ -4,6 +4,7 @@ connection and the SQL that groups sessions, orders and latencies. docs/features
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -175,6 +176,41 @@ def day_start_ms(day_dir: Path) -> int:
 def sealed_hour_ms(tile: Path) -> int:
     """The end of the hour whose build sealed an hourly tile file ``hour=HH.parquet`` (its rows' ``sealed_ms``)."""
     return day_start_ms(tile.parent) + (int(tile.name.removeprefix("hour=").removesuffix(".parquet")) + 1) * MS_HOUR
+
+
+def newest_sealed_ms(root: Path) -> int | None:
+    """The end of the newest build that sealed tiles under ``root`` (``state_tiles/``), over every bucket and table;
+    None: no tile. Per table, its newest day: hourly tiles by name (``sealed_hour_ms``), a compacted day file by
+    the ``sealed_ms`` statistics of its footer (read only where a row group has none). A file removed meanwhile
+    (a compaction, retention) is skipped."""
+    newest: int | None = None
+    for table_dir in root.glob("bucket=*/*"):
+        for day in sorted(table_dir.glob("dt=*"), reverse=True):
+            found: list[int | None] = [sealed_hour_ms(f) for f in day.glob("hour=*.parquet")]
+            with contextlib.suppress(FileNotFoundError):
+                found.append(_largest(day / DAY_FILE, SEALED_MS))
+            ends = [e for e in found if e is not None]
+            if ends:
+                newest = max(ends) if newest is None else max(newest, *ends)
+                break
+    return newest
+
+
+def _largest(path: Path, column: str) -> int | None:
+    """The largest value of an integer ``column`` of a Parquet file, from its footer's statistics; None: no row."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    index = meta.schema.names.index(column)
+    values = []
+    for group in range(meta.num_row_groups):
+        stats = meta.row_group(group).column(index).statistics
+        if meta.row_group(group).num_rows == 0:
+            continue
+        if stats is None or not stats.has_min_max:
+            return max(pq.read_table(path, columns=[column]).column(column).to_pylist(), default=None)
+        values.append(int(stats.max))
+    return max(values, default=None)
 
 
 def tile_files(table_dir: Path, upto_ms: int, since_ms: int | None) -> list[Path]:
