@@ -783,24 +783,29 @@ def test_lightgbm_candidate_is_saved_calibrated_and_reproducible(trained: Traine
     ]
 
 
-def test_score_profiles_with_a_lightgbm_champion_never_imports_tensorflow(trained: Trained, tmp_path: Path) -> None:
-    # Arrange: the trees promoted as the champion; a child process, so this process's TensorFlow does not count
+@pytest.mark.parametrize(("kind", "engine"), [("lightgbm", "lightgbm"), ("ensemble", "numpy+lightgbm")])
+def test_score_profiles_with_a_tree_champion_never_imports_tensorflow(
+    trained: Trained, tmp_path: Path, kind: str, engine: str
+) -> None:
+    """LightGBM, or the ensemble (numpy network + LightGBM), promoted as the champion scores without TensorFlow."""
+    # Arrange: the kind promoted as the champion; a child process, so this process's TensorFlow does not count
     settings = copy_lake(trained, tmp_path)
     version = str(trained.summary["version"])
-    registry.promote(settings, version, trained.hour, reason="test", kind="lightgbm")
+    registry.promote(settings, version, trained.hour, reason="test", kind=kind)
 
     # Act
     result = score_in_a_child(settings, trained.hour, tmp_path)
 
-    # Assert
+    # Assert: the normal scoring path, the kind's label on every score
     assert result["heavy"] == []
     summary = result["summary"]
-    assert (summary["model"], summary["kind"], summary["engine"]) == ("champion", "lightgbm", "lightgbm")
-    assert summary[MODEL_VERSION] == f"{version}-lightgbm" and summary["rows"] == 200
+    assert (summary["model"], summary["kind"], summary["engine"]) == ("champion", kind, engine)
+    assert summary[MODEL_VERSION] == f"{version}-{kind}" and summary["rows"] == 200
     scores = Lake(settings.lake).read(SCORES, trained.hour, 0)
     profiles = Lake(settings.lake).read(PROFILES, trained.hour, 0).sort_by(USER_ID)
-    expected = artifacts.load_model(settings, version, "lightgbm").predict(profiles)
+    expected = artifacts.load_model(settings, version, kind).predict(profiles)
     assert np.asarray(scores.column(PROPENSITY)) == pytest.approx(expected, abs=1e-12)
+    assert set(scores.column(MODEL_VERSION).to_pylist()) == {f"{version}-{kind}"}
 
 
 def test_a_version_trained_before_lightgbm_still_loads_and_scores(trained: Trained, tmp_path: Path) -> None:
@@ -875,27 +880,6 @@ def test_ensemble_candidate_blends_the_versions_network_and_trees_and_is_calibra
     assert [c.name for c in found][:2] == ["network", "ensemble"]  # right after the network in the tie order
     assert found[1].kind == "ensemble" and found[1].metrics["auc"] == metrics["ensemble"]["auc"]
     assert artifacts.load_model(settings, version, "ensemble") is loaded  # loaded once per process
-
-
-def test_score_profiles_with_an_ensemble_champion_never_imports_tensorflow(trained: Trained, tmp_path: Path) -> None:
-    # Arrange: the ensemble promoted as the champion; a child process, so this process's TensorFlow does not count
-    settings = copy_lake(trained, tmp_path)
-    version = str(trained.summary["version"])
-    registry.promote(settings, version, trained.hour, reason="test", kind="ensemble")
-
-    # Act
-    result = score_in_a_child(settings, trained.hour, tmp_path)
-
-    # Assert: the normal scoring path, numpy network + LightGBM, the ensemble's label on every score
-    assert result["heavy"] == []
-    summary = result["summary"]
-    assert (summary["model"], summary["kind"], summary["engine"]) == ("champion", "ensemble", "numpy+lightgbm")
-    assert summary[MODEL_VERSION] == f"{version}-ensemble" and summary["rows"] == 200
-    scores = Lake(settings.lake).read(SCORES, trained.hour, 0)
-    profiles = Lake(settings.lake).read(PROFILES, trained.hour, 0).sort_by(USER_ID)
-    expected = artifacts.load_model(settings, version, "ensemble").predict(profiles)
-    assert np.asarray(scores.column(PROPENSITY)) == pytest.approx(expected, abs=1e-12)
-    assert set(scores.column(MODEL_VERSION).to_pylist()) == {f"{version}-ensemble"}
 
 
 def test_a_version_without_the_ensemble_still_offers_its_other_candidates(trained: Trained, tmp_path: Path) -> None:
