@@ -24,13 +24,21 @@ and a fresh Airflow home in a temporary directory (nothing is written inside the
 - the checkout's own entry points (``checkout_metadata``): a venv shared between checkouts
   registers the timetable plugin of whichever checkout was installed last.
 
-Checksummed (``CHECKED_LAYERS``, by lake-relative path): every Parquet file of the profile snapshot
-(``profiles``, ``interests``, ``state``, ``profile_changes``), of ``scores``, ``segments``, ``contacts``,
-``exports`` and ``training``, and every CSV export. A Parquet file is hashed by content, not bytes:
-its schema with canonical types (dictionary-encoded as plain, ``large_*`` as their small forms) and its
-rows as canonical JSON (columns by name, floats by exact repr with -0.0 as 0.0, timestamps in UTC ISO
-form), the row lines sorted, so row order and Parquet metadata (``created_by``, row groups,
-compression, encodings) do not count. A CSV file is hashed as its sorted lines.
+Checksummed (``CHECKED_LAYERS``): every Parquet file of the profile snapshot (``profiles``,
+``interests``, ``state``, ``state_tiles``, ``profile_changes``), of ``scores``, ``segments``,
+``contacts``, ``exports`` and ``training``, and every CSV export, **per logical table and hour**, not
+per file: the files of one table of one hour are hashed together (``table_key``: the lake-relative
+path without its ``bucket=N`` folders, so an hour written whole by older code and the same rows
+written per bucket are one table, ``segments/dt=D/hour=HH/part-0.parquet``); sealed state tiles per
+state table and the hour whose build sealed them (``state_tiles/<table>/sealed=YYYY-MM-DDTHH``, from
+their ``sealed_ms``, whatever bucket, hourly or compacted day file holds them). Content, not bytes:
+each file's schema with canonical types (dictionary-encoded as plain, ``large_*`` as their small forms)
+and its rows as canonical JSON (columns by name, floats by exact repr with -0.0 as 0.0, timestamps in
+UTC ISO form); a table's rows are sorted over all its files, so the file split, row order and
+Parquet metadata (``created_by``, row groups, compression, encodings) do not count. CSV files are
+hashed as their header and sorted lines. Not a file split, so still reported: a lake from before
+sealed tiles holds the sealed rows in the ``state`` checkpoints themselves (``state/.../hourly.parquet``
+differs and ``state_tiles/...`` is on one side only).
 
 Excluded, because they legitimately differ between two runs of the same code (printed by ``build``
 and stored under ``excluded`` in the JSON):
@@ -44,9 +52,9 @@ and stored under ``excluded`` in the JSON):
 - columns: ``EXCLUDED_COLUMNS`` (run ids and write times; none of the checked layers had one on
   the lake of f9d14d3, the list guards later ones).
 
-``compare A.json B.json`` prints every path whose checksum differs or that exists on one side
-only, and exits 1 if there is any (or if the two builds used different parameters), else prints
-a one-line summary and exits 0.
+``compare A.json B.json`` prints every table (with its hour) whose checksum differs or that exists
+on one side only, and exits 1 if there is any (or if the two builds used different parameters or
+checksum formats), else prints a one-line summary and exits 0.
 """
 
 from __future__ import annotations
@@ -65,10 +73,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-FORMAT = "profile_engine.demo_checksums/1"
+FORMAT = "profile_engine.demo_checksums/2"  # 2: keyed by logical table and hour (1: by file path)
 DEFAULT_LAST = "2026-11-30T13:00:00+00:00"
 
 
@@ -77,10 +85,12 @@ def fixed_export_key(seed: int) -> str:
     return f"demo-checksums-seed-{seed}-not-a-secret"
 
 
+STATE_TILES = "state_tiles"
 CHECKED_LAYERS = (
     "profiles",
     "interests",
     "state",
+    STATE_TILES,
     "profile_changes",
     "scores",
     "segments",
@@ -155,51 +165,149 @@ def _canonical_value(value: Any) -> Any:
     return value
 
 
-def parquet_checksum(path: Path, excluded: Iterable[str] = EXCLUDED_COLUMNS) -> dict[str, Any]:
-    """Content checksum of a Parquet file: canonical schema plus its rows sorted, metadata ignored."""
-    import pyarrow.parquet as pq
+class TableContent:
+    """The rows of one logical table, gathered from every file that holds part of it.
 
-    table = pq.read_table(path)
+    ``schemas``: the canonical schema (or CSV header) of each file, as a set, so a table split into
+    files of one schema hashes as one file would; ``lines``: its rows as canonical JSON lines.
+    (A plain class: the tests load this script as a module that is not in ``sys.modules``.)
+    """
+
+    def __init__(self) -> None:
+        self.schemas: set[str] = set()
+        self.lines: list[str] = []
+        self.files = 0
+        self.excluded: set[str] = set()
+
+    def add(self, schema: str, lines: Iterable[str], excluded: Iterable[str] = ()) -> None:
+        self.schemas.add(schema)
+        self.lines.extend(lines)
+        self.files += 1
+        self.excluded.update(excluded)
+
+    def checksum(self) -> dict[str, Any]:
+        """SHA-256 of the schemas and the sorted rows: equal for the same rows in any file split and order."""
+        digest = hashlib.sha256()
+        for schema in sorted(self.schemas):
+            digest.update(schema.encode() + b"\n")
+        for line in sorted(self.lines):
+            digest.update(b"\n" + line.encode())
+        return {
+            "sha256": digest.hexdigest(),
+            "rows": len(self.lines),
+            "files": self.files,
+            "excluded_columns": sorted(self.excluded),
+        }
+
+
+def _canonical_table(table: Any, excluded: Iterable[str]) -> tuple[Any, str, list[str]]:
+    """``table`` without the excluded columns, columns by name in canonical types; its schema line; the dropped."""
+    import pyarrow as pa
+
     dropped = sorted(set(table.column_names) & set(excluded))
     table = table.drop_columns(dropped)
     columns = sorted(table.column_names)
     types = {name: _canonical_type(table.schema.field(name).type) for name in columns}
-    table = table.select(columns).cast(__import__("pyarrow").schema([(n, types[n]) for n in columns]))
-    lines = sorted(
+    table = table.select(columns).cast(pa.schema([(n, types[n]) for n in columns]))
+    return table, json.dumps([[n, str(types[n])] for n in columns]), dropped
+
+
+def _row_lines(table: Any) -> list[str]:
+    """Each row of a canonical table as a JSON line (values in ``_canonical_value`` form)."""
+    return [
         json.dumps([_canonical_value(v) for v in row], ensure_ascii=False, separators=(",", ":"))
-        for row in zip(*(table.column(name).to_pylist() for name in columns), strict=True)
-    )
-    digest = hashlib.sha256()
-    digest.update(json.dumps([[n, str(types[n])] for n in columns]).encode())
-    for line in lines:
-        digest.update(b"\n" + line.encode())
-    return {"sha256": digest.hexdigest(), "rows": table.num_rows, "excluded_columns": dropped}
+        for row in zip(*(table.column(name).to_pylist() for name in table.column_names), strict=True)
+    ]
+
+
+def parquet_checksum(path: Path, excluded: Iterable[str] = EXCLUDED_COLUMNS) -> dict[str, Any]:
+    """Content checksum of a Parquet file: canonical schema plus its rows sorted, metadata ignored."""
+    import pyarrow.parquet as pq
+
+    table, schema, dropped = _canonical_table(pq.read_table(path), excluded)
+    content = TableContent()
+    content.add(schema, _row_lines(table), dropped)
+    return content.checksum()
+
+
+def _csv_lines(path: Path) -> tuple[str, list[str]]:
+    """A CSV file's header and its other lines, each as canonical JSON (any line ending)."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = [json.dumps(row, ensure_ascii=False) for row in csv.reader(handle)]
+    return (rows[0] if rows else "", rows[1:])
 
 
 def csv_checksum(path: Path) -> dict[str, Any]:
-    """Checksum of a CSV file as its sorted lines (rows in any order, any line ending)."""
-    with path.open(newline="", encoding="utf-8") as handle:
-        lines = sorted(json.dumps(row, ensure_ascii=False) for row in csv.reader(handle))
-    digest = hashlib.sha256("\n".join(lines).encode())
-    return {"sha256": digest.hexdigest(), "rows": max(0, len(lines) - 1), "excluded_columns": []}
+    """Checksum of a CSV file as its header and sorted lines (rows in any order, any line ending)."""
+    content = TableContent()
+    content.add(*_csv_lines(path))
+    return content.checksum()
+
+
+def table_key(relative: PurePosixPath) -> str:
+    """The logical table a checked file holds part of: its lake-relative path without ``bucket=N`` folders.
+
+    So ``segments/dt=D/hour=HH/part-0.parquet`` (the whole hour, written by older code) and
+    ``segments/dt=D/hour=HH/bucket=N/part-0.parquet`` (per bucket) are one table of that hour;
+    a multi-table partition keeps one table per file name (``state/.../hourly.parquet``).
+    """
+    return "/".join(p for p in relative.parts if not p.startswith("bucket="))
+
+
+SEALED_MS = "sealed_ms"  # state tile column: the end of the build that sealed the row (profiles.state.SEALED_MS)
+TILE_DAY_FILE = "day.parquet"  # a tile day compacted into one file (profiles.state.DAY_FILE)
+
+
+def _tile_files(layer: Path) -> list[Path]:
+    """The state tile files that hold rows: per day the compacted ``day.parquet`` when there is one (hourly
+    files beside it are leftovers of an interrupted compaction, already in it), else the hourly files."""
+    files: list[Path] = []
+    for day in sorted(layer.glob("bucket=*/*/dt=*")):
+        day_file = day / TILE_DAY_FILE
+        files += [day_file] if day_file.is_file() else sorted(day.glob("hour=*.parquet"))
+    return files
+
+
+def _add_tiles(layer: Path, tables: dict[str, TableContent]) -> None:
+    """Sealed state tiles, one logical table per state table and sealing build: ``state_tiles/<table>/sealed=H``
+    (H the hour whose build sealed the rows), whatever the buckets and the hourly or day files they sit in."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for path in _tile_files(layer):
+        name = path.relative_to(layer).parts[1]
+        table, schema, dropped = _canonical_table(pq.read_table(path), EXCLUDED_COLUMNS)
+        for end in sorted(set(table.column(SEALED_MS).to_pylist())):
+            hour = dt.datetime.fromtimestamp(end / 1000 - 3600, dt.UTC).strftime("%Y-%m-%dT%H")
+            rows = table.filter(pc.equal(table.column(SEALED_MS), end))
+            tables.setdefault(f"{layer.name}/{name}/sealed={hour}", TableContent()).add(
+                schema, _row_lines(rows), dropped
+            )
 
 
 def lake_checksums(lake: Path) -> dict[str, dict[str, Any]]:
-    """Checksums of every checked file of ``lake``, keyed by lake-relative POSIX path."""
-    sums: dict[str, dict[str, Any]] = {}
+    """Checksums of every checked table of ``lake`` per logical table and hour (``table_key``; sealed state tiles
+    per table and sealing hour), so the same rows split into other files (buckets, compacted days) compare equal."""
+    import pyarrow.parquet as pq
+
+    tables: dict[str, TableContent] = {}
     for layer in CHECKED_LAYERS:
         base = lake / layer
         if not base.is_dir():
             continue
+        if layer == STATE_TILES:
+            _add_tiles(base, tables)
+            continue
         for path in sorted(base.rglob("*")):
-            if not path.is_file() or any(part.startswith(("_", ".")) for part in path.relative_to(lake).parts):
+            relative = PurePosixPath(path.relative_to(lake).as_posix())
+            if not path.is_file() or any(part.startswith(("_", ".")) for part in relative.parts):
                 continue
-            key = path.relative_to(lake).as_posix()
             if path.suffix == ".parquet":
-                sums[key] = parquet_checksum(path)
+                table, schema, dropped = _canonical_table(pq.read_table(path), EXCLUDED_COLUMNS)
+                tables.setdefault(table_key(relative), TableContent()).add(schema, _row_lines(table), dropped)
             elif path.suffix == ".csv":
-                sums[key] = csv_checksum(path)
-    return sums
+                tables.setdefault(table_key(relative), TableContent()).add(*_csv_lines(path))
+    return {key: tables[key].checksum() for key in sorted(tables)}
 
 
 # ---- build ----------------------------------------------------------------------------------------
@@ -333,7 +441,7 @@ def build(args: argparse.Namespace) -> int:
     Path(args.out).write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     dropped = sorted({c for entry in files.values() for c in entry["excluded_columns"]})
     print(
-        f"[demo_checksums] {len(files)} files checksummed in {lake} ({seconds}s to build; trainings: "
+        f"[demo_checksums] {len(files)} tables checksummed in {lake} ({seconds}s to build; trainings: "
         f"{', '.join(trained) or 'none'}) -> {args.out}\n"
         f"[demo_checksums] excluded files: {'; '.join(f'{k} ({v})' for k, v in EXCLUDED_FILES.items())}\n"
         f"[demo_checksums] excluded columns found: {', '.join(dropped) or 'none'} "
@@ -349,6 +457,10 @@ def build(args: argparse.Namespace) -> int:
 def compare_sums(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Lines naming every difference between two checksum files (empty when they agree)."""
     problems: list[str] = []
+    if a.get("format") != b.get("format"):
+        problems.append(
+            f"format differs: {a.get('format')!r} vs {b.get('format')!r} (rebuild both with the same script)"
+        )
     for key in _PARAM_KEYS:
         if a["params"].get(key) != b["params"].get(key):
             problems.append(f"parameter {key} differs: {a['params'].get(key)!r} vs {b['params'].get(key)!r}")
@@ -375,7 +487,7 @@ def compare(args: argparse.Namespace) -> int:
     if problems:
         print(f"{len(problems)} difference(s) between {args.a} and {args.b}")
         return 1
-    print(f"identical: {len(a['files'])} files ({a.get('commit')} vs {b.get('commit')}, {a['params']})")
+    print(f"identical: {len(a['files'])} tables ({a.get('commit')} vs {b.get('commit')}, {a['params']})")
     return 0
 
 

@@ -88,7 +88,7 @@ def test_same_content_in_another_order_and_with_other_metadata_is_equal(tmp_path
     assert result == []
     assert sorted(checksum_file(a)["files"]) == [  # type: ignore[call-overload]
         "exports/dt=2026-11-30/hour=13/welcome.csv",
-        "scores/dt=2026-11-30/hour=13/bucket=0/part-0.parquet",
+        "scores/dt=2026-11-30/hour=13/part-0.parquet",  # the bucket's file is part of the hour's table
     ]
     assert (
         sums.parquet_checksum(tmp_path / "large.parquet")["sha256"]
@@ -112,7 +112,7 @@ def test_one_changed_value_differs_and_is_named(tmp_path: Path, capsys: pytest.C
     # Assert
     out = capsys.readouterr().out
     assert code == 1
-    assert "differs: scores/dt=2026-11-30/hour=13/bucket=0/part-0.parquet (rows 3 vs 3)" in out
+    assert "differs: scores/dt=2026-11-30/hour=13/part-0.parquet (rows 3 vs 3)" in out
     assert "differs: exports/dt=2026-11-30/hour=13/welcome.csv" in out
     assert "only in B: segments/part-0.parquet" in out
 
@@ -132,6 +132,87 @@ def test_identical_files_compare_clean_and_excluded_columns_do_not_count(
 
     # Assert
     assert code == 0
-    assert capsys.readouterr().out.startswith("identical: 2 files")
+    assert capsys.readouterr().out.startswith("identical: 2 tables")
     assert sums.parquet_checksum(path_a) == sums.parquet_checksum(path_b)
     assert sums.parquet_checksum(path_a)["excluded_columns"] == ["run_id"]
+
+
+SEALED = [datetime(2026, 11, 30, h, tzinfo=UTC) for h in (9, 10)]  # the ends of two builds that sealed tiles
+
+
+def segment_rows(n: int) -> pa.Table:
+    return pa.table({"user_id": [f"u{i}" for i in range(n)], "segment": [f"s{i % 3}" for i in range(n)]})
+
+
+def tile_rows(users: list[str], sealed: datetime) -> pa.Table:
+    ms = int(sealed.timestamp() * 1000)
+    return pa.table({"user_id": users, "hour_ms": [ms - 7 * 3_600_000] * len(users), "sealed_ms": [ms] * len(users)})
+
+
+def whole_hour_lake(root: Path) -> Path:
+    """The layout before per-bucket publishing and compaction: one segments file for the hour, one tile day file."""
+    hour = root / "segments" / "dt=2026-11-30" / "hour=13"
+    hour.mkdir(parents=True)
+    pq.write_table(segment_rows(6), hour / "part-0.parquet")
+    day = root / "state_tiles" / "bucket=0" / "hourly" / "dt=2026-11-30"
+    day.mkdir(parents=True)
+    pq.write_table(pa.concat_tables([tile_rows(["u0", "u1", "u2"], s) for s in SEALED]), day / "day.parquet")
+    pq.write_table(tile_rows(["u0", "u1", "u2"], SEALED[0]), day / "hour=08.parquet")  # compaction leftover
+    return root
+
+
+def bucketed_lake(root: Path, nudge: str | None = None) -> Path:
+    """The same rows split over two buckets (segments and tiles), tiles in hourly files; ``nudge``: one value changed."""
+    rows = segment_rows(6)
+    for bucket in (0, 1):
+        folder = root / "segments" / "dt=2026-11-30" / "hour=13" / f"bucket={bucket}"
+        folder.mkdir(parents=True)
+        part = rows.filter(pa.array([i % 2 == bucket for i in range(6)]))
+        if bucket == 1 and nudge == "segments":
+            part = part.set_column(1, "segment", pa.array(["s9", *part.column("segment").to_pylist()[1:]]))
+        pq.write_table(part, folder / "part-0.parquet")
+        (folder / "_manifest.json").write_text(json.dumps({"bucket": bucket}))
+    for bucket, users in ((0, ["u0", "u2"]), (1, ["u1"])):
+        day = root / "state_tiles" / f"bucket={bucket}" / "hourly" / "dt=2026-11-30"
+        day.mkdir(parents=True)
+        for sealed in SEALED:
+            tiles = tile_rows(users, sealed)
+            if bucket == 1 and sealed == SEALED[1] and nudge == "tiles":
+                tiles = tiles.set_column(1, "hour_ms", pa.array([0], pa.int64()))
+            pq.write_table(tiles, day / f"hour={sealed.hour - 1:02d}.parquet")
+    return root
+
+
+def test_the_same_tables_split_into_other_files_are_equal(tmp_path: Path) -> None:
+    """A table's rows in an hour compare as one table: a whole-hour file equals the same rows over bucket folders,
+    and sealed state tiles compare per table and sealing build, whether in hourly or compacted day files."""
+    a = checksum_file(whole_hour_lake(tmp_path / "a"))
+    b = checksum_file(bucketed_lake(tmp_path / "b"))
+
+    assert sums.compare_sums(a, b) == []
+    assert sorted(a["files"]) == [  # type: ignore[call-overload]
+        "segments/dt=2026-11-30/hour=13/part-0.parquet",
+        "state_tiles/hourly/sealed=2026-11-30T08",
+        "state_tiles/hourly/sealed=2026-11-30T09",
+    ]
+    assert b["files"]["segments/dt=2026-11-30/hour=13/part-0.parquet"]["rows"] == 6  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("nudge", "named"),
+    [
+        ("segments", "differs: segments/dt=2026-11-30/hour=13/part-0.parquet (rows 6 vs 6)"),
+        ("tiles", "differs: state_tiles/hourly/sealed=2026-11-30T09 (rows 3 vs 3)"),
+    ],
+)
+def test_a_changed_value_in_a_split_table_is_named_with_its_hour(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], nudge: str, named: str
+) -> None:
+    (tmp_path / "a.json").write_text(json.dumps(checksum_file(whole_hour_lake(tmp_path / "a"))))
+    (tmp_path / "b.json").write_text(json.dumps(checksum_file(bucketed_lake(tmp_path / "b", nudge))))
+
+    code = sums.main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+
+    out = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert out[:-1] == [named]
