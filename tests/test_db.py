@@ -105,3 +105,36 @@ def test_no_module_opens_duckdb_directly() -> None:
     ]
 
     assert offenders == []
+
+
+def test_cursors_share_the_process_database_but_not_temp_objects_or_the_time_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import duckdb
+
+    monkeypatch.setattr(db, "_DATABASES", {})
+    opened: list[object] = []
+    connect = duckdb.connect
+
+    def counting_connect(*args: object, **kwargs: object) -> duckdb.DuckDBPyConnection:
+        opened.append(kwargs.get("config"))
+        return connect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(duckdb, "connect", counting_connect)
+    first, second = db.cursor(), db.cursor()
+    guarded = db.cursor(enable_external_access=False)
+    try:
+        assert len(opened) == 2  # one database per configuration
+        first.execute("CREATE TEMP TABLE mine AS SELECT 1 AS x")
+        first.execute("SET TimeZone = 'America/New_York'")
+        with pytest.raises(duckdb.CatalogException):
+            second.execute("SELECT * FROM mine")
+        assert current(second, "TimeZone") != "America/New_York"
+        assert current(guarded, "enable_external_access") is False
+        assert current(second, "enable_external_access") is True
+        monkeypatch.setattr(os, "getpid", lambda: -1)  # a forked child: its own database
+        db.cursor().close()
+        assert len(opened) == 3
+    finally:
+        for con in (first, second, guarded):
+            con.close()

@@ -1432,3 +1432,89 @@ def test_publish_segments_holds_one_bucket_of_profiles_at_a_time(
     assert {layer for layer, _, _ in held} == {lk.PROFILES, lk.SCORES, lk.SEGMENTS}
     assert all(bucket is not None and rows <= largest for _, bucket, rows in held), held
     assert len(evaluated) == BUCKETS and max(evaluated) <= largest
+
+
+# ---- DuckDB databases: one per process, not per bucket and step (issue 19) ----------------
+
+
+def test_publish_segments_opens_its_databases_once_per_process_not_per_bucket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import duckdb
+
+    from profile_engine.lake import db
+
+    monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", "k" * 32)
+    settings_ = Settings(lake=tmp_path, buckets=BUCKETS)
+    previous = H0 - HOUR
+    commit_bucketed(tmp_path, previous, *bucketed_population(previous, 1), BUCKETS)
+    publish_segments(settings_, previous)
+    commit_bucketed(tmp_path, H0, *bucketed_population(H0, 2), BUCKETS)
+    monkeypatch.setattr(db, "_DATABASES", {}, raising=False)  # as in a fresh process
+    opened: list[dict[str, Any]] = []
+    connect = duckdb.connect
+
+    def counting_connect(*args: Any, **kwargs: Any) -> duckdb.DuckDBPyConnection:
+        opened.append(dict(kwargs.get("config") or {}))
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(duckdb, "connect", counting_connect)
+
+    summary = publish_segments(settings_, H0)
+    again = publish_segments(settings_, H0)
+
+    assert summary["profiles"] == 240 and again["members"] == summary["members"]
+    # the process's database and the rules' database without file access, each opened once for both runs
+    assert len(opened) == 2, opened
+    assert sorted(c.get("enable_external_access", True) for c in opened) == [False, True]
+
+
+def test_rule_sql_cannot_read_files_on_the_shared_rule_database(tmp_path: Path) -> None:
+    """The rules' database is shared by the process's rule cursors and still has no file access."""
+    from profile_engine.lake import db
+
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\n1\n")
+    plain = db.cursor()  # the process's database with file access is open too
+    first, second = rule_connection(), rule_connection()
+    try:
+        assert plain.execute(f"SELECT count(*) FROM read_csv('{secret}')").fetchall() == [(1,)]
+        for con in (first, second):
+            with pytest.raises(Exception, match="disabled by configuration"):
+                con.execute(f"SELECT count(*) FROM read_csv('{secret}')").fetchall()
+            with pytest.raises(Exception, match="Cannot enable external access"):
+                con.execute("SET enable_external_access = true")
+            assert con.execute("SELECT current_setting('TimeZone')").fetchall() == [("UTC",)]
+    finally:
+        for con in (plain, first, second):
+            con.close()
+    # a rule past the grammar (built directly, not loaded) cannot read the file when evaluated either
+    reading = SegmentRule(
+        name="reads_files",
+        enter=f"(SELECT count(*) FROM read_csv('{secret}')) > 0",
+        offer="coupon 10%",
+        channel="email",
+        priority=1,
+    )
+    with pytest.raises(Exception, match="disabled by configuration"):
+        assign_segments(synthetic_population(3), [reading])
+
+
+def test_a_rule_cursor_keeps_its_own_profiles_view_and_time_zone(tmp_path: Path) -> None:
+    """Views are TEMP and the time zone is per cursor: rule cursors open at once do not see each other's."""
+    from profile_engine.lake import db
+
+    held = rule_connection()
+    other = db.cursor()
+    try:
+        held.execute("CREATE TEMP VIEW profiles AS SELECT 1 AS only_here")
+        other.execute("SET TimeZone = 'America/New_York'")
+        assigned, sizes = assign_segments(synthetic_population(10), [control_rule("intent", 0.0)])
+        load_rules(DEFAULT_RULES_PATH)
+        assert sizes == {"intent": 10} and assigned.num_rows == 10
+        assert held.execute("SELECT * FROM profiles").fetchall() == [(1,)]
+        assert rule_connection().execute("SELECT current_setting('TimeZone')").fetchall() == [("UTC",)]
+        assert db.cursor().execute("SELECT current_setting('TimeZone')").fetchall() != [("America/New_York",)]
+    finally:
+        held.close()
+        other.close()

@@ -95,7 +95,7 @@ def pseudonymize_array(user_ids: pa.Array | pa.ChunkedArray, key: ExportKey) -> 
     block = block.ljust(64, b"\x00")
     inner = bytes(b ^ 0x36 for b in block)
     outer = bytes(b ^ 0x5C for b in block)
-    con = db.connect()
+    con = db.cursor()
     try:
         con.register("ids", pa.table({"uid": user_ids}))
         result = con.sql(

@@ -78,7 +78,7 @@ def _fetch(con: Any, sql: str) -> list[tuple[Any, ...]]:
 def _per_bucket(buckets: Buckets, queries: Callable[[Any], None]) -> None:
     """Run ``queries(con)`` on every bucket in turn, registered as table ``t`` (one bucket in memory)."""
     for table in buckets():
-        con = db.connect()
+        con = db.cursor()
         try:
             con.register("t", table)
             queries(con)
@@ -202,7 +202,7 @@ def score_sql(ranked: RankCuts, kind: str = "TINYINT") -> str:
 
 def apply_scores(table: pa.Table, ranked: Sequence[RankCuts], names: Sequence[str]) -> pa.Table:
     """``table`` (one bucket) with a score column per ``ranked`` spec, named ``names``, in row order."""
-    con = db.connect()
+    con = db.cursor()
     try:
         con.register("t", table.append_column("__row", pa.array(range(table.num_rows), pa.int64())))
         columns = ", ".join(f"{score_sql(r)} AS {name}" for r, name in zip(ranked, names, strict=True))
@@ -253,7 +253,7 @@ def value_counts(buckets: Buckets, value: str, where: str) -> pa.Table:
         merged.append(con.sql(part).to_arrow_table())
 
     _per_bucket(buckets, count)
-    con = db.connect()
+    con = db.cursor()
     try:
         if merged:
             con.register("m", merged[0])
@@ -274,7 +274,7 @@ def bucket_cume_dist(buckets: Buckets, value: str, where: str) -> Callable[[pa.T
     population, bit for bit.
     """
     counts = value_counts(buckets, value, where)
-    con = db.connect()
+    con = db.cursor()
     try:
         con.register("c", counts)
         cumulative = con.sql(
@@ -285,7 +285,7 @@ def bucket_cume_dist(buckets: Buckets, value: str, where: str) -> Callable[[pa.T
     total = int(pc.sum(counts.column("n")).as_py() or 0)
 
     def apply(table: pa.Table) -> pa.Array:
-        con = db.connect()
+        con = db.cursor()
         try:
             con.register("t", table.append_column("__row", pa.array(range(table.num_rows), pa.int64())))
             con.register("h", cumulative)

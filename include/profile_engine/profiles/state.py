@@ -5,8 +5,6 @@ connection and the SQL that groups sessions, orders and latencies. docs/features
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -305,21 +303,9 @@ def empty_state() -> ProfileState:
 
 
 # ---- SQL helpers --------------------------------------------------------------------
-_DATABASE: tuple[int, duckdb.DuckDBPyConnection] | None = None
-_DATABASE_LOCK = threading.Lock()
-
-
-def connect() -> duckdb.DuckDBPyConnection:
-    """An isolated DuckDB connection (own temp tables and registrations) on a per-process database.
-
-    Opening an in-memory database costs ~20 ms, a cursor on an open one microseconds: that
-    matters for the hourly chains of the tests and the runner.
-    """
-    global _DATABASE
-    with _DATABASE_LOCK:
-        if _DATABASE is None or _DATABASE[0] != os.getpid():  # a forked worker opens its own
-            _DATABASE = (os.getpid(), db.connect())
-        return _DATABASE[1].cursor()
+# An isolated DuckDB connection (own temp tables and registrations) on the process's database:
+# the hourly chains of the tests and the runner run many short queries (lake/db.py).
+connect = db.cursor
 
 
 def hour_ms(moment: datetime) -> int:

@@ -476,7 +476,7 @@ def _create_profiles_view(con: duckdb.DuckDBPyConnection, evaluated: pa.Table) -
         evaluated = add_population_columns(evaluated, population_stats(lambda: [evaluated]))
     con.register("snapshot_input", evaluated)
     derived = ", ".join(f"{sql} AS {name}" for name, (_, sql) in DERIVED_COLUMNS.items())
-    con.execute(f"CREATE VIEW {RULE_VIEW} AS SELECT *, {derived} FROM snapshot_input")
+    con.execute(f"CREATE TEMP VIEW {RULE_VIEW} AS SELECT *, {derived} FROM snapshot_input")
 
 
 def share_counts(evaluated: pa.Table, rules: Sequence[SegmentRule]) -> dict[str, tuple[int, int]]:

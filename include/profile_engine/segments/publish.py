@@ -126,7 +126,7 @@ def _join_scores(profiles: pa.Table, scores: pa.Table | None) -> pa.Table:
             base = base.append_column(field, pa.nulls(base.num_rows, field.type))
         return base
 
-    con = db.connect()
+    con = db.cursor()
     try:
         con.register("base_input", base)
         con.register(
@@ -167,7 +167,7 @@ def _bucket_part(
         return lake.read(layer, hour, bucket, columns=columns)
     files = lake.data_files(layer, hour)
     schema = pq.read_schema(files[0])
-    con = db.connect()
+    con = db.cursor()
     try:
         listed = ", ".join(sql_literal(str(f)) for f in files)
         table = con.sql(
@@ -203,7 +203,7 @@ def _read_recent_contacts(lake: lk.Lake, hour: datetime, window_hours: int, buck
 
 def _contacts_of(assigned: pa.Table, hour: datetime) -> pa.Table:
     """This hour's contact rows: every delivered action and every control hold-out."""
-    con = db.connect()
+    con = db.cursor()
     try:
         con.register("assigned_input", assigned)
         table = con.sql(
@@ -226,7 +226,7 @@ def _export_tables(assigned: pa.Table, actions: Sequence[str], previous: pa.Tabl
     every member is ``entered`` (a full list). A user who opted out since gets no ``left``
     row: opted-out users are never exported, and they stay suppressed downstream.
     """
-    con = db.connect()
+    con = db.cursor()
     tables: dict[str, pa.Table] = {}
     prev = (
         previous.select([USER_ID, ACTION, RULE, OFFER, CHANNEL])
@@ -311,7 +311,7 @@ def _export_files(runs: Path, actions: Sequence[str]) -> Iterator[tuple[str, byt
     for action in actions:
         files = sorted((runs / action).glob("*.parquet"))
         listed = ", ".join(sql_literal(str(f)) for f in files)
-        con = db.connect()
+        con = db.cursor()
         text, parquet = io.BytesIO(), io.BytesIO()
         try:
             reader = con.sql(

@@ -470,8 +470,14 @@ def tree_values(node: Any, key: str) -> list[Any]:
 
 
 def rule_connection() -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection that cannot touch files: rule expressions run here."""
-    con = db.connect(enable_external_access=False)
+    """A DuckDB connection that cannot touch files, in UTC: rule expressions run here.
+
+    A cursor on the process's database opened with ``enable_external_access = false`` (one
+    for rules alone: DuckDB disables it for a whole database and never re-enables it); the
+    time zone is a session setting, set on every cursor. Objects created on it must be
+    ``TEMP`` (its own): a view of the database would be seen, and replaced, by every cursor.
+    """
+    con = db.cursor(enable_external_access=False)
     con.execute("SET TimeZone = 'UTC'")
     return con
 
@@ -494,7 +500,7 @@ def _create_rule_view(con: duckdb.DuckDBPyConnection, columns: Sequence[str] | p
     types = {name: sql_type for name, (sql_type, _) in DERIVED_COLUMNS.items()}
     types |= {name: column.sql_type for name, column in POPULATION_COLUMNS.items()}
     derived = ", ".join(f"CAST(NULL AS {sql_type}) AS {name}" for name, sql_type in types.items())
-    con.execute(f"CREATE OR REPLACE VIEW {RULE_VIEW} AS SELECT *, {derived} FROM ({base}) WHERE false")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {RULE_VIEW} AS SELECT *, {derived} FROM ({base}) WHERE false")
     return {*names, *types}
 
 
