@@ -402,30 +402,38 @@ def test_choose_keeps_the_network_when_the_candidates_tie_within_the_margin() ->
     )
 
 
-def test_choose_promotes_the_ensemble_over_the_network_and_ahead_of_tied_trees() -> None:
-    # Arrange: the candidates in the version's preference order; the ensemble beats the network beyond the
-    # margin, the trees are 0.05 lift better than the ensemble (inside the margin)
+def test_choose_prefers_the_ensemble_within_the_margin_and_the_network_only_beyond_it() -> None:
+    # Arrange: the candidates in the version's preference order; the trees are 0.05 lift better than the
+    # ensemble (inside the margin), and the network 0.07 (inside the margin) or 0.4 (beyond it) better than the ensemble
     from profile_engine.model import candidates as cands
 
     order = [cands.CANDIDATE_NAMES[kind] for kind in registry.MODEL_KINDS if kind not in registry.SEQUENCE_KINDS]
     values = {
-        "network": scores(0.74, lift=2.0),
         "ensemble": scores(0.76, lift=2.4),
         "lightgbm": scores(0.76, lift=2.45),
         "baseline": scores(0.70, lift=1.8),
     }
-    intervals = candidate_intervals(("ensemble", "network", [0.1, 0.7]), ("lightgbm", "ensemble", [-0.2, 0.3]))
+    intervals = candidate_intervals(("lightgbm", "ensemble", [-0.2, 0.3]), ("network", "ensemble", [-0.1, 0.7]))
+
+    def decide(network_lift: float) -> gate.GateDecision:
+        candidates = {**values, "network": scores(0.76, lift=network_lift)}
+        return gate.choose(
+            {name: candidates[name] for name in order},
+            None,
+            baselines={"baseline": values["baseline"]},
+            intervals=intervals,
+        )
 
     # Act
-    decision = gate.choose(
-        {name: values[name] for name in order}, None, baselines={"baseline": values["baseline"]}, intervals=intervals
-    )
+    tied, beaten = decide(2.47), decide(2.8)
 
-    # Assert: tie order network, ensemble, lightgbm, baseline; the ensemble is kept within the margin of the trees
-    assert order == ["network", "ensemble", "lightgbm", "baseline"]
-    assert decision.promote and decision.candidate == "ensemble"
-    assert decision.choice["best"] == "lightgbm"
-    assert decision.choice["reason"].startswith("ensemble kept: lift_at_10 2.4000 within margin 0.1 of lightgbm")
+    # Assert: tie order ensemble, network, lightgbm, baseline; the ensemble is kept within the margin of the
+    # best, and the network alone wins when it beats the ensemble by more than the margin
+    assert order == ["ensemble", "network", "lightgbm", "baseline"]
+    assert tied.promote and tied.candidate == "ensemble" and tied.choice["best"] == "network"
+    assert tied.choice["reason"].startswith("ensemble kept: lift_at_10 2.4000 within margin 0.1 of network 2.4700")
+    assert beaten.promote and beaten.candidate == "network" and beaten.choice["best"] == "network"
+    assert "better than ensemble 2.4000 by 0.4000, beyond margin 0.1" in beaten.choice["reason"]
 
 
 def test_choose_never_promotes_a_candidate_worse_than_the_baseline() -> None:
@@ -511,7 +519,7 @@ def test_lifecycle_promotes_against_baseline_then_gates_against_the_champion(tmp
         "heuristic_recency",
         "heuristic_open_cart",
     }
-    assert [c["name"] for c in evaluation["candidates"]] == ["network", "ensemble", "lightgbm", "baseline"]
+    assert [c["name"] for c in evaluation["candidates"]] == ["ensemble", "network", "lightgbm", "baseline"]
     assert evaluation["decision"]["calibrations"]["ensemble"]["method"] in ("platt", "platt_intercept")
     assert evaluation["chosen"] == promoted["candidate"] == evaluation["decision"]["candidate"]
     assert registry.champion_as_of(settings, first_hour)["kind"] == evaluation["kind"]  # type: ignore[index]

@@ -430,7 +430,7 @@ def test_saved_model_scores_raw_profile_rows_like_the_fitted_one(trained: Traine
     assert exported <= files and exported <= listed
     # the sequence candidates are off by default: the version holds the other three kinds only
     assert not trained.settings.sequence_candidates
-    assert artifacts.version_kinds(trained.settings, version) == ["model", "ensemble", "lightgbm", "baseline"]
+    assert artifacts.version_kinds(trained.settings, version) == ["ensemble", "model", "lightgbm", "baseline"]
     assert not {"sequence.keras", "combined.keras"} & listed
 
 
@@ -776,8 +776,8 @@ def test_lightgbm_candidate_is_saved_calibrated_and_reproducible(trained: Traine
     )
     assert refit() == refit() == (directory / gbm.LIGHTGBM_FILE).read_text()  # deterministic, as saved
     assert [c.name for c in candidates.version_candidates(settings, version)] == [
-        "network",
         "ensemble",
+        "network",
         "lightgbm",
         "baseline",
     ]
@@ -877,8 +877,8 @@ def test_ensemble_candidate_blends_the_versions_network_and_trees_and_is_calibra
         measures.auc(np.asarray(trained.training.eval.column(labels.LABEL)), loaded.predict(trained.training.eval))
     )
     assert metrics["ensemble"]["auc"] > 0.6
-    assert [c.name for c in found][:2] == ["network", "ensemble"]  # right after the network in the tie order
-    assert found[1].kind == "ensemble" and found[1].metrics["auc"] == metrics["ensemble"]["auc"]
+    assert [c.name for c in found][:2] == ["ensemble", "network"]  # first in the tie order, then the network
+    assert found[0].kind == "ensemble" and found[0].metrics["auc"] == metrics["ensemble"]["auc"]
     assert artifacts.load_model(settings, version, "ensemble") is loaded  # loaded once per process
 
 

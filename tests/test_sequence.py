@@ -280,8 +280,8 @@ def test_a_forced_training_with_the_setting_on_trains_and_saves_every_kind(order
 
     assert trained["status"] == "trained"
     assert artifacts.version_kinds(settings, version) == [
-        "model",
         "ensemble",
+        "model",
         "lightgbm",
         "sequence",
         "combined",

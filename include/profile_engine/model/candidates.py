@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     from profile_engine.model.artifacts import LoadedModel
 
 # Candidate name (in evaluation.json, reports and the card) of each model kind. The order of preference the
-# gate's tie rule uses is ``registry.MODEL_KINDS``: the network first (the main model), then the ensemble of the
-# network and the trees, the trees, the sequence encoder alone and combined with the aggregate inputs (when
-# trained), then the baseline.
+# gate's tie rule uses is ``registry.MODEL_KINDS``: the ensemble of the network and the trees first, then the
+# network alone (the main model, and the ensemble's first member), the trees, the sequence encoder alone and
+# combined with the aggregate inputs (when trained), then the baseline.
 CANDIDATE_NAMES: dict[str, str] = {
     "model": "network",
     "ensemble": "ensemble",

@@ -243,14 +243,14 @@ def choose(
     intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
     champion_name: str = "champion",
 ) -> GateDecision:
-    """The gate over a version's candidates (``candidates`` in preference order, the network first).
+    """The gate over a version's candidates (``candidates`` in preference order, ``registry.MODEL_KINDS``).
 
     Each candidate goes through ``gate`` on its own: floors, the ECE ceiling on its
     interval, never worse than any baseline on the primary metric (a candidate is not
     compared with itself), within the margins of the champion. Among those that pass,
     the best on the primary metric is found, and the winner is the first passing
     candidate in preference order whose primary metric is worse than the best by at
-    most ``config.margin`` (the tie rule: the network is kept unless another candidate
+    most ``config.margin`` (the tie rule: the preferred candidate is kept unless another
     beats it by more than the margin, as a challenger replaces a champion). ``choice``
     records the winner, the best, the primary metric's values and the paired interval
     of best minus winner. With no candidate passing, nothing is promoted: the reasons
