@@ -1396,17 +1396,23 @@ def test_spend_percentile_per_bucket_is_the_window_over_everyone_ties_at_the_bou
     assert sum(p is not None and p >= 0.95 for p in got.values()) == 10
 
 
-def test_publish_segments_holds_one_bucket_of_profiles_at_a_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from profile_engine.segments import publish
-
+def published_previous_hour(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Settings, dict[int, list[str]]]:
+    """A bucketed lake whose hour before H0 is published and whose H0 profiles are committed, not published:
+    the settings and H0's users per bucket."""
     monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", "k" * 32)
     settings_ = Settings(lake=tmp_path, buckets=BUCKETS)
     previous = H0 - HOUR
     commit_bucketed(tmp_path, previous, *bucketed_population(previous, 1), BUCKETS)
     publish_segments(settings_, previous)
-    placed = commit_bucketed(tmp_path, H0, *bucketed_population(H0, 2), BUCKETS)
+    return settings_, commit_bucketed(tmp_path, H0, *bucketed_population(H0, 2), BUCKETS)
+
+
+def test_publish_segments_holds_one_bucket_of_profiles_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from profile_engine.segments import publish
+
+    settings_, placed = published_previous_hour(tmp_path, monkeypatch)
     largest = max(len(ids) for ids in placed.values())
     assert largest < 200  # a bucket is well below the 240 users
     reads: list[tuple[str, int | None, int]] = []
@@ -1444,12 +1450,7 @@ def test_publish_segments_opens_its_databases_once_per_process_not_per_bucket(
 
     from profile_engine.lake import db
 
-    monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", "k" * 32)
-    settings_ = Settings(lake=tmp_path, buckets=BUCKETS)
-    previous = H0 - HOUR
-    commit_bucketed(tmp_path, previous, *bucketed_population(previous, 1), BUCKETS)
-    publish_segments(settings_, previous)
-    commit_bucketed(tmp_path, H0, *bucketed_population(H0, 2), BUCKETS)
+    settings_, _ = published_previous_hour(tmp_path, monkeypatch)
     monkeypatch.setattr(db, "_DATABASES", {}, raising=False)  # as in a fresh process
     opened: list[dict[str, Any]] = []
     connect = duckdb.connect
