@@ -256,8 +256,14 @@ def test_the_checkpoint_keeps_recent_anchors_only_and_each_hour_seals_no_more_th
         assert_equals_rebuild(settings, at(h))
         e = hour_ms(at(h + 1))
         horizon = e - settings.lateness_hours * MS_HOUR
-        kept = read_state(lake, at(h), 0).tables[ANCHORS].column("ts_ms").to_pylist()
+        checkpoint = read_state(lake, at(h), 0)
+        kept = checkpoint.tables[ANCHORS].column("ts_ms").to_pylist()
         assert all(t >= horizon for t in kept), (h, kept, horizon)  # older anchors are not rewritten hourly
+        # a snapshot of the checkpoint as read (its buffered latencies recomputed from memory and tiles)
+        comparison = compare_tables(
+            "profiles", lake.read(PROFILES, at(h), 0), snapshot(checkpoint, at(h + 1), settings)[0], [USER_ID]
+        )
+        assert comparison.equal, f"{h}: " + "; ".join(comparison.lines())
         sealed = anchor_tile_rows(lake)
         now = sealed.filter(pc.equal(sealed.column("sealed_ms"), e))
         # what this hour seals is bounded by its own anchors: those that crossed the horizon this hour

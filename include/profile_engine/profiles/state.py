@@ -152,9 +152,9 @@ BY_HOUR_TABLES: tuple[str, ...] = (HOURLY, ITEM_VIEWS, TRAIT_TILES)
 # too: an anchor older than the horizon is only ever looked up (``anchor_lookup_sql``), never changed.
 SEALED_TIME: dict[str, str] = {**dict.fromkeys(BY_HOUR_TABLES, "hour_ms"), ANCHORS: "ts_ms"}
 SEALED_TABLES: tuple[str, ...] = tuple(SEALED_TIME)
-TILE_ANCHORS = "t_anchors"  # view of the sealed anchors a merge or snapshot looks up (``register_sealed_anchors``)
+TILE_ANCHORS = "t_anchors"  # the sealed anchors a merge or snapshot looks up (``register_sealed_anchors``)
 SEALED_MS = "sealed_ms"  # tile column: the end of the state whose checkpoint sealed the row
-SEALED_MARKER = "sealed_tiles"  # key of a checkpoint manifest whose by-hour tables hold the recent hours only
+SEALED_MARKER = "sealed_tiles"  # key of a checkpoint manifest whose sealed tables hold the recent rows only
 DAY_FILE = "day.parquet"  # a day's tile files compacted into one
 
 
