@@ -424,13 +424,16 @@ def _scaling_hours() -> tuple[datetime, list[datetime]]:
     return first, [first + timedelta(days=d, hours=12) for d in SCALING_POINTS]
 
 
-def prepare_hour_scaling(work: Path, old_package: Path) -> dict[str, Any]:
+def prepare_hour_scaling(work: Path, old_package: Path, derive: bool = False) -> dict[str, Any]:
     """Stage ``SCALING_DAYS`` days of one bucket once, then build them with each package (its own lake;
     the old package's lake is reused, this checkout's rebuilt).
 
     Each lake gets the staging as hard links and a state checkpoint at the hour before each
     measured hour (``build_profiles_range`` in segments ending there), built by that package
-    in its own process, so each measures its own state layout.
+    in its own process, so each measures its own state layout. ``derive``: this checkout's lake is
+    the old one (hard links) with the day before each measured hour rebuilt by this checkout from
+    the old checkpoint before it (``hour_step("derive")``): minutes instead of a 30-day build, for a
+    change that reads the old layout (older lakes must keep working anyway) and writes its own.
     """
     from profile_engine.hours import hour_range
 
@@ -446,14 +449,22 @@ def prepare_hour_scaling(work: Path, old_package: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"users": SCALING_USERS, "days": SCALING_DAYS, "intensity": SCALING_INTENSITY}
     if stamp.is_file():  # the old package's lake is kept; this checkout's is rebuilt every time
         info |= {k: v for k, v in json.loads(stamp.read_text()).items() if k.startswith("old_")}
-    for code, package in (("new", ROOT / "include"), ("old", old_package)):
+    codes = (("old", old_package), ("new", ROOT / "include"))  # old first: ``derive`` copies its lake
+    for code, package in codes if derive else codes[::-1]:
         if f"{code}_build" in info:
             continue
         lake = root / code
         shutil.rmtree(lake, ignore_errors=True)
+        started = time.monotonic()
+        if code == "new" and derive:
+            subprocess.run(["cp", "-al", str(root / "old"), str(lake)], check=True)
+            info[f"{code}_build"] = _run_hour_step("derive", lake, package)
+            info[f"{code}_build_s"] = round(time.monotonic() - started, 1)
+            info["new_derived"] = True
+            print(f"[bench] hour scaling: {code} lake derived in {info[f'{code}_build_s']}s", flush=True)
+            continue
         (lake / "staging").mkdir(parents=True)
         subprocess.run(["cp", "-al", str(root / "staged" / "staging" / "events"), str(lake / "staging")], check=True)
-        started = time.monotonic()
         info[f"{code}_build"] = _run_hour_step("build", lake, package)
         info[f"{code}_build_s"] = round(time.monotonic() - started, 1)
         print(f"[bench] hour scaling: {code} lake built in {info[f'{code}_build_s']}s", flush=True)
@@ -492,9 +503,11 @@ def hour_step(name: str, lake: Path) -> dict[str, Any]:
 
     settings = _settings(lake, 1)
     first, measured = _scaling_hours()
-    if name == "build":
+    if name in ("build", "derive"):
         start = first
         for hour in measured:
+            if name == "derive":  # from the checkpoint a day before (23:00 UTC, every 24 hours)
+                start = hour - timedelta(days=1)
             build.build_profiles_range(settings, start, hour - HOUR, 0, first_hour=first, snapshot_every=24)
             start = hour
         return {
@@ -556,10 +569,12 @@ def _run_hour_step(name: str, lake: Path, package: Path) -> dict[str, Any]:
     return result
 
 
-def compare_hour_scaling(work: Path, old_package: Path, runs: int, days: tuple[int, ...] = SCALING_POINTS) -> str:
+def compare_hour_scaling(
+    work: Path, old_package: Path, runs: int, days: tuple[int, ...] = SCALING_POINTS, derive: bool = False
+) -> str:
     """One hour's ``build_profiles`` (1 bucket) at each history length, this checkout and ``old_package``
     alternately in fresh processes; medians of ``runs``, parts and ratios as a markdown table."""
-    info = prepare_hour_scaling(work, old_package)
+    info = prepare_hour_scaling(work, old_package, derive)
     root = work / "hour_scaling"
     _, measured = _scaling_hours()
     rows = []
@@ -615,6 +630,7 @@ def render_hour_scaling(info: dict[str, Any], rows: list[dict[str, Any]], runs: 
     ratios = " ".join(
         f"{r['days']}d {r['medians']['new']['seconds'] / r['medians']['old']['seconds']:.2f};" for r in rows
     )
+    built = ": derived from the old lake, the day before each measured hour rebuilt" if info.get("new_derived") else ""
     biggest = rows[-1]["state_rows"]["old"]
     tables = ", ".join(f"{k} {v:,}" for k, v in sorted(biggest.items(), key=lambda kv: -kv[1]) if v)
     return f"""
@@ -623,7 +639,7 @@ def render_hour_scaling(info: dict[str, Any], rows: list[dict[str, Any]], runs: 
 - Machine: {_machine()}; {_versions()}
 - Command: `.venv/bin/python benchmarks/profiles.py --hour-scaling OLD_INCLUDE [--scaling-days ...]` (old = the previous commit's
   `include/`); {info["users"]:,} simulated users, intensity {info["intensity"]}, one bucket, the 12:00 UTC hour
-  after each number of days; each lake built by its own package (new {info["new_build_s"]} s, old
+  after each number of days; each lake built by its own package (new {info["new_build_s"]} s{built}, old
   {info["old_build_s"]} s); medians of {runs} runs, new and old alternately, each in a fresh process.
 - Parts: `read_state`, `advance`, `snapshot`, `write_state` (the checkpoint and, new, tile files),
   `write_profiles` (profiles and interests), `other` (staging read, bookkeeping).
@@ -730,6 +746,7 @@ def main() -> None:
     parser.add_argument("--publish-stage", choices=("profiles", "segments"), default="profiles")
     parser.add_argument("--hour-scaling", type=Path, metavar="OLD_INCLUDE", help="one hour vs state size (issue 19)")
     parser.add_argument("--scaling-days", help=f"days of history measured (comma-separated, of {SCALING_POINTS})")
+    parser.add_argument("--scaling-derive", action="store_true", help="derive this checkout's lake from the old one")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--hour-step", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -742,7 +759,7 @@ def main() -> None:
         return
     if args.hour_scaling:
         days = tuple(int(d) for d in args.scaling_days.split(",")) if args.scaling_days else SCALING_POINTS
-        print(compare_hour_scaling(args.work, args.hour_scaling, args.runs, days))
+        print(compare_hour_scaling(args.work, args.hour_scaling, args.runs, days, args.scaling_derive))
         return
     if args.publish_compare:
         compare_publish(

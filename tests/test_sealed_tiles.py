@@ -18,7 +18,7 @@ import pytest
 
 from profile_engine.config import Settings
 from profile_engine.contracts.events import STAGED_SCHEMA
-from profile_engine.contracts.profiles import CATEGORY_ID, USER_ID
+from profile_engine.contracts.profiles import CATEGORY_ID, MEAN_CART_TO_PURCHASE_HOURS, MEAN_VIEW_TO_CART_HOURS, USER_ID
 from profile_engine.hours import HOUR
 from profile_engine.lake.storage import INTERESTS, PROFILES, STAGING, STATE, STATE_TILES, Lake
 from profile_engine.ops import erasure, retention
@@ -26,7 +26,7 @@ from profile_engine.profiles.build import build_profiles, build_profiles_range, 
 from profile_engine.profiles.merge import with_local_hour
 from profile_engine.profiles.replay import rebuild_bucket
 from profile_engine.profiles.snapshot import snapshot
-from profile_engine.profiles.state import BY_HOUR_TABLES, DAY_FILE, HOURLY, MS_HOUR, hour_ms
+from profile_engine.profiles.state import ANCHORS, BY_HOUR_TABLES, DAY_FILE, HOURLY, MS_HOUR, hour_ms
 from profile_engine.profiles.verify import compare_tables
 
 T0 = datetime(2026, 11, 3, 21, tzinfo=UTC)  # three hours before midnight: day 1 is compacted when day 2 starts
@@ -181,6 +181,12 @@ def test_retention_drops_tiles_no_kept_checkpoint_reads(tmp_path: Path) -> None:
     assert any(
         datetime.fromisoformat(d.removeprefix("dt=")).replace(tzinfo=UTC) + timedelta(days=1) > limit for d in after
     )
+    # Sealed anchors are read for the latency lookback before the oldest buffered target (the horizon).
+    anchors = lake.path(STATE_TILES, "bucket=0", ANCHORS)
+    kept = sorted(datetime.fromisoformat(p.name.removeprefix("dt=")).replace(tzinfo=UTC) for p in anchors.glob("dt=*"))
+    anchor_limit = checkpoint + HOUR - timedelta(days=30, hours=settings.lateness_hours)
+    assert kept[0] > T0 and kept == [kept[0] + timedelta(days=i) for i in range(len(kept))]
+    assert kept[0] <= anchor_limit < kept[0] + timedelta(days=1)  # the days before went, none still needed
     # The rebuild starts from the kept checkpoint and its tiles and equals the committed hour.
     assert_equals_rebuild(settings, last)
 
@@ -192,13 +198,114 @@ def test_erasure_removes_the_users_rows_from_sealed_tiles(shop: Settings, monkey
     for h in range(6):
         build_profiles(shop, at(h), 0)
     assert tile_rows(lake, "a") > 0
+    assert pc.sum(pc.equal(anchor_tile_rows(lake).column(USER_ID), "a")).as_py()  # sealed anchors too
 
     result = erasure.erase_users(shop, ["a"], requested_by="test", reason="test")
 
     assert result["erased"] == 1
     assert tile_rows(lake, "a") == 0 and tile_rows(lake) > 0
+    assert not pc.sum(pc.equal(anchor_tile_rows(lake).column(USER_ID), "a")).as_py()
     assert result["rows_removed"][STATE_TILES] > 0
     for h in range(6, HOURS):  # the next hours build on the erased state and tiles
         build_profiles(shop, at(h), 0)
         assert_equals_rebuild(shop, at(h))
     assert "a" not in lake.read(PROFILES, at(HOURS - 1), 0).column(USER_ID).to_pylist()
+
+
+# ---- sealed anchors: the view -> cart -> purchase anchor buffer ------------------------------------
+def anchor_tile_rows(lake: Lake) -> pa.Table:
+    """Every sealed anchor row of bucket 0 (with ``sealed_ms``)."""
+    files = sorted(lake.path(STATE_TILES, "bucket=0", ANCHORS).rglob("*.parquet"))
+    return (
+        pa.concat_tables([pq.read_table(f) for f in files])
+        if files
+        else pa.table({"sealed_ms": pa.array([], pa.int64())})
+    )
+
+
+def stage_latencies(lake: Lake) -> list[dict[str, Any]]:
+    """Hours 0..HOURS-1 where carts and purchases find their anchor hours earlier, long sealed: user u views x
+    at hour 0 and carts it at hour 6 and 9, a late view of x (hour 5, arriving at hour 7, within the lateness)
+    is the anchor of both carts; v views y at hour 1, carts it at hour 2, buys it at hour 8 (its cart, sealed,
+    is the anchor) and views z every hour (many anchors of one key). Returns every staged row with its hour."""
+    plan: dict[int, list[dict[str, Any]]] = {h: [] for h in range(HOURS)}
+
+    def add(hour: int, arrives: int, **row: Any) -> None:
+        plan[arrives].append({**row, "ts": at(hour) + timedelta(minutes=20)})
+
+    add(0, 0, user_id="u", event_type="view", item_id="x")
+    add(6, 6, user_id="u", event_type="cart", item_id="x")
+    add(5, 7, user_id="u", event_type="view", item_id="x")
+    add(9, 9, user_id="u", event_type="cart", item_id="x")
+    add(1, 1, user_id="v", event_type="view", item_id="y")
+    add(2, 2, user_id="v", event_type="cart", item_id="y")
+    add(8, 8, user_id="v", event_type="purchase", item_id="y")
+    for h in range(HOURS):
+        add(h, h, user_id="v", event_type="view", item_id="z")
+    for h, rows in plan.items():
+        lake.write_partition(STAGING, at(h), staged(rows, h), bucket=0)
+    return [{**r, "hour": h} for h, rows in plan.items() for r in rows]
+
+
+def test_the_checkpoint_keeps_recent_anchors_only_and_each_hour_seals_no_more_than_its_own(tmp_path: Path) -> None:
+    settings = replace(BASE, lake=tmp_path / "lake")
+    lake = Lake(settings.lake)
+    rows = stage_latencies(lake)
+    for h in range(HOURS):
+        build_profiles(settings, at(h), 0)
+        assert_equals_rebuild(settings, at(h))
+        e = hour_ms(at(h + 1))
+        horizon = e - settings.lateness_hours * MS_HOUR
+        checkpoint = read_state(lake, at(h), 0)
+        kept = checkpoint.tables[ANCHORS].column("ts_ms").to_pylist()
+        assert all(t >= horizon for t in kept), (h, kept, horizon)  # older anchors are not rewritten hourly
+        # a snapshot of the checkpoint as read (its buffered latencies recomputed from memory and tiles)
+        comparison = compare_tables(
+            "profiles", lake.read(PROFILES, at(h), 0), snapshot(checkpoint, at(h + 1), settings)[0], [USER_ID]
+        )
+        assert comparison.equal, f"{h}: " + "; ".join(comparison.lines())
+        sealed = anchor_tile_rows(lake)
+        now = sealed.filter(pc.equal(sealed.column("sealed_ms"), e))
+        # what this hour seals is bounded by its own anchors: those that crossed the horizon this hour
+        # (or arrived this hour already older than it), at most one row each
+        crossed = [
+            r
+            for r in rows
+            if r["event_type"] in ("view", "cart")
+            and hour_ms(r["ts"].replace(minute=0)) < horizon
+            and (hour_ms(r["ts"].replace(minute=0)) >= horizon - MS_HOUR or r["hour"] == h)
+        ]
+        assert now.num_rows <= len(crossed), (h, now.to_pylist(), crossed)
+    assert anchor_tile_rows(lake).num_rows > 0
+    profiles = {r[USER_ID]: r for r in lake.read(PROFILES, at(HOURS - 1), 0).to_pylist()}
+    # u: the late view 5:20 is the latest before both carts: 6:20 (1 h) and 9:20 (4 h, the view sealed by then);
+    # v: view 1:20 -> cart 2:20 (1 h), cart 2:20 -> purchase 8:20 (6 h): both anchors sealed when their target
+    # became final
+    assert profiles["u"][MEAN_VIEW_TO_CART_HOURS] == pytest.approx(2.5)
+    assert profiles["v"][MEAN_VIEW_TO_CART_HOURS] == pytest.approx(1.0)
+    assert profiles["v"][MEAN_CART_TO_PURCHASE_HOURS] == pytest.approx(6.0)
+
+
+def test_a_checkpoint_whose_anchors_are_all_in_it_builds_its_next_hours_exactly(tmp_path: Path) -> None:
+    """A lake written before anchors were sealed (by-hour tiles, every anchor in the checkpoint) keeps working."""
+    settings = replace(BASE, lake=tmp_path / "lake")
+    lake = Lake(settings.lake)
+    stage_latencies(lake)
+    for h in range(5):
+        build_profiles(settings, at(h), 0)
+    _, everything = rebuild_bucket(settings, at(4), 0)
+    assert pc.min(everything.tables[ANCHORS].column("ts_ms")).as_py() < hour_ms(at(3))
+    state = read_state(lake, at(4), 0)
+    lake.write_partition(
+        STATE,
+        at(4),
+        {**state.tables, ANCHORS: everything.tables[ANCHORS]},
+        bucket=0,
+        dictionary=["event_type"],
+        extra={"sealed_tiles": True},
+    )
+    shutil.rmtree(lake.path(STATE_TILES, "bucket=0", ANCHORS))
+    for h in range(5, HOURS):
+        build_profiles(settings, at(h), 0)
+        assert_equals_rebuild(settings, at(h))
+    assert anchor_tile_rows(lake).num_rows > 0

@@ -43,6 +43,7 @@ from profile_engine.profiles.state import (
     USERS,
     ProfileState,
     affinity_decay_sql,
+    anchor_lookup_sql,
     buffered_sql,
     by_hour_oldest,
     cents_sql,
@@ -55,6 +56,7 @@ from profile_engine.profiles.state import (
     interval_groups,
     latency_totals,
     order_totals,
+    register_sealed_anchors,
     session_totals,
     target_latencies,
 )
@@ -158,17 +160,28 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             f"SELECT user_id, item_id, event_type, t FROM due WHERE event_type IN ('{CART}', '{PURCHASE}')"
         )
         con.execute(f"CREATE TEMP TABLE tgt_final AS SELECT * FROM tgt WHERE ts_ms < {horizon}")
+        lookback = int(LATENCY_LOOKBACK.total_seconds() * 1000)
+        # Anchors sealed into tile files (docs/architecture.md, "Sealed state tiles") are read for the items
+        # of the targets only; the lookups see what the buffer of a state that never sealed holds.
+        horizon0 = e0 - settings.lateness_hours * MS_HOUR
+        sealed_anchors = register_sealed_anchors(con, state, horizon0 - lookback, keys="tgt")
+        anchors0 = f"({anchor_lookup_sql('s_anchors', horizon0)})" if sealed_anchors else "s_anchors"
+        con.execute(
+            f"CREATE TEMP VIEW anc_lookup AS SELECT user_id, item_id, event_type, ts_ms FROM {anchors0} UNION ALL "
+            f"SELECT user_id, item_id, event_type, t FROM due WHERE event_type IN ('{VIEW}', '{CART}')"
+        )
         targets = fetch(
             con,
             f"SELECT * FROM tgt WHERE ts_ms >= {horizon} ORDER BY user_id, item_id, event_type, ts_ms",
             STATE_SCHEMAS[TARGETS],
         )
-        lookback = int(LATENCY_LOOKBACK.total_seconds() * 1000)
         # Keep every anchor a future target may see: the recent ones and the latest older one per item.
         # The buffer holds each anchor once, so its recent rows pass through in their order (sorting
         # millions of them again cost more than the rest of the buffer work); the new recent anchors
         # not in it yet and the latest older ones per item are sorted and appended. The parts are
-        # disjoint: in ts_ms (recent or older) and, among the recent ones, by the anti join.
+        # disjoint: in ts_ms (recent or older) and, among the recent ones, by the anti join. In a state with
+        # sealed anchors the older ones come from the in-memory rows only (those that crossed the horizon
+        # since the checkpoint): the tiles keep each key's earlier latest, and the lookups take the maximum.
         old_anchors = state.tables[ANCHORS]
         kept = old_anchors.filter(pc.greater_equal(old_anchors.column("ts_ms"), pa.scalar(horizon, pa.int64())))
         added = fetch(
@@ -189,6 +202,7 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         anchors = pa.concat_tables([kept.select(added.schema.names).cast(added.schema), added]).combine_chunks()
         con.register("kept_targets", targets)
         con.register("kept_anchors", anchors)
+        kept_lookup = f"({anchor_lookup_sql('kept_anchors', horizon)})" if sealed_anchors else "kept_anchors"
         # The kept sessions and orders are whole groups, separated from the folded ones by a
         # gap: grouping the new buffers again would give these same groups.
         buffered = fetch(
@@ -197,7 +211,7 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
                 f"(SELECT * FROM sess WHERE grp_last + {session_gap} > {horizon})",
                 f"(SELECT * FROM ord WHERE grp_last + {order_gap} > {horizon})",
                 "kept_targets",
-                "kept_anchors",
+                kept_lookup,
             ),
             BUFFERED_SCHEMA,
         )
@@ -282,7 +296,7 @@ def _merge_users_sql(horizon: int, session_gap: int, order_gap: int) -> str:
             SELECT * FROM s_users
             UNION ALL BY NAME {session_totals(final_sessions)}
             UNION ALL BY NAME {order_totals(final_orders)}
-            UNION ALL BY NAME {latency_totals(f"({target_latencies('tgt_final', 'anc')})")}
+            UNION ALL BY NAME {latency_totals(f"({target_latencies('tgt_final', 'anc_lookup')})")}
             UNION ALL BY NAME SELECT user_id, sum({cents_sql("coalesce(price, 0) * quantity")}) AS refund_cents
                 FROM due WHERE event_type = '{REFUND}' GROUP BY user_id
         ) GROUP BY user_id ORDER BY user_id

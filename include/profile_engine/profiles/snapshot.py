@@ -74,6 +74,7 @@ from profile_engine.profiles.state import (
     CHURNED_AFTER,
     DORMANT_AFTER,
     HOURLY_RETENTION,
+    LATENCY_LOOKBACK,
     MIN_AFFINITY,
     MS_HOUR,
     NEW_USER_AGE,
@@ -81,12 +82,14 @@ from profile_engine.profiles.state import (
     ORDER_GAP,
     ProfileState,
     affinity_decay_sql,
+    anchor_lookup_sql,
     buffered_sql,
     connect,
     fetch,
     gap_groups,
     hour_ms,
     register_by_hour,
+    register_sealed_anchors,
 )
 from profile_engine.profiles.traits import trait_ctes
 
@@ -115,7 +118,12 @@ def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa
             order_gap = int(ORDER_GAP.total_seconds() * 1000)
             sessions = "(SELECT user_id, first_ms AS grp_first, last_ms AS grp_last, n FROM s_sessions)"
             orders = f"({gap_groups('SELECT * FROM s_orders', 'user_id, order_key', order_gap)})"
-            con.execute(f"CREATE TEMP TABLE s_buffered AS {buffered_sql(sessions, orders, 's_targets', 's_anchors')}")
+            horizon = e - settings.lateness_hours * MS_HOUR  # the oldest buffered target
+            lookback = int(LATENCY_LOOKBACK.total_seconds() * 1000)
+            anchors = "s_anchors"
+            if register_sealed_anchors(con, state, horizon - lookback, keys="s_targets"):
+                anchors = f"({anchor_lookup_sql('s_anchors', horizon)})"
+            con.execute(f"CREATE TEMP TABLE s_buffered AS {buffered_sql(sessions, orders, 's_targets', anchors)}")
         con.execute(f"CREATE TEMP TABLE affinities AS {_affinities_sql(e)}")
         con.execute(f"CREATE TEMP VIEW interests AS SELECT * FROM affinities WHERE affinity >= {MIN_AFFINITY}")
         interests = fetch(con, "SELECT * FROM interests ORDER BY user_id, category_id", INTERESTS_SCHEMA)

@@ -147,8 +147,13 @@ BUFFERED_SCHEMA = _schema(
 # event that old only adds rows). A checkpoint of the current layout keeps the recent hours; the
 # older rows are sealed into immutable tile files of the bucket, written once.
 BY_HOUR_TABLES: tuple[str, ...] = (HOURLY, ITEM_VIEWS, TRAIT_TILES)
+# Every sealed table and the column whose value below the horizon seals a row. The anchor buffer is sealed
+# too: an anchor older than the horizon is only ever looked up (``anchor_lookup_sql``), never changed.
+SEALED_TIME: dict[str, str] = {**dict.fromkeys(BY_HOUR_TABLES, "hour_ms"), ANCHORS: "ts_ms"}
+SEALED_TABLES: tuple[str, ...] = tuple(SEALED_TIME)
+TILE_ANCHORS = "t_anchors"  # the sealed anchors a merge or snapshot looks up (``register_sealed_anchors``)
 SEALED_MS = "sealed_ms"  # tile column: the end of the state whose checkpoint sealed the row
-SEALED_MARKER = "sealed_tiles"  # key of a checkpoint manifest whose by-hour tables hold the recent hours only
+SEALED_MARKER = "sealed_tiles"  # key of a checkpoint manifest whose sealed tables hold the recent rows only
 DAY_FILE = "day.parquet"  # a day's tile files compacted into one
 
 
@@ -164,6 +169,14 @@ def by_hour_oldest(name: str, e: int, traits: tuple[Trait, ...]) -> int | None:
 def by_hour_longest_ms(traits: tuple[Trait, ...]) -> int:
     """The longest window of every by-hour table: tiles older than this before a state's end are never read."""
     return max(-(by_hour_oldest(n, 0, traits) or 0) for n in BY_HOUR_TABLES)
+
+
+def sealed_longest_ms(name: str, traits: tuple[Trait, ...], lateness_hours: int) -> int:
+    """How long before a state's end the sealed rows of table ``name`` are still read: the by-hour tables'
+    longest window; anchors, the latency lookback before the oldest target a state buffers (its horizon)."""
+    if name == ANCHORS:
+        return int(LATENCY_LOOKBACK.total_seconds() * 1000) + lateness_hours * MS_HOUR
+    return by_hour_longest_ms(traits)
 
 
 def day_start_ms(day_dir: Path) -> int:
@@ -243,13 +256,27 @@ class SealedTiles:
     users: pa.Array | None = field(default=None, compare=False)
 
 
+def _tile_rows_sql(name: str, sealed: SealedTiles, files: list[Path], where: list[str]) -> str:
+    """SQL of the rows of table ``name`` in the tile ``files`` the state of ``sealed`` holds (``where``: more filters)."""
+    conditions = [f"{SEALED_MS} <= {sealed.upto_ms}", *where]
+    if sealed.users is not None:
+        conditions.append(f"{USER_ID} IN (SELECT {USER_ID} FROM sealed_users)")
+    listed = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
+    columns = ", ".join(STATE_SCHEMAS[name].names)
+    return f"SELECT {columns} FROM read_parquet([{listed}]) WHERE {' AND '.join(conditions)}"
+
+
+def _register_sealed_users(con: duckdb.DuckDBPyConnection, sealed: SealedTiles | None) -> None:
+    if sealed is not None and sealed.users is not None:
+        con.register("sealed_users", pa.table({USER_ID: pa.array(sealed.users, pa.string())}))
+
+
 def register_by_hour(con: duckdb.DuckDBPyConnection, state: ProfileState, e: int, traits: tuple[Trait, ...]) -> None:
     """Register the by-hour tables of ``state`` as of its end ``e`` as views ``s_<name>``: the in-memory rows
     plus, for a state with sealed tiles, the tile rows it holds within each table's retention (what
     ``advance`` would have kept in memory: the union equals the table of a state that never sealed)."""
     sealed = state.sealed
-    if sealed is not None and sealed.users is not None:
-        con.register("sealed_users", pa.table({USER_ID: pa.array(sealed.users, pa.string())}))
+    _register_sealed_users(con, sealed)
     for name in BY_HOUR_TABLES:
         con.register(f"m_{name}", state.tables[name])
         oldest = by_hour_oldest(name, e, traits)
@@ -257,17 +284,32 @@ def register_by_hour(con: duckdb.DuckDBPyConnection, state: ProfileState, e: int
         if sealed is None or not files:
             con.execute(f"CREATE OR REPLACE TEMP VIEW s_{name} AS SELECT * FROM m_{name}")
             continue
-        where = [f"{SEALED_MS} <= {sealed.upto_ms}", f"hour_ms >= {oldest}"]
+        where = [f"hour_ms >= {oldest}"]
         if name == TRAIT_TILES:
             where.append("trait IN (" + ", ".join("'" + t.key.replace("'", "''") + "'" for t in traits) + ")")
-        if sealed.users is not None:
-            where.append(f"{USER_ID} IN (SELECT {USER_ID} FROM sealed_users)")
-        listed = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
         columns = ", ".join(STATE_SCHEMAS[name].names)
         con.execute(
             f"CREATE OR REPLACE TEMP VIEW s_{name} AS SELECT {columns} FROM m_{name} UNION ALL "
-            f"SELECT {columns} FROM read_parquet([{listed}]) WHERE {' AND '.join(where)}"
+            + _tile_rows_sql(name, sealed, files, where)
         )
+
+
+def register_sealed_anchors(
+    con: duckdb.DuckDBPyConnection, state: ProfileState, since_ms: int, keys: str | None = None
+) -> bool:
+    """Make ``t_anchors`` (``TILE_ANCHORS``) the anchors of ``state`` sealed into tile files with ``ts_ms >=
+    since_ms`` (older ones cannot give a latency), of the (user, item) pairs of the relation ``keys`` when given;
+    a temp table, since every lookup reads it. False, and nothing registered: the state has no sealed anchors."""
+    sealed = state.sealed
+    files = [] if sealed is None else tile_files(sealed.root / ANCHORS, sealed.upto_ms, since_ms)
+    if sealed is None or not files:
+        return False
+    _register_sealed_users(con, sealed)
+    where = [f"ts_ms >= {since_ms}"]
+    if keys is not None:
+        where.append(f"(user_id, item_id) IN (SELECT user_id, item_id FROM {keys})")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {TILE_ANCHORS} AS " + _tile_rows_sql(ANCHORS, sealed, files, where))
+    return True
 
 
 class MissingStateError(FileNotFoundError):
@@ -404,6 +446,24 @@ def target_latencies(targets: str, anchors: str) -> str:
                 SELECT 1 FROM {targets} t0 WHERE t0.user_id = a0.user_id AND t0.item_id = a0.item_id)
         ) a
           ON t.user_id = a.user_id AND t.item_id = a.item_id AND t.anchor_type = a.event_type AND t.ts_ms >= a.ts_ms
+    """
+
+
+def anchor_lookup_sql(memory: str, horizon: int) -> str:
+    """The anchors a state with end horizon ``horizon`` holds, from its in-memory anchors ``memory`` and its sealed
+    ones (``t_anchors``): the recent ones and, per (user, item, type), the latest older one within the lookback.
+
+    That is the anchor buffer of a state that never sealed (``advance`` keeps exactly these), so every
+    latency equals: the sealed tiles hold, with the memory rows, each key's latest anchor before the horizon.
+    """
+    lookback = int(LATENCY_LOOKBACK.total_seconds() * 1000)
+    return f"""
+        SELECT user_id, item_id, event_type, ts_ms FROM {memory} WHERE ts_ms >= {horizon}
+        UNION ALL
+        SELECT user_id, item_id, event_type, max(ts_ms) AS ts_ms FROM (
+            SELECT user_id, item_id, event_type, ts_ms FROM {memory} WHERE ts_ms < {horizon}
+            UNION ALL SELECT user_id, item_id, event_type, ts_ms FROM {TILE_ANCHORS}
+        ) GROUP BY user_id, item_id, event_type HAVING max(ts_ms) >= {horizon - lookback}
     """
 
 
