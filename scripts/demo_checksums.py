@@ -254,8 +254,8 @@ def table_key(relative: PurePosixPath) -> str:
     return "/".join(p for p in relative.parts if not p.startswith("bucket="))
 
 
-SEALED_MS = "sealed_ms"  # state tile column: the end of the build that sealed the row (profiles.state.SEALED_MS)
-TILE_DAY_FILE = "day.parquet"  # a tile day compacted into one file (profiles.state.DAY_FILE)
+SEALED_MS = "sealed_ms"  # state tile column: the end of the build that sealed the row (lake.tiles.SEALED_MS)
+TILE_DAY_FILE = "day.parquet"  # a tile day compacted into one file (lake.tiles.DAY_FILE)
 
 
 def _tile_files(layer: Path) -> list[Path]:

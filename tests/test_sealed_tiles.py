@@ -19,14 +19,15 @@ import pytest
 from profile_engine.config import Settings
 from profile_engine.contracts.events import STAGED_SCHEMA
 from profile_engine.contracts.profiles import CATEGORY_ID, MEAN_CART_TO_PURCHASE_HOURS, MEAN_VIEW_TO_CART_HOURS, USER_ID
-from profile_engine.hours import HOUR
+from profile_engine.hours import HOUR, MS_HOUR
 from profile_engine.lake.storage import INTERESTS, PROFILES, STAGING, STATE, STATE_TILES, Lake
+from profile_engine.lake.tiles import DAY_FILE
 from profile_engine.ops import erasure, retention
 from profile_engine.profiles.build import build_profiles, build_profiles_range, read_state
 from profile_engine.profiles.merge import with_local_hour
 from profile_engine.profiles.replay import rebuild_bucket
 from profile_engine.profiles.snapshot import snapshot
-from profile_engine.profiles.state import ANCHORS, BY_HOUR_TABLES, DAY_FILE, HOURLY, MS_HOUR, hour_ms
+from profile_engine.profiles.state import ANCHORS, BY_HOUR_TABLES, HOURLY, hour_ms
 from profile_engine.profiles.verify import compare_tables
 
 T0 = datetime(2026, 11, 3, 21, tzinfo=UTC)  # three hours before midnight: day 1 is compacted when day 2 starts

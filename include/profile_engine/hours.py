@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 HOUR = timedelta(hours=1)
+MS_HOUR = 3_600_000  # an hour in epoch milliseconds, the unit of the profile state's timestamps
 
 
 def floor_hour(moment: datetime) -> datetime:

@@ -9,9 +9,10 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-from profile_engine.hours import format_hour
+from profile_engine.hours import MS_HOUR, format_hour
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import MANIFEST, Lake, partition_hours
+from profile_engine.lake.tiles import newest_sealed_ms
 
 # The datasets reported, named once in storage; a file belongs to the longest that prefixes
 # its path, anything else to its top-level folder (e.g. ``outbox``).
@@ -42,11 +43,9 @@ def newest_committed_hour(lake: Lake, layer: str) -> datetime | None:
 
     Landing files carry no manifest: there, the newest arrival folder that holds a file. State tiles
     (``state_tiles/bucket=N/<table>/dt=/``) are not partitioned by hour: there, the newest hour whose
-    build sealed tiles (``state.newest_sealed_ms``).
+    build sealed tiles (``tiles.newest_sealed_ms``).
     """
     if layer == lk.STATE_TILES:
-        from profile_engine.profiles.state import MS_HOUR, newest_sealed_ms
-
         end = newest_sealed_ms(lake.path(layer))
         return None if end is None else datetime.fromtimestamp((end - MS_HOUR) / 1000, UTC)
     for hour, path in sorted(partition_hours(lake.path(layer)).items(), reverse=True):

@@ -31,7 +31,7 @@ from profile_engine.contracts.profiles import (
     snapshot_schema,
 )
 from profile_engine.contracts.traits import load_traits
-from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range, parse_hour
+from profile_engine.hours import HOUR, MS_HOUR, floor_hour, format_hour, hour_range, parse_hour
 from profile_engine.lake import faults
 from profile_engine.lake.storage import (
     DATA_FILE,
@@ -47,6 +47,7 @@ from profile_engine.lake.storage import (
     write_json,
     write_table_file,
 )
+from profile_engine.lake.tiles import DAY_FILE, SEALED_MS, day_start_ms, sealed_hour_ms
 from profile_engine.profiles.merge import advance
 from profile_engine.profiles.population import (
     add_population_features,
@@ -61,11 +62,8 @@ from profile_engine.profiles.state import (
     ADDED_STATE_COLUMNS,
     ADDED_STATE_TABLES,
     ANCHORS,
-    DAY_FILE,
-    MS_HOUR,
     PENDING,
     SEALED_MARKER,
-    SEALED_MS,
     SEALED_TABLES,
     SEALED_TIME,
     SESSION_GAP,
@@ -76,12 +74,10 @@ from profile_engine.profiles.state import (
     ProfileState,
     SealedTiles,
     connect,
-    day_start_ms,
     empty_state,
     fetch,
     hour_ms,
     interval_groups,
-    sealed_hour_ms,
     sealed_longest_ms,
 )
 

@@ -16,7 +16,7 @@ from profile_engine.config import Settings
 from profile_engine.contracts.events import CART, FAV, LOCAL_HOUR, PURCHASE, REFUND, REMOVE_CART, STAGED_SCHEMA, VIEW
 from profile_engine.contracts.profiles import CATEGORY_ID, HALF_LIVES, OPEN_WINDOWS, USER_ID
 from profile_engine.contracts.traits import Trait, load_traits
-from profile_engine.hours import format_hour
+from profile_engine.hours import MS_HOUR, format_hour
 from profile_engine.profiles.state import (
     ANCHORS,
     BUFFERED_SCHEMA,
@@ -27,7 +27,6 @@ from profile_engine.profiles.state import (
     ITEM_VIEWS,
     LATENCY_LOOKBACK,
     META,
-    MS_HOUR,
     OPEN_CART_TTL,
     ORDER_GAP,
     ORDERS,

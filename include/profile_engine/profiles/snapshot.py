@@ -66,7 +66,7 @@ from profile_engine.contracts.profiles import (
     snapshot_schema,
 )
 from profile_engine.contracts.traits import Trait, load_traits
-from profile_engine.hours import format_hour
+from profile_engine.hours import MS_HOUR, format_hour
 from profile_engine.profiles.state import (
     AFFINITY_DECIMALS,
     AFFINITY_WEIGHTS,
@@ -76,7 +76,6 @@ from profile_engine.profiles.state import (
     HOURLY_RETENTION,
     LATENCY_LOOKBACK,
     MIN_AFFINITY,
-    MS_HOUR,
     NEW_USER_AGE,
     OPEN_CART_TTL,
     ORDER_GAP,

@@ -4,7 +4,6 @@ connection and the SQL that groups sessions, orders and latencies. docs/features
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,8 +14,9 @@ import pyarrow as pa
 from profile_engine.contracts.events import CART, FAV, PURCHASE, REFUND, REMOVE_CART, STAGED_SCHEMA, VIEW
 from profile_engine.contracts.profiles import CATEGORY_ID, HALF_LIVES, REPEAT_WINDOWS, USER_ID
 from profile_engine.contracts.traits import Trait, longest_window_hours
-from profile_engine.hours import floor_hour
+from profile_engine.hours import MS_HOUR, floor_hour
 from profile_engine.lake import db
+from profile_engine.lake.tiles import DAY_FILE, SEALED_MS, day_start_ms, sealed_hour_ms
 
 if TYPE_CHECKING:
     import duckdb
@@ -36,7 +36,6 @@ NEW_USER_AGE = timedelta(days=7)
 DORMANT_AFTER = timedelta(days=7)
 CHURNED_AFTER = timedelta(days=30)
 
-MS_HOUR = 3_600_000
 
 # ---- state tables -------------------------------------------------------------------
 META, USER_EVENTS, USERS, HOURLY, HOURS_OF_DAY, SESSIONS, ORDERS, CARTS, ANCHORS, TARGETS, PENDING = (
@@ -152,9 +151,7 @@ BY_HOUR_TABLES: tuple[str, ...] = (HOURLY, ITEM_VIEWS, TRAIT_TILES)
 SEALED_TIME: dict[str, str] = {**dict.fromkeys(BY_HOUR_TABLES, "hour_ms"), ANCHORS: "ts_ms"}
 SEALED_TABLES: tuple[str, ...] = tuple(SEALED_TIME)
 TILE_ANCHORS = "t_anchors"  # the sealed anchors a merge or snapshot looks up (``register_sealed_anchors``)
-SEALED_MS = "sealed_ms"  # tile column: the end of the state whose checkpoint sealed the row
 SEALED_MARKER = "sealed_tiles"  # key of a checkpoint manifest whose sealed tables hold the recent rows only
-DAY_FILE = "day.parquet"  # a day's tile files compacted into one
 
 
 def by_hour_oldest(name: str, e: int, traits: tuple[Trait, ...]) -> int | None:
@@ -177,51 +174,6 @@ def sealed_longest_ms(name: str, traits: tuple[Trait, ...], lateness_hours: int)
     if name == ANCHORS:
         return int(LATENCY_LOOKBACK.total_seconds() * 1000) + lateness_hours * MS_HOUR
     return by_hour_longest_ms(traits)
-
-
-def day_start_ms(day_dir: Path) -> int:
-    """The first ms of a tile folder ``dt=YYYY-MM-DD``."""
-    return int(datetime.fromisoformat(day_dir.name.removeprefix("dt=")).replace(tzinfo=UTC).timestamp()) * 1000
-
-
-def sealed_hour_ms(tile: Path) -> int:
-    """The end of the hour whose build sealed an hourly tile file ``hour=HH.parquet`` (its rows' ``sealed_ms``)."""
-    return day_start_ms(tile.parent) + (int(tile.name.removeprefix("hour=").removesuffix(".parquet")) + 1) * MS_HOUR
-
-
-def newest_sealed_ms(root: Path) -> int | None:
-    """The end of the newest build that sealed tiles under ``root`` (``state_tiles/``), over every bucket and table;
-    None: no tile. Per table, its newest day: hourly tiles by name (``sealed_hour_ms``), a compacted day file by
-    the ``sealed_ms`` statistics of its footer (read only where a row group has none). A file removed meanwhile
-    (a compaction, retention) is skipped."""
-    newest: int | None = None
-    for table_dir in root.glob("bucket=*/*"):
-        for day in sorted(table_dir.glob("dt=*"), reverse=True):
-            found: list[int | None] = [sealed_hour_ms(f) for f in day.glob("hour=*.parquet")]
-            with contextlib.suppress(FileNotFoundError):
-                found.append(_largest(day / DAY_FILE, SEALED_MS))
-            ends = [e for e in found if e is not None]
-            if ends:
-                newest = max(ends) if newest is None else max(newest, *ends)
-                break
-    return newest
-
-
-def _largest(path: Path, column: str) -> int | None:
-    """The largest value of an integer ``column`` of a Parquet file, from its footer's statistics; None: no row."""
-    import pyarrow.parquet as pq
-
-    meta = pq.ParquetFile(path).metadata
-    index = meta.schema.names.index(column)
-    values = []
-    for group in range(meta.num_row_groups):
-        stats = meta.row_group(group).column(index).statistics
-        if meta.row_group(group).num_rows == 0:
-            continue
-        if stats is None or not stats.has_min_max:
-            return max(pq.read_table(path, columns=[column]).column(column).to_pylist(), default=None)
-        values.append(int(stats.max))
-    return max(values, default=None)
 
 
 def tile_files(table_dir: Path, upto_ms: int, since_ms: int | None) -> list[Path]:

@@ -19,7 +19,8 @@ from profile_engine.contracts.traits import (
     VALUE,
     Trait,
 )
-from profile_engine.profiles.state import MS_HOUR, cents_sql, decay
+from profile_engine.hours import MS_HOUR
+from profile_engine.profiles.state import cents_sql, decay
 
 # Decayed values are rounded so that the float noise of summing tiles in another order (hourly path,
 # rebuild) can neither change a value beyond the verification tolerance nor the top group of a window.
