@@ -120,3 +120,20 @@ def test_predict_checks_its_inputs() -> None:
         exported.predict({"numeric": np.zeros((2, 4), np.float32)})
     with pytest.raises(ValueError, match="format"):
         inference.InferenceNetwork({**spec, "format": "other/9"}, {})
+
+
+def test_an_export_written_before_the_layout_move_still_loads_and_scores_the_same() -> None:
+    # Arrange: versions trained before the package moved into subpackages wrote the format name
+    # "profile_engine.inference/1" (the module's old path); the layer specs are the same, without the later clip op
+    network = _numeric_model(lambda x: x)
+    spec, weights = inference.export_network(network, _fill_missing(), source_sha256="0" * 64)
+    rows = {"numeric": np.array([[0.5, -1.0, 2.0], [3.0, 0.0, -0.25]], np.float32)}
+    older = {**spec, "format": "profile_engine.inference/1"}
+
+    # Act
+    current = inference.InferenceNetwork.from_bytes(inference.spec_bytes(spec), weights).predict(rows)
+    before_move = inference.InferenceNetwork.from_bytes(inference.spec_bytes(older), weights).predict(rows)
+
+    # Assert
+    assert np.array_equal(current, before_move)
+    assert "profile_engine.inference/1" in inference.READ_FORMATS and inference.FORMAT in inference.READ_FORMATS

@@ -16,6 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 FORMAT = "profile_engine.model.inference/1"
+# Formats read: this one, and the name versions trained before the package moved into subpackages wrote (the
+# module's old path; the same layer specs, without the later ``clip`` op), so their numpy export keeps scoring.
+READ_FORMATS: tuple[str, ...] = (FORMAT, "profile_engine.inference/1")
 # Rows per forward step: bounds the temporaries (about 1.8 KB per row for the default network) whatever the
 # bucket size. Measured on 164k profiles (2 shared cores, one BLAS thread): 0.19 s at 65,536 rows, 0.15 s in
 # one step, 0.26 s at 16,384 and 0.42 s at 8,192 (per-step overhead of the BLAS and ufunc calls).
@@ -199,8 +202,8 @@ class InferenceNetwork:
     """A network's forward pass in numpy, from its exported spec and weights."""
 
     def __init__(self, spec: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-        if spec.get("format") != FORMAT:
-            raise ValueError(f"unknown inference format {spec.get('format')!r}; expected {FORMAT!r}")
+        if spec.get("format") not in READ_FORMATS:
+            raise ValueError(f"unknown inference format {spec.get('format')!r}; expected one of {READ_FORMATS}")
         self.spec = dict(spec)
         self.inputs: tuple[str, ...] = tuple(spec["inputs"])
         self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
