@@ -29,6 +29,10 @@ Figures:
    rules, first-hour heuristic scores, the hour before published first so hysteresis,
    cooldowns and the suppress change have a previous hour); each run also reports the
    export files' checksums, and the comparison says whether both packages wrote the same files.
+5. ``--hour-scaling OLD_INCLUDE``: one hour's ``build_profiles`` against the state's size (issue 19),
+   this checkout and ``OLD_INCLUDE`` alternately; ``--hour-statements``: on this checkout's scaling lake
+   (built by ``--hour-scaling``, only read), every DuckDB statement of ``advance`` and ``snapshot`` of the
+   ``--scaling-days`` hours timed (medians of ``--runs``), to see where an hour goes before changing it.
 
     .venv/bin/python benchmarks/profiles.py            # the sizes in BENCHMARKS.md
     .venv/bin/python benchmarks/profiles.py --quick    # a small smoke run, nothing appended
@@ -652,6 +656,108 @@ Rows of the largest checkpoint ({rows[-1]["days"]} days, old layout): {tables}.
 """
 
 
+def hour_statements(work: Path, days: tuple[int, ...], runs: int, top: int = 24) -> str:
+    """Where ``advance`` and ``snapshot`` of the measured hours spend their time: every DuckDB statement
+    they run, timed, on the checkpoints of this checkout's scaling lake (``--work``/hour_scaling/new,
+    built by ``--hour-scaling``; only read). Each hour runs ``runs`` + 1 times (the first a warm-up);
+    a markdown table of the ``top`` statements by median, their share of the two functions, and the rest."""
+    import duckdb
+
+    from profile_engine.hours import HOUR
+    from profile_engine.lake.storage import STAGING, Lake
+    from profile_engine.profiles import build, merge
+    from profile_engine.profiles import snapshot as snapshot_module
+
+    lake_dir = work / "hour_scaling" / "new"
+    if not (lake_dir / "state").is_dir():
+        raise SystemExit(f"{lake_dir}: no scaling lake; build it first with --hour-scaling")
+    spent: list[tuple[str, str, float]] = []
+    where = ["advance"]
+
+    class Timed:
+        """A DuckDB connection whose statements (``execute``, ``sql(...).to_arrow_table()``) are timed."""
+
+        def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+            self.con = con
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            began = time.monotonic()
+            try:
+                return self.con.execute(sql, *args)
+            finally:
+                spent.append((where[0], sql, time.monotonic() - began))
+
+        def sql(self, sql: str, *args: Any) -> Any:
+            relation = self.con.sql(sql, *args)
+
+            class Fetch:
+                def to_arrow_table(self) -> Any:
+                    began = time.monotonic()
+                    try:
+                        return relation.to_arrow_table()
+                    finally:
+                        spent.append((where[0], sql, time.monotonic() - began))
+
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(relation, name)
+
+            return Fetch()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.con, name)
+
+    for module in (merge, snapshot_module):
+        module.connect = (lambda original: lambda *a, **k: Timed(original(*a, **k)))(module.connect)
+    settings = _settings(lake_dir, 1)
+    _, measured = _scaling_hours()
+    out = []
+    for history, hour in zip(SCALING_POINTS, measured, strict=True):
+        if history not in days:
+            continue
+        lake = Lake(lake_dir)
+        state = build.read_state(lake, hour - HOUR, 0)
+        events = lake.read(STAGING, hour, 0)
+        per: dict[tuple[str, str], list[float]] = {}
+        totals: dict[str, list[float]] = {"advance": [], "snapshot": []}
+        for run in range(runs + 1):
+            spent.clear()
+            where[0] = "advance"
+            began = time.monotonic()
+            advanced = merge.advance(state, events, hour + HOUR, settings)
+            advance_s = time.monotonic() - began
+            where[0] = "snapshot"
+            began = time.monotonic()
+            snapshot_module.snapshot(advanced, hour + HOUR, settings)
+            snapshot_s = time.monotonic() - began
+            if run == 0:
+                continue
+            totals["advance"].append(advance_s)
+            totals["snapshot"].append(snapshot_s)
+            for function, sql, seconds in spent:
+                per.setdefault((function, " ".join(sql.split())), []).append(seconds)
+        median = {k: statistics.median(v) for k, v in per.items()}
+        whole = {k: statistics.median(v) for k, v in totals.items()}
+        lines = ["| function | median s | % of the function | statement |", "|---|---|---|---|"]
+        ranked = sorted(median.items(), key=lambda kv: -kv[1])
+        for (function, sql), seconds in ranked[:top]:
+            short = sql[:110].replace("|", "\\|")
+            lines.append(f"| {function} | {seconds:.3f} | {100 * seconds / whole[function]:.1f} | `{short}` |")
+        rest = sum(seconds for _, seconds in ranked[top:])
+        outside = {f: whole[f] - sum(s for (g, _), s in median.items() if g == f) for f in whole}
+        out.append(
+            f"""
+### {history} days of history: {events.num_rows:,} events in the hour, {state.tables["users"].num_rows:,} users in the state
+
+`advance` {whole["advance"]:.2f} s, `snapshot` {whole["snapshot"]:.2f} s (medians of {runs} runs after a warm-up);
+outside DuckDB statements (registering, Arrow concatenation and casts): advance {outside["advance"]:.2f} s,
+snapshot {outside["snapshot"]:.2f} s; the {max(0, len(ranked) - top)} statements not listed: {rest:.3f} s together.
+
+{chr(10).join(lines)}
+"""
+        )
+    return "".join(out)
+
+
 # ---- report ----------------------------------------------------------------------------------
 def _machine() -> str:
     cpu = "unknown CPU"
@@ -746,6 +852,9 @@ def main() -> None:
     parser.add_argument("--publish-stage", choices=("profiles", "segments"), default="profiles")
     parser.add_argument("--hour-scaling", type=Path, metavar="OLD_INCLUDE", help="one hour vs state size (issue 19)")
     parser.add_argument("--scaling-days", help=f"days of history measured (comma-separated, of {SCALING_POINTS})")
+    parser.add_argument(
+        "--hour-statements", action="store_true", help="time each DuckDB statement of advance and snapshot (issue 19)"
+    )
     parser.add_argument("--scaling-derive", action="store_true", help="derive this checkout's lake from the old one")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--hour-step", help=argparse.SUPPRESS)
@@ -756,6 +865,10 @@ def main() -> None:
         return
     if args.hour_step:
         print(json.dumps(hour_step(args.hour_step, args.work)))
+        return
+    if args.hour_statements:
+        days = tuple(int(d) for d in args.scaling_days.split(",")) if args.scaling_days else SCALING_POINTS
+        print(hour_statements(args.work, days, args.runs))
         return
     if args.hour_scaling:
         days = tuple(int(d) for d in args.scaling_days.split(",")) if args.scaling_days else SCALING_POINTS
