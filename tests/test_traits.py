@@ -454,3 +454,70 @@ def test_publishing_parts_built_with_other_traits_is_refused_naming_the_columns(
 
     with pytest.raises(ValueError, match=r"part 1\) lack column\(s\) \['trait_views_1h'"):
         population_snapshot([part, older], T0, load_traits(user_file))
+
+
+def test_window_values_from_tiles_where_a_user_lacks_some_traits(user_file: Path) -> None:
+    """``trait_ctes`` over hand-made tiles: a distinct count (its own grouping of latest hours per value)
+    counts a value once per window it has a tile in, skips nulls and tiles older than its longest window;
+    a user with tiles of one kind of trait only gets 0 (counts) and null (last values) for the others."""
+    from profile_engine.profiles.state import MS_HOUR, STATE_SCHEMAS, connect
+    from profile_engine.profiles.traits import trait_ctes
+
+    traits = load_traits(user_file)
+    distinct = next(t for t in traits if t.aggregation == "distinct_count" and t.group_by is None)
+    count = next(t for t in traits if t.aggregation == "count" and t.group_by is None)
+    last = next(t for t in traits if t.aggregation == "last" and t.of == "item_id")
+    (short, short_h), (long, long_h) = distinct.windows
+    e = 1_000 * MS_HOUR
+    rows = [  # user, trait, hours before e (the tile's hour starts then), val, n, last_ms, last_id, last_str
+        ("a", distinct, 1, "i1", 2, None, None, None),
+        ("a", distinct, long_h, "i1", 1, None, None, None),  # i1 again, older: one value in both windows
+        ("a", distinct, short_h + 1, "i2", 1, None, None, None),  # outside the short window only
+        ("a", distinct, long_h + 1, "i3", 1, None, None, None),  # older than every window
+        ("a", distinct, 2, None, 1, None, None, None),  # a null value counts nothing
+        ("b", count, 3, None, 4, None, None, None),  # no distinct tiles
+        ("b", last, 3, None, 1, e - 3 * MS_HOUR, "ev1", "x9"),
+        ("c", distinct, long_h + 1, "i4", 1, None, None, None),  # only tiles outside every window
+    ]
+    tiles = pa.table(
+        {
+            "user_id": [r[0] for r in rows],
+            "trait": [r[1].key for r in rows],
+            "hour_ms": [e - r[2] * MS_HOUR for r in rows],
+            "grp": [None] * len(rows),
+            "val": [r[3] for r in rows],
+            "n": [r[4] for r in rows],
+            "total": [None] * len(rows),
+            "decayed": [None] * len(rows),
+            "last_ms": [r[5] for r in rows],
+            "last_id": [r[6] for r in rows],
+            "last_num": [None] * len(rows),
+            "last_str": [r[7] for r in rows],
+        },
+        schema=STATE_SCHEMAS[TRAIT_TILES],
+    )
+    ctes, cols = trait_ctes(traits, e, "tiles")
+    con = connect()
+    try:
+        con.register("tiles", tiles)
+        with_ = ", ".join(f"{name} AS ({sql})" for name, sql in ctes.items())
+        joins = " ".join(f"LEFT JOIN {name} USING (user_id)" for name in ctes)
+        got = {
+            r["user_id"]: r
+            for r in con.sql(
+                f"WITH {with_} SELECT u.user_id, {', '.join(f'{x} AS {c}' for c, x in cols.items())} "
+                f"FROM (SELECT DISTINCT user_id FROM tiles) u {joins}"
+            )
+            .to_arrow_table()
+            .to_pylist()
+        }
+    finally:
+        con.close()
+
+    assert {u: (got[u][distinct.column(short)], got[u][distinct.column(long)]) for u in "abc"} == {
+        "a": (1, 2),
+        "b": (0, 0),
+        "c": (0, 0),
+    }
+    assert [got[u][count.column(count.windows[-1][0])] for u in "abc"] == [0, 4, 0]
+    assert [got[u][last.column(last.windows[0][0])] for u in "abc"] == [None, "x9", None]

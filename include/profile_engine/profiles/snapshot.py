@@ -220,15 +220,22 @@ def _profiles_sql(e: int, traits: tuple[Trait, ...]) -> str:
     then the columns of the declared ``traits`` from their tiles."""
     hours = f"/ {float(MS_HOUR)}"
     ttl = int(OPEN_CART_TTL.total_seconds() * 1000)
+    # Window counts: the hourly rows first summed per user, type and the shortest window holding them (windows
+    # all end at e, so a row is in window h when that one is at most h): the filtered sums then run over a
+    # few rows per user instead of every hour's (0.95-1.07 s against 1.45-1.57 s over 4.1M rows at 29 days).
+    spans = sorted({h for _, h in (*WINDOWS, *SHORT_WINDOWS)})
+    span = "CASE " + " ".join(f"WHEN hour_ms >= {e - h * MS_HOUR} THEN {h}" for h in spans) + " END"
     windows = [
-        f"coalesce(sum(n) FILTER (WHERE event_type = '{t}' AND hour_ms >= {e - h * MS_HOUR}), 0) AS c_{t}_{w}"
-        for t in EVENT_TYPES
-        for w, h in WINDOWS
-    ] + [
-        f"coalesce(sum(n) FILTER (WHERE event_type = '{t}' AND hour_ms >= {e - h * MS_HOUR}), 0) AS c_{t}_{w}"
-        for t in SHORT_WINDOW_TYPES
-        for w, h in SHORT_WINDOWS
+        f"coalesce(sum(n) FILTER (WHERE event_type = '{t}' AND span <= {h}), 0) AS c_{t}_{w}"
+        for t, w, h in (
+            *((t, w, h) for t in EVENT_TYPES for w, h in WINDOWS),
+            *((t, w, h) for t in SHORT_WINDOW_TYPES for w, h in SHORT_WINDOWS),
+        )
     ]
+    spans_sql = (
+        f"SELECT user_id, event_type, {span} AS span, sum(n) AS n FROM s_hourly "
+        f"WHERE hour_ms >= {e - spans[-1] * MS_HOUR} GROUP BY user_id, event_type, span"
+    )
     per_type = []
     for t in EVENT_TYPES:
         where = f"FILTER (WHERE event_type = '{t}')"
@@ -297,7 +304,7 @@ def _profiles_sql(e: int, traits: tuple[Trait, ...]) -> str:
     )
     return f"""
         WITH ue AS (SELECT user_id, {", ".join(per_type)} FROM s_user_events GROUP BY user_id),
-        win AS (SELECT user_id, {", ".join(windows)} FROM s_hourly GROUP BY user_id),
+        win AS (SELECT user_id, {", ".join(windows)} FROM ({spans_sql}) GROUP BY user_id),
         oc AS (SELECT user_id, count(*) AS open_items, sum(cart_cents) AS open_cents FROM s_carts
                WHERE cart_ms >= {e - ttl} AND (closed_ms IS NULL OR closed_ms < cart_ms) GROUP BY user_id),
         tc AS (SELECT user_id, {top} FROM (
