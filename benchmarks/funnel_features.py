@@ -65,12 +65,12 @@ from profile_engine.contracts.profiles import (  # noqa: E402
 )
 from profile_engine.contracts.traits import load_traits  # noqa: E402
 from profile_engine.hours import HOUR, format_hour, parse_hour  # noqa: E402
+from profile_engine.lake.db import cursor as connect  # noqa: E402
 from profile_engine.lake.storage import STAGING, Lake  # noqa: E402
 from profile_engine.model.metrics import auc  # noqa: E402
 from profile_engine.profiles.population import population_snapshot  # noqa: E402
 from profile_engine.profiles.replay import rebuild_bucket  # noqa: E402
 from profile_engine.profiles.snapshot import snapshot  # noqa: E402
-from profile_engine.profiles.state import connect  # noqa: E402
 from profile_engine.sources import mappings as sources  # noqa: E402
 
 HORIZON = timedelta(hours=24)

@@ -46,6 +46,7 @@ from profile_engine.contracts.profiles import (
 )
 from profile_engine.contracts.traits import load_traits
 from profile_engine.hours import HOUR, floor_hour, format_hour
+from profile_engine.lake.db import cursor as connect
 from profile_engine.lake.storage import MANIFEST, PROFILE_CHANGES, PROFILES, STAGING, STATE, Lake, read_json
 from profile_engine.ops import report
 from profile_engine.profiles.build import (
@@ -71,7 +72,6 @@ from profile_engine.profiles.state import (
     SESSIONS,
     MissingStateError,
     ProfileState,
-    connect,
     empty_state,
     gap_groups,
     hour_ms,

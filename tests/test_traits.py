@@ -461,7 +461,8 @@ def test_window_values_from_tiles_where_a_user_lacks_some_traits(user_file: Path
     counts a value once per window it has a tile in, skips nulls and tiles older than its longest window;
     a user with tiles of one kind of trait only gets 0 (counts) and null (last values) for the others."""
     from profile_engine.hours import MS_HOUR
-    from profile_engine.profiles.state import STATE_SCHEMAS, connect
+    from profile_engine.lake.db import cursor as connect
+    from profile_engine.profiles.state import STATE_SCHEMAS
     from profile_engine.profiles.traits import trait_ctes
 
     traits = load_traits(user_file)

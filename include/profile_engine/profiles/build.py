@@ -32,7 +32,7 @@ from profile_engine.contracts.profiles import (
 )
 from profile_engine.contracts.traits import load_traits
 from profile_engine.hours import HOUR, MS_HOUR, floor_hour, format_hour, hour_range, parse_hour
-from profile_engine.lake import faults
+from profile_engine.lake import db, faults
 from profile_engine.lake.storage import (
     DATA_FILE,
     INTERESTS,
@@ -73,7 +73,6 @@ from profile_engine.profiles.state import (
     MissingStateError,
     ProfileState,
     SealedTiles,
-    connect,
     empty_state,
     fetch,
     hour_ms,
@@ -107,7 +106,7 @@ def read_state(lake: Lake, hour: datetime, bucket: int) -> ProfileState:
                 )
     points = tables[SESSIONS]
     if "ts_ms" in points.column_names:
-        con = connect()
+        con = db.cursor()
         try:
             con.register("points", points)
             gap = int(SESSION_GAP.total_seconds() * 1000)
@@ -405,7 +404,7 @@ def read_staged(
     current = [f for f in files if LOCAL_HOUR in pq.read_schema(f).names]
     older = [f for f in files if f not in set(current)]
     ZoneInfo(business_tz)  # an unknown zone fails before it reaches SQL
-    con = connect()
+    con = db.cursor()
     try:
         where = ""
         if users is not None:

@@ -17,6 +17,7 @@ from profile_engine.contracts.events import CART, FAV, LOCAL_HOUR, PURCHASE, REF
 from profile_engine.contracts.profiles import CATEGORY_ID, HALF_LIVES, OPEN_WINDOWS, USER_ID
 from profile_engine.contracts.traits import Trait, load_traits
 from profile_engine.hours import MS_HOUR, format_hour
+from profile_engine.lake import db
 from profile_engine.profiles.state import (
     ANCHORS,
     BUFFERED_SCHEMA,
@@ -46,7 +47,6 @@ from profile_engine.profiles.state import (
     buffered_sql,
     by_hour_oldest,
     cents_sql,
-    connect,
     decay,
     empty_state,
     fetch,
@@ -107,7 +107,7 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
     horizon = e - settings.lateness_hours * MS_HOUR  # no future event is older than this
     session_gap = int(SESSION_GAP.total_seconds() * 1000)
     order_gap = int(ORDER_GAP.total_seconds() * 1000)
-    con = connect()
+    con = db.cursor()
     try:
         for name, table in state.tables.items():
             con.register(f"s_{name}", table)

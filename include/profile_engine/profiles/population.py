@@ -32,8 +32,8 @@ from profile_engine.contracts.profiles import (
 )
 from profile_engine.contracts.traits import TRAIT_PREFIX, Trait
 from profile_engine.hours import format_hour
+from profile_engine.lake import db
 from profile_engine.profiles.ranks import Buckets, RankCuts, RankSpec, quintile_positions, rank_cuts, score_sql
-from profile_engine.profiles.state import connect
 
 
 def rfm_specs() -> list[RankSpec]:
@@ -106,7 +106,7 @@ def add_population_features(profiles: pa.Table, cuts: Sequence[RankCuts] | None 
     else:
         r, f, m = (score_sql(c) for c in cuts)
         scored = f"WITH q AS (SELECT p.*, {r} AS r, {f} AS f, {m} AS m FROM p)"
-    con = connect()
+    con = db.cursor()
     try:
         con.register("p", base)
         table = con.sql(
@@ -144,7 +144,7 @@ def profile_changes(previous: pa.Table | None, current: pa.Table) -> pa.Table:
     is a change). With no previous snapshot every user is new. Sorted by ``user_id``.
     """
     prev = current.select([USER_ID, *CHANGE_TRACKED]).schema.empty_table() if previous is None else previous
-    con = connect()
+    con = db.cursor()
     try:
         con.register("p", prev.select([USER_ID, *CHANGE_TRACKED]))
         con.register("c", current.select([USER_ID, *CHANGE_TRACKED]))

@@ -67,6 +67,7 @@ from profile_engine.contracts.profiles import (
 )
 from profile_engine.contracts.traits import Trait, load_traits
 from profile_engine.hours import MS_HOUR, format_hour
+from profile_engine.lake import db
 from profile_engine.profiles.state import (
     AFFINITY_DECIMALS,
     AFFINITY_WEIGHTS,
@@ -83,7 +84,6 @@ from profile_engine.profiles.state import (
     affinity_decay_sql,
     anchor_lookup_sql,
     buffered_sql,
-    connect,
     fetch,
     gap_groups,
     hour_ms,
@@ -105,7 +105,7 @@ def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa
     if state.end is not None and state.end != end:
         raise ValueError(f"state ends at {format_hour(state.end)}, not {format_hour(end)}: advance it first")
     traits = load_traits(settings.traits)
-    con = connect()
+    con = db.cursor()
     try:
         for name, table in state.tables.items():
             if name not in BY_HOUR_TABLES:

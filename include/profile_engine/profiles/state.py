@@ -15,7 +15,6 @@ from profile_engine.contracts.events import CART, FAV, PURCHASE, REFUND, REMOVE_
 from profile_engine.contracts.profiles import CATEGORY_ID, HALF_LIVES, REPEAT_WINDOWS, USER_ID
 from profile_engine.contracts.traits import Trait, longest_window_hours
 from profile_engine.hours import MS_HOUR, floor_hour
-from profile_engine.lake import db
 from profile_engine.lake.tiles import DAY_FILE, SEALED_MS, day_start_ms, sealed_hour_ms
 
 if TYPE_CHECKING:
@@ -297,9 +296,6 @@ def empty_state() -> ProfileState:
 
 
 # ---- SQL helpers --------------------------------------------------------------------
-# An isolated DuckDB connection (own temp tables and registrations) on the process's database:
-# the hourly chains of the tests and the runner run many short queries (lake/db.py).
-connect = db.cursor
 
 
 def hour_ms(moment: datetime) -> int:
