@@ -23,11 +23,11 @@ from profile_engine.hours import HOUR, MS_HOUR
 from profile_engine.lake.storage import INTERESTS, PROFILES, STAGING, STATE, STATE_TILES, Lake
 from profile_engine.lake.tiles import DAY_FILE
 from profile_engine.ops import erasure, retention
-from profile_engine.profiles.build import build_profiles, build_profiles_range, read_state
+from profile_engine.profiles.build import build_profiles, build_profiles_range, read_state, upgrade_state
 from profile_engine.profiles.merge import with_local_hour
 from profile_engine.profiles.replay import rebuild_bucket
 from profile_engine.profiles.snapshot import snapshot
-from profile_engine.profiles.state import ANCHORS, BY_HOUR_TABLES, HOURLY, hour_ms
+from profile_engine.profiles.state import ANCHORS, BY_HOUR_TABLES, HOURLY, SEALED_MARKER, SESSIONS, hour_ms
 from profile_engine.profiles.verify import compare_tables
 
 T0 = datetime(2026, 11, 3, 21, tzinfo=UTC)  # three hours before midnight: day 1 is compacted when day 2 starts
@@ -310,3 +310,54 @@ def test_a_checkpoint_whose_anchors_are_all_in_it_builds_its_next_hours_exactly(
         build_profiles(settings, at(h), 0)
         assert_equals_rebuild(settings, at(h))
     assert anchor_tile_rows(lake).num_rows > 0
+
+
+def as_points(sessions: pa.Table) -> pa.Table:
+    """A session buffer in the layout before one row per session (``user_id``, ``ts_ms``: one row per event): each
+    session's ``n`` points spread evenly from its first to its last, so no two are further apart than its events
+    were and grouping them (``read_state``) gives the same session back."""
+    users, points = [], []
+    columns = (sessions.column(c).to_pylist() for c in ("user_id", "first_ms", "last_ms", "n"))
+    for user, first, last, n in zip(*columns, strict=True):
+        for k in range(n):
+            users.append(user)
+            points.append(first + (k * (last - first)) // (n - 1) if n > 1 else first)
+    return pa.table({"user_id": pa.array(users, pa.string()), "ts_ms": pa.array(points, pa.int64())})
+
+
+def write_older_sessions(lake: Lake, hour: datetime, tables: dict[str, pa.Table], sealed: bool) -> None:
+    """Commit ``tables`` as the checkpoint of ``hour`` with its session buffer in the older layout (one row per
+    event), marked as sealed (``SEALED_MARKER``) or not; reading it gives ``tables`` back."""
+    older = {**tables, SESSIONS: as_points(tables[SESSIONS])}
+    extra = {SEALED_MARKER: True} if sealed else None
+    lake.write_partition(STATE, hour, older, bucket=0, dictionary=["event_type"], extra=extra)
+    assert read_state(lake, hour, 0).tables == tables
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["every-hour-in-the-checkpoint", "sealed-tiles"])
+def test_an_upgraded_checkpoint_is_marked_sealed_exactly_when_its_content_is(shop: Settings, sealed: bool) -> None:
+    """``upgrade_state`` keeps what the checkpoint's marker says about its content: a checkpoint that holds every
+    hour (the layout of every older-layout state: the session buffer changed before tiles existed) stays unmarked,
+    so its next hour does not add the bucket's tiles to the rows it already holds; a sealed one stays marked, so
+    its next hour reads the sealed rows from the tiles. Either way the next hours equal a rebuild."""
+    lake = Lake(shop.lake)
+    for h in range(6):
+        build_profiles(shop, at(h), 0)
+    assert tile_rows(lake) > 0  # tiles the hours up to 5 sealed: a marked checkpoint of hour 5 reads them
+    if sealed:
+        tables = read_state(lake, at(5), 0).tables
+    else:
+        _, everything = rebuild_bucket(shop, at(5), 0)
+        tables = everything.tables
+        assert tables[HOURLY].num_rows > read_state(lake, at(5), 0).tables[HOURLY].num_rows
+    write_older_sessions(lake, at(5), tables, sealed)
+
+    assert upgrade_state(lake, at(5), 0)
+
+    upgraded = read_state(lake, at(5), 0)
+    assert "ts_ms" not in lake.read_named(STATE, at(5), SESSIONS, 0).column_names
+    assert bool(lake.manifest(STATE, at(5), 0).get(SEALED_MARKER)) is sealed
+    assert (upgraded.sealed is not None) is sealed and upgraded.tables == tables
+    for h in range(6, HOURS):
+        build_profiles(shop, at(h), 0)
+        assert_equals_rebuild(shop, at(h))

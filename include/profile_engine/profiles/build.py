@@ -237,12 +237,24 @@ def upgrade_state(lake: Lake, hour: datetime, bucket: int) -> bool:
     """Rewrite the committed state of ``hour`` and ``bucket`` in the current layout; whether it was older.
 
     Reading converts older layouts anyway (``read_state``); rewriting once saves that
-    conversion on every later read of the same checkpoint (benchmarks reuse one).
+    conversion on every later read of the same checkpoint (benchmarks reuse one). The
+    ``SEALED_MARKER`` stays what it was: it says where the checkpoint's older rows are (in
+    the bucket's tiles, or in the checkpoint itself), which converting the sessions does not
+    change. An older-layout checkpoint predates the tiles and holds every hour: it stays
+    unmarked (marked, its next hour would add the tiles to the rows it holds).
     """
     if "ts_ms" not in lake.read_named(STATE, hour, SESSIONS, bucket).column_names:
         return False
     state = read_state(lake, hour, bucket)
-    lake.write_partition(STATE, hour, state.tables, bucket=bucket, run_id="upgrade", dictionary=_STATE_DICTIONARY)
+    lake.write_partition(
+        STATE,
+        hour,
+        state.tables,
+        bucket=bucket,
+        run_id="upgrade",
+        dictionary=_STATE_DICTIONARY,
+        extra={SEALED_MARKER: True} if state.sealed is not None else None,
+    )
     return True
 
 
