@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -351,7 +352,9 @@ def assert_only_erased_entries_changed(before: dict[str, bytes], root: Path, ids
     recomputed over the remaining users); a changed CSV export holds the remaining
     pseudonyms of its Parquet twin; a changed manifest differs only in rows, checksums,
     sizes and ``erased_at`` (a profile snapshot's also in its population and change-log counts
-    and ``written_at``). Ledgers, reports, Data Docs, quality results and pointers never change.
+    and ``written_at``; the segments and exports manifests also in their segment counts; the
+    ``profiles/current`` pointer in its ``profiles`` only). Ledgers, reports, Data Docs and
+    quality results never change.
     Nothing is deleted, only the tombstones and the audit are added, every manifest's
     checksums and sizes hold, and no erased id is left in a user-id column.
     """
@@ -383,12 +386,17 @@ def assert_only_erased_entries_changed(before: dict[str, bytes], root: Path, ids
             old_keys = pacsv.read_csv(pa.BufferReader(before[path])).column("user_key").to_pylist()
             new_keys = pacsv.read_csv(pa.BufferReader(after[path])).column("user_key").to_pylist()
             assert new_keys == [k for k in old_keys if k not in keyed], where
+        elif path == "profiles/current":  # the pointer's count of the snapshot it names
+            assert manifest_changes(json.loads(before[path]), json.loads(after[path])) <= {"profiles"}, where
         elif path.endswith(MANIFEST):
             folder = path.removesuffix(MANIFEST)
-            assert any(p.startswith(folder) and p != path for p in changed), f"{where} but none of its files did"
             allowed = {"rows", "files", "erased_at"}
             if path.startswith("profiles/"):
                 allowed |= {"written_at", "profiles", "lifecycle", "rfm_segments", "profile_changes", "new_users"}
+            if path.startswith(("segments/", "exports/")):  # counts over the members left, this hour's or the last
+                allowed |= {"segments", "stability", "share_checks", "changes", "suppress"}
+                folder = "segments/"
+            assert any(p.startswith(folder) and p != path for p in changed), f"{where} but none of its files did"
             extra = manifest_changes(json.loads(before[path]), json.loads(after[path])) - allowed
             assert not extra, f"{where} in {sorted(extra)}"
         else:
@@ -551,3 +559,96 @@ def test_hour_manifests_count_the_rows_left_after_an_erasure(lake_copy: Settings
     assert {f"{layer}/dt=2026-11-03/hour=13/{MANIFEST}" for layer in ("segments", "contacts", "profiles")} <= changed
     marker = json.loads((root / f"profiles/dt=2026-11-03/hour=13/{MANIFEST}").read_text())
     assert marker["profile_changes"]["users"] == after[f"profile_changes/dt=2026-11-03/hour=13/{MANIFEST}"][1]
+
+
+def segment_rows(root: Path, layer: str, hour: datetime) -> list[dict[str, Any]]:
+    """The rows of a committed hour of ``layer`` (every bucket), as dicts."""
+    return Lake(root).read(layer, hour).to_pylist()
+
+
+def counts_in_the_lake(root: Path, hour: datetime) -> dict[str, Any]:
+    """The counts the segments and exports manifests and the ``current`` pointer of ``hour`` state, counted from the
+    rows the lake holds (an oracle apart from the code that writes them): per segment its members, members kept by
+    ``stay``, control members and (against the previous hour's members) entered, exited, stayed; the rows of each
+    export file, the suppression list and its changes; the snapshot's profiles."""
+    now = segment_rows(root, "segments", hour)
+    before = segment_rows(root, "segments", hour - timedelta(hours=1))
+    names = json.loads((Lake(root).partition("segments", hour) / MANIFEST).read_text())["segments"]
+    stability = {}
+    for name in names:
+        members = {r["user_id"] for r in now if name in r["segments"]}
+        previous = {r["user_id"] for r in before if name in r["segments"]}
+        stability[name] = {
+            "size": len(members),
+            "held_by_stay": sum(name in r["held_by_stay"] for r in now),
+            "control": sum(bool(r["control"]) and r["rule"] == name for r in now),
+            "previous_size": len(previous),
+            "entered": len(members - previous),
+            "exited": len(previous - members),
+            "stayed": len(members & previous),
+        }
+    exports = Lake(root).partition("exports", hour)
+    suppress = pq.read_table(exports / "suppress.parquet").column("change").to_pylist()
+    return {
+        "segments": {name: row["size"] for name, row in stability.items()},
+        "stability": stability,
+        "export_rows": {p.stem: pq.ParquetFile(p).metadata.num_rows for p in exports.glob("*.parquet")},
+        "suppress": {
+            "list_size": sum(r["action"] == "suppress" for r in now),
+            "entered": suppress.count("entered"),
+            "left": suppress.count("left"),
+        },
+        "profiles": Lake(root).read("profiles", hour, columns=["user_id"]).num_rows,
+    }
+
+
+def counts_stated(root: Path, hour: datetime) -> dict[str, Any]:
+    """The same counts as the manifests and the pointer state them."""
+    lake = Lake(root)
+    segments = json.loads((lake.partition("segments", hour) / MANIFEST).read_text())
+    exports = json.loads((lake.partition("exports", hour) / MANIFEST).read_text())
+    pointer = json.loads(lake.path("profiles", "current").read_text())
+    assert pointer["hour"] == format_hour(hour)
+    assert exports["segments"] == segments["segments"]
+    assert exports["changes"] == {
+        name: {k: row[k] for k in ("entered", "exited", "stayed")} for name, row in segments["stability"].items()
+    }
+    return {
+        "segments": segments["segments"],
+        "stability": {
+            name: {k: v for k, v in row.items() if k != "overlap"} for name, row in segments["stability"].items()
+        },
+        "export_rows": exports["rows"],
+        "suppress": {k: exports["suppress"][k] for k in ("list_size", "entered", "left")},
+        "profiles": pointer["profiles"],
+    }
+
+
+def test_segment_and_export_manifests_and_the_current_pointer_count_the_rows_left_after_an_erasure(
+    lake_copy: Settings,
+) -> None:
+    """Segment sizes, stability and share checks of the segments manifest, the exports manifest's counts and the
+    ``profiles/current`` pointer's profiles equal what the lake holds after an erasure, as they did before it."""
+    from profile_engine.segments.publish import publish_segments
+
+    root = lake_copy.lake
+    hour = H0 + timedelta(hours=1)
+    entered = [
+        r["user_id"]
+        for r in segment_rows(root, "segments", hour)
+        if "high_intent" in r["segments"] and "high_intent" not in r["held_by_stay"]
+    ]
+    user = sorted(entered)[0]  # matched a rule with a share check: every kind of count changes
+    manifest = Lake(root).partition("segments", hour) / MANIFEST
+    recomputed = publish_segments(lake_copy, hour, dry_run=True)["share_checks"]
+    assert counts_stated(root, hour) == counts_in_the_lake(root, hour)
+    assert json.loads(manifest.read_text())["share_checks"] == recomputed
+    before = counts_in_the_lake(root, hour)
+
+    erasure.erase_users(lake_copy, [user], requested_by="test", reason="counts")
+
+    after = counts_in_the_lake(root, hour)
+    assert after != before and after["profiles"] == before["profiles"] - 1
+    assert counts_stated(root, hour) == after
+    share_checks = json.loads(manifest.read_text())["share_checks"]
+    assert share_checks == publish_segments(lake_copy, hour, dry_run=True)["share_checks"] != recomputed

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from profile_engine.config import Settings
 from profile_engine.contracts.profiles import CHANGE_NEW, LIFECYCLE_STAGE, RFM_SEGMENT, USER_ID
 from profile_engine.contracts.segments import USER_KEY
+from profile_engine.hours import HOUR, format_hour
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import MANIFEST, Lake, read_json, replace_dir, write_json
 from profile_engine.privacy.keys import ExportKeyError, export_key, pseudonymize
@@ -76,6 +77,7 @@ class _Eraser:
     notes: list[str] = field(default_factory=list)
     profile_hours: set[Path] = field(default_factory=set)
     bucket_hours: set[Path] = field(default_factory=set)  # hours of a layer written per bucket with a bucket rewritten
+    segment_hours: set[datetime] = field(default_factory=set)  # hours whose segment or export counts may have changed
     label: str = ""  # dataset prefix of a root other than the lake (the outbox)
 
     def count(self, users: Iterable[str], dataset: str) -> None:
@@ -265,6 +267,11 @@ class _Eraser:
         replace_dir(tmp, directory, self.lake)
         self.partitions += 1
         self.files += len(new)
+        layer = directory.relative_to(self.lake.root).parts[0]
+        if layer in (lk.SEGMENTS, lk.EXPORTS) and isinstance(manifest.get("data_hour"), str):
+            hour = datetime.fromisoformat(manifest["data_hour"])
+            # the next hour's stability counts this hour's members (exited, stayed)
+            self.segment_hours |= {hour, hour + HOUR} if layer == lk.SEGMENTS else {hour}
         if directory.name.startswith("bucket="):
             self.bucket_hours.add(directory.parent)
             if directory.relative_to(self.lake.root).parts[:1] == (lk.PROFILES,):
@@ -308,6 +315,8 @@ class _Eraser:
             self.recount(hour_dir)
         for hour_dir in sorted(self.profile_hours):
             self.republish(hour_dir)
+        for hour in sorted(self.segment_hours):  # after republish: share checks read the snapshot
+            self.restate_segments(hour)
 
     def skipped(self, path: Path) -> bool:
         relative = path.relative_to(self.lake.root).as_posix()
@@ -325,6 +334,23 @@ class _Eraser:
         rows = lk.bucket_rows(hour_dir)
         if rows is not None and rows != manifest["rows"]:
             write_json(marker, {**manifest, "rows": rows, "erased_at": datetime.now(UTC).isoformat()})
+
+    def restate_segments(self, hour: datetime) -> None:
+        """Restate the counts of the hour-level ``segments/`` and ``exports/`` manifests of ``hour`` over the rows
+        left (``publish.restated_manifests``); an hour without a committed segments manifest is skipped."""
+        from profile_engine.segments.publish import restated_manifests
+
+        marker = self.lake.partition(lk.SEGMENTS, hour) / MANIFEST
+        if not marker.is_file() or "files" in read_json(marker):
+            return
+        segments, exports, notes = restated_manifests(self.lake, hour)
+        self.notes += notes
+        stamp = {"erased_at": datetime.now(UTC).isoformat()}
+        if segments != read_json(marker):
+            write_json(marker, {**segments, **stamp})
+        exported = self.lake.partition(lk.EXPORTS, hour) / MANIFEST
+        if exports is not None and exports != read_json(exported):
+            write_json(exported, {**exports, **stamp})
 
     def republish(self, hour_dir: Path) -> None:
         """Recompute a snapshot's population features (RFM) over the remaining users, as ``publish_profiles`` does."""
@@ -366,6 +392,9 @@ class _Eraser:
                     )
                 }
         write_json(marker, summary)
+        pointer = self.lake.path(lk.PROFILES, "current")
+        if pointer.is_file() and read_json(pointer).get("hour") == format_hour(hour):
+            write_json(pointer, {**read_json(pointer), "profiles": full.num_rows})
 
 
 _PARTITION_KEYS = frozenset(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -63,6 +64,7 @@ from profile_engine.segments.rules import (
     OPTED_OUT,
     POPULATION_COLUMNS,
     SUPPRESS,
+    SegmentRule,
     load_rules,
     rule_connection,
     rules_file,
@@ -111,6 +113,25 @@ def _score_reader(lake: lk.Lake, hour: datetime) -> tuple[Callable[[int], pa.Tab
         return (lambda bucket: read(bucket).select([USER_ID, *SCORE_COLUMNS]) if bucket in found else None), True
     whole = read(None).select([USER_ID, *SCORE_COLUMNS])
     return (lambda bucket: whole), True
+
+
+def _rules_for(lake: lk.Lake, hour: datetime, layout: _Layout, path: Path) -> list[SegmentRule]:
+    """The rules of ``path``, validated against the columns of ``hour``'s profiles and scores."""
+    first = lake.data_files(lk.PROFILES, hour, layout.buckets[0])[0]
+    return load_rules(path, columns=_evaluated_schema(pq.read_schema(first)))
+
+
+def _evaluated_reader(lake: lk.Lake, hour: datetime, layout: _Layout) -> tuple[Callable[[int], pa.Table], bool]:
+    """A function giving one bucket's profiles as rules see them (scores joined, population columns over every
+    bucket: ``population_stats``), and whether the hour has scores at all."""
+    scores_of, scores_available = _score_reader(lake, hour)
+    inputs = sorted({USER_ID, *(c for column in POPULATION_COLUMNS.values() for c in column.inputs)})
+    stats = population_stats(lambda: (lake.read(lk.PROFILES, hour, b, columns=inputs) for b in layout.buckets))
+
+    def evaluated_of(bucket: int) -> pa.Table:
+        return add_population_columns(_join_scores(lake.read(lk.PROFILES, hour, bucket), scores_of(bucket)), stats)
+
+    return evaluated_of, scores_available
 
 
 def _evaluated_schema(profiles: pa.Schema) -> pa.Schema:
@@ -525,17 +546,10 @@ def publish_segments(
     hour = floor_hour(hour)
     lake = lk.Lake(settings.lake)
     layout = _Layout(tuple(_profile_buckets(lake, hour)), settings.buckets)
-    scores_of, scores_available = _score_reader(lake, hour)
-
-    def evaluated_of(bucket: int) -> pa.Table:
-        return _join_scores(lake.read(lk.PROFILES, hour, bucket), scores_of(bucket))
-
     path = rules_file(rules_path)
-    first = lake.data_files(lk.PROFILES, hour, layout.buckets[0])[0]
-    rules = load_rules(path, columns=_evaluated_schema(pq.read_schema(first)))
+    rules = _rules_for(lake, hour, layout, path)
     key = None if dry_run else export_key(settings, connection_key=export_key_secret)
-    inputs = sorted({USER_ID, *(c for column in POPULATION_COLUMNS.values() for c in column.inputs)})
-    stats = population_stats(lambda: (lake.read(lk.PROFILES, hour, b, columns=inputs) for b in layout.buckets))
+    evaluated_of, scores_available = _evaluated_reader(lake, hour, layout)
 
     previous_hour = hour - HOUR
     has_previous = lake.committed(lk.SEGMENTS, previous_hour)
@@ -559,7 +573,7 @@ def publish_segments(
             for layer in (lk.SEGMENTS, lk.CONTACTS):
                 _uncommit(lake, layer, hour, layout.buckets)
         for bucket in layout.buckets:
-            evaluated = add_population_columns(evaluated_of(bucket), stats)
+            evaluated = evaluated_of(bucket)
             previous = _bucket_part(lake, lk.SEGMENTS, previous_hour, bucket, layout, previous_columns)
             recent = _read_recent_contacts(lake, hour, window, bucket, layout)
             assigned, bucket_sizes = assign_segments(evaluated, rules, previous, recent, optouts)
@@ -689,3 +703,73 @@ def publish_segments(
     summary["manifest_path"] = str(exports_dir / lk.MANIFEST)
     faults.maybe_fail(faults.EXPORTS_BEFORE_ASSET)
     return summary
+
+
+def restated_manifests(lake: lk.Lake, hour: datetime) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
+    """The hour-level manifests of ``segments/`` and ``exports/`` of ``hour`` with their counts restated over the
+    rows the lake holds now (after an erasure), and notes on what could not be restated.
+
+    From the rows left, as ``publish_segments`` counts them: the segment sizes and stability
+    (``stability_counts`` of each bucket's segments against the previous hour's, when the hour
+    had one: ``previous_size`` is not None), in the exports manifest the same sizes, the
+    changes per segment and the suppression list's size, entered and left (the ``change``
+    column of ``suppress.parquet``). The share checks are evaluated again with the hour's rules
+    over its snapshot and scores as they are now (``share_counts``), when the rules file still
+    has the hash the hour was published with; else they stay, with a note. The rest of both
+    manifests (run id, rules hash, model version, the exports' ``rows`` and files) is unchanged.
+    """
+    segments = lake.manifest(lk.SEGMENTS, hour)
+    names = list(segments.get("segments") or {})
+    old_stability: dict[str, dict[str, Any]] = segments.get("stability") or {}
+    has_previous = any(row.get("previous_size") is not None for row in old_stability.values())
+    layout = _Layout(tuple(segments["buckets"]), int(segments["bucket_count"]))
+    notes: list[str] = []
+    previous_hour = hour - HOUR
+    columns = [USER_ID, SEGMENTS_COL, HELD_BY_STAY, RULE, CONTROL_FLAG, ACTION]
+    total: dict[str, list[int]] = {}
+    suppressed = 0
+    for bucket in layout.buckets:
+        assigned = lake.read(lk.SEGMENTS, hour, bucket, columns=columns)
+        previous = _bucket_part(lake, lk.SEGMENTS, previous_hour, bucket, layout, [USER_ID, SEGMENTS_COL])
+        _add_stability(total, stability_counts(assigned, previous, names))
+        suppressed += assigned.filter(pc.equal(assigned.column(ACTION), SUPPRESS)).num_rows
+    stability = stability_report(total, has_previous, names)
+    new = dict(segments, segments={name: stability[name]["size"] for name in names})
+    if has_previous and not lake.committed(lk.SEGMENTS, previous_hour):
+        notes.append(
+            f"segments of {format_hour(hour)}: stability not restated, {format_hour(previous_hour)} is no longer committed"
+        )
+    elif "stability" in new:
+        new["stability"] = stability
+    path = rules_file()
+    if segments.get("share_checks") and hashlib.sha256(path.read_bytes()).hexdigest() != segments.get("rules_sha256"):
+        notes.append(f"segments of {format_hour(hour)}: share checks not restated, {path} changed since the hour")
+    elif segments.get("share_checks"):
+        rules = _rules_for(lake, hour, layout, path)
+        evaluated_of, _ = _evaluated_reader(lake, hour, layout)
+        shares: dict[str, tuple[int, int]] = {}
+        for bucket in layout.buckets:
+            for name, (matched, judged) in share_counts(evaluated_of(bucket), rules).items():
+                before = shares.get(name, (0, 0))
+                shares[name] = (before[0] + matched, before[1] + judged)
+        new["share_checks"] = share_report(shares, rules)
+    if not lake.committed(lk.EXPORTS, hour):
+        return new, None, notes
+    exports = lake.manifest(lk.EXPORTS, hour)
+    restated = dict(exports)
+    if "segments" in exports:
+        restated["segments"] = new["segments"]
+    if "changes" in exports and "stability" in new:
+        restated["changes"] = {
+            name: {k: row[k] for k in ("entered", "exited", "stayed")} for name, row in new["stability"].items()
+        }
+    suppress_file = lake.partition(lk.EXPORTS, hour) / f"{SUPPRESS}.parquet"
+    if isinstance(exports.get("suppress"), dict) and suppress_file.is_file():
+        changes = pq.read_table(suppress_file, columns=[CHANGE]).column(CHANGE).to_pylist()
+        restated["suppress"] = {
+            **exports["suppress"],
+            "list_size": suppressed,
+            "entered": changes.count(ENTERED),
+            "left": changes.count(LEFT),
+        }
+    return new, restated, notes
