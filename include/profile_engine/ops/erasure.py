@@ -337,16 +337,20 @@ class _Eraser:
 
     def restate_segments(self, hour: datetime) -> None:
         """Restate the counts of the hour-level ``segments/`` and ``exports/`` manifests of ``hour`` over the rows
-        left (``publish.restated_manifests``); an hour without a committed segments manifest is skipped."""
+        left (``publish.restated_manifests``); an hour without a committed segments manifest written per bucket
+        (none, or one written whole by older code) is skipped."""
         from profile_engine.segments.publish import restated_manifests
 
         marker = self.lake.partition(lk.SEGMENTS, hour) / MANIFEST
-        if not marker.is_file() or "files" in read_json(marker):
+        if not marker.is_file():
+            return
+        manifest = read_json(marker)
+        if not isinstance(manifest.get("buckets"), list) or not isinstance(manifest.get("bucket_count"), int):
             return
         segments, exports, notes = restated_manifests(self.lake, hour)
         self.notes += notes
         stamp = {"erased_at": datetime.now(UTC).isoformat()}
-        if segments != read_json(marker):
+        if segments != manifest:
             write_json(marker, {**segments, **stamp})
         exported = self.lake.partition(lk.EXPORTS, hour) / MANIFEST
         if exports is not None and exports != read_json(exported):

@@ -446,6 +446,12 @@ def _add_stability(total: dict[str, list[int]], counts: Mapping[str, Sequence[in
         total[name] = [a + b for a, b in zip(total.get(name, [0] * len(_STABILITY_COUNTS)), values, strict=True)]
 
 
+def _add_shares(total: dict[str, tuple[int, int]], counts: Mapping[str, tuple[int, int]]) -> None:
+    for name, (matched, judged) in counts.items():
+        before = total.get(name, (0, 0))
+        total[name] = (before[0] + matched, before[1] + judged)
+
+
 def segment_stability(
     assigned: pa.Table, previous: pa.Table | None, rule_names: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
@@ -580,9 +586,7 @@ def publish_segments(
             for name, n in bucket_sizes.items():
                 sizes[name] += n
             _add_stability(stability_total, stability_counts(assigned, previous, rule_names))
-            for name, (matched, judged) in share_counts(evaluated, rules).items():
-                before = shares.get(name, (0, 0))
-                shares[name] = (before[0] + matched, before[1] + judged)
+            _add_shares(shares, share_counts(evaluated, rules))
             for action in assigned.column(ACTION).to_pylist():
                 _add(action_counts, action, 1)
             tables = _export_tables(assigned, exported_actions, previous)
@@ -749,9 +753,7 @@ def restated_manifests(lake: lk.Lake, hour: datetime) -> tuple[dict[str, Any], d
         evaluated_of, _ = _evaluated_reader(lake, hour, layout)
         shares: dict[str, tuple[int, int]] = {}
         for bucket in layout.buckets:
-            for name, (matched, judged) in share_counts(evaluated_of(bucket), rules).items():
-                before = shares.get(name, (0, 0))
-                shares[name] = (before[0] + matched, before[1] + judged)
+            _add_shares(shares, share_counts(evaluated_of(bucket), rules))
         new["share_checks"] = share_report(shares, rules)
     if not lake.committed(lk.EXPORTS, hour):
         return new, None, notes
