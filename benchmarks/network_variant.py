@@ -175,9 +175,10 @@ def champion_style(y: np.ndarray, scores: dict[str, np.ndarray], margin: float) 
 
 def seeds_scores(
     settings: Any, version: str, train: pa.Table, rows: pa.Table, numeric: list[str], categorical: list[str], k: int
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The scores on ``rows`` of the stored network, LightGBM and ensemble, the K-seed network and ensemble,
-    the ensemble rebuilt from the first seed's refit, and both champion-style picks; and what was fitted."""
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """The scores on ``rows`` of the stored network, LightGBM and ensemble, the K-seed network and ensemble
+    and both champion-style picks; the scores of each seed alone and of the means of the first m seeds (the
+    seed spread); and what was fitted (the first seed's refit checked against the stored members)."""
     stored = {c.name: c for c in candidates.version_candidates(settings, version)}
     y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
     is_validation = networks.validation_split(train)
@@ -194,6 +195,14 @@ def seeds_scores(
     seconds = round(time.perf_counter() - started, 1)
     single = averaged_members(raw_val[:1], raw_eval[:1], val_y, trees_val, trees)
     averaged = averaged_members(raw_val, raw_eval, val_y, trees_val, trees)
+    # point estimates only (no bootstrap): each seed alone, and the mean of the first m seeds, m = 2 .. K
+    spread: dict[str, np.ndarray] = {}
+    for i, seed in enumerate([f["seed"] for f in fits]):
+        alone = averaged_members(raw_val[i : i + 1], raw_eval[i : i + 1], val_y, trees_val, trees)
+        spread[f"network seed {seed}"], spread[f"ensemble seed {seed}"] = alone["network"], alone["ensemble"]
+    for m in range(2, k + 1):
+        first = averaged_members(raw_val[:m], raw_eval[:m], val_y, trees_val, trees)
+        spread[f"network mean of {m}"], spread[f"ensemble mean of {m}"] = first["network"], first["ensemble"]
     scores["network seeds"], scores["ensemble seeds"] = averaged["network"], averaged["ensemble"]
     margin = GateConfig().margin
     picks = {}
@@ -215,7 +224,15 @@ def seeds_scores(
         },
         "calibration": averaged["calibration"],
     }
-    return scores, info
+    return scores, spread, info
+
+
+def point_metrics(y: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """AUC, lift@10 and ECE of each of ``scores`` (point estimates, 4 decimals)."""
+    return {
+        name: {k: round(v, 4) for k, v in metrics.metrics(y, p).items() if k in ("auc", "lift_at_10", "ece")}
+        for name, p in scores.items()
+    }
 
 
 def paired(
@@ -258,17 +275,18 @@ def main(argv: list[str] | None = None) -> int:
         categorical = [c for c in CATEGORICAL_FEATURES if c in train.column_names]
         y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
         if args.variant == "seeds":
-            scores, info = seeds_scores(settings, version, train, rows, numeric, categorical, args.seeds)
+            scores, spread, info = seeds_scores(settings, version, train, rows, numeric, categorical, args.seeds)
             out["versions"][version] = {
                 "rows": int(y.size),
                 "positives": int(y.sum()),
                 **info,
+                "point": point_metrics(y, spread),
                 "metrics": _with_intervals(y, scores, args.n_boot),
                 "paired": paired(y, scores, args.n_boot, args.variant),
             }
             print(version, json.dumps(out["versions"][version]), file=sys.stderr, flush=True)
             ys.append(y)
-            for name, p in scores.items():
+            for name, p in {**scores, **spread}.items():
                 pooled.setdefault(name, []).append(p)
             continue
         stored = {c.name: c.predict(rows) for c in candidates.version_candidates(settings, version)}
@@ -299,10 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, p in scores.items():
             pooled.setdefault(name, []).append(p)
     y_all, all_scores = np.concatenate(ys), {n: np.concatenate(p) for n, p in pooled.items()}
+    spread_names = [n for n in all_scores if " seed " in n or " mean of " in n]
+    all_spread = {n: all_scores.pop(n) for n in spread_names}
     out["pooled"] = {
         "metrics": _with_intervals(y_all, all_scores, args.n_boot),
         "paired": paired(y_all, all_scores, args.n_boot, args.variant),
     }
+    if all_spread:
+        out["pooled"]["point"] = point_metrics(y_all, all_spread)
     emit_json(out, args.out)
     return 0
 
