@@ -246,6 +246,23 @@ def paired(
     }
 
 
+def resample(npz: Path, boot_seeds: list[int], n_boot: int) -> dict[str, Any]:
+    """The pooled paired intervals of the ``seeds`` differences (AUC, lift@10, ECE) from a ``--scores-out`` file,
+    once per bootstrap seed: how much of an interval's end is resampling noise."""
+    saved = np.load(npz)
+    y = saved["label"]
+    pairs = [(a, b) for a, b in differences("seeds") if a in saved.files and b in saved.files]
+    scores = {name: saved[name] for name in dict.fromkeys(n for pair in pairs for n in pair)}
+    out: dict[str, Any] = {}
+    for boot_seed in boot_seeds:
+        drawn = metrics.bootstrap_intervals(y, scores, n_boot=n_boot, seed=boot_seed, differences=pairs)
+        out[str(boot_seed)] = {
+            f"{a} - {b}": {k: [round(v, 4) for v in drawn[f"{a} - {b}"][k]] for k in ("auc", "lift_at_10", "ece")}
+            for a, b in pairs
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lake", required=True, help="the working directory of a model_real.py run")
@@ -260,7 +277,17 @@ def main(argv: list[str] | None = None) -> int:
         "--skip-refit", action="store_true", help="compare with the stored network only (a refit reproduces it)"
     )
     parser.add_argument("--out", help="write the JSON result here as well")
+    parser.add_argument("--scores-out", help="write the pooled labels and scores here (.npz), to resample again")
+    parser.add_argument(
+        "--resample",
+        metavar="NPZ",
+        help="seeds: no fit; the pooled paired intervals of a --scores-out file again, once per --boot-seed",
+    )
+    parser.add_argument("--boot-seed", type=int, action="append", default=[], help="--resample: bootstrap seeds")
     args = parser.parse_args(argv)
+    if args.resample:
+        emit_json(resample(Path(args.resample), args.boot_seed or [7], args.n_boot), args.out)
+        return 0
     settings = trained_lake_settings(Path(args.lake), args.horizon_hours, args.business_tz)
     versions = args.version or [
         v["version"] for v in json.loads((Path(args.lake) / "result.json").read_text())["versions"]
@@ -275,11 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         categorical = [c for c in CATEGORICAL_FEATURES if c in train.column_names]
         y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
         if args.variant == "seeds":
-            scores, spread, info = seeds_scores(settings, version, train, rows, numeric, categorical, args.seeds)
+            scores, spread, seed_info = seeds_scores(settings, version, train, rows, numeric, categorical, args.seeds)
             out["versions"][version] = {
                 "rows": int(y.size),
                 "positives": int(y.sum()),
-                **info,
+                **seed_info,
                 "point": point_metrics(y, spread),
                 "metrics": _with_intervals(y, scores, args.n_boot),
                 "paired": paired(y, scores, args.n_boot, args.variant),
@@ -325,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if all_spread:
         out["pooled"]["point"] = point_metrics(y_all, all_spread)
+    if args.scores_out:
+        arrays: dict[str, Any] = {"label": y_all, **all_scores, **all_spread}
+        np.savez_compressed(args.scores_out, **arrays)
     emit_json(out, args.out)
     return 0
 
