@@ -251,7 +251,11 @@ def resample(npz: Path, boot_seeds: list[int], n_boot: int) -> dict[str, Any]:
     once per bootstrap seed: how much of an interval's end is resampling noise."""
     saved = np.load(npz)
     y = saved["label"]
-    pairs = [(a, b) for a, b in differences("seeds") if a in saved.files and b in saved.files]
+    # the K-seed members, and those of the first 5 seeds when K was larger (``mean of 5``)
+    extra = [
+        (f"{kind} mean of 5", b) for kind in ("network", "ensemble") for b in ("lightgbm (stored)", f"{kind} (stored)")
+    ]
+    pairs = [(a, b) for a, b in (*differences("seeds"), *extra) if a in saved.files and b in saved.files]
     scores = {name: saved[name] for name in dict.fromkeys(n for pair in pairs for n in pair)}
     out: dict[str, Any] = {}
     for boot_seed in boot_seeds:
