@@ -42,11 +42,12 @@ from model_real import (  # the same metrics (benchmarks/ is on the path)
 
 from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES, SNAPSHOT_HOUR
 from profile_engine.model import calibration as calibrate
-from profile_engine.model import candidates, labels, metrics, training
+from profile_engine.model import candidates, ensemble, labels, metrics, registry, training
 from profile_engine.model import inputs as network_inputs
 from profile_engine.model import network as networks
+from profile_engine.model.gate import GateConfig
 
-VARIANTS = ("no-class-weight", "time-decay")
+VARIANTS = ("no-class-weight", "time-decay", "seeds")
 
 
 def recency_weights(snapshot_hours: pa.ChunkedArray | pa.Array, half_life_hours: float) -> np.ndarray:
@@ -98,6 +99,19 @@ def fit_network_only(
 def differences(variant: str) -> tuple[tuple[str, str], ...]:
     """The paired differences reported: the variant against the unchanged network and against LightGBM."""
     name = f"network {variant}"
+    if variant == "seeds":
+        return (
+            (name, "network (stored)"),
+            (name, "lightgbm (stored)"),
+            ("ensemble seeds", "lightgbm (stored)"),
+            ("ensemble seeds", "ensemble (stored)"),
+            ("ensemble seeds", name),
+            ("champion-style seeds", "lightgbm (stored)"),
+            ("champion-style seeds", "champion-style (stored)"),
+            ("champion-style (stored)", "lightgbm (stored)"),
+            ("network (stored)", "lightgbm (stored)"),
+            ("ensemble (stored)", "lightgbm (stored)"),
+        )
     return (
         (name, "network (stored)"),
         (name, "network (refit)"),
@@ -106,6 +120,119 @@ def differences(variant: str) -> tuple[tuple[str, str], ...]:
         ("ensemble (stored)", "lightgbm (stored)"),
         ("ensemble (stored)", "network (stored)"),
     )
+
+
+def fit_seeds(
+    train: pa.Table,
+    rows: pa.Table,
+    numeric: list[str],
+    categorical: list[str],
+    seeds: list[int],
+) -> tuple[list[np.ndarray], list[np.ndarray], list[dict[str, Any]]]:
+    """The raw (uncalibrated) outputs on the validation slice of ``train`` and on ``rows`` of one class-weighted
+    network per seed (``fit_network_only``), and each fit's epochs and seconds."""
+    is_validation = networks.validation_split(train)
+    val_in = network_inputs.model_inputs(train.filter(pa.array(is_validation)), numeric, categorical)
+    eval_in = network_inputs.model_inputs(rows, numeric, categorical)
+    raw_val, raw_eval, info = [], [], []
+    for seed in seeds:
+        started = time.perf_counter()
+        network, fitted = fit_network_only(train, numeric, categorical, class_weighted=True, seed=seed)
+        raw_val.append(networks.predict_network(network, val_in))
+        raw_eval.append(networks.predict_network(network, eval_in))
+        info.append({"seed": seed, "epochs": fitted["epochs"], "seconds": round(time.perf_counter() - started, 1)})
+    return raw_val, raw_eval, info
+
+
+def averaged_members(
+    raw_val: list[np.ndarray], raw_eval: list[np.ndarray], val_y: np.ndarray, trees_val: np.ndarray, trees: np.ndarray
+) -> dict[str, Any]:
+    """The averaged network (mean raw output, one Platt fit on the validation slice) and the ensemble rebuilt
+    with it as ``training.fit_models`` builds one (blend with the calibrated trees, calibrated on the slice);
+    calibrated probabilities on the evaluation rows and both calibrations."""
+    network_cal = calibrate.fit_calibration(np.mean(raw_val, axis=0), val_y)
+    network_val = calibrate.apply_calibration(np.mean(raw_val, axis=0), network_cal)
+    network_eval = calibrate.apply_calibration(np.mean(raw_eval, axis=0), network_cal)
+    members_val = {"model": network_val, "lightgbm": trees_val}
+    members_eval = {"model": network_eval, "lightgbm": trees}
+    blend_val = ensemble.blend([members_val[k] for k in ensemble.MEMBERS], ensemble.WEIGHTS)
+    ensemble_cal = calibrate.fit_calibration(blend_val, val_y)
+    blend_eval = ensemble.blend([members_eval[k] for k in ensemble.MEMBERS], ensemble.WEIGHTS)
+    return {
+        "network": network_eval,
+        "ensemble": calibrate.apply_calibration(blend_eval, ensemble_cal),
+        "calibration": {"network": network_cal, "ensemble": ensemble_cal},
+    }
+
+
+def champion_style(y: np.ndarray, scores: dict[str, np.ndarray], margin: float) -> str:
+    """The gate's tie rule alone (no floor, ceiling or champion check): of ``scores`` (named by their
+    ``registry.MODEL_KINDS`` kind), the first in that order whose lift@10 is within ``margin`` of the best."""
+    lift = {kind: metrics.metrics(y, p)["lift_at_10"] for kind, p in scores.items()}
+    best = max(lift.values())
+    return next(kind for kind in registry.MODEL_KINDS if kind in lift and lift[kind] >= best - margin)
+
+
+def seeds_scores(
+    settings: Any, version: str, train: pa.Table, rows: pa.Table, numeric: list[str], categorical: list[str], k: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """The scores on ``rows`` of the stored network, LightGBM and ensemble, the K-seed network and ensemble
+    and both champion-style picks; the scores of each seed alone and of the means of the first m seeds (the
+    seed spread); and what was fitted (the first seed's refit checked against the stored members)."""
+    stored = {c.name: c for c in candidates.version_candidates(settings, version)}
+    y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
+    is_validation = networks.validation_split(train)
+    val_rows = train.filter(pa.array(is_validation))
+    val_y = np.asarray(val_rows.column(labels.LABEL), dtype=np.float64)
+    trees_val, trees = stored["lightgbm"].predict(val_rows), stored["lightgbm"].predict(rows)
+    scores = {
+        "network (stored)": stored["network"].predict(rows),
+        "lightgbm (stored)": trees,
+        "ensemble (stored)": stored["ensemble"].predict(rows),
+    }
+    started = time.perf_counter()
+    raw_val, raw_eval, fits = fit_seeds(train, rows, numeric, categorical, [settings.seed + i for i in range(k)])
+    seconds = round(time.perf_counter() - started, 1)
+    single = averaged_members(raw_val[:1], raw_eval[:1], val_y, trees_val, trees)
+    averaged = averaged_members(raw_val, raw_eval, val_y, trees_val, trees)
+    # point estimates only (no bootstrap): each seed alone, and the mean of the first m seeds, m = 2 .. K
+    spread: dict[str, np.ndarray] = {}
+    for i, seed in enumerate([f["seed"] for f in fits]):
+        alone = averaged_members(raw_val[i : i + 1], raw_eval[i : i + 1], val_y, trees_val, trees)
+        spread[f"network seed {seed}"], spread[f"ensemble seed {seed}"] = alone["network"], alone["ensemble"]
+    for m in range(2, k + 1):
+        first = averaged_members(raw_val[:m], raw_eval[:m], val_y, trees_val, trees)
+        spread[f"network mean of {m}"], spread[f"ensemble mean of {m}"] = first["network"], first["ensemble"]
+    scores["network seeds"], scores["ensemble seeds"] = averaged["network"], averaged["ensemble"]
+    margin = GateConfig().margin
+    picks = {}
+    for name, network_p, ensemble_p in (
+        ("champion-style (stored)", scores["network (stored)"], scores["ensemble (stored)"]),
+        ("champion-style seeds", averaged["network"], averaged["ensemble"]),
+    ):
+        kinds = {"ensemble": ensemble_p, "model": network_p, "lightgbm": trees}
+        picks[name] = champion_style(y, kinds, margin)
+        scores[name] = kinds[picks[name]]
+    info = {
+        "fits": fits,
+        "seconds_all_seeds": seconds,
+        "picks": picks,
+        # the first seed's refit reproduces the stored members (a check of the comparison)
+        "refit_max_abs_diff": {
+            "network": float(np.max(np.abs(single["network"] - scores["network (stored)"]))),
+            "ensemble": float(np.max(np.abs(single["ensemble"] - scores["ensemble (stored)"]))),
+        },
+        "calibration": averaged["calibration"],
+    }
+    return scores, spread, info
+
+
+def point_metrics(y: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """AUC, lift@10 and ECE of each of ``scores`` (point estimates, 4 decimals)."""
+    return {
+        name: {k: round(v, 4) for k, v in metrics.metrics(y, p).items() if k in ("auc", "lift_at_10", "ece")}
+        for name, p in scores.items()
+    }
 
 
 def paired(
@@ -119,6 +246,27 @@ def paired(
     }
 
 
+def resample(npz: Path, boot_seeds: list[int], n_boot: int) -> dict[str, Any]:
+    """The pooled paired intervals of the ``seeds`` differences (AUC, lift@10, ECE) from a ``--scores-out`` file,
+    once per bootstrap seed: how much of an interval's end is resampling noise."""
+    saved = np.load(npz)
+    y = saved["label"]
+    # the K-seed members, and those of the first 5 seeds when K was larger (``mean of 5``)
+    extra = [
+        (f"{kind} mean of 5", b) for kind in ("network", "ensemble") for b in ("lightgbm (stored)", f"{kind} (stored)")
+    ]
+    pairs = [(a, b) for a, b in (*differences("seeds"), *extra) if a in saved.files and b in saved.files]
+    scores = {name: saved[name] for name in dict.fromkeys(n for pair in pairs for n in pair)}
+    out: dict[str, Any] = {}
+    for boot_seed in boot_seeds:
+        drawn = metrics.bootstrap_intervals(y, scores, n_boot=n_boot, seed=boot_seed, differences=pairs)
+        out[str(boot_seed)] = {
+            f"{a} - {b}": {k: [round(v, 4) for v in drawn[f"{a} - {b}"][k]] for k in ("auc", "lift_at_10", "ece")}
+            for a, b in pairs
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lake", required=True, help="the working directory of a model_real.py run")
@@ -127,12 +275,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="append", default=[], help="a trained version (default: every one)")
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--variant", choices=VARIANTS, default="no-class-weight")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds: the number of networks averaged")
     parser.add_argument("--half-life-days", type=float, default=7.0, help="time-decay: the weight halves per this age")
     parser.add_argument(
         "--skip-refit", action="store_true", help="compare with the stored network only (a refit reproduces it)"
     )
     parser.add_argument("--out", help="write the JSON result here as well")
+    parser.add_argument("--scores-out", help="write the pooled labels and scores here (.npz), to resample again")
+    parser.add_argument(
+        "--resample",
+        metavar="NPZ",
+        help="seeds: no fit; the pooled paired intervals of a --scores-out file again, once per --boot-seed",
+    )
+    parser.add_argument("--boot-seed", type=int, action="append", default=[], help="--resample: bootstrap seeds")
     args = parser.parse_args(argv)
+    if args.resample:
+        emit_json(resample(Path(args.resample), args.boot_seed or [7], args.n_boot), args.out)
+        return 0
     settings = trained_lake_settings(Path(args.lake), args.horizon_hours, args.business_tz)
     versions = args.version or [
         v["version"] for v in json.loads((Path(args.lake) / "result.json").read_text())["versions"]
@@ -146,6 +305,21 @@ def main(argv: list[str] | None = None) -> int:
         numeric = [c for c in NUMERIC_FEATURES if c in train.column_names]
         categorical = [c for c in CATEGORICAL_FEATURES if c in train.column_names]
         y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
+        if args.variant == "seeds":
+            scores, spread, seed_info = seeds_scores(settings, version, train, rows, numeric, categorical, args.seeds)
+            out["versions"][version] = {
+                "rows": int(y.size),
+                "positives": int(y.sum()),
+                **seed_info,
+                "point": point_metrics(y, spread),
+                "metrics": _with_intervals(y, scores, args.n_boot),
+                "paired": paired(y, scores, args.n_boot, args.variant),
+            }
+            print(version, json.dumps(out["versions"][version]), file=sys.stderr, flush=True)
+            ys.append(y)
+            for name, p in {**scores, **spread}.items():
+                pooled.setdefault(name, []).append(p)
+            continue
         stored = {c.name: c.predict(rows) for c in candidates.version_candidates(settings, version)}
         scores = {"network (stored)": stored["network"], "lightgbm (stored)": stored["lightgbm"]}
         if "ensemble" in stored:
@@ -174,10 +348,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, p in scores.items():
             pooled.setdefault(name, []).append(p)
     y_all, all_scores = np.concatenate(ys), {n: np.concatenate(p) for n, p in pooled.items()}
+    spread_names = [n for n in all_scores if " seed " in n or " mean of " in n]
+    all_spread = {n: all_scores.pop(n) for n in spread_names}
     out["pooled"] = {
         "metrics": _with_intervals(y_all, all_scores, args.n_boot),
         "paired": paired(y_all, all_scores, args.n_boot, args.variant),
     }
+    if all_spread:
+        out["pooled"]["point"] = point_metrics(y_all, all_spread)
+    if args.scores_out:
+        arrays: dict[str, Any] = {"label": y_all, **all_scores, **all_spread}
+        np.savez_compressed(args.scores_out, **arrays)
     emit_json(out, args.out)
     return 0
 
