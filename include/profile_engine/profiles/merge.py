@@ -198,7 +198,9 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             """,
             STATE_SCHEMAS[ANCHORS],
         )
-        anchors = pa.concat_tables([kept.select(added.schema.names).cast(added.schema), added]).combine_chunks()
+        # Chunked as read and filtered: DuckDB, the filters of sealing and the Parquet writer take chunks, and
+        # copying the ~4M rows (two string columns) into one chunk cost 0.15-0.4 CPU s of a 1M-event hour's bucket.
+        anchors = pa.concat_tables([kept.select(added.schema.names).cast(added.schema), added])
         con.register("kept_targets", targets)
         con.register("kept_anchors", anchors)
         kept_lookup = f"({anchor_lookup_sql('kept_anchors', horizon)})" if sealed_anchors else "kept_anchors"
@@ -399,7 +401,7 @@ def _merge_by_hour(
         """,
         STATE_SCHEMAS[name],
     )
-    return pa.concat_tables([untouched.select(merged.schema.names).cast(merged.schema), merged]).combine_chunks()
+    return pa.concat_tables([untouched.select(merged.schema.names).cast(merged.schema), merged])  # no copy: as anchors
 
 
 def _merge_carts_sql(e: int, horizon: int) -> str:
