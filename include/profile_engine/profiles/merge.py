@@ -183,6 +183,9 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         # since the checkpoint): the tiles keep each key's earlier latest, and the lookups take the maximum.
         old_anchors = state.tables[ANCHORS]
         kept = old_anchors.filter(pc.greater_equal(old_anchors.column("ts_ms"), pa.scalar(horizon, pa.int64())))
+        # Only buffered anchors at or after the first due event can equal a new one (ts_ms is in the key): the
+        # anti join hashes those instead of the whole buffer (0.29 -> 0.15 CPU s over 4.2M buffered anchors).
+        first_due = con.sql("SELECT coalesce(min(t), 0) FROM due").fetchall()[0][0]
         added = fetch(
             con,
             f"""
@@ -190,7 +193,8 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
                 SELECT * FROM (
                     SELECT DISTINCT user_id, item_id, event_type, t AS ts_ms FROM due
                     WHERE event_type IN ('{VIEW}', '{CART}') AND t >= {horizon}
-                ) d ANTI JOIN s_anchors s USING (user_id, item_id, event_type, ts_ms)
+                ) d ANTI JOIN (SELECT * FROM s_anchors WHERE ts_ms >= {first_due}) s
+                USING (user_id, item_id, event_type, ts_ms)
                 UNION ALL
                 SELECT user_id, item_id, event_type, max(ts_ms) FROM anc WHERE ts_ms < {horizon}
                 GROUP BY user_id, item_id, event_type HAVING max(ts_ms) >= {horizon - lookback}
