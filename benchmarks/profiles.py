@@ -32,7 +32,10 @@ Figures:
 5. ``--hour-scaling OLD_INCLUDE``: one hour's ``build_profiles`` against the state's size (issue 19),
    this checkout and ``OLD_INCLUDE`` alternately; ``--hour-statements``: on this checkout's scaling lake
    (built by ``--hour-scaling``, only read), every DuckDB statement of ``advance`` and ``snapshot`` of the
-   ``--scaling-days`` hours timed (medians of ``--runs``), to see where an hour goes before changing it.
+   ``--scaling-days`` hours timed (medians of ``--runs``, wall and process CPU seconds), to see where an hour
+   goes before changing it; with ``--statements-lake DIR --statements-hour H [--statements-bucket N]`` on
+   hour ``H`` of any built lake instead (settings from ``PROFILE_ENGINE_*``, e.g. a copy of a
+   ``benchmarks/pipeline.py`` base lake with the hour staged).
 
     .venv/bin/python benchmarks/profiles.py            # the sizes in BENCHMARKS.md
     .venv/bin/python benchmarks/profiles.py --quick    # a small smoke run, nothing appended
