@@ -32,7 +32,10 @@ Figures:
 5. ``--hour-scaling OLD_INCLUDE``: one hour's ``build_profiles`` against the state's size (issue 19),
    this checkout and ``OLD_INCLUDE`` alternately; ``--hour-statements``: on this checkout's scaling lake
    (built by ``--hour-scaling``, only read), every DuckDB statement of ``advance`` and ``snapshot`` of the
-   ``--scaling-days`` hours timed (medians of ``--runs``), to see where an hour goes before changing it.
+   ``--scaling-days`` hours timed (medians of ``--runs``, wall and process CPU seconds), to see where an hour
+   goes before changing it; with ``--statements-lake DIR --statements-hour H [--statements-bucket N]`` on
+   hour ``H`` of any built lake instead (settings from ``PROFILE_ENGINE_*``, e.g. a copy of a
+   ``benchmarks/pipeline.py`` base lake with the hour staged).
 
     .venv/bin/python benchmarks/profiles.py            # the sizes in BENCHMARKS.md
     .venv/bin/python benchmarks/profiles.py --quick    # a small smoke run, nothing appended
@@ -656,22 +659,40 @@ Rows of the largest checkpoint ({rows[-1]["days"]} days, old layout): {tables}.
 """
 
 
-def hour_statements(work: Path, days: tuple[int, ...], runs: int, top: int = 24) -> str:
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process, every thread (DuckDB's included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def hour_statements(
+    work: Path,
+    days: tuple[int, ...],
+    runs: int,
+    top: int = 24,
+    lake_dir: Path | None = None,
+    hour: datetime | None = None,
+    bucket: int = 0,
+) -> str:
     """Where ``advance`` and ``snapshot`` of the measured hours spend their time: every DuckDB statement
-    they run, timed, on the checkpoints of this checkout's scaling lake (``--work``/hour_scaling/new,
-    built by ``--hour-scaling``; only read). Each hour runs ``runs`` + 1 times (the first a warm-up);
-    a markdown table of the ``top`` statements by median, their share of the two functions, and the rest."""
+    they run, timed (wall and process CPU seconds), on the checkpoints of this checkout's scaling lake
+    (``--work``/hour_scaling/new, built by ``--hour-scaling``), or on hour ``hour`` of bucket ``bucket``
+    of any built lake ``lake_dir`` (its settings from ``PROFILE_ENGINE_*``). Lakes are only read. Each hour
+    runs ``runs`` + 1 times (the first a warm-up); a markdown table of the ``top`` statements by median,
+    their share of the two functions, and the rest."""
     import duckdb
 
     from profile_engine.hours import HOUR
+    from profile_engine.lake import db
     from profile_engine.lake.storage import STAGING, Lake
     from profile_engine.profiles import build, merge
     from profile_engine.profiles import snapshot as snapshot_module
 
-    lake_dir = work / "hour_scaling" / "new"
-    if not (lake_dir / "state").is_dir():
-        raise SystemExit(f"{lake_dir}: no scaling lake; build it first with --hour-scaling")
-    spent: list[tuple[str, str, float]] = []
+    if lake_dir is None:
+        lake_dir = work / "hour_scaling" / "new"
+        if not (lake_dir / "state").is_dir():
+            raise SystemExit(f"{lake_dir}: no scaling lake; build it first with --hour-scaling")
+    spent: list[tuple[str, str, float, float]] = []
     where = ["advance"]
 
     class Timed:
@@ -681,22 +702,22 @@ def hour_statements(work: Path, days: tuple[int, ...], runs: int, top: int = 24)
             self.con = con
 
         def execute(self, sql: str, *args: Any) -> Any:
-            began = time.monotonic()
+            began, cpu = time.monotonic(), _cpu_s()
             try:
                 return self.con.execute(sql, *args)
             finally:
-                spent.append((where[0], sql, time.monotonic() - began))
+                spent.append((where[0], sql, time.monotonic() - began, _cpu_s() - cpu))
 
         def sql(self, sql: str, *args: Any) -> Any:
             relation = self.con.sql(sql, *args)
 
             class Fetch:
                 def to_arrow_table(self) -> Any:
-                    began = time.monotonic()
+                    began, cpu = time.monotonic(), _cpu_s()
                     try:
                         return relation.to_arrow_table()
                     finally:
-                        spent.append((where[0], sql, time.monotonic() - began))
+                        spent.append((where[0], sql, time.monotonic() - began, _cpu_s() - cpu))
 
                 def __getattr__(self, name: str) -> Any:
                     return getattr(relation, name)
@@ -706,55 +727,71 @@ def hour_statements(work: Path, days: tuple[int, ...], runs: int, top: int = 24)
         def __getattr__(self, name: str) -> Any:
             return getattr(self.con, name)
 
-    for module in (merge, snapshot_module):
-        module.connect = (lambda original: lambda *a, **k: Timed(original(*a, **k)))(module.connect)
-    settings = _settings(lake_dir, 1)
-    _, measured = _scaling_hours()
+    cursor = db.cursor
+    db.cursor = lambda *a, **k: Timed(cursor(*a, **k))  # type: ignore[assignment,return-value]
+    if hour is None:
+        settings = _settings(lake_dir, 1)
+        _, measured = _scaling_hours()
+        points = [(f"{history} days of history", h) for history, h in zip(SCALING_POINTS, measured, strict=True)]
+        points = [(label, h) for (label, h), history in zip(points, SCALING_POINTS, strict=True) if history in days]
+    else:
+        from profile_engine.config import Settings
+
+        settings = replace(Settings.from_env(), lake=lake_dir)
+        points = [(f"{lake_dir.name}, hour {hour:%Y-%m-%dT%H}, bucket {bucket}", hour)]
     out = []
-    for history, hour in zip(SCALING_POINTS, measured, strict=True):
-        if history not in days:
-            continue
+    for label, at in points:
         lake = Lake(lake_dir)
-        state = build.read_state(lake, hour - HOUR, 0)
-        events = lake.read(STAGING, hour, 0)
-        per: dict[tuple[str, str], list[float]] = {}
-        totals: dict[str, list[float]] = {"advance": [], "snapshot": []}
+        state = build.read_state(lake, at - HOUR, bucket)
+        events = lake.read(STAGING, at, bucket)
+        per: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        totals: dict[str, list[tuple[float, float]]] = {"advance": [], "snapshot": []}
         for run in range(runs + 1):
             spent.clear()
             where[0] = "advance"
-            began = time.monotonic()
-            advanced = merge.advance(state, events, hour + HOUR, settings)
-            advance_s = time.monotonic() - began
+            began, cpu = time.monotonic(), _cpu_s()
+            advanced = merge.advance(state, events, at + HOUR, settings)
+            advance_s = (time.monotonic() - began, _cpu_s() - cpu)
             where[0] = "snapshot"
-            began = time.monotonic()
-            snapshot_module.snapshot(advanced, hour + HOUR, settings)
-            snapshot_s = time.monotonic() - began
+            began, cpu = time.monotonic(), _cpu_s()
+            snapshot_module.snapshot(advanced, at + HOUR, settings)
+            snapshot_s = (time.monotonic() - began, _cpu_s() - cpu)
             if run == 0:
                 continue
             totals["advance"].append(advance_s)
             totals["snapshot"].append(snapshot_s)
-            for function, sql, seconds in spent:
-                per.setdefault((function, " ".join(sql.split())), []).append(seconds)
-        median = {k: statistics.median(v) for k, v in per.items()}
-        whole = {k: statistics.median(v) for k, v in totals.items()}
-        lines = ["| function | median s | % of the function | statement |", "|---|---|---|---|"]
-        ranked = sorted(median.items(), key=lambda kv: -kv[1])
-        for (function, sql), seconds in ranked[:top]:
+            for function, sql, seconds, cpu_seconds in spent:
+                per.setdefault((function, " ".join(sql.split())), []).append((seconds, cpu_seconds))
+
+        def medians(values: list[tuple[float, float]]) -> tuple[float, float]:
+            return statistics.median(v[0] for v in values), statistics.median(v[1] for v in values)
+
+        median = {k: medians(v) for k, v in per.items()}
+        whole = {k: medians(v) for k, v in totals.items()}
+        lines = [
+            "| function | median s | median CPU s | % of the function (CPU) | statement |",
+            "|---|---|---|---|---|",
+        ]
+        ranked = sorted(median.items(), key=lambda kv: -kv[1][1])
+        for (function, sql), (seconds, cpu_seconds) in ranked[:top]:
             short = sql[:110].replace("|", "\\|")
-            lines.append(f"| {function} | {seconds:.3f} | {100 * seconds / whole[function]:.1f} | `{short}` |")
-        rest = sum(seconds for _, seconds in ranked[top:])
-        outside = {f: whole[f] - sum(s for (g, _), s in median.items() if g == f) for f in whole}
+            share = 100 * cpu_seconds / whole[function][1] if whole[function][1] else 0.0
+            lines.append(f"| {function} | {seconds:.3f} | {cpu_seconds:.3f} | {share:.1f} | `{short}` |")
+        rest = sum(cpu_seconds for _, (_, cpu_seconds) in ranked[top:])
+        outside = {f: whole[f][1] - sum(c for (g, _), (_, c) in median.items() if g == f) for f in whole}
         out.append(
             f"""
-### {history} days of history: {events.num_rows:,} events in the hour, {state.tables["users"].num_rows:,} users in the state
+### {label}: {events.num_rows:,} events in the hour, {state.tables["users"].num_rows:,} users in the state
 
-`advance` {whole["advance"]:.2f} s, `snapshot` {whole["snapshot"]:.2f} s (medians of {runs} runs after a warm-up);
-outside DuckDB statements (registering, Arrow concatenation and casts): advance {outside["advance"]:.2f} s,
-snapshot {outside["snapshot"]:.2f} s; the {max(0, len(ranked) - top)} statements not listed: {rest:.3f} s together.
+`advance` {whole["advance"][0]:.2f} s ({whole["advance"][1]:.2f} CPU s), `snapshot` {whole["snapshot"][0]:.2f} s
+({whole["snapshot"][1]:.2f} CPU s) (medians of {runs} runs after a warm-up); CPU outside DuckDB statements
+(registering, Arrow concatenation and casts): advance {outside["advance"]:.2f} s, snapshot {outside["snapshot"]:.2f} s;
+the {max(0, len(ranked) - top)} statements not listed: {rest:.3f} CPU s together.
 
 {chr(10).join(lines)}
 """
         )
+    db.cursor = cursor  # type: ignore[assignment]
     return "".join(out)
 
 
@@ -855,6 +892,9 @@ def main() -> None:
     parser.add_argument(
         "--hour-statements", action="store_true", help="time each DuckDB statement of advance and snapshot (issue 19)"
     )
+    parser.add_argument("--statements-lake", type=Path, help="--hour-statements on this built lake (only read)")
+    parser.add_argument("--statements-hour", help="--hour-statements: the hour measured in --statements-lake (ISO)")
+    parser.add_argument("--statements-bucket", type=int, default=0, help="--hour-statements: the bucket measured")
     parser.add_argument("--scaling-derive", action="store_true", help="derive this checkout's lake from the old one")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--hour-step", help=argparse.SUPPRESS)
@@ -868,7 +908,11 @@ def main() -> None:
         return
     if args.hour_statements:
         days = tuple(int(d) for d in args.scaling_days.split(",")) if args.scaling_days else SCALING_POINTS
-        print(hour_statements(args.work, days, args.runs))
+        at = datetime.fromisoformat(args.statements_hour) if args.statements_hour else None
+        lake_arg = args.statements_lake
+        if (lake_arg is None) != (at is None):
+            raise SystemExit("--statements-lake and --statements-hour go together")
+        print(hour_statements(args.work, days, args.runs, lake_dir=lake_arg, hour=at, bucket=args.statements_bucket))
         return
     if args.hour_scaling:
         days = tuple(int(d) for d in args.scaling_days.split(",")) if args.scaling_days else SCALING_POINTS

@@ -183,6 +183,9 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         # since the checkpoint): the tiles keep each key's earlier latest, and the lookups take the maximum.
         old_anchors = state.tables[ANCHORS]
         kept = old_anchors.filter(pc.greater_equal(old_anchors.column("ts_ms"), pa.scalar(horizon, pa.int64())))
+        # Only buffered anchors at or after the first due event can equal a new one (ts_ms is in the key): the
+        # anti join hashes those instead of the whole buffer (0.29 -> 0.15 CPU s over 4.2M buffered anchors).
+        first_due = con.sql("SELECT coalesce(min(t), 0) FROM due").fetchall()[0][0]
         added = fetch(
             con,
             f"""
@@ -190,7 +193,8 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
                 SELECT * FROM (
                     SELECT DISTINCT user_id, item_id, event_type, t AS ts_ms FROM due
                     WHERE event_type IN ('{VIEW}', '{CART}') AND t >= {horizon}
-                ) d ANTI JOIN s_anchors s USING (user_id, item_id, event_type, ts_ms)
+                ) d ANTI JOIN (SELECT * FROM s_anchors WHERE ts_ms >= {first_due}) s
+                USING (user_id, item_id, event_type, ts_ms)
                 UNION ALL
                 SELECT user_id, item_id, event_type, max(ts_ms) FROM anc WHERE ts_ms < {horizon}
                 GROUP BY user_id, item_id, event_type HAVING max(ts_ms) >= {horizon - lookback}
@@ -198,7 +202,9 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             """,
             STATE_SCHEMAS[ANCHORS],
         )
-        anchors = pa.concat_tables([kept.select(added.schema.names).cast(added.schema), added]).combine_chunks()
+        # Chunked as read and filtered: DuckDB, the filters of sealing and the Parquet writer take chunks, and
+        # copying the ~4M rows (two string columns) into one chunk cost 0.15-0.4 CPU s of a 1M-event hour's bucket.
+        anchors = pa.concat_tables([kept.select(added.schema.names).cast(added.schema), added])
         con.register("kept_targets", targets)
         con.register("kept_anchors", anchors)
         kept_lookup = f"({anchor_lookup_sql('kept_anchors', horizon)})" if sealed_anchors else "kept_anchors"
@@ -399,7 +405,7 @@ def _merge_by_hour(
         """,
         STATE_SCHEMAS[name],
     )
-    return pa.concat_tables([untouched.select(merged.schema.names).cast(merged.schema), merged]).combine_chunks()
+    return pa.concat_tables([untouched.select(merged.schema.names).cast(merged.schema), merged])  # no copy: as anchors
 
 
 def _merge_carts_sql(e: int, horizon: int) -> str:
