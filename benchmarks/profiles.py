@@ -665,6 +665,7 @@ def hour_statements(work: Path, days: tuple[int, ...], runs: int, top: int = 24)
     import duckdb
 
     from profile_engine.hours import HOUR
+    from profile_engine.lake import db
     from profile_engine.lake.storage import STAGING, Lake
     from profile_engine.profiles import build, merge
     from profile_engine.profiles import snapshot as snapshot_module
@@ -707,8 +708,9 @@ def hour_statements(work: Path, days: tuple[int, ...], runs: int, top: int = 24)
         def __getattr__(self, name: str) -> Any:
             return getattr(self.con, name)
 
-    for module in (merge, snapshot_module):
-        module.connect = (lambda original: lambda *a, **k: Timed(original(*a, **k)))(module.connect)
+    # advance, snapshot and the helpers they call open their connections with ``db.cursor()``
+    cursor = db.cursor
+    db.cursor = lambda *a, **k: Timed(cursor(*a, **k))  # type: ignore[assignment]
     settings = _settings(lake_dir, 1)
     _, measured = _scaling_hours()
     out = []
