@@ -420,13 +420,14 @@ def measure(name: str, work: Path, runs: int, flags: list[str]) -> dict[str, Any
 # ---- hour scaling (issue 19): one hour's build_profiles against growing state ------------------
 SCALING_USERS = 100_000
 SCALING_DAYS = 30
-SCALING_INTENSITY = 1.3  # about 20k events in a 12:00 UTC hour of 100k simulated users
-SCALING_POINTS = (1, 2, 4, 8, 16, 29)  # days of history before the measured hour
+SCALING_INTENSITY = 1.3  # about 20k events in a 12:00 UTC hour of 100k users (the measured 00:00 UTC ones: 2.3k-4.3k)
+SCALING_POINTS = (1, 2, 4, 8, 16, 29)  # days (and 12 hours) of history before the measured hour
 SCALING_PARTS = ("read_state", "advance", "snapshot", "write_state", "write_profiles", "other")
 
 
 def _scaling_hours() -> tuple[datetime, list[datetime]]:
-    """The history's first hour and the measured hours (12:00 UTC after each of ``SCALING_POINTS`` days)."""
+    """The history's first hour (12:00 UTC) and the measured hours: 00:00 UTC, after each of ``SCALING_POINTS``
+    days and 12 hours of history (01:00 or 02:00 in ``TZ``: a quiet hour)."""
     first = END - timedelta(days=SCALING_DAYS)
     return first, [first + timedelta(days=d, hours=12) for d in SCALING_POINTS]
 
@@ -645,9 +646,9 @@ def render_hour_scaling(info: dict[str, Any], rows: list[dict[str, Any]], runs: 
 
 - Machine: {_machine()}; {_versions()}
 - Command: `.venv/bin/python benchmarks/profiles.py --hour-scaling OLD_INCLUDE [--scaling-days ...]` (old = the previous commit's
-  `include/`); {info["users"]:,} simulated users, intensity {info["intensity"]}, one bucket, the 12:00 UTC hour
-  after each number of days; each lake built by its own package (new {info["new_build_s"]} s{built}, old
-  {info["old_build_s"]} s); medians of {runs} runs, new and old alternately, each in a fresh process.
+  `include/`); {info["users"]:,} simulated users, intensity {info["intensity"]}, one bucket, the 00:00 UTC hour
+  after each number of days (and 12 hours: the history starts at 12:00 UTC); each lake built by its own package
+  (new {info["new_build_s"]} s{built}, old {info["old_build_s"]} s); medians of {runs} runs, new and old alternately, each in a fresh process.
 - Parts: `read_state`, `advance`, `snapshot`, `write_state` (the checkpoint and, new, tile files),
   `write_profiles` (profiles and interests), `other` (staging read, bookkeeping).
 
@@ -727,6 +728,7 @@ def hour_statements(
         def __getattr__(self, name: str) -> Any:
             return getattr(self.con, name)
 
+    # advance, snapshot and the helpers they call open their connections with ``db.cursor()``
     cursor = db.cursor
     db.cursor = lambda *a, **k: Timed(cursor(*a, **k))  # type: ignore[assignment,return-value]
     if hour is None:
