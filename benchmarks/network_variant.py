@@ -14,6 +14,16 @@ Variants (``--variant``, default ``no-class-weight``):
   snapshot, ``0.5 ** (age / half-life)`` (age in hours before the newest fit snapshot, ``--half-life-days``,
   default 7), so recent behaviour weighs more.
 
+- architecture variants (``ARCHITECTURES``), each also rebuilt into an ensemble as ``training.fit_models``
+  builds one (the calibrated variant and the version's stored calibrated LightGBM blended 0.5/0.5, then
+  calibrated on the validation slice): ``wide`` (one layer of 64, dropout 0.1), ``deep`` (64 -> 32, dropout
+  0.1), ``fast`` (learning rate 1e-2, patience 6, up to 50 epochs), ``quantile`` (piecewise-linear encoding of
+  each numeric input on ``--bins`` quantile bins learned on the fit rows, in place of log1p and
+  standardisation; one layer of 32), ``quantile-std`` (those pieces standardised and clipped as the package's
+  inputs), ``quantile-deep`` (the pieces, 64 -> 32, dropout 0.1);
+- ``blend-weight``: the stored network unchanged, the ensemble's network weight chosen (grid 0, 0.1 .. 1) by
+  the AUC of the blend on the validation slice instead of fixed at 0.5.
+
 Platt scaling on the validation slice is unchanged. The version's stored ensemble is reported too.
 
 Usage (from the repository root, after ``model_real.py --lake LAKE`` trained the versions)::
@@ -25,6 +35,7 @@ Usage (from the repository root, after ``model_real.py --lake LAKE`` trained the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -47,7 +58,83 @@ from profile_engine.model import inputs as network_inputs
 from profile_engine.model import network as networks
 from profile_engine.model.gate import GateConfig
 
-VARIANTS = ("no-class-weight", "time-decay", "seeds")
+# Architecture variants: ModelConfig overrides, and the numeric inputs' encoding (None: the package's log1p and
+# standardisation; "pieces": piecewise-linear on quantile bins; "pieces-std": those pieces standardised and clipped).
+ARCHITECTURES: dict[str, tuple[dict[str, Any], str | None]] = {
+    "wide": ({"hidden_units": (64,), "dropout": 0.1}, None),
+    "deep": ({"hidden_units": (64, 32), "dropout": 0.1}, None),
+    "fast": ({"learning_rate": 1e-2, "patience": 6, "max_epochs": 50}, None),
+    "quantile": ({}, "pieces"),
+    "quantile-std": ({}, "pieces-std"),
+    "quantile-deep": ({"hidden_units": (64, 32), "dropout": 0.1}, "pieces"),
+}
+VARIANTS = ("no-class-weight", "time-decay", "seeds", "blend-weight", *ARCHITECTURES)
+# blend-weight: the network weights tried
+BLEND_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def quantile_edges(fit_rows: pa.Table, numeric: list[str], bins: int) -> list[np.ndarray]:
+    """Per numeric column, the quantiles (0, 1/bins, .., 1) of its non-missing fit values, bins of width 0 merged."""
+    matrix = network_inputs.numeric_matrix(fit_rows, numeric).astype(np.float64)
+    edges = []
+    for j in range(matrix.shape[1]):
+        present = matrix[:, j][~np.isnan(matrix[:, j])]
+        quantiles = np.quantile(present, np.linspace(0, 1, bins + 1)) if present.size else np.zeros(1)
+        # bins narrower than 1e-6 (relative) merged: a subnormal float32 width is flushed to 0 (0 / 0 = NaN)
+        kept = [quantiles[0]]
+        for edge in quantiles[1:]:
+            if edge - kept[-1] > 1e-6 * max(1.0, abs(edge)):
+                kept.append(edge)
+        edges.append(np.asarray(kept, dtype=np.float32))
+    return edges
+
+
+def build_quantile_network(
+    fit_rows: pa.Table, numeric: list[str], categorical: list[str], config: Any, bins: int, *, standardise: bool
+) -> Any:
+    """``networks.build_network`` (not logistic) with each numeric input encoded piecewise-linearly on its
+    quantile bins (one input per bin: 0 below it, 1 above it, the position inside it; NaN -> 0 plus an
+    is-missing indicator per column) instead of log1p and standardisation; ``standardise``: the pieces then
+    standardised on the fit rows and clipped as the package's inputs."""
+    import keras
+
+    edges = quantile_edges(fit_rows, numeric, bins)
+    columns = [j for j, e in enumerate(edges) for _ in range(len(e) - 1)]
+    left = np.concatenate([e[:-1] for e in edges if len(e) > 1]).astype(np.float32)
+    width = np.concatenate([np.diff(e) for e in edges if len(e) > 1]).astype(np.float32)
+    ops = keras.ops
+
+    def encode(x: Any) -> Any:
+        missing = ops.isnan(x)
+        filled = ops.where(missing, ops.zeros_like(x), x)
+        taken = ops.take(filled, np.asarray(columns, dtype=np.int32), axis=1)
+        pieces = ops.clip((taken - left) / width, 0.0, 1.0)
+        return ops.concatenate([pieces, ops.cast(missing, x.dtype)], axis=-1)
+
+    numeric_in = keras.Input(shape=(len(numeric),), dtype="float32", name=network_inputs.NUMERIC_INPUT)
+    encoded = keras.layers.Lambda(encode, output_shape=(len(columns) + len(numeric),))(numeric_in)
+    if standardise:  # on (up to 20,000 of) the fit rows
+        sample = np.asarray(
+            encode(network_inputs.numeric_matrix(fit_rows, numeric)[:: max(1, fit_rows.num_rows // 20_000)])
+        )
+        norm = keras.layers.Normalization(
+            mean=sample.mean(axis=0), variance=network_inputs.normalisation_variance(sample)
+        )
+        encoded = networks.custom_layers()["Clip"](network_inputs.NORMALISED_CLIP)(norm(encoded))
+    parts = [encoded]
+    inputs = [numeric_in]
+    for column in categorical:
+        cat_in = keras.Input(shape=(1,), dtype="string", name=network_inputs.CATEGORICAL_PREFIX + column)
+        vocab = network_inputs.vocabulary(network_inputs.categorical_values(fit_rows, column), config.max_vocabulary)
+        index = keras.layers.StringLookup(vocabulary=vocab)(cat_in)
+        parts.append(keras.layers.Flatten()(keras.layers.Embedding(len(vocab) + 1, config.embedding_dim)(index)))
+        inputs.append(cat_in)
+    x = keras.layers.Concatenate()(parts) if len(parts) > 1 else parts[0]
+    for units in config.hidden_units:
+        x = keras.layers.Dense(units, activation="relu")(x)
+        x = keras.layers.Dropout(config.dropout)(x)
+    output = keras.layers.Dense(1, activation="sigmoid", name="propensity")(x)
+    return keras.Model(inputs, output, name="propensity_quantile")
 
 
 def recency_weights(snapshot_hours: pa.ChunkedArray | pa.Array, half_life_hours: float) -> np.ndarray:
@@ -68,14 +155,17 @@ def fit_network_only(
     class_weighted: bool,
     seed: int = 7,
     half_life_hours: float | None = None,
+    architecture: str | None = None,
+    bins: int = 16,
 ) -> tuple[Any, dict[str, Any]]:
     """The aggregate network and its calibration as ``training.fit_models`` fits them (``class_weighted``: its
     balanced class weights; else the natural class balance; ``half_life_hours``: fit rows also weighted by
-    the recency of their snapshot)."""
+    the recency of their snapshot; ``architecture``: one of ``ARCHITECTURES`` instead of the package's network)."""
     import keras
     import tensorflow as tf
 
-    config = networks.ModelConfig()
+    overrides, encoding = ARCHITECTURES[architecture] if architecture else ({}, None)
+    config = dataclasses.replace(networks.ModelConfig(), **overrides)
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     is_validation = networks.validation_split(train)
@@ -84,7 +174,12 @@ def fit_network_only(
     fit_in, val_in = training.take_inputs(inputs, ~is_validation), training.take_inputs(inputs, is_validation)
     fit_y, val_y = y[~is_validation], y[is_validation]
     fit_rows = train.filter(pa.array(~is_validation))
-    network = networks.build_network(fit_rows, numeric, categorical, config, logistic=False)
+    if encoding is not None:
+        network = build_quantile_network(
+            fit_rows, numeric, categorical, config, bins, standardise=encoding == "pieces-std"
+        )
+    else:
+        network = networks.build_network(fit_rows, numeric, categorical, config, logistic=False)
     weights = networks.class_weights(fit_y) if class_weighted else None
     recency = None
     if half_life_hours is not None:
@@ -93,12 +188,23 @@ def fit_network_only(
         network, (fit_in, fit_y), (val_in, val_y), weights, config.learning_rate, config, sample_weight=recency
     )
     calibration = calibrate.fit_calibration(networks.predict_network(network, val_in), val_y)
-    return network, {"epochs": epochs, "calibration": calibration}
+    return network, {"epochs": epochs, "calibration": calibration, "raw_val": networks.predict_network(network, val_in)}
 
 
 def differences(variant: str) -> tuple[tuple[str, str], ...]:
     """The paired differences reported: the variant against the unchanged network and against LightGBM."""
     name = f"network {variant}"
+    if variant in ARCHITECTURES or variant == "blend-weight":
+        mine = f"ensemble {variant}"
+        pairs = [
+            (name, "lightgbm (stored)"),
+            (mine, "lightgbm (stored)"),
+            (name, "network (stored)"),
+            (mine, "ensemble (stored)"),
+            ("network (stored)", "lightgbm (stored)"),
+            ("ensemble (stored)", "lightgbm (stored)"),
+        ]
+        return tuple(pairs[1:2] + pairs[3:] if variant == "blend-weight" else pairs)
     if variant == "seeds":
         return (
             (name, "network (stored)"),
@@ -227,6 +333,52 @@ def seeds_scores(
     return scores, spread, info
 
 
+def chosen_blend(val_y: np.ndarray, network_val: np.ndarray, trees_val: np.ndarray) -> float:
+    """The network weight of ``BLEND_GRID`` whose blend has the best AUC on the validation slice (first on ties)."""
+    aucs = [metrics.metrics(val_y, ensemble.blend([network_val, trees_val], (w, 1 - w)))["auc"] for w in BLEND_GRID]
+    return BLEND_GRID[int(np.argmax(aucs))]
+
+
+def variant_scores(
+    settings: Any,
+    version: str,
+    train: pa.Table,
+    rows: pa.Table,
+    numeric: list[str],
+    categorical: list[str],
+    variant: str,
+    bins: int,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The scores on ``rows`` of the stored network, LightGBM and ensemble and of the ``variant``'s network
+    (an architecture; for ``blend-weight`` the stored one) and ensemble; what was fitted or chosen."""
+    stored = {c.name: c for c in candidates.version_candidates(settings, version)}
+    is_validation = networks.validation_split(train)
+    val_rows = train.filter(pa.array(is_validation))
+    val_y = np.asarray(val_rows.column(labels.LABEL), dtype=np.float64)
+    trees_val, trees = stored["lightgbm"].predict(val_rows), stored["lightgbm"].predict(rows)
+    scores = {
+        "network (stored)": stored["network"].predict(rows),
+        "lightgbm (stored)": trees,
+        "ensemble (stored)": stored["ensemble"].predict(rows),
+    }
+    started = time.perf_counter()
+    if variant == "blend-weight":
+        network_val = stored["network"].predict(val_rows)
+        weight = chosen_blend(val_y, network_val, trees_val)
+        calibration = calibrate.fit_calibration(ensemble.blend([network_val, trees_val], (weight, 1 - weight)), val_y)
+        blended = ensemble.blend([scores["network (stored)"], trees], (weight, 1 - weight))
+        scores["ensemble blend-weight"] = calibrate.apply_calibration(blended, calibration)
+        return scores, {"network_weight": weight, "seconds": round(time.perf_counter() - started, 1)}
+    network, fitted = fit_network_only(
+        train, numeric, categorical, class_weighted=True, seed=settings.seed, architecture=variant, bins=bins
+    )
+    raw_eval = networks.predict_network(network, network_inputs.model_inputs(rows, numeric, categorical))
+    rebuilt = averaged_members([fitted["raw_val"]], [raw_eval], val_y, trees_val, trees)
+    scores[f"network {variant}"], scores[f"ensemble {variant}"] = rebuilt["network"], rebuilt["ensemble"]
+    info = {"epochs": fitted["epochs"], "seconds": round(time.perf_counter() - started, 1)}
+    return scores, info
+
+
 def point_metrics(y: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """AUC, lift@10 and ECE of each of ``scores`` (point estimates, 4 decimals)."""
     return {
@@ -246,17 +398,28 @@ def paired(
     }
 
 
-def resample(npz: Path, boot_seeds: list[int], n_boot: int) -> dict[str, Any]:
+def resample(npz: Path, boot_seeds: list[int], n_boot: int, variant: str = "seeds") -> dict[str, Any]:
     """The pooled paired intervals of the ``seeds`` differences (AUC, lift@10, ECE) from a ``--scores-out`` file,
-    once per bootstrap seed: how much of an interval's end is resampling noise."""
+    once per bootstrap seed: how much of an interval's end is resampling noise (``variant``: the differences of
+    that variant instead)."""
     saved = np.load(npz)
     y = saved["label"]
+    if variant != "seeds":
+        pairs = [(a, b) for a, b in differences(variant) if a in saved.files and b in saved.files]
+        return resample_pairs(y, {n: saved[n] for n in saved.files if n != "label"}, pairs, boot_seeds, n_boot)
     # the K-seed members, and those of the first 5 seeds when K was larger (``mean of 5``)
     extra = [
         (f"{kind} mean of 5", b) for kind in ("network", "ensemble") for b in ("lightgbm (stored)", f"{kind} (stored)")
     ]
     pairs = [(a, b) for a, b in (*differences("seeds"), *extra) if a in saved.files and b in saved.files]
     scores = {name: saved[name] for name in dict.fromkeys(n for pair in pairs for n in pair)}
+    return resample_pairs(y, scores, pairs, boot_seeds, n_boot)
+
+
+def resample_pairs(
+    y: np.ndarray, scores: dict[str, np.ndarray], pairs: list[tuple[str, str]], boot_seeds: list[int], n_boot: int
+) -> dict[str, Any]:
+    """The paired intervals (AUC, lift@10, ECE) of ``pairs`` once per bootstrap seed."""
     out: dict[str, Any] = {}
     for boot_seed in boot_seeds:
         drawn = metrics.bootstrap_intervals(y, scores, n_boot=n_boot, seed=boot_seed, differences=pairs)
@@ -277,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=VARIANTS, default="no-class-weight")
     parser.add_argument("--seeds", type=int, default=5, help="seeds: the number of networks averaged")
     parser.add_argument("--half-life-days", type=float, default=7.0, help="time-decay: the weight halves per this age")
+    parser.add_argument("--bins", type=int, default=16, help="quantile variants: quantile bins per numeric input")
     parser.add_argument(
         "--skip-refit", action="store_true", help="compare with the stored network only (a refit reproduces it)"
     )
@@ -285,12 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resample",
         metavar="NPZ",
-        help="seeds: no fit; the pooled paired intervals of a --scores-out file again, once per --boot-seed",
+        help="no fit; the pooled paired intervals of a --scores-out file again, once per --boot-seed",
     )
     parser.add_argument("--boot-seed", type=int, action="append", default=[], help="--resample: bootstrap seeds")
     args = parser.parse_args(argv)
     if args.resample:
-        emit_json(resample(Path(args.resample), args.boot_seed or [7], args.n_boot), args.out)
+        emit_json(resample(Path(args.resample), args.boot_seed or [7], args.n_boot, args.variant), args.out)
         return 0
     settings = trained_lake_settings(Path(args.lake), args.horizon_hours, args.business_tz)
     versions = args.version or [
@@ -318,6 +482,24 @@ def main(argv: list[str] | None = None) -> int:
             print(version, json.dumps(out["versions"][version]), file=sys.stderr, flush=True)
             ys.append(y)
             for name, p in {**scores, **spread}.items():
+                pooled.setdefault(name, []).append(p)
+            continue
+        if args.variant in ARCHITECTURES or args.variant == "blend-weight":
+            started = time.perf_counter()
+            scores, fit_info = variant_scores(
+                settings, version, train, rows, numeric, categorical, args.variant, args.bins
+            )
+            out["versions"][version] = {
+                "rows": int(y.size),
+                "positives": int(y.sum()),
+                "fit": fit_info,
+                "seconds_version": round(time.perf_counter() - started, 1),
+                "metrics": _with_intervals(y, scores, args.n_boot),
+                "paired": paired(y, scores, args.n_boot, args.variant),
+            }
+            print(version, json.dumps(out["versions"][version]), file=sys.stderr, flush=True)
+            ys.append(y)
+            for name, p in scores.items():
                 pooled.setdefault(name, []).append(p)
             continue
         stored = {c.name: c.predict(rows) for c in candidates.version_candidates(settings, version)}
