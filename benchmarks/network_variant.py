@@ -348,6 +348,7 @@ def variant_scores(
     categorical: list[str],
     variant: str,
     bins: int,
+    seed: int,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The scores on ``rows`` of the stored network, LightGBM and ensemble and of the ``variant``'s network
     (an architecture; for ``blend-weight`` the stored one) and ensemble; what was fitted or chosen."""
@@ -370,7 +371,7 @@ def variant_scores(
         scores["ensemble blend-weight"] = calibrate.apply_calibration(blended, calibration)
         return scores, {"network_weight": weight, "seconds": round(time.perf_counter() - started, 1)}
     network, fitted = fit_network_only(
-        train, numeric, categorical, class_weighted=True, seed=settings.seed, architecture=variant, bins=bins
+        train, numeric, categorical, class_weighted=True, seed=seed, architecture=variant, bins=bins
     )
     raw_eval = networks.predict_network(network, network_inputs.model_inputs(rows, numeric, categorical))
     rebuilt = averaged_members([fitted["raw_val"]], [raw_eval], val_y, trees_val, trees)
@@ -440,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=VARIANTS, default="no-class-weight")
     parser.add_argument("--seeds", type=int, default=5, help="seeds: the number of networks averaged")
     parser.add_argument("--half-life-days", type=float, default=7.0, help="time-decay: the weight halves per this age")
+    parser.add_argument("--fit-seed", type=int, help="architecture variants: the fit's seed (default the lake's)")
     parser.add_argument("--bins", type=int, default=16, help="quantile variants: quantile bins per numeric input")
     parser.add_argument(
         "--skip-refit", action="store_true", help="compare with the stored network only (a refit reproduces it)"
@@ -487,7 +489,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.variant in ARCHITECTURES or args.variant == "blend-weight":
             started = time.perf_counter()
             scores, fit_info = variant_scores(
-                settings, version, train, rows, numeric, categorical, args.variant, args.bins
+                settings,
+                version,
+                train,
+                rows,
+                numeric,
+                categorical,
+                args.variant,
+                args.bins,
+                settings.seed if args.fit_seed is None else args.fit_seed,
             )
             out["versions"][version] = {
                 "rows": int(y.size),
