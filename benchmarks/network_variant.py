@@ -20,7 +20,8 @@ Variants (``--variant``, default ``no-class-weight``):
   0.1), ``fast`` (learning rate 1e-2, patience 6, up to 50 epochs), ``quantile`` (piecewise-linear encoding of
   each numeric input on ``--bins`` quantile bins learned on the fit rows, in place of log1p and
   standardisation; one layer of 32), ``quantile-std`` (those pieces standardised and clipped as the package's
-  inputs), ``quantile-deep`` (the pieces, 64 -> 32, dropout 0.1);
+  inputs), ``quantile-log`` (the pieces next to the package's log1p inputs), ``quantile-deep`` (the pieces,
+  64 -> 32, dropout 0.1);
 - ``blend-weight``: the stored network unchanged, the ensemble's network weight chosen (grid 0, 0.1 .. 1) by
   the AUC of the blend on the validation slice instead of fixed at 0.5.
 
@@ -59,13 +60,15 @@ from profile_engine.model import network as networks
 from profile_engine.model.gate import GateConfig
 
 # Architecture variants: ModelConfig overrides, and the numeric inputs' encoding (None: the package's log1p and
-# standardisation; "pieces": piecewise-linear on quantile bins; "pieces-std": those pieces standardised and clipped).
+# standardisation; "pieces": piecewise-linear on quantile bins; "pieces-std": those pieces standardised and clipped;
+# "pieces+log": the pieces and the package's inputs side by side).
 ARCHITECTURES: dict[str, tuple[dict[str, Any], str | None]] = {
     "wide": ({"hidden_units": (64,), "dropout": 0.1}, None),
     "deep": ({"hidden_units": (64, 32), "dropout": 0.1}, None),
     "fast": ({"learning_rate": 1e-2, "patience": 6, "max_epochs": 50}, None),
     "quantile": ({}, "pieces"),
     "quantile-std": ({}, "pieces-std"),
+    "quantile-log": ({}, "pieces+log"),
     "quantile-deep": ({"hidden_units": (64, 32), "dropout": 0.1}, "pieces"),
 }
 VARIANTS = ("no-class-weight", "time-decay", "seeds", "blend-weight", *ARCHITECTURES)
@@ -90,12 +93,13 @@ def quantile_edges(fit_rows: pa.Table, numeric: list[str], bins: int) -> list[np
 
 
 def build_quantile_network(
-    fit_rows: pa.Table, numeric: list[str], categorical: list[str], config: Any, bins: int, *, standardise: bool
+    fit_rows: pa.Table, numeric: list[str], categorical: list[str], config: Any, bins: int, *, encoding: str
 ) -> Any:
     """``networks.build_network`` (not logistic) with each numeric input encoded piecewise-linearly on its
     quantile bins (one input per bin: 0 below it, 1 above it, the position inside it; NaN -> 0 plus an
-    is-missing indicator per column) instead of log1p and standardisation; ``standardise``: the pieces then
-    standardised on the fit rows and clipped as the package's inputs."""
+    is-missing indicator per column) instead of log1p and standardisation (``encoding`` ``pieces``); ``pieces-std``:
+    the pieces then standardised on the fit rows and clipped as the package's inputs; ``pieces+log``: the pieces
+    next to the package's own numeric inputs (log1p, standardised, clipped)."""
     import keras
 
     edges = quantile_edges(fit_rows, numeric, bins)
@@ -113,7 +117,7 @@ def build_quantile_network(
 
     numeric_in = keras.Input(shape=(len(numeric),), dtype="float32", name=network_inputs.NUMERIC_INPUT)
     encoded = keras.layers.Lambda(encode, output_shape=(len(columns) + len(numeric),))(numeric_in)
-    if standardise:  # on (up to 20,000 of) the fit rows
+    if encoding == "pieces-std":  # on (up to 20,000 of) the fit rows
         sample = np.asarray(
             encode(network_inputs.numeric_matrix(fit_rows, numeric)[:: max(1, fit_rows.num_rows // 20_000)])
         )
@@ -122,6 +126,14 @@ def build_quantile_network(
         )
         encoded = networks.custom_layers()["Clip"](network_inputs.NORMALISED_CLIP)(norm(encoded))
     parts = [encoded]
+    if encoding == "pieces+log":  # the package's numeric path (networks.build_network)
+        layers = networks.custom_layers()
+        fill = layers["FillMissing"]()
+        filled = np.asarray(fill(network_inputs.numeric_matrix(fit_rows, numeric)))
+        norm = keras.layers.Normalization(
+            mean=filled.mean(axis=0), variance=network_inputs.normalisation_variance(filled)
+        )
+        parts.append(layers["Clip"](network_inputs.NORMALISED_CLIP)(norm(fill(numeric_in))))
     inputs = [numeric_in]
     for column in categorical:
         cat_in = keras.Input(shape=(1,), dtype="string", name=network_inputs.CATEGORICAL_PREFIX + column)
@@ -175,9 +187,7 @@ def fit_network_only(
     fit_y, val_y = y[~is_validation], y[is_validation]
     fit_rows = train.filter(pa.array(~is_validation))
     if encoding is not None:
-        network = build_quantile_network(
-            fit_rows, numeric, categorical, config, bins, standardise=encoding == "pieces-std"
-        )
+        network = build_quantile_network(fit_rows, numeric, categorical, config, bins, encoding=encoding)
     else:
         network = networks.build_network(fit_rows, numeric, categorical, config, logistic=False)
     weights = networks.class_weights(fit_y) if class_weighted else None
