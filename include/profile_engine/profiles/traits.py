@@ -57,7 +57,6 @@ def tile_rows_sql(traits: tuple[Trait, ...], events: str) -> str:
     its value at any later end.
     """
     hour = f"(t - t % {MS_HOUR})"
-    order = "(t, event_id)"
     selects = []
     for trait in traits:
         where = [f"event_type IN ({', '.join(_quoted(e) for e in trait.events)})"]
@@ -76,11 +75,13 @@ def tile_rows_sql(traits: tuple[Trait, ...], events: str) -> str:
             else "NULL"
         )
         if trait.aggregation == LAST:
+            # the latest event's (t, event_id, value) in one struct maximum: the same row as arg_max by (t,
+            # event_id) (an event id is unique), at half the cost of two arg_max with a struct key
             text = _last_column(trait) == "last_str"
+            latest = f"max({{'t': t, 'id': event_id, 'v': CAST({trait.of} AS {'VARCHAR' if text else 'DOUBLE'})}})"
             last = (
-                f"max(t) AS last_ms, arg_max(event_id, {order}) AS last_id, "
-                f"{'NULL' if text else f'arg_max(CAST({trait.of} AS DOUBLE), {order})'} AS last_num, "
-                f"{f'arg_max(CAST({trait.of} AS VARCHAR), {order})' if text else 'NULL'} AS last_str"
+                f"{latest}.t AS last_ms, {latest}.id AS last_id, "
+                f"{'NULL' if text else f'{latest}.v'} AS last_num, {f'{latest}.v' if text else 'NULL'} AS last_str"
             )
         else:
             last = "NULL AS last_ms, NULL AS last_id, NULL AS last_num, NULL AS last_str"
