@@ -289,14 +289,12 @@ def champion_style(y: np.ndarray, scores: dict[str, np.ndarray], margin: float) 
     return next(kind for kind in registry.MODEL_KINDS if kind in lift and lift[kind] >= best - margin)
 
 
-def seeds_scores(
-    settings: Any, version: str, train: pa.Table, rows: pa.Table, numeric: list[str], categorical: list[str], k: int
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
-    """The scores on ``rows`` of the stored network, LightGBM and ensemble, the K-seed network and ensemble
-    and both champion-style picks; the scores of each seed alone and of the means of the first m seeds (the
-    seed spread); and what was fitted (the first seed's refit checked against the stored members)."""
+def _stored(
+    settings: Any, version: str, train: pa.Table, rows: pa.Table
+) -> tuple[dict[str, Any], pa.Table, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The version's stored candidates, its validation slice (rows, labels), LightGBM's scores there and on
+    ``rows``, and the stored network's, LightGBM's and ensemble's scores on ``rows``."""
     stored = {c.name: c for c in candidates.version_candidates(settings, version)}
-    y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
     is_validation = networks.validation_split(train)
     val_rows = train.filter(pa.array(is_validation))
     val_y = np.asarray(val_rows.column(labels.LABEL), dtype=np.float64)
@@ -306,6 +304,17 @@ def seeds_scores(
         "lightgbm (stored)": trees,
         "ensemble (stored)": stored["ensemble"].predict(rows),
     }
+    return stored, val_rows, val_y, trees_val, trees, scores
+
+
+def seeds_scores(
+    settings: Any, version: str, train: pa.Table, rows: pa.Table, numeric: list[str], categorical: list[str], k: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """The scores on ``rows`` of the stored network, LightGBM and ensemble, the K-seed network and ensemble
+    and both champion-style picks; the scores of each seed alone and of the means of the first m seeds (the
+    seed spread); and what was fitted (the first seed's refit checked against the stored members)."""
+    y = np.asarray(rows.column(labels.LABEL), dtype=np.float64)
+    _, _, val_y, trees_val, trees, scores = _stored(settings, version, train, rows)
     started = time.perf_counter()
     raw_val, raw_eval, fits = fit_seeds(train, rows, numeric, categorical, [settings.seed + i for i in range(k)])
     seconds = round(time.perf_counter() - started, 1)
@@ -362,16 +371,7 @@ def variant_scores(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The scores on ``rows`` of the stored network, LightGBM and ensemble and of the ``variant``'s network
     (an architecture; for ``blend-weight`` the stored one) and ensemble; what was fitted or chosen."""
-    stored = {c.name: c for c in candidates.version_candidates(settings, version)}
-    is_validation = networks.validation_split(train)
-    val_rows = train.filter(pa.array(is_validation))
-    val_y = np.asarray(val_rows.column(labels.LABEL), dtype=np.float64)
-    trees_val, trees = stored["lightgbm"].predict(val_rows), stored["lightgbm"].predict(rows)
-    scores = {
-        "network (stored)": stored["network"].predict(rows),
-        "lightgbm (stored)": trees,
-        "ensemble (stored)": stored["ensemble"].predict(rows),
-    }
+    stored, val_rows, val_y, trees_val, trees, scores = _stored(settings, version, train, rows)
     started = time.perf_counter()
     if variant == "blend-weight":
         network_val = stored["network"].predict(val_rows)
