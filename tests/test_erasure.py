@@ -659,3 +659,49 @@ def test_segment_and_export_manifests_and_the_current_pointer_count_the_rows_lef
         assert counts_stated(root, published) == counts_in_the_lake(root, published), format_hour(published)
     share_checks = json.loads(manifest.read_text())["share_checks"]
     assert share_checks == publish_segments(lake_copy, hour, dry_run=True)["share_checks"] != recomputed
+
+
+def test_the_hour_after_an_erased_member_restates_its_stability_and_keeps_its_files(
+    lake_copy: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user who was a segment member in an hour and has no row in the next hour's segments: after an erasure
+    the next hour's files are left as they were, and its stability (previous size, exited, stayed, entered) counts
+    the previous hour's members left, as the lake holds them."""
+    from profile_engine.segments import rules as segment_rules
+    from profile_engine.segments.publish import publish_segments
+
+    root = lake_copy.lake
+    later = H0 + timedelta(hours=1)
+    # A first hour of welcome instead of a day: H0's newcomers leave the segment in the next hour.
+    text = segment_rules.DEFAULT_RULES_PATH.read_text()
+    assert text.count("enter: hours_since_first_seen <= 24") == 1
+    rules_path = tmp_path / "segments.yaml"
+    rules_path.write_text(text.replace("enter: hours_since_first_seen <= 24", "enter: hours_since_first_seen <= 1"))
+    monkeypatch.setattr(segment_rules, "DEFAULT_RULES_PATH", rules_path)
+    for hour in (H0, later):
+        publish_segments(lake_copy, hour)
+    left = {r["user_id"] for r in segment_rows(root, "segments", H0) if r["segments"]} - {
+        r["user_id"] for r in segment_rows(root, "segments", later)
+    }
+    assert left, "no member of the first hour left every segment in the next"
+    user = sorted(left)[0]
+    was_in = {name for r in segment_rows(root, "segments", H0) if r["user_id"] == user for name in r["segments"]}
+    for published in (H0, later):
+        assert counts_stated(root, published) == counts_in_the_lake(root, published), format_hour(published)
+    before = counts_in_the_lake(root, later)["stability"]
+    hour_dir = Lake(root).partition("segments", later)
+    files = {k: v for k, v in lake_files(hour_dir).items() if k != MANIFEST}
+    assert any(k.endswith(".parquet") for k in files)
+
+    erasure.erase_users(lake_copy, [user], requested_by="test", reason="counts")
+
+    assert {k: v for k, v in lake_files(hour_dir).items() if k != MANIFEST} == files
+    after = counts_in_the_lake(root, later)["stability"]
+    stated = json.loads((hour_dir / MANIFEST).read_text())["stability"]
+    assert {name: {k: v for k, v in row.items() if k != "overlap"} for name, row in stated.items()} == after
+    gone = {"previous_size": 1, "exited": 1}  # the user was a member before and is none now: nothing else moves
+    assert after == {
+        name: {k: v - gone.get(k, 0) if name in was_in else v for k, v in row.items()} for name, row in before.items()
+    }
+    for published in (H0, later):
+        assert counts_stated(root, published) == counts_in_the_lake(root, published), format_hour(published)
