@@ -475,6 +475,21 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"versions": {}}
     ys: list[np.ndarray] = []
     pooled: dict[str, list[np.ndarray]] = {}
+
+    def record(version: str, y: np.ndarray, scores: dict[str, np.ndarray], fitted: dict[str, Any]) -> None:
+        """One version's metrics and paired intervals (printed as they come), its rows kept for the pooled ones."""
+        out["versions"][version] = {
+            "rows": int(y.size),
+            "positives": int(y.sum()),
+            **fitted,
+            "metrics": _with_intervals(y, scores, args.n_boot),
+            "paired": paired(y, scores, args.n_boot, args.variant),
+        }
+        print(version, json.dumps(out["versions"][version]), file=sys.stderr, flush=True)
+        ys.append(y)
+        for name, p in scores.items():
+            pooled.setdefault(name, []).append(p)
+
     for version in versions:
         train, rows, _ = labels.read_training_set(settings, version)
         # the features the version's training set carries (a set built before a feature existed lacks it)
@@ -509,18 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.bins,
                 settings.seed if args.fit_seed is None else args.fit_seed,
             )
-            out["versions"][version] = {
-                "rows": int(y.size),
-                "positives": int(y.sum()),
-                "fit": fit_info,
-                "seconds_version": round(time.perf_counter() - started, 1),
-                "metrics": _with_intervals(y, scores, args.n_boot),
-                "paired": paired(y, scores, args.n_boot, args.variant),
-            }
-            print(version, json.dumps(out["versions"][version]), file=sys.stderr, flush=True)
-            ys.append(y)
-            for name, p in scores.items():
-                pooled.setdefault(name, []).append(p)
+            record(version, y, scores, {"fit": fit_info, "seconds_version": round(time.perf_counter() - started, 1)})
             continue
         stored = {c.name: c.predict(rows) for c in candidates.version_candidates(settings, version)}
         scores = {"network (stored)": stored["network"], "lightgbm (stored)": stored["lightgbm"]}
@@ -538,17 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             raw = networks.predict_network(network, network_inputs.model_inputs(rows, numeric, categorical))
             scores[name] = calibrate.apply_calibration(raw, fitted["calibration"])
             info[name] = {"epochs": fitted["epochs"], "seconds": round(time.perf_counter() - started, 1)}
-        out["versions"][version] = {
-            "rows": int(y.size),
-            "positives": int(y.sum()),
-            "fits": info,
-            "metrics": _with_intervals(y, scores, args.n_boot),
-            "paired": paired(y, scores, args.n_boot, args.variant),
-        }
-        print(version, json.dumps(out["versions"][version]), file=sys.stderr, flush=True)
-        ys.append(y)
-        for name, p in scores.items():
-            pooled.setdefault(name, []).append(p)
+        record(version, y, scores, {"fits": info})
     y_all, all_scores = np.concatenate(ys), {n: np.concatenate(p) for n, p in pooled.items()}
     spread_names = [n for n in all_scores if " seed " in n or " mean of " in n]
     all_spread = {n: all_scores.pop(n) for n in spread_names}
