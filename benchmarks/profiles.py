@@ -856,7 +856,7 @@ def render(info: dict[str, Any], rows: dict[str, dict[str, Any]], command: str) 
 {line("duckdb_floor (group-by per user and type)", floor)}
 {line("full_build (every feature, 1 bucket)", full)}
 
-Full build / floor: **{ratio_floor:.1f}x** (target at most 3x: {verdict(ratio_floor <= 3)}).
+Full build / floor: **{ratio_floor:.1f}x** (issue 19: at most 10x, {verdict(ratio_floor <= 10)}; issue 5 asked 3x).
 
 ### 2. Hourly refresh on top of 31 and 60 days
 
