@@ -22,7 +22,10 @@ Variants (``--variant``, default ``no-class-weight``):
   standardisation; one layer of 32), ``quantile-std`` (those pieces standardised and clipped as the package's
   inputs), ``quantile-log`` (the pieces next to the package's log1p inputs), ``quantile-deep`` (the pieces,
   64 -> 32, dropout 0.1), ``quantile-counts`` (the pieces for the count-like inputs only, ``count_columns``: the
-  other numeric inputs through the package's log1p and standardisation; one layer of 32);
+  other numeric inputs through the package's log1p and standardisation; one layer of 32), ``quantile-continuous``
+  (the reverse: the pieces for the other inputs, the counts through the package's path), ``quantile-open``
+  (``quantile`` with each input's top piece linear above its top quantile and its bottom piece below its lowest,
+  clipped at the package's +-6, so inputs beyond the fit rows' range keep their order);
 - ``quantile-select``: per version both the package's network and ``quantile``, the one with the higher AUC on the
   validation slice kept (the plain one on a tie), and its ensemble rebuilt as above;
 - ``blend-weight``: the stored network unchanged, the ensemble's network weight chosen (grid 0, 0.1 .. 1) by
@@ -64,7 +67,8 @@ from profile_engine.model.gate import GateConfig
 
 # Architecture variants: ModelConfig overrides, and the numeric inputs' encoding (None: the package's log1p and
 # standardisation; "pieces": piecewise-linear on quantile bins; "pieces-std": those pieces standardised and clipped;
-# "pieces+log": the pieces and the package's inputs side by side).
+# "pieces+log": the pieces and the package's inputs side by side; "pieces-open": the pieces with open end pieces;
+# "pieces-counts" / "pieces-continuous": the pieces of the count-like / the other inputs, the rest the package's).
 ARCHITECTURES: dict[str, tuple[dict[str, Any], str | None]] = {
     "wide": ({"hidden_units": (64,), "dropout": 0.1}, None),
     "deep": ({"hidden_units": (64, 32), "dropout": 0.1}, None),
@@ -74,6 +78,8 @@ ARCHITECTURES: dict[str, tuple[dict[str, Any], str | None]] = {
     "quantile-log": ({}, "pieces+log"),
     "quantile-deep": ({"hidden_units": (64, 32), "dropout": 0.1}, "pieces"),
     "quantile-counts": ({}, "pieces-counts"),
+    "quantile-open": ({}, "pieces-open"),
+    "quantile-continuous": ({}, "pieces-continuous"),
 }
 # quantile-select: per version the package's network or this architecture, by the AUC on the validation slice
 SELECTED = "quantile"
@@ -115,25 +121,45 @@ def build_quantile_network(
     is-missing indicator per column) instead of log1p and standardisation (``encoding`` ``pieces``); ``pieces-std``:
     the pieces then standardised on the fit rows and clipped as the package's inputs; ``pieces+log``: the pieces
     next to the package's own numeric inputs (log1p, standardised, clipped); ``pieces-counts``: the pieces of the
-    ``count_columns`` only, next to the package's inputs of the other columns."""
+    ``count_columns`` only, next to the package's inputs of the other columns; ``pieces-continuous``: the reverse
+    (the pieces of the non-count inputs, the counts through the package's path); ``pieces-open``: ``pieces`` with
+    open end pieces (a column's top piece linear above its top edge, its bottom piece below its lowest edge, in
+    units of that bin's width, clipped at +-``NORMALISED_CLIP`` as the package's standardised inputs; a missing
+    value's 0 fill encoded as in ``pieces``), so values beyond the fit rows' range keep their order."""
     import keras
 
-    pieced = count_columns(numeric) if encoding == "pieces-counts" else list(numeric)
-    # the columns also (pieces+log) or instead (pieces-counts) given the package's own numeric path
-    rest = {"pieces+log": list(numeric), "pieces-counts": [c for c in numeric if c not in pieced]}.get(encoding, [])
+    counts = count_columns(numeric)
+    pieced = {
+        "pieces-counts": counts,
+        "pieces-continuous": [c for c in numeric if c not in counts],
+    }.get(encoding, list(numeric))
+    # the columns also (pieces+log) or instead (pieces-counts, pieces-continuous) given the package's numeric path
+    rest = list(numeric) if encoding == "pieces+log" else [c for c in numeric if c not in pieced]
     position = {c: i for i, c in enumerate(numeric)}
     edges = quantile_edges(fit_rows, pieced, bins)
-    columns = [position[pieced[j]] for j, e in enumerate(edges) for _ in range(len(e) - 1)]
+    columns = np.asarray([position[pieced[j]] for j, e in enumerate(edges) for _ in range(len(e) - 1)], dtype=np.int32)
     missing_of = np.asarray([position[c] for c in pieced], dtype=np.int32)
     left = np.concatenate([e[:-1] for e in edges if len(e) > 1]).astype(np.float32)
     width = np.concatenate([np.diff(e) for e in edges if len(e) > 1]).astype(np.float32)
+    # each piece's range: [0, 1]; pieces-open: a column's bottom piece from -clip, its top piece up to +clip
+    low, high = np.zeros_like(left), np.ones_like(left)
+    if encoding == "pieces-open":
+        ends = np.cumsum([len(e) - 1 for e in edges if len(e) > 1])
+        low[ends - np.diff(ends, prepend=0)], high[ends - 1] = (
+            -network_inputs.NORMALISED_CLIP,
+            network_inputs.NORMALISED_CLIP,
+        )
     ops = keras.ops
 
     def encode(x: Any) -> Any:
         missing = ops.isnan(x)
         filled = ops.where(missing, ops.zeros_like(x), x)
-        taken = ops.take(filled, np.asarray(columns, dtype=np.int32), axis=1)
-        pieces = ops.clip((taken - left) / width, 0.0, 1.0)
+        taken = ops.take(filled, columns, axis=1)
+        position_in = (taken - left) / width
+        pieces = ops.clip(position_in, 0.0, 1.0)
+        if encoding == "pieces-open":  # open ends for present values (a missing one's 0 fill encoded as in pieces)
+            opened = ops.minimum(ops.maximum(position_in, low), high)
+            pieces = ops.where(ops.take(missing, columns, axis=1), pieces, opened)
         return ops.concatenate([pieces, ops.take(ops.cast(missing, x.dtype), missing_of, axis=1)], axis=-1)
 
     def pick(x: Any) -> Any:
