@@ -21,7 +21,13 @@ Variants (``--variant``, default ``no-class-weight``):
   each numeric input on ``--bins`` quantile bins learned on the fit rows, in place of log1p and
   standardisation; one layer of 32), ``quantile-std`` (those pieces standardised and clipped as the package's
   inputs), ``quantile-log`` (the pieces next to the package's log1p inputs), ``quantile-deep`` (the pieces,
-  64 -> 32, dropout 0.1);
+  64 -> 32, dropout 0.1), ``quantile-counts`` (the pieces for the count-like inputs only, ``count_columns``: the
+  other numeric inputs through the package's log1p and standardisation; one layer of 32), ``quantile-continuous``
+  (the reverse: the pieces for the other inputs, the counts through the package's path), ``quantile-open``
+  (``quantile`` with each input's top piece linear above its top quantile and its bottom piece below its lowest,
+  clipped at the package's +-6, so inputs beyond the fit rows' range keep their order);
+- ``quantile-select``: per version both the package's network and ``quantile``, the one with the higher AUC on the
+  validation slice kept (the plain one on a tie), and its ensemble rebuilt as above;
 - ``blend-weight``: the stored network unchanged, the ensemble's network weight chosen (grid 0, 0.1 .. 1) by
   the AUC of the blend on the validation slice instead of fixed at 0.5.
 
@@ -52,7 +58,7 @@ from model_real import (  # the same metrics (benchmarks/ is on the path)
     trained_lake_settings,
 )
 
-from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES, SNAPSHOT_HOUR
+from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES, PROFILE_SCHEMA, SNAPSHOT_HOUR
 from profile_engine.model import calibration as calibrate
 from profile_engine.model import candidates, ensemble, labels, metrics, registry, training
 from profile_engine.model import inputs as network_inputs
@@ -61,7 +67,8 @@ from profile_engine.model.gate import GateConfig
 
 # Architecture variants: ModelConfig overrides, and the numeric inputs' encoding (None: the package's log1p and
 # standardisation; "pieces": piecewise-linear on quantile bins; "pieces-std": those pieces standardised and clipped;
-# "pieces+log": the pieces and the package's inputs side by side).
+# "pieces+log": the pieces and the package's inputs side by side; "pieces-open": the pieces with open end pieces;
+# "pieces-counts" / "pieces-continuous": the pieces of the count-like / the other inputs, the rest the package's).
 ARCHITECTURES: dict[str, tuple[dict[str, Any], str | None]] = {
     "wide": ({"hidden_units": (64,), "dropout": 0.1}, None),
     "deep": ({"hidden_units": (64, 32), "dropout": 0.1}, None),
@@ -70,8 +77,15 @@ ARCHITECTURES: dict[str, tuple[dict[str, Any], str | None]] = {
     "quantile-std": ({}, "pieces-std"),
     "quantile-log": ({}, "pieces+log"),
     "quantile-deep": ({"hidden_units": (64, 32), "dropout": 0.1}, "pieces"),
+    "quantile-counts": ({}, "pieces-counts"),
+    "quantile-open": ({}, "pieces-open"),
+    "quantile-continuous": ({}, "pieces-continuous"),
 }
-VARIANTS = ("no-class-weight", "time-decay", "seeds", "blend-weight", *ARCHITECTURES)
+# quantile-select: per version the package's network or this architecture, by the AUC on the validation slice
+SELECTED = "quantile"
+# the variants that rebuild the ensemble (``variant_scores``)
+ENSEMBLE_VARIANTS = (*ARCHITECTURES, "blend-weight", "quantile-select")
+VARIANTS = ("no-class-weight", "time-decay", "seeds", *ENSEMBLE_VARIANTS)
 # blend-weight: the network weights tried
 BLEND_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -92,6 +106,13 @@ def quantile_edges(fit_rows: pa.Table, numeric: list[str], bins: int) -> list[np
     return edges
 
 
+def count_columns(numeric: list[str]) -> list[str]:
+    """The count-like inputs of ``numeric``: the profile's int64 columns (event counts, lifetime and per window,
+    orders, sessions, open and repeatedly viewed items, distinct categories); not the rates, recencies, money,
+    decayed values (float64), the RFM scores or the peak hour (int8)."""
+    return [c for c in numeric if c in PROFILE_SCHEMA.names and PROFILE_SCHEMA.field(c).type == pa.int64()]
+
+
 def build_quantile_network(
     fit_rows: pa.Table, numeric: list[str], categorical: list[str], config: Any, bins: int, *, encoding: str
 ) -> Any:
@@ -99,24 +120,53 @@ def build_quantile_network(
     quantile bins (one input per bin: 0 below it, 1 above it, the position inside it; NaN -> 0 plus an
     is-missing indicator per column) instead of log1p and standardisation (``encoding`` ``pieces``); ``pieces-std``:
     the pieces then standardised on the fit rows and clipped as the package's inputs; ``pieces+log``: the pieces
-    next to the package's own numeric inputs (log1p, standardised, clipped)."""
+    next to the package's own numeric inputs (log1p, standardised, clipped); ``pieces-counts``: the pieces of the
+    ``count_columns`` only, next to the package's inputs of the other columns; ``pieces-continuous``: the reverse
+    (the pieces of the non-count inputs, the counts through the package's path); ``pieces-open``: ``pieces`` with
+    open end pieces (a column's top piece linear above its top edge, its bottom piece below its lowest edge, in
+    units of that bin's width, clipped at +-``NORMALISED_CLIP`` as the package's standardised inputs; a missing
+    value's 0 fill encoded as in ``pieces``), so values beyond the fit rows' range keep their order."""
     import keras
 
-    edges = quantile_edges(fit_rows, numeric, bins)
-    columns = [j for j, e in enumerate(edges) for _ in range(len(e) - 1)]
+    counts = count_columns(numeric)
+    pieced = {
+        "pieces-counts": counts,
+        "pieces-continuous": [c for c in numeric if c not in counts],
+    }.get(encoding, list(numeric))
+    # the columns also (pieces+log) or instead (pieces-counts, pieces-continuous) given the package's numeric path
+    rest = list(numeric) if encoding == "pieces+log" else [c for c in numeric if c not in pieced]
+    position = {c: i for i, c in enumerate(numeric)}
+    edges = quantile_edges(fit_rows, pieced, bins)
+    columns = np.asarray([position[pieced[j]] for j, e in enumerate(edges) for _ in range(len(e) - 1)], dtype=np.int32)
+    missing_of = np.asarray([position[c] for c in pieced], dtype=np.int32)
     left = np.concatenate([e[:-1] for e in edges if len(e) > 1]).astype(np.float32)
     width = np.concatenate([np.diff(e) for e in edges if len(e) > 1]).astype(np.float32)
+    # each piece's range: [0, 1]; pieces-open: a column's bottom piece from -clip, its top piece up to +clip
+    low, high = np.zeros_like(left), np.ones_like(left)
+    if encoding == "pieces-open":
+        ends = np.cumsum([len(e) - 1 for e in edges if len(e) > 1])
+        low[ends - np.diff(ends, prepend=0)], high[ends - 1] = (
+            -network_inputs.NORMALISED_CLIP,
+            network_inputs.NORMALISED_CLIP,
+        )
     ops = keras.ops
 
     def encode(x: Any) -> Any:
         missing = ops.isnan(x)
         filled = ops.where(missing, ops.zeros_like(x), x)
-        taken = ops.take(filled, np.asarray(columns, dtype=np.int32), axis=1)
-        pieces = ops.clip((taken - left) / width, 0.0, 1.0)
-        return ops.concatenate([pieces, ops.cast(missing, x.dtype)], axis=-1)
+        taken = ops.take(filled, columns, axis=1)
+        position_in = (taken - left) / width
+        pieces = ops.clip(position_in, 0.0, 1.0)
+        if encoding == "pieces-open":  # open ends for present values (a missing one's 0 fill encoded as in pieces)
+            opened = ops.minimum(ops.maximum(position_in, low), high)
+            pieces = ops.where(ops.take(missing, columns, axis=1), pieces, opened)
+        return ops.concatenate([pieces, ops.take(ops.cast(missing, x.dtype), missing_of, axis=1)], axis=-1)
+
+    def pick(x: Any) -> Any:
+        return ops.take(x, np.asarray([position[c] for c in rest], dtype=np.int32), axis=1)
 
     numeric_in = keras.Input(shape=(len(numeric),), dtype="float32", name=network_inputs.NUMERIC_INPUT)
-    encoded = keras.layers.Lambda(encode, output_shape=(len(columns) + len(numeric),))(numeric_in)
+    encoded = keras.layers.Lambda(encode, output_shape=(len(columns) + len(pieced),))(numeric_in)
     if encoding == "pieces-std":  # on (up to 20,000 of) the fit rows
         sample = np.asarray(
             encode(network_inputs.numeric_matrix(fit_rows, numeric)[:: max(1, fit_rows.num_rows // 20_000)])
@@ -126,14 +176,17 @@ def build_quantile_network(
         )
         encoded = networks.custom_layers()["Clip"](network_inputs.NORMALISED_CLIP)(norm(encoded))
     parts = [encoded]
-    if encoding == "pieces+log":  # the package's numeric path (networks.build_network)
+    if rest:  # the package's numeric path (networks.build_network) of those columns
         layers = networks.custom_layers()
         fill = layers["FillMissing"]()
-        filled = np.asarray(fill(network_inputs.numeric_matrix(fit_rows, numeric)))
+        filled = np.asarray(fill(network_inputs.numeric_matrix(fit_rows, rest)))
         norm = keras.layers.Normalization(
             mean=filled.mean(axis=0), variance=network_inputs.normalisation_variance(filled)
         )
-        parts.append(layers["Clip"](network_inputs.NORMALISED_CLIP)(norm(fill(numeric_in))))
+        picked = (
+            numeric_in if rest == list(numeric) else keras.layers.Lambda(pick, output_shape=(len(rest),))(numeric_in)
+        )
+        parts.append(layers["Clip"](network_inputs.NORMALISED_CLIP)(norm(fill(picked))))
     inputs = [numeric_in]
     for column in categorical:
         cat_in = keras.Input(shape=(1,), dtype="string", name=network_inputs.CATEGORICAL_PREFIX + column)
@@ -204,7 +257,7 @@ def fit_network_only(
 def differences(variant: str) -> tuple[tuple[str, str], ...]:
     """The paired differences reported: the variant against the unchanged network and against LightGBM."""
     name = f"network {variant}"
-    if variant in ARCHITECTURES or variant == "blend-weight":
+    if variant in ENSEMBLE_VARIANTS:
         mine = f"ensemble {variant}"
         pairs = [
             (name, "lightgbm (stored)"),
@@ -380,13 +433,23 @@ def variant_scores(
         blended = ensemble.blend([scores["network (stored)"], trees], (weight, 1 - weight))
         scores["ensemble blend-weight"] = calibrate.apply_calibration(blended, calibration)
         return scores, {"network_weight": weight, "seconds": round(time.perf_counter() - started, 1)}
-    network, fitted = fit_network_only(
-        train, numeric, categorical, class_weighted=True, seed=seed, architecture=variant, bins=bins
-    )
+    # quantile-select: the package's network (None) and SELECTED, the one ranking the validation slice better kept
+    fits = {}
+    for architecture in (None, SELECTED) if variant == "quantile-select" else (variant,):
+        fits[architecture] = fit_network_only(
+            train, numeric, categorical, class_weighted=True, seed=seed, architecture=architecture, bins=bins
+        )
+    val_auc = {a: metrics.metrics(val_y, fitted["raw_val"])["auc"] for a, (_, fitted) in fits.items()}
+    kept = max(fits, key=lambda a: (val_auc[a], a is None))  # the plain network on a tie
+    network, fitted = fits[kept]
     raw_eval = networks.predict_network(network, network_inputs.model_inputs(rows, numeric, categorical))
     rebuilt = averaged_members([fitted["raw_val"]], [raw_eval], val_y, trees_val, trees)
     scores[f"network {variant}"], scores[f"ensemble {variant}"] = rebuilt["network"], rebuilt["ensemble"]
-    info = {"epochs": fitted["epochs"], "seconds": round(time.perf_counter() - started, 1)}
+    info: dict[str, Any] = {"epochs": fitted["epochs"], "seconds": round(time.perf_counter() - started, 1)}
+    if variant == "quantile-select":
+        info["kept"] = kept or "plain"
+        info["validation_auc"] = {a or "plain": round(v, 4) for a, v in val_auc.items()}
+        info["epochs_each"] = {a or "plain": f["epochs"] for a, (_, f) in fits.items()}
     return scores, info
 
 
@@ -511,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, p in {**scores, **spread}.items():
                 pooled.setdefault(name, []).append(p)
             continue
-        if args.variant in ARCHITECTURES or args.variant == "blend-weight":
+        if args.variant in ENSEMBLE_VARIANTS:
             started = time.perf_counter()
             scores, fit_info = variant_scores(
                 settings,
