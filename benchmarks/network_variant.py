@@ -16,12 +16,15 @@ Variants (``--variant``, default ``no-class-weight``):
 
 - architecture variants (``ARCHITECTURES``), each also rebuilt into an ensemble as ``training.fit_models``
   builds one (the calibrated variant and the version's stored calibrated LightGBM blended 0.5/0.5, then
-  calibrated on the validation slice): ``wide`` (one layer of 64, dropout 0.1), ``deep`` (64 -> 32, dropout
-  0.1), ``fast`` (learning rate 1e-2, patience 6, up to 50 epochs), ``quantile`` (piecewise-linear encoding of
+  calibrated on the validation slice): ``package`` (the package's network as it is, ``ModelConfig()``: after
+  the versions were trained by an older package, how today's network compares with the stored one), ``wide`` (one
+  layer of 64, dropout 0.1), ``deep`` (64 -> 32, dropout 0.1), ``fast`` (learning rate 1e-2, patience 6, up to
+  50 epochs; these three on the "log" numeric encoding, log1p and standardisation of every numeric input, the
+  package's network until issue 20), ``quantile`` (piecewise-linear encoding of
   each numeric input on ``--bins`` quantile bins learned on the fit rows, in place of log1p and
   standardisation; one layer of 32), ``quantile-std`` (those pieces standardised and clipped as the package's
   inputs), ``quantile-log`` (the pieces next to the package's log1p inputs), ``quantile-deep`` (the pieces,
-  64 -> 32, dropout 0.1), ``quantile-counts`` (the pieces for the count-like inputs only, ``count_columns``: the
+  64 -> 32, dropout 0.1), ``quantile-counts`` (the pieces for the count-like inputs only, ``inputs.count_columns``: the
   other numeric inputs through the package's log1p and standardisation; one layer of 32), ``quantile-continuous``
   (the reverse: the pieces for the other inputs, the counts through the package's path), ``quantile-open``
   (``quantile`` with each input's top piece linear above its top quantile and its bottom piece below its lowest,
@@ -58,21 +61,22 @@ from model_real import (  # the same metrics (benchmarks/ is on the path)
     trained_lake_settings,
 )
 
-from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES, PROFILE_SCHEMA, SNAPSHOT_HOUR
+from profile_engine.contracts.profiles import CATEGORICAL_FEATURES, NUMERIC_FEATURES, SNAPSHOT_HOUR
 from profile_engine.model import calibration as calibrate
 from profile_engine.model import candidates, ensemble, labels, metrics, registry, training
 from profile_engine.model import inputs as network_inputs
 from profile_engine.model import network as networks
 from profile_engine.model.gate import GateConfig
 
-# Architecture variants: ModelConfig overrides, and the numeric inputs' encoding (None: the package's log1p and
-# standardisation; "pieces": piecewise-linear on quantile bins; "pieces-std": those pieces standardised and clipped;
+# Architecture variants: ModelConfig overrides, and the numeric inputs' encoding (None: ``networks.build_network``
+# under the config, "package" its defaults; wide, deep and fast its "log" encoding, log1p and standardisation; "pieces": piecewise-linear on quantile bins; "pieces-std": those pieces standardised and clipped;
 # "pieces+log": the pieces and the package's inputs side by side; "pieces-open": the pieces with open end pieces;
 # "pieces-counts" / "pieces-continuous": the pieces of the count-like / the other inputs, the rest the package's).
 ARCHITECTURES: dict[str, tuple[dict[str, Any], str | None]] = {
-    "wide": ({"hidden_units": (64,), "dropout": 0.1}, None),
-    "deep": ({"hidden_units": (64, 32), "dropout": 0.1}, None),
-    "fast": ({"learning_rate": 1e-2, "patience": 6, "max_epochs": 50}, None),
+    "package": ({}, None),
+    "wide": ({"hidden_units": (64,), "dropout": 0.1, "numeric_encoding": "log"}, None),
+    "deep": ({"hidden_units": (64, 32), "dropout": 0.1, "numeric_encoding": "log"}, None),
+    "fast": ({"learning_rate": 1e-2, "patience": 6, "max_epochs": 50, "numeric_encoding": "log"}, None),
     "quantile": ({}, "pieces"),
     "quantile-std": ({}, "pieces-std"),
     "quantile-log": ({}, "pieces+log"),
@@ -90,103 +94,54 @@ VARIANTS = ("no-class-weight", "time-decay", "seeds", *ENSEMBLE_VARIANTS)
 BLEND_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
 
-def quantile_edges(fit_rows: pa.Table, numeric: list[str], bins: int) -> list[np.ndarray]:
-    """Per numeric column, the quantiles (0, 1/bins, .., 1) of its non-missing fit values, bins of width 0 merged."""
-    matrix = network_inputs.numeric_matrix(fit_rows, numeric).astype(np.float64)
-    edges = []
-    for j in range(matrix.shape[1]):
-        present = matrix[:, j][~np.isnan(matrix[:, j])]
-        quantiles = np.quantile(present, np.linspace(0, 1, bins + 1)) if present.size else np.zeros(1)
-        # bins narrower than 1e-6 (relative) merged: a subnormal float32 width is flushed to 0 (0 / 0 = NaN)
-        kept = [quantiles[0]]
-        for edge in quantiles[1:]:
-            if edge - kept[-1] > 1e-6 * max(1.0, abs(edge)):
-                kept.append(edge)
-        edges.append(np.asarray(kept, dtype=np.float32))
-    return edges
-
-
-def count_columns(numeric: list[str]) -> list[str]:
-    """The count-like inputs of ``numeric``: the profile's int64 columns (event counts, lifetime and per window,
-    orders, sessions, open and repeatedly viewed items, distinct categories); not the rates, recencies, money,
-    decayed values (float64), the RFM scores or the peak hour (int8)."""
-    return [c for c in numeric if c in PROFILE_SCHEMA.names and PROFILE_SCHEMA.field(c).type == pa.int64()]
-
-
 def build_quantile_network(
     fit_rows: pa.Table, numeric: list[str], categorical: list[str], config: Any, bins: int, *, encoding: str
 ) -> Any:
-    """``networks.build_network`` (not logistic) with each numeric input encoded piecewise-linearly on its
-    quantile bins (one input per bin: 0 below it, 1 above it, the position inside it; NaN -> 0 plus an
-    is-missing indicator per column) instead of log1p and standardisation (``encoding`` ``pieces``); ``pieces-std``:
-    the pieces then standardised on the fit rows and clipped as the package's inputs; ``pieces+log``: the pieces
-    next to the package's own numeric inputs (log1p, standardised, clipped); ``pieces-counts``: the pieces of the
-    ``count_columns`` only, next to the package's inputs of the other columns; ``pieces-continuous``: the reverse
-    (the pieces of the non-count inputs, the counts through the package's path); ``pieces-open``: ``pieces`` with
+    """``networks.build_network`` (not logistic) with the numeric inputs encoded as ``encoding`` says.
+
+    ``pieces-continuous`` is the package's own network with its "quantile" numeric encoding (the non-count
+    inputs piecewise-linear on ``bins`` quantile bins, ``QuantilePieces``, the ``count_columns`` through the
+    log1p path). The others use the same layer on other columns: ``pieces``: every numeric input encoded
+    piecewise-linearly (one input per bin: 0 below it, 1 above it, the position inside it; NaN -> 0 plus an
+    is-missing indicator per column) instead of log1p and standardisation; ``pieces-std``: the pieces then
+    standardised on the fit rows and clipped as the package's inputs; ``pieces+log``: the pieces next to the
+    package's own numeric inputs (log1p, standardised, clipped); ``pieces-counts``: the pieces of the
+    ``count_columns`` only, next to the package's inputs of the other columns; ``pieces-open``: ``pieces`` with
     open end pieces (a column's top piece linear above its top edge, its bottom piece below its lowest edge, in
     units of that bin's width, clipped at +-``NORMALISED_CLIP`` as the package's standardised inputs; a missing
     value's 0 fill encoded as in ``pieces``), so values beyond the fit rows' range keep their order."""
     import keras
 
-    counts = count_columns(numeric)
-    pieced = {
-        "pieces-counts": counts,
-        "pieces-continuous": [c for c in numeric if c not in counts],
-    }.get(encoding, list(numeric))
-    # the columns also (pieces+log) or instead (pieces-counts, pieces-continuous) given the package's numeric path
+    if encoding == "pieces-continuous":
+        quantile = dataclasses.replace(config, numeric_encoding="quantile", quantile_bins=bins)
+        return networks.build_network(fit_rows, numeric, categorical, quantile, logistic=False)
+    layers = networks.custom_layers()
+    counts = network_inputs.count_columns(numeric)
+    pieced = counts if encoding == "pieces-counts" else list(numeric)
+    # the columns also (pieces+log) or instead (pieces-counts) given the package's numeric path
     rest = list(numeric) if encoding == "pieces+log" else [c for c in numeric if c not in pieced]
     position = {c: i for i, c in enumerate(numeric)}
-    edges = quantile_edges(fit_rows, pieced, bins)
-    columns = np.asarray([position[pieced[j]] for j, e in enumerate(edges) for _ in range(len(e) - 1)], dtype=np.int32)
-    missing_of = np.asarray([position[c] for c in pieced], dtype=np.int32)
-    left = np.concatenate([e[:-1] for e in edges if len(e) > 1]).astype(np.float32)
-    width = np.concatenate([np.diff(e) for e in edges if len(e) > 1]).astype(np.float32)
-    # each piece's range: [0, 1]; pieces-open: a column's bottom piece from -clip, its top piece up to +clip
-    low, high = np.zeros_like(left), np.ones_like(left)
-    if encoding == "pieces-open":
-        ends = np.cumsum([len(e) - 1 for e in edges if len(e) > 1])
-        low[ends - np.diff(ends, prepend=0)], high[ends - 1] = (
-            -network_inputs.NORMALISED_CLIP,
-            network_inputs.NORMALISED_CLIP,
-        )
-    ops = keras.ops
-
-    def encode(x: Any) -> Any:
-        missing = ops.isnan(x)
-        filled = ops.where(missing, ops.zeros_like(x), x)
-        taken = ops.take(filled, columns, axis=1)
-        position_in = (taken - left) / width
-        pieces = ops.clip(position_in, 0.0, 1.0)
-        if encoding == "pieces-open":  # open ends for present values (a missing one's 0 fill encoded as in pieces)
-            opened = ops.minimum(ops.maximum(position_in, low), high)
-            pieces = ops.where(ops.take(missing, columns, axis=1), pieces, opened)
-        return ops.concatenate([pieces, ops.take(ops.cast(missing, x.dtype), missing_of, axis=1)], axis=-1)
-
-    def pick(x: Any) -> Any:
-        return ops.take(x, np.asarray([position[c] for c in rest], dtype=np.int32), axis=1)
-
     numeric_in = keras.Input(shape=(len(numeric),), dtype="float32", name=network_inputs.NUMERIC_INPUT)
-    encoded = keras.layers.Lambda(encode, output_shape=(len(columns) + len(pieced),))(numeric_in)
+    pieces = layers["QuantilePieces"](
+        [position[c] for c in pieced], network_inputs.quantile_edges(fit_rows, pieced, bins)
+    )
+    encoded = pieces(numeric_in)
+    if encoding == "pieces-open":
+        encoded = keras.layers.Lambda(open_ends(pieces), output_shape=(encoded.shape[-1],))([numeric_in, encoded])
     if encoding == "pieces-std":  # on (up to 20,000 of) the fit rows
         sample = np.asarray(
-            encode(network_inputs.numeric_matrix(fit_rows, numeric)[:: max(1, fit_rows.num_rows // 20_000)])
+            pieces(network_inputs.numeric_matrix(fit_rows, numeric)[:: max(1, fit_rows.num_rows // 20_000)])
         )
         norm = keras.layers.Normalization(
             mean=sample.mean(axis=0), variance=network_inputs.normalisation_variance(sample)
         )
-        encoded = networks.custom_layers()["Clip"](network_inputs.NORMALISED_CLIP)(norm(encoded))
+        encoded = layers["Clip"](network_inputs.NORMALISED_CLIP)(norm(encoded))
     parts = [encoded]
     if rest:  # the package's numeric path (networks.build_network) of those columns
-        layers = networks.custom_layers()
-        fill = layers["FillMissing"]()
-        filled = np.asarray(fill(network_inputs.numeric_matrix(fit_rows, rest)))
-        norm = keras.layers.Normalization(
-            mean=filled.mean(axis=0), variance=network_inputs.normalisation_variance(filled)
-        )
         picked = (
-            numeric_in if rest == list(numeric) else keras.layers.Lambda(pick, output_shape=(len(rest),))(numeric_in)
+            numeric_in if rest == list(numeric) else layers["SelectColumns"]([position[c] for c in rest])(numeric_in)
         )
-        parts.append(layers["Clip"](network_inputs.NORMALISED_CLIP)(norm(fill(picked))))
+        parts.append(networks.standardised_inputs(fit_rows, rest, picked))
     inputs = [numeric_in]
     for column in categorical:
         cat_in = keras.Input(shape=(1,), dtype="string", name=network_inputs.CATEGORICAL_PREFIX + column)
@@ -200,6 +155,31 @@ def build_quantile_network(
         x = keras.layers.Dropout(config.dropout)(x)
     output = keras.layers.Dense(1, activation="sigmoid", name="propensity")(x)
     return keras.Model(inputs, output, name="propensity_quantile")
+
+
+def open_ends(pieces: Any) -> Any:
+    """pieces-open: a function of (numeric input, ``pieces``' output) giving that output with each column's bottom
+    piece open below its lowest edge and its top piece above its top edge (clipped at +-``NORMALISED_CLIP``), for
+    present values (a missing value's 0 fill stays as ``pieces`` encodes it)."""
+    import keras
+
+    ops = keras.ops
+    ends = np.flatnonzero(np.diff(pieces.piece_columns, append=-1))  # the last piece of each column
+    starts = np.r_[0, ends[:-1] + 1] if ends.size else ends
+    low, high = np.zeros_like(pieces.left), np.ones_like(pieces.left)
+    low[starts], high[ends] = -network_inputs.NORMALISED_CLIP, network_inputs.NORMALISED_CLIP
+    n_pieces = int(pieces.piece_columns.size)
+
+    def opened(both: list[Any]) -> Any:
+        x, encoded = both
+        missing = ops.take(ops.isnan(x), pieces.piece_columns, axis=1)
+        filled = ops.where(ops.isnan(x), ops.zeros_like(x), x)
+        position_in = (ops.take(filled, pieces.piece_columns, axis=1) - pieces.left) / pieces.width
+        bounded = ops.minimum(ops.maximum(position_in, low), high)
+        closed, indicators = encoded[:, :n_pieces], encoded[:, n_pieces:]
+        return ops.concatenate([ops.where(missing, closed, bounded), indicators], axis=-1)
+
+    return opened
 
 
 def recency_weights(snapshot_hours: pa.ChunkedArray | pa.Array, half_life_hours: float) -> np.ndarray:

@@ -137,3 +137,71 @@ def test_an_export_written_before_the_layout_move_still_loads_and_scores_the_sam
     # Assert
     assert np.array_equal(current, before_move)
     assert "profile_engine.inference/1" in inference.READ_FORMATS and inference.FORMAT in inference.READ_FORMATS
+
+
+def test_the_quantile_encoded_network_scores_in_numpy_as_in_keras() -> None:
+    # Arrange: the network's default encoding (quantile pieces for the recency, money and peak hour, the counts
+    # log1p-standardised); rows with NaN, values below the lowest edge, above the top edge, and new values of
+    # the peak hour, constant in training (no pieces, only its is-missing indicator)
+    import keras
+
+    from profile_engine.model import inputs as network_inputs
+
+    keras.utils.set_random_seed(6)
+    rng = np.random.default_rng(8)
+    n = 500
+    numeric = ["count_cart_24h", "recency_hours", "monetary_total", "peak_hour_local", "session_count"]
+    train = pa.table(
+        {
+            "count_cart_24h": rng.poisson(1.0, n),
+            "recency_hours": pa.array(rng.exponential(200.0, n), mask=rng.random(n) < 0.2),
+            "monetary_total": rng.gamma(2.0, 30.0, n),
+            "peak_hour_local": np.full(n, 1.0),
+            "session_count": rng.poisson(4.0, n),
+            "label": rng.integers(0, 2, n),
+        }
+    )
+    network = networks.build_network(train, numeric, [], networks.ModelConfig(hidden_units=(8,)), logistic=False)
+    rows = pa.concat_tables(
+        [
+            train.slice(0, 50).drop_columns(["label"]),
+            pa.table(
+                {
+                    "count_cart_24h": pa.array([None, 0, 10_000, 2], pa.int64()),
+                    "recency_hours": [None, -10.0, 1e9, 0.5],
+                    "monetary_total": [None, -1e6, 1e12, 30.0],
+                    "peak_hour_local": [None, 0.0, 1e9, 23.0],
+                    "session_count": pa.array([3, None, 1_000_000, 0], pa.int64()),
+                }
+            ),
+        ]
+    )
+    layers = networks.custom_layers()
+
+    # Act
+    spec, weights = inference.export_network(
+        network, layers["FillMissing"], source_sha256="0" * 64, clip_class=layers["Clip"], custom=layers
+    )
+    exported = inference.InferenceNetwork.from_bytes(inference.spec_bytes(spec), weights)
+    expected = networks.predict_network(network, network_inputs.model_inputs(rows, numeric, []))
+    actual = exported.predict(network_inputs.numpy_inputs(rows, numeric, []))
+
+    # Assert
+    assert {"quantile_pieces", "select"} <= {node["op"] for node in spec["nodes"]}
+    pieces = next(node for node in spec["nodes"] if node["op"] == "quantile_pieces")
+    assert pieces["columns"] == [1, 2, 3] and 3 not in pieces["piece_columns"]
+    assert np.isfinite(actual).all()
+    assert actual == pytest.approx(expected, abs=1e-6)
+
+
+def test_export_without_the_quantile_layer_class_refuses_it() -> None:
+    # Arrange: a network using QuantilePieces, exported without the package's custom layers
+    import keras
+
+    numeric = keras.Input(shape=(2,), dtype="float32", name="numeric")
+    x = networks.custom_layers()["QuantilePieces"]([0], [[0.0, 1.0, 2.0]], name="pieces")(numeric)
+    network = keras.Model(numeric, keras.layers.Dense(1, activation="sigmoid")(x))
+
+    # Act / Assert
+    with pytest.raises(inference.UnsupportedLayer, match="layer 'pieces' \\(QuantilePieces\\)"):
+        inference.export_network(network, _fill_missing(), source_sha256="0" * 64)

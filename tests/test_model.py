@@ -304,18 +304,21 @@ def test_a_nearly_constant_float32_column_scored_far_outside_training_does_not_p
             networks.custom_layers()["FillMissing"],
             source_sha256="-",
             clip_class=networks.custom_layers()["Clip"],
+            custom=networks.custom_layers(),
         )
         exported = inference.InferenceNetwork.from_bytes(inference.spec_bytes(spec), weights)
+        first_dense = next(layer for layer in network.layers if isinstance(layer, keras.layers.Dense))
 
         # Act
         keras_scores = np.asarray(network.predict(network_inputs.model_inputs(rows, columns, []), verbose=0)).ravel()
         numpy_scores = exported.predict(network_inputs.numpy_inputs(rows, columns, []))
-        normalised = keras.Model(network.inputs, network.get_layer("clip").output).predict(
+        encoded = keras.Model(network.inputs, first_dense.input).predict(
             network_inputs.model_inputs(rows, columns, []), verbose=0
         )
 
-        # Assert: standardised inputs are bounded, and numpy mirrors Keras
-        assert np.abs(normalised).max() <= network_inputs.NORMALISED_CLIP
+        # Assert: the encoded inputs (standardised and clipped, or the network's quantile pieces in [0, 1]) are
+        # bounded, and numpy mirrors Keras
+        assert np.abs(encoded).max() <= network_inputs.NORMALISED_CLIP
         assert np.all((keras_scores > 1e-3) & (keras_scores < 1 - 1e-3)), keras_scores
         assert numpy_scores == pytest.approx(keras_scores, abs=1e-6)
 
@@ -330,6 +333,155 @@ def test_a_nearly_constant_column_gets_unit_scale_by_a_tolerance() -> None:
     # Assert
     assert variance[1] == 1.0
     assert variance[0] == pytest.approx(np.var(filled[:, 0]), rel=1e-4)
+
+
+# ---- the network's numeric encoding: quantile pieces for the non-count inputs ------------------------------------
+def test_count_columns_are_the_profiles_int64_inputs() -> None:
+    # Arrange: an int64 count, a float64 recency, an int8 RFM score, the int8 peak hour, a column outside the schema
+    numeric = ["recency_hours", "count_cart_24h", "rfm_r", "peak_hour_local", "signal", "session_count"]
+
+    # Act
+    counts = network_inputs.count_columns(numeric)
+
+    # Assert
+    assert counts == ["count_cart_24h", "session_count"]
+
+
+def test_quantile_edges_merge_bins_too_narrow_for_float32_and_give_a_constant_column_one_edge() -> None:
+    # Arrange: half the values in a cluster 1e-7 wide around 1 (float32 cannot tell most of its quantiles
+    # apart: widths of 0 or subnormals, (x - left) / width = NaN), the rest spread over [2, 100]
+    rng = np.random.default_rng(3)
+    spread = np.r_[1.0 + rng.uniform(0, 1e-7, 500), rng.uniform(2, 100, 500)]
+    fit_rows = pa.table({"spread": spread, "constant": np.full(1000, 4.0), "empty": pa.nulls(1000, pa.float64())})
+
+    # Act
+    spread_edges, constant_edges, empty_edges = network_inputs.quantile_edges(
+        fit_rows, ["spread", "constant", "empty"], 16
+    )
+    encoded = _encode(
+        [0, 1, 2],
+        [spread_edges, constant_edges, empty_edges],
+        network_inputs.numeric_matrix(fit_rows, ["spread", "constant", "empty"]),
+    )
+
+    # Assert: strictly increasing float32 edges from the minimum to the maximum, the cluster's quantiles merged
+    assert spread_edges.dtype == np.float32
+    assert spread_edges[0] == np.float32(spread.min()) and spread_edges[-1] == np.float32(spread.max())
+    widths = np.diff(spread_edges.astype(np.float64))
+    assert np.all(widths > 1e-6 * np.maximum(1.0, np.abs(spread_edges[1:])))
+    assert len(spread_edges) == 10  # the 8 quantiles inside the cluster merged into its minimum
+    assert constant_edges.tolist() == [4.0] and empty_edges.size == 1
+    assert np.isfinite(encoded).all()
+    assert encoded.shape[1] == len(spread_edges) - 1 + 3  # no pieces for the constant and empty columns
+
+
+def _encode(columns: list[int], edges: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+    layer = networks.custom_layers()["QuantilePieces"](columns, edges)
+    return np.asarray(layer(np.asarray(x, dtype=np.float32)))
+
+
+def test_quantile_pieces_are_monotone_saturate_outside_their_bin_and_flag_missing_values() -> None:
+    # Arrange: column 0 on bins [0, 1], [1, 3], [3, 7]; column 1 is not encoded; column 2 constant in training
+    edges = [np.array([0.0, 1.0, 3.0, 7.0]), np.array([5.0])]
+    sweep = np.r_[-4.0, np.linspace(-1.0, 8.0, 181), 1e9]
+    x = np.c_[sweep, np.full(sweep.size, 123.0), np.linspace(-50, 50, sweep.size)]
+
+    # Act
+    encoded = _encode([0, 2], edges, x)
+    missing = _encode([0, 2], edges, np.array([[np.nan, 1.0, 5.0], [0.0, np.nan, np.nan]]))
+
+    # Assert: 3 pieces of column 0, then the indicators of columns 0 and 2
+    pieces, indicators = encoded[:, :3], encoded[:, 3:]
+    assert encoded.shape == (sweep.size, 5)
+    assert np.all(np.diff(pieces, axis=0) >= 0)  # each piece non-decreasing in its input
+    assert np.all(np.diff(pieces.sum(axis=1)[(sweep > 0) & (sweep < 7)]) > 0)  # and their sum strictly inside
+    for j, (left, right) in enumerate([(0.0, 1.0), (1.0, 3.0), (3.0, 7.0)]):
+        assert np.all(pieces[sweep <= left, j] == 0) and np.all(pieces[sweep >= right, j] == 1)
+    assert _encode([0, 2], edges, np.array([[2.0, 0.0, 0.0]]))[0, :3].tolist() == [1.0, 0.5, 0.0]
+    assert np.all(indicators == 0)
+    # a missing value is read as 0 and flagged; column 1 (not encoded) changes nothing
+    assert missing.tolist() == [[0.0, 0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]]
+
+
+def test_quantile_pieces_refuse_edges_that_do_not_increase() -> None:
+    # Arrange / Act / Assert: a bin of width 0 would encode every value as NaN (0 / 0)
+    with pytest.raises(ValueError, match="increase strictly"):
+        networks.custom_layers()["QuantilePieces"]([0], [[1.0, 1.0, 2.0]])
+
+
+QUANTILE_NUMERIC = ["count_cart_24h", "recency_hours", "session_count", "monetary_total", "peak_hour_local"]
+
+
+def _quantile_table(n: int, seed: int) -> pa.Table:
+    """Profile-like rows: two counts, a recency with missing values, money, and a peak hour constant in training."""
+    rng = np.random.default_rng(seed)
+    recency = rng.exponential(200.0, n)
+    return pa.table(
+        {
+            "count_cart_24h": rng.poisson(1.0, n),
+            "recency_hours": pa.array(recency, mask=rng.random(n) < 0.2),
+            "session_count": rng.poisson(4.0, n),
+            "monetary_total": rng.gamma(2.0, 30.0, n),
+            "peak_hour_local": np.full(n, 1.0),
+            "segment": rng.choice(["a", "b"], n),
+            labels.LABEL: (rng.random(n) < 1 / (1 + recency / 100)).astype(np.int64),
+        }
+    )
+
+
+# rows beyond the fit range, missing values and a new value of the constant column
+QUANTILE_EDGE_ROWS = pa.table(
+    {
+        "count_cart_24h": [0, 3, 1_000, None],
+        "recency_hours": [None, -5.0, 1e9, 12.0],
+        "session_count": [2, None, 10_000, 0],
+        "monetary_total": [None, -1e6, 1e12, 15.0],
+        "peak_hour_local": [1.0, 23.0, None, 1e9],
+        "segment": ["a", "b", "zzz", None],
+    }
+)
+
+
+def test_the_network_pieces_the_non_count_inputs_and_reloads_from_its_saved_file(tmp_path: Path) -> None:
+    # Arrange
+    import keras
+
+    keras.utils.set_random_seed(4)
+    train = _quantile_table(400, 1)
+    network = networks.build_network(train, QUANTILE_NUMERIC, ["segment"], FAST, logistic=False)
+    inputs = network_inputs.model_inputs(QUANTILE_EDGE_ROWS, QUANTILE_NUMERIC, ["segment"])
+
+    # Act
+    network.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", custom_objects=networks.custom_layers())
+
+    # Assert: pieces for the recency, money and peak hour (input positions 1, 3, 4; the peak hour only its
+    # indicator), the counts (0, 2) through the log1p path; the baseline keeps the log1p path for all
+    pieces = network.get_layer("quantile_pieces")
+    assert pieces.columns == [1, 3, 4] and [len(e) for e in pieces.edges][2] == 1
+    assert pieces.edges == [
+        e.tolist() for e in network_inputs.quantile_edges(train, [QUANTILE_NUMERIC[i] for i in (1, 3, 4)], 16)
+    ]
+    assert {type(layer).__name__ for layer in network.layers} >= {"QuantilePieces", "SelectColumns", "Clip"}
+    baseline = networks.build_network(train, QUANTILE_NUMERIC, ["segment"], FAST, logistic=True)
+    assert "QuantilePieces" not in {type(layer).__name__ for layer in baseline.layers}
+    assert loaded.get_layer("quantile_pieces").edges == pieces.edges
+    before, after = networks.predict_network(network, inputs), networks.predict_network(loaded, inputs)
+    assert np.isfinite(before).all() and np.array_equal(before, after)
+
+
+def test_the_log_encoding_is_still_available() -> None:
+    # Arrange
+    train = _quantile_table(200, 2)
+    config = replace(FAST, numeric_encoding="log")
+
+    # Act
+    network = networks.build_network(train, QUANTILE_NUMERIC, [], config, logistic=False)
+
+    # Assert
+    assert "QuantilePieces" not in {type(layer).__name__ for layer in network.layers}
+    with pytest.raises(ValueError, match="numeric_encoding 'bins'"):
+        networks.build_network(train, QUANTILE_NUMERIC, [], replace(FAST, numeric_encoding="bins"), logistic=False)
 
 
 def test_a_new_shop_gets_heuristic_deciles_from_its_first_hour(tmp_path: Path) -> None:

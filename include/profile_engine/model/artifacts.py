@@ -227,6 +227,7 @@ def inference_files(
         layers["FillMissing"],
         source_sha256=hashlib.sha256(keras_bytes).hexdigest(),
         clip_class=layers["Clip"],
+        custom=layers,
     )
     spec_name, weights_name = INFERENCE_FILES[kind]
     files = {spec_name: inference.spec_bytes(spec), weights_name: weights}

@@ -40,12 +40,18 @@ def inference_file_names(network_file: str) -> tuple[str, str]:
 
 # ---- export (imports keras) ----------------------------------------------------------------------------------------
 def export_network(
-    network: Any, fill_missing_class: type, *, source_sha256: str, clip_class: type | None = None
+    network: Any,
+    fill_missing_class: type,
+    *,
+    source_sha256: str,
+    clip_class: type | None = None,
+    custom: Mapping[str, type] | None = None,
 ) -> tuple[dict[str, Any], bytes]:
     """The JSON spec and ``.npz`` bytes of a functional Keras model.
 
-    ``fill_missing_class`` and ``clip_class`` are the package's ``FillMissing`` and ``Clip`` layer classes;
-    ``source_sha256`` the checksum of the ``.keras`` file the network was saved
+    ``fill_missing_class`` and ``clip_class`` are the package's ``FillMissing`` and ``Clip`` layer classes,
+    ``custom`` the package's other layers by name (``network.custom_layers()``: ``SelectColumns``,
+    ``QuantilePieces``); ``source_sha256`` the checksum of the ``.keras`` file the network was saved
     as, recorded so a stale export is detected at load time. Raises
     ``UnsupportedLayer`` for any layer or setting outside the known set.
     """
@@ -56,6 +62,7 @@ def export_network(
     nodes: list[dict[str, Any]] = []
     arrays: dict[str, np.ndarray] = {}
     names: dict[tuple[int, int], str] = {}
+    known = {"FillMissing": fill_missing_class, **({"Clip": clip_class} if clip_class else {}), **(custom or {})}
 
     def visit(tensor: Any) -> str:
         operation, node_index, tensor_index = tensor._keras_history
@@ -70,7 +77,7 @@ def export_network(
         spec = {
             "name": name,
             "inputs": inputs,
-            **_layer_spec(keras, operation, (fill_missing_class, clip_class), name, arrays),
+            **_layer_spec(keras, operation, known, name, arrays),
         }
         nodes.append(spec)
         names[key] = name
@@ -89,12 +96,14 @@ def export_network(
 
 
 def _layer_spec(
-    keras: Any, layer: Any, custom: tuple[type, type | None], name: str, arrays: dict[str, np.ndarray]
+    keras: Any, layer: Any, custom: Mapping[str, type], name: str, arrays: dict[str, np.ndarray]
 ) -> dict[str, Any]:
-    """The spec entry of one layer, its weights added to ``arrays``; ``UnsupportedLayer`` for anything unknown."""
+    """The spec entry of one layer, its weights added to ``arrays``; ``UnsupportedLayer`` for anything unknown.
+
+    ``custom``: the package's layer classes by name (``FillMissing``, ``Clip``, ``SelectColumns``,
+    ``QuantilePieces``), those absent not exported."""
     layers = keras.layers
     kind = type(layer)
-    fill_missing_class, clip_class = custom
 
     def refuse(why: str) -> UnsupportedLayer:
         return UnsupportedLayer(f"cannot export layer {layer.name!r} ({kind.__name__}): {why}")
@@ -113,10 +122,21 @@ def _layer_spec(
         return {"op": "input", "dtype": dtype, "shape": list(layer.batch_shape[1:])}
     if getattr(layer, "compute_dtype", "float32") not in ("float32", "string"):
         raise refuse(f"compute dtype {layer.compute_dtype}; only float32 is supported")
-    if kind is fill_missing_class:
+    if kind is custom.get("FillMissing"):
         return {"op": "fill_missing"}
-    if clip_class is not None and kind is clip_class:
+    if kind is custom.get("Clip"):
         return {"op": "clip", "limit": float(layer.limit)}  # keras.ops.clip(x, -limit, limit), in float32
+    if kind is custom.get("SelectColumns"):
+        return {"op": "select", "columns": list(layer.columns)}
+    if kind is custom.get("QuantilePieces"):
+        # the float32 left edges and widths the layer computes with (its config holds the edges)
+        return {
+            "op": "quantile_pieces",
+            "columns": list(layer.columns),
+            "piece_columns": [int(c) for c in layer.piece_columns],
+            "left": weight("left", layer.left),
+            "width": weight("width", layer.width),
+        }
     if kind is layers.Normalization:
         if layer.invert or tuple(layer.axis) != (-1,):
             raise refuse(f"invert={layer.invert}, axis={layer.axis}; only invert=False over the last axis")
@@ -275,6 +295,10 @@ class InferenceNetwork:
         if op == "clip":
             limit = np.float32(node["limit"])
             return np.clip(args[0], -limit, limit)
+        if op == "select":
+            return args[0][:, node["columns"]]
+        if op == "quantile_pieces":
+            return _quantile_pieces(args[0], node, self._arrays[node["left"]], self._arrays[node["width"]])
         if op == "string_lookup":
             return _lookup(self._lookups[node["name"]], args[0])
         if op == "embedding":
@@ -323,6 +347,19 @@ def _fill_missing(x: np.ndarray) -> np.ndarray:
     np.copysign(compressed, x, out=compressed)
     np.copyto(indicator, missing)
     return out
+
+
+def _quantile_pieces(x: np.ndarray, node: Mapping[str, Any], left: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """QuantilePieces: [clip((x - left) / width, 0, 1) per bin with NaN as 0, isnan(x) per column], in float32."""
+    missing = np.isnan(x)
+    columns, piece_columns = np.asarray(node["columns"], np.intp), np.asarray(node["piece_columns"], np.intp)
+    indicators = np.asarray(missing[:, columns], dtype=np.float32)
+    if not piece_columns.size:
+        return indicators
+    position = np.where(missing, np.float32(0), x)[:, piece_columns]
+    np.subtract(position, left, out=position)
+    np.divide(position, width, out=position)
+    return np.concatenate([np.clip(position, np.float32(0), np.float32(1), out=position), indicators], axis=-1)
 
 
 def _lookup(lookup: _Lookup, strings: pa.Array | pa.ChunkedArray) -> np.ndarray:

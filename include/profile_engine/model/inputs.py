@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from profile_engine.contracts.profiles import PROFILE_SCHEMA
+
 NUMERIC_INPUT = "numeric"
 CATEGORICAL_PREFIX = "cat__"
 
@@ -80,3 +82,38 @@ def normalisation_variance(filled: np.ndarray) -> np.ndarray:
     """
     variance = np.asarray(filled, dtype=np.float64).var(axis=0)
     return np.where(variance > NORMALISATION_MIN_STD**2, variance, 1.0)
+
+
+# Quantile bins per non-count numeric input of the network (``ModelConfig.quantile_bins``): 16 is the one setting
+# measured on real data (BENCHMARKS.md, issue 20).
+QUANTILE_BINS = 16
+# Quantile edges closer than this (relative to max(1, |edge|)) are merged: a float32 bin that narrow has a width
+# that can be flushed to 0 (a subnormal), and (x - left) / 0 is NaN.
+QUANTILE_MIN_WIDTH = 1e-6
+
+
+def count_columns(numeric: Sequence[str]) -> list[str]:
+    """The count-like inputs of ``numeric``: the profile's int64 columns (event counts, lifetime and per window,
+    orders, sessions, open and repeatedly viewed items, distinct categories); not the rates, recencies, money,
+    decayed values (float64), the RFM scores or the peak hour (int8), nor a column the profile schema lacks."""
+    return [c for c in numeric if c in PROFILE_SCHEMA.names and PROFILE_SCHEMA.field(c).type == pa.int64()]
+
+
+def quantile_edges(fit_rows: pa.Table, numeric: Sequence[str], bins: int) -> list[np.ndarray]:
+    """Per column of ``numeric``, the float32 quantiles (0, 1/bins, .., 1) of its non-missing values in
+    ``fit_rows``, edges closer than ``QUANTILE_MIN_WIDTH`` (relative) to the previous kept one dropped.
+
+    A column with a single distinct value (or no value at all) gets one edge: no bins, so the
+    network sees only its is-missing indicator (``network.custom_layers()["QuantilePieces"]``).
+    """
+    matrix = numeric_matrix(fit_rows, numeric).astype(np.float64)
+    edges = []
+    for j in range(matrix.shape[1]):
+        present = matrix[:, j][~np.isnan(matrix[:, j])]
+        quantiles = np.quantile(present, np.linspace(0, 1, bins + 1)) if present.size else np.zeros(1)
+        kept = [quantiles[0]]
+        for edge in quantiles[1:]:
+            if edge - kept[-1] > QUANTILE_MIN_WIDTH * max(1.0, abs(edge)):
+                kept.append(edge)
+        edges.append(np.asarray(kept, dtype=np.float32))
+    return edges

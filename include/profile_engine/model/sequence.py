@@ -195,8 +195,9 @@ def _aggregate_branch(
 ) -> tuple[list[Any], Any]:
     """The aggregate network's inputs and its normalised input vector (what its first dense layer reads).
 
-    Built by ``build_network`` itself, so the preprocessing (FillMissing, Normalization
-    with the training statistics, Clip, StringLookup + Embedding) is the main network's code.
+    Built by ``build_network`` itself, so the preprocessing (QuantilePieces of the non-count inputs,
+    FillMissing, Normalization with the training statistics and Clip of the counts, StringLookup +
+    Embedding) is the main network's code.
     """
     import keras
 
