@@ -67,9 +67,12 @@ from profile_engine.profiles.population import (
 from profile_engine.profiles.snapshot import snapshot
 from profile_engine.profiles.state import (
     BY_HOUR_TABLES,
+    HOURS_OF_DAY,
     PENDING,
     SESSION_GAP,
     SESSIONS,
+    USER_EVENTS,
+    USERS,
     MissingStateError,
     ProfileState,
     empty_state,
@@ -202,6 +205,20 @@ def test_decayed_counters_halve_every_half_life_and_merge_exactly() -> None:
     assert first["decayed_view_7d"] == pytest.approx(2 ** (-1 / 7), rel=1e-12)
     assert later["decayed_view_1d"] == pytest.approx(0.25 + 2**-0.5, rel=1e-12)
     assert first["decayed_cart_1d"] == 0.0
+
+
+def test_advancing_an_hour_leaves_the_state_rows_of_users_without_events_untouched() -> None:
+    """An hour costs its own users: u1 (no event this hour, its sessions and orders final) keeps its
+    ``user_events``, ``users`` and ``hours_of_day`` rows as they were, decayed sums included; the
+    snapshot still decays them to the new end."""
+    purchase = {"event_type": "purchase", "order_id": "o1"}
+    before = rebuild(events({"ts": at(hours=1)}, {"ts": at(hours=1, minutes=5), **purchase}), at(hours=12), SETTINGS)
+    after = advance(before, events({"user_id": "u2", "ts": at(hours=12, minutes=1)}), at(hours=13), SETTINGS)
+
+    for name in (USER_EVENTS, USERS, HOURS_OF_DAY):
+        old, new = (s.tables[name].filter(pc.equal(s.tables[name].column(USER_ID), "u1")) for s in (before, after))
+        assert old.num_rows > 0 and new.equals(old), name
+    assert row(snapshot(after, at(hours=13), SETTINGS)[0])["decayed_view_1d"] == pytest.approx(2 ** (-12 / 24))
 
 
 def test_first_last_and_hours_since() -> None:

@@ -62,6 +62,8 @@ from profile_engine.profiles.state import (
     ADDED_STATE_COLUMNS,
     ADDED_STATE_TABLES,
     ANCHORS,
+    DECAYED_MS,
+    META,
     PENDING,
     SEALED_MARKER,
     SEALED_TABLES,
@@ -70,6 +72,7 @@ from profile_engine.profiles.state import (
     SESSIONS,
     STATE_SCHEMAS,
     STATE_TABLES,
+    USER_EVENTS,
     MissingStateError,
     ProfileState,
     SealedTiles,
@@ -104,6 +107,12 @@ def read_state(lake: Lake, hour: datetime, bucket: int) -> ProfileState:
                     .append_column(column, pa.array([value] * tables[name].num_rows, kind))
                     .select(STATE_SCHEMAS[name].names)
                 )
+    if DECAYED_MS not in tables[USER_EVENTS].column_names:  # written before it: decayed sums as of the end
+        meta, user_events = tables[META], tables[USER_EVENTS]
+        end_ms = meta.column("end_ms")[0].as_py() if meta.num_rows else 0
+        tables[USER_EVENTS] = user_events.append_column(
+            DECAYED_MS, pa.array(np.full(user_events.num_rows, end_ms, dtype=np.int64))
+        ).select(STATE_SCHEMAS[USER_EVENTS].names)
     points = tables[SESSIONS]
     if "ts_ms" in points.column_names:
         con = db.cursor()

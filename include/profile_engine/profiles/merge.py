@@ -22,6 +22,7 @@ from profile_engine.profiles.state import (
     ANCHORS,
     BUFFERED_SCHEMA,
     CARTS,
+    DECAYED_MS,
     FAVS,
     HOURLY,
     HOURS_OF_DAY,
@@ -48,6 +49,7 @@ from profile_engine.profiles.state import (
     by_hour_oldest,
     cents_sql,
     decay,
+    decayed_as_of,
     empty_state,
     fetch,
     gap_groups,
@@ -221,20 +223,16 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             BUFFERED_SCHEMA,
         )
 
-        user_events = fetch(con, _merge_user_events_sql(e, e0), STATE_SCHEMAS[USER_EVENTS])
-        users = fetch(con, _merge_users_sql(horizon, session_gap, order_gap), STATE_SCHEMAS[USERS])
+        user_events = _merge_touched(con, state.tables[USER_EVENTS], USER_EVENTS, *_user_events_sql(e))
+        users = _merge_touched(con, state.tables[USERS], USERS, *_users_sql(horizon, session_gap, order_gap))
         hourly = _merge_hourly(con, state.tables[HOURLY], e)
-        hours_of_day = fetch(
+        hours_of_day = _merge_touched(
             con,
-            f"""
-            SELECT user_id, hour_of_day, sum(n) AS n FROM (
-                SELECT user_id, hour_of_day, n FROM s_hours_of_day
-                UNION ALL
-                SELECT user_id, {LOCAL_HOUR} AS hour_of_day, count(*) AS n FROM due
-                WHERE {LOCAL_HOUR} IS NOT NULL GROUP BY ALL
-            ) GROUP BY ALL ORDER BY user_id, hour_of_day
-            """,
-            STATE_SCHEMAS[HOURS_OF_DAY],
+            state.tables[HOURS_OF_DAY],
+            HOURS_OF_DAY,
+            f"SELECT user_id, {LOCAL_HOUR} AS hour_of_day, count(*) AS n FROM due "
+            f"WHERE {LOCAL_HOUR} IS NOT NULL GROUP BY ALL",
+            "SELECT user_id, hour_of_day, sum(n) AS n FROM merge_rows GROUP BY ALL ORDER BY user_id, hour_of_day",
         )
         carts = fetch(con, _merge_carts_sql(e, horizon), STATE_SCHEMAS[CARTS])
         favs = fetch(con, _merge_favs_sql(e, horizon), STATE_SCHEMAS[FAVS])
@@ -274,38 +272,64 @@ def _merged(fields: list[tuple[str, pa.DataType, str]]) -> str:
     return ", ".join(merged)
 
 
-def _merge_user_events_sql(e: int, e0: int) -> str:
-    """SQL merging old per-type rows (decayed from ``e0`` to ``e``) with the new events."""
-    half_life = {f"decayed_{h}": hours for h, hours in HALF_LIVES}
-    old = ", ".join(
-        f"{n} * {decay(str(e - e0), half_life[n])} AS {n}" if n in half_life else n for n, _, _ in USER_EVENT_FIELDS
-    )
-    decayed = ", ".join(f"sum({decay(f'{e} - t', hours)}) AS decayed_{h}" for h, hours in HALF_LIVES)
-    return f"""
-        SELECT user_id, event_type, {_merged(USER_EVENT_FIELDS)} FROM (
-            SELECT user_id, event_type, {old} FROM s_user_events
-            UNION ALL BY NAME
-            SELECT user_id, event_type, count(*) AS n, min(t) AS first_ms, max(t) AS last_ms, {decayed},
-                   count(price) AS price_n, sum({cents_sql("price")}) AS price_cents
-            FROM due GROUP BY user_id, event_type
-        ) GROUP BY user_id, event_type ORDER BY user_id, event_type
+def _merge_touched(
+    con: duckdb.DuckDBPyConnection, old: pa.Table, name: str, new_rows: str, merged_sql: str
+) -> pa.Table:
+    """Per-user state table ``name`` with ``new_rows`` (SQL) merged in; only the rows of their users change.
+
+    ``merged_sql`` groups the view ``merge_rows``: the old rows of the users of ``new_rows`` and the new
+    rows (``UNION ALL BY NAME``). Every other row passes through untouched and in its order (an
+    Arrow filter), so an hour costs its own users, not the whole table: the untouched rows come
+    first, the merged ones (sorted by ``merged_sql``) after them, so the table is not sorted by user.
     """
+    con.execute(f"CREATE OR REPLACE TEMP TABLE merge_new AS {new_rows}")
+    touched = con.sql("SELECT DISTINCT user_id FROM merge_new").to_arrow_table().column(0)
+    schema = STATE_SCHEMAS[name]
+    if len(touched) == 0:
+        return old.select(schema.names).cast(schema)
+    hit = pc.is_in(old.column(USER_ID), value_set=touched.combine_chunks())
+    con.register("merge_old", old.filter(hit))
+    con.execute(
+        "CREATE OR REPLACE TEMP VIEW merge_rows AS SELECT * FROM merge_old UNION ALL BY NAME SELECT * FROM merge_new"
+    )
+    merged = fetch(con, merged_sql, schema)
+    return pa.concat_tables([old.filter(pc.invert(hit)).select(schema.names).cast(schema), merged])
 
 
-def _merge_users_sql(horizon: int, session_gap: int, order_gap: int) -> str:
-    """SQL adding the sessions, orders and latencies that became final to the users' totals."""
+def _user_events_sql(e: int) -> tuple[str, str]:
+    """``_merge_touched`` SQL of ``user_events``: the due events per user and type with their decayed sums
+    as of ``e``, and the merge of a user's rows, whose old sums are decayed from their ``DECAYED_MS`` to ``e``."""
+    half_life = {f"decayed_{h}": hours for h, hours in HALF_LIVES}
+    decayed = ", ".join(f"sum({decay(f'{e} - t', hours)}) AS decayed_{h}" for h, hours in HALF_LIVES)
+    new_rows = f"""
+        SELECT user_id, event_type, count(*) AS n, min(t) AS first_ms, max(t) AS last_ms, {decayed},
+               count(price) AS price_n, sum({cents_sql("price")}) AS price_cents, {e} AS {DECAYED_MS}
+        FROM due GROUP BY user_id, event_type
+    """
+    as_of_e = ", ".join(
+        f"{decayed_as_of(e, n, half_life[n])} AS {n}" if n in half_life else n for n, _, _ in USER_EVENT_FIELDS
+    )
+    merged = f"""
+        SELECT user_id, event_type, {_merged(USER_EVENT_FIELDS)}, CAST({e} AS BIGINT) AS {DECAYED_MS}
+        FROM (SELECT user_id, event_type, {as_of_e} FROM merge_rows)
+        GROUP BY user_id, event_type ORDER BY user_id, event_type
+    """
+    return new_rows, merged
+
+
+def _users_sql(horizon: int, session_gap: int, order_gap: int) -> tuple[str, str]:
+    """``_merge_touched`` SQL of ``users``: the totals of the sessions, orders and latencies that became
+    final and of the due refunds, and their merge with the users' totals."""
     final_sessions = f"(SELECT * FROM sess WHERE grp_last + {session_gap} <= {horizon})"
     final_orders = f"(SELECT * FROM ord WHERE grp_last + {order_gap} <= {horizon})"
-    return f"""
-        SELECT user_id, {_merged(USER_FIELDS)} FROM (
-            SELECT * FROM s_users
-            UNION ALL BY NAME {session_totals(final_sessions)}
-            UNION ALL BY NAME {order_totals(final_orders)}
-            UNION ALL BY NAME {latency_totals(f"({target_latencies('tgt_final', 'anc_lookup')})")}
-            UNION ALL BY NAME SELECT user_id, sum({cents_sql("coalesce(price, 0) * quantity")}) AS refund_cents
-                FROM due WHERE event_type = '{REFUND}' GROUP BY user_id
-        ) GROUP BY user_id ORDER BY user_id
+    new_rows = f"""
+        {session_totals(final_sessions)}
+        UNION ALL BY NAME {order_totals(final_orders)}
+        UNION ALL BY NAME {latency_totals(f"({target_latencies('tgt_final', 'anc_lookup')})")}
+        UNION ALL BY NAME SELECT user_id, sum({cents_sql("coalesce(price, 0) * quantity")}) AS refund_cents
+            FROM due WHERE event_type = '{REFUND}' GROUP BY user_id
     """
+    return new_rows, f"SELECT user_id, {_merged(USER_FIELDS)} FROM merge_rows GROUP BY user_id ORDER BY user_id"
 
 
 def _merge_hourly(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int) -> pa.Table:
