@@ -56,6 +56,7 @@ from profile_engine.profiles.build import (
     read_state,
     seal_state,
     snapshot_committed,
+    upgrade_state,
 )
 from profile_engine.profiles.merge import advance, rebuild, with_local_hour
 from profile_engine.profiles.population import (
@@ -67,6 +68,7 @@ from profile_engine.profiles.population import (
 from profile_engine.profiles.snapshot import snapshot
 from profile_engine.profiles.state import (
     BY_HOUR_TABLES,
+    DECAYED_MS,
     HOURS_OF_DAY,
     PENDING,
     SESSION_GAP,
@@ -449,6 +451,26 @@ def test_a_state_written_with_one_session_row_per_event_reads_as_sessions(tmp_pa
     assert read.tables[SESSIONS].equals(state.tables[SESSIONS])
     assert state.tables[SESSIONS].num_rows == 4  # a: 00:05-00:20 and 02:00; b: 01:10 (2 events) and 05:59
     assert_same(snapshot(read, end, SETTINGS)[0], snapshot(state, end, SETTINGS)[0])
+
+
+def test_a_state_written_before_decayed_ms_reads_its_decayed_sums_as_of_its_end(tmp_path: Path) -> None:
+    """Older checkpoints held ``user_events``' decayed sums as of the state's end, without ``decayed_ms``: read
+    (and upgraded) they get that end, so the next hour's snapshot decays them from there."""
+    table = events({"ts": at(hours=1)}, {"user_id": "u2", "ts": at(hours=2, minutes=30)})
+    end = at(hours=6)
+    state = rebuild(table, end, SETTINGS)
+    lake = Lake(tmp_path)
+    older = {**state.tables, USER_EVENTS: state.tables[USER_EVENTS].drop_columns([DECAYED_MS])}
+    lake.write_partition(STATE, end - HOUR, older, bucket=0)
+
+    read = read_state(lake, end - HOUR, 0)
+    assert upgrade_state(lake, end - HOUR, 0) and not upgrade_state(lake, end - HOUR, 0)
+
+    assert read.tables == state.tables == read_state(lake, end - HOUR, 0).tables
+    assert set(read.tables[USER_EVENTS].column(DECAYED_MS).to_pylist()) == {hour_ms(end)}
+    later = at(hours=30)
+    got = snapshot(advance(read, events(), later, SETTINGS), later, SETTINGS)[0]
+    assert_same(got, profiles_at(table, later)[0])
 
 
 def test_open_cart_counts_items_not_removed_or_bought() -> None:
