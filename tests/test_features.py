@@ -68,7 +68,9 @@ from profile_engine.profiles.population import (
 from profile_engine.profiles.snapshot import snapshot
 from profile_engine.profiles.state import (
     BY_HOUR_TABLES,
+    CARTS,
     DECAYED_MS,
+    FAVS,
     HOURS_OF_DAY,
     PENDING,
     SESSION_GAP,
@@ -211,13 +213,19 @@ def test_decayed_counters_halve_every_half_life_and_merge_exactly() -> None:
 
 def test_advancing_an_hour_leaves_the_state_rows_of_users_without_events_untouched() -> None:
     """An hour costs its own users: u1 (no event this hour, its sessions and orders final) keeps its
-    ``user_events``, ``users`` and ``hours_of_day`` rows as they were, decayed sums included; the
-    snapshot still decays them to the new end."""
-    purchase = {"event_type": "purchase", "order_id": "o1"}
-    before = rebuild(events({"ts": at(hours=1)}, {"ts": at(hours=1, minutes=5), **purchase}), at(hours=12), SETTINGS)
-    after = advance(before, events({"user_id": "u2", "ts": at(hours=12, minutes=1)}), at(hours=13), SETTINGS)
+    ``user_events``, ``users``, ``hours_of_day``, ``carts`` and ``favs`` rows as they were, decayed sums
+    included; the snapshot still decays them to the new end."""
+    u1 = events(
+        {"ts": at(hours=1)},
+        {"ts": at(hours=1, minutes=5), "event_type": "purchase", "order_id": "o1"},
+        {"ts": at(hours=1, minutes=10), "event_type": "cart", "item_id": "i2"},  # open: kept 30 days
+        {"ts": at(hours=1, minutes=15), "event_type": "fav", "item_id": "i3"},  # kept 72 hours
+    )
+    before = rebuild(u1, at(hours=12), SETTINGS)
+    u2 = events(*({"user_id": "u2", "ts": at(hours=12, minutes=1), "event_type": t} for t in ("cart", "fav")))
+    after = advance(before, u2, at(hours=13), SETTINGS)
 
-    for name in (USER_EVENTS, USERS, HOURS_OF_DAY):
+    for name in (USER_EVENTS, USERS, HOURS_OF_DAY, CARTS, FAVS):
         old, new = (s.tables[name].filter(pc.equal(s.tables[name].column(USER_ID), "u1")) for s in (before, after))
         assert old.num_rows > 0 and new.equals(old), name
     assert row(snapshot(after, at(hours=13), SETTINGS)[0])["decayed_view_1d"] == pytest.approx(2 ** (-12 / 24))

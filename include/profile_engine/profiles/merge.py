@@ -234,8 +234,8 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             f"WHERE {LOCAL_HOUR} IS NOT NULL GROUP BY ALL",
             "SELECT user_id, hour_of_day, sum(n) AS n FROM merge_rows GROUP BY ALL ORDER BY user_id, hour_of_day",
         )
-        carts = fetch(con, _merge_carts_sql(e, horizon), STATE_SCHEMAS[CARTS])
-        favs = fetch(con, _merge_favs_sql(e, horizon), STATE_SCHEMAS[FAVS])
+        carts = _merge_touched(con, state.tables[CARTS], CARTS, *_carts_sql(e, horizon))
+        favs = _merge_touched(con, state.tables[FAVS], FAVS, *_favs_sql(e, horizon))
         item_views = _merge_item_views(con, state.tables[ITEM_VIEWS], e)
         trait_tiles = _merge_trait_tiles(con, state.tables[TRAIT_TILES], e, load_traits(settings.traits))
     finally:
@@ -273,7 +273,7 @@ def _merged(fields: list[tuple[str, pa.DataType, str]]) -> str:
 
 
 def _merge_touched(
-    con: duckdb.DuckDBPyConnection, old: pa.Table, name: str, new_rows: str, merged_sql: str
+    con: duckdb.DuckDBPyConnection, old: pa.Table, name: str, new_rows: str, merged_sql: str, kept: str | None = None
 ) -> pa.Table:
     """Per-user state table ``name`` with ``new_rows`` (SQL) merged in; only the rows of their users change.
 
@@ -281,19 +281,24 @@ def _merge_touched(
     rows (``UNION ALL BY NAME``). Every other row passes through untouched and in its order (an
     Arrow filter), so an hour costs its own users, not the whole table: the untouched rows come
     first, the merged ones (sorted by ``merged_sql``) after them, so the table is not sorted by user.
+    ``kept``: the SQL condition of the rows kept as of this end (``merged_sql`` applies it to its own rows).
     """
     con.execute(f"CREATE OR REPLACE TEMP TABLE merge_new AS {new_rows}")
     touched = con.sql("SELECT DISTINCT user_id FROM merge_new").to_arrow_table().column(0)
     schema = STATE_SCHEMAS[name]
-    if len(touched) == 0:
-        return old.select(schema.names).cast(schema)
-    hit = pc.is_in(old.column(USER_ID), value_set=touched.combine_chunks())
+    hit = pc.is_in(old.column(USER_ID), value_set=touched.combine_chunks()) if len(touched) else None
+    untouched = old if hit is None else old.filter(pc.invert(hit))
+    if kept is not None:  # a filter, not a regrouping: the rows stay as they are
+        con.register("merge_untouched", untouched)
+        untouched = con.sql(f"SELECT * FROM merge_untouched WHERE {kept}").to_arrow_table()
+    untouched = untouched.select(schema.names).cast(schema)
+    if hit is None:
+        return untouched
     con.register("merge_old", old.filter(hit))
     con.execute(
         "CREATE OR REPLACE TEMP VIEW merge_rows AS SELECT * FROM merge_old UNION ALL BY NAME SELECT * FROM merge_new"
     )
-    merged = fetch(con, merged_sql, schema)
-    return pa.concat_tables([old.filter(pc.invert(hit)).select(schema.names).cast(schema), merged])
+    return pa.concat_tables([untouched, fetch(con, merged_sql, schema)])
 
 
 def _user_events_sql(e: int) -> tuple[str, str]:
@@ -433,31 +438,32 @@ def _merge_by_hour(
     return pa.concat_tables([untouched.select(merged.schema.names).cast(merged.schema), merged])  # no copy: as anchors
 
 
-def _merge_carts_sql(e: int, horizon: int) -> str:
-    """SQL keeping, per user and item, the latest cart line and the latest close (remove or purchase).
+def _carts_sql(e: int, horizon: int) -> tuple[str, str, str]:
+    """``_merge_touched`` SQL of ``carts``: per user and item, the latest cart line and the latest close
+    (remove or purchase), and the condition keeping a row.
 
     A row is dropped once no future event can make it matter: closed before the lateness
     horizon, or untouched for longer than the open-cart time to live.
     """
     ttl = int(OPEN_CART_TTL.total_seconds() * 1000)
-    return f"""
+    kept = _open_items_kept("cart_ms", "closed_ms", e - ttl, horizon)
+    new_rows = f"""
+        SELECT user_id, item_id,
+               CASE WHEN event_type = '{CART}' THEN t END AS cart_ms,
+               CASE WHEN event_type = '{CART}' THEN {cents_sql("coalesce(price, 0) * quantity")} END AS cart_cents,
+               CASE WHEN event_type <> '{CART}' THEN t END AS closed_ms
+        FROM due WHERE event_type IN ('{CART}', '{REMOVE_CART}', '{PURCHASE}')
+    """
+    merged = f"""
         SELECT * FROM (
             SELECT user_id, item_id, max(cart_ms) AS cart_ms,
                    arg_max(cart_cents, [cart_ms, cart_cents]) FILTER (WHERE cart_ms IS NOT NULL) AS cart_cents,
                    max(closed_ms) AS closed_ms
-            FROM (
-                SELECT user_id, item_id, cart_ms, cart_cents, closed_ms FROM s_carts
-                UNION ALL
-                SELECT user_id, item_id,
-                       CASE WHEN event_type = '{CART}' THEN t END,
-                       CASE WHEN event_type = '{CART}' THEN {cents_sql("coalesce(price, 0) * quantity")} END,
-                       CASE WHEN event_type <> '{CART}' THEN t END
-                FROM due WHERE event_type IN ('{CART}', '{REMOVE_CART}', '{PURCHASE}')
-            ) GROUP BY user_id, item_id
+            FROM merge_rows GROUP BY user_id, item_id
         )
-        WHERE {_open_items_kept("cart_ms", "closed_ms", e - ttl, horizon)}
-        ORDER BY user_id, item_id
+        WHERE {kept} ORDER BY user_id, item_id
     """
+    return new_rows, merged, kept
 
 
 def _open_items_kept(opened: str, closed: str, oldest: int, horizon: int) -> str:
@@ -472,27 +478,29 @@ def _open_items_kept(opened: str, closed: str, oldest: int, horizon: int) -> str
     )
 
 
-def _merge_favs_sql(e: int, horizon: int) -> str:
-    """SQL keeping, per user and item, the latest favourite and the latest purchase while they can matter.
+def _favs_sql(e: int, horizon: int) -> tuple[str, str, str]:
+    """``_merge_touched`` SQL of ``favs``: per user and item, the latest favourite and the latest purchase,
+    and the condition keeping a row while they can matter.
 
     A favourite is open while no purchase of its item is at or after it; only favourites
     within the longest ``OPEN_WINDOWS`` count, so rows untouched for longer are dropped
     (a late favourite that old is outside every window too).
     """
     oldest = e - max(h for _, h in OPEN_WINDOWS) * MS_HOUR
-    return f"""
-        SELECT * FROM (
-            SELECT user_id, item_id, max(fav_ms) AS fav_ms, max(bought_ms) AS bought_ms FROM (
-                SELECT user_id, item_id, fav_ms, bought_ms FROM s_favs
-                UNION ALL
-                SELECT user_id, item_id, CASE WHEN event_type = '{FAV}' THEN t END,
-                       CASE WHEN event_type = '{PURCHASE}' THEN t END
-                FROM due WHERE event_type IN ('{FAV}', '{PURCHASE}')
-            ) GROUP BY user_id, item_id
-        )
-        WHERE {_open_items_kept("fav_ms", "bought_ms", oldest, horizon)}
-        ORDER BY user_id, item_id
+    kept = _open_items_kept("fav_ms", "bought_ms", oldest, horizon)
+    new_rows = f"""
+        SELECT user_id, item_id, CASE WHEN event_type = '{FAV}' THEN t END AS fav_ms,
+               CASE WHEN event_type = '{PURCHASE}' THEN t END AS bought_ms
+        FROM due WHERE event_type IN ('{FAV}', '{PURCHASE}')
     """
+    merged = f"""
+        SELECT * FROM (
+            SELECT user_id, item_id, max(fav_ms) AS fav_ms, max(bought_ms) AS bought_ms
+            FROM merge_rows GROUP BY user_id, item_id
+        )
+        WHERE {kept} ORDER BY user_id, item_id
+    """
+    return new_rows, merged, kept
 
 
 def rebuild(events: pa.Table, end: datetime, settings: Settings) -> ProfileState:
