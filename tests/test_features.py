@@ -56,6 +56,7 @@ from profile_engine.profiles.build import (
     read_state,
     seal_state,
     snapshot_committed,
+    upgrade_state,
 )
 from profile_engine.profiles.merge import advance, rebuild, with_local_hour
 from profile_engine.profiles.population import (
@@ -67,9 +68,15 @@ from profile_engine.profiles.population import (
 from profile_engine.profiles.snapshot import snapshot
 from profile_engine.profiles.state import (
     BY_HOUR_TABLES,
+    CARTS,
+    DECAYED_MS,
+    FAVS,
+    HOURS_OF_DAY,
     PENDING,
     SESSION_GAP,
     SESSIONS,
+    USER_EVENTS,
+    USERS,
     MissingStateError,
     ProfileState,
     empty_state,
@@ -202,6 +209,26 @@ def test_decayed_counters_halve_every_half_life_and_merge_exactly() -> None:
     assert first["decayed_view_7d"] == pytest.approx(2 ** (-1 / 7), rel=1e-12)
     assert later["decayed_view_1d"] == pytest.approx(0.25 + 2**-0.5, rel=1e-12)
     assert first["decayed_cart_1d"] == 0.0
+
+
+def test_advancing_an_hour_leaves_the_state_rows_of_users_without_events_untouched() -> None:
+    """An hour costs its own users: u1 (no event this hour, its sessions and orders final) keeps its
+    ``user_events``, ``users``, ``hours_of_day``, ``carts`` and ``favs`` rows as they were, decayed sums
+    included; the snapshot still decays them to the new end."""
+    u1 = events(
+        {"ts": at(hours=1)},
+        {"ts": at(hours=1, minutes=5), "event_type": "purchase", "order_id": "o1"},
+        {"ts": at(hours=1, minutes=10), "event_type": "cart", "item_id": "i2"},  # open: kept 30 days
+        {"ts": at(hours=1, minutes=15), "event_type": "fav", "item_id": "i3"},  # kept 72 hours
+    )
+    before = rebuild(u1, at(hours=12), SETTINGS)
+    u2 = events(*({"user_id": "u2", "ts": at(hours=12, minutes=1), "event_type": t} for t in ("cart", "fav")))
+    after = advance(before, u2, at(hours=13), SETTINGS)
+
+    for name in (USER_EVENTS, USERS, HOURS_OF_DAY, CARTS, FAVS):
+        old, new = (s.tables[name].filter(pc.equal(s.tables[name].column(USER_ID), "u1")) for s in (before, after))
+        assert old.num_rows > 0 and new.equals(old), name
+    assert row(snapshot(after, at(hours=13), SETTINGS)[0])["decayed_view_1d"] == pytest.approx(2 ** (-12 / 24))
 
 
 def test_first_last_and_hours_since() -> None:
@@ -432,6 +459,26 @@ def test_a_state_written_with_one_session_row_per_event_reads_as_sessions(tmp_pa
     assert read.tables[SESSIONS].equals(state.tables[SESSIONS])
     assert state.tables[SESSIONS].num_rows == 4  # a: 00:05-00:20 and 02:00; b: 01:10 (2 events) and 05:59
     assert_same(snapshot(read, end, SETTINGS)[0], snapshot(state, end, SETTINGS)[0])
+
+
+def test_a_state_written_before_decayed_ms_reads_its_decayed_sums_as_of_its_end(tmp_path: Path) -> None:
+    """Older checkpoints held ``user_events``' decayed sums as of the state's end, without ``decayed_ms``: read
+    (and upgraded) they get that end, so the next hour's snapshot decays them from there."""
+    table = events({"ts": at(hours=1)}, {"user_id": "u2", "ts": at(hours=2, minutes=30)})
+    end = at(hours=6)
+    state = rebuild(table, end, SETTINGS)
+    lake = Lake(tmp_path)
+    older = {**state.tables, USER_EVENTS: state.tables[USER_EVENTS].drop_columns([DECAYED_MS])}
+    lake.write_partition(STATE, end - HOUR, older, bucket=0)
+
+    read = read_state(lake, end - HOUR, 0)
+    assert upgrade_state(lake, end - HOUR, 0) and not upgrade_state(lake, end - HOUR, 0)
+
+    assert read.tables == state.tables == read_state(lake, end - HOUR, 0).tables
+    assert set(read.tables[USER_EVENTS].column(DECAYED_MS).to_pylist()) == {hour_ms(end)}
+    later = at(hours=30)
+    got = snapshot(advance(read, events(), later, SETTINGS), later, SETTINGS)[0]
+    assert_same(got, profiles_at(table, later)[0])
 
 
 def test_open_cart_counts_items_not_removed_or_bought() -> None:

@@ -62,6 +62,8 @@ from profile_engine.profiles.state import (
     ADDED_STATE_COLUMNS,
     ADDED_STATE_TABLES,
     ANCHORS,
+    DECAYED_MS,
+    META,
     PENDING,
     SEALED_MARKER,
     SEALED_TABLES,
@@ -70,6 +72,7 @@ from profile_engine.profiles.state import (
     SESSIONS,
     STATE_SCHEMAS,
     STATE_TABLES,
+    USER_EVENTS,
     MissingStateError,
     ProfileState,
     SealedTiles,
@@ -86,7 +89,8 @@ def read_state(lake: Lake, hour: datetime, bucket: int) -> ProfileState:
 
     States written before the session buffer held one row per session (it held one
     ``ts_ms`` row per event) are converted on reading: grouping the points gives the
-    sessions the current layout stores.
+    sessions the current layout stores. A ``user_events`` written before ``decayed_ms``
+    held its decayed sums as of the state's end: that end is their ``decayed_ms``.
     """
     base = lake.partition(STATE, hour, bucket)
     tables = {
@@ -104,6 +108,12 @@ def read_state(lake: Lake, hour: datetime, bucket: int) -> ProfileState:
                     .append_column(column, pa.array([value] * tables[name].num_rows, kind))
                     .select(STATE_SCHEMAS[name].names)
                 )
+    if DECAYED_MS not in tables[USER_EVENTS].column_names:  # written before it: decayed sums as of the end
+        meta, user_events = tables[META], tables[USER_EVENTS]
+        end_ms = meta.column("end_ms")[0].as_py() if meta.num_rows else 0
+        tables[USER_EVENTS] = user_events.append_column(
+            DECAYED_MS, pa.array(np.full(user_events.num_rows, end_ms, dtype=np.int64))
+        ).select(STATE_SCHEMAS[USER_EVENTS].names)
     points = tables[SESSIONS]
     if "ts_ms" in points.column_names:
         con = db.cursor()
@@ -236,14 +246,17 @@ def expired_tile_days(lake: Lake, bucket: int, oldest_end: datetime, settings: S
 def upgrade_state(lake: Lake, hour: datetime, bucket: int) -> bool:
     """Rewrite the committed state of ``hour`` and ``bucket`` in the current layout; whether it was older.
 
-    Reading converts older layouts anyway (``read_state``); rewriting once saves that
-    conversion on every later read of the same checkpoint (benchmarks reuse one). The
+    Reading converts older layouts anyway (``read_state``: the session points, ``user_events``
+    without ``decayed_ms``); rewriting once saves that conversion on every later read of the
+    same checkpoint (benchmarks reuse one). The
     ``SEALED_MARKER`` stays what it was: it says where the checkpoint's older rows are (in
     the bucket's tiles, or in the checkpoint itself), which converting the sessions does not
     change. An older-layout checkpoint predates the tiles and holds every hour: it stays
     unmarked (marked, its next hour would add the tiles to the rows it holds).
     """
-    if "ts_ms" not in lake.read_named(STATE, hour, SESSIONS, bucket).column_names:
+    base = lake.partition(STATE, hour, bucket)
+    sessions = lake.read_named(STATE, hour, SESSIONS, bucket).column_names
+    if "ts_ms" not in sessions and DECAYED_MS in pq.read_schema(base / f"{USER_EVENTS}.parquet").names:
         return False
     state = read_state(lake, hour, bucket)
     lake.write_partition(

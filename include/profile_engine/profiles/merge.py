@@ -22,6 +22,7 @@ from profile_engine.profiles.state import (
     ANCHORS,
     BUFFERED_SCHEMA,
     CARTS,
+    DECAYED_MS,
     FAVS,
     HOURLY,
     HOURS_OF_DAY,
@@ -48,6 +49,7 @@ from profile_engine.profiles.state import (
     by_hour_oldest,
     cents_sql,
     decay,
+    decayed_as_of,
     empty_state,
     fetch,
     gap_groups,
@@ -221,23 +223,19 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             BUFFERED_SCHEMA,
         )
 
-        user_events = fetch(con, _merge_user_events_sql(e, e0), STATE_SCHEMAS[USER_EVENTS])
-        users = fetch(con, _merge_users_sql(horizon, session_gap, order_gap), STATE_SCHEMAS[USERS])
+        user_events = _merge_touched(con, state.tables[USER_EVENTS], USER_EVENTS, *_user_events_sql(e))
+        users = _merge_touched(con, state.tables[USERS], USERS, *_users_sql(horizon, session_gap, order_gap))
         hourly = _merge_hourly(con, state.tables[HOURLY], e)
-        hours_of_day = fetch(
+        hours_of_day = _merge_touched(
             con,
-            f"""
-            SELECT user_id, hour_of_day, sum(n) AS n FROM (
-                SELECT user_id, hour_of_day, n FROM s_hours_of_day
-                UNION ALL
-                SELECT user_id, {LOCAL_HOUR} AS hour_of_day, count(*) AS n FROM due
-                WHERE {LOCAL_HOUR} IS NOT NULL GROUP BY ALL
-            ) GROUP BY ALL ORDER BY user_id, hour_of_day
-            """,
-            STATE_SCHEMAS[HOURS_OF_DAY],
+            state.tables[HOURS_OF_DAY],
+            HOURS_OF_DAY,
+            f"SELECT user_id, {LOCAL_HOUR} AS hour_of_day, count(*) AS n FROM due "
+            f"WHERE {LOCAL_HOUR} IS NOT NULL GROUP BY ALL",
+            "SELECT user_id, hour_of_day, sum(n) AS n FROM merge_rows GROUP BY ALL ORDER BY user_id, hour_of_day",
         )
-        carts = fetch(con, _merge_carts_sql(e, horizon), STATE_SCHEMAS[CARTS])
-        favs = fetch(con, _merge_favs_sql(e, horizon), STATE_SCHEMAS[FAVS])
+        carts = _merge_touched(con, state.tables[CARTS], CARTS, *_carts_sql(e, horizon))
+        favs = _merge_touched(con, state.tables[FAVS], FAVS, *_favs_sql(e, horizon))
         item_views = _merge_item_views(con, state.tables[ITEM_VIEWS], e)
         trait_tiles = _merge_trait_tiles(con, state.tables[TRAIT_TILES], e, load_traits(settings.traits))
     finally:
@@ -274,38 +272,69 @@ def _merged(fields: list[tuple[str, pa.DataType, str]]) -> str:
     return ", ".join(merged)
 
 
-def _merge_user_events_sql(e: int, e0: int) -> str:
-    """SQL merging old per-type rows (decayed from ``e0`` to ``e``) with the new events."""
-    half_life = {f"decayed_{h}": hours for h, hours in HALF_LIVES}
-    old = ", ".join(
-        f"{n} * {decay(str(e - e0), half_life[n])} AS {n}" if n in half_life else n for n, _, _ in USER_EVENT_FIELDS
-    )
-    decayed = ", ".join(f"sum({decay(f'{e} - t', hours)}) AS decayed_{h}" for h, hours in HALF_LIVES)
-    return f"""
-        SELECT user_id, event_type, {_merged(USER_EVENT_FIELDS)} FROM (
-            SELECT user_id, event_type, {old} FROM s_user_events
-            UNION ALL BY NAME
-            SELECT user_id, event_type, count(*) AS n, min(t) AS first_ms, max(t) AS last_ms, {decayed},
-                   count(price) AS price_n, sum({cents_sql("price")}) AS price_cents
-            FROM due GROUP BY user_id, event_type
-        ) GROUP BY user_id, event_type ORDER BY user_id, event_type
+def _merge_touched(
+    con: duckdb.DuckDBPyConnection, old: pa.Table, name: str, new_rows: str, merged_sql: str, kept: str | None = None
+) -> pa.Table:
+    """Per-user state table ``name`` with ``new_rows`` (SQL) merged in; only the rows of their users change.
+
+    ``merged_sql`` groups the view ``merge_rows``: the old rows of the users of ``new_rows`` and the new
+    rows (``UNION ALL BY NAME``). Every other row passes through untouched and in its order (an
+    Arrow filter), so an hour costs its own users, not the whole table: the untouched rows come
+    first, the merged ones (sorted by ``merged_sql``) after them, so the table is not sorted by user.
+    ``kept``: the SQL condition of the rows kept as of this end (``merged_sql`` applies it to its own rows).
     """
+    con.execute(f"CREATE OR REPLACE TEMP TABLE merge_new AS {new_rows}")
+    touched = con.sql("SELECT DISTINCT user_id FROM merge_new").to_arrow_table().column(0)
+    schema = STATE_SCHEMAS[name]
+    hit = pc.is_in(old.column(USER_ID), value_set=touched.combine_chunks()) if len(touched) else None
+    untouched = old if hit is None else old.filter(pc.invert(hit))
+    if kept is not None:  # a filter, not a regrouping: the rows stay as they are
+        con.register("merge_untouched", untouched)
+        untouched = con.sql(f"SELECT * FROM merge_untouched WHERE {kept}").to_arrow_table()
+    untouched = untouched.select(schema.names).cast(schema)
+    if hit is None:
+        return untouched
+    con.register("merge_old", old.filter(hit))
+    con.execute(
+        "CREATE OR REPLACE TEMP VIEW merge_rows AS SELECT * FROM merge_old UNION ALL BY NAME SELECT * FROM merge_new"
+    )
+    return pa.concat_tables([untouched, fetch(con, merged_sql, schema)])
 
 
-def _merge_users_sql(horizon: int, session_gap: int, order_gap: int) -> str:
-    """SQL adding the sessions, orders and latencies that became final to the users' totals."""
+def _user_events_sql(e: int) -> tuple[str, str]:
+    """``_merge_touched`` SQL of ``user_events``: the due events per user and type with their decayed sums
+    as of ``e``, and the merge of a user's rows, whose old sums are decayed from their ``DECAYED_MS`` to ``e``."""
+    half_life = {f"decayed_{h}": hours for h, hours in HALF_LIVES}
+    decayed = ", ".join(f"sum({decay(f'{e} - t', hours)}) AS decayed_{h}" for h, hours in HALF_LIVES)
+    new_rows = f"""
+        SELECT user_id, event_type, count(*) AS n, min(t) AS first_ms, max(t) AS last_ms, {decayed},
+               count(price) AS price_n, sum({cents_sql("price")}) AS price_cents, {e} AS {DECAYED_MS}
+        FROM due GROUP BY user_id, event_type
+    """
+    as_of_e = ", ".join(
+        f"{decayed_as_of(e, n, half_life[n])} AS {n}" if n in half_life else n for n, _, _ in USER_EVENT_FIELDS
+    )
+    merged = f"""
+        SELECT user_id, event_type, {_merged(USER_EVENT_FIELDS)}, CAST({e} AS BIGINT) AS {DECAYED_MS}
+        FROM (SELECT user_id, event_type, {as_of_e} FROM merge_rows)
+        GROUP BY user_id, event_type ORDER BY user_id, event_type
+    """
+    return new_rows, merged
+
+
+def _users_sql(horizon: int, session_gap: int, order_gap: int) -> tuple[str, str]:
+    """``_merge_touched`` SQL of ``users``: the totals of the sessions, orders and latencies that became
+    final and of the due refunds, and their merge with the users' totals."""
     final_sessions = f"(SELECT * FROM sess WHERE grp_last + {session_gap} <= {horizon})"
     final_orders = f"(SELECT * FROM ord WHERE grp_last + {order_gap} <= {horizon})"
-    return f"""
-        SELECT user_id, {_merged(USER_FIELDS)} FROM (
-            SELECT * FROM s_users
-            UNION ALL BY NAME {session_totals(final_sessions)}
-            UNION ALL BY NAME {order_totals(final_orders)}
-            UNION ALL BY NAME {latency_totals(f"({target_latencies('tgt_final', 'anc_lookup')})")}
-            UNION ALL BY NAME SELECT user_id, sum({cents_sql("coalesce(price, 0) * quantity")}) AS refund_cents
-                FROM due WHERE event_type = '{REFUND}' GROUP BY user_id
-        ) GROUP BY user_id ORDER BY user_id
+    new_rows = f"""
+        {session_totals(final_sessions)}
+        UNION ALL BY NAME {order_totals(final_orders)}
+        UNION ALL BY NAME {latency_totals(f"({target_latencies('tgt_final', 'anc_lookup')})")}
+        UNION ALL BY NAME SELECT user_id, sum({cents_sql("coalesce(price, 0) * quantity")}) AS refund_cents
+            FROM due WHERE event_type = '{REFUND}' GROUP BY user_id
     """
+    return new_rows, f"SELECT user_id, {_merged(USER_FIELDS)} FROM merge_rows GROUP BY user_id ORDER BY user_id"
 
 
 def _merge_hourly(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int) -> pa.Table:
@@ -409,31 +438,32 @@ def _merge_by_hour(
     return pa.concat_tables([untouched.select(merged.schema.names).cast(merged.schema), merged])  # no copy: as anchors
 
 
-def _merge_carts_sql(e: int, horizon: int) -> str:
-    """SQL keeping, per user and item, the latest cart line and the latest close (remove or purchase).
+def _carts_sql(e: int, horizon: int) -> tuple[str, str, str]:
+    """``_merge_touched`` SQL of ``carts``: per user and item, the latest cart line and the latest close
+    (remove or purchase), and the condition keeping a row.
 
     A row is dropped once no future event can make it matter: closed before the lateness
     horizon, or untouched for longer than the open-cart time to live.
     """
     ttl = int(OPEN_CART_TTL.total_seconds() * 1000)
-    return f"""
+    kept = _open_items_kept("cart_ms", "closed_ms", e - ttl, horizon)
+    new_rows = f"""
+        SELECT user_id, item_id,
+               CASE WHEN event_type = '{CART}' THEN t END AS cart_ms,
+               CASE WHEN event_type = '{CART}' THEN {cents_sql("coalesce(price, 0) * quantity")} END AS cart_cents,
+               CASE WHEN event_type <> '{CART}' THEN t END AS closed_ms
+        FROM due WHERE event_type IN ('{CART}', '{REMOVE_CART}', '{PURCHASE}')
+    """
+    merged = f"""
         SELECT * FROM (
             SELECT user_id, item_id, max(cart_ms) AS cart_ms,
                    arg_max(cart_cents, [cart_ms, cart_cents]) FILTER (WHERE cart_ms IS NOT NULL) AS cart_cents,
                    max(closed_ms) AS closed_ms
-            FROM (
-                SELECT user_id, item_id, cart_ms, cart_cents, closed_ms FROM s_carts
-                UNION ALL
-                SELECT user_id, item_id,
-                       CASE WHEN event_type = '{CART}' THEN t END,
-                       CASE WHEN event_type = '{CART}' THEN {cents_sql("coalesce(price, 0) * quantity")} END,
-                       CASE WHEN event_type <> '{CART}' THEN t END
-                FROM due WHERE event_type IN ('{CART}', '{REMOVE_CART}', '{PURCHASE}')
-            ) GROUP BY user_id, item_id
+            FROM merge_rows GROUP BY user_id, item_id
         )
-        WHERE {_open_items_kept("cart_ms", "closed_ms", e - ttl, horizon)}
-        ORDER BY user_id, item_id
+        WHERE {kept} ORDER BY user_id, item_id
     """
+    return new_rows, merged, kept
 
 
 def _open_items_kept(opened: str, closed: str, oldest: int, horizon: int) -> str:
@@ -448,27 +478,29 @@ def _open_items_kept(opened: str, closed: str, oldest: int, horizon: int) -> str
     )
 
 
-def _merge_favs_sql(e: int, horizon: int) -> str:
-    """SQL keeping, per user and item, the latest favourite and the latest purchase while they can matter.
+def _favs_sql(e: int, horizon: int) -> tuple[str, str, str]:
+    """``_merge_touched`` SQL of ``favs``: per user and item, the latest favourite and the latest purchase,
+    and the condition keeping a row while they can matter.
 
     A favourite is open while no purchase of its item is at or after it; only favourites
     within the longest ``OPEN_WINDOWS`` count, so rows untouched for longer are dropped
     (a late favourite that old is outside every window too).
     """
     oldest = e - max(h for _, h in OPEN_WINDOWS) * MS_HOUR
-    return f"""
-        SELECT * FROM (
-            SELECT user_id, item_id, max(fav_ms) AS fav_ms, max(bought_ms) AS bought_ms FROM (
-                SELECT user_id, item_id, fav_ms, bought_ms FROM s_favs
-                UNION ALL
-                SELECT user_id, item_id, CASE WHEN event_type = '{FAV}' THEN t END,
-                       CASE WHEN event_type = '{PURCHASE}' THEN t END
-                FROM due WHERE event_type IN ('{FAV}', '{PURCHASE}')
-            ) GROUP BY user_id, item_id
-        )
-        WHERE {_open_items_kept("fav_ms", "bought_ms", oldest, horizon)}
-        ORDER BY user_id, item_id
+    kept = _open_items_kept("fav_ms", "bought_ms", oldest, horizon)
+    new_rows = f"""
+        SELECT user_id, item_id, CASE WHEN event_type = '{FAV}' THEN t END AS fav_ms,
+               CASE WHEN event_type = '{PURCHASE}' THEN t END AS bought_ms
+        FROM due WHERE event_type IN ('{FAV}', '{PURCHASE}')
     """
+    merged = f"""
+        SELECT * FROM (
+            SELECT user_id, item_id, max(fav_ms) AS fav_ms, max(bought_ms) AS bought_ms
+            FROM merge_rows GROUP BY user_id, item_id
+        )
+        WHERE {kept} ORDER BY user_id, item_id
+    """
+    return new_rows, merged, kept
 
 
 def rebuild(events: pa.Table, end: datetime, settings: Settings) -> ProfileState:

@@ -84,6 +84,7 @@ from profile_engine.profiles.state import (
     affinity_decay_sql,
     anchor_lookup_sql,
     buffered_sql,
+    decayed_as_of,
     fetch,
     gap_groups,
     hour_ms,
@@ -241,7 +242,10 @@ def _profiles_sql(e: int, traits: tuple[Trait, ...]) -> str:
         where = f"FILTER (WHERE event_type = '{t}')"
         per_type += [f"coalesce(sum({n}) {where}, 0) AS {n}_{t}" for n in ("n", "price_n", "price_cents")]
         per_type += [f"min(first_ms) {where} AS first_{t}_ms", f"max(last_ms) {where} AS last_{t}_ms"]
-        per_type += [f"coalesce(sum(decayed_{h}) {where}, 0) AS decayed_{h}_{t}" for h, _ in HALF_LIVES]
+        per_type += [
+            f"coalesce(sum({decayed_as_of(e, f'decayed_{h}', hours)}) {where}, 0) AS decayed_{h}_{t}"
+            for h, hours in HALF_LIVES
+        ]
     cols: dict[str, str] = {USER_ID: "ue.user_id", SNAPSHOT_HOUR: str(e - MS_HOUR)}
     for t in EVENT_TYPES:
         cols[count_column(t, "lifetime")] = f"n_{t}"

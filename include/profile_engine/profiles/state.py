@@ -61,6 +61,10 @@ USER_EVENT_FIELDS: list[tuple[str, pa.DataType, str]] = [
     ("price_n", pa.int64(), "sum"),
     ("price_cents", pa.int64(), "sum"),
 ]
+# The time (epoch ms) the row's ``decayed_*`` sums are as of: set when ``advance`` merges events into the
+# row, so the rows of users without events pass through unchanged; readers decay them to their own end
+# (``decayed_as_of``). A state written before the column existed had them as of its end (``read_state``).
+DECAYED_MS = "decayed_ms"
 USER_FIELDS: list[tuple[str, pa.DataType, str]] = [
     ("orders_n", pa.int64(), "sum"),
     ("orders_cents", pa.int64(), "sum"),
@@ -89,7 +93,9 @@ def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
 _S, _I64 = pa.string(), pa.int64()
 STATE_SCHEMAS: dict[str, pa.Schema] = {
     META: _schema(("end_ms", _I64)),
-    USER_EVENTS: _schema((USER_ID, _S), ("event_type", _S), *[(n, t) for n, t, _ in USER_EVENT_FIELDS]),
+    USER_EVENTS: _schema(
+        (USER_ID, _S), ("event_type", _S), *[(n, t) for n, t, _ in USER_EVENT_FIELDS], (DECAYED_MS, _I64)
+    ),
     USERS: _schema((USER_ID, _S), *[(n, t) for n, t, _ in USER_FIELDS]),
     HOURLY: _schema(
         (USER_ID, _S),
@@ -312,6 +318,11 @@ def cents_sql(amount_sql: str) -> str:
 def decay(age_ms_sql: str, half_life_hours: float) -> str:
     """SQL factor 2^(-age / half-life): exact exponential decay of a count."""
     return f"pow(2.0, -CAST({age_ms_sql} AS DOUBLE) / {half_life_hours * MS_HOUR})"
+
+
+def decayed_as_of(e: int, column: str, half_life_hours: float) -> str:
+    """SQL of the ``user_events`` sum ``column`` (as of its row's ``DECAYED_MS``) decayed to ``e``."""
+    return f"{column} * {decay(f'{e} - {DECAYED_MS}', half_life_hours)}"
 
 
 def gap_groups(rows_sql: str, keys: str, gap_ms: int) -> str:
