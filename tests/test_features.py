@@ -481,6 +481,21 @@ def test_a_state_written_before_decayed_ms_reads_its_decayed_sums_as_of_its_end(
     assert_same(got, profiles_at(table, later)[0])
 
 
+def test_upgrade_state_rewrites_a_checkpoint_missing_any_added_column(tmp_path: Path) -> None:
+    """``upgrade_state`` looks for every column of ``ADDED_STATE_COLUMNS``: a checkpoint written before
+    ``users.refund_cents`` is rewritten once (the refund is 0), like one before ``decayed_ms``."""
+    table = events({"ts": at(hours=1), "event_type": "purchase"})
+    end = at(hours=6)
+    state = rebuild(table, end, SETTINGS)
+    lake = Lake(tmp_path)
+    lake.write_partition(
+        STATE, end - HOUR, {**state.tables, USERS: state.tables[USERS].drop_columns(["refund_cents"])}, bucket=0
+    )
+
+    assert upgrade_state(lake, end - HOUR, 0) and not upgrade_state(lake, end - HOUR, 0)
+    assert read_state(lake, end - HOUR, 0).tables == state.tables
+
+
 def test_open_cart_counts_items_not_removed_or_bought() -> None:
     end = at(days=40)
     cart = {"event_type": "cart"}

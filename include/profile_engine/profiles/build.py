@@ -62,7 +62,6 @@ from profile_engine.profiles.state import (
     ADDED_STATE_COLUMNS,
     ADDED_STATE_TABLES,
     ANCHORS,
-    DECAYED_MS,
     META,
     PENDING,
     SEALED_MARKER,
@@ -70,9 +69,9 @@ from profile_engine.profiles.state import (
     SEALED_TIME,
     SESSION_GAP,
     SESSIONS,
+    STATE_END,
     STATE_SCHEMAS,
     STATE_TABLES,
-    USER_EVENTS,
     MissingStateError,
     ProfileState,
     SealedTiles,
@@ -99,21 +98,18 @@ def read_state(lake: Lake, hour: datetime, bucket: int) -> ProfileState:
         else STATE_SCHEMAS[name].empty_table()
         for name in STATE_TABLES
     }
+    meta = tables[META]
+    end_ms = meta.column("end_ms")[0].as_py() if meta.num_rows else 0
     for name, defaults in ADDED_STATE_COLUMNS.items():
         for column, value in defaults.items():
             if column not in tables[name].column_names:
                 kind = STATE_SCHEMAS[name].field(column).type
+                filled = end_ms if value == STATE_END else value
                 tables[name] = (
                     tables[name]
-                    .append_column(column, pa.array([value] * tables[name].num_rows, kind))
+                    .append_column(column, pa.array([filled] * tables[name].num_rows, kind))
                     .select(STATE_SCHEMAS[name].names)
                 )
-    if DECAYED_MS not in tables[USER_EVENTS].column_names:  # written before it: decayed sums as of the end
-        meta, user_events = tables[META], tables[USER_EVENTS]
-        end_ms = meta.column("end_ms")[0].as_py() if meta.num_rows else 0
-        tables[USER_EVENTS] = user_events.append_column(
-            DECAYED_MS, pa.array(np.full(user_events.num_rows, end_ms, dtype=np.int64))
-        ).select(STATE_SCHEMAS[USER_EVENTS].names)
     points = tables[SESSIONS]
     if "ts_ms" in points.column_names:
         con = db.cursor()
@@ -246,8 +242,8 @@ def expired_tile_days(lake: Lake, bucket: int, oldest_end: datetime, settings: S
 def upgrade_state(lake: Lake, hour: datetime, bucket: int) -> bool:
     """Rewrite the committed state of ``hour`` and ``bucket`` in the current layout; whether it was older.
 
-    Reading converts older layouts anyway (``read_state``: the session points, ``user_events``
-    without ``decayed_ms``); rewriting once saves that conversion on every later read of the
+    Reading converts older layouts anyway (``read_state``: the session points, the columns of
+    ``ADDED_STATE_COLUMNS`` such as ``user_events``' ``decayed_ms``); rewriting once saves that conversion on every later read of the
     same checkpoint (benchmarks reuse one). The
     ``SEALED_MARKER`` stays what it was: it says where the checkpoint's older rows are (in
     the bucket's tiles, or in the checkpoint itself), which converting the sessions does not
@@ -256,7 +252,11 @@ def upgrade_state(lake: Lake, hour: datetime, bucket: int) -> bool:
     """
     base = lake.partition(STATE, hour, bucket)
     sessions = lake.read_named(STATE, hour, SESSIONS, bucket).column_names
-    if "ts_ms" not in sessions and DECAYED_MS in pq.read_schema(base / f"{USER_EVENTS}.parquet").names:
+    added = all(
+        set(columns) <= set(pq.read_schema(base / f"{name}.parquet").names)
+        for name, columns in ADDED_STATE_COLUMNS.items()
+    )
+    if "ts_ms" not in sessions and added:
         return False
     state = read_state(lake, hour, bucket)
     lake.write_partition(

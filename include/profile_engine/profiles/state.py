@@ -81,9 +81,15 @@ USER_FIELDS: list[tuple[str, pa.DataType, str]] = [
     # value of the user's refunds (negative cents): final at once, nothing groups them
     ("refund_cents", pa.int64(), "sum"),
 ]
+# The value "the state's end" (its ``meta`` ``end_ms``) of an added column (``ADDED_STATE_COLUMNS``).
+STATE_END = "state end"
 # Columns added to a state table after lakes were written, with the value an older state
-# means by their absence (read by ``read_state``).
-ADDED_STATE_COLUMNS: dict[str, dict[str, int]] = {"users": {"refund_cents": 0}}
+# means by their absence (read by ``read_state``, rewritten by ``upgrade_state``): no refund, and
+# decayed sums as of the state's end (``DECAYED_MS``).
+ADDED_STATE_COLUMNS: dict[str, dict[str, int | str]] = {
+    USERS: {"refund_cents": 0},
+    USER_EVENTS: {DECAYED_MS: STATE_END},
+}
 
 
 def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
