@@ -26,7 +26,10 @@ from profile_engine.contracts.profiles import (
     CATEGORY_ID,
     CHANGES_SCHEMA,
     FIRST_SEEN_AT,
+    FREQUENCY_ORDERS,
+    HOURS_SINCE_LAST_EVENT,
     LAST_SEEN_AT,
+    LIFECYCLE_STAGE,
     MONETARY_TOTAL,
     NUMERIC_FEATURES,
     POPULATION_COLUMNS,
@@ -65,7 +68,7 @@ from profile_engine.profiles.population import (
     population_snapshot,
     profile_changes,
 )
-from profile_engine.profiles.snapshot import snapshot
+from profile_engine.profiles.snapshot import PreviousHour, snapshot
 from profile_engine.profiles.state import (
     BY_HOUR_TABLES,
     CARTS,
@@ -811,6 +814,93 @@ def test_incremental_snapshots_equal_a_full_rebuild(
     assert (pc.sum(expected.column("count_view_lifetime")).as_py() or 0) == views
     assert state.tables[PENDING].num_rows == table.num_rows - (pc.sum(in_snapshot).as_py() or 0)
     tiles.cleanup()
+
+
+def _bounded_stream(seed: int) -> tuple[pa.Table, list[int]]:
+    """Four users' events of every type in the first three days (late, on time and held back), and the hour
+    each is staged in."""
+    rng = random.Random(seed)
+    rows, staged = [], []
+    for _ in range(40):
+        ts = at(hours=rng.randrange(0, 72), minutes=rng.randrange(0, 60))
+        event_type = rng.choice(EVENT_TYPES)
+        rows.append(
+            {
+                "user_id": rng.choice(["u1", "u2", "u3", "u4"]),
+                "event_type": event_type,
+                "item_id": rng.choice(["i1", "i2", "i3"]),
+                "category_id": rng.choice(["c1", "c2", None]),
+                "price": rng.choice([None, 0.99, 10.0]),
+                "quantity": rng.randint(1, 2) * (-1 if event_type == REFUND else 1),
+                "order_id": rng.choice([None, "o1"]),
+                "ts": ts,
+            }
+        )
+        staged.append(max(0, int((floor_hour(ts) - T0) / HOUR) + rng.choice([0, 0, 1, 3, -1])))
+    return events(*rows), staged
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_snapshot_from_the_hour_before_equals_the_full_snapshot_around_every_window_bound(seed: int) -> None:
+    """The hourly path's snapshot (changed users from the state, the others moved on from the hour before)
+    equals the full snapshot of the same state in the hours around every bound of every window the snapshot
+    reads (the declared traits', the cart time to live, the retention), chained hour after hour, on a state
+    that seals its older rows as the lake path does."""
+    table, staged_hour = _bounded_stream(seed)
+    staged = pa.array(staged_hour, pa.int64())
+    traits = load_traits(PROPERTY_SETTINGS.traits)
+    lengths = {1, 24, 72, 7 * 24, 30 * 24} | {h for t in traits for _, h in t.windows}
+    hours = sorted({int((floor_hour(t) - T0) / HOUR) for t in table.column("ts").to_pylist()})
+    starts = random.Random(seed).sample(hours, 3)
+    checked = sorted({s + n + d for s in starts for n in lengths for d in (0, 1, 2)})
+    tiles = tempfile.TemporaryDirectory()
+    lake = Lake(Path(tiles.name))
+    state, done, previous, incremental = empty_state(), 0, None, 0
+    for end in checked:
+        before = state
+        hour_events = table.filter(pc.and_(pc.greater_equal(staged, done), pc.less(staged, end)))
+        state = advance(state, hour_events, at(hours=end), PROPERTY_SETTINGS)
+        state = seal_state(lake, state, at(hours=end) - HOUR, 0, PROPERTY_SETTINGS)
+        expected, expected_interests = snapshot(state, at(hours=end), PROPERTY_SETTINGS)
+        if previous is not None and done == end - 1:
+            got, got_interests = snapshot(
+                state, at(hours=end), PROPERTY_SETTINGS, PreviousHour(previous, before, hour_events)
+            )
+            for name, comparison in (
+                ("profiles", compare_tables("profiles", expected, got, [USER_ID])),
+                ("interests", compare_tables("interests", expected_interests, got_interests, [USER_ID, CATEGORY_ID])),
+            ):
+                assert comparison.equal, f"{name} at hour {end}: " + "; ".join(comparison.lines())
+            assert got.schema == expected.schema
+            previous, incremental = got, incremental + 1
+        else:
+            previous = expected
+        done = end
+    assert incremental >= 2 * len(checked) // 3 - len(starts)
+    tiles.cleanup()
+
+
+def test_a_snapshot_from_the_hour_before_moves_the_time_columns_and_keeps_the_rest() -> None:
+    """u1 is quiet in the hour: its row is the previous one with the hours since, the decays, the affinity
+    and the lifecycle moved; u2 buys in the hour and is computed from the state. A previous snapshot of
+    another hour is ignored."""
+    cfg = Settings(lateness_hours=1)
+    old = events({"user_id": "u1", "event_type": "cart", "ts": at(hours=1)}, {"user_id": "u2", "ts": at(hours=1)})
+    first = advance(empty_state(), old, at(days=7, hours=1), cfg)  # u1 and u2 first seen 7 days before the end
+    before, _ = snapshot(first, at(days=7, hours=1), cfg)
+    new = events({"user_id": "u2", "event_type": "purchase", "ts": at(days=7, hours=1, minutes=5)})
+    second = advance(first, new, at(days=7, hours=2), cfg)
+    expected, _ = snapshot(second, at(days=7, hours=2), cfg)
+    got, _ = snapshot(second, at(days=7, hours=2), cfg, PreviousHour(before, first, new))
+    assert_same(got, expected)
+    assert row(before)[LIFECYCLE_STAGE] == "new" and row(got)[LIFECYCLE_STAGE] == "dormant"
+    assert row(got)[HOURS_SINCE_LAST_EVENT] == row(before)[HOURS_SINCE_LAST_EVENT] + 1
+    assert row(got, "u2")[FREQUENCY_ORDERS] == 1
+    # a snapshot of another state, taken an hour earlier: not the hour before, so it is not used
+    other = events({"user_id": "u1", "ts": at(hours=1)}, {"user_id": "u1", "ts": at(hours=2)})
+    stale, _ = snapshot(advance(empty_state(), other, at(days=7), cfg), at(days=7), cfg)
+    assert row(stale)[count_column("view", "lifetime")] == 2
+    assert_same(snapshot(second, at(days=7, hours=2), cfg, PreviousHour(stale, first, new))[0], expected)
 
 
 # ---- lake stages --------------------------------------------------------------------------

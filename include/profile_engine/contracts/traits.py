@@ -95,6 +95,11 @@ class Trait:
         return out
 
 
+def traits_digest(traits: tuple[Trait, ...]) -> str:
+    """A fingerprint of the declared traits: a snapshot taken with other traits has other trait values."""
+    return hashlib.sha256(repr(traits).encode()).hexdigest()[:16]
+
+
 def trait_fields(traits: tuple[Trait, ...]) -> list[tuple[str, pa.DataType]]:
     """Every snapshot column of ``traits``, in declaration order."""
     return [field for trait in traits for field in trait.columns()]

@@ -30,7 +30,7 @@ from profile_engine.contracts.profiles import (
     USER_ID,
     snapshot_schema,
 )
-from profile_engine.contracts.traits import load_traits
+from profile_engine.contracts.traits import load_traits, traits_digest
 from profile_engine.hours import HOUR, MS_HOUR, floor_hour, format_hour, hour_range, parse_hour
 from profile_engine.lake import db, faults
 from profile_engine.lake.storage import (
@@ -57,7 +57,7 @@ from profile_engine.profiles.population import (
     rfm_cuts,
     value_counts,
 )
-from profile_engine.profiles.snapshot import snapshot
+from profile_engine.profiles.snapshot import PreviousHour, snapshot
 from profile_engine.profiles.state import (
     ADDED_STATE_COLUMNS,
     ADDED_STATE_TABLES,
@@ -292,12 +292,38 @@ _TILE_DICTIONARY: dict[str, bool | list[str]] = {ANCHORS: True}
 _PROFILE_DICTIONARY = [*TOP_CATEGORIES, RFM_SEGMENT, LIFECYCLE_STAGE]
 
 
+# Key of a checkpoint manifest: the digest of the declared traits its hour's profiles were taken with.
+SNAPSHOT_TRAITS = "snapshot_traits"
+
+
+def _previous_hour(
+    lake: Lake, settings: Settings, state: ProfileState, events: pa.Table, bucket: int
+) -> PreviousHour | None:
+    """The committed profiles of ``state``'s hour and bucket, for a snapshot of the next hour to start from
+    (``snapshot``): only when that checkpoint says they were taken with the current declared traits."""
+    if state.end is None:
+        return None
+    hour = state.end - HOUR
+    if not (lake.committed(STATE, hour, bucket) and lake.committed(PROFILES, hour, bucket)):
+        return None
+    if lake.manifest(STATE, hour, bucket).get(SNAPSHOT_TRAITS) != traits_digest(load_traits(settings.traits)):
+        return None
+    return PreviousHour(lake.read(PROFILES, hour, bucket), state, events)
+
+
 def _write_hour(
-    lake: Lake, state: ProfileState, hour: datetime, bucket: int, settings: Settings, run_id: str
+    lake: Lake,
+    state: ProfileState,
+    hour: datetime,
+    bucket: int,
+    settings: Settings,
+    run_id: str,
+    previous: PreviousHour | None = None,
 ) -> tuple[dict[str, int], ProfileState]:
     """Write profiles, interests, the sealed tiles and (last, since the next hour builds on it) the state of
-    ``hour``; returns the counts and the state as the checkpoint holds it (the next merge starts from it)."""
-    profiles, interests = snapshot(state, hour + HOUR, settings)
+    ``hour``; returns the counts and the state as the checkpoint holds it (the next merge starts from it).
+    ``previous``: the hour before, from which the snapshot computes the changed users only."""
+    profiles, interests = snapshot(state, hour + HOUR, settings, previous)
     # A rebuilt bucket invalidates a published snapshot of this hour until publish_profiles runs again.
     (lake.partition(PROFILES, hour) / MANIFEST).unlink(missing_ok=True)
     lake.write_partition(PROFILES, hour, profiles, bucket=bucket, run_id=run_id, dictionary=_PROFILE_DICTIONARY)
@@ -310,7 +336,7 @@ def _write_hour(
         bucket=bucket,
         run_id=run_id,
         dictionary=_STATE_DICTIONARY,
-        extra={SEALED_MARKER: True},
+        extra={SEALED_MARKER: True, SNAPSHOT_TRAITS: traits_digest(load_traits(settings.traits))},
     )
     return {"users": profiles.num_rows, "interests": interests.num_rows}, sealed
 
@@ -349,7 +375,8 @@ def build_profiles(
     state = _load_state(lake, hour, bucket, first_hour or settings.start)
     events = lake.read(STAGING, hour, bucket)
     new_state = advance(state, events, hour + HOUR, settings)
-    written, _ = _write_hour(lake, new_state, hour, bucket, settings, run_id)
+    previous = _previous_hour(lake, settings, state, events, bucket)
+    written, _ = _write_hour(lake, new_state, hour, bucket, settings, run_id, previous)
     faults.maybe_fail(faults.BETWEEN_BUILD_BUCKETS)
     counts = _merge_counts(events, state, new_state, _horizon(state, settings))
     return {"hour": format_hour(hour), "bucket": bucket, "run_id": run_id, **written, **counts}

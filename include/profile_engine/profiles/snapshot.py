@@ -5,9 +5,12 @@ docs/features.md.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from profile_engine.config import Settings
 from profile_engine.contracts.events import CART, EVENT_TYPES, FAV, PURCHASE, VIEW
@@ -65,21 +68,30 @@ from profile_engine.contracts.profiles import (
     repeat_columns,
     snapshot_schema,
 )
-from profile_engine.contracts.traits import Trait, load_traits
+from profile_engine.contracts.traits import DECAYED_COUNT, Trait, load_traits
 from profile_engine.hours import MS_HOUR, format_hour
 from profile_engine.lake import db
 from profile_engine.profiles.state import (
     AFFINITY_DECIMALS,
     AFFINITY_WEIGHTS,
     BY_HOUR_TABLES,
+    CARTS,
     CHURNED_AFTER,
     DORMANT_AFTER,
+    FAVS,
+    HOURLY,
     HOURLY_RETENTION,
+    HOURS_OF_DAY,
+    ITEM_VIEWS,
     LATENCY_LOOKBACK,
     MIN_AFFINITY,
     NEW_USER_AGE,
     OPEN_CART_TTL,
     ORDER_GAP,
+    PENDING,
+    TRAIT_TILES,
+    USER_EVENTS,
+    USERS,
     ProfileState,
     affinity_decay_sql,
     anchor_lookup_sql,
@@ -93,14 +105,40 @@ from profile_engine.profiles.state import (
 )
 from profile_engine.profiles.traits import trait_ctes
 
+if TYPE_CHECKING:
+    import duckdb
 
-def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa.Table, pa.Table]:
+
+@dataclass(frozen=True)
+class PreviousHour:
+    """The hour before a snapshot, from which ``snapshot`` recomputes only the rows that can differ
+    (docs/architecture.md, "The snapshot of the changed users").
+
+    ``profiles``: the snapshot of ``state`` as of its end (at least the ``snapshot_schema`` columns, e.g. the
+    published bucket with its population columns); ``state``: the state that ``advance`` moved by one hour,
+    merging ``events`` (the hour's staged events), into the state being snapshotted.
+    """
+
+    profiles: pa.Table
+    state: ProfileState
+    events: pa.Table
+
+
+def snapshot(
+    state: ProfileState, end: datetime, settings: Settings, previous: PreviousHour | None = None
+) -> tuple[pa.Table, pa.Table]:
     """The profile snapshot as of ``end`` (the state's end) and the interests long table.
 
     Profiles carry every contract column (``snapshot_schema``: the declared traits of
     ``settings.traits`` last) except the population ones (RFM), which need
     all buckets and are added by ``add_population_features``. Rows are sorted by
     ``user_id`` (interests by ``user_id, category_id``). Contains no event at or after ``end``.
+
+    With ``previous`` (the snapshot one hour earlier and the state it was taken of), only the users with
+    events in the hour or a row crossing a window bound are computed from the state tables; every other
+    row is the previous one with its time-dependent columns (``time_columns``) moved to ``end``. The
+    result is the same table. A ``previous`` that does not continue ``state`` (another end, other
+    columns) is ignored.
     """
     e = hour_ms(end)
     if state.end is not None and state.end != end:
@@ -124,13 +162,148 @@ def snapshot(state: ProfileState, end: datetime, settings: Settings) -> tuple[pa
             if register_sealed_anchors(con, state, horizon - lookback, keys="s_targets"):
                 anchors = f"({anchor_lookup_sql('s_anchors', horizon)})"
             con.execute(f"CREATE TEMP TABLE s_buffered AS {buffered_sql(sessions, orders, 's_targets', anchors)}")
-        con.execute(f"CREATE TEMP TABLE affinities AS {_affinities_sql(e)}")
-        con.execute(f"CREATE TEMP VIEW interests AS SELECT * FROM affinities WHERE affinity >= {MIN_AFFINITY}")
-        interests = fetch(con, "SELECT * FROM interests ORDER BY user_id, category_id", INTERESTS_SCHEMA)
-        profiles = fetch(con, _profiles_sql(e, traits), snapshot_schema(traits))
+        con.execute(f"CREATE TEMP TABLE s_affinities AS {_affinities_sql(e)}")
+        con.execute(f"CREATE TEMP VIEW s_interests AS SELECT * FROM s_affinities WHERE affinity >= {MIN_AFFINITY}")
+        interests = fetch(con, "SELECT * FROM s_interests ORDER BY user_id, category_id", INTERESTS_SCHEMA)
+        schema = snapshot_schema(traits)
+        if previous is not None and _continues(previous, state, end, schema):
+            profiles = _changed_only(con, previous, e, traits, schema)
+        else:
+            profiles = fetch(con, _profiles_sql(e, traits), schema)
     finally:
         con.close()
     return profiles, interests
+
+
+# The relations ``_profiles_sql`` reads (each as ``<src><name>``).
+SOURCES: tuple[str, ...] = (
+    USER_EVENTS,
+    USERS,
+    HOURLY,
+    CARTS,
+    FAVS,
+    HOURS_OF_DAY,
+    ITEM_VIEWS,
+    TRAIT_TILES,
+    "buffered",
+    "affinities",
+    "interests",
+)
+# The relations the time-dependent columns come from (``time_columns``): the decayed sums, last and
+# first times of ``user_events``, the affinities (decayed every hour) and the tiles of the decayed traits.
+_TIME_SOURCES: tuple[str, ...] = (USER_EVENTS, TRAIT_TILES, "affinities", "interests")
+
+
+def _decayed_traits(traits: tuple[Trait, ...]) -> tuple[Trait, ...]:
+    return tuple(t for t in traits if t.aggregation == DECAYED_COUNT)
+
+
+def time_columns(traits: tuple[Trait, ...]) -> tuple[str, ...]:
+    """The snapshot columns that move with the end alone, for a user without events: the hour, the hours since
+    and recency, the lifecycle stage, the decayed counters, everything read from the decayed affinities (top
+    categories and scores, distinct categories, repeat views of a category) and the decayed-count traits.
+    Every other column of a user changes only with their events or a row crossing a window bound
+    (``_crossed_sql``)."""
+    return (
+        SNAPSHOT_HOUR,
+        HOURS_SINCE_LAST_EVENT,
+        HOURS_SINCE_LAST_VIEW,
+        HOURS_SINCE_LAST_CART,
+        HOURS_SINCE_LAST_FAV,
+        HOURS_SINCE_LAST_PURCHASE,
+        RECENCY_HOURS,
+        LIFECYCLE_STAGE,
+        *(decayed_column(t, h) for t in EVENT_TYPES for h, _ in HALF_LIVES),
+        *TOP_CATEGORIES,
+        *TOP_CATEGORY_SCORES,
+        DISTINCT_CATEGORIES,
+        *(c for w, _ in REPEAT_WINDOWS for c in repeat_columns(w)[2:]),  # the category ones
+        *trait_ctes(_decayed_traits(traits), 0, "tiles")[1],
+    )
+
+
+def _crossing_hours(traits: tuple[Trait, ...]) -> dict[str, set[int]]:
+    """Per state table and time column, the lengths (hours) of every window the snapshot reads it with."""
+    hourly = {h for _, h in (*WINDOWS, *SHORT_WINDOWS, *RATE_WINDOWS, *REPEAT_WINDOWS)}
+    opened = {h for _, h in OPEN_WINDOWS}
+    return {
+        f"{HOURLY}.hour_ms": hourly | {int(HOURLY_RETENTION.total_seconds()) // 3600},
+        f"{ITEM_VIEWS}.hour_ms": {h for _, h in REPEAT_WINDOWS},
+        f"{TRAIT_TILES}.hour_ms": {h for t in traits for _, h in t.windows},
+        f"{CARTS}.cart_ms": opened | {int(OPEN_CART_TTL.total_seconds()) // 3600},
+        f"{FAVS}.fav_ms": opened,
+    }
+
+
+def _crossed_sql(e: int, traits: tuple[Trait, ...]) -> str:
+    """SQL of the users the snapshot at ``e`` must compute from the state (``_changed_only``): those with
+    events in the hour (merged or held back: ``p_events``, ``p_pending``), those new since the previous
+    snapshot, and those with a row of the previous state (``p_<table>`` as of ``e - 1h``) that one of
+    the snapshot's windows held at ``e - 1h`` and no longer holds at ``e``."""
+    parts = [
+        "SELECT user_id FROM p_events",
+        "SELECT user_id FROM p_pending",
+        f"(SELECT user_id FROM s_{USER_EVENTS} EXCEPT SELECT user_id FROM p_profiles)",
+    ]
+    for column, lengths in _crossing_hours(traits).items():
+        table, time = column.split(".")
+        bounds = " OR ".join(
+            f"({time} >= {e - (h + 1) * MS_HOUR} AND {time} < {e - h * MS_HOUR})" for h in sorted(lengths)
+        )
+        if bounds:
+            parts.append(f"SELECT user_id FROM p_{table} WHERE {bounds}")
+    return "SELECT DISTINCT user_id FROM (" + " UNION ALL ".join(parts) + ")"
+
+
+def _continues(previous: PreviousHour, state: ProfileState, end: datetime, schema: pa.Schema) -> bool:
+    """Whether ``previous`` is the snapshot of the hour before ``state`` with every column ``schema`` has."""
+    before = previous.state.end
+    if before is None or state.end != end or hour_ms(end) - hour_ms(before) != MS_HOUR:
+        return False
+    fields = previous.profiles.schema
+    if any(fields.get_field_index(f.name) < 0 for f in schema):
+        return False
+    if previous.profiles.num_rows == 0:
+        return True
+    hours = pc.min_max(previous.profiles.column(SNAPSHOT_HOUR).cast(pa.int64())).as_py()
+    return bool(hours["min"] == hours["max"] == hour_ms(before) - MS_HOUR)
+
+
+def _changed_only(
+    con: duckdb.DuckDBPyConnection, previous: PreviousHour, e: int, traits: tuple[Trait, ...], schema: pa.Schema
+) -> pa.Table:
+    """The snapshot as of ``e`` from the one of ``e - 1h``: the changed users (``_crossed_sql``) computed by
+    ``_profiles_sql`` over their rows only (``c_<source>``); every other user of the state keeps their row of
+    ``previous.profiles`` with the ``time_columns`` computed over the time sources of those users only
+    (``t_<source>``; the other sources empty)."""
+    before = previous.state
+    con.register("p_events", previous.events.select([USER_ID]))
+    con.register("p_pending", before.tables[PENDING].select([USER_ID]))
+    for name in (CARTS, FAVS):
+        con.register(f"p_{name}", before.tables[name])
+    register_by_hour(con, before, e - MS_HOUR, traits, prefix="p_")
+    # as the SQL computes them: times in epoch ms (``fetch`` casts them to the contract's timestamps)
+    as_computed = pa.schema([pa.field(f.name, pa.int64()) if pa.types.is_timestamp(f.type) else f for f in schema])
+    con.register("p_profiles", previous.profiles.select(schema.names).cast(schema).cast(as_computed))
+    con.execute(f"CREATE TEMP TABLE changed AS {_crossed_sql(e, traits)}")
+    decayed = _decayed_traits(traits)
+    for name in SOURCES:
+        con.execute(
+            f"CREATE TEMP VIEW c_{name} AS SELECT * FROM s_{name} WHERE user_id IN (SELECT user_id FROM changed)"
+        )
+        kept = "NOT IN (SELECT user_id FROM changed)" if name in _TIME_SOURCES else "IS NULL AND false"
+        con.execute(f"CREATE TEMP VIEW t_{name} AS SELECT * FROM s_{name} WHERE user_id {kept}")
+    moved = time_columns(traits)
+    replaced = ", ".join(f"t.{c} AS {c}" for c in moved if c != USER_ID)
+    kept_rows = (
+        f"SELECT p.* REPLACE ({replaced}) FROM p_profiles p "
+        f"JOIN ({_profiles_sql(e, decayed, 't_', ordered=False)}) t USING (user_id)"
+    )
+    return fetch(
+        con,
+        f"SELECT * FROM ({_profiles_sql(e, traits, 'c_', ordered=False)}) UNION ALL BY NAME {kept_rows} ORDER BY user_id",
+        schema,
+    )
 
 
 def _affinities_sql(e: int) -> str:
@@ -154,13 +327,14 @@ def _affinities_sql(e: int) -> str:
     """
 
 
-def _funnel_sql(e: int) -> tuple[dict[str, str], dict[str, str]]:
+def _funnel_sql(e: int, src: str) -> tuple[dict[str, str], dict[str, str]]:
     """The funnel columns of the snapshot: (name -> SQL of a per-user CTE, column -> expression).
 
     The expressions may use the columns of ``_profiles_sql`` (``n_{t}`` lifetime counts,
     ``c_{t}_{w}`` window counts, ``last_{t}_ms``). Open carts and favourites come from the
     ``carts`` and ``favs`` state, repeat views of an item from ``item_views`` and of a
-    category from the hourly buckets (the ``views_{w}`` of the ``affinities`` table).
+    category from the hourly buckets (the ``views_{w}`` of the ``affinities`` table); ``src``
+    prefixes the relations read (``_profiles_sql``).
     """
     hours = f"/ {float(MS_HOUR)}"
     oldest = e - max(h for _, h in OPEN_WINDOWS) * MS_HOUR
@@ -188,11 +362,11 @@ def _funnel_sql(e: int) -> tuple[dict[str, str], dict[str, str]]:
         f"sum(n) FILTER (WHERE hour_ms >= {e - h * MS_HOUR}) AS views_{w}" for w, h in REPEAT_WINDOWS
     )
     ctes = {
-        "fo_cart": open_counts("s_carts", CART, "cart_ms", "closed_ms"),
-        "fo_fav": open_counts("s_favs", FAV, "fav_ms", "bought_ms"),
+        "fo_cart": open_counts(f"{src}carts", CART, "cart_ms", "closed_ms"),
+        "fo_fav": open_counts(f"{src}favs", FAV, "fav_ms", "bought_ms"),
         "fr_item": "SELECT user_id, "
-        + repeats(f"(SELECT user_id, item_id, {item_views} FROM s_item_views GROUP BY user_id, item_id)", "item"),
-        "fr_cat": "SELECT user_id, " + repeats("affinities", "category"),
+        + repeats(f"(SELECT user_id, item_id, {item_views} FROM {src}item_views GROUP BY user_id, item_id)", "item"),
+        "fr_cat": "SELECT user_id, " + repeats(f"{src}affinities", "category"),
     }
 
     def ratio(numerator: str, denominator: str) -> str:
@@ -216,9 +390,13 @@ def _funnel_sql(e: int) -> tuple[dict[str, str], dict[str, str]]:
     return ctes, cols
 
 
-def _profiles_sql(e: int, traits: tuple[Trait, ...]) -> str:
+def _profiles_sql(e: int, traits: tuple[Trait, ...], src: str = "s_", ordered: bool = True) -> str:
     """SQL of the per-bucket snapshot: the users rows plus what the buffers hold (``s_buffered``) as of ``e``,
-    then the columns of the declared ``traits`` from their tiles."""
+    then the columns of the declared ``traits`` from their tiles.
+
+    ``src`` prefixes every relation read (``SOURCES``: the state tables, ``buffered``, ``affinities`` and
+    ``interests``), so one SQL computes the rows of other relations of the same shape (``_changed_only``).
+    """
     hours = f"/ {float(MS_HOUR)}"
     ttl = int(OPEN_CART_TTL.total_seconds() * 1000)
     # Window counts: the hourly rows first summed per user, type and the shortest window holding them (windows
@@ -234,7 +412,7 @@ def _profiles_sql(e: int, traits: tuple[Trait, ...]) -> str:
         )
     ]
     spans_sql = (
-        f"SELECT user_id, event_type, {span} AS span, sum(n) AS n FROM s_hourly "
+        f"SELECT user_id, event_type, {span} AS span, sum(n) AS n FROM {src}hourly "
         f"WHERE hour_ms >= {e - spans[-1] * MS_HOUR} GROUP BY user_id, event_type, span"
     )
     per_type = []
@@ -296,9 +474,9 @@ def _profiles_sql(e: int, traits: tuple[Trait, ...]) -> str:
             WHEN {first_seen} >= {e - int(NEW_USER_AGE.total_seconds() * 1000)} THEN '{LIFECYCLE_NEW}'
             ELSE '{LIFECYCLE_ACTIVE}' END""",
     }
-    funnel_ctes, funnel_cols = _funnel_sql(e)
+    funnel_ctes, funnel_cols = _funnel_sql(e, src)
     cols |= funnel_cols
-    declared_ctes, declared_cols = trait_ctes(traits, e, "s_trait_tiles")
+    declared_ctes, declared_cols = trait_ctes(traits, e, f"{src}trait_tiles")
     funnel_ctes |= declared_ctes
     cols |= declared_cols
     select = ",\n".join(f"{expr} AS {name}" for name, expr in cols.items())
@@ -307,22 +485,22 @@ def _profiles_sql(e: int, traits: tuple[Trait, ...]) -> str:
         for i in range(1, len(TOP_CATEGORIES) + 1)
     )
     return f"""
-        WITH ue AS (SELECT user_id, {", ".join(per_type)} FROM s_user_events GROUP BY user_id),
+        WITH ue AS (SELECT user_id, {", ".join(per_type)} FROM {src}user_events GROUP BY user_id),
         win AS (SELECT user_id, {", ".join(windows)} FROM ({spans_sql}) GROUP BY user_id),
-        oc AS (SELECT user_id, count(*) AS open_items, sum(cart_cents) AS open_cents FROM s_carts
+        oc AS (SELECT user_id, count(*) AS open_items, sum(cart_cents) AS open_cents FROM {src}carts
                WHERE cart_ms >= {e - ttl} AND (closed_ms IS NULL OR closed_ms < cart_ms) GROUP BY user_id),
         tc AS (SELECT user_id, {top} FROM (
                  SELECT *, row_number() OVER (PARTITION BY user_id ORDER BY affinity DESC, category_id) AS rank
-                 FROM interests) WHERE rank <= {len(TOP_CATEGORIES)} GROUP BY user_id),
-        dc AS (SELECT user_id, count(*) AS n_categories FROM affinities GROUP BY user_id),
+                 FROM {src}interests) WHERE rank <= {len(TOP_CATEGORIES)} GROUP BY user_id),
+        dc AS (SELECT user_id, count(*) AS n_categories FROM {src}affinities GROUP BY user_id),
         pk AS (SELECT user_id, arg_max(hour_of_day, n * 24 + (23 - hour_of_day)) AS peak_hour
-               FROM s_hours_of_day GROUP BY user_id),
+               FROM {src}hours_of_day GROUP BY user_id),
         {", ".join(f"{name} AS ({sql})" for name, sql in funnel_ctes.items())}
         SELECT {select}
-        FROM ue LEFT JOIN s_users USING (user_id)
-        LEFT JOIN win USING (user_id) LEFT JOIN s_buffered USING (user_id)
+        FROM ue LEFT JOIN {src}users USING (user_id)
+        LEFT JOIN win USING (user_id) LEFT JOIN {src}buffered USING (user_id)
         LEFT JOIN oc USING (user_id) LEFT JOIN tc USING (user_id)
         LEFT JOIN dc USING (user_id) LEFT JOIN pk USING (user_id)
         {" ".join(f"LEFT JOIN {name} USING (user_id)" for name in funnel_ctes)}
-        ORDER BY ue.user_id
+        {"ORDER BY ue.user_id" if ordered else ""}
     """

@@ -234,25 +234,27 @@ def _register_sealed_users(con: duckdb.DuckDBPyConnection, sealed: SealedTiles |
         con.register("sealed_users", pa.table({USER_ID: pa.array(sealed.users, pa.string())}))
 
 
-def register_by_hour(con: duckdb.DuckDBPyConnection, state: ProfileState, e: int, traits: tuple[Trait, ...]) -> None:
-    """Register the by-hour tables of ``state`` as of its end ``e`` as views ``s_<name>``: the in-memory rows
-    plus, for a state with sealed tiles, the tile rows it holds within each table's retention (what
+def register_by_hour(
+    con: duckdb.DuckDBPyConnection, state: ProfileState, e: int, traits: tuple[Trait, ...], prefix: str = "s_"
+) -> None:
+    """Register the by-hour tables of ``state`` as of ``e`` (its end) as views ``<prefix><name>``: the in-memory
+    rows plus, for a state with sealed tiles, the tile rows it holds within each table's retention (what
     ``advance`` would have kept in memory: the union equals the table of a state that never sealed)."""
     sealed = state.sealed
     _register_sealed_users(con, sealed)
     for name in BY_HOUR_TABLES:
-        con.register(f"m_{name}", state.tables[name])
+        con.register(f"m{prefix}{name}", state.tables[name])
         oldest = by_hour_oldest(name, e, traits)
         files = [] if sealed is None or oldest is None else tile_files(sealed.root / name, sealed.upto_ms, oldest)
         if sealed is None or not files:
-            con.execute(f"CREATE OR REPLACE TEMP VIEW s_{name} AS SELECT * FROM m_{name}")
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {prefix}{name} AS SELECT * FROM m{prefix}{name}")
             continue
         where = [f"hour_ms >= {oldest}"]
         if name == TRAIT_TILES:
             where.append("trait IN (" + ", ".join("'" + t.key.replace("'", "''") + "'" for t in traits) + ")")
         columns = ", ".join(STATE_SCHEMAS[name].names)
         con.execute(
-            f"CREATE OR REPLACE TEMP VIEW s_{name} AS SELECT {columns} FROM m_{name} UNION ALL "
+            f"CREATE OR REPLACE TEMP VIEW {prefix}{name} AS SELECT {columns} FROM m{prefix}{name} UNION ALL "
             + _tile_rows_sql(name, sealed, files, where)
         )
 
