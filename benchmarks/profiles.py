@@ -746,6 +746,7 @@ def hour_statements(
         lake = Lake(lake_dir)
         state = build.read_state(lake, at - HOUR, bucket)
         events = lake.read(STAGING, at, bucket)
+        previous = build.previous_hour(lake, settings, state, events, bucket)  # as build_profiles passes it
         per: dict[tuple[str, str], list[tuple[float, float]]] = {}
         totals: dict[str, list[tuple[float, float]]] = {"advance": [], "snapshot": []}
         for run in range(runs + 1):
@@ -756,7 +757,7 @@ def hour_statements(
             advance_s = (time.monotonic() - began, _cpu_s() - cpu)
             where[0] = "snapshot"
             began, cpu = time.monotonic(), _cpu_s()
-            snapshot_module.snapshot(advanced, at + HOUR, settings)
+            snapshot_module.snapshot(advanced, at + HOUR, settings, previous)
             snapshot_s = (time.monotonic() - began, _cpu_s() - cpu)
             if run == 0:
                 continue

@@ -296,7 +296,7 @@ _PROFILE_DICTIONARY = [*TOP_CATEGORIES, RFM_SEGMENT, LIFECYCLE_STAGE]
 SNAPSHOT_TRAITS = "snapshot_traits"
 
 
-def _previous_hour(
+def previous_hour(
     lake: Lake, settings: Settings, state: ProfileState, events: pa.Table, bucket: int
 ) -> PreviousHour | None:
     """The committed profiles of ``state``'s hour and bucket, for a snapshot of the next hour to start from
@@ -375,7 +375,7 @@ def build_profiles(
     state = _load_state(lake, hour, bucket, first_hour or settings.start)
     events = lake.read(STAGING, hour, bucket)
     new_state = advance(state, events, hour + HOUR, settings)
-    previous = _previous_hour(lake, settings, state, events, bucket)
+    previous = previous_hour(lake, settings, state, events, bucket)
     written, _ = _write_hour(lake, new_state, hour, bucket, settings, run_id, previous)
     faults.maybe_fail(faults.BETWEEN_BUILD_BUCKETS)
     counts = _merge_counts(events, state, new_state, _horizon(state, settings))
