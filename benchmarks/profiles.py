@@ -506,7 +506,6 @@ def hour_step(name: str, lake: Path) -> dict[str, Any]:
     import pyarrow  # noqa: F401
 
     from profile_engine.hours import HOUR
-    from profile_engine.lake.storage import INTERESTS, PROFILES, STATE, Lake
     from profile_engine.profiles import build
 
     settings = _settings(lake, 1)
@@ -521,8 +520,19 @@ def hour_step(name: str, lake: Path) -> dict[str, Any]:
         return {
             "checkpoints": {str(d): _state_rows(lake, h - HOUR) for d, h in zip(SCALING_POINTS, measured, strict=True)}
         }
-    hour = measured[int(name.removeprefix("hour_"))]
+    return _timed_build(settings, measured[int(name.removeprefix("hour_"))], [0])
+
+
+def _timed_build(settings: Any, hour: datetime, buckets: list[int]) -> dict[str, Any]:
+    """``build_profiles`` of ``hour`` for ``buckets`` in this process, split into its parts (timers wrapped
+    around the functions it calls; ``other``: the rest), and the users ``snapshot`` computed from the state
+    (``changed``: all of them when it had no hour before to start from)."""
+    from profile_engine.lake.storage import INTERESTS, PROFILES, STATE, Lake
+    from profile_engine.profiles import build
+    from profile_engine.profiles import snapshot as snapshot_module
+
     spent = dict.fromkeys(SCALING_PARTS, 0.0)
+    changed = {"users": 0, "changed": 0}
 
     def timed(function: Any, part: str) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -540,6 +550,16 @@ def hour_step(name: str, lake: Path) -> dict[str, Any]:
     for optional, part in (("seal_state", "write_state"),):
         if hasattr(build, optional):
             setattr(build, optional, timed(getattr(build, optional), part))
+    if hasattr(snapshot_module, "_changed_only"):  # count the users the snapshot computes from the state
+        changed_only = snapshot_module._changed_only
+
+        def counted(con: Any, *args: Any) -> Any:
+            profiles = changed_only(con, *args)
+            changed["changed"] += con.sql("SELECT count(*) FROM changed").fetchall()[0][0]
+            changed["incremental"] = changed.get("incremental", 0) + 1
+            return profiles
+
+        snapshot_module._changed_only = counted
     write = Lake.write_partition
 
     def write_partition(self: Any, layer: str, *args: Any, **kwargs: Any) -> Any:
@@ -552,17 +572,98 @@ def hour_step(name: str, lake: Path) -> dict[str, Any]:
 
     Lake.write_partition = write_partition  # type: ignore[method-assign]
     started, cpu_started = time.monotonic(), time.process_time()
-    built = build.build_profiles(settings, hour, 0, run_id="bench")
+    built = [build.build_profiles(settings, hour, b, run_id="bench") for b in buckets]
     total = time.monotonic() - started
     spent["other"] += total - sum(spent.values())
+    users = sum(b["users"] for b in built)
     return {
         "seconds": total,
         "cpu_s": time.process_time() - cpu_started,
         "peak_rss_mb": _peak_rss_mb(),
-        "events": built["events_read"],
-        "users": built["users"],
+        "events": sum(b["events_read"] for b in built),
+        "users": users,
+        "changed_users": changed["changed"] if changed.get("incremental") == len(buckets) else users,
         **{f"{k}_s": v for k, v in spent.items()},
     }
+
+
+def lake_hour_step(lake: Path, hour: datetime, action: str) -> dict[str, Any]:
+    """In this process, on a copy of any built lake (settings from ``PROFILE_ENGINE_*``, the lake replaced):
+    ``prepare`` builds every bucket hour by hour from the newest state checkpoint before ``hour`` up to the
+    hour before it, so that hour's checkpoint and profiles are this package's; ``time`` is ``_timed_build``
+    of ``hour`` for every bucket."""
+    from profile_engine.config import Settings
+    from profile_engine.hours import HOUR
+    from profile_engine.lake.storage import STATE, Lake
+    from profile_engine.profiles import build
+
+    settings = replace(Settings.from_env(), lake=lake)
+    buckets = list(range(settings.buckets))
+    if action == "time":
+        return _timed_build(settings, hour, buckets)
+    checkpoints = [h for h in build.staged_hours(Lake(lake), 0, STATE) if h < hour - HOUR]
+    if not checkpoints:
+        raise SystemExit(f"{lake}: no state checkpoint before {hour:%Y-%m-%dT%H}")
+    built = 0
+    for b in buckets:
+        at = checkpoints[-1] + HOUR
+        while at < hour:
+            build.build_profiles(settings, at, b, run_id="bench-prepare")
+            at += HOUR
+            built += 1
+    return {"from_checkpoint": checkpoints[-1].isoformat(), "hours_built": built}
+
+
+def compare_lake_hour(work: Path, source: Path, hour: datetime, old_package: Path, runs: int) -> str:
+    """``build_profiles`` of ``hour`` (every bucket) on copies of the built lake ``source``, this checkout and
+    ``old_package`` alternately in fresh processes (each copy prepared by its own package); medians."""
+    results: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
+    packages = {"new": ROOT / "include", "old": old_package}
+    prepared = {}
+    for code, package in packages.items():
+        lake = work / "lake_hour" / code
+        shutil.rmtree(lake, ignore_errors=True)
+        lake.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cp", "-al", str(source), str(lake)], check=True)
+        prepared[code] = _run_lake_hour(lake, hour, "prepare", package)
+    for _ in range(runs):
+        for code, package in packages.items():
+            results[code].append(_run_lake_hour(work / "lake_hour" / code, hour, "time", package))
+    lines = [
+        f"### {source}, hour {hour:%Y-%m-%dT%H} (every bucket; medians of {runs}, new and old alternately)",
+        "",
+        f"Prepared from checkpoint {prepared['new']['from_checkpoint']} ({prepared['new']['hours_built']} bucket-hours built by each package).",
+        "",
+        "| code | events | users | users computed from the state | total s | CPU s | read_state | advance | snapshot | write_state | write_profiles | other |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for code, rs in results.items():
+        m = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        parts = " | ".join(f"{m[f'{p}_s']:.3f}" for p in SCALING_PARTS)
+        lines.append(
+            f"| {code} | {m['events']:,.0f} | {m['users']:,.0f} | {m['changed_users']:,.0f} | {m['seconds']:.3f} | {m['cpu_s']:.3f} | {parts} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _run_lake_hour(lake: Path, hour: datetime, action: str, package: Path) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        __file__,
+        "--lake-hour-step",
+        action,
+        "--work",
+        str(lake),
+        "--lake-hour-at",
+        hour.isoformat(),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(package)}
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"lake hour {action} ({package}) failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def _run_hour_step(name: str, lake: Path, package: Path) -> dict[str, Any]:
@@ -899,12 +1000,25 @@ def main() -> None:
     parser.add_argument("--statements-hour", help="--hour-statements: the hour measured in --statements-lake (ISO)")
     parser.add_argument("--statements-bucket", type=int, default=0, help="--hour-statements: the bucket measured")
     parser.add_argument("--scaling-derive", action="store_true", help="derive this checkout's lake from the old one")
+    parser.add_argument("--lake-hour", type=Path, help="time build_profiles of one hour of this built lake (copied)")
+    parser.add_argument("--lake-hour-at", help="--lake-hour: the hour measured (ISO, UTC)")
+    parser.add_argument("--lake-hour-compare", type=Path, metavar="OLD_INCLUDE", help="--lake-hour: the older package")
+    parser.add_argument("--lake-hour-step", help=argparse.SUPPRESS)
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--hour-step", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = QUICK if args.quick else ISSUE if args.issue_sizes else Sizes()
     if args.step:
         print(json.dumps(step(args.step, args.work, sizes)))
+        return
+    if args.lake_hour_step:
+        print(json.dumps(lake_hour_step(args.work, datetime.fromisoformat(args.lake_hour_at), args.lake_hour_step)))
+        return
+    if args.lake_hour:
+        if not (args.lake_hour_at and args.lake_hour_compare):
+            raise SystemExit("--lake-hour needs --lake-hour-at and --lake-hour-compare")
+        at = datetime.fromisoformat(args.lake_hour_at)
+        print(compare_lake_hour(args.work, args.lake_hour, at, args.lake_hour_compare, args.runs))
         return
     if args.hour_step:
         print(json.dumps(hour_step(args.hour_step, args.work)))

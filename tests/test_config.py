@@ -59,6 +59,7 @@ EACH = [
     ("DUCKDB_MEMORY_LIMIT", "512MiB", "duckdb_memory_limit", "512MiB"),
     ("DUCKDB_TEMP_DIR", "/tmp/pe-spill", "duckdb_temp_dir", Path("/tmp/pe-spill").resolve()),
     ("TASK_TIMEOUT_MINUTES", "7", "task_timeout_minutes", 7),
+    ("SNAPSHOT_FROM_PREVIOUS_MIN_USERS", "0", "snapshot_from_previous_min_users", 0),
 ]
 
 
@@ -104,6 +105,7 @@ BAD = [
     ("DUCKDB_MEMORY_LIMIT", "lots"),
     ("TASK_TIMEOUT_MINUTES", "0"),
     ("TASK_TIMEOUT_MINUTES", "an hour"),
+    ("SNAPSHOT_FROM_PREVIOUS_MIN_USERS", "-1"),
 ]
 
 

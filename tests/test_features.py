@@ -52,6 +52,7 @@ from profile_engine.hours import HOUR, floor_hour, format_hour
 from profile_engine.lake.db import cursor as connect
 from profile_engine.lake.storage import MANIFEST, PROFILE_CHANGES, PROFILES, STAGING, STATE, Lake, read_json
 from profile_engine.ops import report
+from profile_engine.profiles import snapshot as snapshot_module
 from profile_engine.profiles.build import (
     build_profiles,
     build_profiles_range,
@@ -924,8 +925,16 @@ def stage_hours(lake: Lake, hours: int) -> None:
             lake.write_partition(STAGING, at(hours=h), table.set_column(0, "event_id", ids), bucket=bucket)
 
 
-def test_lake_round_trip_build_publish_and_range(tmp_path: Path) -> None:
-    cfg = replace(SETTINGS, lake=tmp_path / "hourly", buckets=2, start=T0)
+@pytest.mark.parametrize("from_previous", [False, True], ids=["every_row", "from_previous_hour"])
+def test_lake_round_trip_build_publish_and_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, from_previous: bool
+) -> None:
+    """Hourly builds (with their snapshots started from the published hour before, or not) equal range builds."""
+    minimum = 0 if from_previous else SETTINGS.snapshot_from_previous_min_users
+    cfg = replace(SETTINGS, lake=tmp_path / "hourly", buckets=2, start=T0, snapshot_from_previous_min_users=minimum)
+    started = []
+    changed_only = snapshot_module._changed_only
+    monkeypatch.setattr(snapshot_module, "_changed_only", lambda *a: started.append(1) or changed_only(*a))
     bulk = replace(cfg, lake=tmp_path / "bulk")
     for c in (cfg, bulk):
         stage_hours(Lake(c.lake), 3)
@@ -960,6 +969,7 @@ def test_lake_round_trip_build_publish_and_range(tmp_path: Path) -> None:
             hourly = lake.read(PROFILES, at(hours=h), b).select(snapshot_schema(load_traits()).names)
             assert_same(Lake(bulk.lake).read(PROFILES, at(hours=h), b), hourly)
     assert (lake.partition(PROFILES, at(hours=2)) / MANIFEST).is_file()
+    assert len(started) == (4 if from_previous else 0)  # hours 1 and 2 of both buckets
 
 
 def test_rebuilding_a_bucket_uncommits_the_published_hour(tmp_path: Path) -> None:

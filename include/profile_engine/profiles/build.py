@@ -300,13 +300,16 @@ def previous_hour(
     lake: Lake, settings: Settings, state: ProfileState, events: pa.Table, bucket: int
 ) -> PreviousHour | None:
     """The committed profiles of ``state``'s hour and bucket, for a snapshot of the next hour to start from
-    (``snapshot``): only when that checkpoint says they were taken with the current declared traits."""
+    (``snapshot``): only when that checkpoint says they were taken with the current declared traits, and they
+    hold at least ``settings.snapshot_from_previous_min_users`` users (a smaller bucket is faster in full)."""
     if state.end is None:
         return None
     hour = state.end - HOUR
     if not (lake.committed(STATE, hour, bucket) and lake.committed(PROFILES, hour, bucket)):
         return None
     if lake.manifest(STATE, hour, bucket).get(SNAPSHOT_TRAITS) != traits_digest(load_traits(settings.traits)):
+        return None
+    if lake.manifest(PROFILES, hour, bucket).get("rows", 0) < settings.snapshot_from_previous_min_users:
         return None
     return PreviousHour(lake.read(PROFILES, hour, bucket), state, events)
 
