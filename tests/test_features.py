@@ -934,7 +934,12 @@ def test_lake_round_trip_build_publish_and_range(
     cfg = replace(SETTINGS, lake=tmp_path / "hourly", buckets=2, start=T0, snapshot_from_previous_min_users=minimum)
     started = []
     changed_only = snapshot_module._changed_only
-    monkeypatch.setattr(snapshot_module, "_changed_only", lambda *a: started.append(1) or changed_only(*a))
+
+    def counted(*args: Any) -> pa.Table:
+        started.append(1)
+        return changed_only(*args)
+
+    monkeypatch.setattr(snapshot_module, "_changed_only", counted)
     bulk = replace(cfg, lake=tmp_path / "bulk")
     for c in (cfg, bulk):
         stage_hours(Lake(c.lake), 3)
