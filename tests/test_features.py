@@ -841,7 +841,14 @@ def _bounded_stream(seed: int) -> tuple[pa.Table, list[int]]:
     return events(*rows), staged
 
 
+@pytest.fixture
+def any_share_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start from the hour before however many of the (few) users changed."""
+    monkeypatch.setattr(snapshot_module, "MOST_CHANGED", 1.0)
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.usefixtures("any_share_changed")
 def test_a_snapshot_from_the_hour_before_equals_the_full_snapshot_around_every_window_bound(seed: int) -> None:
     """The hourly path's snapshot (changed users from the state, the others moved on from the hour before)
     equals the full snapshot of the same state in the hours around every bound of every window the snapshot
@@ -881,6 +888,7 @@ def test_a_snapshot_from_the_hour_before_equals_the_full_snapshot_around_every_w
     tiles.cleanup()
 
 
+@pytest.mark.usefixtures("any_share_changed")
 def test_a_snapshot_from_the_hour_before_moves_the_time_columns_and_keeps_the_rest() -> None:
     """u1 is quiet in the hour: its row is the previous one with the hours since, the decays, the affinity
     and the lifecycle moved; u2 buys in the hour and is computed from the state. A previous snapshot of
@@ -925,7 +933,25 @@ def stage_hours(lake: Lake, hours: int) -> None:
             lake.write_partition(STAGING, at(hours=h), table.set_column(0, "event_id", ids), bucket=bucket)
 
 
+def test_a_snapshot_with_most_users_changed_computes_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above ``MOST_CHANGED`` of the users changed, the rows of the hour before are not used."""
+    cfg = Settings(lateness_hours=1)
+    first = advance(
+        empty_state(), events({"user_id": "u1", "ts": at()}, {"user_id": "u2", "ts": at()}), at(hours=5), cfg
+    )
+    before, _ = snapshot(first, at(hours=5), cfg)
+    new = events({"user_id": "u2", "ts": at(hours=5, minutes=5)})
+    second = advance(first, new, at(hours=6), cfg)
+    wrong = before.set_column(before.schema.get_field_index(SESSION_COUNT), SESSION_COUNT, pa.array([7, 7]))
+    expected, _ = snapshot(second, at(hours=6), cfg)
+    monkeypatch.setattr(snapshot_module, "MOST_CHANGED", 0.5)  # 1 of 2 changed: u1 moved on from the hour before
+    assert row(snapshot(second, at(hours=6), cfg, PreviousHour(wrong, first, new))[0])[SESSION_COUNT] == 7
+    monkeypatch.setattr(snapshot_module, "MOST_CHANGED", 0.4)  # more than 40 % changed: every row
+    assert_same(snapshot(second, at(hours=6), cfg, PreviousHour(wrong, first, new))[0], expected)
+
+
 @pytest.mark.parametrize("from_previous", [False, True], ids=["every_row", "from_previous_hour"])
+@pytest.mark.usefixtures("any_share_changed")
 def test_lake_round_trip_build_publish_and_range(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, from_previous: bool
 ) -> None:
