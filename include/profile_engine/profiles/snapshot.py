@@ -205,11 +205,11 @@ def _decayed_traits(traits: tuple[Trait, ...]) -> tuple[Trait, ...]:
 
 
 def time_columns(traits: tuple[Trait, ...]) -> tuple[str, ...]:
-    """The snapshot columns that move with the end alone, for a user without events: the hour, the hours since
-    and recency, the lifecycle stage, the decayed counters, everything read from the decayed affinities (top
-    categories and scores, distinct categories, repeat views of a category) and the decayed-count traits.
-    Every other column of a user changes only with their events or a row crossing a window bound
-    (``_crossed_sql``)."""
+    """The snapshot columns computed for every user every hour: those that move with the end alone (the hour, the
+    hours since and recency, the lifecycle stage, the decayed counters, the decayed-count traits, the top
+    categories and their scores) and the others read from the affinities, which are computed for every user
+    anyway (distinct categories, repeat views of a category). Every other column of a user changes only with
+    their events or a row crossing a window bound (``_crossed_sql``)."""
     return (
         SNAPSHOT_HOUR,
         HOURS_SINCE_LAST_EVENT,
