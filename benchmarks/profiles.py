@@ -550,16 +550,16 @@ def _timed_build(settings: Any, hour: datetime, buckets: list[int]) -> dict[str,
     for optional, part in (("seal_state", "write_state"),):
         if hasattr(build, optional):
             setattr(build, optional, timed(getattr(build, optional), part))
-    if hasattr(snapshot_module, "_changed_only"):  # count the users the snapshot computes from the state
-        changed_only = snapshot_module._changed_only
+    if hasattr(snapshot_module, "from_previous_hour"):  # count the users the snapshot computes from the state
+        changed_only = snapshot_module.from_previous_hour
 
         def counted(con: Any, *args: Any) -> Any:
             profiles = changed_only(con, *args)
-            changed["changed"] += con.sql("SELECT count(*) FROM changed").fetchall()[0][0]
+            changed["changed"] += con.sql(f"SELECT count(*) FROM {snapshot_module.CHANGED}").fetchall()[0][0]
             changed["incremental"] = changed.get("incremental", 0) + 1
             return profiles
 
-        snapshot_module._changed_only = counted
+        snapshot_module.from_previous_hour = counted
     write = Lake.write_partition
 
     def write_partition(self: Any, layer: str, *args: Any, **kwargs: Any) -> Any:

@@ -959,13 +959,13 @@ def test_lake_round_trip_build_publish_and_range(
     minimum = 0 if from_previous else SETTINGS.snapshot_from_previous_min_users
     cfg = replace(SETTINGS, lake=tmp_path / "hourly", buckets=2, start=T0, snapshot_from_previous_min_users=minimum)
     started = []
-    changed_only = snapshot_module._changed_only
+    changed_only = snapshot_module.from_previous_hour
 
     def counted(*args: Any) -> pa.Table:
         started.append(1)
         return changed_only(*args)
 
-    monkeypatch.setattr(snapshot_module, "_changed_only", counted)
+    monkeypatch.setattr(snapshot_module, "from_previous_hour", counted)
     bulk = replace(cfg, lake=tmp_path / "bulk")
     for c in (cfg, bulk):
         stage_hours(Lake(c.lake), 3)

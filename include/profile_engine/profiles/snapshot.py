@@ -167,7 +167,7 @@ def snapshot(
         interests = fetch(con, "SELECT * FROM s_interests ORDER BY user_id, category_id", INTERESTS_SCHEMA)
         schema = snapshot_schema(traits)
         if previous is not None and _continues(previous, state, end, schema):
-            profiles = _changed_only(con, previous, e, traits, schema)
+            profiles = from_previous_hour(con, previous, e, traits, schema)
         else:
             profiles = fetch(con, _profiles_sql(e, traits), schema)
     finally:
@@ -175,6 +175,8 @@ def snapshot(
     return profiles, interests
 
 
+# The temp table of the users ``from_previous_hour`` computes from the state (``_crossed_sql``).
+CHANGED = "changed"
 # The relations ``_profiles_sql`` reads (each as ``<src><name>``).
 SOURCES: tuple[str, ...] = (
     USER_EVENTS,
@@ -242,7 +244,7 @@ def _crossing_hours(traits: tuple[Trait, ...]) -> dict[str, set[int]]:
 
 
 def _crossed_sql(e: int, traits: tuple[Trait, ...]) -> str:
-    """SQL of the users the snapshot at ``e`` must compute from the state (``_changed_only``): those with
+    """SQL of the users the snapshot at ``e`` must compute from the state (``from_previous_hour``): those with
     events in the hour (merged or held back: ``p_events``, ``p_pending``), those new since the previous
     snapshot, and those with a row of the previous state (``p_<table>`` as of ``e - 1h``) that one of
     the snapshot's windows held at ``e - 1h`` and no longer holds at ``e``."""
@@ -275,7 +277,7 @@ def _continues(previous: PreviousHour, state: ProfileState, end: datetime, schem
     return bool(hours["min"] == hours["max"] == hour_ms(before) - MS_HOUR)
 
 
-def _changed_only(
+def from_previous_hour(
     con: duckdb.DuckDBPyConnection, previous: PreviousHour, e: int, traits: tuple[Trait, ...], schema: pa.Schema
 ) -> pa.Table:
     """The snapshot as of ``e`` from the one of ``e - 1h``: the changed users (``_crossed_sql``) computed by
@@ -291,16 +293,16 @@ def _changed_only(
     # as the SQL computes them: times in epoch ms (``fetch`` casts them to the contract's timestamps)
     as_computed = pa.schema([pa.field(f.name, pa.int64()) if pa.types.is_timestamp(f.type) else f for f in schema])
     con.register("p_profiles", previous.profiles.select(schema.names).cast(schema).cast(as_computed))
-    con.execute(f"CREATE TEMP TABLE changed AS {_crossed_sql(e, traits)}")
-    changed = con.sql("SELECT count(*) FROM changed").fetchall()[0][0]
+    con.execute(f"CREATE TEMP TABLE {CHANGED} AS {_crossed_sql(e, traits)}")
+    changed = con.sql(f"SELECT count(*) FROM {CHANGED}").fetchall()[0][0]
     if changed > MOST_CHANGED * previous.profiles.num_rows:
         return fetch(con, _profiles_sql(e, traits), schema)
     decayed = _decayed_traits(traits)
     for name in SOURCES:
         con.execute(
-            f"CREATE TEMP VIEW c_{name} AS SELECT * FROM s_{name} WHERE user_id IN (SELECT user_id FROM changed)"
+            f"CREATE TEMP VIEW c_{name} AS SELECT * FROM s_{name} WHERE user_id IN (SELECT user_id FROM {CHANGED})"
         )
-        kept = "NOT IN (SELECT user_id FROM changed)" if name in _TIME_SOURCES else "IS NULL AND false"
+        kept = f"NOT IN (SELECT user_id FROM {CHANGED})" if name in _TIME_SOURCES else "IS NULL AND false"
         con.execute(f"CREATE TEMP VIEW t_{name} AS SELECT * FROM s_{name} WHERE user_id {kept}")
     moved = time_columns(traits)
     replaced = ", ".join(f"t.{c} AS {c}" for c in moved if c != USER_ID)
@@ -404,7 +406,7 @@ def _profiles_sql(e: int, traits: tuple[Trait, ...], src: str = "s_", ordered: b
     then the columns of the declared ``traits`` from their tiles.
 
     ``src`` prefixes every relation read (``SOURCES``: the state tables, ``buffered``, ``affinities`` and
-    ``interests``), so one SQL computes the rows of other relations of the same shape (``_changed_only``).
+    ``interests``), so one SQL computes the rows of other relations of the same shape (``from_previous_hour``).
     """
     hours = f"/ {float(MS_HOUR)}"
     ttl = int(OPEN_CART_TTL.total_seconds() * 1000)
