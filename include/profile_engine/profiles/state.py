@@ -284,21 +284,38 @@ def register_sealed_anchors(
     files = [] if sealed is None else tile_files(sealed.root / ANCHORS, sealed.upto_ms, since_ms)
     if sealed is None or not files:
         return False
-    newest = sealed.upto_ms - lateness_hours * MS_HOUR  # every sealed anchor is older (sealing: ts_ms < horizon)
+    lateness = lateness_hours * MS_HOUR
+    newer = sealed.upto_ms - lateness  # than every sealed anchor (sealing: ts_ms < horizon = sealed_ms - lateness)
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {TILE_ANCHORS}_keys AS "
         f"SELECT DISTINCT t.user_id, t.item_id, {_ANCHOR_TYPE} AS event_type FROM {targets} t "
         f"WHERE NOT EXISTS (SELECT 1 FROM {memory} m WHERE m.user_id = t.user_id AND m.item_id = t.item_id "
-        f"AND m.event_type = {_ANCHOR_TYPE} AND m.ts_ms >= {newest} AND m.ts_ms <= t.ts_ms)"
+        f"AND m.event_type = {_ANCHOR_TYPE} AND m.ts_ms >= {newer} AND m.ts_ms <= t.ts_ms)"
     )
     if not con.execute(f"SELECT count(*) FROM {TILE_ANCHORS}_keys").fetchall()[0][0]:
         return False
     _register_sealed_users(con, sealed)
+    keys = f"{TILE_ANCHORS}_keys"
     where = [
         f"ts_ms >= {since_ms}",
-        f"(user_id, item_id, event_type) IN (SELECT user_id, item_id, event_type FROM {TILE_ANCHORS}_keys)",
+        f"(user_id, item_id, event_type) IN (SELECT user_id, item_id, event_type FROM {keys})",
     ]
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {TILE_ANCHORS} AS " + _tile_rows_sql(ANCHORS, sealed, files, where))
+    # The newest day first: it holds the anchors that crossed the horizon last, those the remaining targets
+    # mostly take. A key whose latest anchor there is newer than every row of the earlier days (sealed by the
+    # end of that day's start, so older than it minus the lateness) is done: the lookups keep the latest only.
+    newest_day = files[-1].parent
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {TILE_ANCHORS} AS "
+        + _tile_rows_sql(ANCHORS, sealed, [f for f in files if f.parent == newest_day], where)
+    )
+    older = [f for f in files if f.parent != newest_day]
+    if older:
+        con.execute(
+            f"DELETE FROM {keys} WHERE (user_id, item_id, event_type) IN (SELECT user_id, item_id, event_type "
+            f"FROM {TILE_ANCHORS} GROUP BY ALL HAVING max(ts_ms) >= {day_start_ms(newest_day) - lateness})"
+        )
+        if con.execute(f"SELECT count(*) FROM {keys}").fetchall()[0][0]:
+            con.execute(f"INSERT INTO {TILE_ANCHORS} " + _tile_rows_sql(ANCHORS, sealed, older, where))
     return True
 
 
