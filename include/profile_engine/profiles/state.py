@@ -288,9 +288,10 @@ def register_sealed_anchors(
     newer = sealed.upto_ms - lateness  # than every sealed anchor (sealing: ts_ms < horizon = sealed_ms - lateness)
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {TILE_ANCHORS}_keys AS "
-        f"SELECT DISTINCT t.user_id, t.item_id, {_ANCHOR_TYPE} AS event_type FROM {targets} t "
-        f"WHERE NOT EXISTS (SELECT 1 FROM {memory} m WHERE m.user_id = t.user_id AND m.item_id = t.item_id "
-        f"AND m.event_type = {_ANCHOR_TYPE} AND m.ts_ms >= {newer} AND m.ts_ms <= t.ts_ms)"
+        f"SELECT DISTINCT t.user_id, t.item_id, t.event_type "
+        f"FROM (SELECT user_id, item_id, {_ANCHOR_TYPE} AS event_type, ts_ms FROM {targets} t) t "
+        f"ANTI JOIN (SELECT * FROM {memory} WHERE ts_ms >= {newer}) m ON m.user_id = t.user_id "
+        "AND m.item_id = t.item_id AND m.event_type = t.event_type AND m.ts_ms <= t.ts_ms"
     )
     if not con.execute(f"SELECT count(*) FROM {TILE_ANCHORS}_keys").fetchall()[0][0]:
         return False
