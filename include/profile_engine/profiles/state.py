@@ -286,24 +286,24 @@ def register_sealed_anchors(
         return False
     lateness = lateness_hours * MS_HOUR
     newer = sealed.upto_ms - lateness  # than every sealed anchor (sealing: ts_ms < horizon = sealed_ms - lateness)
+    keys = f"{TILE_ANCHORS}_keys"
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE {TILE_ANCHORS}_keys AS "
+        f"CREATE OR REPLACE TEMP TABLE {keys} AS "
         f"SELECT DISTINCT t.user_id, t.item_id, t.event_type "
         f"FROM (SELECT user_id, item_id, {_ANCHOR_TYPE} AS event_type, ts_ms FROM {targets} t) t "
         f"ANTI JOIN (SELECT * FROM {memory} WHERE ts_ms >= {newer}) m ON m.user_id = t.user_id "
         "AND m.item_id = t.item_id AND m.event_type = t.event_type AND m.ts_ms <= t.ts_ms"
     )
-    if not con.execute(f"SELECT count(*) FROM {TILE_ANCHORS}_keys").fetchall()[0][0]:
+    if not con.execute(f"SELECT count(*) FROM {keys}").fetchall()[0][0]:
         return False
     _register_sealed_users(con, sealed)
-    keys = f"{TILE_ANCHORS}_keys"
     where = [
         f"ts_ms >= {since_ms}",
         f"(user_id, item_id, event_type) IN (SELECT user_id, item_id, event_type FROM {keys})",
     ]
     # The newest day first: it holds the anchors that crossed the horizon last, those the remaining targets
-    # mostly take. A key whose latest anchor there is newer than every row of the earlier days (sealed by the
-    # end of that day's start, so older than it minus the lateness) is done: the lookups keep the latest only.
+    # mostly take. A key whose latest anchor there is newer than every row of the earlier days (sealed by that
+    # day's start at the latest, so older than it minus the lateness) is done: the lookups keep the latest only.
     newest_day = files[-1].parent
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {TILE_ANCHORS} AS "
