@@ -20,11 +20,12 @@ from profile_engine.config import Settings
 from profile_engine.contracts.events import STAGED_SCHEMA
 from profile_engine.contracts.profiles import CATEGORY_ID, MEAN_CART_TO_PURCHASE_HOURS, MEAN_VIEW_TO_CART_HOURS, USER_ID
 from profile_engine.hours import HOUR, MS_HOUR
+from profile_engine.lake import db
 from profile_engine.lake.storage import INTERESTS, PROFILES, STAGING, STATE, STATE_TILES, Lake
 from profile_engine.lake.tiles import DAY_FILE
 from profile_engine.ops import erasure, retention
 from profile_engine.profiles.build import build_profiles, build_profiles_range, read_state, upgrade_state
-from profile_engine.profiles.merge import with_local_hour
+from profile_engine.profiles.merge import advance, with_local_hour
 from profile_engine.profiles.replay import rebuild_bucket
 from profile_engine.profiles.snapshot import snapshot
 from profile_engine.profiles.state import ANCHORS, BY_HOUR_TABLES, HOURLY, SEALED_MARKER, SESSIONS, hour_ms
@@ -361,3 +362,103 @@ def test_an_upgraded_checkpoint_is_marked_sealed_exactly_when_its_content_is(sho
     for h in range(6, HOURS):
         build_profiles(shop, at(h), 0)
         assert_equals_rebuild(shop, at(h))
+
+
+class RecordingConnection:
+    """A DuckDB connection that records the SQL of every ``execute`` and ``sql`` call."""
+
+    def __init__(self, con: Any, seen: list[str]) -> None:
+        self.con, self.seen = con, seen
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self.seen.append(sql)
+        return self.con.execute(sql, *args)
+
+    def sql(self, sql: str, *args: Any) -> Any:
+        self.seen.append(sql)
+        return self.con.sql(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.con, name)
+
+
+def record_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SQL every DuckDB connection opened from now on runs (a list filled as they run)."""
+    seen: list[str] = []
+    cursor = db.cursor
+    monkeypatch.setattr(db, "cursor", lambda *a, **k: RecordingConnection(cursor(*a, **k), seen))
+    return seen
+
+
+def anchor_tile_reads(statements: list[str]) -> list[str]:
+    """The statements that read sealed anchor tile files."""
+    return [s for s in statements if "read_parquet" in s and f"{ANCHORS}/dt=" in s]
+
+
+def test_the_anchor_tiles_are_read_only_for_targets_without_a_newer_anchor_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """u views x at 0:20 (sealed from hour 2 on) and carts it at 5:30: only the sealed view is its anchor, so the
+    hour reads the tiles. w views and carts y in hour 5: the view is in memory, the tiles are not read, not by
+    ``advance`` nor by the snapshot of the checkpoint read back (which recomputes the buffered latencies)."""
+    settings = replace(BASE, lake=tmp_path / "lake")
+    lake = Lake(settings.lake)
+    rows = {h: [{"user_id": "v", "item_id": "z", "ts": at(h) + timedelta(minutes=5)}] for h in range(7)}
+    rows[0].append({"user_id": "u", "item_id": "x", "ts": at(0) + timedelta(minutes=20)})
+    for h, hour_rows in rows.items():
+        lake.write_partition(STAGING, at(h), staged(hour_rows, h), bucket=0)
+    for h in range(5):
+        build_profiles(settings, at(h), 0)
+    state = read_state(lake, at(4), 0)
+    assert anchor_tile_rows(lake).num_rows > 0 and state.sealed is not None
+    w_rows = [
+        {"user_id": "w", "item_id": "y", "ts": at(5) + timedelta(minutes=10)},
+        {"user_id": "w", "item_id": "y", "event_type": "cart", "ts": at(5) + timedelta(minutes=20)},
+    ]
+    u_cart = {"user_id": "u", "item_id": "x", "event_type": "cart", "ts": at(5) + timedelta(minutes=30)}
+    seen = record_statements(monkeypatch)
+    w_only = advance(state, staged([*rows[5], *w_rows], 5), at(6), settings)
+    assert anchor_tile_reads(seen) == []
+    with_u = advance(state, staged([*rows[5], *w_rows, u_cart], 5), at(6), settings)
+    assert anchor_tile_reads(seen), seen
+    profiles = {r[USER_ID]: r for r in snapshot(with_u, at(6), settings)[0].to_pylist()}
+    assert profiles["u"][MEAN_VIEW_TO_CART_HOURS] == pytest.approx(5 + 10 / 60)
+    assert profiles["w"][MEAN_VIEW_TO_CART_HOURS] == pytest.approx(10 / 60)
+    # the checkpoints read back: w's buffered cart needs no tile, u's does
+    monkeypatch.undo()
+    lake.write_partition(STAGING, at(5), staged([*rows[5], *w_rows], 5), bucket=0)
+    build_profiles(settings, at(5), 0)
+    checkpoint = read_state(lake, at(5), 0)
+    seen = record_statements(monkeypatch)
+    expected = snapshot(w_only, at(6), settings)[0]
+    got = snapshot(checkpoint, at(6), settings)[0]
+    assert anchor_tile_reads(seen) == []
+    assert compare_tables("profiles", expected, got, [USER_ID]).equal
+    monkeypatch.undo()
+    lake.write_partition(STAGING, at(6), staged([*rows[6], u_cart], 6), bucket=0)
+    build_profiles(settings, at(6), 0)
+    seen = record_statements(monkeypatch)
+    profiles = {r[USER_ID]: r for r in snapshot(read_state(lake, at(6), 0), at(7), settings)[0].to_pylist()}
+    assert anchor_tile_reads(seen), seen
+    assert profiles["u"][MEAN_VIEW_TO_CART_HOURS] == pytest.approx(5 + 10 / 60)  # the cart arrived an hour late
+
+
+def test_a_late_anchor_in_memory_older_than_a_sealed_one_does_not_hide_it(tmp_path: Path) -> None:
+    """Sealed anchors are older than the horizon of their checkpoint, not older than every anchor in memory: a view
+    arriving beyond the lateness (ts 0:10, in hour 5) is in memory, the later view 0:20 only in the tiles. The
+    cart at 5:30 takes 0:20, as a rebuild and a state that never sealed do."""
+    settings = replace(BASE, lake=tmp_path / "lake")
+    lake = Lake(settings.lake)
+    plan: dict[int, list[dict[str, Any]]] = {h: [] for h in range(9)}
+    plan[0].append({"user_id": "u", "item_id": "x", "ts": at(0) + timedelta(minutes=20)})
+    plan[5].append({"user_id": "u", "item_id": "x", "ts": at(0) + timedelta(minutes=10)})
+    plan[5].append({"user_id": "u", "item_id": "x", "event_type": "cart", "ts": at(5) + timedelta(minutes=30)})
+    for h in range(9):
+        plan[h].append({"user_id": "v", "item_id": "z", "ts": at(h) + timedelta(minutes=5)})
+        lake.write_partition(STAGING, at(h), staged(plan[h], h), bucket=0)
+    for h in range(9):
+        build_profiles(settings, at(h), 0)
+        if h >= 5:
+            profiles = {r[USER_ID]: r for r in lake.read(PROFILES, at(h), 0).to_pylist()}
+            assert profiles["u"][MEAN_VIEW_TO_CART_HOURS] == pytest.approx(5 + 10 / 60), h
+    assert anchor_tile_rows(lake).num_rows > 0

@@ -162,10 +162,11 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         )
         con.execute(f"CREATE TEMP TABLE tgt_final AS SELECT * FROM tgt WHERE ts_ms < {horizon}")
         lookback = int(LATENCY_LOOKBACK.total_seconds() * 1000)
-        # Anchors sealed into tile files (docs/architecture.md, "Sealed state tiles") are read for the items
-        # of the targets only; the lookups see what the buffer of a state that never sealed holds.
+        # Anchors sealed into tile files (docs/architecture.md, "Sealed state tiles") are read only for the
+        # targets without an in-memory anchor (buffered or due: ``anc``) newer than every sealed one, often none;
+        # the lookups see what the buffer of a state that never sealed holds.
         horizon0 = e0 - settings.lateness_hours * MS_HOUR
-        sealed_anchors = register_sealed_anchors(con, state, horizon0 - lookback, keys="tgt")
+        sealed_anchors = register_sealed_anchors(con, state, horizon0 - lookback, "tgt", "anc", settings.lateness_hours)
         anchors0 = f"({anchor_lookup_sql('s_anchors', horizon0)})" if sealed_anchors else "s_anchors"
         con.execute(
             f"CREATE TEMP VIEW anc_lookup AS SELECT user_id, item_id, event_type, ts_ms FROM {anchors0} UNION ALL "

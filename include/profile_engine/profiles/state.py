@@ -162,6 +162,8 @@ BY_HOUR_TABLES: tuple[str, ...] = (HOURLY, ITEM_VIEWS, TRAIT_TILES)
 SEALED_TIME: dict[str, str] = {**dict.fromkeys(BY_HOUR_TABLES, "hour_ms"), ANCHORS: "ts_ms"}
 SEALED_TABLES: tuple[str, ...] = tuple(SEALED_TIME)
 TILE_ANCHORS = "t_anchors"  # the sealed anchors a merge or snapshot looks up (``register_sealed_anchors``)
+# SQL of the anchor type of a target row ``t`` (a cart takes a view, a purchase a cart)
+_ANCHOR_TYPE = f"CASE t.event_type WHEN '{CART}' THEN '{VIEW}' ELSE '{CART}' END"
 SEALED_MARKER = "sealed_tiles"  # key of a checkpoint manifest whose sealed tables hold the recent rows only
 
 
@@ -260,20 +262,61 @@ def register_by_hour(
 
 
 def register_sealed_anchors(
-    con: duckdb.DuckDBPyConnection, state: ProfileState, since_ms: int, keys: str | None = None
+    con: duckdb.DuckDBPyConnection,
+    state: ProfileState,
+    since_ms: int,
+    targets: str,
+    memory: str,
+    lateness_hours: int,
 ) -> bool:
     """Make ``t_anchors`` (``TILE_ANCHORS``) the anchors of ``state`` sealed into tile files with ``ts_ms >=
-    since_ms`` (older ones cannot give a latency), of the (user, item) pairs of the relation ``keys`` when given;
-    a temp table, since every lookup reads it. False, and nothing registered: the state has no sealed anchors."""
+    since_ms`` (older ones cannot give a latency) of the targets in the relation ``targets`` that can still take
+    one: a temp table, since every lookup reads it. False, and nothing registered nor read: the state has no
+    sealed anchors, or no target needs them.
+
+    A target needs none when ``memory`` (the in-memory anchors a lookup sees, with the hour's due ones) has an
+    anchor of its user, item and anchor type at or before it and at or after the newest a tile of ``state``
+    can hold (``sealed_ms - lateness``, so before ``upto_ms - lateness``): the latest anchor before the target
+    is then that one or a later one, whatever the tiles hold, and the maximum of the key's older anchors
+    (``anchor_lookup_sql``) is an in-memory one. The tiles are read for the other targets' keys only.
+    """
     sealed = state.sealed
     files = [] if sealed is None else tile_files(sealed.root / ANCHORS, sealed.upto_ms, since_ms)
     if sealed is None or not files:
         return False
+    lateness = lateness_hours * MS_HOUR
+    newer = sealed.upto_ms - lateness  # than every sealed anchor (sealing: ts_ms < horizon = sealed_ms - lateness)
+    keys = f"{TILE_ANCHORS}_keys"
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {keys} AS "
+        f"SELECT DISTINCT t.user_id, t.item_id, t.event_type "
+        f"FROM (SELECT user_id, item_id, {_ANCHOR_TYPE} AS event_type, ts_ms FROM {targets} t) t "
+        f"ANTI JOIN (SELECT * FROM {memory} WHERE ts_ms >= {newer}) m ON m.user_id = t.user_id "
+        "AND m.item_id = t.item_id AND m.event_type = t.event_type AND m.ts_ms <= t.ts_ms"
+    )
+    if not con.execute(f"SELECT count(*) FROM {keys}").fetchall()[0][0]:
+        return False
     _register_sealed_users(con, sealed)
-    where = [f"ts_ms >= {since_ms}"]
-    if keys is not None:
-        where.append(f"(user_id, item_id) IN (SELECT user_id, item_id FROM {keys})")
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {TILE_ANCHORS} AS " + _tile_rows_sql(ANCHORS, sealed, files, where))
+    where = [
+        f"ts_ms >= {since_ms}",
+        f"(user_id, item_id, event_type) IN (SELECT user_id, item_id, event_type FROM {keys})",
+    ]
+    # The newest day first: it holds the anchors that crossed the horizon last, those the remaining targets
+    # mostly take. A key whose latest anchor there is newer than every row of the earlier days (sealed by that
+    # day's start at the latest, so older than it minus the lateness) is done: the lookups keep the latest only.
+    newest_day = files[-1].parent
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {TILE_ANCHORS} AS "
+        + _tile_rows_sql(ANCHORS, sealed, [f for f in files if f.parent == newest_day], where)
+    )
+    older = [f for f in files if f.parent != newest_day]
+    if older:
+        con.execute(
+            f"DELETE FROM {keys} WHERE (user_id, item_id, event_type) IN (SELECT user_id, item_id, event_type "
+            f"FROM {TILE_ANCHORS} GROUP BY ALL HAVING max(ts_ms) >= {day_start_ms(newest_day) - lateness})"
+        )
+        if con.execute(f"SELECT count(*) FROM {keys}").fetchall()[0][0]:
+            con.execute(f"INSERT INTO {TILE_ANCHORS} " + _tile_rows_sql(ANCHORS, sealed, older, where))
     return True
 
 
@@ -406,7 +449,7 @@ def target_latencies(targets: str, anchors: str) -> str:
     return f"""
         SELECT t.user_id, t.event_type, t.ts_ms,
                CASE WHEN t.ts_ms - a.ts_ms <= {lookback} THEN t.ts_ms - a.ts_ms END AS lag_ms
-        FROM (SELECT *, CASE event_type WHEN '{CART}' THEN '{VIEW}' ELSE '{CART}' END AS anchor_type FROM {targets}) t
+        FROM (SELECT *, {_ANCHOR_TYPE} AS anchor_type FROM {targets} t) t
         ASOF LEFT JOIN (
             -- only anchors of items with a target: a hash probe, so the ASOF join sorts far fewer rows
             SELECT * FROM {anchors} a0 WHERE EXISTS (
