@@ -462,3 +462,27 @@ def test_a_late_anchor_in_memory_older_than_a_sealed_one_does_not_hide_it(tmp_pa
             profiles = {r[USER_ID]: r for r in lake.read(PROFILES, at(h), 0).to_pylist()}
             assert profiles["u"][MEAN_VIEW_TO_CART_HOURS] == pytest.approx(5 + 10 / 60), h
     assert anchor_tile_rows(lake).num_rows > 0
+
+
+def test_a_longer_lateness_after_sealing_does_not_hide_a_sealed_anchor(tmp_path: Path) -> None:
+    """Tiles sealed with a lateness of 1 hour hold the view at 0:20; the lateness is then raised to 4 hours and a
+    view at 0:10 arrives in hour 4 with a cart at 4:30. The in-memory view is older than the sealed one although
+    it is within the new lateness of the tiles' end: the cart takes 0:20 (a bound of the sealed anchors taken
+    from the current lateness would let the in-memory view hide it)."""
+    short = replace(BASE, lake=tmp_path / "lake", lateness_hours=1)
+    longer = replace(short, lateness_hours=4)
+    lake = Lake(short.lake)
+    plan: dict[int, list[dict[str, Any]]] = {h: [] for h in range(6)}
+    plan[0].append({"user_id": "u", "item_id": "x", "ts": at(0) + timedelta(minutes=20)})
+    plan[4].append({"user_id": "u", "item_id": "x", "ts": at(0) + timedelta(minutes=10)})
+    plan[4].append({"user_id": "u", "item_id": "x", "event_type": "cart", "ts": at(4) + timedelta(minutes=30)})
+    for h in range(6):
+        plan[h].append({"user_id": "v", "item_id": "z", "ts": at(h) + timedelta(minutes=5)})
+        lake.write_partition(STAGING, at(h), staged(plan[h], h), bucket=0)
+    for h in range(4):
+        build_profiles(short, at(h), 0)
+    assert anchor_tile_rows(lake).num_rows > 0  # the view at 0:20 is sealed
+    for h in (4, 5):
+        build_profiles(longer, at(h), 0)
+        profiles = {r[USER_ID]: r for r in lake.read(PROFILES, at(h), 0).to_pylist()}
+        assert profiles["u"][MEAN_VIEW_TO_CART_HOURS] == pytest.approx(4 + 10 / 60), h

@@ -166,7 +166,7 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         # targets without an in-memory anchor (buffered or due: ``anc``) newer than every sealed one, often none;
         # the lookups see what the buffer of a state that never sealed holds.
         horizon0 = e0 - settings.lateness_hours * MS_HOUR
-        sealed_anchors = register_sealed_anchors(con, state, horizon0 - lookback, "tgt", "anc", settings.lateness_hours)
+        sealed_anchors = register_sealed_anchors(con, state, horizon0 - lookback, "tgt", "anc")
         anchors0 = f"({anchor_lookup_sql('s_anchors', horizon0)})" if sealed_anchors else "s_anchors"
         con.execute(
             f"CREATE TEMP VIEW anc_lookup AS SELECT user_id, item_id, event_type, ts_ms FROM {anchors0} UNION ALL "

@@ -159,9 +159,7 @@ def snapshot(
             horizon = e - settings.lateness_hours * MS_HOUR  # the oldest buffered target
             lookback = int(LATENCY_LOOKBACK.total_seconds() * 1000)
             anchors = "s_anchors"
-            if register_sealed_anchors(
-                con, state, horizon - lookback, "s_targets", "s_anchors", settings.lateness_hours
-            ):
+            if register_sealed_anchors(con, state, horizon - lookback, "s_targets", "s_anchors"):
                 anchors = f"({anchor_lookup_sql('s_anchors', horizon)})"
             con.execute(f"CREATE TEMP TABLE s_buffered AS {buffered_sql(sessions, orders, 's_targets', anchors)}")
         con.execute(f"CREATE TEMP TABLE s_affinities AS {_affinities_sql(e)}")

@@ -262,12 +262,7 @@ def register_by_hour(
 
 
 def register_sealed_anchors(
-    con: duckdb.DuckDBPyConnection,
-    state: ProfileState,
-    since_ms: int,
-    targets: str,
-    memory: str,
-    lateness_hours: int,
+    con: duckdb.DuckDBPyConnection, state: ProfileState, since_ms: int, targets: str, memory: str
 ) -> bool:
     """Make ``t_anchors`` (``TILE_ANCHORS``) the anchors of ``state`` sealed into tile files with ``ts_ms >=
     since_ms`` (older ones cannot give a latency) of the targets in the relation ``targets`` that can still take
@@ -275,23 +270,23 @@ def register_sealed_anchors(
     sealed anchors, or no target needs them.
 
     A target needs none when ``memory`` (the in-memory anchors a lookup sees, with the hour's due ones) has an
-    anchor of its user, item and anchor type at or before it and at or after the newest a tile of ``state``
-    can hold (``sealed_ms - lateness``, so before ``upto_ms - lateness``): the latest anchor before the target
-    is then that one or a later one, whatever the tiles hold, and the maximum of the key's older anchors
+    anchor of its user, item and anchor type at or before it and newer than every sealed one (the newest
+    ``ts_ms`` of the tile files, from their Parquet statistics): the latest anchor before the target is then that
+    one or a later one, whatever the tiles hold, and the maximum of the key's older anchors
     (``anchor_lookup_sql``) is an in-memory one. The tiles are read for the other targets' keys only.
     """
     sealed = state.sealed
     files = [] if sealed is None else tile_files(sealed.root / ANCHORS, sealed.upto_ms, since_ms)
     if sealed is None or not files:
         return False
-    lateness = lateness_hours * MS_HOUR
-    newer = sealed.upto_ms - lateness  # than every sealed anchor (sealing: ts_ms < horizon = sealed_ms - lateness)
     keys = f"{TILE_ANCHORS}_keys"
+    newest = _newest_ts(files)
+    in_memory = f"SELECT * FROM {memory}" + ("" if newest is None else f" WHERE ts_ms > {newest}")
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {keys} AS "
         f"SELECT DISTINCT t.user_id, t.item_id, t.event_type "
         f"FROM (SELECT user_id, item_id, {_ANCHOR_TYPE} AS event_type, ts_ms FROM {targets} t) t "
-        f"ANTI JOIN (SELECT * FROM {memory} WHERE ts_ms >= {newer}) m ON m.user_id = t.user_id "
+        f"ANTI JOIN ({in_memory}) m ON m.user_id = t.user_id "
         "AND m.item_id = t.item_id AND m.event_type = t.event_type AND m.ts_ms <= t.ts_ms"
     )
     if not con.execute(f"SELECT count(*) FROM {keys}").fetchall()[0][0]:
@@ -302,8 +297,8 @@ def register_sealed_anchors(
         f"(user_id, item_id, event_type) IN (SELECT user_id, item_id, event_type FROM {keys})",
     ]
     # The newest day first: it holds the anchors that crossed the horizon last, those the remaining targets
-    # mostly take. A key whose latest anchor there is newer than every row of the earlier days (sealed by that
-    # day's start at the latest, so older than it minus the lateness) is done: the lookups keep the latest only.
+    # mostly take. A key whose latest anchor there is newer than every row of the earlier days (their newest
+    # ``ts_ms``, from the statistics) is done: the lookups keep the latest only.
     newest_day = files[-1].parent
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {TILE_ANCHORS} AS "
@@ -311,13 +306,33 @@ def register_sealed_anchors(
     )
     older = [f for f in files if f.parent != newest_day]
     if older:
-        con.execute(
-            f"DELETE FROM {keys} WHERE (user_id, item_id, event_type) IN (SELECT user_id, item_id, event_type "
-            f"FROM {TILE_ANCHORS} GROUP BY ALL HAVING max(ts_ms) >= {day_start_ms(newest_day) - lateness})"
-        )
+        older_newest = _newest_ts(older)
+        if older_newest is not None:
+            con.execute(
+                f"DELETE FROM {keys} WHERE (user_id, item_id, event_type) IN (SELECT user_id, item_id, event_type "
+                f"FROM {TILE_ANCHORS} GROUP BY ALL HAVING max(ts_ms) > {older_newest})"
+            )
         if con.execute(f"SELECT count(*) FROM {keys}").fetchall()[0][0]:
             con.execute(f"INSERT INTO {TILE_ANCHORS} " + _tile_rows_sql(ANCHORS, sealed, older, where))
     return True
+
+
+def _newest_ts(files: list[Path]) -> int | None:
+    """The largest ``ts_ms`` in the anchor tile ``files``, from their Parquet footers (None: a row group without
+    statistics). An upper bound of the rows a state reads from them (a day file may hold later-sealed rows too),
+    whatever lateness sealed them."""
+    import pyarrow.parquet as pq
+
+    newest: int | None = None
+    for path in files:
+        meta = pq.read_metadata(path)
+        column = meta.schema.to_arrow_schema().get_field_index("ts_ms")
+        for i in range(meta.num_row_groups):
+            stats = meta.row_group(i).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                return None
+            newest = stats.max if newest is None else max(newest, stats.max)
+    return newest
 
 
 class MissingStateError(FileNotFoundError):
