@@ -657,23 +657,23 @@ def _run_lake_hour(lake: Path, hour: datetime, action: str, package: Path) -> di
         "--lake-hour-at",
         hour.isoformat(),
     ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(package)}
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"lake hour {action} ({package}) failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return _run_child(command, package, f"lake hour {action}")
 
 
 def _run_hour_step(name: str, lake: Path, package: Path) -> dict[str, Any]:
     """One ``hour_step`` in a fresh process importing the package in ``package``."""
-    command = [sys.executable, __file__, "--hour-step", name, "--work", str(lake)]
+    return _run_child(
+        [sys.executable, __file__, "--hour-step", name, "--work", str(lake)], package, f"hour step {name}"
+    )
+
+
+def _run_child(command: list[str], package: Path, what: str) -> dict[str, Any]:
+    """Run a step of this script in a fresh process importing the package in ``package``; its last line (JSON)."""
     done = subprocess.run(
         command, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(package)}
     )
     if done.returncode != 0:
-        raise SystemExit(f"hour step {name} ({package}) failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{what} ({package}) failed:\n{done.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 

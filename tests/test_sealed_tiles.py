@@ -443,19 +443,25 @@ def test_the_anchor_tiles_are_read_only_for_targets_without_a_newer_anchor_in_me
     assert profiles["u"][MEAN_VIEW_TO_CART_HOURS] == pytest.approx(5 + 10 / 60)  # the cart arrived an hour late
 
 
+def _stage_a_late_view(lake: Lake, late: int, hours: int) -> None:
+    """Stage ``hours`` hours of bucket 0: u views x at 0:20, again at 0:10 arriving in hour ``late`` with a cart
+    of x at ``late``:30; v views z every hour (the hours move on)."""
+    plan: dict[int, list[dict[str, Any]]] = {h: [] for h in range(hours)}
+    plan[0].append({"user_id": "u", "item_id": "x", "ts": at(0) + timedelta(minutes=20)})
+    plan[late].append({"user_id": "u", "item_id": "x", "ts": at(0) + timedelta(minutes=10)})
+    plan[late].append({"user_id": "u", "item_id": "x", "event_type": "cart", "ts": at(late) + timedelta(minutes=30)})
+    for h in range(hours):
+        plan[h].append({"user_id": "v", "item_id": "z", "ts": at(h) + timedelta(minutes=5)})
+        lake.write_partition(STAGING, at(h), staged(plan[h], h), bucket=0)
+
+
 def test_a_late_anchor_in_memory_older_than_a_sealed_one_does_not_hide_it(tmp_path: Path) -> None:
     """Sealed anchors are older than the horizon of their checkpoint, not older than every anchor in memory: a view
     arriving beyond the lateness (ts 0:10, in hour 5) is in memory, the later view 0:20 only in the tiles. The
     cart at 5:30 takes 0:20, as a rebuild and a state that never sealed do."""
     settings = replace(BASE, lake=tmp_path / "lake")
     lake = Lake(settings.lake)
-    plan: dict[int, list[dict[str, Any]]] = {h: [] for h in range(9)}
-    plan[0].append({"user_id": "u", "item_id": "x", "ts": at(0) + timedelta(minutes=20)})
-    plan[5].append({"user_id": "u", "item_id": "x", "ts": at(0) + timedelta(minutes=10)})
-    plan[5].append({"user_id": "u", "item_id": "x", "event_type": "cart", "ts": at(5) + timedelta(minutes=30)})
-    for h in range(9):
-        plan[h].append({"user_id": "v", "item_id": "z", "ts": at(h) + timedelta(minutes=5)})
-        lake.write_partition(STAGING, at(h), staged(plan[h], h), bucket=0)
+    _stage_a_late_view(lake, 5, 9)
     for h in range(9):
         build_profiles(settings, at(h), 0)
         if h >= 5:
@@ -472,13 +478,7 @@ def test_a_longer_lateness_after_sealing_does_not_hide_a_sealed_anchor(tmp_path:
     short = replace(BASE, lake=tmp_path / "lake", lateness_hours=1)
     longer = replace(short, lateness_hours=4)
     lake = Lake(short.lake)
-    plan: dict[int, list[dict[str, Any]]] = {h: [] for h in range(6)}
-    plan[0].append({"user_id": "u", "item_id": "x", "ts": at(0) + timedelta(minutes=20)})
-    plan[4].append({"user_id": "u", "item_id": "x", "ts": at(0) + timedelta(minutes=10)})
-    plan[4].append({"user_id": "u", "item_id": "x", "event_type": "cart", "ts": at(4) + timedelta(minutes=30)})
-    for h in range(6):
-        plan[h].append({"user_id": "v", "item_id": "z", "ts": at(h) + timedelta(minutes=5)})
-        lake.write_partition(STAGING, at(h), staged(plan[h], h), bucket=0)
+    _stage_a_late_view(lake, 4, 6)
     for h in range(4):
         build_profiles(short, at(h), 0)
     assert anchor_tile_rows(lake).num_rows > 0  # the view at 0:20 is sealed
