@@ -6,6 +6,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from profile_engine.ingest import events as ingest
 from profile_engine.lake import storage as lk
 from profile_engine.lake.storage import Lake, read_json
 from profile_engine.ops import demo
+from profile_engine.profiles import snapshot, verify
 
 LAST = datetime(2026, 11, 20, 23, tzinfo=UTC)
 HOURS = 24
@@ -31,6 +33,17 @@ def test_demo_runs_every_stage_for_every_hour(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("PROFILE_ENGINE_START", "")  # set by the demo; restored afterwards
     for key, value in demo.DEMO_ENV.items():
         monkeypatch.setenv(key, value)
+    # every hourly snapshot of the demo's small buckets starts from the hour before (verified below)
+    monkeypatch.setenv("PROFILE_ENGINE_SNAPSHOT_FROM_PREVIOUS_MIN_USERS", "0")
+    monkeypatch.setattr(snapshot, "MOST_CHANGED", 1.0)
+    started = []
+    from_previous_hour = snapshot.from_previous_hour
+
+    def counted(*args: Any) -> Any:
+        started.append(1)
+        return from_previous_hour(*args)
+
+    monkeypatch.setattr(snapshot, "from_previous_hour", counted)
     subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True, capture_output=True)
 
     summary = demo.run_demo(users=300, history_days=3, hours=HOURS, seed=3, last=LAST)
@@ -54,3 +67,7 @@ def test_demo_runs_every_stage_for_every_hour(tmp_path: Path, monkeypatch: pytes
     assert landed > 0 and landed == staged + quarantined
     assert quarantined > 0  # the simulator's defects reach quarantine
     assert summary["profiles"] > 0
+    assert len(started) == 2 * HOURS  # every bucket of every hour (the first starts from the warm-up)
+    for hour in (first + (LAST - first) / 2, LAST):  # the hourly path's snapshots equal rebuilds
+        result = verify.verify_hour(settings, hour.replace(minute=0))
+        assert result.equal, result.render()
