@@ -18,17 +18,32 @@ import pytest
 
 from profile_engine.config import Settings
 from profile_engine.contracts.events import STAGED_SCHEMA
-from profile_engine.contracts.profiles import CATEGORY_ID, MEAN_CART_TO_PURCHASE_HOURS, MEAN_VIEW_TO_CART_HOURS, USER_ID
+from profile_engine.contracts.profiles import (
+    CATEGORY_ID,
+    MEAN_CART_TO_PURCHASE_HOURS,
+    MEAN_VIEW_TO_CART_HOURS,
+    USER_ID,
+    snapshot_schema,
+)
+from profile_engine.contracts.traits import load_traits
 from profile_engine.hours import HOUR, MS_HOUR
 from profile_engine.lake import db
 from profile_engine.lake.storage import INTERESTS, PROFILES, STAGING, STATE, STATE_TILES, Lake
 from profile_engine.lake.tiles import DAY_FILE
 from profile_engine.ops import erasure, retention
-from profile_engine.profiles.build import build_profiles, build_profiles_range, read_state, upgrade_state
+from profile_engine.profiles.build import (
+    SNAPSHOT_TRAITS,
+    build_profiles,
+    build_profiles_range,
+    previous_hour,
+    publish_profiles,
+    read_state,
+    upgrade_state,
+)
 from profile_engine.profiles.merge import advance, with_local_hour
 from profile_engine.profiles.replay import rebuild_bucket
 from profile_engine.profiles.snapshot import snapshot
-from profile_engine.profiles.state import ANCHORS, BY_HOUR_TABLES, HOURLY, SEALED_MARKER, SESSIONS, hour_ms
+from profile_engine.profiles.state import ANCHORS, BY_HOUR_TABLES, HOURLY, SEALED_MARKER, SESSIONS, USERS, hour_ms
 from profile_engine.profiles.verify import compare_tables
 
 T0 = datetime(2026, 11, 3, 21, tzinfo=UTC)  # three hours before midnight: day 1 is compacted when day 2 starts
@@ -362,6 +377,35 @@ def test_an_upgraded_checkpoint_is_marked_sealed_exactly_when_its_content_is(sho
     for h in range(6, HOURS):
         build_profiles(shop, at(h), 0)
         assert_equals_rebuild(shop, at(h))
+
+
+def test_an_upgraded_checkpoint_keeps_the_traits_digest_and_the_hour_before_is_read_with_the_snapshot_columns(
+    shop: Settings,
+) -> None:
+    """``upgrade_state`` rewrites a checkpoint's tables, not what its manifest says of them: the digest of the
+    declared traits its hour's profiles were taken with (``SNAPSHOT_TRAITS``) stays, so the next hour's snapshot
+    still starts from the hour before. That hour's published profiles are read with the snapshot's columns only
+    (not the population columns ``publish_profiles`` added)."""
+    settings = replace(shop, snapshot_from_previous_min_users=0)
+    lake = Lake(settings.lake)
+    for h in range(6):
+        build_profiles(settings, at(h), 0)
+    publish_profiles(settings, at(5))
+    manifest = lake.manifest(STATE, at(5), 0)
+    tables = read_state(lake, at(5), 0).tables
+    older = {**tables, USERS: tables[USERS].drop_columns(["refund_cents"])}  # written before refunds
+    extra = {key: manifest[key] for key in (SEALED_MARKER, SNAPSHOT_TRAITS)}
+    lake.write_partition(STATE, at(5), older, bucket=0, dictionary=["event_type"], extra=extra)
+
+    assert upgrade_state(lake, at(5), 0)
+
+    assert lake.manifest(STATE, at(5), 0)[SNAPSHOT_TRAITS] == manifest[SNAPSHOT_TRAITS]
+    previous = previous_hour(lake, settings, read_state(lake, at(5), 0), lake.read(STAGING, at(6), 0), 0)
+    assert previous is not None
+    assert lake.read(PROFILES, at(5), 0).num_columns > previous.profiles.num_columns
+    assert previous.profiles.column_names == snapshot_schema(load_traits(settings.traits)).names
+    build_profiles(settings, at(6), 0)
+    assert_equals_rebuild(settings, at(6))
 
 
 class RecordingConnection:

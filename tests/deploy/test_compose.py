@@ -365,8 +365,12 @@ def test_every_engine_setting_is_passed_to_the_airflow_containers() -> None:
         read |= set(re.findall(r"[\"'](PROFILE_ENGINE_[A-Z0-9_]+)[\"']", source))
         read |= {"PROFILE_ENGINE_" + m for m in re.findall(r'ENV_PREFIX \+ "([A-Z0-9_]+)"', source)}
         if path.name == "config.py":
-            read |= {"PROFILE_ENGINE_" + m for m in re.findall(r'\b(?:get|number|hour|path)\("([A-Z0-9_]+)"', source)}
-    assert {"PROFILE_ENGINE_LAKE", "PROFILE_ENGINE_BUCKETS", "PROFILE_ENGINE_GATE_MIN_AUC"} <= read  # the scan works
+            read |= {
+                "PROFILE_ENGINE_" + m for m in re.findall(r'\b(?:get|number|hour|path)\(\s*"([A-Z0-9_]+)"', source)
+            }
+    # the scan works, also for a call wrapped over lines
+    assert {"PROFILE_ENGINE_LAKE", "PROFILE_ENGINE_BUCKETS", "PROFILE_ENGINE_GATE_MIN_AUC"} <= read
+    assert "PROFILE_ENGINE_SNAPSHOT_FROM_PREVIOUS_MIN_USERS" in read
 
     # Act
     compose = load_compose()

@@ -223,6 +223,18 @@ class Lake:
         replace_dir(tmp, target, self)
 
 
+# The keys of a manifest that ``write_partition`` writes itself; every other key came in as its ``extra``.
+PARTITION_KEYS = frozenset(
+    {"layer", "dt", "hour", "bucket", "data_hour", "rows", "columns", "schema_version", "run_id", "written_at", "files"}
+)
+
+
+def manifest_extra(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a partition's manifest says beyond its files (the ``extra`` it was written with): a rewrite of the
+    same content (erasure, a layout upgrade) passes it on."""
+    return {k: v for k, v in manifest.items() if k not in PARTITION_KEYS}
+
+
 def partition_hours(root: Path) -> dict[datetime, Path]:
     """The ``dt=/hour=`` partitions under ``root`` by hour."""
     found: dict[datetime, Path] = {}

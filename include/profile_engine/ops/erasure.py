@@ -27,7 +27,7 @@ from profile_engine.contracts.profiles import CHANGE_NEW, LIFECYCLE_STAGE, RFM_S
 from profile_engine.contracts.segments import USER_KEY
 from profile_engine.hours import HOUR, format_hour
 from profile_engine.lake import storage as lk
-from profile_engine.lake.storage import MANIFEST, Lake, read_json, replace_dir, write_json
+from profile_engine.lake.storage import MANIFEST, Lake, manifest_extra, read_json, replace_dir, write_json
 from profile_engine.privacy.keys import ExportKeyError, export_key, pseudonymize
 from profile_engine.privacy.tombstones import (
     ERASURE_DIR,
@@ -370,7 +370,7 @@ class _Eraser:
         full = population.population_snapshot(parts, hour, None)
         for manifest, part in zip(old, parts, strict=True):
             bucket_rows = full.filter(pc.is_in(full.column(USER_ID), value_set=part.column(USER_ID)))
-            extra = {k: v for k, v in manifest.items() if k not in _PARTITION_KEYS}
+            extra = manifest_extra(manifest)
             self.lake.write_partition(
                 lk.PROFILES,
                 hour,
@@ -399,11 +399,6 @@ class _Eraser:
         pointer = self.lake.path(lk.PROFILES, "current")
         if pointer.is_file() and read_json(pointer).get("hour") == format_hour(hour):
             write_json(pointer, {**read_json(pointer), "profiles": full.num_rows})
-
-
-_PARTITION_KEYS = frozenset(
-    {"layer", "dt", "hour", "bucket", "data_hour", "rows", "columns", "schema_version", "run_id", "written_at", "files"}
-)
 
 
 def _parquet_bytes(table: pa.Table, original: Path) -> bytes:

@@ -43,6 +43,7 @@ from profile_engine.lake.storage import (
     STATE,
     STATE_TILES,
     Lake,
+    manifest_extra,
     read_json,
     write_json,
     write_table_file,
@@ -248,7 +249,8 @@ def upgrade_state(lake: Lake, hour: datetime, bucket: int) -> bool:
     ``SEALED_MARKER`` stays what it was: it says where the checkpoint's older rows are (in
     the bucket's tiles, or in the checkpoint itself), which converting the sessions does not
     change. An older-layout checkpoint predates the tiles and holds every hour: it stays
-    unmarked (marked, its next hour would add the tiles to the rows it holds).
+    unmarked (marked, its next hour would add the tiles to the rows it holds). Whatever else the
+    manifest says of the checkpoint (``SNAPSHOT_TRAITS``) stays too: the rewrite changes its layout only.
     """
     base = lake.partition(STATE, hour, bucket)
     sessions = lake.read_named(STATE, hour, SESSIONS, bucket).column_names
@@ -259,6 +261,7 @@ def upgrade_state(lake: Lake, hour: datetime, bucket: int) -> bool:
     if "ts_ms" not in sessions and added:
         return False
     state = read_state(lake, hour, bucket)
+    extra = {k: v for k, v in manifest_extra(lake.manifest(STATE, hour, bucket)).items() if k != SEALED_MARKER}
     lake.write_partition(
         STATE,
         hour,
@@ -266,7 +269,7 @@ def upgrade_state(lake: Lake, hour: datetime, bucket: int) -> bool:
         bucket=bucket,
         run_id="upgrade",
         dictionary=_STATE_DICTIONARY,
-        extra={SEALED_MARKER: True} if state.sealed is not None else None,
+        extra={**extra, SEALED_MARKER: True} if state.sealed is not None else extra,
     )
     return True
 
@@ -307,11 +310,17 @@ def previous_hour(
     hour = state.end - HOUR
     if not (lake.committed(STATE, hour, bucket) and lake.committed(PROFILES, hour, bucket)):
         return None
-    if lake.manifest(STATE, hour, bucket).get(SNAPSHOT_TRAITS) != traits_digest(load_traits(settings.traits)):
+    traits = load_traits(settings.traits)
+    if lake.manifest(STATE, hour, bucket).get(SNAPSHOT_TRAITS) != traits_digest(traits):
         return None
-    if lake.manifest(PROFILES, hour, bucket).get("rows", 0) < settings.snapshot_from_previous_min_users:
+    profiles = lake.manifest(PROFILES, hour, bucket)
+    if profiles.get("rows", 0) < settings.snapshot_from_previous_min_users:
         return None
-    return PreviousHour(lake.read(PROFILES, hour, bucket), state, events)
+    # The snapshot's columns only (a published bucket holds the population ones as well); one missing: no start.
+    columns = snapshot_schema(traits).names
+    if not set(columns) <= set(profiles.get("columns", ())):
+        return None
+    return PreviousHour(lake.read(PROFILES, hour, bucket, columns=columns), state, events)
 
 
 def _write_hour(
