@@ -9,13 +9,14 @@ import argparse
 import json
 import sys
 import textwrap
+import time
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from profile_engine.config import Settings
-from profile_engine.hours import parse_hour
+from profile_engine.hours import format_hour, parse_hour
 
 
 def _hour(text: str) -> datetime:
@@ -190,12 +191,32 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Rebuild an hour's snapshot from staged events and compare it with the committed one (1 if they differ)."""
-    from profile_engine.profiles.verify import verify_hour
+    """Rebuild an hour's snapshot (or every hour of --hour..--to) from staged events and compare it with the
+    committed one (1 if any differs); a line per rebuilt bucket goes to stderr, the outcome of each hour to stdout."""
+    from profile_engine.ops.progress import duration
+    from profile_engine.profiles.verify import verify_hours
 
-    result = verify_hour(Settings.from_env(), args.hour, keep_scratch=args.keep)
-    print(result.render())
-    return 0 if result.equal else 1
+    settings = Settings.from_env()
+    started = time.monotonic()
+
+    def bucket_done(bucket: int, hours: int) -> None:
+        print(
+            f"[verify] bucket {bucket + 1}/{settings.buckets} rebuilt, {hours} hour(s), "
+            f"{duration(time.monotonic() - started)} so far",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    results = verify_hours(settings, args.hour, args.to or args.hour, keep_scratch=args.keep, on_bucket=bucket_done)
+    for result in results:
+        print(result.render())
+    different = [format_hour(r.hour) for r in results if not r.equal]
+    if len(results) > 1:
+        print(
+            f"verify: {len(results)} hours, {len(results) - len(different)} equal, {len(different)} different"
+            + (f": {', '.join(different)}" if different else "")
+        )
+    return 1 if different else 0
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
@@ -425,11 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "verify",
         "rebuild hour H from staged events and compare with its committed snapshot",
-        f"Rebuild the profile snapshot of --hour from staged events and compare it with the committed one "
-        f"(exit 1 if they differ). --hour is {HOUR_FORMAT}.",
-        ["--hour 2026-12-01T05", "--hour 2026-12-01T05 --keep"],
+        f"Rebuild the profile snapshot of --hour (or of every hour from --hour to --to: one rebuild per bucket, then "
+        f"each later staged hour merged in memory) from staged events and compare it with the committed one "
+        f"(exit 1 if any differs). --hour and --to are {HOUR_FORMAT}.",
+        ["--hour 2026-12-01T05", "--hour 2026-12-01T00 --to 2026-12-01T23", "--hour 2026-12-01T05 --keep"],
     )
     p.add_argument("--hour", type=_hour, required=True, metavar="HOUR", help="the snapshot's hour, e.g. 2026-12-01T05")
+    p.add_argument("--to", type=_hour, metavar="HOUR", help="verify every hour from --hour to this one (inclusive)")
     p.add_argument("--keep", action="store_true", help="keep the rebuilt snapshot in the lake's _tmp/ to inspect it")
     p.set_defaults(func=cmd_verify)
 

@@ -5,7 +5,7 @@ docs/features.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime
 
@@ -56,11 +56,30 @@ def rebuild_bucket(settings: Settings, hour: datetime, bucket: int) -> tuple[dat
     the result is independent of how the committed hours were built. Raises
     ``FileNotFoundError`` naming the first missing staged hour when staging has a gap.
     """
-    hour = floor_hour(hour)
+    _, first, state = next(rebuild_bucket_hours(settings, hour, hour, bucket))
+    return first, state
+
+
+def rebuild_bucket_hours(
+    settings: Settings, first: datetime, last: datetime, bucket: int
+) -> Iterator[tuple[datetime, datetime, ProfileState]]:
+    """The rebuilt states of one bucket as of the end of every hour ``first``..``last``: ``rebuild_bucket`` of
+    ``first``, then each later staged hour merged in memory with one ``advance`` of its own, as the hourly path
+    merges it (never sealed, no checkpoint read after S-1, every row of every snapshot computed: none of the
+    hourly path's shortcuts). Yields ``(hour, S, state)``; staging is checked for gaps up to ``last`` first.
+    """
+    first, last = floor_hour(first), floor_hour(last)
     lake = Lake(settings.lake)
-    hours, start = _rebuild_start(lake, hour, bucket)
-    events = read_staged(lake, hours, bucket, settings.business_tz).select(STAGED_SCHEMA.names).cast(STAGED_SCHEMA)
-    return hours[0], advance(start, events, hour + HOUR, settings)
+    hours, state = _rebuild_start(lake, last, bucket)
+    if first < hours[0]:
+        raise FileNotFoundError(
+            f"hour {format_hour(first)} is before the oldest staged hour {format_hour(hours[0])} of bucket {bucket}"
+        )
+    before = [h for h in hours if h <= first]
+    for merged in (before, *([h] for h in hours[len(before) :])):
+        events = read_staged(lake, merged, bucket, settings.business_tz).select(STAGED_SCHEMA.names)
+        state = advance(state, events.cast(STAGED_SCHEMA), merged[-1] + HOUR, settings)
+        yield merged[-1], hours[0], state
 
 
 def _users_only(state: ProfileState, users: pa.Array) -> ProfileState:

@@ -5,6 +5,7 @@ column by column (floats to ``REL_TOLERANCE``), interests too. docs/features.md 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -16,11 +17,11 @@ import pyarrow.compute as pc
 from profile_engine.config import Settings
 from profile_engine.contracts.profiles import CATEGORY_ID, USER_ID
 from profile_engine.contracts.traits import load_traits
-from profile_engine.hours import HOUR, floor_hour, format_hour
+from profile_engine.hours import HOUR, format_hour, hour_range
 from profile_engine.lake.storage import INTERESTS, PROFILES, Lake
 from profile_engine.profiles.build import snapshot_committed
 from profile_engine.profiles.population import population_snapshot
-from profile_engine.profiles.replay import rebuild_bucket
+from profile_engine.profiles.replay import rebuild_bucket_hours
 from profile_engine.profiles.snapshot import snapshot
 
 REL_TOLERANCE = 1e-9
@@ -175,42 +176,61 @@ def compare_tables(
     return result
 
 
-def rebuild_snapshot(settings: Settings, hour: datetime, scratch: Lake) -> tuple[pa.Table, pa.Table, dict[int, str]]:
-    """Rebuild the snapshot of ``hour`` into ``scratch``: per-bucket profiles and interests, then RFM.
+def verify_hours(
+    settings: Settings,
+    first: datetime,
+    last: datetime,
+    *,
+    keep_scratch: bool = False,
+    on_bucket: Callable[[int, int], None] | None = None,
+) -> list[VerifyResult]:
+    """Rebuild every hour ``first``..``last`` in a scratch lake and compare each with its committed snapshot.
 
-    Returns the whole profile snapshot (``PROFILE_SCHEMA``), the interests and the first
-    staged hour each bucket was rebuilt from. One bucket's state is in memory at a time.
+    Every snapshot must be committed (``publish_profiles`` done), else ``FileNotFoundError`` naming the first
+    that is not. Per bucket, one rebuild of ``first`` from staged events, then each later staged hour merged
+    in memory (``replay.rebuild_bucket_hours``): a range costs one rebuild plus a snapshot an hour, not one
+    rebuild an hour. One bucket's state is in memory at a time; the per-bucket profiles and interests go to
+    the scratch lake, then per hour the population features are added (``population_snapshot``) and both
+    tables compared. The scratch lake lives under the lake's ``_tmp/`` and is removed afterwards unless
+    ``keep_scratch``. ``on_bucket(bucket, hours)``: called when a bucket's hours are rebuilt.
     """
-    firsts: dict[int, str] = {}
-    for bucket in range(settings.buckets):
-        first, state = rebuild_bucket(settings, hour, bucket)
-        profiles, interests = snapshot(state, hour + HOUR, settings)
-        scratch.write_partition(PROFILES, hour, profiles, bucket=bucket, run_id="verify")
-        scratch.write_partition(INTERESTS, hour, interests, bucket=bucket, run_id="verify")
-        firsts[bucket] = format_hour(first)
-    parts = [scratch.read(PROFILES, hour, b) for b in range(settings.buckets)]
-    return population_snapshot(parts, hour, load_traits(settings.traits)), scratch.read(INTERESTS, hour), firsts
-
-
-def verify_hour(settings: Settings, hour: datetime, *, keep_scratch: bool = False) -> VerifyResult:
-    """Rebuild hour ``hour`` in a scratch lake and compare it with the committed snapshot.
-
-    The snapshot must be committed (``publish_profiles`` done), else ``FileNotFoundError``.
-    The scratch lake lives under the lake's ``_tmp/`` and is removed afterwards unless
-    ``keep_scratch``.
-    """
-    hour = floor_hour(hour)
+    hours = list(hour_range(first, last))
+    if not hours:
+        raise ValueError(f"the last hour {format_hour(last)} is before the first {format_hour(first)}")
     lake = Lake(settings.lake)
-    if not snapshot_committed(settings, hour):
-        raise FileNotFoundError(f"no committed profile snapshot for {format_hour(hour)} in {lake.root}")
+    for hour in hours:
+        if not snapshot_committed(settings, hour):
+            raise FileNotFoundError(f"no committed profile snapshot for {format_hour(hour)} in {lake.root}")
     scratch = Lake(lake.tmp_dir() / "verify")
+    firsts: dict[datetime, dict[int, str]] = {hour: {} for hour in hours}
     try:
-        profiles, interests, firsts = rebuild_snapshot(settings, hour, scratch)
-        comparisons = [
-            compare_tables("profiles", profiles, lake.read(PROFILES, hour), [USER_ID]),
-            compare_tables("interests", interests, lake.read(INTERESTS, hour), [USER_ID, CATEGORY_ID]),
-        ]
+        for bucket in range(settings.buckets):
+            for hour, start, state in rebuild_bucket_hours(settings, hours[0], hours[-1], bucket):
+                profiles, interests = snapshot(state, hour + HOUR, settings)
+                scratch.write_partition(PROFILES, hour, profiles, bucket=bucket, run_id="verify")
+                scratch.write_partition(INTERESTS, hour, interests, bucket=bucket, run_id="verify")
+                firsts[hour][bucket] = format_hour(start)
+            if on_bucket is not None:
+                on_bucket(bucket, len(hours))
+        traits = load_traits(settings.traits)
+        results = []
+        for hour in hours:
+            parts = [scratch.read(PROFILES, hour, b) for b in range(settings.buckets)]
+            comparisons = [
+                compare_tables(
+                    "profiles", population_snapshot(parts, hour, traits), lake.read(PROFILES, hour), [USER_ID]
+                ),
+                compare_tables(
+                    "interests", scratch.read(INTERESTS, hour), lake.read(INTERESTS, hour), [USER_ID, CATEGORY_ID]
+                ),
+            ]
+            results.append(VerifyResult(hour, firsts[hour], comparisons, scratch.root if keep_scratch else None))
     finally:
         if not keep_scratch:
             shutil.rmtree(scratch.root.parent, ignore_errors=True)
-    return VerifyResult(hour, firsts, comparisons, scratch.root if keep_scratch else None)
+    return results
+
+
+def verify_hour(settings: Settings, hour: datetime, *, keep_scratch: bool = False) -> VerifyResult:
+    """Rebuild hour ``hour`` in a scratch lake and compare it with the committed snapshot (``verify_hours``)."""
+    return verify_hours(settings, hour, hour, keep_scratch=keep_scratch)[0]
