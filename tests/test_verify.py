@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from profile_engine.cli import main
+from profile_engine.cli import EXIT_INPUT_ERROR, main
 from profile_engine.config import Settings
 from profile_engine.contracts.events import EVENT_TYPES, STAGED_SCHEMA
 from profile_engine.contracts.profiles import USER_ID
@@ -274,6 +274,18 @@ def test_verify_of_a_range_refuses_a_gap_an_uncommitted_hour_and_an_empty_range(
         verify_hours(built, at(hours=1), at(hours=HOURS))
     with pytest.raises(ValueError, match="is before the first"):
         verify_hours(built, at(hours=2), at(hours=1))
+
+
+def test_verify_cli_names_what_it_cannot_verify(built: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    codes = [
+        main(["verify", "--hour", format_hour(at(hours=2)), "--to", format_hour(at(hours=1))]),
+        main(["verify", "--hour", format_hour(at(hours=1)), "--to", format_hour(at(hours=HOURS))]),
+    ]
+
+    err = capsys.readouterr().err
+    assert codes == [EXIT_INPUT_ERROR, EXIT_INPUT_ERROR]
+    assert f"verify: the last hour {format_hour(at(hours=1))} is before the first {format_hour(at(hours=2))}" in err
+    assert f"verify: no committed profile snapshot for {format_hour(at(hours=HOURS))}" in err
 
 
 # ---- the hourly lake path == an independent rebuild, over hundreds of users ----------------------

@@ -192,7 +192,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Rebuild an hour's snapshot (or every hour of --hour..--to) from staged events and compare it with the
-    committed one (1 if any differs); a line per rebuilt bucket goes to stderr, the outcome of each hour to stdout."""
+    committed one (1 if any differs, ``EXIT_INPUT_ERROR`` naming the hour when it cannot); a line per rebuilt
+    bucket goes to stderr, the outcome of each hour to stdout."""
     from profile_engine.ops.progress import duration
     from profile_engine.profiles.verify import verify_hours
 
@@ -207,7 +208,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    results = verify_hours(settings, args.hour, args.to or args.hour, keep_scratch=args.keep, on_bucket=bucket_done)
+    try:
+        results = verify_hours(settings, args.hour, args.to or args.hour, keep_scratch=args.keep, on_bucket=bucket_done)
+    except (ValueError, FileNotFoundError) as error:  # an hour not committed, a staging gap, an empty range
+        print(f"verify: {error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
     for result in results:
         print(result.render())
     different = [format_hour(r.hour) for r in results if not r.equal]
@@ -448,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
         "rebuild hour H from staged events and compare with its committed snapshot",
         f"Rebuild the profile snapshot of --hour (or of every hour from --hour to --to: one rebuild per bucket, then "
         f"each later staged hour merged in memory) from staged events and compare it with the committed one "
-        f"(exit 1 if any differs). --hour and --to are {HOUR_FORMAT}.",
+        f"(exit 1 if any differs, {EXIT_INPUT_ERROR} if it cannot: an hour not committed, a gap in staging). "
+        f"--hour and --to are {HOUR_FORMAT}.",
         ["--hour 2026-12-01T05", "--hour 2026-12-01T00 --to 2026-12-01T23", "--hour 2026-12-01T05 --keep"],
     )
     p.add_argument("--hour", type=_hour, required=True, metavar="HOUR", help="the snapshot's hour, e.g. 2026-12-01T05")
