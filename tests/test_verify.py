@@ -226,20 +226,22 @@ def test_verify_of_a_range_checks_every_hour_with_one_rebuild_per_bucket(
 ) -> None:
     """``verify --hour A --to B``: each hour's outcome is the one ``verify_hour`` gives for it alone, but each
     bucket is rebuilt once (from the oldest staged hour to A) and then moved on one staged hour at a time."""
-    starts = []
-    rebuild_start = replay._rebuild_start
+    reads = []
+    read_staged = replay.read_staged
 
-    def counted(*args: Any) -> Any:
-        starts.append(args[1:])
-        return rebuild_start(*args)
+    def recorded(lake: Lake, hours: list[datetime], bucket: int, *args: Any) -> pa.Table:
+        reads.append((bucket, [h - T0 for h in hours]))
+        return read_staged(lake, hours, bucket, *args)
 
-    monkeypatch.setattr(replay, "_rebuild_start", counted)
+    monkeypatch.setattr(replay, "read_staged", recorded)
 
     results = verify_hours(built, at(hours=1), at(hours=HOURS - 1))
 
     assert [r.hour for r in results] == [at(hours=h) for h in range(1, HOURS)]
     assert all(r.equal for r in results), [r.render() for r in results if not r.equal]
-    assert starts == [(at(hours=HOURS - 1), b) for b in range(built.buckets)]  # once per bucket
+    hour = timedelta(hours=1)
+    each_bucket = [[0 * hour, 1 * hour]] + [[h * hour] for h in range(2, HOURS)]  # hours 0-1 at once, then one by one
+    assert reads == [(b, staged) for b in range(built.buckets) for staged in each_bucket]
     alone = [verify_hour(built, at(hours=h)) for h in (1, HOURS - 1)]
     assert [r.render() for r in alone] == [results[0].render(), results[-1].render()]
 
