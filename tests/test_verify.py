@@ -31,7 +31,7 @@ from profile_engine.lake.storage import INTERESTS, PROFILES, STAGING, STATE, TMP
 from profile_engine.ops import erasure
 from profile_engine.profiles import replay
 from profile_engine.profiles import snapshot as snapshot_module
-from profile_engine.profiles.build import build_profiles, publish_profiles
+from profile_engine.profiles.build import build_profiles, publish_profiles, read_staged
 from profile_engine.profiles.replay import rebuild_bucket
 from profile_engine.profiles.snapshot import snapshot
 from profile_engine.profiles.verify import compare_tables, verify_hour, verify_hours
@@ -227,7 +227,6 @@ def test_verify_of_a_range_checks_every_hour_with_one_rebuild_per_bucket(
     """``verify --hour A --to B``: each hour's outcome is the one ``verify_hour`` gives for it alone, but each
     bucket is rebuilt once (from the oldest staged hour to A) and then moved on one staged hour at a time."""
     reads = []
-    read_staged = replay.read_staged
 
     def recorded(lake: Lake, hours: list[datetime], bucket: int, *args: Any) -> pa.Table:
         reads.append((bucket, [h - T0 for h in hours]))
