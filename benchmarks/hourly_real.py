@@ -10,7 +10,7 @@ with the committed snapshot, and ``verify --hour UNTIL`` alone is timed for comp
 
 Reports, as JSON: the hours and events, the bucket-hours whose snapshot started from the hour before
 (and in how many of them more than ``MOST_CHANGED`` of the users had changed, so every row was computed),
-the users computed from the state against the rows of the hours before, the seconds of the hourly runs,
+the users computed from the state against the users of those snapshots (``build_profiles``' summary), the seconds of the hourly runs,
 of the range verification and of one hour's, and every hour that differs (none expected).
 
 Usage (from the repository root; the public datasets: UCI "Online Retail", archive.ics.uci.edu dataset
@@ -36,37 +36,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import duckdb
-import pyarrow as pa
-
 from profile_engine.config import Settings
-from profile_engine.contracts.traits import Trait
 from profile_engine.hours import format_hour, hour_range, parse_hour
 from profile_engine.ops import runner
 from profile_engine.ops.progress import Progress
-from profile_engine.profiles import snapshot as snapshot_module
-from profile_engine.profiles.snapshot import PreviousHour
 from profile_engine.profiles.verify import verify_hour, verify_hours
 from profile_engine.sources import mappings
 from profile_engine.sources import replay as source_replay
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_real import _filtered  # noqa: E402  the same --since filter as the model benchmark
-
-
-def counting_from_previous_hour(seen: list[tuple[int, int]]) -> None:
-    """Wrap ``snapshot.from_previous_hour`` so each call records (users computed from the state, rows before)."""
-    original = snapshot_module.from_previous_hour
-
-    def counted(
-        con: duckdb.DuckDBPyConnection, previous: PreviousHour, e: int, traits: tuple[Trait, ...], schema: pa.Schema
-    ) -> pa.Table:
-        result = original(con, previous, e, traits, schema)
-        changed = con.sql(f"SELECT count(*) FROM {snapshot_module.CHANGED}").fetchall()[0][0]
-        seen.append((int(changed), previous.profiles.num_rows))
-        return result
-
-    snapshot_module.from_previous_hour = counted
+from model_real import filtered_csv  # noqa: E402  the same --since filter as the model benchmark
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,7 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     file = Path(args.file)
     if args.since:
-        file = _filtered(file, args.date_column, args.since, {}, lake.parent)
+        file = filtered_csv(file, args.date_column, args.since, {}, lake.parent)
     plan = source_replay.land_for_replay(settings, file, mappings.load_mapping(args.mapping, settings.lake))
     cut = parse_hour(args.cut)
     until = min(parse_hour(args.until), plan.last) if args.until else plan.last
@@ -107,16 +86,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bulk_s = time.perf_counter() - started
     print(f"[hourly-real] {bulk['hours']} hours before the cut in bulk in {bulk_s:.1f} s", file=sys.stderr, flush=True)
 
-    seen: list[tuple[int, int]] = []
-    counting_from_previous_hour(seen)
+    built: list[dict[str, Any]] = []  # every bucket-hour's build_profiles summary
     hours = list(hour_range(cut, until))
     read = 0
     started = time.perf_counter()
     for i, hour in enumerate(hours, 1):
         summary = runner.run_hour(settings, hour, first_hour=plan.first)
         read += summary["write_run_report"].get("rows_read") or 0
+        built += summary["build_profiles"]
         print(f"[hourly-real] hour {format_hour(hour)} done ({i}/{len(hours)})", file=sys.stderr, flush=True)
     hourly_s = time.perf_counter() - started
+    seen = [b for b in built if b["snapshot_from_previous_hour"]]
 
     started = time.perf_counter()
     results = verify_hours(settings, cut, until)
@@ -143,9 +123,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "s": round(hourly_s, 1),
             "bucket_hours": len(hours) * args.buckets,
             "from_the_hour_before": len(seen),
-            "every_row_computed": sum(changed > snapshot_module.MOST_CHANGED * rows for changed, rows in seen),
-            "users_computed": sum(changed for changed, _ in seen),
-            "rows_before": sum(rows for _, rows in seen),
+            "every_row_computed": sum(b["users_from_state"] == b["users"] for b in seen),
+            "users_computed": sum(b["users_from_state"] for b in seen),
+            "users": sum(b["users"] for b in seen),
         },
         "verify": {
             "hours": len(results),

@@ -69,7 +69,7 @@ from profile_engine.model import training as trainer
 from profile_engine.ops import runner
 
 
-def _filtered(file: Path, column: str, since: str, renames: dict[str, str], scratch: Path) -> Path:
+def filtered_csv(file: Path, column: str, since: str, renames: dict[str, str], scratch: Path) -> Path:
     """A copy of a CSV with a header: rows whose ``column`` (ISO date text) is at or after ``since``, header
     columns renamed (e.g. the UCI "Online Retail" names to those of the ``order_lines`` mapping)."""
     scratch.mkdir(parents=True, exist_ok=True)  # ``--lake DIR`` need not exist yet
@@ -373,7 +373,7 @@ def replay_once(settings: Settings, args: argparse.Namespace, work: Path) -> tup
     file = Path(args.file)
     if args.since:
         renames = dict(r.split("=", 1) for r in args.rename)
-        file = _filtered(file, args.date_column, args.since, renames, work)
+        file = filtered_csv(file, args.date_column, args.since, renames, work)
     started = time.perf_counter()
     replayed = runner.replay(settings, file, args.mapping, quality_suite=False)
     seconds = round(time.perf_counter() - started, 1)

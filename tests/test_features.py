@@ -117,7 +117,8 @@ def at(days: float = 0, hours: float = 0, minutes: float = 0, ms: int = 0) -> da
 
 
 def profiles_at(table: pa.Table, end: datetime, cfg: Settings = SETTINGS) -> tuple[pa.Table, pa.Table]:
-    return snapshot(rebuild(table, end, cfg), end, cfg)
+    profiles, interests, *_ = snapshot(rebuild(table, end, cfg), end, cfg)
+    return profiles, interests
 
 
 def row(profiles: pa.Table, user: str = "u1") -> dict[str, Any]:
@@ -579,9 +580,9 @@ def test_future_events_are_held_back_until_their_hour() -> None:
     table = events({"ts": at(hours=1)}, {"ts": at(hours=1, minutes=10), "user_id": "u2"})
 
     state = advance(empty_state(), table, at(hours=1), SETTINGS)
-    held, _ = snapshot(state, at(hours=1), SETTINGS)
+    held = snapshot(state, at(hours=1), SETTINGS).profiles
     state = advance(state, events(), at(hours=2), SETTINGS)
-    merged, _ = snapshot(state, at(hours=2), SETTINGS)
+    merged = snapshot(state, at(hours=2), SETTINGS).profiles
 
     assert held.num_rows == 0
     assert merged.column("user_id").to_pylist() == ["u1", "u2"]
@@ -766,7 +767,7 @@ def test_incremental_snapshots_equal_a_full_rebuild(
         return table.filter(pc.and_(pc.greater_equal(staged, lo), pc.less(staged, hi)))
 
     def profiles_and_interests(state: ProfileState, end: datetime) -> tuple[pa.Table, pa.Table]:
-        profiles, interests = snapshot(state, end, PROPERTY_SETTINGS)
+        profiles, interests, *_ = snapshot(state, end, PROPERTY_SETTINGS)
         return add_population_features(profiles), interests
 
     # The lake path seals the by-hour rows older than the lateness horizon into tile files at every
@@ -869,9 +870,9 @@ def test_a_snapshot_from_the_hour_before_equals_the_full_snapshot_around_every_w
         hour_events = table.filter(pc.and_(pc.greater_equal(staged, done), pc.less(staged, end)))
         state = advance(state, hour_events, at(hours=end), PROPERTY_SETTINGS)
         state = seal_state(lake, state, at(hours=end) - HOUR, 0, PROPERTY_SETTINGS)
-        expected, expected_interests = snapshot(state, at(hours=end), PROPERTY_SETTINGS)
+        expected, expected_interests, *_ = snapshot(state, at(hours=end), PROPERTY_SETTINGS)
         if previous is not None and done == end - 1:
-            got, got_interests = snapshot(
+            got, got_interests, *_ = snapshot(
                 state, at(hours=end), PROPERTY_SETTINGS, PreviousHour(previous, before, hour_events)
             )
             for name, comparison in (
@@ -896,20 +897,22 @@ def test_a_snapshot_from_the_hour_before_moves_the_time_columns_and_keeps_the_re
     cfg = Settings(lateness_hours=1)
     old = events({"user_id": "u1", "event_type": "cart", "ts": at(hours=1)}, {"user_id": "u2", "ts": at(hours=1)})
     first = advance(empty_state(), old, at(days=7, hours=1), cfg)  # u1 and u2 first seen 7 days before the end
-    before, _ = snapshot(first, at(days=7, hours=1), cfg)
+    before = snapshot(first, at(days=7, hours=1), cfg).profiles
     new = events({"user_id": "u2", "event_type": "purchase", "ts": at(days=7, hours=1, minutes=5)})
     second = advance(first, new, at(days=7, hours=2), cfg)
-    expected, _ = snapshot(second, at(days=7, hours=2), cfg)
-    got, _ = snapshot(second, at(days=7, hours=2), cfg, PreviousHour(before, first, new))
+    expected = snapshot(second, at(days=7, hours=2), cfg).profiles
+    got = snapshot(second, at(days=7, hours=2), cfg, PreviousHour(before, first, new)).profiles
     assert_same(got, expected)
     assert row(before)[LIFECYCLE_STAGE] == "new" and row(got)[LIFECYCLE_STAGE] == "dormant"
     assert row(got)[HOURS_SINCE_LAST_EVENT] == row(before)[HOURS_SINCE_LAST_EVENT] + 1
     assert row(got, "u2")[FREQUENCY_ORDERS] == 1
     # a snapshot of another state, taken an hour earlier: not the hour before, so it is not used
     other = events({"user_id": "u1", "ts": at(hours=1)}, {"user_id": "u1", "ts": at(hours=2)})
-    stale, _ = snapshot(advance(empty_state(), other, at(days=7), cfg), at(days=7), cfg)
+    stale = snapshot(advance(empty_state(), other, at(days=7), cfg), at(days=7), cfg).profiles
     assert row(stale)[count_column("view", "lifetime")] == 2
-    assert_same(snapshot(second, at(days=7, hours=2), cfg, PreviousHour(stale, first, new))[0], expected)
+    ignored = snapshot(second, at(days=7, hours=2), cfg, PreviousHour(stale, first, new))
+    assert_same(ignored.profiles, expected)
+    assert not ignored.from_previous_hour and ignored.users_from_state == 2
 
 
 # ---- lake stages --------------------------------------------------------------------------
@@ -939,15 +942,19 @@ def test_a_snapshot_with_most_users_changed_computes_every_row(monkeypatch: pyte
     first = advance(
         empty_state(), events({"user_id": "u1", "ts": at()}, {"user_id": "u2", "ts": at()}), at(hours=5), cfg
     )
-    before, _ = snapshot(first, at(hours=5), cfg)
+    before = snapshot(first, at(hours=5), cfg).profiles
     new = events({"user_id": "u2", "ts": at(hours=5, minutes=5)})
     second = advance(first, new, at(hours=6), cfg)
     wrong = before.set_column(before.schema.get_field_index(SESSION_COUNT), SESSION_COUNT, pa.array([7, 7]))
-    expected, _ = snapshot(second, at(hours=6), cfg)
+    expected = snapshot(second, at(hours=6), cfg).profiles
     monkeypatch.setattr(snapshot_module, "MOST_CHANGED", 0.5)  # 1 of 2 changed: u1 moved on from the hour before
-    assert row(snapshot(second, at(hours=6), cfg, PreviousHour(wrong, first, new))[0])[SESSION_COUNT] == 7
+    moved = snapshot(second, at(hours=6), cfg, PreviousHour(wrong, first, new))
+    assert row(moved.profiles)[SESSION_COUNT] == 7
+    assert moved.from_previous_hour and moved.users_from_state == 1
     monkeypatch.setattr(snapshot_module, "MOST_CHANGED", 0.4)  # more than 40 % changed: every row
-    assert_same(snapshot(second, at(hours=6), cfg, PreviousHour(wrong, first, new))[0], expected)
+    computed = snapshot(second, at(hours=6), cfg, PreviousHour(wrong, first, new))
+    assert_same(computed.profiles, expected)
+    assert computed.from_previous_hour and computed.users_from_state == 2
 
 
 @pytest.mark.parametrize("from_previous", [False, True], ids=["every_row", "from_previous_hour"])
@@ -958,14 +965,6 @@ def test_lake_round_trip_build_publish_and_range(
     """Hourly builds (with their snapshots started from the published hour before, or not) equal range builds."""
     minimum = 0 if from_previous else SETTINGS.snapshot_from_previous_min_users
     cfg = replace(SETTINGS, lake=tmp_path / "hourly", buckets=2, start=T0, snapshot_from_previous_min_users=minimum)
-    started = []
-    changed_only = snapshot_module.from_previous_hour
-
-    def counted(*args: Any) -> pa.Table:
-        started.append(1)
-        return changed_only(*args)
-
-    monkeypatch.setattr(snapshot_module, "from_previous_hour", counted)
     bulk = replace(cfg, lake=tmp_path / "bulk")
     for c in (cfg, bulk):
         stage_hours(Lake(c.lake), 3)
@@ -1000,7 +999,10 @@ def test_lake_round_trip_build_publish_and_range(
             hourly = lake.read(PROFILES, at(hours=h), b).select(snapshot_schema(load_traits()).names)
             assert_same(Lake(bulk.lake).read(PROFILES, at(hours=h), b), hourly)
     assert (lake.partition(PROFILES, at(hours=2)) / MANIFEST).is_file()
-    assert len(started) == (4 if from_previous else 0)  # hours 1 and 2 of both buckets
+    started = [b["snapshot_from_previous_hour"] for b in builds]  # hours 1 and 2 of both buckets when asked
+    assert started == [False, False, *([from_previous] * 4)]
+    assert all(0 < b["users_from_state"] <= b["users"] for b in builds)
+    assert ranges[0]["snapshot_from_previous_hour"] is False and ranges[0]["users_from_state"] == ranges[0]["users"]
 
 
 def test_rebuilding_a_bucket_uncommits_the_published_hour(tmp_path: Path) -> None:

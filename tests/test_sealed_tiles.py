@@ -93,7 +93,7 @@ def assert_equals_rebuild(settings: Settings, hour: datetime) -> None:
     """The committed profiles and interests of ``hour`` equal a rebuild of the bucket from staging."""
     lake = Lake(settings.lake)
     _, state = rebuild_bucket(settings, hour, 0)
-    profiles, interests = snapshot(state, hour + HOUR, settings)
+    profiles, interests, *_ = snapshot(state, hour + HOUR, settings)
     for name, expected, got, keys in (
         ("profiles", profiles, lake.read(PROFILES, hour, 0), [USER_ID]),
         ("interests", interests, lake.read(INTERESTS, hour, 0), [USER_ID, CATEGORY_ID]),

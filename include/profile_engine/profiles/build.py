@@ -335,7 +335,7 @@ def _write_hour(
     """Write profiles, interests, the sealed tiles and (last, since the next hour builds on it) the state of
     ``hour``; returns the counts and the state as the checkpoint holds it (the next merge starts from it).
     ``previous``: the hour before, from which the snapshot computes the changed users only."""
-    profiles, interests = snapshot(state, hour + HOUR, settings, previous)
+    profiles, interests, from_previous, from_state = snapshot(state, hour + HOUR, settings, previous)
     # A rebuilt bucket invalidates a published snapshot of this hour until publish_profiles runs again.
     (lake.partition(PROFILES, hour) / MANIFEST).unlink(missing_ok=True)
     lake.write_partition(PROFILES, hour, profiles, bucket=bucket, run_id=run_id, dictionary=_PROFILE_DICTIONARY)
@@ -350,7 +350,9 @@ def _write_hour(
         dictionary=_STATE_DICTIONARY,
         extra={SEALED_MARKER: True, SNAPSHOT_TRAITS: traits_digest(load_traits(settings.traits))},
     )
-    return {"users": profiles.num_rows, "interests": interests.num_rows}, sealed
+    # how the snapshot was taken: from the hour before with only the changed users computed from the state, or not
+    written = {"users": profiles.num_rows, "interests": interests.num_rows, "users_from_state": from_state}
+    return {**written, "snapshot_from_previous_hour": from_previous}, sealed
 
 
 def _merge_counts(

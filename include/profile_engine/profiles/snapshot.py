@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -124,9 +124,18 @@ class PreviousHour:
     events: pa.Table
 
 
-def snapshot(
-    state: ProfileState, end: datetime, settings: Settings, previous: PreviousHour | None = None
-) -> tuple[pa.Table, pa.Table]:
+class Snapshot(NamedTuple):
+    """A bucket's snapshot (``snapshot``): the profiles, the interests long table, and how they were computed."""
+
+    profiles: pa.Table
+    interests: pa.Table
+    # whether the rows of the hour before were used (``PreviousHour``), and how many users were computed from
+    # the state tables (every user when not, or when more than ``MOST_CHANGED`` of them changed)
+    from_previous_hour: bool
+    users_from_state: int
+
+
+def snapshot(state: ProfileState, end: datetime, settings: Settings, previous: PreviousHour | None = None) -> Snapshot:
     """The profile snapshot as of ``end`` (the state's end) and the interests long table.
 
     Profiles carry every contract column (``snapshot_schema``: the declared traits of
@@ -168,11 +177,13 @@ def snapshot(
         schema = snapshot_schema(traits)
         if previous is not None and _continues(previous, state, end, schema):
             profiles = from_previous_hour(con, previous, e, traits, schema)
-        else:
-            profiles = fetch(con, _profiles_sql(e, traits), schema)
+            changed = int(con.sql(f"SELECT count(*) FROM {CHANGED}").fetchall()[0][0])
+            from_state = profiles.num_rows if _most_changed(changed, previous) else changed
+            return Snapshot(profiles, interests, True, from_state)
+        profiles = fetch(con, _profiles_sql(e, traits), schema)
     finally:
         con.close()
-    return profiles, interests
+    return Snapshot(profiles, interests, False, profiles.num_rows)
 
 
 # The temp table of the users ``from_previous_hour`` computes from the state (``_crossed_sql``).
@@ -200,6 +211,11 @@ _TIME_SOURCES: tuple[str, ...] = (USER_EVENTS, TRAIT_TILES, "affinities", "inter
 # as everyone's then (100k users, 29 days: 2.23 s at 5 % changed, 2.67 s at 50 %, 2.94 s at 75 %, every row
 # 2.85 s; BENCHMARKS.md, "The snapshot of the changed users").
 MOST_CHANGED = 0.6
+
+
+def _most_changed(changed: int, previous: PreviousHour) -> bool:
+    """Whether ``changed`` users are more than ``MOST_CHANGED`` of the hour before's: then every row is computed."""
+    return bool(changed > MOST_CHANGED * previous.profiles.num_rows)
 
 
 def _decayed_traits(traits: tuple[Trait, ...]) -> tuple[Trait, ...]:
@@ -295,7 +311,7 @@ def from_previous_hour(
     con.register("p_profiles", previous.profiles.select(schema.names).cast(schema).cast(as_computed))
     con.execute(f"CREATE TEMP TABLE {CHANGED} AS {_crossed_sql(e, traits)}")
     changed = con.sql(f"SELECT count(*) FROM {CHANGED}").fetchall()[0][0]
-    if changed > MOST_CHANGED * previous.profiles.num_rows:
+    if _most_changed(changed, previous):
         return fetch(con, _profiles_sql(e, traits), schema)
     decayed = _decayed_traits(traits)
     for name in SOURCES:

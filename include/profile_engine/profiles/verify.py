@@ -206,7 +206,7 @@ def verify_hours(
     try:
         for bucket in range(settings.buckets):
             for hour, start, state in rebuild_bucket_hours(settings, hours[0], hours[-1], bucket):
-                profiles, interests = snapshot(state, hour + HOUR, settings)
+                profiles, interests, *_ = snapshot(state, hour + HOUR, settings)
                 scratch.write_partition(PROFILES, hour, profiles, bucket=bucket, run_id="verify")
                 scratch.write_partition(INTERESTS, hour, interests, bucket=bucket, run_id="verify")
                 firsts[hour][bucket] = format_hour(start)
