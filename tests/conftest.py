@@ -1,8 +1,8 @@
 """Shared fixtures, and a project-local Airflow home for the test session.
 
 Airflow reads its configuration once per process, so the environment is set here,
-before any test imports it: a SQLite metadata database under ``.airflow/pytest``
-(git-ignored; ``TEST_AIRFLOW_HOME`` moves it, as ``scripts/test-calendar.sh`` does so that
+before any test imports it: a SQLite metadata database under ``.airflow/pytest`` (``pytest-gwN`` for
+each pytest-xdist worker; git-ignored; ``TEST_AIRFLOW_HOME`` moves it, as ``scripts/test-calendar.sh`` does so that
 a run under a fake clock starts from an empty database), the project's DAGs, no examples.
 """
 
@@ -17,7 +17,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ["AIRFLOW_HOME"] = os.environ.get("TEST_AIRFLOW_HOME") or str(ROOT / ".airflow" / "pytest")
+# one database per pytest-xdist worker (``make test`` runs two): SQLite takes one writer at a time
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+os.environ["AIRFLOW_HOME"] = os.environ.get("TEST_AIRFLOW_HOME") or str(
+    ROOT / ".airflow" / (f"pytest-{_WORKER}" if _WORKER else "pytest")
+)
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
