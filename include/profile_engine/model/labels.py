@@ -170,13 +170,15 @@ def snapshot_parts(lake: Lake, hour: datetime, columns: Sequence[str] | None = N
 
 def _hash_order(table: pa.Table, limit: int, seed: int, salt: str) -> pa.Table:
     """The first ``limit`` rows of ``table`` by a stable hash of (seed, salt, user_id), then ``user_id``."""
-    con = db.connect()
-    con.register("keys", pa.table({"idx": pa.array(np.arange(table.num_rows)), "uid": table.column(USER_ID)}))
-    prefix = f"{seed}:{salt}:"
-    chosen = con.execute(
-        "SELECT idx FROM keys ORDER BY md5_number(? || uid), uid LIMIT ?", [prefix, int(limit)]
-    ).fetchnumpy()["idx"]
-    con.close()
+    con = db.cursor()
+    try:
+        con.register("keys", pa.table({"idx": pa.array(np.arange(table.num_rows)), "uid": table.column(USER_ID)}))
+        prefix = f"{seed}:{salt}:"
+        chosen = con.execute(
+            "SELECT idx FROM keys ORDER BY md5_number(? || uid), uid LIMIT ?", [prefix, int(limit)]
+        ).fetchnumpy()["idx"]
+    finally:
+        con.close()
     return table.take(pa.array(np.asarray(chosen)))
 
 
@@ -200,15 +202,12 @@ def sample_snapshot(
 ) -> pa.Table:
     """``sample_users(read_snapshot(lake, hour, columns), limit, seed, salt)``, holding one bucket and the sample.
 
-    The users first by the hash over the whole snapshot are first in their own bucket, so
-    each bucket's first ``limit`` merged with those kept so far, cut to ``limit`` again,
-    end as the same rows (the hash order is total: ties go by ``user_id``, unique in a
+    The users first by the hash over the whole snapshot are first among any of its users, so
+    the rows kept so far and the next bucket's, cut to the first ``limit`` again, end as the same rows (the hash order is total: ties go by ``user_id``, unique in a
     snapshot). Reading the whole snapshot held every profile of the hour at once.
     """
     kept: pa.Table | None = None
     for part in snapshot_parts(lake, hour, columns):
-        if part.num_rows > limit:
-            part = _hash_order(part, limit, seed, salt)
         kept = part if kept is None else pa.concat_tables([kept, part])
         if kept.num_rows > limit:
             kept = _hash_order(kept, limit, seed, salt)
