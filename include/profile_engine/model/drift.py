@@ -103,7 +103,7 @@ def snapshot_drift(settings: Settings, hour: datetime, model: LoadedModel, *, ma
 def _scores_of(lake: Lake, hour: datetime) -> tuple[np.ndarray, list[str]] | None:
     """Non-null propensities and the model versions of an hour's committed scores, or None.
 
-    One data file (bucket) at a time: the values in file order, of the versions each file's
+    One data file (bucket) at a time: the values in file order; of the versions, each file's
     distinct ones (a list of every row's version held a Python string per profile).
     """
     import pyarrow.parquet as pq

@@ -203,8 +203,9 @@ def sample_snapshot(
     """``sample_users(read_snapshot(lake, hour, columns), limit, seed, salt)``, holding one bucket and the sample.
 
     The users first by the hash over the whole snapshot are first among any of its users, so
-    the rows kept so far and the next bucket's, cut to the first ``limit`` again, end as the same rows (the hash order is total: ties go by ``user_id``, unique in a
-    snapshot). Reading the whole snapshot held every profile of the hour at once.
+    the rows kept so far and the next bucket's, cut to the first ``limit`` again, end as the
+    same rows (the hash order is total: ties go by ``user_id``, unique in a snapshot).
+    Reading the whole snapshot held every profile of the hour at once.
     """
     kept: pa.Table | None = None
     for part in snapshot_parts(lake, hour, columns):
