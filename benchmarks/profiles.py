@@ -29,6 +29,10 @@ Figures:
    rules, first-hour heuristic scores, the hour before published first so hysteresis,
    cooldowns and the suppress change have a previous hour); each run also reports the
    export files' checksums, and the comparison says whether both packages wrote the same files.
+   ``--publish-stage report``: ``write_run_report`` of that hour on the segments' lake (drift against the
+   hour before, its scores). For ``profiles`` and ``report`` too each run reports its output files'
+   checksums (the partitions of the profiles and the change log; the report without its ``written_at``) and
+   the comparison says whether both packages wrote the same; each run's peak RSS and CPU seconds are listed.
 5. ``--hour-scaling OLD_INCLUDE``: one hour's ``build_profiles`` against the state's size (issue 19),
    this checkout and ``OLD_INCLUDE`` alternately; ``--hour-statements``: on this checkout's scaling lake
    (built by ``--hour-scaling``, only read), every DuckDB statement of ``advance`` and ``snapshot`` of the
@@ -253,6 +257,8 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
         out["gx_import_s"] = time.monotonic() - started
     if name.startswith("segments_"):
         from profile_engine.segments.publish import publish_segments  # imported before the clock, like the rest
+    if name.startswith("report_"):
+        from profile_engine.ops.report import write_run_report  # imported before the clock, like the rest
     hour = END
     started, cpu_started = time.monotonic(), time.process_time()
     if name == "duckdb_floor":
@@ -297,6 +303,12 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
         users, buckets = (int(v) for v in name.removeprefix("publish_").split("_"))
         published = build.publish_profiles(_settings(work / name, buckets), hour, run_id="bench")
         out["profiles"] = published["profiles"]
+        out["outputs_sha256"] = _published_checksums(work / name, buckets)
+    elif name.startswith("report_"):  # report_<users>_<buckets>: the run report of the prepared hour
+        users, buckets = (int(v) for v in name.removeprefix("report_").split("_"))
+        root = work / f"publish_{users}_{buckets}"
+        write_run_report(_settings(root, buckets), hour, {}, run_id="bench")
+        out["outputs_sha256"] = _report_checksum(root)
     elif name.startswith("refresh_"):
         settings = _settings(work / name, sizes.refresh_buckets)
         built_rows = [build.build_profiles(settings, hour, b, run_id="bench") for b in range(settings.buckets)]
@@ -312,6 +324,34 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
     out["cpu_s"] = time.process_time() - cpu_started
     out["peak_rss_mb"] = _peak_rss_mb()
     return out
+
+
+def _published_checksums(root: Path, buckets: int) -> dict[str, str]:
+    """The files ``publish_profiles`` wrote for ``END`` (profiles and change log per bucket), by their manifests."""
+    from profile_engine.lake.storage import PROFILE_CHANGES, PROFILES, Lake
+
+    lake = Lake(root)
+    return {
+        f"{layer}/{b}": ",".join(f["sha256"] for f in lake.manifest(layer, END, b)["files"])
+        for layer in (PROFILES, PROFILE_CHANGES)
+        for b in range(buckets)
+    }
+
+
+def _report_checksum(root: Path) -> dict[str, str]:
+    """The run report of ``END`` without its ``written_at`` (report.json, and the HTML page), hashed."""
+    import hashlib
+
+    from profile_engine.lake.storage import REPORTS, Lake
+
+    base = Lake(root).partition(REPORTS, END)
+    report = json.loads((base / "report.json").read_text())
+    report.pop("written_at", None)
+    html = (base / "report.html").read_text()
+    return {
+        "report.json": hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest(),
+        "report.html": hashlib.sha256(html.encode()).hexdigest(),
+    }
 
 
 def _run_step(name: str, work: Path, flags: list[str], package: Path | None = None) -> dict[str, Any]:
@@ -370,6 +410,8 @@ def compare_publish(
 ) -> dict[str, Any]:
     """``publish_profiles`` (or ``publish_segments``) of this checkout and of ``old_package``, alternately, medians."""
     name = prepare_publish(work, users, buckets) if stage == "profiles" else prepare_segments(work, users, buckets)
+    if stage == "report":  # the run report of the segments' lake (scores of the hour and the one before)
+        name = f"report_{users}_{buckets}"
     results: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
     for _ in range(runs):
         results["new"].append(_run_step(name, work, [], ROOT / "include"))
@@ -384,12 +426,17 @@ def compare_publish(
             "cpu_s": statistics.median(r["cpu_s"] for r in rows),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rows),
             "peak_rss_max_mb": max(r["peak_rss_mb"] for r in rows),
+            "peak_rss_each_mb": [round(r["peak_rss_mb"]) for r in rows],
+            "cpu_each_s": [round(r["cpu_s"], 2) for r in rows],
             **({"gx_import_s": statistics.median(r["gx_import_s"] for r in rows)} if stage == "profiles" else {}),
         }
     if stage == "segments":
         every = [r["exports_sha256"] for rows in results.values() for r in rows]
         summary["same_export_files"] = all(sha == every[0] for sha in every)
         summary["members"] = results["new"][0]["members"]
+    else:  # the same files from both packages (publish_profiles' partitions; the report without its time)
+        every = [r["outputs_sha256"] for rows in results.values() for r in rows]
+        summary["same_output_files"] = all(sha == every[0] for sha in every)
     summary["time_ratio_new_over_old"] = summary["new"]["median_s"] / summary["old"]["median_s"]
     summary["rss_ratio_new_over_old"] = summary["new"]["peak_rss_mb"] / summary["old"]["peak_rss_mb"]
     print(f"[bench] {json.dumps(summary)}", flush=True)
@@ -990,7 +1037,7 @@ def main() -> None:
     parser.add_argument("--publish-compare", type=Path, metavar="OLD_INCLUDE", help="publish_profiles: this vs older")
     parser.add_argument("--publish-users", type=int, default=200_000)
     parser.add_argument("--publish-buckets", type=int, default=4)
-    parser.add_argument("--publish-stage", choices=("profiles", "segments"), default="profiles")
+    parser.add_argument("--publish-stage", choices=("profiles", "segments", "report"), default="profiles")
     parser.add_argument("--hour-scaling", type=Path, metavar="OLD_INCLUDE", help="one hour vs state size (issue 19)")
     parser.add_argument("--scaling-days", help=f"days of history measured (comma-separated, of {SCALING_POINTS})")
     parser.add_argument(

@@ -8,16 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from profile_engine.contracts.profiles import USER_ID
+from profile_engine.contracts.scores import DECILE, MODEL_VERSION, PROPENSITY, SCORES_SCHEMA
 from profile_engine.hours import HOUR, format_hour
-from profile_engine.lake.storage import MODELS, Lake, read_json
+from profile_engine.lake.storage import MODELS, SCORES, Lake, read_json
 from profile_engine.model import card as cards
 from profile_engine.model import drift, gate, metrics, promotion, registry, training
-from tests.test_labels import CATEGORICAL, NUMERIC, T0, make_settings, synthetic_lake
+from tests.test_labels import CATEGORICAL, NUMERIC, T0, make_settings, record_reads, synthetic_lake
 from tests.test_model import FAST, SMALL
 
 
@@ -213,6 +216,46 @@ def test_psi_is_zero_for_identical_and_large_for_shifted_distributions() -> None
     assert drift.psi(base, np.r_[np.full(1000, np.nan), same[1000:]]) > 0.1  # missing values are drift too
     assert drift.psi_categorical(["a", "b"] * 50, ["a", "b"] * 50) == pytest.approx(0.0)
     assert drift.psi_categorical(["a", "b"] * 50, ["a"] * 90 + [None] * 10) > 1.0
+
+
+def test_hourly_drift_reads_the_scores_one_bucket_at_a_time_with_the_whole_hours_psi(tmp_path: Path) -> None:
+    # Arrange: two committed snapshots and their scores over 3 buckets (NaN and null propensities among them)
+    settings = make_settings(tmp_path)
+    first, second = synthetic_lake(settings, T0, hours=2, users=40)
+    lake = Lake(settings.lake)
+    rng = np.random.default_rng(3)
+    written: dict[object, pa.Table] = {}
+    for hour, versions in ((first, ["v1", "v1", "v2"]), (second, ["v2", "v2", "v2"])):
+        parts = []
+        for bucket, version in enumerate(versions):
+            values = rng.random(30)
+            values[bucket] = np.nan
+            part = pa.table(
+                {
+                    USER_ID: [f"u{bucket}-{i}" for i in range(30)],
+                    PROPENSITY: pa.array(values, mask=np.arange(30) == 7),
+                    DECILE: pa.array([1] * 30, pa.int8()),
+                    MODEL_VERSION: [version] * 30,
+                },
+                schema=SCORES_SCHEMA,
+            )
+            lake.write_partition(SCORES, hour, part, bucket=bucket)
+            parts.append(part)
+        written[hour] = pa.concat_tables(parts)
+    expected = [np.asarray(written[h].column(PROPENSITY).fill_null(np.nan), dtype=np.float64) for h in (first, second)]
+    reads, held, recording = record_reads()
+
+    # Act
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pq, "read_table", recording)
+        found = drift.hourly_drift(settings, second)
+
+    # Assert: the PSI of the whole hours' non-null propensities, every read at most one bucket
+    before, now = (e[~np.isnan(e)] for e in expected)
+    assert found["score"] == {"psi": drift.psi(before, now), "versions": {"previous": ["v1", "v2"], "current": ["v2"]}}
+    assert found["previous_hour"] == format_hour(first)
+    assert max(reads) <= 30 and len(reads) == 2 * 2 + 2 * 3  # per hour: the snapshot's 2 buckets, the scores' 3
+    assert max(held) <= 1  # when a bucket was read, at most the bucket before was still held
 
 
 # ---- the gate ------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ The synthetic-lake helpers at the top are also used by test_model.py and test_ev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,6 +64,24 @@ def write_snapshot(lake: Lake, hour: datetime, table: pa.Table, buckets: int = 2
     for bucket in range(buckets):
         lake.write_partition(PROFILES, hour, table.filter(pa.array(index % buckets == bucket)), bucket=bucket)
     write_json(lake.partition(PROFILES, hour) / MANIFEST, {"data_hour": format_hour(hour), "buckets": buckets})
+
+
+def record_reads() -> tuple[list[int], list[int], Callable[..., pa.Table]]:
+    """Patch ``pyarrow.parquet.read_table`` (undone with the test's ``MonkeyPatch.context``) to record the rows
+    of every read and, at every read, how many tables read before are still alive (held by the caller)."""
+    reads: list[int] = []
+    held: list[int] = []
+    alive: list[weakref.ref[pa.Table]] = []
+    read_table = pq.read_table
+
+    def recording(*args: object, **kwargs: object) -> pa.Table:
+        held.append(sum(ref() is not None for ref in alive))
+        table = read_table(*args, **kwargs)  # type: ignore[arg-type]
+        reads.append(table.num_rows)
+        alive.append(weakref.ref(table))
+        return table
+
+    return reads, held, recording
 
 
 def write_events(lake: Lake, events: Sequence[tuple[str, str, datetime, datetime]]) -> None:
@@ -281,6 +300,35 @@ def test_sample_depends_on_users_not_row_order(n: int, limit: int, seed: int) ->
     assert first.equals(second)
     assert first.num_rows == min(n, limit)
     assert first.column(USER_ID).to_pylist() == sorted(first.column(USER_ID).to_pylist())
+
+
+@hypothesis_settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(min_value=1, max_value=60),
+    buckets=st.integers(min_value=1, max_value=5),
+    limit=st.integers(min_value=1, max_value=70),
+)
+def test_sample_snapshot_equals_sampling_the_whole_snapshot_reading_one_bucket_at_a_time(
+    tmp_path_factory: pytest.TempPathFactory, n: int, buckets: int, limit: int
+) -> None:
+    # Arrange: a snapshot of n users over ``buckets`` buckets; every Parquet read recorded
+    lake = Lake(tmp_path_factory.mktemp("lake"))
+    write_snapshot(lake, T0, profile_table(T0, [f"u{i:03d}" for i in range(n)], np.random.default_rng(n)), buckets)
+    bucket_rows = [lake.manifest(PROFILES, T0, b)["rows"] for b in range(buckets)]
+    columns = [USER_ID, "signal", "segment", "absent"]
+    whole = labels.sample_users(labels.read_snapshot(lake, T0, columns), limit, seed=5, salt="drift")
+    reads, held, recording = record_reads()
+
+    # Act
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pq, "read_table", recording)
+        sampled = labels.sample_snapshot(lake, T0, limit, seed=5, salt="drift", columns=columns)
+
+    # Assert: the same rows in the same order, and no read held more than one bucket
+    assert sampled.equals(whole)
+    assert sampled.column_names == [USER_ID, "signal", "segment"]
+    assert sorted(reads) == sorted(bucket_rows)
+    assert max(held) <= 1  # when a bucket was read, at most the bucket before was still held
 
 
 # ---- the training set ----------------------------------------------------------------------------------------------

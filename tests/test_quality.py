@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import weakref
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ from profile_engine.lake.storage import (
     Lake,
     read_json,
 )
+from profile_engine.quality import suites
 from profile_engine.quality.datadocs import DOCS_INDEX
 from profile_engine.quality.suites import (
     BUCKET_IN_RANGE,
@@ -478,6 +481,32 @@ def test_profile_snapshot_violation_names_the_expectation(column: str, value: An
     assert expectation in message and f"column {column}" in message
     assert "failed 1 expectation(s)" in message
     assert "user-1" not in message and "user-2" not in message  # no raw ids in the message
+
+
+def test_validate_profiles_leaves_no_frame_behind_for_the_next_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange: publish_profiles validates one bucket after another; every frame GX validated is recorded
+    frames: list[weakref.ref[Any]] = []
+    to_frame = suites.gx_frame
+
+    def recording(table: pa.Table) -> Any:
+        frame = to_frame(table)
+        frames.append(weakref.ref(frame))
+        return frame
+
+    monkeypatch.setattr(suites, "gx_frame", recording)
+    frozen = gc.get_freeze_count()
+
+    # Act: three buckets in a row, Python's cyclic collector off (it runs rarely on a long-lived process anyway)
+    gc.disable()
+    try:
+        for n in (3, 4, 5):
+            validate_profiles(profile_table(profile_rows(n)), HOUR)
+            alive = [ref() is not None for ref in frames]
+            # Assert: no frame outlives its call (GX's context, source and batch refer to each other)
+            assert alive == [False] * len(frames)
+    finally:
+        gc.enable()
+    assert gc.get_freeze_count() == frozen
 
 
 def test_profile_snapshot_missing_column_is_named() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -150,14 +150,40 @@ def read_snapshot(lake: Lake, hour: datetime, columns: Sequence[str] | None = No
 
     ``columns``: only those of them the snapshot has (an older snapshot may lack newer ones).
     """
+    parts = list(snapshot_parts(lake, hour, columns))
+    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def snapshot_parts(lake: Lake, hour: datetime, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    """The committed profile snapshot of ``hour`` one data file (one bucket) at a time, in ``read_snapshot``'s
+    order (their concatenation is ``read_snapshot``); ``FileNotFoundError`` when not committed."""
     if not profile_committed(lake, hour):
         raise FileNotFoundError(f"profile snapshot not committed: {lake.partition(PROFILES, hour)}")
-    if columns is None:
-        return lake.read(PROFILES, hour)
-    import pyarrow.parquet as pq
+    files = lake.data_files(PROFILES, hour)
+    wanted = None
+    if columns is not None:
+        present = set(pq.read_schema(files[0]).names)
+        wanted = [c for c in columns if c in present]
+    for file in files:
+        yield pq.read_table(file, columns=wanted)
 
-    present = set(pq.read_schema(lake.data_files(PROFILES, hour)[0]).names)
-    return lake.read(PROFILES, hour, columns=[c for c in columns if c in present])
+
+def _hash_order(table: pa.Table, limit: int, seed: int, salt: str) -> pa.Table:
+    """The first ``limit`` rows of ``table`` by a stable hash of (seed, salt, user_id), then ``user_id``."""
+    con = db.cursor()
+    try:
+        con.register("keys", pa.table({"idx": pa.array(np.arange(table.num_rows)), "uid": table.column(USER_ID)}))
+        prefix = f"{seed}:{salt}:"
+        chosen = con.execute(
+            "SELECT idx FROM keys ORDER BY md5_number(? || uid), uid LIMIT ?", [prefix, int(limit)]
+        ).fetchnumpy()["idx"]
+    finally:
+        con.close()
+    return table.take(pa.array(np.asarray(chosen)))
+
+
+def _by_user(table: pa.Table) -> pa.Table:
+    return table.take(pc.sort_indices(table, [(USER_ID, "ascending")]))
 
 
 def sample_users(table: pa.Table, limit: int, seed: int, salt: str = "") -> pa.Table:
@@ -167,16 +193,28 @@ def sample_users(table: pa.Table, limit: int, seed: int, salt: str = "") -> pa.T
     rerun draws the same sample.
     """
     if table.num_rows <= limit:
-        return table.take(pc.sort_indices(table, [(USER_ID, "ascending")]))
-    con = db.connect()
-    con.register("keys", pa.table({"idx": pa.array(np.arange(table.num_rows)), "uid": table.column(USER_ID)}))
-    prefix = f"{seed}:{salt}:"
-    chosen = con.execute(
-        "SELECT idx FROM keys ORDER BY md5_number(? || uid), uid LIMIT ?", [prefix, int(limit)]
-    ).fetchnumpy()["idx"]
-    con.close()
-    picked = table.take(pa.array(np.asarray(chosen)))
-    return picked.take(pc.sort_indices(picked, [(USER_ID, "ascending")]))
+        return _by_user(table)
+    return _by_user(_hash_order(table, limit, seed, salt))
+
+
+def sample_snapshot(
+    lake: Lake, hour: datetime, limit: int, seed: int, salt: str = "", columns: Sequence[str] | None = None
+) -> pa.Table:
+    """``sample_users(read_snapshot(lake, hour, columns), limit, seed, salt)``, holding one bucket and the sample.
+
+    The users first by the hash over the whole snapshot are first among any of its users, so
+    the rows kept so far and the next bucket's, cut to the first ``limit`` again, end as the
+    same rows (the hash order is total: ties go by ``user_id``, unique in a snapshot).
+    Reading the whole snapshot held every profile of the hour at once.
+    """
+    kept: pa.Table | None = None
+    for part in snapshot_parts(lake, hour, columns):
+        kept = part if kept is None else pa.concat_tables([kept, part])
+        if kept.num_rows > limit:
+            kept = _hash_order(kept, limit, seed, salt)
+    if kept is None:  # a committed snapshot has at least one data file: data_files raises otherwise
+        raise FileNotFoundError(f"profile snapshot without data files: {lake.partition(PROFILES, hour)}")
+    return _by_user(kept)
 
 
 def _epoch_ms(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -422,7 +460,7 @@ def _examples(
     for snapshot in snapshots:
         rows = rebuilt.get(snapshot)
         if rows is None:
-            rows = sample_users(read_snapshot(lake, snapshot), limit, settings.seed, format_hour(snapshot))
+            rows = sample_snapshot(lake, snapshot, limit, settings.seed, format_hour(snapshot))
         out.append((snapshot, label_examples(settings, rows)))
     return out
 
