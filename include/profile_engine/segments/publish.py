@@ -67,6 +67,7 @@ from profile_engine.segments.rules import (
     SegmentRule,
     load_rules,
     rule_connection,
+    rule_inputs,
     rules_file,
     sql_literal,
 )
@@ -121,15 +122,20 @@ def _rules_for(lake: lk.Lake, hour: datetime, layout: _Layout, path: Path) -> li
     return load_rules(path, columns=_evaluated_schema(pq.read_schema(first)))
 
 
-def _evaluated_reader(lake: lk.Lake, hour: datetime, layout: _Layout) -> tuple[Callable[[int], pa.Table], bool]:
-    """A function giving one bucket's profiles as rules see them (scores joined, population columns over every
-    bucket: ``population_stats``), and whether the hour has scores at all."""
+def _evaluated_reader(
+    lake: lk.Lake, hour: datetime, layout: _Layout, rules: Sequence[SegmentRule]
+) -> tuple[Callable[[int], pa.Table], bool]:
+    """A function giving one bucket's profiles as ``rules`` see them (the columns they read: ``rule_inputs``; scores
+    joined, population columns over every bucket: ``population_stats``), and whether the hour has scores at all."""
     scores_of, scores_available = _score_reader(lake, hour)
     inputs = sorted({USER_ID, *(c for column in POPULATION_COLUMNS.values() for c in column.inputs)})
     stats = population_stats(lambda: (lake.read(lk.PROFILES, hour, b, columns=inputs) for b in layout.buckets))
+    read = rule_inputs(rules)
+    columns = [c for c in pq.read_schema(lake.data_files(lk.PROFILES, hour, layout.buckets[0])[0]).names if c in read]
 
     def evaluated_of(bucket: int) -> pa.Table:
-        return add_population_columns(_join_scores(lake.read(lk.PROFILES, hour, bucket), scores_of(bucket)), stats)
+        profiles = lake.read(lk.PROFILES, hour, bucket, columns=columns)
+        return add_population_columns(_join_scores(profiles, scores_of(bucket)), stats)
 
     return evaluated_of, scores_available
 
@@ -606,7 +612,7 @@ def publish_segments(
     path = rules_file(rules_path)
     rules = _rules_for(lake, hour, layout, path)
     key = None if dry_run else export_key(settings, connection_key=export_key_secret)
-    evaluated_of, scores_available = _evaluated_reader(lake, hour, layout)
+    evaluated_of, scores_available = _evaluated_reader(lake, hour, layout, rules)
 
     previous_hour = hour - HOUR
     has_previous = lake.committed(lk.SEGMENTS, previous_hour)
@@ -799,7 +805,7 @@ def restated_manifests(lake: lk.Lake, hour: datetime) -> tuple[dict[str, Any], d
         notes.append(f"segments of {format_hour(hour)}: share checks not restated, {path} changed since the hour")
     elif segments.get("share_checks"):
         rules = _rules_for(lake, hour, layout, path)
-        evaluated_of, _ = _evaluated_reader(lake, hour, layout)
+        evaluated_of, _ = _evaluated_reader(lake, hour, layout, rules)
         shares: dict[str, tuple[int, int]] = {}
         for bucket in layout.buckets:
             _add_shares(shares, share_counts(evaluated_of(bucket), rules))
