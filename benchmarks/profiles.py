@@ -33,6 +33,8 @@ Figures:
    hour before, its scores). For ``profiles`` and ``report`` too each run reports its output files'
    checksums (the partitions of the profiles and the change log; the report without its ``written_at``) and
    the comparison says whether both packages wrote the same; each run's peak RSS and CPU seconds are listed.
+   ``--segments-profile``: that ``publish_segments`` once under cProfile, timed by the process's CPU
+   (where its CPU goes, per function, cumulative).
 5. ``--hour-scaling OLD_INCLUDE``: one hour's ``build_profiles`` against the state's size (issue 19),
    this checkout and ``OLD_INCLUDE`` alternately; ``--hour-statements``: on this checkout's scaling lake
    (built by ``--hour-scaling``, only read), every DuckDB statement of ``advance`` and ``snapshot`` of the
@@ -441,6 +443,29 @@ def compare_publish(
     summary["rss_ratio_new_over_old"] = summary["new"]["peak_rss_mb"] / summary["old"]["peak_rss_mb"]
     print(f"[bench] {json.dumps(summary)}", flush=True)
     return summary
+
+
+def profile_segments(work: Path, users: int, buckets: int, top: int = 40) -> str:
+    """``publish_segments`` of the prepared hour (``prepare_segments``) once in this process under cProfile with the
+    process's CPU time as its clock (DuckDB's threads included): the functions by cumulative CPU seconds."""
+    import cProfile
+    import io
+    import pstats
+
+    from profile_engine.segments.publish import publish_segments
+
+    name = prepare_segments(work, users, buckets)
+    settings = _settings(work / f"publish_{users}_{buckets}", buckets)
+    profiler = cProfile.Profile(time.process_time)
+    started, cpu_started = time.monotonic(), time.process_time()
+    profiler.enable()
+    published = publish_segments(settings, END, run_id="bench")
+    profiler.disable()
+    wall, cpu = time.monotonic() - started, time.process_time() - cpu_started
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    head = f"{name}: {published['profiles']} profiles, wall {wall:.2f} s, CPU {cpu:.2f} s (profiled), "
+    return head + f"peak RSS {_peak_rss_mb():.0f} MB\n{text.getvalue()}"
 
 
 def measure(name: str, work: Path, runs: int, flags: list[str]) -> dict[str, Any]:
@@ -1038,6 +1063,9 @@ def main() -> None:
     parser.add_argument("--publish-users", type=int, default=200_000)
     parser.add_argument("--publish-buckets", type=int, default=4)
     parser.add_argument("--publish-stage", choices=("profiles", "segments", "report"), default="profiles")
+    parser.add_argument(
+        "--segments-profile", action="store_true", help="publish_segments of --publish-users/-buckets under cProfile"
+    )
     parser.add_argument("--hour-scaling", type=Path, metavar="OLD_INCLUDE", help="one hour vs state size (issue 19)")
     parser.add_argument("--scaling-days", help=f"days of history measured (comma-separated, of {SCALING_POINTS})")
     parser.add_argument(
@@ -1081,6 +1109,9 @@ def main() -> None:
     if args.hour_scaling:
         days = tuple(int(d) for d in args.scaling_days.split(",")) if args.scaling_days else SCALING_POINTS
         print(compare_hour_scaling(args.work, args.hour_scaling, args.runs, days, args.scaling_derive))
+        return
+    if args.segments_profile:
+        print(profile_segments(args.work, args.publish_users, args.publish_buckets))
         return
     if args.publish_compare:
         compare_publish(

@@ -123,6 +123,28 @@ def test_deciles_per_bucket_equal_population_deciles(buckets_scores: list[list[f
     assert np.asarray(got).tolist() == expected.tolist()
 
 
+TIED_LISTS = st.lists(
+    st.one_of(st.sampled_from([0.0, 0.0, 0.0, 0.25, 0.5, 0.5, -0.0, float("nan")]), st.none(), st.floats(0, 1)),
+    max_size=40,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(TIED_LISTS, min_size=1, max_size=4))
+def test_deciles_of_equal_the_deciles_bucket_deciles_gives(buckets_scores: list[list[float | None]]) -> None:
+    """``scoring.deciles_of`` (Arrow and NumPy, md5 only for the tied rows) gives each bucket the deciles the
+    SQL of ``bucket_deciles`` gives, ties inside a cut's group, NaN and null (unranked) included."""
+    buckets = [
+        pa.table({USER_ID: pa.array([f"u{i}-{j}" for j in range(len(s))], pa.string()), "s": pa.array(s, pa.float64())})
+        for i, s in enumerate(buckets_scores)
+    ]
+    ranked, deciles = bucket_deciles(lambda: iter(buckets))
+    for bucket in buckets:
+        got = scoring.deciles_of(ranked, bucket)
+        assert got.type == pa.int8()
+        assert got.to_pylist() == deciles(bucket).to_pylist()
+
+
 # ---- publish_profiles one bucket at a time ---------------------------------------------------
 T0 = datetime(2026, 11, 2, tzinfo=UTC)
 BUCKETS = 3

@@ -1519,3 +1519,78 @@ def test_a_rule_cursor_keeps_its_own_profiles_view_and_time_zone(tmp_path: Path)
     finally:
         held.close()
         other.close()
+
+
+# ---- one pass per bucket, cheaper (issue 19) -----------------------------------------------
+
+
+def test_rule_inputs_are_the_columns_rules_read_and_what_derived_columns_need() -> None:
+    from profile_engine.segments.rules import rule_inputs
+
+    got = rule_inputs(load_rules())
+
+    # referenced by the shipped rules, the population column's inputs, the derived columns' inputs
+    assert {"user_id", "lifecycle_stage", "frequency_orders", "open_cart_items", "hours_since_last_cart"} <= got
+    assert {"hours_since_last_event", "monetary_total", "snapshot_hour", "first_seen_at"} <= got
+    assert not {"session_count", "rfm_segment", "last_seen_at"} & got  # no shipped rule reads them
+
+
+def test_publish_segments_reads_the_profile_columns_rules_read_and_each_contact_hour_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from profile_engine.segments.rules import rule_inputs
+
+    settings_, _ = published_previous_hour(tmp_path, monkeypatch)
+    read, committed = lk.Lake.read, lk.Lake.committed
+    profile_columns: list[list[str] | None] = []
+    contact_hours: list[datetime] = []
+
+    def recording_read(self: lk.Lake, layer: str, hour: datetime, bucket: int | None = None, **kwargs: Any) -> pa.Table:
+        if layer == lk.PROFILES:
+            profile_columns.append(kwargs.get("columns"))
+        return read(self, layer, hour, bucket, **kwargs)
+
+    def recording_committed(self: lk.Lake, layer: str, hour: datetime, bucket: int | None = None) -> bool:
+        if layer == lk.CONTACTS and bucket is None:
+            contact_hours.append(hour)
+        return committed(self, layer, hour, bucket)
+
+    monkeypatch.setattr(lk.Lake, "read", recording_read)
+    monkeypatch.setattr(lk.Lake, "committed", recording_committed)
+
+    summary = publish_segments(settings_, H0)
+
+    assert summary["profiles"] == 240
+    wanted = rule_inputs(load_rules())
+    assert profile_columns and all(c is not None and set(c) <= wanted for c in profile_columns), profile_columns
+    window = max(r.cooldown_hours for r in load_rules())
+    assert len(contact_hours) == window - 1  # each hour of the cooldown window looked up once, not once per bucket
+    assert len(set(contact_hours)) == window - 1
+
+
+def test_scores_in_the_profiles_order_are_appended_as_the_join_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scores of every user in the profiles' order (as score_profiles writes them) and the same scores in another
+    order: the same segments, contacts, exports, manifest and summary."""
+    monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", "k" * 32)
+    got = {}
+    for order in ("profiles", "reversed"):
+        root = tmp_path / order
+        users, propensity = bucketed_population(H0, 2)
+        everyone = {u: propensity.get(u, 0.05) for u in users}
+        commit_bucketed(root, H0, users, everyone, BUCKETS)
+        lake = lk.Lake(root)
+        for bucket in range(BUCKETS):
+            scores = lake.read(lk.SCORES, H0, bucket)
+            assert scores.column("user_id").equals(lake.read(lk.PROFILES, H0, bucket).column("user_id"))
+            if order == "reversed":
+                lake.write_partition(lk.SCORES, H0, scores.take(list(range(scores.num_rows))[::-1]), bucket=bucket)
+        got[order] = published(root, H0, publish_segments(Settings(lake=root, buckets=BUCKETS), H0, run_id="r"))
+
+    assert got["profiles"] == got["reversed"]
+    summary = got["profiles"]["summary"]
+    assert summary["scored_profiles"] == summary["profiles"] == 240
+    actions = [row["action"] for row in got["profiles"]["segments"]]
+    assert summary["actions"] == {a: actions.count(a) for a in sorted(set(actions))}
+    assert summary["suppress"]["entered"] == summary["actions"].get("suppress", 0)  # no previous hour: the full list

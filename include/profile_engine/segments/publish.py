@@ -67,6 +67,7 @@ from profile_engine.segments.rules import (
     SegmentRule,
     load_rules,
     rule_connection,
+    rule_inputs,
     rules_file,
     sql_literal,
 )
@@ -121,15 +122,20 @@ def _rules_for(lake: lk.Lake, hour: datetime, layout: _Layout, path: Path) -> li
     return load_rules(path, columns=_evaluated_schema(pq.read_schema(first)))
 
 
-def _evaluated_reader(lake: lk.Lake, hour: datetime, layout: _Layout) -> tuple[Callable[[int], pa.Table], bool]:
-    """A function giving one bucket's profiles as rules see them (scores joined, population columns over every
-    bucket: ``population_stats``), and whether the hour has scores at all."""
+def _evaluated_reader(
+    lake: lk.Lake, hour: datetime, layout: _Layout, rules: Sequence[SegmentRule]
+) -> tuple[Callable[[int], pa.Table], bool]:
+    """A function giving one bucket's profiles as ``rules`` see them (the columns they read: ``rule_inputs``; scores
+    joined, population columns over every bucket: ``population_stats``), and whether the hour has scores at all."""
     scores_of, scores_available = _score_reader(lake, hour)
     inputs = sorted({USER_ID, *(c for column in POPULATION_COLUMNS.values() for c in column.inputs)})
     stats = population_stats(lambda: (lake.read(lk.PROFILES, hour, b, columns=inputs) for b in layout.buckets))
+    read = rule_inputs(rules)
+    columns = [c for c in pq.read_schema(lake.data_files(lk.PROFILES, hour, layout.buckets[0])[0]).names if c in read]
 
     def evaluated_of(bucket: int) -> pa.Table:
-        return add_population_columns(_join_scores(lake.read(lk.PROFILES, hour, bucket), scores_of(bucket)), stats)
+        profiles = lake.read(lk.PROFILES, hour, bucket, columns=columns)
+        return add_population_columns(_join_scores(profiles, scores_of(bucket)), stats)
 
     return evaluated_of, scores_available
 
@@ -147,6 +153,14 @@ def _join_scores(profiles: pa.Table, scores: pa.Table | None) -> pa.Table:
             base = base.append_column(field, pa.nulls(base.num_rows, field.type))
         return base
 
+    ids, scored_ids = base.column(USER_ID), scores.column(USER_ID)
+    if _ascending_unique(ids) and ids.type == scored_ids.type and ids.equals(scored_ids):
+        # The scores hold the bucket's users in the profiles' order (``score_profiles`` writes them so): the join
+        # below would give these rows in this order, so the score columns are appended as they are.
+        for field in SCORE_SCHEMA:
+            base = base.append_column(field, scores.column(field.name).cast(field.type))
+        return base.cast(_evaluated_schema(base.schema))
+
     con = db.cursor()
     try:
         con.register("base_input", base)
@@ -163,6 +177,16 @@ def _join_scores(profiles: pa.Table, scores: pa.Table | None) -> pa.Table:
     return joined.cast(_evaluated_schema(base.schema))
 
 
+def _ascending_unique(ids: pa.ChunkedArray) -> bool:
+    """Whether ``ids`` are strictly ascending (byte order, as DuckDB sorts VARCHAR): sorted, no id twice, no null."""
+    if ids.null_count:
+        return False
+    if len(ids) < 2:
+        return True
+    flat = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    return bool(pc.all(pc.less(flat.slice(0, len(flat) - 1), flat.slice(1))).as_py())
+
+
 @dataclass(frozen=True)
 class _Layout:
     """How this hour's outputs are bucketed: the snapshot's ``buckets`` (folders), users placed by ``bucket_sql``
@@ -172,19 +196,35 @@ class _Layout:
     count: int
 
 
+def _same_buckets(lake: lk.Lake, layer: str, hour: datetime, layout: _Layout) -> bool | None:
+    """Whether ``layer``'s partition of ``hour`` was written per bucket over ``layout``'s buckets; None: not committed."""
+    if not lake.committed(layer, hour):
+        return None
+    return bool(lake.manifest(layer, hour).get("buckets") == list(layout.buckets))
+
+
 def _bucket_part(
-    lake: lk.Lake, layer: str, hour: datetime, bucket: int, layout: _Layout, columns: list[str]
+    lake: lk.Lake,
+    layer: str,
+    hour: datetime,
+    bucket: int,
+    layout: _Layout,
+    columns: list[str],
+    same_buckets: bool | None = None,
 ) -> pa.Table | None:
     """``columns`` of the rows of ``bucket``'s users in the committed ``layer`` partition of ``hour``, or None.
 
     A partition written per bucket over the same buckets is read from that bucket's folder.
     One written whole (by older code), or over other buckets, is filtered to the users of
     ``bucket`` by the staging rule (``bucket_sql``) while DuckDB reads it, so one bucket is
-    held either way.
+    held either way. ``same_buckets``: ``_same_buckets`` of the partition when the caller
+    found it already (once per hour, not per bucket); None: found here.
     """
-    if not lake.committed(layer, hour):
-        return None
-    if lake.manifest(layer, hour).get("buckets") == list(layout.buckets) and lake.committed(layer, hour, bucket):
+    if same_buckets is None:
+        same_buckets = _same_buckets(lake, layer, hour, layout)
+        if same_buckets is None:
+            return None
+    if same_buckets and lake.committed(layer, hour, bucket):
         return lake.read(layer, hour, bucket, columns=columns)
     files = lake.data_files(layer, hour)
     schema = pq.read_schema(files[0])
@@ -200,15 +240,29 @@ def _bucket_part(
     return table.cast(pa.schema([schema.field(c) for c in columns]))
 
 
-def _read_recent_contacts(lake: lk.Lake, hour: datetime, window_hours: int, bucket: int, layout: _Layout) -> pa.Table:
-    """Contacts of ``bucket``'s users in the ``window_hours - 1`` hours before ``hour`` with their age in hours.
+def _recent_contact_hours(lake: lk.Lake, hour: datetime, window_hours: int, layout: _Layout) -> list[tuple[int, bool]]:
+    """The ages (hours before ``hour``) of the committed contact partitions of the ``window_hours - 1`` hours before
+    ``hour``, each with ``_same_buckets``: looked up once per run, then read per bucket (``_read_recent_contacts``)."""
+    found = []
+    for age in range(1, window_hours):
+        same = _same_buckets(lake, lk.CONTACTS, hour - age * HOUR, layout)
+        if same is not None:
+            found.append((age, same))
+    return found
+
+
+def _read_recent_contacts(
+    lake: lk.Lake, hour: datetime, ages: Sequence[tuple[int, bool]], bucket: int, layout: _Layout
+) -> pa.Table:
+    """Contacts of ``bucket``'s users in the committed contact partitions ``ages`` hours before ``hour``
+    (``_recent_contact_hours``: the window's, found once per run) with their age in hours.
 
     A contact ``k`` hours ago blocks an action whose cooldown is more than ``k`` hours; the
     hour itself is excluded, so a rerun of ``hour`` does not block itself.
     """
     tables = []
-    for age in range(1, window_hours):
-        table = _bucket_part(lake, lk.CONTACTS, hour - age * HOUR, bucket, layout, [USER_ID, ACTION])
+    for age, same in ages:
+        table = _bucket_part(lake, lk.CONTACTS, hour - age * HOUR, bucket, layout, [USER_ID, ACTION], same)
         if table is not None:
             tables.append(table.append_column("hours_ago", pa.array([age] * table.num_rows, pa.int64())))
     if not tables:
@@ -515,8 +569,11 @@ def _commit(
     )
 
 
-def _add(total: dict[str, int], key: str, n: int) -> None:
-    total[key] = total.get(key, 0) + n
+def _add_values(total: dict[str, int], column: pa.ChunkedArray | pa.Array) -> None:
+    """Count each non-null value of ``column`` into ``total`` (one Arrow pass, not a Python loop over the rows)."""
+    for entry in pc.value_counts(column).to_pylist():
+        if entry["values"] is not None:
+            total[entry["values"]] = total.get(entry["values"], 0) + int(entry["counts"])
 
 
 def publish_segments(
@@ -555,11 +612,11 @@ def publish_segments(
     path = rules_file(rules_path)
     rules = _rules_for(lake, hour, layout, path)
     key = None if dry_run else export_key(settings, connection_key=export_key_secret)
-    evaluated_of, scores_available = _evaluated_reader(lake, hour, layout)
+    evaluated_of, scores_available = _evaluated_reader(lake, hour, layout, rules)
 
     previous_hour = hour - HOUR
     has_previous = lake.committed(lk.SEGMENTS, previous_hour)
-    window = max(r.cooldown_hours for r in rules)
+    contact_hours = _recent_contact_hours(lake, hour, max(r.cooldown_hours for r in rules), layout)
     optouts = read_optouts(lake, optout_engine)
     rule_names = [r.name for r in rules]
     exported_actions = sorted({r.action for r in rules})
@@ -581,27 +638,25 @@ def publish_segments(
         for bucket in layout.buckets:
             evaluated = evaluated_of(bucket)
             previous = _bucket_part(lake, lk.SEGMENTS, previous_hour, bucket, layout, previous_columns)
-            recent = _read_recent_contacts(lake, hour, window, bucket, layout)
+            recent = _read_recent_contacts(lake, hour, contact_hours, bucket, layout)
             assigned, bucket_sizes = assign_segments(evaluated, rules, previous, recent, optouts)
             for name, n in bucket_sizes.items():
                 sizes[name] += n
             _add_stability(stability_total, stability_counts(assigned, previous, rule_names))
             _add_shares(shares, share_counts(evaluated, rules))
-            for action in assigned.column(ACTION).to_pylist():
-                _add(action_counts, action, 1)
+            _add_values(action_counts, assigned.column(ACTION))
             tables = _export_tables(assigned, exported_actions, previous)
             for action, table in tables.items():
                 export_rows[action] += table.num_rows
             if SUPPRESS in tables:
-                for change in tables[SUPPRESS].column(CHANGE).to_pylist():
-                    _add(suppress_changes, change, 1)
+                _add_values(suppress_changes, tables[SUPPRESS].column(CHANGE))
             contact_rows = _contacts_of(assigned, hour)
             profiles += evaluated.num_rows
             members += assigned.num_rows
             scored += evaluated.num_rows - evaluated.column(PROPENSITY).null_count
             contacts += contact_rows.num_rows
             if MODEL_VERSION in evaluated.column_names:
-                versions |= {v for v in evaluated.column(MODEL_VERSION).to_pylist() if v}
+                versions |= {v for v in pc.unique(evaluated.column(MODEL_VERSION)).to_pylist() if v}
             if key is not None and runs is not None:
                 lake.write_partition(lk.SEGMENTS, hour, assigned, bucket=bucket, run_id=run_id)
                 lake.write_partition(lk.CONTACTS, hour, contact_rows, bucket=bucket, run_id=run_id)
@@ -750,7 +805,7 @@ def restated_manifests(lake: lk.Lake, hour: datetime) -> tuple[dict[str, Any], d
         notes.append(f"segments of {format_hour(hour)}: share checks not restated, {path} changed since the hour")
     elif segments.get("share_checks"):
         rules = _rules_for(lake, hour, layout, path)
-        evaluated_of, _ = _evaluated_reader(lake, hour, layout)
+        evaluated_of, _ = _evaluated_reader(lake, hour, layout, rules)
         shares: dict[str, tuple[int, int]] = {}
         for bucket in layout.buckets:
             _add_shares(shares, share_counts(evaluated_of(bucket), rules))

@@ -454,6 +454,25 @@ def _grammar_problem(node: Any, hashed: bool = False) -> str | None:
     return next((p for p in (_grammar_problem(value, hashed) for value in node.values()) if p), None)
 
 
+def rule_inputs(rules: Sequence[SegmentRule]) -> set[str]:
+    """The snapshot columns evaluating ``rules`` reads (their memberships and reasons): ``user_id``, the columns
+    their expressions reference (``enter_columns``, ``stay_columns``) and the inputs of every derived and
+    population column (any rule may read those), so a bucket's profiles can be read with these columns only."""
+    found = {USER_ID}
+    for rule in rules:
+        found |= {*rule.enter_columns, *rule.stay_columns}
+    for column in POPULATION_COLUMNS.values():
+        found |= set(column.inputs)
+    con = db.cursor()
+    try:
+        for _, sql in DERIVED_COLUMNS.values():
+            tree = json.loads(con.execute("SELECT json_serialize_sql(?)", ["SELECT " + sql]).fetchall()[0][0])
+            found |= {str(names[-1]) for names in tree_values(tree, "column_names") if names}
+    finally:
+        con.close()
+    return found
+
+
 def tree_values(node: Any, key: str) -> list[Any]:
     """Every value stored under ``key`` anywhere in a serialized parse tree, in reading order."""
     found: list[Any] = []
