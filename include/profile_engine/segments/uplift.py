@@ -95,26 +95,27 @@ def exposure_starts(contacts: pa.Table, periods: Mapping[str, int]) -> pa.Table:
 
     A treated user is contacted at most once per cooldown, while a control user is
     recorded every hour they are held out, so counting every contact row compares one
-    treated exposure with up to ``cooldown`` control rows of the same user (users who
+    treated exposure with up to ``cooldown`` control rows of the same user (user_rank who
     linger in a segment without buying weigh more in control). Counting each user once per
     exposure period (``periods[rule]`` hours, the rule's cooldown; 1 for a rule not in
     ``periods``) on both sides makes the two comparable. ``contacts`` follows
     :data:`CONTACT_SCHEMA`; the result keeps its columns, sorted by rule, user and hour.
-    Each row's next start (the first row of its (rule, user) at least a period later) is
-    found by one binary search over all rows; the starts are then followed from each
-    (rule, user)'s first row, one step for every (rule, user) at a time.
+    Sorted by ranks of the rule and user names (``np.lexsort``, the order of a stable sort by
+    the names); each row's next start (the first row of its (rule, user) at least a period
+    later) is found by one binary search over all rows, and the starts are followed from
+    each (rule, user)'s first row, one step for every (rule, user) at a time.
     """
     if contacts.num_rows == 0:
         return contacts
-    ordered = contacts.sort_by([(RULE, "ascending"), (USER_ID, "ascending"), (CONTACT_HOUR, "ascending")])
+    rule_rank, user_rank = _ranks(contacts.column(RULE)), _ranks(contacts.column(USER_ID))
+    ms = np.asarray(contacts.column(CONTACT_HOUR).cast(pa.int64()).to_numpy())  # ms since the epoch
+    order = np.lexsort((ms, user_rank, rule_rank))
+    ordered, rule_rank, user_rank, ms = contacts.take(pa.array(order)), rule_rank[order], user_rank[order], ms[order]
     n = ordered.num_rows
-    rules = ordered.column(RULE).combine_chunks()
-    users = ordered.column(USER_ID).combine_chunks()
     first = np.ones(n, dtype=bool)  # the first row of its (rule, user)
-    same = pc.and_(pc.equal(rules.slice(1), rules.slice(0, n - 1)), pc.equal(users.slice(1), users.slice(0, n - 1)))
-    first[1:] = ~same.to_numpy(zero_copy_only=False)
+    first[1:] = (rule_rank[1:] != rule_rank[:-1]) | (user_rank[1:] != user_rank[:-1])
     group = np.cumsum(first) - 1
-    ms = np.asarray(ordered.column(CONTACT_HOUR).cast(pa.int64()).to_numpy())  # ms since the epoch
+    rules = ordered.column(RULE).combine_chunks()
     names = pc.unique(rules)
     hour_ms = HOUR // timedelta(milliseconds=1)
     period_of = np.array([max(1, periods.get(r, 1)) * hour_ms for r in names.to_pylist()], dtype=np.int64)
@@ -133,6 +134,14 @@ def exposure_starts(contacts: pa.Table, periods: Mapping[str, int]) -> pa.Table:
         nxt, current = nxt[inside], current[inside]
         current = nxt[group[nxt] == group[current]]
     return ordered.filter(pa.array(keep))
+
+
+def _ranks(column: pa.ChunkedArray) -> np.ndarray:
+    """Each value's rank among the column's distinct values, ascending (equal values, equal ranks)."""
+    encoded = pc.dictionary_encode(column.combine_chunks())
+    rank = np.empty(len(encoded.dictionary), dtype=np.int64)
+    rank[np.asarray(pc.sort_indices(encoded.dictionary))] = np.arange(len(encoded.dictionary))
+    return rank[np.asarray(encoded.indices.to_numpy())]
 
 
 @dataclass
