@@ -141,7 +141,8 @@ def _ranks(column: pa.ChunkedArray) -> np.ndarray:
     encoded = pc.dictionary_encode(column.combine_chunks())
     rank = np.empty(len(encoded.dictionary), dtype=np.int64)
     rank[np.asarray(pc.sort_indices(encoded.dictionary))] = np.arange(len(encoded.dictionary))
-    return rank[np.asarray(encoded.indices.to_numpy())]
+    ranks: np.ndarray = rank[np.asarray(encoded.indices.to_numpy())]
+    return ranks
 
 
 @dataclass
