@@ -107,24 +107,28 @@ def exposure_starts(contacts: pa.Table, periods: Mapping[str, int]) -> pa.Table:
     """
     if contacts.num_rows == 0:
         return contacts
-    rule_rank, user_rank = _ranks(contacts.column(RULE)), _ranks(contacts.column(USER_ID))
+    (rule_rank, names), (user_rank, _) = _ranks(contacts.column(RULE)), _ranks(contacts.column(USER_ID))
     ms = np.asarray(contacts.column(CONTACT_HOUR).cast(pa.int64()).to_numpy())  # ms since the epoch
     order = np.lexsort((ms, user_rank, rule_rank))
     ordered, rule_rank, user_rank, ms = contacts.take(pa.array(order)), rule_rank[order], user_rank[order], ms[order]
+    del order
     n = ordered.num_rows
     first = np.ones(n, dtype=bool)  # the first row of its (rule, user)
     first[1:] = (rule_rank[1:] != rule_rank[:-1]) | (user_rank[1:] != user_rank[:-1])
-    group = np.cumsum(first) - 1
-    rules = ordered.column(RULE).combine_chunks()
-    names = pc.unique(rules)
+    del user_rank
+    group = np.cumsum(first, dtype=np.int64) - 1
     hour_ms = HOUR // timedelta(milliseconds=1)
-    period_of = np.array([max(1, periods.get(r, 1)) * hour_ms for r in names.to_pylist()], dtype=np.int64)
-    period = period_of[pc.index_in(rules, value_set=names).to_numpy()]
+    period = np.array([max(1, periods.get(r, 1)) * hour_ms for r in names.to_pylist()], dtype=np.int64)[rule_rank]
+    del rule_rank
     # (group, ms) as one ascending key: groups a span apart, wider than any contact plus period.
-    offset = ms - ms.min()
-    span = int(offset.max()) + int(period.max()) + 1
-    key = group * span + offset
-    step = np.searchsorted(key, key + period, side="left")  # the first row at least a period later
+    ms -= ms.min()
+    span = int(ms.max()) + int(period.max()) + 1
+    key = group * span
+    key += ms
+    del ms
+    period += key
+    step = np.searchsorted(key, period, side="left")  # the first row at least a period later
+    del key, period
     keep = np.zeros(n, dtype=bool)
     current = np.flatnonzero(first)
     while current.size:
@@ -136,13 +140,15 @@ def exposure_starts(contacts: pa.Table, periods: Mapping[str, int]) -> pa.Table:
     return ordered.filter(pa.array(keep))
 
 
-def _ranks(column: pa.ChunkedArray) -> np.ndarray:
-    """Each value's rank among the column's distinct values, ascending (equal values, equal ranks)."""
+def _ranks(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Each value's rank among the column's distinct values, ascending (equal values, equal ranks; int32), and
+    those values in rank order."""
     encoded = pc.dictionary_encode(column.combine_chunks())
-    rank = np.empty(len(encoded.dictionary), dtype=np.int64)
-    rank[np.asarray(pc.sort_indices(encoded.dictionary))] = np.arange(len(encoded.dictionary))
+    order = pc.sort_indices(encoded.dictionary)
+    rank = np.empty(len(encoded.dictionary), dtype=np.int32)
+    rank[np.asarray(order)] = np.arange(len(encoded.dictionary), dtype=np.int32)
     ranks: np.ndarray = rank[np.asarray(encoded.indices.to_numpy())]
-    return ranks
+    return ranks, encoded.dictionary.take(order)
 
 
 @dataclass
