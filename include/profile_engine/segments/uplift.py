@@ -252,15 +252,16 @@ def read_bucket_contacts(
 
     An hour written per bucket over ``buckets`` (its manifest's ``bucket_count``, as
     ``publish_segments`` writes) is read from that bucket's folder (none: the hour's snapshot
-    had no such bucket, so no user of it was contacted); one written whole (by older code)
-    or over another count is filtered to the bucket's users while DuckDB reads it.
+    had no such bucket, so no user of it was contacted; an uncommitted folder is skipped, as
+    ``Lake.data_files`` of the hour skips it); one written whole (by older code) or over
+    another count is filtered to the bucket's users while DuckDB reads it (its files once per bucket).
     """
     files: list[str] = []
     filtered: list[str] = []
     for hour, manifest in manifests.items():
         if manifest.get("bucket_count") != buckets:
             filtered.extend(str(f) for f in lake.data_files(lk.CONTACTS, hour))
-        elif bucket in manifest.get("buckets", ()):
+        elif bucket in manifest.get("buckets", ()) and lake.committed(lk.CONTACTS, hour, bucket):
             files.extend(str(f) for f in lake.data_files(lk.CONTACTS, hour, bucket))
     tables = [ds.dataset(files, format="parquet", schema=CONTACT_SCHEMA).to_table(use_threads=False)] if files else []
     if filtered:
