@@ -42,6 +42,7 @@ from profile_engine.segments.rules import (
     rule_connection,
 )
 from profile_engine.segments.uplift import (
+    design_effect,
     exposure_starts,
     rate_difference,
     render_section_html,
@@ -1078,6 +1079,175 @@ def test_exposure_starts_count_a_user_once_per_cooldown_on_both_sides() -> None:
         ("t", H0 + 3 * HOUR),
     ]
     assert exposure_starts(contacts, {}).num_rows == 7  # a rule without a known cooldown: every hour
+
+
+def _greedy_starts(contacts: pa.Table, periods: dict[str, int]) -> list[tuple[str, str, datetime]]:
+    """Exposure starts by a plain loop over the sorted rows (what ``exposure_starts`` computes)."""
+    rows = sorted(zip(*(contacts.column(c).to_pylist() for c in ("rule", "user_id", "hour")), strict=True))
+    starts, current, next_start = [], None, H0
+    for rule, user, hour in rows:
+        if (rule, user) != current or hour >= next_start:
+            current, next_start = (rule, user), hour + max(1, periods.get(rule, 1)) * HOUR
+            starts.append((rule, user, hour))
+    return starts
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from("xyz"), st.integers(0, 30)), max_size=60))
+def test_exposure_starts_are_those_of_the_plain_loop(rows: list[tuple[str, str, int]]) -> None:
+    contacts = pa.table(
+        {
+            "user_id": [f"u{r[1]}" for r in rows],
+            "action": ["coupon_10pct"] * len(rows),
+            "rule": [r[0] for r in rows],
+            "hour": pa.array([H0 + r[2] * HOUR for r in rows], pa.timestamp("ms", tz="UTC")),
+        }
+    )
+    periods = {"a": 4, "b": 1}  # "c" has none: every hour starts one
+
+    starts = exposure_starts(contacts, periods)
+
+    got = list(zip(*(starts.column(c).to_pylist() for c in ("rule", "user_id", "hour")), strict=True))
+    assert got == _greedy_starts(contacts, periods)  # same rows, in the same order (rule, user, hour)
+
+
+def test_design_effect_of_counted_users_equals_the_users_listed_one_by_one() -> None:
+    pairs = {(0, 1): 7, (1, 1): 2, (0, 5): 3, (2, 4): 1, (3, 3): 2}
+    buyers = [b for (b, _), users in pairs.items() for _ in range(users)]
+    exposures = [n for (_, n), users in pairs.items() for _ in range(users)]
+
+    counted = design_effect([b for b, _ in pairs], [n for _, n in pairs], list(pairs.values()))
+
+    assert counted == design_effect(buyers, exposures) > 1
+    assert counted == pytest.approx(_design_effect_by_floats(buyers, exposures), rel=1e-12)
+
+
+def _design_effect_by_floats(buyers: list[int], exposures: list[int]) -> float:
+    m, total = len(exposures), float(sum(exposures))
+    p = sum(buyers) / total
+    robust = m / (m - 1) * sum((b - p * n) ** 2 for b, n in zip(buyers, exposures, strict=True)) / total**2
+    return max(1.0, robust / (p * (1 - p) / total))
+
+
+UPLIFT_BUCKETS = 4
+
+
+def _bucketed_uplift_lake(root: Path, whole_hours: tuple[int, ...] = ()) -> tuple[Settings, datetime, pa.Table]:
+    """Contacts of 8 hours and purchases, per bucket as ``publish_segments`` and ``validate_events`` write them.
+
+    The hours (after H0) in ``whole_hours`` hold their contacts in one partition, as older code wrote them.
+    Returns the settings, the report hour (contacts of its 6 first hours are old enough) and every contact.
+    """
+    from profile_engine.model.labels import users_by_bucket
+
+    settings_ = Settings(lake=root, label_horizon_hours=2, lateness_hours=1, buckets=UPLIFT_BUCKETS)
+    lake = lk.Lake(root)
+    rng = np.random.default_rng(19)
+    users = [f"user{i:03d}" for i in range(80)]
+    bucket_of = {u: b for b, us in users_by_bucket(users, UPLIFT_BUCKETS).items() for u in us}
+    rules = [("cart_abandon", "cart_reminder"), ("high_intent", "coupon_10pct"), ("not_a_rule_now", "old_action")]
+    every = []
+    for k in range(8):
+        hour = H0 + k * HOUR
+        chosen = sorted(rng.choice(users, size=40, replace=False))
+        picks = rng.integers(0, len(rules), size=len(chosen))
+        contacts = pa.table(
+            {
+                "user_id": chosen,
+                "action": [CONTROL if u[-1] in "05" else rules[i][1] for u, i in zip(chosen, picks, strict=True)],
+                "rule": [rules[i][0] for i in picks],
+                "hour": pa.array([hour] * len(chosen), pa.timestamp("ms", tz="UTC")),
+            }
+        )
+        every.append(contacts)
+        buyers = sorted(rng.choice(users, size=12, replace=False))
+        minutes = rng.integers(0, 60, size=len(buyers))
+        for b in range(UPLIFT_BUCKETS):
+            mine = [i for i, u in enumerate(buyers) if bucket_of[u] == b]
+            staged = {
+                "user_id": [buyers[i] for i in mine],
+                "event_type": ["purchase"] * len(mine),
+                "ts": pa.array(
+                    [hour + int(minutes[i]) * timedelta(minutes=1) for i in mine], pa.timestamp("ms", tz="UTC")
+                ),
+            }
+            lake.write_partition(lk.STAGING, hour, pa.table(staged), bucket=b)
+        if k in whole_hours:
+            lake.write_partition(lk.CONTACTS, hour, contacts)
+            continue
+        for b in range(UPLIFT_BUCKETS):
+            lake.write_partition(
+                lk.CONTACTS, hour, contacts.filter(pa.array([bucket_of[u] == b for u in chosen])), bucket=b
+            )
+        lk.write_json(  # the hour-level commit point publish_segments writes last
+            lake.partition(lk.CONTACTS, hour) / lk.MANIFEST,
+            {"layer": lk.CONTACTS, "buckets": list(range(UPLIFT_BUCKETS)), "bucket_count": UPLIFT_BUCKETS},
+        )
+    return settings_, H0 + 8 * HOUR, pa.concat_tables(every)
+
+
+def _whole_table_uplift(settings_: Settings, contacts: pa.Table, first: datetime) -> list[dict[str, Any]]:
+    """``uplift``'s rows from every contact at once (the whole-table computation the buckets must add up to)."""
+    from profile_engine.contracts.profiles import SNAPSHOT_HOUR
+    from profile_engine.model.labels import label_examples
+
+    periods = {r.name: max(1, r.cooldown_hours) for r in load_rules(None) if not r.suppress}
+    starts = exposure_starts(contacts, periods)
+    starts = starts.filter(pc.greater_equal(starts.column("hour"), pa.scalar(first, pa.timestamp("ms", tz="UTC"))))
+    examples = starts.append_column(SNAPSHOT_HOUR, starts.column("hour"))
+    return uplift_rows(label_examples(settings_, examples), periods)
+
+
+@pytest.mark.parametrize(("lookback", "whole_hours"), [(168, ()), (4, ()), (168, (1, 4)), (4, (2,))])
+def test_uplift_counts_one_bucket_at_a_time_what_the_whole_table_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lookback: int, whole_hours: tuple[int, ...]
+) -> None:
+    # Arrange: 4 buckets; with a 4-hour lookback the contacts of the 5 hours before it are read as earlier ones
+    import profile_engine.segments.uplift as uplift_module
+    from profile_engine.model.labels import users_by_bucket
+
+    settings_, hour, contacts = _bucketed_uplift_lake(tmp_path, whole_hours)
+    calls: list[set[str]] = []
+    starts_of = uplift_module.exposure_starts
+
+    def spy(table: pa.Table, periods: dict[str, int]) -> pa.Table:
+        calls.append(set(table.column("user_id").to_pylist()))
+        return starts_of(table, periods)
+
+    monkeypatch.setattr(uplift_module, "exposure_starts", spy)
+
+    # Act
+    result = uplift(settings_, hour, lookback_hours=lookback)
+
+    # Assert: each call held the contacts of one bucket's users, and every user contacted in a final hour was in one
+    first = max(H0, hour - (lookback - 1) * HOUR)
+    contacts = contacts.filter(
+        pc.less(contacts.column("hour"), pa.scalar(H0 + 6 * HOUR, contacts.schema.field("hour").type))
+    )
+    assert (result["contact_hours"], result["first_contact_hour"]) == (
+        (H0 + 6 * HOUR - first) // HOUR,
+        format_hour(first),
+    )
+    buckets = [set(users_by_bucket(sorted(users), UPLIFT_BUCKETS)) for users in calls if users]
+    assert buckets and all(len(b) == 1 for b in buckets)
+    assert set().union(*calls) == set(contacts.column("user_id").to_pylist())
+    # ... and the rows are those of every contact at once
+    assert result["rules"] and result["rules"] == _whole_table_uplift(settings_, contacts, first)
+    assert {row["rule"] for row in result["rules"]} == {"cart_abandon", "high_intent", "not_a_rule_now"}
+
+
+def test_labels_of_a_bucket_read_only_that_bucket_of_an_hour_staged_over_every_bucket(tmp_path: Path) -> None:
+    from profile_engine.model.labels import staged_files
+
+    settings_, _, _ = _bucketed_uplift_lake(tmp_path)
+    lake = lk.Lake(tmp_path)
+    lake.write_partition(lk.STAGING, H0 + 9 * HOUR, pa.table({"user_id": ["a"]}), bucket=0)  # one folder of 4
+
+    assert staged_files(lake, H0, 2, UPLIFT_BUCKETS) == lake.data_files(lk.STAGING, H0, 2)
+    assert staged_files(lake, H0, None, UPLIFT_BUCKETS) == lake.data_files(lk.STAGING, H0)
+    assert staged_files(lake, H0, 2, 8) == lake.data_files(lk.STAGING, H0)  # staged over another count: whole
+    assert staged_files(lake, H0 + 9 * HOUR, 2, UPLIFT_BUCKETS) == lake.data_files(lk.STAGING, H0 + 9 * HOUR)
+    assert staged_files(lake, H0 + 20 * HOUR, 2, UPLIFT_BUCKETS) == []  # nothing staged
 
 
 # ---- segments that respect the data: declared shares, null money, suppression as a change ------

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -223,24 +224,39 @@ def _epoch_ms(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(pc.cast(as_ms, pa.int64()), np.iinfo(np.int64).min))
 
 
-def label_examples(settings: Settings, examples: pa.Table) -> pa.Table:
+def staged_files(lake: Lake, hour: datetime, bucket: int | None, buckets: int) -> list[Path]:
+    """The staged files of ``hour`` that can hold events of ``bucket``'s users (every file when None; none unstaged).
+
+    An hour staged over ``buckets`` buckets (folders ``bucket=0`` .. ``buckets - 1``, as
+    ``validate_events`` writes every hour) holds a user's events in the user's bucket
+    (``bucket_sql``); an hour staged otherwise (fewer folders, another count) is read whole.
+    """
+    base = lake.partition(STAGING, hour)
+    folders = {e.name for e in os.scandir(base) if e.name.startswith("bucket=")} if base.is_dir() else set()
+    if bucket is not None and folders == {f"bucket={b}" for b in range(buckets)}:
+        return lake.data_files(STAGING, hour, bucket) if lake.committed(STAGING, hour, bucket) else []
+    try:
+        return lake.data_files(STAGING, hour)
+    except FileNotFoundError:
+        return []  # nothing was staged in that hour
+
+
+def label_examples(settings: Settings, examples: pa.Table, bucket: int | None = None) -> pa.Table:
     """Append ``LABEL`` (int8): did the user purchase in the label window of the row's snapshot?
 
     ``examples`` needs ``USER_ID`` and ``SNAPSHOT_HOUR``. Only staged events are read:
     every staged hour that can hold a ``ts`` in a window (``staged_hours_for_window``:
     the hours before it within the clock skew, its own hours and the lateness after),
-    filtered on ``ts``, so a purchase counts wherever it was staged.
+    filtered on ``ts``, so a purchase counts wherever it was staged. ``bucket``: every
+    example's user is of that bucket (``bucket_sql`` over ``settings.buckets``), so of an
+    hour staged over those buckets only that bucket's files are read (``staged_files``).
     """
-    snapshots = sorted({floor_hour(s) for s in examples.column(SNAPSHOT_HOUR).to_pylist()})
+    snapshots = sorted({floor_hour(s) for s in pc.unique(examples.column(SNAPSHOT_HOUR)).to_pylist()})
     hours: set[datetime] = set()
     for snapshot in snapshots:
         hours.update(staged_hours_for_window(settings, *label_window(snapshot, settings.label_horizon_hours)))
-    files: list[str] = []
-    for hour in sorted(hours):
-        try:
-            files.extend(str(f) for f in Lake(settings.lake).data_files(STAGING, hour))
-        except FileNotFoundError:
-            continue  # nothing was staged in that hour
+    lake = Lake(settings.lake)
+    files = [str(f) for hour in sorted(hours) for f in staged_files(lake, hour, bucket, settings.buckets)]
     start_ms = _epoch_ms(examples.column(SNAPSHOT_HOUR)) + HOUR // timedelta(milliseconds=1)
     keys = pa.table(
         {

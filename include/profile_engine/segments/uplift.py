@@ -9,20 +9,25 @@ import html
 import io
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from profile_engine.config import Settings
+from profile_engine.contracts.events import bucket_sql
 from profile_engine.contracts.profiles import SNAPSHOT_HOUR, USER_ID
 from profile_engine.contracts.segments import ACTION, CONTACT_HOUR, CONTACT_SCHEMA, RULE, SEGMENTS_COL
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range
+from profile_engine.lake import db
 from profile_engine.lake import storage as lk
 from profile_engine.segments.assign import share_warning
-from profile_engine.segments.rules import CONTROL, load_rules
+from profile_engine.segments.rules import CONTROL, load_rules, sql_literal
 
 UPLIFT_LOOKBACK_HOURS = 168
 CHART_FILE = "segment_sizes.png"
@@ -62,21 +67,26 @@ def rate_difference(
     }
 
 
-def design_effect(buyers: Sequence[int], exposures: Sequence[int]) -> float:
+def design_effect(buyers: Sequence[int], exposures: Sequence[int], users: Sequence[int] | None = None) -> float:
     """Variance of a rate over users with several exposures each, relative to independent exposures (>= 1).
 
-    ``buyers[i]`` of ``exposures[i]`` exposures of user i bought. The rate ``B / N`` is a
+    ``buyers[i]`` of ``exposures[i]`` exposures of user i bought (of each of ``users[i]``
+    users when given: counts of users per ``(buyers, exposures)``). The rate ``B / N`` is a
     ratio estimator; its cluster-robust variance ``m / (m - 1) * sum (b_i - p n_i)^2 / N^2``
     over the binomial ``p (1 - p) / N``. 1 when every user has one exposure (or no spread).
+    The sum is taken in integers, ``sum (b_i N - B n_i)^2 / N^2``: exact whatever the users' order.
     """
-    m = len(exposures)
-    total = float(sum(exposures))
+    weights = [1] * len(exposures) if users is None else list(users)
+    m = sum(weights)
+    total = sum(w * n for w, n in zip(weights, exposures, strict=True))
     if m < 2 or total == 0:
         return 1.0
-    p = sum(buyers) / total
+    bought = sum(w * b for w, b in zip(weights, buyers, strict=True))
+    p = bought / total
     if p in (0.0, 1.0):
         return 1.0
-    robust = m / (m - 1) * sum((b - p * n) ** 2 for b, n in zip(buyers, exposures, strict=True)) / total**2
+    spread = sum(w * (b * total - bought * n) ** 2 for w, b, n in zip(weights, buyers, exposures, strict=True))
+    robust = m / (m - 1) * (spread / total**2) / total**2
     return max(1.0, robust / (p * (1 - p) / total))
 
 
@@ -85,28 +95,143 @@ def exposure_starts(contacts: pa.Table, periods: Mapping[str, int]) -> pa.Table:
 
     A treated user is contacted at most once per cooldown, while a control user is
     recorded every hour they are held out, so counting every contact row compares one
-    treated exposure with up to ``cooldown`` control rows of the same user (users who
+    treated exposure with up to ``cooldown`` control rows of the same user (user_rank who
     linger in a segment without buying weigh more in control). Counting each user once per
     exposure period (``periods[rule]`` hours, the rule's cooldown; 1 for a rule not in
     ``periods``) on both sides makes the two comparable. ``contacts`` follows
     :data:`CONTACT_SCHEMA`; the result keeps its columns, sorted by rule, user and hour.
+    Sorted by ranks of the rule and user names (``np.lexsort``, the order of a stable sort by
+    the names); each row's next start (the first row of its (rule, user) at least a period
+    later) is found by one binary search over all rows, and the starts are followed from
+    each (rule, user)'s first row, one step for every (rule, user) at a time.
     """
     if contacts.num_rows == 0:
         return contacts
-    ordered = contacts.sort_by([(RULE, "ascending"), (USER_ID, "ascending"), (CONTACT_HOUR, "ascending")])
-    rules = ordered.column(RULE).to_pylist()
-    users = ordered.column(USER_ID).to_pylist()
-    hours = ordered.column(CONTACT_HOUR).cast(pa.int64()).to_pylist()  # ms since the epoch
+    (rule_rank, names), (user_rank, _) = _ranks(contacts.column(RULE)), _ranks(contacts.column(USER_ID))
+    ms = np.asarray(contacts.column(CONTACT_HOUR).cast(pa.int64()).to_numpy())  # ms since the epoch
+    order = np.lexsort((ms, user_rank, rule_rank))
+    ordered, rule_rank, user_rank, ms = contacts.take(pa.array(order)), rule_rank[order], user_rank[order], ms[order]
+    del order
+    n = ordered.num_rows
+    first = np.ones(n, dtype=bool)  # the first row of its (rule, user)
+    first[1:] = (rule_rank[1:] != rule_rank[:-1]) | (user_rank[1:] != user_rank[:-1])
+    del user_rank
+    group = np.cumsum(first, dtype=np.int64) - 1
     hour_ms = HOUR // timedelta(milliseconds=1)
-    keep: list[int] = []
-    current: tuple[str, str] | None = None
-    next_start = 0
-    for i, (rule, user, ms) in enumerate(zip(rules, users, hours, strict=True)):
-        if (rule, user) != current or ms >= next_start:
-            current = (rule, user)
-            next_start = ms + max(1, periods.get(rule, 1)) * hour_ms
-            keep.append(i)
-    return ordered.take(pa.array(keep, pa.int64()))
+    period = np.array([max(1, periods.get(r, 1)) * hour_ms for r in names.to_pylist()], dtype=np.int64)[rule_rank]
+    del rule_rank
+    # (group, ms) as one ascending key: groups a span apart, wider than any contact plus period.
+    ms -= ms.min()
+    span = int(ms.max()) + int(period.max()) + 1
+    key = group * span
+    key += ms
+    del ms
+    period += key
+    step = np.searchsorted(key, period, side="left")  # the first row at least a period later
+    del key, period
+    keep = np.zeros(n, dtype=bool)
+    current = np.flatnonzero(first)
+    while current.size:
+        keep[current] = True
+        nxt = step[current]
+        inside = nxt < n
+        nxt, current = nxt[inside], current[inside]
+        current = nxt[group[nxt] == group[current]]
+    return ordered.filter(pa.array(keep))
+
+
+def _ranks(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Each value's rank among the column's distinct values, ascending (equal values, equal ranks; int32), and
+    those values in rank order."""
+    encoded = pc.dictionary_encode(column.combine_chunks())
+    order = pc.sort_indices(encoded.dictionary)
+    rank = np.empty(len(encoded.dictionary), dtype=np.int32)
+    rank[np.asarray(order)] = np.arange(len(encoded.dictionary), dtype=np.int32)
+    ranks: np.ndarray = rank[np.asarray(encoded.indices.to_numpy())]
+    return ranks, encoded.dictionary.take(order)
+
+
+@dataclass
+class UpliftCounts:
+    """What :func:`uplift_rows` is made of, mergeable over buckets (a user is in one bucket).
+
+    ``users[(rule, side)][(buyers, exposures)]``: the users of a side (``treated`` or
+    ``control``) of a rule with that many exposures and that many of them followed by a
+    purchase; ``actions[rule]``: the rule's treated actions.
+    """
+
+    users: dict[tuple[str, str], dict[tuple[int, int], int]] = field(default_factory=dict)
+    actions: dict[str, set[str]] = field(default_factory=dict)
+
+    def add(self, other: UpliftCounts) -> None:
+        """Add ``other``'s counts (of other users) to these."""
+        for key, counts in other.users.items():
+            mine = self.users.setdefault(key, {})
+            for pair, n in counts.items():
+                mine[pair] = mine.get(pair, 0) + n
+        for rule, actions in other.actions.items():
+            self.actions.setdefault(rule, set()).update(actions)
+
+
+def uplift_counts(labelled: pa.Table) -> UpliftCounts:
+    """The :class:`UpliftCounts` of exposure starts with ``labels.LABEL`` (:func:`uplift_rows`' input)."""
+    from profile_engine.model import labels
+
+    counts = UpliftCounts()
+    if labelled.num_rows == 0:
+        return counts
+    side = pc.if_else(pc.equal(labelled.column(ACTION), CONTROL), "control", "treated")
+    table = pa.table(
+        {
+            RULE: labelled.column(RULE),
+            "side": side,
+            USER_ID: labelled.column(USER_ID),
+            "bought": pc.cast(labelled.column(labels.LABEL), pa.int64()),
+        }
+    )
+    per_user = table.group_by([RULE, "side", USER_ID], use_threads=False).aggregate(
+        [("bought", "sum"), ("bought", "count")]
+    )
+    pairs = per_user.group_by([RULE, "side", "bought_sum", "bought_count"], use_threads=False).aggregate(
+        [([], "count_all")]
+    )
+    for rule, side_, bought, exposures, n in zip(
+        *(pairs.column(c).to_pylist() for c in (RULE, "side", "bought_sum", "bought_count", "count_all")), strict=True
+    ):
+        counts.users.setdefault((rule, side_), {})[(int(bought), int(exposures))] = int(n)
+    treated = labelled.filter(pc.not_equal(labelled.column(ACTION), CONTROL))
+    actions = treated.group_by([RULE, ACTION], use_threads=False).aggregate([])
+    for rule, action in zip(actions.column(RULE).to_pylist(), actions.column(ACTION).to_pylist(), strict=True):
+        counts.actions.setdefault(rule, set()).add(action)
+    return counts
+
+
+def counted_rows(counts: UpliftCounts, periods: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
+    """:func:`uplift_rows` of the exposures ``counts`` holds (of one table or summed over buckets)."""
+    rows = []
+    for rule in sorted({key[0] for key in counts.users}):
+        sides = {side: sorted(counts.users.get((rule, side), {}).items()) for side in ("treated", "control")}
+        (bt, nt), (bc, nc) = ((sum(b * u for (b, _), u in v), sum(n * u for (_, n), u in v)) for v in sides.values())
+        effects = tuple(
+            design_effect([b for (b, _), _ in v], [n for (_, n), _ in v], [u for _, u in v]) for v in sides.values()
+        )
+        rows.append(
+            {
+                "rule": rule,
+                "action": ", ".join(sorted(counts.actions.get(rule, ()))) or None,
+                "exposure_hours": max(1, (periods or {}).get(rule, 1)),
+                "treated": nt,
+                "treated_users": sum(u for _, u in sides["treated"]),
+                "treated_buyers": bt,
+                "treated_rate": round(bt / nt, 6) if nt else None,
+                "control": nc,
+                "control_users": sum(u for _, u in sides["control"]),
+                "control_buyers": bc,
+                "control_rate": round(bc / nc, 6) if nc else None,
+                **rate_difference((bt, nt), (bc, nc), design_effects=(effects[0], effects[1])),
+            }
+        )
+    return rows
 
 
 def uplift_rows(labelled: pa.Table, periods: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
@@ -116,43 +241,44 @@ def uplift_rows(labelled: pa.Table, periods: Mapping[str, int] | None = None) ->
     (bought in the window after the contact). A user's exposures are one cluster: the
     interval's effective sizes use :func:`design_effect` of each side.
     """
-    from profile_engine.model import labels
+    return counted_rows(uplift_counts(labelled), periods)
 
-    data = labelled.select([USER_ID, RULE, ACTION, labels.LABEL]).to_pydict()
-    per_user: dict[tuple[str, str, str], list[int]] = {}
-    actions: dict[str, set[str]] = {}
-    for user, rule, action, bought in zip(data[USER_ID], data[RULE], data[ACTION], data[labels.LABEL], strict=True):
-        side = "control" if action == CONTROL else "treated"
-        counts = per_user.setdefault((rule, side, user), [0, 0])
-        counts[0] += int(bought)
-        counts[1] += 1
-        if action != CONTROL:
-            actions.setdefault(rule, set()).add(action)
-    rows = []
-    for rule in sorted({key[0] for key in per_user}):
-        sides = {
-            side: [counts for (r, s, _), counts in per_user.items() if r == rule and s == side]
-            for side in ("treated", "control")
-        }
-        (bt, nt), (bc, nc) = ((sum(c[0] for c in v), sum(c[1] for c in v)) for v in sides.values())
-        effects = tuple(design_effect([c[0] for c in v], [c[1] for c in v]) for v in sides.values())
-        rows.append(
-            {
-                "rule": rule,
-                "action": ", ".join(sorted(actions.get(rule, ()))) or None,
-                "exposure_hours": max(1, (periods or {}).get(rule, 1)),
-                "treated": nt,
-                "treated_users": len(sides["treated"]),
-                "treated_buyers": bt,
-                "treated_rate": round(bt / nt, 6) if nt else None,
-                "control": nc,
-                "control_users": len(sides["control"]),
-                "control_buyers": bc,
-                "control_rate": round(bc / nc, 6) if nc else None,
-                **rate_difference((bt, nt), (bc, nc), design_effects=(effects[0], effects[1])),
-            }
-        )
-    return rows
+
+def read_bucket_contacts(
+    lake: lk.Lake, manifests: Mapping[datetime, Mapping[str, Any]], bucket: int, buckets: int
+) -> pa.Table:
+    """The contacts of ``bucket``'s users (``bucket_sql`` over ``buckets``) in the committed contact hours of
+    ``manifests`` (their hour-level manifests, read once for every bucket).
+
+    An hour written per bucket over ``buckets`` (its manifest's ``bucket_count``, as
+    ``publish_segments`` writes) is read from that bucket's folder (none: the hour's snapshot
+    had no such bucket, so no user of it was contacted; an uncommitted folder is skipped, as
+    ``Lake.data_files`` of the hour skips it); one written whole (by older code) or over
+    another count is filtered to the bucket's users while DuckDB reads it (its files once per bucket).
+    """
+    files: list[str] = []
+    filtered: list[str] = []
+    for hour, manifest in manifests.items():
+        if manifest.get("bucket_count") != buckets:
+            filtered.extend(str(f) for f in lake.data_files(lk.CONTACTS, hour))
+        elif bucket in manifest.get("buckets", ()) and lake.committed(lk.CONTACTS, hour, bucket):
+            files.extend(str(f) for f in lake.data_files(lk.CONTACTS, hour, bucket))
+    tables = [ds.dataset(files, format="parquet", schema=CONTACT_SCHEMA).to_table(use_threads=False)] if files else []
+    if filtered:
+        con = db.cursor()
+        try:
+            listed = ", ".join(sql_literal(f) for f in filtered)
+            tables.append(
+                con.sql(
+                    f"SELECT {', '.join(CONTACT_SCHEMA.names)} FROM read_parquet([{listed}], hive_partitioning = false) "
+                    f"WHERE {bucket_sql(USER_ID, buckets)} = {int(bucket)}"
+                )
+                .to_arrow_table()
+                .cast(CONTACT_SCHEMA)
+            )
+        finally:
+            con.close()
+    return pa.concat_tables(tables) if tables else CONTACT_SCHEMA.empty_table()
 
 
 def uplift(
@@ -171,6 +297,9 @@ def uplift(
     within the last ``lookback_hours``. Contacts up to a cooldown before that are read so
     an exposure running into the lookback is not counted twice. Buyers are read from
     staged purchase events, like the model's labels; the interval clusters by user.
+    A user's contacts and purchases are in the user's bucket: they are read, labelled and
+    counted one bucket at a time (:func:`read_bucket_contacts`, ``labels.label_examples``),
+    and the buckets' :class:`UpliftCounts` added.
     """
     from profile_engine.model import labels
 
@@ -195,16 +324,18 @@ def uplift(
         for h in hour_range(first - (max(periods.values(), default=1) - 1) * HOUR, first - HOUR)
         if lake.committed(lk.CONTACTS, h)
     ]
-    tables = [lake.read(lk.CONTACTS, h).cast(CONTACT_SCHEMA) for h in [*earlier, *hours]]
-    starts = exposure_starts(pa.concat_tables(tables), periods)
-    in_window = pc.greater_equal(
-        starts.column(CONTACT_HOUR), pa.scalar(hours[0], CONTACT_SCHEMA.field(CONTACT_HOUR).type)
-    )
-    starts = starts.filter(in_window)
-    if starts.num_rows == 0:
-        return result
-    examples = starts.append_column(SNAPSHOT_HOUR, starts.column(CONTACT_HOUR))
-    result["rules"] = uplift_rows(labels.label_examples(settings, examples), periods)
+    manifests = {h: lake.manifest(lk.CONTACTS, h) for h in [*earlier, *hours]}
+    window_start = pa.scalar(hours[0], CONTACT_SCHEMA.field(CONTACT_HOUR).type)
+    total = UpliftCounts()
+    for bucket in range(settings.buckets):
+        starts = exposure_starts(read_bucket_contacts(lake, manifests, bucket, settings.buckets), periods)
+        starts = starts.filter(pc.greater_equal(starts.column(CONTACT_HOUR), window_start))
+        if starts.num_rows == 0:
+            continue
+        examples = starts.append_column(SNAPSHOT_HOUR, starts.column(CONTACT_HOUR))
+        total.add(uplift_counts(labels.label_examples(settings, examples, bucket)))
+        del starts, examples
+    result["rules"] = counted_rows(total, periods)
     return result
 
 
