@@ -21,7 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from profile_engine.config import Settings
-from profile_engine.contracts.events import SCHEMA_VERSION, bucket_sql
+from profile_engine.contracts.events import SCHEMA_VERSION
 from profile_engine.contracts.profiles import USER_ID
 from profile_engine.contracts.scores import MODEL_VERSION, PROPENSITY, SCORE_COLUMNS, SCORE_SCHEMA
 from profile_engine.contracts.segments import (
@@ -59,6 +59,7 @@ from profile_engine.segments.assign import (
     share_warning,
 )
 from profile_engine.segments.optouts import read_optouts
+from profile_engine.segments.partitions import bucket_rows
 from profile_engine.segments.rules import (
     NO_ACTION,
     OPTED_OUT,
@@ -196,13 +197,6 @@ class _Layout:
     count: int
 
 
-def _same_buckets(lake: lk.Lake, layer: str, hour: datetime, layout: _Layout) -> bool | None:
-    """Whether ``layer``'s partition of ``hour`` was written per bucket over ``layout``'s buckets; None: not committed."""
-    if not lake.committed(layer, hour):
-        return None
-    return bool(lake.manifest(layer, hour).get("buckets") == list(layout.buckets))
-
-
 def _bucket_part(
     lake: lk.Lake,
     layer: str,
@@ -210,49 +204,31 @@ def _bucket_part(
     bucket: int,
     layout: _Layout,
     columns: list[str],
-    same_buckets: bool | None = None,
+    manifest: Mapping[str, Any] | None = None,
 ) -> pa.Table | None:
-    """``columns`` of the rows of ``bucket``'s users in the committed ``layer`` partition of ``hour``, or None.
-
-    A partition written per bucket over the same buckets is read from that bucket's folder.
-    One written whole (by older code), or over other buckets, is filtered to the users of
-    ``bucket`` by the staging rule (``bucket_sql``) while DuckDB reads it, so one bucket is
-    held either way. ``same_buckets``: ``_same_buckets`` of the partition when the caller
-    found it already (once per hour, not per bucket); None: found here.
-    """
-    if same_buckets is None:
-        same_buckets = _same_buckets(lake, layer, hour, layout)
-        if same_buckets is None:
+    """``columns`` of the rows of ``bucket``'s users in the committed ``layer`` partition of ``hour``, or None when
+    it is not committed (``partitions.bucket_rows``: from the bucket's folder, or filtered while read from an hour
+    written whole). ``manifest``: the partition's hour-level manifest when the caller read it already (once per
+    hour, not per bucket)."""
+    if manifest is None:
+        if not lake.committed(layer, hour):
             return None
-    if same_buckets and lake.committed(layer, hour, bucket):
-        return lake.read(layer, hour, bucket, columns=columns)
-    files = lake.data_files(layer, hour)
-    schema = pq.read_schema(files[0])
-    con = db.cursor()
-    try:
-        listed = ", ".join(sql_literal(str(f)) for f in files)
-        table = con.sql(
-            f"SELECT {', '.join(columns)} FROM read_parquet([{listed}]) "
-            f"WHERE {bucket_sql(USER_ID, layout.count)} = {int(bucket)} ORDER BY {USER_ID}"
-        ).to_arrow_table()
-    finally:
-        con.close()
-    return table.cast(pa.schema([schema.field(c) for c in columns]))
+        manifest = lake.manifest(layer, hour)
+    return bucket_rows(lake, layer, {hour: manifest}, bucket, layout.count, columns)
 
 
-def _recent_contact_hours(lake: lk.Lake, hour: datetime, window_hours: int, layout: _Layout) -> list[tuple[int, bool]]:
+def _recent_contact_hours(lake: lk.Lake, hour: datetime, window_hours: int) -> list[tuple[int, dict[str, Any]]]:
     """The ages (hours before ``hour``) of the committed contact partitions of the ``window_hours - 1`` hours before
-    ``hour``, each with ``_same_buckets``: looked up once per run, then read per bucket (``_read_recent_contacts``)."""
+    ``hour``, each with its manifest: looked up once per run, then read per bucket (``_read_recent_contacts``)."""
     found = []
     for age in range(1, window_hours):
-        same = _same_buckets(lake, lk.CONTACTS, hour - age * HOUR, layout)
-        if same is not None:
-            found.append((age, same))
+        if lake.committed(lk.CONTACTS, hour - age * HOUR):
+            found.append((age, lake.manifest(lk.CONTACTS, hour - age * HOUR)))
     return found
 
 
 def _read_recent_contacts(
-    lake: lk.Lake, hour: datetime, ages: Sequence[tuple[int, bool]], bucket: int, layout: _Layout
+    lake: lk.Lake, hour: datetime, ages: Sequence[tuple[int, Mapping[str, Any]]], bucket: int, layout: _Layout
 ) -> pa.Table:
     """Contacts of ``bucket``'s users in the committed contact partitions ``ages`` hours before ``hour``
     (``_recent_contact_hours``: the window's, found once per run) with their age in hours.
@@ -261,8 +237,8 @@ def _read_recent_contacts(
     hour itself is excluded, so a rerun of ``hour`` does not block itself.
     """
     tables = []
-    for age, same in ages:
-        table = _bucket_part(lake, lk.CONTACTS, hour - age * HOUR, bucket, layout, [USER_ID, ACTION], same)
+    for age, manifest in ages:
+        table = _bucket_part(lake, lk.CONTACTS, hour - age * HOUR, bucket, layout, [USER_ID, ACTION], manifest)
         if table is not None:
             tables.append(table.append_column("hours_ago", pa.array([age] * table.num_rows, pa.int64())))
     if not tables:
@@ -616,7 +592,7 @@ def publish_segments(
 
     previous_hour = hour - HOUR
     has_previous = lake.committed(lk.SEGMENTS, previous_hour)
-    contact_hours = _recent_contact_hours(lake, hour, max(r.cooldown_hours for r in rules), layout)
+    contact_hours = _recent_contact_hours(lake, hour, max(r.cooldown_hours for r in rules))
     optouts = read_optouts(lake, optout_engine)
     rule_names = [r.name for r in rules]
     exported_actions = sorted({r.action for r in rules})

@@ -17,17 +17,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from profile_engine.config import Settings
-from profile_engine.contracts.events import bucket_sql
 from profile_engine.contracts.profiles import SNAPSHOT_HOUR, USER_ID
 from profile_engine.contracts.segments import ACTION, CONTACT_HOUR, CONTACT_SCHEMA, RULE, SEGMENTS_COL
 from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range
-from profile_engine.lake import db
 from profile_engine.lake import storage as lk
 from profile_engine.segments.assign import share_warning
-from profile_engine.segments.rules import CONTROL, load_rules, sql_literal
+from profile_engine.segments.partitions import bucket_rows
+from profile_engine.segments.rules import CONTROL, load_rules
 
 UPLIFT_LOOKBACK_HOURS = 168
 CHART_FILE = "segment_sizes.png"
@@ -248,37 +246,9 @@ def read_bucket_contacts(
     lake: lk.Lake, manifests: Mapping[datetime, Mapping[str, Any]], bucket: int, buckets: int
 ) -> pa.Table:
     """The contacts of ``bucket``'s users (``bucket_sql`` over ``buckets``) in the committed contact hours of
-    ``manifests`` (their hour-level manifests, read once for every bucket).
-
-    An hour written per bucket over ``buckets`` (its manifest's ``bucket_count``, as
-    ``publish_segments`` writes) is read from that bucket's folder (none: the hour's snapshot
-    had no such bucket, so no user of it was contacted; an uncommitted folder is skipped, as
-    ``Lake.data_files`` of the hour skips it); one written whole (by older code) or over
-    another count is filtered to the bucket's users while DuckDB reads it (its files once per bucket).
-    """
-    files: list[str] = []
-    filtered: list[str] = []
-    for hour, manifest in manifests.items():
-        if manifest.get("bucket_count") != buckets:
-            filtered.extend(str(f) for f in lake.data_files(lk.CONTACTS, hour))
-        elif bucket in manifest.get("buckets", ()) and lake.committed(lk.CONTACTS, hour, bucket):
-            files.extend(str(f) for f in lake.data_files(lk.CONTACTS, hour, bucket))
-    tables = [ds.dataset(files, format="parquet", schema=CONTACT_SCHEMA).to_table(use_threads=False)] if files else []
-    if filtered:
-        con = db.cursor()
-        try:
-            listed = ", ".join(sql_literal(f) for f in filtered)
-            tables.append(
-                con.sql(
-                    f"SELECT {', '.join(CONTACT_SCHEMA.names)} FROM read_parquet([{listed}], hive_partitioning = false) "
-                    f"WHERE {bucket_sql(USER_ID, buckets)} = {int(bucket)}"
-                )
-                .to_arrow_table()
-                .cast(CONTACT_SCHEMA)
-            )
-        finally:
-            con.close()
-    return pa.concat_tables(tables) if tables else CONTACT_SCHEMA.empty_table()
+    ``manifests`` (their hour-level manifests, read once for every bucket; ``partitions.bucket_rows``)."""
+    rows = bucket_rows(lake, lk.CONTACTS, manifests, bucket, buckets, CONTACT_SCHEMA.names)
+    return CONTACT_SCHEMA.empty_table() if rows is None else rows.cast(CONTACT_SCHEMA)
 
 
 def uplift(
