@@ -1610,7 +1610,10 @@ def test_merge_sorted_runs_is_one_sort_of_every_run_holding_a_batch_of_each(
     runs: list[list[str]], batch_rows: int
 ) -> None:
     seen: set[str] = set()
-    unique = [[k for k in run if not (k in seen or seen.add(k))] for run in runs]  # a key in one run only
+    unique: list[list[str]] = []
+    for run in runs:  # a key in one run only, once
+        unique.append([k for k in dict.fromkeys(run) if k not in seen])
+        seen.update(run)
     schema = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("n", pa.int64())])
     with tempfile.TemporaryDirectory() as folder:
         files = []
@@ -1623,7 +1626,7 @@ def test_merge_sorted_runs_is_one_sort_of_every_run_holding_a_batch_of_each(
 
     assert all(p.num_rows <= batch_rows * len(files) for p in parts)  # a batch of each run, never a whole run
     merged = pa.concat_tables([schema.empty_table(), *parts]).to_pylist()
-    assert merged == sorted(({"key": k, "n": len(k)} for run in unique for k in run), key=lambda r: r["key"])
+    assert merged == [{"key": k, "n": len(k)} for k in sorted(k for run in unique for k in run)]
 
 
 def test_streamed_export_files_are_the_whole_table_writers_files(

@@ -380,8 +380,8 @@ def _write_runs(tables: Mapping[str, pa.Table], key: ExportKey, runs: Path, buck
 
 # pq.write_table's row groups (1024 * 1024 rows): the merged files are the ones it writes of the whole table.
 _ROW_GROUP_ROWS = 1024 * 1024
-# Rows of a sorted run read at a time by the merge (and its row groups).
-_RUN_BATCH_ROWS = 64 * 1024
+# Rows of a sorted run read at a time by the merge (and its row groups): the merge holds this many of each run.
+_RUN_BATCH_ROWS = 8 * 1024
 
 
 def merge_sorted_runs(
@@ -418,10 +418,27 @@ def merge_sorted_runs(
         yield pa.concat_tables(parts).sort_by([(key, "ascending")])
 
 
+def _write_row_group(writer: pq.ParquetWriter, parts: list[pa.Table]) -> None:
+    """``parts`` (emptied) as one row group of ``writer``, each column one contiguous chunk as in the whole table (the
+    writer's pages and dictionary fallback follow its chunks), each column copied as the parts' copy of it goes."""
+    if not parts:
+        writer.write_table(EXPORT_SCHEMA.empty_table())
+        return
+    columns = {field.name: [part.column(field.name) for part in parts] for field in EXPORT_SCHEMA}
+    parts.clear()
+    arrays = []
+    for field in EXPORT_SCHEMA:
+        chunks = [chunk for column in columns.pop(field.name) for chunk in column.chunks]
+        arrays.append(pa.chunked_array(chunks, field.type).combine_chunks())
+        del chunks
+    writer.write_table(pa.Table.from_arrays(arrays, schema=EXPORT_SCHEMA))
+
+
 def _export_files(runs: Path, actions: Sequence[str], folder: Path) -> Iterator[str]:
     """``<action>.csv`` and ``<action>.parquet`` per action written into ``folder`` (``Lake.write_dir_streamed``), one
-    action at a time: every bucket's sorted run merged by pseudonym (``merge_sorted_runs``) and appended to both files as
-    it comes, so neither file nor the merge holds more than a batch of each run (and one Parquet row group)."""
+    action at a time: every bucket's sorted run merged by pseudonym (``merge_sorted_runs``) and appended to both files
+    as it comes. What is held: a batch of each run, and the rows of one Parquet row group (``_ROW_GROUP_ROWS``, the
+    whole-table writer's, so the same bytes) while it fills, copied a column at a time when written."""
     for action in actions:
         files = sorted((runs / action).glob("*.parquet"))
         with (
@@ -432,19 +449,16 @@ def _export_files(runs: Path, actions: Sequence[str], folder: Path) -> Iterator[
             held = 0
             written = False
             for part in merge_sorted_runs(files, USER_KEY, EXPORT_SCHEMA):
-                if not part.num_rows:
-                    continue
                 csv_writer.write_table(part)
-                pending.append(part)
-                held += part.num_rows
-                while held >= _ROW_GROUP_ROWS:
-                    group = pa.concat_tables(pending).combine_chunks()
-                    parquet_writer.write_table(group.slice(0, _ROW_GROUP_ROWS))
-                    rest = group.slice(_ROW_GROUP_ROWS)
-                    pending, held, written = [rest], rest.num_rows, True
+                while part.num_rows:
+                    take = min(part.num_rows, _ROW_GROUP_ROWS - held)
+                    pending.append(part.slice(0, take))
+                    part, held = part.slice(take), held + take
+                    if held == _ROW_GROUP_ROWS:
+                        _write_row_group(parquet_writer, pending)
+                        held, written = 0, True
             if held or not written:
-                rows = pa.concat_tables(pending) if pending else EXPORT_SCHEMA.empty_table()
-                parquet_writer.write_table(rows.combine_chunks())
+                _write_row_group(parquet_writer, pending)
         yield f"{action}.csv"
         yield f"{action}.parquet"
 
