@@ -380,6 +380,9 @@ def _write_runs(tables: Mapping[str, pa.Table], key: ExportKey, runs: Path, buck
 
 # pq.write_table's row groups (1024 * 1024 rows): the merged files are the ones it writes of the whole table.
 _ROW_GROUP_ROWS = 1024 * 1024
+# The rows of a row group are held in blocks of about this many rows, each one chunk: the merge's small parts (a few
+# thousand rows, cut out of its batches) held as they come took twice the rows' size at 1M rows (the allocator's).
+_BLOCK_ROWS = 64 * 1024
 # Rows of a sorted run read at a time by the merge, and its row groups (a reader holds a row group's column chunks):
 # the merge holds this many rows of each run. 1024 held 17-35 MB over the export phase of 800k profiles, 8192 46-64 MB.
 _RUN_BATCH_ROWS = 1024
@@ -396,7 +399,8 @@ def merge_sorted_runs(
     holding that smallest key is then used up and reads its next batch.
     """
     readers = [
-        pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=schema.names, use_threads=False) for f in files
+        pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=schema.names, use_threads=False)
+        for f in files
     ]
 
     def next_rows(i: int) -> pa.Table | None:
@@ -448,20 +452,24 @@ def _export_files(runs: Path, actions: Sequence[str], folder: Path) -> Iterator[
             pacsv.CSVWriter(folder / f"{action}.csv", EXPORT_SCHEMA) as csv_writer,
             pq.ParquetWriter(folder / f"{action}.parquet", EXPORT_SCHEMA, compression="zstd") as parquet_writer,
         ):
-            pending: list[pa.Table] = []
-            held = 0
+            blocks: list[pa.Table] = []  # the row group so far, in blocks of about _BLOCK_ROWS rows (one chunk each)
+            loose: list[pa.Table] = []  # and the merge's parts since the last block
+            held = loose_rows = 0
             written = False
             for part in merge_sorted_runs(files, USER_KEY, EXPORT_SCHEMA):
                 csv_writer.write_table(part)
                 while part.num_rows:
                     take = min(part.num_rows, _ROW_GROUP_ROWS - held)
-                    pending.append(part.slice(0, take))
-                    part, held = part.slice(take), held + take
+                    loose.append(part.slice(0, take))
+                    part, held, loose_rows = part.slice(take), held + take, loose_rows + take
+                    if loose_rows >= _BLOCK_ROWS or held == _ROW_GROUP_ROWS:
+                        blocks.append(pa.concat_tables(loose).combine_chunks())
+                        loose, loose_rows = [], 0
                     if held == _ROW_GROUP_ROWS:
-                        _write_row_group(parquet_writer, pending)
+                        _write_row_group(parquet_writer, blocks)
                         held, written = 0, True
             if held or not written:
-                _write_row_group(parquet_writer, pending)
+                _write_row_group(parquet_writer, [*blocks, *loose])
         yield f"{action}.csv"
         yield f"{action}.parquet"
 
