@@ -237,7 +237,9 @@ def test_write_dir_streamed_lists_what_write_dir_lists_and_commits_nothing_when_
         yield "a.csv"
         raise OSError("disk full")
 
+    before = set(lake.path(lk.TMP).iterdir())
     with pytest.raises(OSError, match="disk full"):
         lake.write_dir_streamed(lake.path("streamed"), fail_midway, {"k": 2})
+    assert set(lake.path(lk.TMP).iterdir()) == before  # the half-written files went with the failure
     assert json.loads(lake.path("streamed", MANIFEST).read_text()) == whole  # the committed directory as it was
     assert lake.path("streamed", "a.csv").read_bytes() == payloads["a.csv"]

@@ -231,13 +231,18 @@ class Lake:
         as it goes, and yields each file's name once that file is complete; the manifest lists
         them in that order with their size and SHA-256 (read back from the file). The commit
         is ``write_dir``'s: the manifest, then ``replace_dir``, so a failure or a kill before
-        the end commits nothing and leaves the committed directory as it was.
+        the end commits nothing and leaves the committed directory as it was; files of a
+        failed ``write`` are removed at once (a kill leaves them to ``clean_tmp_leftovers``).
         """
         tmp = self.tmp_dir()
         files = []
-        for name in write(tmp):
-            path = tmp / name
-            files.append({"name": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        try:
+            for name in write(tmp):
+                path = tmp / name
+                files.append({"name": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # files half written: nothing to recover, and they can be large
+            raise
         write_json(tmp / MANIFEST, {**manifest, "files": files, "schema_version": SCHEMA_VERSION})
         replace_dir(tmp, target, self)
 
