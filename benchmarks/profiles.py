@@ -239,6 +239,47 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _measure_export_phase(out: dict[str, Any]) -> None:
+    """Measure ``publish_segments``' export phase apart: the lake's directory writers (``Lake.write_dir``, and
+    ``Lake.write_dir_streamed`` where the package has it) are wrapped to note the peak RSS so far (the bucket
+    phases), reset the peak (``/proc/self/clear_refs``) and note the resident set then, the export's own peak, wall
+    and CPU seconds."""
+    from profile_engine.lake import storage as lk
+
+    depth = [0]
+
+    def wrap(method: Any) -> Any:
+        def measured(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if depth[0]:  # write_dir by way of write_dir_streamed: measured once
+                return method(self, *args, **kwargs)
+            depth[0] += 1
+            out["before_export_peak_rss_mb"] = _peak_rss_mb()
+            Path("/proc/self/clear_refs").write_text("5")
+            out["export_start_rss_mb"] = _rss_mb()
+            started, cpu_started = time.monotonic(), time.process_time()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+                out["export_s"] = time.monotonic() - started
+                out["export_cpu_s"] = time.process_time() - cpu_started
+                out["export_peak_rss_mb"] = _peak_rss_mb()
+
+        return measured
+
+    for attr in ("write_dir", "write_dir_streamed"):
+        if hasattr(lk.Lake, attr):
+            setattr(lk.Lake, attr, wrap(getattr(lk.Lake, attr)))
+
+
+def _rss_mb() -> float:
+    """This process's resident set now (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
     """Run one measured step in this process; returns seconds, peak RSS and what it produced."""
     import duckdb  # noqa: F401  imported before the clock starts, as a worker would have it
@@ -297,6 +338,7 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
         out["profiles"] = profiles.num_rows
     elif name.startswith("segments_"):  # segments_<users>_<buckets>: publish_segments of the prepared hour
         users, buckets = (int(v) for v in name.removeprefix("segments_").split("_"))
+        _measure_export_phase(out)
         published = publish_segments(_settings(work / f"publish_{users}_{buckets}", buckets), hour, run_id="bench")
         out["profiles"], out["members"] = published["profiles"], published["members"]
         manifest = json.loads(Path(published["manifest_path"]).read_text())
@@ -324,7 +366,9 @@ def step(name: str, work: Path, sizes: Sizes) -> dict[str, Any]:
     out["seconds"] = time.monotonic() - started
     # CPU time of every thread of the step: less disturbed than wall time on a shared machine
     out["cpu_s"] = time.process_time() - cpu_started
-    out["peak_rss_mb"] = _peak_rss_mb()
+    # the peak of the whole step: the export phase's measurement resets the process's peak
+    out["peak_rss_mb"] = max(_peak_rss_mb(), out.get("before_export_peak_rss_mb", 0.0))
+    out["loadavg_1m"] = os.getloadavg()[0]
     return out
 
 
@@ -433,6 +477,20 @@ def compare_publish(
             **({"gx_import_s": statistics.median(r["gx_import_s"] for r in rows)} if stage == "profiles" else {}),
         }
     if stage == "segments":
+        for code, rows in results.items():
+            fields = (
+                "before_export_peak_rss_mb",
+                "export_start_rss_mb",
+                "export_peak_rss_mb",
+                "export_s",
+                "export_cpu_s",
+            )
+            for field in fields:
+                summary[code][field] = statistics.median(r[field] for r in rows)
+                summary[code][field.removesuffix("_mb").removesuffix("_s") + "_each"] = [
+                    round(r[field], 2) for r in rows
+                ]
+        summary["loadavg_1m_each"] = [r["loadavg_1m"] for rows in results.values() for r in rows]
         every = [r["exports_sha256"] for rows in results.values() for r in rows]
         summary["same_export_files"] = all(sha == every[0] for sha in every)
         summary["members"] = results["new"][0]["members"]

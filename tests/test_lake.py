@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -210,3 +211,35 @@ def test_status_of_an_empty_lake(tmp_path: Path) -> None:
 
     assert usage["datasets"] == {} and usage["total"] == {"bytes": 0, "files": 0, "size": "0 B"}
     assert usage["newest_committed_hour"] is None
+
+
+def test_write_dir_streamed_lists_what_write_dir_lists_and_commits_nothing_when_it_fails(tmp_path: Path) -> None:
+    lake = Lake(tmp_path)
+    payloads = {"a.csv": b"x,y\n1,2\n", "sub/b.bin": bytes(range(256)) * 40}
+    lake.write_dir(lake.path("whole"), payloads.items(), {"k": 1})
+
+    def write(folder: Path) -> Iterator[str]:
+        for name, payload in payloads.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            with (folder / name).open("wb") as handle:  # appended a piece at a time
+                for start in range(0, len(payload), 1000):
+                    handle.write(payload[start : start + 1000])
+            yield name
+
+    lake.write_dir_streamed(lake.path("streamed"), write, {"k": 1})
+    whole, streamed = (json.loads(lake.path(d, MANIFEST).read_text()) for d in ("whole", "streamed"))
+    assert streamed == whole
+    assert [f["name"] for f in streamed["files"]] == list(payloads)
+    assert all(f["sha256"] == sha256_file(lake.path("streamed", f["name"])) for f in streamed["files"])
+
+    def fail_midway(folder: Path) -> Iterator[str]:
+        (folder / "a.csv").write_bytes(b"half")
+        yield "a.csv"
+        raise OSError("disk full")
+
+    before = set(lake.path(lk.TMP).iterdir())
+    with pytest.raises(OSError, match="disk full"):
+        lake.write_dir_streamed(lake.path("streamed"), fail_midway, {"k": 2})
+    assert set(lake.path(lk.TMP).iterdir()) == before  # the half-written files went with the failure
+    assert json.loads(lake.path("streamed", MANIFEST).read_text()) == whole  # the committed directory as it was
+    assert lake.path("streamed", "a.csv").read_bytes() == payloads["a.csv"]

@@ -10,6 +10,7 @@ import json
 import random
 import re
 import shutil
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -31,7 +33,7 @@ from profile_engine.hours import HOUR, format_hour
 from profile_engine.lake import storage as lk
 from profile_engine.privacy.keys import ExportKeyError, export_key, pseudonymize
 from profile_engine.segments.assign import assign_segments, share_checks
-from profile_engine.segments.publish import publish_segments
+from profile_engine.segments.publish import merge_sorted_runs, publish_segments
 from profile_engine.segments.rules import (
     CONTROL,
     DEFAULT_RULES_PATH,
@@ -1764,3 +1766,57 @@ def test_scores_in_the_profiles_order_are_appended_as_the_join_would(
     actions = [row["action"] for row in got["profiles"]["segments"]]
     assert summary["actions"] == {a: actions.count(a) for a in sorted(set(actions))}
     assert summary["suppress"]["entered"] == summary["actions"].get("suppress", 0)  # no previous hour: the full list
+
+
+# ---- exports streamed: the merge of the buckets' sorted runs and the files it writes --------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.lists(st.text("0123456789abcdef", min_size=1, max_size=4), max_size=12), min_size=1, max_size=5),
+    st.integers(1, 4),
+)
+def test_merge_sorted_runs_is_one_sort_of_every_run_holding_a_batch_of_each(
+    runs: list[list[str]], batch_rows: int
+) -> None:
+    seen: set[str] = set()
+    unique: list[list[str]] = []
+    for run in runs:  # a key in one run only, once
+        unique.append([k for k in dict.fromkeys(run) if k not in seen])
+        seen.update(run)
+    schema = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("n", pa.int64())])
+    with tempfile.TemporaryDirectory() as folder:
+        files = []
+        for i, keys in enumerate(unique):
+            files.append(Path(folder) / f"{i}.parquet")
+            table = pa.table({"key": keys, "n": [len(k) for k in keys]}, schema=schema).sort_by("key")
+            pq.write_table(table, files[-1], row_group_size=max(1, batch_rows))
+
+        parts = list(merge_sorted_runs(files, "key", schema, batch_rows))
+
+    assert all(p.num_rows <= batch_rows * len(files) for p in parts)  # a batch of each run, never a whole run
+    merged = pa.concat_tables([schema.empty_table(), *parts]).to_pylist()
+    assert merged == [{"key": k, "n": len(k)} for k in sorted(k for run in unique for k in run)]
+
+
+def test_streamed_export_files_are_the_whole_table_writers_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each action's rows are merged from the buckets' sorted runs and appended to its CSV and Parquet
+    # files as they come: the files are byte for byte those the writers give of the whole sorted table.
+    monkeypatch.setenv("PROFILE_ENGINE_EXPORT_KEY", "k" * 32)
+    got = publish_two_hours(tmp_path, BUCKETS)
+    lake = lk.Lake(tmp_path)
+    manifest = lake.manifest(lk.EXPORTS, H0)
+    actions = sorted(manifest["rows"])
+    assert [f["name"] for f in manifest["files"]] == [f"{a}.{s}" for a in actions for s in ("csv", "parquet")]
+    assert any(n > 1 for n in manifest["rows"].values())
+    for action in actions:
+        table = pq.read_table(lake.partition(lk.EXPORTS, H0) / f"{action}.parquet")
+        assert table.column("user_key").to_pylist() == sorted(table.column("user_key").to_pylist())
+        csv_bytes, parquet_bytes = io.BytesIO(), io.BytesIO()
+        pacsv.write_csv(table, csv_bytes)
+        pq.write_table(table, parquet_bytes, compression="zstd")
+        assert got["exports"][f"{action}.csv"] == csv_bytes.getvalue()
+        assert got["exports"][f"{action}.parquet"] == parquet_bytes.getvalue()
+    assert not list((tmp_path / lk.TMP).glob("*/*.csv"))  # nothing left of the runs or the files in progress

@@ -14,7 +14,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -213,12 +213,36 @@ class Lake:
 
     def write_dir(self, target: Path, build: Iterable[tuple[str, bytes]], manifest: dict[str, Any]) -> None:
         """Write a directory of named files plus ``_manifest.json`` atomically to ``target``."""
+
+        def write(folder: Path) -> Iterator[str]:
+            for name, payload in build:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_bytes(payload)
+                yield name
+
+        self.write_dir_streamed(target, write, manifest)
+
+    def write_dir_streamed(
+        self, target: Path, write: Callable[[Path], Iterable[str]], manifest: dict[str, Any]
+    ) -> None:
+        """``write_dir`` of files that ``write`` writes itself, so that none has to be held in memory whole.
+
+        ``write`` gets the new directory (under ``_tmp/``), writes its files there, appending
+        as it goes, and yields each file's name once that file is complete; the manifest lists
+        them in that order with their size and SHA-256 (read back from the file). The commit
+        is ``write_dir``'s: the manifest, then ``replace_dir``, so a failure or a kill before
+        the end commits nothing and leaves the committed directory as it was; files of a
+        failed ``write`` are removed at once (a kill leaves them to ``clean_tmp_leftovers``).
+        """
         tmp = self.tmp_dir()
         files = []
-        for name, payload in build:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(payload)
-            files.append({"name": name, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
+        try:
+            for name in write(tmp):
+                path = tmp / name
+                files.append({"name": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # files half written: nothing to recover, and they can be large
+            raise
         write_json(tmp / MANIFEST, {**manifest, "files": files, "schema_version": SCHEMA_VERSION})
         replace_dir(tmp, target, self)
 
