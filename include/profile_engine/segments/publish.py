@@ -854,11 +854,14 @@ def restated_manifests(lake: lk.Lake, hour: datetime) -> tuple[dict[str, Any], d
         }
     suppress_file = lake.partition(lk.EXPORTS, hour) / f"{SUPPRESS}.parquet"
     if isinstance(exports.get("suppress"), dict) and suppress_file.is_file():
-        changes = pq.read_table(suppress_file, columns=[CHANGE]).column(CHANGE).to_pylist()
+        changes: dict[str, int] = {}
+        # counted a batch at a time: the suppression list may hold most of the population
+        for batch in pq.ParquetFile(suppress_file).iter_batches(columns=[CHANGE]):
+            _add_values(changes, batch.column(0))
         restated["suppress"] = {
             **exports["suppress"],
             "list_size": suppressed,
-            "entered": changes.count(ENTERED),
-            "left": changes.count(LEFT),
+            "entered": changes.get(ENTERED, 0),
+            "left": changes.get(LEFT, 0),
         }
     return new, restated, notes
