@@ -388,13 +388,7 @@ class _Eraser:
             summary["new_users"] = counted[CHANGE_NEW]
         for key, column in (("lifecycle", LIFECYCLE_STAGE), ("rfm_segments", RFM_SEGMENT)):
             if key in summary:
-                counts = pc.value_counts(full.column(column))
-                summary[key] = {
-                    str(v.as_py()): int(n.as_py())
-                    for v, n in sorted(
-                        zip(counts.field("values"), counts.field("counts"), strict=True), key=lambda x: str(x[0])
-                    )
-                }
+                summary[key] = dict(sorted(population.value_counts(full.column(column)).items()))
         write_json(marker, summary)
         pointer = self.lake.path(lk.PROFILES, "current")
         if pointer.is_file() and read_json(pointer).get("hour") == format_hour(hour):

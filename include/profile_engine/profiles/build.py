@@ -51,6 +51,7 @@ from profile_engine.lake.storage import (
 from profile_engine.lake.tiles import DAY_FILE, SEALED_MS, day_start_ms, sealed_hour_ms
 from profile_engine.profiles.merge import advance
 from profile_engine.profiles.population import (
+    add_counts,
     add_population_features,
     change_counts,
     conform,
@@ -577,9 +578,9 @@ def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manua
             PROFILE_CHANGES, hour, changes, bucket=bucket, run_id=run_id, extra={"previous_hour": previous_text}
         )
         profiles += part.num_rows
-        _add_counts(counted, change_counts(changes))
-        _add_counts(lifecycle, value_counts(part.column(LIFECYCLE_STAGE)))
-        _add_counts(segments, value_counts(part.column(RFM_SEGMENT)))
+        add_counts(counted, change_counts(changes))
+        add_counts(lifecycle, value_counts(part.column(LIFECYCLE_STAGE)))
+        add_counts(segments, value_counts(part.column(RFM_SEGMENT)))
     write_json(
         changes_dir / MANIFEST,
         {
@@ -612,8 +613,3 @@ def publish_profiles(settings: Settings, hour: datetime, *, run_id: str = "manua
     if current is None or parse_hour(current) <= hour:
         write_json(pointer, {"hour": format_hour(hour), "run_id": run_id, "profiles": profiles})
     return summary
-
-
-def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
-    for key, value in counts.items():
-        total[key] = total.get(key, 0) + value

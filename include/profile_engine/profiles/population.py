@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import pyarrow as pa
@@ -213,6 +213,13 @@ def _carried(bucket_profiles: list[pa.Table]) -> pa.Schema:
     return pa.schema([*SNAPSHOT_SCHEMA, *(first.field(n) for n in _trait_columns(first))])
 
 
-def value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+def value_counts(column: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    """Each value's number of rows in ``column``, keyed by its text (a null as ``"None"``), in one Arrow pass."""
     counts = pc.value_counts(column)
     return {str(v.as_py()): int(n.as_py()) for v, n in zip(counts.field("values"), counts.field("counts"), strict=True)}
+
+
+def add_counts(total: dict[str, int], counts: Mapping[str, int]) -> None:
+    """Add ``counts`` into the running ``total`` (counts of buckets or batches summed into one)."""
+    for key, value in counts.items():
+        total[key] = total.get(key, 0) + value

@@ -50,6 +50,7 @@ from profile_engine.hours import HOUR, floor_hour, format_hour
 from profile_engine.lake import db, faults
 from profile_engine.lake import storage as lk
 from profile_engine.privacy.keys import ExportKey, export_key, pseudonymize_array
+from profile_engine.profiles.population import add_counts, value_counts
 from profile_engine.segments.assign import (
     add_population_columns,
     assign_segments,
@@ -601,13 +602,6 @@ def _commit(
     )
 
 
-def _add_values(total: dict[str, int], column: pa.ChunkedArray | pa.Array) -> None:
-    """Count each non-null value of ``column`` into ``total`` (one Arrow pass, not a Python loop over the rows)."""
-    for entry in pc.value_counts(column).to_pylist():
-        if entry["values"] is not None:
-            total[entry["values"]] = total.get(entry["values"], 0) + int(entry["counts"])
-
-
 def publish_segments(
     settings: Settings,
     hour: datetime,
@@ -676,12 +670,12 @@ def publish_segments(
                 sizes[name] += n
             _add_stability(stability_total, stability_counts(assigned, previous, rule_names))
             _add_shares(shares, share_counts(evaluated, rules))
-            _add_values(action_counts, assigned.column(ACTION))
+            add_counts(action_counts, value_counts(assigned.column(ACTION)))
             tables = _export_tables(assigned, exported_actions, previous)
             for action, table in tables.items():
                 export_rows[action] += table.num_rows
             if SUPPRESS in tables:
-                _add_values(suppress_changes, tables[SUPPRESS].column(CHANGE))
+                add_counts(suppress_changes, value_counts(tables[SUPPRESS].column(CHANGE)))
             contact_rows = _contacts_of(assigned, hour)
             profiles += evaluated.num_rows
             members += assigned.num_rows
@@ -857,7 +851,7 @@ def restated_manifests(lake: lk.Lake, hour: datetime) -> tuple[dict[str, Any], d
         changes: dict[str, int] = {}
         # counted a batch at a time: the suppression list may hold most of the population
         for batch in pq.ParquetFile(suppress_file).iter_batches(columns=[CHANGE]):
-            _add_values(changes, batch.column(0))
+            add_counts(changes, value_counts(batch.column(0)))
         restated["suppress"] = {
             **exports["suppress"],
             "list_size": suppressed,
