@@ -43,7 +43,14 @@ from profile_engine.profiles.population import (
     rfm_specs,
     value_counts,
 )
-from profile_engine.profiles.ranks import bucket_deciles, decile_positions, quintile_positions, rank_cuts
+from profile_engine.profiles.ranks import (
+    apply_scores,
+    bucket_deciles,
+    decile_positions,
+    deciles_of,
+    quintile_positions,
+    rank_cuts,
+)
 
 # a user: (frequency, recency, monetary); few distinct values so ties straddle the cuts
 USERS = st.lists(
@@ -131,18 +138,21 @@ TIED_LISTS = st.lists(
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(TIED_LISTS, min_size=1, max_size=4))
-def test_deciles_of_equal_the_deciles_bucket_deciles_gives(buckets_scores: list[list[float | None]]) -> None:
-    """``scoring.deciles_of`` (Arrow and NumPy, md5 only for the tied rows) gives each bucket the deciles the
-    SQL of ``bucket_deciles`` gives, ties inside a cut's group, NaN and null (unranked) included."""
+def test_deciles_of_equal_the_deciles_the_rank_sql_gives(buckets_scores: list[list[float | None]]) -> None:
+    """``ranks.deciles_of`` (Arrow and NumPy, md5 only for the tied rows; what ``bucket_deciles`` gives) assigns
+    each bucket the deciles the generic rank SQL (``apply_scores`` of the decile spec) gives, ties inside a cut's
+    group, NaN and null (unranked) included."""
     buckets = [
         pa.table({USER_ID: pa.array([f"u{i}-{j}" for j in range(len(s))], pa.string()), "s": pa.array(s, pa.float64())})
         for i, s in enumerate(buckets_scores)
     ]
     ranked, deciles = bucket_deciles(lambda: iter(buckets))
     for bucket in buckets:
-        got = scoring.deciles_of(ranked, bucket)
+        got = deciles(bucket)
         assert got.type == pa.int8()
-        assert got.to_pylist() == deciles(bucket).to_pylist()
+        assert got.to_pylist() == deciles_of(ranked, bucket).to_pylist()
+        expected = apply_scores(bucket, [ranked], ["d"]).column("d")
+        assert got.to_pylist() == expected.to_pylist()
 
 
 # ---- publish_profiles one bucket at a time ---------------------------------------------------

@@ -4,7 +4,6 @@ the first-hour heuristic) and read scores back with population deciles. docs/mod
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
@@ -21,7 +20,7 @@ from profile_engine.lake import faults
 from profile_engine.lake.storage import MANIFEST, PROFILES, SCORES, Lake
 from profile_engine.model import labels, registry
 from profile_engine.model.artifacts import LoadedModel, load_model
-from profile_engine.profiles.ranks import RankCuts, bucket_deciles
+from profile_engine.profiles.ranks import bucket_deciles, deciles_of
 
 
 def score_table(profiles: pa.Table, model: LoadedModel | None, *, heuristic: bool = False) -> pa.Table:
@@ -171,42 +170,6 @@ def score_reader(lake: Lake, hour: datetime) -> Callable[[int | None], pa.Table]
         return scores.set_column(scores.schema.get_field_index(DECILE), DECILE, column)
 
     return read
-
-
-def deciles_of(ranked: RankCuts, key: pa.Table) -> pa.Array:
-    """The deciles of ``key`` (``user_id``, ``s``: one bucket's ranking key) at the cut points ``ranked`` (of
-    ``profiles.ranks.decile_spec``, over every bucket): what ``bucket_deciles``' function gives, computed in Arrow
-    and NumPy rather than by a DuckDB query comparing every row with every cut point (int8, null: unranked).
-
-    A row's decile is 1 plus the cut points at or before its sort key (``s``, then ``md5(user_id)``, then
-    ``user_id``, ascending). The md5 tie-break is computed only for the rows whose ``s`` equals the value of a
-    cut point inside a tie group: the only rows it can decide.
-    """
-    if ranked.spec.descending or ranked.spec.value_type != "DOUBLE":
-        raise ValueError(f"deciles_of ranks ascending doubles, not {ranked.spec}")
-    values = np.asarray(pc.fill_null(key.column("s"), np.nan), dtype=np.float64)
-    ranked_rows = ~np.isnan(values)
-    steps = np.zeros(len(values), dtype=np.int64)
-    tied = {cut.value for cut in ranked.cuts if cut.tiebreak is not None}
-    ids: np.ndarray = np.empty(0, dtype=object)
-    digests: np.ndarray = np.empty(0, dtype=object)
-    in_tie = np.zeros(len(values), dtype=bool)
-    if tied:
-        in_tie = ranked_rows & np.isin(values, np.array(sorted(tied), dtype=np.float64))
-        ids = np.asarray(key.column(USER_ID).filter(pa.array(in_tie)).to_pylist(), dtype=object)
-        digests = np.asarray([hashlib.md5(str(u).encode()).hexdigest() for u in ids], dtype=object)
-    positions = np.flatnonzero(in_tie)
-    for cut in ranked.cuts:
-        value = float(cut.value)
-        if cut.tiebreak is None:
-            steps += values >= value
-            continue
-        steps += values > value
-        equal = values[positions] == value
-        after = (digests > cut.tiebreak) | ((digests == cut.tiebreak) & (ids >= cut.user_id))
-        steps[positions[equal & after.astype(bool)]] += 1
-    deciles = pa.array((1 + steps).astype(np.int8), pa.int8(), mask=~ranked_rows)
-    return deciles
 
 
 def score_profiles(settings: Settings, hour: datetime, bucket: int, *, run_id: str = "manual") -> dict[str, Any]:

@@ -4,10 +4,13 @@ propensity deciles, found one bucket at a time. docs/features.md (Population fea
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -229,14 +232,44 @@ def decile_spec(value: str = "s") -> RankSpec:
 
 
 def bucket_deciles(buckets: Buckets, value: str = "s") -> tuple[RankCuts, Callable[[pa.Table], pa.Array]]:
-    """The decile steps of ``value`` over every bucket, and a function giving one bucket's deciles (null: unranked)."""
+    """The decile steps of ``value`` over every bucket, and a function giving one bucket's deciles (``deciles_of``)."""
     (ranked,) = rank_cuts([decile_spec(value)], buckets)
+    return ranked, partial(deciles_of, ranked)
 
-    def deciles(table: pa.Table) -> pa.Array:
-        column = apply_scores(table.select([USER_ID, value]), [ranked], ["__decile"]).column("__decile")
-        return pc.cast(column, pa.int8()).combine_chunks()
 
-    return ranked, deciles
+def deciles_of(ranked: RankCuts, key: pa.Table) -> pa.Array:
+    """The deciles of ``key`` (one bucket: ``user_id`` and the ranked value column of ``ranked.spec``) at the cut
+    points ``ranked`` (of ``decile_spec``, over every bucket), int8, null: unranked. What ``score_sql`` gives for
+    the spec, computed in Arrow and NumPy rather than by a DuckDB query comparing every row with every cut point.
+
+    A row's decile is 1 plus the cut points at or before its sort key (the value, then ``md5(user_id)``, then
+    ``user_id``, ascending). The md5 tie-break is computed only for the rows whose value equals the value of a
+    cut point inside a tie group: the only rows it can decide.
+    """
+    if ranked.spec.descending or ranked.spec.value_type != "DOUBLE":
+        raise ValueError(f"deciles_of ranks ascending doubles, not {ranked.spec}")
+    values = np.asarray(pc.fill_null(key.column(ranked.spec.value), np.nan), dtype=np.float64)
+    ranked_rows = ~np.isnan(values)
+    steps = np.zeros(len(values), dtype=np.int64)
+    tied = {cut.value for cut in ranked.cuts if cut.tiebreak is not None}
+    ids: np.ndarray = np.empty(0, dtype=object)
+    digests: np.ndarray = np.empty(0, dtype=object)
+    in_tie = np.zeros(len(values), dtype=bool)
+    if tied:
+        in_tie = ranked_rows & np.isin(values, np.array(sorted(tied), dtype=np.float64))
+        ids = np.asarray(key.column(USER_ID).filter(pa.array(in_tie)).to_pylist(), dtype=object)
+        digests = np.asarray([hashlib.md5(str(u).encode()).hexdigest() for u in ids], dtype=object)
+    positions = np.flatnonzero(in_tie)
+    for cut in ranked.cuts:
+        value = float(cut.value)
+        if cut.tiebreak is None:
+            steps += values >= value
+            continue
+        steps += values > value
+        equal = values[positions] == value
+        after = (digests > cut.tiebreak) | ((digests == cut.tiebreak) & (ids >= cut.user_id))
+        steps[positions[equal & after.astype(bool)]] += 1
+    return pa.array((1 + steps).astype(np.int8), pa.int8(), mask=~ranked_rows)
 
 
 def value_counts(buckets: Buckets, value: str, where: str) -> pa.Table:
