@@ -50,11 +50,10 @@ def bucket_rows(
                 own.append(hour)
         else:
             whole.extend(lake.data_files(layer, hour))
-    first = lake.data_files(layer, own[0], bucket)[:1] if own else whole[:1]
-    first = first or [f for hour in manifests for f in lake.data_files(layer, hour)][:1]
-    if not first:
+    first = next((f for hour in manifests for f in lake.data_files(layer, hour)), None)
+    if first is None:
         return None
-    schema = pq.read_schema(first[0])
+    schema = pq.read_schema(first)
     wanted = pa.schema([schema.field(c) for c in columns])
     tables = [lake.read(layer, hour, bucket, columns=list(columns)).cast(wanted) for hour in own]
     if whole:
