@@ -44,6 +44,7 @@ from profile_engine.segments.rules import (
     rule_connection,
 )
 from profile_engine.segments.uplift import (
+    chunked_exposure_starts,
     design_effect,
     exposure_starts,
     rate_difference,
@@ -1113,6 +1114,43 @@ def test_exposure_starts_are_those_of_the_plain_loop(rows: list[tuple[str, str, 
     assert got == _greedy_starts(contacts, periods)  # same rows, in the same order (rule, user, hour)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from("xyz"), st.integers(0, 30)), max_size=60),
+    st.integers(1, 25),
+)
+def test_exposure_starts_a_chunk_of_hours_at_a_time_are_those_of_every_contact_at_once(
+    rows: list[tuple[str, str, int]], chunk_rows: int
+) -> None:
+    contacts = pa.table(
+        {
+            "user_id": [f"u{r[1]}" for r in rows],
+            "action": ["coupon_10pct"] * len(rows),
+            "rule": [r[0] for r in rows],
+            "hour": pa.array([H0 + r[2] * HOUR for r in rows], pa.timestamp("ms", tz="UTC")),
+        }
+    )
+    periods = {"a": 4, "b": 1}
+    hours = [
+        contacts.filter(pc.equal(contacts.column("hour"), pa.scalar(H0 + k * HOUR, contacts.schema.field("hour").type)))
+        for k in range(31)
+    ]
+
+    chunks = list(chunked_exposure_starts(iter(hours), periods, chunk_rows))
+
+    assert all(c.schema == contacts.schema for c in chunks)
+    got = sorted(
+        zip(
+            *(
+                pa.concat_tables([contacts.slice(0, 0), *chunks]).column(c).to_pylist()
+                for c in ("rule", "user_id", "hour")
+            ),
+            strict=True,
+        )
+    )
+    assert got == _greedy_starts(contacts, periods)
+
+
 def test_design_effect_of_counted_users_equals_the_users_listed_one_by_one() -> None:
     pairs = {(0, 1): 7, (1, 1): 2, (0, 5): 3, (2, 4): 1, (3, 3): 2}
     buyers = [b for (b, _), users in pairs.items() for _ in range(users)]
@@ -1200,9 +1238,12 @@ def _whole_table_uplift(settings_: Settings, contacts: pa.Table, first: datetime
     return uplift_rows(label_examples(settings_, examples), periods)
 
 
-@pytest.mark.parametrize(("lookback", "whole_hours"), [(168, ()), (4, ()), (168, (1, 4)), (4, (2,))])
+@pytest.mark.parametrize(
+    ("lookback", "whole_hours", "chunk_rows"),
+    [(168, (), 10**6), (4, (), 10**6), (168, (1, 4), 10**6), (4, (2,), 10**6), (168, (), 7), (4, (1, 4), 12)],
+)
 def test_uplift_counts_one_bucket_at_a_time_what_the_whole_table_gives(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lookback: int, whole_hours: tuple[int, ...]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lookback: int, whole_hours: tuple[int, ...], chunk_rows: int
 ) -> None:
     # Arrange: 4 buckets; with a 4-hour lookback the contacts of the 5 hours before it are read as earlier ones
     import profile_engine.segments.uplift as uplift_module
@@ -1210,16 +1251,18 @@ def test_uplift_counts_one_bucket_at_a_time_what_the_whole_table_gives(
 
     settings_, hour, contacts = _bucketed_uplift_lake(tmp_path, whole_hours)
     calls: list[set[str]] = []
+    held: list[int] = []  # contacts of each call, without the (rule, user) starts carried from chunks before
     starts_of = uplift_module.exposure_starts
 
     def spy(table: pa.Table, periods: dict[str, int]) -> pa.Table:
         calls.append(set(table.column("user_id").to_pylist()))
+        held.append(table.num_rows - sum(table.column(uplift_module.CARRIED).to_pylist()))
         return starts_of(table, periods)
 
     monkeypatch.setattr(uplift_module, "exposure_starts", spy)
 
     # Act
-    result = uplift(settings_, hour, lookback_hours=lookback)
+    result = uplift(settings_, hour, lookback_hours=lookback, chunk_rows=chunk_rows)
 
     # Assert: each call held the contacts of one bucket's users, and every user contacted in a final hour was in one
     first = max(H0, hour - (lookback - 1) * HOUR)
@@ -1233,6 +1276,10 @@ def test_uplift_counts_one_bucket_at_a_time_what_the_whole_table_gives(
     buckets = [set(users_by_bucket(sorted(users), UPLIFT_BUCKETS)) for users in calls if users]
     assert buckets and all(len(b) == 1 for b in buckets)
     assert set().union(*calls) == set(contacts.column("user_id").to_pylist())
+    # ... a chunk of contacts at a time: whole hours until the chunk holds chunk_rows (a bucket-hour holds < 40)
+    assert max(held) < chunk_rows + 40
+    if chunk_rows < 40:
+        assert len(calls) > UPLIFT_BUCKETS
     # ... and the rows are those of every contact at once
     assert result["rules"] and result["rules"] == _whole_table_uplift(settings_, contacts, first)
     assert {row["rule"] for row in result["rules"]} == {"cart_abandon", "high_intent", "not_a_rule_now"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -28,6 +28,8 @@ from profile_engine.segments.partitions import bucket_rows
 from profile_engine.segments.rules import CONTROL, load_rules
 
 UPLIFT_LOOKBACK_HOURS = 168
+# contacts of a bucket held at once while finding exposure starts (whole hours: at least one hour's)
+UPLIFT_CHUNK_ROWS = 2_000_000
 CHART_FILE = "segment_sizes.png"
 CHART_HOURS = 168
 _Z95 = 1.959963984540054
@@ -149,6 +151,66 @@ def _ranks(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     return ranks, encoded.dictionary.take(order)
 
 
+CARRIED = "__carried"
+
+
+def chunked_exposure_starts(
+    hours: Iterable[pa.Table], periods: Mapping[str, int], chunk_rows: int
+) -> Iterator[pa.Table]:
+    """:func:`exposure_starts` of contacts read an hour at a time, a chunk of hours at a time.
+
+    ``hours``: the contacts of consecutive hours, oldest first (each contact's ``CONTACT_HOUR`` is its hour).
+    Hours are gathered until they hold ``chunk_rows`` rows; each chunk's starts are found with the last start
+    of every (rule, user) of the chunks before it put first in its group, so the starts yielded (chunk by
+    chunk, each sorted by rule, user and hour) are, together, those of every contact at once: a start is the
+    first contact of its (rule, user) at least a period after the one before, and the one before is either
+    in the chunk or the carried one (a later contact of an earlier chunk would have been a start itself).
+    What is held: one chunk and the last start of every (rule, user) whose period is still open at the chunk's
+    first hour (a start whose period ended before it cannot hold back a contact of the chunk).
+    """
+    carried: pa.Table | None = None
+    pending: list[pa.Table] = []
+    rows = 0
+
+    def chunk_starts(chunk: pa.Table) -> pa.Table:
+        nonlocal carried
+        marked = chunk.append_column(CARRIED, pa.repeat(pa.scalar(False), chunk.num_rows))
+        if carried is not None:
+            marked = pa.concat_tables([_still_open(carried, periods, pc.min(chunk.column(CONTACT_HOUR))), marked])
+        starts = exposure_starts(marked, periods)  # sorted by rule, user, hour
+        rule, user = starts.column(RULE), starts.column(USER_ID)
+        n = starts.num_rows
+        last = np.ones(n, dtype=bool)  # the last start of its (rule, user)
+        if n > 1:
+            same = pc.and_(pc.equal(rule.slice(1), rule.slice(0, n - 1)), pc.equal(user.slice(1), user.slice(0, n - 1)))
+            last[:-1] = ~np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+        kept = starts.filter(pa.array(last))
+        carried = kept.set_column(
+            kept.schema.get_field_index(CARRIED), CARRIED, pa.repeat(pa.scalar(True), kept.num_rows)
+        )
+        return starts.filter(pc.invert(starts.column(CARRIED))).drop_columns([CARRIED])
+
+    for part in hours:
+        if part.num_rows:
+            pending.append(part)
+            rows += part.num_rows
+        if rows >= chunk_rows:
+            yield chunk_starts(pa.concat_tables(pending))
+            pending, rows = [], 0
+    if rows:
+        yield chunk_starts(pa.concat_tables(pending))
+
+
+def _still_open(starts: pa.Table, periods: Mapping[str, int], at: pa.Scalar) -> pa.Table:
+    """The rows of ``starts`` whose exposure period (``periods[rule]`` hours, 1 for a rule not in it) has not
+    ended at the contact hour ``at``."""
+    encoded = pc.dictionary_encode(starts.column(RULE).combine_chunks())
+    hour_ms = HOUR // timedelta(milliseconds=1)
+    period = np.array([max(1, periods.get(r, 1)) * hour_ms for r in encoded.dictionary.to_pylist()], dtype=np.int64)
+    ends = np.asarray(starts.column(CONTACT_HOUR).cast(pa.int64()).to_numpy()) + period[encoded.indices.to_numpy()]
+    return starts.filter(pa.array(ends > at.cast(pa.int64()).as_py()))
+
+
 @dataclass
 class UpliftCounts:
     """What :func:`uplift_rows` is made of, mergeable over buckets (a user is in one bucket).
@@ -173,11 +235,21 @@ class UpliftCounts:
 
 def uplift_counts(labelled: pa.Table) -> UpliftCounts:
     """The :class:`UpliftCounts` of exposure starts with ``labels.LABEL`` (:func:`uplift_rows`' input)."""
+    if labelled.num_rows == 0:
+        return UpliftCounts()
+    counts = _counts_per_user(_exposures_per_user(labelled))
+    counts.actions = _treated_actions(labelled)
+    return counts
+
+
+_BOUGHT, _EXPOSURES = "bought_sum", "bought_count"
+
+
+def _exposures_per_user(labelled: pa.Table) -> pa.Table:
+    """Per (rule, side, user) of labelled exposure starts: the exposures (``bought_count``) and those followed
+    by a purchase (``bought_sum``); summable over tables of other exposures of the same users."""
     from profile_engine.model import labels
 
-    counts = UpliftCounts()
-    if labelled.num_rows == 0:
-        return counts
     side = pc.if_else(pc.equal(labelled.column(ACTION), CONTROL), "control", "treated")
     table = pa.table(
         {
@@ -187,20 +259,74 @@ def uplift_counts(labelled: pa.Table) -> UpliftCounts:
             "bought": pc.cast(labelled.column(labels.LABEL), pa.int64()),
         }
     )
-    per_user = table.group_by([RULE, "side", USER_ID], use_threads=False).aggregate(
+    return table.group_by([RULE, "side", USER_ID], use_threads=False).aggregate(
         [("bought", "sum"), ("bought", "count")]
     )
-    pairs = per_user.group_by([RULE, "side", "bought_sum", "bought_count"], use_threads=False).aggregate(
-        [([], "count_all")]
-    )
+
+
+def _counts_per_user(per_user: pa.Table) -> UpliftCounts:
+    """:class:`UpliftCounts` (without actions) of one row per (rule, side, user) of :func:`_exposures_per_user`."""
+    counts = UpliftCounts()
+    if per_user.num_rows == 0:
+        return counts
+    pairs = per_user.group_by([RULE, "side", _BOUGHT, _EXPOSURES], use_threads=False).aggregate([([], "count_all")])
     for rule, side_, bought, exposures, n in zip(
-        *(pairs.column(c).to_pylist() for c in (RULE, "side", "bought_sum", "bought_count", "count_all")), strict=True
+        *(pairs.column(c).to_pylist() for c in (RULE, "side", _BOUGHT, _EXPOSURES, "count_all")), strict=True
     ):
         counts.users.setdefault((rule, side_), {})[(int(bought), int(exposures))] = int(n)
+    return counts
+
+
+def _treated_actions(labelled: pa.Table) -> dict[str, set[str]]:
     treated = labelled.filter(pc.not_equal(labelled.column(ACTION), CONTROL))
     actions = treated.group_by([RULE, ACTION], use_threads=False).aggregate([])
+    found: dict[str, set[str]] = {}
     for rule, action in zip(actions.column(RULE).to_pylist(), actions.column(ACTION).to_pylist(), strict=True):
-        counts.actions.setdefault(rule, set()).add(action)
+        found.setdefault(rule, set()).add(action)
+    return found
+
+
+def bucket_uplift_counts(
+    settings: Settings,
+    manifests: Mapping[datetime, Mapping[str, Any]],
+    bucket: int,
+    periods: Mapping[str, int],
+    first: datetime,
+    chunk_rows: int = UPLIFT_CHUNK_ROWS,
+) -> UpliftCounts:
+    """The :class:`UpliftCounts` of ``bucket``'s users: their contacts in the hours of ``manifests`` (oldest first)
+    read an hour at a time, exposure starts found a chunk of ``chunk_rows`` contacts at a time
+    (:func:`chunked_exposure_starts`), those from ``first`` on labelled (``labels.label_examples``) and summed per
+    user over the chunks. Holds one chunk and one row per (rule, user), not the bucket's contacts of the look-back.
+    """
+    from profile_engine.model import labels
+
+    lake = lk.Lake(settings.lake)
+    hours = (read_bucket_contacts(lake, {h: m}, bucket, settings.buckets) for h, m in manifests.items())
+    window_start = pa.scalar(first, CONTACT_SCHEMA.field(CONTACT_HOUR).type)
+    per_user: list[pa.Table] = []
+    actions = UpliftCounts()
+    for starts in chunked_exposure_starts(hours, periods, chunk_rows):
+        starts = starts.filter(pc.greater_equal(starts.column(CONTACT_HOUR), window_start))
+        if starts.num_rows == 0:
+            continue
+        examples = starts.append_column(SNAPSHOT_HOUR, starts.column(CONTACT_HOUR))
+        labelled = labels.label_examples(settings, examples, bucket)
+        per_user.append(_exposures_per_user(labelled))
+        actions.add(UpliftCounts(actions=_treated_actions(labelled)))
+    if not per_user:
+        return actions
+    summed = (
+        pa.concat_tables(per_user)
+        .group_by([RULE, "side", USER_ID], use_threads=False)
+        .aggregate([(_BOUGHT, "sum"), (_EXPOSURES, "sum")])
+    )
+    counts = _counts_per_user(
+        pa.table({c: summed.column(c) for c in (RULE, "side", USER_ID)})
+        .append_column(_BOUGHT, summed.column(f"{_BOUGHT}_sum"))
+        .append_column(_EXPOSURES, summed.column(f"{_EXPOSURES}_sum"))
+    )
+    counts.actions = actions.actions
     return counts
 
 
@@ -257,6 +383,7 @@ def uplift(
     *,
     lookback_hours: int = UPLIFT_LOOKBACK_HOURS,
     rules_path: Path | None = None,
+    chunk_rows: int = UPLIFT_CHUNK_ROWS,
 ) -> dict[str, Any]:
     """Purchase rate after an action, treated against control, per rule, for exposures old enough.
 
@@ -295,16 +422,9 @@ def uplift(
         if lake.committed(lk.CONTACTS, h)
     ]
     manifests = {h: lake.manifest(lk.CONTACTS, h) for h in [*earlier, *hours]}
-    window_start = pa.scalar(hours[0], CONTACT_SCHEMA.field(CONTACT_HOUR).type)
     total = UpliftCounts()
     for bucket in range(settings.buckets):
-        starts = exposure_starts(read_bucket_contacts(lake, manifests, bucket, settings.buckets), periods)
-        starts = starts.filter(pc.greater_equal(starts.column(CONTACT_HOUR), window_start))
-        if starts.num_rows == 0:
-            continue
-        examples = starts.append_column(SNAPSHOT_HOUR, starts.column(CONTACT_HOUR))
-        total.add(uplift_counts(labels.label_examples(settings, examples, bucket)))
-        del starts, examples
+        total.add(bucket_uplift_counts(settings, manifests, bucket, periods, hours[0], chunk_rows))
     result["rules"] = counted_rows(total, periods)
     return result
 
