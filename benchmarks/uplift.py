@@ -9,7 +9,8 @@ whose purchase windows are over) and up to a cooldown of earlier hours.
 
 Each measurement runs ``uplift(settings, hour, chunk_rows=N)`` in a fresh process (``--package`` puts another
 ``include/`` first on ``PYTHONPATH``, e.g. an older commit's, to compare) and prints wall and CPU seconds
-(user + system of the process) and its peak RSS, with the section's rows' digest so runs can be compared:
+(user + system of the process) and its peak RSS, with the section's rows' digest so runs can be compared
+(``--whole``: contacts written an hour in one partition, as before per-bucket publishing):
 
     .venv/bin/python benchmarks/uplift.py --work /tmp/uplift --users 400000 --contacts 16000 --hours 400 \\
         --buckets 1 --chunk-rows 0,1000000,250000 --runs 3
@@ -43,8 +44,9 @@ RULES = (
 )
 
 
-def build_lake(work: Path, users: int, contacts: int, hours: int, buckets: int) -> Path:
-    """Write the lake once (reused when ``sizes.json`` matches); returns its root."""
+def build_lake(work: Path, users: int, contacts: int, hours: int, buckets: int, whole: bool = False) -> Path:
+    """Write the lake once (reused when ``sizes.json`` matches); returns its root. ``whole``: each hour's contacts
+    in one partition, as code before per-bucket publishing wrote them."""
     import numpy as np
     import pyarrow as pa
 
@@ -52,7 +54,7 @@ def build_lake(work: Path, users: int, contacts: int, hours: int, buckets: int) 
     from profile_engine.model.labels import users_by_bucket
 
     root = work / "lake"
-    sizes = {"users": users, "contacts": contacts, "hours": hours, "buckets": buckets}
+    sizes = {"users": users, "contacts": contacts, "hours": hours, "buckets": buckets, "whole": whole}
     stamp = work / "sizes.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == sizes:
         return root
@@ -72,10 +74,9 @@ def build_lake(work: Path, users: int, contacts: int, hours: int, buckets: int) 
         rule = rng.integers(0, len(RULES), size=contacts)
         bought = np.flatnonzero(rng.random(users) < propensity)
         minutes = rng.integers(0, 60, size=len(bought))
-        for b in range(buckets):
-            mine = chosen[bucket_of[chosen] == b]
-            picks = rule[bucket_of[chosen] == b]
-            table = pa.table(
+
+        def contact_rows(mine: np.ndarray, picks: np.ndarray, hour: datetime = hour) -> pa.Table:
+            return pa.table(
                 {
                     "user_id": pa.array(ids[mine], pa.string()),
                     "action": pa.array(
@@ -86,7 +87,13 @@ def build_lake(work: Path, users: int, contacts: int, hours: int, buckets: int) 
                     "hour": pa.array([hour] * len(mine), hour_type),
                 }
             )
-            lake.write_partition(lk.CONTACTS, hour, table, bucket=b)
+
+        if whole:
+            lake.write_partition(lk.CONTACTS, hour, contact_rows(chosen, rule))
+        for b in range(buckets):
+            if not whole:
+                in_bucket = bucket_of[chosen] == b
+                lake.write_partition(lk.CONTACTS, hour, contact_rows(chosen[in_bucket], rule[in_bucket]), bucket=b)
             buyers = bought[bucket_of[bought] == b]
             staged = {
                 "user_id": pa.array(ids[buyers], pa.string()),
@@ -96,10 +103,11 @@ def build_lake(work: Path, users: int, contacts: int, hours: int, buckets: int) 
                 ),
             }
             lake.write_partition(lk.STAGING, hour, pa.table(staged), bucket=b)
-        lk.write_json(
-            lake.partition(lk.CONTACTS, hour) / lk.MANIFEST,
-            {"layer": lk.CONTACTS, "buckets": list(range(buckets)), "bucket_count": buckets},
-        )
+        if not whole:
+            lk.write_json(
+                lake.partition(lk.CONTACTS, hour) / lk.MANIFEST,
+                {"layer": lk.CONTACTS, "buckets": list(range(buckets)), "bucket_count": buckets},
+            )
         if k % 50 == 0:
             print(f"lake: hour {k + 1}/{hours}", file=sys.stderr, flush=True)
     stamp.write_text(json.dumps(sizes))
@@ -133,6 +141,7 @@ def main() -> int:
     parser.add_argument("--contacts", type=int, default=16_000, help="contacts an hour")
     parser.add_argument("--hours", type=int, default=400)
     parser.add_argument("--buckets", type=int, default=1)
+    parser.add_argument("--whole", action="store_true", help="contacts of an hour in one partition (older code)")
     parser.add_argument("--chunk-rows", default="0", help="comma-separated chunk_rows values (0: the default)")
     parser.add_argument("--package", type=Path, help="an include/ tree to measure instead of this checkout's")
     parser.add_argument("--runs", type=int, default=3)
@@ -141,7 +150,7 @@ def main() -> int:
     if args.child is not None:
         print(json.dumps(measure(args.work / "lake", args.buckets, args.child)))
         return 0
-    build_lake(args.work, args.users, args.contacts, args.hours, args.buckets)
+    build_lake(args.work, args.users, args.contacts, args.hours, args.buckets, args.whole)
     include = str((args.package or ROOT / "include").resolve())
     env = {**os.environ, "PYTHONPATH": include}
     base = [sys.executable, __file__, "--work", str(args.work), "--buckets", str(args.buckets)]

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import hmac
 import io
+import itertools
 import json
 import random
 import re
@@ -1240,7 +1241,16 @@ def _whole_table_uplift(settings_: Settings, contacts: pa.Table, first: datetime
 
 @pytest.mark.parametrize(
     ("lookback", "whole_hours", "chunk_rows"),
-    [(168, (), 10**6), (4, (), 10**6), (168, (1, 4), 10**6), (4, (2,), 10**6), (168, (), 7), (4, (1, 4), 12)],
+    [
+        (168, (), 10**6),
+        (4, (), 10**6),
+        (168, (1, 4), 10**6),
+        (4, (2,), 10**6),
+        (168, (), 7),
+        (4, (1, 4), 12),
+        (168, (0, 1, 2, 5), 10**6),
+        (168, (1, 2, 3, 6), 30),
+    ],
 )
 def test_uplift_counts_one_bucket_at_a_time_what_the_whole_table_gives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lookback: int, whole_hours: tuple[int, ...], chunk_rows: int
@@ -1260,6 +1270,14 @@ def test_uplift_counts_one_bucket_at_a_time_what_the_whole_table_gives(
         return starts_of(table, periods)
 
     monkeypatch.setattr(uplift_module, "exposure_starts", spy)
+    reads: list[list[datetime]] = []  # the hours of each read of a bucket's contacts
+    read_contacts = uplift_module.read_bucket_contacts
+
+    def read_spy(lake: lk.Lake, manifests: dict[datetime, Any], bucket: int, buckets: int) -> pa.Table:
+        reads.append(list(manifests))
+        return read_contacts(lake, manifests, bucket, buckets)
+
+    monkeypatch.setattr(uplift_module, "read_bucket_contacts", read_spy)
 
     # Act
     result = uplift(settings_, hour, lookback_hours=lookback, chunk_rows=chunk_rows)
@@ -1276,6 +1294,13 @@ def test_uplift_counts_one_bucket_at_a_time_what_the_whole_table_gives(
     buckets = [set(users_by_bucket(sorted(users), UPLIFT_BUCKETS)) for users in calls if users]
     assert buckets and all(len(b) == 1 for b in buckets)
     assert set().union(*calls) == set(contacts.column("user_id").to_pylist())
+    # ... an hour written per bucket read alone, consecutive hours written whole in one read
+    whole = {H0 + k * HOUR for k in whole_hours}
+    for read in reads:
+        assert read == sorted(read) and (len(read) == 1 or set(read) <= whole)
+        assert len(read) == 1 or all(b - a == HOUR for a, b in itertools.pairwise(read))
+    runs = sum(1 for k in whole_hours if k - 1 not in whole_hours and H0 + k * HOUR in {h for r in reads for h in r})
+    assert len(reads) == UPLIFT_BUCKETS * (len({h for r in reads for h in r} - whole) + runs)
     # ... a chunk of contacts at a time: whole hours until the chunk holds chunk_rows (a bucket-hour holds < 40)
     assert max(held) < chunk_rows + 40
     if chunk_rows < 40:

@@ -286,6 +286,30 @@ def _treated_actions(labelled: pa.Table) -> dict[str, set[str]]:
     return found
 
 
+# hours written whole (older code) read in one DuckDB scan: each scan reads every row of its files
+WHOLE_HOURS_AT_ONCE = 24
+
+
+def _reads(manifests: Mapping[datetime, Mapping[str, Any]], buckets: int) -> Iterator[dict[datetime, Any]]:
+    """The hours of ``manifests``, in order, grouped into reads: an hour written per bucket over ``buckets`` alone
+    (its bucket's folder), consecutive hours written whole or over another count up to ``WHOLE_HOURS_AT_ONCE``
+    together (one scan filtered to the bucket, not one a hour)."""
+    whole: dict[datetime, Any] = {}
+    for hour, manifest in manifests.items():
+        if manifest.get("bucket_count") == buckets:
+            if whole:
+                yield whole
+                whole = {}
+            yield {hour: manifest}
+            continue
+        whole[hour] = manifest
+        if len(whole) == WHOLE_HOURS_AT_ONCE:
+            yield whole
+            whole = {}
+    if whole:
+        yield whole
+
+
 def bucket_uplift_counts(
     settings: Settings,
     manifests: Mapping[datetime, Mapping[str, Any]],
@@ -302,7 +326,7 @@ def bucket_uplift_counts(
     from profile_engine.model import labels
 
     lake = lk.Lake(settings.lake)
-    hours = (read_bucket_contacts(lake, {h: m}, bucket, settings.buckets) for h, m in manifests.items())
+    hours = (read_bucket_contacts(lake, read, bucket, settings.buckets) for read in _reads(manifests, settings.buckets))
     window_start = pa.scalar(first, CONTACT_SCHEMA.field(CONTACT_HOUR).type)
     per_user: list[pa.Table] = []
     actions = UpliftCounts()
