@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,14 @@ def bucket_rows(
                 own.append(hour)
         else:
             whole.extend(lake.data_files(layer, hour))
-    first = next((f for hour in manifests for f in lake.data_files(layer, hour)), None)
+    first = next(  # lazily: the bucket's own files first, any file of the hours only when the bucket has none
+        chain(
+            (f for hour in own for f in lake.data_files(layer, hour, bucket)),
+            whole,
+            (f for hour in manifests for f in lake.data_files(layer, hour)),
+        ),
+        None,
+    )
     if first is None:
         return None
     schema = pq.read_schema(first)
