@@ -127,8 +127,8 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         con.execute(
             "CREATE TEMP TABLE sess AS "
             + interval_groups(
-                "SELECT user_id, first_ms, last_ms, n FROM s_sessions UNION ALL "
-                "SELECT user_id, t, t, count(*) FROM due GROUP BY user_id, t",
+                # every due event a point: tied points share a group, so grouping them by time first is not needed
+                "SELECT user_id, first_ms, last_ms, n FROM s_sessions UNION ALL SELECT user_id, t, t, 1 FROM due",
                 session_gap,
             )
         )
