@@ -52,6 +52,7 @@ from profile_engine.hours import HOUR, floor_hour, format_hour
 from profile_engine.lake.db import cursor as connect
 from profile_engine.lake.storage import MANIFEST, PROFILE_CHANGES, PROFILES, STAGING, STATE, Lake, read_json
 from profile_engine.ops import report
+from profile_engine.profiles import merge as merge_module
 from profile_engine.profiles import snapshot as snapshot_module
 from profile_engine.profiles.build import (
     build_profiles,
@@ -747,6 +748,30 @@ def event_streams(draw: st.DrawFn) -> tuple[pa.Table, list[int], int]:
                 )
                 staged.append(max(0, int((floor_hour(ts) - T0) / HOUR) + delay))
     return events(*rows), staged, horizon + 3
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(stream=event_streams())
+def test_a_rebuild_without_regrouping_its_new_rows_equals_the_merge_of_them(
+    stream: tuple[pa.Table, list[int], int],
+) -> None:
+    """From an empty state no old row is touched: ``user_events`` and ``hours_of_day`` take the new rows as they
+    are (``new_only_sql``), which must give the rows the merge (regrouping them with no old row) gives."""
+    table, _, hours = stream
+    end = at(hours=hours)
+    rebuilt = rebuild(table, end, PROPERTY_SETTINGS)
+    merge_touched = merge_module._merge_touched
+
+    def always_merged(*args: Any, **kwargs: Any) -> pa.Table:
+        return merge_touched(*args, **{**kwargs, "new_only_sql": None})
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(merge_module, "_merge_touched", always_merged)
+        merged = rebuild(table, end, PROPERTY_SETTINGS)
+
+    for name in (USER_EVENTS, HOURS_OF_DAY):
+        assert rebuilt.tables[name].num_rows > 0, name
+        assert rebuilt.tables[name].equals(merged.tables[name]), name
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -422,19 +422,27 @@ def interval_groups(intervals_sql: str, gap_ms: int) -> str:
     the latest end of every earlier interval of its user. For points (first = last) this is
     ``gap_groups``; for intervals that are such groups it gives the groups of all their
     points, because within a group consecutive points are less than the gap apart, so only
-    a group's ends can be near another point. Tied points always share a group. Returns one
-    row per group: ``user_id, grp_first, grp_last, n``.
+    a group's ends can be near another point. Tied points always share a group (so points need
+    no grouping by time first). Returns one row per group: ``user_id, grp_first, grp_last, n``.
+
+    One sorted window pass: an interval ends its group when the next one starts ``gap_ms`` or more
+    after the running maximum of the ends (the group's end: every earlier group ended a gap before
+    this one's start), and the running sum of ``n`` there less the previous group's is the group's
+    count. Only those last intervals (one per group) are sorted again, for the previous group's end:
+    the interval after it starts this group. Two window passes over every interval cost about a third
+    more (BENCHMARKS.md, "The full build's sessions").
     """
-    order = "PARTITION BY user_id ORDER BY first_ms, last_ms"
+    running = "PARTITION BY user_id ORDER BY first_ms, last_ms ROWS UNBOUNDED PRECEDING"
+    before = "PARTITION BY user_id ORDER BY grp_last"  # the last intervals: one per group, distinct ends
     return f"""
-        SELECT user_id, min(first_ms) AS grp_first, max(last_ms) AS grp_last, sum(n) AS n FROM (
-            SELECT *, sum(starts::INTEGER) OVER ({order} ROWS UNBOUNDED PRECEDING) AS grp FROM (
-                SELECT *, coalesce(
-                    first_ms - max(last_ms) OVER ({order} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) >= {gap_ms},
-                    true) AS starts
-                FROM ({intervals_sql})
-            )
-        ) GROUP BY user_id, grp
+        SELECT user_id, coalesce(lag(next_first) OVER ({before}), user_first) AS grp_first, grp_last,
+               cum_n - coalesce(lag(cum_n) OVER ({before}), 0) AS n
+        FROM (
+            SELECT user_id, lead(first_ms) OVER w AS next_first, max(last_ms) OVER w AS grp_last,
+                   sum(n) OVER w AS cum_n, min(first_ms) OVER w AS user_first
+            FROM ({intervals_sql})
+            WINDOW w AS ({running})
+        ) WHERE next_first IS NULL OR next_first - grp_last >= {gap_ms}
     """
 
 
