@@ -542,12 +542,22 @@ def test_tile_files_are_sorted_by_trait_and_hour_in_small_row_groups_and_still_e
     for h in range(HOURS):
         build_profiles(shop, at(h), 0)
     assert_equals_rebuild(shop, at(HOURS - 1))
-    checked = set()
-    for name, order in build_module.TILE_ORDER.items():
-        for path in sorted(lake.path(STATE_TILES, "bucket=0", name).rglob("*.parquet")):
-            table = pq.read_table(path)
-            assert table.equals(table.sort_by([(c, "ascending") for c in order])), path
-            meta = pq.ParquetFile(path).metadata
-            assert meta.num_row_groups == -(-meta.num_rows // 4), path
-            checked.add((name, path.name == DAY_FILE))
-    assert checked == {(n, d) for n in build_module.TILE_ORDER for d in (True, False)}
+
+    def check() -> set[tuple[str, bool]]:
+        checked = set()
+        for name, order in build_module.TILE_ORDER.items():
+            for path in sorted(lake.path(STATE_TILES, "bucket=0", name).rglob("*.parquet")):
+                table = pq.read_table(path)
+                assert table.equals(table.sort_by([(c, "ascending") for c in order])), path
+                meta = pq.ParquetFile(path).metadata
+                assert meta.num_row_groups == -(-meta.num_rows // 4), path
+                checked.add((name, path.name == DAY_FILE))
+        return checked
+
+    assert check() == {(n, d) for n in build_module.TILE_ORDER for d in (True, False)}
+    # An erasure rewrites the files holding the user in the same order and row groups' size.
+    for name in ("PROFILE_ENGINE_EXPORT_KEY", "PROFILE_ENGINE_ERASURE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert erasure.erase_users(shop, ["b"], requested_by="test", reason="test")["rows_removed"][STATE_TILES] > 0
+    assert tile_rows(lake, "b") == 0
+    check()
