@@ -36,7 +36,8 @@ Figures:
    ``--segments-profile``: that ``publish_segments`` once under cProfile, timed by the process's CPU
    (where its CPU goes, per function, cumulative).
 5. ``--hour-scaling OLD_INCLUDE``: one hour's ``build_profiles`` against the state's size (issue 19),
-   this checkout and ``OLD_INCLUDE`` alternately; ``--hour-statements``: on this checkout's scaling lake
+   this checkout and ``OLD_INCLUDE`` alternately (``--scaling-keep-new``: this checkout's lake of the last
+   invocation kept, for a change that left the layout as it was); ``--hour-statements``: on this checkout's scaling lake
    (built by ``--hour-scaling``, only read), every DuckDB statement of ``advance`` and ``snapshot`` of the
    ``--scaling-days`` hours timed (medians of ``--runs``, wall and process CPU seconds), to see where an hour
    goes before changing it; with ``--statements-lake DIR --statements-hour H [--statements-bucket N]`` on
@@ -562,7 +563,7 @@ def _scaling_hours() -> tuple[datetime, list[datetime]]:
     return first, [first + timedelta(days=d, hours=12) for d in SCALING_POINTS]
 
 
-def prepare_hour_scaling(work: Path, old_package: Path, derive: bool = False) -> dict[str, Any]:
+def prepare_hour_scaling(work: Path, old_package: Path, derive: bool = False, keep_new: bool = False) -> dict[str, Any]:
     """Stage ``SCALING_DAYS`` days of one bucket once, then build them with each package (its own lake;
     the old package's lake is reused, this checkout's rebuilt).
 
@@ -572,6 +573,8 @@ def prepare_hour_scaling(work: Path, old_package: Path, derive: bool = False) ->
     the old one (hard links) with the day before each measured hour rebuilt by this checkout from
     the old checkpoint before it (``hour_step("derive")``): minutes instead of a 30-day build, for a
     change that reads the old layout (older lakes must keep working anyway) and writes its own.
+    ``keep_new``: this checkout's lake of the last invocation is kept too (a change of the code that left
+    the lake's layout as it was: the measurement again without the 12-minute build).
     """
     from profile_engine.hours import hour_range
 
@@ -586,7 +589,8 @@ def prepare_hour_scaling(work: Path, old_package: Path, derive: bool = False) ->
         (root / "staged" / "ready").write_text("ok")
     info: dict[str, Any] = {"users": SCALING_USERS, "days": SCALING_DAYS, "intensity": SCALING_INTENSITY}
     if stamp.is_file():  # the old package's lake is kept; this checkout's is rebuilt every time
-        info |= {k: v for k, v in json.loads(stamp.read_text()).items() if k.startswith("old_")}
+        kept = ("old_", "new_") if keep_new and (root / "new").is_dir() else ("old_",)
+        info |= {k: v for k, v in json.loads(stamp.read_text()).items() if k.startswith(kept)}
     codes = (("old", old_package), ("new", ROOT / "include"))  # old first: ``derive`` copies its lake
     for code, package in codes if derive else codes[::-1]:
         if f"{code}_build" in info:
@@ -809,11 +813,16 @@ def _run_child(command: list[str], package: Path, what: str) -> dict[str, Any]:
 
 
 def compare_hour_scaling(
-    work: Path, old_package: Path, runs: int, days: tuple[int, ...] = SCALING_POINTS, derive: bool = False
+    work: Path,
+    old_package: Path,
+    runs: int,
+    days: tuple[int, ...] = SCALING_POINTS,
+    derive: bool = False,
+    keep_new: bool = False,
 ) -> str:
     """One hour's ``build_profiles`` (1 bucket) at each history length, this checkout and ``old_package``
     alternately in fresh processes; medians of ``runs``, parts and ratios as a markdown table."""
-    info = prepare_hour_scaling(work, old_package, derive)
+    info = prepare_hour_scaling(work, old_package, derive, keep_new)
     root = work / "hour_scaling"
     _, measured = _scaling_hours()
     rows = []
@@ -1133,6 +1142,7 @@ def main() -> None:
     parser.add_argument("--statements-hour", help="--hour-statements: the hour measured in --statements-lake (ISO)")
     parser.add_argument("--statements-bucket", type=int, default=0, help="--hour-statements: the bucket measured")
     parser.add_argument("--scaling-derive", action="store_true", help="derive this checkout's lake from the old one")
+    parser.add_argument("--scaling-keep-new", action="store_true", help="--hour-scaling: keep this checkout's lake")
     parser.add_argument("--lake-hour", type=Path, help="time build_profiles of one hour of this built lake (copied)")
     parser.add_argument("--lake-hour-at", help="--lake-hour: the hour measured (ISO, UTC)")
     parser.add_argument("--lake-hour-compare", type=Path, metavar="OLD_INCLUDE", help="--lake-hour: the older package")
@@ -1166,7 +1176,11 @@ def main() -> None:
         return
     if args.hour_scaling:
         days = tuple(int(d) for d in args.scaling_days.split(",")) if args.scaling_days else SCALING_POINTS
-        print(compare_hour_scaling(args.work, args.hour_scaling, args.runs, days, args.scaling_derive))
+        print(
+            compare_hour_scaling(
+                args.work, args.hour_scaling, args.runs, days, args.scaling_derive, args.scaling_keep_new
+            )
+        )
         return
     if args.segments_profile:
         print(profile_segments(args.work, args.publish_users, args.publish_buckets))

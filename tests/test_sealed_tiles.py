@@ -31,6 +31,7 @@ from profile_engine.lake import db
 from profile_engine.lake.storage import INTERESTS, PROFILES, STAGING, STATE, STATE_TILES, Lake
 from profile_engine.lake.tiles import DAY_FILE
 from profile_engine.ops import erasure, retention
+from profile_engine.profiles import build as build_module
 from profile_engine.profiles.build import (
     SNAPSHOT_TRAITS,
     build_profiles,
@@ -530,3 +531,33 @@ def test_a_longer_lateness_after_sealing_does_not_hide_a_sealed_anchor(tmp_path:
         build_profiles(longer, at(h), 0)
         profiles = {r[USER_ID]: r for r in lake.read(PROFILES, at(h), 0).to_pylist()}
         assert profiles["u"][MEAN_VIEW_TO_CART_HOURS] == pytest.approx(4 + 10 / 60), h
+
+
+def test_tile_files_are_sorted_by_trait_and_hour_in_small_row_groups_and_still_equal_a_rebuild(
+    shop: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Row groups of 4 rows here, so a scan of one trait or hour can skip the others' by their statistics.
+    monkeypatch.setattr(build_module, "TILE_ROW_GROUP", 4)
+    lake = Lake(shop.lake)
+    for h in range(HOURS):
+        build_profiles(shop, at(h), 0)
+    assert_equals_rebuild(shop, at(HOURS - 1))
+
+    def check() -> set[tuple[str, bool]]:
+        checked = set()
+        for name, order in build_module.TILE_ORDER.items():
+            for path in sorted(lake.path(STATE_TILES, "bucket=0", name).rglob("*.parquet")):
+                table = pq.read_table(path)
+                assert table.equals(table.sort_by([(c, "ascending") for c in order])), path
+                meta = pq.ParquetFile(path).metadata
+                assert meta.num_row_groups == -(-meta.num_rows // 4), path
+                checked.add((name, path.name == DAY_FILE))
+        return checked
+
+    assert check() == {(n, d) for n in build_module.TILE_ORDER for d in (True, False)}
+    # An erasure rewrites the files holding the user in the same order and row groups' size.
+    for name in ("PROFILE_ENGINE_EXPORT_KEY", "PROFILE_ENGINE_ERASURE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert erasure.erase_users(shop, ["b"], requested_by="test", reason="test")["rows_removed"][STATE_TILES] > 0
+    assert tile_rows(lake, "b") == 0
+    check()

@@ -421,14 +421,18 @@ def restrict_private(new: Path, target: Path, lake: Lake) -> None:
     (lake.root / relative.split("/")[0]).chmod(PRIVATE_DIR_MODE)  # nobody else can list the layer
 
 
-def write_table_file(lake: Lake, target: Path, table: pa.Table, dictionary: bool | list[str] = True) -> None:
+def write_table_file(
+    lake: Lake, target: Path, table: pa.Table, dictionary: bool | list[str] = True, row_group_size: int | None = None
+) -> None:
     """Write one Parquet file atomically outside any partition (under ``_tmp/``, then renamed into place).
 
     For files that are whole on their own and never change once written, such as the sealed
     state tiles; in a ``PRIVATE_LAYERS`` layer the file gets ``PRIVATE_FILE_MODE``.
     """
     tmp = lake.tmp_dir()
-    pq.write_table(table, tmp / target.name, compression="zstd", use_dictionary=dictionary)
+    pq.write_table(
+        table, tmp / target.name, compression="zstd", use_dictionary=dictionary, row_group_size=row_group_size
+    )
     relative = target.relative_to(lake.root).as_posix() if target.is_relative_to(lake.root) else ""
     layer = relative.split("/")[0]
     target.parent.mkdir(parents=True, exist_ok=True)

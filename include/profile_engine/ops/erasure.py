@@ -396,11 +396,13 @@ class _Eraser:
 
 
 def _parquet_bytes(table: pa.Table, original: Path) -> bytes:
-    """The table as Parquet, compressed like the file it replaces."""
+    """The table as Parquet, compressed like the file it replaces and in row groups of its size (a sealed tile's
+    small row groups let scans skip them: docs/architecture.md, "Sealed state tiles"; the rows keep their order)."""
     meta = pq.ParquetFile(original).metadata
     codec = meta.row_group(0).column(0).compression.lower() if meta.num_row_groups and meta.num_columns else "zstd"
+    size = meta.row_group(0).num_rows if meta.num_row_groups > 1 else None
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression=codec if codec != "uncompressed" else "none")
+    pq.write_table(table, sink, compression=codec if codec != "uncompressed" else "none", row_group_size=size)
     return sink.getvalue()
 
 

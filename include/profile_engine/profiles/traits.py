@@ -18,7 +18,6 @@ from profile_engine.contracts.traits import (
     SUM,
     VALUE,
     Trait,
-    longest_window_hours,
 )
 from profile_engine.hours import MS_HOUR
 from profile_engine.profiles.state import cents_sql, decay
@@ -145,7 +144,7 @@ def trait_ctes(traits: tuple[Trait, ...], e: int, tiles: str) -> tuple[dict[str,
     """
     ctes: dict[str, str] = {}
     cols: dict[str, str] = {}
-    plain: list[str] = []
+    plain: dict[int, list[str]] = {}  # per longest window (hours) of the ungrouped traits: their values
     for i, trait in enumerate(traits):
         is_trait = f"trait = {_quoted(trait.key)}"
         if trait.group_by is None and trait.aggregation == DISTINCT_COUNT:
@@ -156,7 +155,8 @@ def trait_ctes(traits: tuple[Trait, ...], e: int, tiles: str) -> tuple[dict[str,
             start = f"hour_ms >= {e - hours * MS_HOUR}"
             name = f"t{i}_{window}"
             if trait.group_by is None:
-                plain.append(f"{_window_value(trait, e, f'{is_trait} AND {start}')} AS {name}")
+                longest = max(h for _, h in trait.windows)
+                plain.setdefault(longest, []).append(f"{_window_value(trait, e, f'{is_trait} AND {start}')} AS {name}")
                 cols[trait.column(window)] = name if trait.aggregation == LAST else f"coalesce({name}, 0)"
                 continue
             ctes[name] = f"""
@@ -167,13 +167,17 @@ def trait_ctes(traits: tuple[Trait, ...], e: int, tiles: str) -> tuple[dict[str,
                 ) WHERE rank = 1"""
             cols[trait.column(window)] = f"{name}_group"
             cols[trait.value_column(window)] = f"{name}_value"
-    if plain:
-        # only their tiles (the filter reaches the Parquet scan): a user without any gets 0 or null all the same
-        plain_traits = tuple(t for t in traits if t.group_by is None and t.aggregation != DISTINCT_COUNT)
-        keys = ", ".join(_quoted(t.key) for t in plain_traits)
-        oldest = e - longest_window_hours(plain_traits) * MS_HOUR
-        ctes["t_plain"] = (
-            f"SELECT user_id, {', '.join(plain)} FROM {tiles} "
-            f"WHERE trait IN ({keys}) AND hour_ms >= {oldest} GROUP BY user_id"
+    # The ungrouped traits share one pass over their tiles per longest window (a 7-day trait does not read 30 days of
+    # tiles beside a 30-day one); only their tiles and hours: the filter reaches the Parquet scan, whose row groups
+    # are sorted by trait and hour (``build.TILE_ORDER``). A user without any gets 0 or null all the same.
+    for longest, values in sorted(plain.items()):
+        keys = ", ".join(
+            _quoted(t.key)
+            for t in traits
+            if t.group_by is None and t.aggregation != DISTINCT_COUNT and max(h for _, h in t.windows) == longest
+        )
+        ctes[f"t_plain_{longest}"] = (
+            f"SELECT user_id, {', '.join(values)} FROM {tiles} "
+            f"WHERE trait IN ({keys}) AND hour_ms >= {e - longest * MS_HOUR} GROUP BY user_id"
         )
     return ctes, cols
