@@ -760,13 +760,13 @@ def test_a_rebuild_without_regrouping_its_new_rows_equals_the_merge_of_them(
     table, _, hours = stream
     end = at(hours=hours)
     rebuilt = rebuild(table, end, PROPERTY_SETTINGS)
-    merge_touched = merge_module._merge_touched
+    merge_touched = merge_module.merge_touched
 
     def always_merged(*args: Any, **kwargs: Any) -> pa.Table:
         return merge_touched(*args, **{**kwargs, "new_only_sql": None})
 
     with pytest.MonkeyPatch.context() as patched:
-        patched.setattr(merge_module, "_merge_touched", always_merged)
+        patched.setattr(merge_module, "merge_touched", always_merged)
         merged = rebuild(table, end, PROPERTY_SETTINGS)
 
     for name in (USER_EVENTS, HOURS_OF_DAY):

@@ -229,12 +229,12 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
         )
 
         new_events, merged_events, only_new_events = _user_events_sql(e)
-        user_events = _merge_touched(
+        user_events = merge_touched(
             con, state.tables[USER_EVENTS], USER_EVENTS, new_events, merged_events, new_only_sql=only_new_events
         )
-        users = _merge_touched(con, state.tables[USERS], USERS, *_users_sql(horizon, session_gap, order_gap))
+        users = merge_touched(con, state.tables[USERS], USERS, *_users_sql(horizon, session_gap, order_gap))
         hourly = _merge_hourly(con, state.tables[HOURLY], e)
-        hours_of_day = _merge_touched(
+        hours_of_day = merge_touched(
             con,
             state.tables[HOURS_OF_DAY],
             HOURS_OF_DAY,
@@ -243,8 +243,8 @@ def advance(state: ProfileState, events: pa.Table, end: datetime, settings: Sett
             "SELECT user_id, hour_of_day, sum(n) AS n FROM merge_rows GROUP BY ALL ORDER BY user_id, hour_of_day",
             new_only_sql="SELECT user_id, hour_of_day, n FROM merge_new ORDER BY user_id, hour_of_day",
         )
-        carts = _merge_touched(con, state.tables[CARTS], CARTS, *_carts_sql(e, horizon))
-        favs = _merge_touched(con, state.tables[FAVS], FAVS, *_favs_sql(e, horizon))
+        carts = merge_touched(con, state.tables[CARTS], CARTS, *_carts_sql(e, horizon))
+        favs = merge_touched(con, state.tables[FAVS], FAVS, *_favs_sql(e, horizon))
         item_views = _merge_item_views(con, state.tables[ITEM_VIEWS], e)
         trait_tiles = _merge_trait_tiles(con, state.tables[TRAIT_TILES], e, load_traits(settings.traits))
     finally:
@@ -281,7 +281,7 @@ def _merged(fields: list[tuple[str, pa.DataType, str]]) -> str:
     return ", ".join(merged)
 
 
-def _merge_touched(
+def merge_touched(
     con: duckdb.DuckDBPyConnection,
     old: pa.Table,
     name: str,
@@ -321,7 +321,7 @@ def _merge_touched(
 
 
 def _user_events_sql(e: int) -> tuple[str, str, str]:
-    """``_merge_touched`` SQL of ``user_events``: the due events per user and type with their decayed sums
+    """``merge_touched`` SQL of ``user_events``: the due events per user and type with their decayed sums
     as of ``e``, the merge of a user's rows, whose old sums are decayed from their ``DECAYED_MS`` to ``e``,
     and the merged rows when no old row is touched: the new rows (decayed as of ``e`` already, a factor
     of exactly 1) with a sum over no priced event 0, as the merge gives it."""
@@ -347,7 +347,7 @@ def _user_events_sql(e: int) -> tuple[str, str, str]:
 
 
 def _users_sql(horizon: int, session_gap: int, order_gap: int) -> tuple[str, str]:
-    """``_merge_touched`` SQL of ``users``: the totals of the sessions, orders and latencies that became
+    """``merge_touched`` SQL of ``users``: the totals of the sessions, orders and latencies that became
     final and of the due refunds, and their merge with the users' totals."""
     final_sessions = f"(SELECT * FROM sess WHERE grp_last + {session_gap} <= {horizon})"
     final_orders = f"(SELECT * FROM ord WHERE grp_last + {order_gap} <= {horizon})"
@@ -463,7 +463,7 @@ def _merge_by_hour(
 
 
 def _carts_sql(e: int, horizon: int) -> tuple[str, str, str]:
-    """``_merge_touched`` SQL of ``carts``: per user and item, the latest cart line and the latest close
+    """``merge_touched`` SQL of ``carts``: per user and item, the latest cart line and the latest close
     (remove or purchase), and the condition keeping a row.
 
     A row is dropped once no future event can make it matter: closed before the lateness
@@ -503,7 +503,7 @@ def _open_items_kept(opened: str, closed: str, oldest: int, horizon: int) -> str
 
 
 def _favs_sql(e: int, horizon: int) -> tuple[str, str, str]:
-    """``_merge_touched`` SQL of ``favs``: per user and item, the latest favourite and the latest purchase,
+    """``merge_touched`` SQL of ``favs``: per user and item, the latest favourite and the latest purchase,
     and the condition keeping a row while they can matter.
 
     A favourite is open while no purchase of its item is at or after it; only favourites
