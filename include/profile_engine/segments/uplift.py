@@ -10,7 +10,7 @@ import io
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from profile_engine.config import Settings
 from profile_engine.contracts.profiles import SNAPSHOT_HOUR, USER_ID
 from profile_engine.contracts.segments import ACTION, CONTACT_HOUR, CONTACT_SCHEMA, RULE, SEGMENTS_COL
-from profile_engine.hours import HOUR, floor_hour, format_hour, hour_range
+from profile_engine.hours import HOUR, MS_HOUR, floor_hour, format_hour, hour_range
 from profile_engine.lake import storage as lk
 from profile_engine.segments.assign import share_warning
 from profile_engine.segments.partitions import bucket_rows
@@ -117,8 +117,7 @@ def exposure_starts(contacts: pa.Table, periods: Mapping[str, int]) -> pa.Table:
     first[1:] = (rule_rank[1:] != rule_rank[:-1]) | (user_rank[1:] != user_rank[:-1])
     del user_rank
     group = np.cumsum(first, dtype=np.int64) - 1
-    hour_ms = HOUR // timedelta(milliseconds=1)
-    period = np.array([max(1, periods.get(r, 1)) * hour_ms for r in names.to_pylist()], dtype=np.int64)[rule_rank]
+    period = _periods_ms(names, periods)[rule_rank]
     del rule_rank
     # (group, ms) as one ascending key: groups a span apart, wider than any contact plus period.
     ms -= ms.min()
@@ -138,6 +137,11 @@ def exposure_starts(contacts: pa.Table, periods: Mapping[str, int]) -> pa.Table:
         nxt, current = nxt[inside], current[inside]
         current = nxt[group[nxt] == group[current]]
     return ordered.filter(pa.array(keep))
+
+
+def _periods_ms(rules: pa.Array, periods: Mapping[str, int]) -> np.ndarray:
+    """The exposure period of each rule name in ``rules``, in ms (``periods[rule]`` hours, at least 1)."""
+    return np.array([max(1, periods.get(r, 1)) * MS_HOUR for r in rules.to_pylist()], dtype=np.int64)
 
 
 def _ranks(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
@@ -205,8 +209,7 @@ def _still_open(starts: pa.Table, periods: Mapping[str, int], at: pa.Scalar) -> 
     """The rows of ``starts`` whose exposure period (``periods[rule]`` hours, 1 for a rule not in it) has not
     ended at the contact hour ``at``."""
     encoded = pc.dictionary_encode(starts.column(RULE).combine_chunks())
-    hour_ms = HOUR // timedelta(milliseconds=1)
-    period = np.array([max(1, periods.get(r, 1)) * hour_ms for r in encoded.dictionary.to_pylist()], dtype=np.int64)
+    period = _periods_ms(encoded.dictionary, periods)
     ends = np.asarray(starts.column(CONTACT_HOUR).cast(pa.int64()).to_numpy()) + period[encoded.indices.to_numpy()]
     return starts.filter(pa.array(ends > at.cast(pa.int64()).as_py()))
 
