@@ -18,6 +18,7 @@ from profile_engine.contracts.traits import (
     SUM,
     VALUE,
     Trait,
+    longest_window_hours,
 )
 from profile_engine.hours import MS_HOUR
 from profile_engine.profiles.state import cents_sql, decay
@@ -121,7 +122,7 @@ def _distinct_counts_sql(trait: Trait, prefix: str, e: int, tiles: str) -> str:
     is), in two hash groupings of this trait's tiles: 3-4x faster than the distinct aggregates in the shared
     pass over every trait's tiles (BENCHMARKS.md, "Snapshot profile").
     """
-    longest = max(hours for _, hours in trait.windows)
+    longest = longest_window_hours((trait,))
     counts = ", ".join(
         f"count(*) FILTER (WHERE latest >= {e - hours * MS_HOUR}) AS {prefix}_{window}"
         for window, hours in trait.windows
@@ -144,19 +145,22 @@ def trait_ctes(traits: tuple[Trait, ...], e: int, tiles: str) -> tuple[dict[str,
     """
     ctes: dict[str, str] = {}
     cols: dict[str, str] = {}
-    plain: dict[int, list[str]] = {}  # per longest window (hours) of the ungrouped traits: their values
+    # per longest window (hours) of the ungrouped traits: their keys and their values
+    plain: dict[int, tuple[list[str], list[str]]] = {}
     for i, trait in enumerate(traits):
         is_trait = f"trait = {_quoted(trait.key)}"
         if trait.group_by is None and trait.aggregation == DISTINCT_COUNT:
             ctes[f"t{i}_distinct"] = _distinct_counts_sql(trait, f"t{i}", e, tiles)
             cols |= {trait.column(window): f"coalesce(t{i}_{window}, 0)" for window, _ in trait.windows}
             continue
+        if trait.group_by is None:
+            keys, values = plain.setdefault(longest_window_hours((trait,)), ([], []))
+            keys.append(_quoted(trait.key))
         for window, hours in trait.windows:
             start = f"hour_ms >= {e - hours * MS_HOUR}"
             name = f"t{i}_{window}"
             if trait.group_by is None:
-                longest = max(h for _, h in trait.windows)
-                plain.setdefault(longest, []).append(f"{_window_value(trait, e, f'{is_trait} AND {start}')} AS {name}")
+                values.append(f"{_window_value(trait, e, f'{is_trait} AND {start}')} AS {name}")
                 cols[trait.column(window)] = name if trait.aggregation == LAST else f"coalesce({name}, 0)"
                 continue
             ctes[name] = f"""
@@ -170,14 +174,9 @@ def trait_ctes(traits: tuple[Trait, ...], e: int, tiles: str) -> tuple[dict[str,
     # The ungrouped traits share one pass over their tiles per longest window (a 7-day trait does not read 30 days of
     # tiles beside a 30-day one); only their tiles and hours: the filter reaches the Parquet scan, whose row groups
     # are sorted by trait and hour (``build.TILE_ORDER``). A user without any gets 0 or null all the same.
-    for longest, values in sorted(plain.items()):
-        keys = ", ".join(
-            _quoted(t.key)
-            for t in traits
-            if t.group_by is None and t.aggregation != DISTINCT_COUNT and max(h for _, h in t.windows) == longest
-        )
+    for longest, (keys, values) in sorted(plain.items()):
         ctes[f"t_plain_{longest}"] = (
             f"SELECT user_id, {', '.join(values)} FROM {tiles} "
-            f"WHERE trait IN ({keys}) AND hour_ms >= {e - longest * MS_HOUR} GROUP BY user_id"
+            f"WHERE trait IN ({', '.join(keys)}) AND hour_ms >= {e - longest * MS_HOUR} GROUP BY user_id"
         )
     return ctes, cols
