@@ -169,9 +169,11 @@ def seal_state(lake: Lake, state: ProfileState, hour: datetime, bucket: int, set
     for name in SEALED_TABLES:
         table = state.tables[name]
         old = pc.less(table.column(SEALED_TIME[name]), pa.scalar(seal_before(name, e, settings), pa.int64()))
-        rows = table.filter(old)
+        if pc.all(old).as_py() is not False:  # every row (the by-hour tables): no filtered copy of them
+            rows, tables[name] = table, table.schema.empty_table()
+        else:
+            rows, tables[name] = table.filter(old), table.filter(pc.invert(old))
         rows = rows.append_column(SEALED_MS, pa.array(np.full(rows.num_rows, e, dtype=np.int64)))
-        tables[name] = table.filter(pc.invert(old))
         _write_tiles(lake, root / name, hour, after, e, rows, _TILE_DICTIONARY.get(name, _STATE_DICTIONARY))
     return ProfileState(tables, buffered=state.buffered, sealed=SealedTiles(root, e))
 
