@@ -64,6 +64,7 @@ from profile_engine.profiles.state import (
     ADDED_STATE_COLUMNS,
     ADDED_STATE_TABLES,
     ANCHORS,
+    BY_HOUR_TABLES,
     HOURLY,
     ITEM_VIEWS,
     META,
@@ -142,18 +143,24 @@ def tiles_root(lake: Lake, bucket: int) -> Path:
     return lake.path(STATE_TILES, f"bucket={bucket}")
 
 
+def seal_before(name: str, e: int, settings: Settings) -> int:
+    """The time (``SEALED_TIME`` of table ``name``) before which a state ending at ``e`` seals its rows: the end
+    for the by-hour tables (every row of an hour already built; a late event adds a row of its key, which the
+    readers sum), the lateness horizon for the anchors (their lookups rely on it: ``state.anchor_lookup_sql``)."""
+    return e if name in BY_HOUR_TABLES else e - settings.lateness_hours * MS_HOUR
+
+
 def seal_state(lake: Lake, state: ProfileState, hour: datetime, bucket: int, settings: Settings) -> ProfileState:
-    """Seal the rows of ``state``'s sealed tables (as of the end of ``hour``) older than the lateness horizon into
-    tile files: by-hour rows of older hours, anchors older than the horizon (``SEALED_TIME``).
+    """Seal the rows of ``state``'s sealed tables (as of the end of ``hour``) into tile files: every by-hour row
+    (all are of hours before the end), the anchors older than the lateness horizon (``seal_before``).
 
     Writes the rows as the tiles sealed by ``hour`` (``sealed_ms`` = its end), replacing every
     tile sealed after the state's previous checkpoint (its ``sealed.upto_ms``; all of them for
     a state without tiles: an empty or older-layout one), so a rebuilt hour or range leaves no
     stale copy; compacts the days before ``hour`` into day files. Returns the state the
-    checkpoint holds: the recent rows in memory, the rest in the tiles up to the end.
+    checkpoint holds: the recent anchors in memory (no by-hour row), the rest in the tiles up to the end.
     """
     e = hour_ms(hour + HOUR)
-    horizon = e - settings.lateness_hours * MS_HOUR
     after = state.sealed.upto_ms if state.sealed is not None else None
     if state.sealed is not None and state.sealed.users is not None:
         raise ValueError("a state restricted to some users cannot be sealed")
@@ -161,10 +168,12 @@ def seal_state(lake: Lake, state: ProfileState, hour: datetime, bucket: int, set
     tables = dict(state.tables)
     for name in SEALED_TABLES:
         table = state.tables[name]
-        old = pc.less(table.column(SEALED_TIME[name]), pa.scalar(horizon, pa.int64()))
-        rows = table.filter(old)
+        old = pc.less(table.column(SEALED_TIME[name]), pa.scalar(seal_before(name, e, settings), pa.int64()))
+        if pc.all(old).as_py() is not False:  # every row (the by-hour tables): no filtered copy of them
+            rows, tables[name] = table, table.schema.empty_table()
+        else:
+            rows, tables[name] = table.filter(old), table.filter(pc.invert(old))
         rows = rows.append_column(SEALED_MS, pa.array(np.full(rows.num_rows, e, dtype=np.int64)))
-        tables[name] = table.filter(pc.invert(old))
         _write_tiles(lake, root / name, hour, after, e, rows, _TILE_DICTIONARY.get(name, _STATE_DICTIONARY))
     return ProfileState(tables, buffered=state.buffered, sealed=SealedTiles(root, e))
 

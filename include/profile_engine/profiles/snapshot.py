@@ -158,7 +158,7 @@ def snapshot(state: ProfileState, end: datetime, settings: Settings, previous: P
         for name, table in state.tables.items():
             if name not in BY_HOUR_TABLES:
                 con.register(f"s_{name}", table)
-        register_by_hour(con, state, e, traits)  # in memory, or recent rows in memory and sealed tiles
+        register_by_hour(con, state, e, traits)  # in memory, or the hour's rows in memory and sealed tiles
         if state.buffered is not None:
             con.register("s_buffered", state.buffered)
         else:  # a state read from the lake: its sessions are groups already, its orders lines

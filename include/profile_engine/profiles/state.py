@@ -153,9 +153,9 @@ BUFFERED_SCHEMA = _schema(
 
 
 # ---- sealed tiles (docs/architecture.md, "Sealed state tiles") -------------------------------
-# The by-hour tables: rows of an hour older than the lateness horizon never change again (a later
-# event that old only adds rows). A checkpoint of the current layout keeps the recent hours; the
-# older rows are sealed into immutable tile files of the bucket, written once.
+# The by-hour tables: every reader combines the rows of one key, so a row never changes once its hour is
+# built (a late event only adds a row of its key). A checkpoint of the current layout holds none: every
+# row is sealed into immutable tile files of the bucket by the build of its hour (``build.seal_before``).
 BY_HOUR_TABLES: tuple[str, ...] = (HOURLY, ITEM_VIEWS, TRAIT_TILES)
 # Every sealed table and the column whose value below the horizon seals a row. The anchor buffer is sealed
 # too: an anchor older than the horizon is only ever looked up (``anchor_lookup_sql``), never changed.
@@ -164,7 +164,7 @@ SEALED_TABLES: tuple[str, ...] = tuple(SEALED_TIME)
 TILE_ANCHORS = "t_anchors"  # the sealed anchors a merge or snapshot looks up (``register_sealed_anchors``)
 # SQL of the anchor type of a target row ``t`` (a cart takes a view, a purchase a cart)
 _ANCHOR_TYPE = f"CASE t.event_type WHEN '{CART}' THEN '{VIEW}' ELSE '{CART}' END"
-SEALED_MARKER = "sealed_tiles"  # key of a checkpoint manifest whose sealed tables hold the recent rows only
+SEALED_MARKER = "sealed_tiles"  # key of a checkpoint manifest whose sealed tables hold the unsealed rows only
 
 
 def by_hour_oldest(name: str, e: int, traits: tuple[Trait, ...]) -> int | None:
