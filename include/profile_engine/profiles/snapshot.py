@@ -208,9 +208,13 @@ def snapshot(
             kept = None if _most_changed(changed, previous) else _kept_affinities(previous, e)
         if kept is not None:  # the changed users' from their hourly rows, the others' moved on
             con.register("p_affinity_sums", kept)
-            changed_hourly = f"(SELECT * FROM s_{HOURLY} WHERE user_id IN (SELECT user_id FROM {CHANGED}))"
+            # their hourly rows picked once (a semi join over every tile row) for this and their profiles
+            con.execute(
+                f"CREATE TEMP TABLE {CHANGED_HOURLY} AS "
+                f"SELECT * FROM s_{HOURLY} WHERE user_id IN (SELECT user_id FROM {CHANGED})"
+            )
             sums = (
-                f"{_affinity_sums_sql(e, changed_hourly)} UNION ALL BY NAME "
+                f"{_affinity_sums_sql(e, CHANGED_HOURLY)} UNION ALL BY NAME "
                 f"SELECT * FROM p_affinity_sums WHERE user_id NOT IN (SELECT user_id FROM {CHANGED})"
             )
         else:
@@ -225,7 +229,8 @@ def snapshot(
             else None
         )
         if previous is not None and moved:
-            profiles = from_previous_hour(con, previous, e, traits, schema)
+            picked = {HOURLY: CHANGED_HOURLY} if kept is not None else {}
+            profiles = from_previous_hour(con, previous, e, traits, schema, picked)
             changed = int(con.sql(f"SELECT count(*) FROM {CHANGED}").fetchall()[0][0])
             from_state = profiles.num_rows if _most_changed(changed, previous) else changed
             return Snapshot(profiles, interests, True, from_state, affinities, kept is not None)
@@ -235,8 +240,10 @@ def snapshot(
     return Snapshot(profiles, interests, False, profiles.num_rows, affinities)
 
 
-# The temp table of the users ``from_previous_hour`` computes from the state (``_crossed_sql``).
+# The temp table of the users ``from_previous_hour`` computes from the state (``_crossed_sql``), and of their
+# hourly rows when the affinities of the others are moved on (the changed users' are grouped from it).
 CHANGED = "changed"
+CHANGED_HOURLY = "changed_hourly"
 # The relations ``_profiles_sql`` reads (each as ``<src><name>``).
 SOURCES: tuple[str, ...] = (
     USER_EVENTS,
@@ -376,21 +383,25 @@ def _kept_affinities(previous: PreviousHour, e: int) -> pa.Table | None:
 
 
 def from_previous_hour(
-    con: duckdb.DuckDBPyConnection, previous: PreviousHour, e: int, traits: tuple[Trait, ...], schema: pa.Schema
+    con: duckdb.DuckDBPyConnection,
+    previous: PreviousHour,
+    e: int,
+    traits: tuple[Trait, ...],
+    schema: pa.Schema,
+    picked: dict[str, str] | None = None,
 ) -> pa.Table:
     """The snapshot as of ``e`` from the one of ``e - 1h``: the changed users (``CHANGED``, made by
     ``changed_users``) computed by ``_profiles_sql`` over their rows only (``c_<source>``); every other user of
     the state keeps their row of ``previous.profiles`` with the ``time_columns`` computed over the time sources
-    of those users only (``t_<source>``; the other sources empty). More than ``MOST_CHANGED`` of the users
-    changed: every row."""
+    of those users only (``t_<source>``; the other sources empty). ``picked``: sources whose changed users' rows
+    are already in a table (source -> table). More than ``MOST_CHANGED`` of the users changed: every row."""
     changed = con.sql(f"SELECT count(*) FROM {CHANGED}").fetchall()[0][0]
     if _most_changed(changed, previous):
         return fetch(con, _profiles_sql(e, traits), schema)
     decayed = _decayed_traits(traits)
     for name in SOURCES:
-        con.execute(
-            f"CREATE TEMP VIEW c_{name} AS SELECT * FROM s_{name} WHERE user_id IN (SELECT user_id FROM {CHANGED})"
-        )
+        rows = f"s_{name} WHERE user_id IN (SELECT user_id FROM {CHANGED})"
+        con.execute(f"CREATE TEMP VIEW c_{name} AS SELECT * FROM {(picked or {}).get(name, rows)}")
         kept = f"NOT IN (SELECT user_id FROM {CHANGED})" if name in _TIME_SOURCES else "IS NULL AND false"
         con.execute(f"CREATE TEMP VIEW t_{name} AS SELECT * FROM s_{name} WHERE user_id {kept}")
     moved = time_columns(traits)
