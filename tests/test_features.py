@@ -50,7 +50,18 @@ from profile_engine.contracts.profiles import (
 from profile_engine.contracts.traits import load_traits
 from profile_engine.hours import HOUR, floor_hour, format_hour
 from profile_engine.lake.db import cursor as connect
-from profile_engine.lake.storage import INTERESTS, MANIFEST, PROFILE_CHANGES, PROFILES, STAGING, STATE, Lake, read_json
+from profile_engine.lake.storage import (
+    INTERESTS,
+    MANIFEST,
+    PROFILE_CHANGES,
+    PROFILES,
+    STAGING,
+    STATE,
+    Lake,
+    manifest_extra,
+    read_json,
+    write_json,
+)
 from profile_engine.ops import report
 from profile_engine.profiles import merge as merge_module
 from profile_engine.profiles import snapshot as snapshot_module
@@ -70,7 +81,7 @@ from profile_engine.profiles.population import (
     population_snapshot,
     profile_changes,
 )
-from profile_engine.profiles.snapshot import AffinitySums, PreviousHour, snapshot
+from profile_engine.profiles.snapshot import AFFINITY_SUMS_END, AffinitySums, PreviousHour, snapshot
 from profile_engine.profiles.state import (
     BY_HOUR_TABLES,
     CARTS,
@@ -80,6 +91,7 @@ from profile_engine.profiles.state import (
     PENDING,
     SESSION_GAP,
     SESSIONS,
+    STATE_TABLES,
     USER_EVENTS,
     USERS,
     MissingStateError,
@@ -1118,6 +1130,41 @@ def test_lake_round_trip_build_publish_and_range(
             assert comparison.equal, "; ".join(comparison.lines())
     assert all(0 < b["users_from_state"] <= b["users"] for b in builds)
     assert ranges[0]["snapshot_from_previous_hour"] is False and ranges[0]["users_from_state"] == ranges[0]["users"]
+
+
+@pytest.mark.parametrize("kept", ["missing", "of_another_end"])
+@pytest.mark.usefixtures("any_share_changed")
+def test_an_hour_after_a_checkpoint_without_its_kept_affinities_computes_every_one(tmp_path: Path, kept: str) -> None:
+    """A checkpoint without the unrounded affinities (written before them, or rewritten by ``upgrade_state``), or
+    whose manifest says they are of another end: the next hour computes every affinity from the hourly rows, and
+    its profiles and interests equal those of a lake whose checkpoint kept them."""
+    lakes = {}
+    for name in ("kept", "altered"):
+        cfg = replace(SETTINGS, lake=tmp_path / name, buckets=2, start=T0, snapshot_from_previous_min_users=0)
+        stage_hours(Lake(cfg.lake), 3)
+        for h in range(2):
+            build_profiles(cfg, at(hours=h), 0, run_id="t")
+        lakes[name] = cfg
+    lake = Lake(lakes["altered"].lake)
+    manifest = lake.manifest(STATE, at(hours=1), 0)
+    if kept == "missing":
+        tables = {name: lake.read_named(STATE, at(hours=1), name, 0) for name in STATE_TABLES}
+        extra = {k: v for k, v in manifest_extra(manifest).items() if k != AFFINITY_SUMS_END}
+        lake.write_partition(STATE, at(hours=1), tables, bucket=0, run_id="older", extra=extra)
+    else:
+        write_json(
+            lake.partition(STATE, at(hours=1), 0) / MANIFEST,
+            {**manifest, AFFINITY_SUMS_END: manifest[AFFINITY_SUMS_END] - 3_600_000},
+        )
+    built = {name: build_profiles(cfg, at(hours=2), 0, run_id="t") for name, cfg in lakes.items()}
+    assert built["kept"]["affinities_from_previous_hour"] and built["kept"]["snapshot_from_previous_hour"]
+    assert not built["altered"]["affinities_from_previous_hour"] and built["altered"]["snapshot_from_previous_hour"]
+    for layer, keys in ((PROFILES, [USER_ID]), (INTERESTS, [USER_ID, CATEGORY_ID])):
+        tables = [Lake(cfg.lake).read(layer, at(hours=2), 0) for cfg in lakes.values()]
+        comparison = compare_tables(layer, tables[0], tables[1], keys)
+        assert comparison.equal, "; ".join(comparison.lines())
+    # the hour computed in full keeps them again for the next one
+    assert lake.manifest(STATE, at(hours=2), 0)[AFFINITY_SUMS_END] == int(at(hours=3).timestamp() * 1000)
 
 
 def test_rebuilding_a_bucket_uncommits_the_published_hour(tmp_path: Path) -> None:
