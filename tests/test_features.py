@@ -1160,8 +1160,8 @@ def test_an_hour_after_a_checkpoint_without_its_kept_affinities_computes_every_o
     assert built["kept"]["affinities_from_previous_hour"] and built["kept"]["snapshot_from_previous_hour"]
     assert not built["altered"]["affinities_from_previous_hour"] and built["altered"]["snapshot_from_previous_hour"]
     for layer, keys in ((PROFILES, [USER_ID]), (INTERESTS, [USER_ID, CATEGORY_ID])):
-        tables = [Lake(cfg.lake).read(layer, at(hours=2), 0) for cfg in lakes.values()]
-        comparison = compare_tables(layer, tables[0], tables[1], keys)
+        expected, got = (Lake(cfg.lake).read(layer, at(hours=2), 0) for cfg in lakes.values())
+        comparison = compare_tables(layer, expected, got, keys)
         assert comparison.equal, "; ".join(comparison.lines())
     # the hour computed in full keeps them again for the next one
     assert lake.manifest(STATE, at(hours=2), 0)[AFFINITY_SUMS_END] == int(at(hours=3).timestamp() * 1000)
