@@ -62,6 +62,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
+from inspect import signature
 from pathlib import Path
 from typing import Any
 
@@ -987,6 +988,8 @@ def hour_statements(
         state = build.read_state(lake, at - HOUR, bucket)
         events = lake.read(STAGING, at, bucket)
         previous = build.previous_hour(lake, settings, state, events, bucket)  # as build_profiles passes it
+        # as build_profiles calls it: keeping the unrounded affinities for the next hour, where the package does
+        keep = {"keep_affinities": True} if "keep_affinities" in signature(snapshot_module.snapshot).parameters else {}
         per: dict[tuple[str, str], list[tuple[float, float]]] = {}
         totals: dict[str, list[tuple[float, float]]] = {"advance": [], "snapshot": []}
         for run in range(runs + 1):
@@ -997,7 +1000,7 @@ def hour_statements(
             advance_s = (time.monotonic() - began, _cpu_s() - cpu)
             where[0] = "snapshot"
             began, cpu = time.monotonic(), _cpu_s()
-            snapshot_module.snapshot(advanced, at + HOUR, settings, previous)
+            snapshot_module.snapshot(advanced, at + HOUR, settings, previous, **keep)
             snapshot_s = (time.monotonic() - began, _cpu_s() - cpu)
             if run == 0:
                 continue

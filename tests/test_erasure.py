@@ -138,6 +138,10 @@ def test_erased_user_leaves_every_dataset_and_never_comes_back(lake_copy: Settin
         for p in root.glob("exports/**/*.parquet")
     )
     assert before["staging/events"] and before["state"] and before["profiles"]
+    # the state checkpoints keep the unrounded affinities for the next hour's snapshot: rewritten like the rest
+    assert any(
+        user in pq.read_table(p).column("user_id").to_pylist() for p in root.glob("state/**/affinity_sums.parquet")
+    )
 
     result = erasure.erase_users(settings_, [user], requested_by="test", reason="GDPR art. 17")
 

@@ -50,7 +50,18 @@ from profile_engine.contracts.profiles import (
 from profile_engine.contracts.traits import load_traits
 from profile_engine.hours import HOUR, floor_hour, format_hour
 from profile_engine.lake.db import cursor as connect
-from profile_engine.lake.storage import MANIFEST, PROFILE_CHANGES, PROFILES, STAGING, STATE, Lake, read_json
+from profile_engine.lake.storage import (
+    INTERESTS,
+    MANIFEST,
+    PROFILE_CHANGES,
+    PROFILES,
+    STAGING,
+    STATE,
+    Lake,
+    manifest_extra,
+    read_json,
+    write_json,
+)
 from profile_engine.ops import report
 from profile_engine.profiles import merge as merge_module
 from profile_engine.profiles import snapshot as snapshot_module
@@ -70,7 +81,7 @@ from profile_engine.profiles.population import (
     population_snapshot,
     profile_changes,
 )
-from profile_engine.profiles.snapshot import PreviousHour, snapshot
+from profile_engine.profiles.snapshot import AFFINITY_SUMS_END, AffinitySums, PreviousHour, snapshot
 from profile_engine.profiles.state import (
     BY_HOUR_TABLES,
     CARTS,
@@ -80,6 +91,7 @@ from profile_engine.profiles.state import (
     PENDING,
     SESSION_GAP,
     SESSIONS,
+    STATE_TABLES,
     USER_EVENTS,
     USERS,
     MissingStateError,
@@ -888,28 +900,107 @@ def test_a_snapshot_from_the_hour_before_equals_the_full_snapshot_around_every_w
     tiles = tempfile.TemporaryDirectory()
     lake = Lake(Path(tiles.name))
     state, done, previous, incremental = empty_state(), 0, None, 0
+    affinities: AffinitySums | None = None
     for end in checked:
         before = state
         hour_events = table.filter(pc.and_(pc.greater_equal(staged, done), pc.less(staged, end)))
         state = advance(state, hour_events, at(hours=end), PROPERTY_SETTINGS)
         state = seal_state(lake, state, at(hours=end) - HOUR, 0, PROPERTY_SETTINGS)
-        expected, expected_interests, *_ = snapshot(state, at(hours=end), PROPERTY_SETTINGS)
+        full = snapshot(state, at(hours=end), PROPERTY_SETTINGS, keep_affinities=True)
+        expected, expected_interests = full.profiles, full.interests
         if previous is not None and done == end - 1:
-            got, got_interests, *_ = snapshot(
-                state, at(hours=end), PROPERTY_SETTINGS, PreviousHour(previous, before, hour_events)
+            taken = snapshot(
+                state,
+                at(hours=end),
+                PROPERTY_SETTINGS,
+                PreviousHour(previous, before, hour_events, affinities),
+                keep_affinities=True,
             )
+            got, got_interests = taken.profiles, taken.interests
             for name, comparison in (
                 ("profiles", compare_tables("profiles", expected, got, [USER_ID])),
                 ("interests", compare_tables("interests", expected_interests, got_interests, [USER_ID, CATEGORY_ID])),
             ):
                 assert comparison.equal, f"{name} at hour {end}: " + "; ".join(comparison.lines())
             assert got.schema == expected.schema
-            previous, incremental = got, incremental + 1
+            assert taken.affinities_from_previous_hour
+            # the kept affinities carried on (the quiet users' summed hours before) are the full ones moved on
+            assert taken.affinities is not None and full.affinities is not None
+            assert_same_affinities(taken.affinities, full.affinities)
+            previous, affinities, incremental = got, taken.affinities, incremental + 1
         else:
-            previous = expected
+            previous, affinities = expected, full.affinities
         done = end
     assert incremental >= 2 * len(checked) // 3 - len(starts)
     tiles.cleanup()
+
+
+def assert_same_affinities(got: AffinitySums, expected: AffinitySums) -> None:
+    """The same (user, category) rows and views, each affinity as of the same end to 1e-9 relative."""
+    half_life = 7 * 24 * 3600 * 1000
+
+    def as_of(sums: AffinitySums) -> dict[tuple[str, str], tuple[Any, ...]]:
+        rows = sums.table.to_pylist()
+        return {
+            (r[USER_ID], r[CATEGORY_ID]): (
+                *(v for k, v in r.items() if k.startswith("views_")),
+                r["affinity_sum"] * 2 ** (-(sums.end_ms - r["sum_ms"]) / half_life),
+            )
+            for r in rows
+        }
+
+    assert got.end_ms == expected.end_ms
+    moved, full = as_of(got), as_of(expected)
+    assert moved.keys() == full.keys()
+    for key, values in full.items():
+        assert moved[key][:-1] == values[:-1], key
+        assert moved[key][-1] == pytest.approx(values[-1], rel=1e-9), key
+
+
+@pytest.mark.usefixtures("any_share_changed")
+def test_a_snapshot_from_the_hour_before_moves_the_quiet_users_affinities_on() -> None:
+    """u1 is quiet in the hour: its affinities are its unrounded ones of the hour before times one decay factor
+    (here made wrong on purpose, doubled, to see where they come from); u2 buys in the hour and its affinities
+    are computed from its hourly rows. Kept affinities of another end are not used: every one is computed."""
+    cfg = Settings(lateness_hours=1)
+    old = events(
+        {"user_id": "u1", "event_type": "cart", "category_id": "c1", "ts": at(hours=1)},
+        {"user_id": "u2", "category_id": "c2", "ts": at(hours=1)},
+    )
+    first = advance(empty_state(), old, at(days=4, hours=5), cfg)
+    before = snapshot(first, at(days=4, hours=5), cfg, keep_affinities=True)
+    assert before.affinities is not None and before.affinities.end_ms == int(at(days=4, hours=5).timestamp() * 1000)
+    sums = before.affinities.table
+    doubled = pc.if_else(
+        pc.equal(sums.column(USER_ID), "u1"), pc.multiply(sums.column("affinity_sum"), 2.0), sums.column("affinity_sum")
+    )
+    wrong = AffinitySums(
+        sums.set_column(sums.schema.get_field_index("affinity_sum"), "affinity_sum", doubled), before.affinities.end_ms
+    )
+    new = events({"user_id": "u2", "event_type": "purchase", "category_id": "c2", "ts": at(days=4, hours=5, minutes=5)})
+    second = advance(first, new, at(days=4, hours=6), cfg)
+    expected = snapshot(second, at(days=4, hours=6), cfg)
+    got = snapshot(
+        second, at(days=4, hours=6), cfg, PreviousHour(before.profiles, first, new, wrong), keep_affinities=True
+    )
+    assert got.affinities_from_previous_hour and got.users_from_state == 1
+
+    def scores(interests: pa.Table) -> dict[str, float]:
+        return dict(zip(interests.column(USER_ID).to_pylist(), interests.column("affinity").to_pylist(), strict=True))
+
+    assert scores(got.interests)["u1"] == pytest.approx(2 * scores(expected.interests)["u1"], abs=1e-6)
+    assert scores(got.interests)["u2"] == scores(expected.interests)["u2"]
+    assert row(got.profiles)["top_category_1_score"] == scores(got.interests)["u1"]
+    # kept as summed: u1's as of the hour before, u2's as of this hour
+    assert got.affinities is not None
+    kept = {r[USER_ID]: r["sum_ms"] for r in got.affinities.table.to_pylist()}
+    assert kept == {"u1": before.affinities.end_ms, "u2": before.affinities.end_ms + 3_600_000}
+    # of another end (or none): every affinity computed, the same as the full snapshot
+    for other in (AffinitySums(wrong.table, wrong.end_ms - 3_600_000), None):
+        computed = snapshot(second, at(days=4, hours=6), cfg, PreviousHour(before.profiles, first, new, other))
+        assert computed.from_previous_hour and not computed.affinities_from_previous_hour
+        assert_same(computed.profiles, expected.profiles)
+        assert computed.interests.equals(expected.interests)
 
 
 @pytest.mark.usefixtures("any_share_changed")
@@ -1024,8 +1115,54 @@ def test_lake_round_trip_build_publish_and_range(
     assert (lake.partition(PROFILES, at(hours=2)) / MANIFEST).is_file()
     started = [b["snapshot_from_previous_hour"] for b in builds]  # hours 1 and 2 of both buckets when asked
     assert started == [False, False, *([from_previous] * 4)]
+    # the quiet users' affinities moved on from the unrounded ones the checkpoint of the hour before keeps
+    assert [b["affinities_from_previous_hour"] for b in builds] == started
+    for h in (1, 2):
+        for b in range(2):
+            comparison = compare_tables(
+                "interests",
+                Lake(bulk.lake).read(INTERESTS, at(hours=h), b),
+                lake.read(INTERESTS, at(hours=h), b),
+                [USER_ID, CATEGORY_ID],
+            )
+            assert comparison.equal, "; ".join(comparison.lines())
     assert all(0 < b["users_from_state"] <= b["users"] for b in builds)
     assert ranges[0]["snapshot_from_previous_hour"] is False and ranges[0]["users_from_state"] == ranges[0]["users"]
+
+
+@pytest.mark.parametrize("kept", ["missing", "of_another_end"])
+@pytest.mark.usefixtures("any_share_changed")
+def test_an_hour_after_a_checkpoint_without_its_kept_affinities_computes_every_one(tmp_path: Path, kept: str) -> None:
+    """A checkpoint without the unrounded affinities (written before them, or rewritten by ``upgrade_state``), or
+    whose manifest says they are of another end: the next hour computes every affinity from the hourly rows, and
+    its profiles and interests equal those of a lake whose checkpoint kept them."""
+    lakes = {}
+    for name in ("kept", "altered"):
+        cfg = replace(SETTINGS, lake=tmp_path / name, buckets=2, start=T0, snapshot_from_previous_min_users=0)
+        stage_hours(Lake(cfg.lake), 3)
+        for h in range(2):
+            build_profiles(cfg, at(hours=h), 0, run_id="t")
+        lakes[name] = cfg
+    lake = Lake(lakes["altered"].lake)
+    manifest = lake.manifest(STATE, at(hours=1), 0)
+    if kept == "missing":
+        tables = {name: lake.read_named(STATE, at(hours=1), name, 0) for name in STATE_TABLES}
+        extra = {k: v for k, v in manifest_extra(manifest).items() if k != AFFINITY_SUMS_END}
+        lake.write_partition(STATE, at(hours=1), tables, bucket=0, run_id="older", extra=extra)
+    else:
+        write_json(
+            lake.partition(STATE, at(hours=1), 0) / MANIFEST,
+            {**manifest, AFFINITY_SUMS_END: manifest[AFFINITY_SUMS_END] - 3_600_000},
+        )
+    built = {name: build_profiles(cfg, at(hours=2), 0, run_id="t") for name, cfg in lakes.items()}
+    assert built["kept"]["affinities_from_previous_hour"] and built["kept"]["snapshot_from_previous_hour"]
+    assert not built["altered"]["affinities_from_previous_hour"] and built["altered"]["snapshot_from_previous_hour"]
+    for layer, keys in ((PROFILES, [USER_ID]), (INTERESTS, [USER_ID, CATEGORY_ID])):
+        expected, got = (Lake(cfg.lake).read(layer, at(hours=2), 0) for cfg in lakes.values())
+        comparison = compare_tables(layer, expected, got, keys)
+        assert comparison.equal, "; ".join(comparison.lines())
+    # the hour computed in full keeps them again for the next one
+    assert lake.manifest(STATE, at(hours=2), 0)[AFFINITY_SUMS_END] == int(at(hours=3).timestamp() * 1000)
 
 
 def test_rebuilding_a_bucket_uncommits_the_published_hour(tmp_path: Path) -> None:

@@ -59,7 +59,13 @@ from profile_engine.profiles.population import (
     rfm_cuts,
     value_counts,
 )
-from profile_engine.profiles.snapshot import PreviousHour, snapshot
+from profile_engine.profiles.snapshot import (
+    AFFINITY_SUMS,
+    AFFINITY_SUMS_END,
+    AffinitySums,
+    PreviousHour,
+    snapshot,
+)
 from profile_engine.profiles.state import (
     ADDED_STATE_COLUMNS,
     ADDED_STATE_TABLES,
@@ -292,7 +298,9 @@ def upgrade_state(lake: Lake, hour: datetime, bucket: int) -> bool:
     if "ts_ms" not in sessions and added:
         return False
     state = read_state(lake, hour, bucket)
-    extra = {k: v for k, v in manifest_extra(lake.manifest(STATE, hour, bucket)).items() if k != SEALED_MARKER}
+    # the kept affinities (``AFFINITY_SUMS``) are not rewritten: without them the next snapshot computes every one
+    dropped = (SEALED_MARKER, AFFINITY_SUMS_END)
+    extra = {k: v for k, v in manifest_extra(lake.manifest(STATE, hour, bucket)).items() if k not in dropped}
     lake.write_partition(
         STATE,
         hour,
@@ -361,7 +369,20 @@ def previous_hour(
     columns = snapshot_schema(traits).names
     if not set(columns) <= set(profiles.get("columns", ())):
         return None
-    return PreviousHour(lake.read(PROFILES, hour, bucket, columns=columns), state, events)
+    return PreviousHour(
+        lake.read(PROFILES, hour, bucket, columns=columns), state, events, _kept_affinities(lake, hour, bucket)
+    )
+
+
+def _kept_affinities(lake: Lake, hour: datetime, bucket: int) -> AffinitySums | None:
+    """The unrounded affinities the checkpoint of ``hour`` keeps for the next snapshot (``snapshot.AffinitySums``),
+    when its manifest says of which end (a checkpoint written before them, or rewritten without them: None)."""
+    manifest = lake.manifest(STATE, hour, bucket)
+    end = manifest.get(AFFINITY_SUMS_END)
+    files = {f.get("name") for f in manifest.get("files", ())}
+    if not isinstance(end, int) or f"{AFFINITY_SUMS}.parquet" not in files:
+        return None
+    return AffinitySums(lake.read_named(STATE, hour, AFFINITY_SUMS, bucket), end)
 
 
 def _write_hour(
@@ -376,24 +397,35 @@ def _write_hour(
     """Write profiles, interests, the sealed tiles and (last, since the next hour builds on it) the state of
     ``hour``; returns the counts and the state as the checkpoint holds it (the next merge starts from it).
     ``previous``: the hour before, from which the snapshot computes the changed users only."""
-    profiles, interests, from_previous, from_state = snapshot(state, hour + HOUR, settings, previous)
+    taken = snapshot(state, hour + HOUR, settings, previous, keep_affinities=True)
+    profiles, interests, from_previous, from_state, affinities = taken[:5]
     # A rebuilt bucket invalidates a published snapshot of this hour until publish_profiles runs again.
     (lake.partition(PROFILES, hour) / MANIFEST).unlink(missing_ok=True)
     lake.write_partition(PROFILES, hour, profiles, bucket=bucket, run_id=run_id, dictionary=_PROFILE_DICTIONARY)
     lake.write_partition(INTERESTS, hour, interests, bucket=bucket, run_id=run_id, dictionary=[CATEGORY_ID])
     sealed = seal_state(lake, state, hour, bucket, settings)
+    # the unrounded affinities beside the state tables, for the next hour's snapshot (``snapshot.AffinitySums``)
+    kept = {AFFINITY_SUMS: affinities.table} if affinities is not None else {}
     lake.write_partition(
         STATE,
         hour,
-        sealed.tables,
+        {**sealed.tables, **kept},
         bucket=bucket,
         run_id=run_id,
         dictionary=_STATE_DICTIONARY,
-        extra={SEALED_MARKER: True, SNAPSHOT_TRAITS: traits_digest(load_traits(settings.traits))},
+        extra={
+            SEALED_MARKER: True,
+            SNAPSHOT_TRAITS: traits_digest(load_traits(settings.traits)),
+            **({AFFINITY_SUMS_END: affinities.end_ms} if affinities is not None else {}),
+        },
     )
     # how the snapshot was taken: from the hour before with only the changed users computed from the state, or not
     written = {"users": profiles.num_rows, "interests": interests.num_rows, "users_from_state": from_state}
-    return {**written, "snapshot_from_previous_hour": from_previous}, sealed
+    moved = {
+        "snapshot_from_previous_hour": from_previous,
+        "affinities_from_previous_hour": taken.affinities_from_previous_hour,
+    }
+    return {**written, **moved}, sealed
 
 
 def _merge_counts(

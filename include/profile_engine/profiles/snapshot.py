@@ -17,6 +17,7 @@ from profile_engine.contracts.events import CART, EVENT_TYPES, FAV, PURCHASE, VI
 from profile_engine.contracts.profiles import (
     AVG_ORDER_VALUE,
     CART_VIEW_RATE,
+    CATEGORY_ID,
     DISTINCT_CATEGORIES,
     EVENTS_PER_SESSION,
     FIRST_SEEN_AT,
@@ -110,18 +111,33 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class AffinitySums:
+    """The unrounded affinities of a snapshot (``AFFINITY_SUMS_SCHEMA``: every (user, category) of the retention,
+    also those below ``MIN_AFFINITY``, with their ``views_<w>``), kept for the snapshot of the next hour
+    (docs/architecture.md, "The snapshot of the changed users"). ``end_ms``: the end of the snapshot they belong
+    to. Each row's ``affinity_sum`` is the decayed sum as of its own ``sum_ms`` (the end of the hour that last
+    summed that user's hourly rows): its affinity at a later end is that times one exact decay factor."""
+
+    table: pa.Table
+    end_ms: int
+
+
+@dataclass(frozen=True)
 class PreviousHour:
     """The hour before a snapshot, from which ``snapshot`` recomputes only the rows that can differ
     (docs/architecture.md, "The snapshot of the changed users").
 
     ``profiles``: the snapshot of ``state`` as of its end (at least the ``snapshot_schema`` columns, e.g. the
     published bucket with its population columns); ``state``: the state that ``advance`` moved by one hour,
-    merging ``events`` (the hour's staged events), into the state being snapshotted.
+    merging ``events`` (the hour's staged events), into the state being snapshotted; ``affinities``: the
+    unrounded affinities of that snapshot (``Snapshot.affinities``), from which the affinities of the users
+    that did not change are moved on (None, or of another end: every affinity is computed).
     """
 
     profiles: pa.Table
     state: ProfileState
     events: pa.Table
+    affinities: AffinitySums | None = None
 
 
 class Snapshot(NamedTuple):
@@ -133,9 +149,20 @@ class Snapshot(NamedTuple):
     # the state tables (every user when not, or when more than ``MOST_CHANGED`` of them changed)
     from_previous_hour: bool
     users_from_state: int
+    # the unrounded affinities, for the next hour's snapshot (``keep_affinities``; else None)
+    affinities: AffinitySums | None = None
+    # whether the affinities of the users that did not change were moved on from ``PreviousHour.affinities``
+    affinities_from_previous_hour: bool = False
 
 
-def snapshot(state: ProfileState, end: datetime, settings: Settings, previous: PreviousHour | None = None) -> Snapshot:
+def snapshot(
+    state: ProfileState,
+    end: datetime,
+    settings: Settings,
+    previous: PreviousHour | None = None,
+    *,
+    keep_affinities: bool = False,
+) -> Snapshot:
     """The profile snapshot as of ``end`` (the state's end) and the interests long table.
 
     Profiles carry every contract column (``snapshot_schema``: the declared traits of
@@ -147,7 +174,9 @@ def snapshot(state: ProfileState, end: datetime, settings: Settings, previous: P
     events in the hour or a row crossing a window bound are computed from the state tables; every other
     row is the previous one with its time-dependent columns (``time_columns``) moved to ``end``. The
     result is the same table. A ``previous`` that does not continue ``state`` (another end, other
-    columns) is ignored.
+    columns) is ignored. With its unrounded affinities (``PreviousHour.affinities``) too, only the
+    changed users' affinities are computed from the hourly rows; the others' are moved on by one decay factor.
+    ``keep_affinities``: return the unrounded affinities (``Snapshot.affinities``) for the next hour.
     """
     e = hour_ms(end)
     if state.end is not None and state.end != end:
@@ -171,23 +200,50 @@ def snapshot(state: ProfileState, end: datetime, settings: Settings, previous: P
             if register_sealed_anchors(con, state, horizon - lookback, "s_targets", "s_anchors"):
                 anchors = f"({anchor_lookup_sql('s_anchors', horizon)})"
             con.execute(f"CREATE TEMP TABLE s_buffered AS {buffered_sql(sessions, orders, 's_targets', anchors)}")
+        schema = snapshot_schema(traits)
+        moved = previous is not None and _continues(previous, state, end, schema)
+        kept = None
+        if previous is not None and moved:
+            changed = changed_users(con, previous, e, traits, schema)
+            kept = None if _most_changed(changed, previous) else _kept_affinities(previous, e)
+        if kept is not None:  # the changed users' from their hourly rows, the others' moved on
+            con.register("p_affinity_sums", kept)
+            # their hourly rows picked once (a semi join over every tile row) for this and their profiles
+            con.execute(
+                f"CREATE TEMP TABLE {CHANGED_HOURLY} AS "
+                f"SELECT * FROM s_{HOURLY} WHERE user_id IN (SELECT user_id FROM {CHANGED})"
+            )
+            sums = (
+                f"{_affinity_sums_sql(e, CHANGED_HOURLY)} UNION ALL BY NAME "
+                f"SELECT * FROM p_affinity_sums WHERE user_id NOT IN (SELECT user_id FROM {CHANGED})"
+            )
+        else:
+            sums = _affinity_sums_sql(e, f"s_{HOURLY}")
+        con.execute(f"CREATE TEMP TABLE s_affinity_sums AS {sums}")
         con.execute(f"CREATE TEMP TABLE s_affinities AS {_affinities_sql(e)}")
         con.execute(f"CREATE TEMP VIEW s_interests AS SELECT * FROM s_affinities WHERE affinity >= {MIN_AFFINITY}")
         interests = fetch(con, "SELECT * FROM s_interests ORDER BY user_id, category_id", INTERESTS_SCHEMA)
-        schema = snapshot_schema(traits)
-        if previous is not None and _continues(previous, state, end, schema):
-            profiles = from_previous_hour(con, previous, e, traits, schema)
+        affinities = (
+            AffinitySums(fetch(con, "SELECT * FROM s_affinity_sums", AFFINITY_SUMS_SCHEMA), e)
+            if keep_affinities
+            else None
+        )
+        if previous is not None and moved:
+            picked = {HOURLY: CHANGED_HOURLY} if kept is not None else {}
+            profiles = from_previous_hour(con, previous, e, traits, schema, picked)
             changed = int(con.sql(f"SELECT count(*) FROM {CHANGED}").fetchall()[0][0])
             from_state = profiles.num_rows if _most_changed(changed, previous) else changed
-            return Snapshot(profiles, interests, True, from_state)
+            return Snapshot(profiles, interests, True, from_state, affinities, kept is not None)
         profiles = fetch(con, _profiles_sql(e, traits), schema)
     finally:
         con.close()
-    return Snapshot(profiles, interests, False, profiles.num_rows)
+    return Snapshot(profiles, interests, False, profiles.num_rows, affinities)
 
 
-# The temp table of the users ``from_previous_hour`` computes from the state (``_crossed_sql``).
+# The temp table of the users ``from_previous_hour`` computes from the state (``_crossed_sql``), and of their
+# hourly rows when the affinities of the others are moved on (the changed users' are grouped from it).
 CHANGED = "changed"
+CHANGED_HOURLY = "changed_hourly"
 # The relations ``_profiles_sql`` reads (each as ``<src><name>``).
 SOURCES: tuple[str, ...] = (
     USER_EVENTS,
@@ -293,13 +349,11 @@ def _continues(previous: PreviousHour, state: ProfileState, end: datetime, schem
     return bool(hours["min"] == hours["max"] == hour_ms(before) - MS_HOUR)
 
 
-def from_previous_hour(
+def changed_users(
     con: duckdb.DuckDBPyConnection, previous: PreviousHour, e: int, traits: tuple[Trait, ...], schema: pa.Schema
-) -> pa.Table:
-    """The snapshot as of ``e`` from the one of ``e - 1h``: the changed users (``_crossed_sql``) computed by
-    ``_profiles_sql`` over their rows only (``c_<source>``); every other user of the state keeps their row of
-    ``previous.profiles`` with the ``time_columns`` computed over the time sources of those users only
-    (``t_<source>``; the other sources empty). More than ``MOST_CHANGED`` of the users changed: every row."""
+) -> int:
+    """Register the hour before (``p_<table>``, ``p_profiles`` in ``schema``) and create ``CHANGED``, the users the snapshot at
+    ``e`` computes from the state (``_crossed_sql``); how many they are."""
     before = previous.state
     con.register("p_events", previous.events.select([USER_ID]))
     con.register("p_pending", before.tables[PENDING].select([USER_ID]))
@@ -310,14 +364,44 @@ def from_previous_hour(
     as_computed = pa.schema([pa.field(f.name, pa.int64()) if pa.types.is_timestamp(f.type) else f for f in schema])
     con.register("p_profiles", previous.profiles.select(schema.names).cast(schema).cast(as_computed))
     con.execute(f"CREATE TEMP TABLE {CHANGED} AS {_crossed_sql(e, traits)}")
+    return int(con.sql(f"SELECT count(*) FROM {CHANGED}").fetchall()[0][0])
+
+
+def _kept_affinities(previous: PreviousHour, e: int) -> pa.Table | None:
+    """The unrounded affinities of the hour before in ``AFFINITY_SUMS_SCHEMA``, or None when there are none, they
+    are of another end or lack a column (every affinity is then computed from the hourly rows)."""
+    kept = previous.affinities
+    if kept is None or kept.end_ms != e - MS_HOUR:
+        return None
+    names = kept.table.column_names
+    if any(f.name not in names for f in AFFINITY_SUMS_SCHEMA):
+        return None
+    try:
+        return kept.table.select(AFFINITY_SUMS_SCHEMA.names).cast(AFFINITY_SUMS_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+
+
+def from_previous_hour(
+    con: duckdb.DuckDBPyConnection,
+    previous: PreviousHour,
+    e: int,
+    traits: tuple[Trait, ...],
+    schema: pa.Schema,
+    picked: dict[str, str] | None = None,
+) -> pa.Table:
+    """The snapshot as of ``e`` from the one of ``e - 1h``: the changed users (``CHANGED``, made by
+    ``changed_users``) computed by ``_profiles_sql`` over their rows only (``c_<source>``); every other user of
+    the state keeps their row of ``previous.profiles`` with the ``time_columns`` computed over the time sources
+    of those users only (``t_<source>``; the other sources empty). ``picked``: sources whose changed users' rows
+    are already in a table (source -> table). More than ``MOST_CHANGED`` of the users changed: every row."""
     changed = con.sql(f"SELECT count(*) FROM {CHANGED}").fetchall()[0][0]
     if _most_changed(changed, previous):
         return fetch(con, _profiles_sql(e, traits), schema)
     decayed = _decayed_traits(traits)
     for name in SOURCES:
-        con.execute(
-            f"CREATE TEMP VIEW c_{name} AS SELECT * FROM s_{name} WHERE user_id IN (SELECT user_id FROM {CHANGED})"
-        )
+        rows = f"s_{name} WHERE user_id IN (SELECT user_id FROM {CHANGED})"
+        con.execute(f"CREATE TEMP VIEW c_{name} AS SELECT * FROM {(picked or {}).get(name, rows)}")
         kept = f"NOT IN (SELECT user_id FROM {CHANGED})" if name in _TIME_SOURCES else "IS NULL AND false"
         con.execute(f"CREATE TEMP VIEW t_{name} AS SELECT * FROM s_{name} WHERE user_id {kept}")
     moved = time_columns(traits)
@@ -333,24 +417,52 @@ def from_previous_hour(
     )
 
 
-def _affinities_sql(e: int) -> str:
-    """Affinity of every (user, category) seen within the retention, before the pruning rule.
+# The unrounded affinities a snapshot keeps for the next hour's (``AffinitySums``): the name of their table in the
+# state checkpoint and the key of its manifest saying which end they are of.
+AFFINITY_SUMS = "affinity_sums"
+AFFINITY_SUMS_END = "affinity_sums_end"
+AFFINITY_SUMS_SCHEMA = pa.schema(
+    [
+        pa.field(USER_ID, pa.string()),
+        pa.field(CATEGORY_ID, pa.string()),
+        *(pa.field(f"views_{w}", pa.int64()) for w, _ in REPEAT_WINDOWS),
+        pa.field("affinity_sum", pa.float64()),
+        pa.field("sum_ms", pa.int64()),
+    ]
+)
 
-    The interests are the rows at or above ``MIN_AFFINITY``; the number of distinct
-    categories counts every row, so both come from this one grouping of the hourly buckets.
-    """
+
+def _affinity_sums_sql(e: int, hourly: str) -> str:
+    """Unrounded affinity (as of ``e``: ``sum_ms``) and ``views_<w>`` of every (user, category) of ``hourly``'s rows
+    within the retention, before the pruning rule."""
     weight = "CASE event_type " + " ".join(f"WHEN '{t}' THEN {w}" for t, w in AFFINITY_WEIGHTS.items()) + " END"
     retention = int(HOURLY_RETENTION.total_seconds() * 1000)
     views = ", ".join(
-        f"sum(n) FILTER (WHERE event_type = '{VIEW}' AND hour_ms >= {e - h * MS_HOUR}) AS views_{w}"
+        f"CAST(sum(n) FILTER (WHERE event_type = '{VIEW}' AND hour_ms >= {e - h * MS_HOUR}) AS BIGINT) AS views_{w}"
         for w, h in REPEAT_WINDOWS
     )
     return f"""
         SELECT user_id, category_id, {views},
-               round(sum({weight} * decay_sum * {affinity_decay_sql(f"{e} - hour_ms - {MS_HOUR}")}),
-                     {AFFINITY_DECIMALS}) AS affinity
-        FROM s_hourly WHERE category_id IS NOT NULL AND hour_ms >= {e - retention}
+               sum({weight} * decay_sum * {affinity_decay_sql(f"{e} - hour_ms - {MS_HOUR}")}) AS affinity_sum,
+               CAST({e} AS BIGINT) AS sum_ms
+        FROM {hourly} WHERE category_id IS NOT NULL AND hour_ms >= {e - retention}
         GROUP BY user_id, category_id
+    """
+
+
+def _affinities_sql(e: int) -> str:
+    """Affinity of every (user, category) seen within the retention, before the pruning rule: the unrounded sums
+    (``s_affinity_sums``) as of ``e`` (one exact decay factor from their ``sum_ms``), rounded.
+
+    The interests are the rows at or above ``MIN_AFFINITY``; the number of distinct
+    categories counts every row, so both come from this one table.
+    """
+    views = ", ".join(f"views_{w}" for w, _ in REPEAT_WINDOWS)
+    moved = f"affinity_sum * {affinity_decay_sql(f'{e} - sum_ms')}"
+    return f"""
+        SELECT user_id, category_id, {views},
+               round(CASE WHEN sum_ms = {e} THEN affinity_sum ELSE {moved} END, {AFFINITY_DECIMALS}) AS affinity
+        FROM s_affinity_sums
     """
 
 
