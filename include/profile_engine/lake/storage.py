@@ -422,17 +422,34 @@ def restrict_private(new: Path, target: Path, lake: Lake) -> None:
 
 
 def write_table_file(
-    lake: Lake, target: Path, table: pa.Table, dictionary: bool | list[str] = True, row_group_size: int | None = None
+    lake: Lake,
+    target: Path,
+    table: pa.Table,
+    dictionary: bool | list[str] = True,
+    row_group_size: int | None = None,
+    order: pa.Array | None = None,
 ) -> None:
     """Write one Parquet file atomically outside any partition (under ``_tmp/``, then renamed into place).
 
     For files that are whole on their own and never change once written, such as the sealed
-    state tiles; in a ``PRIVATE_LAYERS`` layer the file gets ``PRIVATE_FILE_MODE``.
+    state tiles; in a ``PRIVATE_LAYERS`` layer the file gets ``PRIVATE_FILE_MODE``. ``order``: the
+    rows' positions in the order to write them (with ``row_group_size``): taken one row group at a
+    time, so no reordered copy of the whole table is held (a day of tiles is millions of rows).
     """
     tmp = lake.tmp_dir()
-    pq.write_table(
-        table, tmp / target.name, compression="zstd", use_dictionary=dictionary, row_group_size=row_group_size
-    )
+    if order is not None and row_group_size:
+        table = table.combine_chunks()  # a take from a chunked table concatenates its chunks every time
+        with pq.ParquetWriter(tmp / target.name, table.schema, compression="zstd", use_dictionary=dictionary) as out:
+            for start in range(0, len(order), row_group_size):
+                out.write_table(table.take(order[start : start + row_group_size]))
+    else:
+        pq.write_table(
+            table if order is None else table.take(order),
+            tmp / target.name,
+            compression="zstd",
+            use_dictionary=dictionary,
+            row_group_size=row_group_size,
+        )
     relative = target.relative_to(lake.root).as_posix() if target.is_relative_to(lake.root) else ""
     layer = relative.split("/")[0]
     target.parent.mkdir(parents=True, exist_ok=True)
