@@ -87,6 +87,7 @@ from profile_engine.profiles.state import (
     CARTS,
     DECAYED_MS,
     FAVS,
+    HOURLY,
     HOURS_OF_DAY,
     PENDING,
     SESSION_GAP,
@@ -958,6 +959,30 @@ def assert_same_affinities(got: AffinitySums, expected: AffinitySums) -> None:
 
 
 @pytest.mark.usefixtures("any_share_changed")
+def test_the_kept_affinities_do_not_depend_on_the_order_of_the_hourly_rows() -> None:
+    """The kept unrounded sums are written to the lake: a rerun of an hour must write the same values, whatever the
+    order in which DuckDB reads the hourly rows (tile files are scanned in parallel). Sums of many terms of
+    different sizes, taken in the opposite order, are equal to the last bit."""
+    rng = random.Random(7)
+    rows = [
+        {
+            "user_id": f"u{i % 3}",
+            "event_type": rng.choice(("view", "cart", "purchase", "fav")),
+            "category_id": f"c{i % 2}",
+            "ts": at(hours=rng.randrange(0, 28 * 24), minutes=rng.randrange(60)),
+        }
+        for i in range(600)
+    ]
+    state = rebuild(events(*rows), at(days=29), SETTINGS)
+    hourly = state.tables[HOURLY]
+    assert hourly.num_rows > 300
+    backwards = ProfileState({**state.tables, HOURLY: hourly.take(pa.array(range(hourly.num_rows - 1, -1, -1)))})
+    sums = [snapshot(s, at(days=29), SETTINGS, keep_affinities=True).affinities for s in (state, backwards)]
+    assert sums[0] is not None and sums[1] is not None
+    order = [("user_id", "ascending"), ("category_id", "ascending")]
+    assert sums[0].table.sort_by(order).equals(sums[1].table.sort_by(order))
+
+
 def test_a_snapshot_from_the_hour_before_moves_the_quiet_users_affinities_on() -> None:
     """u1 is quiet in the hour: its affinities are its unrounded ones of the hour before times one decay factor
     (here made wrong on purpose, doubled, to see where they come from); u2 buys in the hour and its affinities

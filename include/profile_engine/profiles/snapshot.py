@@ -434,7 +434,11 @@ AFFINITY_SUMS_SCHEMA = pa.schema(
 
 def _affinity_sums_sql(e: int, hourly: str) -> str:
     """Unrounded affinity (as of ``e``: ``sum_ms``) and ``views_<w>`` of every (user, category) of ``hourly``'s rows
-    within the retention, before the pruning rule."""
+    within the retention, before the pruning rule.
+
+    ``fsum`` (a compensated sum) gives the same value to the last bit whatever order DuckDB reads the rows in (tile
+    files are scanned in parallel): the sums are kept in the lake, and a rerun of an hour must write what the hour
+    wrote (tests/reliability). ``sum`` differed in the last bit between runs; it costs the same."""
     weight = "CASE event_type " + " ".join(f"WHEN '{t}' THEN {w}" for t, w in AFFINITY_WEIGHTS.items()) + " END"
     retention = int(HOURLY_RETENTION.total_seconds() * 1000)
     views = ", ".join(
@@ -443,7 +447,7 @@ def _affinity_sums_sql(e: int, hourly: str) -> str:
     )
     return f"""
         SELECT user_id, category_id, {views},
-               sum({weight} * decay_sum * {affinity_decay_sql(f"{e} - hour_ms - {MS_HOUR}")}) AS affinity_sum,
+               fsum({weight} * decay_sum * {affinity_decay_sql(f"{e} - hour_ms - {MS_HOUR}")}) AS affinity_sum,
                CAST({e} AS BIGINT) AS sum_ms
         FROM {hourly} WHERE category_id IS NOT NULL AND hour_ms >= {e - retention}
         GROUP BY user_id, category_id
