@@ -18,8 +18,10 @@ from profile_engine.config import Settings
 from profile_engine.contracts.events import REFUND, STAGED_SCHEMA
 from profile_engine.contracts.profiles import PROFILE_SCHEMA, TIMESTAMP, USER_ID
 from profile_engine.contracts.scores import SCORE_SCHEMA
+from profile_engine.contracts.traits import load_traits
 from profile_engine.ingest import events as ingest
 from profile_engine.lake import storage as lk
+from profile_engine.lake.db import cursor
 from profile_engine.lake.storage import Lake
 from profile_engine.profiles import replay
 from profile_engine.profiles.build import build_profiles, read_state
@@ -27,7 +29,15 @@ from profile_engine.profiles.merge import advance, rebuild
 from profile_engine.profiles.population import add_population_features
 from profile_engine.profiles.replay import rebuild_bucket
 from profile_engine.profiles.snapshot import snapshot as snapshot_of
-from profile_engine.profiles.state import HOURS_OF_DAY, PENDING, USER_EVENTS, empty_state
+from profile_engine.profiles.state import (
+    BY_HOUR_TABLES,
+    HOURS_OF_DAY,
+    PENDING,
+    USER_EVENTS,
+    empty_state,
+    hour_ms,
+    register_by_hour,
+)
 from profile_engine.profiles.verify import compare_tables
 from profile_engine.segments.assign import assign_segments
 from profile_engine.segments.rules import load_rules
@@ -293,15 +303,25 @@ def test_events_staged_before_local_hour_existed_keep_their_business_time_zone_h
     build_profiles(settings, HOUR0, 0)
     state = read_state(lake, HOUR0, 0)
     state.tables[PENDING] = state.tables[PENDING].drop_columns(["local_hour"])  # an older state's buffer
-    lake.write_partition(lk.STATE, HOUR0, state.tables, bucket=0)
+    # the checkpoint's other keys kept (its by-hour rows are in the sealed tiles it names), as an upgrade keeps them
+    extra = lk.manifest_extra(lake.manifest(lk.STATE, HOUR0, 0))
+    lake.write_partition(lk.STATE, HOUR0, state.tables, bucket=0, extra=extra)
     build_profiles(settings, HOUR0 + timedelta(hours=1), 0)
     build_profiles(settings, HOUR0 + timedelta(hours=2), 0)
     _, rebuilt = rebuild_bucket(settings, HOUR0 + timedelta(hours=2), 0)
 
-    hourly = read_state(lake, HOUR0 + timedelta(hours=2), 0).tables
+    final = read_state(lake, HOUR0 + timedelta(hours=2), 0)
+    hourly = final.tables
     # decayed sums are floats decayed in steps on the hourly path: equal to the verification's tolerance
     assert compare_tables(USER_EVENTS, rebuilt.tables[USER_EVENTS], hourly[USER_EVENTS], [USER_ID, "event_type"]).equal
-    assert {**hourly, USER_EVENTS: None} == {**rebuilt.tables, USER_EVENTS: None}
+    per_user = [name for name in hourly if name not in (USER_EVENTS, *BY_HOUR_TABLES)]
+    assert {n: hourly[n] for n in per_user} == {n: rebuilt.tables[n] for n in per_user}
+    # the by-hour tables as every reader sees them: the checkpoint's rows (none: each sealed by its hour) and the tiles
+    con = cursor()
+    register_by_hour(con, final, hour_ms(HOUR0 + timedelta(hours=3)), load_traits(settings.traits))
+    for name in BY_HOUR_TABLES:
+        seen = con.sql(f"SELECT * FROM s_{name}").to_arrow_table().to_pylist()
+        assert sorted(seen, key=repr) == sorted(rebuilt.tables[name].to_pylist(), key=repr), name
     profile = snapshot_of(rebuilt, HOUR0 + timedelta(hours=3), settings)[0].to_pylist()[0]
     assert profile["peak_hour_local"] == 11  # 10:05 UTC in Berlin (UTC+1 in November)
     assert set(rebuilt.tables[HOURS_OF_DAY].column("hour_of_day").to_pylist()) == {11, 13}
