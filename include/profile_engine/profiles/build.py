@@ -162,8 +162,9 @@ def seal_state(lake: Lake, state: ProfileState, hour: datetime, bucket: int, set
 
     Writes the rows as the tiles sealed by ``hour`` (``sealed_ms`` = its end), replacing every
     tile sealed after the state's previous checkpoint (its ``sealed.upto_ms``; all of them for
-    a state without tiles: an empty or older-layout one), so a rebuilt hour or range leaves no
-    stale copy; compacts the days before ``hour`` into day files. Returns the state the
+    a state without tiles: an empty or older-layout one) up to that end, so a rebuilt hour or range
+    leaves no stale copy of its own; tiles sealed later belong to later checkpoints, which must be rebuilt
+    in order after it (until then they read both); compacts the days before ``hour`` into day files. Returns the state the
     checkpoint holds: the recent anchors in memory (no by-hour row), the rest in the tiles up to the end.
     """
     e = hour_ms(hour + HOUR)
