@@ -276,7 +276,8 @@ def _merged(fields: list[tuple[str, pa.DataType, str]]) -> str:
     """Select list merging rows of one key: sums (0 when absent), minima and maxima."""
     merged = []
     for name, arrow_type, how in fields:
-        agg = f"coalesce(sum({name}), 0)" if how == "sum" else f"{how}({name})"
+        total = "fsum" if pa.types.is_floating(arrow_type) else "sum"  # float: the same to the last bit in any order
+        agg = f"coalesce({total}({name}), 0)" if how == "sum" else f"{how}({name})"
         merged.append(f"CAST({agg} AS {_duck_type(arrow_type)}) AS {name}")
     return ", ".join(merged)
 
@@ -326,7 +327,7 @@ def _user_events_sql(e: int) -> tuple[str, str, str]:
     and the merged rows when no old row is touched: the new rows (decayed as of ``e`` already, a factor
     of exactly 1) with a sum over no priced event 0, as the merge gives it."""
     half_life = {f"decayed_{h}": hours for h, hours in HALF_LIVES}
-    decayed = ", ".join(f"sum({decay(f'{e} - t', hours)}) AS decayed_{h}" for h, hours in HALF_LIVES)
+    decayed = ", ".join(f"fsum({decay(f'{e} - t', hours)}) AS decayed_{h}" for h, hours in HALF_LIVES)
     new_rows = f"""
         SELECT user_id, event_type, count(*) AS n, min(t) AS first_ms, max(t) AS last_ms, {decayed},
                count(price) AS price_n, sum({cents_sql("price")}) AS price_cents, {e} AS {DECAYED_MS}
@@ -373,10 +374,10 @@ def _merge_hourly(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int) -> pa.T
         old,
         HOURLY,
         f"""SELECT user_id, {bucket} AS hour_ms, event_type, category_id, count(*) AS n,
-                   sum({affinity_decay_sql(f"{bucket} + {MS_HOUR} - t")}) AS decay_sum
+                   fsum({affinity_decay_sql(f"{bucket} + {MS_HOUR} - t")}) AS decay_sum
             FROM due GROUP BY ALL""",
         (USER_ID, "hour_ms", "event_type", CATEGORY_ID),
-        {"n": "sum(n)", "decay_sum": "sum(decay_sum)"},
+        {"n": "sum(n)", "decay_sum": "fsum(decay_sum)"},
         by_hour_oldest(HOURLY, e, ()) or 0,
     )
 

@@ -31,7 +31,7 @@ DECAYED_DECIMALS = 6
 TILE_MERGE: dict[str, str] = {
     "n": "sum(n)",
     "total": "sum(total)",
-    "decayed": "sum(decayed)",
+    "decayed": "fsum(decayed)",
     "last_ms": "max(last_ms)",
     "last_id": "arg_max(last_id, (last_ms, last_id))",
     "last_num": "arg_max(last_num, (last_ms, last_id))",
@@ -70,7 +70,7 @@ def tile_rows_sql(traits: tuple[Trait, ...], events: str) -> str:
         val = f"CAST({trait.of} AS VARCHAR)" if trait.aggregation == DISTINCT_COUNT else "CAST(NULL AS VARCHAR)"
         total = f"sum({_summed(trait)})" if trait.aggregation == SUM else "NULL"
         decayed = (
-            f"sum({decay(f'{hour} + {MS_HOUR} - t', float(trait.half_life_hours or 0))})"
+            f"fsum({decay(f'{hour} + {MS_HOUR} - t', float(trait.half_life_hours or 0))})"
             if trait.aggregation == DECAYED_COUNT
             else "NULL"
         )
