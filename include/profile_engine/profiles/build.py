@@ -374,11 +374,11 @@ def previous_hour(
     if not set(columns) <= set(profiles.get("columns", ())):
         return None
     return PreviousHour(
-        lake.read(PROFILES, hour, bucket, columns=columns), state, events, _kept_affinities(lake, hour, bucket)
+        lake.read(PROFILES, hour, bucket, columns=columns), state, events, _read_kept_affinities(lake, hour, bucket)
     )
 
 
-def _kept_affinities(lake: Lake, hour: datetime, bucket: int) -> AffinitySums | None:
+def _read_kept_affinities(lake: Lake, hour: datetime, bucket: int) -> AffinitySums | None:
     """The unrounded affinities the checkpoint of ``hour`` keeps for the next snapshot (``snapshot.AffinitySums``),
     when its manifest says of which end (a checkpoint written before them, or rewritten without them: None)."""
     manifest = lake.manifest(STATE, hour, bucket)
