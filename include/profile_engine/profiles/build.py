@@ -332,9 +332,13 @@ def _load_state(lake: Lake, hour: datetime, bucket: int, first_hour: datetime | 
 
 # Parquet dictionary encoding only where values repeat (user and item ids do not).
 _STATE_DICTIONARY = ["event_type"]
-# Sealed anchors are looked up every hour by (user, item): reading their ids from dictionary pages took 0.12 s
-# for 7.7M rows against 0.46 s plain (a user and an item have many rows there); written once per hour.
-_TILE_DICTIONARY: dict[str, bool | list[str]] = {ANCHORS: True, TRAIT_TILES: ["trait"]}
+# Tiles: every column dictionary-encoded (a tile file holds many rows of each user, item, hour and key). Sealed
+# anchors are looked up every hour by (user, item): reading their ids from dictionary pages took 0.12 s for 7.7M rows
+# against 0.46 s plain. The by-hour tiles are read every hour by the semi join picking the changed users' rows
+# (``snapshot.CHANGED_HOURLY``, ``c_<table>``), which decodes every row of the windows: 30 days of hourly tiles
+# 0.79 -> 0.49 CPU s, item views 1.36 -> 0.53, trait tiles 2.04 -> 1.51 (100k users, 29 days; BENCHMARKS.md,
+# "By-hour tiles dictionary-encoded"). Tiles written before read as they are.
+_TILE_DICTIONARY: dict[str, bool | list[str]] = dict.fromkeys((ANCHORS, *BY_HOUR_TABLES), True)
 # The order of the rows in a tile file (``_write_tile_file``): by hour, and the trait tiles by trait first. Every
 # window reads its table from an hour on, the crossing rule one hour of each, and a trait reads its own rows only:
 # at 29 days of history the 30-day traits (a few percent of the trait tiles' rows) read 15M rows of every trait
@@ -374,11 +378,11 @@ def previous_hour(
     if not set(columns) <= set(profiles.get("columns", ())):
         return None
     return PreviousHour(
-        lake.read(PROFILES, hour, bucket, columns=columns), state, events, _kept_affinities(lake, hour, bucket)
+        lake.read(PROFILES, hour, bucket, columns=columns), state, events, _read_kept_affinities(lake, hour, bucket)
     )
 
 
-def _kept_affinities(lake: Lake, hour: datetime, bucket: int) -> AffinitySums | None:
+def _read_kept_affinities(lake: Lake, hour: datetime, bucket: int) -> AffinitySums | None:
     """The unrounded affinities the checkpoint of ``hour`` keeps for the next snapshot (``snapshot.AffinitySums``),
     when its manifest says of which end (a checkpoint written before them, or rewritten without them: None)."""
     manifest = lake.manifest(STATE, hour, bucket)

@@ -203,9 +203,11 @@ def snapshot(
         schema = snapshot_schema(traits)
         moved = previous is not None and _continues(previous, state, end, schema)
         kept = None
+        changed, most = 0, False  # how many users changed, and whether that is most of them (every row computed)
         if previous is not None and moved:
             changed = changed_users(con, previous, e, traits, schema)
-            kept = None if _most_changed(changed, previous) else _kept_affinities(previous, e)
+            most = _most_changed(changed, previous)
+            kept = None if most else _kept_affinities(previous, e)
         if kept is not None:  # the changed users' from their hourly rows, the others' moved on
             con.register("p_affinity_sums", kept)
             # their hourly rows picked once (a semi join over every tile row) for this and their profiles
@@ -229,11 +231,12 @@ def snapshot(
             else None
         )
         if previous is not None and moved:
+            if most:
+                profiles = fetch(con, _profiles_sql(e, traits), schema)
+                return Snapshot(profiles, interests, True, profiles.num_rows, affinities, False)
             picked = {HOURLY: CHANGED_HOURLY} if kept is not None else {}
-            profiles = from_previous_hour(con, previous, e, traits, schema, picked)
-            changed = int(con.sql(f"SELECT count(*) FROM {CHANGED}").fetchall()[0][0])
-            from_state = profiles.num_rows if _most_changed(changed, previous) else changed
-            return Snapshot(profiles, interests, True, from_state, affinities, kept is not None)
+            profiles = from_previous_hour(con, e, traits, schema, picked)
+            return Snapshot(profiles, interests, True, changed, affinities, kept is not None)
         profiles = fetch(con, _profiles_sql(e, traits), schema)
     finally:
         con.close()
@@ -384,7 +387,6 @@ def _kept_affinities(previous: PreviousHour, e: int) -> pa.Table | None:
 
 def from_previous_hour(
     con: duckdb.DuckDBPyConnection,
-    previous: PreviousHour,
     e: int,
     traits: tuple[Trait, ...],
     schema: pa.Schema,
@@ -394,10 +396,8 @@ def from_previous_hour(
     ``changed_users``) computed by ``_profiles_sql`` over their rows only (``c_<source>``); every other user of
     the state keeps their row of ``previous.profiles`` with the ``time_columns`` computed over the time sources
     of those users only (``t_<source>``; the other sources empty). ``picked``: sources whose changed users' rows
-    are already in a table (source -> table). More than ``MOST_CHANGED`` of the users changed: every row."""
-    changed = con.sql(f"SELECT count(*) FROM {CHANGED}").fetchall()[0][0]
-    if _most_changed(changed, previous):
-        return fetch(con, _profiles_sql(e, traits), schema)
+    are already in a table (source -> table). The caller computes every row instead when more than ``MOST_CHANGED``
+    of the users changed (``_most_changed``)."""
     decayed = _decayed_traits(traits)
     for name in SOURCES:
         rows = f"s_{name} WHERE user_id IN (SELECT user_id FROM {CHANGED})"
