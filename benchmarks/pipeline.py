@@ -244,6 +244,24 @@ def fresh_copy(base: Path, target: Path) -> Path:
     return target
 
 
+def reset_hour(base: Path, lake: Path) -> None:
+    """Undo the extraction of hour ``END`` on ``lake``, a working copy of ``base``, so that the next
+    ``extract_events`` takes the hour's landing files as a first run does: the hour's ledger removed and the
+    landing index (every path a ledger named, which each extract brings up to date through its hour, so that
+    it lists the hour's own files after the first run) put back as ``base`` has it, or removed if it has none."""
+    from profile_engine.hours import partition_values
+    from profile_engine.ingest.events import LANDING_INDEX
+    from profile_engine.lake.storage import LEDGER
+
+    dt, hh = partition_values(END)
+    shutil.rmtree(lake / LEDGER / f"dt={dt}" / f"hour={hh}", ignore_errors=True)
+    index, kept = lake / LEDGER / LANDING_INDEX, base / LEDGER / LANDING_INDEX
+    if kept.is_file():
+        shutil.copy2(kept, index)
+    else:
+        index.unlink(missing_ok=True)
+
+
 def resimulate_hour(lake: Path, events: int, users: int) -> None:
     """Replace the landing files that arrive in hour ``END`` by those of another intensity."""
     from profile_engine.hours import partition_values
@@ -490,17 +508,14 @@ def bench_tasks(
     base: Path, work: Path, sizes: Sizes, info: dict[str, Any], runs: int, log: Any
 ) -> tuple[list[Row], dict[str, Any]]:
     """Each task of the hour in its own process, ``runs`` times, on one working copy (idempotent reruns)."""
-    from profile_engine.hours import partition_values
-
     lake = fresh_copy(base, work / "tasks")
     env = child_env(lake, sizes.buckets, datetime.fromisoformat(info["first"]))
-    dt, hh = partition_values(END)
     summaries: dict[str, Any] = {}
     outs: dict[str, list[dict[str, Any]]] = {}
     for run in range(runs):
         for task in TASKS:
             if task == "extract_events":
-                shutil.rmtree(lake / "_meta" / "ledger" / f"dt={dt}" / f"hour={hh}", ignore_errors=True)
+                reset_hour(base, lake)
             if task in MAPPED:
                 for bucket in range(sizes.buckets):
                     out = measure(task, env, bucket=bucket)
