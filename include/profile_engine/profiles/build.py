@@ -331,13 +331,15 @@ Key: TypeAlias = tuple[Any, ...]
 
 def _merge_sorted(sources: list[Generator[pa.Table]], order: tuple[str, ...]) -> Iterator[pa.Table]:
     """The rows of ``sources``, each sorted by ``order``, in the order a stable sort of their concatenation gives
-    (``_sorted_positions``), in sorted pieces, holding about a row group of each source at a time (more only for
-    a key with more rows than that in one source).
+    (``_sorted_positions``), in sorted pieces, holding about a row group of each source at a time.
 
     Every later row of a source is at or above the last key read from it, so the rows below the smallest of
-    those keys are all read: they are given (the sources' parts in the sources' order, then sorted stably:
-    the rows of one key keep their order in the concatenation), and the source of that smallest key reads its
-    next row group. Raises ``_Unsorted`` when a source is out of order or has a null key.
+    those keys (the bound) are all read; so are the rows at the bound of the sources before the first one whose
+    last key it is (their last keys are above it), and that source's rows at the bound come next among the rows
+    of that key (a stable sort keeps the sources' order). Those rows are given (the sources' parts in the
+    sources' order, then sorted stably), and that source reads its next row group: a key with many rows in one
+    source (an hour of a trait) is given as it is read. Raises ``_Unsorted`` when a source is out of order or
+    has a null key.
     """
     held: list[pa.Table | None] = [None] * len(sources)  # rows read and not yet given, per source
     last: list[Key | None] = [None] * len(sources)  # the last key read, per source
@@ -364,9 +366,10 @@ def _merge_sorted(sources: list[Generator[pa.Table]], order: tuple[str, ...]) ->
         bound = cast(Key, last[smallest])
         parts = []
         for i, rows in enumerate(held):
-            if rows is None or _key(rows, order, 0) >= bound:
+            through = i <= smallest  # the rows at the bound too
+            if rows is None or (_key(rows, order, 0) > bound if through else _key(rows, order, 0) >= bound):
                 continue
-            below = _count_below(rows, order, bound)
+            below = _count_below(rows, order, bound, through)
             parts.append(rows.slice(0, below))
             held[i] = rows.slice(below) if below < rows.num_rows else None
         if parts:
@@ -407,10 +410,11 @@ def _in_order(rows: pa.Table, order: tuple[str, ...], after: Key | None) -> bool
     return bool(pc.all(_lexicographic(head, order, tail.column, pc.less_equal)).as_py())
 
 
-def _count_below(rows: pa.Table, order: tuple[str, ...], bound: Key) -> int:
-    """The rows (sorted by ``order``) with a key below ``bound``: they come first."""
+def _count_below(rows: pa.Table, order: tuple[str, ...], bound: Key, through: bool) -> int:
+    """The rows (sorted by ``order``) with a key below ``bound`` (``through``: or at it): they come first."""
     scalars = {c: pa.scalar(v, rows.schema.field(c).type) for c, v in zip(order, bound, strict=True)}
-    return int(pc.sum(_lexicographic(rows, order, scalars.__getitem__, pc.less)).as_py() or 0)
+    last = pc.less_equal if through else pc.less
+    return int(pc.sum(_lexicographic(rows, order, scalars.__getitem__, last)).as_py() or 0)
 
 
 def _remove_empty(day: Path) -> None:
