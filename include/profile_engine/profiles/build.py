@@ -305,6 +305,8 @@ def _part_rows(part: _DayPart, order: tuple[str, ...] | None) -> Generator[pa.Ta
     order (the kept ones), rows in memory sorted by ``order``."""
     if isinstance(part, pa.Table):
         positions = _sorted_positions(part, order) if order and part.num_rows else None
+        if positions is not None:
+            part = part.combine_chunks()  # a take from a chunked table concatenates its chunks every time
         for start in range(0, part.num_rows, TILE_ROW_GROUP):
             if positions is None:
                 yield part.slice(start, TILE_ROW_GROUP)
