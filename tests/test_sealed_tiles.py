@@ -5,6 +5,7 @@ hold every hour still build their next hour, retention drops expired tiles and e
 
 from __future__ import annotations
 
+import random
 import shutil
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -45,7 +46,18 @@ from profile_engine.profiles.build import (
 from profile_engine.profiles.merge import advance, with_local_hour
 from profile_engine.profiles.replay import rebuild_bucket
 from profile_engine.profiles.snapshot import snapshot
-from profile_engine.profiles.state import ANCHORS, BY_HOUR_TABLES, HOURLY, SEALED_MARKER, SESSIONS, USERS, hour_ms
+from profile_engine.profiles.state import (
+    ANCHORS,
+    BY_HOUR_TABLES,
+    HOURLY,
+    ITEM_VIEWS,
+    SEALED_MARKER,
+    SESSIONS,
+    STATE_SCHEMAS,
+    TRAIT_TILES,
+    USERS,
+    hour_ms,
+)
 from profile_engine.profiles.verify import compare_tables
 
 T0 = datetime(2026, 11, 3, 21, tzinfo=UTC)  # three hours before midnight: day 1 is compacted when day 2 starts
@@ -695,3 +707,109 @@ def test_late_rows_of_sealed_hours_equal_a_rebuild_at_every_hour_for_every_trait
     )
     keys = ["user_id", "trait", "hour_ms", "grp", "val"]
     assert tiles.group_by(keys).aggregate([("n", "count")]).num_rows < tiles.num_rows
+
+
+# ---- the day's compaction (issue 19: an hour that costs what happened in it) ------------------------------------
+DAY = datetime(2026, 11, 3, tzinfo=UTC)
+TILE_DICTIONARY: dict[str, bool | list[str]] = {"anchors": True, "trait_tiles": ["trait"]}
+
+
+def tile_table(name: str, hour: datetime, seed: int, rows: int = 40) -> pa.Table:
+    """Rows of table ``name`` sealed by ``hour``'s build: mostly of that hour, some late ones of the hours before
+    (the day before too), several traits, keys repeated within and across hours (ties of ``TILE_ORDER``)."""
+    rng = random.Random(seed)
+    fields = STATE_SCHEMAS[name]
+    hours = [hour_ms(hour - timedelta(hours=k)) for k in (0, 0, 0, 1, 2, 20)]
+    columns: dict[str, list[Any]] = {}
+    for f in fields:
+        if f.name == "hour_ms":
+            values: list[Any] = [rng.choice(hours) for _ in range(rows)]
+        elif f.name == "trait":
+            values = [rng.choice(["views", "spend", "seen", "last_cat"]) for _ in range(rows)]
+        elif pa.types.is_string(f.type):
+            values = [f"{f.name}{rng.randrange(5)}" for _ in range(rows)]
+        elif pa.types.is_floating(f.type):
+            values = [rng.random() for _ in range(rows)]
+        else:
+            values = [rng.randrange(hours[-1], hours[0] + MS_HOUR) for _ in range(rows)]
+        columns[f.name] = values
+    columns["user_id"] = [f"s{seed}r{i}" for i in range(rows)]  # every row told apart: the order is checked
+    table = pa.table(columns, schema=fields)
+    return table.append_column("sealed_ms", pa.array([hour_ms(hour + HOUR)] * rows, pa.int64()))
+
+
+def seal_hour(lake: Lake, name: str, hour: datetime, rows: pa.Table, after: int | None = None) -> None:
+    e = hour_ms(hour + HOUR)
+    table_dir = lake.path(STATE_TILES, "bucket=0", name)
+    after = hour_ms(hour) if after is None else after
+    build_module._write_tiles(lake, table_dir, hour, after, e, rows, TILE_DICTIONARY.get(name, ["event_type"]))
+
+
+def assert_written_as_sorted_whole(path: Path, rows: pa.Table, name: str, like: Path) -> None:
+    """``path`` holds ``rows`` in the order a stable sort of them by ``TILE_ORDER`` gives (as they are without one),
+    with ``like``'s schema and encodings, in row groups of ``TILE_ROW_GROUP`` rows (the last one fewer)."""
+    order = build_module.TILE_ORDER.get(name)
+    expected = rows.sort_by([(c, "ascending") for c in order]) if order else rows
+    got = pq.read_table(path)
+    assert got.schema.equals(pq.read_schema(like), check_metadata=True)
+    assert got.equals(expected)
+    meta, model = pq.ParquetFile(path).metadata, pq.ParquetFile(like).metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    size = build_module.TILE_ROW_GROUP
+    assert sizes == [size] * (len(rows) // size) + ([len(rows) % size] if len(rows) % size else [])
+    for c in range(meta.num_columns):
+        assert meta.row_group(0).column(c).encodings == model.row_group(0).column(c).encodings
+
+
+@pytest.mark.parametrize("name", [HOURLY, ITEM_VIEWS, TRAIT_TILES, ANCHORS])
+def test_the_day_file_holds_the_hourly_files_sorted_whole_without_reading_one_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """The 00:00 hour compacts the day before: the day file equals what sorting the concatenated hourly files
+    gives (rows, order, schema, encodings, row groups), though no file (nor the day) is read whole; a rerun of an
+    hour of that day rewrites the day file the same way."""
+    monkeypatch.setattr(build_module, "TILE_ROW_GROUP", 7)
+    lake = Lake(tmp_path / "lake")
+    hours = [0, 1, 2, 5, 11, 23]
+    sealed = {h: tile_table(name, DAY + timedelta(hours=h), seed=h) for h in hours}
+    for h in hours:
+        seal_hour(lake, name, DAY + timedelta(hours=h), sealed[h])
+    day = lake.path(STATE_TILES, "bucket=0", name, f"dt={DAY:%Y-%m-%d}")
+    hourly = sorted(day.glob("hour=*.parquet"))
+    assert len(hourly) == len(hours)
+    whole = pa.concat_tables(pq.read_table(p) for p in hourly)
+    like = tmp_path / "like.parquet"
+    shutil.copy(hourly[0], like)
+
+    with monkeypatch.context() as whole_reads:
+        whole_reads.setattr(pq, "read_table", lambda *a, **k: pytest.fail("a tile file read whole"))
+        seal_hour(lake, name, DAY + timedelta(days=1), tile_table(name, DAY + timedelta(days=1), seed=99))
+    assert sorted(p.name for p in day.iterdir()) == [DAY_FILE]
+    assert_written_as_sorted_whole(day / DAY_FILE, whole, name, like)
+
+    # a rerun of 05:00 replaces the rows it sealed in the day file (the rows kept first, then the new ones)
+    rerun = tile_table(name, DAY + timedelta(hours=5), seed=55, rows=30)
+    kept = whole.filter(pc.not_equal(whole.column("sealed_ms"), hour_ms(DAY + timedelta(hours=6))))
+    with monkeypatch.context() as whole_reads:
+        whole_reads.setattr(pq, "read_table", lambda *a, **k: pytest.fail("a tile file read whole"))
+        seal_hour(lake, name, DAY + timedelta(hours=5), rerun)
+    assert_written_as_sorted_whole(day / DAY_FILE, pa.concat_tables([kept, rerun]), name, like)
+
+
+def test_hourly_files_written_unsorted_before_the_order_are_compacted_sorted_all_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tile files written before ``TILE_ORDER`` (one row group, unsorted): the day file is the same as from
+    sorted ones."""
+    monkeypatch.setattr(build_module, "TILE_ROW_GROUP", 7)
+    lake = Lake(tmp_path / "lake")
+    day = lake.path(STATE_TILES, "bucket=0", TRAIT_TILES, f"dt={DAY:%Y-%m-%d}")
+    day.mkdir(parents=True)
+    tables = [tile_table(TRAIT_TILES, DAY + timedelta(hours=h), seed=h) for h in (3, 4, 9)]
+    for h, table in zip((3, 4, 9), tables, strict=True):
+        pq.write_table(table, day / f"hour={h:02d}.parquet", use_dictionary=["trait"], compression="zstd")
+    like = tmp_path / "like.parquet"
+    shutil.copy(day / "hour=03.parquet", like)
+    seal_hour(lake, TRAIT_TILES, DAY + timedelta(days=1), tile_table(TRAIT_TILES, DAY + timedelta(days=1), seed=9))
+    assert sorted(p.name for p in day.iterdir()) == [DAY_FILE]
+    assert_written_as_sorted_whole(day / DAY_FILE, pa.concat_tables(tables), TRAIT_TILES, like)

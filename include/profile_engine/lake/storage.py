@@ -450,17 +450,61 @@ def write_table_file(
             use_dictionary=dictionary,
             row_group_size=row_group_size,
         )
+    _place_file(lake, tmp / target.name, target)
+    tmp.rmdir()
+
+
+def write_tables_file(
+    lake: Lake,
+    target: Path,
+    schema: pa.Schema,
+    tables: Iterable[pa.Table],
+    row_group_size: int,
+    dictionary: bool | list[str] = True,
+) -> int:
+    """Write the rows of ``tables`` (each of ``schema``), in that order, as one file the way ``write_table_file``
+    writes their concatenation with ``row_group_size`` (row groups of exactly that many rows, the last one
+    fewer; atomically, private where it is), holding about a row group at a time besides the table being
+    taken. Returns the rows written; none: no file is written (``target`` is left as it was). When ``tables``
+    raises, nothing is written either."""
+    tmp = lake.tmp_dir()
+    written = 0
+    try:
+        with pq.ParquetWriter(tmp / target.name, schema, compression="zstd", use_dictionary=dictionary) as out:
+            pending: list[pa.Table] = []
+            held = 0
+            for table in tables:
+                pending.append(table)
+                held += table.num_rows
+                if held < row_group_size:
+                    continue
+                rows = pa.concat_tables(pending).combine_chunks()  # the groups are slices of one chunk
+                full = held - held % row_group_size
+                for start in range(0, full, row_group_size):
+                    out.write_table(rows.slice(start, row_group_size), row_group_size=row_group_size)
+                pending, held, written = [rows.slice(full)], held - full, written + full
+            if held:
+                out.write_table(pa.concat_tables(pending), row_group_size=row_group_size)
+                written += held
+        if written:
+            _place_file(lake, tmp / target.name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def _place_file(lake: Lake, written: Path, target: Path) -> None:
+    """Rename ``written`` (under ``_tmp/``) to ``target``, private in a ``PRIVATE_LAYERS`` layer."""
     relative = target.relative_to(lake.root).as_posix() if target.is_relative_to(lake.root) else ""
     layer = relative.split("/")[0]
     target.parent.mkdir(parents=True, exist_ok=True)
     if any(relative.startswith(p + "/") for p in PRIVATE_LAYERS):
-        (tmp / target.name).chmod(PRIVATE_FILE_MODE)
+        written.chmod(PRIVATE_FILE_MODE)
         for directory in [target.parent, *target.parent.parents]:
             if directory == lake.root or not directory.is_relative_to(lake.root / layer):
                 break
             directory.chmod(PRIVATE_DIR_MODE)
-    os.replace(tmp / target.name, target)
-    tmp.rmdir()
+    os.replace(written, target)
 
 
 def sha256_file(path: Path) -> str:
