@@ -230,17 +230,14 @@ def snapshot(
             if keep_affinities
             else None
         )
-        if previous is not None and moved:
-            if most:
-                profiles = fetch(con, _profiles_sql(e, traits), schema)
-                return Snapshot(profiles, interests, True, profiles.num_rows, affinities, False)
+        if moved and not most:
             picked = {HOURLY: CHANGED_HOURLY} if kept is not None else {}
             profiles = from_previous_hour(con, e, traits, schema, picked)
             return Snapshot(profiles, interests, True, changed, affinities, kept is not None)
-        profiles = fetch(con, _profiles_sql(e, traits), schema)
+        profiles = fetch(con, _profiles_sql(e, traits), schema)  # every row
     finally:
         con.close()
-    return Snapshot(profiles, interests, False, profiles.num_rows, affinities)
+    return Snapshot(profiles, interests, moved, profiles.num_rows, affinities)
 
 
 # The temp table of the users ``from_previous_hour`` computes from the state (``_crossed_sql``), and of their
