@@ -742,7 +742,7 @@ def seal_hour(lake: Lake, name: str, hour: datetime, rows: pa.Table, after: int 
     e = hour_ms(hour + HOUR)
     table_dir = lake.path(STATE_TILES, "bucket=0", name)
     after = hour_ms(hour) if after is None else after
-    build_module._write_tiles(lake, table_dir, hour, after, e, rows, TILE_DICTIONARY.get(name, ["event_type"]))
+    build_module.write_tiles(lake, table_dir, hour, after, e, rows, TILE_DICTIONARY.get(name, ["event_type"]))
 
 
 def assert_written_as_sorted_whole(path: Path, rows: pa.Table, name: str, like: Path) -> None:

@@ -183,11 +183,11 @@ def seal_state(lake: Lake, state: ProfileState, hour: datetime, bucket: int, set
         else:
             rows, tables[name] = table.filter(old), table.filter(pc.invert(old))
         rows = rows.append_column(SEALED_MS, pa.array(np.full(rows.num_rows, e, dtype=np.int64)))
-        _write_tiles(lake, root / name, hour, after, e, rows, _TILE_DICTIONARY.get(name, _STATE_DICTIONARY))
+        write_tiles(lake, root / name, hour, after, e, rows, _TILE_DICTIONARY.get(name, _STATE_DICTIONARY))
     return ProfileState(tables, buffered=state.buffered, sealed=SealedTiles(root, e))
 
 
-def _write_tiles(
+def write_tiles(
     lake: Lake,
     table_dir: Path,
     hour: datetime,
