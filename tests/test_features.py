@@ -891,9 +891,14 @@ def test_a_snapshot_from_the_hour_before_equals_the_full_snapshot_around_every_w
     equals the full snapshot of the same state in the hours around every bound of every window the snapshot
     reads (the declared traits', the cart time to live, the retention), chained hour after hour, on a state
     that seals its older rows as the lake path does."""
+    assert_snapshots_from_the_hour_before_equal_full_ones(seed, PROPERTY_SETTINGS)
+
+
+def assert_snapshots_from_the_hour_before_equal_full_ones(seed: int, cfg: Settings) -> None:
+    """The check of the test above, with the declared traits of ``cfg`` (``MOST_CHANGED`` patched to 1.0)."""
     table, staged_hour = _bounded_stream(seed)
     staged = pa.array(staged_hour, pa.int64())
-    traits = load_traits(PROPERTY_SETTINGS.traits)
+    traits = load_traits(cfg.traits)
     lengths = {1, 24, 72, 7 * 24, 30 * 24} | {h for t in traits for _, h in t.windows}
     hours = sorted({int((floor_hour(t) - T0) / HOUR) for t in table.column("ts").to_pylist()})
     starts = random.Random(seed).sample(hours, 3)
@@ -905,15 +910,15 @@ def test_a_snapshot_from_the_hour_before_equals_the_full_snapshot_around_every_w
     for end in checked:
         before = state
         hour_events = table.filter(pc.and_(pc.greater_equal(staged, done), pc.less(staged, end)))
-        state = advance(state, hour_events, at(hours=end), PROPERTY_SETTINGS)
-        state = seal_state(lake, state, at(hours=end) - HOUR, 0, PROPERTY_SETTINGS)
-        full = snapshot(state, at(hours=end), PROPERTY_SETTINGS, keep_affinities=True)
+        state = advance(state, hour_events, at(hours=end), cfg)
+        state = seal_state(lake, state, at(hours=end) - HOUR, 0, cfg)
+        full = snapshot(state, at(hours=end), cfg, keep_affinities=True)
         expected, expected_interests = full.profiles, full.interests
         if previous is not None and done == end - 1:
             taken = snapshot(
                 state,
                 at(hours=end),
-                PROPERTY_SETTINGS,
+                cfg,
                 PreviousHour(previous, before, hour_events, affinities),
                 keep_affinities=True,
             )

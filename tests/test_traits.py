@@ -29,6 +29,7 @@ from profile_engine.contracts.traits import (
 )
 from profile_engine.hours import HOUR, floor_hour
 from profile_engine.lake.storage import STAGING, STATE, Lake
+from profile_engine.profiles import snapshot as snapshot_module
 from profile_engine.profiles.build import build_profiles, read_state
 from profile_engine.profiles.merge import advance, rebuild
 from profile_engine.profiles.population import population_snapshot
@@ -36,7 +37,14 @@ from profile_engine.profiles.snapshot import snapshot
 from profile_engine.profiles.state import TRAIT_TILES, empty_state
 from profile_engine.quality.suites import ProfileValidationError, validate_profiles
 from profile_engine.segments.rules import known_columns
-from tests.test_features import T0, at, events, hourly_chain
+from tests.test_features import (
+    PROPERTY_SETTINGS,
+    T0,
+    assert_snapshots_from_the_hour_before_equal_full_ones,
+    at,
+    events,
+    hourly_chain,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOUR_END = T0 + HOUR
@@ -462,10 +470,10 @@ def test_window_values_from_tiles_where_a_user_lacks_some_traits(user_file: Path
     a user with tiles of one kind of trait only gets 0 (counts) and null (last values) for the others."""
     from profile_engine.hours import MS_HOUR
     from profile_engine.lake.db import cursor as connect
-    from profile_engine.profiles.state import STATE_SCHEMAS
+    from profile_engine.profiles.state import STATE_SCHEMAS, tiled
     from profile_engine.profiles.traits import trait_ctes
 
-    traits = load_traits(user_file)
+    traits = tiled(load_traits(user_file))  # those read from item_views have no tiles
     distinct = next(t for t in traits if t.aggregation == "distinct_count" and t.group_by is None)
     count = next(t for t in traits if t.aggregation == "count" and t.group_by is None)
     last = next(t for t in traits if t.aggregation == "last" and t.of == "item_id")
@@ -523,3 +531,68 @@ def test_window_values_from_tiles_where_a_user_lacks_some_traits(user_file: Path
     }
     assert [got[u][count.column(count.windows[-1][0])] for u in "abc"] == [0, 4, 0]
     assert [got[u][last.column(last.windows[0][0])] for u in "abc"] == [None, "x9", None]
+
+
+# ---- distinct counts of viewed items: read from item_views, no tiles of their own -------------------
+ITEM_VIEW_TRAITS = """
+version: 1
+traits:
+  - name: seen
+    events: [view]
+    aggregation: distinct_count
+    of: item_id
+    windows: [5h, 50h]
+  - name: seen_or_carted
+    events: [view, cart]
+    aggregation: distinct_count
+    of: item_id
+    windows: [24h]
+  - name: seen_month
+    events: [view]
+    aggregation: distinct_count
+    of: item_id
+    windows: [30d]
+  - name: seen_categories
+    events: [view]
+    aggregation: distinct_count
+    of: category_id
+    windows: [24h]
+"""
+
+
+@pytest.fixture(scope="module")
+def item_view_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("item_view_traits") / "traits.yaml"
+    path.write_text(ITEM_VIEW_TRAITS)
+    return path
+
+
+def test_distinct_items_viewed_within_a_week_come_from_item_views_and_keep_no_tiles(item_view_file: Path) -> None:
+    """A distinct count of the items viewed, ungrouped, whose windows all fit the repeat-view table
+    (``item_views``, 7 days) is read from it: the same (user, item, hour) rows its tiles would hold. Its
+    values equal the aggregate by hand (hourly path and rebuild); every other trait keeps its tiles."""
+    cfg = cfg_for(item_view_file)
+    traits = load_traits(item_view_file)
+    table, staged = scenario()
+    end = at(hours=76)
+    merged = [r for r, s in zip(table.to_pylist(), staged, strict=True) if s < end]
+
+    hourly_state = hourly_chain(table, staged, T0, end, cfg)
+    rebuilt_state = rebuild(table.filter(pa.array([s < end for s in staged])), end, cfg)
+
+    for state in (hourly_state, rebuilt_state):
+        keys = {k.split(":")[0] for k in state.tables[TRAIT_TILES].column("trait").to_pylist()}
+        assert "seen" not in keys and "items_viewed" not in keys  # the shipped default is one of them
+        assert {"seen_or_carted", "seen_month", "seen_categories"} <= keys
+        assert_traits_match(snapshot(state, end, cfg)[0], merged, end, traits)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_distinct_items_viewed_from_the_hour_before_equal_full_snapshots_at_their_bounds(
+    item_view_file: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """The crossing rule reads ``item_views`` at the bounds of those traits' windows (5h, 50h: bounds of no
+    other window the snapshot reads), so a user whose viewed item left such a window is computed again, not
+    moved on from the hour before."""
+    monkeypatch.setattr(snapshot_module, "MOST_CHANGED", 1.0)
+    assert_snapshots_from_the_hour_before_equal_full_ones(seed, replace(PROPERTY_SETTINGS, traits=item_view_file))

@@ -60,6 +60,7 @@ from profile_engine.profiles.state import (
     register_sealed_anchors,
     session_totals,
     target_latencies,
+    tiled,
 )
 from profile_engine.profiles.traits import TILE_KEYS, TILE_MERGE, tile_rows_sql
 
@@ -399,10 +400,12 @@ def _merge_item_views(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int) -> 
 def _merge_trait_tiles(con: duckdb.DuckDBPyConnection, old: pa.Table, e: int, traits: tuple[Trait, ...]) -> pa.Table:
     """The hourly tiles of the declared traits with the due events added, kept for the longest window.
 
-    Tiles of a trait no longer declared (removed, or its definition changed: another key)
-    are dropped; late due events re-touch the tiles of their hours.
+    Tiles of a trait no longer declared (removed, or its definition changed: another key), or read
+    from ``item_views`` (``state.from_item_views``), are dropped; late due events re-touch the tiles of
+    their hours.
     """
     schema = STATE_SCHEMAS[TRAIT_TILES]
+    traits = tiled(traits)
     if not traits:
         return schema.empty_table()
     keys = pa.array([t.key for t in traits], pa.string())

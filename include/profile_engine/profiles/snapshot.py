@@ -5,6 +5,7 @@ docs/features.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple
@@ -99,12 +100,14 @@ from profile_engine.profiles.state import (
     buffered_sql,
     decayed_as_of,
     fetch,
+    from_item_views,
     gap_groups,
     hour_ms,
     register_by_hour,
     register_sealed_anchors,
+    tiled,
 )
-from profile_engine.profiles.traits import trait_ctes
+from profile_engine.profiles.traits import item_view_counts, trait_ctes
 
 if TYPE_CHECKING:
     import duckdb
@@ -308,8 +311,9 @@ def _crossing_hours(traits: tuple[Trait, ...]) -> dict[str, set[int]]:
     opened = {h for _, h in OPEN_WINDOWS}
     return {
         f"{HOURLY}.hour_ms": hourly | {int(HOURLY_RETENTION.total_seconds()) // 3600},
-        f"{ITEM_VIEWS}.hour_ms": {h for _, h in REPEAT_WINDOWS},
-        f"{TRAIT_TILES}.hour_ms": {h for t in traits for _, h in t.windows},
+        f"{ITEM_VIEWS}.hour_ms": {h for _, h in REPEAT_WINDOWS}
+        | {h for t in traits if from_item_views(t) for _, h in t.windows},
+        f"{TRAIT_TILES}.hour_ms": {h for t in tiled(traits) for _, h in t.windows},
         f"{CARTS}.cart_ms": opened | {int(OPEN_CART_TTL.total_seconds()) // 3600},
         f"{FAVS}.fav_ms": opened,
     }
@@ -467,14 +471,15 @@ def _affinities_sql(e: int) -> str:
     """
 
 
-def _funnel_sql(e: int, src: str) -> tuple[dict[str, str], dict[str, str]]:
+def _funnel_sql(e: int, src: str, traits: tuple[Trait, ...]) -> tuple[dict[str, str], dict[str, str]]:
     """The funnel columns of the snapshot: (name -> SQL of a per-user CTE, column -> expression).
 
     The expressions may use the columns of ``_profiles_sql`` (``n_{t}`` lifetime counts,
     ``c_{t}_{w}`` window counts, ``last_{t}_ms``). Open carts and favourites come from the
     ``carts`` and ``favs`` state, repeat views of an item from ``item_views`` and of a
     category from the hourly buckets (the ``views_{w}`` of the ``affinities`` table); ``src``
-    prefixes the relations read (``_profiles_sql``).
+    prefixes the relations read (``_profiles_sql``). The grouping of ``item_views`` per (user, item)
+    also counts the declared traits read from it (``traits.item_view_counts``).
     """
     hours = f"/ {float(MS_HOUR)}"
     oldest = e - max(h for _, h in OPEN_WINDOWS) * MS_HOUR
@@ -489,23 +494,30 @@ def _funnel_sql(e: int, src: str) -> tuple[dict[str, str], dict[str, str]]:
             f"WHERE {opened} >= {oldest} AND ({closed} IS NULL OR {closed} < {opened}) GROUP BY user_id"
         )
 
-    def repeats(table: str, prefix: str) -> str:
+    def repeats(table: str, prefix: str, more: Sequence[str] = ()) -> str:
         return (
             ", ".join(
-                f"max(views_{w}) AS {prefix}_max_{w}, count(*) FILTER (WHERE views_{w} >= 2) AS {prefix}_repeat_{w}"
-                for w, _ in REPEAT_WINDOWS
+                [
+                    f"max(views_{w}) AS {prefix}_max_{w}, count(*) FILTER (WHERE views_{w} >= 2) AS {prefix}_repeat_{w}"
+                    for w, _ in REPEAT_WINDOWS
+                ]
+                + list(more)
             )
             + f" FROM {table} GROUP BY user_id"
         )
 
+    counted = item_view_counts(traits, e)
     item_views = ", ".join(
-        f"sum(n) FILTER (WHERE hour_ms >= {e - h * MS_HOUR}) AS views_{w}" for w, h in REPEAT_WINDOWS
+        [f"sum(n) FILTER (WHERE hour_ms >= {e - h * MS_HOUR}) AS views_{w}" for w, h in REPEAT_WINDOWS]
+        + (["max(hour_ms) AS latest"] if counted else [])
     )
     ctes = {
         "fo_cart": open_counts(f"{src}carts", CART, "cart_ms", "closed_ms"),
         "fo_fav": open_counts(f"{src}favs", FAV, "fav_ms", "bought_ms"),
         "fr_item": "SELECT user_id, "
-        + repeats(f"(SELECT user_id, item_id, {item_views} FROM {src}item_views GROUP BY user_id, item_id)", "item"),
+        + repeats(
+            f"(SELECT user_id, item_id, {item_views} FROM {src}item_views GROUP BY user_id, item_id)", "item", counted
+        ),
         "fr_cat": "SELECT user_id, " + repeats(f"{src}affinities", "category"),
     }
 
@@ -614,7 +626,7 @@ def _profiles_sql(e: int, traits: tuple[Trait, ...], src: str = "s_", ordered: b
             WHEN {first_seen} >= {e - int(NEW_USER_AGE.total_seconds() * 1000)} THEN '{LIFECYCLE_NEW}'
             ELSE '{LIFECYCLE_ACTIVE}' END""",
     }
-    funnel_ctes, funnel_cols = _funnel_sql(e, src)
+    funnel_ctes, funnel_cols = _funnel_sql(e, src, traits)
     cols |= funnel_cols
     declared_ctes, declared_cols = trait_ctes(traits, e, f"{src}trait_tiles")
     funnel_ctes |= declared_ctes

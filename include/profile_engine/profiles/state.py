@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from profile_engine.contracts.events import CART, FAV, PURCHASE, REFUND, REMOVE_CART, STAGED_SCHEMA, VIEW
 from profile_engine.contracts.profiles import CATEGORY_ID, HALF_LIVES, REPEAT_WINDOWS, USER_ID
-from profile_engine.contracts.traits import Trait, longest_window_hours
+from profile_engine.contracts.traits import DISTINCT_COUNT, Trait, longest_window_hours
 from profile_engine.hours import MS_HOUR, floor_hour
 from profile_engine.lake.tiles import DAY_FILE, SEALED_MS, day_start_ms, sealed_hour_ms
 
@@ -167,12 +167,35 @@ _ANCHOR_TYPE = f"CASE t.event_type WHEN '{CART}' THEN '{VIEW}' ELSE '{CART}' END
 SEALED_MARKER = "sealed_tiles"  # key of a checkpoint manifest whose sealed tables hold the unsealed rows only
 
 
+ITEM_VIEWS_HOURS = max(h for _, h in REPEAT_WINDOWS)  # how long ``item_views`` keeps its rows
+
+
+def from_item_views(trait: Trait) -> bool:
+    """Whether declared ``trait`` is read from ``item_views`` and has no tiles of its own: an ungrouped distinct
+    count of the items viewed whose every window fits in the hours ``item_views`` keeps. That table holds views
+    per (user, item, hour), the rows the trait's tiles would hold (and the views without an item, which the
+    count skips), so the snapshot counts them in the grouping it makes for the repeat views anyway."""
+    return (
+        trait.aggregation == DISTINCT_COUNT
+        and trait.of == "item_id"
+        and trait.group_by is None
+        and set(trait.events) == {VIEW}
+        and longest_window_hours((trait,)) <= ITEM_VIEWS_HOURS
+    )
+
+
+def tiled(traits: tuple[Trait, ...]) -> tuple[Trait, ...]:
+    """The declared traits with tiles of their own in ``trait_tiles`` (``from_item_views``: the others)."""
+    return tuple(t for t in traits if not from_item_views(t))
+
+
 def by_hour_oldest(name: str, e: int, traits: tuple[Trait, ...]) -> int | None:
     """The oldest ``hour_ms`` table ``name`` keeps as of ``e`` (its longest window); None: it keeps nothing."""
     if name == HOURLY:
         return e - int(HOURLY_RETENTION.total_seconds() * 1000)
     if name == ITEM_VIEWS:
-        return e - max(h for _, h in REPEAT_WINDOWS) * MS_HOUR
+        return e - ITEM_VIEWS_HOURS * MS_HOUR
+    traits = tiled(traits)
     return e - longest_window_hours(traits) * MS_HOUR if traits else None
 
 
@@ -253,7 +276,7 @@ def register_by_hour(
             continue
         where = [f"hour_ms >= {oldest}"]
         if name == TRAIT_TILES:
-            where.append("trait IN (" + ", ".join("'" + t.key.replace("'", "''") + "'" for t in traits) + ")")
+            where.append("trait IN (" + ", ".join("'" + t.key.replace("'", "''") + "'" for t in tiled(traits)) + ")")
         columns = ", ".join(STATE_SCHEMAS[name].names)
         con.execute(
             f"CREATE OR REPLACE TEMP VIEW {prefix}{name} AS SELECT {columns} FROM m{prefix}{name} UNION ALL "

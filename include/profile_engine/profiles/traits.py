@@ -21,7 +21,7 @@ from profile_engine.contracts.traits import (
     longest_window_hours,
 )
 from profile_engine.hours import MS_HOUR
-from profile_engine.profiles.state import cents_sql, decay
+from profile_engine.profiles.state import cents_sql, decay, from_item_views
 
 # Decayed values are rounded so that the float noise of summing tiles in another order (hourly path,
 # rebuild) can neither change a value beyond the verification tolerance nor the top group of a window.
@@ -138,7 +138,8 @@ def trait_ctes(traits: tuple[Trait, ...], e: int, tiles: str) -> tuple[dict[str,
     """The trait columns of the snapshot as of ``e``: (name -> SQL of a per-user CTE, column -> expression).
 
     Ungrouped traits share one pass over ``tiles`` (distinct counts get one CTE per trait,
-    ``_distinct_counts_sql``); a grouped trait gets one CTE per window
+    ``_distinct_counts_sql``; those read from ``item_views`` none: ``item_view_counts`` gives their
+    aggregates, which the caller computes in its grouping of that table); a grouped trait gets one CTE per window
     holding the top group (highest value, ties to the smallest group) and its value.
     Users without tiles in a window get 0 (counts, sums, distinct and decayed counts) or
     null (last values, top groups).
@@ -149,6 +150,9 @@ def trait_ctes(traits: tuple[Trait, ...], e: int, tiles: str) -> tuple[dict[str,
     plain: dict[int, tuple[list[str], list[str]]] = {}
     for i, trait in enumerate(traits):
         is_trait = f"trait = {_quoted(trait.key)}"
+        if from_item_views(trait):  # counted in the repeat views' grouping of item_views (``item_view_counts``)
+            cols |= {trait.column(window): f"coalesce(t{i}_{window}, 0)" for window, _ in trait.windows}
+            continue
         if trait.group_by is None and trait.aggregation == DISTINCT_COUNT:
             ctes[f"t{i}_distinct"] = _distinct_counts_sql(trait, f"t{i}", e, tiles)
             cols |= {trait.column(window): f"coalesce(t{i}_{window}, 0)" for window, _ in trait.windows}
@@ -180,3 +184,15 @@ def trait_ctes(traits: tuple[Trait, ...], e: int, tiles: str) -> tuple[dict[str,
             f"WHERE trait IN ({', '.join(keys)}) AND hour_ms >= {e - longest * MS_HOUR} GROUP BY user_id"
         )
     return ctes, cols
+
+
+def item_view_counts(traits: tuple[Trait, ...], e: int) -> list[str]:
+    """The aggregates of the traits read from ``item_views`` (``state.from_item_views``) as of ``e``, named as
+    ``trait_ctes`` names their columns, over rows per (user, item) with ``latest``, the item's latest view
+    hour in the table (the same rows and filter as ``_distinct_counts_sql`` over the trait's own tiles)."""
+    return [
+        f"count(*) FILTER (WHERE item_id IS NOT NULL AND latest >= {e - hours * MS_HOUR}) AS t{i}_{window}"
+        for i, trait in enumerate(traits)
+        if from_item_views(trait)
+        for window, hours in trait.windows
+    ]
