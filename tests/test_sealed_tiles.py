@@ -711,7 +711,6 @@ def test_late_rows_of_sealed_hours_equal_a_rebuild_at_every_hour_for_every_trait
 
 # ---- the day's compaction (issue 19: an hour that costs what happened in it) ------------------------------------
 DAY = datetime(2026, 11, 3, tzinfo=UTC)
-TILE_DICTIONARY: dict[str, bool | list[str]] = {"anchors": True, "trait_tiles": ["trait"]}
 
 
 def tile_table(name: str, hour: datetime, seed: int, rows: int = 40) -> pa.Table:
@@ -742,7 +741,7 @@ def seal_hour(lake: Lake, name: str, hour: datetime, rows: pa.Table, after: int 
     e = hour_ms(hour + HOUR)
     table_dir = lake.path(STATE_TILES, "bucket=0", name)
     after = hour_ms(hour) if after is None else after
-    build_module.write_tiles(lake, table_dir, hour, after, e, rows, TILE_DICTIONARY.get(name, ["event_type"]))
+    build_module.write_tiles(lake, table_dir, hour, after, e, rows, build_module.TILE_DICTIONARY[name])
 
 
 def assert_written_as_sorted_whole(path: Path, rows: pa.Table, name: str, like: Path) -> None:
@@ -807,7 +806,12 @@ def test_hourly_files_written_unsorted_before_the_order_are_compacted_sorted_all
     day.mkdir(parents=True)
     tables = [tile_table(TRAIT_TILES, DAY + timedelta(hours=h), seed=h) for h in (3, 4, 9)]
     for h, table in zip((3, 4, 9), tables, strict=True):
-        pq.write_table(table, day / f"hour={h:02d}.parquet", use_dictionary=["trait"], compression="zstd")
+        pq.write_table(
+            table,
+            day / f"hour={h:02d}.parquet",
+            use_dictionary=build_module.TILE_DICTIONARY[TRAIT_TILES],
+            compression="zstd",
+        )
     like = tmp_path / "like.parquet"
     shutil.copy(day / "hour=03.parquet", like)
     seal_hour(lake, TRAIT_TILES, DAY + timedelta(days=1), tile_table(TRAIT_TILES, DAY + timedelta(days=1), seed=9))

@@ -183,7 +183,7 @@ def seal_state(lake: Lake, state: ProfileState, hour: datetime, bucket: int, set
         else:
             rows, tables[name] = table.filter(old), table.filter(pc.invert(old))
         rows = rows.append_column(SEALED_MS, pa.array(np.full(rows.num_rows, e, dtype=np.int64)))
-        write_tiles(lake, root / name, hour, after, e, rows, _TILE_DICTIONARY.get(name, _STATE_DICTIONARY))
+        write_tiles(lake, root / name, hour, after, e, rows, TILE_DICTIONARY.get(name, _STATE_DICTIONARY))
     return ProfileState(tables, buffered=state.buffered, sealed=SealedTiles(root, e))
 
 
@@ -496,7 +496,7 @@ _STATE_DICTIONARY = ["event_type"]
 # (``snapshot.CHANGED_HOURLY``, ``c_<table>``), which decodes every row of the windows: 30 days of hourly tiles
 # 0.79 -> 0.49 CPU s, item views 1.36 -> 0.53, trait tiles 2.04 -> 1.51 (100k users, 29 days; BENCHMARKS.md,
 # "By-hour tiles dictionary-encoded"). Tiles written before read as they are.
-_TILE_DICTIONARY: dict[str, bool | list[str]] = dict.fromkeys((ANCHORS, *BY_HOUR_TABLES), True)
+TILE_DICTIONARY: dict[str, bool | list[str]] = dict.fromkeys((ANCHORS, *BY_HOUR_TABLES), True)
 # The order of the rows in a tile file (``_write_tile_file``): by hour, and the trait tiles by trait first. Every
 # window reads its table from an hour on, the crossing rule one hour of each, and a trait reads its own rows only:
 # at 29 days of history the 30-day traits (a few percent of the trait tiles' rows) read 15M rows of every trait
