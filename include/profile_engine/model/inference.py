@@ -246,6 +246,8 @@ class InferenceNetwork:
             if n["op"] == "string_lookup"
         }
         for n in spec["nodes"]:
+            for key in ("columns", "piece_columns") if n["op"] in ("select", "quantile_pieces") else ():
+                self._arrays[f"{n['name']}/{key}"] = np.asarray(n.get(key, []), dtype=np.intp)  # not per block
             if n["op"] == "normalize":  # Keras divides by max(sqrt(variance), epsilon), in float32
                 variance = self._arrays[n["variance"]]
                 self._arrays[n["name"] + "/scale"] = np.maximum(np.sqrt(variance), np.float32(n["epsilon"]))
@@ -361,9 +363,16 @@ class InferenceNetwork:
             limit = np.float32(node["limit"])
             return np.clip(args[0], -limit, limit)
         if op == "select":  # np.take: a C-ordered copy (x[:, list] is F-ordered: every later op strides)
-            return np.take(args[0], np.asarray(node["columns"], np.intp), axis=1)
+            return np.take(args[0], self._arrays[node["name"] + "/columns"], axis=1)
         if op == "quantile_pieces":
-            return _quantile_pieces(args[0], node, self._arrays[node["left"]], self._arrays[node["width"]])
+            name = node["name"]
+            return _quantile_pieces(
+                args[0],
+                self._arrays[name + "/columns"],
+                self._arrays[name + "/piece_columns"],
+                self._arrays[node["left"]],
+                self._arrays[node["width"]],
+            )
         if op == "string_lookup":
             return _lookup(self._lookups[node["name"]], args[0])
         if op == "embedding":
@@ -423,7 +432,9 @@ def _fill_missing(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _quantile_pieces(x: np.ndarray, node: Mapping[str, Any], left: np.ndarray, width: np.ndarray) -> np.ndarray:
+def _quantile_pieces(
+    x: np.ndarray, columns: np.ndarray, piece_columns: np.ndarray, left: np.ndarray, width: np.ndarray
+) -> np.ndarray:
     """QuantilePieces: [clip((x - left) / width, 0, 1) per bin with NaN as 0, isnan(x) per column], in float32.
 
     The same float32 operations as the Keras layer, element by element, computed in place in the
@@ -431,7 +442,6 @@ def _quantile_pieces(x: np.ndarray, node: Mapping[str, Any], left: np.ndarray, w
     concatenation then read across the rows: 0.94 of 1.4 CPU s of a 164k-row bucket).
     """
     missing = np.isnan(x)
-    columns, piece_columns = np.asarray(node["columns"], np.intp), np.asarray(node["piece_columns"], np.intp)
     pieces = piece_columns.size
     out = np.empty((x.shape[0], pieces + columns.size), dtype=np.float32)
     np.copyto(out[:, pieces:], np.take(missing, columns, axis=1))
