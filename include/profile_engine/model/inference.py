@@ -27,8 +27,10 @@ BATCH_ROWS = 65_536
 # Rows per block of the input encoding (every op before the first dense layer: quantile pieces, FillMissing,
 # normalisation, embeddings, the concatenation), so its temporaries stay in the CPU cache; the dense layers still
 # multiply whole ``BATCH_ROWS`` batches, the products BLAS computes bit for bit as before (its rounding depends on
-# the shape of a product, not on how the rows of its input were filled). Measured on 164k profiles (2 shared
-# cores): the forward pass 1.8 -> 0.6 CPU s (BENCHMARKS.md, "score_profiles ... issue 19").
+# the shape of a product, not on how the rows of its input were filled). Measured on 164k profiles of the 1M-user
+# hour (2 shared cores, load 3-5, medians of 5 in one process): ``predict`` 1.20 -> 0.72 CPU s; 256 to 1,024 rows
+# a block are alike, one block of 65,536 rows 1.40 (BENCHMARKS.md, "score_profiles: the network's input encoding
+# in blocks (issue 19)").
 ENCODE_ROWS = 512
 SPEC_SUFFIX = ".inference.json"
 ARRAYS_SUFFIX = ".inference.npz"
