@@ -205,3 +205,105 @@ def test_export_without_the_quantile_layer_class_refuses_it() -> None:
     # Act / Assert
     with pytest.raises(inference.UnsupportedLayer, match="layer 'pieces' \\(QuantilePieces\\)"):
         inference.export_network(network, _fill_missing(), source_sha256="0" * 64)
+
+
+def _pieces_reference(x: np.ndarray, columns: list[int], edges: list[list[float]]) -> np.ndarray:
+    """QuantilePieces element by element in float32 scalars: clip((x - left) / width, 0, 1), NaN as 0, then
+    the is-missing indicators (the layer's formula, written independently of the numpy pass)."""
+    rows = []
+    for row in x:
+        pieces: list[np.float32] = []
+        for column, column_edges in zip(columns, edges, strict=True):
+            value = np.float32(0) if np.isnan(row[column]) else np.float32(row[column])
+            kept = np.asarray(column_edges, dtype=np.float32)
+            for left, right in zip(kept[:-1], kept[1:], strict=True):
+                with np.errstate(invalid="ignore", over="ignore"):
+                    position = (value - left) / np.float32(right - left)
+                pieces.append(min(max(position, np.float32(0)), np.float32(1)))
+        rows.append([*pieces, *(np.float32(np.isnan(row[c])) for c in columns)])
+    return np.asarray(rows, dtype=np.float32)
+
+
+def test_quantile_pieces_equal_the_formula_bit_for_bit_at_edges_nan_and_beyond_every_edge() -> None:
+    # Arrange: a QuantilePieces layer alone (a column with one edge has only its indicator; a column not
+    # encoded); inputs at every edge and the float32 values either side of it, NaN, below and above all
+    # edges, infinities, signed zeros, a subnormal and the largest float32
+    import keras
+
+    layers = networks.custom_layers()
+    edges = [[-1.5, 0.0, 0.1, 2.0, 1e6], [3.0], [0.25, 0.5, 0.75]]
+    columns = [0, 2, 3]
+    numeric = keras.Input(shape=(4,), dtype="float32", name="numeric")
+    network = keras.Model(numeric, layers["QuantilePieces"](columns, edges, name="pieces")(numeric))
+    f32 = np.finfo(np.float32)
+    special = [np.nan, -np.inf, np.inf, -0.0, 0.0, float(f32.smallest_subnormal), float(f32.max), -float(f32.max)]
+    near = [
+        float(v)
+        for e in (edge for column_edges in edges for edge in column_edges)
+        for v in (
+            np.nextafter(np.float32(e), np.float32(-np.inf)),
+            np.float32(e),
+            np.nextafter(np.float32(e), np.float32(np.inf)),
+        )
+    ]
+    values = np.asarray([*special, *near, -7.0, 0.05, 1.0, 3e5, 2e6], dtype=np.float32)
+    rng = np.random.default_rng(3)
+    x = np.stack([rng.permutation(values) for _ in range(4)], axis=1)  # each column sees every value
+    spec, weights = inference.export_network(network, layers["FillMissing"], source_sha256="0" * 64, custom=layers)
+    exported = inference.InferenceNetwork.from_bytes(inference.spec_bytes(spec), weights)
+
+    # Act
+    with np.errstate(over="ignore"):  # (the largest float32 - left) / width overflows to inf, clipped to 1
+        actual = exported.predict({"numeric": x})
+    keras_out = np.asarray(network(x))
+
+    # Assert: the formula bit for bit (no NaN anywhere); Keras (TensorFlow flushes subnormals) to 1e-6
+    expected = _pieces_reference(x, columns, edges)
+    assert actual.shape == expected.shape == (len(x), 4 + 0 + 2 + 3)
+    assert np.array_equal(actual.view(np.uint32) << 1, expected.view(np.uint32) << 1)  # -0.0 == 0.0
+    assert actual == pytest.approx(keras_out, abs=1e-6)
+
+
+def test_the_forward_pass_in_encoding_blocks_is_bit_for_bit_the_pass_in_one_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Arrange: the default network (quantile pieces, log1p-standardised counts, an embedded category) on rows
+    # with NaN and out-of-range values, predicted in batches of 40 rows (a shorter last one)
+    import keras
+
+    from profile_engine.model import inputs as network_inputs
+
+    keras.utils.set_random_seed(4)
+    rng = np.random.default_rng(5)
+    n = 300
+    numeric = ["count_cart_24h", "recency_hours", "monetary_total"]
+    train = pa.table(
+        {
+            "count_cart_24h": rng.poisson(1.0, n),
+            "recency_hours": pa.array(rng.exponential(200.0, n), mask=rng.random(n) < 0.2),
+            "monetary_total": rng.gamma(2.0, 30.0, n),
+            "segment": rng.choice(["a", "b", "c"], n),
+            "label": rng.integers(0, 2, n),
+        }
+    )
+    network = networks.build_network(
+        train, numeric, ["segment"], networks.ModelConfig(hidden_units=(8,)), logistic=False
+    )
+    layers = networks.custom_layers()
+    spec, weights = inference.export_network(
+        network, layers["FillMissing"], source_sha256="0" * 64, clip_class=layers["Clip"], custom=layers
+    )
+    exported = inference.InferenceNetwork.from_bytes(inference.spec_bytes(spec), weights)
+    rows = train.drop_columns(["label"]).slice(0, 230)
+    rows = rows.set_column(1, "recency_hours", pa.array([None, -1e9, 1e12, *([5.0] * 227)], pa.float64()))
+    inputs = network_inputs.numpy_inputs(rows, numeric, ["segment"])
+
+    # Act
+    monkeypatch.setattr(inference, "ENCODE_ROWS", 1_000_000)
+    whole = exported.predict(inputs, batch_rows=40)
+    monkeypatch.setattr(inference, "ENCODE_ROWS", 7)
+    blocks = exported.predict(inputs, batch_rows=40)
+
+    # Assert
+    assert whole.shape == (230,) and np.isfinite(whole).all()
+    assert np.array_equal(whole.view(np.uint32), blocks.view(np.uint32))

@@ -4,6 +4,7 @@ pass in numpy. docs/model.md (Without TensorFlow).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import zipfile
@@ -23,6 +24,14 @@ READ_FORMATS: tuple[str, ...] = (FORMAT, "profile_engine.inference/1")
 # bucket size. Measured on 164k profiles (2 shared cores, one BLAS thread): 0.19 s at 65,536 rows, 0.15 s in
 # one step, 0.26 s at 16,384 and 0.42 s at 8,192 (per-step overhead of the BLAS and ufunc calls).
 BATCH_ROWS = 65_536
+# Rows per block of the input encoding (every op before the first dense layer: quantile pieces, FillMissing,
+# normalisation, embeddings, the concatenation), so its temporaries stay in the CPU cache; the dense layers still
+# multiply whole ``BATCH_ROWS`` batches, the products BLAS computes bit for bit as before (its rounding depends on
+# the shape of a product, not on how the rows of its input were filled). Measured on 164k profiles of the 1M-user
+# hour (2 shared cores, load 3-5, medians of 5 in one process): ``predict`` 1.20 -> 0.72 CPU s; 256 to 1,024 rows
+# a block are alike, one block of 65,536 rows 1.40 (BENCHMARKS.md, "score_profiles: the network's input encoding
+# in blocks (issue 19)").
+ENCODE_ROWS = 512
 SPEC_SUFFIX = ".inference.json"
 ARRAYS_SUFFIX = ".inference.npz"
 ACTIVATIONS = ("linear", "relu", "sigmoid")
@@ -239,6 +248,8 @@ class InferenceNetwork:
             if n["op"] == "string_lookup"
         }
         for n in spec["nodes"]:
+            for key in ("columns", "piece_columns") if n["op"] in ("select", "quantile_pieces") else ():
+                self._arrays[f"{n['name']}/{key}"] = np.asarray(n.get(key, []), dtype=np.intp)  # not per block
             if n["op"] == "normalize":  # Keras divides by max(sqrt(variance), epsilon), in float32
                 variance = self._arrays[n["variance"]]
                 self._arrays[n["name"] + "/scale"] = np.maximum(np.sqrt(variance), np.float32(n["epsilon"]))
@@ -270,20 +281,78 @@ class InferenceNetwork:
         if len(sizes) != 1:
             raise ValueError(f"inputs have different row counts: {sorted(sizes)}")
         rows = sizes.pop()
+        buffers: dict[str, np.ndarray] = {}  # the encoding's rows, reused batch after batch
         steps = [
-            self._forward({name: value[start : start + batch_rows] for name, value in batch.items()})
+            self._forward({name: value[start : start + batch_rows] for name, value in batch.items()}, buffers)
             for start in range(0, rows, batch_rows)
         ]
         out = np.concatenate(steps) if len(steps) > 1 else steps[0] if steps else self._forward(batch)
         out = out.reshape(rows, int(np.prod(out.shape[1:], dtype=np.int64)))
         return out[:, 0] if out.shape[1] == 1 else out
 
-    def _forward(self, inputs: Mapping[str, Any]) -> np.ndarray:
+    def _forward(self, inputs: Mapping[str, Any], buffers: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """One batch: the inputs and lookups whole, the encoding ``ENCODE_ROWS`` at a time (each node's
+        values are row by row the same whatever the block), then the dense layers on the whole batch.
+
+        ``buffers`` keeps the encoding's arrays from one batch to the next of a ``predict`` (fresh memory
+        costs a page fault per 4 KB on first write: 0.1 s for the 150 MB of a 65,536-row batch).
+        """
+        buffers = {} if buffers is None else buffers
+        encode_rows = ENCODE_ROWS
         values: dict[str, Any] = {}
-        for node in self.spec["nodes"]:
+        whole, encoding, after = self._stages
+        for node in whole:
             args = [values[i] for i in node["inputs"]]
             values[node["name"]] = inputs[node["name"]] if node["op"] == "input" else self._apply(node, args)
+        rows = len(next(iter(values.values()))) if values else 0
+        needed = [n["name"] for n in encoding if n["name"] in self._read_after]
+        if rows <= encode_rows:
+            self._encode(encoding, values)
+        else:
+            filled: dict[str, np.ndarray] = {}
+            for start in range(0, rows, encode_rows):
+                block = {name: value[start : start + encode_rows] for name, value in values.items()}
+                self._encode(encoding, block)
+                for name in needed:
+                    part = block[name]
+                    if name not in filled:
+                        filled[name] = _buffer(buffers, name, (rows, *part.shape[1:]), part.dtype)
+                    filled[name][start : start + len(part)] = part
+            values.update(filled)
+        for node in after:
+            values[node["name"]] = self._apply(node, [values[i] for i in node["inputs"]])
         return np.asarray(values[self.spec["output"]], dtype=np.float32)
+
+    def _encode(self, nodes: list[Mapping[str, Any]], values: dict[str, Any]) -> None:
+        for node in nodes:
+            values[node["name"]] = self._apply(node, [values[i] for i in node["inputs"]])
+
+    @functools.cached_property
+    def _stages(self) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+        """The nodes in graph order, split: inputs and string lookups (Arrow, on the whole batch), the row-wise
+        numpy encoding (in blocks), and the dense layers with everything computed from them (whole batch)."""
+        whole: list[Mapping[str, Any]] = []
+        encoding: list[Mapping[str, Any]] = []
+        after: list[Mapping[str, Any]] = []
+        stage: dict[str, int] = {}
+        for node in self.spec["nodes"]:
+            earliest = max((stage[i] for i in node["inputs"]), default=0)
+            if node["op"] == "dense" or earliest == 2:
+                stage[node["name"]] = 2
+            elif node["op"] in ("input", "string_lookup") and earliest == 0:
+                stage[node["name"]] = 0
+            else:
+                stage[node["name"]] = 1
+            (whole, encoding, after)[stage[node["name"]]].append(node)
+        return whole, encoding, after
+
+    @functools.cached_property
+    def _read_after(self) -> frozenset[str]:
+        """Encoding nodes whose values the dense stage (or the output) reads."""
+        _, encoding, after = self._stages
+        names = {n["name"] for n in encoding}
+        read = {i for n in after for i in n["inputs"]} | {self.spec["output"]}
+        return frozenset(names & read)
 
     def _apply(self, node: Mapping[str, Any], args: list[Any]) -> Any:
         op = node["op"]
@@ -295,10 +364,17 @@ class InferenceNetwork:
         if op == "clip":
             limit = np.float32(node["limit"])
             return np.clip(args[0], -limit, limit)
-        if op == "select":
-            return args[0][:, node["columns"]]
+        if op == "select":  # np.take: a C-ordered copy (x[:, list] is F-ordered: every later op strides)
+            return np.take(args[0], self._arrays[node["name"] + "/columns"], axis=1)
         if op == "quantile_pieces":
-            return _quantile_pieces(args[0], node, self._arrays[node["left"]], self._arrays[node["width"]])
+            name = node["name"]
+            return _quantile_pieces(
+                args[0],
+                self._arrays[name + "/columns"],
+                self._arrays[name + "/piece_columns"],
+                self._arrays[node["left"]],
+                self._arrays[node["width"]],
+            )
         if op == "string_lookup":
             return _lookup(self._lookups[node["name"]], args[0])
         if op == "embedding":
@@ -316,6 +392,15 @@ class InferenceNetwork:
         if op == "identity":
             return args[0]
         raise ValueError(f"unknown operation {op!r} in node {node['name']!r}")
+
+
+def _buffer(buffers: dict[str, np.ndarray], name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A C-ordered array of ``shape``: the first rows of ``buffers[name]`` when it is large enough, else a new one
+    (kept there)."""
+    kept = buffers.get(name)
+    if kept is None or kept.dtype != dtype or kept.shape[1:] != shape[1:] or len(kept) < shape[0]:
+        kept = buffers[name] = np.empty(shape, dtype=dtype)
+    return kept[: shape[0]]
 
 
 def _input_value(node: Mapping[str, Any], inputs: Mapping[str, Any]) -> Any:
@@ -349,17 +434,27 @@ def _fill_missing(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _quantile_pieces(x: np.ndarray, node: Mapping[str, Any], left: np.ndarray, width: np.ndarray) -> np.ndarray:
-    """QuantilePieces: [clip((x - left) / width, 0, 1) per bin with NaN as 0, isnan(x) per column], in float32."""
+def _quantile_pieces(
+    x: np.ndarray, columns: np.ndarray, piece_columns: np.ndarray, left: np.ndarray, width: np.ndarray
+) -> np.ndarray:
+    """QuantilePieces: [clip((x - left) / width, 0, 1) per bin with NaN as 0, isnan(x) per column], in float32.
+
+    The same float32 operations as the Keras layer, element by element, computed in place in the
+    C-ordered output (``x[:, list]`` would give an F-ordered copy, which every later op and the
+    concatenation then read across the rows: 0.94 of 1.4 CPU s of a 164k-row bucket).
+    """
     missing = np.isnan(x)
-    columns, piece_columns = np.asarray(node["columns"], np.intp), np.asarray(node["piece_columns"], np.intp)
-    indicators = np.asarray(missing[:, columns], dtype=np.float32)
-    if not piece_columns.size:
-        return indicators
-    position = np.where(missing, np.float32(0), x)[:, piece_columns]
+    pieces = piece_columns.size
+    out = np.empty((x.shape[0], pieces + columns.size), dtype=np.float32)
+    np.copyto(out[:, pieces:], np.take(missing, columns, axis=1))
+    if not pieces:
+        return out
+    position = out[:, :pieces]
+    np.take(np.where(missing, np.float32(0), x), piece_columns, axis=1, out=position, mode="clip")  # indices valid
     np.subtract(position, left, out=position)
     np.divide(position, width, out=position)
-    return np.concatenate([np.clip(position, np.float32(0), np.float32(1), out=position), indicators], axis=-1)
+    np.clip(position, np.float32(0), np.float32(1), out=position)
+    return out
 
 
 def _lookup(lookup: _Lookup, strings: pa.Array | pa.ChunkedArray) -> np.ndarray:

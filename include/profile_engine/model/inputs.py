@@ -19,11 +19,11 @@ CATEGORICAL_PREFIX = "cat__"
 
 def numeric_matrix(table: pa.Table, numeric: Sequence[str]) -> np.ndarray:
     """Numeric features as a float32 matrix, nulls as NaN (the model handles missing values itself)."""
-    out = np.empty((table.num_rows, len(numeric)), dtype=np.float32)
+    out = np.empty((table.num_rows, len(numeric)), dtype=np.float32, order="F")  # a column at a time: contiguous
     for i, column in enumerate(numeric):
         # float64 in Arrow, float32 on assignment: one rounding to float32 whatever the column's type
         out[:, i] = pc.cast(table.column(column), pa.float64()).to_numpy(zero_copy_only=False)  # nulls are NaN
-    return out
+    return np.ascontiguousarray(out)  # rows contiguous, as the forward pass reads them (one transposing copy)
 
 
 def category_strings(table: pa.Table, column: str) -> pa.ChunkedArray:
