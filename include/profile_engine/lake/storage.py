@@ -436,20 +436,19 @@ def write_table_file(
     rows' positions in the order to write them (with ``row_group_size``): taken one row group at a
     time, so no reordered copy of the whole table is held (a day of tiles is millions of rows).
     """
-    tmp = lake.tmp_dir()
-    if order is not None and row_group_size:
+    if order is not None and row_group_size and len(order):
         table = table.combine_chunks()  # a take from a chunked table concatenates its chunks every time
-        with pq.ParquetWriter(tmp / target.name, table.schema, compression="zstd", use_dictionary=dictionary) as out:
-            for start in range(0, len(order), row_group_size):
-                out.write_table(table.take(order[start : start + row_group_size]))
-    else:
-        pq.write_table(
-            table if order is None else table.take(order),
-            tmp / target.name,
-            compression="zstd",
-            use_dictionary=dictionary,
-            row_group_size=row_group_size,
-        )
+        groups = (table.take(order[start : start + row_group_size]) for start in range(0, len(order), row_group_size))
+        write_tables_file(lake, target, table.schema, groups, row_group_size, dictionary)
+        return
+    tmp = lake.tmp_dir()
+    pq.write_table(
+        table if order is None else table.take(order),
+        tmp / target.name,
+        compression="zstd",
+        use_dictionary=dictionary,
+        row_group_size=row_group_size,
+    )
     _place_file(lake, tmp / target.name, target)
     tmp.rmdir()
 
