@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
@@ -105,6 +106,22 @@ def test_gx_frame_widens_narrow_numbers_and_keeps_every_value() -> None:
     assert frame["quantity"].tolist()[:2] == [1.0, 2.0] and frame["quantity"].isna().tolist() == [False, False, True]
     assert frame["price"].tolist()[0] == 1.5 and frame["price"].tolist()[2] == 0.25
     assert frame["user_id"].tolist()[:2] == ["a", "b"]
+
+
+@pytest.mark.timeout(60)
+def test_gx_frame_of_a_table_in_chunks_equals_that_of_the_table_in_one() -> None:
+    # Arrange: the staged hour read bucket after bucket arrives in chunks (strings are combined, numbers copied)
+    first = pa.table({"event_id": ["e1", "e2"], "quantity": pa.array([1, -1], pa.int32()), "price": [1.5, None]})
+    second = pa.table({"event_id": [None, "e4"], "quantity": pa.array([3, 2], pa.int32()), "price": [0.0, 2.5]})
+    chunked = pa.concat_tables([first, second])
+
+    # Act
+    frame = gx_frame(chunked)
+
+    # Assert: the same frame as from one chunk a column
+    assert chunked.column("event_id").num_chunks == 2
+    pd.testing.assert_frame_equal(frame, gx_frame(chunked.combine_chunks()))
+    assert frame["event_id"].tolist()[1] == "e2" and frame["event_id"].isna().tolist() == [False, False, True, False]
 
 
 @pytest.mark.timeout(120)

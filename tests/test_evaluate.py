@@ -218,6 +218,28 @@ def test_psi_is_zero_for_identical_and_large_for_shifted_distributions() -> None
     assert drift.psi_categorical(["a", "b"] * 50, ["a"] * 90 + [None] * 10) > 1.0
 
 
+@hypothesis_settings(max_examples=60, deadline=None)
+@given(
+    expected=st.lists(st.sampled_from(["a", "b", "None", "é", "zz", None]), max_size=40),
+    actual=st.lists(st.sampled_from(["a", "q", None]), max_size=40),
+    dictionary=st.booleans(),
+)
+def test_psi_of_arrow_columns_is_exactly_psi_categorical_of_their_values(
+    expected: list[str | None], actual: list[str | None], dictionary: bool
+) -> None:
+    # Arrange: string columns (dictionary-encoded or not, one or more chunks), None and "None" among the values
+    first = pa.array(expected, pa.string())
+    second = pa.chunked_array([pa.array(actual[:5], pa.string()), pa.array(actual[5:], pa.string())])
+    if dictionary:
+        first = first.dictionary_encode()
+
+    # Act
+    fast = drift.psi_categorical_columns(first, second)
+
+    # Assert: the same float, not an approximation (the run report's drift must not move)
+    assert fast == drift.psi_categorical(first.to_pylist(), second.to_pylist())
+
+
 def test_hourly_drift_reads_the_scores_one_bucket_at_a_time_with_the_whole_hours_psi(tmp_path: Path) -> None:
     # Arrange: two committed snapshots and their scores over 3 buckets (NaN and null propensities among them)
     settings = make_settings(tmp_path)

@@ -57,6 +57,32 @@ def psi_categorical(expected: Sequence[Any] | np.ndarray, actual: Sequence[Any] 
     )
 
 
+def psi_categorical_columns(expected: pa.ChunkedArray | pa.Array, actual: pa.ChunkedArray | pa.Array) -> float:
+    """``psi_categorical`` of two Arrow columns from their value counts, with no Python object per value.
+
+    The same levels (``str`` of each value, None as ``"None"``) in the same order, so the same shares summed in
+    the same order: the same float. The per-value conversion took 0.35 CPU s of the run report's drift (issue 19).
+    """
+    first, second = _str_counts(expected), _str_counts(actual)
+    levels = sorted(first.keys() | second.keys())
+    return _psi_from_shares(
+        np.array([first.get(k, 0) for k in levels], dtype=np.int64) / max(len(expected), 1),
+        np.array([second.get(k, 0) for k in levels], dtype=np.int64) / max(len(actual), 1),
+    )
+
+
+def _str_counts(column: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    """Rows per ``str`` of the value (None as ``"None"``), as ``psi_categorical`` counts them."""
+    counts: dict[str, int] = {}
+    if len(column) == 0:
+        return counts
+    pairs = pc.value_counts(column)
+    for value, count in zip(pairs.field("values").to_pylist(), pairs.field("counts").to_pylist(), strict=True):
+        key = str(value)
+        counts[key] = counts.get(key, 0) + int(count)
+    return counts
+
+
 def _psi_from_shares(expected: np.ndarray, actual: np.ndarray, floor: float = 1e-4) -> float:
     e = np.maximum(expected, floor)
     a = np.maximum(actual, floor)
@@ -72,9 +98,7 @@ def feature_drift(
 ) -> dict[str, float]:
     """PSI of every feature from the previous snapshot to the current one."""
     drift = {c: psi(_numeric(previous, c), _numeric(current, c)) for c in numeric}
-    drift.update(
-        {c: psi_categorical(previous.column(c).to_pylist(), current.column(c).to_pylist()) for c in categorical}
-    )
+    drift.update({c: psi_categorical_columns(previous.column(c), current.column(c)) for c in categorical})
     return drift
 
 

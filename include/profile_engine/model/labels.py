@@ -171,16 +171,7 @@ def snapshot_parts(lake: Lake, hour: datetime, columns: Sequence[str] | None = N
 
 def _hash_order(table: pa.Table, limit: int, seed: int, salt: str) -> pa.Table:
     """The first ``limit`` rows of ``table`` by a stable hash of (seed, salt, user_id), then ``user_id``."""
-    con = db.cursor()
-    try:
-        con.register("keys", pa.table({"idx": pa.array(np.arange(table.num_rows)), "uid": table.column(USER_ID)}))
-        prefix = f"{seed}:{salt}:"
-        chosen = con.execute(
-            "SELECT idx FROM keys ORDER BY md5_number(? || uid), uid LIMIT ?", [prefix, int(limit)]
-        ).fetchnumpy()["idx"]
-    finally:
-        con.close()
-    return table.take(pa.array(np.asarray(chosen)))
+    return table.take(pa.array(_hash_positions(table.column(USER_ID), limit, seed, salt)))
 
 
 def _by_user(table: pa.Table) -> pa.Table:
@@ -203,19 +194,53 @@ def sample_snapshot(
 ) -> pa.Table:
     """``sample_users(read_snapshot(lake, hour, columns), limit, seed, salt)``, holding one bucket and the sample.
 
-    The users first by the hash over the whole snapshot are first among any of its users, so
-    the rows kept so far and the next bucket's, cut to the first ``limit`` again, end as the
-    same rows (the hash order is total: ties go by ``user_id``, unique in a snapshot).
-    Reading the whole snapshot held every profile of the hour at once.
+    The sample depends on the users only: their ``user_id`` column of every bucket is read first and ordered once
+    by the hash (``_hash_order``'s order, total: ties go by ``user_id``, unique in a snapshot), then each bucket is
+    read with ``columns`` and only its chosen rows are kept. Reading the whole snapshot held every profile of the
+    hour at once; cutting the rows kept so far and the next bucket's to ``limit`` again, bucket after bucket, took
+    the wide rows (and hashed the kept users) once a bucket: 0.75-1.2 CPU s of the run report's drift over two
+    snapshots of 654k users, against about 0.2 s for the one hash of the users (issue 19, BENCHMARKS.md).
     """
-    kept: pa.Table | None = None
-    for part in snapshot_parts(lake, hour, columns):
-        kept = part if kept is None else pa.concat_tables([kept, part])
-        if kept.num_rows > limit:
-            kept = _hash_order(kept, limit, seed, salt)
-    if kept is None:  # a committed snapshot has at least one data file: data_files raises otherwise
+    if not profile_committed(lake, hour):
+        raise FileNotFoundError(f"profile snapshot not committed: {lake.partition(PROFILES, hour)}")
+    files = lake.data_files(PROFILES, hour)
+    if not files:  # a committed snapshot has at least one data file: data_files raises otherwise
         raise FileNotFoundError(f"profile snapshot without data files: {lake.partition(PROFILES, hour)}")
+    users = [pq.ParquetFile(file).read(columns=[USER_ID]).column(USER_ID) for file in files]
+    sizes = [len(u) for u in users]
+    chosen: np.ndarray | None = None  # positions in the files' concatenation; None: every row
+    if sum(sizes) > limit:
+        everyone = pa.chunked_array([c for u in users for c in u.chunks], type=users[0].type)
+        chosen = np.sort(_hash_positions(everyone, limit, seed, salt))
+    del users
+    wanted = None
+    if columns is not None:
+        present = set(pq.read_schema(files[0]).names)
+        wanted = [c for c in columns if c in present]
+    kept: pa.Table | None = None
+    start = 0
+    for file, size in zip(files, sizes, strict=True):
+        part = pq.read_table(file, columns=wanted)
+        if chosen is not None:
+            part = part.take(pa.array(chosen[(chosen >= start) & (chosen < start + size)] - start))
+        kept = part if kept is None else pa.concat_tables([kept, part])
+        del part
+        start += size
+    assert kept is not None  # files is not empty
     return _by_user(kept)
+
+
+def _hash_positions(users: pa.ChunkedArray | pa.Array, limit: int, seed: int, salt: str) -> np.ndarray:
+    """Positions of the first ``limit`` of ``users`` by ``_hash_order``'s stable hash, then ``user_id``."""
+    con = db.cursor()
+    try:
+        con.register("keys", pa.table({"idx": pa.array(np.arange(len(users))), "uid": users}))
+        chosen = con.execute(
+            "SELECT idx FROM keys ORDER BY md5_number(? || uid), uid LIMIT ?", [f"{seed}:{salt}:", int(limit)]
+        ).fetchnumpy()["idx"]
+    finally:
+        con.close()
+    return np.asarray(chosen, dtype=np.int64)
 
 
 def _epoch_ms(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

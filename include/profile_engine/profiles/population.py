@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -106,13 +107,19 @@ def add_population_features(profiles: pa.Table, cuts: Sequence[RankCuts] | None 
     else:
         r, f, m = (score_sql(c) for c in cuts)
         scored = f"WITH q AS (SELECT p.*, {r} AS r, {f} AS f, {m} AS m FROM p)"
+    # Only the ranked columns go through DuckDB, with each row's position: the whole bucket (120 columns) went
+    # there and back for four new ones, 0.6 CPU s a bucket of the 1M-user hour (issue 19, BENCHMARKS.md). The
+    # rows are then taken in the query's order (none when already in user order) and the scores appended.
+    ranked = base.select([USER_ID, RECENCY_HOURS, FREQUENCY_ORDERS, MONETARY_TOTAL]).append_column(
+        _ROW, pa.array(np.arange(base.num_rows, dtype=np.int64))
+    )
     con = db.cursor()
     try:
-        con.register("p", base)
-        table = con.sql(
+        con.register("p", ranked)
+        added = con.sql(
             f"""
             {scored}
-            SELECT q.* EXCLUDE (r, f, m), r AS {RFM_R}, f AS {RFM_F}, m AS {RFM_M},
+            SELECT {_ROW}, r AS {RFM_R}, f AS {RFM_F}, m AS {RFM_M},
                    CASE WHEN r IS NULL THEN '{no_orders}'
                         WHEN r >= 4 AND f >= 4 THEN '{champions}'
                         WHEN r >= 3 AND f >= 3 THEN '{loyal}'
@@ -121,13 +128,20 @@ def add_population_features(profiles: pa.Table, cuts: Sequence[RankCuts] | None 
                         WHEN f >= 3 THEN '{at_risk}'
                         WHEN r = 2 THEN '{hibernating}'
                         ELSE '{lost}' END AS {RFM_SEGMENT}
-            FROM q ORDER BY user_id
+            FROM q ORDER BY user_id, {_ROW}
             """
         ).to_arrow_table()
     finally:
         con.close()
+    order = np.asarray(added.column(_ROW))
+    table = base if np.array_equal(order, np.arange(base.num_rows)) else base.take(pa.array(order))
+    for name in (RFM_R, RFM_F, RFM_M, RFM_SEGMENT):
+        table = table.append_column(name, added.column(name))
     schema = pa.schema([*PROFILE_SCHEMA, *(profiles.schema.field(n) for n in _trait_columns(profiles.schema))])
     return table.select(schema.names).cast(schema)
+
+
+_ROW = "__row"  # a row's position in the bucket, carried through ``add_population_features``' query
 
 
 def _trait_columns(schema: pa.Schema) -> list[str]:

@@ -97,6 +97,11 @@ def gx_frame(table: pa.Table) -> Any:
     GX 1.24 checks value ranges vectorised only on ``int``/``float`` (64-bit) columns; on
     int8/int16/int32 or float32 columns it calls a Python function per value (measured:
     5 s of a 1M-row hour for ``quantity`` and ``bucket``). Widening changes no value.
+
+    Strings in one chunk: they stay Arrow-backed in pandas, and every ``row_condition`` filter takes each
+    column of the frame (14 filters of the staged hour's 12 columns); a take over a column of several chunks
+    (the hour is read bucket after bucket) cost about 3x one over a single chunk (issue 19, BENCHMARKS.md).
+    Numbers and times become numpy arrays, copied whatever their chunks: combining them first copied twice.
     """
     fields = []
     for field in table.schema:
@@ -106,7 +111,13 @@ def gx_frame(table: pa.Table) -> Any:
         elif pa.types.is_floating(kind) and kind != pa.float64():
             kind = pa.float64()
         fields.append(field.with_type(kind))
-    return table.cast(pa.schema(fields, metadata=table.schema.metadata)).to_pandas()
+    cast = table.cast(pa.schema(fields, metadata=table.schema.metadata))
+    numpy_kinds = (pa.types.is_integer, pa.types.is_floating, pa.types.is_temporal, pa.types.is_boolean)
+    for index, field in enumerate(cast.schema):
+        column = cast.column(index)
+        if column.num_chunks > 1 and not any(kind(field.type) for kind in numpy_kinds):
+            cast = cast.set_column(index, field, pa.chunked_array([column.combine_chunks()], type=field.type))
+    return cast.to_pandas()
 
 
 @contextmanager
@@ -408,7 +419,9 @@ def check_staged_hour(
     if staged is None:
         lake = Lake(settings.lake)
         tables = [lake.read(STAGING, start, bucket) for bucket in range(settings.buckets)]
-        staged = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        # one chunk a column now, the buckets' chunks freed: ``gx_frame`` would copy them beside these
+        staged = (pa.concat_tables(tables) if len(tables) > 1 else tables[0]).combine_chunks()
+        del tables
     if staged.num_rows != validated["staged"]:
         raise RuntimeError(
             f"staging of hour {format_hour(start)} holds {staged.num_rows} rows, validate_events staged "
