@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -318,10 +319,17 @@ def test_sample_snapshot_equals_sampling_the_whole_snapshot_reading_one_bucket_a
     columns = [USER_ID, "signal", "segment", "absent"]
     whole = labels.sample_users(labels.read_snapshot(lake, T0, columns), limit, seed=5, salt="drift")
     reads, held, recording = record_reads()
+    hashed: list[int] = []
+    hash_positions = labels.hash_positions
+
+    def recording_hash(users: pa.ChunkedArray | pa.Array, *args: Any) -> np.ndarray:
+        hashed.append(len(users))
+        return hash_positions(users, *args)
 
     # Act
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pq, "read_table", recording)
+        patch.setattr(labels, "hash_positions", recording_hash)
         sampled = labels.sample_snapshot(lake, T0, limit, seed=5, salt="drift", columns=columns)
 
     # Assert: the same rows in the same order, and no read held more than one bucket
@@ -329,6 +337,8 @@ def test_sample_snapshot_equals_sampling_the_whole_snapshot_reading_one_bucket_a
     assert sampled.column_names == [USER_ID, "signal", "segment"]
     assert sorted(reads) == sorted(bucket_rows)
     assert max(held) <= 1  # when a bucket was read, at most the bucket before was still held
+    # the users are hashed bucket by bucket with the ones kept so far, never the whole population's ids at once
+    assert all(rows <= limit + max(bucket_rows) for rows in hashed)
 
 
 # ---- the training set ----------------------------------------------------------------------------------------------

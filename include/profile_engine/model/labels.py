@@ -171,7 +171,7 @@ def snapshot_parts(lake: Lake, hour: datetime, columns: Sequence[str] | None = N
 
 def _hash_order(table: pa.Table, limit: int, seed: int, salt: str) -> pa.Table:
     """The first ``limit`` rows of ``table`` by a stable hash of (seed, salt, user_id), then ``user_id``."""
-    return table.take(pa.array(_hash_positions(table.column(USER_ID), limit, seed, salt)))
+    return table.take(pa.array(hash_positions(table.column(USER_ID), limit, seed, salt)))
 
 
 def _by_user(table: pa.Table) -> pa.Table:
@@ -194,43 +194,54 @@ def sample_snapshot(
 ) -> pa.Table:
     """``sample_users(read_snapshot(lake, hour, columns), limit, seed, salt)``, holding one bucket and the sample.
 
-    The sample depends on the users only: their ``user_id`` column of every bucket is read first and ordered once
-    by the hash (``_hash_order``'s order, total: ties go by ``user_id``, unique in a snapshot), then each bucket is
-    read with ``columns`` and only its chosen rows are kept. Reading the whole snapshot held every profile of the
-    hour at once; cutting the rows kept so far and the next bucket's to ``limit`` again, bucket after bucket, took
-    the wide rows (and hashed the kept users) once a bucket: 0.75-1.2 CPU s of the run report's drift over two
-    snapshots of 654k users, against about 0.2 s for the one hash of the users (issue 19, BENCHMARKS.md).
+    The sample depends on the users only: the ``user_id`` column of each bucket in turn joins the users kept so
+    far (with their file and position), cut to the first ``limit`` by the hash again (``_hash_order``'s order,
+    total: ties go by ``user_id``, unique in a snapshot, so the users first over the whole snapshot are kept);
+    then each bucket is read with ``columns`` and only its chosen rows are kept. Reading the whole snapshot held
+    every profile of the hour at once; cutting the wide rows kept so far and the next bucket's to ``limit``,
+    bucket after bucket, took 0.75-1.2 CPU s of the run report's drift over two snapshots of 654k users, against
+    about 0.2 s for hashing the users (issue 19, BENCHMARKS.md). At most one bucket's ids and ``limit`` kept
+    users are held, never an id column of the whole population.
     """
     if not profile_committed(lake, hour):
         raise FileNotFoundError(f"profile snapshot not committed: {lake.partition(PROFILES, hour)}")
     files = lake.data_files(PROFILES, hour)
     if not files:  # a committed snapshot has at least one data file: data_files raises otherwise
         raise FileNotFoundError(f"profile snapshot without data files: {lake.partition(PROFILES, hour)}")
-    users = [pq.ParquetFile(file).read(columns=[USER_ID]).column(USER_ID) for file in files]
-    sizes = [len(u) for u in users]
-    chosen: np.ndarray | None = None  # positions in the files' concatenation; None: every row
-    if sum(sizes) > limit:
-        everyone = pa.chunked_array([c for u in users for c in u.chunks], type=users[0].type)
-        chosen = np.sort(_hash_positions(everyone, limit, seed, salt))
-    del users
+    kept_users: pa.Table | None = None  # the users kept so far: user_id, their file and position in it
+    for index, file in enumerate(files):
+        ids = pq.ParquetFile(file).read(columns=[USER_ID]).column(USER_ID)
+        part = pa.table(
+            {
+                USER_ID: ids,
+                "file": pa.array(np.full(len(ids), index, dtype=np.int64)),
+                "pos": pa.array(np.arange(len(ids), dtype=np.int64)),
+            }
+        )
+        kept_users = part if kept_users is None else pa.concat_tables([kept_users, part])
+        if kept_users.num_rows > limit:
+            kept_users = kept_users.take(pa.array(hash_positions(kept_users.column(USER_ID), limit, seed, salt)))
+    assert kept_users is not None  # files is not empty
+    file_of = np.asarray(kept_users.column("file"))
+    position = np.asarray(kept_users.column("pos"))
+    del kept_users
     wanted = None
     if columns is not None:
         present = set(pq.read_schema(files[0]).names)
         wanted = [c for c in columns if c in present]
     kept: pa.Table | None = None
-    start = 0
-    for file, size in zip(files, sizes, strict=True):
+    for index, file in enumerate(files):
         part = pq.read_table(file, columns=wanted)
-        if chosen is not None:
-            part = part.take(pa.array(chosen[(chosen >= start) & (chosen < start + size)] - start))
+        chosen = np.sort(position[file_of == index])
+        if len(chosen) < part.num_rows:
+            part = part.take(pa.array(chosen))
         kept = part if kept is None else pa.concat_tables([kept, part])
         del part
-        start += size
     assert kept is not None  # files is not empty
     return _by_user(kept)
 
 
-def _hash_positions(users: pa.ChunkedArray | pa.Array, limit: int, seed: int, salt: str) -> np.ndarray:
+def hash_positions(users: pa.ChunkedArray | pa.Array, limit: int, seed: int, salt: str) -> np.ndarray:
     """Positions of the first ``limit`` of ``users`` by ``_hash_order``'s stable hash, then ``user_id``."""
     con = db.cursor()
     try:
