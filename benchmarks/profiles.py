@@ -37,7 +37,9 @@ Figures:
    (where its CPU goes, per function, cumulative).
 5. ``--hour-scaling OLD_INCLUDE``: one hour's ``build_profiles`` against the state's size (issue 19),
    this checkout and ``OLD_INCLUDE`` alternately (``--scaling-keep-new``: this checkout's lake of the last
-   invocation kept, for a change that left the layout as it was); ``--hour-statements``: on this checkout's scaling lake
+   invocation kept, for a change that left the layout as it was; ``--scaling-busy``: the 12:00 UTC hours, about
+   20k events each as the issue's target has them, in lakes of their own, instead of the quiet 00:00 UTC hours
+   that compact the day before); ``--hour-statements``: on this checkout's scaling lake
    (built by ``--hour-scaling``, only read), every DuckDB statement of ``advance`` and ``snapshot`` of the
    ``--scaling-days`` hours timed (medians of ``--runs``, wall and process CPU seconds), to see where an hour
    goes before changing it; with ``--statements-lake DIR --statements-hour H [--statements-bucket N]`` on
@@ -557,11 +559,28 @@ SCALING_POINTS = (1, 2, 4, 8, 16, 29)  # days (and 12 hours) of history before t
 SCALING_PARTS = ("read_state", "advance", "snapshot", "write_state", "write_profiles", "other")
 
 
+# ``--scaling-busy``: the measured hours are the 12:00 UTC ones (issue 19's "20k events an hour"); set in the
+# environment so that the steps run in child processes measure the same hours.
+SCALING_BUSY = "PROFILE_BENCH_SCALING_BUSY"
+
+
+def _scaling_busy() -> bool:
+    return os.environ.get(SCALING_BUSY) == "1"
+
+
+def _scaling_root(work: Path) -> Path:
+    """The scaling lakes' directory: one per kind of measured hour (their checkpoints differ)."""
+    return work / ("hour_scaling_busy" if _scaling_busy() else "hour_scaling")
+
+
 def _scaling_hours() -> tuple[datetime, list[datetime]]:
     """The history's first hour (12:00 UTC) and the measured hours: 00:00 UTC, after each of ``SCALING_POINTS``
-    days and 12 hours of history (01:00 or 02:00 in ``TZ``: a quiet hour)."""
+    days and 12 hours of history (01:00 or 02:00 in ``TZ``: a quiet hour, and the one that compacts the day
+    before); with ``--scaling-busy`` the 12:00 UTC hour after each of ``SCALING_POINTS`` days (13:00 or 14:00
+    in ``TZ``: about 20k events at 100k users, the issue's hour)."""
     first = END - timedelta(days=SCALING_DAYS)
-    return first, [first + timedelta(days=d, hours=12) for d in SCALING_POINTS]
+    late = timedelta(hours=0 if _scaling_busy() else 12)
+    return first, [first + timedelta(days=d) + late for d in SCALING_POINTS]
 
 
 def prepare_hour_scaling(work: Path, old_package: Path, derive: bool = False, keep_new: bool = False) -> dict[str, Any]:
@@ -579,15 +598,19 @@ def prepare_hour_scaling(work: Path, old_package: Path, derive: bool = False, ke
     """
     from profile_engine.hours import hour_range
 
-    root = work / "hour_scaling"
+    root = _scaling_root(work)
     stamp = root / "ready.json"
     first, measured = _scaling_hours()
     if not (root / "staged" / "ready").is_file():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        hours = list(hour_range(first, measured[-1]))
-        _stage({1: root / "staged"}, hours, SCALING_USERS, SCALING_INTENSITY, "hour scaling")
-        (root / "staged" / "ready").write_text("ok")
+        quiet = work / "hour_scaling" / "staged"  # the 00:00 UTC hours' staging holds the busy hours' too
+        if _scaling_busy() and (quiet / "ready").is_file():
+            subprocess.run(["cp", "-al", str(quiet), str(root / "staged")], check=True)
+        else:
+            hours = list(hour_range(first, measured[-1]))
+            _stage({1: root / "staged"}, hours, SCALING_USERS, SCALING_INTENSITY, "hour scaling")
+            (root / "staged" / "ready").write_text("ok")
     info: dict[str, Any] = {"users": SCALING_USERS, "days": SCALING_DAYS, "intensity": SCALING_INTENSITY}
     if stamp.is_file():  # the old package's lake is kept; this checkout's is rebuilt every time
         kept = ("old_", "new_") if keep_new and (root / "new").is_dir() else ("old_",)
@@ -824,7 +847,7 @@ def compare_hour_scaling(
     """One hour's ``build_profiles`` (1 bucket) at each history length, this checkout and ``old_package``
     alternately in fresh processes; medians of ``runs``, parts and ratios as a markdown table."""
     info = prepare_hour_scaling(work, old_package, derive, keep_new)
-    root = work / "hour_scaling"
+    root = _scaling_root(work)
     _, measured = _scaling_hours()
     rows = []
     for i, history in enumerate(SCALING_POINTS):
@@ -880,6 +903,11 @@ def render_hour_scaling(info: dict[str, Any], rows: list[dict[str, Any]], runs: 
         f"{r['days']}d {r['medians']['new']['seconds'] / r['medians']['old']['seconds']:.2f};" for r in rows
     )
     built = ": derived from the old lake, the day before each measured hour rebuilt" if info.get("new_derived") else ""
+    measured_hour = (
+        "the 12:00 UTC hour after each number of days (`--scaling-busy`; the history starts at 12:00 UTC)"
+        if _scaling_busy()
+        else "the 00:00 UTC hour after each number of days (and 12 hours: the history starts at 12:00 UTC)"
+    )
     biggest = rows[-1]["state_rows"]["old"]
     tables = ", ".join(f"{k} {v:,}" for k, v in sorted(biggest.items(), key=lambda kv: -kv[1]) if v)
     return f"""
@@ -887,8 +915,7 @@ def render_hour_scaling(info: dict[str, Any], rows: list[dict[str, Any]], runs: 
 
 - Machine: {_machine()}; {_versions()}
 - Command: `.venv/bin/python benchmarks/profiles.py --hour-scaling OLD_INCLUDE [--scaling-days ...]` (old = the previous commit's
-  `include/`); {info["users"]:,} simulated users, intensity {info["intensity"]}, one bucket, the 00:00 UTC hour
-  after each number of days (and 12 hours: the history starts at 12:00 UTC); each lake built by its own package
+  `include/`); {info["users"]:,} simulated users, intensity {info["intensity"]}, one bucket, {measured_hour}; each lake built by its own package
   (new {info["new_build_s"]} s{built}, old {info["old_build_s"]} s); medians of {runs} runs, new and old alternately, each in a fresh process.
 - Parts: `read_state`, `advance`, `snapshot`, `write_state` (the checkpoint and, new, tile files),
   `write_profiles` (profiles and interests), `other` (staging read, bookkeeping).
@@ -931,7 +958,7 @@ def hour_statements(
     from profile_engine.profiles import snapshot as snapshot_module
 
     if lake_dir is None:
-        lake_dir = work / "hour_scaling" / "new"
+        lake_dir = _scaling_root(work) / "new"
         if not (lake_dir / "state").is_dir():
             raise SystemExit(f"{lake_dir}: no scaling lake; build it first with --hour-scaling")
     spent: list[tuple[str, str, float, float]] = []
@@ -1146,6 +1173,9 @@ def main() -> None:
     parser.add_argument("--statements-bucket", type=int, default=0, help="--hour-statements: the bucket measured")
     parser.add_argument("--scaling-derive", action="store_true", help="derive this checkout's lake from the old one")
     parser.add_argument("--scaling-keep-new", action="store_true", help="--hour-scaling: keep this checkout's lake")
+    parser.add_argument(
+        "--scaling-busy", action="store_true", help="--hour-scaling/--hour-statements: the 12:00 UTC hours (20k events)"
+    )
     parser.add_argument("--lake-hour", type=Path, help="time build_profiles of one hour of this built lake (copied)")
     parser.add_argument("--lake-hour-at", help="--lake-hour: the hour measured (ISO, UTC)")
     parser.add_argument("--lake-hour-compare", type=Path, metavar="OLD_INCLUDE", help="--lake-hour: the older package")
@@ -1153,6 +1183,8 @@ def main() -> None:
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--hour-step", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.scaling_busy:
+        os.environ[SCALING_BUSY] = "1"  # read by this process's and its children's ``_scaling_hours``
     sizes = QUICK if args.quick else ISSUE if args.issue_sizes else Sizes()
     if args.step:
         print(json.dumps(step(args.step, args.work, sizes)))

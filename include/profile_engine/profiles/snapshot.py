@@ -262,8 +262,8 @@ SOURCES: tuple[str, ...] = (
     "interests",
 )
 # The relations the time-dependent columns come from (``time_columns``): the decayed sums, last and
-# first times of ``user_events``, the affinities (decayed every hour) and the tiles of the decayed traits.
-_TIME_SOURCES: tuple[str, ...] = (USER_EVENTS, TRAIT_TILES, "affinities", "interests")
+# first times of ``user_events``, the interests (decayed every hour) and the tiles of the decayed traits.
+_TIME_SOURCES: tuple[str, ...] = (USER_EVENTS, TRAIT_TILES, "interests")
 
 
 # Above this share of changed users the snapshot computes every row: the changed users' rows cost about as much
@@ -284,9 +284,11 @@ def _decayed_traits(traits: tuple[Trait, ...]) -> tuple[Trait, ...]:
 def time_columns(traits: tuple[Trait, ...]) -> tuple[str, ...]:
     """The snapshot columns computed for every user every hour: those that move with the end alone (the hour, the
     hours since and recency, the lifecycle stage, the decayed counters, the decayed-count traits, the top
-    categories and their scores) and the others read from the affinities, which are computed for every user
-    anyway (distinct categories, repeat views of a category). Every other column of a user changes only with
-    their events or a row crossing a window bound (``_crossed_sql``)."""
+    categories and their scores: ranked by the rounded decayed affinity, so ties and the interest threshold move
+    with the end). Every other column of a user changes only with their events or a row crossing a window bound
+    (``_crossed_sql``): the distinct categories and the repeat views of a category too, though read from the
+    affinities, which are computed for every user (a category's row leaves them when its last hourly row leaves
+    the retention, a bound of the crossing rule)."""
     return (
         SNAPSHOT_HOUR,
         HOURS_SINCE_LAST_EVENT,
@@ -299,8 +301,6 @@ def time_columns(traits: tuple[Trait, ...]) -> tuple[str, ...]:
         *(decayed_column(t, h) for t in EVENT_TYPES for h, _ in HALF_LIVES),
         *TOP_CATEGORIES,
         *TOP_CATEGORY_SCORES,
-        DISTINCT_CATEGORIES,
-        *(c for w, _ in REPEAT_WINDOWS for c in repeat_columns(w)[2:]),  # the category ones
         *trait_ctes(_decayed_traits(traits), 0, "tiles")[1],
     )
 
