@@ -817,3 +817,59 @@ def test_hourly_files_written_unsorted_before_the_order_are_compacted_sorted_all
     seal_hour(lake, TRAIT_TILES, DAY + timedelta(days=1), tile_table(TRAIT_TILES, DAY + timedelta(days=1), seed=9))
     assert sorted(p.name for p in day.iterdir()) == [DAY_FILE]
     assert_written_as_sorted_whole(day / DAY_FILE, pa.concat_tables(tables), TRAIT_TILES, like)
+
+
+def test_splitting_rows_to_seal_equals_two_filters_and_passes_whole_pieces_on_without_a_copy() -> None:
+    """``split_rows`` (what ``seal_state`` seals and what the checkpoint keeps) equals filtering by the mask and
+    by its inverse, in order, nulls dropped from both; a piece whose rows all go one way is the same buffers."""
+    rng = random.Random(19)
+    pieces, masks = [], []
+    for kind in ("all", "none", "mixed", "nulls", "empty", "none", "mixed"):
+        n = 0 if kind == "empty" else rng.randint(1, 50)
+        pieces.append(
+            pa.table(
+                {
+                    USER_ID: pa.array([f"u{rng.randint(0, 9)}" for _ in range(n)], pa.string()),
+                    "ts_ms": pa.array([rng.randint(0, 100) for _ in range(n)], pa.int64()),
+                }
+            )
+        )
+        if kind == "mixed":
+            bits: list[bool | None] = [rng.random() < 0.5 for _ in range(n)]
+        elif kind == "nulls":
+            bits = [None if rng.random() < 0.3 else rng.random() < 0.5 for _ in range(n)]
+        else:
+            bits = [kind == "all"] * n
+        masks.append(pa.array(bits, pa.bool_()))
+    table = pa.concat_tables(pieces)
+    # the mask chunked as the table, or in one chunk (what a comparison of a chunked column gives)
+    for mask in (pa.chunked_array(masks, pa.bool_()), pa.chunked_array([pa.concat_arrays(masks)])):
+        true, false = build_module.split_rows(table, mask)
+        assert true.equals(table.filter(mask)) and false.equals(table.filter(pc.invert(mask)))
+        assert true.num_rows + false.num_rows == table.num_rows - mask.null_count
+        passed = {c.buffers()[2].address for t in (true, false) for c in t.column(USER_ID).chunks if c.buffers()[2]}
+        assert pieces[0].column(USER_ID).chunk(0).buffers()[2].address in passed  # all true: not copied
+        assert pieces[1].column(USER_ID).chunk(0).buffers()[2].address in passed  # all false: not copied
+    empty_true, empty_false = build_module.split_rows(table.schema.empty_table(), pa.chunked_array([], pa.bool_()))
+    assert empty_true.num_rows == empty_false.num_rows == 0 and empty_true.schema == table.schema
+
+
+def test_checkpoint_files_are_written_without_column_statistics_and_tiles_with_them(shop: Settings) -> None:
+    """A checkpoint's files are only ever read whole: no footer statistics (their cost is wasted). The sealed
+    tiles keep theirs: scans skip row groups by them."""
+    for h in range(2):
+        build_profiles(shop, at(h), 0)
+    lake = Lake(shop.lake)
+    state_files = sorted(lake.partition(STATE, at(1), 0).glob("*.parquet"))
+    tile_files = sorted(lake.path(STATE_TILES).rglob("*.parquet"))
+    assert state_files and tile_files
+    for path in state_files:
+        meta = pq.read_metadata(path)
+        assert all(
+            not meta.row_group(g).column(c).is_stats_set
+            for g in range(meta.num_row_groups)
+            for c in range(meta.num_columns)
+        ), path.name
+    for path in tile_files:
+        meta = pq.read_metadata(path)
+        assert meta.num_rows == 0 or meta.row_group(0).column(0).is_stats_set, path

@@ -165,6 +165,7 @@ class Lake:
         run_id: str = "manual",
         extra: dict[str, Any] | None = None,
         dictionary: bool | list[str] = True,
+        statistics: bool = True,
     ) -> dict[str, Any]:
         """Write the whole partition atomically and return its manifest.
 
@@ -172,12 +173,16 @@ class Lake:
         to tables (written as ``<name>.parquet``, read back with ``read_named``).
         ``dictionary``: Parquet dictionary encoding for all columns, none, or the named
         ones (encoding high-cardinality ids costs more time than it saves space).
+        ``statistics``: the min/max statistics of every column chunk in the footer (False: none, for files
+        only ever read whole, where computing them is wasted: a state checkpoint's).
         """
         tables = {DATA_FILE: table} if isinstance(table, pa.Table) else {f"{k}.parquet": v for k, v in table.items()}
         tmp = self.tmp_dir()
         files = []
         for name, data in tables.items():
-            pq.write_table(data, tmp / name, compression="zstd", use_dictionary=dictionary)
+            pq.write_table(
+                data, tmp / name, compression="zstd", use_dictionary=dictionary, write_statistics=statistics
+            )
             files.append({"name": name, "rows": data.num_rows, "sha256": sha256_file(tmp / name)})
         dt, hh = partition_values(hour)
         first = next(iter(tables.values()))
