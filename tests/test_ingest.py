@@ -152,7 +152,7 @@ def test_validate_stages_per_bucket_and_quarantines_with_reasons(settings: Setti
 
 
 def test_validate_events_runs_without_pandas(settings: Settings) -> None:
-    """The task imports no pandas (issue 19: pyarrow's ``to_numpy`` and ``pa.scalar`` imported it, about 0.5 CPU s of
+    """The task imports no pandas (issue 19: pyarrow's ``to_numpy`` and ``pa.scalar`` imported it, 0.2-0.3 CPU s of
     the task); run in a process of its own, as the DAG runs it."""
     lake = Lake(settings.lake)
     land(lake, HOUR0, "a.parquet", [event("e1"), event("e2", user="u2"), event("e3", user="u3", quantity=0)])

@@ -778,7 +778,7 @@ def _bucket_bounds(staged: pa.Table, buckets: int) -> list[int]:
     """Offsets of the first row of each bucket (and the end) in ``staged``, which is ordered by bucket.
 
     Bucket b starts after the rows of the smaller buckets, counted in Arrow (``value_counts``). ``to_numpy``
-    imported pandas (as does any pyarrow conversion of Python or NumPy values: ``pa.scalar(1)``), 0.5-0.8 CPU s of
+    imported pandas (as does any pyarrow conversion of Python or NumPy values: ``pa.scalar(1)``), 0.2-0.3 CPU s of
     a task that has no other use for it (issue 19, BENCHMARKS.md).
     """
     rows = {int(c["values"]): int(c["counts"]) for c in pc.value_counts(staged.column(BUCKET)).to_pylist()}
