@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import tempfile
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -145,6 +147,27 @@ def test_validate_stages_per_bucket_and_quarantines_with_reasons(settings: Setti
     quarantined = lake.read(lk.QUARANTINE, HOUR0)
     assert quarantined.column("source_file").to_pylist()[0] == "landing/events/dt=2026-11-02/hour=10/a.parquet"
     assert sorted(quarantined.column("source_row").to_pylist()) == [4, 5, 6, 7, 8, 9, 10]
+    assert summary["held_back"] == 1  # ok3, at 11:02
+    assert summary["staged_per_bucket"] == [lake.read(lk.STAGING, HOUR0, b).num_rows for b in range(settings.buckets)]
+
+
+def test_validate_events_runs_without_pandas(settings: Settings) -> None:
+    """The task imports no pandas (issue 19: pyarrow's ``to_numpy`` and ``pa.scalar`` imported it, 0.2-0.3 CPU s of
+    the task); run in a process of its own, as the DAG runs it."""
+    lake = Lake(settings.lake)
+    land(lake, HOUR0, "a.parquet", [event("e1"), event("e2", user="u2"), event("e3", user="u3", quantity=0)])
+    ingest.extract_events(settings, HOUR0)
+    script = (
+        "import sys; from datetime import datetime; from pathlib import Path; from profile_engine.config import Settings; "
+        "from profile_engine.ingest import events; "
+        f"s = Settings(lake=Path({str(settings.lake)!r}), buckets={settings.buckets}, lateness_hours=6, "
+        f"start=datetime.fromisoformat({HOUR0.isoformat()!r})); "
+        f"r = events.validate_events(s, datetime.fromisoformat({HOUR0.isoformat()!r})); "
+        "print(r['staged'], r['held_back'], 'pandas' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["2", "0", "False"]
 
 
 def test_producer_resend_in_a_later_hour_is_a_duplicate(settings: Settings) -> None:

@@ -747,6 +747,110 @@ def test_every_member_gets_one_coherent_action(users: list[tuple[float, int, int
     assert sum(sizes.values()) == sum(len(r["segments"]) for r in rows)
 
 
+COOLING_RULES = [
+    SegmentRule(name="hush", enter="lifecycle_stage = 'dormant'", offer="suppress", channel="all", priority=5),
+    SegmentRule(
+        name="cart",
+        enter="open_cart_items > 0",
+        offer="cart reminder",
+        channel="push",
+        priority=1,
+        cooldown_hours=2,
+        stay="open_cart_items >= 0",
+    ),
+    SegmentRule(
+        name="intent",
+        enter="purchase_propensity >= 0.6",
+        stay="purchase_propensity >= 0.4",
+        offer="coupon 10%",
+        channel="email",
+        priority=2,
+        cooldown_hours=3,
+    ),
+    SegmentRule(
+        name="loyal", enter="frequency_orders >= 2", offer="win-back 15%", channel="sms", priority=3, cooldown_hours=1
+    ),
+]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 1),
+            st.integers(0, 2),
+            st.integers(0, 3),
+            st.sampled_from(["active", "dormant"]),
+            st.lists(st.sampled_from([r.name for r in COOLING_RULES]), max_size=3, unique=True),
+            st.lists(
+                st.tuples(st.sampled_from(["cart_reminder", "coupon_10pct", "win_back_15pct"]), st.integers(0, 4))
+            ),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    st.permutations(range(len(COOLING_RULES))),
+)
+def test_memberships_held_by_stay_and_the_acting_rule_are_those_of_each_users_flags(
+    users: list[tuple[float, int, int, str, list[str], list[tuple[str, int]], bool]], order: list[int]
+) -> None:
+    """Per user (issue 19: the assignment builds these from each user's row, not by aggregating memberships): the
+    segments and those held by a stay condition in priority order, and the acting rule the first in (suppress,
+    priority) order that is not cooling down, whatever the order the rules come in."""
+    ids = [f"u{i:03d}" for i in range(len(users))]
+    table = profiles_table(
+        H0,
+        {
+            u: {"open_cart_items": c, "frequency_orders": f, "lifecycle_stage": s}
+            for u, (_, c, f, s, *_) in zip(ids, users, strict=True)
+        },
+    ).append_column("purchase_propensity", pa.array([user[0] for user in users], pa.float64()))
+    previous = pa.table(
+        {
+            "user_id": [u for u, user in zip(ids, users, strict=True) if user[4]],
+            "segments": pa.array([user[4] for user in users if user[4]], pa.list_(pa.string())),
+        }
+    )
+    contacts = pa.table(
+        {
+            "user_id": [u for u, user in zip(ids, users, strict=True) for _ in user[5]],
+            "action": [a for user in users for a, _ in user[5]],
+            "hours_ago": pa.array([h for user in users for _, h in user[5]], pa.int64()),
+        }
+    )
+    optouts = pa.table({"user_id": [u for u, user in zip(ids, users, strict=True) if user[6]]})
+    rules = [COOLING_RULES[i] for i in order]
+
+    assigned, sizes = assign_segments(table, rules, previous, contacts, optouts)
+
+    rows = {r["user_id"]: r for r in assigned.to_pylist()}
+    by_priority = sorted(COOLING_RULES, key=lambda r: r.priority)
+    for u, (p, c, f, s, was, contacted, opted) in zip(ids, users, strict=True):
+        enter = {"hush": s == "dormant", "cart": c > 0, "intent": p >= 0.6, "loyal": f >= 2}
+        stay = {"hush": False, "cart": c >= 0, "intent": p >= 0.4, "loyal": False}
+        member = [r.name for r in by_priority if enter[r.name] or (r.name in was and stay[r.name])]
+        if not member:
+            assert u not in rows
+            continue
+        row = rows[u]
+        assert row["segments"] == member
+        assert row["held_by_stay"] == [name for name in member if not enter[name]]
+        cooling = {r.name for r in rules if any(a == r.action and h < r.cooldown_hours for a, h in contacted)}
+        acting = [r.name for r in sorted(rules, key=lambda r: (not r.suppress, r.priority)) if r.name in member]
+        free = [name for name in acting if name not in cooling]
+        assert row["rule"] == (free[0] if free else None)
+        if opted:
+            assert row["action"] == "opted_out"
+        elif not free:
+            assert row["action"] == NO_ACTION
+            assert row["reason"] == "cooldown: " + ", ".join(name for name in member if name in cooling)
+        else:
+            stayed = row["reason"].startswith(free[0] + " (stay)")
+            assert row["reason"].startswith(free[0]) and stayed == (not enter[free[0]])
+    assert sum(sizes.values()) == sum(len(r["segments"]) for r in rows.values())
+
+
 # ---- opt-outs, pseudonyms ------------------------------------------------------------------
 
 

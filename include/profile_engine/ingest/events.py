@@ -705,6 +705,12 @@ def validate_events(
             ).fetchall()
         }
         per_source = count_erased(_per_source(con, entries, mappings, settings), erased)
+        # Staged rows of later hours (clock skew), counted here: an Arrow scalar of ``end`` imported pandas.
+        held_back = int(
+            con.execute(
+                "SELECT count(*) FROM checked WHERE len(reasons) = 0 AND ts_v >= $end", {"end": end}
+            ).fetchall()[0][0]
+        )
     finally:
         con.close()
 
@@ -734,9 +740,7 @@ def validate_events(
         "defective": defective,
         "threshold_breaches": breaches,
         "threshold_exceeded": bool(breaches),
-        "held_back": int(
-            pc.sum(pc.greater_equal(staged.column("ts"), pa.scalar(end, pa.timestamp("ms", "UTC")))).as_py() or 0
-        ),
+        "held_back": held_back,
     }
     if summary["read"] != summary["staged"] + summary["quarantined"] + summary["erased"]:
         raise AssertionError(f"hour {format_hour(hour)}: counts do not add up: {summary}")
@@ -771,11 +775,15 @@ def _local_hour_sql(entries: list[LedgerEntry], mappings: dict[str, sources.Mapp
 
 
 def _bucket_bounds(staged: pa.Table, buckets: int) -> list[int]:
-    """Offsets of the first row of each bucket (and the end) in ``staged``, which is ordered by bucket."""
-    import numpy as np
+    """Offsets of the first row of each bucket (and the end) in ``staged``, which is ordered by bucket.
 
-    column = staged.column(BUCKET).to_numpy()
-    return [int(i) for i in np.searchsorted(column, np.arange(buckets + 1), side="left")[:buckets]] + [len(column)]
+    Bucket b starts after the rows of the smaller buckets, counted in Arrow (``value_counts``). ``to_numpy``
+    imported pandas (as does any pyarrow conversion of Python or NumPy values: ``pa.scalar(1)``), 0.2-0.3 CPU s of
+    a task that has no other use for it (issue 19, BENCHMARKS.md).
+    """
+    rows = {int(c["values"]): int(c["counts"]) for c in pc.value_counts(staged.column(BUCKET)).to_pylist()}
+    starts = [sum(n for b, n in rows.items() if b < bucket) for bucket in range(buckets)]
+    return [*starts, staged.num_rows]
 
 
 def _per_source(
