@@ -1,4 +1,4 @@
-"""Pass 1 of ``rank_cuts`` (``ranks._Histogram``: per-bucket histograms merged as NumPy arrays, steps found by a
+"""Pass 1 of ``rank_cuts`` (``ranks.Histogram``: per-bucket histograms merged as NumPy arrays, steps found by a
 cumulative sum and ``searchsorted``) places every step exactly where the original dict walk does."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from profile_engine.contracts.profiles import USER_ID
 from profile_engine.profiles.ranks import (
+    Histogram,
     RankSpec,
-    _Histogram,
-    _locate_sorted,
     decile_positions,
     decile_spec,
+    locate_sorted,
     quintile_positions,
     rank_cuts,
 )
@@ -91,7 +91,7 @@ def HISTOGRAMS(draw: Any) -> tuple[list[pa.Table], RankSpec]:
 @given(HISTOGRAMS())
 def test_pass1_equals_the_dict_walk(case: tuple[list[pa.Table], RankSpec]) -> None:
     tables, spec = case
-    histogram = _Histogram()
+    histogram = Histogram()
     for table in tables:
         histogram.add(table)
     rows = [list(zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True)) for t in tables]
@@ -107,7 +107,7 @@ ODD = st.one_of(st.none(), st.sampled_from([float("nan"), 0.0, -0.0, 1.5, 2.0]))
 def test_nulls_and_nan_take_the_dict_walk(parts: list[list[tuple[Any, int]]], descending: bool) -> None:
     """NaN or null (no spec gives them: ``where`` drops them) fall back to the original dict walk, errors included."""
     spec = _spec(descending, quintile_positions)
-    histogram = _Histogram()
+    histogram = Histogram()
     for part in parts:
         histogram.add(
             pa.table(
@@ -130,11 +130,11 @@ def test_nulls_and_nan_take_the_dict_walk(parts: list[list[tuple[Any, int]]], de
 
 def test_types_changing_between_buckets_take_the_dict_walk() -> None:
     spec = _spec(False, lambda n: list(range(n)))
-    histogram = _Histogram()
+    histogram = Histogram()
     histogram.add(pa.table({"v": pa.array([1, 3], pa.int64()), "n": pa.array([2, 1], pa.int64())}))
     histogram.add(pa.table({"v": pa.array([1.0, 2.5], pa.float64()), "n": pa.array([1, 1], pa.int64())}))
     assert histogram.fallback is not None
-    assert histogram.locate(spec) == _locate_sorted({1: 3, 2.5: 1, 3: 1}, spec)
+    assert histogram.locate(spec) == locate_sorted({1: 3, 2.5: 1, 3: 1}, spec)
     assert histogram.locate(spec) == (5, [(1, 0), (1, 1), (1, 2), (2.5, 0), (3, 0)])
 
 
@@ -156,16 +156,46 @@ def test_rank_cuts_equal_the_dict_walk(scores: list[list[float]], descending: bo
     ]
     spec = dataclasses.replace(decile_spec(), descending=descending, value_type="BIGINT" if integers else "DOUBLE")
     (got,) = rank_cuts([spec], lambda: iter(buckets))
-    original = _Histogram.locate
+    original = Histogram.locate
 
-    def walk(self: _Histogram, spec: RankSpec) -> tuple[int, list[tuple[Any, int]]]:
+    def walk(self: Histogram, spec: RankSpec) -> tuple[int, list[tuple[Any, int]]]:
         self._to_dict()
         return original(self, spec)
 
     try:
-        _Histogram.locate = walk  # type: ignore[method-assign]
+        Histogram.locate = walk  # type: ignore[method-assign]
         (expected,) = rank_cuts([spec], lambda: iter(buckets))
     finally:
-        _Histogram.locate = original  # type: ignore[method-assign]
+        Histogram.locate = original  # type: ignore[method-assign]
     assert got == expected
     assert [type(c.value) for c in got.cuts] == [type(c.value) for c in expected.cuts]
+
+
+BINS = st.lists(st.lists(st.tuples(st.integers(0, 2**16 - 1), st.integers(1, 9)), max_size=20), min_size=1, max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(BINS, st.integers(-2, 120), st.sampled_from([pa.decimal128(38, 0), pa.int64(), pa.string()]))
+def test_pass2_bin_lookup_equals_the_dict_walk(parts: list[list[tuple[int, int]]], offset: int, kind: Any) -> None:
+    """Pass 2's bins (``md5_number >> 112``: UHUGEINT, Decimal in Arrow, int from ``fetchall``; or strings) merged
+    and searched for the bin holding an offset as the original dict walk did, keys of the same type."""
+    histogram = Histogram()
+    merged: dict[Any, int] = {}
+    for part in parts:
+        part = list(dict(part).items())  # one row per bin, as GROUP BY gives
+        keys = [str(b) if kind == pa.string() else b for b, _ in part]
+        histogram.add(pa.table({"b": pa.array(keys, kind), "n": pa.array([c for _, c in part], pa.int64())}))
+        for b, (_, c) in zip(keys, part, strict=True):
+            merged[b] = merged.get(b, 0) + c
+    expected = None
+    start = 0
+    for b in sorted(merged):
+        end = start + merged[b]
+        if offset < end:
+            expected = (b, offset - start)
+            break
+        start = end
+    got = histogram.find(offset)
+    assert got == expected
+    assert got is None or type(got[0]) is type(expected[0])  # type: ignore[index]
+    assert (histogram.fallback is None) == (kind != pa.string())

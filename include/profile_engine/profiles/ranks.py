@@ -4,6 +4,7 @@ propensity deciles, found one bucket at a time. docs/features.md (Population fea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ def _numeric(kind: pa.DataType) -> bool:
     return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind))
 
 
-class _Histogram:
+class Histogram:
     """Counts per distinct value merged over buckets (pass 1 of ``rank_cuts``), one entry per distinct value.
 
     Integer and float values without null or NaN (what the specs give: BIGINT, DOUBLE) merge
@@ -113,6 +114,10 @@ class _Histogram:
 
     def add(self, table: pa.Table) -> None:
         column, counts = table.column(0).combine_chunks(), table.column(1).combine_chunks()
+        whole = pa.types.is_decimal(column.type) and column.type.scale == 0  # DuckDB's HUGEINT, UHUGEINT
+        if whole:
+            with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                column = pc.cast(column, pa.int64())
         kind = column.type
         if self.fallback is None and (
             not _numeric(kind)
@@ -122,7 +127,10 @@ class _Histogram:
         ):
             self._to_dict()
         if self.fallback is not None:
-            for value, count in zip(column.to_pylist(), counts.to_pylist(), strict=True):
+            keys = column.to_pylist()
+            if whole:  # fetchall gives these as int
+                keys = [None if k is None else int(k) for k in keys]
+            for value, count in zip(keys, counts.to_pylist(), strict=True):
                 self.fallback[value] = self.fallback.get(value, 0) + int(count)
             return
         self.kind = kind
@@ -156,12 +164,30 @@ class _Histogram:
             keys = [self.zero if k == 0 else k for k in keys]
         return keys
 
+    def find(self, offset: int) -> tuple[Any, int] | None:
+        """The value holding 0-based ``offset`` in ascending order and the offset within it (None: past the end)."""
+        if self.fallback is not None:
+            start = 0
+            for value in sorted(self.fallback):
+                end = start + self.fallback[value]
+                if offset < end:
+                    return value, offset - start
+                start = end
+            return None
+        if self.values is None:
+            return None
+        ends = np.cumsum(self.counts)
+        k = int(np.searchsorted(ends, offset, side="right"))
+        if k == len(ends):
+            return None
+        return self._keys(self.values[k : k + 1])[0], offset - int(ends[k] - self.counts[k])
+
     def locate(self, spec: RankSpec) -> tuple[int, list[tuple[Any, int]]]:
         """n, and per step of ``spec`` (value, offset in its group of equal values), in position order."""
         if self.fallback is not None:
-            return _locate_sorted(self.fallback, spec)
+            return locate_sorted(self.fallback, spec)
         if self.values is None or not len(self.values):
-            return _locate_sorted({}, spec)
+            return locate_sorted({}, spec)
         values, counts = self.values, self.counts
         if spec.descending:
             values, counts = values[::-1], counts[::-1]
@@ -171,7 +197,7 @@ class _Histogram:
         reached = next((k for k, p in enumerate(positions) if p >= n), len(positions))
         positions = positions[:reached]  # the first position past the last user ends the walk
         if any(p < 0 for p in positions) or any(b < a for a, b in zip(positions, positions[1:], strict=False)):
-            return _locate_sorted(dict(zip(self._keys(values), counts.tolist(), strict=True)), spec)
+            return locate_sorted(dict(zip(self._keys(values), counts.tolist(), strict=True)), spec)
         if not positions:
             return n, []
         group = np.searchsorted(ends, np.asarray(positions, dtype=np.int64), side="right")
@@ -180,8 +206,8 @@ class _Histogram:
         return n, [(k, p - s) for k, p, s in zip(keys, positions, starts, strict=True)]
 
 
-def _locate_sorted(merged: dict[Any, int], spec: RankSpec) -> tuple[int, list[tuple[Any, int]]]:
-    """``_Histogram.locate`` over a dict in Python's sort order (the original pass 1, one value at a time)."""
+def locate_sorted(merged: dict[Any, int], spec: RankSpec) -> tuple[int, list[tuple[Any, int]]]:
+    """``Histogram.locate`` over a dict in Python's sort order (the original pass 1, one value at a time)."""
     n = sum(merged.values())
     steps: list[tuple[Any, int]] = []
     positions = iter(spec.positions(n))
@@ -205,7 +231,7 @@ def rank_cuts(specs: Sequence[RankSpec], buckets: Buckets) -> list[RankCuts]:
     group by ``bin`` (a prefix of the tie-break) and pass 3 collects the group's users
     in the one bin holding p, ordered by (tiebreak, user_id): the step's user is exact.
     """
-    histograms = [_Histogram() for _ in specs]
+    histograms = [Histogram() for _ in specs]
 
     def count_values(con: Any) -> None:
         for spec, merged in zip(specs, histograms, strict=True):
@@ -217,7 +243,7 @@ def rank_cuts(specs: Sequence[RankSpec], buckets: Buckets) -> list[RankCuts]:
 
     # tie groups cut inside: (spec index, value) -> offsets wanted
     inside = sorted({(i, v) for i, (_, steps) in enumerate(located) for v, o in steps if o > 0}, key=repr)
-    bins: dict[tuple[int, Any], dict[Any, int]] = {key: {} for key in inside}
+    bins: dict[tuple[int, Any], Histogram] = {key: Histogram() for key in inside}
 
     def group_sql(i: int, value: Any) -> str:
         spec = specs[i]
@@ -225,11 +251,11 @@ def rank_cuts(specs: Sequence[RankSpec], buckets: Buckets) -> list[RankCuts]:
 
     def count_bins(con: Any) -> None:
         for i, value in inside:
-            merged = bins[(i, value)]
-            for b, count in _fetch(
-                con, f"SELECT {specs[i].bin}, count(*) FROM t WHERE {group_sql(i, value)} GROUP BY 1"
-            ):
-                merged[b] = merged.get(b, 0) + int(count)
+            bins[(i, value)].add(
+                con.sql(
+                    f"SELECT {specs[i].bin}, count(*) FROM t WHERE {group_sql(i, value)} GROUP BY 1"
+                ).to_arrow_table()
+            )
 
     if inside:
         _per_bucket(buckets, count_bins)
@@ -239,13 +265,9 @@ def rank_cuts(specs: Sequence[RankSpec], buckets: Buckets) -> list[RankCuts]:
         for value, offset in steps:
             if offset == 0:
                 continue
-            start = 0
-            for b in sorted(bins[(i, value)]):
-                end = start + bins[(i, value)][b]
-                if offset < end:
-                    wanted[(i, value, offset)] = (b, offset - start)
-                    break
-                start = end
+            found = bins[(i, value)].find(offset)
+            if found is not None:
+                wanted[(i, value, offset)] = found
     needed = sorted({(i, v, b) for (i, v, _), (b, _) in wanted.items()}, key=repr)
     members: dict[tuple[int, Any, Any], list[tuple[Any, str]]] = {key: [] for key in needed}
 
