@@ -4,6 +4,7 @@ propensity deciles, found one bucket at a time. docs/features.md (Population fea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -89,6 +90,138 @@ def _per_bucket(buckets: Buckets, queries: Callable[[Any], None]) -> None:
             con.close()
 
 
+def _numeric(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind))
+
+
+class Histogram:
+    """Counts per distinct value merged over buckets (pass 1 of ``rank_cuts``), one entry per distinct value.
+
+    Integer and float values without null or NaN (what the specs give: BIGINT, DOUBLE) merge
+    as sorted NumPy arrays: equal values (``-0.0`` and ``0.0`` too) are one group, shown as the
+    first one met, as a dict keyed by the values would; ascending order is Python's ``sorted``
+    of those keys and descending its reverse (the keys are distinct). Any other column (other
+    types, nulls, NaN, types changing between buckets) merges in a dict sorted by Python, as
+    it always was, so the order and errors stay Python's.
+    """
+
+    def __init__(self) -> None:
+        self.values: np.ndarray | None = None  # ascending, distinct
+        self.counts: np.ndarray = np.empty(0, dtype=np.int64)
+        self.kind: pa.DataType | None = None
+        self.zero: Any = None  # the first zero met (0.0 or -0.0), the key a dict would keep
+        self.fallback: dict[Any, int] | None = None
+
+    def add(self, table: pa.Table) -> None:
+        column, counts = table.column(0).combine_chunks(), table.column(1).combine_chunks()
+        whole = pa.types.is_decimal(column.type) and column.type.scale == 0  # DuckDB's HUGEINT, UHUGEINT
+        if whole:
+            with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                column = pc.cast(column, pa.int64())
+        kind = column.type
+        if self.fallback is None and (
+            not _numeric(kind)
+            or column.null_count
+            or (self.kind is not None and kind != self.kind)
+            or (pa.types.is_floating(kind) and bool(pc.any(pc.is_nan(column)).as_py()))
+        ):
+            self._to_dict()
+        if self.fallback is not None:
+            keys = column.to_pylist()
+            if whole:  # fetchall gives these as int
+                keys = [None if k is None else int(k) for k in keys]
+            for value, count in zip(keys, counts.to_pylist(), strict=True):
+                self.fallback[value] = self.fallback.get(value, 0) + int(count)
+            return
+        self.kind = kind
+        values = column.to_numpy(zero_copy_only=False)
+        if self.zero is None and pa.types.is_floating(kind):
+            zeros = np.flatnonzero(values == 0)
+            if len(zeros):
+                self.zero = values[zeros[0]].item()
+        number = counts.to_numpy(zero_copy_only=False).astype(np.int64)
+        if self.values is not None:
+            values = np.concatenate([self.values, values])
+            number = np.concatenate([self.counts, number])
+        order = np.argsort(values, kind="stable")
+        values, number = values[order], number[order]
+        first = np.ones(len(values), dtype=bool)
+        first[1:] = values[1:] != values[:-1]
+        starts = np.flatnonzero(first)
+        self.values = values[starts]
+        self.counts = np.add.reduceat(number, starts) if len(starts) else number[:0]
+
+    def _to_dict(self) -> None:
+        merged: dict[Any, int] = {}
+        if self.values is not None:
+            for value, count in zip(self._keys(self.values), self.counts.tolist(), strict=True):
+                merged[value] = count
+        self.fallback = merged
+
+    def _keys(self, values: np.ndarray) -> list[Any]:
+        keys: list[Any] = values.tolist()
+        if self.zero is not None:
+            keys = [self.zero if k == 0 else k for k in keys]
+        return keys
+
+    def find(self, offset: int) -> tuple[Any, int] | None:
+        """The value holding 0-based ``offset`` in ascending order and the offset within it (None: past the end)."""
+        if self.fallback is not None:
+            start = 0
+            for value in sorted(self.fallback):
+                end = start + self.fallback[value]
+                if offset < end:
+                    return value, offset - start
+                start = end
+            return None
+        if self.values is None:
+            return None
+        ends = np.cumsum(self.counts)
+        k = int(np.searchsorted(ends, offset, side="right"))
+        if k == len(ends):
+            return None
+        return self._keys(self.values[k : k + 1])[0], offset - int(ends[k] - self.counts[k])
+
+    def locate(self, spec: RankSpec) -> tuple[int, list[tuple[Any, int]]]:
+        """n, and per step of ``spec`` (value, offset in its group of equal values), in position order."""
+        if self.fallback is not None:
+            return locate_sorted(self.fallback, spec)
+        if self.values is None or not len(self.values):
+            return locate_sorted({}, spec)
+        values, counts = self.values, self.counts
+        if spec.descending:
+            values, counts = values[::-1], counts[::-1]
+        ends = np.cumsum(counts)
+        n = int(ends[-1])
+        positions = spec.positions(n)
+        reached = next((k for k, p in enumerate(positions) if p >= n), len(positions))
+        positions = positions[:reached]  # the first position past the last user ends the walk
+        if any(p < 0 for p in positions) or any(b < a for a, b in zip(positions, positions[1:], strict=False)):
+            return locate_sorted(dict(zip(self._keys(values), counts.tolist(), strict=True)), spec)
+        if not positions:
+            return n, []
+        group = np.searchsorted(ends, np.asarray(positions, dtype=np.int64), side="right")
+        keys = self._keys(values[group])
+        starts = (ends[group] - counts[group]).tolist()
+        return n, [(k, p - s) for k, p, s in zip(keys, positions, starts, strict=True)]
+
+
+def locate_sorted(merged: dict[Any, int], spec: RankSpec) -> tuple[int, list[tuple[Any, int]]]:
+    """``Histogram.locate`` over a dict in Python's sort order (the original pass 1, one value at a time)."""
+    n = sum(merged.values())
+    steps: list[tuple[Any, int]] = []
+    positions = iter(spec.positions(n))
+    target = next(positions, None)
+    start = 0
+    for value in sorted(merged, reverse=spec.descending):
+        end = start + merged[value]
+        while target is not None and target < end:
+            steps.append((value, target - start))
+            target = next(positions, None)
+        start = end
+    return n, steps
+
+
 def rank_cuts(specs: Sequence[RankSpec], buckets: Buckets) -> list[RankCuts]:
     """The exact steps of every spec over the union of ``buckets``, holding one bucket plus summaries.
 
@@ -98,33 +231,19 @@ def rank_cuts(specs: Sequence[RankSpec], buckets: Buckets) -> list[RankCuts]:
     group by ``bin`` (a prefix of the tie-break) and pass 3 collects the group's users
     in the one bin holding p, ordered by (tiebreak, user_id): the step's user is exact.
     """
-    histograms: list[dict[Any, int]] = [{} for _ in specs]
+    histograms = [Histogram() for _ in specs]
 
     def count_values(con: Any) -> None:
         for spec, merged in zip(specs, histograms, strict=True):
-            for value, count in _fetch(con, f"SELECT {spec.value}, count(*) FROM t WHERE {spec.where} GROUP BY 1"):
-                merged[value] = merged.get(value, 0) + int(count)
+            merged.add(con.sql(f"SELECT {spec.value}, count(*) FROM t WHERE {spec.where} GROUP BY 1").to_arrow_table())
 
     _per_bucket(buckets, count_values)
     # per spec: n, and per step (value, offset in the group) in position order
-    located: list[tuple[int, list[tuple[Any, int]]]] = []
-    for spec, merged in zip(specs, histograms, strict=True):
-        n = sum(merged.values())
-        steps: list[tuple[Any, int]] = []
-        positions = iter(spec.positions(n))
-        target = next(positions, None)
-        start = 0
-        for value in sorted(merged, reverse=spec.descending):
-            end = start + merged[value]
-            while target is not None and target < end:
-                steps.append((value, target - start))
-                target = next(positions, None)
-            start = end
-        located.append((n, steps))
+    located = [merged.locate(spec) for spec, merged in zip(specs, histograms, strict=True)]
 
     # tie groups cut inside: (spec index, value) -> offsets wanted
     inside = sorted({(i, v) for i, (_, steps) in enumerate(located) for v, o in steps if o > 0}, key=repr)
-    bins: dict[tuple[int, Any], dict[Any, int]] = {key: {} for key in inside}
+    bins: dict[tuple[int, Any], Histogram] = {key: Histogram() for key in inside}
 
     def group_sql(i: int, value: Any) -> str:
         spec = specs[i]
@@ -132,11 +251,11 @@ def rank_cuts(specs: Sequence[RankSpec], buckets: Buckets) -> list[RankCuts]:
 
     def count_bins(con: Any) -> None:
         for i, value in inside:
-            merged = bins[(i, value)]
-            for b, count in _fetch(
-                con, f"SELECT {specs[i].bin}, count(*) FROM t WHERE {group_sql(i, value)} GROUP BY 1"
-            ):
-                merged[b] = merged.get(b, 0) + int(count)
+            bins[(i, value)].add(
+                con.sql(
+                    f"SELECT {specs[i].bin}, count(*) FROM t WHERE {group_sql(i, value)} GROUP BY 1"
+                ).to_arrow_table()
+            )
 
     if inside:
         _per_bucket(buckets, count_bins)
@@ -146,13 +265,9 @@ def rank_cuts(specs: Sequence[RankSpec], buckets: Buckets) -> list[RankCuts]:
         for value, offset in steps:
             if offset == 0:
                 continue
-            start = 0
-            for b in sorted(bins[(i, value)]):
-                end = start + bins[(i, value)][b]
-                if offset < end:
-                    wanted[(i, value, offset)] = (b, offset - start)
-                    break
-                start = end
+            found = bins[(i, value)].find(offset)
+            if found is not None:
+                wanted[(i, value, offset)] = found
     needed = sorted({(i, v, b) for (i, v, _), (b, _) in wanted.items()}, key=repr)
     members: dict[tuple[int, Any, Any], list[tuple[Any, str]]] = {key: [] for key in needed}
 
