@@ -57,6 +57,9 @@ SLOW_FIRST = (
     "tests/test_verify_lake_path_from_previous.py",
     "tests/reliability/test_faults.py",
     "tests/e2e/test_demo_through_airflow.py",
+    "tests/test_erasure.py",
+    "tests/test_real_slice.py",
+    "tests/test_sealed_tiles.py",
 )
 
 
