@@ -32,9 +32,10 @@ demo: install
 # tests/cluster and tests/ui need servers and a browser: pytest collects them only when named
 # (pyproject.toml), so they run in their own targets below.
 # Two pytest-xdist workers (this project's CI machine has 2 cores), each test file on one of them
-# (module fixtures are built once); `pytest -n 0` runs in one process.
+# (module fixtures are built once), the slowest files first (tests/conftest.py); `pytest -n 0` runs in one
+# process. --durations=25: the log lists the slowest tests.
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=25
 
 # Airflow with CeleryExecutor, two workers, its own PostgreSQL and Redis (Debian packages, installed
 # when missing; needs root then), all started and stopped by the test: docs/operations.md, "Cluster test".

@@ -46,3 +46,25 @@ def airflow_db() -> Path:
     airflow = Path(sys.executable).parent / "airflow"
     subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, timeout=300)
     return Path(os.environ["AIRFLOW_HOME"]) / "airflow.db"
+
+
+# Files that each take minutes (``pytest --durations``) but hold few tests. pytest-xdist's ``--dist loadfile``
+# hands files out by their number of tests, most first (``--no-loadscope-reorder`` in pyproject.toml turns that
+# off), so these came last and one worker ran alone at the end of ``make test``. Under xdist they are collected
+# (and so handed out) first, in this order; every other file keeps its place. Only the order changes.
+SLOW_FIRST = (
+    "tests/test_verify_lake_path.py",
+    "tests/test_verify_lake_path_from_previous.py",
+    "tests/reliability/test_faults.py",
+    "tests/e2e/test_demo_through_airflow.py",
+    "tests/test_erasure.py",
+    "tests/test_real_slice.py",
+    "tests/test_sealed_tiles.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _WORKER:
+        return
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: files stay whole
